@@ -1,0 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The guest agent (PID 1 inside the sandbox VM).
+#![forbid(unsafe_code)]

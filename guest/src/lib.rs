@@ -1,0 +1,3 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Guest image tooling.
+#![forbid(unsafe_code)]
