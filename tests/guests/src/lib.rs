@@ -2,11 +2,162 @@
 //! Purpose-built test guests for KVM tests and benchmarks, plus the `require_kvm!` gate.
 //!
 //! This environment's `/dev/kvm` cannot run a stock Linux guest (DESIGN.md §5), so the project
-//! boots small guests of its own that exercise the VMM for real.
+//! boots small guests of its own that exercise the VMM for real. `build.rs` builds them from
+//! `firmware/` (a `no_std` crate for `x86_64-unknown-none`); nothing binary is committed.
+//!
+//! Every guest is an ELF64 linked at 0x100000 with one `PT_LOAD` and one `PT_NOTE` holding the
+//! Xen PVH note (type 18, 32-bit entry). The long-mode guests also have a Linux 64-bit boot
+//! protocol entry at [`LINUX64_ENTRY`] (also the ELF entry), and [`long64_bzimage`] wraps
+//! `long64` as a bzImage. They talk to the VMM through COM1 (0x3f8), the boot timer (byte 123
+//! at 0xd000_0000), and end with a triple fault (`KVM_EXIT_SHUTDOWN`) or an i8042 reset.
+//! [`console`] has the exact lines they print.
+//!
+//! Guest instructions are all emulated on the project's nested `kvm_pvm` host (about 1 us
+//! each), so the guests keep their work small.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::fs::OpenOptions;
+use std::path::Path;
+
+/// Physical address the guests are linked and loaded at (layout::HIMEM_START).
+pub const LOAD_ADDR: u64 = 0x10_0000;
+/// Linux 64-bit boot protocol entry of the long-mode guests: [`LOAD_ADDR`] + 0x200. It is the
+/// ELF entry of `long64`, `smp`, `reset` and `spin`, and the bzImage's 64-bit entry.
+pub const LINUX64_ENTRY: u64 = LOAD_ADDR + 0x200;
+
+/// One purpose-built test guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Guest {
+    /// Stays in 32-bit protected mode: prints its PVH start_info, boot timer, triple fault.
+    Pvh32,
+    /// Long mode through PVH or the Linux 64-bit entry: prints boot info, tests the top RAM
+    /// page below 4 GiB, boot timer, triple fault.
+    Long64,
+    /// Starts every AP listed in the MP table (INIT/SIPI), counts them, boot timer, triple
+    /// fault.
+    Smp,
+    /// Boot timer, then i8042 reset (0xfe to port 0x64); triple fault if still running.
+    Reset,
+    /// Boot timer, then prints `.` about every 7 ms (2^24 TSC ticks) forever.
+    Spin,
+    /// Signals the boot timer as its very first instruction, prints `quick: bye`, triple
+    /// fault: the start-up benchmark guest (start -> signal is the VMM's own cost).
+    Quick,
+}
+
+impl Guest {
+    /// Every guest.
+    pub const ALL: [Guest; 6] = [
+        Guest::Pvh32,
+        Guest::Long64,
+        Guest::Smp,
+        Guest::Reset,
+        Guest::Spin,
+        Guest::Quick,
+    ];
+
+    /// The guest's name (its binary's name in `firmware/src/bin/`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Pvh32 => "pvh32",
+            Self::Long64 => "long64",
+            Self::Smp => "smp",
+            Self::Reset => "reset",
+            Self::Spin => "spin",
+            Self::Quick => "quick",
+        }
+    }
+
+    /// Path of the guest's ELF image (boot it through its PVH note).
+    pub fn elf(self) -> &'static Path {
+        Path::new(match self {
+            Self::Pvh32 => env!("TEST_GUEST_PVH32"),
+            Self::Long64 => env!("TEST_GUEST_LONG64"),
+            Self::Smp => env!("TEST_GUEST_SMP"),
+            Self::Reset => env!("TEST_GUEST_RESET"),
+            Self::Spin => env!("TEST_GUEST_SPIN"),
+            Self::Quick => env!("TEST_GUEST_QUICK"),
+        })
+    }
+
+    /// Whether the guest also has the Linux 64-bit entry at [`LINUX64_ENTRY`] (all but
+    /// `pvh32`).
+    pub fn has_linux64_entry(self) -> bool {
+        !matches!(self, Self::Pvh32 | Self::Quick)
+    }
+}
+
+/// Path of `long64` as a Linux boot protocol bzImage (protocol 2.12, `XLF_KERNEL_64`,
+/// `code32_start` 0x100000, no real-mode code). Boot it through the 64-bit entry at load
+/// address + 0x200 with `rsi` = boot_params; it prints `long64: hello (linux64)`.
+pub fn long64_bzimage() -> &'static Path {
+    Path::new(env!("TEST_GUEST_LONG64_BZIMAGE"))
+}
+
+/// The exact console output of the guests (COM1). Lines end in `\n`.
+pub mod console {
+    /// `quick`: its only line.
+    pub const QUICK_BYE: &str = "quick: bye\n";
+    /// `pvh32`: first line.
+    pub const PVH32_HELLO: &str = "pvh32: hello\n";
+    /// `pvh32`: `hvm_start_info.magic` was not 0x336ec578 (replaces the cmdline and memmap
+    /// lines).
+    pub const PVH32_BAD_MAGIC: &str = "pvh32: bad start_info magic\n";
+    /// `pvh32`: printed after the boot-timer write, right before the triple fault.
+    pub const PVH32_BYE: &str = "pvh32: bye\n";
+    /// `long64`: first line when entered through PVH.
+    pub const LONG64_HELLO_PVH: &str = "long64: hello (pvh)\n";
+    /// `long64`: first line when entered through the Linux 64-bit boot protocol.
+    pub const LONG64_HELLO_LINUX64: &str = "long64: hello (linux64)\n";
+    /// `long64`: bad `hvm_start_info.magic` (replaces the cmdline, memmap and memtest lines).
+    pub const LONG64_BAD_MAGIC: &str = "long64: bad start_info magic\n";
+    /// `long64`: the top page of RAM below 4 GiB read back what was written.
+    pub const MEMTEST_OK: &str = "memtest: ok\n";
+    /// `long64`: start of the memory test's failure line (a reason follows).
+    pub const MEMTEST_FAIL: &str = "memtest: FAIL";
+    /// `long64`: printed after the boot-timer write, right before the triple fault.
+    pub const LONG64_BYE: &str = "long64: bye\n";
+    /// `smp`: start of the line printed when no valid MP table was found.
+    pub const SMP_NO_MPTABLE: &str = "smp: no MP table";
+    /// `reset`: first line; the boot-timer write follows, then the i8042 reset.
+    pub const RESET_HELLO: &str = "reset: hello\n";
+    /// `reset`: the VMM ignored the i8042 reset (about 1 ms later); a triple fault follows.
+    pub const RESET_STILL_ALIVE: &str = "reset: still alive\n";
+    /// `spin`: first line; the boot-timer write follows, then dots.
+    pub const SPIN_HELLO: &str = "spin: hello\n";
+    /// `spin`: printed about every 7 ms (2^24 TSC ticks), without newlines.
+    pub const SPIN_DOT: &str = ".";
+    /// Any long-mode guest's panic handler: `PANIC: <message> at <file>:<line>`, then a
+    /// triple fault.
+    pub const PANIC: &str = "PANIC: ";
+
+    /// `pvh32` and `long64`: the command line (`hvm_start_info.cmdline_paddr` or
+    /// `boot_params.hdr.cmd_line_ptr`, at most 4095 bytes).
+    pub fn cmdline(cmdline: &str) -> String {
+        format!("cmdline: {cmdline}\n")
+    }
+
+    /// `pvh32`: number of PVH memory map entries (0 for a version 0 start_info).
+    pub fn pvh32_memmap(entries: u32) -> String {
+        format!("memmap: {entries} entries\n")
+    }
+
+    /// `long64`: memory map entries and usable RAM (type 1 entries) in KiB.
+    pub fn long64_memmap(entries: u32, ram_kib: u64) -> String {
+        format!("memmap: {entries} entries, {ram_kib} KiB\n")
+    }
+
+    /// `smp`: every enabled processor of the MP table came up (`cpus` counts the BSP).
+    pub fn smp_up(cpus: usize) -> String {
+        format!("smp: {cpus} cpus up\n")
+    }
+
+    /// `smp`: only `up` of the `cpus` enabled processors came up within about 1 s.
+    pub fn smp_partial(up: usize, cpus: usize) -> String {
+        format!("smp: only {up} of {cpus} cpus up\n")
+    }
+}
 
 /// Whether `/dev/kvm` can be opened read-write by this process.
 pub fn kvm_usable() -> Result<(), String> {
@@ -38,4 +189,273 @@ macro_rules! require_kvm {
             return;
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs::File;
+
+    use linux_loader::loader::KernelLoader;
+    use linux_loader::loader::bzimage::BzImage;
+    use linux_loader::loader::elf::{Elf, PvhBootCapability};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+    use super::*;
+
+    const PT_LOAD: u32 = 1;
+    const PT_NOTE: u32 = 4;
+    const EM_X86_64: u16 = 62;
+    const XEN_ELFNOTE_PHYS32_ENTRY: u32 = 18;
+    /// The smallest guest RAM the VMM is expected to give a test guest.
+    const MIN_RAM: u64 = 16 << 20;
+
+    fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes(b[at..at + 2].try_into().unwrap())
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn usize_at(b: &[u8], at: usize) -> usize {
+        usize::try_from(u64_at(b, at)).unwrap()
+    }
+
+    #[derive(Debug)]
+    struct Phdr {
+        kind: u32,
+        flags: u32,
+        offset: usize,
+        paddr: u64,
+        filesz: usize,
+        memsz: u64,
+    }
+
+    struct ElfImage {
+        bytes: Vec<u8>,
+        entry: u64,
+        phdrs: Vec<Phdr>,
+    }
+
+    impl ElfImage {
+        fn read(guest: Guest) -> Self {
+            let bytes = std::fs::read(guest.elf()).unwrap();
+            assert_eq!(&bytes[..4], b"\x7fELF", "{guest:?}");
+            assert_eq!(bytes[4], 2, "{guest:?}: ELFCLASS64");
+            assert_eq!(bytes[5], 1, "{guest:?}: little endian");
+            assert_eq!(u16_at(&bytes, 0x12), EM_X86_64, "{guest:?}: e_machine");
+            let entry = u64_at(&bytes, 0x18);
+            let phoff = usize_at(&bytes, 0x20);
+            let phentsize = usize::from(u16_at(&bytes, 0x36));
+            assert_eq!(phentsize, 56, "{guest:?}: e_phentsize");
+            let phdrs = (0..usize::from(u16_at(&bytes, 0x38)))
+                .map(|i| {
+                    let ph = phoff + i * phentsize;
+                    Phdr {
+                        kind: u32_at(&bytes, ph),
+                        flags: u32_at(&bytes, ph + 4),
+                        offset: usize_at(&bytes, ph + 8),
+                        paddr: u64_at(&bytes, ph + 24),
+                        filesz: usize_at(&bytes, ph + 32),
+                        memsz: u64_at(&bytes, ph + 40),
+                    }
+                })
+                .collect();
+            Self {
+                bytes,
+                entry,
+                phdrs,
+            }
+        }
+
+        fn segments(&self, kind: u32) -> Vec<&Phdr> {
+            self.phdrs.iter().filter(|p| p.kind == kind).collect()
+        }
+
+        /// The PVH entry from the Xen note, walking every note of the PT_NOTE segment.
+        fn pvh_entry(&self) -> Option<u64> {
+            let note = self.segments(PT_NOTE)[0];
+            let notes = &self.bytes[note.offset..note.offset + note.filesz];
+            let mut at = 0;
+            while at + 12 <= notes.len() {
+                let namesz = u32_at(notes, at) as usize;
+                let descsz = u32_at(notes, at + 4) as usize;
+                let kind = u32_at(notes, at + 8);
+                let name = &notes[at + 12..at + 12 + namesz];
+                let desc_at = at + 12 + namesz.next_multiple_of(4);
+                if kind == XEN_ELFNOTE_PHYS32_ENTRY && name == b"Xen\0" {
+                    assert!(descsz >= 4);
+                    return Some(u64::from(u32_at(notes, desc_at)));
+                }
+                at = desc_at + descsz.next_multiple_of(4);
+            }
+            None
+        }
+
+        /// File bytes loaded at physical address `addr`.
+        fn bytes_at(&self, addr: u64, len: usize) -> &[u8] {
+            let seg = self
+                .segments(PT_LOAD)
+                .into_iter()
+                .find(|p| p.paddr <= addr && addr + len as u64 <= p.paddr + p.filesz as u64)
+                .expect("address in a PT_LOAD");
+            let at = seg.offset + usize::try_from(addr - seg.paddr).unwrap();
+            &self.bytes[at..at + len]
+        }
+    }
+
+    fn guest_memory() -> GuestMemoryMmap<()> {
+        let size = usize::try_from(MIN_RAM).unwrap();
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    #[test]
+    fn elfs_have_one_load_segment_a_pvh_note_and_the_right_entry() {
+        for guest in Guest::ALL {
+            let elf = ElfImage::read(guest);
+            let loads = elf.segments(PT_LOAD);
+            assert_eq!(loads.len(), 1, "{guest:?}: PT_LOADs {:?}", elf.phdrs);
+            let load = loads[0];
+            assert!(load.paddr >= LOAD_ADDR, "{guest:?}: loaded below 1 MiB");
+            assert!(load.flags & 1 != 0, "{guest:?}: PT_LOAD not executable");
+            let end = load.paddr + load.memsz;
+            assert!(
+                end <= LOAD_ADDR + (2 << 20),
+                "{guest:?}: image ends at {end:#x}"
+            );
+            // linux-loader keeps the result of the *last* PT_NOTE it parses: only one.
+            assert_eq!(elf.segments(PT_NOTE).len(), 1, "{guest:?}: PT_NOTEs");
+
+            let pvh = elf
+                .pvh_entry()
+                .unwrap_or_else(|| panic!("{guest:?}: no Xen PVH note"));
+            assert!(
+                (load.paddr..load.paddr + load.filesz as u64).contains(&pvh),
+                "{guest:?}: PVH entry {pvh:#x} outside the image"
+            );
+            if guest.has_linux64_entry() {
+                assert_eq!(elf.entry, LINUX64_ENTRY, "{guest:?}: ELF entry");
+                assert_ne!(
+                    pvh, LINUX64_ENTRY,
+                    "{guest:?}: PVH entry must be 32-bit code"
+                );
+                // The 64-bit entry starts with `cli; cld`.
+                assert_eq!(elf.bytes_at(LINUX64_ENTRY, 2), [0xfa, 0xfc], "{guest:?}");
+            } else {
+                assert_eq!(elf.entry, pvh, "{guest:?}: ELF entry");
+            }
+        }
+    }
+
+    #[test]
+    fn linux_loader_loads_every_elf_with_its_pvh_entry() {
+        for guest in Guest::ALL {
+            let elf = ElfImage::read(guest);
+            let mem = guest_memory();
+            let mut file = File::open(guest.elf()).unwrap();
+            let res = Elf::load(&mem, None, &mut file, Some(GuestAddress(LOAD_ADDR))).unwrap();
+            let pvh = elf.pvh_entry().unwrap();
+            assert_eq!(
+                res.pvh_boot_cap,
+                PvhBootCapability::PvhEntryPresent(GuestAddress(pvh)),
+                "{guest:?}"
+            );
+            assert_eq!(res.kernel_load, GuestAddress(elf.entry), "{guest:?}");
+            assert!(res.kernel_end <= MIN_RAM, "{guest:?}");
+            let mut loaded = [0u8; 16];
+            mem.read_slice(&mut loaded, GuestAddress(pvh)).unwrap();
+            assert_eq!(
+                loaded,
+                elf.bytes_at(pvh, 16),
+                "{guest:?}: bytes at the PVH entry"
+            );
+        }
+    }
+
+    #[test]
+    fn bzimage_header_and_payload() {
+        let bz = std::fs::read(long64_bzimage()).unwrap();
+        let elf = ElfImage::read(Guest::Long64);
+        assert_eq!(u16_at(&bz, 0x1fe), 0xaa55, "boot_flag");
+        assert_eq!(&bz[0x202..0x206], b"HdrS");
+        let version = u16_at(&bz, 0x206);
+        assert!(version >= 0x020c, "protocol version {version:#x}");
+        assert_eq!(bz[0x211] & 0x01, 0x01, "loadflags LOADED_HIGH");
+        assert_eq!(u32_at(&bz, 0x214), 0x10_0000, "code32_start");
+        assert_eq!(u16_at(&bz, 0x236) & 0x01, 0x01, "xloadflags XLF_KERNEL_64");
+        let setup_sects = match bz[0x1f1] {
+            0 => 4,
+            n => usize::from(n),
+        };
+        let payload = &bz[(setup_sects + 1) * 512..];
+        assert!(u32_at(&bz, 0x1f4) as usize * 16 >= payload.len(), "syssize");
+        let load = elf.segments(PT_LOAD)[0];
+        assert!(
+            u32_at(&bz, 0x260) as u64 >= load.memsz,
+            "init_size covers .bss"
+        );
+        // The payload is the flat image from 0x100000: the 64-bit entry at offset 0x200.
+        assert_eq!(payload.len(), load.filesz);
+        assert_eq!(payload, elf.bytes_at(LOAD_ADDR, load.filesz));
+        assert_eq!(payload[0x200..0x202], [0xfa, 0xfc]);
+        let name_at = 0x200 + usize::from(u16_at(&bz, 0x20e));
+        assert!(bz[name_at..].starts_with(b"sandboxer test guest long64\0"));
+    }
+
+    #[test]
+    fn linux_loader_loads_the_bzimage_at_1_mib() {
+        let elf = ElfImage::read(Guest::Long64);
+        let mem = guest_memory();
+        let mut file = File::open(long64_bzimage()).unwrap();
+        let res = BzImage::load(&mem, None, &mut file, Some(GuestAddress(LOAD_ADDR))).unwrap();
+        assert_eq!(res.kernel_load, GuestAddress(LOAD_ADDR));
+        let hdr = res.setup_header.expect("bzImage has a setup header");
+        let (version, xloadflags) = (hdr.version, hdr.xloadflags);
+        assert!(version >= 0x020c);
+        assert_eq!(xloadflags & 1, 1);
+        let mut entry = [0u8; 64];
+        mem.read_slice(&mut entry, GuestAddress(LINUX64_ENTRY))
+            .unwrap();
+        assert_eq!(entry, elf.bytes_at(LINUX64_ENTRY, 64));
+    }
+
+    #[test]
+    fn console_lines_are_the_guests_own() {
+        use console::*;
+        let cases: [(Guest, &[&str]); 5] = [
+            (Guest::Pvh32, &[PVH32_HELLO, PVH32_BAD_MAGIC, PVH32_BYE]),
+            (
+                Guest::Long64,
+                &[
+                    LONG64_HELLO_PVH,
+                    LONG64_HELLO_LINUX64,
+                    MEMTEST_OK,
+                    LONG64_BYE,
+                ],
+            ),
+            (Guest::Smp, &[SMP_NO_MPTABLE]),
+            (Guest::Reset, &[RESET_HELLO, RESET_STILL_ALIVE]),
+            (Guest::Spin, &[SPIN_HELLO, SPIN_DOT]),
+        ];
+        for (guest, lines) in cases {
+            let bytes = std::fs::read(guest.elf()).unwrap();
+            for line in lines {
+                assert!(
+                    bytes.windows(line.len()).any(|w| w == line.as_bytes()),
+                    "{guest:?} does not contain {line:?}"
+                );
+            }
+        }
+        // "bad start_info magic" is a Display string of its own in long64.
+        let long64 = std::fs::read(Guest::Long64.elf()).unwrap();
+        let bad = LONG64_BAD_MAGIC.trim_start_matches("long64: ").trim_end();
+        assert!(long64.windows(bad.len()).any(|w| w == bad.as_bytes()));
+        assert_eq!(cmdline("a b"), "cmdline: a b\n");
+        assert_eq!(long64_memmap(3, 16384), "memmap: 3 entries, 16384 KiB\n");
+        assert_eq!(smp_up(2), "smp: 2 cpus up\n");
+    }
 }
