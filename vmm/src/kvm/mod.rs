@@ -1,0 +1,167 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Everything that talks to `/dev/kvm` beyond kvm-ioctls' safe wrappers: the process-wide KVM
+//! handle, VM creation with the in-kernel irqchip, guest memory slots and the vCPU kick signal.
+//!
+//! This module and `memory.rs` are the only places in `vmm` with `unsafe` code.
+
+pub mod signal;
+
+use std::sync::Mutex;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+/// Where KVM places the three-page TSS region Intel VMX needs (just below the 4 GiB boundary,
+/// inside the MMIO gap, clear of the IOAPIC and LAPIC).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Identity map page for real-mode emulation on Intel (one page below the TSS).
+const KVM_IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// Errors from KVM setup.
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` could not be opened.
+    #[error("Failed to open /dev/kvm")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// The host KVM API version is not the stable one.
+    #[error("Unsupported KVM API version {0}")]
+    ApiVersion(i32),
+    /// A capability the VMM relies on is missing.
+    #[error("KVM lacks the required capability {0:?}")]
+    MissingCap(Cap),
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("Failed to read the supported CPUID")]
+    SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// `KVM_CREATE_VM` failed.
+    #[error("Failed to create the VM")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    /// Setting the TSS or identity-map address failed.
+    #[error("Failed to set the TSS address")]
+    SetTssAddress(#[source] kvm_ioctls::Error),
+    /// Setting the identity map address failed.
+    #[error("Failed to set the identity map address")]
+    SetIdentityMap(#[source] kvm_ioctls::Error),
+    /// Creating the in-kernel PIC/IOAPIC failed.
+    #[error("Failed to create the in-kernel irqchip")]
+    CreateIrqChip(#[source] kvm_ioctls::Error),
+    /// Creating the in-kernel PIT failed.
+    #[error("Failed to create the in-kernel PIT")]
+    CreatePit(#[source] kvm_ioctls::Error),
+    /// A guest memory region could not be registered.
+    #[error("Failed to register guest memory slot {slot}")]
+    SetMemoryRegion {
+        /// The slot number.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// More memory regions than KVM slots.
+    #[error("Guest memory has {0} regions, more than KVM offers slots")]
+    TooManyRegions(usize),
+}
+
+/// The process-wide KVM handle and what the VMM learns from it once.
+#[derive(Debug)]
+pub struct KvmContext {
+    kvm: Kvm,
+    supported_cpuid: CpuId,
+    max_vcpus: usize,
+}
+
+static CONTEXT: Mutex<Option<&'static KvmContext>> = Mutex::new(None);
+
+impl KvmContext {
+    /// Returns the process-wide context, opening `/dev/kvm` on first use.
+    ///
+    /// One handle serves every VM of the process: opening `/dev/kvm` and reading the supported
+    /// CPUID are then off every VM's start path. A failure is not cached, so a later call retries.
+    pub fn global() -> Result<&'static KvmContext, KvmError> {
+        let mut slot = CONTEXT.lock().expect("poisoned");
+        if let Some(ctx) = *slot {
+            return Ok(ctx);
+        }
+        let ctx: &'static KvmContext = Box::leak(Box::new(Self::open()?));
+        *slot = Some(ctx);
+        Ok(ctx)
+    }
+
+    fn open() -> Result<Self, KvmError> {
+        let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
+        let version = kvm.get_api_version();
+        if i64::from(version) != i64::from(kvm_bindings::KVM_API_VERSION) {
+            return Err(KvmError::ApiVersion(version));
+        }
+        for cap in [
+            Cap::Irqchip,
+            Cap::Ioeventfd,
+            Cap::Irqfd,
+            Cap::UserMemory,
+            Cap::ImmediateExit,
+            Cap::Pit2,
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(KvmError::MissingCap(cap));
+            }
+        }
+        let supported_cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(KvmError::SupportedCpuid)?;
+        let max_vcpus = kvm.get_max_vcpus();
+        Ok(KvmContext {
+            kvm,
+            supported_cpuid,
+            max_vcpus,
+        })
+    }
+
+    /// CPUID entries KVM supports on this host (patched per vCPU by `arch::cpuid`).
+    pub fn supported_cpuid(&self) -> &CpuId {
+        &self.supported_cpuid
+    }
+
+    /// Most vCPUs KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.max_vcpus
+    }
+
+    /// Creates a VM with the in-kernel irqchip (PIC + IOAPIC + LAPICs) and PIT.
+    pub fn create_vm(&self) -> Result<VmFd, KvmError> {
+        let vm = self.kvm.create_vm().map_err(KvmError::CreateVm)?;
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(KvmError::SetTssAddress)?;
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+            .map_err(KvmError::SetIdentityMap)?;
+        vm.create_irq_chip().map_err(KvmError::CreateIrqChip)?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(KvmError::CreatePit)?;
+        Ok(vm)
+    }
+}
+
+/// Registers every region of `mem` as a KVM memory slot, slot `i` for region `i`.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    for (index, region) in mem.iter().enumerate() {
+        let slot = u32::try_from(index).map_err(|_| KvmError::TooManyRegions(index))?;
+        let host_addr = region.as_ptr() as u64;
+        let region_desc = kvm_bindings::kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host_addr,
+        };
+        // SAFETY: `host_addr..host_addr + len` is a live mapping owned by `mem`'s region. Every
+        // holder of the VM fd (vCPU threads, the VMM thread) also holds a clone of `mem`, and the
+        // VMM thread drops the VM fd and vCPU fds before its last clone of the memory, so KVM
+        // never sees the mapping after it is unmapped. Slots do not overlap: vm-memory rejects
+        // overlapping regions when building `mem`.
+        unsafe { vm.set_user_memory_region(region_desc) }
+            .map_err(|source| KvmError::SetMemoryRegion { slot, source })?;
+    }
+    Ok(())
+}

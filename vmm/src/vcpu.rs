@@ -1,0 +1,280 @@
+// SPDX-License-Identifier: Apache-2.0
+//! vCPU threads: one per vCPU, each running `KVM_RUN` and dispatching exits to the buses.
+//!
+//! Run control is a small state machine shared with the VMM thread: `Running`, `Paused`,
+//! `Stopping`. The VMM thread changes the state, then kicks every vCPU thread out of `KVM_RUN`
+//! (see `kvm::signal`); each thread re-reads the state before re-entering the guest, parks while
+//! paused and leaves its loop when stopping. Nothing a guest does can keep a vCPU thread from
+//! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::Killable;
+
+use crate::bus::Bus;
+use crate::kvm::signal::{ThreadVcpu, kick_signal};
+use crate::{ResetKind, VmExit};
+
+const RUNNING: u8 = 0;
+const PAUSED: u8 = 1;
+const STOPPING: u8 = 2;
+
+/// KVM system event types (`KVM_SYSTEM_EVENT_*`).
+const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
+const SYSTEM_EVENT_RESET: u32 = 2;
+const SYSTEM_EVENT_CRASH: u32 = 3;
+
+/// State shared by the vCPU threads of one VM and its VMM thread.
+#[derive(Debug)]
+pub(crate) struct VcpuControl {
+    state: AtomicU8,
+    counts: Mutex<Counts>,
+    cv: Condvar,
+    /// The first terminal exit a vCPU saw; the VMM thread ends the VM with it.
+    pending_exit: Mutex<Option<VmExit>>,
+    exit_evt: EventFd,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    parked: usize,
+    exited: usize,
+}
+
+impl VcpuControl {
+    pub(crate) fn new(exit_evt: EventFd) -> Self {
+        VcpuControl {
+            state: AtomicU8::new(RUNNING),
+            counts: Mutex::new(Counts::default()),
+            cv: Condvar::new(),
+            pending_exit: Mutex::new(None),
+            exit_evt,
+        }
+    }
+
+    /// Called by a vCPU thread before re-entering the guest when the state is not `Running`.
+    /// Returns false when the thread must leave its loop.
+    fn park(&self) -> bool {
+        let mut counts = self.counts.lock().expect("poisoned");
+        loop {
+            match self.state.load(Ordering::Acquire) {
+                RUNNING => return true,
+                STOPPING => return false,
+                _ => {
+                    counts.parked += 1;
+                    self.cv.notify_all();
+                    counts = self.cv.wait(counts).expect("poisoned");
+                    counts.parked -= 1;
+                }
+            }
+        }
+    }
+
+    fn mark_exited(&self) {
+        let mut counts = self.counts.lock().expect("poisoned");
+        counts.exited += 1;
+        self.cv.notify_all();
+    }
+
+    /// Records a terminal exit (the first one wins) and wakes the VMM thread.
+    fn report_exit(&self, exit: VmExit) {
+        let mut pending = self.pending_exit.lock().expect("poisoned");
+        if pending.is_none() {
+            *pending = Some(exit);
+        }
+        drop(pending);
+        if let Err(e) = self.exit_evt.write(1) {
+            log::error!("Failed to signal a vCPU exit: {e}");
+        }
+    }
+
+    pub(crate) fn take_pending_exit(&self) -> Option<VmExit> {
+        self.pending_exit.lock().expect("poisoned").take()
+    }
+
+    fn set_state(&self, state: u8) {
+        // Taking the lock orders the store against a thread that is about to wait in `park`.
+        let _counts = self.counts.lock().expect("poisoned");
+        self.state.store(state, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Waits until `done(counts)` or the timeout; returns whether it became true.
+    fn wait_for(&self, timeout: Duration, done: impl Fn(&Counts) -> bool) -> bool {
+        let counts = self.counts.lock().expect("poisoned");
+        let (counts, _) = self
+            .cv
+            .wait_timeout_while(counts, timeout, |c| !done(c))
+            .expect("poisoned");
+        done(&counts)
+    }
+}
+
+/// What a vCPU thread needs besides its fd.
+#[derive(Clone, Debug)]
+pub(crate) struct VcpuContext {
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) pio: Arc<Bus>,
+    pub(crate) mmio: Arc<Bus>,
+}
+
+/// The vCPU threads of one VM.
+#[derive(Debug)]
+pub(crate) struct VcpuSet {
+    control: Arc<VcpuControl>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+/// How long stop and pause wait for vCPU threads before giving up on them.
+const VCPU_WAIT: Duration = Duration::from_secs(5);
+
+impl VcpuSet {
+    /// Spawns one thread per vCPU fd. On failure, already started threads are stopped.
+    pub(crate) fn spawn(fds: Vec<VcpuFd>, ctx: &VcpuContext) -> std::io::Result<Self> {
+        let mut set = VcpuSet {
+            control: Arc::clone(&ctx.control),
+            threads: Vec::with_capacity(fds.len()),
+        };
+        for (id, fd) in fds.into_iter().enumerate() {
+            let ctx = ctx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .stack_size(256 * 1024)
+                .spawn(move || run_vcpu(fd, id, &ctx));
+            match spawned {
+                Ok(handle) => set.threads.push(handle),
+                Err(e) => {
+                    set.stop();
+                    return Err(e);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    fn kick_all(&self) {
+        for t in &self.threads {
+            // A thread that already left its loop is fine to miss.
+            let _ = t.kill(kick_signal());
+        }
+    }
+
+    /// Parks every vCPU outside the guest. Returns false if some did not park in time.
+    pub(crate) fn pause(&self) -> bool {
+        self.control.set_state(PAUSED);
+        self.kick_all();
+        let n = self.threads.len();
+        self.control
+            .wait_for(VCPU_WAIT, |c| c.parked + c.exited >= n)
+    }
+
+    /// Lets parked vCPUs run again.
+    pub(crate) fn resume(&self) {
+        self.control.set_state(RUNNING);
+    }
+
+    /// Stops every vCPU thread and joins those that stopped in time. Never blocks longer than
+    /// [`VCPU_WAIT`]: a thread that does not stop is detached and reported.
+    pub(crate) fn stop(&mut self) {
+        self.control.set_state(STOPPING);
+        let n = self.threads.len();
+        let deadline = Instant::now() + VCPU_WAIT;
+        // Kick repeatedly: a thread between its state check and KVM_RUN is covered by
+        // immediate_exit, but one inside a device call must be kicked again once it re-enters.
+        loop {
+            self.kick_all();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if self
+                .control
+                .wait_for(left.min(Duration::from_millis(50)), |c| c.exited >= n)
+            {
+                break;
+            }
+            if left.is_zero() {
+                log::error!("vCPU threads did not stop within {VCPU_WAIT:?}; detaching them");
+                self.threads.clear();
+                return;
+            }
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
+    let mut vcpu = ThreadVcpu::new(fd);
+    loop {
+        if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park() {
+            break;
+        }
+        match handle_exit(vcpu.fd(), ctx) {
+            Ok(None) => {}
+            Ok(Some(exit)) => {
+                log::debug!("vcpu{id}: VM ends: {exit:?}");
+                ctx.control.report_exit(exit);
+                break;
+            }
+            Err(()) => {
+                // EINTR from a kick: clear the flag the handler set, then re-read the state.
+                vcpu.fd().set_kvm_immediate_exit(0);
+            }
+        }
+    }
+    drop(vcpu);
+    ctx.control.mark_exited();
+}
+
+/// Runs the vCPU once. `Ok(Some)` ends the VM, `Err` means interrupted by a kick.
+fn handle_exit(fd: &mut VcpuFd, ctx: &VcpuContext) -> Result<Option<VmExit>, ()> {
+    match fd.run() {
+        Ok(VcpuExit::IoIn(port, data)) => {
+            if !ctx.pio.read(u64::from(port), data) {
+                data.fill(0xff);
+            }
+            Ok(None)
+        }
+        Ok(VcpuExit::IoOut(port, data)) => {
+            ctx.pio.write(u64::from(port), data);
+            Ok(None)
+        }
+        Ok(VcpuExit::MmioRead(addr, data)) => {
+            if !ctx.mmio.read(addr, data) {
+                data.fill(0);
+            }
+            Ok(None)
+        }
+        Ok(VcpuExit::MmioWrite(addr, data)) => {
+            ctx.mmio.write(addr, data);
+            Ok(None)
+        }
+        Ok(VcpuExit::Intr) => Err(()),
+        Ok(VcpuExit::Shutdown) => Ok(Some(VmExit::Reset(ResetKind::TripleFault))),
+        Ok(VcpuExit::Hlt) => Ok(Some(VmExit::PowerOff)),
+        Ok(VcpuExit::SystemEvent(kind, _)) => Ok(Some(match kind {
+            SYSTEM_EVENT_SHUTDOWN => VmExit::PowerOff,
+            SYSTEM_EVENT_RESET => VmExit::Reset(ResetKind::SystemEvent),
+            SYSTEM_EVENT_CRASH => VmExit::Crashed("guest reported a crash".into()),
+            other => VmExit::Crashed(format!("unknown KVM system event {other}")),
+        })),
+        Ok(VcpuExit::FailEntry(reason, cpu)) => Ok(Some(VmExit::Crashed(format!(
+            "KVM entry failed: hardware reason {reason:#x} on host cpu {cpu}"
+        )))),
+        Ok(VcpuExit::InternalError) => {
+            let rip = fd.get_regs().map(|r| r.rip).unwrap_or_default();
+            Ok(Some(VmExit::Crashed(format!(
+                "KVM internal error (emulation failure) at rip {rip:#x}"
+            ))))
+        }
+        Ok(other) => Ok(Some(VmExit::Crashed(format!(
+            "unexpected vCPU exit {other:?}"
+        )))),
+        Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Err(()),
+        Err(e) => Ok(Some(VmExit::Crashed(format!("KVM_RUN failed: {e}")))),
+    }
+}
