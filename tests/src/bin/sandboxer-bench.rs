@@ -1,3 +1,287 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Start-up benchmarks.
-fn main() {}
+//! `sandboxer-bench <scenario>`: the project's start-up benchmarks.
+//!
+//! Each scenario prints a short table and, as its last line, one JSON object with its figures.
+//! Figures come from runs on the real `/dev/kvm` with the project's test guests.
+//!
+//! Scenarios:
+//! - `vmm-start`: per-phase times of `Vm::start` and start -> boot-timer signal (p50/p99 over many
+//!   boots), host memory the VMM adds per VM with 1 and with N VMs alive, and QEMU microvm on the
+//!   same guest for comparison.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use integration_tests::{Summary, procstat};
+use serde_json::json;
+use test_guests::Guest;
+use vmm::{Vm, VmConfig};
+
+const SCENARIOS: &[&str] = &["vmm-start"];
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(scenario) = args.first() else {
+        bail!("usage: sandboxer-bench <scenario> [options]; scenarios: {SCENARIOS:?}");
+    };
+    let opts = Options::parse(&args[1..])?;
+    match scenario.as_str() {
+        "vmm-start" => vmm_start(&opts),
+        other => bail!("unknown scenario {other:?}; scenarios: {SCENARIOS:?}"),
+    }
+}
+
+#[derive(Debug)]
+struct Options {
+    iterations: usize,
+    alive: usize,
+    qemu_iterations: usize,
+    mem_mib: u32,
+}
+
+impl Options {
+    fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut o = Options {
+            iterations: 200,
+            alive: 100,
+            qemu_iterations: 20,
+            mem_mib: 128,
+        };
+        let mut it = args.iter();
+        while let Some(flag) = it.next() {
+            let value = it.next().with_context(|| format!("{flag} needs a value"))?;
+            let n: usize = value
+                .parse()
+                .with_context(|| format!("{flag}: {value:?} is not a number"))?;
+            match flag.as_str() {
+                "--iterations" => o.iterations = n.max(1),
+                "--alive" => o.alive = n.max(1),
+                "--qemu-iterations" => o.qemu_iterations = n,
+                "--mem-mib" => o.mem_mib = u32::try_from(n).context("--mem-mib too large")?,
+                _ => bail!("unknown option {flag}"),
+            }
+        }
+        Ok(o)
+    }
+}
+
+fn config(guest: Guest, mem_mib: u32) -> VmConfig {
+    let mut c = VmConfig::new(guest.elf());
+    c.mem_mib = mem_mib;
+    c.cmdline = "bench".into();
+    c
+}
+
+fn vmm_start(o: &Options) -> anyhow::Result<()> {
+    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
+    let guest = Guest::Quick;
+
+    // Warm-up: opens /dev/kvm once for the process, faults in the binary's code.
+    for _ in 0..3 {
+        let vm = Vm::start(config(guest, o.mem_mib))?;
+        vm.wait();
+    }
+    vmm::wait_all_torn_down(Duration::from_secs(10));
+
+    let mut phases: Vec<(&str, Vec<Duration>)> = [
+        "kvm_open",
+        "vm_create",
+        "memory",
+        "kernel_load",
+        "devices",
+        "vcpu_create",
+        "vcpu_start",
+        "start_total",
+    ]
+    .into_iter()
+    .map(|n| (n, Vec::with_capacity(o.iterations)))
+    .collect();
+    let mut to_signal = Vec::with_capacity(o.iterations);
+    let mut to_end = Vec::with_capacity(o.iterations);
+    for i in 0..o.iterations {
+        let t0 = Instant::now();
+        let vm = Vm::start(config(guest, o.mem_mib))?;
+        let end = vm.wait();
+        let ended = t0.elapsed();
+        let signal = vm.boot_time().with_context(|| {
+            format!(
+                "boot {i}: no boot-timer signal; exit {:?}; console {:?}",
+                end.exit,
+                vm.console()
+            )
+        })?;
+        let t = vm.timings();
+        for (slot, d) in phases.iter_mut().zip([
+            t.kvm_open,
+            t.vm_create,
+            t.memory,
+            t.kernel_load,
+            t.devices,
+            t.vcpu_create,
+            t.vcpu_start,
+            t.total,
+        ]) {
+            slot.1.push(d);
+        }
+        to_signal.push(signal);
+        to_end.push(ended);
+        drop(vm);
+        // Teardown runs on the VMM thread; let it finish so boots do not overlap it.
+        vmm::wait_all_torn_down(Duration::from_secs(10));
+    }
+
+    let (overhead_1, overhead_n) = (
+        memory_overhead(1, o.mem_mib)?,
+        memory_overhead(o.alive, o.mem_mib)?,
+    );
+    let qemu = qemu_runs(guest, o.qemu_iterations, o.mem_mib);
+
+    let signal = Summary::of(&to_signal);
+    let end = Summary::of(&to_end);
+    println!(
+        "vmm-start: {} boots of test guest {:?} ({} MiB, 1 vCPU)",
+        o.iterations,
+        guest.name(),
+        o.mem_mib
+    );
+    println!("{:<28} {:>10} {:>10}", "phase", "p50 ms", "p99 ms");
+    let mut phase_json = serde_json::Map::new();
+    for (name, samples) in &phases {
+        let s = Summary::of(samples);
+        println!("{name:<28} {:>10.3} {:>10.3}", s.p50_ms, s.p99_ms);
+        phase_json.insert(
+            (*name).into(),
+            json!({"p50_ms": s.p50_ms, "p99_ms": s.p99_ms}),
+        );
+    }
+    println!(
+        "{:<28} {:>10.3} {:>10.3}",
+        "start -> boot-timer signal", signal.p50_ms, signal.p99_ms
+    );
+    println!(
+        "{:<28} {:>10.3} {:>10.3}",
+        "start -> guest ended", end.p50_ms, end.p99_ms
+    );
+    println!(
+        "host overhead per VM: {:.1} KiB with 1 alive, {:.1} KiB with {} alive",
+        overhead_1, overhead_n, o.alive
+    );
+    let (qemu_p50, qemu_p99, ratio) = match &qemu {
+        Ok(s) => {
+            println!(
+                "qemu microvm (spawn -> exit): p50 {:.3} ms, p99 {:.3} ms; ratio to ours (start -> guest ended): {:.1}x",
+                s.p50_ms,
+                s.p99_ms,
+                s.p50_ms / end.p50_ms
+            );
+            (
+                json!(s.p50_ms),
+                json!(s.p99_ms),
+                json!(s.p50_ms / end.p50_ms),
+            )
+        }
+        Err(e) => {
+            println!("qemu microvm: not measured: {e:#}");
+            (
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+                serde_json::Value::Null,
+            )
+        }
+    };
+    let out = json!({
+        "scenario": "vmm-start",
+        "guest": guest.name(),
+        "iterations": o.iterations,
+        "mem_mib": o.mem_mib,
+        "p50_ms": signal.p50_ms,
+        "p99_ms": signal.p99_ms,
+        "end_p50_ms": end.p50_ms,
+        "end_p99_ms": end.p99_ms,
+        "phases": phase_json,
+        "overhead_kib_per_vm": overhead_n,
+        "overhead_kib_per_vm_1": overhead_1,
+        "alive": o.alive,
+        "qemu_p50_ms": qemu_p50,
+        "qemu_p99_ms": qemu_p99,
+        "qemu_ratio": ratio,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Host memory the VMM adds per VM: process RSS growth minus guest memory the guest touched.
+fn memory_overhead(count: usize, mem_mib: u32) -> anyhow::Result<f64> {
+    vmm::wait_all_torn_down(Duration::from_secs(30));
+    let before = procstat::rss_kib();
+    let mut vms = Vec::with_capacity(count);
+    for _ in 0..count {
+        let vm = Vm::start(config(Guest::Spin, mem_mib))?;
+        vms.push(vm);
+    }
+    for vm in &vms {
+        if vm.wait_boot(Duration::from_secs(10)).is_none() {
+            bail!("a spinning guest never signalled boot: {:?}", vm.console());
+        }
+    }
+    let after = procstat::rss_kib();
+    let mut guest_kib = 0u64;
+    for vm in &vms {
+        guest_kib += vm.guest_resident_bytes()? / 1024;
+    }
+    drop(vms);
+    vmm::wait_all_torn_down(Duration::from_secs(30));
+    let growth = after.saturating_sub(before).saturating_sub(guest_kib);
+    Ok(growth as f64 / count as f64)
+}
+
+/// QEMU microvm with KVM on the same guest, process spawn to exit. (`-cpu host` alone aborts on
+/// this host: KVM refuses QEMU's IA32_ARCH_CAPABILITIES write.)
+fn qemu_runs(guest: Guest, iterations: usize, mem_mib: u32) -> anyhow::Result<Summary> {
+    if iterations == 0 {
+        bail!("--qemu-iterations 0");
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let t0 = Instant::now();
+        let status = Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "microvm,acpi=off",
+                "-enable-kvm",
+                "-cpu",
+                "host,-arch-capabilities",
+            ])
+            .args([
+                "-m",
+                &format!("{mem_mib}M"),
+                "-smp",
+                "1",
+                "-nodefaults",
+                "-no-user-config",
+            ])
+            .args([
+                "-nographic",
+                "-no-reboot",
+                "-serial",
+                "stdio",
+                "-display",
+                "none",
+            ])
+            .arg("-kernel")
+            .arg(guest.elf())
+            .args(["-append", "bench"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .context("running qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
+        let elapsed = t0.elapsed();
+        if !status.success() {
+            bail!("qemu exited with {status}");
+        }
+        samples.push(elapsed);
+    }
+    Ok(Summary::of(&samples))
+}
