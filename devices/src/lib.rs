@@ -8,3 +8,6 @@
 #![warn(missing_docs)]
 
 pub mod legacy;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+pub mod virtio;

@@ -1,0 +1,214 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Disk backends for virtio-blk: the [`DiskBackend`] trait and [`FileDisk`], a raw image file or
+//! host block device accessed with positioned reads and writes.
+//!
+//! Discard and write-zeroes use `fallocate(2)` (`PUNCH_HOLE`, `ZERO_RANGE`), which Linux
+//! implements for regular files on common filesystems and for block devices (as discard and
+//! zero-out), through vmm-sys-util's safe wrapper.
+
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vmm_sys_util::fallocate::{FallocateMode, fallocate};
+use vmm_sys_util::write_zeroes::WriteZeroesAt;
+
+use super::BlockError;
+
+/// Optional operations a backend implements.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DiskCapabilities {
+    /// [`DiskBackend::discard`] works.
+    pub discard: bool,
+    /// [`DiskBackend::write_zeroes`] works.
+    pub write_zeroes: bool,
+}
+
+/// Storage behind a virtio-blk device. Offsets and lengths are in bytes; the device checks them
+/// against [`DiskBackend::len`] before calling.
+pub trait DiskBackend: Send + Debug {
+    /// Size in bytes. The device exposes `len / 512` sectors.
+    fn len(&self) -> u64;
+
+    /// Whether the disk has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Fills `buf` from `offset`.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Writes all of `buf` at `offset`.
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// Makes completed writes durable.
+    fn flush(&mut self) -> io::Result<()>;
+
+    /// Which optional operations work.
+    fn capabilities(&self) -> DiskCapabilities {
+        DiskCapabilities::default()
+    }
+
+    /// Deallocates `[offset, offset + len)`; its contents become unspecified.
+    fn discard(&mut self, _offset: u64, _len: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+
+    /// Zeroes `[offset, offset + len)`, deallocating it if `unmap` and possible.
+    fn write_zeroes(&mut self, _offset: u64, _len: u64, _unmap: bool) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// A raw disk image file or a host block device.
+#[derive(Debug)]
+pub struct FileDisk {
+    file: File,
+    len: u64,
+    read_only: bool,
+}
+
+impl FileDisk {
+    /// Opens `path` (read-only if `read_only`) and takes its current size.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, BlockError> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|e| BlockError::OpenBackingFile(path.display().to_string(), e))?;
+        Self::from_file(file, read_only)
+    }
+
+    /// Wraps an open file or block device. Seeking to the end gives the size of both (a block
+    /// device's metadata length is 0).
+    pub fn from_file(mut file: File, read_only: bool) -> Result<Self, BlockError> {
+        let len = file
+            .seek(SeekFrom::End(0))
+            .map_err(BlockError::BackingSize)?;
+        Ok(FileDisk {
+            file,
+            len,
+            read_only,
+        })
+    }
+}
+
+impl DiskBackend for FileDisk {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn capabilities(&self) -> DiskCapabilities {
+        DiskCapabilities {
+            discard: !self.read_only,
+            write_zeroes: !self.read_only,
+        }
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        fallocate(&self.file, FallocateMode::PunchHole, true, offset, len)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if self.read_only {
+            return Err(io::Error::from(io::ErrorKind::PermissionDenied));
+        }
+        // A punched hole reads back as zeroes, so it satisfies write-zeroes when unmapping is
+        // allowed; otherwise, or if the filesystem cannot punch, zero the range in place
+        // (ZERO_RANGE, falling back to writing zeroes).
+        if unmap && fallocate(&self.file, FallocateMode::PunchHole, true, offset, len).is_ok() {
+            return Ok(());
+        }
+        let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        self.file.write_all_zeroes_at(offset, len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use vmm_sys_util::tempfile::TempFile;
+
+    use super::*;
+
+    fn temp_disk(contents: &[u8]) -> TempFile {
+        let f = TempFile::new().unwrap();
+        f.as_file().write_all(contents).unwrap();
+        f
+    }
+
+    #[test]
+    fn file_disk_read_write_flush() {
+        let t = temp_disk(&[7u8; 4096]);
+        let mut d = FileDisk::open(t.as_path(), false).unwrap();
+        assert_eq!(d.len(), 4096);
+        assert!(!d.is_empty());
+        let mut buf = [0u8; 512];
+        d.read_at(512, &mut buf).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        d.write_at(1024, &[1u8; 512]).unwrap();
+        d.flush().unwrap();
+        d.read_at(1024, &mut buf).unwrap();
+        assert_eq!(buf, [1u8; 512]);
+        // Reading past the end fails instead of returning short data.
+        d.read_at(4000, &mut buf).unwrap_err();
+    }
+
+    #[test]
+    fn file_disk_read_only() {
+        let t = temp_disk(&[7u8; 1024]);
+        let mut d = FileDisk::open(t.as_path(), true).unwrap();
+        assert_eq!(d.capabilities(), DiskCapabilities::default());
+        d.write_at(0, &[0u8; 512]).unwrap_err();
+        d.discard(0, 512).unwrap_err();
+        d.write_zeroes(0, 512, true).unwrap_err();
+    }
+
+    #[test]
+    fn file_disk_discard_and_write_zeroes() {
+        let t = temp_disk(&[0xabu8; 16384]);
+        let mut d = FileDisk::open(t.as_path(), false).unwrap();
+        let caps = d.capabilities();
+        assert!(caps.discard && caps.write_zeroes);
+        let mut buf = [0xffu8; 4096];
+        d.write_zeroes(4096, 4096, false).unwrap();
+        d.read_at(4096, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+        d.write_zeroes(8192, 4096, true).unwrap();
+        d.read_at(8192, &mut buf).unwrap();
+        assert_eq!(buf, [0u8; 4096]);
+        // Discard may fail on filesystems without hole punching, but must not change the size.
+        let _ = d.discard(0, 4096);
+        assert_eq!(d.len(), 16384);
+        d.read_at(12288, &mut buf).unwrap();
+        assert_eq!(buf, [0xabu8; 4096]);
+    }
+
+    #[test]
+    fn open_missing_file_fails() {
+        let err = FileDisk::open(Path::new("/nonexistent/disk.img"), true).unwrap_err();
+        assert!(matches!(err, BlockError::OpenBackingFile(..)));
+    }
+}

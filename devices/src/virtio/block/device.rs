@@ -1,0 +1,1203 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-blk device (virtio 1.2 §5.2): features, configuration space, activation, the
+//! request queue, and run-time attach/detach of the backing ("slot").
+#![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestMemoryError, GuestMemoryMmap};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::BlockError;
+use super::backend::{DiskBackend, FileDisk};
+use super::defs::{
+    ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, REQUEST_HEADER_SIZE,
+    SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+use super::request::{DiscardSegment, Request, RequestType};
+use crate::virtio::chain::{ChainError, pop_chain};
+use crate::virtio::{
+    ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VirtioDevice, guest_warn,
+};
+
+/// virtio device id of a block device (§5.2.1).
+pub const VIRTIO_ID_BLOCK: u32 = 2;
+/// Size of the configuration space we expose (up to `unused1`, §5.2.4).
+const CONFIG_SIZE: usize = 60;
+/// Largest bounce buffer between guest memory and the backend.
+const BOUNCE_SIZE: usize = 128 * 1024;
+/// Requests handled per call before yielding to other devices on the event loop.
+const BUDGET: usize = 4 * QUEUE_SIZE as usize;
+/// `blk_size` in configuration space: the logical block size of every backing.
+const BLK_SIZE: u32 = 512;
+/// Length of the serial as a `u32`.
+const ID_LEN: u32 = 20;
+const _: () = assert!(ID_LEN as usize == ID_BYTES);
+
+/// User configuration of one block slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Serial returned by `GET_ID` (at most 20 bytes are used).
+    pub id: String,
+    /// Initial backing (raw image or block device); `None` for an empty slot.
+    pub path: Option<PathBuf>,
+    /// The slot is read-only: `VIRTIO_BLK_F_RO` is offered and every backing is read-only.
+    pub read_only: bool,
+}
+
+/// Counters of a block device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlockMetrics {
+    /// Requests completed.
+    pub requests: u64,
+    /// Bytes read from the backing.
+    pub read_bytes: u64,
+    /// Bytes written to the backing.
+    pub write_bytes: u64,
+    /// Requests completed with `IOERR` or not completable.
+    pub errors: u64,
+    /// Requests completed with `UNSUPP`.
+    pub unsupported: u64,
+}
+
+#[derive(Debug)]
+struct Disk {
+    backend: Box<dyn DiskBackend>,
+    read_only: bool,
+    /// Capacity in sectors, fixed when attached.
+    sectors: u64,
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    interrupt: Arc<dyn Interrupt>,
+}
+
+/// Why one request failed, mapped to a status code.
+#[derive(Debug, thiserror::Error)]
+enum ExecError {
+    #[error("No backing attached")]
+    NoBacking,
+    #[error("Write to a read-only disk")]
+    ReadOnly,
+    #[error("Sectors {sector}+{len} bytes are past the capacity")]
+    OutOfRange { sector: u64, len: u64 },
+    #[error("Operation not supported")]
+    Unsupported,
+    #[error("Guest buffers")]
+    Chain(#[from] ChainError),
+    #[error("Guest memory")]
+    Memory(#[from] GuestMemoryError),
+    #[error("Backend I/O")]
+    Backend(#[source] io::Error),
+}
+
+impl ExecError {
+    fn status(&self) -> u8 {
+        match self {
+            ExecError::Unsupported => VIRTIO_BLK_S_UNSUPP,
+            ExecError::Backend(e) if e.kind() == io::ErrorKind::Unsupported => VIRTIO_BLK_S_UNSUPP,
+            _ => VIRTIO_BLK_S_IOERR,
+        }
+    }
+}
+
+/// A virtio-blk device whose backing can be swapped while the guest runs.
+#[derive(Debug)]
+pub struct VirtioBlock {
+    id: [u8; ID_BYTES],
+    avail_features: u64,
+    acked_features: u64,
+    slot_read_only: bool,
+    disk: Option<Disk>,
+    queue_max_sizes: [u16; 1],
+    queue_evts: [EventFd; 1],
+    activate_evt: EventFd,
+    active: Option<Active>,
+    needs_reset: bool,
+    /// The configuration changed while no interrupt could tell the driver; it is told on
+    /// activation.
+    config_dirty: bool,
+    bounce: Vec<u8>,
+    metrics: BlockMetrics,
+    /// Whether the queue EventFd is registered with the event loop.
+    pub(super) queue_evt_registered: bool,
+}
+
+impl VirtioBlock {
+    /// Creates the device from its configuration, opening the backing if one is given.
+    pub fn new(config: BlockConfig) -> Result<Self, BlockError> {
+        let backend = match &config.path {
+            Some(path) => Some(Box::new(FileDisk::open(path, config.read_only)?) as _),
+            None => None,
+        };
+        Self::with_backend(&config.id, config.read_only, backend)
+    }
+
+    /// Creates the device with an already open backing (or none).
+    pub fn with_backend(
+        id: &str,
+        read_only: bool,
+        backend: Option<Box<dyn DiskBackend>>,
+    ) -> Result<Self, BlockError> {
+        let mut serial = [0u8; ID_BYTES];
+        for (dst, src) in serial.iter_mut().zip(id.as_bytes()) {
+            *dst = *src;
+        }
+        let mut avail_features = VIRTIO_F_VERSION_1
+            | VIRTIO_RING_F_EVENT_IDX
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE;
+        if read_only {
+            avail_features |= VIRTIO_BLK_F_RO;
+        } else {
+            // Features are negotiated once but the backing may change: an empty slot offers
+            // discard/write-zeroes (FileDisk has them), a slot created with a backing offers
+            // what that backing can do. A later backing without them answers UNSUPP.
+            let caps = backend.as_ref().map(|b| b.capabilities());
+            if caps.is_none_or(|c| c.discard) {
+                avail_features |= VIRTIO_BLK_F_DISCARD;
+            }
+            if caps.is_none_or(|c| c.write_zeroes) {
+                avail_features |= VIRTIO_BLK_F_WRITE_ZEROES;
+            }
+        }
+        let mut dev = VirtioBlock {
+            id: serial,
+            avail_features,
+            acked_features: 0,
+            slot_read_only: read_only,
+            disk: None,
+            queue_max_sizes: [QUEUE_SIZE],
+            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
+            active: None,
+            needs_reset: false,
+            config_dirty: false,
+            bounce: Vec::new(),
+            metrics: BlockMetrics::default(),
+            queue_evt_registered: false,
+        };
+        if let Some(backend) = backend {
+            dev.set_disk(backend, read_only);
+        }
+        dev.config_dirty = false;
+        Ok(dev)
+    }
+
+    /// Attaches `backend` to the slot (replacing any current one) and tells the driver about
+    /// the new capacity. A read-only slot makes every backing read-only.
+    pub fn attach(
+        &mut self,
+        backend: Box<dyn DiskBackend>,
+        read_only: bool,
+    ) -> Result<(), BlockError> {
+        self.set_disk(backend, read_only || self.slot_read_only);
+        self.config_changed();
+        Ok(())
+    }
+
+    /// Empties the slot: capacity 0, every I/O fails with `IOERR`.
+    pub fn detach(&mut self) {
+        if self.disk.take().is_some() {
+            self.config_changed();
+        }
+    }
+
+    /// Capacity in 512-byte sectors (0 for an empty slot).
+    pub fn capacity(&self) -> u64 {
+        self.disk.as_ref().map_or(0, |d| d.sectors)
+    }
+
+    /// Whether a backing is attached.
+    pub fn is_attached(&self) -> bool {
+        self.disk.is_some()
+    }
+
+    /// Counters.
+    pub fn metrics(&self) -> BlockMetrics {
+        self.metrics
+    }
+
+    /// The EventFd written by [`VirtioDevice::activate`] (on a vCPU thread) to wake the event
+    /// loop half of the device.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    fn set_disk(&mut self, backend: Box<dyn DiskBackend>, read_only: bool) {
+        let sectors = backend.len() >> SECTOR_SHIFT;
+        self.disk = Some(Disk {
+            backend,
+            read_only,
+            sectors,
+        });
+    }
+
+    /// Signals a configuration change (§4.2.3.3 / §2.5), or remembers it until activation.
+    fn config_changed(&mut self) {
+        match &self.active {
+            Some(active) => {
+                if let Err(e) = active.interrupt.trigger(InterruptKind::Config) {
+                    log::error!("virtio-blk: config interrupt failed: {e}");
+                }
+            }
+            None => self.config_dirty = true,
+        }
+    }
+
+    fn config_space(&self) -> [u8; CONFIG_SIZE] {
+        let mut c = [0u8; CONFIG_SIZE];
+        let put = |c: &mut [u8; CONFIG_SIZE], off: usize, bytes: &[u8]| {
+            if let Some(dst) = off
+                .checked_add(bytes.len())
+                .and_then(|end| c.get_mut(off..end))
+            {
+                dst.copy_from_slice(bytes);
+            }
+        };
+        let seg_max = u32::from(QUEUE_SIZE).saturating_sub(2);
+        put(&mut c, 0, &self.capacity().to_le_bytes());
+        put(&mut c, 12, &seg_max.to_le_bytes());
+        put(&mut c, 20, &BLK_SIZE.to_le_bytes());
+        put(&mut c, 34, &1u16.to_le_bytes());
+        put(&mut c, 36, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut c, 40, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(&mut c, 44, &1u32.to_le_bytes());
+        put(&mut c, 48, &MAX_DISCARD_SECTORS.to_le_bytes());
+        put(&mut c, 52, &MAX_DISCARD_SEGMENTS.to_le_bytes());
+        put(&mut c, 56, &[1]);
+        c
+    }
+
+    /// Marks the queue corrupt: the device stops using it until the driver resets it
+    /// (§2.1.2), and the driver is told through a configuration change interrupt.
+    fn set_needs_reset(&mut self, interrupt: &Arc<dyn Interrupt>, why: &dyn std::fmt::Display) {
+        guest_warn!("virtio-blk: queue corrupt, device needs reset: {why}");
+        self.needs_reset = true;
+        if let Err(e) = interrupt.trigger(InterruptKind::Config) {
+            log::error!("virtio-blk: config interrupt failed: {e}");
+        }
+    }
+
+    /// Sends a used-buffer interrupt.
+    pub fn signal_used_queue(&self) {
+        if let Some(active) = &self.active
+            && let Err(e) = active.interrupt.trigger(InterruptKind::Queue)
+        {
+            log::error!("virtio-blk: queue interrupt failed: {e}");
+        }
+    }
+
+    /// Completes every available request. Returns whether the driver must be interrupted.
+    pub fn process_queue(&mut self) -> bool {
+        if self.needs_reset {
+            return false;
+        }
+        let Some(mut active) = self.active.take() else {
+            return false;
+        };
+        let mut used = false;
+        let mut budget = BUDGET;
+        let mut corrupt: Option<virtio_queue::Error> = None;
+        'outer: loop {
+            if let Err(e) = active.queue.disable_notification(&active.mem) {
+                corrupt = Some(e);
+                break;
+            }
+            loop {
+                let chain = match pop_chain(&mut active.queue, &active.mem) {
+                    Ok(Some(chain)) => chain,
+                    Ok(None) => break,
+                    Err(e) => {
+                        corrupt = Some(e);
+                        break 'outer;
+                    }
+                };
+                let head = chain.head_index();
+                let len = self.handle_chain(chain, &active.mem);
+                if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+                    corrupt = Some(e);
+                    break 'outer;
+                }
+                used = true;
+                budget = budget.saturating_sub(1);
+                if budget == 0 {
+                    // Let other devices run; come back through our own queue event.
+                    if let Some(evt) = self.queue_evts.first() {
+                        let _ = evt.write(1);
+                    }
+                    break 'outer;
+                }
+            }
+            match active.queue.enable_notification(&active.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
+                }
+            }
+        }
+        let needs_irq = used && active.queue.needs_notification(&active.mem).unwrap_or(true);
+        if let Some(e) = corrupt {
+            self.set_needs_reset(&active.interrupt, &e);
+        }
+        self.active = Some(active);
+        needs_irq
+    }
+
+    /// Parses and executes one request, writes its status, returns the used length.
+    fn handle_chain(
+        &mut self,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        mem: &GuestMemoryMmap,
+    ) -> u32 {
+        self.metrics.requests = self.metrics.requests.wrapping_add(1);
+        let max_descs = usize::from(QUEUE_SIZE);
+        let (status_addr, status, len) = match Request::parse(chain, mem, max_descs) {
+            Err(bad) => {
+                guest_warn!("virtio-blk: bad request: {}", bad.error);
+                let Some(addr) = bad.status else {
+                    self.metrics.errors = self.metrics.errors.wrapping_add(1);
+                    return 0;
+                };
+                (addr, bad.status_code(), 1)
+            }
+            Ok(req) => match self.execute(&req, mem) {
+                Ok(len) => (req.status, VIRTIO_BLK_S_OK, len.saturating_add(1)),
+                Err(e) => {
+                    guest_warn!("virtio-blk: {:?} request failed: {e}", req.request_type);
+                    (req.status, e.status(), 1)
+                }
+            },
+        };
+        match status {
+            VIRTIO_BLK_S_OK => {}
+            VIRTIO_BLK_S_UNSUPP => {
+                self.metrics.unsupported = self.metrics.unsupported.wrapping_add(1);
+            }
+            _ => self.metrics.errors = self.metrics.errors.wrapping_add(1),
+        }
+        if let Err(e) = mem.write_obj(status, status_addr) {
+            guest_warn!("virtio-blk: cannot write status: {e}");
+            return 0;
+        }
+        len
+    }
+
+    /// Executes a parsed request; returns the bytes written to guest data buffers.
+    fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Result<u32, ExecError> {
+        if let RequestType::GetId = req.request_type {
+            let n = req.data_len.min(ID_LEN);
+            let id = self.id.get(..n as usize).unwrap_or(&[]);
+            req.buffers().write_at(mem, 0, id)?;
+            return Ok(n);
+        }
+        let disk = self.disk.as_mut().ok_or(ExecError::NoBacking)?;
+        let acked = self.acked_features;
+        match req.request_type {
+            RequestType::In => {
+                let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
+                copy_to_guest(disk, &mut self.bounce, req, mem, offset)?;
+                self.metrics.read_bytes = self
+                    .metrics
+                    .read_bytes
+                    .wrapping_add(u64::from(req.data_len));
+                Ok(req.data_len)
+            }
+            RequestType::Out => {
+                if disk.read_only {
+                    return Err(ExecError::ReadOnly);
+                }
+                let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
+                copy_from_guest(disk, &mut self.bounce, req, mem, offset)?;
+                self.metrics.write_bytes = self
+                    .metrics
+                    .write_bytes
+                    .wrapping_add(u64::from(req.data_len));
+                Ok(0)
+            }
+            RequestType::Flush => {
+                disk.backend.flush().map_err(ExecError::Backend)?;
+                Ok(0)
+            }
+            RequestType::Discard | RequestType::WriteZeroes => {
+                let discard = req.request_type == RequestType::Discard;
+                let feature = if discard {
+                    VIRTIO_BLK_F_DISCARD
+                } else {
+                    VIRTIO_BLK_F_WRITE_ZEROES
+                };
+                if acked & feature == 0 {
+                    return Err(ExecError::Unsupported);
+                }
+                if disk.read_only {
+                    return Err(ExecError::ReadOnly);
+                }
+                let caps = disk.backend.capabilities();
+                if (discard && !caps.discard) || (!discard && !caps.write_zeroes) {
+                    return Err(ExecError::Unsupported);
+                }
+                for seg in &req.segments {
+                    discard_or_zero(disk, seg, discard)?;
+                }
+                Ok(0)
+            }
+            RequestType::GetId | RequestType::Unsupported(_) => Err(ExecError::Unsupported),
+        }
+    }
+}
+
+/// Executes one discard / write-zeroes segment (§5.2.6.2).
+fn discard_or_zero(disk: &mut Disk, seg: &DiscardSegment, discard: bool) -> Result<(), ExecError> {
+    // Discard takes no flags at all; write zeroes only the unmap flag.
+    let allowed_flags = if discard {
+        0
+    } else {
+        VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP
+    };
+    if seg.flags & !allowed_flags != 0 {
+        return Err(ExecError::Unsupported);
+    }
+    if seg.num_sectors > MAX_DISCARD_SECTORS {
+        return Err(ExecError::OutOfRange {
+            sector: seg.sector,
+            len: u64::from(seg.num_sectors),
+        });
+    }
+    let len = u64::from(seg.num_sectors) << SECTOR_SHIFT;
+    let offset = byte_range(seg.sector, len, disk.sectors)?;
+    if discard {
+        disk.backend.discard(offset, len)
+    } else {
+        let unmap = seg.flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        disk.backend.write_zeroes(offset, len, unmap)
+    }
+    .map_err(ExecError::Backend)
+}
+
+/// Byte offset of `[sector * 512, + len)` if it lies within `sectors`.
+fn byte_range(sector: u64, len: u64, sectors: u64) -> Result<u64, ExecError> {
+    let err = || ExecError::OutOfRange { sector, len };
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or_else(err)?;
+    let end = offset.checked_add(len).ok_or_else(err)?;
+    let capacity = sectors.checked_mul(SECTOR_SIZE).ok_or_else(err)?;
+    if end > capacity {
+        return Err(err());
+    }
+    Ok(offset)
+}
+
+/// Ensures the bounce buffer exists (allocated on first use, then reused).
+fn bounce_buffer(bounce: &mut Vec<u8>) -> &mut [u8] {
+    if bounce.is_empty() {
+        bounce.resize(BOUNCE_SIZE, 0);
+    }
+    bounce.as_mut_slice()
+}
+
+/// `IN`: backend -> guest data buffers, in bounce-buffer sized pieces.
+fn copy_to_guest(
+    disk: &mut Disk,
+    bounce: &mut Vec<u8>,
+    req: &Request,
+    mem: &GuestMemoryMmap,
+    mut disk_offset: u64,
+) -> Result<(), ExecError> {
+    let bounce = bounce_buffer(bounce);
+    req.buffers().for_each_writable(
+        0,
+        u64::from(req.data_len),
+        |addr, len| -> Result<(), ExecError> {
+            let mut done = 0usize;
+            while done < len {
+                let n = len.saturating_sub(done).min(bounce.len());
+                let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
+                disk.backend
+                    .read_at(disk_offset, buf)
+                    .map_err(ExecError::Backend)?;
+                let dst = addr
+                    .checked_add(done as u64)
+                    .ok_or(ExecError::Unsupported)?;
+                mem.write_slice(buf, dst)?;
+                done = done.saturating_add(n);
+                disk_offset = disk_offset.saturating_add(n as u64);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// `OUT`: guest data buffers -> backend, in bounce-buffer sized pieces.
+fn copy_from_guest(
+    disk: &mut Disk,
+    bounce: &mut Vec<u8>,
+    req: &Request,
+    mem: &GuestMemoryMmap,
+    mut disk_offset: u64,
+) -> Result<(), ExecError> {
+    let bounce = bounce_buffer(bounce);
+    let start = u64::from(REQUEST_HEADER_SIZE);
+    req.buffers().for_each_readable(
+        start,
+        u64::from(req.data_len),
+        |addr, len| -> Result<(), ExecError> {
+            let mut done = 0usize;
+            while done < len {
+                let n = len.saturating_sub(done).min(bounce.len());
+                let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
+                let src = addr
+                    .checked_add(done as u64)
+                    .ok_or(ExecError::Unsupported)?;
+                mem.read_slice(buf, src)?;
+                disk.backend
+                    .write_at(disk_offset, buf)
+                    .map_err(ExecError::Backend)?;
+                done = done.saturating_add(n);
+                disk_offset = disk_offset.saturating_add(n as u64);
+            }
+            Ok(())
+        },
+    )
+}
+
+impl VirtioDevice for VirtioBlock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_max_sizes
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Every field is read-only without VIRTIO_BLK_F_CONFIG_WCE, which is not offered.
+        guest_warn!(
+            "virtio-blk: ignored config write of {} bytes at {offset:#x}",
+            data.len()
+        );
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        mut queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let queue = queues.pop().ok_or(ActivateError::InvalidQueue(0))?;
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)?;
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+        });
+        self.needs_reset = false;
+        if std::mem::take(&mut self.config_dirty) {
+            // The capacity changed during driver initialization: make it re-read.
+            self.config_changed();
+        }
+        Ok(())
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> Result<(), ActivateError> {
+        self.active = None;
+        self.acked_features = 0;
+        self.needs_reset = false;
+        self.config_dirty = false;
+        Ok(())
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+}
+
+/// Copies `config[offset..]` into `data`; bytes past the end read as zero.
+pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    data.fill(0);
+    let Ok(offset) = usize::try_from(offset) else {
+        return;
+    };
+    if let Some(src) = config.get(offset..) {
+        for (dst, src) in data.iter_mut().zip(src) {
+            *dst = *src;
+        }
+    }
+}
+
+impl Drop for VirtioBlock {
+    fn drop(&mut self) {
+        if let Some(disk) = &mut self.disk
+            && !disk.read_only
+        {
+            let _ = disk.backend.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    clippy::cast_possible_truncation,
+    reason = "test code on known values"
+)]
+mod tests {
+    use vm_memory::GuestAddress;
+
+    use super::*;
+    use crate::test_utils::{MemDisk, RecordingInterrupt, TestQueue, single_region_mem};
+    use crate::virtio::block::defs::*;
+
+    const W: bool = true;
+    const R: bool = false;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+    const MEM: usize = 0x40_0000;
+
+    struct Env<'a> {
+        mem: &'a GuestMemoryMmap,
+        q: TestQueue<'a>,
+        blk: VirtioBlock,
+        irq: Arc<RecordingInterrupt>,
+    }
+
+    fn env<'a>(mem: &'a GuestMemoryMmap, disk: Option<MemDisk>, ro: bool) -> Env<'a> {
+        let backend = disk.map(|d| Box::new(d) as Box<dyn DiskBackend>);
+        let mut blk = VirtioBlock::with_backend("serial-0123456789abcdef", ro, backend).unwrap();
+        let q = TestQueue::new(mem, GuestAddress(0), 256);
+        let irq = Arc::new(RecordingInterrupt::new());
+        blk.set_acked_features(blk.avail_features());
+        blk.activate(mem.clone(), vec![q.queue()], irq.clone())
+            .unwrap();
+        Env { mem, q, blk, irq }
+    }
+
+    fn header(mem: &GuestMemoryMmap, t: u32, sector: u64) {
+        mem.write_obj(t, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    }
+
+    /// Submits one request and returns (status byte, used len).
+    fn submit(e: &mut Env, descs: &[(u64, u32, bool)]) -> (u8, u32) {
+        e.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+        let before = e.q.used_idx();
+        e.q.add_chain(descs);
+        e.blk.process_queue();
+        assert_eq!(
+            e.q.used_idx(),
+            before.wrapping_add(1),
+            "request not completed"
+        );
+        let (_, len) = e.q.used_elem(before);
+        (e.mem.read_obj::<u8>(GuestAddress(STATUS)).unwrap(), len)
+    }
+
+    fn disk_with_pattern(sectors: usize) -> MemDisk {
+        let data: Vec<u8> = (0..sectors * 512).map(|i| (i / 512) as u8).collect();
+        MemDisk::from_vec(data)
+    }
+
+    #[test]
+    fn features_and_config() {
+        let blk =
+            VirtioBlock::with_backend("abc", false, Some(Box::new(MemDisk::new(4096)))).unwrap();
+        let f = blk.avail_features();
+        for bit in [
+            VIRTIO_F_VERSION_1,
+            VIRTIO_BLK_F_FLUSH,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+            VIRTIO_BLK_F_DISCARD,
+            VIRTIO_BLK_F_WRITE_ZEROES,
+        ] {
+            assert_ne!(f & bit, 0, "{bit:#x}");
+        }
+        assert_eq!(f & VIRTIO_BLK_F_RO, 0);
+        let mut cap = [0u8; 8];
+        blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 8);
+        let mut v = [0u8; 4];
+        blk.read_config(12, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 254);
+        blk.read_config(20, &mut v);
+        assert_eq!(u32::from_le_bytes(v), 512);
+        blk.read_config(40, &mut v);
+        assert_eq!(u32::from_le_bytes(v), MAX_DISCARD_SEGMENTS);
+        // Past the end reads zero.
+        let mut v = [0xffu8; 8];
+        blk.read_config(58, &mut v);
+        assert_eq!(v, [0; 8]);
+        blk.read_config(u64::MAX, &mut v);
+        assert_eq!(v, [0; 8]);
+
+        let ro = VirtioBlock::with_backend("abc", true, None).unwrap();
+        assert_ne!(ro.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(ro.avail_features() & VIRTIO_BLK_F_DISCARD, 0);
+        // A backing without discard support does not offer it.
+        let plain = VirtioBlock::with_backend(
+            "abc",
+            false,
+            Some(Box::new(MemDisk::new(512).without_discard())),
+        )
+        .unwrap();
+        assert_eq!(plain.avail_features() & VIRTIO_BLK_F_DISCARD, 0);
+    }
+
+    #[test]
+    fn read_write_roundtrip() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(16)), false);
+        header(&m, VIRTIO_BLK_T_IN, 2);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1025));
+        let mut buf = vec![0u8; 1024];
+        m.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf[..512].iter().all(|&b| b == 2));
+        assert!(buf[512..].iter().all(|&b| b == 3));
+
+        m.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 15);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 1));
+        header(&m, VIRTIO_BLK_T_IN, 15);
+        // Split across odd-sized descriptors.
+        let (s, _) = submit(
+            &mut e,
+            &[
+                (HDR, 16, R),
+                (DATA + 0x1000, 100, W),
+                (DATA + 0x2000, 412, W),
+                (STATUS, 1, W),
+            ],
+        );
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        let mut a = [0u8; 100];
+        m.read_slice(&mut a, GuestAddress(DATA + 0x1000)).unwrap();
+        assert_eq!(a, [0xee; 100]);
+        let metrics = e.blk.metrics();
+        assert_eq!(metrics.requests, 3);
+        assert_eq!(metrics.read_bytes, 1536);
+        assert_eq!(metrics.write_bytes, 512);
+        assert!(
+            e.irq.count(InterruptKind::Queue) == 0,
+            "irq is raised by the caller"
+        );
+    }
+
+    #[test]
+    fn large_read_uses_chunks() {
+        let m = single_region_mem(MEM);
+        let sectors = 2 * BOUNCE_SIZE / 512 + 3;
+        let mut e = env(&m, Some(disk_with_pattern(sectors)), false);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let len = u32::try_from(sectors * 512).unwrap();
+        let (s, used) = submit(&mut e, &[(HDR, 16, R), (DATA, len, W), (STATUS, 1, W)]);
+        assert_eq!((s, used), (VIRTIO_BLK_S_OK, len + 1));
+        let mut b = [0u8; 1];
+        m.read_slice(&mut b, GuestAddress(DATA + (sectors as u64 - 1) * 512))
+            .unwrap();
+        assert_eq!(b[0], (sectors - 1) as u8);
+    }
+
+    #[test]
+    fn sector_bounds() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        header(&m, VIRTIO_BLK_T_IN, 7);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        header(&m, VIRTIO_BLK_T_IN, 7);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA, 1024, W), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_IOERR, 1));
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        // sector * 512 overflows u64.
+        header(&m, VIRTIO_BLK_T_OUT, u64::MAX / 256);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        header(&m, VIRTIO_BLK_T_IN, u64::MAX);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        // A zero-length read at the end is fine.
+        header(&m, VIRTIO_BLK_T_IN, 8);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+    }
+
+    #[test]
+    fn partial_trailing_sector_is_hidden() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(MemDisk::new(1000)), false);
+        assert_eq!(e.blk.capacity(), 1);
+        header(&m, VIRTIO_BLK_T_IN, 1);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn write_to_read_only() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), true);
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+
+        // A read-only backing in a writable slot.
+        let mut e = env(&m, None, false);
+        e.blk.attach(Box::new(disk_with_pattern(8)), true).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        // A read-only slot keeps any backing read-only.
+        let mut e = env(&m, None, true);
+        e.blk.attach(Box::new(disk_with_pattern(8)), false).unwrap();
+        header(&m, VIRTIO_BLK_T_OUT, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn flush_and_get_id() {
+        let m = single_region_mem(MEM);
+        let disk = MemDisk::new(4096);
+        let flushes = disk.flush_counter();
+        let mut e = env(&m, Some(disk), false);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        assert_eq!(flushes.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA, 20, W), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 21));
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"serial-0123456789abc");
+        // A short buffer gets a prefix.
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA + 100, 4, W), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_OK, 5));
+    }
+
+    #[test]
+    fn short_serial_is_nul_padded() {
+        let m = single_region_mem(MEM);
+        let q = TestQueue::new(&m, GuestAddress(0), 256);
+        let mut blk = VirtioBlock::new(BlockConfig {
+            id: "ab".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        blk.activate(
+            m.clone(),
+            vec![q.queue()],
+            Arc::new(RecordingInterrupt::new()),
+        )
+        .unwrap();
+        let mut e = Env {
+            mem: &m,
+            q,
+            blk,
+            irq: Arc::new(RecordingInterrupt::new()),
+        };
+        m.write_slice(&[0xff; 20], GuestAddress(DATA)).unwrap();
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 20, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 20];
+        m.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id[..3], b"ab\0");
+    }
+
+    fn discard_req(m: &GuestMemoryMmap, t: u32, segs: &[(u64, u32, u32)]) -> u32 {
+        header(m, t, 0);
+        for (i, (sector, n, flags)) in segs.iter().enumerate() {
+            let a = DATA + 16 * i as u64;
+            m.write_obj(*sector, GuestAddress(a)).unwrap();
+            m.write_obj(*n, GuestAddress(a + 8)).unwrap();
+            m.write_obj(*flags, GuestAddress(a + 12)).unwrap();
+        }
+        16 * segs.len() as u32
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(MemDisk::from_vec(vec![0xab; 8 * 512])), false);
+        let len = discard_req(&m, VIRTIO_BLK_T_WRITE_ZEROES, &[(1, 2, 0), (6, 1, 1)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 4096, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        let mut buf = vec![0u8; 4096];
+        m.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        for (i, sector) in buf.chunks(512).enumerate() {
+            let expect = if matches!(i, 1 | 2 | 6) { 0 } else { 0xab };
+            assert!(sector.iter().all(|&b| b == expect), "sector {i}");
+        }
+
+        let len = discard_req(&m, VIRTIO_BLK_T_DISCARD, &[(0, 8, 0)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+        // Unmap flag on discard and unknown flags: UNSUPP (§5.2.6.2).
+        let len = discard_req(&m, VIRTIO_BLK_T_DISCARD, &[(0, 1, 1)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_UNSUPP);
+        let len = discard_req(&m, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 2)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_UNSUPP);
+        // Out of range, and sector overflow.
+        let len = discard_req(&m, VIRTIO_BLK_T_DISCARD, &[(7, 2, 0)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        let len = discard_req(&m, VIRTIO_BLK_T_WRITE_ZEROES, &[(u64::MAX, u32::MAX, 0)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+    }
+
+    #[test]
+    fn discard_unsupported_by_backing_or_not_negotiated() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, None, false);
+        e.blk
+            .attach(Box::new(MemDisk::new(4096).without_discard()), false)
+            .unwrap();
+        let len = discard_req(&m, VIRTIO_BLK_T_DISCARD, &[(0, 1, 0)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_UNSUPP);
+
+        let mut e = env(&m, Some(MemDisk::new(4096)), false);
+        e.blk.set_acked_features(VIRTIO_F_VERSION_1);
+        let len = discard_req(&m, VIRTIO_BLK_T_WRITE_ZEROES, &[(0, 1, 0)]);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, len, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_UNSUPP);
+    }
+
+    #[test]
+    fn malformed_requests_complete_with_errors() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        header(&m, 42, 0);
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!((s, len), (VIRTIO_BLK_S_UNSUPP, 1));
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 8, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        let (s, _) = submit(
+            &mut e,
+            &[(HDR, 16, R), (MEM as u64 - 256, 512, W), (STATUS, 1, W)],
+        );
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        // No status byte: completed with length 0, status untouched.
+        let (s, len) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R)]);
+        assert_eq!((s, len), (0xff, 0));
+        let metrics = e.blk.metrics();
+        assert_eq!(metrics.unsupported, 1);
+        assert_eq!(metrics.errors, 4);
+        assert!(!e.blk.needs_reset());
+    }
+
+    #[test]
+    fn empty_slot_fails_io_and_attach_signals() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, None, false);
+        assert_eq!(e.blk.capacity(), 0);
+        assert!(!e.blk.is_attached());
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 20, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+
+        e.blk
+            .attach(Box::new(disk_with_pattern(32)), false)
+            .unwrap();
+        assert_eq!(e.irq.count(InterruptKind::Config), 1);
+        let mut cap = [0u8; 8];
+        e.blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 32);
+        header(&m, VIRTIO_BLK_T_IN, 31);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_OK);
+
+        // Swap for a smaller disk: old sectors are now out of range.
+        e.blk.attach(Box::new(disk_with_pattern(4)), false).unwrap();
+        assert_eq!(e.irq.count(InterruptKind::Config), 2);
+        let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        assert_eq!(s, VIRTIO_BLK_S_IOERR);
+
+        e.blk.detach();
+        assert_eq!(e.irq.count(InterruptKind::Config), 3);
+        e.blk.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 0);
+        // Detaching an empty slot changes nothing.
+        e.blk.detach();
+        assert_eq!(e.irq.count(InterruptKind::Config), 3);
+    }
+
+    #[test]
+    fn attach_before_activation_signals_on_activation() {
+        let m = single_region_mem(MEM);
+        let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+        blk.attach(Box::new(MemDisk::new(4096)), false).unwrap();
+        let q = TestQueue::new(&m, GuestAddress(0), 256);
+        let irq = Arc::new(RecordingInterrupt::new());
+        blk.activate(m.clone(), vec![q.queue()], irq.clone())
+            .unwrap();
+        assert_eq!(irq.count(InterruptKind::Config), 1);
+        // A plain activation does not.
+        blk.reset().unwrap();
+        let irq = Arc::new(RecordingInterrupt::new());
+        blk.activate(m.clone(), vec![q.queue()], irq.clone())
+            .unwrap();
+        assert_eq!(irq.count(InterruptKind::Config), 0);
+        assert_eq!(blk.activate_event().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn activation_checks_queue_count() {
+        let m = single_region_mem(MEM);
+        let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+        let irq = Arc::new(RecordingInterrupt::new());
+        let err = blk.activate(m.clone(), vec![], irq.clone()).unwrap_err();
+        assert!(matches!(
+            err,
+            ActivateError::QueueCount {
+                expected: 1,
+                got: 0
+            }
+        ));
+        assert!(!blk.is_activated());
+    }
+
+    #[test]
+    fn corrupt_avail_index_needs_reset() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        // The driver claims 1000 new entries in a 256-entry ring.
+        e.q.set_avail_idx(1000);
+        assert!(!e.blk.process_queue());
+        assert!(e.blk.needs_reset());
+        assert_eq!(e.irq.count(InterruptKind::Config), 1);
+        // Nothing more happens until reset.
+        assert!(!e.blk.process_queue());
+        e.blk.reset().unwrap();
+        assert!(!e.blk.needs_reset());
+        assert!(!e.blk.is_activated());
+        assert_eq!(e.blk.acked_features(), 0);
+    }
+
+    #[test]
+    fn out_of_range_head_index_needs_reset() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        e.q.push_avail(300);
+        e.blk.process_queue();
+        assert!(e.blk.needs_reset());
+    }
+
+    #[test]
+    fn many_requests_in_one_pass() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        for _ in 0..200 {
+            e.q.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        }
+        assert!(e.blk.process_queue());
+        assert_eq!(e.q.used_idx(), 200);
+        assert_eq!(e.blk.metrics().requests, 200);
+    }
+
+    #[test]
+    fn not_activated_does_nothing() {
+        let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+        assert!(!blk.process_queue());
+        blk.signal_used_queue();
+    }
+
+    #[test]
+    fn config_writes_are_ignored() {
+        let mut blk =
+            VirtioBlock::with_backend("x", false, Some(Box::new(MemDisk::new(4096)))).unwrap();
+        blk.write_config(0, &[0xff; 8]);
+        assert_eq!(blk.capacity(), 8);
+    }
+
+    #[test]
+    fn file_backed_slot() {
+        use std::io::Write;
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().write_all(&[5u8; 2048]).unwrap();
+        let blk = VirtioBlock::new(BlockConfig {
+            id: "f".into(),
+            path: Some(t.as_path().to_path_buf()),
+            read_only: false,
+        })
+        .unwrap();
+        assert_eq!(blk.capacity(), 4);
+        let err = VirtioBlock::new(BlockConfig {
+            id: "f".into(),
+            path: Some("/nonexistent".into()),
+            read_only: true,
+        })
+        .unwrap_err();
+        assert!(matches!(err, BlockError::OpenBackingFile(..)));
+    }
+}

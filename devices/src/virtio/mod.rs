@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Virtio device model shared by every device (virtio 1.x, modern only) and the MMIO transport.
+//!
+//! The contract between the pieces:
+//! - A device implements [`VirtioDevice`] (feature bits, config space, activation) and, for the
+//!   event loop, `event_manager::MutEventSubscriber` (it is shared as `Arc<Mutex<D>>` by the
+//!   transport and the VMM's event manager).
+//! - A device creates its queue EventFds at construction ([`VirtioDevice::queue_events`]) so the
+//!   VMM can register them as KVM ioeventfds on the transport's `QueueNotify` register before
+//!   the driver activates anything.
+//! - The transport owns the device status, feature paging and queue configuration; on
+//!   `DRIVER_OK` it calls [`VirtioDevice::activate`] (on a vCPU thread) with the configured
+//!   queues. The device then wakes its event-loop half through its own activate EventFd.
+//! - Interrupts go through [`Interrupt`]: the real implementation is [`IrqTrigger`] (the VMM
+//!   registers its EventFd as an irqfd); tests use a recording one.
+
+pub mod vsock;
+
+use std::fmt::Debug;
+use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+/// Interrupt status bit: the device used a buffer in a queue (virtio 1.2 §4.2.2.1).
+pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
+/// Interrupt status bit: the device configuration changed.
+pub const VIRTIO_MMIO_INT_CONFIG: u32 = 0x02;
+
+/// Why a device raises an interrupt.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InterruptKind {
+    /// A used buffer notification.
+    Queue,
+    /// A configuration change notification.
+    Config,
+}
+
+impl InterruptKind {
+    /// The interrupt status bit this kind sets.
+    pub fn status_bit(self) -> u32 {
+        match self {
+            InterruptKind::Queue => VIRTIO_MMIO_INT_VRING,
+            InterruptKind::Config => VIRTIO_MMIO_INT_CONFIG,
+        }
+    }
+}
+
+/// The device's interrupt line plus the virtio-mmio `InterruptStatus` register behind it.
+pub trait Interrupt: Send + Sync + Debug {
+    /// Sets the status bit for `kind` and signals the interrupt.
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()>;
+    /// Current `InterruptStatus` register value.
+    fn status(&self) -> u32;
+    /// Clears the given bits (`InterruptACK` register write).
+    fn ack(&self, bits: u32);
+}
+
+/// The real interrupt: status bits plus an EventFd that the VMM registers as a KVM irqfd.
+#[derive(Debug)]
+pub struct IrqTrigger {
+    status: AtomicU32,
+    evt: EventFd,
+}
+
+impl IrqTrigger {
+    /// Creates a trigger with a fresh non-blocking EventFd.
+    pub fn new() -> io::Result<Self> {
+        Ok(IrqTrigger {
+            status: AtomicU32::new(0),
+            evt: EventFd::new(EFD_NONBLOCK)?,
+        })
+    }
+
+    /// The EventFd to register as an irqfd.
+    pub fn event(&self) -> &EventFd {
+        &self.evt
+    }
+}
+
+impl Interrupt for IrqTrigger {
+    fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+        self.status.fetch_or(kind.status_bit(), Ordering::SeqCst);
+        self.evt.write(1)
+    }
+
+    fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+}
+
+/// Why activation or reset failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured a different number of queues than the device needs.
+    #[error("Expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device needs.
+        expected: usize,
+        /// Queues the driver set up.
+        got: usize,
+    },
+    /// A configured queue is not usable (size, alignment or addresses).
+    #[error("Queue {0} is not valid")]
+    InvalidQueue(usize),
+    /// Signalling the event loop failed.
+    #[error("Failed to signal the activate event")]
+    ActivateEvent(#[source] io::Error),
+    /// The backend could not be prepared.
+    #[error("Backend failed to activate: {0}")]
+    Backend(String),
+    /// The device does not support reset.
+    #[error("Device does not support reset")]
+    ResetUnsupported,
+}
+
+/// A virtio device, independent of its transport.
+pub trait VirtioDevice: Send + Debug {
+    /// Virtio device id (virtio 1.2 §5: 2 = block, 1 = net, 19 = vsock).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// One EventFd per queue, created with the device; the VMM registers them as ioeventfds.
+    fn queue_events(&self) -> &[EventFd];
+    /// Feature bits the device offers (including `VIRTIO_F_VERSION_1`).
+    fn avail_features(&self) -> u64;
+    /// Feature bits the driver acknowledged.
+    fn acked_features(&self) -> u64;
+    /// Stores the driver's acknowledged features (already masked to the offered ones).
+    fn set_acked_features(&mut self, acked: u64);
+    /// Reads device configuration space at `offset`; bytes out of range read as zero.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space; writes out of range or to read-only fields are ignored.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the driver's queues. Called once per `DRIVER_OK`.
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<virtio_queue::Queue>,
+        interrupt: std::sync::Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Whether [`VirtioDevice::activate`] has succeeded since the last reset.
+    fn is_activated(&self) -> bool;
+    /// Returns the device to its initial state (driver wrote 0 to `Status`).
+    fn reset(&mut self) -> Result<(), ActivateError>;
+    /// True when the device found the driver's queues corrupt; the transport then reports
+    /// `DEVICE_NEEDS_RESET` in `Status` (virtio 1.2 §2.1.2).
+    fn needs_reset(&self) -> bool {
+        false
+    }
+}
+
+pub mod block;
+pub mod chain;
+pub mod net;
+pub mod transport;
+
+/// Feature bit: the device conforms to virtio 1.x (virtio 1.2 §6). Every device offers it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit: the `used_event`/`avail_event` notification suppression (virtio 1.2 §2.7.10).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
+/// Decides whether a guest-triggered log line may be printed: the first 8 of each call site,
+/// then every power of two. A guest can trigger them at will, so they must not flood the log.
+#[doc(hidden)]
+pub fn log_allowed(counter: &std::sync::atomic::AtomicU64) -> bool {
+    let n = counter.fetch_add(1, Ordering::Relaxed);
+    n < 8 || n.is_power_of_two()
+}
+
+/// `log::warn!` for guest-triggered conditions, rate limited per call site (see [`log_allowed`]).
+macro_rules! guest_warn {
+    ($($arg:tt)+) => {{
+        static COUNT: ::std::sync::atomic::AtomicU64 = ::std::sync::atomic::AtomicU64::new(0);
+        if $crate::virtio::log_allowed(&COUNT) {
+            ::log::warn!($($arg)+);
+        }
+    }};
+}
+pub(crate) use guest_warn;

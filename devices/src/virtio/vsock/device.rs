@@ -1,0 +1,558 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-vsock device (virtio 1.2 §5.10): feature bits, configuration space (`guest_cid`),
+//! activation, and the queue processing that moves packets between the guest and a
+//! [`VsockBackend`].
+//!
+//! Queues (§5.10.2): 0 = RX (device -> driver), 1 = TX (driver -> device), 2 = event (unused:
+//! the device never migrates, so it never sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+#![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::fmt;
+use std::sync::Arc;
+
+use log::warn;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use super::backend::VsockBackend;
+use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
+use super::packet::{Chain, RxBuffer, read_tx_packet};
+use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
+use crate::virtio::{ActivateError, Interrupt, InterruptKind, VirtioDevice};
+
+/// Queues and memory of an activated device.
+struct ActiveState {
+    mem: GuestMemoryMmap,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Arc<dyn Interrupt>,
+}
+
+/// A virtio-vsock device over backend `B`.
+pub struct Vsock<B: VsockBackend> {
+    guest_cid: u64,
+    backend: B,
+    avail_features: u64,
+    acked_features: u64,
+    queue_evts: Vec<EventFd>,
+    activate_evt: EventFd,
+    active: Option<ActiveState>,
+    needs_reset: bool,
+    /// Bounce buffer for one packet's data (the backend works on host memory).
+    scratch: Vec<u8>,
+    metrics: Arc<VsockMetrics>,
+    log: LogLimiter,
+    /// Whether the queue and backend fds are registered with the event manager.
+    pub(crate) runtime_events_registered: bool,
+}
+
+impl<B: VsockBackend> fmt::Debug for Vsock<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vsock")
+            .field("guest_cid", &self.guest_cid)
+            .field("backend", &self.backend)
+            .field("acked_features", &self.acked_features)
+            .field("activated", &self.active.is_some())
+            .field("needs_reset", &self.needs_reset)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Queue sizes offered for RX, TX and event queues.
+const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+
+impl<B: VsockBackend> Vsock<B> {
+    /// Creates the device for a guest with `guest_cid`, served by `backend`.
+    pub fn new(guest_cid: u64, backend: B) -> Result<Self, VsockError> {
+        validate_guest_cid(guest_cid)?;
+        let mut queue_evts = Vec::with_capacity(NUM_QUEUES);
+        for _ in 0..NUM_QUEUES {
+            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(VsockError::CreateEventFd)?);
+        }
+        Ok(Vsock {
+            guest_cid,
+            backend,
+            avail_features: 1u64 << VIRTIO_F_VERSION_1,
+            acked_features: 0,
+            queue_evts,
+            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::CreateEventFd)?,
+            active: None,
+            needs_reset: false,
+            scratch: vec![0u8; MAX_PKT_DATA_SIZE],
+            metrics: Arc::new(VsockMetrics::default()),
+            log: LogLimiter::default(),
+            runtime_events_registered: false,
+        })
+    }
+
+    /// The guest CID in the configuration space.
+    pub fn guest_cid(&self) -> u64 {
+        self.guest_cid
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The backend, mutably (tests and fuzzing drive it directly).
+    pub fn backend_mut(&mut self) -> &mut B {
+        &mut self.backend
+    }
+
+    /// The device's counters (queue-level; the muxer keeps its own).
+    pub fn metrics(&self) -> &Arc<VsockMetrics> {
+        &self.metrics
+    }
+
+    /// The EventFd written when the driver activates the device; the event loop registers the
+    /// queue and backend fds when it fires.
+    pub fn activate_event(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// The queue EventFd of queue `index`.
+    pub(crate) fn queue_event(&self, index: usize) -> Option<&EventFd> {
+        self.queue_evts.get(index)
+    }
+
+    /// Takes the guest's TX packets and hands them to the backend. Returns whether used
+    /// buffers were added (an interrupt is due).
+    pub fn process_tx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        loop {
+            let chain = match pop_chain(&mut active.txq, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    self.needs_reset = true;
+                    VsockMetrics::inc(&self.metrics.queue_errors);
+                    if self.log.allow() {
+                        warn!("vsock: TX queue is corrupt: {e}");
+                    }
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            match read_tx_packet(mem, chain, &mut self.scratch) {
+                Ok((hdr, len)) => {
+                    VsockMetrics::inc(&self.metrics.tx_packets);
+                    let data = self.scratch.get(..len).unwrap_or_default();
+                    self.backend.send_pkt(&hdr, data);
+                }
+                Err(e) => {
+                    VsockMetrics::inc(&self.metrics.tx_malformed);
+                    if self.log.allow() {
+                        warn!("vsock: dropping malformed TX packet: {e}");
+                    }
+                }
+            }
+            if let Err(e) = active.txq.add_used(mem, head, 0) {
+                self.needs_reset = true;
+                VsockMetrics::inc(&self.metrics.queue_errors);
+                if self.log.allow() {
+                    warn!("vsock: cannot return a TX buffer: {e}");
+                }
+                break;
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    /// Fills the guest's RX buffers with packets from the backend. Returns whether used
+    /// buffers were added (an interrupt is due).
+    pub fn process_rx(&mut self) -> bool {
+        let Some(active) = self.active.as_mut() else {
+            return false;
+        };
+        let mem = &active.mem;
+        let mut used_any = false;
+        while self.backend.has_pending_rx() {
+            let chain = match pop_chain(&mut active.rxq, mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    self.needs_reset = true;
+                    VsockMetrics::inc(&self.metrics.queue_errors);
+                    if self.log.allow() {
+                        warn!("vsock: RX queue is corrupt: {e}");
+                    }
+                    break;
+                }
+            };
+            let head = chain.head_index();
+            let used_len = match RxBuffer::new(mem, chain) {
+                Ok(buffer) => {
+                    let capacity = buffer.data_capacity().min(self.scratch.len());
+                    let data = self.scratch.get_mut(..capacity).unwrap_or_default();
+                    let Some((hdr, len)) = self.backend.recv_pkt(data) else {
+                        // Nothing after all: give the buffer back for later.
+                        active.rxq.go_to_previous_position();
+                        break;
+                    };
+                    let data = data.get(..len).unwrap_or_default();
+                    match buffer.write_packet(&hdr, data) {
+                        Ok(n) => {
+                            VsockMetrics::inc(&self.metrics.rx_packets);
+                            n
+                        }
+                        Err(e) => {
+                            // The packet is lost; only this guest's connection suffers.
+                            VsockMetrics::inc(&self.metrics.rx_bad_buffers);
+                            if self.log.allow() {
+                                warn!("vsock: cannot write an RX packet: {e}");
+                            }
+                            0
+                        }
+                    }
+                }
+                Err(e) => {
+                    VsockMetrics::inc(&self.metrics.rx_bad_buffers);
+                    if self.log.allow() {
+                        warn!("vsock: unusable RX buffer: {e}");
+                    }
+                    0
+                }
+            };
+            if let Err(e) = active.rxq.add_used(mem, head, used_len) {
+                self.needs_reset = true;
+                VsockMetrics::inc(&self.metrics.queue_errors);
+                if self.log.allow() {
+                    warn!("vsock: cannot return an RX buffer: {e}");
+                }
+                break;
+            }
+            used_any = true;
+        }
+        used_any
+    }
+
+    fn signal_used(&mut self) {
+        let Some(active) = &self.active else {
+            return;
+        };
+        match active.interrupt.trigger(InterruptKind::Queue) {
+            Err(e) if self.log.allow() => warn!("vsock: cannot signal the guest: {e}"),
+            _ => {}
+        }
+    }
+
+    /// The driver added TX buffers: forward them, then deliver whatever the backend has.
+    pub fn handle_txq_event(&mut self) {
+        let tx = self.process_tx();
+        let rx = self.process_rx();
+        if tx || rx {
+            self.signal_used();
+        }
+    }
+
+    /// The driver added RX buffers.
+    pub fn handle_rxq_event(&mut self) {
+        if self.process_rx() {
+            self.signal_used();
+        }
+    }
+
+    /// The backend's fd is ready.
+    pub fn handle_backend_event(&mut self, events: EventSet) {
+        self.backend.notify(events);
+        if self.process_rx() {
+            self.signal_used();
+        }
+    }
+}
+
+/// Pops the next available chain; an error means the queue itself is corrupt.
+fn pop_chain<'a>(
+    queue: &mut Queue,
+    mem: &'a GuestMemoryMmap,
+) -> Result<Option<Chain<'a>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
+}
+
+impl<B: VsockBackend> VirtioDevice for Vsock<B> {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn queue_events(&self) -> &[EventFd] {
+        &self.queue_evts
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked_features
+    }
+
+    fn set_acked_features(&mut self, acked: u64) {
+        self.acked_features = acked & self.avail_features;
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let config = self.guest_cid.to_le_bytes();
+        let start = usize::try_from(offset).ok();
+        for (i, byte) in data.iter_mut().enumerate() {
+            *byte = start
+                .and_then(|s| s.checked_add(i))
+                .filter(|&at| at < CONFIG_SPACE_SIZE)
+                .and_then(|at| config.get(at).copied())
+                .unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // `guest_cid` is read-only for the driver.
+        if self.log.allow() {
+            warn!(
+                "vsock: ignoring a {}-byte config write at offset {offset}",
+                data.len()
+            );
+        }
+    }
+
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        queues: Vec<Queue>,
+        interrupt: Arc<dyn Interrupt>,
+    ) -> Result<(), ActivateError> {
+        if queues.len() != NUM_QUEUES {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: queues.len(),
+            });
+        }
+        for (index, queue) in queues.iter().enumerate() {
+            if !queue.is_valid(&mem) {
+                return Err(ActivateError::InvalidQueue(index));
+            }
+        }
+        // Queue order is fixed by the spec: RX, TX, event.
+        let mut queues = queues.into_iter();
+        let (Some(rxq), Some(txq), Some(_evq)) = (queues.next(), queues.next(), queues.next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: NUM_QUEUES,
+                got: 0,
+            });
+        };
+        self.active = Some(ActiveState {
+            mem,
+            rxq,
+            txq,
+            interrupt,
+        });
+        self.needs_reset = false;
+        self.activate_evt
+            .write(1)
+            .map_err(ActivateError::ActivateEvent)
+    }
+
+    fn is_activated(&self) -> bool {
+        self.active.is_some()
+    }
+
+    fn reset(&mut self) -> Result<(), ActivateError> {
+        self.active = None;
+        self.acked_features = 0;
+        self.needs_reset = false;
+        self.backend.reset();
+        Ok(())
+    }
+
+    fn needs_reset(&self) -> bool {
+        self.needs_reset
+    }
+}
+
+#[cfg(test)]
+#[expect(clippy::indexing_slicing, reason = "test code")]
+mod tests {
+    use super::*;
+    use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW};
+    use crate::virtio::vsock::packet::VsockHeader;
+    use crate::virtio::vsock::test_utils::{Driver, TestVsockBackend, hdr, test_mem};
+
+    fn device() -> Vsock<TestVsockBackend> {
+        Vsock::new(3, TestVsockBackend::new()).unwrap()
+    }
+
+    #[test]
+    fn identity_features_and_config() {
+        let mut dev = device();
+        assert_eq!(dev.device_type(), 19);
+        assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
+        assert_eq!(dev.queue_events().len(), 3);
+        assert_eq!(dev.avail_features(), 1 << 32);
+        dev.set_acked_features(u64::MAX);
+        assert_eq!(dev.acked_features(), 1 << 32);
+
+        let mut cid = [0xffu8; 8];
+        dev.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 3);
+        let mut tail = [0xffu8; 4];
+        dev.read_config(6, &mut tail);
+        assert_eq!(tail, [0, 0, 0, 0]);
+        dev.read_config(u64::MAX, &mut tail);
+        assert_eq!(tail, [0; 4]);
+        dev.write_config(0, &[9; 8]);
+        dev.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 3);
+        assert!(matches!(
+            Vsock::new(1, TestVsockBackend::new()),
+            Err(VsockError::InvalidGuestCid(1))
+        ));
+    }
+
+    #[test]
+    fn activate_checks_queues() {
+        let mem = test_mem();
+        let drv = Driver::new(&mem);
+        let mut dev = device();
+        let (queues, irq) = drv.queues();
+        let two: Vec<Queue> = queues.into_iter().take(2).collect();
+        assert!(matches!(
+            dev.activate(mem.clone(), two, irq),
+            Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 2
+            })
+        ));
+        let (mut queues, irq) = drv.queues();
+        queues[1].set_ready(false);
+        queues[1].set_size(3);
+        assert!(matches!(
+            dev.activate(mem.clone(), queues, irq),
+            Err(ActivateError::InvalidQueue(1))
+        ));
+        assert!(!dev.is_activated());
+        let irq = drv.activate(&mut dev);
+        assert!(dev.is_activated());
+        assert_eq!(dev.activate_event().read().unwrap(), 1);
+        assert_eq!(irq.count(), 0);
+        dev.reset().unwrap();
+        assert!(!dev.is_activated());
+        assert_eq!(dev.backend().resets, 1);
+    }
+
+    #[test]
+    fn tx_packets_reach_backend_and_buffers_are_returned() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let irq = drv.activate(&mut dev);
+        let mut h = hdr(3, 1000, 52, OP_RW);
+        h.len = 4;
+        drv.send(&h, b"ping");
+        drv.send_split(&hdr(3, 1001, 52, OP_REQUEST), &[]);
+        dev.handle_txq_event();
+        let sent = &dev.backend().sent;
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0], (h, b"ping".to_vec()));
+        assert_eq!(sent[1].0.op, OP_REQUEST);
+        assert_eq!(drv.tx_used().len(), 2);
+        assert_eq!(irq.count(), 1);
+        assert_eq!(
+            dev.metrics()
+                .tx_packets
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn malformed_tx_chains_are_dropped_and_returned() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let _irq = drv.activate(&mut dev);
+        // Short header, zero-length descriptor, len beyond the chain, write-only chain.
+        drv.send_raw(&[(vec![0u8; 20], false)]);
+        drv.send_raw(&[(Vec::new(), false)]);
+        let mut h = hdr(3, 1, 2, OP_RW);
+        h.len = 100;
+        drv.send_raw(&[(h.to_bytes().to_vec(), false), (vec![1u8; 50], false)]);
+        drv.send_raw(&[(vec![0u8; 64], true)]);
+        dev.handle_txq_event();
+        assert!(dev.backend().sent.is_empty());
+        let used = drv.tx_used();
+        assert_eq!(used.len(), 4);
+        assert!(used.iter().all(|&(_, len)| len == 0));
+        assert_eq!(
+            dev.metrics()
+                .tx_malformed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            4
+        );
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn rx_waits_for_buffers_and_skips_bad_ones() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let irq = drv.activate(&mut dev);
+        let mut h = hdr(2, 52, 1000, OP_RW);
+        h.dst_cid = 3;
+        dev.backend_mut().queue_rx(h, b"pong".to_vec());
+        // No RX buffers yet: nothing happens.
+        dev.handle_backend_event(EventSet::IN);
+        assert_eq!(irq.count(), 0);
+        assert_eq!(dev.backend().rx.len(), 1);
+        // One useless buffer (too small), then a good one.
+        drv.add_rx_raw(&[43]);
+        drv.add_rx(1, 4096);
+        dev.handle_rxq_event();
+        let got = drv.recv();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].0, VsockHeader { len: 4, ..h });
+        assert_eq!(got[0].1, b"pong");
+        assert_eq!(irq.count(), 1);
+        // The good buffer is consumed, the bad one returned empty; no buffers left over.
+        assert_eq!(drv.rx_used_total(), 2);
+        // With nothing pending, a spare buffer stays available.
+        drv.add_rx(1, 4096);
+        dev.handle_rxq_event();
+        assert_eq!(drv.rx_used_total(), 2);
+    }
+
+    #[test]
+    fn corrupt_avail_index_needs_reset() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let _irq = drv.activate(&mut dev);
+        drv.corrupt_tx_avail_idx();
+        dev.handle_txq_event();
+        assert!(dev.needs_reset());
+        dev.reset().unwrap();
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn queues_are_ignored_before_activation() {
+        let mut dev = device();
+        dev.backend_mut().queue_rx(hdr(2, 1, 2, OP_RW), Vec::new());
+        assert!(!dev.process_rx());
+        assert!(!dev.process_tx());
+        dev.handle_backend_event(EventSet::IN);
+        assert_eq!(dev.backend().notified, 1);
+    }
+}
