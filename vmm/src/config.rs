@@ -10,7 +10,10 @@ use std::path::PathBuf;
 
 use crate::arch::MAX_VCPUS;
 use crate::arch::layout::{CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_START};
+use crate::device_manager::DeviceConfig;
 
+/// Longest `virtio_mmio.device=4K@0x........:NN` entry the VMM appends per device.
+const DEVICE_CMDLINE_ENTRY_MAX: usize = 48;
 /// Smallest guest memory accepted, in MiB.
 pub const MIN_MEM_MIB: u32 = 8;
 /// The default kernel command line pieces every guest gets.
@@ -40,6 +43,8 @@ pub struct VmConfig {
     pub cmdline: String,
     /// Console output.
     pub console: ConsoleConfig,
+    /// Virtio devices, in slot order (blk slots are numbered among blk devices from 0).
+    pub devices: Vec<DeviceConfig>,
 }
 
 impl VmConfig {
@@ -52,6 +57,7 @@ impl VmConfig {
             initramfs: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             console: ConsoleConfig::default(),
+            devices: Vec::new(),
         }
     }
 }
@@ -164,6 +170,7 @@ pub struct ValidatedConfig {
     pub(crate) initramfs: Option<(File, u64)>,
     pub(crate) cmdline: String,
     pub(crate) console: ConsoleConfig,
+    pub(crate) devices: Vec<DeviceConfig>,
 }
 
 impl ValidatedConfig {
@@ -216,9 +223,12 @@ impl VmConfig {
         if self.cmdline.contains('\0') {
             return Err(ConfigError::BadCmdline("contains a NUL byte"));
         }
-        // Leave room for the device entries the VMM appends.
-        if self.cmdline.len() + 512 >= CMDLINE_MAX_SIZE {
-            return Err(ConfigError::BadCmdline("longer than 3.5 KiB"));
+        // Leave room for the device entries the VMM appends and the NUL.
+        let device_entries = self.devices.len() * DEVICE_CMDLINE_ENTRY_MAX;
+        if self.cmdline.len() + device_entries + 1 > CMDLINE_MAX_SIZE {
+            return Err(ConfigError::BadCmdline(
+                "too long once the device entries are appended (4 KiB in all)",
+            ));
         }
 
         let mut kernel = File::open(&self.kernel).map_err(|source| ConfigError::OpenKernel {
@@ -264,6 +274,7 @@ impl VmConfig {
             initramfs,
             cmdline: self.cmdline,
             console: self.console,
+            devices: self.devices,
         })
     }
 }

@@ -15,14 +15,17 @@ pub mod arch;
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod device_manager;
 pub mod kvm;
 pub mod memory;
+pub mod pool;
 pub mod timings;
 mod vcpu;
 mod vm;
 
 pub use api::{VmmAction, VmmActionError, VmmData};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
+pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
 pub use timings::StartupTimings;
 pub use vm::{Vm, VmEnd, VmError, live_vms, wait_all_torn_down};
 

@@ -8,9 +8,10 @@ use std::time::Duration;
 pub struct StartupTimings {
     /// Opening `/dev/kvm` and reading its capabilities (zero after the first VM of a process).
     pub kvm_open: Duration,
-    /// Config validation and `KVM_CREATE_VM` with irqchip and PIT.
+    /// Config validation, then `KVM_CREATE_VM` with irqchip and PIT (or taking a pre-built
+    /// shell from the pool).
     pub vm_create: Duration,
-    /// Creating and registering guest memory.
+    /// Creating and registering guest memory (zero with a pooled shell).
     pub memory: Duration,
     /// Loading kernel, command line, initramfs and boot structures.
     pub kernel_load: Duration,
@@ -22,4 +23,6 @@ pub struct StartupTimings {
     pub vcpu_start: Duration,
     /// The whole of `Vm::start`.
     pub total: Duration,
+    /// Whether the VM came from the pre-built shell pool (`vmm::pool`).
+    pub pooled: bool,
 }

@@ -16,6 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use devices::legacy::{BootSignal, BootTimer, ConsoleSink, ConsoleTail, I8042, SerialConsole};
+use devices::virtio::vsock::VsockHandle;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -26,8 +27,10 @@ use crate::arch::layout::{
 };
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager, Devices};
 use crate::kvm::{KvmContext, KvmError};
-use crate::memory::{GuestRam, MemoryError};
+use crate::memory::GuestRam;
+use crate::pool::{self, ShellError, VmShell};
 use crate::timings::StartupTimings;
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::{ResetKind, VmExit, arch, boot};
@@ -41,9 +44,9 @@ pub enum VmError {
     /// KVM setup failed.
     #[error("KVM setup failed")]
     Kvm(#[from] KvmError),
-    /// Guest memory could not be created.
-    #[error("Guest memory setup failed")]
-    Memory(#[from] MemoryError),
+    /// The VM or its memory could not be created.
+    #[error("VM creation failed")]
+    Shell(#[from] ShellError),
     /// The guest could not be loaded.
     #[error("Loading the guest failed")]
     Boot(#[from] boot::BootError),
@@ -56,6 +59,9 @@ pub enum VmError {
     /// Device setup failed.
     #[error("Device setup failed")]
     Bus(#[from] BusError),
+    /// A virtio device could not be set up.
+    #[error("Virtio device setup failed")]
+    Device(#[from] DeviceError),
     /// An EventFd, irqfd or the event loop could not be set up.
     #[error("Failed to set up {0}")]
     Setup(&'static str, #[source] io::Error),
@@ -111,6 +117,7 @@ pub struct Vm {
     console: Arc<ConsoleTail>,
     ram_file: File,
     timings: StartupTimings,
+    devices: Devices,
 }
 
 impl Vm {
@@ -125,14 +132,28 @@ impl Vm {
 
         let mut cfg = config.validate(kvm.max_vcpus())?;
         kvm::signal_setup()?;
-        let vm_fd = kvm.create_vm()?;
-        timings.vm_create = lap.next();
+        let VmShell { vm_fd, ram } = match pool::take(cfg.mem_bytes()) {
+            Some(shell) => {
+                timings.pooled = true;
+                timings.vm_create = lap.next();
+                shell
+            }
+            None => {
+                let (shell, t) = VmShell::build(kvm, cfg.mem_bytes())?;
+                timings.memory = t.memory;
+                timings.vm_create = lap.next().saturating_sub(t.memory);
+                shell
+            }
+        };
 
-        let ram = GuestRam::new(cfg.mem_bytes())?;
-        crate::kvm::register_memory(&vm_fd, &ram.mem)?;
-        timings.memory = lap.next();
+        // Virtio devices first: the kernel command line names them.
+        let mut mmio = Bus::default();
+        let mut device_manager = DeviceManager::new(&vm_fd, &ram.mem, &mut mmio);
+        device_manager.add_all(std::mem::take(&mut cfg.devices))?;
+        let cmdline = format!("{}{}", cfg.cmdline, device_manager.cmdline);
+        let (subscribers, virtio) = (device_manager.subscribers, device_manager.devices);
+        let virtio_time = lap.next();
 
-        let cmdline = cfg.cmdline.clone();
         let entry = boot::load_guest(&ram.mem, &mut cfg, &cmdline)?;
         arch::configure_system(&ram.mem, cfg.vcpus)?;
         timings.kernel_load = lap.next();
@@ -169,9 +190,8 @@ impl Vm {
         let mut pio = Bus::default();
         pio.insert(serial, u64::from(SERIAL_PORT), 8)?;
         pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)?;
-        let mut mmio = Bus::default();
         mmio.insert(boot_timer, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE)?;
-        timings.devices = lap.next();
+        timings.devices = lap.next() + virtio_time;
 
         let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
         for id in 0..cfg.vcpus {
@@ -228,6 +248,9 @@ impl Vm {
             done: Arc::clone(&done),
         }));
         event_manager.add_subscriber(controller.clone());
+        for subscriber in subscribers {
+            event_manager.add_subscriber(subscriber);
+        }
         let resources = VmResources {
             _vm_fd: vm_fd,
             _ram: ram,
@@ -257,6 +280,7 @@ impl Vm {
             console,
             ram_file,
             timings,
+            devices: virtio,
         })
     }
 
@@ -333,6 +357,32 @@ impl Vm {
     /// Total console bytes printed so far.
     pub fn console_bytes(&self) -> u64 {
         self.console.total_bytes()
+    }
+
+    /// Puts the disk image at `path` into block slot `index` while the guest runs; the guest
+    /// gets a config-change interrupt and sees the new capacity.
+    pub fn attach_disk(
+        &self,
+        index: usize,
+        path: &std::path::Path,
+        read_only: bool,
+    ) -> Result<(), DeviceError> {
+        self.devices.attach_disk(index, path, read_only)
+    }
+
+    /// Empties block slot `index` (capacity 0; I/O fails until the next attach).
+    pub fn detach_disk(&self, index: usize) -> Result<(), DeviceError> {
+        self.devices.detach_disk(index)
+    }
+
+    /// Number of block slots.
+    pub fn block_slots(&self) -> usize {
+        self.devices.blocks.len()
+    }
+
+    /// The host side of the vsock device: connect to guest ports, listen for guest connections.
+    pub fn vsock(&self) -> Option<&VsockHandle> {
+        self.devices.vsock.as_ref()
     }
 
     /// Per-phase start-up times.

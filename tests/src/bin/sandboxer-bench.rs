@@ -6,8 +6,10 @@
 //!
 //! Scenarios:
 //! - `vmm-start`: per-phase times of `Vm::start` and start -> boot-timer signal (p50/p99 over many
-//!   boots), host memory the VMM adds per VM with 1 and with N VMs alive, and QEMU microvm on the
-//!   same guest for comparison.
+//!   boots), cold and from the pre-built shell pool (`vmm::pool`); host memory the VMM adds per VM
+//!   with 1 and with N VMs alive; QEMU microvm on the same guest for comparison. `p50_ms`/`p99_ms`
+//!   in the JSON are the pooled figures (the daemon keeps a pool for its default VM size); the
+//!   cold ones are `cold_p50_ms`/`cold_p99_ms`.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -73,35 +75,40 @@ fn config(guest: Guest, mem_mib: u32) -> VmConfig {
     c
 }
 
-fn vmm_start(o: &Options) -> anyhow::Result<()> {
-    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
-    let guest = Guest::Quick;
+/// Samples of one series of boots.
+struct Boots {
+    phases: Vec<(&'static str, Vec<Duration>)>,
+    to_signal: Vec<Duration>,
+    to_end: Vec<Duration>,
+}
 
-    // Warm-up: opens /dev/kvm once for the process, faults in the binary's code.
-    for _ in 0..3 {
-        let vm = Vm::start(config(guest, o.mem_mib))?;
-        vm.wait();
+/// Boots `guest` `n` times, one at a time; with `pooled`, from a refilled shell pool.
+fn run_boots(guest: Guest, n: usize, mem_mib: u32, pooled: bool) -> anyhow::Result<Boots> {
+    let mut b = Boots {
+        phases: [
+            "vm_create",
+            "memory",
+            "kernel_load",
+            "devices",
+            "vcpu_create",
+            "vcpu_start",
+            "start_total",
+        ]
+        .into_iter()
+        .map(|name| (name, Vec::with_capacity(n)))
+        .collect(),
+        to_signal: Vec::with_capacity(n),
+        to_end: Vec::with_capacity(n),
+    };
+    if pooled {
+        vmm::pool::set_target(mem_mib, 1)?;
     }
-    vmm::wait_all_torn_down(Duration::from_secs(10));
-
-    let mut phases: Vec<(&str, Vec<Duration>)> = [
-        "kvm_open",
-        "vm_create",
-        "memory",
-        "kernel_load",
-        "devices",
-        "vcpu_create",
-        "vcpu_start",
-        "start_total",
-    ]
-    .into_iter()
-    .map(|n| (n, Vec::with_capacity(o.iterations)))
-    .collect();
-    let mut to_signal = Vec::with_capacity(o.iterations);
-    let mut to_end = Vec::with_capacity(o.iterations);
-    for i in 0..o.iterations {
+    for i in 0..n {
+        if pooled && !vmm::pool::wait_full(Duration::from_secs(10)) {
+            bail!("the shell pool did not refill");
+        }
         let t0 = Instant::now();
-        let vm = Vm::start(config(guest, o.mem_mib))?;
+        let vm = Vm::start(config(guest, mem_mib))?;
         let end = vm.wait();
         let ended = t0.elapsed();
         let signal = vm.boot_time().with_context(|| {
@@ -112,8 +119,10 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
             )
         })?;
         let t = vm.timings();
-        for (slot, d) in phases.iter_mut().zip([
-            t.kvm_open,
+        if t.pooled != pooled {
+            bail!("boot {i}: pooled is {} (expected {pooled})", t.pooled);
+        }
+        for (slot, d) in b.phases.iter_mut().zip([
             t.vm_create,
             t.memory,
             t.kernel_load,
@@ -124,12 +133,26 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
         ]) {
             slot.1.push(d);
         }
-        to_signal.push(signal);
-        to_end.push(ended);
+        b.to_signal.push(signal);
+        b.to_end.push(ended);
         drop(vm);
         // Teardown runs on the VMM thread; let it finish so boots do not overlap it.
         vmm::wait_all_torn_down(Duration::from_secs(10));
     }
+    if pooled {
+        vmm::pool::set_target(mem_mib, 0)?;
+    }
+    Ok(b)
+}
+
+fn vmm_start(o: &Options) -> anyhow::Result<()> {
+    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
+    let guest = Guest::Quick;
+
+    // Warm-up: opens /dev/kvm once for the process, faults in the binary's code.
+    run_boots(guest, 3, o.mem_mib, false)?;
+    let cold = run_boots(guest, o.iterations, o.mem_mib, false)?;
+    let pooled = run_boots(guest, o.iterations, o.mem_mib, true)?;
 
     let (overhead_1, overhead_n) = (
         memory_overhead(1, o.mem_mib)?,
@@ -137,48 +160,64 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
     );
     let qemu = qemu_runs(guest, o.qemu_iterations, o.mem_mib);
 
-    let signal = Summary::of(&to_signal);
-    let end = Summary::of(&to_end);
     println!(
-        "vmm-start: {} boots of test guest {:?} ({} MiB, 1 vCPU)",
+        "vmm-start: {} boots each, cold and from the shell pool, of test guest {:?} ({} MiB, 1 vCPU)",
         o.iterations,
         guest.name(),
         o.mem_mib
     );
-    println!("{:<28} {:>10} {:>10}", "phase", "p50 ms", "p99 ms");
+    println!(
+        "{:<28} {:>10} {:>10} {:>12} {:>12}",
+        "phase", "cold p50", "cold p99", "pooled p50", "pooled p99"
+    );
     let mut phase_json = serde_json::Map::new();
-    for (name, samples) in &phases {
-        let s = Summary::of(samples);
-        println!("{name:<28} {:>10.3} {:>10.3}", s.p50_ms, s.p99_ms);
+    let rows = cold
+        .phases
+        .iter()
+        .zip(&pooled.phases)
+        .map(|((name, c), (_, p))| (*name, Summary::of(c), Summary::of(p)))
+        .chain([
+            (
+                "start -> boot-timer signal",
+                Summary::of(&cold.to_signal),
+                Summary::of(&pooled.to_signal),
+            ),
+            (
+                "start -> guest ended",
+                Summary::of(&cold.to_end),
+                Summary::of(&pooled.to_end),
+            ),
+        ]);
+    for (name, c, p) in rows {
+        println!(
+            "{name:<28} {:>10.3} {:>10.3} {:>12.3} {:>12.3}",
+            c.p50_ms, c.p99_ms, p.p50_ms, p.p99_ms
+        );
         phase_json.insert(
-            (*name).into(),
-            json!({"p50_ms": s.p50_ms, "p99_ms": s.p99_ms}),
+            name.into(),
+            json!({"cold_p50_ms": c.p50_ms, "cold_p99_ms": c.p99_ms,
+                   "pooled_p50_ms": p.p50_ms, "pooled_p99_ms": p.p99_ms}),
         );
     }
     println!(
-        "{:<28} {:>10.3} {:>10.3}",
-        "start -> boot-timer signal", signal.p50_ms, signal.p99_ms
+        "host overhead per VM: {overhead_1:.1} KiB with 1 alive, {overhead_n:.1} KiB with {} alive",
+        o.alive
     );
-    println!(
-        "{:<28} {:>10.3} {:>10.3}",
-        "start -> guest ended", end.p50_ms, end.p99_ms
-    );
-    println!(
-        "host overhead per VM: {:.1} KiB with 1 alive, {:.1} KiB with {} alive",
-        overhead_1, overhead_n, o.alive
-    );
+    let cold_signal = Summary::of(&cold.to_signal);
+    let pooled_signal = Summary::of(&pooled.to_signal);
+    let cold_end = Summary::of(&cold.to_end);
     let (qemu_p50, qemu_p99, ratio) = match &qemu {
         Ok(s) => {
             println!(
-                "qemu microvm (spawn -> exit): p50 {:.3} ms, p99 {:.3} ms; ratio to ours (start -> guest ended): {:.1}x",
+                "qemu microvm (spawn -> exit): p50 {:.3} ms, p99 {:.3} ms; {:.1}x our cold start -> guest ended",
                 s.p50_ms,
                 s.p99_ms,
-                s.p50_ms / end.p50_ms
+                s.p50_ms / cold_end.p50_ms
             );
             (
                 json!(s.p50_ms),
                 json!(s.p99_ms),
-                json!(s.p50_ms / end.p50_ms),
+                json!(s.p50_ms / cold_end.p50_ms),
             )
         }
         Err(e) => {
@@ -195,10 +234,11 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
         "guest": guest.name(),
         "iterations": o.iterations,
         "mem_mib": o.mem_mib,
-        "p50_ms": signal.p50_ms,
-        "p99_ms": signal.p99_ms,
-        "end_p50_ms": end.p50_ms,
-        "end_p99_ms": end.p99_ms,
+        "p50_ms": pooled_signal.p50_ms,
+        "p99_ms": pooled_signal.p99_ms,
+        "cold_p50_ms": cold_signal.p50_ms,
+        "cold_p99_ms": cold_signal.p99_ms,
+        "cold_end_p50_ms": cold_end.p50_ms,
         "phases": phase_json,
         "overhead_kib_per_vm": overhead_n,
         "overhead_kib_per_vm_1": overhead_1,

@@ -1,0 +1,68 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The pre-built VM shell pool: pooled VMs boot like cold ones, a shell serves one VM only,
+//! and lowering the target frees the idle shells. (Its own test binary: the pool is global.)
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate: its top level is the test module"
+)]
+
+use std::time::Duration;
+
+use test_guests::{Guest, require_kvm};
+use vmm::{ResetKind, Vm, VmConfig, VmExit, pool};
+
+fn fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+fn config(mem_mib: u32) -> VmConfig {
+    let mut c = VmConfig::new(Guest::Long64.elf());
+    c.mem_mib = mem_mib;
+    c.cmdline = "pooled".into();
+    c
+}
+
+#[test]
+fn pooled_vms_boot_and_shells_are_used_once() {
+    require_kvm!();
+    // Cold boot first: opens the process-wide KVM handle for the baseline.
+    let vm = Vm::start(config(48)).unwrap();
+    assert!(!vm.timings().pooled);
+    assert_eq!(vm.wait().exit, VmExit::Reset(ResetKind::TripleFault));
+    drop(vm);
+    assert!(vmm::wait_all_torn_down(Duration::from_secs(10)));
+    let fd0 = fds();
+
+    pool::set_target(48, 2).unwrap();
+    assert!(pool::wait_full(Duration::from_secs(10)), "pool did not fill");
+    assert_eq!(pool::ready(48), 2);
+    assert!(fds() > fd0, "ready shells hold their VM fds");
+
+    for round in 0..6 {
+        assert!(pool::wait_full(Duration::from_secs(10)), "pool did not refill");
+        let vm = Vm::start(config(48)).unwrap();
+        assert!(vm.timings().pooled, "round {round} was not pooled");
+        let end = vm.wait();
+        let console = vm.console();
+        assert_eq!(end.exit, VmExit::Reset(ResetKind::TripleFault), "{console}");
+        // A fresh shell: the guest sees its own command line and clean memory.
+        assert!(console.contains("cmdline: pooled\n"), "{console}");
+        assert!(console.contains("memtest: ok\n"), "{console}");
+    }
+
+    // Another size is not served from this pool.
+    let vm = Vm::start(config(64)).unwrap();
+    assert!(!vm.timings().pooled);
+    vm.wait();
+    drop(vm);
+
+    pool::set_target(48, 0).unwrap();
+    assert_eq!(pool::ready(48), 0);
+    assert!(vmm::wait_all_torn_down(Duration::from_secs(10)));
+    // The refill thread may have been building one more shell; it drops it once built.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while fds() != fd0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(fds(), fd0, "idle shells were not freed");
+}
