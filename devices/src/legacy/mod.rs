@@ -7,4 +7,4 @@ mod serial;
 
 pub use boot_timer::{BootSignal, BootTimer};
 pub use i8042::I8042;
-pub use serial::{ConsoleSink, ConsoleTail, EventFdTrigger, SerialConsole};
+pub use serial::{ConsoleSink, ConsoleTail, EventFdTrigger, SerialConsole, TAIL_CAPACITY};
