@@ -37,17 +37,17 @@ pub const LEAF_AMD_EXT_APIC_ID: u32 = 0x8000_001e;
 
 /// Leaf 1 ECX: running under a hypervisor.
 pub const ECX_HYPERVISOR: u32 = 1 << 31;
-/// Leaf 1 EDX: HTT, "EBX[23:16] is valid, more than one logical processor per package".
+/// Leaf 1 EDX: HTT, "EBX bits 23:16 is valid, more than one logical processor per package".
 pub const EDX_HTT: u32 = 1 << 28;
-/// CLFLUSH line size in 8-byte units (64 bytes), leaf 1 EBX[15:8].
+/// CLFLUSH line size in 8-byte units (64 bytes), leaf 1 EBX bits 15:8.
 pub const CLFLUSH_LINE_QWORDS: u32 = 8;
 /// Leaf 6 EAX: APIC timer always running (ARAT), the one power bit a guest may rely on.
 pub const EAX_ARAT: u32 = 1 << 2;
-/// Leaf 0x8000_0001 ECX: CmpLegacy, "leaf 1 EBX[23:16] counts cores" (AMD).
+/// Leaf 0x8000_0001 ECX: CmpLegacy, "leaf 1 EBX bits 23:16 counts cores" (AMD).
 pub const ECX_CMP_LEGACY: u32 = 1 << 1;
-/// Level type in leaf 0xB/0x1F ECX[15:8]: SMT.
+/// Level type in leaf 0xB/0x1F ECX bits 15:8: SMT.
 pub const LEVEL_TYPE_SMT: u32 = 1;
-/// Level type in leaf 0xB/0x1F ECX[15:8]: core.
+/// Level type in leaf 0xB/0x1F ECX bits 15:8: core.
 pub const LEVEL_TYPE_CORE: u32 = 2;
 
 /// The CPU vendor as the host's CPUID leaf 0 names it.
@@ -166,7 +166,7 @@ fn patch_leaf1(entry: &mut kvm_cpuid_entry2, vcpu_id: u8, num_cpus: u8) {
     }
 }
 
-/// Leaf 4 / 0x8000_001D EAX[25:14]: logical processors sharing this cache - 1. With one
+/// Leaf 4 / 0x8000_001D EAX bits 25:14: logical processors sharing this cache - 1. With one
 /// thread per core, L1 and L2 are private and L3 is shared by the whole package.
 fn patch_cache_sharing(entry: &mut kvm_cpuid_entry2, num_cpus: u8) {
     let cache_type = entry.eax & 0x1f;
