@@ -21,13 +21,14 @@ use std::process::Command;
 /// Target triple of the guests.
 const TARGET: &str = "x86_64-unknown-none";
 /// Guest binaries and the env var carrying each ELF path.
-const GUESTS: [(&str, &str); 6] = [
+const GUESTS: [(&str, &str); 7] = [
     ("pvh32", "TEST_GUEST_PVH32"),
     ("quick", "TEST_GUEST_QUICK"),
     ("long64", "TEST_GUEST_LONG64"),
     ("smp", "TEST_GUEST_SMP"),
     ("reset", "TEST_GUEST_RESET"),
     ("spin", "TEST_GUEST_SPIN"),
+    ("virtio", "TEST_GUEST_VIRTIO"),
 ];
 /// Env var carrying the bzImage path.
 const BZIMAGE_ENV: &str = "TEST_GUEST_LONG64_BZIMAGE";

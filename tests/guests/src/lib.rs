@@ -10,7 +10,8 @@
 //! protocol entry at [`LINUX64_ENTRY`] (also the ELF entry), and [`long64_bzimage`] wraps
 //! `long64` as a bzImage. They talk to the VMM through COM1 (0x3f8), the boot timer (byte 123
 //! at 0xd000_0000), and end with a triple fault (`KVM_EXIT_SHUTDOWN`) or an i8042 reset.
-//! [`console`] has the exact lines they print.
+//! [`console`] has the exact lines they print; [`virtio`] has the command-line keys and the
+//! protocol facts of the `virtio` guest.
 //!
 //! Guest instructions are all emulated on the project's nested `kvm_pvm` host (about 1 us
 //! each), so the guests keep their work small.
@@ -44,17 +45,23 @@ pub enum Guest {
     /// Signals the boot timer as its very first instruction, prints `quick: bye`, triple
     /// fault: the start-up benchmark guest (start -> signal is the VMM's own cost).
     Quick,
+    /// Drives the virtio-mmio devices named by `virtio_mmio.device=` with a minimal virtio 1.x
+    /// driver (interrupts through the IOAPIC, waits in `sti; hlt`) and prints one line per
+    /// step: block, net and vsock tests chosen with the keys in [`virtio`]. Boot timer at
+    /// start, triple fault at the end.
+    Virtio,
 }
 
 impl Guest {
     /// Every guest.
-    pub const ALL: [Guest; 6] = [
+    pub const ALL: [Guest; 7] = [
         Guest::Pvh32,
         Guest::Long64,
         Guest::Smp,
         Guest::Reset,
         Guest::Spin,
         Guest::Quick,
+        Guest::Virtio,
     ];
 
     /// The guest's name (its binary's name in `firmware/src/bin/`).
@@ -66,6 +73,7 @@ impl Guest {
             Self::Reset => "reset",
             Self::Spin => "spin",
             Self::Quick => "quick",
+            Self::Virtio => "virtio",
         }
     }
 
@@ -78,6 +86,7 @@ impl Guest {
             Self::Reset => env!("TEST_GUEST_RESET"),
             Self::Spin => env!("TEST_GUEST_SPIN"),
             Self::Quick => env!("TEST_GUEST_QUICK"),
+            Self::Virtio => env!("TEST_GUEST_VIRTIO"),
         })
     }
 
@@ -93,6 +102,92 @@ impl Guest {
 /// address + 0x200 with `rsi` = boot_params; it prints `long64: hello (linux64)`.
 pub fn long64_bzimage() -> &'static Path {
     Path::new(env!("TEST_GUEST_LONG64_BZIMAGE"))
+}
+
+/// The `virtio` guest's command-line keys and what its tests do, for the host side of a test.
+///
+/// The VMM appends one `virtio_mmio.device=<size>@<base>:<irq>` per device (`size` and `base`
+/// take `0x` and K/M/G like Linux's `memparse`; an optional `:<id>` is ignored). Every request
+/// is bounded, [`REQUEST_TIMEOUT_SECS`](crate::virtio::REQUEST_TIMEOUT_SECS) each, measured
+/// with the LAPIC timer. Block requests and network transmits must each be followed by an
+/// interrupt on the device's line (IOAPIC pin `irq`, edge triggered), or the step fails with
+/// `completed without an interrupt`; the vsock echo step needs at least one.
+pub mod virtio {
+    /// Run only the block test.
+    pub const TEST_BLK: &str = "virtio.test=blk";
+    /// Run only the network test.
+    pub const TEST_NET: &str = "virtio.test=net";
+    /// Run only the vsock test.
+    pub const TEST_VSOCK: &str = "virtio.test=vsock";
+    /// Run every test whose device is present (also the default without `virtio.test=`).
+    /// Explicitly named tests (`virtio.test=blk,net` works too) fail when their device is
+    /// missing; `all` prints `virtio: <dev>: not present` instead.
+    pub const TEST_ALL: &str = "virtio.test=all";
+    /// After its steps, wait up to [`SWAP_TIMEOUT_SECS`] for a configuration-change interrupt
+    /// on the first block device, then re-read capacity and sector 0.
+    pub const BLK_SWAP: &str = "virtio.blk_swap=1";
+    /// Test every block device (`blk`, `blk1`, `blk2`, ...), not only the first.
+    pub const BLK_ALL: &str = "virtio.blk_all=1";
+
+    /// Bound on one request (and on each vsock step).
+    pub const REQUEST_TIMEOUT_SECS: u64 = 5;
+    /// Bound on the wait for a slot swap.
+    pub const SWAP_TIMEOUT_SECS: u64 = 10;
+    /// Bound on the wait for each host connection (and on silence while serving one).
+    pub const VSOCK_ACCEPT_TIMEOUT_SECS: u64 = 30;
+
+    /// The block test overwrites sectors 1..=8 with [`blk_pattern`] (skipped when the device
+    /// is read-only; it needs at least 9 sectors).
+    pub const BLK_PATTERN_SECTOR: u64 = 1;
+    /// Length of the written pattern.
+    pub const BLK_PATTERN_LEN: usize = 4096;
+    /// Bytes of sector 0 the block test shows (see [`sector0_text`]).
+    pub const BLK_SECTOR0_TEXT_LEN: usize = 16;
+    /// Frame lengths the network test sends and expects back (Ethernet header included, after
+    /// the 12-byte `virtio_net_hdr_v1`), in this order.
+    pub const NET_FRAME_LENS: [usize; 3] = [60, 1000, 1514];
+    /// Guest port of the guest -> host connection.
+    pub const VSOCK_GUEST_PORT: u32 = 1234;
+    /// Host port the guest connects to (CID 2): the host must echo what it reads.
+    pub const VSOCK_HOST_PORT: u32 = 5000;
+    /// What the guest sends to [`VSOCK_HOST_PORT`] and expects back.
+    pub const VSOCK_PING: &[u8] = b"ping from guest";
+    /// Guest port that serves host connections (echo in ASCII upper case).
+    pub const VSOCK_LISTEN_PORT: u32 = 6000;
+    /// Host connections the guest serves, one after the other, before it ends.
+    pub const VSOCK_SERVE_COUNT: u32 = 2;
+    /// `buf_alloc` the guest advertises on every connection.
+    pub const VSOCK_BUF_ALLOC: u32 = 64 * 1024;
+
+    /// The 4 KiB the block test writes at [`BLK_PATTERN_SECTOR`]: little-endian 64-bit word
+    /// `i` is `0x7669_7274_696f_0000 | i`.
+    pub fn blk_pattern() -> Vec<u8> {
+        (0..BLK_PATTERN_LEN / 8)
+            .flat_map(|i| (0x7669_7274_696f_0000u64 | i as u64).to_le_bytes())
+            .collect()
+    }
+
+    /// How the guest shows sector 0: the first [`BLK_SECTOR0_TEXT_LEN`] bytes up to the first
+    /// NUL, bytes outside printable ASCII as `.`.
+    pub fn sector0_text(sector0: &[u8]) -> String {
+        sector0
+            .iter()
+            .take(BLK_SECTOR0_TEXT_LEN)
+            .take_while(|&&b| b != 0)
+            .map(|&b| {
+                if (0x20..0x7f).contains(&b) {
+                    char::from(b)
+                } else {
+                    '.'
+                }
+            })
+            .collect()
+    }
+
+    /// What the guest answers a host connection's `data` with.
+    pub fn vsock_echo_reply(data: &[u8]) -> Vec<u8> {
+        data.to_ascii_uppercase()
+    }
 }
 
 /// The exact console output of the guests (COM1). Lines end in `\n`.
@@ -131,6 +226,46 @@ pub mod console {
     /// Any long-mode guest's panic handler: `PANIC: <message> at <file>:<line>`, then a
     /// triple fault.
     pub const PANIC: &str = "PANIC: ";
+    /// `virtio`: a CPU exception: `EXCEPTION: vector <n> [error <e>] rip <rip>`, then a triple
+    /// fault.
+    pub const EXCEPTION: &str = "EXCEPTION: ";
+
+    /// `virtio`: first line; the boot-timer write follows.
+    pub const VIRTIO_HELLO: &str = "virtio: hello\n";
+    /// `virtio`: the last line, right before the triple fault.
+    pub const VIRTIO_DONE: &str = "virtio: done\n";
+    /// `virtio`: every step before `virtio: done` passed.
+    pub const VIRTIO_NO_FAILURES: &str = "virtio: failures 0\n";
+    /// `virtio`: present in every failed step's line, `virtio: <dev>: <step> FAIL <why>`.
+    pub const VIRTIO_FAIL: &str = " FAIL ";
+    /// `virtio`: the 4 KiB pattern was written at sector 1 (a 3-descriptor chain).
+    pub const VIRTIO_BLK_WRITE_OK: &str = "virtio: blk: write ok\n";
+    /// `virtio`: the slot has no backing (capacity 0): no write, flush, readback or sector0
+    /// step; the bounds step still runs (sector 0 must fail with IOERR).
+    pub const VIRTIO_BLK_EMPTY_SLOT: &str = "virtio: blk: empty slot\n";
+    /// `virtio`: the device is read-only (`VIRTIO_BLK_F_RO`): no write, flush or readback.
+    pub const VIRTIO_BLK_WRITE_SKIPPED: &str = "virtio: blk: write skipped (read-only)\n";
+    /// `virtio`: a flush request succeeded.
+    pub const VIRTIO_BLK_FLUSH_OK: &str = "virtio: blk: flush ok\n";
+    /// `virtio`: the device did not offer `VIRTIO_BLK_F_FLUSH`.
+    pub const VIRTIO_BLK_FLUSH_NOT_OFFERED: &str = "virtio: blk: flush not offered\n";
+    /// `virtio`: the pattern read back equal.
+    pub const VIRTIO_BLK_READBACK_OK: &str = "virtio: blk: readback ok\n";
+    /// `virtio`: reading sector `capacity` completed with `VIRTIO_BLK_S_IOERR`.
+    pub const VIRTIO_BLK_BOUNDS_OK: &str = "virtio: blk: bounds ok\n";
+    /// `virtio` with `virtio.blk_swap=1`: swap the slot's backing now.
+    pub const VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE: &str =
+        "virtio: blk: waiting for config change\n";
+    /// `virtio`: the network device has link (`VIRTIO_NET_F_STATUS`).
+    pub const VIRTIO_NET_LINK_UP: &str = "virtio: net: link up\n";
+    /// `virtio`: the three frames came back unchanged.
+    pub const VIRTIO_NET_LOOPBACK_OK: &str = "virtio: net: loopback 3 ok\n";
+    /// `virtio`: the guest -> host connection echoed the ping and was shut down.
+    pub const VIRTIO_VSOCK_ECHO_OK: &str = "virtio: vsock: echo ok\n";
+    /// `virtio`: the guest now accepts host connections on port 6000.
+    pub const VIRTIO_VSOCK_LISTENING: &str = "virtio: vsock: listening 6000\n";
+    /// `virtio`: two host connections were served.
+    pub const VIRTIO_VSOCK_SERVED: &str = "virtio: vsock: served 2\n";
 
     /// `pvh32` and `long64`: the command line (`hvm_start_info.cmdline_paddr` or
     /// `boot_params.hdr.cmd_line_ptr`, at most 4095 bytes).
@@ -156,6 +291,82 @@ pub mod console {
     /// `smp`: only `up` of the `cpus` enabled processors came up within about 1 s.
     pub fn smp_partial(up: usize, cpus: usize) -> String {
         format!("smp: only {up} of {cpus} cpus up\n")
+    }
+
+    /// `virtio`: one line per `virtio_mmio.device=` entry whose registers answered.
+    pub fn virtio_mmio(base: u64, irq: u32, device_id: u32) -> String {
+        format!("virtio: mmio {base:#x} irq {irq} device {device_id}\n")
+    }
+
+    /// `virtio`: a passed step, e.g. `("vsock", "echo")`.
+    pub fn virtio_ok(dev: &str, step: &str) -> String {
+        format!("virtio: {dev}: {step} ok\n")
+    }
+
+    /// `virtio`: start of a failed step's line (the reason follows).
+    pub fn virtio_fail(dev: &str, step: &str) -> String {
+        format!("virtio: {dev}: {step} FAIL ")
+    }
+
+    /// `virtio`: the number of failed steps, printed right before `virtio: done`.
+    pub fn virtio_failures(n: u32) -> String {
+        format!("virtio: failures {n}\n")
+    }
+
+    /// `virtio`: the accepted features of a device, lowest bit first, space separated (block:
+    /// of SEG_MAX RO BLK_SIZE FLUSH VERSION_1; net: of MAC MRG_RXBUF STATUS VERSION_1).
+    pub fn virtio_features(dev: &str, names: &[&str]) -> String {
+        format!("virtio: {dev}: features {}\n", names.join(" "))
+    }
+
+    /// `virtio`: interrupts taken on the device's line during its test.
+    pub fn virtio_interrupts(dev: &str, n: u32) -> String {
+        format!("virtio: {dev}: interrupts {n}\n")
+    }
+
+    /// `virtio`: block device capacity in 512-byte sectors.
+    pub fn virtio_blk_capacity(sectors: u64) -> String {
+        format!("virtio: blk: capacity {sectors}\n")
+    }
+
+    /// `virtio`: the block device's GET_ID answer (up to the first NUL, at most 20 bytes).
+    pub fn virtio_blk_id(serial: &str) -> String {
+        format!("virtio: blk: id {serial}\n")
+    }
+
+    /// `virtio`: sector 0 as [`crate::virtio::sector0_text`] shows it.
+    pub fn virtio_blk_sector0(sector0: &[u8]) -> String {
+        format!(
+            "virtio: blk: sector0 {}\n",
+            crate::virtio::sector0_text(sector0)
+        )
+    }
+
+    /// `virtio` with `virtio.blk_swap=1`: capacity and sector 0 after the config change
+    /// (sector 0 is not read, and shows empty, when the capacity is 0).
+    pub fn virtio_blk_swapped(sectors: u64, sector0: &[u8]) -> String {
+        let text = if sectors == 0 {
+            String::new()
+        } else {
+            crate::virtio::sector0_text(sector0)
+        };
+        format!("virtio: blk: swapped capacity {sectors} sector0 {text}\n")
+    }
+
+    /// `virtio`: the network device's MAC address.
+    pub fn virtio_net_mac(mac: [u8; 6]) -> String {
+        let [a, b, c, d, e, f] = mac;
+        format!("virtio: net: mac {a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{f:02x}\n")
+    }
+
+    /// `virtio`: the vsock device's `guest_cid`.
+    pub fn virtio_vsock_cid(cid: u64) -> String {
+        format!("virtio: vsock: cid {cid}\n")
+    }
+
+    /// `virtio`: a served host connection ended (`cid`:`port` is the host side).
+    pub fn virtio_vsock_closed(cid: u64, port: u32, echoed: usize) -> String {
+        format!("virtio: vsock: closed {cid}:{port} echoed {echoed}\n")
     }
 }
 
@@ -423,10 +634,90 @@ mod tests {
         assert_eq!(entry, elf.bytes_at(LINUX64_ENTRY, 64));
     }
 
+    fn contains(haystack: &[u8], needle: &str) -> bool {
+        haystack
+            .windows(needle.len())
+            .any(|w| w == needle.as_bytes())
+    }
+
+    /// The `virtio` guest builds its lines from pieces: check the pieces, the command-line keys
+    /// and the payloads the host side relies on are in its image.
+    #[test]
+    fn virtio_guest_has_its_keys_and_line_pieces() {
+        use console::*;
+        let elf = std::fs::read(Guest::Virtio.elf()).unwrap();
+        let keys = [
+            virtio::TEST_BLK,
+            virtio::TEST_NET,
+            virtio::TEST_VSOCK,
+            virtio::TEST_ALL,
+            virtio::BLK_SWAP,
+            virtio::BLK_ALL,
+        ];
+        for key in keys {
+            let (name, value) = key.split_once('=').unwrap();
+            assert!(contains(&elf, name), "{key}: key");
+            assert!(contains(&elf, value), "{key}: value");
+        }
+        let pieces = [
+            "virtio_mmio.device=",
+            "virtio: mmio ",
+            "virtio: failures ",
+            VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE
+                .trim_start_matches("virtio: blk")
+                .trim_end(),
+            ": swapped capacity ",
+            ": write skipped (read-only)",
+            ": empty slot",
+            "completed without an interrupt",
+            ": flush not offered",
+            "virtio: net: link up\n",
+            "virtio: net: mac ",
+            "loopback 3",
+            "virtio: vsock: cid ",
+            "virtio: vsock: listening ",
+            "virtio: vsock: served ",
+            "virtio: vsock: closed ",
+            " echoed ",
+        ];
+        for piece in pieces {
+            assert!(contains(&elf, piece), "virtio ELF lacks {piece:?}");
+        }
+        let ping = std::str::from_utf8(virtio::VSOCK_PING).unwrap();
+        assert!(contains(&elf, ping));
+        assert_eq!(
+            VIRTIO_VSOCK_LISTENING,
+            format!("virtio: vsock: listening {}\n", virtio::VSOCK_LISTEN_PORT)
+        );
+        assert_eq!(
+            VIRTIO_VSOCK_SERVED,
+            format!("virtio: vsock: served {}\n", virtio::VSOCK_SERVE_COUNT)
+        );
+    }
+
+    #[test]
+    fn virtio_host_side_facts() {
+        let pattern = virtio::blk_pattern();
+        assert_eq!(pattern.len(), virtio::BLK_PATTERN_LEN);
+        assert_eq!(pattern[..8], 0x7669_7274_696f_0000u64.to_le_bytes());
+        assert_eq!(pattern[4088..], 0x7669_7274_696f_01ffu64.to_le_bytes());
+        assert_eq!(
+            virtio::sector0_text(b"sandboxer-disk-A and more"),
+            "sandboxer-disk-A"
+        );
+        assert_eq!(virtio::sector0_text(b"\0abc"), "");
+        assert_eq!(virtio::vsock_echo_reply(b"Hi there 1!"), b"HI THERE 1!");
+        assert!(
+            virtio::NET_FRAME_LENS
+                .iter()
+                .all(|&l| (60..=1514).contains(&l))
+        );
+    }
+
     #[test]
     fn console_lines_are_the_guests_own() {
         use console::*;
-        let cases: [(Guest, &[&str]); 5] = [
+        let cases: [(Guest, &[&str]); 6] = [
             (Guest::Pvh32, &[PVH32_HELLO, PVH32_BAD_MAGIC, PVH32_BYE]),
             (
                 Guest::Long64,
@@ -440,6 +731,10 @@ mod tests {
             (Guest::Smp, &[SMP_NO_MPTABLE]),
             (Guest::Reset, &[RESET_HELLO, RESET_STILL_ALIVE]),
             (Guest::Spin, &[SPIN_HELLO, SPIN_DOT]),
+            (
+                Guest::Virtio,
+                &[VIRTIO_HELLO, VIRTIO_DONE, VIRTIO_FAIL, EXCEPTION],
+            ),
         ];
         for (guest, lines) in cases {
             let bytes = std::fs::read(guest.elf()).unwrap();
@@ -455,6 +750,35 @@ mod tests {
         let bad = LONG64_BAD_MAGIC.trim_start_matches("long64: ").trim_end();
         assert!(long64.windows(bad.len()).any(|w| w == bad.as_bytes()));
         assert_eq!(cmdline("a b"), "cmdline: a b\n");
+        assert_eq!(virtio_ok("vsock", "echo"), VIRTIO_VSOCK_ECHO_OK);
+        assert_eq!(virtio_ok("blk", "write"), VIRTIO_BLK_WRITE_OK);
+        assert_eq!(virtio_ok("net", "loopback 3"), VIRTIO_NET_LOOPBACK_OK);
+        assert_eq!(virtio_fail("blk", "bounds"), "virtio: blk: bounds FAIL ");
+        assert_eq!(virtio_failures(0), VIRTIO_NO_FAILURES);
+        assert_eq!(
+            virtio_mmio(0xd000_1000, 5, 2),
+            "virtio: mmio 0xd0001000 irq 5 device 2\n"
+        );
+        assert_eq!(
+            virtio_features("blk", &["FLUSH", "VERSION_1"]),
+            "virtio: blk: features FLUSH VERSION_1\n"
+        );
+        assert_eq!(
+            virtio_net_mac([0x52, 0x54, 0, 0x12, 0x34, 0xab]),
+            "virtio: net: mac 52:54:00:12:34:ab\n"
+        );
+        assert_eq!(
+            virtio_blk_sector0(b"hello\x01world\0junk"),
+            "virtio: blk: sector0 hello.world\n"
+        );
+        assert_eq!(
+            virtio_blk_swapped(8, b"0123456789abcdefXYZ"),
+            "virtio: blk: swapped capacity 8 sector0 0123456789abcdef\n"
+        );
+        assert_eq!(
+            virtio_blk_swapped(0, b"ignored"),
+            "virtio: blk: swapped capacity 0 sector0 \n"
+        );
         assert_eq!(long64_memmap(3, 16384), "memmap: 3 entries, 16384 KiB\n");
         assert_eq!(smp_up(2), "smp: 2 cpus up\n");
     }

@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Runtime shared by the long-mode test guests: entry code (PVH and Linux 64-bit boot), serial
-//! console, boot-info parsing, the boot-timer signal, MP table and xAPIC helpers, and the ways
-//! a guest ends (triple fault, i8042 reset).
+//! console, boot-info parsing, the boot-timer signal, MP table and xAPIC helpers, interrupts
+//! (IDT, IOAPIC, LAPIC timer), DMA memory, a minimal virtio-mmio driver, and the ways a guest
+//! ends (triple fault, i8042 reset).
 //!
 //! A guest binary is `#![no_std] #![no_main]`, calls [`guest_main!`] with its entry function
 //! and links this crate; `pvh32` is the exception (pure 32-bit assembly, no Rust at run time).
@@ -9,11 +10,14 @@
 #![warn(missing_docs)]
 
 pub mod boot;
+pub mod dma;
 pub mod exit;
+pub mod irq;
 pub mod mptable;
 pub mod phys;
 pub mod serial;
 pub mod smp;
+pub mod virtio;
 
 pub use boot::{Boot, BootError, BootInfo, BootProtocol};
 pub use serial::Serial;

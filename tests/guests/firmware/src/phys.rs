@@ -80,6 +80,49 @@ pub fn mmio_write_u32(addr: u64, value: u32) -> bool {
     true
 }
 
+/// Integers that [`read_volatile`] and [`write_volatile`] move in one access.
+pub trait Scalar: Copy + sealed::Sealed {}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! scalar {
+    ($($t:ty),*) => {$(
+        impl sealed::Sealed for $t {}
+        impl Scalar for $t {}
+    )*};
+}
+scalar!(u8, u16, u32, u64);
+
+/// Volatile load of a naturally aligned integer (device registers, virtqueue rings); `None`
+/// if `addr` is misaligned or outside the mapped window.
+pub fn read_volatile<T: Scalar>(addr: u64) -> Option<T> {
+    let size = core::mem::size_of::<T>() as u64;
+    if !addr.is_multiple_of(size) {
+        return None;
+    }
+    let p = ptr(addr, size)?.cast::<T>();
+    // SAFETY: non-null, mapped (see `ptr`) and naturally aligned (checked above); `T` is a
+    // plain integer, valid for any bit pattern.
+    Some(unsafe { p.read_volatile() })
+}
+
+/// Volatile store of a naturally aligned integer; `false` if it was not done.
+pub fn write_volatile<T: Scalar>(addr: u64, value: T) -> bool {
+    let size = core::mem::size_of::<T>() as u64;
+    if !addr.is_multiple_of(size) {
+        return false;
+    }
+    let Some(p) = ptr(addr, size) else {
+        return false;
+    };
+    // SAFETY: as for `read_volatile`. Callers only write memory they own (their DMA buffers
+    // and rings) or device registers.
+    unsafe { p.cast::<T>().write_volatile(value) };
+    true
+}
+
 /// Volatile aligned 64-bit store, for the memory test; `false` if it was not done.
 pub fn write_u64(addr: u64, value: u64) -> bool {
     if !addr.is_multiple_of(8) {
