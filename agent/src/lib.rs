@@ -1,3 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The guest agent (PID 1 inside the sandbox VM).
+//! The guest agent: PID 1 inside every sandbox VM.
+//!
+//! For now only the PID-1 foundation: boot mounts ([`mounts`]), settings from the kernel
+//! command line ([`cmdline`]), child reaping that never loses a watched exit status
+//! ([`reaper`]), console logging ([`console`]) and orderly shutdown ([`shutdown`]). The binary
+//! `sandboxer-agent` (src/main.rs) ties them together.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cmdline;
+pub mod console;
+pub mod mounts;
+pub mod reaper;
+pub mod shutdown;

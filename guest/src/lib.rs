@@ -1,3 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Guest image tooling.
+//! Guest image tooling: a newc cpio writer/reader ([`cpio`]) and the agent initramfs layout
+//! ([`initramfs`]). The guest kernel itself is built by `guest/build-kernel` from
+//! `guest/kernel/config-fragment`.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cpio;
+pub mod initramfs;
