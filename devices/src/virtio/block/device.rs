@@ -519,6 +519,14 @@ fn copy_to_guest(
         0,
         u64::from(req.data_len),
         |addr, len| -> Result<(), ExecError> {
+            if disk
+                .backend
+                .read_into_guest(disk_offset, mem, addr, len)
+                .map_err(ExecError::Backend)?
+            {
+                disk_offset = disk_offset.saturating_add(len as u64);
+                return Ok(());
+            }
             let mut done = 0usize;
             while done < len {
                 let n = len.saturating_sub(done).min(bounce.len());
@@ -552,6 +560,14 @@ fn copy_from_guest(
         start,
         u64::from(req.data_len),
         |addr, len| -> Result<(), ExecError> {
+            if disk
+                .backend
+                .write_from_guest(disk_offset, mem, addr, len)
+                .map_err(ExecError::Backend)?
+            {
+                disk_offset = disk_offset.saturating_add(len as u64);
+                return Ok(());
+            }
             let mut done = 0usize;
             while done < len {
                 let n = len.saturating_sub(done).min(bounce.len());

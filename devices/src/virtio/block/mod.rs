@@ -14,6 +14,7 @@
 pub mod backend;
 pub mod device;
 mod event_handler;
+mod positioned;
 pub mod request;
 
 pub use backend::{DiskBackend, DiskCapabilities, FileDisk};
