@@ -34,12 +34,18 @@ fn pooled_vms_boot_and_shells_are_used_once() {
     let fd0 = fds();
 
     pool::set_target(48, 2).unwrap();
-    assert!(pool::wait_full(Duration::from_secs(10)), "pool did not fill");
+    assert!(
+        pool::wait_full(Duration::from_secs(10)),
+        "pool did not fill"
+    );
     assert_eq!(pool::ready(48), 2);
     assert!(fds() > fd0, "ready shells hold their VM fds");
 
     for round in 0..6 {
-        assert!(pool::wait_full(Duration::from_secs(10)), "pool did not refill");
+        assert!(
+            pool::wait_full(Duration::from_secs(10)),
+            "pool did not refill"
+        );
         let vm = Vm::start(config(48)).unwrap();
         assert!(vm.timings().pooled, "round {round} was not pooled");
         let end = vm.wait();
