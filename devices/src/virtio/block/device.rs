@@ -388,7 +388,7 @@ impl VirtioBlock {
             }
             _ => self.metrics.errors = self.metrics.errors.wrapping_add(1),
         }
-        if let Err(e) = mem.write_obj(status, status_addr) {
+        if let Err(e) = crate::virtio::chain::write_guest(mem, &[status], status_addr) {
             guest_warn!("virtio-blk: cannot write status: {e}");
             return 0;
         }
