@@ -1,3 +1,31 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The sandboxer controller library.
+//! The sandboxer controller: the Sandbox API servers, the sandbox state machine and store, and
+//! the VM backend they drive.
+//!
+//! ```text
+//! api::v2 (containerd 2.x)  ─┐
+//!                            ├─> service::SandboxService<B> ──> backend::VmBackend (KvmBackend)
+//! api::seed (seed API)     ──┘            │
+//!                                         └─> store (<state_dir>/<id>/sandbox.json)
+//! ```
+//!
+//! The restart contract (what a sandboxer that starts again reports for the sandboxes of the
+//! previous process) is documented in [`store`].
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod notify;
+pub mod sandbox;
+pub mod server;
+pub mod service;
+pub mod store;
+
+pub use backend::{KvmBackend, VmBackend, VmHandle};
+pub use config::Config;
+pub use error::SandboxError;
+pub use service::SandboxService;

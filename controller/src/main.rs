@@ -1,28 +1,39 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `sandboxer` binary.
 //!
+//! `sandboxer` (or `sandboxer serve`) runs the daemon: the Sandbox APIs for containerd 2.x and
+//! for seed-API engines, with one KVM microVM per sandbox inside this process.
+//!
 //! `sandboxer vm run` boots one guest in this process and streams its console: the quickest way
-//! for a person to see the VMM work. The Sandbox API daemon is added by the controller issue.
+//! for a person to see the VMM work.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use controller::config::{Config, ServeArgs};
+use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "sandboxer",
     version,
-    about = "Secure-container runtime with in-process KVM microVMs"
+    about = "Secure-container runtime with in-process KVM microVMs",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    /// Without a subcommand, run the daemon with these flags.
+    #[command(flatten)]
+    serve: ServeArgs,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the daemon (the default).
+    Serve(ServeArgs),
     /// Work with a single VM directly.
     #[command(subcommand)]
     Vm(VmCommand),
@@ -110,10 +121,80 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Installs the log subscriber: `RUST_LOG` if set, else the configured level. The vmm crate's
+/// `log` records are forwarded too.
+fn init_logging(level: &str) -> anyhow::Result<()> {
+    let filter = match EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(_) => EnvFilter::try_new(level)
+            .map_err(|e| anyhow::anyhow!("invalid log_level {level:?}: {e}"))?,
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init()
+        .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (term, int) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    );
+    match (term, int) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+        }
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot watch for signals; running until killed");
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(args)?;
+    init_logging(&config.log_level)?;
+    start_shell_pool(&config);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("sandboxer")
+        .build()?;
+    runtime.block_on(controller::server::run(
+        &config,
+        controller::KvmBackend,
+        shutdown_signal(),
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Keeps VM shells pre-built for default-sized sandboxes (their Start then skips KVM's
+/// slowest setup). Only where /dev/kvm works: the pool's refill thread would only log errors.
+fn start_shell_pool(config: &Config) {
+    let depth = usize::try_from(config.vm.pool_depth).unwrap_or(usize::MAX);
+    if depth == 0 {
+        return;
+    }
+    if let Err(e) = vmm::kvm::KvmContext::global() {
+        tracing::warn!(error = %e, "no VM shell pool: KVM is not usable");
+        return;
+    }
+    match vmm::pool::set_target(config.vm.mem_mib, depth) {
+        Ok(()) => tracing::info!(mem_mib = config.vm.mem_mib, depth, "VM shell pool on"),
+        Err(e) => tracing::warn!(error = %e, "cannot start the VM shell pool"),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Vm(VmCommand::Run(args)) => run(args),
+        None => serve(&cli.serve),
+        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Vm(VmCommand::Run(args))) => run(args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("sandboxer: {e:#}");

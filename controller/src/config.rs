@@ -1,0 +1,419 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Daemon configuration: a TOML file (every setting has a default) and CLI flags that override it.
+//!
+//! ```toml
+//! state_dir = "/run/sandboxer"
+//! log_level = "info"          # or a tracing filter, e.g. "info,controller=debug"
+//! on_exit = "stop"            # SIGTERM: "stop" every sandbox, or "leave" them as recorded
+//! stop_timeout_secs = 10      # grace period per sandbox when on_exit = "stop"
+//!
+//! [api]
+//! socket = "/run/sandboxer/sandboxer.sock"            # containerd 2.x / iSulad >= 2.1.6
+//! seed_socket = "/run/sandboxer/sandboxer-seed.sock"  # seed API; "" disables it
+//!
+//! [vm]
+//! kernel = "/usr/lib/sandboxer/vmlinux"
+//! initramfs = ""               # "" = none
+//! cmdline = "console=ttyS0 reboot=t panic=-1 nomodule"
+//! vcpus = 1                    # at least this many; more if the pod's CPU limit needs it
+//! max_vcpus = 16
+//! mem_mib = 256                # guest base memory; the pod's memory limit is added to it
+//! blk_slots = 8
+//! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+/// Where the config file is read from when `--config` is not given (a missing file is fine).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/sandboxer/config.toml";
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Reading the config file failed.
+    #[error("Failed to read {0}")]
+    Read(PathBuf, #[source] std::io::Error),
+    /// The config file is not valid.
+    #[error("Invalid config file {0}")]
+    Parse(PathBuf, #[source] toml::de::Error),
+    /// A setting is out of range.
+    #[error("Invalid setting {0}: {1}")]
+    Invalid(&'static str, String),
+}
+
+/// What SIGTERM/SIGINT does to running sandboxes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OnExit {
+    /// Stop every running sandbox (grace period `stop_timeout_secs`) and record its exit.
+    #[default]
+    Stop,
+    /// Exit at once; the VMs end with the process and are reported as failed after a restart.
+    Leave,
+}
+
+/// The sockets the Sandbox APIs are served on.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// containerd 2.x sandbox API socket.
+    pub socket: PathBuf,
+    /// Seed (iSulad <= 2.1.5, Kuasar < 1.0) sandbox API socket; empty disables it.
+    pub seed_socket: PathBuf,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            socket: "/run/sandboxer/sandboxer.sock".into(),
+            seed_socket: "/run/sandboxer/sandboxer-seed.sock".into(),
+        }
+    }
+}
+
+/// How sandbox VMs are built.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmDefaults {
+    /// Guest kernel.
+    pub kernel: PathBuf,
+    /// Guest initramfs; empty for none.
+    pub initramfs: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Minimum (and default) vCPUs per sandbox.
+    pub vcpus: u8,
+    /// Upper bound for vCPUs derived from a pod's CPU limit.
+    pub max_vcpus: u8,
+    /// Guest base memory in MiB; a pod's memory limit is added to it.
+    pub mem_mib: u32,
+    /// Empty block slots per VM for container root filesystems.
+    pub blk_slots: u32,
+    /// VM shells (VM + memory + irqchip) kept pre-built for sandboxes of `mem_mib`, so their
+    /// Start skips KVM's slowest setup steps (`vmm::pool`); 0 turns the pool off.
+    pub pool_depth: u32,
+}
+
+impl Default for VmDefaults {
+    fn default() -> Self {
+        VmDefaults {
+            kernel: "/usr/lib/sandboxer/vmlinux".into(),
+            initramfs: PathBuf::new(),
+            cmdline: vmm::config::DEFAULT_CMDLINE.to_string(),
+            vcpus: 1,
+            max_vcpus: 16,
+            mem_mib: 256,
+            blk_slots: 8,
+            pool_depth: 1,
+        }
+    }
+}
+
+/// The whole daemon configuration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Sandbox records, per-sandbox sockets and files live under `<state_dir>/<id>/`.
+    pub state_dir: PathBuf,
+    /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
+    pub log_level: String,
+    /// What SIGTERM/SIGINT does to running sandboxes.
+    pub on_exit: OnExit,
+    /// Grace period for each sandbox when stopping on exit.
+    pub stop_timeout_secs: u32,
+    /// API sockets.
+    pub api: ApiConfig,
+    /// VM defaults.
+    pub vm: VmDefaults,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: "/run/sandboxer".into(),
+            log_level: "info".into(),
+            on_exit: OnExit::Stop,
+            stop_timeout_secs: 10,
+            api: ApiConfig::default(),
+            vm: VmDefaults::default(),
+        }
+    }
+}
+
+/// Flags of `sandboxer serve`; each overrides the config file.
+#[derive(Clone, Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Config file [default: /etc/sandboxer/config.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// containerd 2.x sandbox API socket.
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Seed sandbox API socket ("" disables it).
+    #[arg(long, value_name = "PATH")]
+    pub seed_socket: Option<PathBuf>,
+    /// State directory.
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Guest kernel.
+    #[arg(long, value_name = "FILE")]
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs ("" for none).
+    #[arg(long, value_name = "FILE")]
+    pub initramfs: Option<PathBuf>,
+    /// Guest kernel command line.
+    #[arg(long)]
+    pub cmdline: Option<String>,
+    /// Default (minimum) vCPUs per sandbox.
+    #[arg(long)]
+    pub vcpus: Option<u8>,
+    /// Maximum vCPUs per sandbox.
+    #[arg(long)]
+    pub max_vcpus: Option<u8>,
+    /// Guest base memory in MiB.
+    #[arg(long)]
+    pub mem_mib: Option<u32>,
+    /// Empty block slots per VM.
+    #[arg(long)]
+    pub blk_slots: Option<u32>,
+    /// Pre-built VM shells kept for default-sized sandboxes (0: none).
+    #[arg(long)]
+    pub pool_depth: Option<u32>,
+    /// Log filter, e.g. "debug" or "info,controller=trace".
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// What SIGTERM does to running sandboxes.
+    #[arg(long, value_enum)]
+    pub on_exit: Option<OnExit>,
+    /// Grace period per sandbox when stopping on exit.
+    #[arg(long)]
+    pub stop_timeout_secs: Option<u32>,
+}
+
+impl Config {
+    /// Parses a config file's text.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(path.to_path_buf(), e))
+    }
+
+    /// Loads the config file named by `args` (or the default one, if present), applies the
+    /// flags and validates the result.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let (path, required) = match &args.config {
+            Some(p) => (p.clone(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        let mut config = match std::fs::read_to_string(&path) {
+            Ok(text) => Self::from_toml(&text, &path)?,
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Config::default(),
+            Err(e) => return Err(ConfigError::Read(path, e)),
+        };
+        config.apply(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies command-line overrides.
+    pub fn apply(&mut self, args: &ServeArgs) {
+        fn set<T: Clone>(dst: &mut T, src: &Option<T>) {
+            if let Some(v) = src {
+                dst.clone_from(v);
+            }
+        }
+        set(&mut self.api.socket, &args.socket);
+        set(&mut self.api.seed_socket, &args.seed_socket);
+        set(&mut self.state_dir, &args.state_dir);
+        set(&mut self.vm.kernel, &args.kernel);
+        set(&mut self.vm.initramfs, &args.initramfs);
+        set(&mut self.vm.cmdline, &args.cmdline);
+        set(&mut self.vm.vcpus, &args.vcpus);
+        set(&mut self.vm.max_vcpus, &args.max_vcpus);
+        set(&mut self.vm.mem_mib, &args.mem_mib);
+        set(&mut self.vm.blk_slots, &args.blk_slots);
+        set(&mut self.vm.pool_depth, &args.pool_depth);
+        set(&mut self.log_level, &args.log_level);
+        set(&mut self.on_exit, &args.on_exit);
+        set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
+    }
+
+    /// Checks ranges and required settings.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.api.socket.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "api.socket",
+                "must not be empty".into(),
+            ));
+        }
+        if self.api.socket == self.api.seed_socket {
+            return Err(ConfigError::Invalid(
+                "api.seed_socket",
+                "must differ from api.socket".into(),
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(ConfigError::Invalid(
+                "state_dir",
+                format!("{} is not an absolute path", self.state_dir.display()),
+            ));
+        }
+        if self.vm.vcpus == 0 {
+            return Err(ConfigError::Invalid(
+                "vm.vcpus",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.vm.max_vcpus < self.vm.vcpus {
+            return Err(ConfigError::Invalid(
+                "vm.max_vcpus",
+                format!(
+                    "{} is below vm.vcpus ({})",
+                    self.vm.max_vcpus, self.vm.vcpus
+                ),
+            ));
+        }
+        if self.vm.mem_mib < vmm::config::MIN_MEM_MIB {
+            return Err(ConfigError::Invalid(
+                "vm.mem_mib",
+                format!("must be at least {}", vmm::config::MIN_MEM_MIB),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The seed API socket, unless disabled.
+    pub fn seed_socket(&self) -> Option<&Path> {
+        let p = self.api.seed_socket.as_path();
+        (!p.as_os_str().is_empty()).then_some(p)
+    }
+
+    /// The initramfs, unless none is configured.
+    pub fn initramfs(&self) -> Option<&Path> {
+        let p = self.vm.initramfs.as_path();
+        (!p.as_os_str().is_empty()).then_some(p)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.api.socket, Path::new("/run/sandboxer/sandboxer.sock"));
+        assert_eq!(
+            c.api.seed_socket,
+            Path::new("/run/sandboxer/sandboxer-seed.sock")
+        );
+        assert_eq!(c.state_dir, Path::new("/run/sandboxer"));
+        assert_eq!(c.on_exit, OnExit::Stop);
+        assert!(c.initramfs().is_none());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        assert_eq!(
+            Config::from_toml("", Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn file_values_then_flags_override() {
+        let text = r#"
+            state_dir = "/var/run/sbx"
+            log_level = "debug"
+            on_exit = "leave"
+            [api]
+            socket = "/tmp/a.sock"
+            seed_socket = ""
+            [vm]
+            kernel = "/k"
+            initramfs = "/i"
+            vcpus = 2
+            mem_mib = 512
+            blk_slots = 4
+        "#;
+        let mut c = Config::from_toml(text, Path::new("x")).unwrap();
+        assert_eq!(c.state_dir, Path::new("/var/run/sbx"));
+        assert_eq!(c.on_exit, OnExit::Leave);
+        assert!(c.seed_socket().is_none());
+        assert_eq!(c.initramfs(), Some(Path::new("/i")));
+        assert_eq!((c.vm.vcpus, c.vm.mem_mib, c.vm.blk_slots), (2, 512, 4));
+        // Unset sections keep their defaults.
+        assert_eq!(c.vm.max_vcpus, 16);
+
+        c.apply(&ServeArgs {
+            socket: Some("/tmp/b.sock".into()),
+            seed_socket: Some("/tmp/seed.sock".into()),
+            mem_mib: Some(1024),
+            on_exit: Some(OnExit::Stop),
+            ..ServeArgs::default()
+        });
+        assert_eq!(c.api.socket, Path::new("/tmp/b.sock"));
+        assert_eq!(c.seed_socket(), Some(Path::new("/tmp/seed.sock")));
+        assert_eq!(c.vm.mem_mib, 1024);
+        assert_eq!(c.on_exit, OnExit::Stop);
+        assert_eq!(c.vm.vcpus, 2);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = Config::from_toml("[vm]\nmemory = 5\n", Path::new("/etc/x.toml")).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse(..)), "{err:?}");
+    }
+
+    #[test]
+    fn invalid_settings() {
+        let mut c = Config::default();
+        c.vm.vcpus = 0;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("vm.vcpus", _))
+        ));
+        let c = Config {
+            state_dir: "relative".into(),
+            ..Config::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("state_dir", _))
+        ));
+        let mut c = Config::default();
+        c.api.seed_socket = c.api.socket.clone();
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("api.seed_socket", _))
+        ));
+        let mut c = Config::default();
+        c.vm.mem_mib = 1;
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("vm.mem_mib", _))
+        ));
+    }
+
+    #[test]
+    fn load_requires_an_explicit_file_but_not_the_default_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = ServeArgs {
+            config: Some(tmp.path().join("none.toml")),
+            ..ServeArgs::default()
+        };
+        assert!(matches!(Config::load(&missing), Err(ConfigError::Read(..))));
+        let file = tmp.path().join("c.toml");
+        std::fs::write(&file, "[vm]\nvcpus = 3\nmax_vcpus = 4\n").unwrap();
+        let c = Config::load(&ServeArgs {
+            config: Some(file),
+            vcpus: Some(4),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.vm.vcpus, 4);
+    }
+}

@@ -1,0 +1,196 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The sandbox service's error, and its single mapping to a gRPC status.
+
+use std::error::Error as StdError;
+use std::fmt::Write as _;
+
+use crate::backend::BackendError;
+use crate::sandbox::SandboxState;
+use crate::store::StoreError;
+
+/// Why a sandbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// No sandbox has this id.
+    #[error("Sandbox {0} not found")]
+    NotFound(String),
+    /// The sandbox has no such container or process.
+    #[error("Sandbox {sandbox} has no {what} {id}")]
+    ChildNotFound {
+        /// The sandbox.
+        sandbox: String,
+        /// "container" or "exec process".
+        what: &'static str,
+        /// The missing id.
+        id: String,
+    },
+    /// A sandbox, container or process with this id exists already.
+    #[error("{what} {id} already exists")]
+    AlreadyExists {
+        /// "Sandbox", "Container" or "Exec process".
+        what: &'static str,
+        /// The id.
+        id: String,
+    },
+    /// A request field is invalid.
+    #[error("Invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field, e.g. `sandbox_id`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The sandbox's state does not allow the operation.
+    #[error("Cannot {op} sandbox {id}: it is {state}")]
+    FailedPrecondition {
+        /// The sandbox.
+        id: String,
+        /// Its state.
+        state: SandboxState,
+        /// The operation, e.g. "start".
+        op: &'static str,
+    },
+    /// Reading or writing the sandbox's persisted record failed.
+    #[error("Failed to persist sandbox {0}")]
+    Store(String, #[source] StoreError),
+    /// The VM backend failed.
+    #[error("VM operation for sandbox {0} failed")]
+    Backend(String, #[source] BackendError),
+    /// A background task of the service died (a bug).
+    #[error("Internal task of sandbox {0} failed")]
+    Task(String, #[source] tokio::task::JoinError),
+}
+
+/// The error and its sources, `": "`-separated: the one place the chain is printed.
+pub fn error_chain(e: &dyn StdError) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
+}
+
+impl From<SandboxError> for tonic::Status {
+    fn from(e: SandboxError) -> Self {
+        let msg = error_chain(&e);
+        match &e {
+            SandboxError::NotFound(_) | SandboxError::ChildNotFound { .. } => {
+                tonic::Status::not_found(msg)
+            }
+            SandboxError::AlreadyExists { .. } => tonic::Status::already_exists(msg),
+            SandboxError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+            SandboxError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
+            SandboxError::Backend(_, BackendError::Unsupported(_)) => {
+                tonic::Status::unimplemented(msg)
+            }
+            SandboxError::Backend(_, BackendError::Config(_)) => {
+                tonic::Status::failed_precondition(msg)
+            }
+            SandboxError::Store(..) | SandboxError::Backend(..) | SandboxError::Task(..) => {
+                tonic::Status::internal(msg)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use tonic::Code;
+
+    use super::*;
+
+    fn status(e: SandboxError) -> tonic::Status {
+        e.into()
+    }
+
+    #[test]
+    fn codes() {
+        assert_eq!(
+            status(SandboxError::NotFound("x".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            status(SandboxError::ChildNotFound {
+                sandbox: "s".into(),
+                what: "container",
+                id: "c".into()
+            })
+            .code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            status(SandboxError::AlreadyExists {
+                what: "Sandbox",
+                id: "x".into()
+            })
+            .code(),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            status(SandboxError::FailedPrecondition {
+                id: "x".into(),
+                state: SandboxState::Ready,
+                op: "start"
+            })
+            .code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            status(SandboxError::Backend(
+                "x".into(),
+                BackendError::Unsupported("attaching a rootfs")
+            ))
+            .code(),
+            Code::Unimplemented
+        );
+        assert_eq!(
+            status(SandboxError::Backend(
+                "x".into(),
+                BackendError::Config("no kernel".into())
+            ))
+            .code(),
+            Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let s = status(SandboxError::InvalidArgument {
+            field: "sandbox_id",
+            reason: "must not be empty".into(),
+        });
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "Invalid sandbox_id: must not be empty");
+    }
+
+    #[test]
+    fn internal_carries_the_whole_chain() {
+        let e = SandboxError::Store(
+            "pod".into(),
+            StoreError::Write(
+                "/run/x/sandbox.json".into(),
+                io::Error::new(io::ErrorKind::StorageFull, "disk full"),
+            ),
+        );
+        let s = status(e);
+        assert_eq!(s.code(), Code::Internal);
+        assert_eq!(
+            s.message(),
+            "Failed to persist sandbox pod: Failed to write /run/x/sandbox.json: disk full"
+        );
+    }
+
+    #[test]
+    fn vm_failure_is_internal_with_cause() {
+        let s = status(SandboxError::Backend(
+            "pod".into(),
+            BackendError::Start("KVM setup failed: no /dev/kvm".into()),
+        ));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(s.message().contains("no /dev/kvm"), "{}", s.message());
+    }
+}

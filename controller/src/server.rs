@@ -1,0 +1,250 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The daemon: serves the containerd 2.x API and the seed API on unix sockets over one sandbox
+//! service, tells systemd when both listen, and stops gracefully on request.
+
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::UnixListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::UnixListenerStream;
+use tracing::{info, warn};
+
+use crate::api::seed::SeedApi;
+use crate::api::v2::V2Api;
+use crate::backend::VmBackend;
+use crate::config::{Config, OnExit};
+use crate::error::error_chain;
+use crate::notify;
+use crate::service::{SandboxService, ServiceConfig};
+use crate::store::StoreError;
+
+/// How long in-flight calls may run after the daemon stopped accepting.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another process serves the socket.
+    #[error("Socket {0} is in use by another process")]
+    SocketInUse(PathBuf),
+    /// The socket path holds something that is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// Binding or preparing the socket failed.
+    #[error("Failed to listen on {0}")]
+    Bind(PathBuf, #[source] io::Error),
+    /// A gRPC server failed.
+    #[error("gRPC server on {0} failed")]
+    Serve(PathBuf, #[source] tonic::transport::Error),
+    /// Loading the persisted sandboxes failed.
+    #[error("Failed to load sandbox records")]
+    Recover(#[source] StoreError),
+    /// A server task panicked or was cancelled.
+    #[error("Server task failed")]
+    Task(#[source] tokio::task::JoinError),
+}
+
+/// Binds a unix socket at `path`, replacing a stale socket left by a previous process.
+///
+/// Refuses to touch a path that is not a socket, or a socket another process still serves.
+pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
+    let err = |e| ServerError::Bind(path.to_path_buf(), e);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(ServerError::SocketInUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(err)?;
+        }
+        Ok(_) => return Err(ServerError::NotASocket(path.to_path_buf())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    Ok(listener)
+}
+
+/// Both API servers, running.
+#[derive(Debug)]
+pub struct Servers {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<Result<(), ServerError>>,
+    sockets: Vec<PathBuf>,
+}
+
+impl Servers {
+    /// Binds `socket` (containerd 2.x API) and `seed_socket` (seed API, if any) and serves them.
+    pub fn start<B: VmBackend>(
+        service: &Arc<SandboxService<B>>,
+        socket: &Path,
+        seed_socket: Option<&Path>,
+    ) -> Result<Self, ServerError> {
+        let (stop, _) = watch::channel(false);
+        let mut servers = Servers {
+            stop,
+            tasks: JoinSet::new(),
+            sockets: Vec::new(),
+        };
+        let v2 = bind(socket)?;
+        servers.sockets.push(socket.to_path_buf());
+        let seed = match seed_socket {
+            Some(p) => match bind(p) {
+                Ok(l) => {
+                    servers.sockets.push(p.to_path_buf());
+                    Some((p, l))
+                }
+                Err(e) => {
+                    servers.remove_sockets();
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+
+        let router = tonic::transport::Server::builder()
+            .add_service(V2Api::new(Arc::clone(service)).into_server());
+        servers.spawn(socket, v2, router);
+        if let Some((path, listener)) = seed {
+            let router = tonic::transport::Server::builder()
+                .add_service(SeedApi::new(Arc::clone(service)).into_server());
+            servers.spawn(path, listener, router);
+        }
+        Ok(servers)
+    }
+
+    fn spawn(
+        &mut self,
+        path: &Path,
+        listener: UnixListener,
+        router: tonic::transport::server::Router,
+    ) {
+        let mut stop = self.stop.subscribe();
+        let path = path.to_path_buf();
+        info!(socket = %path.display(), "listening");
+        self.tasks.spawn(async move {
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
+                .await
+                .map_err(|e| ServerError::Serve(path, e))
+        });
+    }
+
+    /// The socket paths served.
+    pub fn sockets(&self) -> &[PathBuf] {
+        &self.sockets
+    }
+
+    /// Resolves when a server ends by itself (an error: servers run until told to stop).
+    pub async fn failed(&mut self) -> ServerError {
+        match self.tasks.join_next().await {
+            Some(Ok(Err(e))) => e,
+            Some(Err(e)) => ServerError::Task(e),
+            // Ended without error or no servers at all: still not what a daemon wants.
+            Some(Ok(Ok(()))) | None => ServerError::Bind(
+                self.sockets.first().cloned().unwrap_or_default(),
+                io::Error::other("server ended"),
+            ),
+        }
+    }
+
+    /// Stops accepting new connections; in-flight calls go on.
+    pub fn stop_accepting(&self) {
+        self.stop.send_replace(true);
+    }
+
+    /// Waits up to `drain` for in-flight calls, then drops what is left and removes the sockets.
+    pub async fn finish(mut self, drain: Duration) {
+        self.stop_accepting();
+        let all = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(drain, all).await.is_err() {
+            warn!("in-flight calls did not finish in time; dropping them");
+            self.tasks.abort_all();
+        }
+        self.remove_sockets();
+    }
+
+    fn remove_sockets(&mut self) {
+        for s in self.sockets.drain(..) {
+            let _ = std::fs::remove_file(&s);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves: recovers persisted sandboxes, serves both APIs,
+/// notifies systemd, then stops accepting, applies `on_exit` and drains.
+pub async fn run<B: VmBackend>(
+    config: &Config,
+    backend: B,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let service = SandboxService::new(backend, ServiceConfig::from(config));
+    let recovery = service.recover().map_err(ServerError::Recover)?;
+    for e in &recovery.unreadable {
+        warn!(error = %error_chain(e), "skipping unreadable sandbox record");
+    }
+    info!(
+        restored = recovery.restored,
+        lost = recovery.lost.len(),
+        removed = recovery.removed.len(),
+        "sandbox records loaded"
+    );
+    let mut servers = Servers::start(&service, &config.api.socket, config.seed_socket())?;
+    match notify::notify("READY=1") {
+        Ok(true) => info!("notified systemd"),
+        Ok(false) => {}
+        Err(e) => warn!(error = %e, "cannot notify systemd"),
+    }
+    info!(state_dir = %config.state_dir.display(), "sandboxer ready");
+
+    let result = tokio::select! {
+        () = shutdown => Ok(()),
+        e = servers.failed() => Err(e),
+    };
+    let _ = notify::notify("STOPPING=1");
+    servers.stop_accepting();
+    match config.on_exit {
+        OnExit::Stop => {
+            info!("stopping all sandboxes");
+            service
+                .stop_all(Duration::from_secs(u64::from(config.stop_timeout_secs)))
+                .await;
+        }
+        OnExit::Leave => info!("leaving sandboxes as recorded"),
+    }
+    servers.finish(DRAIN_TIMEOUT).await;
+    info!("sandboxer stopped");
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn bind_replaces_a_stale_socket_but_not_a_live_one_or_a_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("sub/api.sock");
+        // Stale: bound, then the listener is gone.
+        drop(bind(&path).unwrap());
+        assert!(path.exists());
+        let live = bind(&path).unwrap();
+        assert!(matches!(bind(&path), Err(ServerError::SocketInUse(_))));
+        drop(live);
+        let file = tmp.path().join("file");
+        std::fs::write(&file, b"keep me").unwrap();
+        assert!(matches!(bind(&file), Err(ServerError::NotASocket(_))));
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
+    }
+}

@@ -1,0 +1,247 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The `sandboxer` binary itself: the daemon with the real KVM backend (no VM is booted: the
+//! kernel is missing on purpose), systemd notification, SIGTERM, config file and CLI.
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate: its tests are its top level"
+)]
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{V2Client, expect_code};
+use containerd_client::services::v1::sandbox::{
+    ControllerCreateRequest, ControllerPlatformRequest, ControllerShutdownRequest,
+    ControllerStartRequest, ControllerWaitRequest,
+};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
+
+/// Reads one datagram, waiting up to 60 s (the binary may be slow to start on a busy machine).
+fn recv(sock: &UnixDatagram) -> String {
+    sock.set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let n = sock
+        .recv(&mut buf)
+        .expect("no notification from the daemon");
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the daemon did not exit in time");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn sigterm(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -TERM failed");
+}
+
+async fn client(socket: &Path) -> V2Client {
+    V2Client::new(containerd_client::connect(socket).await.unwrap())
+}
+
+#[tokio::test]
+async fn daemon_serves_notifies_and_stops_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let notify_path = tmp.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let socket = tmp.path().join("api.sock");
+    let seed = tmp.path().join("seed.sock");
+    let state = tmp.path().join("state");
+    let kernel = tmp.path().join("missing-vmlinux");
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--seed-socket")
+        .arg(&seed)
+        .arg("--state-dir")
+        .arg(&state)
+        .arg("--kernel")
+        .arg(&kernel)
+        .args(["--log-level", "debug"])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+
+    assert_eq!(recv(&notify), "READY=1");
+    // READY means both sockets accept.
+    assert!(socket.exists() && seed.exists());
+    let mut c = client(&socket).await;
+    c.create(ControllerCreateRequest {
+        sandbox_id: "pod".into(),
+        sandboxer: "sandboxer".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let p = c
+        .platform(ControllerPlatformRequest {
+            sandbox_id: "pod".into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.platform.unwrap().architecture, "amd64");
+    // The real KVM backend refuses a missing kernel before touching KVM.
+    let msg = expect_code(
+        c.start(ControllerStartRequest {
+            sandbox_id: "pod".into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+    );
+    assert!(msg.contains("missing-vmlinux"), "{msg}");
+    let exit = c
+        .wait(ControllerWaitRequest {
+            sandbox_id: "pod".into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(exit.exit_status, 255);
+    let mut seed_client = controller::client::seed_client(&seed).await.unwrap();
+    let s = seed_client
+        .status(proto::seed::sandbox::ControllerStatusRequest {
+            sandboxer: "vmm".into(),
+            sandbox_id: "pod".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.state, "SANDBOX_NOTREADY");
+    c.shutdown(ControllerShutdownRequest {
+        sandbox_id: "pod".into(),
+        sandboxer: "sandboxer".into(),
+    })
+    .await
+    .unwrap();
+    assert!(!state.join("pod").exists());
+    drop((c, seed_client));
+
+    sigterm(&child);
+    assert_eq!(recv(&notify), "STOPPING=1");
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(status.success(), "{status}");
+    assert!(!socket.exists() && !seed.exists(), "sockets left behind");
+}
+
+#[tokio::test]
+async fn serve_subcommand_reads_the_config_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let socket = tmp.path().join("from-config.sock");
+    let config = tmp.path().join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir = \"{}\"\n[api]\nsocket = \"{}\"\nseed_socket = \"\"\n[vm]\nvcpus = 2\n",
+            tmp.path().join("state").display(),
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(Instant::now() < deadline, "daemon never listened");
+        assert!(child.try_wait().unwrap().is_none(), "daemon exited");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut c = client(&socket).await;
+    c.create(ControllerCreateRequest {
+        sandbox_id: "pod".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let s = c
+        .status(
+            containerd_client::services::v1::sandbox::ControllerStatusRequest {
+                sandbox_id: "pod".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.info.get("vcpus").map(String::as_str), Some("2"));
+    drop(c);
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    // The record survives the daemon.
+    assert!(tmp.path().join("state/pod/sandbox.json").exists());
+}
+
+#[test]
+fn bad_config_and_bad_flags_fail_with_a_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("bad.toml");
+    std::fs::write(&config, "[vm]\nmemory = 1\n").unwrap();
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent/sandboxer.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+
+    let out = Command::new(BIN).args(["--vcpus", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("vm.vcpus"));
+}
+
+#[test]
+fn vm_run_subcommand_is_still_there() {
+    let out = Command::new(BIN)
+        .args(["vm", "run", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--kernel"));
+    let out = Command::new(BIN)
+        .args(["vm", "run", "--kernel", "/nonexistent/vmlinux"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start the VM"));
+}

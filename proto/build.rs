@@ -1,0 +1,73 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Generates the Rust code for the .proto files under `proto/` (needs `protoc`: `PROTOC` or PATH).
+//!
+//! The containerd 2.x sandbox API and the seed sandbox API use the same package and service names
+//! with different field numbers, so each set is generated into its own directory under OUT_DIR
+//! and included into its own module tree by `src/lib.rs`.
+
+use std::path::{Path, PathBuf};
+
+/// One set of .proto files generated together.
+struct ProtoSet {
+    /// Directory under `proto/` and under OUT_DIR.
+    name: &'static str,
+    /// Files relative to the set's directory.
+    files: &'static [&'static str],
+}
+
+const SETS: &[ProtoSet] = &[
+    ProtoSet {
+        name: "v2",
+        files: &[
+            "containerd/types/mount.proto",
+            "containerd/types/platform.proto",
+            "containerd/types/metrics.proto",
+            "containerd/types/sandbox.proto",
+            "containerd/services/sandbox/v1/sandbox.proto",
+        ],
+    },
+    ProtoSet {
+        name: "seed",
+        files: &[
+            "containerd/types/types.proto",
+            "containerd/services/sandbox/v1/sandbox.proto",
+        ],
+    },
+    ProtoSet {
+        name: "cri",
+        files: &["runtime/v1/api.proto"],
+    },
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    for set in SETS {
+        let root = manifest.join("proto").join(set.name);
+        let out_dir = out.join(set.name);
+        std::fs::create_dir_all(&out_dir)?;
+        let files: Vec<PathBuf> = set.files.iter().map(|f| root.join(f)).collect();
+        let mut includes = vec![root.clone()];
+        includes.extend(well_known_includes());
+        let mut config = prost_build::Config::new();
+        // `prost::Name` gives each message its full name, used for `Any` type URLs.
+        config.enable_type_names();
+        tonic_prost_build::configure()
+            .build_server(true)
+            .build_client(true)
+            .out_dir(&out_dir)
+            .compile_with_config(config, &files, &includes)?;
+        println!("cargo:rerun-if-changed={}", root.display());
+    }
+    Ok(())
+}
+
+/// Where `google/protobuf/*.proto` live: Debian's libprotobuf-dev puts them in /usr/include.
+fn well_known_includes() -> Vec<PathBuf> {
+    ["/usr/include", "/usr/local/include"]
+        .iter()
+        .map(Path::new)
+        .filter(|d| d.join("google/protobuf/any.proto").exists())
+        .map(Path::to_path_buf)
+        .collect()
+}
