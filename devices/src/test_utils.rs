@@ -156,15 +156,7 @@ impl VirtioDevice for DummyDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        data.fill(0);
-        let Ok(offset) = usize::try_from(offset) else {
-            return;
-        };
-        if let Some(src) = self.config.get(offset..) {
-            for (d, s) in data.iter_mut().zip(src) {
-                *d = *s;
-            }
-        }
+        crate::virtio::base::read_config_bytes(&self.config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {

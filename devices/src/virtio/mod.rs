@@ -155,6 +155,7 @@ pub trait VirtioDevice: Send + Debug {
     }
 }
 
+pub(crate) mod base;
 pub mod block;
 pub mod chain;
 pub mod net;

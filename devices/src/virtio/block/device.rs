@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryError, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::BlockError;
 use super::backend::{DiskBackend, FileDisk};
@@ -20,6 +20,7 @@ use super::defs::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use super::request::{DiscardSegment, Request, RequestType};
+use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::chain::{ChainError, pop_chain};
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -114,13 +115,9 @@ impl ExecError {
 #[derive(Debug)]
 pub struct VirtioBlock {
     id: [u8; ID_BYTES],
-    avail_features: u64,
-    acked_features: u64,
+    pub(super) base: VirtioBase,
     slot_read_only: bool,
     disk: Option<Disk>,
-    queue_max_sizes: [u16; 1],
-    queue_evts: [EventFd; 1],
-    activate_evt: EventFd,
     active: Option<Active>,
     needs_reset: bool,
     /// The configuration changed while no interrupt could tell the driver; it is told on
@@ -173,13 +170,9 @@ impl VirtioBlock {
         }
         let mut dev = VirtioBlock {
             id: serial,
-            avail_features,
-            acked_features: 0,
+            base: VirtioBase::new(avail_features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
             slot_read_only: read_only,
             disk: None,
-            queue_max_sizes: [QUEUE_SIZE],
-            queue_evts: [EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?],
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(BlockError::EventFd)?,
             active: None,
             needs_reset: false,
             config_dirty: false,
@@ -231,7 +224,7 @@ impl VirtioBlock {
     /// The EventFd written by [`VirtioDevice::activate`] (on a vCPU thread) to wake the event
     /// loop half of the device.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.base.activate_event()
     }
 
     fn set_disk(&mut self, backend: Box<dyn DiskBackend>, read_only: bool) {
@@ -333,9 +326,7 @@ impl VirtioBlock {
                 budget = budget.saturating_sub(1);
                 if budget == 0 {
                     // Let other devices run; come back through our own queue event.
-                    if let Some(evt) = self.queue_evts.first() {
-                        let _ = evt.write(1);
-                    }
+                    self.base.kick_queue(0);
                     break 'outer;
                 }
             }
@@ -404,11 +395,11 @@ impl VirtioBlock {
             return Ok(n);
         }
         let disk = self.disk.as_mut().ok_or(ExecError::NoBacking)?;
-        let acked = self.acked_features;
+        let acked = self.base.acked_features();
         match req.request_type {
             RequestType::In => {
                 let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
-                copy_to_guest(disk, &mut self.bounce, req, mem, offset)?;
+                copy_data::<TO_GUEST>(disk, &mut self.bounce, req, mem, offset)?;
                 self.metrics.read_bytes = self
                     .metrics
                     .read_bytes
@@ -420,7 +411,7 @@ impl VirtioBlock {
                     return Err(ExecError::ReadOnly);
                 }
                 let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
-                copy_from_guest(disk, &mut self.bounce, req, mem, offset)?;
+                copy_data::<FROM_GUEST>(disk, &mut self.bounce, req, mem, offset)?;
                 self.metrics.write_bytes = self
                     .metrics
                     .write_bytes
@@ -506,8 +497,18 @@ fn bounce_buffer(bounce: &mut Vec<u8>) -> &mut [u8] {
     bounce.as_mut_slice()
 }
 
-/// `IN`: backend -> guest data buffers, in bounce-buffer sized pieces.
-fn copy_to_guest(
+/// [`copy_data`] direction of an `IN` request: backend -> the writable (guest) data buffers.
+const TO_GUEST: bool = true;
+/// [`copy_data`] direction of an `OUT` request: the readable (guest) data buffers after the
+/// header -> backend.
+const FROM_GUEST: bool = false;
+
+/// Moves `req.data_len` bytes between the guest data buffers and the backend at
+/// `disk_offset`: in place when the backend can, else in bounce-buffer sized pieces.
+///
+/// The direction is a const parameter so that each direction compiles to its own straight-line
+/// copy loop, as two hand-written functions would (this is the block hot path).
+fn copy_data<const IN: bool>(
     disk: &mut Disk,
     bounce: &mut Vec<u8>,
     req: &Request,
@@ -515,76 +516,47 @@ fn copy_to_guest(
     mut disk_offset: u64,
 ) -> Result<(), ExecError> {
     let bounce = bounce_buffer(bounce);
-    req.buffers().for_each_writable(
-        0,
-        u64::from(req.data_len),
-        |addr, len| -> Result<(), ExecError> {
-            if disk
-                .backend
-                .read_into_guest(disk_offset, mem, addr, len)
-                .map_err(ExecError::Backend)?
-            {
-                disk_offset = disk_offset.saturating_add(len as u64);
-                return Ok(());
-            }
-            let mut done = 0usize;
-            while done < len {
-                let n = len.saturating_sub(done).min(bounce.len());
-                let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
+    let copy = |addr: GuestAddress, len: usize| -> Result<(), ExecError> {
+        let in_place = if IN {
+            disk.backend.read_into_guest(disk_offset, mem, addr, len)
+        } else {
+            disk.backend.write_from_guest(disk_offset, mem, addr, len)
+        }
+        .map_err(ExecError::Backend)?;
+        if in_place {
+            disk_offset = disk_offset.saturating_add(len as u64);
+            return Ok(());
+        }
+        let mut done = 0usize;
+        while done < len {
+            let n = len.saturating_sub(done).min(bounce.len());
+            let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
+            let guest = addr
+                .checked_add(done as u64)
+                .ok_or(ExecError::Unsupported)?;
+            if IN {
                 disk.backend
                     .read_at(disk_offset, buf)
                     .map_err(ExecError::Backend)?;
-                let dst = addr
-                    .checked_add(done as u64)
-                    .ok_or(ExecError::Unsupported)?;
-                mem.write_slice(buf, dst)?;
-                done = done.saturating_add(n);
-                disk_offset = disk_offset.saturating_add(n as u64);
-            }
-            Ok(())
-        },
-    )
-}
-
-/// `OUT`: guest data buffers -> backend, in bounce-buffer sized pieces.
-fn copy_from_guest(
-    disk: &mut Disk,
-    bounce: &mut Vec<u8>,
-    req: &Request,
-    mem: &GuestMemoryMmap,
-    mut disk_offset: u64,
-) -> Result<(), ExecError> {
-    let bounce = bounce_buffer(bounce);
-    let start = u64::from(REQUEST_HEADER_SIZE);
-    req.buffers().for_each_readable(
-        start,
-        u64::from(req.data_len),
-        |addr, len| -> Result<(), ExecError> {
-            if disk
-                .backend
-                .write_from_guest(disk_offset, mem, addr, len)
-                .map_err(ExecError::Backend)?
-            {
-                disk_offset = disk_offset.saturating_add(len as u64);
-                return Ok(());
-            }
-            let mut done = 0usize;
-            while done < len {
-                let n = len.saturating_sub(done).min(bounce.len());
-                let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
-                let src = addr
-                    .checked_add(done as u64)
-                    .ok_or(ExecError::Unsupported)?;
-                mem.read_slice(buf, src)?;
+                mem.write_slice(buf, guest)?;
+            } else {
+                mem.read_slice(buf, guest)?;
                 disk.backend
                     .write_at(disk_offset, buf)
                     .map_err(ExecError::Backend)?;
-                done = done.saturating_add(n);
-                disk_offset = disk_offset.saturating_add(n as u64);
             }
-            Ok(())
-        },
-    )
+            done = done.saturating_add(n);
+            disk_offset = disk_offset.saturating_add(n as u64);
+        }
+        Ok(())
+    };
+    let len = u64::from(req.data_len);
+    if IN {
+        req.buffers().for_each_writable(0, len, copy)
+    } else {
+        req.buffers()
+            .for_each_readable(u64::from(REQUEST_HEADER_SIZE), len, copy)
+    }
 }
 
 impl VirtioDevice for VirtioBlock {
@@ -592,25 +564,7 @@ impl VirtioDevice for VirtioBlock {
         VIRTIO_ID_BLOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features;
-    }
+    delegate_virtio_base!(base);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
@@ -637,9 +591,7 @@ impl VirtioDevice for VirtioBlock {
             });
         }
         let queue = queues.pop().ok_or(ActivateError::InvalidQueue(0))?;
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.base.signal_activate()?;
         self.active = Some(Active {
             mem,
             queue,
@@ -659,7 +611,7 @@ impl VirtioDevice for VirtioBlock {
 
     fn reset(&mut self) -> Result<(), ActivateError> {
         self.active = None;
-        self.acked_features = 0;
+        self.base.reset_features();
         self.needs_reset = false;
         self.config_dirty = false;
         Ok(())
@@ -667,19 +619,6 @@ impl VirtioDevice for VirtioBlock {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset
-    }
-}
-
-/// Copies `config[offset..]` into `data`; bytes past the end read as zero.
-pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
-    data.fill(0);
-    let Ok(offset) = usize::try_from(offset) else {
-        return;
-    };
-    if let Some(src) = config.get(offset..) {
-        for (dst, src) in data.iter_mut().zip(src) {
-            *dst = *src;
-        }
     }
 }
 

@@ -59,9 +59,7 @@ impl MutEventSubscriber for VirtioBlock {
                 self.run_queue();
             }
             Self::PROCESS_QUEUE => {
-                if let Some(evt) = self.queue_events().first() {
-                    let _ = evt.read();
-                }
+                self.base.drain_queue_event(0);
                 self.run_queue();
             }
             other => guest_warn!("virtio-blk: unexpected event {other}"),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::NetError;
 use super::backend::NetBackend;
@@ -20,7 +20,7 @@ use super::defs::{
     VIRTIO_NET_S_LINK_UP,
 };
 use super::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
-use crate::virtio::block::device::read_config_bytes;
+use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::chain::pop_chain;
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn,
@@ -74,11 +74,7 @@ pub struct VirtioNet {
     mac: [u8; 6],
     mtu: Option<u16>,
     link_up: bool,
-    avail_features: u64,
-    acked_features: u64,
-    queue_max_sizes: [u16; 2],
-    queue_evts: [EventFd; 2],
-    activate_evt: EventFd,
+    pub(super) base: VirtioBase,
     active: Option<Active>,
     needs_reset: bool,
     /// The one RX frame buffer: header + frame, `rx_len` bytes valid when non-zero.
@@ -111,17 +107,13 @@ impl VirtioNet {
                 | VIRTIO_NET_F_HOST_TSO6
                 | VIRTIO_NET_F_HOST_ECN;
         }
-        let evt = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
         Ok(VirtioNet {
             backend,
             mac: config.mac,
             mtu: config.mtu,
             link_up: true,
-            avail_features,
-            acked_features: 0,
-            queue_max_sizes: [QUEUE_SIZE, QUEUE_SIZE],
-            queue_evts: [evt()?, evt()?],
-            activate_evt: evt()?,
+            base: VirtioBase::new(avail_features, &[QUEUE_SIZE, QUEUE_SIZE])
+                .map_err(NetError::EventFd)?,
             active: None,
             needs_reset: false,
             rx_buf: Vec::new(),
@@ -134,7 +126,7 @@ impl VirtioNet {
 
     /// The EventFd written by [`VirtioDevice::activate`] to wake the event-loop half.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.base.activate_event()
     }
 
     /// The backend (its fd is registered with the event loop on activation).
@@ -217,12 +209,6 @@ impl VirtioNet {
         }
     }
 
-    fn kick(&self, index: usize) {
-        if let Some(evt) = self.queue_evts.get(index) {
-            let _ = evt.write(1);
-        }
-    }
-
     /// Moves frames from the backend into the RX queue until the backend is empty or the
     /// guest has no room (then the frame waits in the single RX buffer and the backend is not
     /// read again until the driver posts buffers). Returns whether to interrupt the driver.
@@ -236,7 +222,7 @@ impl VirtioNet {
         if self.rx_buf.is_empty() {
             self.rx_buf.resize(MAX_BUFFER_LEN, 0);
         }
-        let mergeable = self.acked_features & VIRTIO_NET_F_MRG_RXBUF != 0;
+        let mergeable = self.base.acked_features() & VIRTIO_NET_F_MRG_RXBUF != 0;
         let vnet = self.backend.has_vnet_hdr();
         let mut used = false;
         let mut corrupt = None;
@@ -245,7 +231,7 @@ impl VirtioNet {
             if budget == 0 {
                 // The backend may still be readable, but its fd is edge-triggered: come back
                 // through the RX queue event rather than wait for a new edge.
-                self.kick(RX_INDEX);
+                self.base.kick_queue(RX_INDEX);
                 break;
             }
             budget = budget.saturating_sub(1);
@@ -373,7 +359,7 @@ impl VirtioNet {
                 used = true;
                 budget = budget.saturating_sub(1);
                 if budget == 0 {
-                    self.kick(TX_INDEX);
+                    self.base.kick_queue(TX_INDEX);
                     break 'outer;
                 }
             }
@@ -400,25 +386,7 @@ impl VirtioDevice for VirtioNet {
         VIRTIO_ID_NET
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features;
-    }
+    delegate_virtio_base!(base);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config_space(), offset, data);
@@ -443,14 +411,12 @@ impl VirtioDevice for VirtioNet {
             return Err(ActivateError::QueueCount { expected: 2, got });
         };
         if self.backend.has_vnet_hdr() {
-            let flags = Self::tun_offload_flags(self.acked_features);
+            let flags = Self::tun_offload_flags(self.base.acked_features());
             self.backend
                 .set_offload(flags)
                 .map_err(|e| ActivateError::Backend(format!("TUNSETOFFLOAD failed: {e}")))?;
         }
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)?;
+        self.base.signal_activate()?;
         self.active = Some(Active {
             mem,
             rx,
@@ -467,7 +433,7 @@ impl VirtioDevice for VirtioNet {
 
     fn reset(&mut self) -> Result<(), ActivateError> {
         self.active = None;
-        self.acked_features = 0;
+        self.base.reset_features();
         self.needs_reset = false;
         self.rx_len = 0;
         if self.backend.has_vnet_hdr()

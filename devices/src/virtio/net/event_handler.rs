@@ -57,12 +57,6 @@ impl VirtioNet {
             self.signal_used_queue();
         }
     }
-
-    fn drain_queue_event(&self, index: usize) {
-        if let Some(evt) = self.queue_events().get(index) {
-            let _ = evt.read();
-        }
-    }
 }
 
 impl MutEventSubscriber for VirtioNet {
@@ -88,11 +82,11 @@ impl MutEventSubscriber for VirtioNet {
                 self.run_rx();
             }
             Self::PROCESS_RX_QUEUE => {
-                self.drain_queue_event(RX_INDEX);
+                self.base.drain_queue_event(RX_INDEX);
                 self.run_rx();
             }
             Self::PROCESS_TX_QUEUE => {
-                self.drain_queue_event(TX_INDEX);
+                self.base.drain_queue_event(TX_INDEX);
                 self.run_tx();
             }
             Self::PROCESS_BACKEND => self.run_rx(),

@@ -383,21 +383,12 @@ impl VsockMuxer {
         let Some(local_port) = self.alloc_local_port(port) else {
             return Err(fail(&reply, ErrorKind::AddrNotAvailable.into()));
         };
-        let conn = Connection::new_local_init(
+        self.insert_local_init(
             ours,
-            self.guest_cid,
             local_port,
             port,
             Connector::InProcess { client, reply },
-            self.limits.conn_params(),
             now,
-        );
-        self.insert_conn(
-            ConnKey {
-                local_port,
-                peer_port: port,
-            },
-            conn,
         );
         Ok(())
     }
@@ -429,6 +420,31 @@ impl VsockMuxer {
             }
         }
         None
+    }
+
+    /// Adds a host-initiated connection from `local_port` to guest `port` over `stream`.
+    fn insert_local_init(
+        &mut self,
+        stream: UnixStream,
+        local_port: u32,
+        port: u32,
+        connector: Connector,
+        now: Instant,
+    ) {
+        let conn = Connection::new_local_init(
+            stream,
+            self.guest_cid,
+            local_port,
+            port,
+            connector,
+            self.limits.conn_params(),
+            now,
+        );
+        let key = ConnKey {
+            local_port,
+            peer_port: port,
+        };
+        self.insert_conn(key, conn);
     }
 
     fn insert_conn(&mut self, key: ConnKey, conn: Connection) {
@@ -728,22 +744,7 @@ impl VsockMuxer {
         let Some(local_port) = self.alloc_local_port(port) else {
             return;
         };
-        let conn = Connection::new_local_init(
-            pending.stream,
-            self.guest_cid,
-            local_port,
-            port,
-            Connector::Hybrid,
-            self.limits.conn_params(),
-            now,
-        );
-        self.insert_conn(
-            ConnKey {
-                local_port,
-                peer_port: port,
-            },
-            conn,
-        );
+        self.insert_local_init(pending.stream, local_port, port, Connector::Hybrid, now);
     }
 
     fn rst_header(&self, key: ConnKey) -> VsockHeader {

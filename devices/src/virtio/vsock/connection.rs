@@ -711,7 +711,7 @@ fn write_some(stream: &mut UnixStream, data: &[u8]) -> io::Result<usize> {
 #[cfg(test)]
 #[expect(clippy::indexing_slicing, reason = "test code")]
 mod tests {
-    use std::sync::mpsc::sync_channel;
+    use std::sync::mpsc::{Receiver, sync_channel};
 
     use super::*;
     use crate::virtio::vsock::test_utils::hdr;
@@ -743,12 +743,12 @@ mod tests {
         (conn, theirs)
     }
 
-    #[test]
-    fn local_init_response_hands_out_client() {
+    /// A connection the host opened (in-process client) from port 1 << 30 to guest port 52,
+    /// and the channel its client stream or error is handed out on.
+    fn local_init(now: Instant) -> (Connection, Receiver<io::Result<UnixStream>>) {
         let (ours, client) = UnixStream::pair().unwrap();
         let (tx, rx) = sync_channel(1);
-        let now = Instant::now();
-        let mut conn = Connection::new_local_init(
+        let conn = Connection::new_local_init(
             ours,
             CID,
             1 << 30,
@@ -757,6 +757,13 @@ mod tests {
             PARAMS,
             now,
         );
+        (conn, rx)
+    }
+
+    #[test]
+    fn local_init_response_hands_out_client() {
+        let now = Instant::now();
+        let (mut conn, rx) = local_init(now);
         let mut buf = [0u8; 16];
         let (h, _) = conn.recv_pkt(&mut buf, now).unwrap();
         assert_eq!(h.op, OP_REQUEST);
@@ -773,17 +780,7 @@ mod tests {
     #[test]
     fn local_init_timeout_and_refusal() {
         let now = Instant::now();
-        let (ours, client) = UnixStream::pair().unwrap();
-        let (tx, rx) = sync_channel(1);
-        let mut conn = Connection::new_local_init(
-            ours,
-            CID,
-            1 << 30,
-            52,
-            Connector::InProcess { client, reply: tx },
-            PARAMS,
-            now,
-        );
+        let (mut conn, rx) = local_init(now);
         conn.on_timeout(now);
         assert_eq!(conn.state(), ConnState::LocalInit);
         conn.on_timeout(now + PARAMS.connect_timeout);
@@ -795,17 +792,7 @@ mod tests {
         assert_eq!(conn.recv_pkt(&mut buf, now).unwrap().0.op, OP_RST);
         assert!(conn.is_done());
 
-        let (ours, client) = UnixStream::pair().unwrap();
-        let (tx, rx) = sync_channel(1);
-        let mut conn = Connection::new_local_init(
-            ours,
-            CID,
-            1 << 30,
-            52,
-            Connector::InProcess { client, reply: tx },
-            PARAMS,
-            now,
-        );
+        let (mut conn, rx) = local_init(now);
         conn.on_guest_pkt(&guest_pkt(OP_RST), &[], now);
         assert!(conn.is_done());
         assert_eq!(

@@ -16,12 +16,13 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
 use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
 use super::packet::{Chain, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
+use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::{ActivateError, Interrupt, InterruptKind, VirtioDevice};
 
 /// Queues and memory of an activated device.
@@ -36,10 +37,7 @@ struct ActiveState {
 pub struct Vsock<B: VsockBackend> {
     guest_cid: u64,
     backend: B,
-    avail_features: u64,
-    acked_features: u64,
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
+    pub(super) base: VirtioBase,
     active: Option<ActiveState>,
     needs_reset: bool,
     /// Bounce buffer for one packet's data (the backend works on host memory).
@@ -55,7 +53,7 @@ impl<B: VsockBackend> fmt::Debug for Vsock<B> {
         f.debug_struct("Vsock")
             .field("guest_cid", &self.guest_cid)
             .field("backend", &self.backend)
-            .field("acked_features", &self.acked_features)
+            .field("acked_features", &self.base.acked_features())
             .field("activated", &self.active.is_some())
             .field("needs_reset", &self.needs_reset)
             .finish_non_exhaustive()
@@ -69,17 +67,11 @@ impl<B: VsockBackend> Vsock<B> {
     /// Creates the device for a guest with `guest_cid`, served by `backend`.
     pub fn new(guest_cid: u64, backend: B) -> Result<Self, VsockError> {
         validate_guest_cid(guest_cid)?;
-        let mut queue_evts = Vec::with_capacity(NUM_QUEUES);
-        for _ in 0..NUM_QUEUES {
-            queue_evts.push(EventFd::new(EFD_NONBLOCK).map_err(VsockError::CreateEventFd)?);
-        }
         Ok(Vsock {
             guest_cid,
             backend,
-            avail_features: 1u64 << VIRTIO_F_VERSION_1,
-            acked_features: 0,
-            queue_evts,
-            activate_evt: EventFd::new(EFD_NONBLOCK).map_err(VsockError::CreateEventFd)?,
+            base: VirtioBase::new(1u64 << VIRTIO_F_VERSION_1, &QUEUE_SIZES)
+                .map_err(VsockError::CreateEventFd)?,
             active: None,
             needs_reset: false,
             scratch: vec![0u8; MAX_PKT_DATA_SIZE],
@@ -112,12 +104,12 @@ impl<B: VsockBackend> Vsock<B> {
     /// The EventFd written when the driver activates the device; the event loop registers the
     /// queue and backend fds when it fires.
     pub fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
+        self.base.activate_event()
     }
 
     /// The queue EventFd of queue `index`.
     pub(crate) fn queue_event(&self, index: usize) -> Option<&EventFd> {
-        self.queue_evts.get(index)
+        self.base.queue_event(index)
     }
 
     /// Takes the guest's TX packets and hands them to the backend. Returns whether used
@@ -133,11 +125,7 @@ impl<B: VsockBackend> Vsock<B> {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
-                    self.needs_reset = true;
-                    VsockMetrics::inc(&self.metrics.queue_errors);
-                    if self.log.allow() {
-                        warn!("vsock: TX queue is corrupt: {e}");
-                    }
+                    self.queue_error(format_args!("TX queue is corrupt: {e}"));
                     break;
                 }
             };
@@ -156,11 +144,7 @@ impl<B: VsockBackend> Vsock<B> {
                 }
             }
             if let Err(e) = active.txq.add_used(mem, head, 0) {
-                self.needs_reset = true;
-                VsockMetrics::inc(&self.metrics.queue_errors);
-                if self.log.allow() {
-                    warn!("vsock: cannot return a TX buffer: {e}");
-                }
+                self.queue_error(format_args!("cannot return a TX buffer: {e}"));
                 break;
             }
             used_any = true;
@@ -181,11 +165,7 @@ impl<B: VsockBackend> Vsock<B> {
                 Ok(Some(chain)) => chain,
                 Ok(None) => break,
                 Err(e) => {
-                    self.needs_reset = true;
-                    VsockMetrics::inc(&self.metrics.queue_errors);
-                    if self.log.allow() {
-                        warn!("vsock: RX queue is corrupt: {e}");
-                    }
+                    self.queue_error(format_args!("RX queue is corrupt: {e}"));
                     break;
                 }
             };
@@ -224,16 +204,22 @@ impl<B: VsockBackend> Vsock<B> {
                 }
             };
             if let Err(e) = active.rxq.add_used(mem, head, used_len) {
-                self.needs_reset = true;
-                VsockMetrics::inc(&self.metrics.queue_errors);
-                if self.log.allow() {
-                    warn!("vsock: cannot return an RX buffer: {e}");
-                }
+                self.queue_error(format_args!("cannot return an RX buffer: {e}"));
                 break;
             }
             used_any = true;
         }
         used_any
+    }
+
+    /// The driver's queue is unusable: count it, log it (rate limited) and report
+    /// `DEVICE_NEEDS_RESET` (virtio 1.2 §2.1.2).
+    fn queue_error(&mut self, what: fmt::Arguments<'_>) {
+        self.needs_reset = true;
+        VsockMetrics::inc(&self.metrics.queue_errors);
+        if self.log.allow() {
+            warn!("vsock: {what}");
+        }
     }
 
     fn signal_used(&mut self) {
@@ -284,36 +270,11 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
         VIRTIO_ID_VSOCK
     }
 
-    fn queue_max_sizes(&self) -> &[u16] {
-        &QUEUE_SIZES
-    }
-
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
-    }
-
-    fn avail_features(&self) -> u64 {
-        self.avail_features
-    }
-
-    fn acked_features(&self) -> u64 {
-        self.acked_features
-    }
-
-    fn set_acked_features(&mut self, acked: u64) {
-        self.acked_features = acked & self.avail_features;
-    }
+    delegate_virtio_base!(base);
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let config = self.guest_cid.to_le_bytes();
-        let start = usize::try_from(offset).ok();
-        for (i, byte) in data.iter_mut().enumerate() {
-            *byte = start
-                .and_then(|s| s.checked_add(i))
-                .filter(|&at| at < CONFIG_SPACE_SIZE)
-                .and_then(|at| config.get(at).copied())
-                .unwrap_or(0);
-        }
+        let config: [u8; CONFIG_SPACE_SIZE] = self.guest_cid.to_le_bytes();
+        read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
@@ -359,9 +320,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
             interrupt,
         });
         self.needs_reset = false;
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)
+        self.base.signal_activate()
     }
 
     fn is_activated(&self) -> bool {
@@ -370,7 +329,7 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 
     fn reset(&mut self) -> Result<(), ActivateError> {
         self.active = None;
-        self.acked_features = 0;
+        self.base.reset_features();
         self.needs_reset = false;
         self.backend.reset();
         Ok(())

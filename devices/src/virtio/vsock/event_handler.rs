@@ -54,13 +54,6 @@ impl<B: VsockBackend> Vsock<B> {
         }
         self.runtime_events_registered = true;
     }
-
-    fn drain_queue_event(&self, index: usize) {
-        if let Some(evt) = self.queue_event(index) {
-            // EAGAIN only means another wake-up already consumed the count.
-            let _ = evt.read();
-        }
-    }
 }
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
@@ -76,20 +69,20 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
                 }
             }
             Self::PROCESS_RXQ => {
-                self.drain_queue_event(RXQ_INDEX);
+                self.base.drain_queue_event(RXQ_INDEX);
                 if active {
                     self.handle_rxq_event();
                 }
             }
             Self::PROCESS_TXQ => {
-                self.drain_queue_event(TXQ_INDEX);
+                self.base.drain_queue_event(TXQ_INDEX);
                 if active {
                     self.handle_txq_event();
                 }
             }
             Self::PROCESS_EVQ => {
                 // The device never posts events; the buffers stay with it.
-                self.drain_queue_event(EVQ_INDEX);
+                self.base.drain_queue_event(EVQ_INDEX);
             }
             Self::PROCESS_BACKEND => {
                 // Also drains the backend while inactive, so its fd does not stay ready.

@@ -59,6 +59,27 @@ pub fn hdr(src_cid: u64, src_port: u32, dst_port: u32, op: u16) -> VsockHeader {
     }
 }
 
+/// Descriptor `i` of an `n`-descriptor chain from `(addr, len, device_writable)`; all but the
+/// last link to descriptor `next`.
+fn chain_desc(
+    i: usize,
+    n: usize,
+    (addr, len, writable): (u64, u32, bool),
+    next: u16,
+) -> RawDescriptor {
+    let mut flags = if writable {
+        VRING_DESC_F_WRITE as u16
+    } else {
+        0
+    };
+    let mut next_index = 0;
+    if i + 1 < n {
+        flags |= VRING_DESC_F_NEXT as u16;
+        next_index = next;
+    }
+    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next_index))
+}
+
 /// An interrupt that counts triggers.
 #[derive(Debug, Default)]
 pub struct RecordingInterrupt {
@@ -194,19 +215,7 @@ impl TestMem {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
-            .map(|(i, &(addr, len, writable))| {
-                let mut flags = if writable {
-                    VRING_DESC_F_WRITE as u16
-                } else {
-                    0
-                };
-                let mut next = 0;
-                if i + 1 < descs.len() {
-                    flags |= VRING_DESC_F_NEXT as u16;
-                    next = i as u16 + 1;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
-            })
+            .map(|(i, &desc)| chain_desc(i, descs.len(), desc, i as u16 + 1))
             .collect();
         let mock = MockSplitQueue::create(&self.mem, GuestAddress(0), 16);
         mock.add_desc_chains(&raw, 0).expect("chain");
@@ -335,24 +344,11 @@ impl<'a> Driver<'a> {
             ring.next_desc = 0;
         }
         let head = ring.next_desc;
-        for (i, &(addr, len, writable)) in descs.iter().enumerate() {
+        for (i, &desc) in descs.iter().enumerate() {
             let index = head + i as u16;
-            let mut flags = if writable {
-                VRING_DESC_F_WRITE as u16
-            } else {
-                0
-            };
-            let mut next = 0;
-            if i + 1 < descs.len() {
-                flags |= VRING_DESC_F_NEXT as u16;
-                next = index + 1;
-            }
             self.queues[q]
                 .desc_table()
-                .store(
-                    index,
-                    RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next)),
-                )
+                .store(index, chain_desc(i, descs.len(), desc, index + 1))
                 .expect("descriptor");
         }
         ring.next_desc = (head + n) % QUEUE_SIZE;
