@@ -11,6 +11,8 @@
 //! | `sandboxer.log` | `error`, `warn`, `info`, `debug`, `trace` | `info` | console log level |
 //! | `sandboxer.shutdown` | `reboot`, `poweroff` | `reboot` | how the VM ends on shutdown |
 //! | `sandboxer.shutdown_grace_ms` | integer | `1000` | time between SIGTERM and SIGKILL to the remaining processes at shutdown |
+//! | `sandboxer.port` | vsock port | `1024` | port the agent serves ttrpc on (AF_VSOCK, any CID) |
+//! | `sandboxer.ready_port` | vsock port | `1025` | host port (CID 2) the agent dials to say it is ready, see [`crate::transport`] |
 //! | `sandboxer.oneshot` | `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`, or bare | off | shut down right after `ready` (boot smoke tests, boot benchmarks) |
 //!
 //! `reboot` is the default end because the guest kernel has no ACPI: with no power-off driver,
@@ -86,6 +88,10 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// Shut down right after announcing readiness.
     pub oneshot: bool,
+    /// vsock port of the ttrpc server.
+    pub port: u32,
+    /// Host vsock port (CID 2) that receives the ready line.
+    pub ready_port: u32,
 }
 
 impl Default for AgentConfig {
@@ -95,6 +101,8 @@ impl Default for AgentConfig {
             shutdown: ShutdownMode::Reboot,
             shutdown_grace: Duration::from_millis(1000),
             oneshot: false,
+            port: crate::transport::DEFAULT_PORT,
+            ready_port: crate::transport::DEFAULT_READY_PORT,
         }
     }
 }
@@ -201,12 +209,20 @@ pub fn parse(cmdline: &str) -> (AgentConfig, Vec<CmdlineWarning>) {
                 Ok(ms) => config.shutdown_grace = Duration::from_millis(u64::from(ms)),
                 Err(_) => bad(&mut warnings, v),
             },
+            ("port", Some(v)) => match v.parse::<u32>() {
+                Ok(port) => config.port = port,
+                Err(_) => bad(&mut warnings, v),
+            },
+            ("ready_port", Some(v)) => match v.parse::<u32>() {
+                Ok(port) => config.ready_port = port,
+                Err(_) => bad(&mut warnings, v),
+            },
             ("oneshot", None) => config.oneshot = true,
             ("oneshot", Some(v)) => match parse_bool(v) {
                 Some(b) => config.oneshot = b,
                 None => bad(&mut warnings, v),
             },
-            ("log" | "shutdown" | "shutdown_grace_ms", None) => {
+            ("log" | "shutdown" | "shutdown_grace_ms" | "port" | "ready_port", None) => {
                 warnings.push(CmdlineWarning::MissingValue(key.to_owned()));
             }
             _ => warnings.push(CmdlineWarning::UnknownKey(key.to_owned())),
@@ -232,7 +248,8 @@ mod tests {
     fn all_keys() {
         let (config, warnings) = parse(
             "console=ttyS0 sandboxer.log=debug sandboxer.shutdown=poweroff \
-             sandboxer.shutdown_grace_ms=250 sandboxer.oneshot\n",
+             sandboxer.shutdown_grace_ms=250 sandboxer.oneshot sandboxer.port=5000 \
+             sandboxer.ready_port=5001\n",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
@@ -242,6 +259,8 @@ mod tests {
                 shutdown: ShutdownMode::PowerOff,
                 shutdown_grace: Duration::from_millis(250),
                 oneshot: true,
+                port: 5000,
+                ready_port: 5001,
             }
         );
     }
@@ -298,6 +317,17 @@ mod tests {
             warnings[5].to_string(),
             "Unknown setting sandboxer.frobnicate"
         );
+    }
+
+    #[test]
+    fn ports_default_and_reject_junk() {
+        let (config, _) = parse("console=ttyS0");
+        assert_eq!((config.port, config.ready_port), (1024, 1025));
+        let (config, warnings) = parse("sandboxer.port=-1 sandboxer.ready_port=4294967296");
+        assert_eq!((config.port, config.ready_port), (1024, 1025));
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        let (_, warnings) = parse("sandboxer.port");
+        assert_eq!(warnings, [CmdlineWarning::MissingValue("port".into())]);
     }
 
     #[test]

@@ -1,10 +1,11 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The guest agent: PID 1 inside every sandbox VM.
 //!
-//! For now only the PID-1 foundation: boot mounts ([`mounts`]), settings from the kernel
-//! command line ([`cmdline`]), child reaping that never loses a watched exit status
-//! ([`reaper`]), console logging ([`console`]) and orderly shutdown ([`shutdown`]). The binary
-//! `sandboxer-agent` (src/main.rs) ties them together.
+//! The PID-1 foundation: boot mounts ([`mounts`]), settings from the kernel command line
+//! ([`cmdline`]), child reaping that never loses a watched exit status ([`reaper`]), console
+//! logging ([`console`]) and orderly shutdown ([`shutdown`]); the ttrpc listener and ready
+//! signal ([`transport`]) and the containerd Task API ([`task`]). The binary `sandboxer-agent`
+//! (src/main.rs) ties them together.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -13,3 +14,5 @@ pub mod console;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
+pub mod task;
+pub mod transport;

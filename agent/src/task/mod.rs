@@ -1,0 +1,1016 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The containerd Task API (`containerd.task.v3.Task`, also registered as
+//! `containerd.task.v2.Task`: the messages are the same).
+//!
+//! Containers come from OCI bundles on the agent's file system and run through youki's
+//! `libcontainer` ([`runtime`]). Every process the service starts goes through the agent's
+//! [`Reaper`], which delivers its exit status and time to a `watch` channel that `Wait`,
+//! `State` and `Delete` read; nothing else calls `waitpid`.
+//!
+//! Calls run on the agent's single thread; the blocking parts (fork, libcontainer) are short.
+//! Stdio is non-TTY: paths of plain files or FIFOs (opened without blocking: a FIFO for output
+//! needs a reader already), or empty for `/dev/null`.
+//!
+//! Not implemented yet, with `UNIMPLEMENTED`: TTYs, rootfs mounts in `Create` (the rootfs must
+//! be given by the bundle's `config.json`), checkpoints, Pause/Resume, Update.
+
+pub mod error;
+#[cfg(feature = "containers")]
+pub mod runtime;
+#[cfg(not(feature = "containers"))]
+#[path = "runtime_stub.rs"]
+pub mod runtime;
+pub mod stats;
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use containerd_shim_protos::api::{
+    CloseIORequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse,
+    DeleteRequest, DeleteResponse, ExecProcessRequest, KillRequest, PauseRequest, PidsRequest,
+    PidsResponse, ProcessInfo, ResizePtyRequest, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, StatsRequest, StatsResponse, Status,
+    UpdateTaskRequest, WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::protobuf::well_known_types::any::Any;
+use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::{Message, MessageField};
+use containerd_shim_protos::shim::shim::CheckpointTaskRequest;
+use containerd_shim_protos::shim_async::{Task, create_task};
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::watch;
+use ttrpc::asynchronous::{Service, TtrpcContext};
+
+pub use self::error::TaskError;
+use self::runtime::{Handle, Runtime, StdioFiles};
+use crate::reaper::{ExitStatus, Reaper};
+
+/// Service name containerd >= 2.1 uses.
+pub const TASK_V3: &str = "containerd.task.v3.Task";
+/// Service name of the v2 API (iSulad); same messages.
+pub const TASK_V2: &str = "containerd.task.v2.Task";
+/// How long `Delete` of a created (never started) container waits for its killed init.
+const KILL_CREATED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a process ended and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// The status.
+    pub status: ExitStatus,
+    /// When the reaper collected it.
+    pub at: SystemTime,
+}
+
+type ExitRx = watch::Receiver<Option<Exit>>;
+type ExitTx = watch::Sender<Option<Exit>>;
+
+/// Paths of a process's stdio, as given in the request.
+#[derive(Debug, Clone, Default)]
+struct StdioPaths {
+    stdin: String,
+    stdout: String,
+    stderr: String,
+}
+
+/// One process: the init of a container or an exec process.
+#[derive(Debug)]
+struct Process {
+    /// 0 until started.
+    pid: u32,
+    stdio: StdioPaths,
+    exit: ExitRx,
+    /// Handed to the reaper when the process starts.
+    exit_tx: Option<ExitTx>,
+    /// Whether the program runs (for the init: `Start` was called).
+    started: bool,
+}
+
+impl Process {
+    fn new(stdio: StdioPaths) -> Self {
+        let (tx, rx) = watch::channel(None);
+        Self {
+            pid: 0,
+            stdio,
+            exit: rx,
+            exit_tx: Some(tx),
+            started: false,
+        }
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    fn status(&self) -> Status {
+        if self.exited().is_some() {
+            Status::STOPPED
+        } else if self.started {
+            Status::RUNNING
+        } else {
+            Status::CREATED
+        }
+    }
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::CREATED => "created",
+        Status::RUNNING => "running",
+        Status::STOPPED => "stopped",
+        Status::PAUSED => "paused",
+        Status::PAUSING => "pausing",
+        Status::UNKNOWN => "unknown",
+    }
+}
+
+#[derive(Debug)]
+struct ExecProcess {
+    process: Process,
+    /// OCI process JSON for libcontainer.
+    spec_file: PathBuf,
+}
+
+#[derive(Debug)]
+struct ContainerEntry {
+    bundle: String,
+    init: Process,
+    handle: Handle,
+    /// The container's cgroup v2 directory, found when it was created.
+    cgroup: Option<PathBuf>,
+    execs: HashMap<String, ExecProcess>,
+}
+
+/// The Task service.
+#[derive(Debug)]
+pub struct TaskService {
+    reaper: Arc<Reaper>,
+    runtime: Runtime,
+    /// Agent-owned files (exec process specs).
+    state_dir: PathBuf,
+    containers: Mutex<HashMap<String, ContainerEntry>>,
+}
+
+/// Registers `service` under both Task service names.
+pub fn services(service: Arc<TaskService>) -> HashMap<String, Service> {
+    let mut all = create_task(service.clone());
+    let v2 = create_task(service)
+        .remove(TASK_V3)
+        .expect("create_task registers the v3 service");
+    all.insert(TASK_V2.to_owned(), v2);
+    all
+}
+
+/// Ids and exec ids become file names: `[A-Za-z0-9_.-]`, not starting with `.`, 1..=255
+/// bytes.
+fn validate_id(field: &'static str, id: &str) -> Result<(), TaskError> {
+    if id.is_empty() {
+        return Err(TaskError::invalid(field, "must not be empty"));
+    }
+    if id.len() > 255 {
+        return Err(TaskError::invalid(field, "is longer than 255 bytes"));
+    }
+    if id.starts_with('.') {
+        return Err(TaskError::invalid(field, format!("{id:?} starts with '.'")));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
+    {
+        return Err(TaskError::invalid(
+            field,
+            format!("{id:?} contains {c:?} (allowed: A-Z a-z 0-9 _ . -)"),
+        ));
+    }
+    Ok(())
+}
+
+fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+    ts.nanos = i32::try_from(d.subsec_nanos()).unwrap_or(0);
+    MessageField::some(ts)
+}
+
+fn exit_fields(exit: Option<Exit>) -> (u32, MessageField<Timestamp>) {
+    match exit {
+        Some(e) => (e.status.code(), timestamp(e.at)),
+        None => (0, MessageField::none()),
+    }
+}
+
+/// Opens one stdio path without blocking on a FIFO, then makes the fd blocking again.
+fn open_stdio(field: &'static str, path: &str, write: bool) -> Result<Option<File>, TaskError> {
+    if path.is_empty() {
+        return Ok(None);
+    }
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(TaskError::invalid(
+            field,
+            format!("{path:?} is not absolute"),
+        ));
+    }
+    let is_fifo = std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo());
+    let mut opts = OpenOptions::new();
+    if write {
+        opts.write(true).append(true).create(!is_fifo);
+    } else {
+        opts.read(true);
+    }
+    let file = opts
+        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
+        .open(p)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == Errno::ENXIO as i32 => TaskError::FailedPrecondition {
+                what: format!("{field} FIFO {path:?}"),
+                state: "without a reader",
+                call: "Create/Exec",
+                wanted: "opened for reading by the host",
+            },
+            _ => TaskError::invalid(field, format!("cannot open {path:?}: {e}")),
+        })?;
+    let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
+        .map_err(|e| TaskError::internal("F_GETFL on stdio", &e))?;
+    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
+    fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(flags))
+        .map_err(|e| TaskError::internal("F_SETFL on stdio", &e))?;
+    Ok(Some(file))
+}
+
+fn open_stdio_all(paths: &StdioPaths) -> Result<StdioFiles, TaskError> {
+    Ok(StdioFiles {
+        stdin: open_stdio("stdin", &paths.stdin, false)?,
+        stdout: open_stdio("stdout", &paths.stdout, true)?,
+        stderr: open_stdio("stderr", &paths.stderr, true)?,
+    })
+}
+
+fn pid_u32(pid: Pid) -> u32 {
+    u32::try_from(pid.as_raw()).unwrap_or(0)
+}
+
+/// Reads and checks a bundle's `config.json`; returns the spec.
+fn load_bundle_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError> {
+    let config = bundle.join("config.json");
+    let text = std::fs::read_to_string(&config).map_err(|e| {
+        TaskError::invalid("bundle", format!("cannot read {}: {e}", config.display()))
+    })?;
+    let spec: oci_spec::runtime::Spec = serde_json::from_str(&text).map_err(|e| {
+        TaskError::invalid(
+            "bundle/config.json",
+            format!("{} is not a valid OCI spec: {e}", config.display()),
+        )
+    })?;
+    let root = spec
+        .root()
+        .as_ref()
+        .ok_or_else(|| TaskError::invalid("bundle/config.json", "root is missing"))?;
+    let rootfs = bundle.join(root.path());
+    if !rootfs.is_dir() {
+        return Err(TaskError::invalid(
+            "bundle/config.json",
+            format!("root.path {} is not a directory", rootfs.display()),
+        ));
+    }
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| TaskError::invalid("bundle/config.json", "process is missing"))?;
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        return Err(TaskError::invalid(
+            "bundle/config.json",
+            "process.args is empty",
+        ));
+    }
+    if process.terminal().unwrap_or(false) {
+        return Err(TaskError::Unimplemented(
+            "TTY stdio (process.terminal)".into(),
+        ));
+    }
+    Ok(spec)
+}
+
+impl TaskService {
+    /// A service with no containers; libcontainer keeps its state in `state_dir/containers`,
+    /// the agent its own files in `state_dir/execs`.
+    pub fn new(reaper: Arc<Reaper>, state_dir: &Path) -> std::io::Result<Self> {
+        let runtime = Runtime::new(&state_dir.join("containers"))?;
+        std::fs::create_dir_all(state_dir.join("execs"))?;
+        Ok(Self {
+            reaper,
+            runtime,
+            state_dir: state_dir.to_owned(),
+            containers: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Ids of the containers the service knows.
+    pub fn container_ids(&self) -> Vec<String> {
+        self.containers
+            .lock()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Kills and deletes every container (agent shutdown in host mode).
+    pub fn kill_all(&self) {
+        let mut containers = self.containers.lock().expect("poisoned");
+        for (id, mut c) in containers.drain() {
+            if c.init.pid != 0 && c.init.exited().is_none() {
+                let _ = kill(Pid::from_raw(c.init.pid.cast_signed()), Signal::SIGKILL);
+            }
+            if let Err(e) = self.runtime.delete(&mut c.handle) {
+                log::warn!("Deleting container {id} at shutdown: {e}");
+            }
+        }
+    }
+
+    fn spawn_watched<T>(
+        &self,
+        tx: ExitTx,
+        start: impl FnOnce() -> Result<(T, Pid), TaskError>,
+    ) -> Result<T, TaskError> {
+        self.reaper.spawn(start, move |status| {
+            // Nobody may be waiting; the value stays in the channel for later readers.
+            tx.send_replace(Some(Exit {
+                status,
+                at: SystemTime::now(),
+            }));
+        })
+    }
+
+    fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, TaskError> {
+        validate_id("id", &req.id)?;
+        if req.terminal {
+            return Err(TaskError::Unimplemented("TTY stdio (terminal)".into()));
+        }
+        if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
+            return Err(TaskError::Unimplemented("Create from a checkpoint".into()));
+        }
+        if !req.rootfs.is_empty() {
+            return Err(TaskError::Unimplemented(
+                "rootfs mounts in Create (give the rootfs in the bundle's config.json)".into(),
+            ));
+        }
+        if req.bundle.is_empty() || !Path::new(&req.bundle).is_absolute() {
+            return Err(TaskError::invalid(
+                "bundle",
+                format!("{:?} is not an absolute path", req.bundle),
+            ));
+        }
+        let mut containers = self.containers.lock().expect("poisoned");
+        if containers.contains_key(&req.id) {
+            return Err(TaskError::ContainerExists(req.id.clone()));
+        }
+        let bundle = Path::new(&req.bundle);
+        load_bundle_spec(bundle)?;
+        let stdio = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+        };
+        let files = open_stdio_all(&stdio)?;
+        let mut init = Process::new(stdio);
+        let tx = init.exit_tx.take().expect("new process has a sender");
+        let handle = self.spawn_watched(tx, || {
+            self.runtime
+                .create(&req.id, bundle, files)
+                .map(|(h, pid)| ((h, pid), pid))
+        })?;
+        let (handle, pid) = handle;
+        init.pid = pid_u32(pid);
+        let cgroup = match stats::cgroup_dir_of(init.pid, Path::new(stats::CGROUP_ROOT)) {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                log::warn!("Container {}: {e}", req.id);
+                None
+            }
+        };
+        log::info!("Created container {} (pid {})", req.id, init.pid);
+        let pid = init.pid;
+        containers.insert(
+            req.id.clone(),
+            ContainerEntry {
+                bundle: req.bundle.clone(),
+                init,
+                handle,
+                cgroup,
+                execs: HashMap::new(),
+            },
+        );
+        Ok(pid)
+    }
+
+    fn do_start(&self, req: &StartRequest) -> Result<u32, TaskError> {
+        let mut containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
+        if req.exec_id.is_empty() {
+            let status = c.init.status();
+            if status != Status::CREATED {
+                return Err(TaskError::FailedPrecondition {
+                    what: format!("container {:?}", req.id),
+                    state: status_name(status),
+                    call: "Start",
+                    wanted: "created",
+                });
+            }
+            self.runtime.start(&mut c.handle)?;
+            c.init.started = true;
+            log::info!("Started container {}", req.id);
+            return Ok(c.init.pid);
+        }
+        let status = c.init.status();
+        if status != Status::RUNNING {
+            return Err(TaskError::FailedPrecondition {
+                what: format!("container {:?}", req.id),
+                state: status_name(status),
+                call: "Start of an exec process",
+                wanted: "running",
+            });
+        }
+        let exec = c
+            .execs
+            .get_mut(&req.exec_id)
+            .ok_or_else(|| TaskError::ExecNotFound {
+                id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+            })?;
+        let Some(tx) = exec.process.exit_tx.take() else {
+            return Err(TaskError::FailedPrecondition {
+                what: format!("exec process {:?} of {:?}", req.exec_id, req.id),
+                state: status_name(exec.process.status()),
+                call: "Start",
+                wanted: "created",
+            });
+        };
+        let files = match open_stdio_all(&exec.process.stdio) {
+            Ok(f) => f,
+            Err(e) => {
+                exec.process.exit_tx = Some(tx);
+                return Err(e);
+            }
+        };
+        let spec_file = exec.spec_file.clone();
+        let pid = self.spawn_watched(tx, || {
+            self.runtime
+                .exec(&req.id, &spec_file, files)
+                .map(|pid| (pid, pid))
+        })?;
+        exec.process.pid = pid_u32(pid);
+        exec.process.started = true;
+        log::info!(
+            "Started exec {} in container {} (pid {pid})",
+            req.exec_id,
+            req.id
+        );
+        Ok(exec.process.pid)
+    }
+
+    /// Finds a process; returns a clone of what callers need without holding the lock.
+    fn with_process<R>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&ContainerEntry, &Process) -> Result<R, TaskError>,
+    ) -> Result<R, TaskError> {
+        let containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get(id)
+            .ok_or_else(|| TaskError::ContainerNotFound(id.to_owned()))?;
+        if exec_id.is_empty() {
+            return f(c, &c.init);
+        }
+        let exec = c
+            .execs
+            .get(exec_id)
+            .ok_or_else(|| TaskError::ExecNotFound {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            })?;
+        f(c, &exec.process)
+    }
+
+    fn do_kill(&self, req: &KillRequest) -> Result<(), TaskError> {
+        let signal = i32::try_from(req.signal)
+            .ok()
+            .and_then(|n| Signal::try_from(n).ok())
+            .ok_or_else(|| TaskError::invalid("signal", format!("{} is no signal", req.signal)))?;
+        let (pids, what) = self.with_process(&req.id, &req.exec_id, |c, p| {
+            let what = if req.exec_id.is_empty() {
+                format!("container {:?}", req.id)
+            } else {
+                format!("exec process {:?} of {:?}", req.exec_id, req.id)
+            };
+            if p.exited().is_some() {
+                return Err(TaskError::ProcessFinished(what));
+            }
+            if p.pid == 0 {
+                return Err(TaskError::FailedPrecondition {
+                    what,
+                    state: "created",
+                    call: "Kill",
+                    wanted: "started",
+                });
+            }
+            let mut pids = vec![p.pid];
+            if req.all
+                && req.exec_id.is_empty()
+                && let Some(dir) = &c.cgroup
+            {
+                match stats::cgroup_pids(dir) {
+                    Ok(all) => pids.extend(all.into_iter().filter(|&q| q != p.pid)),
+                    Err(e) => log::warn!("Kill all in {:?}: {e}", req.id),
+                }
+            }
+            Ok((pids, what))
+        })?;
+        let mut delivered = false;
+        for pid in pids {
+            match kill(Pid::from_raw(pid.cast_signed()), signal) {
+                Ok(()) => delivered = true,
+                Err(Errno::ESRCH) => {}
+                Err(e) => return Err(TaskError::internal("kill", &e)),
+            }
+        }
+        if delivered {
+            Ok(())
+        } else {
+            Err(TaskError::ProcessFinished(what))
+        }
+    }
+
+    async fn do_wait(&self, req: &WaitRequest) -> Result<Exit, TaskError> {
+        let mut rx = self.with_process(&req.id, &req.exec_id, |_, p| Ok(p.exit.clone()))?;
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| TaskError::Internal("exit channel closed".into()))?;
+        Ok((*exit).expect("waited for Some"))
+    }
+
+    fn state(&self, req: &StateRequest) -> Result<StateResponse, TaskError> {
+        self.with_process(&req.id, &req.exec_id, |c, p| {
+            let (exit_status, exited_at) = exit_fields(p.exited());
+            let mut r = StateResponse::new();
+            r.id = req.id.clone();
+            r.exec_id = req.exec_id.clone();
+            r.bundle = c.bundle.clone();
+            r.pid = p.pid;
+            r.status = p.status().into();
+            r.stdin = p.stdio.stdin.clone();
+            r.stdout = p.stdio.stdout.clone();
+            r.stderr = p.stdio.stderr.clone();
+            r.terminal = false;
+            r.exit_status = exit_status;
+            r.exited_at = exited_at;
+            Ok(r)
+        })
+    }
+
+    fn do_exec(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
+        validate_id("exec_id", &req.exec_id)?;
+        if req.terminal {
+            return Err(TaskError::Unimplemented("TTY stdio (terminal)".into()));
+        }
+        let spec = req
+            .spec
+            .as_ref()
+            .ok_or_else(|| TaskError::invalid("spec", "is missing"))?;
+        let process: oci_spec::runtime::Process = serde_json::from_slice(&spec.value)
+            .map_err(|e| TaskError::invalid("spec", format!("not an OCI process: {e}")))?;
+        if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+            return Err(TaskError::invalid("spec.args", "is empty"));
+        }
+        if process.terminal().unwrap_or(false) {
+            return Err(TaskError::Unimplemented("TTY stdio (spec.terminal)".into()));
+        }
+        let mut containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
+        let status = c.init.status();
+        if status != Status::RUNNING {
+            return Err(TaskError::FailedPrecondition {
+                what: format!("container {:?}", req.id),
+                state: status_name(status),
+                call: "Exec",
+                wanted: "running",
+            });
+        }
+        if c.execs.contains_key(&req.exec_id) {
+            return Err(TaskError::ExecExists {
+                id: req.id.clone(),
+                exec_id: req.exec_id.clone(),
+            });
+        }
+        let dir = self.state_dir.join("execs").join(&req.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| TaskError::internal("Failed to create the exec directory", &e))?;
+        let spec_file = dir.join(format!("{}.json", req.exec_id));
+        let json = serde_json::to_vec(&process)
+            .map_err(|e| TaskError::internal("Failed to encode the process", &e))?;
+        std::fs::write(&spec_file, json)
+            .map_err(|e| TaskError::internal("Failed to write the process spec", &e))?;
+        c.execs.insert(
+            req.exec_id.clone(),
+            ExecProcess {
+                process: Process::new(StdioPaths {
+                    stdin: req.stdin.clone(),
+                    stdout: req.stdout.clone(),
+                    stderr: req.stderr.clone(),
+                }),
+                spec_file,
+            },
+        );
+        Ok(())
+    }
+
+    async fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse, TaskError> {
+        if !req.exec_id.is_empty() {
+            let mut containers = self.containers.lock().expect("poisoned");
+            let c = containers
+                .get_mut(&req.id)
+                .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
+            let exec = c
+                .execs
+                .get(&req.exec_id)
+                .ok_or_else(|| TaskError::ExecNotFound {
+                    id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                })?;
+            if exec.process.status() == Status::RUNNING {
+                return Err(TaskError::FailedPrecondition {
+                    what: format!("exec process {:?} of {:?}", req.exec_id, req.id),
+                    state: "running",
+                    call: "Delete",
+                    wanted: "stopped",
+                });
+            }
+            let exec = c.execs.remove(&req.exec_id).expect("checked above");
+            let _ = std::fs::remove_file(&exec.spec_file);
+            return Ok(delete_response(&exec.process));
+        }
+
+        // A created container's init waits for Start; kill it and wait for the reaper.
+        let created = self.with_process(&req.id, "", |_, p| {
+            Ok((p.status() == Status::CREATED).then(|| (p.pid, p.exit.clone())))
+        })?;
+        if let Some((pid, mut rx)) = created {
+            match kill(Pid::from_raw(pid.cast_signed()), Signal::SIGKILL) {
+                Ok(()) | Err(Errno::ESRCH) => {}
+                Err(e) => return Err(TaskError::internal("kill", &e)),
+            }
+            if tokio::time::timeout(KILL_CREATED_TIMEOUT, rx.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                return Err(TaskError::Internal(format!(
+                    "Init pid {pid} of created container {:?} did not exit after SIGKILL",
+                    req.id
+                )));
+            }
+        }
+
+        let mut containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get_mut(&req.id)
+            .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
+        let status = c.init.status();
+        if status != Status::STOPPED {
+            return Err(TaskError::FailedPrecondition {
+                what: format!("container {:?}", req.id),
+                state: status_name(status),
+                call: "Delete",
+                wanted: "stopped",
+            });
+        }
+        self.runtime.delete(&mut c.handle)?;
+        let c = containers.remove(&req.id).expect("checked above");
+        let _ = std::fs::remove_dir_all(self.state_dir.join("execs").join(&req.id));
+        log::info!("Deleted container {}", req.id);
+        Ok(delete_response(&c.init))
+    }
+
+    fn do_pids(&self, req: &PidsRequest) -> Result<PidsResponse, TaskError> {
+        let (dir, init) = self.with_process(&req.id, "", |c, p| Ok((c.cgroup.clone(), p.pid)))?;
+        let pids = match dir {
+            Some(dir) => stats::cgroup_pids(&dir)
+                .map_err(|e| TaskError::internal("Failed to list the container's pids", &e))?,
+            None => vec![init],
+        };
+        let mut r = PidsResponse::new();
+        r.processes = pids
+            .into_iter()
+            .map(|pid| {
+                let mut info = ProcessInfo::new();
+                info.pid = pid;
+                info
+            })
+            .collect();
+        Ok(r)
+    }
+
+    fn do_stats(&self, req: &StatsRequest) -> Result<StatsResponse, TaskError> {
+        let dir = self.with_process(&req.id, "", |c, _| {
+            c.cgroup
+                .clone()
+                .ok_or_else(|| TaskError::FailedPrecondition {
+                    what: format!("container {:?}", req.id),
+                    state: "without a cgroup v2 directory",
+                    call: "Stats",
+                    wanted: "in cgroup v2",
+                })
+        })?;
+        let metrics = stats::read_metrics(&dir)
+            .map_err(|e| TaskError::internal("Failed to read cgroup statistics", &e))?;
+        let mut any = Any::new();
+        any.type_url = stats::METRICS_TYPE_URL.to_owned();
+        any.value = metrics
+            .write_to_bytes()
+            .map_err(|e| TaskError::internal("Failed to encode the metrics", &e))?;
+        let mut r = StatsResponse::new();
+        r.stats = MessageField::some(any);
+        Ok(r)
+    }
+}
+
+fn delete_response(p: &Process) -> DeleteResponse {
+    let (exit_status, exited_at) = exit_fields(p.exited());
+    let mut r = DeleteResponse::new();
+    r.pid = p.pid;
+    r.exit_status = exit_status;
+    r.exited_at = exited_at;
+    r
+}
+
+type TtrpcResult<T> = ttrpc::Result<T>;
+
+fn log_err<T>(call: &str, r: Result<T, TaskError>) -> TtrpcResult<T> {
+    r.map_err(|e| {
+        log::debug!("{call}: {e}");
+        e.into()
+    })
+}
+
+#[async_trait]
+impl Task for TaskService {
+    async fn create(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateTaskRequest,
+    ) -> TtrpcResult<CreateTaskResponse> {
+        let pid = log_err("Create", self.do_create(&req))?;
+        let mut r = CreateTaskResponse::new();
+        r.pid = pid;
+        Ok(r)
+    }
+
+    async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
+        let pid = log_err("Start", self.do_start(&req))?;
+        let mut r = StartResponse::new();
+        r.pid = pid;
+        Ok(r)
+    }
+
+    async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
+        log_err("State", TaskService::state(self, &req))
+    }
+
+    async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
+        log_err("Kill", self.do_kill(&req)).map(|()| Empty::new())
+    }
+
+    async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        let exit = log_err("Wait", self.do_wait(&req).await)?;
+        let mut r = WaitResponse::new();
+        (r.exit_status, r.exited_at) = exit_fields(Some(exit));
+        Ok(r)
+    }
+
+    async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
+        log_err("Delete", self.do_delete(&req).await)
+    }
+
+    async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
+        log_err("Pids", self.do_pids(&req))
+    }
+
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
+        log_err("Exec", self.do_exec(&req)).map(|()| Empty::new())
+    }
+
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
+        log_err("Stats", self.do_stats(&req))
+    }
+
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
+        // The agent hands stdin to the process and keeps no copy, so there is nothing of
+        // ours to close: the writer (the host side) closes its end.
+        log_err(
+            "CloseIO",
+            self.with_process(&req.id, &req.exec_id, |_, _| Ok(Empty::new())),
+        )
+    }
+
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
+        log_err(
+            "ResizePty",
+            self.with_process(&req.id, &req.exec_id, |_, _| {
+                Err(TaskError::FailedPrecondition {
+                    what: if req.exec_id.is_empty() {
+                        format!("container {:?}", req.id)
+                    } else {
+                        format!("exec process {:?} of {:?}", req.exec_id, req.id)
+                    },
+                    state: "without a terminal (TTYs are not implemented yet)",
+                    call: "ResizePty",
+                    wanted: "with a terminal",
+                })
+            }),
+        )
+    }
+
+    async fn pause(&self, _ctx: &TtrpcContext, _req: PauseRequest) -> TtrpcResult<Empty> {
+        Err(TaskError::Unimplemented("Pause".into()).into())
+    }
+
+    async fn resume(&self, _ctx: &TtrpcContext, _req: ResumeRequest) -> TtrpcResult<Empty> {
+        Err(TaskError::Unimplemented("Resume".into()).into())
+    }
+
+    async fn checkpoint(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: CheckpointTaskRequest,
+    ) -> TtrpcResult<Empty> {
+        Err(TaskError::Unimplemented("Checkpoint".into()).into())
+    }
+
+    async fn update(&self, _ctx: &TtrpcContext, _req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        Err(TaskError::Unimplemented("Update".into()).into())
+    }
+
+    async fn connect(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConnectRequest,
+    ) -> TtrpcResult<ConnectResponse> {
+        let task_pid = log_err("Connect", self.with_process(&req.id, "", |_, p| Ok(p.pid)))?;
+        let mut r = ConnectResponse::new();
+        r.shim_pid = std::process::id();
+        r.task_pid = task_pid;
+        r.version = "3".to_owned();
+        Ok(r)
+    }
+
+    async fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> TtrpcResult<Empty> {
+        // The VM's end belongs to the controller (Controller.Stop/Shutdown), never to the
+        // Task API: with tasks left this must not end anything, and without tasks there is
+        // nothing of ours to stop either.
+        Ok(Empty::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        for good in ["a", "c-1_x.y", "A9"] {
+            validate_id("id", good).unwrap();
+        }
+        for bad in ["", ".x", "a/b", "a b", "ä", &"x".repeat(256)] {
+            let e = validate_id("id", bad).unwrap_err();
+            assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad}");
+            assert!(e.to_string().starts_with("Invalid id"), "{e}");
+        }
+    }
+
+    #[test]
+    fn timestamps_and_exits() {
+        let t = UNIX_EPOCH + Duration::new(5, 7);
+        let ts = timestamp(t);
+        assert_eq!((ts.seconds, ts.nanos), (5, 7));
+        let (code, at) = exit_fields(Some(Exit {
+            status: ExitStatus::Signaled {
+                signal: 9,
+                core_dumped: false,
+            },
+            at: t,
+        }));
+        assert_eq!(code, 137);
+        assert_eq!(at.seconds, 5);
+        let (code, at) = exit_fields(None);
+        assert_eq!(code, 0);
+        assert!(at.is_none());
+    }
+
+    #[test]
+    fn process_states() {
+        let mut p = Process::new(StdioPaths::default());
+        assert_eq!(p.status(), Status::CREATED);
+        p.started = true;
+        assert_eq!(p.status(), Status::RUNNING);
+        let tx = p.exit_tx.take().unwrap();
+        tx.send_replace(Some(Exit {
+            status: ExitStatus::Exited(3),
+            at: UNIX_EPOCH,
+        }));
+        assert_eq!(p.status(), Status::STOPPED);
+        assert_eq!(delete_response(&p).exit_status, 3);
+    }
+
+    #[test]
+    fn stdio_opening() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(open_stdio("stdout", "", true).unwrap().is_none());
+        let e = open_stdio("stdout", "relative/out", true).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        // A plain output file is created.
+        let out = dir.path().join("out");
+        let f = open_stdio("stdout", out.to_str().unwrap(), true)
+            .unwrap()
+            .unwrap();
+        let flags = OFlag::from_bits_truncate(fcntl(f.as_raw_fd(), FcntlArg::F_GETFL).unwrap());
+        assert!(!flags.contains(OFlag::O_NONBLOCK));
+        assert!(out.exists());
+        // A missing input file is an invalid argument naming the field.
+        let e = open_stdio("stdin", dir.path().join("nope").to_str().unwrap(), false).unwrap_err();
+        assert!(e.to_string().starts_with("Invalid stdin"), "{e}");
+        // A FIFO with no reader is a failed precondition, not a hang.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = open_stdio("stdout", fifo.to_str().unwrap(), true).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::FAILED_PRECONDITION, "{e}");
+        // Its read side opens at once.
+        assert!(
+            open_stdio("stdin", fifo.to_str().unwrap(), false)
+                .unwrap()
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn bundle_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        let e = load_bundle_spec(b).unwrap_err();
+        assert!(
+            e.to_string().starts_with("Invalid bundle: cannot read"),
+            "{e}"
+        );
+        std::fs::write(b.join("config.json"), "{not json").unwrap();
+        let e = load_bundle_spec(b).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(
+            e.to_string().starts_with("Invalid bundle/config.json"),
+            "{e}"
+        );
+        let spec = |root: &str, args: &str, terminal: bool| {
+            format!(
+                r#"{{"ociVersion":"1.0.2","root":{{"path":"{root}"}},
+                    "process":{{"terminal":{terminal},"cwd":"/","args":{args},
+                    "user":{{"uid":0,"gid":0}}}}}}"#
+            )
+        };
+        std::fs::write(b.join("config.json"), spec("rootfs", r#"["sh"]"#, false)).unwrap();
+        let e = load_bundle_spec(b).unwrap_err();
+        assert!(e.to_string().contains("is not a directory"), "{e}");
+        std::fs::create_dir(b.join("rootfs")).unwrap();
+        load_bundle_spec(b).unwrap();
+        std::fs::write(b.join("config.json"), spec("rootfs", "[]", false)).unwrap();
+        let e = load_bundle_spec(b).unwrap_err();
+        assert!(e.to_string().contains("process.args is empty"), "{e}");
+        std::fs::write(b.join("config.json"), spec("rootfs", r#"["sh"]"#, true)).unwrap();
+        assert_eq!(
+            load_bundle_spec(b).unwrap_err().code(),
+            ttrpc::Code::UNIMPLEMENTED
+        );
+    }
+
+    #[test]
+    fn both_service_names_are_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let svc = Arc::new(TaskService::new(Arc::new(Reaper::new()), dir.path()).unwrap());
+        let services = services(svc);
+        assert_eq!(services.len(), 2);
+        assert!(services.contains_key(TASK_V3));
+        assert!(services.contains_key(TASK_V2));
+    }
+}

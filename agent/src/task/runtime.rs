@@ -1,0 +1,147 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Containers through youki's `libcontainer`: create from an OCI bundle, start, exec, delete.
+//!
+//! Every call forks (libcontainer's intermediate and init processes), so the caller runs these
+//! inside [`crate::reaper::Reaper::spawn`]: libcontainer `waitpid`s its intermediate process
+//! itself, and the reaper lock keeps PID 1's reaping away until the new process is watched.
+//! The agent is single-threaded (see `main.rs`), so no other thread holds a lock across the
+//! fork.
+
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+
+use libcontainer::container::Container;
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::syscall::syscall::SyscallType;
+use libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
+use nix::unistd::Pid;
+use oci_spec::runtime::Spec;
+
+use super::error::TaskError;
+
+/// Stdio of a new process; `None` is `/dev/null`.
+#[derive(Debug, Default)]
+pub struct StdioFiles {
+    /// Standard input.
+    pub stdin: Option<File>,
+    /// Standard output.
+    pub stdout: Option<File>,
+    /// Standard error.
+    pub stderr: Option<File>,
+}
+
+/// Runs the container process through `std`'s `exec`, which resets what a fresh process
+/// expects and libcontainer does not: the signal mask (the agent blocks the signals it reads
+/// from a signalfd, and a mask survives `execve`) and `SIGPIPE` (ignored by Rust binaries).
+#[derive(Debug, Clone)]
+struct StdExecutor;
+
+impl Executor for StdExecutor {
+    fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        let args = spec
+            .process()
+            .as_ref()
+            .and_then(|p| p.args().as_ref())
+            .ok_or(ExecutorError::InvalidArg)?;
+        let (program, rest) = args.split_first().ok_or(ExecutorError::InvalidArg)?;
+        // libcontainer has already set the environment and the working directory; PATH is
+        // the container's.
+        let err = std::process::Command::new(program)
+            .arg0(program)
+            .args(rest)
+            .exec();
+        Err(ExecutorError::Execution(
+            format!("Failed to execute {program:?}: {err}").into(),
+        ))
+    }
+
+    fn validate(&self, spec: &Spec) -> Result<(), ExecutorValidationError> {
+        libcontainer::workload::default::get_executor().validate(spec)
+    }
+}
+
+/// Where libcontainer keeps its container state.
+#[derive(Debug)]
+pub struct Runtime {
+    root: PathBuf,
+}
+
+/// The runtime's handle of one container.
+pub type Handle = Container;
+
+fn lc_err(context: &str) -> impl Fn(libcontainer::error::LibcontainerError) -> TaskError + '_ {
+    move |e| TaskError::internal(context, &e)
+}
+
+impl Runtime {
+    /// A runtime keeping its state under `root` (created if missing).
+    pub fn new(root: &Path) -> std::io::Result<Self> {
+        std::fs::create_dir_all(root)?;
+        Ok(Self {
+            root: root.canonicalize()?,
+        })
+    }
+
+    fn builder(&self, id: &str, stdio: StdioFiles) -> Result<ContainerBuilder, TaskError> {
+        let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
+            .with_root_path(&self.root)
+            .map_err(lc_err("Invalid runtime root"))?
+            .with_executor(StdExecutor);
+        if let Some(f) = stdio.stdin {
+            b = b.with_stdin(f);
+        }
+        if let Some(f) = stdio.stdout {
+            b = b.with_stdout(f);
+        }
+        if let Some(f) = stdio.stderr {
+            b = b.with_stderr(f);
+        }
+        Ok(b)
+    }
+
+    /// Creates container `id` from `bundle`; its init process waits for [`Runtime::start`].
+    /// Returns the handle and the init pid.
+    pub fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: StdioFiles,
+    ) -> Result<(Handle, Pid), TaskError> {
+        let container = self
+            .builder(id, stdio)?
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(lc_err("Failed to create the container"))?;
+        let pid = container
+            .pid()
+            .ok_or_else(|| TaskError::Internal("libcontainer returned no init pid".into()))?;
+        Ok((container, pid))
+    }
+
+    /// Lets the init process of a created container run its program.
+    pub fn start(&self, handle: &mut Handle) -> Result<(), TaskError> {
+        handle
+            .start()
+            .map_err(lc_err("Failed to start the container"))
+    }
+
+    /// Starts the process described by the OCI process JSON at `process` in container `id`.
+    pub fn exec(&self, id: &str, process: &Path, stdio: StdioFiles) -> Result<Pid, TaskError> {
+        self.builder(id, stdio)?
+            .as_tenant()
+            .with_process(Some(process))
+            .with_detach(true)
+            .build()
+            .map_err(lc_err("Failed to exec in the container"))
+    }
+
+    /// Removes the container's state and cgroup, killing what is left of it.
+    pub fn delete(&self, handle: &mut Handle) -> Result<(), TaskError> {
+        handle
+            .delete(true)
+            .map_err(lc_err("Failed to delete the container"))
+    }
+}
