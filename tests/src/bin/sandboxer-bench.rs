@@ -13,6 +13,10 @@
 //! - `blk`: the virtio-blk device path's cost per 4 KiB read and its IOPS (request parsing,
 //!   guest-memory copies, used-ring updates) on a tmpfs file, against plain `pread` of the same
 //!   offsets from the same file. No KVM: the queue is driven in memory exactly as a guest would.
+//! - `sandbox-start`: the daemon (in this process, on a temporary socket) driven through the
+//!   containerd 2.x Sandbox API over gRPC: Create+Start until Start returns, p50/p99, with the
+//!   daemon's default VM shell pool, and process RSS growth per running sandbox with 1 and N
+//!   alive. The sandboxes boot the `spin` test guest (this host's KVM cannot run Linux).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -23,7 +27,7 @@ use serde_json::json;
 use test_guests::Guest;
 use vmm::{Vm, VmConfig};
 
-const SCENARIOS: &[&str] = &["vmm-start", "blk"];
+const SCENARIOS: &[&str] = &["vmm-start", "blk", "sandbox-start"];
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -34,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     match scenario.as_str() {
         "vmm-start" => vmm_start(&opts),
         "blk" => blk(&opts),
+        "sandbox-start" => sandbox_start(&opts),
         other => bail!("unknown scenario {other:?}; scenarios: {SCENARIOS:?}"),
     }
 }
@@ -250,6 +255,171 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
         "qemu_p50_ms": qemu_p50,
         "qemu_p99_ms": qemu_p99,
         "qemu_ratio": ratio,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// Create+Start through the daemon's gRPC API, and RSS per running sandbox.
+fn sandbox_start(o: &Options) -> anyhow::Result<()> {
+    use proto::v2::sandbox::{
+        ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
+        ControllerStopRequest,
+    };
+
+    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
+    // State under /run like the daemon's default (/run/sandboxer, a tmpfs): records are
+    // fsynced, which costs milliseconds on a disk-backed directory.
+    let base = if std::path::Path::new("/run").is_dir() {
+        std::path::PathBuf::from("/run")
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!("sandboxer-bench-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let mut config = controller::config::Config {
+        state_dir: dir.join("state"),
+        stop_timeout_secs: 1,
+        ..controller::config::Config::default()
+    };
+    config.api.socket = dir.join("api.sock");
+    config.api.seed_socket = "".into();
+    config.vm.kernel = Guest::Spin.elf().to_path_buf();
+    config.vm.mem_mib = o.mem_mib;
+    let pool_depth = usize::try_from(config.vm.pool_depth)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let result = runtime.block_on(async {
+        // The daemon keeps a pool for its default VM size, as `sandboxer serve` does.
+        vmm::pool::set_target(o.mem_mib, pool_depth)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run_config = config.clone();
+        let daemon = tokio::spawn(async move {
+            controller::server::run(&run_config, controller::KvmBackend, async {
+                let _ = stop_rx.await;
+            })
+            .await
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&config.api.socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the daemon never listened");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut client = controller::client::v2_client(&config.api.socket).await?;
+
+        async fn create_start(
+            client: &mut proto::v2::sandbox::controller_client::ControllerClient<
+                tonic::transport::Channel,
+            >,
+            id: &str,
+        ) -> anyhow::Result<Duration> {
+            let t0 = Instant::now();
+            client
+                .create(ControllerCreateRequest {
+                    sandbox_id: id.into(),
+                    sandboxer: "sandboxer".into(),
+                    ..Default::default()
+                })
+                .await?;
+            client
+                .start(ControllerStartRequest {
+                    sandbox_id: id.into(),
+                    sandboxer: "sandboxer".into(),
+                })
+                .await?;
+            Ok(t0.elapsed())
+        }
+        async fn remove(
+            client: &mut proto::v2::sandbox::controller_client::ControllerClient<
+                tonic::transport::Channel,
+            >,
+            id: &str,
+        ) -> anyhow::Result<()> {
+            client
+                .stop(ControllerStopRequest {
+                    sandbox_id: id.into(),
+                    timeout_secs: 1,
+                    sandboxer: "sandboxer".into(),
+                })
+                .await?;
+            client
+                .shutdown(ControllerShutdownRequest {
+                    sandbox_id: id.into(),
+                    sandboxer: "sandboxer".into(),
+                })
+                .await?;
+            Ok(())
+        }
+
+        // Warm-up, then one sandbox at a time with the pool refilled in between (a steady
+        // stream of pod starts).
+        for i in 0..3 {
+            let id = format!("warm-{i}");
+            create_start(&mut client, &id).await?;
+            remove(&mut client, &id).await?;
+        }
+        let mut samples = Vec::with_capacity(o.iterations);
+        for i in 0..o.iterations {
+            vmm::pool::wait_full(Duration::from_secs(10));
+            let id = format!("bench-{i}");
+            samples.push(create_start(&mut client, &id).await?);
+            remove(&mut client, &id).await?;
+        }
+        vmm::wait_all_torn_down(Duration::from_secs(30));
+
+        // RSS per running sandbox, 1 and N alive.
+        let mut per_sandbox = Vec::new();
+        for count in [1, o.alive] {
+            vmm::wait_all_torn_down(Duration::from_secs(30));
+            vmm::pool::wait_full(Duration::from_secs(10));
+            let before = procstat::rss_kib();
+            for i in 0..count {
+                create_start(&mut client, &format!("alive-{count}-{i}")).await?;
+            }
+            // Let every guest get going (the spin guest prints and spins).
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let after = procstat::rss_kib();
+            per_sandbox.push(after.saturating_sub(before) as f64 / count as f64);
+            for i in 0..count {
+                remove(&mut client, &format!("alive-{count}-{i}")).await?;
+            }
+        }
+        let _ = stop_tx.send(());
+        daemon.await??;
+        Ok::<_, anyhow::Error>((samples, per_sandbox))
+    });
+    vmm::pool::set_target(o.mem_mib, 0)?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let (samples, per_sandbox) = result?;
+    let s = Summary::of(&samples);
+    println!(
+        "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \"spin\", {} MiB, pool depth {pool_depth}",
+        o.iterations, o.mem_mib
+    );
+    println!("{:<36} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    println!(
+        "{:<36} {:>10.3} {:>10.3}",
+        "Create+Start -> Start returned", s.p50_ms, s.p99_ms
+    );
+    println!(
+        "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {} alive (includes guest pages the spin guest touched)",
+        per_sandbox[0], per_sandbox[1], o.alive
+    );
+    let out = json!({
+        "scenario": "sandbox-start",
+        "iterations": o.iterations,
+        "mem_mib": o.mem_mib,
+        "pool_depth": pool_depth,
+        "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms,
+        "rss_kib_per_sandbox": per_sandbox[1],
+        "rss_kib_per_sandbox_1": per_sandbox[0],
+        "alive": o.alive,
     });
     println!("{out}");
     Ok(())
