@@ -1,0 +1,185 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `emu-test`: the test payload that runs inside L1.
+//!
+//! `emu-test <case>` (or a link named `<case>` to it) runs one built-in case (see
+//! `emu_l1::cases`), echoes the guest console (`L2| `) and the sandboxer's messages (`VMM| `),
+//! writes a one-line detail to `$EMU_DETAIL_FILE` and exits 0 on a pass, 1 on a failure.
+//! `emu-test --list` prints `<name> <ci|full> <description>` per case (the host's selection).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use emu_l1::cases::{self, BootCase, ConsoleCheck, VmmOutcome};
+
+/// Extra time past the VM's own bound before the test kills `sandboxer`.
+const KILL_GRACE: Duration = Duration::from_secs(30);
+
+/// A line from one of the child's streams.
+enum Line {
+    Console(String),
+    Vmm(String),
+    Closed,
+}
+
+fn reader<R: Read + Send + 'static>(
+    stream: R,
+    tx: mpsc::Sender<(Line, Instant)>,
+    wrap: fn(String) -> Line,
+) {
+    std::thread::spawn(move || {
+        let mut r = BufReader::new(stream);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\n', '\r'])
+                        .to_owned();
+                    if tx.send((wrap(line), Instant::now())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let _ = tx.send((Line::Closed, Instant::now()));
+    });
+}
+
+fn run_case(case: &BootCase) -> Result<String, String> {
+    let args = case.sandboxer_args();
+    println!("EMU-RUN {} {}", cases::SANDBOXER, args.join(" "));
+    let start = Instant::now();
+    let mut child = Command::new(cases::SANDBOXER)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cases::SANDBOXER))?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        reader(out, tx.clone(), Line::Console);
+    }
+    if let Some(err) = child.stderr.take() {
+        reader(err, tx, Line::Vmm);
+    }
+
+    let deadline = start + Duration::from_secs(case.vm_timeout_secs) + KILL_GRACE;
+    let mut check = ConsoleCheck::new(case.expect);
+    let mut vmm_lines = Vec::new();
+    let mut open = 2;
+    let mut killed = false;
+    let mut stdout = std::io::stdout().lock();
+    while open > 0 {
+        let now = Instant::now();
+        if now >= deadline {
+            let _ = child.kill();
+            killed = true;
+            break;
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok((Line::Console(l), at)) => {
+                let _ = writeln!(stdout, "L2| {l}");
+                check.line(&l, at.duration_since(start));
+                if check.fatal().is_some() {
+                    // The guest is lost (panic=-1 reboots it, which ends the VM soon anyway).
+                    let _ = child.kill();
+                    killed = true;
+                    break;
+                }
+            }
+            Ok((Line::Vmm(l), _)) => {
+                let _ = writeln!(stdout, "VMM| {l}");
+                vmm_lines.push(l);
+            }
+            Ok((Line::Closed, _)) => open -= 1,
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    drop(stdout);
+    let status = child
+        .wait()
+        .map_err(|e| format!("wait for sandboxer: {e}"))?;
+    let elapsed = start.elapsed();
+    // Lines still queued (the child ended between two receives).
+    while let Ok((line, at)) = rx.try_recv() {
+        match line {
+            Line::Console(l) => {
+                println!("L2| {l}");
+                check.line(&l, at.duration_since(start));
+            }
+            Line::Vmm(l) => {
+                println!("VMM| {l}");
+                vmm_lines.push(l);
+            }
+            Line::Closed => {}
+        }
+    }
+    let vmm = VmmOutcome::from_stderr(if killed { None } else { status.code() }, &vmm_lines);
+    println!(
+        "EMU-TIME {} sandboxer ran {:.1}s (L1 clock; not a performance figure)",
+        case.name,
+        elapsed.as_secs_f64()
+    );
+    if killed && check.fatal().is_none() {
+        return Err(format!(
+            "sandboxer did not end within {} s; {}",
+            deadline.duration_since(start).as_secs(),
+            cases::verdict(&check, &vmm).err().unwrap_or_default()
+        ));
+    }
+    cases::verdict(&check, &vmm)
+}
+
+fn write_detail(detail: &str) {
+    if let Some(path) = std::env::var_os(emu_l1::DETAIL_ENV)
+        && let Err(e) = std::fs::write(&path, format!("{}\n", cases::short(detail)))
+    {
+        eprintln!("emu-test: cannot write {}: {e}", path.to_string_lossy());
+    }
+}
+
+fn main() -> ExitCode {
+    let mut args = std::env::args();
+    let argv0 = args.next().unwrap_or_default();
+    let called = argv0.rsplit('/').next().unwrap_or_default().to_owned();
+    let name = if called == "emu-test" {
+        match args.next() {
+            Some(a) if a == "--list" => {
+                for c in cases::CASES {
+                    let set = if c.ci { "ci" } else { "full" };
+                    println!("{} {set} {}", c.name, c.description);
+                }
+                return ExitCode::SUCCESS;
+            }
+            Some(a) => a,
+            None => {
+                eprintln!("usage: emu-test <case> | --list");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        called
+    };
+    let Some(case) = cases::find(&name) else {
+        let detail = format!("no built-in case named {name:?}");
+        eprintln!("emu-test: {detail}");
+        write_detail(&detail);
+        return ExitCode::from(2);
+    };
+    match run_case(case) {
+        Ok(detail) => {
+            write_detail(&detail);
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            write_detail(&reason);
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,443 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The built-in test cases and the checks on their output.
+//!
+//! A boot case runs `sandboxer vm run` inside L1 against L1's `/dev/kvm` with the guest kernel
+//! and the agent initramfs (`sandboxer.oneshot`: the agent ends the VM right after `ready`),
+//! echoes the guest console as `L2| ` lines and the sandboxer's own messages as `VMM| ` lines,
+//! and passes when every expected console line appeared in order, no kernel panic was seen, the
+//! VM ended through a guest reset and `sandboxer` exited with 0.
+
+use std::time::Duration;
+
+/// Where the guest files are inside L1.
+pub const GUEST_VMLINUX: &str = "/guest/vmlinux";
+/// The guest bzImage inside L1.
+pub const GUEST_BZIMAGE: &str = "/guest/bzImage";
+/// The agent initramfs inside L1.
+pub const GUEST_INITRAMFS: &str = "/guest/initramfs";
+/// The sandboxer binary inside L1.
+pub const SANDBOXER: &str = "/bin/sandboxer";
+
+/// Command line shared by every boot case: serial console, triple-fault reboot (the VM's
+/// end), reboot on panic, and the agent's one-shot mode.
+pub const BASE_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 sandboxer.oneshot";
+
+/// Console lines that end a boot case at once: the guest is lost.
+pub const FATAL_CONSOLE: &[&str] = &["Kernel panic - not syncing"];
+
+/// Guest kernel complaints that fail a case (they often point at the VMM's boot state: CPUID,
+/// MSRs, APIC, memory map), unless the line also matches [`KNOWN_NOISE`].
+pub const COMPLAINTS: &[&str] = &["WARNING: CPU:", "BUG:", "Oops:", "[Firmware Bug]"];
+
+/// Complaints this environment causes by itself. The XSAVE check warns because QEMU's TCG SVM
+/// lets the nested guest's XSETBV through without the intercept that KVM in L1 relies on, so
+/// L1 never updates CPUID 0xD's size; the scratch runs of the emulated-host issue saw the same
+/// with QEMU as the nested VMM.
+pub const KNOWN_NOISE: &[&str] = &["at fpu__init_system_xstate"];
+
+/// One guest boot inside L1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootCase {
+    /// Test name (`/tests/<name>`).
+    pub name: &'static str,
+    /// One line for `--list`.
+    pub description: &'static str,
+    /// Part of the CI selection (the others run on demand).
+    pub ci: bool,
+    /// Guest kernel path inside L1.
+    pub kernel: &'static str,
+    /// vCPUs of the guest.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Words appended to [`BASE_CMDLINE`] (console verbosity, mostly: every serial byte is a
+    /// VM exit, and each exit is slow in a nested guest).
+    pub extra_cmdline: &'static str,
+    /// Console substrings that must appear, in this order.
+    pub expect: &'static [&'static str],
+    /// Bound of the VM's life (`sandboxer vm run --timeout`).
+    pub vm_timeout_secs: u64,
+}
+
+impl BootCase {
+    /// The full guest command line.
+    pub fn cmdline(&self) -> String {
+        if self.extra_cmdline.is_empty() {
+            BASE_CMDLINE.to_owned()
+        } else {
+            format!("{BASE_CMDLINE} {}", self.extra_cmdline)
+        }
+    }
+
+    /// The `sandboxer` arguments that boot this case.
+    pub fn sandboxer_args(&self) -> Vec<String> {
+        vec![
+            "vm".into(),
+            "run".into(),
+            "--kernel".into(),
+            self.kernel.into(),
+            "--initrd".into(),
+            GUEST_INITRAMFS.into(),
+            "--cmdline".into(),
+            self.cmdline(),
+            "--mem".into(),
+            self.mem_mib.to_string(),
+            "--vcpus".into(),
+            self.vcpus.to_string(),
+            "--timeout".into(),
+            self.vm_timeout_secs.to_string(),
+        ]
+    }
+}
+
+/// Every built-in case, in the order a full run takes them.
+pub const CASES: &[BootCase] = &[
+    BootCase {
+        name: "agent-ready",
+        description: "PVH vmlinux, 1 vCPU: the kernel boots and the agent prints ready as PID 1",
+        ci: true,
+        kernel: GUEST_VMLINUX,
+        vcpus: 1,
+        mem_mib: 256,
+        // The whole kernel log: this case is the one to read when the boot path breaks.
+        extra_cmdline: "",
+        expect: &[
+            "Linux version",
+            "Run /init as init process",
+            "sandboxer-agent: ready",
+        ],
+        vm_timeout_secs: 60,
+    },
+    BootCase {
+        name: "bzimage",
+        description: "bzImage through the Linux 64-bit boot protocol, 1 vCPU: agent ready",
+        ci: true,
+        kernel: GUEST_BZIMAGE,
+        vcpus: 1,
+        mem_mib: 256,
+        extra_cmdline: "quiet",
+        expect: &["sandboxer-agent: ready"],
+        vm_timeout_secs: 60,
+    },
+    BootCase {
+        name: "smp",
+        description: "PVH vmlinux, 2 vCPUs: the kernel brings up both CPUs, agent ready",
+        ci: true,
+        kernel: GUEST_VMLINUX,
+        vcpus: 2,
+        mem_mib: 256,
+        // The "Brought up" line is KERN_INFO: loglevel 7 prints it (and the rest of the log).
+        extra_cmdline: "loglevel=7",
+        expect: &["smp: Brought up 1 node, 2 CPUs", "sandboxer-agent: ready"],
+        vm_timeout_secs: 60,
+    },
+];
+
+/// The case called `name`.
+pub fn find(name: &str) -> Option<&'static BootCase> {
+    CASES.iter().find(|c| c.name == name)
+}
+
+/// Follows a guest console line by line against a case's expectations.
+#[derive(Debug, Clone)]
+pub struct ConsoleCheck {
+    expect: &'static [&'static str],
+    /// When each expected line was seen, in order.
+    seen: Vec<Duration>,
+    /// The fatal line, if one appeared.
+    fatal: Option<String>,
+    /// The first complaint that is not known noise.
+    complaint: Option<String>,
+    /// Lines seen.
+    lines: usize,
+    /// The last non-empty line.
+    last: String,
+}
+
+impl ConsoleCheck {
+    /// Starts checking for `expect`.
+    pub fn new(expect: &'static [&'static str]) -> Self {
+        Self {
+            expect,
+            seen: Vec::new(),
+            fatal: None,
+            complaint: None,
+            lines: 0,
+            last: String::new(),
+        }
+    }
+
+    /// Feeds one console line seen at `at` (since the VM was started).
+    pub fn line(&mut self, line: &str, at: Duration) {
+        self.lines = self.lines.saturating_add(1);
+        if !line.trim().is_empty() {
+            line.trim_end().clone_into(&mut self.last);
+        }
+        if self.fatal.is_none() && FATAL_CONSOLE.iter().any(|f| line.contains(f)) {
+            self.fatal = Some(line.trim_end().to_owned());
+        }
+        if self.complaint.is_none()
+            && COMPLAINTS.iter().any(|c| line.contains(c))
+            && !KNOWN_NOISE.iter().any(|n| line.contains(n))
+        {
+            self.complaint = Some(line.trim_end().to_owned());
+        }
+        if let Some(next) = self.expect.get(self.seen.len())
+            && line.contains(next)
+        {
+            self.seen.push(at);
+        }
+    }
+
+    /// Every expected line seen.
+    pub fn complete(&self) -> bool {
+        self.seen.len() == self.expect.len()
+    }
+
+    /// A fatal line was seen.
+    pub fn fatal(&self) -> Option<&str> {
+        self.fatal.as_deref()
+    }
+
+    /// The first guest kernel complaint that is not known noise.
+    pub fn complaint(&self) -> Option<&str> {
+        self.complaint.as_deref()
+    }
+
+    /// The first expected line not seen yet.
+    pub fn missing(&self) -> Option<&'static str> {
+        self.expect.get(self.seen.len()).copied()
+    }
+
+    /// When the last expected line was seen.
+    pub fn last_seen(&self) -> Option<Duration> {
+        self.seen.last().copied()
+    }
+
+    /// Lines seen so far.
+    pub fn lines(&self) -> usize {
+        self.lines
+    }
+
+    /// The last non-empty line.
+    pub fn last_line(&self) -> &str {
+        &self.last
+    }
+}
+
+/// How `sandboxer vm run` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmmOutcome {
+    /// Exit code of `sandboxer` (`None`: killed by a signal or by the test's own bound).
+    pub exit_code: Option<i32>,
+    /// Its `VM ended: ...` line, if it printed one.
+    pub ended: Option<String>,
+    /// It stopped the VM because of `--timeout`.
+    pub timed_out: bool,
+}
+
+impl VmmOutcome {
+    /// Reads what `sandboxer` printed on stderr.
+    pub fn from_stderr(exit_code: Option<i32>, stderr: &[String]) -> Self {
+        let ended = stderr
+            .iter()
+            .find_map(|l| l.split_once("VM ended: ").map(|(_, rest)| rest.to_owned()));
+        let timed_out = stderr
+            .iter()
+            .any(|l| l.contains("sandboxer: timeout after"));
+        Self {
+            exit_code,
+            ended,
+            timed_out,
+        }
+    }
+}
+
+/// The verdict: `Ok(detail)` on a pass, `Err(reason)` on a failure.
+pub fn verdict(check: &ConsoleCheck, vmm: &VmmOutcome) -> Result<String, String> {
+    if let Some(fatal) = check.fatal() {
+        return Err(format!("guest: {fatal}"));
+    }
+    if let Some(missing) = check.missing() {
+        let how = if vmm.timed_out {
+            "the VM timed out".to_owned()
+        } else {
+            match (&vmm.ended, vmm.exit_code) {
+                (Some(end), _) => format!("the VM ended: {}", short(end)),
+                (None, Some(code)) => format!("sandboxer exited with {code}"),
+                (None, None) => "sandboxer was killed".to_owned(),
+            }
+        };
+        return Err(format!(
+            "never saw {missing:?} ({how}; {} console lines, last: {:?})",
+            check.lines(),
+            short(check.last_line())
+        ));
+    }
+    if let Some(complaint) = check.complaint() {
+        return Err(format!("guest kernel complained: {}", short(complaint)));
+    }
+    if vmm.timed_out {
+        return Err(
+            "the agent was ready but the VM did not end (oneshot) before the timeout".into(),
+        );
+    }
+    let end = vmm.ended.as_deref().unwrap_or("");
+    if !end.starts_with("Reset") {
+        return Err(format!(
+            "the VM did not end through a guest reset: {:?}",
+            short(end)
+        ));
+    }
+    if vmm.exit_code != Some(0) {
+        return Err(format!("sandboxer exited with {:?}", vmm.exit_code));
+    }
+    Ok(format!(
+        "all {} expected lines after {:.1}s, {} console lines",
+        check.expect.len(),
+        check.last_seen().unwrap_or_default().as_secs_f64(),
+        check.lines()
+    ))
+}
+
+/// At most 160 characters of `s`, on one line.
+pub fn short(s: &str) -> String {
+    let one_line: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    match one_line.char_indices().nth(160) {
+        Some((i, _)) => format!("{}...", one_line.get(..i).unwrap_or_default()),
+        None => one_line,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn case(name: &str) -> &'static BootCase {
+        find(name).unwrap()
+    }
+
+    fn ok_vmm() -> VmmOutcome {
+        VmmOutcome::from_stderr(
+            Some(0),
+            &["sandboxer: VM ended: Reset(TripleFault); start-up 1 ms".into()],
+        )
+    }
+
+    #[test]
+    fn names_are_unique_and_valid() {
+        for (i, c) in CASES.iter().enumerate() {
+            assert!(crate::cmdline::valid_test_name(c.name), "{}", c.name);
+            assert!(CASES[..i].iter().all(|o| o.name != c.name), "{}", c.name);
+            assert!(!c.expect.is_empty());
+        }
+    }
+
+    #[test]
+    fn sandboxer_arguments() {
+        let args = case("smp").sandboxer_args();
+        assert_eq!(args[..4], ["vm", "run", "--kernel", GUEST_VMLINUX]);
+        let at = args.iter().position(|a| a == "--cmdline").unwrap();
+        assert_eq!(args[at + 1], format!("{BASE_CMDLINE} loglevel=7"));
+        let at = args.iter().position(|a| a == "--vcpus").unwrap();
+        assert_eq!(args[at + 1], "2");
+        assert_eq!(case("agent-ready").cmdline(), BASE_CMDLINE);
+    }
+
+    #[test]
+    fn expected_lines_must_come_in_order() {
+        let mut c = ConsoleCheck::new(case("smp").expect);
+        c.line("sandboxer-agent: ready", ms(1));
+        c.line("[    0.5] smp: Brought up 1 node, 2 CPUs", ms(2));
+        assert!(!c.complete());
+        assert_eq!(c.missing(), Some("sandboxer-agent: ready"));
+        c.line("sandboxer-agent: ready\r", ms(3));
+        assert!(c.complete());
+        assert_eq!(c.last_seen(), Some(ms(3)));
+        assert!(verdict(&c, &ok_vmm()).is_ok());
+    }
+
+    #[test]
+    fn panic_fails_even_after_ready() {
+        let mut c = ConsoleCheck::new(case("bzimage").expect);
+        c.line("sandboxer-agent: ready", ms(1));
+        c.line("Kernel panic - not syncing: Attempted to kill init!", ms(2));
+        let e = verdict(&c, &ok_vmm()).unwrap_err();
+        assert!(e.contains("Attempted to kill init"), "{e}");
+    }
+
+    #[test]
+    fn missing_line_names_how_the_vm_ended() {
+        let mut c = ConsoleCheck::new(case("agent-ready").expect);
+        c.line("Linux version 6.12", ms(1));
+        c.line("", ms(2));
+        let timeout = VmmOutcome::from_stderr(
+            Some(0),
+            &[
+                "sandboxer: timeout after 60 s, stopping the VM".into(),
+                "sandboxer: VM ended: Stopped; start-up".into(),
+            ],
+        );
+        let e = verdict(&c, &timeout).unwrap_err();
+        assert!(e.contains("Run /init") && e.contains("timed out"), "{e}");
+        assert!(e.contains("Linux version 6.12"), "{e}");
+        let crashed =
+            VmmOutcome::from_stderr(Some(1), &["sandboxer: VM ended: Crashed(\"x\")".into()]);
+        let e = verdict(&c, &crashed).unwrap_err();
+        assert!(e.contains("Crashed"), "{e}");
+        let killed = VmmOutcome::from_stderr(None, &[]);
+        assert!(verdict(&c, &killed).unwrap_err().contains("killed"));
+    }
+
+    #[test]
+    fn ready_but_wrong_end_fails() {
+        let mut c = ConsoleCheck::new(case("bzimage").expect);
+        c.line("sandboxer-agent: ready", ms(1));
+        let stopped = VmmOutcome::from_stderr(
+            Some(0),
+            &[
+                "sandboxer: timeout after 60 s, stopping the VM".into(),
+                "sandboxer: VM ended: Stopped".into(),
+            ],
+        );
+        assert!(verdict(&c, &stopped).is_err());
+        let crashed =
+            VmmOutcome::from_stderr(Some(1), &["sandboxer: VM ended: Crashed(\"x\")".into()]);
+        assert!(verdict(&c, &crashed).is_err());
+        let bad_code = VmmOutcome::from_stderr(Some(3), &["sandboxer: VM ended: Reset(X)".into()]);
+        assert!(verdict(&c, &bad_code).is_err());
+        assert!(verdict(&c, &ok_vmm()).is_ok());
+    }
+
+    #[test]
+    fn kernel_complaints_fail_unless_known_noise() {
+        let mut c = ConsoleCheck::new(case("bzimage").expect);
+        c.line(
+            "[ 1.6] WARNING: CPU: 0 PID: 0 at fpu__init_system_xstate+0xac3/0xb70",
+            ms(1),
+        );
+        c.line("sandboxer-agent: ready", ms(2));
+        assert!(verdict(&c, &ok_vmm()).is_ok());
+        c.line(
+            "[ 2.0] WARNING: CPU: 0 PID: 1 at arch/x86/kernel/apic/apic.c:1",
+            ms(3),
+        );
+        c.line("[ 2.1] [Firmware Bug]: TSC_DEADLINE disabled", ms(4));
+        let e = verdict(&c, &ok_vmm()).unwrap_err();
+        assert!(e.contains("apic.c"), "{e}");
+    }
+
+    #[test]
+    fn short_cuts_and_flattens() {
+        assert_eq!(short("a\tb"), "a b");
+        let long = "x".repeat(200);
+        assert_eq!(short(&long).len(), 163);
+    }
+}
