@@ -14,9 +14,9 @@
 //!   guest-memory copies, used-ring updates) on a tmpfs file, against plain `pread` of the same
 //!   offsets from the same file. No KVM: the queue is driven in memory exactly as a guest would.
 //! - `sandbox-start`: the daemon (in this process, on a temporary socket) driven through the
-//!   containerd 2.x Sandbox API over gRPC: Create+Start until Start returns, p50/p99, with the
-//!   daemon's default VM shell pool, and process RSS growth per running sandbox with 1 and N
-//!   alive. The sandboxes boot the `spin` test guest (this host's KVM cannot run Linux).
+//!   containerd 2.x Sandbox API over gRPC (state dir on a tmpfs, like /run/sandboxer on a
+//!   standard host): Create+Start until Start returns, p50/p99, with the daemon's default VM
+//!   shell pool, and process RSS growth per running sandbox with 1 and N alive. The sandboxes boot the `spin` test guest (this host's KVM cannot run Linux).
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -268,10 +268,10 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     };
 
     test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
-    // State under /run like the daemon's default (/run/sandboxer, a tmpfs): records are
-    // fsynced, which costs milliseconds on a disk-backed directory.
-    let base = if std::path::Path::new("/run").is_dir() {
-        std::path::PathBuf::from("/run")
+    // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run is a
+    // tmpfs under systemd; on this development machine it is not, so use /dev/shm).
+    let base = if std::path::Path::new("/dev/shm").is_dir() {
+        std::path::PathBuf::from("/dev/shm")
     } else {
         std::env::temp_dir()
     };
