@@ -9,11 +9,15 @@
 //! - [`cri`]: the part of the CRI `runtime.v1` API that `Create`'s `options` carries
 //!   (`PodSandboxConfig`).
 //!
-//! Every set has tonic servers and clients; each message implements `prost::Name`, so
+//! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
+//!   (`sandboxer.agent.v1`), rust-protobuf messages with async servers and clients.
+//!
+//! The gRPC sets (feature `grpc`, the default) have tonic servers and clients; each message implements `prost::Name`, so
 //! `prost_types::Any::from_msg` gives it its full type URL.
 #![forbid(unsafe_code)]
 
 /// The containerd 2.x sandbox API.
+#[cfg(feature = "grpc")]
 #[allow(
     missing_docs,
     clippy::all,
@@ -46,6 +50,7 @@ pub mod v2 {
 }
 
 /// The seed / iSulad <= 2.1.5 / Kuasar < 1.0 sandbox API.
+#[cfg(feature = "grpc")]
 #[allow(
     missing_docs,
     clippy::all,
@@ -78,6 +83,7 @@ pub mod seed {
 }
 
 /// The CRI messages the sandboxer reads.
+#[cfg(feature = "grpc")]
 #[allow(
     missing_docs,
     clippy::all,
@@ -95,6 +101,37 @@ pub mod cri {
     pub use runtime::v1;
 }
 
+#[cfg(feature = "grpc")]
 pub use prost;
+#[cfg(feature = "grpc")]
 pub use prost_types;
+#[cfg(feature = "grpc")]
 pub use tonic;
+
+/// The agent's ttrpc services.
+#[cfg(feature = "ttrpc")]
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    non_upper_case_globals,
+    unused_imports,
+    unused_mut,
+    unused_qualifications,
+    clippy::all,
+    clippy::pedantic,
+    clippy::allow_attributes_without_reason,
+    reason = "generated code; the .proto files document the fields"
+)]
+pub mod agent {
+    /// `sandboxer.agent.v1`: messages of the `Control` service.
+    pub mod control {
+        include!(concat!(env!("OUT_DIR"), "/agent/control.rs"));
+    }
+    /// `sandboxer.agent.v1.Control`: async ttrpc server and client.
+    pub mod control_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent/control_ttrpc.rs"));
+    }
+}
+
+#[cfg(feature = "ttrpc")]
+pub use {protobuf, ttrpc};
