@@ -11,6 +11,7 @@
 
 pub mod cmdline;
 pub mod console;
+pub mod events;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
