@@ -120,6 +120,34 @@ pub struct VmMetrics {
     pub boot_time_ns: u64,
 }
 
+/// A block device slot that holds an image for a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedDisk {
+    /// Slot index (0-based) in the VM.
+    pub slot: u32,
+    /// Mount source the agent resolves to the guest device: `blk:<serial>` in a VM (serials are
+    /// `sbx-slot-<n>`), a device path (e.g. a loop device) for an agent on the host.
+    pub source: String,
+}
+
+/// What the host Task endpoint (`crate::task`) needs from a sandbox: the agent connection and
+/// the block slots. Implemented by every [`VmHandle`]; tests implement it over an agent
+/// running on the host (unix socket) with loop devices as "slots".
+#[async_trait]
+pub trait TaskTarget: Send + Sync + fmt::Debug {
+    /// The ttrpc client connected to the agent (shared: ttrpc multiplexes calls on one
+    /// connection; clone it freely). Fails if the VM has ended or has no agent.
+    fn agent(&self) -> Result<ttrpc::asynchronous::Client, BackendError>;
+    /// Puts `path` (an image file or a block device) into a free block slot.
+    async fn attach_disk(
+        &self,
+        path: &std::path::Path,
+        read_only: bool,
+    ) -> Result<AttachedDisk, BackendError>;
+    /// Empties a slot filled by [`TaskTarget::attach_disk`].
+    async fn detach_disk(&self, slot: u32) -> Result<(), BackendError>;
+}
+
 /// Starts VMs.
 #[async_trait]
 pub trait VmBackend: Send + Sync + 'static {
@@ -129,7 +157,7 @@ pub trait VmBackend: Send + Sync + 'static {
 
 /// A running (or ended) VM.
 #[async_trait]
-pub trait VmHandle: Send + Sync + fmt::Debug {
+pub trait VmHandle: TaskTarget {
     /// PID of the process that runs the VM.
     fn pid(&self) -> u32;
     /// How the VM ended, if it has.
@@ -243,6 +271,27 @@ impl VmBackend for KvmBackend {
 /// Thread names are limited to 15 bytes by Linux.
 fn short(id: &str) -> &str {
     id.get(..6).unwrap_or(id)
+}
+
+#[async_trait]
+impl TaskTarget for KvmHandle {
+    fn agent(&self) -> Result<ttrpc::asynchronous::Client, BackendError> {
+        Err(BackendError::Unsupported(
+            "the agent connection (not wired yet)",
+        ))
+    }
+
+    async fn attach_disk(
+        &self,
+        _: &std::path::Path,
+        _: bool,
+    ) -> Result<AttachedDisk, BackendError> {
+        Err(BackendError::Unsupported("block slots (not wired yet)"))
+    }
+
+    async fn detach_disk(&self, _: u32) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported("block slots (not wired yet)"))
+    }
 }
 
 #[async_trait]
@@ -523,6 +572,25 @@ pub mod fake {
     /// The boxed handle given to the service; shares the [`FakeVmHandle`] with the test.
     #[derive(Debug)]
     struct SharedFake(Arc<FakeVmHandle>);
+
+    #[async_trait]
+    impl TaskTarget for SharedFake {
+        fn agent(&self) -> Result<ttrpc::asynchronous::Client, BackendError> {
+            Err(BackendError::Unsupported("a fake VM has no agent"))
+        }
+
+        async fn attach_disk(
+            &self,
+            _: &std::path::Path,
+            _: bool,
+        ) -> Result<AttachedDisk, BackendError> {
+            Err(BackendError::Unsupported("a fake VM has no block slots"))
+        }
+
+        async fn detach_disk(&self, _: u32) -> Result<(), BackendError> {
+            Err(BackendError::Unsupported("a fake VM has no block slots"))
+        }
+    }
 
     #[async_trait]
     impl VmHandle for SharedFake {
