@@ -16,7 +16,9 @@
 //! - `sandbox-start`: the daemon (in this process, on a temporary socket) driven through the
 //!   containerd 2.x Sandbox API over gRPC (state dir on a tmpfs, like /run/sandboxer on a
 //!   standard host): Create+Start until Start returns, p50/p99, with the daemon's default VM
-//!   shell pool, and process RSS growth per running sandbox with 1 and N alive. The sandboxes boot the `spin` test guest (this host's KVM cannot run Linux).
+//!   shell pool, and process RSS growth per running sandbox with 1 and N alive. The sandboxes
+//!   boot the `virtio` test guest in agent mode (this host's KVM cannot run Linux): Start
+//!   returns after the guest's ready signal over vsock and the agent's SyncClock and Setup.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -285,7 +287,21 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     };
     config.api.socket = dir.join("api.sock");
     config.api.seed_socket = "".into();
-    config.vm.kernel = Guest::Spin.elf().to_path_buf();
+    // The `virtio` guest's agent mode stands in for the guest agent: Start includes its ready
+    // signal over vsock, the ttrpc connection, SyncClock and Setup; Stop's Control.Shutdown
+    // ends the VM, as the real agent does. The guest ignores the initramfs, but the daemon
+    // needs one.
+    config.vm.kernel = Guest::Virtio.elf().to_path_buf();
+    config.vm.cmdline = test_guests::agent::cmdline(
+        vmm::config::DEFAULT_CMDLINE,
+        &[
+            test_guests::agent::QUIET,
+            test_guests::agent::EXIT_ON_SHUTDOWN,
+        ],
+    );
+    let initramfs = dir.join("initramfs.img");
+    std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
+    config.vm.initramfs = initramfs;
     config.vm.mem_mib = o.mem_mib;
     let pool_depth = usize::try_from(config.vm.pool_depth)?;
 
@@ -381,7 +397,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
             for i in 0..count {
                 create_start(&mut client, &format!("alive-{count}-{i}")).await?;
             }
-            // Let every guest get going (the spin guest prints and spins).
+            // Every guest is up (Start returned after its agent's Setup) and waits in hlt.
             tokio::time::sleep(Duration::from_millis(200)).await;
             let after = procstat::rss_kib();
             per_sandbox.push(after.saturating_sub(before) as f64 / count as f64);
@@ -398,7 +414,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     let (samples, per_sandbox) = result?;
     let s = Summary::of(&samples);
     println!(
-        "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \"spin\", {} MiB, pool depth {pool_depth}",
+        "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \"virtio\" in agent mode (Start includes READY, SyncClock, Setup), {} MiB, pool depth {pool_depth}",
         o.iterations, o.mem_mib
     );
     println!("{:<36} {:>10} {:>10}", "", "p50 ms", "p99 ms");
@@ -407,7 +423,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         "Create+Start -> Start returned", s.p50_ms, s.p99_ms
     );
     println!(
-        "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {} alive (includes guest pages the spin guest touched)",
+        "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {} alive (includes guest pages the guest touched)",
         per_sandbox[0], per_sandbox[1], o.alive
     );
     let out = json!({
