@@ -158,6 +158,7 @@ pub trait VirtioDevice: Send + Debug {
 pub(crate) mod base;
 pub mod block;
 pub mod chain;
+pub(crate) mod ring;
 pub mod net;
 pub mod transport;
 
