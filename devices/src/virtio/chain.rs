@@ -532,7 +532,8 @@ impl ChainBuffers {
                 .0
                 .checked_add(u64::from(last.len.checked_sub(1)?))?,
         );
-        view.check_range(addr, 1).then_some(addr)
+        // With no segment outside memory recorded, the last one is known to be in memory.
+        (self.invalid.is_none() || view.check_range(addr, 1)).then_some(addr)
     }
 
     /// Copies readable bytes starting at logical `offset` into `buf`.

@@ -46,6 +46,9 @@ pub(crate) struct RingPass<'q, 'a> {
     avail_ring: u64,
     used_ring: u64,
     size: u16,
+    /// `size - 1` when `size` is a power of two (always, for a queue the transport accepted):
+    /// ring slots are then a mask away instead of a division.
+    mask: Option<u16>,
     next_avail: Wrapping<u16>,
     /// The last available index read from the ring.
     avail_idx: Wrapping<u16>,
@@ -70,6 +73,10 @@ impl<'q, 'a> RingPass<'q, 'a> {
             avail_ring,
             used_ring: queue.used_ring(),
             size: queue.size(),
+            mask: queue
+                .size()
+                .is_power_of_two()
+                .then(|| queue.size().wrapping_sub(1)),
             next_avail,
             avail_idx: next_avail,
             next_used,
@@ -78,6 +85,15 @@ impl<'q, 'a> RingPass<'q, 'a> {
             view,
             queue,
         })
+    }
+
+    /// The ring slot of free-running index `idx`.
+    #[inline]
+    fn slot(&self, idx: Wrapping<u16>) -> Result<u16, QueueError> {
+        match self.mask {
+            Some(mask) => Ok(idx.0 & mask),
+            None => idx.0.checked_rem(self.size).ok_or(QueueError::InvalidSize),
+        }
     }
 
     /// Reads the available index, rejecting one more than the queue size ahead of the device
@@ -107,11 +123,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
                 return Ok(None);
             }
         }
-        let slot = self
-            .next_avail
-            .0
-            .checked_rem(self.size)
-            .ok_or(QueueError::InvalidSize)?;
+        let slot = self.slot(self.next_avail)?;
         let addr = RING_HEADER
             .checked_add(u64::from(slot).saturating_mul(AVAIL_ELEM))
             .and_then(|off| self.avail_ring.checked_add(off))
@@ -139,11 +151,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
         if head >= self.size {
             return Err(QueueError::InvalidDescriptorIndex);
         }
-        let slot = self
-            .next_used
-            .0
-            .checked_rem(self.size)
-            .ok_or(QueueError::InvalidSize)?;
+        let slot = self.slot(self.next_used)?;
         let addr = RING_HEADER
             .checked_add(u64::from(slot).saturating_mul(USED_ELEM))
             .and_then(|off| self.used_ring.checked_add(off))
