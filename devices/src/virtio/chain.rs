@@ -415,6 +415,7 @@ impl ChainBuffers {
 
     /// [`ChainBuffers::walk`] into `self` (emptied first), reusing its storage: the device
     /// hot path keeps one and gathers every request into it.
+    #[inline]
     pub fn walk_into(
         &mut self,
         view: &GuestView<'_>,
@@ -508,6 +509,7 @@ impl ChainBuffers {
     }
 
     /// Fails if any segment lies outside guest memory.
+    #[inline]
     pub fn check_in_memory(&self) -> Result<(), ChainError> {
         match self.invalid {
             Some(seg) => Err(ChainError::OutOfRange {
@@ -525,6 +527,7 @@ impl ChainBuffers {
     }
 
     /// [`ChainBuffers::last_writable_byte`] through a [`GuestView`].
+    #[inline]
     pub fn last_writable_byte_in(&self, view: &GuestView<'_>) -> Option<GuestAddress> {
         let last = self.writable().last()?;
         let addr = GuestAddress(
@@ -547,6 +550,7 @@ impl ChainBuffers {
     }
 
     /// [`ChainBuffers::read_at`] through a [`GuestView`].
+    #[inline]
     pub fn read_at_in(
         &self,
         view: &GuestView<'_>,
@@ -605,6 +609,7 @@ impl ChainBuffers {
     }
 
     /// Calls `f` with the guest ranges that make up readable bytes `[offset, offset + len)`.
+    #[inline]
     pub fn for_each_readable<E, F>(&self, offset: u64, len: u64, f: F) -> Result<(), E>
     where
         E: From<ChainError>,
@@ -614,6 +619,7 @@ impl ChainBuffers {
     }
 
     /// Calls `f` with the guest ranges that make up writable bytes `[offset, offset + len)`.
+    #[inline]
     pub fn for_each_writable<E, F>(&self, offset: u64, len: u64, f: F) -> Result<(), E>
     where
         E: From<ChainError>,

@@ -378,6 +378,7 @@ impl VirtioBlock {
     }
 
     /// Parses and executes one gathered chain, writes its status, returns the used length.
+    #[inline]
     fn handle_chain(
         &mut self,
         chain: Result<&ChainBuffers, ChainError>,
@@ -419,6 +420,7 @@ impl VirtioBlock {
     }
 
     /// Executes a parsed request; returns the bytes written to guest data buffers.
+    #[inline]
     fn execute(
         &mut self,
         req: &Request<&ChainBuffers>,
@@ -544,6 +546,7 @@ const FROM_GUEST: bool = false;
 ///
 /// The direction is a const parameter so that each direction compiles to its own straight-line
 /// copy loop, as two hand-written functions would (this is the block hot path).
+#[inline]
 fn copy_data<const IN: bool>(
     disk: &mut Disk,
     bounce: &mut Vec<u8>,

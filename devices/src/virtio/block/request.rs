@@ -159,6 +159,7 @@ impl Request {
 impl<'b> Request<&'b ChainBuffers> {
     /// Parses a request from a gathered chain (the device's path: see
     /// [`ChainBuffers::walk_into`]); `view` is the guest memory the chain was gathered from.
+    #[inline]
     pub fn parse_buffers(bufs: &'b ChainBuffers, view: &GuestView<'_>) -> Result<Self, BadRequest> {
         let Some(status) = bufs.last_writable_byte_in(view) else {
             return Err(BadRequest {
