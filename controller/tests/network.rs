@@ -276,6 +276,9 @@ async fn attach_plans_and_redirects_then_teardown_leaves_nothing() {
     assert!(tap.contains("tun type tap"), "{tap}");
     assert!(tap.contains(",UP"), "{tap}");
     run(&["ip", "link", "show", &nic.tap_name]).unwrap_err();
+    // The pod netns does not talk IPv6 on the tap (that would reach the guest).
+    let tap_addrs = must(&["ip", "-n", &net.pod, "addr", "show", "dev", &nic.tap_name]);
+    assert!(!tap_addrs.contains("inet6"), "{tap_addrs}");
     let dummy = must(&["tc", "-n", &net.pod, "qdisc", "show", "dev", "br0"]);
     assert!(!dummy.contains("ingress"), "{dummy}");
 

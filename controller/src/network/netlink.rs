@@ -278,6 +278,7 @@ async fn attach_one(
         name: name.clone(),
         source,
     })?;
+    disable_ipv6(&name);
     let tap_link =
         link_by_name(handle, &name)
             .await?
@@ -321,6 +322,19 @@ async fn attach_one(
         addresses: Vec::new(),
         tap: Some(tap),
     })
+}
+
+/// Turns IPv6 off on a tap before it goes up: otherwise the pod netns gives it a link-local
+/// address and sends router solicitations and MLD reports through it, straight to the guest.
+/// Runs on the netns thread, where `/proc/sys/net` is the pod netns's. Best effort: without
+/// IPv6 in the kernel there is nothing to turn off.
+fn disable_ipv6(tap: &str) {
+    let path = format!("/proc/sys/net/ipv6/conf/{tap}/disable_ipv6");
+    match std::fs::write(&path, b"1") {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(error = %e, "cannot turn IPv6 off on {tap}"),
+    }
 }
 
 /// Undoes `attach_one` for each NIC, logging what cannot be undone.
