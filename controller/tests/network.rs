@@ -224,7 +224,7 @@ fn assert_clean(net: &TestNet) {
     let links = must(&["ip", "-n", &net.pod, "-o", "link", "show"]);
     assert!(!links.contains("tap_"), "tap left behind:\n{links}");
     assert!(links.contains("eth0"), "{links}");
-    let qdiscs = must(&["tc", "-n", &net.pod, "qdisc", "show", "dev", "eth0"]);
+    let qdiscs = must(&["tc", "-n", &net.pod, "qdisc", "show"]);
     assert!(!qdiscs.contains("ingress"), "ingress qdisc left:\n{qdiscs}");
 }
 
@@ -486,6 +486,108 @@ async fn bad_netns_paths_are_clear_errors() {
     // Teardown-side helpers treat a vanished netns as nothing left to clean.
     let report = network::cleanup_leftovers(missing, "x").await.unwrap();
     assert_eq!(report, network::CleanupReport::default());
+}
+
+/// An attach whose caller gives up (its future is dropped) undoes itself once it finishes.
+#[tokio::test]
+async fn cancelled_attach_leaves_nothing() {
+    let Some(net) = setup("cancelled_attach_leaves_nothing") else {
+        return;
+    };
+    let path = net.pod_path();
+    let attach = network::attach(&path, "cancelled");
+    // Polled once (the netns thread starts), then dropped.
+    tokio::time::timeout(Duration::ZERO, attach)
+        .await
+        .unwrap_err();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let links = must(&["ip", "-n", &net.pod, "-o", "link", "show"]);
+        let qdiscs = must(&["tc", "-n", &net.pod, "qdisc", "show"]);
+        if !links.contains("tap_") && !qdiscs.contains("ingress") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cancelled attach left:\n{links}\n{qdiscs}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the netns is usable again.
+    let again = network::attach(&net.pod_path(), "cancelled").await.unwrap();
+    again.teardown().await.unwrap();
+    assert_clean(&net);
+}
+
+/// A pod with two veths gets two NICs, each with its own tap, redirects and routes.
+#[tokio::test]
+async fn two_veths_in_one_pod() {
+    let Some(net) = setup("two_veths_in_one_pod") else {
+        return;
+    };
+    let (pod, peer, n) = (net.pod.as_str(), net.peer.as_str(), net.n);
+    let addr = format!("10.125.{n}.2/24");
+    let gw = format!("10.125.{n}.1");
+    for step in [
+        vec![
+            "ip", "-n", pod, "link", "add", "eth1", "type", "veth", "peer", "name", "peer1",
+            "netns", peer,
+        ],
+        vec!["ip", "-n", pod, "link", "set", "eth1", "mtu", "9000", "up"],
+        vec!["ip", "-n", pod, "addr", "add", &addr, "dev", "eth1"],
+        vec![
+            "ip",
+            "-n",
+            pod,
+            "route",
+            "add",
+            "10.126.0.0/16",
+            "via",
+            &gw,
+            "dev",
+            "eth1",
+        ],
+    ] {
+        must(&step);
+    }
+    let mut pod_net = network::attach(&net.pod_path(), "multi").await.unwrap();
+    let nics: Vec<(&str, &str, u32)> = pod_net
+        .nics()
+        .iter()
+        .map(|n| (n.veth.as_str(), n.tap_name.as_str(), n.mtu))
+        .collect();
+    assert_eq!(
+        nics,
+        [("eth0", "tap_0_multi", MTU), ("eth1", "tap_1_multi", 9000)]
+    );
+    assert_eq!(pod_net.nics()[1].addresses[0].to_string(), addr);
+    let f = must(&["tc", "-n", pod, "filter", "show", "dev", "eth1", "ingress"]);
+    assert!(f.contains("Redirect to device tap_1_multi"), "{f}");
+    let f = must(&[
+        "tc",
+        "-n",
+        pod,
+        "filter",
+        "show",
+        "dev",
+        "tap_1_multi",
+        "ingress",
+    ]);
+    assert!(f.contains("Redirect to device eth1"), "{f}");
+    let tap = must(&["ip", "-n", pod, "link", "show", "tap_1_multi"]);
+    assert!(tap.contains("mtu 9000"), "{tap}");
+    assert!(
+        pod_net.routes().iter().any(|r| r.device == "eth1"
+            && r.gateway.map(|g| g.to_string()) == Some(gw.clone())
+            && r.destination.map(|d| d.to_string()).as_deref() == Some("10.126.0.0/16")),
+        "{:?}",
+        pod_net.routes()
+    );
+    let configs = pod_net.take_device_configs();
+    assert_eq!(configs.len(), 2);
+    pod_net.teardown().await.unwrap();
+    drop(configs);
+    assert_clean(&net);
 }
 
 #[tokio::test]

@@ -182,12 +182,16 @@ pub struct PodNetwork {
 /// Connects every veth of the pod netns at `netns_path` to a new tap and returns the plan.
 ///
 /// Links other than veths (and `lo`) are left alone and logged. A netns without veths gives a
-/// `PodNetwork` without NICs. On failure, whatever was set up is removed again.
+/// `PodNetwork` without NICs. On failure, whatever was set up is removed again; so it is when
+/// the returned future is dropped before it completes (e.g. a cancelled gRPC call).
 pub async fn attach(netns_path: &Path, sandbox_id: &str) -> Result<PodNetwork, NetworkError> {
     let ns = netns::NetnsFile::open(netns_path)?;
     let sid = sandbox_id.to_string();
     let (nics, routes) = ns
-        .run(move |handle| async move { netlink::attach(handle, &sid).await })
+        .run(
+            move |handle| async move { netlink::attach(handle, &sid).await },
+            |handle, (nics, _routes)| async move { netlink::rollback(&handle, nics).await },
+        )
         .await?;
     Ok(PodNetwork {
         netns_path: netns_path.to_path_buf(),
@@ -213,8 +217,11 @@ pub async fn cleanup_leftovers(
         Err(e) => return Err(e),
     };
     let sid = sandbox_id.to_string();
-    ns.run(move |handle| async move { netlink::cleanup_leftovers(handle, &sid).await })
-        .await
+    ns.run(
+        move |handle| async move { netlink::cleanup_leftovers(handle, &sid).await },
+        |_, _| async {},
+    )
+    .await
 }
 
 /// What [`cleanup_leftovers`] removed.
@@ -330,8 +337,11 @@ impl PodNetwork {
                 tap_name: nic.tap_name.clone(),
             })
             .collect();
-        ns.run(move |handle| async move { netlink::teardown(handle, &targets).await })
-            .await
+        ns.run(
+            move |handle| async move { netlink::teardown(handle, &targets).await },
+            |_, ()| async {},
+        )
+        .await
     }
 }
 

@@ -338,7 +338,7 @@ fn disable_ipv6(tap: &str) {
 }
 
 /// Undoes `attach_one` for each NIC, logging what cannot be undone.
-async fn rollback(handle: &Handle, nics: Vec<PodNic>) {
+pub(super) async fn rollback(handle: &Handle, nics: Vec<PodNic>) {
     for nic in nics {
         if let Err(e) = del_ingress(handle, nic.veth_index, &nic.veth).await {
             warn!(error = %e, "cannot undo the ingress qdisc on {}", nic.veth);

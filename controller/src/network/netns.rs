@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use nix::sched::{CloneFlags, setns};
 use nix::sys::statfs::{NSFS_MAGIC, statfs};
 use rtnetlink::Handle;
+use tokio::sync::oneshot;
+use tracing::warn;
 
 use super::NetworkError;
 
@@ -70,52 +72,71 @@ impl NetnsFile {
     /// Runs `work` inside the netns on a dedicated thread, with a netlink connection opened
     /// there, and returns its result.
     ///
-    /// If the caller stops waiting, the work still finishes and its result is dropped (taps
-    /// it opened are closed, so they vanish).
-    pub(super) async fn run<T, F, Fut>(self, work: F) -> Result<T, NetworkError>
+    /// If the caller stops waiting (its future is dropped), the work still finishes, and
+    /// then `undo` gets its successful result on the same thread and netns, so nothing
+    /// the work set up is left behind.
+    pub(super) async fn run<T, F, Fut, U, UFut>(self, work: F, undo: U) -> Result<T, NetworkError>
     where
         T: Send + 'static,
         F: FnOnce(Handle) -> Fut + Send + 'static,
         Fut: Future<Output = Result<T, NetworkError>>,
+        U: FnOnce(Handle, T) -> UFut + Send + 'static,
+        UFut: Future<Output = ()>,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
             .name("sbx-netns".to_string())
-            .spawn(move || {
-                let result = self.enter_and_run(work);
-                // A closed receiver means nobody waits any more: dropping the result is the
-                // cleanup.
-                let _ = tx.send(result);
-            })
+            .spawn(move || self.enter_and_run(work, undo, tx))
             .map_err(NetworkError::SpawnThread)?;
         rx.await.map_err(|_| NetworkError::ThreadDied)?
     }
 
     /// The body of the netns thread.
-    fn enter_and_run<T, F, Fut>(self, work: F) -> Result<T, NetworkError>
-    where
+    fn enter_and_run<T, F, Fut, U, UFut>(
+        self,
+        work: F,
+        undo: U,
+        tx: oneshot::Sender<Result<T, NetworkError>>,
+    ) where
         F: FnOnce(Handle) -> Fut,
         Fut: Future<Output = Result<T, NetworkError>>,
+        U: FnOnce(Handle, T) -> UFut,
+        UFut: Future<Output = ()>,
     {
-        setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-            NetworkError::EnterNetns {
+        if let Err(source) = setns(self.file.as_fd(), CloneFlags::CLONE_NEWNET) {
+            let _ = tx.send(Err(NetworkError::EnterNetns {
                 netns_path: self.path.clone(),
                 source,
-            }
-        })?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
+            }));
+            return;
+        }
+        let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
-            .map_err(NetworkError::Runtime)?;
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                let _ = tx.send(Err(NetworkError::Runtime(e)));
+                return;
+            }
+        };
         runtime.block_on(async move {
             // The socket is created here, after setns: it belongs to the pod netns.
-            let (connection, handle, _) =
-                rtnetlink::new_connection().map_err(NetworkError::NetlinkSocket)?;
+            let (connection, handle, _) = match rtnetlink::new_connection() {
+                Ok(c) => c,
+                Err(e) => {
+                    let _ = tx.send(Err(NetworkError::NetlinkSocket(e)));
+                    return;
+                }
+            };
             let conn_task = tokio::spawn(connection);
-            let result = work(handle).await;
+            let result = work(handle.clone()).await;
+            if let Err(Ok(abandoned)) = tx.send(result) {
+                warn!("network namespace work abandoned by its caller: undoing it");
+                undo(handle, abandoned).await;
+            }
             conn_task.abort();
-            result
-        })
+        });
     }
 }
 
