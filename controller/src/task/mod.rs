@@ -90,7 +90,8 @@ fn services(endpoint: Arc<Endpoint>) -> HashMap<String, Service> {
 
 /// One sandbox's Task endpoint, serving until [`TaskServer::shutdown`].
 pub struct TaskServer {
-    server: ttrpc::asynchronous::Server,
+    /// In a mutex only to make the endpoint `Sync` (the server is not); used once, at shutdown.
+    server: std::sync::Mutex<ttrpc::asynchronous::Server>,
     socket: PathBuf,
     endpoint: Arc<Endpoint>,
     events: tokio::task::JoinHandle<()>,
@@ -136,7 +137,7 @@ impl TaskServer {
         ));
         tracing::info!("Serving the Task API on {}", socket.display());
         Ok(Self {
-            server,
+            server: std::sync::Mutex::new(server),
             socket: socket.to_owned(),
             endpoint,
             events,
@@ -160,9 +161,13 @@ impl TaskServer {
 
     /// Stops serving, removes the socket, detaches every slot it attached and drops its
     /// images. Containers in the VM are not touched (the VM's end is the caller's).
-    pub async fn shutdown(mut self) {
+    pub async fn shutdown(self) {
         self.events.abort();
-        if let Err(e) = self.server.shutdown().await {
+        let mut server = self
+            .server
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = server.shutdown().await {
             tracing::warn!("Stopping the Task server: {e}");
         }
         if let Err(e) = std::fs::remove_file(&self.socket)
@@ -249,5 +254,15 @@ mod tests {
         }
         server.shutdown().await;
         assert!(!sock.exists());
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    #[test]
+    fn task_server_can_live_in_shared_state() {
+        fn check<T: Send + Sync>() {}
+        check::<super::TaskServer>();
+        check::<super::TaskOptions>();
     }
 }
