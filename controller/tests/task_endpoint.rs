@@ -918,6 +918,12 @@ async fn endpoint_logic_against_a_fake_agent() {
         .unwrap();
     let (code, msg) = code_of(r);
     assert_eq!(code, Code::UNAVAILABLE, "{msg}");
+    // With the VM gone, Delete frees the container's slots and says there is nothing left.
+    let (code, msg) = code_of(delete(&c, "c1").await);
+    assert_eq!(code, Code::NOT_FOUND, "{msg}");
+    assert!(msg.contains("is gone with its VM"), "{msg}");
+    assert_eq!(target.slots.lock().unwrap().len(), 1);
+    assert_eq!(server.container_ids(), vec!["c2".to_owned()]);
 
     server.shutdown().await;
     assert!(target.slots.lock().unwrap().is_empty());

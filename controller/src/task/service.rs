@@ -467,7 +467,10 @@ impl Endpoint {
         req: DeleteRequest,
     ) -> Result<DeleteResponse, TaskError> {
         let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
-        let result = bounded("Delete", timeout, self.task()?.delete(c, &req)).await;
+        let result = match self.task() {
+            Ok(task) => bounded("Delete", timeout, task.delete(c, &req)).await,
+            Err(e) => Err(e),
+        };
         if !req.exec_id.is_empty() {
             return result;
         }
@@ -475,22 +478,35 @@ impl Endpoint {
             Ok(_) => true,
             // The agent does not know it (any more): nothing in the VM uses the slots.
             Err(TaskError::Agent(s)) => s.code() == ttrpc::Code::NOT_FOUND,
+            // The VM (or its agent connection) is gone, and the container with it.
+            Err(TaskError::NoAgent(_) | TaskError::AgentUnreachable { .. }) => true,
             Err(_) => false,
         };
-        if gone {
-            let entry = {
-                let mut containers = self.containers.lock().expect("poisoned");
-                match containers.get(&req.id) {
-                    Some(Entry::Ready(_)) => containers.remove(&req.id),
-                    _ => None,
-                }
-            };
-            if let Some(Entry::Ready(c)) = entry {
-                self.release(&req.id, c.resources).await;
-                tracing::info!("Deleted container {}", req.id);
-            }
+        if !gone {
+            return result;
         }
-        result
+        let entry = {
+            let mut containers = self.containers.lock().expect("poisoned");
+            match containers.get(&req.id) {
+                Some(Entry::Ready(_)) => containers.remove(&req.id),
+                _ => None,
+            }
+        };
+        let Some(Entry::Ready(c)) = entry else {
+            return result;
+        };
+        self.release(&req.id, c.resources).await;
+        tracing::info!("Deleted container {}", req.id);
+        match result {
+            Err(e @ (TaskError::NoAgent(_) | TaskError::AgentUnreachable { .. })) => {
+                // NOT_FOUND tells the engine there is nothing left to delete.
+                Err(TaskError::Agent(ttrpc::get_status(
+                    ttrpc::Code::NOT_FOUND,
+                    format!("Container {:?} is gone with its VM: {}", req.id, e.chain()),
+                )))
+            }
+            other => other,
+        }
     }
 
     async fn state(
