@@ -153,7 +153,8 @@ pub fn plan(mounts: &[Mount], root_dir: Option<&Path>) -> Result<RootfsPlan, Tas
         return Ok(RootfsPlan::Block {
             path,
             fs_type: fs_type.to_owned(),
-            read_only: has_option(m, "ro"),
+            // erofs cannot be written; the guest mounts it read-only whatever the options say.
+            read_only: has_option(m, "ro") || fs_type == "erofs",
         });
     }
     Err(TaskError::invalid(
@@ -496,6 +497,14 @@ mod tests {
                 read_only: true
             }
         );
+        let p = plan(&[mount("erofs", &img.display().to_string(), &[])], None).unwrap();
+        assert!(matches!(
+            p,
+            RootfsPlan::Block {
+                read_only: true,
+                ..
+            }
+        ));
         let p = plan(&[], Some(&l2)).unwrap();
         assert_eq!(p, RootfsPlan::Directory(l2.clone()));
 
