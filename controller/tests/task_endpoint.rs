@@ -41,7 +41,13 @@ use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::{Client, TaskClient};
 use controller::backend::{AttachedDisk, BackendError, TaskTarget};
 use controller::task::{ImageCache, TaskOptions, TaskServer};
+use proto::agent::stream_data::{Data, WindowUpdate};
+use proto::agent::streaming::StreamInit;
+use proto::agent::streaming_ttrpc::StreamingClient;
+use proto::protobuf::Message as _;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
 use ttrpc::Code;
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -101,7 +107,14 @@ fn preconditions() -> Option<Env> {
         skip("needs /bin/busybox (apt-get install busybox-static)");
         return None;
     }
-    for tool in ["mkfs.erofs", "mkfs.ext4", "losetup", "mknod", "debugfs"] {
+    for tool in [
+        "mkfs.erofs",
+        "mkfs.ext4",
+        "losetup",
+        "mknod",
+        "mkfifo",
+        "debugfs",
+    ] {
         if !have(tool) {
             skip(&format!(
                 "needs {tool} (erofs-utils, e2fsprogs, util-linux)"
@@ -409,6 +422,36 @@ async fn delete(
     c.delete(ctx(), &r).await
 }
 
+fn pack(
+    type_url: &str,
+    msg: &impl proto::protobuf::Message,
+) -> proto::protobuf::well_known_types::any::Any {
+    let mut any = proto::protobuf::well_known_types::any::Any::new();
+    any.type_url = type_url.to_owned();
+    any.value = msg.write_to_bytes().unwrap();
+    any
+}
+
+async fn read_to_end(mut r: pipe::Receiver) -> String {
+    let mut out = String::new();
+    r.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Reads `path` until it holds `want` (output is copied a little after the process exits),
+/// for at most 10 s; returns what it holds then.
+async fn eventually_read(path: &Path, want: &str) -> String {
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        if text == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    text
+}
+
 /// The container's checks: each failing test exits with its own code.
 const MERGED_VIEW_CHECKS: &str = r#"
 test "$(cat /data/keep)" = from-l2 || exit 11
@@ -592,6 +635,21 @@ async fn task_endpoint_end_to_end() {
     c.exec(ctx(), &exec).await.expect("exec");
     start(&c, "second", "x1").await;
     assert_eq!(wait(&c, "second", "x1").await, 7);
+    // An exec process whose stdout is a plain host file.
+    let exec_log = d.join("exec.log");
+    let mut exec2 = exec.clone();
+    exec2.exec_id = "x2".into();
+    exec2.stdout = exec_log.display().to_string();
+    let mut spec2 = exec2.spec.clone().unwrap();
+    spec2.value = serde_json::to_vec(&json!({
+        "args": ["echo", "exec-out"], "cwd": "/", "env": ["PATH=/bin"], "user": {"uid": 0, "gid": 0}
+    }))
+    .unwrap();
+    exec2.spec = Some(spec2).into();
+    c.exec(ctx(), &exec2).await.expect("exec with stdout");
+    start(&c, "second", "x2").await;
+    assert_eq!(wait(&c, "second", "x2").await, 0);
+    assert_eq!(eventually_read(&exec_log, "exec-out\n").await, "exec-out\n");
     let mut pids = PidsRequest::new();
     pids.id = "second".into();
     assert!(
@@ -610,6 +668,93 @@ async fn task_endpoint_end_to_end() {
     kill.signal = 9;
     c.kill(ctx(), &kill).await.expect("kill");
     assert_eq!(wait(&c, "second", "").await, 137);
+
+    // --- FIFO stdio (io_type = "fifo"): stdin and stdout FIFOs, stderr a plain file. ---
+    let fifo_in = d.join("fifo-in");
+    let fifo_out = d.join("fifo-out");
+    let err_log = d.join("err.log");
+    run(Command::new("mkfifo").arg(&fifo_in).arg(&fifo_out));
+    let out_reader = pipe::OpenOptions::new().open_receiver(&fifo_out).unwrap();
+    let reading = tokio::spawn(read_to_end(out_reader));
+    let bundle_f = host_bundle(
+        d,
+        "fifo",
+        &["sh", "-c", "echo out-line; echo err-line >&2; cat; exit 4"],
+        &[],
+    );
+    let mut req = create_req(
+        "fifo",
+        &bundle_f,
+        vec![mount("overlay", "overlay", &opts_b)],
+    );
+    req.stdin = fifo_in.display().to_string();
+    req.stdout = fifo_out.display().to_string();
+    req.stderr = err_log.display().to_string();
+    c.create(ctx(), &req).await.expect("create with FIFO stdio");
+    let mut stdin = pipe::OpenOptions::new().open_sender(&fifo_in).unwrap();
+    stdin.write_all(b"ping\n").await.unwrap();
+    drop(stdin);
+    start(&c, "fifo", "").await;
+    assert_eq!(wait(&c, "fifo", "").await, 4);
+    let out = tokio::time::timeout(Duration::from_secs(20), reading)
+        .await
+        .expect("stdout FIFO reaches EOF")
+        .unwrap();
+    assert_eq!(out, "out-line\nping\n");
+    assert_eq!(eventually_read(&err_log, "err-line\n").await, "err-line\n");
+    delete(&c, "fifo").await.expect("delete fifo");
+
+    // --- Streaming stdio (io_type = "streaming"): containerd opens the stream here. ---
+    let streaming = StreamingClient::new(
+        Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap(),
+    );
+    let stream = streaming
+        .stream(ttrpc::context::Context::default())
+        .await
+        .expect("open a stream on task.sock");
+    let (stx, mut srx) = stream.split();
+    let mut init = StreamInit::new();
+    init.id = "streamed-stdout".into();
+    stx.send(&pack("containerd.services.streaming.v1.StreamInit", &init))
+        .await
+        .unwrap();
+    let ack = srx.recv().await.expect("StreamInit answered");
+    assert_eq!(ack.type_url, "google.protobuf.Empty");
+    let bundle_s = host_bundle(d, "streamed", &["sh", "-c", "echo via-stream"], &[]);
+    let mut req = create_req(
+        "streamed",
+        &bundle_s,
+        vec![mount("overlay", "overlay", &opts_b)],
+    );
+    req.stdout = format!(
+        "ttrpc+unix://{}?streaming_id=streamed-stdout",
+        sock.display()
+    );
+    c.create(ctx(), &req)
+        .await
+        .expect("create with a stdout stream");
+    let mut grant = WindowUpdate::new();
+    grant.update = 65536;
+    stx.send(&pack("containerd.types.transfer.WindowUpdate", &grant))
+        .await
+        .unwrap();
+    start(&c, "streamed", "").await;
+    let received = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut got = Vec::new();
+        while let Ok(any) = srx.recv().await {
+            if any.type_url == "containerd.types.transfer.Data" {
+                got.extend(Data::parse_from_bytes(&any.value).unwrap().data);
+            }
+        }
+        String::from_utf8(got).unwrap()
+    })
+    .await
+    .expect("the stream ends after the output");
+    assert_eq!(received, "via-stream\n");
+    assert_eq!(wait(&c, "streamed", "").await, 0);
+    delete(&c, "streamed").await.expect("delete streamed");
 
     // --- Delete frees slots and images. ---
     assert_eq!(
@@ -717,10 +862,16 @@ async fn task_endpoint_end_to_end() {
     );
     assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
     assert!(msg.contains("rootfs[0]"), "{msg}");
+    let lonely = d.join("fifo-no-reader");
+    run(Command::new("mkfifo").arg(&lonely));
     let mut with_stdio = create_req("stdio", &bundle_b, overlay.clone());
-    with_stdio.stdout = d.join("out").display().to_string();
+    with_stdio.stdout = lonely.display().to_string();
     let (code, msg) = code_of(c.create(ctx(), &with_stdio).await);
-    assert_eq!(code, Code::UNIMPLEMENTED, "{msg}");
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(
+        msg.contains("stdout") && msg.contains("has no reader"),
+        "{msg}"
+    );
     let (code, msg) = code_of(state(&c, "nosuch").await);
     assert_eq!(code, Code::NOT_FOUND, "{msg}");
     let (code, msg) = code_of(delete(&c, "nosuch").await);

@@ -20,15 +20,16 @@
 //!                                        └─> spec (guest config.json, bundle files)
 //! ```
 //!
-//! Not yet: stdio bridging. `Create`/`Exec` with stdio paths (FIFOs, or `streaming` URLs with
-//! containerd's `Streaming` service) fail with `UNIMPLEMENTED`; containers with empty stdio
-//! run.
+//! Stdio ([`stdio`]): containerd's `Streaming` service on the same socket is proxied to the
+//! agent stream for stream, so `io_type = "streaming"` URLs go to the agent unchanged; FIFO
+//! (or file) paths are opened here and bridged to agent streams.
 
 pub mod error;
 pub mod events;
 pub mod rootfs;
 pub mod service;
 pub mod spec;
+pub mod stdio;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -37,6 +38,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use containerd_shim_protos::shim_async::create_task;
+use proto::agent::streaming_ttrpc::create_streaming;
 use ttrpc::asynchronous::Service;
 
 pub use self::error::TaskError;
@@ -78,13 +80,14 @@ impl TaskOptions {
     }
 }
 
-/// Registers `service` under both Task service names.
-fn services(endpoint: Arc<Endpoint>) -> HashMap<String, Service> {
+/// Registers `endpoint` under both Task service names, and the stream proxy.
+fn services(endpoint: Arc<Endpoint>, target: Arc<dyn TaskTarget>) -> HashMap<String, Service> {
     let mut all = create_task(endpoint.clone());
     let mut v2 = create_task(endpoint);
     if let Some(service) = v2.remove(TASK_V3) {
         all.insert(TASK_V2.to_owned(), service);
     }
+    all.extend(create_streaming(Arc::new(stdio::StreamProxy::new(target))));
     all
 }
 
@@ -124,12 +127,12 @@ impl TaskServer {
             }
             _ => {}
         }
-        let endpoint = Arc::new(Endpoint::new(target, &opts));
+        let endpoint = Arc::new(Endpoint::new(target.clone(), &opts, socket));
         let serve_err = |e| TaskError::Serve(socket.to_owned(), e);
         let mut server = ttrpc::asynchronous::Server::new()
             .bind(&format!("unix://{}", socket.display()))
             .map_err(serve_err)?
-            .register_service(services(endpoint.clone()));
+            .register_service(services(endpoint.clone(), target));
         server.start().await.map_err(serve_err)?;
         let events = tokio::spawn(events::run(
             endpoint.clone(),
@@ -188,10 +191,15 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let images = Arc::new(ImageCache::new(&tmp.path().join("images")).unwrap());
         let target: Arc<dyn TaskTarget> = Arc::new(NoAgent);
-        let ep = Arc::new(Endpoint::new(target, &TaskOptions::new(images, tmp.path())));
-        let s = services(ep);
-        assert_eq!(s.len(), 2);
+        let ep = Arc::new(Endpoint::new(
+            target.clone(),
+            &TaskOptions::new(images, tmp.path()),
+            &tmp.path().join("task.sock"),
+        ));
+        let s = services(ep, target);
+        assert_eq!(s.len(), 3);
         assert!(s.contains_key(TASK_V3) && s.contains_key(TASK_V2));
+        assert!(s.contains_key(stdio::STREAMING));
     }
 
     /// A target whose VM has no agent.

@@ -31,6 +31,7 @@ use super::TaskOptions;
 use super::error::TaskError;
 use super::rootfs::{self, CachedImage, ImageCache, RootfsPlan};
 use super::spec::{self, GuestSpec};
+use super::stdio::{self, Bridges};
 use crate::backend::TaskTarget;
 
 /// ttrpc metadata key that carries containerd's namespace.
@@ -73,6 +74,10 @@ pub(crate) struct Endpoint {
     work_dir: PathBuf,
     call_timeout: Duration,
     containers: Mutex<HashMap<String, Entry>>,
+    /// The task socket (named in the stream URLs given to the agent).
+    socket: PathBuf,
+    /// Copies of FIFO stdio; stopped when the endpoint goes.
+    bridges: Mutex<Vec<Bridges>>,
     /// The agent's bundle directory root, learnt from the first PrepareBundle.
     bundles_root: Mutex<Option<PathBuf>>,
 }
@@ -92,17 +97,6 @@ fn validate_id(id: &str) -> Result<(), TaskError> {
         Err(TaskError::invalid(
             "id",
             format!("{id:?} is not a valid container id ([A-Za-z0-9_.-], 1 to 255 bytes)"),
-        ))
-    }
-}
-
-/// The stdio paths the endpoint can hand to the agent as they are: none.
-fn check_stdio(stdin: &str, stdout: &str, stderr: &str) -> Result<(), TaskError> {
-    if [stdin, stdout, stderr].iter().all(|s| s.is_empty()) {
-        Ok(())
-    } else {
-        Err(TaskError::Unimplemented(
-            "stdio bridging (FIFO and streaming stdio; give empty stdio paths)".into(),
         ))
     }
 }
@@ -162,8 +156,10 @@ async fn bounded<T>(
 }
 
 impl Endpoint {
-    pub(crate) fn new(target: Arc<dyn TaskTarget>, opts: &TaskOptions) -> Self {
+    pub(crate) fn new(target: Arc<dyn TaskTarget>, opts: &TaskOptions, socket: &Path) -> Self {
         Self {
+            socket: socket.to_owned(),
+            bridges: Mutex::new(Vec::new()),
             target,
             images: opts.images.clone(),
             work_dir: opts.work_dir.clone(),
@@ -221,8 +217,24 @@ impl Endpoint {
         }
     }
 
+    /// Bridges the stdio of a process (see [`stdio::bridge`]); keeps the copies running.
+    async fn bridge_stdio(
+        &self,
+        what: &str,
+        paths: [&str; 3],
+    ) -> Result<([String; 3], Bridges), TaskError> {
+        stdio::bridge(&*self.target, &self.socket, what, paths).await
+    }
+
+    fn keep_bridges(&self, bridges: Bridges) {
+        let mut all = self.bridges.lock().expect("poisoned");
+        all.retain(|b| !b.finished());
+        all.push(bridges);
+    }
+
     /// Frees what every container holds (the endpoint is going away).
     pub(crate) async fn release_all(&self) {
+        self.bridges.lock().expect("poisoned").clear();
         let all: Vec<(String, Entry)> = self.containers.lock().expect("poisoned").drain().collect();
         for (id, entry) in all {
             if let Entry::Ready(c) = entry {
@@ -403,11 +415,17 @@ impl Endpoint {
         let mounts = self.attach_rootfs(&req.id, plan, res).await?;
         let guest_bundle = self.prepare_bundle(&req.id, &guest_spec).await?;
         *prepared = true;
+        let ([stdin, stdout, stderr], bridges) = self
+            .bridge_stdio(&req.id, [&req.stdin, &req.stdout, &req.stderr])
+            .await?;
         let mut fwd = req.clone();
         fwd.bundle = guest_bundle;
         fwd.rootfs = mounts;
+        (fwd.stdin, fwd.stdout, fwd.stderr) = (stdin, stdout, stderr);
         let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
-        bounded("Create", timeout, self.task()?.create(c, &fwd)).await
+        let resp = bounded("Create", timeout, self.task()?.create(c, &fwd)).await?;
+        self.keep_bridges(bridges);
+        Ok(resp)
     }
 
     async fn create(
@@ -416,7 +434,6 @@ impl Endpoint {
         req: CreateTaskRequest,
     ) -> Result<CreateTaskResponse, TaskError> {
         validate_id(&req.id)?;
-        check_stdio(&req.stdin, &req.stdout, &req.stderr)?;
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
             return Err(TaskError::Unimplemented("Create from a checkpoint".into()));
         }
@@ -590,8 +607,18 @@ impl Task for Endpoint {
     }
 
     async fn exec(&self, ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        check_stdio(&req.stdin, &req.stdout, &req.stderr)?;
-        forward!(self, ctx, req, exec, "Exec")
+        let ([stdin, stdout, stderr], bridges) = self
+            .bridge_stdio(
+                &format!("{}-{}", req.id, req.exec_id),
+                [&req.stdin, &req.stdout, &req.stderr],
+            )
+            .await?;
+        let mut fwd = req;
+        (fwd.stdin, fwd.stdout, fwd.stderr) = (stdin, stdout, stderr);
+        let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
+        bounded("Exec", timeout, self.task()?.exec(c, &fwd)).await?;
+        self.keep_bridges(bridges);
+        Ok(Empty::new())
     }
 
     async fn resize_pty(&self, ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
@@ -637,7 +664,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_and_stdio() {
+    fn ids() {
         for good in ["a", "c-1_x.y", &"x".repeat(255)] {
             validate_id(good).unwrap();
         }
@@ -645,9 +672,6 @@ mod tests {
             let e = validate_id(bad).unwrap_err();
             assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad}");
         }
-        check_stdio("", "", "").unwrap();
-        let e = check_stdio("", "/run/x/stdout", "").unwrap_err();
-        assert_eq!(e.code(), ttrpc::Code::UNIMPLEMENTED);
     }
 
     #[test]
