@@ -6,6 +6,8 @@
 //! log_level = "info"          # or a tracing filter, e.g. "info,controller=debug"
 //! on_exit = "stop"            # SIGTERM: "stop" every sandbox, or "leave" them as recorded
 //! stop_timeout_secs = 10      # grace period per sandbox when on_exit = "stop"
+//! image_dir = ""              # container rootfs images; "" = <state_dir>/images (put it on disk)
+//! containerd_address = "/run/containerd/containerd.sock"  # OOM events go to <it>.ttrpc; "" = off
 //!
 //! [api]
 //! socket = "/run/sandboxer/sandboxer.sock"            # containerd 2.x / iSulad >= 2.1.6
@@ -145,6 +147,11 @@ pub struct Config {
     pub on_exit: OnExit,
     /// Grace period for each sandbox when stopping on exit.
     pub stop_timeout_secs: u32,
+    /// Where container root filesystem images (erofs from overlay snapshots) are built; empty
+    /// means `<state_dir>/images`.
+    pub image_dir: PathBuf,
+    /// containerd's socket: OOM events are forwarded to `<it>.ttrpc`; empty turns that off.
+    pub containerd_address: PathBuf,
     /// API sockets.
     pub api: ApiConfig,
     /// VM defaults.
@@ -158,6 +165,8 @@ impl Default for Config {
             log_level: "info".into(),
             on_exit: OnExit::Stop,
             stop_timeout_secs: 10,
+            image_dir: PathBuf::new(),
+            containerd_address: "/run/containerd/containerd.sock".into(),
             api: ApiConfig::default(),
             vm: VmDefaults::default(),
         }
@@ -179,6 +188,12 @@ pub struct ServeArgs {
     /// State directory.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Directory for container rootfs images ("" = <state_dir>/images).
+    #[arg(long, value_name = "DIR")]
+    pub image_dir: Option<PathBuf>,
+    /// containerd socket for OOM events ("" = do not forward).
+    #[arg(long, value_name = "PATH")]
+    pub containerd_address: Option<PathBuf>,
     /// Guest kernel.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
@@ -250,6 +265,8 @@ impl Config {
         set(&mut self.api.socket, &args.socket);
         set(&mut self.api.seed_socket, &args.seed_socket);
         set(&mut self.state_dir, &args.state_dir);
+        set(&mut self.image_dir, &args.image_dir);
+        set(&mut self.containerd_address, &args.containerd_address);
         set(&mut self.vm.kernel, &args.kernel);
         set(&mut self.vm.initramfs, &args.initramfs);
         set(&mut self.vm.cmdline, &args.cmdline);

@@ -59,6 +59,9 @@ pub enum SandboxError {
     /// The pod's network could not be set up or torn down.
     #[error("Pod network of sandbox {0} failed")]
     Network(String, #[source] crate::network::NetworkError),
+    /// The sandbox's Task endpoint could not be served.
+    #[error("Task endpoint of sandbox {0} failed")]
+    Endpoint(String, #[source] Box<crate::task::TaskError>),
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -105,6 +108,7 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Store(..)
             | SandboxError::Backend(..)
             | SandboxError::Network(..)
+            | SandboxError::Endpoint(..)
             | SandboxError::Task(..) => tonic::Status::internal(msg),
         }
     }

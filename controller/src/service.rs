@@ -33,6 +33,7 @@ use crate::sandbox::{
     SandboxState, StoredAny, VmSize, validate_id,
 };
 use crate::store::{Store, StoreError};
+use crate::task::{ImageCache, TaskOptions, TaskServer};
 
 /// Task API version the sandboxer serves at a sandbox's address.
 pub const TASK_API_VERSION: u32 = 3;
@@ -58,16 +59,23 @@ pub struct ServiceConfig {
     pub vm: VmDefaults,
     /// Grace period of a Stop that names none (`timeout_secs = 0`).
     pub default_stop_timeout: Duration,
+    /// Where container rootfs images are built.
+    pub image_dir: PathBuf,
+    /// containerd's socket, for OOM events.
+    pub containerd_address: Option<PathBuf>,
 }
 
 impl ServiceConfig {
-    /// Defaults with the given state dir.
+    /// Defaults with the given state dir (images under it, no containerd).
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         let c = Config::default();
+        let state_dir = state_dir.into();
         ServiceConfig {
-            state_dir: state_dir.into(),
+            image_dir: state_dir.join("images"),
+            state_dir,
             vm: c.vm,
             default_stop_timeout: Duration::from_secs(u64::from(c.stop_timeout_secs)),
+            containerd_address: None,
         }
     }
 }
@@ -78,6 +86,13 @@ impl From<&Config> for ServiceConfig {
             state_dir: c.state_dir.clone(),
             vm: c.vm.clone(),
             default_stop_timeout: Duration::from_secs(u64::from(c.stop_timeout_secs)),
+            image_dir: if c.image_dir.as_os_str().is_empty() {
+                c.state_dir.join("images")
+            } else {
+                c.image_dir.clone()
+            },
+            containerd_address: Some(c.containerd_address.clone())
+                .filter(|p| !p.as_os_str().is_empty()),
         }
     }
 }
@@ -217,6 +232,8 @@ struct EntryData {
     vm: Option<Arc<dyn VmHandle>>,
     /// The pod network set up at Start (taps + tc in the pod netns), torn down at Shutdown.
     net: Option<PodNetwork>,
+    /// The Task endpoint (`task.sock`), from Start until Shutdown.
+    task: Option<TaskServer>,
 }
 
 impl Entry {
@@ -228,6 +245,7 @@ impl Entry {
                 record,
                 vm: None,
                 net: None,
+                task: None,
             }),
             end,
         })
@@ -324,6 +342,8 @@ pub struct SandboxService<B: VmBackend> {
     store: Store,
     config: ServiceConfig,
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
+    /// Rootfs images shared by every sandbox's Task endpoint (made at the first Start).
+    images: Mutex<Option<Arc<ImageCache>>>,
 }
 
 impl<B: VmBackend> SandboxService<B> {
@@ -334,6 +354,7 @@ impl<B: VmBackend> SandboxService<B> {
             store: Store::new(&config.state_dir),
             config,
             sandboxes: Mutex::new(HashMap::new()),
+            images: Mutex::new(None),
         })
     }
 
@@ -611,8 +632,23 @@ impl<B: VmBackend> SandboxService<B> {
             }
         };
 
+        let task = match self.start_task_server(&dir, &vm).await {
+            Ok(task) => task,
+            Err(e) => {
+                let end = vm.kill().await;
+                teardown_network(&id, net).await;
+                let (_, mut exit) = exit_of(&end, false);
+                exit.status = EXIT_FAILED;
+                exit.reason = format!("start failed: {}", error_chain(&e));
+                if let Some(r) = entry.finish(SandboxState::Failed, exit) {
+                    let _ = self.save(r).await;
+                }
+                entry.notify();
+                return Err(e);
+            }
+        };
         let started_at = SystemTime::now();
-        let address = format!("ttrpc+unix://{}", dir.join("task.sock").display());
+        let address = task.address();
         let record = entry.with(|d| {
             d.record.state = SandboxState::Ready;
             d.record.started_at = Some(started_at);
@@ -620,6 +656,7 @@ impl<B: VmBackend> SandboxService<B> {
             d.record.address.clone_from(&address);
             d.vm = Some(Arc::clone(&vm));
             d.net = net;
+            d.task = Some(task);
             d.record.clone()
         });
         if let Err(e) = self.save(record.clone()).await {
@@ -821,6 +858,11 @@ impl<B: VmBackend> SandboxService<B> {
             (SandboxState::Stopped | SandboxState::Failed | SandboxState::Deleted, _) => {}
         }
         entry.notify();
+        // The Task endpoint goes first: it detaches its slots and drops its images.
+        let task = entry.with(|d| d.task.take());
+        if let Some(task) = task {
+            task.shutdown().await;
+        }
         // The VM (which held the taps) is gone: remove the tc redirects. A record from before a
         // restart has no PodNetwork: clean whatever the lost process left in its netns.
         let net = entry.with(|d| d.net.take());
@@ -857,6 +899,40 @@ impl<B: VmBackend> SandboxService<B> {
         drop(map);
         info!(sandbox_id = %id, "sandbox shut down");
         Ok(())
+    }
+
+    /// Serves the sandbox's Task endpoint on `<dir>/task.sock`, forwarding to `vm`'s agent.
+    async fn start_task_server(
+        &self,
+        dir: &Path,
+        vm: &Arc<dyn VmHandle>,
+    ) -> Result<TaskServer, SandboxError> {
+        let id = || {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let images = {
+            let mut slot = self.images.lock().expect("poisoned");
+            match &*slot {
+                Some(images) => Arc::clone(images),
+                None => {
+                    let images = Arc::new(
+                        ImageCache::new(&self.config.image_dir)
+                            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))?,
+                    );
+                    *slot = Some(Arc::clone(&images));
+                    images
+                }
+            }
+        };
+        let mut opts = TaskOptions::new(images, dir.join("containers"));
+        opts.containerd_address
+            .clone_from(&self.config.containerd_address);
+        let target: Arc<dyn crate::backend::TaskTarget> = Arc::clone(vm) as _;
+        TaskServer::start(&dir.join("task.sock"), target, opts)
+            .await
+            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))
     }
 
     /// Connects the pod netns's veths to taps for the VM (none without a netns). A netns that

@@ -147,6 +147,12 @@ pub(crate) async fn run(endpoint: Arc<Endpoint>, containerd: Option<PathBuf>) {
                 return;
             }
         };
+        if event.topic.is_empty() {
+            // A long poll that returns at once with nothing: the agent does not implement it
+            // (polling again would spin). Real events always name their topic.
+            tracing::warn!("The agent answered WaitEvent without an event; OOM events are lost");
+            return;
+        }
         if event.topic != TOPIC_OOM {
             tracing::debug!("Ignoring agent event {}", event.topic);
             continue;

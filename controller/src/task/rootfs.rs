@@ -326,15 +326,20 @@ fn short_hash(paths: &[PathBuf]) -> u64 {
 }
 
 impl ImageCache {
-    /// A cache in `dir` (created; stale images of an earlier process are removed).
+    /// A cache in `dir` (created with the first image; stale images of an earlier process are
+    /// removed now).
     pub fn new(dir: &Path) -> Result<Self, TaskError> {
         let io_err = |op, source| TaskError::Io {
             op,
             path: dir.to_owned(),
             source,
         };
-        fs::create_dir_all(dir).map_err(|e| io_err("create", e))?;
-        for entry in fs::read_dir(dir).map_err(|e| io_err("read", e))? {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => Some(entries),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io_err("read", e)),
+        };
+        for entry in entries.into_iter().flatten() {
             let path = entry.map_err(|e| io_err("read", e))?.path();
             if path.is_file() {
                 let _ = fs::remove_file(&path);
@@ -393,15 +398,21 @@ impl ImageCache {
             let lowers2 = key.clone();
             let image2 = image.clone();
             let scratch = image.with_extension("mnt");
-            let result =
-                tokio::task::spawn_blocking(move || build_lower_image(&lowers2, &image2, &scratch))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(TaskError::BuildImage {
-                            path: image.clone(),
-                            source: io::Error::other(e),
-                        })
-                    });
+            let dir = self.dir.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                fs::create_dir_all(&dir).map_err(|source| TaskError::BuildImage {
+                    path: dir.clone(),
+                    source,
+                })?;
+                build_lower_image(&lowers2, &image2, &scratch)
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(TaskError::BuildImage {
+                    path: image.clone(),
+                    source: io::Error::other(e),
+                })
+            });
             if let Err(e) = result {
                 drop(done);
                 self.release(CachedImage {
