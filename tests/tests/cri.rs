@@ -32,7 +32,7 @@ use anyhow::{Context, bail};
 use controller::KvmBackend;
 use controller::config::Config;
 use proto::cri_full::v1 as cri;
-use proto::v2::sandbox::ControllerStatusRequest;
+use proto::v2::sandbox::{ControllerStatusRequest, ControllerStopRequest};
 use test_guests::{Guest, require_kvm};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -591,6 +591,18 @@ async fn pod_ids(rt: &mut Runtime) -> anyhow::Result<Vec<String>> {
         .collect())
 }
 
+/// The pod's state as ListPodSandbox (CRI's in-memory store) has it.
+async fn listed_state(rt: &mut Runtime, id: &str) -> anyhow::Result<Option<cri::PodSandboxState>> {
+    Ok(rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items
+        .into_iter()
+        .find(|p| p.id == id)
+        .map(|p| p.state()))
+}
+
 async fn stop_and_remove_pod(rt: &mut Runtime, id: &str) -> anyhow::Result<()> {
     rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
         pod_sandbox_id: id.into(),
@@ -679,19 +691,27 @@ async fn containerd_registers_the_sandboxer() {
 
     env.import_image().unwrap();
     let mut images = env.images().await.unwrap();
-    let img = images
-        .image_status(cri::ImageStatusRequest {
-            image: Some(cri::ImageSpec {
-                image: IMAGE.into(),
-                ..Default::default()
-            }),
-            verbose: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .image
-        .expect("the imported image is unknown to CRI");
+    // CRI learns about imported images from containerd's events: give it a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let img = loop {
+        let found = images
+            .image_status(cri::ImageStatusRequest {
+                image: Some(cri::ImageSpec {
+                    image: IMAGE.into(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .image;
+        match found {
+            Some(img) => break img,
+            None if Instant::now() > deadline => panic!("the imported image is unknown to CRI"),
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
     assert!(img.repo_tags.iter().any(|t| t == IMAGE), "{img:?}");
     assert!(img.size > 1_000_000, "busybox is about 2 MB: {img:?}");
 
@@ -845,7 +865,33 @@ async fn containerd_restart_recovers_a_running_pod() {
     assert_eq!(after.created_at, before.created_at);
     assert_eq!(after.runtime_handler, "sandboxer");
     assert_eq!(pod_ids(&mut rt).await.unwrap(), vec![id.clone()]);
+    // ListPodSandbox reads CRI's own store: recovered as ready.
+    assert_eq!(
+        listed_state(&mut rt, &id).await.unwrap(),
+        Some(cri::PodSandboxState::SandboxReady)
+    );
     env.assert_no_shim_or_pause().unwrap();
+
+    // The VM ends behind containerd's back: the new containerd's Wait sees it, and CRI's store
+    // turns the pod not ready (only the exit monitor fed by Wait updates that state).
+    let mut sbx = controller::client::v2_client(&env.config.api.socket)
+        .await
+        .unwrap();
+    sbx.stop(ControllerStopRequest {
+        sandbox_id: id.clone(),
+        timeout_secs: 1,
+        sandboxer: "sandboxer".into(),
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while listed_state(&mut rt, &id).await.unwrap() != Some(cri::PodSandboxState::SandboxNotready) {
+        assert!(
+            Instant::now() < deadline,
+            "containerd never saw the sandbox end: its Wait was not re-issued after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     stop_and_remove_pod(&mut rt, &id).await.unwrap();
     env.finish().await.unwrap();
