@@ -796,6 +796,15 @@ async fn errors_surface_through_containerd() {
     assert!(err.message().contains("no-such-handler"), "{err:?}");
     assert!(pod_ids(&mut rt).await.unwrap().is_empty());
 
+    // containerd dials the proxy plugin lazily: it is loaded even while the sandboxer is down.
+    let plugins = env.ctr(&["plugins", "list"]).unwrap();
+    assert!(
+        plugins.lines().any(|l| l.contains("sandbox.controller.v1")
+            && l.contains(" sandboxer ")
+            && l.trim_end().ends_with("ok")),
+        "{plugins}"
+    );
+
     let config = env.pod_config("daemon-down");
     let err = run_pod(&mut rt, &config, "sandboxer").await.unwrap_err();
     eprintln!("RunPodSandbox with the sandboxer down: {err:?}");
