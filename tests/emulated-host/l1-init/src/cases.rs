@@ -138,6 +138,73 @@ pub fn find(name: &str) -> Option<&'static BootCase> {
     CASES.iter().find(|c| c.name == name)
 }
 
+/// The end-to-end client inside L1 (`tests/src/bin/sandboxer-e2e.rs`).
+pub const SANDBOXER_E2E: &str = "/bin/sandboxer-e2e";
+/// The busybox root filesystem image (ext4) containers run from.
+pub const ROOTFS_IMAGE: &str = "/images/busybox.ext4";
+
+/// One end-to-end flow: `sandboxer-e2e` runs the `sandboxer` daemon inside L1, drives its
+/// Sandbox API and the Task API it returns, and boots the real guest kernel and agent for each
+/// pod. It passes when `sandboxer-e2e` exits with 0 (it prints `E2E-PASS <case>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E2eCase {
+    /// Test name (`/tests/<name>`).
+    pub name: &'static str,
+    /// One line for `--list`.
+    pub description: &'static str,
+    /// Part of the CI selection.
+    pub ci: bool,
+    /// The `sandboxer-e2e` case.
+    pub flow: &'static str,
+}
+
+impl E2eCase {
+    /// The `sandboxer-e2e` arguments.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--sandboxer".into(),
+            SANDBOXER.into(),
+            "--kernel".into(),
+            GUEST_VMLINUX.into(),
+            "--initramfs".into(),
+            GUEST_INITRAMFS.into(),
+            "--image".into(),
+            ROOTFS_IMAGE.into(),
+            "--work".into(),
+            format!("/run/e2e-{}", self.name),
+            "--keep".into(),
+            self.flow.into(),
+        ]
+    }
+}
+
+/// Every end-to-end case.
+pub const E2E_CASES: &[E2eCase] = &[
+    E2eCase {
+        name: "e2e-pod",
+        description: "sandboxer daemon: Create, Start (agent ready), Status, Platform, Stop, Wait, Shutdown",
+        ci: true,
+        flow: "pod",
+    },
+    E2eCase {
+        name: "e2e-container",
+        description: "a container from an ext4 image runs to its exit: exit code, stdout, pod hostname",
+        ci: true,
+        flow: "container",
+    },
+    E2eCase {
+        name: "e2e-exec",
+        description: "a long-running container: exec with output, State, Pids, Kill, Delete",
+        ci: true,
+        flow: "exec",
+    },
+];
+
+/// The end-to-end case called `name`.
+pub fn find_e2e(name: &str) -> Option<&'static E2eCase> {
+    E2E_CASES.iter().find(|c| c.name == name)
+}
+
 /// Follows a guest console line by line against a case's expectations.
 #[derive(Debug, Clone)]
 pub struct ConsoleCheck {
@@ -338,6 +405,23 @@ mod tests {
             assert!(CASES[..i].iter().all(|o| o.name != c.name), "{}", c.name);
             assert!(!c.expect.is_empty());
         }
+        for (i, c) in E2E_CASES.iter().enumerate() {
+            assert!(crate::cmdline::valid_test_name(c.name), "{}", c.name);
+            assert!(
+                E2E_CASES[..i].iter().all(|o| o.name != c.name),
+                "{}",
+                c.name
+            );
+            assert!(find(c.name).is_none(), "{} is also a boot case", c.name);
+        }
+    }
+
+    #[test]
+    fn e2e_arguments() {
+        let args = find_e2e("e2e-exec").unwrap().args();
+        assert_eq!(args[..2], ["--sandboxer", SANDBOXER]);
+        assert_eq!(args.last().map(String::as_str), Some("exec"));
+        assert!(args.windows(2).any(|w| w == ["--image", ROOTFS_IMAGE]));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use emu_l1::cases::{self, BootCase, ConsoleCheck, VmmOutcome};
+use emu_l1::cases::{self, BootCase, ConsoleCheck, E2eCase, VmmOutcome};
 
 /// Extra time past the VM's own bound before the test kills `sandboxer`.
 const KILL_GRACE: Duration = Duration::from_secs(30);
@@ -136,6 +136,92 @@ fn run_case(case: &BootCase) -> Result<String, String> {
     cases::verdict(&check, &vmm)
 }
 
+/// Runs `sandboxer-e2e` for one flow, echoing its output as `E2E| ` lines.
+fn run_e2e(case: &E2eCase) -> Result<String, String> {
+    let args = case.args();
+    println!("EMU-RUN {} {}", cases::SANDBOXER_E2E, args.join(" "));
+    let start = Instant::now();
+    let mut child = Command::new(cases::SANDBOXER_E2E)
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", cases::SANDBOXER_E2E))?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        reader(out, tx.clone(), Line::Console);
+    }
+    if let Some(err) = child.stderr.take() {
+        reader(err, tx, Line::Vmm);
+    }
+    let mut open = 2;
+    let mut last_fail = String::new();
+    while open > 0 {
+        match rx.recv() {
+            Ok((Line::Console(l) | Line::Vmm(l), _)) => {
+                println!("E2E| {l}");
+                if let Some(why) = l.strip_prefix("E2E-FAIL ") {
+                    why.clone_into(&mut last_fail);
+                }
+            }
+            Ok((Line::Closed, _)) => open -= 1,
+            Err(_) => break,
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("wait for sandboxer-e2e: {e}"))?;
+    let work = format!("/run/e2e-{}", case.name);
+    if !status.success() {
+        // The daemon's log and the guest consoles say why; print their ends.
+        let log = format!("{work}/sandboxer.log");
+        if let Ok(text) = std::fs::read_to_string(&log) {
+            for l in text
+                .lines()
+                .rev()
+                .take(40)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                println!("VMM| {l}");
+            }
+        }
+        for entry in std::fs::read_dir(format!("{work}/state"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let console = entry.path().join("console.log");
+            if let Ok(text) = std::fs::read_to_string(&console) {
+                for l in text
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                {
+                    println!("L2| {l}");
+                }
+            }
+        }
+    }
+    println!(
+        "EMU-TIME {} sandboxer-e2e ran {:.1}s (L1 clock; not a performance figure)",
+        case.name,
+        start.elapsed().as_secs_f64()
+    );
+    if status.success() {
+        Ok(format!("{} passed", case.flow))
+    } else if last_fail.is_empty() {
+        Err(format!("sandboxer-e2e {} exited with {status}", case.flow))
+    } else {
+        Err(last_fail)
+    }
+}
+
 fn write_detail(detail: &str) {
     if let Some(path) = std::env::var_os(emu_l1::DETAIL_ENV)
         && let Err(e) = std::fs::write(&path, format!("{}\n", cases::short(detail)))
@@ -155,6 +241,10 @@ fn main() -> ExitCode {
                     let set = if c.ci { "ci" } else { "full" };
                     println!("{} {set} {}", c.name, c.description);
                 }
+                for c in cases::E2E_CASES {
+                    let set = if c.ci { "ci" } else { "full" };
+                    println!("{} {set} {}", c.name, c.description);
+                }
                 return ExitCode::SUCCESS;
             }
             Some(a) => a,
@@ -166,6 +256,18 @@ fn main() -> ExitCode {
     } else {
         called
     };
+    if let Some(case) = cases::find_e2e(&name) {
+        return match run_e2e(case) {
+            Ok(detail) => {
+                write_detail(&detail);
+                ExitCode::SUCCESS
+            }
+            Err(reason) => {
+                write_detail(&reason);
+                ExitCode::FAILURE
+            }
+        };
+    }
     let Some(case) = cases::find(&name) else {
         let detail = format!("no built-in case named {name:?}");
         eprintln!("emu-test: {detail}");

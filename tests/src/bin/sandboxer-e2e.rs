@@ -1,0 +1,735 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `sandboxer-e2e`: the end-to-end flows of a pod, driven from outside through the public
+//! interfaces only: the real `sandboxer` daemon (a child process), its containerd 2.x Sandbox
+//! API socket (gRPC) and the Task API address that `Start` returns (ttrpc), with a real Linux
+//! guest kernel and the agent initramfs. It needs a KVM that can run Linux: a real KVM host, or
+//! the emulated host (tests/emulated-host), whose cases run it inside L1.
+//!
+//! ```text
+//! sandboxer-e2e --sandboxer BIN --kernel VMLINUX --initramfs INITRAMFS --image ROOTFS.ext4
+//!               [--work DIR] [--keep] CASE...
+//! ```
+//!
+//! Cases: `pod` (Create, Start, Status, Platform, Stop, Wait, Shutdown), `container` (a
+//! container from an ext4 image runs to its exit; exit code and stdout through FIFOs),
+//! `exec` (a long-running container, an exec process with output, State, Pids, Kill, Delete),
+//! `all`. Every step prints `E2E-STEP <case> <step> <ms>`; each case ends with
+//! `E2E-PASS <case>` or `E2E-FAIL <case>: <why>`. The exit status is 0 when every case passed.
+//! Times are whatever the machine gives (inside the emulated host they are not performance
+//! figures).
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use containerd_shim_protos::api::{
+    CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, Mount, PidsRequest,
+    StartRequest, StateRequest, WaitRequest,
+};
+use containerd_shim_protos::protobuf::MessageField;
+use containerd_shim_protos::protobuf::well_known_types::any::Any as PbAny;
+use containerd_shim_protos::shim_async::{Client as TtrpcClient, TaskClient};
+use proto::v2::sandbox as v2;
+
+/// How long the daemon may take to open its socket.
+const DAEMON_UP: Duration = Duration::from_secs(20);
+/// Bound of every ttrpc call that is not a Wait (a nested guest is slow).
+const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound of a Wait.
+const WAIT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The `pod` case's hostname, which containers must see.
+const POD_HOSTNAME: &str = "e2e-pod";
+
+#[derive(Debug, Clone)]
+struct Args {
+    sandboxer: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    image: PathBuf,
+    work: PathBuf,
+    keep: bool,
+    cases: Vec<String>,
+}
+
+const CASES: &[&str] = &["pod", "container", "exec"];
+
+fn parse_args() -> Result<Args> {
+    let mut it = std::env::args().skip(1);
+    let mut a = Args {
+        sandboxer: PathBuf::new(),
+        kernel: PathBuf::new(),
+        initramfs: PathBuf::new(),
+        image: PathBuf::new(),
+        work: std::env::temp_dir().join(format!("sandboxer-e2e-{}", std::process::id())),
+        keep: false,
+        cases: Vec::new(),
+    };
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--sandboxer" => a.sandboxer = value()?.into(),
+            "--kernel" => a.kernel = value()?.into(),
+            "--initramfs" => a.initramfs = value()?.into(),
+            "--image" => a.image = value()?.into(),
+            "--work" => a.work = value()?.into(),
+            "--keep" => a.keep = true,
+            "all" => a.cases.extend(CASES.iter().map(|c| (*c).to_owned())),
+            c if CASES.contains(&c) => a.cases.push(c.to_owned()),
+            other => bail!("unknown argument {other:?} (cases: {CASES:?} or all)"),
+        }
+    }
+    for (name, p) in [
+        ("--sandboxer", &a.sandboxer),
+        ("--kernel", &a.kernel),
+        ("--initramfs", &a.initramfs),
+        ("--image", &a.image),
+    ] {
+        ensure!(p.is_file(), "{name} {} is not a file", p.display());
+    }
+    ensure!(
+        !a.cases.is_empty(),
+        "no case given (cases: {CASES:?} or all)"
+    );
+    Ok(a)
+}
+
+/// The daemon under test; killed and reaped on drop.
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    state: PathBuf,
+}
+
+impl Daemon {
+    fn start(a: &Args) -> Result<Self> {
+        let socket = a.work.join("sandboxer.sock");
+        let state = a.work.join("state");
+        let log = fs::File::create(a.work.join("sandboxer.log"))?;
+        let child = Command::new(&a.sandboxer)
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--seed-socket")
+            .arg("")
+            .arg("--state-dir")
+            .arg(&state)
+            .arg("--kernel")
+            .arg(&a.kernel)
+            .arg("--initramfs")
+            .arg(&a.initramfs)
+            .args(["--mem-mib", "256", "--log-level", "info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", a.sandboxer.display()))?;
+        let mut d = Daemon {
+            child,
+            socket,
+            state,
+        };
+        let until = Instant::now() + DAEMON_UP;
+        while !d.socket.exists() {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("the daemon exited early ({status}); see sandboxer.log");
+            }
+            ensure!(Instant::now() < until, "the daemon did not open its socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM first, so the daemon can clean up the way it does in production.
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Prints one step's time.
+struct Steps {
+    case: &'static str,
+    t: Instant,
+}
+
+impl Steps {
+    fn new(case: &'static str) -> Self {
+        Steps {
+            case,
+            t: Instant::now(),
+        }
+    }
+
+    fn done(&mut self, step: &str) {
+        println!(
+            "E2E-STEP {} {step} {}",
+            self.case,
+            self.t.elapsed().as_millis()
+        );
+        self.t = Instant::now();
+    }
+}
+
+type Controller = v2::controller_client::ControllerClient<tonic::transport::Channel>;
+
+/// A started sandbox: its id, its Task address and a Task client on it.
+struct Pod {
+    id: String,
+    task: TaskClient,
+}
+
+fn ctx() -> containerd_shim_protos::ttrpc::context::Context {
+    containerd_shim_protos::ttrpc::context::with_duration(CALL_TIMEOUT)
+}
+
+fn pod_options() -> prost_types::Any {
+    use proto::cri::v1::{DnsConfig, PodSandboxConfig, PodSandboxMetadata};
+    let config = PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: "e2e".into(),
+            uid: "e2e-uid".into(),
+            namespace: "default".into(),
+            attempt: 0,
+        }),
+        hostname: POD_HOSTNAME.into(),
+        dns_config: Some(DnsConfig {
+            servers: vec!["192.0.2.53".into()],
+            searches: vec!["e2e.test".into()],
+            options: vec![],
+        }),
+        ..Default::default()
+    };
+    prost_types::Any::from_msg(&config).expect("PodSandboxConfig encodes")
+}
+
+async fn start_pod(api: &mut Controller, id: &str, steps: &mut Steps) -> Result<Pod> {
+    api.create(v2::ControllerCreateRequest {
+        sandbox_id: id.into(),
+        options: Some(pod_options()),
+        sandboxer: "sandboxer".into(),
+        ..Default::default()
+    })
+    .await
+    .context("Create")?;
+    steps.done("create");
+    let started = api
+        .start(v2::ControllerStartRequest {
+            sandbox_id: id.into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .context("Start")?
+        .into_inner();
+    steps.done("start");
+    ensure!(started.version == 3, "Start: version {}", started.version);
+    let sock = started
+        .address
+        .strip_prefix("ttrpc+unix://")
+        .with_context(|| format!("Start: address {:?}", started.address))?;
+    ensure!(Path::new(sock).exists(), "Start: {sock} does not exist");
+    let client = TtrpcClient::connect(&format!("unix://{sock}"))
+        .await
+        .with_context(|| format!("connect to {sock}"))?;
+    Ok(Pod {
+        id: id.into(),
+        task: TaskClient::new(client),
+    })
+}
+
+async fn end_pod(api: &mut Controller, pod: &Pod, steps: &mut Steps) -> Result<()> {
+    api.stop(v2::ControllerStopRequest {
+        sandbox_id: pod.id.clone(),
+        timeout_secs: 10,
+        sandboxer: "sandboxer".into(),
+    })
+    .await
+    .context("Stop")?;
+    steps.done("stop");
+    let waited = tokio::time::timeout(
+        WAIT_TIMEOUT,
+        api.wait(v2::ControllerWaitRequest {
+            sandbox_id: pod.id.clone(),
+            sandboxer: "sandboxer".into(),
+        }),
+    )
+    .await
+    .context("Wait did not return")?
+    .context("Wait")?
+    .into_inner();
+    ensure!(waited.exited_at.is_some(), "Wait: no exit time");
+    steps.done("wait");
+    api.shutdown(v2::ControllerShutdownRequest {
+        sandbox_id: pod.id.clone(),
+        sandboxer: "sandboxer".into(),
+    })
+    .await
+    .context("Shutdown")?;
+    steps.done("shutdown");
+    Ok(())
+}
+
+/// A FIFO this program reads, standing in for the engine's end of a container's stdout.
+struct OutFifo {
+    path: PathBuf,
+    buf: Arc<Mutex<Vec<u8>>>,
+}
+
+impl OutFifo {
+    fn new(dir: &Path, name: &str) -> Result<Self> {
+        let path = dir.join(name);
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600))
+            .with_context(|| format!("mkfifo {}", path.display()))?;
+        // Read-write, like containerd's fifo package: the open does not wait for a writer and
+        // a writer that closes does not end the reader before the test has read everything.
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)?;
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&buf);
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = f.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .expect("poisoned")
+                    .extend_from_slice(&chunk[..n]);
+            }
+        });
+        Ok(OutFifo { path, buf })
+    }
+
+    fn path(&self) -> String {
+        self.path.to_string_lossy().into_owned()
+    }
+
+    /// Waits until the output contains `want` (the bridge may lag the exit a little).
+    async fn wait_for(&self, want: &str) -> Result<String> {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let text = String::from_utf8_lossy(&self.buf.lock().expect("poisoned")).into_owned();
+            if text.contains(want) {
+                return Ok(text);
+            }
+            ensure!(
+                Instant::now() < until,
+                "output {:?} does not contain {want:?}",
+                text
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// An OCI bundle on the host, the way containerd writes one: `config.json` and an (empty)
+/// `rootfs` directory; the root filesystem itself comes as a mount in Task.Create.
+fn write_bundle(dir: &Path, args: &[&str]) -> Result<()> {
+    use oci_spec::runtime::{LinuxNamespaceType, Spec};
+    fs::create_dir_all(dir.join("rootfs"))?;
+    let mut spec = Spec::default();
+    if let Some(p) = spec.process_mut() {
+        p.set_args(Some(args.iter().map(|s| (*s).to_owned()).collect()));
+        p.set_terminal(Some(false));
+    }
+    // Containers of a pod share the pod's network namespace (the VM's).
+    if let Some(linux) = spec.linux_mut()
+        && let Some(ns) = linux.namespaces_mut()
+    {
+        ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    }
+    spec.set_hostname(None);
+    spec.save(dir.join("config.json"))
+        .context("write config.json")?;
+    Ok(())
+}
+
+fn rootfs_mount(image: &Path) -> Mount {
+    Mount {
+        type_: "ext4".into(),
+        source: image.to_string_lossy().into_owned(),
+        options: vec!["ro".into()],
+        ..Default::default()
+    }
+}
+
+async fn wait_exit(task: &TaskClient, id: &str, exec_id: &str) -> Result<u32> {
+    let req = WaitRequest {
+        id: id.into(),
+        exec_id: exec_id.into(),
+        ..Default::default()
+    };
+    let w = task
+        .wait(
+            containerd_shim_protos::ttrpc::context::with_duration(WAIT_TIMEOUT),
+            &req,
+        )
+        .await
+        .with_context(|| format!("Wait {id}/{exec_id}"))?;
+    ensure!(w.exited_at.is_some(), "Wait {id}: no exit time");
+    Ok(w.exit_status)
+}
+
+async fn case_pod(api: &mut Controller) -> Result<()> {
+    let mut steps = Steps::new("pod");
+    let pod = start_pod(api, "e2e-pod", &mut steps).await?;
+    let st = api
+        .status(v2::ControllerStatusRequest {
+            sandbox_id: pod.id.clone(),
+            verbose: true,
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .context("Status")?
+        .into_inner();
+    ensure!(st.state == "SANDBOX_READY", "Status: state {}", st.state);
+    let platform = api
+        .platform(v2::ControllerPlatformRequest {
+            sandbox_id: pod.id.clone(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .context("Platform")?
+        .into_inner()
+        .platform
+        .context("Platform: empty")?;
+    ensure!(
+        (platform.os.as_str(), platform.architecture.as_str()) == ("linux", "amd64"),
+        "Platform: {platform:?}"
+    );
+    steps.done("status");
+    end_pod(api, &pod, &mut steps).await?;
+    let gone = api
+        .status(v2::ControllerStatusRequest {
+            sandbox_id: pod.id.clone(),
+            verbose: false,
+            sandboxer: "sandboxer".into(),
+        })
+        .await;
+    ensure!(
+        matches!(&gone, Err(s) if s.code() == tonic::Code::NotFound),
+        "Status after Shutdown: {gone:?}"
+    );
+    Ok(())
+}
+
+async fn case_container(api: &mut Controller, a: &Args) -> Result<()> {
+    let mut steps = Steps::new("container");
+    let pod = start_pod(api, "e2e-ctr", &mut steps).await?;
+    let dir = a.work.join("ctr");
+    fs::create_dir_all(&dir)?;
+    let bundle = dir.join("c1");
+    write_bundle(
+        &bundle,
+        &[
+            "/bin/sh",
+            "-c",
+            "echo hello-from-sandboxer; echo host=$(hostname); exit 3",
+        ],
+    )?;
+    let out = OutFifo::new(&dir, "c1.stdout")?;
+    let created = pod
+        .task
+        .create(
+            ctx(),
+            &CreateTaskRequest {
+                id: "c1".into(),
+                bundle: bundle.to_string_lossy().into_owned(),
+                rootfs: vec![rootfs_mount(&a.image)],
+                stdout: out.path(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Create")?;
+    ensure!(created.pid > 0, "Task.Create: pid 0");
+    steps.done("task-create");
+    pod.task
+        .start(
+            ctx(),
+            &StartRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Start")?;
+    steps.done("task-start");
+    let status = wait_exit(&pod.task, "c1", "").await?;
+    ensure!(status == 3, "exit status {status}, want 3");
+    steps.done("task-wait");
+    let text = out.wait_for("hello-from-sandboxer").await?;
+    ensure!(
+        text.contains(&format!("host={POD_HOSTNAME}")),
+        "stdout {text:?} does not show the pod's hostname"
+    );
+    steps.done("stdout");
+    let deleted = pod
+        .task
+        .delete(
+            ctx(),
+            &DeleteRequest {
+                id: "c1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Delete")?;
+    ensure!(
+        deleted.exit_status == 3,
+        "Delete: exit {}",
+        deleted.exit_status
+    );
+    steps.done("task-delete");
+    end_pod(api, &pod, &mut steps).await
+}
+
+async fn case_exec(api: &mut Controller, a: &Args) -> Result<()> {
+    let mut steps = Steps::new("exec");
+    let pod = start_pod(api, "e2e-exec", &mut steps).await?;
+    let dir = a.work.join("exec");
+    fs::create_dir_all(&dir)?;
+    let bundle = dir.join("c2");
+    write_bundle(&bundle, &["/bin/sleep", "600"])?;
+    pod.task
+        .create(
+            ctx(),
+            &CreateTaskRequest {
+                id: "c2".into(),
+                bundle: bundle.to_string_lossy().into_owned(),
+                rootfs: vec![rootfs_mount(&a.image)],
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Create")?;
+    pod.task
+        .start(
+            ctx(),
+            &StartRequest {
+                id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Start")?;
+    steps.done("task-start");
+
+    let out = OutFifo::new(&dir, "e1.stdout")?;
+    let process = serde_json::json!({
+        "terminal": false,
+        "user": {"uid": 0, "gid": 0},
+        "args": ["/bin/sh", "-c", "echo exec-ok; ls /proc | grep -c '^[0-9]'"],
+        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+        "cwd": "/"
+    });
+    let spec = PbAny {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+        value: serde_json::to_vec(&process)?,
+        ..Default::default()
+    };
+    pod.task
+        .exec(
+            ctx(),
+            &ExecProcessRequest {
+                id: "c2".into(),
+                exec_id: "e1".into(),
+                stdout: out.path(),
+                spec: MessageField::some(spec),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Exec")?;
+    pod.task
+        .start(
+            ctx(),
+            &StartRequest {
+                id: "c2".into(),
+                exec_id: "e1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Start(exec)")?;
+    let status = wait_exit(&pod.task, "c2", "e1").await?;
+    ensure!(status == 0, "exec exit status {status}");
+    out.wait_for("exec-ok").await?;
+    steps.done("exec");
+
+    let state = pod
+        .task
+        .state(
+            ctx(),
+            &StateRequest {
+                id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.State")?;
+    ensure!(
+        state.status.value() == containerd_shim_protos::api::Status::RUNNING as i32,
+        "State: {:?}",
+        state.status
+    );
+    let pids = pod
+        .task
+        .pids(
+            ctx(),
+            &PidsRequest {
+                id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Pids")?;
+    ensure!(!pids.processes.is_empty(), "Pids: none");
+    steps.done("state-pids");
+    pod.task
+        .kill(
+            ctx(),
+            &KillRequest {
+                id: "c2".into(),
+                signal: 9,
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Kill")?;
+    let status = wait_exit(&pod.task, "c2", "").await?;
+    ensure!(status == 137, "killed: exit status {status}, want 137");
+    steps.done("kill-wait");
+    pod.task
+        .delete(
+            ctx(),
+            &DeleteRequest {
+                id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Delete")?;
+    let again = pod
+        .task
+        .state(
+            ctx(),
+            &StateRequest {
+                id: "c2".into(),
+                ..Default::default()
+            },
+        )
+        .await;
+    ensure!(again.is_err(), "State after Delete: {again:?}");
+    steps.done("delete");
+    end_pod(api, &pod, &mut steps).await
+}
+
+async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
+    fs::create_dir_all(&a.work)?;
+    let daemon = Daemon::start(a)?;
+    let mut api = controller::client::v2_client(&daemon.socket)
+        .await
+        .context("connect to the daemon")?;
+    let mut results = Vec::new();
+    for case in &a.cases {
+        println!("E2E-CASE {case}");
+        let r = match case.as_str() {
+            "pod" => case_pod(&mut api).await,
+            "container" => case_container(&mut api, a).await,
+            "exec" => case_exec(&mut api, a).await,
+            other => Err(anyhow::anyhow!("no case {other}")),
+        };
+        match &r {
+            Ok(()) => println!("E2E-PASS {case}"),
+            Err(e) => println!("E2E-FAIL {case}: {e:#}"),
+        }
+        results.push((case.clone(), r));
+    }
+    let state = daemon.state.clone();
+    drop(daemon);
+    // Nothing a finished pod owned may be left in the state dir.
+    let left: HashMap<String, ()> = fs::read_dir(&state)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| (e.file_name().to_string_lossy().into_owned(), ()))
+                .filter(|(n, _)| n.starts_with("e2e-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !left.is_empty() {
+        results.push((
+            "cleanup".into(),
+            Err(anyhow::anyhow!(
+                "left in {}: {:?}",
+                state.display(),
+                left.keys()
+            )),
+        ));
+        println!("E2E-FAIL cleanup: state left behind");
+    }
+    Ok(results)
+}
+
+fn main() -> ExitCode {
+    let a = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sandboxer-e2e: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sandboxer-e2e: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let results = rt.block_on(run(&a));
+    if !a.keep {
+        let _ = fs::remove_dir_all(&a.work);
+    }
+    match results {
+        Ok(r) if r.iter().all(|(_, r)| r.is_ok()) => {
+            println!("E2E-DONE {} passed", r.len());
+            ExitCode::SUCCESS
+        }
+        Ok(r) => {
+            let failed = r.iter().filter(|(_, r)| r.is_err()).count();
+            println!("E2E-DONE {failed} of {} failed", r.len());
+            if a.keep {
+                println!("E2E-LOGS {}", a.work.display());
+            }
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            println!("E2E-FAIL setup: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
