@@ -10,8 +10,9 @@
 //!   handlers (`streaming` and `fifo` IO), errors surfacing through containerd, a containerd
 //!   restart with a pod running, no shim process and no pause container, nothing left behind.
 //! - Containers (create/start/exec/logs/exit codes/stop/remove, a second container, a restart
-//!   in the middle) need a Linux guest: they run when `SANDBOXER_LINUX_GUEST_KERNEL` names a
-//!   guest kernel and the host's KVM can run it, and skip loudly otherwise.
+//!   in the middle) need a Linux guest: they run when `SANDBOXER_LINUX_GUEST_KERNEL` and
+//!   `SANDBOXER_LINUX_GUEST_INITRAMFS` name the guest kernel and the agent initramfs and the
+//!   host's KVM can run them, and skip loudly otherwise.
 //!
 //! Needs root (containerd, overlayfs); `SANDBOXER_REQUIRE_ROOT=1` makes a missing root a
 //! failure. A missing containerd is a failure on CI (`CI=true`, where `tests/setup` installs
@@ -122,17 +123,20 @@ fn prerequisites(test: &str) -> Option<Containerd> {
     }
 }
 
-/// A Linux guest kernel for the container tests, or `None` after a loud skip.
-fn linux_guest(test: &str) -> Option<(PathBuf, Option<PathBuf>)> {
-    let Some(kernel) = std::env::var_os("SANDBOXER_LINUX_GUEST_KERNEL") else {
+/// A Linux guest kernel and the agent initramfs for the container tests, or `None` after a
+/// loud skip.
+fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
+    let kernel = std::env::var_os("SANDBOXER_LINUX_GUEST_KERNEL");
+    let initramfs = std::env::var_os("SANDBOXER_LINUX_GUEST_INITRAMFS");
+    let (Some(kernel), Some(initramfs)) = (kernel, initramfs) else {
         eprintln!(
-            "SKIP {test}: needs a Linux guest on a KVM host that can run one \
-             (set SANDBOXER_LINUX_GUEST_KERNEL; this host's KVM runs only test guests, DESIGN.md §5)"
+            "SKIP {test}: needs a Linux guest on a KVM host that can run one (set \
+             SANDBOXER_LINUX_GUEST_KERNEL and SANDBOXER_LINUX_GUEST_INITRAMFS; this host's KVM \
+             runs only test guests, DESIGN.md §5)"
         );
         return None;
     };
-    let initramfs = std::env::var_os("SANDBOXER_LINUX_GUEST_INITRAMFS").map(PathBuf::from);
-    Some((PathBuf::from(kernel), initramfs))
+    Some((PathBuf::from(kernel), PathBuf::from(initramfs)))
 }
 
 // ---- the environment: a sandboxer daemon and a containerd
@@ -172,8 +176,8 @@ struct Daemon {
 enum VmKind {
     /// The project's test guest that runs until it is stopped.
     TestGuest,
-    /// A Linux guest kernel (+ initramfs, else the embedded agent).
-    Linux(PathBuf, Option<PathBuf>),
+    /// A Linux guest kernel and the agent initramfs.
+    Linux(PathBuf, PathBuf),
 }
 
 struct Env {
@@ -203,9 +207,7 @@ impl Env {
             }
             VmKind::Linux(kernel, initramfs) => {
                 config.vm.kernel = kernel;
-                if let Some(i) = initramfs {
-                    config.vm.initramfs = i;
-                }
+                config.vm.initramfs = initramfs;
             }
         }
         let ctrd_dir = dir.0.join("ctrd");
@@ -396,7 +398,16 @@ impl Env {
                 bail!("containerd has child processes (a shim?): {children:?}");
             }
         }
-        let shims = processes_matching("containerd-shim");
+        // Shim binaries are named containerd-shim-<runtime>-<version>.
+        let shims: Vec<(u32, String)> = processes()
+            .into_iter()
+            .filter(|(_, cmd)| {
+                cmd.split_whitespace()
+                    .next()
+                    .and_then(|argv0| Path::new(argv0).file_name())
+                    .is_some_and(|name| name.to_string_lossy().starts_with("containerd-shim"))
+            })
+            .collect();
         if !shims.is_empty() {
             bail!("shim processes exist: {shims:?}");
         }
