@@ -26,7 +26,8 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -180,12 +181,69 @@ enum VmKind {
     Linux(PathBuf, PathBuf),
 }
 
+/// Samples the process table for the whole test, so that a shim or a containerd child that
+/// lived only briefly is caught too ("no shim process ever exists").
+struct ShimWatch {
+    stop: Arc<AtomicBool>,
+    /// The running containerd's pid, 0 while none runs.
+    containerd: Arc<AtomicU32>,
+    seen: Arc<Mutex<Vec<(u32, String)>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ShimWatch {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let containerd = Arc::new(AtomicU32::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (s, c, v) = (stop.clone(), containerd.clone(), seen.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                let mut bad = shim_processes();
+                let pid = c.load(Ordering::Relaxed);
+                if pid != 0 {
+                    bad.extend(children_of(pid));
+                }
+                if !bad.is_empty() {
+                    v.lock().expect("poisoned").extend(bad);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        ShimWatch {
+            stop,
+            containerd,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops sampling; what was seen.
+    fn finish(&mut self) -> Vec<(u32, String)> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let mut seen = std::mem::take(&mut *self.seen.lock().expect("poisoned"));
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+}
+
+impl Drop for ShimWatch {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
 struct Env {
     dir: TempDir,
     tools: Containerd,
     config: Config,
     containerd: Option<Child>,
     daemon: Option<Daemon>,
+    watch: ShimWatch,
 }
 
 impl Env {
@@ -222,6 +280,7 @@ impl Env {
             config,
             containerd: None,
             daemon: None,
+            watch: ShimWatch::start(),
         };
         if with_daemon {
             env.start_daemon().await?;
@@ -273,6 +332,7 @@ impl Env {
             .stderr(log)
             .spawn()
             .context("spawning containerd")?;
+        self.watch.containerd.store(child.id(), Ordering::Relaxed);
         let up = wait_for_socket(&self.cri_socket(), Some(&mut child)).await;
         self.containerd = Some(child);
         up?;
@@ -298,6 +358,7 @@ impl Env {
         let Some(mut child) = self.containerd.take() else {
             return Ok(());
         };
+        self.watch.containerd.store(0, Ordering::Relaxed);
         run(Command::new("kill").args(["-TERM", &child.id().to_string()]))?;
         let deadline = Instant::now() + Duration::from_secs(30);
         while child.try_wait()?.is_none() {
@@ -390,7 +451,7 @@ impl Env {
         pod_config(name, &self.dir.0.join("logs").join(name))
     }
 
-    /// No shim process, no pause container, no containerd task: the sandboxer is the runtime.
+    /// No shim process and no pause container: the sandboxer is the pod's runtime.
     fn assert_no_shim_or_pause(&self) -> anyhow::Result<()> {
         if let Some(pid) = self.containerd_pid() {
             let children = children_of(pid);
@@ -398,25 +459,30 @@ impl Env {
                 bail!("containerd has child processes (a shim?): {children:?}");
             }
         }
-        // Shim binaries are named containerd-shim-<runtime>-<version>.
-        let shims: Vec<(u32, String)> = processes()
-            .into_iter()
-            .filter(|(_, cmd)| {
-                cmd.split_whitespace()
-                    .next()
-                    .and_then(|argv0| Path::new(argv0).file_name())
-                    .is_some_and(|name| name.to_string_lossy().starts_with("containerd-shim"))
-            })
-            .collect();
+        let shims = shim_processes();
         if !shims.is_empty() {
             bail!("shim processes exist: {shims:?}");
         }
+        // containerd's own pod controller keeps a pause container per pod, labelled
+        // io.cri-containerd.kind=sandbox.
+        let pauses = self.ctr(&[
+            "containers",
+            "list",
+            "--quiet",
+            r#"labels."io.cri-containerd.kind"==sandbox"#,
+        ])?;
+        if !pauses.trim().is_empty() {
+            bail!("containerd has pause containers: {pauses:?}");
+        }
+        Ok(())
+    }
+
+    /// No container records and no tasks at all in containerd (pods without containers).
+    fn assert_no_containers(&self) -> anyhow::Result<()> {
         let containers = self.ctr(&["containers", "list", "--quiet"])?;
         let tasks = self.ctr(&["tasks", "list", "--quiet"])?;
         if !containers.trim().is_empty() || !tasks.trim().is_empty() {
-            bail!(
-                "containerd has containers {containers:?} / tasks {tasks:?} (a pause container?)"
-            );
+            bail!("containerd has containers {containers:?} / tasks {tasks:?}");
         }
         Ok(())
     }
@@ -426,6 +492,10 @@ impl Env {
     async fn finish(mut self) -> anyhow::Result<()> {
         self.stop_containerd().await?;
         self.stop_daemon().await?;
+        let shims = self.watch.finish();
+        if !shims.is_empty() {
+            bail!("shim processes or containerd children existed during the test: {shims:?}");
+        }
         let left = self.sandboxer_dirs();
         if !left.is_empty() {
             bail!("sandbox state left in the sandboxer's state dir: {left:?}");
@@ -515,6 +585,30 @@ fn processes() -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Whether `cmd` runs a containerd shim binary (named containerd-shim-<runtime>-<version>).
+fn is_shim(cmd: &str) -> bool {
+    cmd.split_whitespace()
+        .next()
+        .and_then(|argv0| Path::new(argv0).file_name())
+        .is_some_and(|name| name.to_string_lossy().starts_with("containerd-shim"))
+}
+
+/// containerd's CRI plugin runs `containerd-shim-runc-v2 -info` once at start-up to learn the
+/// features of its built-in `runc` handler (only runc-type handlers are probed; the sandboxer
+/// handlers never are). It serves no pod, so it is not a shim process in the sense checked here.
+fn is_runtime_info_probe(cmd: &str) -> bool {
+    let args: Vec<&str> = cmd.split_whitespace().collect();
+    is_shim(cmd) && args.get(1..) == Some(&["-info"][..])
+}
+
+/// Shim processes (the runtime info probe aside).
+fn shim_processes() -> Vec<(u32, String)> {
+    processes()
+        .into_iter()
+        .filter(|(_, cmd)| is_shim(cmd) && !is_runtime_info_probe(cmd))
+        .collect()
+}
+
 fn processes_matching(needle: &str) -> Vec<(u32, String)> {
     let me = std::process::id();
     processes()
@@ -523,9 +617,21 @@ fn processes_matching(needle: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Child processes of `parent`: the runtime info probe aside, and so are a child between fork
+/// and exec (it still shows the parent's command line) and one that has exited (a zombie shows
+/// none). A shim serving a pod lives long and shows its own command line.
 fn children_of(parent: u32) -> Vec<(u32, String)> {
+    let parent_cmd = std::fs::read(format!("/proc/{parent}/cmdline"))
+        .map(|raw| {
+            String::from_utf8_lossy(&raw)
+                .replace('\0', " ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default();
     processes()
         .into_iter()
+        .filter(|(_, cmd)| !is_runtime_info_probe(cmd) && !cmd.is_empty() && *cmd != parent_cmd)
         .filter(|(pid, _)| {
             // The parent pid is the second field after the `(comm)` field.
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -764,6 +870,7 @@ async fn pod_lifecycle_through_cri() {
             env.sandboxer_dirs()
         );
         env.assert_no_shim_or_pause().unwrap();
+        env.assert_no_containers().unwrap();
         assert_eq!(pod_ids(&mut rt).await.unwrap(), vec![id.clone()]);
         let listed = env.containerd_sandboxes().unwrap();
         assert!(listed.iter().any(|l| l.starts_with(&id)), "{listed:?}");
