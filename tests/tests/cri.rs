@@ -862,6 +862,23 @@ async fn pod_lifecycle_through_cri() {
             Some(name.as_str())
         );
         assert!(st.created_at > 0);
+        // containerd handed the pod config to the sandboxer (Create's options) and shows the
+        // sandboxer's own Status info.
+        let verbose = rt
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: id.clone(),
+                verbose: true,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            verbose.info.get("hostname").map(String::as_str),
+            Some(name.as_str()),
+            "{:?}",
+            verbose.info
+        );
+        assert_eq!(verbose.info.get("vcpus").map(String::as_str), Some("1"));
         // The same sandbox id is the sandboxer's, and its VM runs.
         assert_eq!(env.sandboxer_state(&id).await.unwrap(), "SANDBOX_READY");
         assert!(
