@@ -850,7 +850,17 @@ async fn pod_lifecycle_through_cri() {
 
     for handler in HANDLERS {
         let name = format!("pod-{handler}");
-        let config = env.pod_config(&name);
+        let mut config = env.pod_config(&name);
+        // The fifo pod also asks for 2 CPUs and 64 MiB: the VM is sized from them.
+        let sized = handler == "sandboxer-fifo";
+        if sized && let Some(linux) = config.linux.as_mut() {
+            linux.resources = Some(cri::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: 200_000,
+                memory_limit_in_bytes: 64 << 20,
+                ..Default::default()
+            });
+        }
         let id = run_pod(&mut rt, &config, handler)
             .await
             .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", env.containerd_log()));
@@ -878,7 +888,18 @@ async fn pod_lifecycle_through_cri() {
             "{:?}",
             verbose.info
         );
-        assert_eq!(verbose.info.get("vcpus").map(String::as_str), Some("1"));
+        let (vcpus, mem_mib) = if sized {
+            ("2", env.config.vm.mem_mib + 64)
+        } else {
+            ("1", env.config.vm.mem_mib)
+        };
+        assert_eq!(verbose.info.get("vcpus").map(String::as_str), Some(vcpus));
+        assert_eq!(
+            verbose.info.get("mem_mib"),
+            Some(&mem_mib.to_string()),
+            "{:?}",
+            verbose.info
+        );
         // The same sandbox id is the sandboxer's, and its VM runs.
         assert_eq!(env.sandboxer_state(&id).await.unwrap(), "SANDBOX_READY");
         assert!(
