@@ -34,7 +34,9 @@ use anyhow::{Context, bail};
 use controller::KvmBackend;
 use controller::config::Config;
 use proto::cri_full::v1 as cri;
-use proto::v2::sandbox::{ControllerStatusRequest, ControllerStopRequest};
+use proto::v2::sandbox::{
+    ControllerMetricsRequest, ControllerStatusRequest, ControllerStopRequest,
+};
 use test_guests::{Guest, require_kvm};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -434,6 +436,32 @@ impl Env {
     fn containerd_sandboxes(&self) -> anyhow::Result<Vec<String>> {
         let out = self.ctr(&["sandboxes", "list"])?;
         Ok(out.lines().skip(1).map(str::to_string).collect())
+    }
+
+    /// The sandbox's state and metrics type through containerd's own sandbox Controller
+    /// service (namespace k8s.io), which forwards to the sandbox controller named `sandboxer`.
+    async fn status_through_containerd(&self, id: &str) -> anyhow::Result<(String, String)> {
+        let mut c = controller::client::v2_client(self.cri_socket()).await?;
+        let mut req = tonic::Request::new(ControllerStatusRequest {
+            sandbox_id: id.into(),
+            verbose: false,
+            sandboxer: "sandboxer".into(),
+        });
+        req.metadata_mut()
+            .insert("containerd-namespace", K8S_NS.parse()?);
+        let state = c.status(req).await?.into_inner().state;
+        let mut req = tonic::Request::new(ControllerMetricsRequest {
+            sandbox_id: id.into(),
+            sandboxer: "sandboxer".into(),
+        });
+        req.metadata_mut()
+            .insert("containerd-namespace", K8S_NS.parse()?);
+        let metrics = c.metrics(req).await?.into_inner().metrics;
+        let type_url = metrics
+            .and_then(|m| m.data)
+            .map(|d| d.type_url)
+            .unwrap_or_default();
+        Ok((state, type_url))
     }
 
     /// Sandbox directories in the sandboxer's state dir.
@@ -909,6 +937,13 @@ async fn pod_lifecycle_through_cri() {
         );
         env.assert_no_shim_or_pause().unwrap();
         env.assert_no_containers().unwrap();
+        // containerd's own sandbox Controller service routes to the sandboxer by name.
+        let (state, metrics) = env.status_through_containerd(&id).await.unwrap();
+        assert_eq!(state, "SANDBOX_READY");
+        assert!(
+            !metrics.is_empty(),
+            "Metrics through containerd carried no data"
+        );
         assert_eq!(pod_ids(&mut rt).await.unwrap(), vec![id.clone()]);
         let listed = env.containerd_sandboxes().unwrap();
         assert!(listed.iter().any(|l| l.starts_with(&id)), "{listed:?}");
