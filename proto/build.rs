@@ -55,7 +55,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// The agent's ttrpc services (rust-protobuf, async servers and clients), one module per file.
 #[cfg(feature = "ttrpc")]
-const TTRPC_FILES: &[&str] = &["sandboxer/agent/v1/control.proto"];
+const TTRPC_FILES: &[&str] = &[
+    "sandboxer/agent/v1/control.proto",
+    "containerd/services/streaming/v1/streaming.proto",
+    "containerd/types/transfer/stream_data.proto",
+];
 
 #[cfg(feature = "ttrpc")]
 fn ttrpc() -> Result<(), Box<dyn std::error::Error>> {

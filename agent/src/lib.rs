@@ -4,16 +4,19 @@
 //! The PID-1 foundation: boot mounts ([`mounts`]), settings from the kernel command line
 //! ([`cmdline`]), child reaping that never loses a watched exit status ([`reaper`]), console
 //! logging ([`console`]) and orderly shutdown ([`shutdown`]); the ttrpc listener and ready
-//! signal ([`transport`]) and the containerd Task API ([`task`]). The binary `sandboxer-agent`
+//! signal ([`transport`]), the containerd Task API ([`task`]) and the sandboxer's Control
+//! service ([`control`]). The binary `sandboxer-agent`
 //! (src/main.rs) ties them together.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cmdline;
 pub mod console;
+pub mod control;
 pub mod events;
 pub mod mounts;
 pub mod reaper;
 pub mod shutdown;
+pub mod streaming;
 pub mod task;
 pub mod transport;

@@ -6,15 +6,20 @@
 //! `/proc/cmdline`, starts the ttrpc server on vsock port `sandboxer.port`, prints
 //! `sandboxer-agent: ready` on the console, dials the host's ready port (see
 //! [`agent::transport`]) and then serves signals from a signalfd: `SIGCHLD` reaps children,
-//! `SIGTERM`/`SIGINT` (Ctrl-Alt-Del is turned into `SIGINT`) shut the VM down. If setup fails
+//! `SIGTERM`/`SIGINT` (Ctrl-Alt-Del is turned into `SIGINT`) shut the VM down, and so does the
+//! host's `Control.Shutdown` (with its own grace time). If setup fails
 //! the agent logs the error and ends the VM rather than letting the kernel panic on a dead init.
 //!
 //! On a host (tests), `--listen unix:<path>` runs it as an ordinary root process: no mounts,
-//! no reboot; it becomes a child subreaper, serves until `SIGTERM`/`SIGINT`, then kills and
-//! deletes its containers and exits.
+//! no reboot; it becomes a child subreaper, serves until `SIGTERM`/`SIGINT` or
+//! `Control.Shutdown`, then kills and deletes its containers and exits.
+//!
+//! One ttrpc server carries the Task services (v3 and v2) and the sandboxer's Control service
+//! ([`agent::control`]); both share one [`Events`] queue.
 //!
 //! ```text
 //! sandboxer-agent [--listen vsock:<port>|unix:<path>] [--ready-fd <fd>] [--state-dir <dir>]
+//!                 [--cgroup-parent <name>]
 //! ```
 //!
 //! The agent runs on one thread (a current-thread tokio runtime that also reads the
@@ -25,9 +30,12 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use agent::cmdline::{self, AgentConfig};
 use agent::console;
+use agent::control::{self, ControlConfig, ControlService, ShutdownOrder};
+use agent::events::Events;
 use agent::mounts;
 use agent::reaper::Reaper;
 use agent::shutdown::shutdown;
@@ -39,9 +47,13 @@ use nix::sys::signal::{SigSet, Signal, raise};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::unistd::getpid;
 use tokio::io::unix::AsyncFd;
+use tokio::sync::mpsc;
 
 /// Where the agent keeps container state unless `--state-dir` says otherwise.
 const DEFAULT_STATE_DIR: &str = "/run/sandboxer-agent";
+/// After `Control.Shutdown` answered, how long the server keeps running so the answer reaches
+/// the host before the VM ends (the reply is written by another task of this runtime).
+const SHUTDOWN_REPLY_FLUSH: Duration = Duration::from_millis(100);
 
 /// Command-line arguments.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -52,6 +64,8 @@ struct Args {
     ready_fd: Option<u32>,
     /// Container state directory.
     state_dir: Option<PathBuf>,
+    /// The pod cgroup's name under the cgroup v2 root (host tests pick a unique one).
+    cgroup_parent: Option<String>,
 }
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args> {
@@ -65,6 +79,17 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args> {
                 out.ready_fd = Some(v.parse().with_context(|| format!("Invalid fd {v:?}"))?);
             }
             "--state-dir" => out.state_dir = Some(PathBuf::from(value()?)),
+            "--cgroup-parent" => {
+                let v = value()?;
+                let ok = !v.is_empty()
+                    && std::path::Path::new(&v)
+                        .components()
+                        .all(|c| matches!(c, std::path::Component::Normal(_)));
+                if !ok {
+                    bail!("Invalid --cgroup-parent {v:?}: must be a relative path without ..");
+                }
+                out.cgroup_parent = Some(v);
+            }
             other => bail!("Unknown argument {other:?}"),
         }
     }
@@ -116,17 +141,30 @@ enum Ready {
     Host { fd: Option<u32> },
 }
 
-/// Serves signals until a shutdown is requested.
-async fn serve_signals(sfd: SignalFd, reaper: &Reaper) -> Result<()> {
+/// Why the agent stops serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// `SIGTERM`/`SIGINT`.
+    Signal,
+    /// `Control.Shutdown` with this grace time.
+    Requested(ShutdownOrder),
+}
+
+/// Serves signals until a shutdown is requested by a signal or through `orders`.
+async fn serve_signals(
+    sfd: SignalFd,
+    reaper: &Reaper,
+    orders: &mut mpsc::Receiver<ShutdownOrder>,
+) -> Result<Stop> {
     // `AsyncFd::new` is deprecated because a `T` might not own its fd; `SignalFd` owns it for
     // the `AsyncFd`'s whole life, and the replacement (`AsyncFd::register`) is `unsafe`.
     #[expect(deprecated, reason = "SignalFd owns its fd; the replacement is unsafe")]
     let mut afd = AsyncFd::new(sfd).context("Failed to register the signalfd")?;
     loop {
-        let mut guard = afd
-            .readable_mut()
-            .await
-            .context("Failed to poll the signalfd")?;
+        let mut guard = tokio::select! {
+            guard = afd.readable_mut() => guard.context("Failed to poll the signalfd")?,
+            Some(grace) = orders.recv() => return Ok(Stop::Requested(grace)),
+        };
         let info = match guard.get_inner_mut().read_signal() {
             Ok(Some(info)) => info,
             Ok(None) => {
@@ -147,36 +185,79 @@ async fn serve_signals(sfd: SignalFd, reaper: &Reaper) -> Result<()> {
             }
             Some(signal @ (Signal::SIGTERM | Signal::SIGINT)) => {
                 log::info!("Received {signal}");
-                return Ok(());
+                return Ok(Stop::Signal);
             }
             other => log::debug!("Ignoring signal {other:?}"),
         }
     }
 }
 
-/// Starts the Task server on `listen`, announces readiness, serves signals until shutdown.
-async fn run(
-    sfd: SignalFd,
-    reaper: Arc<Reaper>,
+/// What [`run`] serves, where, and how it announces it.
+#[derive(Debug)]
+struct Serve {
     listen: ListenAddr,
     state_dir: PathBuf,
+    cgroup_parent: Option<String>,
     ready: Ready,
-) -> Result<()> {
+    /// When the agent started (Control.Health's uptime).
+    started: Instant,
+}
+
+impl Serve {
+    fn new(args: Args, listen: ListenAddr, ready: Ready, started: Instant) -> Self {
+        Self {
+            listen,
+            state_dir: args
+                .state_dir
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+            cgroup_parent: args.cgroup_parent,
+            ready,
+            started,
+        }
+    }
+}
+
+/// Starts the Task and Control server on `listen`, announces readiness, serves signals until
+/// shutdown; says why it stopped.
+async fn run(sfd: SignalFd, reaper: Arc<Reaper>, serve: Serve) -> Result<Stop> {
+    let Serve {
+        listen,
+        state_dir,
+        cgroup_parent,
+        ready,
+        started: agent_started,
+    } = serve;
+    let (order_tx, mut orders) = mpsc::channel(1);
+    let events = Arc::new(Events::new());
+    let control_config = match ready {
+        Ready::Vm { .. } => ControlConfig::vm(&state_dir),
+        Ready::Host { .. } => ControlConfig::host(&state_dir),
+    };
     let started = async {
-        let service = Arc::new(
-            TaskService::new(reaper.clone(), &state_dir)
-                .with_context(|| format!("Failed to set up {}", state_dir.display()))?,
-        );
+        let mut service = TaskService::new(reaper.clone(), &state_dir, events.clone())
+            .with_context(|| format!("Failed to set up {}", state_dir.display()))?;
+        if let Some(pod) = &cgroup_parent {
+            service = service.with_pod_cgroup(pod);
+        }
+        let service = Arc::new(service);
+        let control = Arc::new(ControlService::new(
+            control_config,
+            service.clone(),
+            events.clone(),
+            agent_started,
+            order_tx,
+        ));
         let listener = listen.bind()?;
         let mut server = ttrpc::asynchronous::Server::new()
             .add_listener(listener)
-            .register_service(task::services(service.clone()));
+            .register_service(task::services(service.clone()))
+            .register_service(control::services(control.clone()));
         server
             .start()
             .await
             .context("Failed to start the ttrpc server")?;
-        log::info!("Serving the Task API on {listen}");
-        anyhow::Ok((server, service))
+        log::info!("Serving the Task and Control APIs on {listen}");
+        anyhow::Ok((server, service, control))
     }
     .await;
     let line = listen.ready_line();
@@ -213,16 +294,36 @@ async fn run(
         Ready::Host { fd: Some(fd) } => transport::announce_ready_fd(fd, &line)?,
         Ready::Host { fd: None } => {}
     }
-    let result = serve_signals(sfd, &reaper).await;
-    if let Some((mut server, service)) = serving {
-        if let Err(e) = server.shutdown().await {
-            log::warn!("Stopping the ttrpc server: {e}");
-        }
-        if matches!(ready, Ready::Host { .. }) {
+    let stop = serve_signals(sfd, &reaper, &mut orders).await;
+    let Some((mut server, service, control)) = serving else {
+        return stop;
+    };
+    match (&stop, ready) {
+        (Ok(Stop::Requested(grace)), Ready::Host { .. }) => {
+            tokio::time::sleep(SHUTDOWN_REPLY_FLUSH).await;
+            if !control.terminate_pod(*grace).await {
+                log::warn!(
+                    "Pod processes left after {} ms, killing them",
+                    grace.as_millis()
+                );
+            }
+            // No `server.shutdown()`: it would wait for pending long polls (WaitEvent).
             service.kill_all();
         }
+        (Ok(Stop::Requested(_)), Ready::Vm { .. }) => {
+            // The VM ends next (vm_main): let the answer reach the host first.
+            tokio::time::sleep(SHUTDOWN_REPLY_FLUSH).await;
+        }
+        _ => {
+            if let Err(e) = server.shutdown().await {
+                log::warn!("Stopping the ttrpc server: {e}");
+            }
+            if matches!(ready, Ready::Host { .. }) {
+                service.kill_all();
+            }
+        }
     }
-    result
+    stop
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -232,7 +333,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("Failed to build the tokio runtime")
 }
 
-fn vm_main(args: Args) -> ExitCode {
+fn vm_main(args: Args, started: Instant) -> ExitCode {
     if getpid().as_raw() != 1 {
         eprintln!(
             "sandboxer-agent: must run as PID 1 (init) inside the sandbox VM, \
@@ -241,47 +342,53 @@ fn vm_main(args: Args) -> ExitCode {
         return ExitCode::from(2);
     }
     let reaper = Arc::new(Reaper::new());
-    let config = match setup_vm() {
+    let (config, grace) = match setup_vm() {
         Ok((config, sfd)) => {
-            let listen = args.listen.unwrap_or(ListenAddr::Vsock(config.port));
-            let state_dir = args
-                .state_dir
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+            let listen = args
+                .listen
+                .clone()
+                .unwrap_or(ListenAddr::Vsock(config.port));
             let ready = Ready::Vm {
                 ready_port: config.ready_port,
                 oneshot: config.oneshot,
             };
-            let result = runtime()
-                .and_then(|rt| rt.block_on(run(sfd, reaper.clone(), listen, state_dir, ready)));
-            if let Err(e) = result {
-                log::error!("{e:#}");
-            }
-            config
+            let serve = Serve::new(args, listen, ready, started);
+            let result = runtime().and_then(|rt| rt.block_on(run(sfd, reaper.clone(), serve)));
+            let grace = match result {
+                Ok(Stop::Requested(grace)) => grace,
+                Ok(Stop::Signal) => config.shutdown_grace,
+                Err(e) => {
+                    log::error!("{e:#}");
+                    config.shutdown_grace
+                }
+            };
+            (config, grace)
         }
         Err(e) => {
             log::error!("Setup failed: {e:#}");
-            AgentConfig::default()
+            let config = AgentConfig::default();
+            let grace = config.shutdown_grace;
+            (config, grace)
         }
     };
-    let err = shutdown(&reaper, config.shutdown, config.shutdown_grace);
+    let err = shutdown(&reaper, config.shutdown, grace);
     log::error!("reboot failed: {err}");
     // Exiting makes the kernel panic ("Attempted to kill init"); with panic=-1 that ends the VM.
     ExitCode::FAILURE
 }
 
-fn host_main(listen: ListenAddr, args: Args) -> Result<()> {
+fn host_main(listen: ListenAddr, args: Args, started: Instant) -> Result<()> {
     let sfd = signalfd()?;
     // Orphans of container processes come to the agent, as they would to PID 1.
     nix::sys::prctl::set_child_subreaper(true).context("Failed to become a child subreaper")?;
     let reaper = Arc::new(Reaper::new());
-    let state_dir = args
-        .state_dir
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
     let ready = Ready::Host { fd: args.ready_fd };
-    runtime()?.block_on(run(sfd, reaper, listen, state_dir, ready))
+    let serve = Serve::new(args, listen, ready, started);
+    runtime()?.block_on(run(sfd, reaper, serve)).map(|_| ())
 }
 
 fn main() -> ExitCode {
+    let started = Instant::now();
     console::init(log::LevelFilter::Info);
     let args = match parse_args(std::env::args().skip(1)) {
         Ok(a) => a,
@@ -291,14 +398,14 @@ fn main() -> ExitCode {
         }
     };
     match args.listen.clone() {
-        Some(listen) if getpid().as_raw() != 1 => match host_main(listen, args) {
+        Some(listen) if getpid().as_raw() != 1 => match host_main(listen, args, started) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 log::error!("{e:#}");
                 ExitCode::FAILURE
             }
         },
-        _ => vm_main(args),
+        _ => vm_main(args, started),
     }
 }
 
@@ -320,11 +427,14 @@ mod tests {
             "3",
             "--state-dir",
             "/s",
+            "--cgroup-parent",
+            "pod-1",
         ])
         .unwrap();
         assert_eq!(a.listen, Some(ListenAddr::Unix("/x.sock".into())));
         assert_eq!(a.ready_fd, Some(3));
         assert_eq!(a.state_dir, Some(PathBuf::from("/s")));
+        assert_eq!(a.cgroup_parent.as_deref(), Some("pod-1"));
         assert_eq!(
             parse(&["--listen", "vsock:5"]).unwrap().listen,
             Some(ListenAddr::Vsock(5))
@@ -335,6 +445,9 @@ mod tests {
             &["--ready-fd", "x", "--listen", "unix:/a"],
             &["--ready-fd", "3"],
             &["--frob"],
+            &["--cgroup-parent", ""],
+            &["--cgroup-parent", "/abs"],
+            &["--cgroup-parent", "a/../b"],
         ] {
             assert!(parse(bad).is_err(), "{bad:?}");
         }

@@ -3,7 +3,7 @@
 //!
 //! In the VM the agent listens on AF_VSOCK (any CID, port `sandboxer.port`, default
 //! [`DEFAULT_PORT`]). On a host, for tests, it listens on a unix socket path instead
-//! (`--listen unix:/path`); the Task service is the same.
+//! (`--listen unix:/path`); the services (Task, Control) are the same.
 //!
 //! # Ready signal
 //!

@@ -20,12 +20,27 @@
 //! mem_mib = 256                # guest base memory; the pod's memory limit is added to it
 //! blk_slots = 8
 //! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
+//! agent_ready_timeout_ms = 10000  # Start fails if the guest agent is not ready by then
 //! ```
+//!
+//! An empty `initramfs` means the agent initramfs embedded in the binary at build time
+//! (`SANDBOXER_EMBED_INITRAMFS`); without one, Start fails with a configuration error.
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
+
+/// The agent initramfs embedded at build time (`SANDBOXER_EMBED_INITRAMFS`); empty for none.
+static EMBEDDED_INITRAMFS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/initramfs.img"));
+
+/// File under the state dir the embedded initramfs is written to for the VMM to load.
+pub const EMBEDDED_INITRAMFS_FILE: &str = "agent-initramfs.img";
+
+/// The agent initramfs this binary carries, if it was built with one.
+pub fn embedded_initramfs() -> Option<&'static [u8]> {
+    (!EMBEDDED_INITRAMFS.is_empty()).then_some(EMBEDDED_INITRAMFS)
+}
 
 /// Where the config file is read from when `--config` is not given (a missing file is fine).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sandboxer/config.toml";
@@ -95,7 +110,12 @@ pub struct VmDefaults {
     /// VM shells (VM + memory + irqchip) kept pre-built for sandboxes of `mem_mib`, so their
     /// Start skips KVM's slowest setup steps (`vmm::pool`); 0 turns the pool off.
     pub pool_depth: u32,
+    /// How long Start waits for the guest agent's ready signal.
+    pub agent_ready_timeout_ms: u64,
 }
+
+/// Default of [`VmDefaults::agent_ready_timeout_ms`].
+pub const DEFAULT_AGENT_READY_TIMEOUT_MS: u64 = 10_000;
 
 impl Default for VmDefaults {
     fn default() -> Self {
@@ -108,6 +128,7 @@ impl Default for VmDefaults {
             mem_mib: 256,
             blk_slots: 8,
             pool_depth: 1,
+            agent_ready_timeout_ms: DEFAULT_AGENT_READY_TIMEOUT_MS,
         }
     }
 }
@@ -182,6 +203,9 @@ pub struct ServeArgs {
     /// Pre-built VM shells kept for default-sized sandboxes (0: none).
     #[arg(long)]
     pub pool_depth: Option<u32>,
+    /// How long Start waits for the guest agent's ready signal, in milliseconds.
+    #[arg(long, value_name = "MS")]
+    pub agent_ready_timeout_ms: Option<u64>,
     /// Log filter, e.g. "debug" or "info,controller=trace".
     #[arg(long)]
     pub log_level: Option<String>,
@@ -234,6 +258,10 @@ impl Config {
         set(&mut self.vm.mem_mib, &args.mem_mib);
         set(&mut self.vm.blk_slots, &args.blk_slots);
         set(&mut self.vm.pool_depth, &args.pool_depth);
+        set(
+            &mut self.vm.agent_ready_timeout_ms,
+            &args.agent_ready_timeout_ms,
+        );
         set(&mut self.log_level, &args.log_level);
         set(&mut self.on_exit, &args.on_exit);
         set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
@@ -274,6 +302,12 @@ impl Config {
                 ),
             ));
         }
+        if self.vm.agent_ready_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "vm.agent_ready_timeout_ms",
+                "must be at least 1".into(),
+            ));
+        }
         if self.vm.mem_mib < vmm::config::MIN_MEM_MIB {
             return Err(ConfigError::Invalid(
                 "vm.mem_mib",
@@ -287,6 +321,32 @@ impl Config {
     pub fn seed_socket(&self) -> Option<&Path> {
         let p = self.api.seed_socket.as_path();
         (!p.as_os_str().is_empty()).then_some(p)
+    }
+
+    /// With no `vm.initramfs` configured, writes the embedded agent initramfs (if this binary
+    /// has one) to `<state_dir>/agent-initramfs.img` and configures that. Returns the file
+    /// written, if any.
+    pub fn materialize_initramfs(&mut self) -> std::io::Result<Option<PathBuf>> {
+        self.materialize_initramfs_from(embedded_initramfs())
+    }
+
+    fn materialize_initramfs_from(
+        &mut self,
+        embedded: Option<&[u8]>,
+    ) -> std::io::Result<Option<PathBuf>> {
+        let Some(data) = embedded.filter(|_| self.initramfs().is_none()) else {
+            return Ok(None);
+        };
+        std::fs::create_dir_all(&self.state_dir)?;
+        let path = self.state_dir.join(EMBEDDED_INITRAMFS_FILE);
+        // Written whole, then renamed: a VM never loads a half-written file.
+        let tmp = self
+            .state_dir
+            .join(format!(".{EMBEDDED_INITRAMFS_FILE}.tmp"));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, &path)?;
+        self.vm.initramfs.clone_from(&path);
+        Ok(Some(path))
     }
 
     /// The initramfs, unless none is configured.
@@ -363,6 +423,30 @@ mod tests {
     }
 
     #[test]
+    fn embedded_initramfs_is_written_only_when_none_is_configured() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = Config {
+            state_dir: tmp.path().join("state"),
+            ..Config::default()
+        };
+        assert_eq!(c.materialize_initramfs_from(None).unwrap(), None);
+        assert!(c.initramfs().is_none());
+        let path = c
+            .materialize_initramfs_from(Some(b"070701 cpio"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(path, tmp.path().join("state").join(EMBEDDED_INITRAMFS_FILE));
+        assert_eq!(std::fs::read(&path).unwrap(), b"070701 cpio");
+        assert_eq!(c.initramfs(), Some(path.as_path()));
+        // A configured one wins.
+        let mut c = Config::default();
+        c.vm.initramfs = "/i".into();
+        assert_eq!(c.materialize_initramfs_from(Some(b"x")).unwrap(), None);
+        assert_eq!(c.initramfs(), Some(Path::new("/i")));
+        assert_eq!(c.vm.agent_ready_timeout_ms, DEFAULT_AGENT_READY_TIMEOUT_MS);
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let err = Config::from_toml("[vm]\nmemory = 5\n", Path::new("/etc/x.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse(..)), "{err:?}");
@@ -396,6 +480,21 @@ mod tests {
             c.validate(),
             Err(ConfigError::Invalid("vm.mem_mib", _))
         ));
+        let mut c = Config::default();
+        c.apply(&ServeArgs {
+            agent_ready_timeout_ms: Some(0),
+            ..ServeArgs::default()
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("vm.agent_ready_timeout_ms", _))
+        ));
+        c.apply(&ServeArgs {
+            agent_ready_timeout_ms: Some(250),
+            ..ServeArgs::default()
+        });
+        assert_eq!(c.vm.agent_ready_timeout_ms, 250);
+        c.validate().unwrap();
     }
 
     #[test]

@@ -88,6 +88,12 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Backend(_, BackendError::Config(_)) => {
                 tonic::Status::failed_precondition(msg)
             }
+            SandboxError::Backend(_, BackendError::AgentNotReady { .. }) => {
+                tonic::Status::deadline_exceeded(msg)
+            }
+            SandboxError::Backend(_, BackendError::NoFreeSlot(_)) => {
+                tonic::Status::resource_exhausted(msg)
+            }
             SandboxError::Store(..) | SandboxError::Backend(..) | SandboxError::Task(..) => {
                 tonic::Status::internal(msg)
             }
@@ -154,6 +160,32 @@ mod tests {
             ))
             .code(),
             Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn agent_timeout_and_full_slots() {
+        let s = status(SandboxError::Backend(
+            "pod".into(),
+            BackendError::AgentNotReady {
+                timeout_ms: 10,
+                console: "/run/x/pod/console.log".into(),
+            },
+        ));
+        assert_eq!(s.code(), Code::DeadlineExceeded);
+        assert!(s.message().contains("pod"), "{}", s.message());
+        assert!(
+            s.message().contains("/run/x/pod/console.log"),
+            "{}",
+            s.message()
+        );
+        assert_eq!(
+            status(SandboxError::Backend(
+                "x".into(),
+                BackendError::NoFreeSlot(8)
+            ))
+            .code(),
+            Code::ResourceExhausted
         );
     }
 

@@ -19,6 +19,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod network;
 pub mod notify;
 pub mod sandbox;
 pub mod server;

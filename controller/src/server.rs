@@ -48,6 +48,9 @@ pub enum ServerError {
     /// A server task panicked or was cancelled.
     #[error("Server task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The embedded agent initramfs could not be written to the state dir.
+    #[error("Failed to write the embedded agent initramfs under {0}")]
+    Initramfs(PathBuf, #[source] io::Error),
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket left by a previous process.
@@ -189,6 +192,18 @@ pub async fn run<B: VmBackend>(
     backend: B,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    let mut config = config.clone();
+    match config.materialize_initramfs() {
+        Ok(Some(path)) => info!(path = %path.display(), "using the embedded agent initramfs"),
+        Ok(None) if config.initramfs().is_none() => {
+            warn!(
+                "no agent initramfs: vm.initramfs is empty and none is embedded; Start will fail"
+            );
+        }
+        Ok(None) => {}
+        Err(e) => return Err(ServerError::Initramfs(config.state_dir.clone(), e)),
+    }
+    let config = &config;
     let service = SandboxService::new(backend, ServiceConfig::from(config));
     let recovery = service.recover().map_err(ServerError::Recover)?;
     for e in &recovery.unreadable {

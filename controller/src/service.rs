@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::backend::{
-    BackendError, ShutdownRequest, VmBackend, VmEnd, VmExitKind, VmHandle, VmSpec,
+    BackendError, GuestSetup, ShutdownRequest, VmBackend, VmEnd, VmExitKind, VmHandle, VmSpec,
 };
 use crate::config::{Config, VmDefaults};
 use crate::error::{SandboxError, error_chain};
@@ -159,7 +159,8 @@ pub struct MetricsInfo {
     pub id: String,
     /// Sample time.
     pub at: SystemTime,
-    /// The statistics (type URL [`VM_METRICS_TYPE_URL`], JSON).
+    /// The pod's cgroup statistics as the agent sent them (`io.containerd.cgroups.v2.Metrics`),
+    /// or, when it sent none, the VM's (type URL [`VM_METRICS_TYPE_URL`], JSON).
     pub data: StoredAny,
 }
 
@@ -286,7 +287,7 @@ async fn stop_vm(vm: &dyn VmHandle, grace: Duration) -> (VmEnd, bool) {
     if let Some(end) = vm.ended() {
         return (end, false);
     }
-    match vm.request_shutdown().await {
+    match vm.request_shutdown(grace).await {
         Ok(ShutdownRequest::Requested) => match tokio::time::timeout(grace, vm.wait()).await {
             Ok(end) => (end, false),
             Err(_) => (vm.kill().await, true),
@@ -531,6 +532,23 @@ impl<B: VmBackend> SandboxService<B> {
             cmdline: self.config.vm.cmdline.clone(),
             blk_slots: self.config.vm.blk_slots,
             console_log: Some(dir.join("console.log")),
+            vsock_uds: Some(dir.join("vsock.sock")),
+            setup: GuestSetup {
+                hostname: record
+                    .pod
+                    .as_ref()
+                    .map(|p| p.hostname.clone())
+                    .unwrap_or_default(),
+                dns: record
+                    .pod
+                    .as_ref()
+                    .map(|p| p.dns.clone())
+                    .unwrap_or_default(),
+                // Pod networking fills these from the sandbox's netns.
+                interfaces: Vec::new(),
+                routes: Vec::new(),
+            },
+            agent_ready_timeout: Duration::from_millis(self.config.vm.agent_ready_timeout_ms),
         };
         let vm: Arc<dyn VmHandle> = match self.backend.start(spec).await {
             Ok(vm) => Arc::from(vm),
@@ -807,13 +825,19 @@ impl<B: VmBackend> SandboxService<B> {
             Err(BackendError::NotRunning) => return Err(not_ready()),
             Err(e) => return Err(SandboxError::Backend(id.to_string(), e)),
         };
-        Ok(MetricsInfo {
-            id: id.to_string(),
-            at: SystemTime::now(),
-            data: StoredAny {
+        // The pod's cgroup statistics when the agent has them (what engines expect), else the
+        // VM's own figures.
+        let data = match metrics.pod.clone() {
+            Some(pod) => pod,
+            None => StoredAny {
                 type_url: VM_METRICS_TYPE_URL.to_string(),
                 value: serde_json::to_vec(&metrics).unwrap_or_default(),
             },
+        };
+        Ok(MetricsInfo {
+            id: id.to_string(),
+            at: SystemTime::now(),
+            data,
         })
     }
 
@@ -1585,6 +1609,18 @@ mod tests {
         assert_eq!(s.labels.len(), 2);
         let spec = &f.fake.specs()[0];
         assert_eq!((spec.vcpus, spec.mem_mib), (3, 768));
+        // What the agent is told to set up, and where its vsock lives.
+        assert_eq!(spec.setup.hostname, "web-0");
+        assert_eq!(spec.setup.dns, p.dns);
+        assert!(spec.setup.interfaces.is_empty() && spec.setup.routes.is_empty());
+        assert_eq!(
+            spec.vsock_uds.as_deref(),
+            Some(f.tmp.path().join("state/web/vsock.sock").as_path())
+        );
+        assert_eq!(
+            spec.agent_ready_timeout,
+            Duration::from_millis(crate::config::DEFAULT_AGENT_READY_TIMEOUT_MS)
+        );
         assert_eq!(
             f.svc
                 .status("web", false)

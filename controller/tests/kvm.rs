@@ -1,6 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! KVM tests of the real backend: sandboxes whose VMs boot the project's test guests on
-//! `/dev/kvm`, driven through the containerd 2.x API of the daemon.
+//! `/dev/kvm`. The `virtio` guest's agent mode stands in for the guest agent on the wire
+//! (ready line over vsock, ttrpc answers), so Start's whole agent path runs for real: the
+//! ready signal, the ttrpc connection, SyncClock and Setup, Shutdown on Stop, Stats on Metrics.
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"
@@ -8,17 +10,24 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::V2Client;
+use common::{V2Client, expect_code, pod_options};
 use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerMetricsRequest, ControllerShutdownRequest,
     ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
-use controller::KvmBackend;
+use controller::backend::{BackendError, GuestSetup, KvmBackend, VmBackend, VmExitKind, VmSpec};
 use controller::config::Config;
-use test_guests::{Guest, require_kvm};
+use test_guests::{Guest, agent, require_kvm};
 use tokio::sync::oneshot;
+
+const CONTROL: &str = "sandboxer.agent.v1.Control";
+
+/// The KVM tests run one at a time: each checks that no VM of the process is left
+/// (`vmm::live_vms` counts them all), and the machine has few cores.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct KvmDaemon {
     dir: tempfile::TempDir,
@@ -27,7 +36,20 @@ struct KvmDaemon {
     task: tokio::task::JoinHandle<Result<(), controller::server::ServerError>>,
 }
 
-async fn daemon(guest: Guest) -> KvmDaemon {
+/// A file handed to the VMM as initramfs: the test guests ignore it, but the daemon refuses to
+/// start sandboxes without one.
+fn fake_initramfs(dir: &Path) -> PathBuf {
+    let path = dir.join("initramfs.img");
+    std::fs::write(&path, b"not an initramfs: the test guest ignores it").unwrap();
+    path
+}
+
+/// The agent-mode command line, with `extra` keys.
+fn agent_cmdline(extra: &[&str]) -> String {
+    agent::cmdline(vmm::config::DEFAULT_CMDLINE, extra)
+}
+
+async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) -> KvmDaemon {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         state_dir: dir.path().join("state"),
@@ -36,8 +58,12 @@ async fn daemon(guest: Guest) -> KvmDaemon {
     };
     config.api.socket = dir.path().join("api.sock");
     config.api.seed_socket = "".into();
-    config.vm.kernel = guest.elf().to_path_buf();
+    config.vm.kernel = kernel.elf().to_path_buf();
+    config.vm.initramfs = fake_initramfs(dir.path());
+    config.vm.cmdline = cmdline;
     config.vm.mem_mib = 32;
+    config.vm.blk_slots = 4;
+    edit(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let run_config = config.clone();
     let task = tokio::spawn(async move {
@@ -65,144 +91,428 @@ async fn daemon(guest: Guest) -> KvmDaemon {
 }
 
 impl KvmDaemon {
+    fn console(&self, id: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join("state").join(id).join("console.log"))
+            .unwrap_or_default()
+    }
+
+    async fn create(&mut self, id: &str, options: Option<prost_types::Any>) {
+        self.client
+            .create(ControllerCreateRequest {
+                sandbox_id: id.into(),
+                options,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn start(&mut self, id: &str) -> Result<String, tonic::Status> {
+        self.client
+            .start(ControllerStartRequest {
+                sandbox_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().address)
+    }
+
+    async fn state(&mut self, id: &str) -> String {
+        self.client
+            .status(ControllerStatusRequest {
+                sandbox_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .state
+    }
+
+    async fn shutdown(&mut self, id: &str) {
+        self.client
+            .shutdown(ControllerShutdownRequest {
+                sandbox_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!self.dir.path().join("state").join(id).exists());
+    }
+
     async fn finish(self) {
         drop(self.client);
         let _ = self.stop.send(());
         self.task.await.unwrap().unwrap();
         drop(self.dir);
+        assert!(
+            vmm::wait_all_torn_down(Duration::from_secs(10)),
+            "a VM leaked"
+        );
+    }
+}
+
+/// Waits until the console of `id` contains `line`.
+async fn console_shows(d: &KvmDaemon, id: &str, line: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let console = d.console(id);
+        if console.contains(line) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{line:?} never appeared; console:\n{console}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sandbox_vm_runs_until_stopped() {
+async fn start_waits_for_the_agent_and_stop_asks_it() {
     require_kvm!();
-    let mut d = daemon(Guest::Spin).await;
-    let c = &mut d.client;
-    c.create(ControllerCreateRequest {
-        sandbox_id: "spin".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let st = c
-        .start(ControllerStartRequest {
-            sandbox_id: "spin".into(),
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |_| {}).await;
+    d.create("pod", Some(pod_options("web-0", 0, 0))).await;
+    let address = d.start("pod").await.unwrap();
+    let sock = d.dir.path().join("state/pod/task.sock");
+    assert_eq!(address, format!("ttrpc+unix://{}", sock.display()));
+    // By the time Start returned the agent had announced itself and had been set up, in
+    // this order.
+    let console = d.console("pod");
+    let ready = console.find(agent::READY).expect(&console);
+    let clock = console
+        .find(&agent::request(CONTROL, "SyncClock"))
+        .expect(&console);
+    let setup = console
+        .find(&agent::request(CONTROL, "Setup"))
+        .expect(&console);
+    assert!(ready < clock && clock < setup, "{console}");
+    assert_eq!(d.state("pod").await, "SANDBOX_READY");
+    // The hybrid vsock socket for debugging tools is there; the ready fallback is gone.
+    assert!(d.dir.path().join("state/pod/vsock.sock").exists());
+    assert!(!d.dir.path().join("state/pod/vsock.sock_1025").exists());
+
+    // Metrics asks the agent for the pod's statistics; this agent has none, so the VM's own
+    // figures are returned.
+    let m = d
+        .client
+        .metrics(ControllerMetricsRequest {
+            sandbox_id: "pod".into(),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(st.version, 3);
-    let status = c
-        .status(ControllerStatusRequest {
-            sandbox_id: "spin".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(status.state, "SANDBOX_READY");
+    let data = m.metrics.unwrap().data.unwrap();
+    assert_eq!(data.type_url, controller::service::VM_METRICS_TYPE_URL);
+    let vm: serde_json::Value = serde_json::from_slice(&data.value).unwrap();
+    assert!(vm["boot_time_ns"].as_u64() > Some(0), "{vm}");
+    console_shows(&d, "pod", &agent::request(CONTROL, "Stats")).await;
 
-    // The guest runs: it signals the boot timer and prints to the console log.
-    let console = d.dir.path().join("state/spin/console.log");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = c
-            .metrics(ControllerMetricsRequest {
-                sandbox_id: "spin".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let data: serde_json::Value =
-            serde_json::from_slice(&m.metrics.unwrap().data.unwrap().value).unwrap();
-        let printed = std::fs::read(&console).unwrap_or_default();
-        if data["boot_time_ns"].as_u64() > Some(0) && printed.contains(&b'.') {
-            assert!(data["guest_resident_bytes"].as_u64() > Some(0), "{data}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "guest never booted: {data}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-
-    let mut waiter = c.clone();
+    let mut waiter = d.client.clone();
     let w = tokio::spawn(async move {
         waiter
             .wait(ControllerWaitRequest {
-                sandbox_id: "spin".into(),
+                sandbox_id: "pod".into(),
                 ..Default::default()
             })
             .await
     });
-    c.stop(ControllerStopRequest {
-        sandbox_id: "spin".into(),
-        timeout_secs: 1,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let exit = w.await.unwrap().unwrap().into_inner();
-    // No agent yet, so Stop stops the VM at once: an orderly stop, status 0.
-    assert_eq!(exit.exit_status, 0);
-    c.shutdown(ControllerShutdownRequest {
-        sandbox_id: "spin".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    assert!(!d.dir.path().join("state/spin").exists());
-    d.finish().await;
+    let t0 = Instant::now();
+    d.client
+        .stop(ControllerStopRequest {
+            sandbox_id: "pod".into(),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // The agent answered Shutdown but this one does not end the VM: forced after the grace.
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
     assert!(
-        vmm::wait_all_torn_down(Duration::from_secs(10)),
-        "a VM leaked"
+        d.console("pod")
+            .contains(&agent::request(CONTROL, "Shutdown"))
     );
+    let exit = w.await.unwrap().unwrap().into_inner();
+    assert_eq!(exit.exit_status, controller::service::EXIT_FORCED);
+    assert_eq!(d.state("pod").await, "SANDBOX_NOTREADY");
+    d.shutdown("pod").await;
+    d.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_that_ends_itself_ends_the_sandbox() {
+async fn an_agent_that_ends_the_vm_on_shutdown_stops_cleanly() {
     require_kvm!();
-    let mut d = daemon(Guest::Quick).await;
-    let c = &mut d.client;
-    c.create(ControllerCreateRequest {
-        sandbox_id: "quick".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    c.start(ControllerStartRequest {
-        sandbox_id: "quick".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let exit = tokio::time::timeout(
-        Duration::from_secs(30),
-        c.wait(ControllerWaitRequest {
-            sandbox_id: "quick".into(),
-            ..Default::default()
-        }),
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(
+        Guest::Virtio,
+        agent_cmdline(&[agent::EXIT_ON_SHUTDOWN, agent::QUIET]),
+        |_| {},
     )
-    .await
-    .expect("the guest did not end")
-    .unwrap()
-    .into_inner();
-    // The guest's triple fault is how a firmware-less guest ends: a clean end.
+    .await;
+    d.create("clean", None).await;
+    d.start("clean").await.unwrap();
+    let t0 = Instant::now();
+    d.client
+        .stop(ControllerStopRequest {
+            sandbox_id: "clean".into(),
+            timeout_secs: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    let exit = d
+        .client
+        .wait(ControllerWaitRequest {
+            sandbox_id: "clean".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(exit.exit_status, 0);
-    let status = c
-        .status(ControllerStatusRequest {
+    assert!(d.console("clean").contains(agent::EXITING));
+    d.shutdown("clean").await;
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    // `spin` runs forever and never dials the host.
+    let mut d = daemon(Guest::Spin, vmm::config::DEFAULT_CMDLINE.into(), |c| {
+        c.vm.agent_ready_timeout_ms = 500;
+    })
+    .await;
+    d.create("silent", None).await;
+    let t0 = Instant::now();
+    let msg = expect_code(d.start("silent").await, tonic::Code::DeadlineExceeded);
+    let took = t0.elapsed();
+    assert!(
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert!(msg.contains("silent"), "{msg}");
+    let console = d.dir.path().join("state/silent/console.log");
+    assert!(msg.contains(&console.display().to_string()), "{msg}");
+    assert!(
+        std::fs::read_to_string(&console)
+            .unwrap()
+            .contains(test_guests::console::SPIN_HELLO)
+    );
+    assert_eq!(d.state("silent").await, "SANDBOX_NOTREADY");
+    assert!(!d.dir.path().join("state/silent/vsock.sock_1025").exists());
+    assert!(
+        vmm::wait_all_torn_down(Duration::from_secs(10)),
+        "the VM of a failed Start leaked"
+    );
+    d.shutdown("silent").await;
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ends_before_ready_fails_start_at_once() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(Guest::Quick, vmm::config::DEFAULT_CMDLINE.into(), |_| {}).await;
+    d.create("quick", None).await;
+    let t0 = Instant::now();
+    let msg = expect_code(d.start("quick").await, tonic::Code::Internal);
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    assert!(msg.contains("ended before its agent was ready"), "{msg}");
+    let exit = d
+        .client
+        .wait(ControllerWaitRequest {
             sandbox_id: "quick".into(),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(status.state, "SANDBOX_NOTREADY");
-    assert_eq!(status.exited_at, exit.exited_at);
-    let console = std::fs::read_to_string(d.dir.path().join("state/quick/console.log")).unwrap();
+    assert_eq!(exit.exit_status, controller::service::EXIT_FAILED);
+    d.shutdown("quick").await;
+    d.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sandboxes_start_at_once() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    const N: usize = 6;
+    let mut d = daemon(Guest::Virtio, agent_cmdline(&[agent::QUIET]), |_| {}).await;
+    for i in 0..N {
+        d.create(&format!("pod-{i}"), None).await;
+    }
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..N {
+        let mut c = d.client.clone();
+        set.spawn(async move {
+            c.start(ControllerStartRequest {
+                sandbox_id: format!("pod-{i}"),
+                ..Default::default()
+            })
+            .await
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap().unwrap();
+    }
+    for i in 0..N {
+        let id = format!("pod-{i}");
+        assert_eq!(d.state(&id).await, "SANDBOX_READY");
+        assert!(d.console(&id).contains(agent::READY));
+    }
+    for i in 0..N {
+        d.shutdown(&format!("pod-{i}")).await;
+    }
+    d.finish().await;
+}
+
+#[tokio::test]
+async fn start_without_an_initramfs_is_a_configuration_error() {
+    // Checked before any KVM resource exists: runs with or without /dev/kvm.
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |c| {
+        c.vm.initramfs = PathBuf::new();
+    })
+    .await;
+    d.create("noinit", None).await;
+    let msg = expect_code(d.start("noinit").await, tonic::Code::FailedPrecondition);
+    assert!(msg.contains("initramfs"), "{msg}");
+    d.shutdown("noinit").await;
+    d.finish().await;
+}
+
+/// A VM of the real backend started directly, for the [`TaskTarget`] side.
+fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
+    VmSpec {
+        sandbox_id: "target".into(),
+        vcpus: 1,
+        mem_mib: 32,
+        kernel: Guest::Virtio.elf().to_path_buf(),
+        initramfs: Some(fake_initramfs(dir)),
+        cmdline: agent_cmdline(&[]),
+        blk_slots,
+        console_log: Some(dir.join("console.log")),
+        vsock_uds: None,
+        setup: GuestSetup {
+            hostname: "target".into(),
+            ..GuestSetup::default()
+        },
+        agent_ready_timeout: Duration::from_secs(10),
+    }
+}
+
+fn image(dir: &Path, name: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_target_fills_and_empties_block_slots_and_reaches_the_agent() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let vm = KvmBackend.start(spec(tmp.path(), 3)).await.unwrap();
+    let a = vm
+        .attach_disk(&image(tmp.path(), "a"), false)
+        .await
+        .unwrap();
+    let b = vm.attach_disk(&image(tmp.path(), "b"), true).await.unwrap();
+    let c = vm
+        .attach_disk(&image(tmp.path(), "c"), false)
+        .await
+        .unwrap();
+    assert_eq!((a.slot, b.slot, c.slot), (0, 1, 2));
+    assert_eq!(b.source, "blk:sbx-slot-1");
+    match vm.attach_disk(&image(tmp.path(), "d"), false).await {
+        Err(e @ BackendError::NoFreeSlot(3)) => {
+            assert_eq!(e.to_string(), "All 3 block slots are in use");
+        }
+        other => panic!("{other:?}"),
+    }
+    vm.detach_disk(1).await.unwrap();
+    assert!(matches!(
+        vm.detach_disk(1).await,
+        Err(BackendError::SlotNotAttached(1))
+    ));
+    assert!(matches!(
+        vm.detach_disk(7).await,
+        Err(BackendError::SlotNotAttached(7))
+    ));
+    // The freed slot is reused.
+    let d = vm
+        .attach_disk(&image(tmp.path(), "d"), false)
+        .await
+        .unwrap();
+    assert_eq!(d.slot, 1);
+    // A missing image leaves the slot free.
+    vm.detach_disk(2).await.unwrap();
+    assert!(matches!(
+        vm.attach_disk(&tmp.path().join("missing"), false).await,
+        Err(BackendError::Slot(2, _))
+    ));
+    assert_eq!(
+        vm.attach_disk(&image(tmp.path(), "e"), false)
+            .await
+            .unwrap()
+            .slot,
+        2
+    );
+
+    // The shared agent client works, and Task.Update goes to the agent.
+    let client = vm.agent().unwrap();
+    let health = proto::agent::control_ttrpc::ControlClient::new(client.clone())
+        .health(
+            proto::ttrpc::context::with_duration(Duration::from_secs(5)),
+            &proto::agent::control::HealthRequest::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(health.containers, 0);
+    vm.update_resources(
+        "c1",
+        &controller::sandbox::StoredAny {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+            value: Vec::new(),
+        },
+    )
+    .await
+    .unwrap();
+    let console = std::fs::read_to_string(tmp.path().join("console.log")).unwrap();
     assert!(
-        console.contains(test_guests::console::QUICK_BYE),
+        console.contains(&agent::request(CONTROL, "Health")),
         "{console}"
     );
-    d.finish().await;
+    assert!(
+        console.contains(&agent::request("containerd.task.v3.Task", "Update")),
+        "{console}"
+    );
+
+    // Once the VM is gone nothing hangs: the handle refuses, the old client fails fast.
+    let end = vm.kill().await;
+    assert_eq!(end.kind, VmExitKind::HostStopped);
+    assert!(matches!(vm.agent(), Err(BackendError::NotRunning)));
+    assert!(matches!(
+        vm.attach_disk(&image(tmp.path(), "f"), false).await,
+        Err(BackendError::NotRunning)
+    ));
+    let t0 = Instant::now();
+    let after = proto::agent::control_ttrpc::ControlClient::new(client)
+        .health(
+            proto::ttrpc::context::with_duration(Duration::from_secs(3)),
+            &proto::agent::control::HealthRequest::new(),
+        )
+        .await;
+    assert!(after.is_err(), "{after:?}");
+    assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
+    drop(vm);
+    assert!(
+        vmm::wait_all_torn_down(Duration::from_secs(10)),
+        "a VM leaked"
+    );
 }

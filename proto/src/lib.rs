@@ -12,7 +12,8 @@
 //!   against containerd's CRI socket (same package `runtime.v1`, so its own module tree).
 //!
 //! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
-//!   (`sandboxer.agent.v1`), rust-protobuf messages with async servers and clients.
+//!   (`sandboxer.agent.v1`) and containerd's `Streaming` service (stdio streams),
+//!   rust-protobuf messages with async servers and clients.
 //!
 //! The gRPC sets (feature `grpc`, the default) have tonic servers and clients; each message implements `prost::Name`, so
 //! `prost_types::Any::from_msg` gives it its full type URL.
@@ -151,6 +152,18 @@ pub mod agent {
     /// `sandboxer.agent.v1.Control`: async ttrpc server and client.
     pub mod control_ttrpc {
         include!(concat!(env!("OUT_DIR"), "/agent/control_ttrpc.rs"));
+    }
+    /// `containerd.services.streaming.v1`: `StreamInit`, the first message of a stream.
+    pub mod streaming {
+        include!(concat!(env!("OUT_DIR"), "/agent/streaming.rs"));
+    }
+    /// `containerd.services.streaming.v1.Streaming`: async ttrpc server and client.
+    pub mod streaming_ttrpc {
+        include!(concat!(env!("OUT_DIR"), "/agent/streaming_ttrpc.rs"));
+    }
+    /// `containerd.types.transfer`: `Data` and `WindowUpdate`, carried in a stream.
+    pub mod stream_data {
+        include!(concat!(env!("OUT_DIR"), "/agent/stream_data.rs"));
     }
 }
 

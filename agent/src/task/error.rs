@@ -56,6 +56,22 @@ pub enum TaskError {
     /// The process has already exited (containerd maps this to `NotFound` for Kill).
     #[error("{0} has already exited")]
     ProcessFinished(String),
+    /// A rootfs device is missing or empty.
+    #[error("Rootfs device {device:?} not found: {reason}")]
+    RootfsDevice {
+        /// The mount source as given (path or `blk:<serial>`).
+        device: String,
+        /// What was wrong.
+        reason: String,
+    },
+    /// A stdio stream named in the request did not arrive.
+    #[error("Stdio {field} is not connected: {reason}")]
+    StreamMissing {
+        /// `stdin`, `stdout` or `stderr`.
+        field: &'static str,
+        /// Which stream and how long the agent waited.
+        reason: String,
+    },
     /// A feature the agent does not offer (yet).
     #[error("{0} is not implemented by the sandboxer agent")]
     Unimplemented(String),
@@ -68,12 +84,15 @@ impl TaskError {
     /// The ttrpc status code of this error.
     pub fn code(&self) -> Code {
         match self {
-            Self::ContainerNotFound(_) | Self::ExecNotFound { .. } | Self::ProcessFinished(_) => {
-                Code::NOT_FOUND
-            }
+            Self::ContainerNotFound(_)
+            | Self::ExecNotFound { .. }
+            | Self::ProcessFinished(_)
+            | Self::RootfsDevice { .. } => Code::NOT_FOUND,
             Self::ContainerExists(_) | Self::ExecExists { .. } => Code::ALREADY_EXISTS,
             Self::InvalidArgument { .. } => Code::INVALID_ARGUMENT,
-            Self::FailedPrecondition { .. } => Code::FAILED_PRECONDITION,
+            Self::FailedPrecondition { .. } | Self::StreamMissing { .. } => {
+                Code::FAILED_PRECONDITION
+            }
             Self::Unimplemented(_) => Code::UNIMPLEMENTED,
             Self::Internal(_) => Code::INTERNAL,
         }

@@ -7,27 +7,42 @@
 //! [`Reaper`], which delivers its exit status and time to a `watch` channel that `Wait`,
 //! `State` and `Delete` read; nothing else calls `waitpid`.
 //!
-//! Calls run on the agent's single thread; the blocking parts (fork, libcontainer) are short.
-//! Stdio is non-TTY: paths of plain files or FIFOs (opened without blocking: a FIFO for output
-//! needs a reader already), or empty for `/dev/null`.
+//! Calls run on the agent's single thread; the blocking parts (fork, libcontainer) are short,
+//! and the waits (stdio streams, rootfs devices) are async and hold no lock.
 //!
-//! Not implemented yet, with `UNIMPLEMENTED`: TTYs, rootfs mounts in `Create` (the rootfs must
-//! be given by the bundle's `config.json`), checkpoints, Pause/Resume, Update.
+//! - Stdio ([`stdio`]): paths of plain files or FIFOs (opened without blocking: a FIFO for
+//!   output needs a reader already), empty for `/dev/null`, or containerd stream URLs
+//!   (`<address>?streaming_id=<id>`) served by the `Streaming` service registered next to the
+//!   Task service ([`crate::streaming`]); `Create`/`Exec` wait up to [`STREAM_WAIT`] for a
+//!   named stream. `CloseIO` ends a stdin the agent feeds.
+//! - TTYs ([`tty`]): `terminal: true` gets a pty from libcontainer through a console socket;
+//!   the agent copies between its master and the stdio, and `ResizePty` sets its size.
+//! - Root file systems ([`rootfs`]): `Create`'s `rootfs` mounts of ext4/erofs block devices
+//!   (a path or `blk:<serial>`) are mounted under the bundle (overlay for read-only layers) and
+//!   the spec's root points there; `Delete` unmounts them.
+//! - cgroups ([`cgroup`]): a container without `linux.cgroupsPath` goes to `/<pod>/<id>`
+//!   ([`TaskService::pod_cgroup`]); `Pause`/`Resume` freeze it, `Update` writes its cgroup v2
+//!   files, and an OOM kill in it is published as [`crate::events::TOPIC_OOM`].
+//! - Bundles under `<state_dir>/bundles` ([`bundle_dir`]) are the agent's: `Delete` removes
+//!   them. `Shutdown` answers OK and ends nothing (the VM belongs to the host's controller).
+//!
+//! Not implemented, with `UNIMPLEMENTED`: checkpoints (`Checkpoint`, `Create` from one).
 
+pub mod cgroup;
 pub mod error;
+pub mod rootfs;
 #[cfg(feature = "containers")]
 pub mod runtime;
 #[cfg(not(feature = "containers"))]
 #[path = "runtime_stub.rs"]
 pub mod runtime;
 pub mod stats;
+pub mod stdio;
+pub mod tty;
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -45,15 +60,19 @@ use containerd_shim_protos::protobuf::{Message, MessageField};
 use containerd_shim_protos::shim::shim::CheckpointTaskRequest;
 use containerd_shim_protos::shim_async::{Task, create_task};
 use nix::errno::Errno;
-use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::sync::watch;
 use ttrpc::asynchronous::{Service, TtrpcContext};
 
+use self::cgroup::OomWatcher;
 pub use self::error::TaskError;
-use self::runtime::{Handle, Runtime, StdioFiles};
+use self::rootfs::{LayerMount, RootfsMounts};
+use self::runtime::{Handle, Runtime};
+use self::stdio::{Bound, StdinCloser, StdioPaths};
+use crate::events::Events;
 use crate::reaper::{ExitStatus, Reaper};
+use crate::streaming::{self, StreamRegistry};
 
 /// Service name containerd >= 2.1 uses.
 pub const TASK_V3: &str = "containerd.task.v3.Task";
@@ -61,6 +80,18 @@ pub const TASK_V3: &str = "containerd.task.v3.Task";
 pub const TASK_V2: &str = "containerd.task.v2.Task";
 /// How long `Delete` of a created (never started) container waits for its killed init.
 const KILL_CREATED_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `Create`/`Exec` wait for a stdio stream named in the request.
+pub const STREAM_WAIT: Duration = Duration::from_secs(10);
+/// The pod cgroup (under the cgroup v2 root) unless the agent is told otherwise.
+pub const DEFAULT_POD_CGROUP: &str = "sandboxer";
+/// Where agent-owned bundles live under the state directory (see [`bundle_dir`]).
+const BUNDLES: &str = "bundles";
+
+/// The bundle directory the agent owns for container `id`: `<state_dir>/bundles/<id>`.
+/// `Task.Delete` of a container whose bundle is there removes the directory.
+pub fn bundle_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join(BUNDLES).join(id)
+}
 
 /// How a process ended and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,14 +105,6 @@ pub struct Exit {
 type ExitRx = watch::Receiver<Option<Exit>>;
 type ExitTx = watch::Sender<Option<Exit>>;
 
-/// Paths of a process's stdio, as given in the request.
-#[derive(Debug, Clone, Default)]
-struct StdioPaths {
-    stdin: String,
-    stdout: String,
-    stderr: String,
-}
-
 /// One process: the init of a container or an exec process.
 #[derive(Debug)]
 struct Process {
@@ -93,6 +116,10 @@ struct Process {
     exit_tx: Option<ExitTx>,
     /// Whether the program runs (for the init: `Start` was called).
     started: bool,
+    /// Ends a stdin the agent feeds (a stream, or a TTY's input); `CloseIO` uses it.
+    stdin: StdinCloser,
+    /// The pty master of a TTY process.
+    console: Option<tty::Console>,
 }
 
 impl Process {
@@ -104,6 +131,8 @@ impl Process {
             exit: rx,
             exit_tx: Some(tx),
             started: false,
+            stdin: StdinCloser::default(),
+            console: None,
         }
     }
 
@@ -138,6 +167,10 @@ struct ExecProcess {
     process: Process,
     /// OCI process JSON for libcontainer.
     spec_file: PathBuf,
+    /// Stdio streams taken at `Exec`, wired at `Start`.
+    bound: Option<Bound>,
+    /// Runs on a pty.
+    terminal: bool,
 }
 
 #[derive(Debug)]
@@ -148,6 +181,12 @@ struct ContainerEntry {
     /// The container's cgroup v2 directory, found when it was created.
     cgroup: Option<PathBuf>,
     execs: HashMap<String, ExecProcess>,
+    /// Frozen by `Pause`.
+    paused: bool,
+    /// Block-device layers mounted for the rootfs.
+    rootfs: Option<RootfsMounts>,
+    /// The bundle is agent-owned (under `<state_dir>/bundles`): Delete removes it.
+    owned_bundle: bool,
 }
 
 /// The Task service.
@@ -155,18 +194,29 @@ struct ContainerEntry {
 pub struct TaskService {
     reaper: Arc<Reaper>,
     runtime: Runtime,
-    /// Agent-owned files (exec process specs).
+    /// Agent-owned files (exec process specs, bundles).
     state_dir: PathBuf,
     containers: Mutex<HashMap<String, ContainerEntry>>,
+    /// Where OOM kills go.
+    events: Arc<Events>,
+    /// Stdio streams that arrived through the Streaming service.
+    streams: Arc<StreamRegistry>,
+    /// Started with the first container (it needs the runtime); `None` if inotify failed.
+    oom: OnceLock<Option<OomWatcher>>,
+    /// Pod cgroup name: containers without `linux.cgroupsPath` go to `/<pod>/<id>`.
+    pod: String,
 }
 
-/// Registers `service` under both Task service names.
+/// Registers `service` under both Task service names, and the Streaming service whose streams
+/// its Create/Exec take.
 pub fn services(service: Arc<TaskService>) -> HashMap<String, Service> {
     let mut all = create_task(service.clone());
+    let streams = Arc::clone(&service.streams);
     let v2 = create_task(service)
         .remove(TASK_V3)
         .expect("create_task registers the v3 service");
     all.insert(TASK_V2.to_owned(), v2);
+    all.extend(streaming::services(streams));
     all
 }
 
@@ -209,59 +259,16 @@ fn exit_fields(exit: Option<Exit>) -> (u32, MessageField<Timestamp>) {
     }
 }
 
-/// Opens one stdio path without blocking on a FIFO, then makes the fd blocking again.
-fn open_stdio(field: &'static str, path: &str, write: bool) -> Result<Option<File>, TaskError> {
-    if path.is_empty() {
-        return Ok(None);
-    }
-    let p = Path::new(path);
-    if !p.is_absolute() {
-        return Err(TaskError::invalid(
-            field,
-            format!("{path:?} is not absolute"),
-        ));
-    }
-    let is_fifo = std::fs::metadata(p).is_ok_and(|m| m.file_type().is_fifo());
-    let mut opts = OpenOptions::new();
-    if write {
-        opts.write(true).append(true).create(!is_fifo);
-    } else {
-        opts.read(true);
-    }
-    let file = opts
-        .custom_flags((OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).bits())
-        .open(p)
-        .map_err(|e| match e.raw_os_error() {
-            Some(code) if code == Errno::ENXIO as i32 => TaskError::FailedPrecondition {
-                what: format!("{field} FIFO {path:?}"),
-                state: "without a reader",
-                call: "Create/Exec",
-                wanted: "opened for reading by the host",
-            },
-            _ => TaskError::invalid(field, format!("cannot open {path:?}: {e}")),
-        })?;
-    let flags = fcntl(file.as_raw_fd(), FcntlArg::F_GETFL)
-        .map_err(|e| TaskError::internal("F_GETFL on stdio", &e))?;
-    let flags = OFlag::from_bits_truncate(flags) & !OFlag::O_NONBLOCK;
-    fcntl(file.as_raw_fd(), FcntlArg::F_SETFL(flags))
-        .map_err(|e| TaskError::internal("F_SETFL on stdio", &e))?;
-    Ok(Some(file))
-}
-
-fn open_stdio_all(paths: &StdioPaths) -> Result<StdioFiles, TaskError> {
-    Ok(StdioFiles {
-        stdin: open_stdio("stdin", &paths.stdin, false)?,
-        stdout: open_stdio("stdout", &paths.stdout, true)?,
-        stderr: open_stdio("stderr", &paths.stderr, true)?,
-    })
-}
-
 fn pid_u32(pid: Pid) -> u32 {
     u32::try_from(pid.as_raw()).unwrap_or(0)
 }
 
-/// Reads and checks a bundle's `config.json`; returns the spec.
-fn load_bundle_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError> {
+/// Reads and checks a bundle's `config.json`; returns the spec. With `rootfs_mounts` the
+/// rootfs comes from `Create`'s mounts, so the spec's root directory need not exist yet.
+fn load_bundle_spec(
+    bundle: &Path,
+    rootfs_mounts: bool,
+) -> Result<oci_spec::runtime::Spec, TaskError> {
     let config = bundle.join("config.json");
     let text = std::fs::read_to_string(&config).map_err(|e| {
         TaskError::invalid("bundle", format!("cannot read {}: {e}", config.display()))
@@ -277,7 +284,7 @@ fn load_bundle_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError>
         .as_ref()
         .ok_or_else(|| TaskError::invalid("bundle/config.json", "root is missing"))?;
     let rootfs = bundle.join(root.path());
-    if !rootfs.is_dir() {
+    if !rootfs_mounts && !rootfs.is_dir() {
         return Err(TaskError::invalid(
             "bundle/config.json",
             format!("root.path {} is not a directory", rootfs.display()),
@@ -293,26 +300,62 @@ fn load_bundle_spec(bundle: &Path) -> Result<oci_spec::runtime::Spec, TaskError>
             "process.args is empty",
         ));
     }
-    if process.terminal().unwrap_or(false) {
-        return Err(TaskError::Unimplemented(
-            "TTY stdio (process.terminal)".into(),
-        ));
-    }
     Ok(spec)
 }
 
 impl TaskService {
     /// A service with no containers; libcontainer keeps its state in `state_dir/containers`,
-    /// the agent its own files in `state_dir/execs`.
-    pub fn new(reaper: Arc<Reaper>, state_dir: &Path) -> std::io::Result<Self> {
+    /// the agent its own files in `state_dir/execs` and `state_dir/bundles`. OOM kills are
+    /// published to `events`.
+    pub fn new(
+        reaper: Arc<Reaper>,
+        state_dir: &Path,
+        events: Arc<Events>,
+    ) -> std::io::Result<Self> {
         let runtime = Runtime::new(&state_dir.join("containers"))?;
         std::fs::create_dir_all(state_dir.join("execs"))?;
+        std::fs::create_dir_all(state_dir.join(BUNDLES))?;
         Ok(Self {
             reaper,
             runtime,
             state_dir: state_dir.to_owned(),
             containers: Mutex::new(HashMap::new()),
+            events,
+            streams: Arc::new(StreamRegistry::new()),
+            oom: OnceLock::new(),
+            pod: DEFAULT_POD_CGROUP.to_owned(),
         })
+    }
+
+    /// Sets the pod cgroup name (default [`DEFAULT_POD_CGROUP`]): containers whose spec has
+    /// no `linux.cgroupsPath` get `/<pod>/<container id>`.
+    #[must_use]
+    pub fn with_pod_cgroup(mut self, pod: &str) -> Self {
+        pod.clone_into(&mut self.pod);
+        self
+    }
+
+    /// The pod's cgroup v2 directory (`/sys/fs/cgroup/<pod>`), parent of the containers'
+    /// default cgroups.
+    pub fn pod_cgroup(&self) -> PathBuf {
+        Path::new(stats::CGROUP_ROOT).join(&self.pod)
+    }
+
+    /// The registry the Streaming service fills.
+    pub fn streams(&self) -> &Arc<StreamRegistry> {
+        &self.streams
+    }
+
+    fn oom_watcher(&self) -> Option<&OomWatcher> {
+        self.oom
+            .get_or_init(|| match OomWatcher::start(Arc::clone(&self.events)) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    log::warn!("No OOM events: {e}");
+                    None
+                }
+            })
+            .as_ref()
     }
 
     /// Ids of the containers the service knows.
@@ -325,8 +368,10 @@ impl TaskService {
             .collect()
     }
 
-    /// Kills and deletes every container (agent shutdown in host mode).
+    /// Kills and deletes every container (agent shutdown in host mode), and ends the stdio
+    /// streams nobody took.
     pub fn kill_all(&self) {
+        self.streams.close_all();
         let mut containers = self.containers.lock().expect("poisoned");
         for (id, mut c) in containers.drain() {
             if c.init.pid != 0 && c.init.exited().is_none() {
@@ -334,6 +379,11 @@ impl TaskService {
             }
             if let Err(e) = self.runtime.delete(&mut c.handle) {
                 log::warn!("Deleting container {id} at shutdown: {e}");
+            }
+            if let Some(mut m) = c.rootfs.take()
+                && let Err(e) = m.unmount()
+            {
+                log::warn!("Unmounting the rootfs of {id} at shutdown: {e}");
             }
         }
     }
@@ -352,18 +402,10 @@ impl TaskService {
         })
     }
 
-    fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, TaskError> {
+    async fn do_create(&self, req: &CreateTaskRequest) -> Result<u32, TaskError> {
         validate_id("id", &req.id)?;
-        if req.terminal {
-            return Err(TaskError::Unimplemented("TTY stdio (terminal)".into()));
-        }
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
             return Err(TaskError::Unimplemented("Create from a checkpoint".into()));
-        }
-        if !req.rootfs.is_empty() {
-            return Err(TaskError::Unimplemented(
-                "rootfs mounts in Create (give the rootfs in the bundle's config.json)".into(),
-            ));
         }
         if req.bundle.is_empty() || !Path::new(&req.bundle).is_absolute() {
             return Err(TaskError::invalid(
@@ -371,27 +413,57 @@ impl TaskService {
                 format!("{:?} is not an absolute path", req.bundle),
             ));
         }
-        let mut containers = self.containers.lock().expect("poisoned");
-        if containers.contains_key(&req.id) {
-            return Err(TaskError::ContainerExists(req.id.clone()));
-        }
+        self.check_new_id(&req.id)?;
         let bundle = Path::new(&req.bundle);
-        load_bundle_spec(bundle)?;
+        let layers: Vec<LayerMount> = req
+            .rootfs
+            .iter()
+            .map(|m| LayerMount {
+                fstype: m.type_.clone(),
+                source: m.source.clone(),
+                options: m.options.clone(),
+            })
+            .collect();
+        let mut spec = load_bundle_spec(bundle, !layers.is_empty())?;
+        // The waits (devices, streams) hold no lock.
+        let devices = if layers.is_empty() {
+            Vec::new()
+        } else {
+            rootfs::resolve_devices(&layers, rootfs::DEVICE_WAIT).await?
+        };
         let stdio = StdioPaths {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
         };
-        let files = open_stdio_all(&stdio)?;
-        let mut init = Process::new(stdio);
-        let tx = init.exit_tx.take().expect("new process has a sender");
-        let handle = self.spawn_watched(tx, || {
-            self.runtime
-                .create(&req.id, bundle, files)
-                .map(|(h, pid)| ((h, pid), pid))
-        })?;
-        let (handle, pid) = handle;
-        init.pid = pid_u32(pid);
+        let bound = stdio::bind(&self.streams, &stdio, STREAM_WAIT).await?;
+
+        let mut containers = self.containers.lock().expect("poisoned");
+        if containers.contains_key(&req.id) {
+            return Err(TaskError::ContainerExists(req.id.clone()));
+        }
+        let mut mounts = if layers.is_empty() {
+            None
+        } else {
+            let readonly = spec
+                .root()
+                .as_ref()
+                .and_then(|r| r.readonly())
+                .unwrap_or(false);
+            Some(rootfs::mount_layers(bundle, &layers, &devices, readonly)?)
+        };
+        let created = self.create_locked(req, bundle, &mut spec, mounts.as_ref(), stdio, bound);
+        let (init, handle) = match created {
+            Ok(v) => v,
+            Err(e) => {
+                if let Some(m) = mounts.as_mut()
+                    && let Err(u) = m.unmount()
+                {
+                    log::warn!("Container {}: {u}", req.id);
+                }
+                return Err(e);
+            }
+        };
         let cgroup = match stats::cgroup_dir_of(init.pid, Path::new(stats::CGROUP_ROOT)) {
             Ok(dir) => Some(dir),
             Err(e) => {
@@ -399,8 +471,12 @@ impl TaskService {
                 None
             }
         };
+        if let (Some(dir), Some(w)) = (&cgroup, self.oom_watcher()) {
+            w.watch(&req.id, dir);
+        }
         log::info!("Created container {} (pid {})", req.id, init.pid);
         let pid = init.pid;
+        let owned_bundle = bundle.starts_with(self.state_dir.join(BUNDLES));
         containers.insert(
             req.id.clone(),
             ContainerEntry {
@@ -409,9 +485,118 @@ impl TaskService {
                 handle,
                 cgroup,
                 execs: HashMap::new(),
+                paused: false,
+                rootfs: mounts,
+                owned_bundle,
             },
         );
         Ok(pid)
+    }
+
+    fn check_new_id(&self, id: &str) -> Result<(), TaskError> {
+        if self.containers.lock().expect("poisoned").contains_key(id) {
+            return Err(TaskError::ContainerExists(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    /// Rewrites the spec where the agent decides (rootfs, default cgroup), wires stdio and
+    /// creates the container.
+    fn create_locked(
+        &self,
+        req: &CreateTaskRequest,
+        bundle: &Path,
+        spec: &mut oci_spec::runtime::Spec,
+        mounts: Option<&RootfsMounts>,
+        stdio: StdioPaths,
+        bound: Bound,
+    ) -> Result<(Process, Handle), TaskError> {
+        // `terminal` in the request wins over the spec (containerd sets both alike).
+        let terminal = req.terminal;
+        if self.adjust_spec(&req.id, spec, mounts, terminal)? {
+            let config = bundle.join("config.json");
+            let json = serde_json::to_vec_pretty(&*spec)
+                .map_err(|e| TaskError::internal("Failed to encode the spec", &e))?;
+            let tmp = bundle.join(".config.json.agent");
+            std::fs::write(&tmp, json)
+                .and_then(|()| std::fs::rename(&tmp, &config))
+                .map_err(|e| {
+                    TaskError::internal(&format!("Failed to write {}", config.display()), &e)
+                })?;
+        }
+        let console = if terminal {
+            Some(tty::ConsoleSocket::bind(
+                &self.state_dir.join("console"),
+                &req.id,
+            )?)
+        } else {
+            None
+        };
+        let (files, closer, bound) = if terminal {
+            (Default::default(), StdinCloser::default(), Some(bound))
+        } else {
+            let (f, c) = stdio::wire(&stdio, bound)?;
+            (f, c, None)
+        };
+        let mut init = Process::new(stdio);
+        init.stdin = closer;
+        let tx = init.exit_tx.take().expect("new process has a sender");
+        let socket = console.as_ref().map(tty::ConsoleSocket::path);
+        let (mut handle, pid) = self.spawn_watched(tx, || {
+            self.runtime
+                .create(&req.id, bundle, files, socket)
+                .map(|(h, pid)| ((h, pid), pid))
+        })?;
+        init.pid = pid_u32(pid);
+        if let (Some(sock), Some(bound)) = (console, bound) {
+            let bridged = sock
+                .receive_master()
+                .and_then(|m| tty::bridge(m, &init.stdio, bound));
+            match bridged {
+                Ok((c, closer)) => {
+                    init.console = Some(c);
+                    init.stdin = closer;
+                }
+                Err(e) => {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    let _ = self.runtime.delete(&mut handle);
+                    return Err(e);
+                }
+            }
+        }
+        Ok((init, handle))
+    }
+
+    /// Points the spec's root at the mounted rootfs and gives a container without a cgroup
+    /// path `/<pod>/<id>`. Returns whether anything changed.
+    fn adjust_spec(
+        &self,
+        id: &str,
+        spec: &mut oci_spec::runtime::Spec,
+        mounts: Option<&RootfsMounts>,
+        terminal: bool,
+    ) -> Result<bool, TaskError> {
+        let mut changed = false;
+        if let Some(mut process) = spec.process().clone()
+            && process.terminal().unwrap_or(false) != terminal
+        {
+            process.set_terminal(Some(terminal));
+            spec.set_process(Some(process));
+            changed = true;
+        }
+        if let Some(m) = mounts {
+            let mut root = spec.root().clone().unwrap_or_default();
+            root.set_path(m.rootfs.clone());
+            spec.set_root(Some(root));
+            changed = true;
+        }
+        let mut linux = spec.linux().clone().unwrap_or_default();
+        if linux.cgroups_path().is_none() {
+            linux.set_cgroups_path(Some(PathBuf::from(format!("/{}/{id}", self.pod))));
+            spec.set_linux(Some(linux));
+            changed = true;
+        }
+        Ok(changed)
     }
 
     fn do_start(&self, req: &StartRequest) -> Result<u32, TaskError> {
@@ -458,19 +643,48 @@ impl TaskService {
                 wanted: "created",
             });
         };
-        let files = match open_stdio_all(&exec.process.stdio) {
+        let bound = exec.bound.take().unwrap_or_default();
+        let wired = if exec.terminal {
+            tty::ConsoleSocket::bind(
+                &self.state_dir.join("console"),
+                &format!("{}-{}", req.id, req.exec_id),
+            )
+            .map(|s| (Default::default(), StdinCloser::default(), Some((s, bound))))
+        } else {
+            stdio::wire(&exec.process.stdio, bound).map(|(f, c)| (f, c, None))
+        };
+        let (files, closer, console) = match wired {
             Ok(f) => f,
             Err(e) => {
                 exec.process.exit_tx = Some(tx);
                 return Err(e);
             }
         };
+        exec.process.stdin = closer;
         let spec_file = exec.spec_file.clone();
+        let socket = console.as_ref().map(|(s, _)| s.path());
         let pid = self.spawn_watched(tx, || {
             self.runtime
-                .exec(&req.id, &spec_file, files)
+                .exec(&req.id, &spec_file, files, socket)
                 .map(|pid| (pid, pid))
         })?;
+        if let Some((sock, bound)) = console {
+            let bridged = sock
+                .receive_master()
+                .and_then(|m| tty::bridge(m, &exec.process.stdio, bound));
+            match bridged {
+                Ok((c, closer)) => {
+                    exec.process.console = Some(c);
+                    exec.process.stdin = closer;
+                }
+                Err(e) => {
+                    let _ = kill(pid, Signal::SIGKILL);
+                    exec.process.pid = pid_u32(pid);
+                    exec.process.started = true;
+                    return Err(e);
+                }
+            }
+        }
         exec.process.pid = pid_u32(pid);
         exec.process.started = true;
         log::info!(
@@ -571,34 +785,43 @@ impl TaskService {
             r.exec_id = req.exec_id.clone();
             r.bundle = c.bundle.clone();
             r.pid = p.pid;
-            r.status = p.status().into();
+            r.status = if c.paused && p.status() == Status::RUNNING {
+                Status::PAUSED
+            } else {
+                p.status()
+            }
+            .into();
             r.stdin = p.stdio.stdin.clone();
             r.stdout = p.stdio.stdout.clone();
             r.stderr = p.stdio.stderr.clone();
-            r.terminal = false;
+            r.terminal = p.console.is_some();
             r.exit_status = exit_status;
             r.exited_at = exited_at;
             Ok(r)
         })
     }
 
-    fn do_exec(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
+    async fn do_exec(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
         validate_id("exec_id", &req.exec_id)?;
-        if req.terminal {
-            return Err(TaskError::Unimplemented("TTY stdio (terminal)".into()));
-        }
         let spec = req
             .spec
             .as_ref()
             .ok_or_else(|| TaskError::invalid("spec", "is missing"))?;
-        let process: oci_spec::runtime::Process = serde_json::from_slice(&spec.value)
+        let mut process: oci_spec::runtime::Process = serde_json::from_slice(&spec.value)
             .map_err(|e| TaskError::invalid("spec", format!("not an OCI process: {e}")))?;
+        // `terminal` in the request wins over the spec (containerd sets both alike).
+        process.set_terminal(Some(req.terminal));
         if process.args().as_ref().is_none_or(|a| a.is_empty()) {
             return Err(TaskError::invalid("spec.args", "is empty"));
         }
-        if process.terminal().unwrap_or(false) {
-            return Err(TaskError::Unimplemented("TTY stdio (spec.terminal)".into()));
-        }
+        let paths = StdioPaths {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+        };
+        // Check before waiting for streams, and again after.
+        self.exec_allowed(req)?;
+        let bound = stdio::bind(&self.streams, &paths, STREAM_WAIT).await?;
         let mut containers = self.containers.lock().expect("poisoned");
         let c = containers
             .get_mut(&req.id)
@@ -629,15 +852,34 @@ impl TaskService {
         c.execs.insert(
             req.exec_id.clone(),
             ExecProcess {
-                process: Process::new(StdioPaths {
-                    stdin: req.stdin.clone(),
-                    stdout: req.stdout.clone(),
-                    stderr: req.stderr.clone(),
-                }),
+                process: Process::new(paths),
                 spec_file,
+                bound: Some(bound),
+                terminal: req.terminal,
             },
         );
         Ok(())
+    }
+
+    fn exec_allowed(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
+        self.with_process(&req.id, "", |c, p| {
+            let status = p.status();
+            if status != Status::RUNNING {
+                return Err(TaskError::FailedPrecondition {
+                    what: format!("container {:?}", req.id),
+                    state: status_name(status),
+                    call: "Exec",
+                    wanted: "running",
+                });
+            }
+            if c.execs.contains_key(&req.exec_id) {
+                return Err(TaskError::ExecExists {
+                    id: req.id.clone(),
+                    exec_id: req.exec_id.clone(),
+                });
+            }
+            Ok(())
+        })
     }
 
     async fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse, TaskError> {
@@ -700,10 +942,107 @@ impl TaskService {
             });
         }
         self.runtime.delete(&mut c.handle)?;
-        let c = containers.remove(&req.id).expect("checked above");
+        let mut c = containers.remove(&req.id).expect("checked above");
+        drop(containers);
         let _ = std::fs::remove_dir_all(self.state_dir.join("execs").join(&req.id));
+        if let Some(w) = self.oom.get().and_then(Option::as_ref) {
+            w.unwatch(&req.id);
+        }
+        if let Some(m) = c.rootfs.as_mut() {
+            m.unmount()?;
+        }
+        if c.owned_bundle
+            && let Err(e) = std::fs::remove_dir_all(&c.bundle)
+        {
+            log::warn!("Removing bundle {}: {e}", c.bundle);
+        }
         log::info!("Deleted container {}", req.id);
         Ok(delete_response(&c.init))
+    }
+
+    fn set_paused(&self, id: &str, paused: bool) -> Result<(), TaskError> {
+        let call = if paused { "Pause" } else { "Resume" };
+        let mut containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get_mut(id)
+            .ok_or_else(|| TaskError::ContainerNotFound(id.to_owned()))?;
+        let status = c.init.status();
+        let state = if c.paused && status == Status::RUNNING {
+            Status::PAUSED
+        } else {
+            status
+        };
+        let wanted = if paused {
+            Status::RUNNING
+        } else {
+            Status::PAUSED
+        };
+        if state != wanted {
+            return Err(TaskError::FailedPrecondition {
+                what: format!("container {id:?}"),
+                state: status_name(state),
+                call,
+                wanted: status_name(wanted),
+            });
+        }
+        if paused {
+            self.runtime.pause(&mut c.handle)?;
+        } else {
+            self.runtime.resume(&mut c.handle)?;
+        }
+        c.paused = paused;
+        log::info!("{call}d container {id}");
+        Ok(())
+    }
+
+    fn do_update(&self, req: &UpdateTaskRequest) -> Result<(), TaskError> {
+        let any = req
+            .resources
+            .as_ref()
+            .ok_or_else(|| TaskError::invalid("resources", "is missing"))?;
+        let resources = cgroup::decode_resources(&any.type_url, &any.value)?;
+        let dir = self.with_process(&req.id, "", |c, p| {
+            if p.exited().is_some() {
+                return Err(TaskError::FailedPrecondition {
+                    what: format!("container {:?}", req.id),
+                    state: "stopped",
+                    call: "Update",
+                    wanted: "created or running",
+                });
+            }
+            c.cgroup
+                .clone()
+                .ok_or_else(|| TaskError::FailedPrecondition {
+                    what: format!("container {:?}", req.id),
+                    state: "without a cgroup v2 directory",
+                    call: "Update",
+                    wanted: "in cgroup v2",
+                })
+        })?;
+        cgroup::apply_resources(&dir, &resources)?;
+        log::info!("Updated the resources of container {}", req.id);
+        Ok(())
+    }
+
+    fn close_stdin(&self, id: &str, exec_id: &str) -> Result<(), TaskError> {
+        let mut containers = self.containers.lock().expect("poisoned");
+        let c = containers
+            .get_mut(id)
+            .ok_or_else(|| TaskError::ContainerNotFound(id.to_owned()))?;
+        let p = if exec_id.is_empty() {
+            &mut c.init
+        } else {
+            &mut c
+                .execs
+                .get_mut(exec_id)
+                .ok_or_else(|| TaskError::ExecNotFound {
+                    id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                })?
+                .process
+        };
+        p.stdin.close();
+        Ok(())
     }
 
     fn do_pids(&self, req: &PidsRequest) -> Result<PidsResponse, TaskError> {
@@ -774,7 +1113,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
-        let pid = log_err("Create", self.do_create(&req))?;
+        let pid = log_err("Create", self.do_create(&req).await)?;
         let mut r = CreateTaskResponse::new();
         r.pid = pid;
         Ok(r)
@@ -811,7 +1150,7 @@ impl Task for TaskService {
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
-        log_err("Exec", self.do_exec(&req)).map(|()| Empty::new())
+        log_err("Exec", self.do_exec(&req).await).map(|()| Empty::new())
     }
 
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
@@ -819,38 +1158,37 @@ impl Task for TaskService {
     }
 
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
-        // The agent hands stdin to the process and keeps no copy, so there is nothing of
-        // ours to close: the writer (the host side) closes its end.
-        log_err(
-            "CloseIO",
-            self.with_process(&req.id, &req.exec_id, |_, _| Ok(Empty::new())),
-        )
+        // A stdin path is handed to the process and the agent keeps no copy: the writer (the
+        // host side) closes its end. A stdin stream is fed by the agent: end it.
+        log_err("CloseIO", self.close_stdin(&req.id, &req.exec_id)).map(|()| Empty::new())
     }
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         log_err(
             "ResizePty",
-            self.with_process(&req.id, &req.exec_id, |_, _| {
-                Err(TaskError::FailedPrecondition {
+            self.with_process(&req.id, &req.exec_id, |_, p| match &p.console {
+                Some(c) => c.resize(req.width, req.height),
+                None => Err(TaskError::FailedPrecondition {
                     what: if req.exec_id.is_empty() {
                         format!("container {:?}", req.id)
                     } else {
                         format!("exec process {:?} of {:?}", req.exec_id, req.id)
                     },
-                    state: "without a terminal (TTYs are not implemented yet)",
+                    state: "without a terminal",
                     call: "ResizePty",
                     wanted: "with a terminal",
-                })
+                }),
             }),
         )
+        .map(|()| Empty::new())
     }
 
-    async fn pause(&self, _ctx: &TtrpcContext, _req: PauseRequest) -> TtrpcResult<Empty> {
-        Err(TaskError::Unimplemented("Pause".into()).into())
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
+        log_err("Pause", self.set_paused(&req.id, true)).map(|()| Empty::new())
     }
 
-    async fn resume(&self, _ctx: &TtrpcContext, _req: ResumeRequest) -> TtrpcResult<Empty> {
-        Err(TaskError::Unimplemented("Resume".into()).into())
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
+        log_err("Resume", self.set_paused(&req.id, false)).map(|()| Empty::new())
     }
 
     async fn checkpoint(
@@ -861,8 +1199,8 @@ impl Task for TaskService {
         Err(TaskError::Unimplemented("Checkpoint".into()).into())
     }
 
-    async fn update(&self, _ctx: &TtrpcContext, _req: UpdateTaskRequest) -> TtrpcResult<Empty> {
-        Err(TaskError::Unimplemented("Update".into()).into())
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> TtrpcResult<Empty> {
+        log_err("Update", self.do_update(&req)).map(|()| Empty::new())
     }
 
     async fn connect(
@@ -889,6 +1227,14 @@ impl Task for TaskService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_owned_bundles() {
+        assert_eq!(
+            bundle_dir(Path::new("/run/sandboxer-agent"), "c1"),
+            Path::new("/run/sandboxer-agent/bundles/c1")
+        );
+    }
 
     #[test]
     fn ids() {
@@ -937,46 +1283,16 @@ mod tests {
     }
 
     #[test]
-    fn stdio_opening() {
-        let dir = tempfile::tempdir().unwrap();
-        assert!(open_stdio("stdout", "", true).unwrap().is_none());
-        let e = open_stdio("stdout", "relative/out", true).unwrap_err();
-        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
-        // A plain output file is created.
-        let out = dir.path().join("out");
-        let f = open_stdio("stdout", out.to_str().unwrap(), true)
-            .unwrap()
-            .unwrap();
-        let flags = OFlag::from_bits_truncate(fcntl(f.as_raw_fd(), FcntlArg::F_GETFL).unwrap());
-        assert!(!flags.contains(OFlag::O_NONBLOCK));
-        assert!(out.exists());
-        // A missing input file is an invalid argument naming the field.
-        let e = open_stdio("stdin", dir.path().join("nope").to_str().unwrap(), false).unwrap_err();
-        assert!(e.to_string().starts_with("Invalid stdin"), "{e}");
-        // A FIFO with no reader is a failed precondition, not a hang.
-        let fifo = dir.path().join("fifo");
-        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
-        let e = open_stdio("stdout", fifo.to_str().unwrap(), true).unwrap_err();
-        assert_eq!(e.code(), ttrpc::Code::FAILED_PRECONDITION, "{e}");
-        // Its read side opens at once.
-        assert!(
-            open_stdio("stdin", fifo.to_str().unwrap(), false)
-                .unwrap()
-                .is_some()
-        );
-    }
-
-    #[test]
     fn bundle_checks() {
         let dir = tempfile::tempdir().unwrap();
         let b = dir.path();
-        let e = load_bundle_spec(b).unwrap_err();
+        let e = load_bundle_spec(b, false).unwrap_err();
         assert!(
             e.to_string().starts_with("Invalid bundle: cannot read"),
             "{e}"
         );
         std::fs::write(b.join("config.json"), "{not json").unwrap();
-        let e = load_bundle_spec(b).unwrap_err();
+        let e = load_bundle_spec(b, false).unwrap_err();
         assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
         assert!(
             e.to_string().starts_with("Invalid bundle/config.json"),
@@ -990,27 +1306,31 @@ mod tests {
             )
         };
         std::fs::write(b.join("config.json"), spec("rootfs", r#"["sh"]"#, false)).unwrap();
-        let e = load_bundle_spec(b).unwrap_err();
+        let e = load_bundle_spec(b, false).unwrap_err();
         assert!(e.to_string().contains("is not a directory"), "{e}");
+        // With rootfs mounts the directory is made by the agent.
+        load_bundle_spec(b, true).unwrap();
         std::fs::create_dir(b.join("rootfs")).unwrap();
-        load_bundle_spec(b).unwrap();
+        load_bundle_spec(b, false).unwrap();
         std::fs::write(b.join("config.json"), spec("rootfs", "[]", false)).unwrap();
-        let e = load_bundle_spec(b).unwrap_err();
+        let e = load_bundle_spec(b, false).unwrap_err();
         assert!(e.to_string().contains("process.args is empty"), "{e}");
+        // A TTY spec is accepted (the console comes from libcontainer).
         std::fs::write(b.join("config.json"), spec("rootfs", r#"["sh"]"#, true)).unwrap();
-        assert_eq!(
-            load_bundle_spec(b).unwrap_err().code(),
-            ttrpc::Code::UNIMPLEMENTED
-        );
+        load_bundle_spec(b, false).unwrap();
     }
 
     #[test]
     fn both_service_names_are_registered() {
         let dir = tempfile::tempdir().unwrap();
-        let svc = Arc::new(TaskService::new(Arc::new(Reaper::new()), dir.path()).unwrap());
-        let services = services(svc);
-        assert_eq!(services.len(), 2);
+        let svc = TaskService::new(Arc::new(Reaper::new()), dir.path(), Arc::default())
+            .unwrap()
+            .with_pod_cgroup("pod-x");
+        assert_eq!(svc.pod_cgroup(), Path::new("/sys/fs/cgroup/pod-x"));
+        let services = services(Arc::new(svc));
+        assert_eq!(services.len(), 3);
         assert!(services.contains_key(TASK_V3));
         assert!(services.contains_key(TASK_V2));
+        assert!(services.contains_key(streaming::STREAMING));
     }
 }

@@ -83,11 +83,17 @@ impl Runtime {
         })
     }
 
-    fn builder(&self, id: &str, stdio: StdioFiles) -> Result<ContainerBuilder, TaskError> {
+    fn builder(
+        &self,
+        id: &str,
+        stdio: StdioFiles,
+        console: Option<&Path>,
+    ) -> Result<ContainerBuilder, TaskError> {
         let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
             .with_root_path(&self.root)
             .map_err(lc_err("Invalid runtime root"))?
-            .with_executor(StdExecutor);
+            .with_executor(StdExecutor)
+            .with_console_socket(console);
         if let Some(f) = stdio.stdin {
             b = b.with_stdin(f);
         }
@@ -101,15 +107,17 @@ impl Runtime {
     }
 
     /// Creates container `id` from `bundle`; its init process waits for [`Runtime::start`].
-    /// Returns the handle and the init pid.
+    /// With `console` (a TTY), libcontainer sends the pty master to that socket. Returns the
+    /// handle and the init pid.
     pub fn create(
         &self,
         id: &str,
         bundle: &Path,
         stdio: StdioFiles,
+        console: Option<&Path>,
     ) -> Result<(Handle, Pid), TaskError> {
         let container = self
-            .builder(id, stdio)?
+            .builder(id, stdio, console)?
             .as_init(bundle)
             .with_systemd(false)
             .with_detach(true)
@@ -128,14 +136,35 @@ impl Runtime {
             .map_err(lc_err("Failed to start the container"))
     }
 
-    /// Starts the process described by the OCI process JSON at `process` in container `id`.
-    pub fn exec(&self, id: &str, process: &Path, stdio: StdioFiles) -> Result<Pid, TaskError> {
-        self.builder(id, stdio)?
+    /// Starts the process described by the OCI process JSON at `process` in container `id`
+    /// (with `console` as for [`Runtime::create`]).
+    pub fn exec(
+        &self,
+        id: &str,
+        process: &Path,
+        stdio: StdioFiles,
+        console: Option<&Path>,
+    ) -> Result<Pid, TaskError> {
+        self.builder(id, stdio, console)?
             .as_tenant()
             .with_process(Some(process))
             .with_detach(true)
             .build()
             .map_err(lc_err("Failed to exec in the container"))
+    }
+
+    /// Freezes the container's cgroup.
+    pub fn pause(&self, handle: &mut Handle) -> Result<(), TaskError> {
+        handle
+            .pause()
+            .map_err(lc_err("Failed to pause the container"))
+    }
+
+    /// Thaws the container's cgroup.
+    pub fn resume(&self, handle: &mut Handle) -> Result<(), TaskError> {
+        handle
+            .resume()
+            .map_err(lc_err("Failed to resume the container"))
     }
 
     /// Removes the container's state and cgroup, killing what is left of it.

@@ -39,7 +39,13 @@ impl Runtime {
     }
 
     /// Fails with `UNIMPLEMENTED`.
-    pub fn create(&self, _: &str, _: &Path, _: StdioFiles) -> Result<(Handle, Pid), TaskError> {
+    pub fn create(
+        &self,
+        _: &str,
+        _: &Path,
+        _: StdioFiles,
+        _: Option<&Path>,
+    ) -> Result<(Handle, Pid), TaskError> {
         Err(unimplemented())
     }
 
@@ -49,7 +55,23 @@ impl Runtime {
     }
 
     /// Fails with `UNIMPLEMENTED`.
-    pub fn exec(&self, _: &str, _: &Path, _: StdioFiles) -> Result<Pid, TaskError> {
+    pub fn exec(
+        &self,
+        _: &str,
+        _: &Path,
+        _: StdioFiles,
+        _: Option<&Path>,
+    ) -> Result<Pid, TaskError> {
+        Err(unimplemented())
+    }
+
+    /// Fails with `UNIMPLEMENTED`.
+    pub fn pause(&self, _: &mut Handle) -> Result<(), TaskError> {
+        Err(unimplemented())
+    }
+
+    /// Fails with `UNIMPLEMENTED`.
+    pub fn resume(&self, _: &mut Handle) -> Result<(), TaskError> {
         Err(unimplemented())
     }
 

@@ -5,7 +5,7 @@
 
 use devices::test_utils::TestQueue;
 use devices::virtio::block::Request;
-use devices::virtio::chain::ChainBuffers;
+use devices::virtio::chain::{ChainBuffers, ChainError, GuestView};
 use devices::virtio::net::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};
@@ -27,6 +27,21 @@ pub struct Report {
     pub requests: usize,
     /// RX frames delivered.
     pub delivered: usize,
+}
+
+/// What a gathered chain amounts to, for comparing the two gatherers.
+fn summary(r: &Result<ChainBuffers, ChainError>) -> String {
+    match r {
+        Ok(b) => format!(
+            "ok {:?} {:?} {} {} {:?}",
+            b.readable(),
+            b.writable(),
+            b.readable_len(),
+            b.writable_len(),
+            b.check_in_memory().map_err(|e| e.to_string())
+        ),
+        Err(e) => format!("err {e:?}"),
+    }
 }
 
 /// Runs one input; `None` rejects it.
@@ -92,6 +107,18 @@ pub fn run(data: &[u8]) -> Option<Report> {
                 };
                 match r.u8() % 3 {
                     0 => {
+                        // The devices' own walk of the table must gather exactly what
+                        // virtio-queue's iterator yields (or fail the same way).
+                        let head = chain.head_index();
+                        let walked = ChainBuffers::walk(
+                            &GuestView::new(&mem),
+                            tq.desc_table_addr(),
+                            size,
+                            head,
+                            max_descs,
+                        );
+                        let collected = ChainBuffers::collect(chain.clone(), &mem, max_descs);
+                        assert_eq!(summary(&walked), summary(&collected));
                         if let Ok(bufs) = ChainBuffers::collect(chain, &mem, max_descs) {
                             report.chains += 1;
                             let total =

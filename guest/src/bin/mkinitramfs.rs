@@ -1,12 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `mkinitramfs`: packs a static binary as `/init` into an initramfs (newc cpio, optionally
 //! gzip-compressed), with `/dev`, `/proc`, `/sys`, `/run`, `/tmp`, `/mnt`, `/dev/console` and
-//! `/dev/null`.
+//! `/dev/null`. The binary is stripped on the way in (see [`guest::strip`]) unless
+//! `--no-strip` is given: every script that packs an initramfs goes through here.
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use guest::initramfs::{self, Compression};
 
@@ -23,15 +24,15 @@ struct Args {
     /// gzip-compress the archive (the kernel needs CONFIG_RD_GZIP).
     #[arg(long)]
     gzip: bool,
+    /// Keep the binary's symbols and debug information (by default they are stripped: the
+    /// kernel unpacks every byte at each boot).
+    #[arg(long)]
+    no_strip: bool,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let init = std::fs::read(&args.init)
-        .with_context(|| format!("Failed to read {}", args.init.display()))?;
-    if init.get(..4) != Some(b"\x7fELF".as_slice()) {
-        bail!("{} is not an ELF binary", args.init.display());
-    }
+    let init = guest::strip::read_init(&args.init, !args.no_strip)?;
     let compression = if args.gzip {
         Compression::Gzip
     } else {

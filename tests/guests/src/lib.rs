@@ -190,6 +190,52 @@ pub mod virtio {
     }
 }
 
+/// The `virtio` guest's agent mode (`virtio.test=agent`): it behaves like the sandboxer's guest
+/// agent on the wire, so the host's agent path runs on a KVM that cannot boot Linux.
+///
+/// It needs a vsock device among the first 8 `virtio_mmio.device=` entries. It dials the host
+/// (CID 2) on port `sandboxer.ready_port` (default [`READY_PORT`](agent::READY_PORT)), writes
+/// `READY 1024\n` and closes that connection (a refused dial is retried 20 times, 10 ms
+/// apart), then accepts connections on [`PORT`](agent::PORT) and answers every ttrpc request
+/// frame with an OK response with an empty payload (status OK, `google.protobuf.Empty` or a
+/// default message), forever, waiting in `sti; hlt`. It never ends by itself unless
+/// [`EXIT_ON_SHUTDOWN`](agent::EXIT_ON_SHUTDOWN) is set.
+pub mod agent {
+    /// Selects the agent mode of [`Guest::Virtio`](crate::Guest::Virtio).
+    pub const TEST_AGENT: &str = "virtio.test=agent";
+    /// After answering `sandboxer.agent.v1.Control/Shutdown`, end the VM (triple fault) as the
+    /// real agent does.
+    pub const EXIT_ON_SHUTDOWN: &str = "agent.exit_on_shutdown=1";
+    /// Do not print a console line per request (each console byte is a VM exit).
+    pub const QUIET: &str = "agent.quiet=1";
+    /// Guest port the agent serves ttrpc on (announced in the ready line).
+    pub const PORT: u32 = 1024;
+    /// Host port the ready line goes to by default.
+    pub const READY_PORT: u32 = 1025;
+    /// Printed once the ready line was sent.
+    pub const READY: &str = "agent: ready 1024\n";
+    /// Printed before the VM ends after a Shutdown request (with [`EXIT_ON_SHUTDOWN`]).
+    pub const EXITING: &str = "agent: exiting\n";
+    /// Start of a failure line (`agent: FAIL <step> <why>`), followed by a triple fault.
+    pub const FAIL: &str = "agent: FAIL ";
+
+    /// The line printed for each request, before it is answered, unless [`QUIET`]: e.g.
+    /// `("sandboxer.agent.v1.Control", "Setup")`.
+    pub fn request(service: &str, method: &str) -> String {
+        format!("agent: request {service}/{method}\n")
+    }
+
+    /// A command line for the agent mode: `base` plus [`TEST_AGENT`] and `extra` words.
+    pub fn cmdline(base: &str, extra: &[&str]) -> String {
+        let mut s = format!("{base} {TEST_AGENT}");
+        for w in extra {
+            s.push(' ');
+            s.push_str(w);
+        }
+        s
+    }
+}
+
 /// The exact console output of the guests (COM1). Lines end in `\n`.
 pub mod console {
     /// `quick`: its only line.
@@ -522,6 +568,18 @@ mod tests {
     fn guest_memory() -> GuestMemoryMmap<()> {
         let size = usize::try_from(MIN_RAM).unwrap();
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()
+    }
+
+    #[test]
+    fn agent_cmdline_adds_the_mode_and_keys() {
+        assert_eq!(
+            agent::cmdline("console=ttyS0", &[agent::QUIET, agent::EXIT_ON_SHUTDOWN]),
+            "console=ttyS0 virtio.test=agent agent.quiet=1 agent.exit_on_shutdown=1"
+        );
+        assert_eq!(
+            agent::request("sandboxer.agent.v1.Control", "Setup"),
+            "agent: request sandboxer.agent.v1.Control/Setup\n"
+        );
     }
 
     #[test]

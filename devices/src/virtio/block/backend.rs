@@ -12,12 +12,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::VolatileSlice;
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 use vmm_sys_util::write_zeroes::WriteZeroesAt;
 
 use super::BlockError;
-use super::positioned::FileAt;
+use super::positioned;
 
 /// Optional operations a backend implements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,36 +63,16 @@ pub trait DiskBackend: Send + Debug {
         Err(io::Error::from(io::ErrorKind::Unsupported))
     }
 
-    /// Reads `len` bytes at `offset` straight into guest memory at `addr`, without a bounce
-    /// buffer. `Ok(false)` means the backend cannot, and the caller copies through
-    /// [`DiskBackend::read_at`].
-    fn read_into_guest(
-        &mut self,
-        _offset: u64,
-        _mem: &GuestMemoryMmap,
-        _addr: GuestAddress,
-        _len: usize,
-    ) -> io::Result<bool> {
+    /// Fills the guest memory `dst` from `offset`, without a bounce buffer. `Ok(false)` means
+    /// the backend cannot, and the caller copies through [`DiskBackend::read_at`].
+    fn read_into_guest(&mut self, _offset: u64, _dst: VolatileSlice<'_>) -> io::Result<bool> {
         Ok(false)
     }
 
-    /// Writes `len` bytes of guest memory at `addr` straight to `offset`. `Ok(false)` means the
-    /// backend cannot, and the caller copies through [`DiskBackend::write_at`].
-    fn write_from_guest(
-        &mut self,
-        _offset: u64,
-        _mem: &GuestMemoryMmap,
-        _addr: GuestAddress,
-        _len: usize,
-    ) -> io::Result<bool> {
+    /// Writes all of the guest memory `src` at `offset`, without a bounce buffer. `Ok(false)`
+    /// means the backend cannot, and the caller copies through [`DiskBackend::write_at`].
+    fn write_from_guest(&mut self, _offset: u64, _src: VolatileSlice<'_>) -> io::Result<bool> {
         Ok(false)
-    }
-}
-
-fn guest_io_error(e: GuestMemoryError) -> io::Error {
-    match e {
-        GuestMemoryError::IOError(e) => e,
-        other => io::Error::new(io::ErrorKind::InvalidInput, other),
     }
 }
 
@@ -151,30 +131,16 @@ impl DiskBackend for FileDisk {
 
     // Zero-copy: the kernel copies between the page cache and guest memory directly, with one
     // positioned syscall per buffer.
-    fn read_into_guest(
-        &mut self,
-        offset: u64,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: usize,
-    ) -> io::Result<bool> {
-        mem.read_exact_volatile_from(addr, &mut FileAt::new(&self.file, offset), len)
-            .map_err(guest_io_error)?;
+    fn read_into_guest(&mut self, offset: u64, dst: VolatileSlice<'_>) -> io::Result<bool> {
+        positioned::read_exact_at(&self.file, offset, dst)?;
         Ok(true)
     }
 
-    fn write_from_guest(
-        &mut self,
-        offset: u64,
-        mem: &GuestMemoryMmap,
-        addr: GuestAddress,
-        len: usize,
-    ) -> io::Result<bool> {
+    fn write_from_guest(&mut self, offset: u64, src: VolatileSlice<'_>) -> io::Result<bool> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
-        mem.write_all_volatile_to(addr, &mut FileAt::new(&self.file, offset), len)
-            .map_err(guest_io_error)?;
+        positioned::write_all_at(&self.file, offset, src)?;
         Ok(true)
     }
 

@@ -7,8 +7,8 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use virtio_queue::Queue;
+use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::BlockError;
@@ -19,9 +19,10 @@ use super::defs::{
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES, VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use super::request::{DiscardSegment, Request, RequestType};
+use super::request::{BadRequest, DiscardSegment, Request, RequestType};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
-use crate::virtio::chain::{ChainError, pop_chain};
+use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
+use crate::virtio::ring::RingPass;
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice, guest_warn,
@@ -33,6 +34,8 @@ pub const VIRTIO_ID_BLOCK: u32 = 2;
 const CONFIG_SIZE: usize = 60;
 /// Largest bounce buffer between guest memory and the backend.
 const BOUNCE_SIZE: usize = 128 * 1024;
+/// Descriptors accepted in one request chain.
+const MAX_DESCS: usize = QUEUE_SIZE as usize;
 /// Requests handled per call before yielding to other devices on the event loop.
 const BUDGET: usize = 4 * QUEUE_SIZE as usize;
 /// `blk_size` in configuration space: the logical block size of every backing.
@@ -292,6 +295,10 @@ impl VirtioBlock {
     }
 
     /// Completes every available request. Returns whether the driver must be interrupted.
+    ///
+    /// Requests are handled in batches: every available chain is popped, executed and given a
+    /// used element, then the used index is published once for the batch and notifications are
+    /// re-enabled (§2.7.10); the notification decision is taken once per call.
     pub fn process_queue(&mut self) -> bool {
         if self.needs_reset {
             return false;
@@ -299,30 +306,49 @@ impl VirtioBlock {
         let Some(mut active) = self.active.take() else {
             return false;
         };
-        let mut used = false;
+        let view = GuestView::new(&active.mem);
+        let (needs_irq, corrupt) = match RingPass::new(&mut active.queue, view) {
+            Ok(mut ring) => self.run_ring(&mut ring, &view),
+            Err(e) => (false, Some(e)),
+        };
+        if let Some(e) = corrupt {
+            self.set_needs_reset(&active.interrupt, &e);
+        }
+        self.active = Some(active);
+        needs_irq
+    }
+
+    /// The batch loop of [`VirtioBlock::process_queue`]: whether to interrupt, and the queue
+    /// corruption that stopped it, if any.
+    fn run_ring(
+        &mut self,
+        ring: &mut RingPass<'_, '_>,
+        view: &GuestView<'_>,
+    ) -> (bool, Option<virtio_queue::Error>) {
         let mut budget = BUDGET;
         let mut corrupt: Option<virtio_queue::Error> = None;
+        // Every chain of the pass is gathered into this one (no allocation per request).
+        let mut bufs = ChainBuffers::default();
         'outer: loop {
-            if let Err(e) = active.queue.disable_notification(&active.mem) {
+            if let Err(e) = ring.disable_notification() {
                 corrupt = Some(e);
                 break;
             }
             loop {
-                let chain = match pop_chain(&mut active.queue, &active.mem) {
-                    Ok(Some(chain)) => chain,
+                let head = match ring.pop() {
+                    Ok(Some(head)) => head,
                     Ok(None) => break,
                     Err(e) => {
                         corrupt = Some(e);
                         break 'outer;
                     }
                 };
-                let head = chain.head_index();
-                let len = self.handle_chain(chain, &active.mem);
-                if let Err(e) = active.queue.add_used(&active.mem, head, len) {
+                let gathered = ring.chain_into(head, MAX_DESCS, &mut bufs);
+                let len = self.handle_chain(gathered.map(|()| &bufs), view);
+                if let Err(e) = ring.add_used(head, len) {
                     corrupt = Some(e);
                     break 'outer;
                 }
-                used = true;
                 budget = budget.saturating_sub(1);
                 if budget == 0 {
                     // Let other devices run; come back through our own queue event.
@@ -330,7 +356,11 @@ impl VirtioBlock {
                     break 'outer;
                 }
             }
-            match active.queue.enable_notification(&active.mem) {
+            if let Err(e) = ring.publish() {
+                corrupt = Some(e);
+                break;
+            }
+            match ring.enable_notification() {
                 Ok(true) => continue,
                 Ok(false) => break,
                 Err(e) => {
@@ -339,23 +369,26 @@ impl VirtioBlock {
                 }
             }
         }
-        let needs_irq = used && active.queue.needs_notification(&active.mem).unwrap_or(true);
-        if let Some(e) = corrupt {
-            self.set_needs_reset(&active.interrupt, &e);
+        // Whatever stopped the loop, the driver gets every completed request.
+        if let Err(e) = ring.publish() {
+            corrupt.get_or_insert(e);
         }
-        self.active = Some(active);
-        needs_irq
+        let needs_irq = ring.used_any() && ring.needs_notification().unwrap_or(true);
+        (needs_irq, corrupt)
     }
 
-    /// Parses and executes one request, writes its status, returns the used length.
+    /// Parses and executes one gathered chain, writes its status, returns the used length.
+    #[inline]
     fn handle_chain(
         &mut self,
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
+        chain: Result<&ChainBuffers, ChainError>,
+        view: &GuestView<'_>,
     ) -> u32 {
         self.metrics.requests = self.metrics.requests.wrapping_add(1);
-        let max_descs = usize::from(QUEUE_SIZE);
-        let (status_addr, status, len) = match Request::parse(chain, mem, max_descs) {
+        let parsed = chain
+            .map_err(BadRequest::chain)
+            .and_then(|bufs| Request::parse_buffers(bufs, view));
+        let (status_addr, status, len) = match parsed {
             Err(bad) => {
                 guest_warn!("virtio-blk: bad request: {}", bad.error);
                 let Some(addr) = bad.status else {
@@ -364,7 +397,7 @@ impl VirtioBlock {
                 };
                 (addr, bad.status_code(), 1)
             }
-            Ok(req) => match self.execute(&req, mem) {
+            Ok(req) => match self.execute(&req, view) {
                 Ok(len) => (req.status, VIRTIO_BLK_S_OK, len.saturating_add(1)),
                 Err(e) => {
                     guest_warn!("virtio-blk: {:?} request failed: {e}", req.request_type);
@@ -379,7 +412,7 @@ impl VirtioBlock {
             }
             _ => self.metrics.errors = self.metrics.errors.wrapping_add(1),
         }
-        if let Err(e) = crate::virtio::chain::write_guest(mem, &[status], status_addr) {
+        if let Err(e) = view.write_obj(status, status_addr) {
             guest_warn!("virtio-blk: cannot write status: {e}");
             return 0;
         }
@@ -387,11 +420,16 @@ impl VirtioBlock {
     }
 
     /// Executes a parsed request; returns the bytes written to guest data buffers.
-    fn execute(&mut self, req: &Request, mem: &GuestMemoryMmap) -> Result<u32, ExecError> {
+    #[inline]
+    fn execute(
+        &mut self,
+        req: &Request<&ChainBuffers>,
+        view: &GuestView<'_>,
+    ) -> Result<u32, ExecError> {
         if let RequestType::GetId = req.request_type {
             let n = req.data_len.min(ID_LEN);
             let id = self.id.get(..n as usize).unwrap_or(&[]);
-            req.buffers().write_at(mem, 0, id)?;
+            req.buffers().write_at_in(view, 0, id)?;
             return Ok(n);
         }
         let disk = self.disk.as_mut().ok_or(ExecError::NoBacking)?;
@@ -399,7 +437,7 @@ impl VirtioBlock {
         match req.request_type {
             RequestType::In => {
                 let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
-                copy_data::<TO_GUEST>(disk, &mut self.bounce, req, mem, offset)?;
+                copy_data::<TO_GUEST>(disk, &mut self.bounce, req, view, offset)?;
                 self.metrics.read_bytes = self
                     .metrics
                     .read_bytes
@@ -411,7 +449,7 @@ impl VirtioBlock {
                     return Err(ExecError::ReadOnly);
                 }
                 let offset = byte_range(req.sector, u64::from(req.data_len), disk.sectors)?;
-                copy_data::<FROM_GUEST>(disk, &mut self.bounce, req, mem, offset)?;
+                copy_data::<FROM_GUEST>(disk, &mut self.bounce, req, view, offset)?;
                 self.metrics.write_bytes = self
                     .metrics
                     .write_bytes
@@ -508,39 +546,39 @@ const FROM_GUEST: bool = false;
 ///
 /// The direction is a const parameter so that each direction compiles to its own straight-line
 /// copy loop, as two hand-written functions would (this is the block hot path).
+#[inline]
 fn copy_data<const IN: bool>(
     disk: &mut Disk,
     bounce: &mut Vec<u8>,
-    req: &Request,
-    mem: &GuestMemoryMmap,
+    req: &Request<&ChainBuffers>,
+    view: &GuestView<'_>,
     mut disk_offset: u64,
 ) -> Result<(), ExecError> {
-    let bounce = bounce_buffer(bounce);
-    let copy = |addr: GuestAddress, len: usize| -> Result<(), ExecError> {
+    let mut copy_slice = |slice: VolatileSlice<'_>| -> Result<(), ExecError> {
+        let len = slice.len();
         let in_place = if IN {
-            disk.backend.read_into_guest(disk_offset, mem, addr, len)
+            disk.backend.read_into_guest(disk_offset, slice)
         } else {
-            disk.backend.write_from_guest(disk_offset, mem, addr, len)
+            disk.backend.write_from_guest(disk_offset, slice)
         }
         .map_err(ExecError::Backend)?;
         if in_place {
             disk_offset = disk_offset.saturating_add(len as u64);
             return Ok(());
         }
+        let bounce = bounce_buffer(bounce);
         let mut done = 0usize;
         while done < len {
             let n = len.saturating_sub(done).min(bounce.len());
             let buf = bounce.get_mut(..n).ok_or(ExecError::Unsupported)?;
-            let guest = addr
-                .checked_add(done as u64)
-                .ok_or(ExecError::Unsupported)?;
+            let guest = slice.subslice(done, n).map_err(GuestMemoryError::from)?;
             if IN {
                 disk.backend
                     .read_at(disk_offset, buf)
                     .map_err(ExecError::Backend)?;
-                mem.write_slice(buf, guest)?;
+                guest.copy_from(buf);
             } else {
-                mem.read_slice(buf, guest)?;
+                guest.copy_to(buf);
                 disk.backend
                     .write_at(disk_offset, buf)
                     .map_err(ExecError::Backend)?;
@@ -550,6 +588,7 @@ fn copy_data<const IN: bool>(
         }
         Ok(())
     };
+    let copy = |addr: GuestAddress, len: usize| view.for_each_slice(addr, len, &mut copy_slice);
     let len = u64::from(req.data_len);
     if IN {
         req.buffers().for_each_writable(0, len, copy)
@@ -640,7 +679,7 @@ impl Drop for VirtioBlock {
     reason = "test code on known values"
 )]
 mod tests {
-    use vm_memory::GuestAddress;
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::test_utils::{MemDisk, RecordingInterrupt, TestQueue, single_region_mem};
@@ -1105,6 +1144,75 @@ mod tests {
         e.q.push_avail(300);
         e.blk.process_queue();
         assert!(e.blk.needs_reset());
+    }
+
+    #[test]
+    fn unreadable_avail_entry_needs_reset() {
+        // The available index is readable but its ring entries lie past the end of guest memory.
+        // This used to look like an empty ring that always had work (an endless loop).
+        use virtio_queue::QueueT;
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mut queue = Queue::new(256).unwrap();
+        queue.set_desc_table_address(Some(0), Some(0));
+        queue.set_avail_ring_address(Some(0xffc), Some(0));
+        queue.set_used_ring_address(Some(0x800), Some(0));
+        queue.set_ready(true);
+        m.write_obj(1u16, GuestAddress(0xffe)).unwrap();
+        let mut blk =
+            VirtioBlock::with_backend("x", false, Some(Box::new(MemDisk::new(4096)))).unwrap();
+        let irq = Arc::new(RecordingInterrupt::new());
+        blk.activate(m.clone(), vec![queue], irq.clone()).unwrap();
+        assert!(!blk.process_queue());
+        assert!(blk.needs_reset());
+        assert_eq!(irq.count(InterruptKind::Config), 1);
+    }
+
+    #[test]
+    fn completions_before_a_corrupt_entry_are_published() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        e.q.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        e.q.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        e.q.push_avail(300);
+        assert!(e.blk.process_queue());
+        assert!(e.blk.needs_reset());
+        assert_eq!(e.q.used_idx(), 2);
+    }
+
+    #[test]
+    fn event_idx_suppresses_interrupts() {
+        use virtio_queue::QueueT;
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, Some(disk_with_pattern(8)), false);
+        e.blk.reset().unwrap();
+        let mut queue = e.q.queue();
+        queue.set_event_idx(true);
+        e.blk.set_acked_features(e.blk.avail_features());
+        e.blk
+            .activate(m.clone(), vec![queue], e.irq.clone())
+            .unwrap();
+        let used_event = |v: u16| {
+            m.write_obj(v, GuestAddress(e.q.avail_addr().0 + 4 + 2 * 256))
+                .unwrap()
+        };
+        header(&m, VIRTIO_BLK_T_FLUSH, 0);
+        // The driver wants an interrupt once the used index passes 5.
+        used_event(5);
+        for _ in 0..3 {
+            e.q.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        }
+        assert!(!e.blk.process_queue());
+        for _ in 0..3 {
+            e.q.add_chain(&[(HDR, 16, R), (STATUS, 1, W)]);
+        }
+        assert!(e.blk.process_queue());
+        assert_eq!(e.q.used_idx(), 6);
+        // The device asked to be notified from the next available entry on.
+        let avail_event: u16 = m
+            .read_obj(GuestAddress(e.q.used_addr().0 + 4 + 8 * 256))
+            .unwrap();
+        assert_eq!(avail_event, 6);
     }
 
     #[test]

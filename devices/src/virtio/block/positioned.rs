@@ -3,93 +3,86 @@
 //! shared file position: `pread`/`pwrite` on a volatile slice of guest memory.
 //!
 //! vm-memory's own `ReadVolatile for File` reads at the file's current position, which costs a
-//! `lseek` per request and makes the position shared state. This is the only `unsafe` of the
-//! block device: two libc calls whose buffers are guest-memory slices vm-memory validated.
+//! `lseek` per request and makes the position shared state; its generic `read_exact` loop also
+//! costs more than the block hot path can afford. This is the only `unsafe` of the block device:
+//! two libc calls whose buffers are guest-memory slices vm-memory validated.
 #![allow(
     unsafe_code,
     reason = "pread/pwrite into guest memory need raw pointers; see the SAFETY comments"
 )]
 
 use std::fs::File;
+use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
+use vm_memory::VolatileSlice;
+use vm_memory::bitmap::Bitmap;
 
-/// A file at an offset that advances with each read or write.
-#[derive(Debug)]
-pub(crate) struct FileAt<'a> {
-    file: &'a File,
-    offset: u64,
+/// Fills `buf` from `file` at `offset` with positioned reads (retried on `EINTR` and short
+/// reads); reading past the end of the file is an `UnexpectedEof` error.
+pub(crate) fn read_exact_at(file: &File, offset: u64, buf: VolatileSlice<'_>) -> io::Result<()> {
+    let len = buf.len();
+    let mut done = 0usize;
+    let guard = buf.ptr_guard_mut();
+    while done < len {
+        let pos = offset
+            .checked_add(done as u64)
+            .and_then(|p| libc::off_t::try_from(p).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let dst = guard.as_ptr().wrapping_add(done);
+        // SAFETY: the fd is open for the life of `file`; `guard` keeps `len` bytes of mapped,
+        // writable guest memory alive at `guard.as_ptr()` (VolatileSlice's invariant), `done <
+        // len`, so `dst` points inside it and pread writes at most `len - done` bytes there.
+        let n = unsafe { libc::pread(file.as_raw_fd(), dst.cast(), len.saturating_sub(done), pos) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+            Ok(n) => done = done.saturating_add(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    buf.bitmap().mark_dirty(0, len);
+    Ok(())
 }
 
-impl<'a> FileAt<'a> {
-    pub(crate) fn new(file: &'a File, offset: u64) -> Self {
-        FileAt { file, offset }
+/// Writes all of `buf` to `file` at `offset` with positioned writes (retried on `EINTR` and
+/// short writes).
+pub(crate) fn write_all_at(file: &File, offset: u64, buf: VolatileSlice<'_>) -> io::Result<()> {
+    let len = buf.len();
+    let mut done = 0usize;
+    let guard = buf.ptr_guard();
+    while done < len {
+        let pos = offset
+            .checked_add(done as u64)
+            .and_then(|p| libc::off_t::try_from(p).ok())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let src = guard.as_ptr().wrapping_add(done);
+        // SAFETY: the fd is open for the life of `file`; `guard` keeps `len` bytes of mapped
+        // guest memory alive at `guard.as_ptr()`, `done < len`, so `src` points inside it and
+        // pwrite reads at most `len - done` bytes from there.
+        let n =
+            unsafe { libc::pwrite(file.as_raw_fd(), src.cast(), len.saturating_sub(done), pos) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => done = done.saturating_add(n),
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
     }
-
-    fn offset(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset).map_err(|_| {
-            VolatileMemoryError::IOError(std::io::Error::from(std::io::ErrorKind::InvalidInput))
-        })
-    }
-
-    fn advance(&mut self, n: isize) -> Result<usize, VolatileMemoryError> {
-        let n = usize::try_from(n)
-            .map_err(|_| VolatileMemoryError::IOError(std::io::Error::last_os_error()))?;
-        self.offset = self.offset.saturating_add(n as u64);
-        Ok(n)
-    }
-}
-
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard_mut();
-        // SAFETY: the fd is open for the life of `self.file`; `guard` keeps `buf.len()` bytes of
-        // mapped, writable guest memory alive at `as_ptr()` (VolatileSlice's invariant), and
-        // pread writes at most that many bytes there.
-        let n = unsafe {
-            libc::pread(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        // Whatever happened, the bytes may have changed.
-        buf.bitmap().mark_dirty(0, buf.len());
-        self.advance(n)
-    }
-}
-
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let offset = self.offset()?;
-        let guard = buf.ptr_guard();
-        // SAFETY: the fd is open for the life of `self.file`; `guard` keeps `buf.len()` bytes of
-        // mapped guest memory alive at `as_ptr()`, and pwrite reads at most that many bytes.
-        let n = unsafe {
-            libc::pwrite(
-                self.file.as_raw_fd(),
-                guard.as_ptr().cast(),
-                buf.len(),
-                offset,
-            )
-        };
-        self.advance(n)
-    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
     use super::*;
 
@@ -107,25 +100,29 @@ mod tests {
             .unwrap();
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
 
-        mem.read_exact_volatile_from(GuestAddress(0x10), &mut FileAt::new(&file, 100), 8)
-            .unwrap();
+        read_exact_at(&file, 100, mem.get_slice(GuestAddress(0x10), 8).unwrap()).unwrap();
         let mut got = [0u8; 8];
         mem.read_slice(&mut got, GuestAddress(0x10)).unwrap();
         assert_eq!(got, [100, 101, 102, 103, 104, 105, 106, 107]);
 
         mem.write_slice(&[0xaa; 4], GuestAddress(0x20)).unwrap();
-        mem.write_all_volatile_to(GuestAddress(0x20), &mut FileAt::new(&file, 3), 4)
-            .unwrap();
+        write_all_at(&file, 3, mem.get_slice(GuestAddress(0x20), 4).unwrap()).unwrap();
         assert_eq!(file.stream_position().unwrap(), 0);
         let data = std::fs::read(&path).unwrap();
         assert_eq!(&data[..8], &[0, 1, 2, 0xaa, 0xaa, 0xaa, 0xaa, 7]);
 
         // Reading past the end of the file is an error, not a short success.
         file.seek(SeekFrom::Start(0)).unwrap();
-        assert!(
-            mem.read_exact_volatile_from(GuestAddress(0), &mut FileAt::new(&file, 250), 16)
-                .is_err()
-        );
+        let err =
+            read_exact_at(&file, 250, mem.get_slice(GuestAddress(0), 16).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // Offsets beyond off_t are rejected before any syscall.
+        let err =
+            read_exact_at(&file, u64::MAX, mem.get_slice(GuestAddress(0), 1).unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        // A read-only descriptor cannot be written.
+        let ro = std::fs::File::open(&path).unwrap();
+        write_all_at(&ro, 0, mem.get_slice(GuestAddress(0), 1).unwrap()).unwrap_err();
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

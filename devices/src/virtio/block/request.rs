@@ -8,6 +8,8 @@
 //! a request after it was checked.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+use std::borrow::Borrow;
+
 use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
@@ -16,7 +18,7 @@ use super::defs::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use crate::virtio::chain::{ChainBuffers, ChainError};
+use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
 
 /// The operation a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +100,14 @@ pub struct BadRequest {
 }
 
 impl BadRequest {
+    /// A chain that could not be gathered: there is no trustworthy status byte.
+    pub fn chain(error: ChainError) -> Self {
+        BadRequest {
+            error: RequestError::Chain(error),
+            status: None,
+        }
+    }
+
     /// The status to complete the request with: `UNSUPP` for an unknown type, `IOERR` otherwise.
     pub fn status_code(&self) -> u8 {
         match self.error {
@@ -107,9 +117,11 @@ impl BadRequest {
     }
 }
 
-/// A parsed, structurally valid virtio-blk request.
+/// A parsed, structurally valid virtio-blk request. It owns its buffers
+/// (`B` = [`ChainBuffers`], from [`Request::parse`]) or borrows them (`B` = `&ChainBuffers`,
+/// from [`Request::parse_buffers`], the device's allocation- and copy-free path).
 #[derive(Debug)]
-pub struct Request {
+pub struct Request<B = ChainBuffers> {
     /// The operation.
     pub request_type: RequestType,
     /// First sector (`IN`/`OUT`), as the driver sent it (range checks happen at execution,
@@ -121,7 +133,7 @@ pub struct Request {
     pub segments: Vec<DiscardSegment>,
     /// Guest address of the status byte.
     pub status: GuestAddress,
-    bufs: ChainBuffers,
+    bufs: B,
 }
 
 impl Request {
@@ -131,11 +143,25 @@ impl Request {
         mem: &GuestMemoryMmap,
         max_descs: usize,
     ) -> Result<Request, BadRequest> {
-        let bufs = ChainBuffers::collect(chain, mem, max_descs).map_err(|e| BadRequest {
-            error: RequestError::Chain(e),
-            status: None,
-        })?;
-        let Some(status) = bufs.last_writable_byte(mem) else {
+        let bufs = ChainBuffers::collect(chain, mem, max_descs).map_err(BadRequest::chain)?;
+        let req = Request::parse_buffers(&bufs, &GuestView::new(mem))?;
+        Ok(Request {
+            request_type: req.request_type,
+            sector: req.sector,
+            data_len: req.data_len,
+            segments: req.segments,
+            status: req.status,
+            bufs,
+        })
+    }
+}
+
+impl<'b> Request<&'b ChainBuffers> {
+    /// Parses a request from a gathered chain (the device's path: see
+    /// [`ChainBuffers::walk_into`]); `view` is the guest memory the chain was gathered from.
+    #[inline]
+    pub fn parse_buffers(bufs: &'b ChainBuffers, view: &GuestView<'_>) -> Result<Self, BadRequest> {
+        let Some(status) = bufs.last_writable_byte_in(view) else {
             return Err(BadRequest {
                 error: RequestError::MissingStatus,
                 status: None,
@@ -154,9 +180,18 @@ impl Request {
         if readable < REQUEST_HEADER_SIZE {
             return Err(bad(RequestError::HeaderTooShort(readable)));
         }
-        let mut header = [0u8; REQUEST_HEADER_SIZE as usize];
-        bufs.read_at(mem, 0, &mut header)
-            .map_err(|e| bad(RequestError::Chain(e)))?;
+        // The header is almost always the whole first descriptor: read it in one access.
+        let header = match bufs.readable().first() {
+            Some(first) if first.len >= REQUEST_HEADER_SIZE => view
+                .read_obj::<[u8; REQUEST_HEADER_SIZE as usize]>(first.addr)
+                .map_err(|e| bad(RequestError::Chain(ChainError::Memory(e))))?,
+            _ => {
+                let mut header = [0u8; REQUEST_HEADER_SIZE as usize];
+                bufs.read_at_in(view, 0, &mut header)
+                    .map_err(|e| bad(RequestError::Chain(e)))?;
+                header
+            }
+        };
         let [t0, t1, t2, t3, _, _, _, _, s0, s1, s2, s3, s4, s5, s6, s7] = header;
         let request_type = RequestType::from(u32::from_le_bytes([t0, t1, t2, t3]));
         let sector = u64::from_le_bytes([s0, s1, s2, s3, s4, s5, s6, s7]);
@@ -186,7 +221,7 @@ impl Request {
                 return Err(bad(RequestError::UnalignedLength(data_len)));
             }
             RequestType::Discard | RequestType::WriteZeroes => {
-                segments = read_segments(&bufs, mem, data_len).map_err(bad)?;
+                segments = read_segments(bufs, view, data_len).map_err(bad)?;
             }
             _ => {}
         }
@@ -199,18 +234,20 @@ impl Request {
             bufs,
         })
     }
+}
 
+impl<B: Borrow<ChainBuffers>> Request<B> {
     /// The chain's buffers: data of `OUT` starts at readable offset 16, data of `IN`/`GET_ID`
     /// at writable offset 0.
     pub fn buffers(&self) -> &ChainBuffers {
-        &self.bufs
+        self.bufs.borrow()
     }
 }
 
 /// Reads the discard / write-zeroes segments that follow the header.
 fn read_segments(
     bufs: &ChainBuffers,
-    mem: &GuestMemoryMmap,
+    view: &GuestView<'_>,
     data_len: u32,
 ) -> Result<Vec<DiscardSegment>, RequestError> {
     let count = data_len / DISCARD_SEGMENT_SIZE;
@@ -222,7 +259,7 @@ fn read_segments(
     let mut offset = u64::from(REQUEST_HEADER_SIZE);
     for _ in 0..count {
         let mut raw = [0u8; DISCARD_SEGMENT_SIZE as usize];
-        bufs.read_at(mem, offset, &mut raw)
+        bufs.read_at_in(view, offset, &mut raw)
             .map_err(RequestError::Chain)?;
         let [
             s0,

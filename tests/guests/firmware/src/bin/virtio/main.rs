@@ -6,7 +6,8 @@
 //!
 //! Command line: `virtio_mmio.device=<size>@<base>:<irq>` entries (appended by the VMM) and
 //! - `virtio.test=blk|net|vsock|all` (a comma-separated list works too; default `all`, which
-//!   skips device types that are absent instead of failing),
+//!   skips device types that are absent instead of failing), or `virtio.test=agent`: behave
+//!   like the guest agent on the wire, forever (see `agent.rs`),
 //! - `virtio.blk_swap=1`: after its steps, wait for a slot swap on the first block device,
 //! - `virtio.blk_all=1`: test every block device, not just the first.
 //!
@@ -18,6 +19,7 @@
 #![no_std]
 #![no_main]
 
+mod agent;
 mod blk;
 mod net;
 mod vsock;
@@ -156,6 +158,8 @@ struct Selection {
     blk: bool,
     net: bool,
     vsock: bool,
+    /// The agent mode (nothing else runs).
+    agent: bool,
     /// Named explicitly: an absent device is a failure.
     explicit: bool,
 }
@@ -167,6 +171,7 @@ impl Selection {
                 blk: true,
                 net: true,
                 vsock: true,
+                agent: false,
                 explicit: false,
             };
         };
@@ -179,11 +184,13 @@ impl Selection {
                 b"blk" => sel.blk = true,
                 b"net" => sel.net = true,
                 b"vsock" => sel.vsock = true,
+                b"agent" => sel.agent = true,
                 b"all" => {
                     sel = Self {
                         blk: true,
                         net: true,
                         vsock: true,
+                        agent: false,
                         explicit: false,
                     }
                 }
@@ -220,7 +227,10 @@ fn run(boot: &Boot, report: &mut Report) {
     }
     let cmdline = buf.get(..len).unwrap_or_default();
     let selection = Selection::parse(cmdline, report);
-    let flag = |key: &[u8]| virtio::param(cmdline, key) == Some(b"1".as_slice());
+    // Every scan of the command line costs (each guest instruction is emulated on the
+    // project's `kvm_pvm` host): the agent mode skips the block test's keys.
+    let flag =
+        |key: &[u8]| !selection.agent && virtio::param(cmdline, key) == Some(b"1".as_slice());
     let (blk_swap, blk_all) = (flag(b"virtio.blk_swap"), flag(b"virtio.blk_all"));
 
     if let Err(e) = irq::init() {
@@ -245,6 +255,14 @@ fn run(boot: &Boot, report: &mut Report) {
         match Transport::probe(dev) {
             Ok(t) => {
                 *id = t.device_id();
+                // The agent mode stays quiet (each console byte is a VM exit) and needs only
+                // the first socket device.
+                if selection.agent {
+                    if *id == virtio::DEVICE_ID_VSOCK {
+                        break;
+                    }
+                    continue;
+                }
                 println!(
                     "virtio: mmio {:#x} irq {} device {}",
                     dev.base,
@@ -256,6 +274,9 @@ fn run(boot: &Boot, report: &mut Report) {
         }
     }
 
+    if selection.agent {
+        agent::run(cmdline, &devices, &mut arena);
+    }
     if selection.blk {
         blk::run(
             &devices,

@@ -51,13 +51,13 @@ const BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 const CREDIT_TRIES: u32 = 4;
 
 /// One stream connection's state.
-struct Conn {
+pub(crate) struct Conn {
     guest_cid: u64,
     local_port: u32,
-    peer_cid: u64,
-    peer_port: u32,
-    peer_buf_alloc: u32,
-    peer_fwd_cnt: u32,
+    pub(crate) peer_cid: u64,
+    pub(crate) peer_port: u32,
+    pub(crate) peer_buf_alloc: u32,
+    pub(crate) peer_fwd_cnt: u32,
     /// Bytes sent, modulo 2^32.
     tx_cnt: u32,
     /// Bytes consumed, modulo 2^32.
@@ -67,7 +67,7 @@ struct Conn {
 }
 
 /// What a packet on the connection meant.
-enum Event {
+pub(crate) enum Event {
     /// The peer accepted the connection.
     Response,
     /// `n` bytes of data were copied into the buffer.
@@ -83,7 +83,7 @@ enum Event {
 }
 
 impl Conn {
-    fn new(guest_cid: u64, local_port: u32, peer_cid: u64, peer_port: u32) -> Self {
+    pub(crate) fn new(guest_cid: u64, local_port: u32, peer_cid: u64, peer_port: u32) -> Self {
         Self {
             guest_cid,
             local_port,
@@ -113,13 +113,13 @@ impl Conn {
         }
     }
 
-    fn send(&mut self, vs: &mut Vsock, op: u16, flags: u32) -> Result<(), Failure> {
+    pub(crate) fn send(&mut self, vs: &mut Vsock, op: u16, flags: u32) -> Result<(), Failure> {
         let hdr = self.header(op, flags);
         vs.send(&hdr, &[])?;
         Ok(())
     }
 
-    fn is_ours(&self, h: &Header) -> bool {
+    pub(crate) fn is_ours(&self, h: &Header) -> bool {
         h.src_cid == self.peer_cid
             && h.src_port == self.peer_port
             && h.dst_cid == self.guest_cid
@@ -134,7 +134,12 @@ impl Conn {
 
     /// Handles a packet received for any connection: credit bookkeeping and replies here,
     /// the rest is returned.
-    fn handle(&mut self, vs: &mut Vsock, h: &Header, len: usize) -> Result<Event, Failure> {
+    pub(crate) fn handle(
+        &mut self,
+        vs: &mut Vsock,
+        h: &Header,
+        len: usize,
+    ) -> Result<Event, Failure> {
         if !self.is_ours(h) {
             reject(vs, h)?;
             return Ok(Event::Nothing);
@@ -162,7 +167,7 @@ impl Conn {
     }
 
     /// Sends `data` as one RW packet once the peer has room, asking for credit if needed.
-    fn send_data(
+    pub(crate) fn send_data(
         &mut self,
         vs: &mut Vsock,
         data: &[u8],
@@ -197,7 +202,7 @@ impl Conn {
 }
 
 /// Answers a packet that belongs to no connection with RST (unless it is one).
-fn reject(vs: &mut Vsock, h: &Header) -> Result<(), Failure> {
+pub(crate) fn reject(vs: &mut Vsock, h: &Header) -> Result<(), Failure> {
     if h.op == OP_RST {
         return Ok(());
     }
