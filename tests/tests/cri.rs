@@ -37,7 +37,7 @@ use proto::cri_full::v1 as cri;
 use proto::v2::sandbox::{
     ControllerMetricsRequest, ControllerStatusRequest, ControllerStopRequest,
 };
-use test_guests::{Guest, require_kvm};
+use test_guests::{Guest, agent, require_kvm};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 
@@ -261,9 +261,20 @@ impl Env {
         config.api.seed_socket = "".into();
         match vm {
             VmKind::TestGuest => {
-                // A guest that runs until the host stops it.
-                config.vm.kernel = Guest::Spin.elf().to_path_buf();
+                // The virtio test guest's agent mode speaks the agent's wire protocol (READY
+                // line, ttrpc answers) and ends the VM on Shutdown, as the real agent does.
+                config.vm.kernel = Guest::Virtio.elf().to_path_buf();
+                config.vm.cmdline = agent::cmdline(
+                    vmm::config::DEFAULT_CMDLINE,
+                    &[agent::EXIT_ON_SHUTDOWN, agent::QUIET],
+                );
+                // The test guest ignores it, but the daemon starts no sandbox without one.
+                let initramfs = dir.0.join("initramfs.img");
+                std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
+                config.vm.initramfs = initramfs;
                 config.vm.mem_mib = 32;
+                // The guest's driver looks for the vsock among the first 8 virtio devices.
+                config.vm.blk_slots = 4;
             }
             VmKind::Linux(kernel, initramfs) => {
                 config.vm.kernel = kernel;
