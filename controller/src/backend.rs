@@ -173,6 +173,47 @@ pub struct GuestSetup {
     pub routes: Vec<GuestRoute>,
 }
 
+/// The pod's virtio-net devices (open taps from [`crate::network`]), handed to the backend
+/// once: clones share them and [`NetDevices::take`] empties them for all.
+#[derive(Clone, Default)]
+pub struct NetDevices(Arc<std::sync::Mutex<Vec<vmm::DeviceConfig>>>);
+
+impl NetDevices {
+    /// Devices for the VM, in guest NIC order.
+    pub fn new(devices: Vec<vmm::DeviceConfig>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(devices)))
+    }
+
+    /// Takes the devices (a second call gets none).
+    pub fn take(&self) -> Vec<vmm::DeviceConfig> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Devices not taken yet.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is left.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for NetDevices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetDevices({})", self.len())
+    }
+}
+
+impl PartialEq for NetDevices {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || (self.is_empty() && other.is_empty())
+    }
+}
+
+impl Eq for NetDevices {}
+
 /// What to build and boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmSpec {
@@ -199,6 +240,8 @@ pub struct VmSpec {
     pub setup: GuestSetup,
     /// How long Start waits for the agent's ready line.
     pub agent_ready_timeout: Duration,
+    /// The pod's NICs (none without a pod network).
+    pub nics: NetDevices,
 }
 
 /// Why a VM ended.
@@ -684,6 +727,8 @@ impl VmBackend for KvmBackend {
                 },
             ));
         }
+        // The pod's NICs, after the slots (their taps are open in the pod's netns already).
+        config.devices.extend(spec.nics.take());
         let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let (vm, listener) = tokio::task::spawn_blocking(move || {
@@ -1303,6 +1348,7 @@ mod tests {
             vsock_uds: None,
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),
+            nics: NetDevices::default(),
         };
         match KvmBackend.start(spec).await {
             Err(BackendError::Config(_)) => {}
@@ -1327,6 +1373,7 @@ mod tests {
             vsock_uds: None,
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),
+            nics: NetDevices::default(),
         };
         match KvmBackend.start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {

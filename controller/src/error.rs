@@ -56,6 +56,9 @@ pub enum SandboxError {
     /// The VM backend failed.
     #[error("VM operation for sandbox {0} failed")]
     Backend(String, #[source] BackendError),
+    /// The pod's network could not be set up or torn down.
+    #[error("Pod network of sandbox {0} failed")]
+    Network(String, #[source] crate::network::NetworkError),
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -94,9 +97,15 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Backend(_, BackendError::NoFreeSlot(_)) => {
                 tonic::Status::resource_exhausted(msg)
             }
-            SandboxError::Store(..) | SandboxError::Backend(..) | SandboxError::Task(..) => {
-                tonic::Status::internal(msg)
-            }
+            SandboxError::Network(
+                _,
+                crate::network::NetworkError::NetnsNotFound { .. }
+                | crate::network::NetworkError::NotANetns { .. },
+            ) => tonic::Status::invalid_argument(msg),
+            SandboxError::Store(..)
+            | SandboxError::Backend(..)
+            | SandboxError::Network(..)
+            | SandboxError::Task(..) => tonic::Status::internal(msg),
         }
     }
 }

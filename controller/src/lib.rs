@@ -25,6 +25,7 @@ pub mod sandbox;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod task;
 
 pub use backend::{KvmBackend, VmBackend, VmHandle};
 pub use config::Config;

@@ -22,10 +22,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::backend::{
-    BackendError, GuestSetup, ShutdownRequest, VmBackend, VmEnd, VmExitKind, VmHandle, VmSpec,
+    BackendError, GuestSetup, NetDevices, ShutdownRequest, VmBackend, VmEnd, VmExitKind, VmHandle,
+    VmSpec,
 };
 use crate::config::{Config, VmDefaults};
 use crate::error::{SandboxError, error_chain};
+use crate::network::{self, PodNetwork};
 use crate::sandbox::{
     ContainerRecord, DnsConfig, ExitInfo, MountSpec, PodConfig, ProcessRecord, SandboxRecord,
     SandboxState, StoredAny, VmSize, validate_id,
@@ -213,6 +215,8 @@ struct Entry {
 struct EntryData {
     record: SandboxRecord,
     vm: Option<Arc<dyn VmHandle>>,
+    /// The pod network set up at Start (taps + tc in the pod netns), torn down at Shutdown.
+    net: Option<PodNetwork>,
 }
 
 impl Entry {
@@ -220,7 +224,11 @@ impl Entry {
         let (end, _) = watch::channel(record.exit.clone());
         Arc::new(Entry {
             op: tokio::sync::Mutex::new(()),
-            data: Mutex::new(EntryData { record, vm: None }),
+            data: Mutex::new(EntryData {
+                record,
+                vm: None,
+                net: None,
+            }),
             end,
         })
     }
@@ -256,6 +264,15 @@ impl Entry {
         if exit.is_some() {
             self.end.send_replace(exit);
         }
+    }
+}
+
+/// Removes a pod network's taps and tc redirects; failures are logged (nothing to return them to).
+async fn teardown_network(id: &str, net: Option<PodNetwork>) {
+    if let Some(net) = net
+        && let Err(e) = net.teardown().await
+    {
+        warn!(sandbox_id = %id, error = %error_chain(&e), "cannot tear down the pod network");
     }
 }
 
@@ -523,6 +540,31 @@ impl<B: VmBackend> SandboxService<B> {
         }
 
         let dir = self.store.sandbox_dir(&id);
+        let mut net = match self.attach_network(&record).await {
+            Ok(net) => net,
+            Err(e) => {
+                let exit = ExitInfo {
+                    status: EXIT_FAILED,
+                    at: SystemTime::now(),
+                    reason: format!("start failed: {}", error_chain(&e)),
+                };
+                warn!(sandbox_id = %id, error = %error_chain(&e), "sandbox network failed");
+                if let Some(r) = entry.finish(SandboxState::Failed, exit) {
+                    let _ = self.save(r).await;
+                }
+                entry.notify();
+                return Err(e);
+            }
+        };
+        let nics = NetDevices::new(
+            net.as_mut()
+                .map(PodNetwork::take_device_configs)
+                .unwrap_or_default(),
+        );
+        let (interfaces, routes) = net
+            .as_ref()
+            .map(|n| (n.guest_interfaces(), n.guest_routes()))
+            .unwrap_or_default();
         let spec = VmSpec {
             sandbox_id: id.clone(),
             vcpus: record.vm.vcpus,
@@ -544,11 +586,11 @@ impl<B: VmBackend> SandboxService<B> {
                     .as_ref()
                     .map(|p| p.dns.clone())
                     .unwrap_or_default(),
-                // Pod networking fills these from the sandbox's netns.
-                interfaces: Vec::new(),
-                routes: Vec::new(),
+                interfaces,
+                routes,
             },
             agent_ready_timeout: Duration::from_millis(self.config.vm.agent_ready_timeout_ms),
+            nics,
         };
         let vm: Arc<dyn VmHandle> = match self.backend.start(spec).await {
             Ok(vm) => Arc::from(vm),
@@ -559,6 +601,7 @@ impl<B: VmBackend> SandboxService<B> {
                     reason: format!("start failed: {}", error_chain(&e)),
                 };
                 warn!(sandbox_id = %id, error = %error_chain(&e), "sandbox failed to start");
+                teardown_network(&id, net).await;
                 if let Some(r) = entry.finish(SandboxState::Failed, exit) {
                     // The error being returned matters more than a failed save of it.
                     let _ = self.save(r).await;
@@ -576,6 +619,7 @@ impl<B: VmBackend> SandboxService<B> {
             d.record.pid = vm.pid();
             d.record.address.clone_from(&address);
             d.vm = Some(Arc::clone(&vm));
+            d.net = net;
             d.record.clone()
         });
         if let Err(e) = self.save(record.clone()).await {
@@ -777,6 +821,16 @@ impl<B: VmBackend> SandboxService<B> {
             (SandboxState::Stopped | SandboxState::Failed | SandboxState::Deleted, _) => {}
         }
         entry.notify();
+        // The VM (which held the taps) is gone: remove the tc redirects. A record from before a
+        // restart has no PodNetwork: clean whatever the lost process left in its netns.
+        let net = entry.with(|d| d.net.take());
+        if net.is_some() {
+            teardown_network(&id, net).await;
+        } else if !record.netns_path.is_empty()
+            && let Err(e) = network::cleanup_leftovers(Path::new(&record.netns_path), &id).await
+        {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "cannot clean the pod network");
+        }
         let record = entry.with(|d| {
             if d.record.state != SandboxState::Deleted {
                 d.record.state = SandboxState::Deleted;
@@ -803,6 +857,26 @@ impl<B: VmBackend> SandboxService<B> {
         drop(map);
         info!(sandbox_id = %id, "sandbox shut down");
         Ok(())
+    }
+
+    /// Connects the pod netns's veths to taps for the VM (none without a netns). A netns that
+    /// an earlier sandboxer process used is cleaned first.
+    async fn attach_network(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<Option<PodNetwork>, SandboxError> {
+        if record.netns_path.is_empty() {
+            return Ok(None);
+        }
+        let path = Path::new(&record.netns_path);
+        let err = |e| SandboxError::Network(record.id.clone(), e);
+        network::cleanup_leftovers(path, &record.id)
+            .await
+            .map_err(err)?;
+        network::attach(path, &record.id)
+            .await
+            .map(Some)
+            .map_err(err)
     }
 
     /// The platform every sandbox runs.

@@ -403,6 +403,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
             ..GuestSetup::default()
         },
         agent_ready_timeout: Duration::from_secs(10),
+        nics: controller::backend::NetDevices::default(),
     }
 }
 

@@ -309,7 +309,7 @@ async fn attach_plans_and_redirects_then_teardown_leaves_nothing() {
 
     // The routes: on-link first, then gateways, no kernel subnet routes.
     let routes: Vec<(String, String, String, u32)> = pod_net
-        .agent_routes()
+        .guest_routes()
         .iter()
         .map(|r| {
             (
@@ -338,7 +338,7 @@ async fn attach_plans_and_redirects_then_teardown_leaves_nothing() {
     );
 
     // The agent's view of the NIC.
-    let ifs = pod_net.agent_interfaces();
+    let ifs = pod_net.guest_interfaces();
     assert_eq!(ifs.len(), 1);
     assert_eq!(ifs[0].mac, *POD_MAC_S);
     assert_eq!(ifs[0].name, "eth0");

@@ -21,8 +21,9 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use devices::virtio::net::{NetConfig, Tap, TapError};
-use proto::agent::control;
 use vmm::{DeviceConfig, NetBackendConfig};
+
+use crate::backend::{GuestInterface, GuestIp, GuestRoute};
 
 /// Errors setting up or tearing down a pod's network.
 #[derive(Debug, thiserror::Error)]
@@ -256,38 +257,35 @@ impl PodNetwork {
     }
 
     /// The guest NICs for the agent's `Control.Setup`.
-    pub fn agent_interfaces(&self) -> Vec<control::Interface> {
+    pub fn guest_interfaces(&self) -> Vec<GuestInterface> {
         self.nics
             .iter()
-            .map(|nic| control::Interface {
+            .map(|nic| GuestInterface {
                 mac: nic.mac.to_string(),
                 name: nic.veth.clone(),
                 mtu: nic.mtu,
                 addresses: nic
                     .addresses
                     .iter()
-                    .map(|a| control::IpAddress {
+                    .map(|a| GuestIp {
                         address: a.addr.to_string(),
                         prefix_len: u32::from(a.prefix_len),
-                        ..Default::default()
                     })
                     .collect(),
-                ..Default::default()
             })
             .collect()
     }
 
     /// The routes for the agent's `Control.Setup`.
-    pub fn agent_routes(&self) -> Vec<control::Route> {
+    pub fn guest_routes(&self) -> Vec<GuestRoute> {
         self.routes
             .iter()
-            .map(|r| control::Route {
+            .map(|r| GuestRoute {
                 destination: r.destination.map(|d| d.to_string()).unwrap_or_default(),
                 gateway: r.gateway.map(|g| g.to_string()).unwrap_or_default(),
                 device: r.device.clone(),
                 source: r.source.map(|s| s.to_string()).unwrap_or_default(),
                 metric: r.metric,
-                ..Default::default()
             })
             .collect()
     }
@@ -461,7 +459,7 @@ mod tests {
     #[test]
     fn converts_to_agent_messages() {
         let net = sample();
-        let ifs = net.agent_interfaces();
+        let ifs = net.guest_interfaces();
         assert_eq!(ifs.len(), 1);
         assert_eq!(ifs[0].mac, "02:00:00:00:00:01");
         assert_eq!(ifs[0].name, "eth0");
@@ -475,7 +473,7 @@ mod tests {
             addrs,
             [("10.0.0.2".to_string(), 24), ("fd00::2".to_string(), 64)]
         );
-        let routes = net.agent_routes();
+        let routes = net.guest_routes();
         assert_eq!(routes.len(), 2);
         assert_eq!(routes[0].destination, "169.254.1.1/32");
         assert_eq!(routes[0].gateway, "");

@@ -1,0 +1,276 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The host-side Task endpoint: `ttrpc+unix://<state dir>/<id>/task.sock`, served by the
+//! sandboxer itself for each sandbox (DESIGN.md §2 "Task path").
+//!
+//! containerd and iSulad send the containerd Task API here (registered as
+//! `containerd.task.v3.Task` and `containerd.task.v2.Task`; the messages are the same), with
+//! host bundle paths and host rootfs mounts. [`TaskServer`] intercepts `Create`: reads the
+//! host bundle's `config.json`, turns the rootfs into block images attached to the VM's slots
+//! ([`rootfs`]), rewrites the spec for the guest ([`spec`]), has the agent make a guest bundle
+//! (`Control.PrepareBundle`) and forwards `Create` with the guest bundle and the attached
+//! layers. `Delete` is forwarded, then the container's slots are detached and its images
+//! dropped. Every other call is forwarded to the agent unchanged, errors keep their ttrpc
+//! codes, and every call but `Wait` has a timeout ([`TaskOptions::call_timeout`]).
+//! A background task forwards the agent's OOM events to containerd ([`events`]).
+//!
+//! ```text
+//! containerd ──ttrpc──> task.sock ──> service::Endpoint ──TaskTarget::agent()──> agent
+//!                                        │ Create/Delete
+//!                                        ├─> rootfs (erofs images, ImageCache) ─> attach_disk
+//!                                        └─> spec (guest config.json, bundle files)
+//! ```
+//!
+//! Stdio ([`stdio`]): containerd's `Streaming` service on the same socket is proxied to the
+//! agent stream for stream, so `io_type = "streaming"` URLs go to the agent unchanged; FIFO
+//! (or file) paths are opened here and bridged to agent streams.
+
+pub mod error;
+pub mod events;
+pub mod rootfs;
+pub mod service;
+pub mod spec;
+pub mod stdio;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim_protos::shim_async::create_task;
+use proto::agent::streaming_ttrpc::create_streaming;
+use ttrpc::asynchronous::Service;
+
+pub use self::error::TaskError;
+pub use self::rootfs::ImageCache;
+use self::service::Endpoint;
+use crate::backend::TaskTarget;
+
+/// Service name containerd >= 2.1 uses.
+pub const TASK_V3: &str = "containerd.task.v3.Task";
+/// Service name of the v2 API (iSulad); same messages.
+pub const TASK_V2: &str = "containerd.task.v2.Task";
+/// Default bound on a forwarded call.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings of one sandbox's endpoint.
+#[derive(Debug, Clone)]
+pub struct TaskOptions {
+    /// Lower-chain images, shared by all sandboxes of the daemon (one cache per daemon; put
+    /// its directory on disk, e.g. `/var/lib/sandboxer/images`, not on a tmpfs).
+    pub images: Arc<ImageCache>,
+    /// Per-container images of this sandbox go to `<work_dir>/<container id>/`.
+    pub work_dir: PathBuf,
+    /// containerd's socket (`/run/containerd/containerd.sock`): OOM events go to
+    /// `<it>.ttrpc`. `None`: they are only logged.
+    pub containerd_address: Option<PathBuf>,
+    /// Bound on every forwarded call but `Wait` (the caller's own timeout wins when shorter).
+    pub call_timeout: Duration,
+}
+
+impl TaskOptions {
+    /// Options with the default timeout and no containerd address.
+    pub fn new(images: Arc<ImageCache>, work_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            images,
+            work_dir: work_dir.into(),
+            containerd_address: None,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        }
+    }
+}
+
+/// Registers `endpoint` under both Task service names, and the stream proxy.
+fn services(endpoint: Arc<Endpoint>, target: Arc<dyn TaskTarget>) -> HashMap<String, Service> {
+    let mut all = create_task(endpoint.clone());
+    let mut v2 = create_task(endpoint);
+    if let Some(service) = v2.remove(TASK_V3) {
+        all.insert(TASK_V2.to_owned(), service);
+    }
+    all.extend(create_streaming(Arc::new(stdio::StreamProxy::new(target))));
+    all
+}
+
+/// One sandbox's Task endpoint, serving until [`TaskServer::shutdown`].
+pub struct TaskServer {
+    /// In a mutex only to make the endpoint `Sync` (the server is not); used once, at shutdown.
+    server: std::sync::Mutex<ttrpc::asynchronous::Server>,
+    socket: PathBuf,
+    endpoint: Arc<Endpoint>,
+    events: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for TaskServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskServer")
+            .field("socket", &self.socket)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TaskServer {
+    /// Serves the Task API on `socket` (a stale file there is replaced) for the sandbox VM
+    /// behind `target`. Call it once the agent is ready.
+    pub async fn start(
+        socket: &Path,
+        target: Arc<dyn TaskTarget>,
+        opts: TaskOptions,
+    ) -> Result<Self, TaskError> {
+        match std::fs::remove_file(socket) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(TaskError::Io {
+                    op: "remove",
+                    path: socket.to_owned(),
+                    source: e,
+                });
+            }
+            _ => {}
+        }
+        let endpoint = Arc::new(Endpoint::new(target.clone(), &opts, socket));
+        let serve_err = |e| TaskError::Serve(socket.to_owned(), e);
+        let mut server = ttrpc::asynchronous::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .map_err(serve_err)?
+            .register_service(services(endpoint.clone(), target));
+        server.start().await.map_err(serve_err)?;
+        let events = tokio::spawn(events::run(
+            endpoint.clone(),
+            opts.containerd_address.clone(),
+        ));
+        tracing::info!("Serving the Task API on {}", socket.display());
+        Ok(Self {
+            server: std::sync::Mutex::new(server),
+            socket: socket.to_owned(),
+            endpoint,
+            events,
+        })
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The address for the engine: `ttrpc+unix://<socket>`.
+    pub fn address(&self) -> String {
+        format!("ttrpc+unix://{}", self.socket.display())
+    }
+
+    /// Ids of the containers whose root filesystems the endpoint holds.
+    pub fn container_ids(&self) -> Vec<String> {
+        self.endpoint.container_ids()
+    }
+
+    /// Stops serving, removes the socket, detaches every slot it attached and drops its
+    /// images. Containers in the VM are not touched (the VM's end is the caller's).
+    pub async fn shutdown(self) {
+        self.events.abort();
+        let mut server = self
+            .server
+            .into_inner()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Err(e) = server.shutdown().await {
+            tracing::warn!("Stopping the Task server: {e}");
+        }
+        if let Err(e) = std::fs::remove_file(&self.socket)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!("Removing {}: {e}", self.socket.display());
+        }
+        self.endpoint.release_all().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_service_names() {
+        let tmp = tempfile::tempdir().unwrap();
+        let images = Arc::new(ImageCache::new(&tmp.path().join("images")).unwrap());
+        let target: Arc<dyn TaskTarget> = Arc::new(NoAgent);
+        let ep = Arc::new(Endpoint::new(
+            target.clone(),
+            &TaskOptions::new(images, tmp.path()),
+            &tmp.path().join("task.sock"),
+        ));
+        let s = services(ep, target);
+        assert_eq!(s.len(), 3);
+        assert!(s.contains_key(TASK_V3) && s.contains_key(TASK_V2));
+        assert!(s.contains_key(stdio::STREAMING));
+    }
+
+    /// A target whose VM has no agent.
+    #[derive(Debug)]
+    struct NoAgent;
+
+    #[async_trait::async_trait]
+    impl TaskTarget for NoAgent {
+        fn agent(&self) -> Result<ttrpc::asynchronous::Client, crate::backend::BackendError> {
+            Err(crate::backend::BackendError::NotRunning)
+        }
+        async fn attach_disk(
+            &self,
+            _: &Path,
+            _: bool,
+        ) -> Result<crate::backend::AttachedDisk, crate::backend::BackendError> {
+            Err(crate::backend::BackendError::NotRunning)
+        }
+        async fn detach_disk(&self, _: u32) -> Result<(), crate::backend::BackendError> {
+            Err(crate::backend::BackendError::NotRunning)
+        }
+    }
+
+    #[tokio::test]
+    async fn calls_without_an_agent_are_unavailable() {
+        use containerd_shim_protos::api::StateRequest;
+        use containerd_shim_protos::shim_async::{Client, TaskClient};
+
+        let tmp = tempfile::tempdir().unwrap();
+        let images = Arc::new(ImageCache::new(&tmp.path().join("images")).unwrap());
+        let sock = tmp.path().join("task.sock");
+        std::fs::write(&sock, b"stale").unwrap();
+        let server = TaskServer::start(
+            &sock,
+            Arc::new(NoAgent),
+            TaskOptions::new(images, tmp.path().join("work")),
+        )
+        .await
+        .unwrap();
+        assert_eq!(server.address(), format!("ttrpc+unix://{}", sock.display()));
+        let client = Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap();
+        let task = TaskClient::new(client);
+        let mut req = StateRequest::new();
+        req.id = "c1".into();
+        match task
+            .state(ttrpc::context::with_duration(Duration::from_secs(5)), &req)
+            .await
+        {
+            Err(ttrpc::Error::RpcStatus(s)) => {
+                assert_eq!(s.code(), ttrpc::Code::UNAVAILABLE, "{}", s.message());
+                assert!(
+                    s.message().contains("no agent connection"),
+                    "{}",
+                    s.message()
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        server.shutdown().await;
+        assert!(!sock.exists());
+    }
+}
+
+#[cfg(test)]
+mod send_sync {
+    #[test]
+    fn task_server_can_live_in_shared_state() {
+        fn check<T: Send + Sync>() {}
+        check::<super::TaskServer>();
+        check::<super::TaskOptions>();
+    }
+}

@@ -1,0 +1,374 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Process stdio between the engine on the host and the agent in the VM, over containerd's
+//! `containerd.services.streaming.v1.Streaming` protocol (the agent serves it; see its
+//! `streaming` module for the message flow: `StreamInit{id}`, then `Data` within the windows
+//! granted by `WindowUpdate`s).
+//!
+//! - `io_type = "streaming"` (containerd): stdio paths are URLs naming this task socket
+//!   (`ttrpc+unix://…/task.sock?streaming_id=<id>`); containerd opens `Streaming.Stream` here.
+//!   [`StreamProxy`] opens a stream to the agent for each one and copies messages both ways
+//!   unchanged, so the URLs go to the agent as they are.
+//! - `io_type = "fifo"` (containerd, iSulad): stdio paths are host FIFOs the engine created.
+//!   [`bridge`] opens them here, opens one agent stream per FIFO (a fresh id) and copies bytes
+//!   between them; the agent is given `…?streaming_id=<id>` URLs instead of the paths.
+//! - Empty paths stay empty (`/dev/null` in the guest).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use async_trait::async_trait;
+use proto::agent::stream_data::{Data, WindowUpdate};
+use proto::agent::streaming::StreamInit;
+use proto::agent::streaming_ttrpc::{Streaming, StreamingClient};
+use proto::protobuf::Message;
+use proto::protobuf::well_known_types::any::Any;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::task::JoinHandle;
+use ttrpc::asynchronous::{CSReceiver, CSSender, ServerStream, TtrpcContext};
+
+use super::error::TaskError;
+use crate::backend::TaskTarget;
+
+/// Service name of the stream service.
+pub const STREAMING: &str = "containerd.services.streaming.v1.Streaming";
+const STREAM_INIT_TYPE: &str = "containerd.services.streaming.v1.StreamInit";
+const DATA_TYPE: &str = "containerd.types.transfer.Data";
+const WINDOW_UPDATE_TYPE: &str = "containerd.types.transfer.WindowUpdate";
+/// Most bytes in one `Data` message.
+const MAX_DATA: usize = 32 * 1024;
+/// Bytes granted to the agent at a time for output.
+const WINDOW: i32 = 64 * 1024;
+
+/// The bare message name of a type URL.
+fn type_name(url: &str) -> &str {
+    url.rsplit_once('/').map_or(url, |(_, name)| name)
+}
+
+fn pack(type_url: &str, msg: &impl Message) -> Result<Any, TaskError> {
+    let mut any = Any::new();
+    any.type_url = type_url.to_owned();
+    any.value = msg
+        .write_to_bytes()
+        .map_err(|e| TaskError::Encode("a stream message", Box::new(e)))?;
+    Ok(any)
+}
+
+/// Whether `stdio` is a `streaming_id` URL (as opposed to a path).
+pub fn is_stream_url(stdio: &str) -> bool {
+    stdio
+        .split_once('?')
+        .is_some_and(|(addr, q)| addr.contains("://") && q.contains("streaming_id="))
+}
+
+/// Forwards the engine's streams to the agent, message for message.
+#[derive(Debug)]
+pub(crate) struct StreamProxy {
+    target: Arc<dyn TaskTarget>,
+}
+
+impl StreamProxy {
+    pub(crate) fn new(target: Arc<dyn TaskTarget>) -> Self {
+        Self { target }
+    }
+}
+
+fn unreachable_agent(e: ttrpc::Error) -> ttrpc::Error {
+    TaskError::from_agent("Stream", e).into()
+}
+
+#[async_trait]
+impl Streaming for StreamProxy {
+    async fn stream(
+        &self,
+        _ctx: &TtrpcContext,
+        stream: ServerStream<Any, Any>,
+    ) -> ttrpc::Result<()> {
+        let agent = self.target.agent().map_err(TaskError::NoAgent)?;
+        let up = StreamingClient::new(agent)
+            .stream(ttrpc::context::Context::default())
+            .await
+            .map_err(unreachable_agent)?;
+        let (down_tx, mut down_rx) = stream.split();
+        let (up_tx, mut up_rx) = up.split();
+        let to_agent = async move {
+            loop {
+                match down_rx.recv().await {
+                    Ok(Some(msg)) => {
+                        if up_tx.send(&msg).await.is_err() {
+                            break;
+                        }
+                    }
+                    // The engine closed its side: so does the agent's.
+                    Ok(None) | Err(_) => {
+                        let _ = up_tx.close_send().await;
+                        break;
+                    }
+                }
+            }
+            // Keep the task alive: the other direction decides when the stream ends.
+            std::future::pending::<()>().await;
+        };
+        let from_agent = async move {
+            loop {
+                match up_rx.recv().await {
+                    Ok(msg) if msg.type_url.is_empty() && msg.value.is_empty() => {}
+                    Ok(msg) => {
+                        if down_tx.send(&msg).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Err(ttrpc::Error::RpcStatus(s)) => return Err(ttrpc::Error::RpcStatus(s)),
+                    Err(_) => return Ok(()),
+                }
+            }
+        };
+        tokio::select! {
+            () = to_agent => Ok(()),
+            r = from_agent => r,
+        }
+    }
+}
+
+/// Copy tasks of one process's FIFO stdio; dropping it stops them.
+#[derive(Debug, Default)]
+pub struct Bridges(Vec<JoinHandle<()>>);
+
+impl Drop for Bridges {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+impl Bridges {
+    /// Whether every copy has ended.
+    pub fn finished(&self) -> bool {
+        self.0.iter().all(JoinHandle::is_finished)
+    }
+}
+
+/// Which stdio stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    In,
+    Out,
+}
+
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(0);
+
+/// Opens a stream to the agent and registers it under `id`.
+async fn open_agent_stream(
+    target: &dyn TaskTarget,
+    id: &str,
+) -> Result<(CSSender<Any>, CSReceiver<Any>), TaskError> {
+    let agent = target.agent().map_err(TaskError::NoAgent)?;
+    let s = StreamingClient::new(agent)
+        .stream(ttrpc::context::Context::default())
+        .await
+        .map_err(|e| TaskError::from_agent("Stream", e))?;
+    let (tx, mut rx) = s.split();
+    let mut init = StreamInit::new();
+    init.id = id.to_owned();
+    tx.send(&pack(STREAM_INIT_TYPE, &init)?)
+        .await
+        .map_err(|e| TaskError::from_agent("Stream", e))?;
+    // The agent answers once the stream is registered.
+    rx.recv()
+        .await
+        .map_err(|e| TaskError::from_agent("Stream", e))?;
+    Ok((tx, rx))
+}
+
+/// Host FIFO or file -> agent (stdin): sends `Data` within the windows the agent grants.
+async fn copy_in(
+    mut fifo: Box<dyn AsyncRead + Send + Unpin>,
+    tx: CSSender<Any>,
+    mut rx: CSReceiver<Any>,
+) {
+    let mut window: i64 = 0;
+    let mut buf = vec![0u8; MAX_DATA];
+    loop {
+        tokio::select! {
+            msg = rx.recv() => match msg {
+                Ok(any) if type_name(&any.type_url) == WINDOW_UPDATE_TYPE => {
+                    if let Ok(w) = WindowUpdate::parse_from_bytes(&any.value) {
+                        window = window.saturating_add(i64::from(w.update.max(0)));
+                    }
+                }
+                Ok(_) => {}
+                // The agent ended the stream (the process is gone): stop.
+                Err(_) => return,
+            },
+            n = fifo.read(&mut buf), if window > 0 => {
+                let n = match n {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                let mut data = Data::new();
+                data.data = buf.get(..n).unwrap_or_default().to_vec();
+                let Ok(msg) = pack(DATA_TYPE, &data) else { break };
+                if tx.send(&msg).await.is_err() {
+                    return;
+                }
+                window = window.saturating_sub(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        let cap = usize::try_from(window.clamp(1, i64::try_from(MAX_DATA).unwrap_or(1)))
+            .unwrap_or(MAX_DATA);
+        buf.resize(cap, 0);
+    }
+    // End of input for the process.
+    let _ = tx.close_send().await;
+    // Hold the stream until the agent ends it.
+    while rx.recv().await.is_ok() {}
+}
+
+/// Agent -> host FIFO or file (stdout/stderr): grants windows as the FIFO takes the bytes.
+async fn copy_out(
+    mut fifo: Box<dyn AsyncWrite + Send + Unpin>,
+    tx: CSSender<Any>,
+    mut rx: CSReceiver<Any>,
+) {
+    let mut grant = WindowUpdate::new();
+    grant.update = WINDOW;
+    let Ok(grant) = pack(WINDOW_UPDATE_TYPE, &grant) else {
+        return;
+    };
+    if tx.send(&grant).await.is_err() {
+        return;
+    }
+    let mut granted: i64 = i64::from(WINDOW);
+    loop {
+        let any = match rx.recv().await {
+            Ok(any) => any,
+            Err(_) => break,
+        };
+        if type_name(&any.type_url) != DATA_TYPE {
+            continue;
+        }
+        let Ok(data) = Data::parse_from_bytes(&any.value) else {
+            break;
+        };
+        // A reader that went away: keep draining so the process does not block.
+        let _ = fifo.write_all(&data.data).await;
+        granted = granted.saturating_sub(i64::try_from(data.data.len()).unwrap_or(i64::MAX));
+        if granted < i64::from(WINDOW) / 2 {
+            if tx.send(&grant).await.is_err() {
+                break;
+            }
+            granted = granted.saturating_add(i64::from(WINDOW));
+        }
+    }
+    let _ = fifo.flush().await;
+}
+
+/// Rewrites `[stdin, stdout, stderr]` for the agent: stream URLs and empty paths stay; FIFO
+/// (or plain file) paths are opened and bridged to fresh agent streams, and replaced by URLs
+/// naming them.
+/// `what` names the process in errors and stream ids (`<container>` or `<container>-<exec>`).
+pub async fn bridge(
+    target: &dyn TaskTarget,
+    socket: &Path,
+    what: &str,
+    stdio: [&str; 3],
+) -> Result<([String; 3], Bridges), TaskError> {
+    let mut out: [String; 3] = Default::default();
+    let mut bridges = Bridges::default();
+    for (i, (path, name)) in stdio.iter().zip(["stdin", "stdout", "stderr"]).enumerate() {
+        let slot = out.get_mut(i).expect("three stdio slots");
+        if path.is_empty() || is_stream_url(path) {
+            *slot = (*path).to_owned();
+            continue;
+        }
+        let dir = if i == 0 { Dir::In } else { Dir::Out };
+        let seq = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{what}-{name}-{seq}");
+        match dir {
+            Dir::In => {
+                let reader = open_input(name, path).await?;
+                let (tx, rx) = open_agent_stream(target, &id).await?;
+                bridges.0.push(tokio::spawn(copy_in(reader, tx, rx)));
+            }
+            Dir::Out => {
+                let writer = open_output(name, path).await?;
+                let (tx, rx) = open_agent_stream(target, &id).await?;
+                bridges.0.push(tokio::spawn(copy_out(writer, tx, rx)));
+            }
+        }
+        *slot = format!("ttrpc+unix://{}?streaming_id={id}", socket.display());
+    }
+    Ok((out, bridges))
+}
+
+/// `ENXIO`: a FIFO opened for writing without a reader.
+const ENXIO: i32 = 6;
+
+fn is_fifo(path: &str) -> bool {
+    use std::os::unix::fs::FileTypeExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
+}
+
+/// Opens a stdin source: a FIFO (without blocking for a writer) or a regular file.
+async fn open_input(
+    field: &str,
+    path: &str,
+) -> Result<Box<dyn AsyncRead + Send + Unpin>, TaskError> {
+    let err = |e: std::io::Error| TaskError::invalid(field, format!("cannot open {path:?}: {e}"));
+    if is_fifo(path) {
+        let fifo = pipe::OpenOptions::new().open_receiver(path).map_err(err)?;
+        return Ok(Box::new(fifo));
+    }
+    let file = tokio::fs::File::open(path).await.map_err(err)?;
+    Ok(Box::new(file))
+}
+
+/// Opens a stdout/stderr sink: a FIFO (which needs a reader already) or a file (appended to,
+/// created if missing).
+async fn open_output(
+    field: &str,
+    path: &str,
+) -> Result<Box<dyn AsyncWrite + Send + Unpin>, TaskError> {
+    if is_fifo(path) {
+        let fifo = pipe::OpenOptions::new().open_sender(path).map_err(|e| {
+            if e.raw_os_error() == Some(ENXIO) {
+                TaskError::invalid(field, format!("FIFO {path:?} has no reader"))
+            } else {
+                TaskError::invalid(field, format!("cannot open {path:?}: {e}"))
+            }
+        })?;
+        return Ok(Box::new(fifo));
+    }
+    if !Path::new(path).is_absolute() {
+        return Err(TaskError::invalid(
+            field,
+            format!("{path:?} is not absolute"),
+        ));
+    }
+    let file = tokio::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .await
+        .map_err(|e| TaskError::invalid(field, format!("cannot open {path:?}: {e}")))?;
+    Ok(Box::new(file))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_urls() {
+        assert!(is_stream_url(
+            "ttrpc+unix:///run/sandboxer/p/task.sock?streaming_id=c1-stdout"
+        ));
+        assert!(!is_stream_url("/run/containerd/fifo/c1-stdout"));
+        assert!(!is_stream_url("/tmp/a?streaming_id=x"));
+        assert!(!is_stream_url(""));
+        assert_eq!(type_name("type.googleapis.com/x.Y"), "x.Y");
+        assert_eq!(type_name("x.Y"), "x.Y");
+    }
+}
