@@ -8,6 +8,8 @@
 //!   module tree and is served on its own socket.
 //! - [`cri`]: the part of the CRI `runtime.v1` API that `Create`'s `options` carries
 //!   (`PodSandboxConfig`).
+//! - [`cri_full`]: the CRI `RuntimeService` and `ImageService` calls the end-to-end tests make
+//!   against containerd's CRI socket (same package `runtime.v1`, so its own module tree).
 //!
 //! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
 //!   (`sandboxer.agent.v1`) and containerd's `Streaming` service (stdio streams),
@@ -97,6 +99,25 @@ pub mod cri {
         /// `runtime.v1`.
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/cri/runtime.v1.rs"));
+        }
+    }
+    pub use runtime::v1;
+}
+
+/// A client-side subset of the CRI `runtime.v1` RuntimeService and ImageService.
+#[cfg(feature = "grpc")]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::allow_attributes_without_reason,
+    reason = "generated code; the .proto files document the fields"
+)]
+pub mod cri_full {
+    /// `runtime`.
+    pub mod runtime {
+        /// `runtime.v1`.
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/cri_full/runtime.v1.rs"));
         }
     }
     pub use runtime::v1;
