@@ -390,11 +390,17 @@ fn host_main(listen: ListenAddr, args: Args, started: Instant) -> Result<()> {
 fn main() -> ExitCode {
     let started = Instant::now();
     console::init(log::LevelFilter::Info);
-    let args = match parse_args(std::env::args().skip(1)) {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("sandboxer-agent: {e:#}");
-            return ExitCode::from(2);
+    // As PID 1 the kernel hands init every command-line word it does not know (e.g.
+    // `nomodule`): the agent takes its settings from /proc/cmdline and ignores its arguments.
+    let args = if getpid().as_raw() == 1 {
+        Args::default()
+    } else {
+        match parse_args(std::env::args().skip(1)) {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("sandboxer-agent: {e:#}");
+                return ExitCode::from(2);
+            }
         }
     };
     match args.listen.clone() {

@@ -65,6 +65,9 @@ impl Executor for StdExecutor {
 #[derive(Debug)]
 pub struct Runtime {
     root: PathBuf,
+    /// `/` is the initramfs (`rootfs`), where pivot_root(2) fails with EINVAL: containers
+    /// then enter their root with a move mount + chroot (runc's `--no-pivot`).
+    no_pivot: bool,
 }
 
 /// The runtime's handle of one container.
@@ -74,12 +77,33 @@ fn lc_err(context: &str) -> impl Fn(libcontainer::error::LibcontainerError) -> T
     move |e| TaskError::internal(context, &e)
 }
 
+/// Whether the mount at `/` in `mountinfo` (the text of /proc/self/mountinfo) is the kernel's
+/// initial `rootfs` (the initramfs), which cannot be pivoted away from.
+fn root_is_initramfs(mountinfo: &str) -> bool {
+    mountinfo.lines().any(|line| {
+        let mut fields = line.split(' ');
+        let mount_point = fields.nth(4);
+        let fstype = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next());
+        mount_point == Some("/") && fstype == Some("rootfs")
+    })
+}
+
 impl Runtime {
     /// A runtime keeping its state under `root` (created if missing).
     pub fn new(root: &Path) -> std::io::Result<Self> {
         std::fs::create_dir_all(root)?;
+        let no_pivot = std::fs::read_to_string("/proc/self/mountinfo")
+            .map(|m| root_is_initramfs(&m))
+            .unwrap_or(false);
+        if no_pivot {
+            log::info!("/ is the initramfs: containers use a move mount instead of pivot_root");
+        }
         Ok(Self {
             root: root.canonicalize()?,
+            no_pivot,
         })
     }
 
@@ -119,6 +143,7 @@ impl Runtime {
         let container = self
             .builder(id, stdio, console)?
             .as_init(bundle)
+            .with_no_pivot(self.no_pivot)
             .with_systemd(false)
             .with_detach(true)
             .build()
@@ -172,5 +197,22 @@ impl Runtime {
         handle
             .delete(true)
             .map_err(lc_err("Failed to delete the container"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::root_is_initramfs;
+
+    #[test]
+    fn initramfs_root_is_detected() {
+        let vm = "1 1 0:2 / / rw - rootfs rootfs rw,size=120000k\n\
+                  20 1 0:20 / /proc rw,nosuid - proc proc rw\n";
+        assert!(root_is_initramfs(vm));
+        let host = "28 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw\n\
+                    30 28 0:5 / /dev rw - devtmpfs udev rw\n";
+        assert!(!root_is_initramfs(host));
+        // A rootfs mounted elsewhere does not count.
+        assert!(!root_is_initramfs("5 1 0:2 / /mnt rw - rootfs rootfs rw\n"));
     }
 }
