@@ -6,7 +6,7 @@
 //!
 //! - `io_type = "streaming"` (containerd): stdio paths are URLs naming this task socket
 //!   (`ttrpc+unix://…/task.sock?streaming_id=<id>`); containerd opens `Streaming.Stream` here.
-//!   [`StreamProxy`] opens a stream to the agent for each one and copies messages both ways
+//!   `StreamProxy` opens a stream to the agent for each one and copies messages both ways
 //!   unchanged, so the URLs go to the agent as they are.
 //! - `io_type = "fifo"` (containerd, iSulad): stdio paths are host FIFOs the engine created.
 //!   [`bridge`] opens them here, opens one agent stream per FIFO (a fresh id) and copies bytes

@@ -13,7 +13,8 @@
 //! Cases: `pod` (Create, Start, Status, Platform, Stop, Wait, Shutdown), `container` (a
 //! container from an ext4 image runs to its exit; exit code and stdout through FIFOs),
 //! `exec` (a long-running container, an exec process with output, State, Pids, Kill, Delete),
-//! `all`. Every step prints `E2E-STEP <case> <step> <ms>`; each case ends with
+//! `cgroups` (Pause/Resume, Stats and Update on the guest's cgroup v2 memory controller, and an
+//! OOM kill whose `/tasks/oom` event reaches a stand-in for containerd's event service), `all`. Every step prints `E2E-STEP <case> <step> <ms>`; each case ends with
 //! `E2E-PASS <case>` or `E2E-FAIL <case>: <why>`. The exit status is 0 when every case passed.
 //! Times are whatever the machine gives (inside the emulated host they are not performance
 //! figures).
@@ -29,12 +30,19 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use containerd_shim_protos::api::{
-    CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, Mount, PidsRequest,
-    StartRequest, StateRequest, WaitRequest,
+    CreateTaskRequest, DeleteRequest, ExecProcessRequest, KillRequest, Mount, PauseRequest,
+    PidsRequest, ResumeRequest, StartRequest, StateRequest, StatsRequest, Status,
+    UpdateTaskRequest, WaitRequest,
 };
+use containerd_shim_protos::cgroups_v2::metrics::Metrics as CgroupMetrics;
+use containerd_shim_protos::events::task::TaskOOM;
+use containerd_shim_protos::protobuf::Message as _;
 use containerd_shim_protos::protobuf::MessageField;
 use containerd_shim_protos::protobuf::well_known_types::any::Any as PbAny;
+use containerd_shim_protos::shim::events::ForwardRequest;
 use containerd_shim_protos::shim_async::{Client as TtrpcClient, TaskClient};
+use containerd_shim_protos::shim_async::{Events, create_events};
+use containerd_shim_protos::ttrpc::asynchronous::{Server as TtrpcServer, TtrpcContext};
 use proto::v2::sandbox as v2;
 
 /// How long the daemon may take to open its socket.
@@ -57,7 +65,7 @@ struct Args {
     cases: Vec<String>,
 }
 
-const CASES: &[&str] = &["pod", "container", "exec"];
+const CASES: &[&str] = &["pod", "container", "exec", "cgroups"];
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
@@ -123,6 +131,8 @@ impl Daemon {
             .arg(&a.kernel)
             .arg("--initramfs")
             .arg(&a.initramfs)
+            .arg("--containerd-address")
+            .arg(a.work.join("containerd.sock"))
             .args(["--mem-mib", "256", "--log-level", "info"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -345,7 +355,12 @@ impl OutFifo {
 /// An OCI bundle on the host, the way containerd writes one: `config.json` and an (empty)
 /// `rootfs` directory; the root filesystem itself comes as a mount in Task.Create.
 fn write_bundle(dir: &Path, args: &[&str]) -> Result<()> {
-    use oci_spec::runtime::{LinuxNamespaceType, Spec};
+    write_bundle_with(dir, args, None)
+}
+
+/// [`write_bundle`] with a cgroup memory limit in bytes.
+fn write_bundle_with(dir: &Path, args: &[&str], memory_limit: Option<i64>) -> Result<()> {
+    use oci_spec::runtime::{LinuxMemoryBuilder, LinuxNamespaceType, LinuxResourcesBuilder, Spec};
     fs::create_dir_all(dir.join("rootfs"))?;
     let mut spec = Spec::default();
     if let Some(p) = spec.process_mut() {
@@ -359,6 +374,15 @@ fn write_bundle(dir: &Path, args: &[&str]) -> Result<()> {
         ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
     }
     spec.set_hostname(None);
+    if let (Some(limit), Some(linux)) = (memory_limit, spec.linux_mut()) {
+        let memory = LinuxMemoryBuilder::default()
+            .limit(limit)
+            .swap(limit)
+            .build()?;
+        linux.set_resources(Some(
+            LinuxResourcesBuilder::default().memory(memory).build()?,
+        ));
+    }
     spec.save(dir.join("config.json"))
         .context("write config.json")?;
     Ok(())
@@ -645,8 +669,241 @@ async fn case_exec(api: &mut Controller, a: &Args) -> Result<()> {
     end_pod(api, &pod, &mut steps).await
 }
 
+/// Stands in for containerd's ttrpc event service (`<containerd.sock>.ttrpc`): keeps the
+/// container ids of the OOM events forwarded to it.
+#[derive(Debug, Default)]
+struct FakeContainerd {
+    ooms: Mutex<Vec<String>>,
+}
+
+#[async_trait::async_trait]
+impl Events for FakeContainerd {
+    async fn forward(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ForwardRequest,
+    ) -> containerd_shim_protos::ttrpc::Result<
+        containerd_shim_protos::protobuf::well_known_types::empty::Empty,
+    > {
+        if let Some(env) = req.envelope.as_ref()
+            && env.topic == "/tasks/oom"
+            && let Some(any) = env.event.as_ref()
+            && let Ok(oom) = TaskOOM::parse_from_bytes(&any.value)
+        {
+            self.ooms.lock().expect("poisoned").push(oom.container_id);
+        }
+        Ok(Default::default())
+    }
+}
+
+async fn task_state(task: &TaskClient, id: &str) -> Result<Status> {
+    let st = task
+        .state(
+            ctx(),
+            &StateRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .with_context(|| format!("Task.State {id}"))?;
+    Ok(st.status.enum_value_or_default())
+}
+
+async fn memory_stats(task: &TaskClient, id: &str) -> Result<(u64, u64)> {
+    let stats = task
+        .stats(
+            ctx(),
+            &StatsRequest {
+                id: id.into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Stats")?;
+    let any = stats.stats.as_ref().context("Stats: empty")?;
+    ensure!(
+        any.type_url.ends_with("io.containerd.cgroups.v2.Metrics"),
+        "Stats: type {}",
+        any.type_url
+    );
+    let m = CgroupMetrics::parse_from_bytes(&any.value).context("Stats: decode")?;
+    let mem = m.memory.as_ref().context("Stats: no memory")?;
+    Ok((mem.usage, mem.usage_limit))
+}
+
+async fn case_cgroups(api: &mut Controller, a: &Args, containerd: &FakeContainerd) -> Result<()> {
+    const MIB: i64 = 1 << 20;
+    let mut steps = Steps::new("cgroups");
+    let pod = start_pod(api, "e2e-cg", &mut steps).await?;
+    let dir = a.work.join("cgroups");
+    fs::create_dir_all(&dir)?;
+
+    // A running container: pause, resume, statistics, a new memory limit.
+    let bundle = dir.join("c3");
+    write_bundle_with(&bundle, &["/bin/sleep", "600"], Some(64 * MIB))?;
+    let create = |id: &str, bundle: &Path| CreateTaskRequest {
+        id: id.into(),
+        bundle: bundle.to_string_lossy().into_owned(),
+        rootfs: vec![rootfs_mount(&a.image)],
+        ..Default::default()
+    };
+    let start = |id: &str| StartRequest {
+        id: id.into(),
+        ..Default::default()
+    };
+    pod.task
+        .create(ctx(), &create("c3", &bundle))
+        .await
+        .context("Task.Create c3")?;
+    pod.task
+        .start(ctx(), &start("c3"))
+        .await
+        .context("Task.Start c3")?;
+    steps.done("task-start");
+    pod.task
+        .pause(
+            ctx(),
+            &PauseRequest {
+                id: "c3".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Pause")?;
+    ensure!(
+        task_state(&pod.task, "c3").await? == Status::PAUSED,
+        "not PAUSED after Pause"
+    );
+    pod.task
+        .resume(
+            ctx(),
+            &ResumeRequest {
+                id: "c3".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Resume")?;
+    ensure!(
+        task_state(&pod.task, "c3").await? == Status::RUNNING,
+        "not RUNNING after Resume"
+    );
+    steps.done("pause-resume");
+    let (usage, limit) = memory_stats(&pod.task, "c3").await?;
+    ensure!(usage > 0, "Stats: memory usage 0");
+    ensure!(
+        limit == 64 << 20,
+        "Stats: memory limit {limit}, want 64 MiB"
+    );
+    let resources = PbAny {
+        type_url: "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into(),
+        value: serde_json::to_vec(
+            &serde_json::json!({"memory": {"limit": 96 * MIB, "swap": 96 * MIB}}),
+        )?,
+        ..Default::default()
+    };
+    pod.task
+        .update(
+            ctx(),
+            &UpdateTaskRequest {
+                id: "c3".into(),
+                resources: MessageField::some(resources),
+                ..Default::default()
+            },
+        )
+        .await
+        .context("Task.Update")?;
+    let (_, limit) = memory_stats(&pod.task, "c3").await?;
+    ensure!(
+        limit == 96 << 20,
+        "after Update: memory limit {limit}, want 96 MiB"
+    );
+    steps.done("stats-update");
+
+    // A container that outgrows its 16 MiB: the kernel kills it, the agent sees the OOM kill
+    // and the sandboxer forwards it to containerd.
+    let hog = dir.join("c4");
+    write_bundle_with(
+        &hog,
+        &[
+            "/bin/sh",
+            "-c",
+            "x=0123456789abcdef; while true; do x=$x$x; done",
+        ],
+        Some(16 * MIB),
+    )?;
+    pod.task
+        .create(ctx(), &create("c4", &hog))
+        .await
+        .context("Task.Create c4")?;
+    pod.task
+        .start(ctx(), &start("c4"))
+        .await
+        .context("Task.Start c4")?;
+    let status = wait_exit(&pod.task, "c4", "").await?;
+    ensure!(
+        status == 137,
+        "OOM-killed container: exit status {status}, want 137"
+    );
+    steps.done("oom-kill");
+    let until = Instant::now() + Duration::from_secs(30);
+    while !containerd
+        .ooms
+        .lock()
+        .expect("poisoned")
+        .iter()
+        .any(|c| c == "c4")
+    {
+        ensure!(
+            Instant::now() < until,
+            "no /tasks/oom event for c4 reached containerd"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    steps.done("oom-event");
+    for id in ["c4", "c3"] {
+        if id == "c3" {
+            pod.task
+                .kill(
+                    ctx(),
+                    &KillRequest {
+                        id: id.into(),
+                        signal: 9,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .context("Task.Kill c3")?;
+            wait_exit(&pod.task, id, "").await?;
+        }
+        pod.task
+            .delete(
+                ctx(),
+                &DeleteRequest {
+                    id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Delete {id}"))?;
+    }
+    steps.done("delete");
+    end_pod(api, &pod, &mut steps).await
+}
+
 async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
     fs::create_dir_all(&a.work)?;
+    let containerd = Arc::new(FakeContainerd::default());
+    let events_socket = a.work.join("containerd.sock.ttrpc");
+    let mut events = TtrpcServer::new()
+        .bind(&format!("unix://{}", events_socket.display()))
+        .context("bind the containerd event socket")?
+        .register_service(create_events(Arc::clone(&containerd) as _));
+    events
+        .start()
+        .await
+        .context("serve the containerd event socket")?;
     let daemon = Daemon::start(a)?;
     let mut api = controller::client::v2_client(&daemon.socket)
         .await
@@ -658,6 +915,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "pod" => case_pod(&mut api).await,
             "container" => case_container(&mut api, a).await,
             "exec" => case_exec(&mut api, a).await,
+            "cgroups" => case_cgroups(&mut api, a, &containerd).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };
         match &r {
@@ -668,6 +926,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
                 let id = match case.as_str() {
                     "pod" => "e2e-pod",
                     "container" => "e2e-ctr",
+                    "cgroups" => "e2e-cg",
                     _ => "e2e-exec",
                 };
                 let _ = api
@@ -682,6 +941,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
     }
     let state = daemon.state.clone();
     drop(daemon);
+    let _ = events.shutdown().await;
     // Nothing a finished pod owned may be left in the state dir.
     let left: HashMap<String, ()> = fs::read_dir(&state)
         .map(|d| {

@@ -198,6 +198,12 @@ pub const E2E_CASES: &[E2eCase] = &[
         ci: true,
         flow: "exec",
     },
+    E2eCase {
+        name: "e2e-cgroups",
+        description: "cgroup v2 in the guest: Pause/Resume, Stats, Update, an OOM kill forwarded to containerd",
+        ci: true,
+        flow: "cgroups",
+    },
 ];
 
 /// The end-to-end case called `name`.
