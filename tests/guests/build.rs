@@ -3,7 +3,7 @@
 //!
 //! `firmware/` is a `no_std` crate with its own `[workspace]` (excluded from the outer one),
 //! built here by a nested `cargo build --release --target x86_64-unknown-none` into
-//! `$OUT_DIR/firmware-target`: never the outer target dir, whose lock the outer cargo holds.
+//! `$OUT_DIR/firmware-target-<hash of its path>`: never the outer target dir, whose lock the outer cargo holds.
 //! The nested cargo gets a clean environment: flags and wrappers meant for the host build
 //! (clippy's `RUSTC_WORKSPACE_WRAPPER`, `CARGO_ENCODED_RUSTFLAGS`, `CARGO_TARGET_DIR`, ...)
 //! would break or redirect it.
@@ -92,7 +92,10 @@ fn main() -> Result<(), BuildError> {
         println!("cargo:rerun-if-changed={}", firmware.join(input).display());
     }
 
-    let target_dir = out_dir.join("firmware-target");
+    // Keyed by the firmware's path: the firmware's own build script writes that absolute path
+    // into its link arguments, and cargo would reuse that output for a checkout elsewhere
+    // that shares this OUT_DIR (seen with two checkouts of the workspace on one target dir).
+    let target_dir = out_dir.join(format!("firmware-target-{:016x}", path_hash(&firmware)));
     build_firmware(&firmware, &target_dir)?;
 
     let bin_dir = target_dir.join(TARGET).join("release");
@@ -294,4 +297,15 @@ fn make_bzimage(elf: &[u8]) -> Result<Vec<u8>, BuildError> {
     put(0x300, b"sandboxer test guest long64\0");
     image.extend_from_slice(&payload);
     Ok(image)
+}
+
+/// FNV-1a of a path's bytes: a short, stable directory suffix.
+fn path_hash(path: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    path.as_os_str()
+        .as_bytes()
+        .iter()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
