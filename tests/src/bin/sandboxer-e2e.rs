@@ -14,7 +14,9 @@
 //! container from an ext4 image runs to its exit; exit code and stdout through FIFOs),
 //! `exec` (a long-running container, an exec process with output, State, Pids, Kill, Delete),
 //! `cgroups` (Pause/Resume, Stats and Update on the guest's cgroup v2 memory controller, and an
-//! OOM kill whose `/tasks/oom` event reaches a stand-in for containerd's event service), `all`. Every step prints `E2E-STEP <case> <step> <ms>`; each case ends with
+//! OOM kill whose `/tasks/oom` event reaches a stand-in for containerd's event service), `all`.
+//! Every step prints `E2E-STEP <case> <step> <ms>` (a container's output:
+//! `E2E-OUTPUT <case> <container>: <line>`); each case ends with
 //! `E2E-PASS <case>` or `E2E-FAIL <case>: <why>`. The exit status is 0 when every case passed.
 //! Times are whatever the machine gives (inside the emulated host they are not performance
 //! figures).
@@ -503,6 +505,9 @@ async fn case_container(api: &mut Controller, a: &Args) -> Result<()> {
     ensure!(status == 3, "exit status {status}, want 3");
     steps.done("task-wait");
     let text = out.wait_for("hello-from-sandboxer").await?;
+    for line in text.lines() {
+        println!("E2E-OUTPUT container c1: {line}");
+    }
     ensure!(
         text.contains(&format!("host={POD_HOSTNAME}")),
         "stdout {text:?} does not show the pod's hostname"
