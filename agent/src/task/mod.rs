@@ -173,6 +173,26 @@ struct ExecProcess {
     terminal: bool,
 }
 
+/// Exec needs a running container and a new exec id.
+fn check_exec(req: &ExecProcessRequest, c: &ContainerEntry) -> Result<(), TaskError> {
+    let status = c.init.status();
+    if status != Status::RUNNING {
+        return Err(TaskError::FailedPrecondition {
+            what: format!("container {:?}", req.id),
+            state: status_name(status),
+            call: "Exec",
+            wanted: "running",
+        });
+    }
+    if c.execs.contains_key(&req.exec_id) {
+        return Err(TaskError::ExecExists {
+            id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+        });
+    }
+    Ok(())
+}
+
 #[derive(Debug)]
 struct ContainerEntry {
     bundle: String,
@@ -826,21 +846,7 @@ impl TaskService {
         let c = containers
             .get_mut(&req.id)
             .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
-        let status = c.init.status();
-        if status != Status::RUNNING {
-            return Err(TaskError::FailedPrecondition {
-                what: format!("container {:?}", req.id),
-                state: status_name(status),
-                call: "Exec",
-                wanted: "running",
-            });
-        }
-        if c.execs.contains_key(&req.exec_id) {
-            return Err(TaskError::ExecExists {
-                id: req.id.clone(),
-                exec_id: req.exec_id.clone(),
-            });
-        }
+        check_exec(req, c)?;
         let dir = self.state_dir.join("execs").join(&req.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| TaskError::internal("Failed to create the exec directory", &e))?;
@@ -862,24 +868,7 @@ impl TaskService {
     }
 
     fn exec_allowed(&self, req: &ExecProcessRequest) -> Result<(), TaskError> {
-        self.with_process(&req.id, "", |c, p| {
-            let status = p.status();
-            if status != Status::RUNNING {
-                return Err(TaskError::FailedPrecondition {
-                    what: format!("container {:?}", req.id),
-                    state: status_name(status),
-                    call: "Exec",
-                    wanted: "running",
-                });
-            }
-            if c.execs.contains_key(&req.exec_id) {
-                return Err(TaskError::ExecExists {
-                    id: req.id.clone(),
-                    exec_id: req.exec_id.clone(),
-                });
-            }
-            Ok(())
-        })
+        self.with_process(&req.id, "", |c, _| check_exec(req, c))
     }
 
     async fn do_delete(&self, req: &DeleteRequest) -> Result<DeleteResponse, TaskError> {
