@@ -16,6 +16,7 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use controller::network::{self, NetworkError, PodNetwork};
@@ -495,11 +496,23 @@ async fn cancelled_attach_leaves_nothing() {
         return;
     };
     let path = net.pod_path();
-    let attach = network::attach(&path, "cancelled");
-    // Polled once (the netns thread starts), then dropped.
-    tokio::time::timeout(Duration::ZERO, attach)
-        .await
-        .unwrap_err();
+    // Polled exactly once (the netns thread starts), then dropped while the work runs. (A
+    // zero timeout is no good: tokio's timer has 1 ms ticks, and a fast attach finished within
+    // one.) Should the netns thread win the race to the first poll, the attach is undone and
+    // tried again.
+    let mut abandoned = false;
+    for _ in 0..20 {
+        let mut attach = std::pin::pin!(network::attach(&path, "cancelled"));
+        let first = std::future::poll_fn(|cx| Poll::Ready(attach.as_mut().poll(cx))).await;
+        match first {
+            Poll::Pending => {
+                abandoned = true;
+                break;
+            }
+            Poll::Ready(done) => done.unwrap().teardown().await.unwrap(),
+        }
+    }
+    assert!(abandoned, "every attach finished within its first poll");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let links = must(&["ip", "-n", &net.pod, "-o", "link", "show"]);
