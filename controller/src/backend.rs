@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use serde::Serialize;
@@ -367,6 +367,38 @@ pub trait VmHandle: TaskTarget {
         container_id: &str,
         resources: &StoredAny,
     ) -> Result<(), BackendError>;
+    /// How long the phases of this VM's start took (none for backends that do not measure).
+    fn start_phases(&self) -> StartPhases {
+        StartPhases::default()
+    }
+}
+
+/// Durations of the phases of a VM's start, in the order they ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartPhases {
+    /// Building and booting the VM (`vmm::Vm::start`, with the ready listener).
+    pub vm: Duration,
+    /// From the vCPUs running to the agent's ready line read: the guest's boot.
+    pub agent_ready: Duration,
+    /// Connecting to the agent's ttrpc port over vsock.
+    pub agent_connect: Duration,
+    /// `Control.SyncClock` round trip.
+    pub sync_clock: Duration,
+    /// `Control.Setup` round trip.
+    pub setup: Duration,
+}
+
+impl StartPhases {
+    /// Each phase with its name, in order.
+    pub fn named(&self) -> [(&'static str, Duration); 5] {
+        [
+            ("vm", self.vm),
+            ("agent_ready", self.agent_ready),
+            ("agent_connect", self.agent_connect),
+            ("sync_clock", self.sync_clock),
+            ("setup", self.setup),
+        ]
+    }
 }
 
 /// Converts a watch of "ended yet?" into a future that resolves with the end.
@@ -402,6 +434,8 @@ pub struct KvmHandle {
     agent: ttrpc::asynchronous::Client,
     /// Which block slots hold a disk.
     slots: Mutex<Vec<bool>>,
+    /// How long the start took, by phase.
+    phases: StartPhases,
 }
 
 impl fmt::Debug for KvmHandle {
@@ -613,14 +647,17 @@ fn unix_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Waits for the agent's ready line, connects to its port, syncs its clock and sends Setup.
+/// Waits for the agent's ready line, connects to its port, syncs its clock and sends Setup;
+/// fills in the phases it ran in `phases`.
 async fn connect_agent(
     vm: &Arc<vmm::Vm>,
     spec: &VmSpec,
     listener: io::Result<devices::virtio::vsock::VsockListener>,
     fallback: Option<&ReadyFallback>,
     end: watch::Receiver<Option<VmEnd>>,
+    phases: &mut StartPhases,
 ) -> Result<ttrpc::asynchronous::Client, BackendError> {
+    let t = Instant::now();
     let console = spec
         .console_log
         .as_ref()
@@ -657,6 +694,8 @@ async fn connect_agent(
             });
         }
     };
+    phases.agent_ready = t.elapsed();
+    let t = Instant::now();
     let handle = vm
         .vsock()
         .cloned()
@@ -671,6 +710,8 @@ async fn connect_agent(
     let stream = tokio::net::UnixStream::from_std(stream)
         .map_err(|e| BackendError::AgentConnect(port, e))?;
     let client = ttrpc::asynchronous::Client::new(stream.into());
+    phases.agent_connect = t.elapsed();
+    let t = Instant::now();
     let ctl = control(&client);
     let clock = proto::agent::control::SyncClockRequest {
         unix_nanos: unix_nanos(),
@@ -679,9 +720,12 @@ async fn connect_agent(
     ctl.sync_clock(ctx(AGENT_CALL_TIMEOUT), &clock)
         .await
         .map_err(|e| BackendError::Agent("Control.SyncClock", e))?;
+    phases.sync_clock = t.elapsed();
+    let t = Instant::now();
     ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(&spec.setup))
         .await
         .map_err(|e| BackendError::Agent("Control.Setup", e))?;
+    phases.setup = t.elapsed();
     Ok(client)
 }
 
@@ -731,6 +775,8 @@ impl VmBackend for KvmBackend {
         config.devices.extend(spec.nics.take());
         let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
+        let mut phases = StartPhases::default();
+        let t = Instant::now();
         let (vm, listener) = tokio::task::spawn_blocking(move || {
             let vm = vmm::Vm::start(config)?;
             // Right after the vCPUs started: the guest has not reached its driver yet (and if
@@ -747,6 +793,7 @@ impl VmBackend for KvmBackend {
             vmm::VmError::Config(c) => BackendError::Config(Box::new(c)),
             other => BackendError::Start(Box::new(other)),
         })?;
+        phases.vm = t.elapsed();
         let vm = Arc::new(vm);
         let (tx, rx) = watch::channel(None);
         let waiter = Arc::clone(&vm);
@@ -761,7 +808,15 @@ impl VmBackend for KvmBackend {
             stop_now(&vm).await;
             return Err(BackendError::Start(Box::new(e)));
         }
-        let agent = connect_agent(&vm, &spec, listener, fallback.as_ref(), rx.clone()).await;
+        let agent = connect_agent(
+            &vm,
+            &spec,
+            listener,
+            fallback.as_ref(),
+            rx.clone(),
+            &mut phases,
+        )
+        .await;
         drop(fallback);
         let agent = match agent {
             Ok(agent) => agent,
@@ -777,6 +832,7 @@ impl VmBackend for KvmBackend {
             end: rx,
             agent,
             slots: Mutex::new(vec![false; slots]),
+            phases,
         }))
     }
 }
@@ -881,6 +937,10 @@ impl KvmHandle {
 impl VmHandle for KvmHandle {
     fn pid(&self) -> u32 {
         std::process::id()
+    }
+
+    fn start_phases(&self) -> StartPhases {
+        self.phases
     }
 
     fn ended(&self) -> Option<VmEnd> {

@@ -293,6 +293,10 @@ pub struct SandboxRecord {
     pub pid: u32,
     /// Containers added through the seed API.
     pub containers: BTreeMap<String, ContainerRecord>,
+    /// How long each phase of the last Start took, in microseconds (`vm`, `agent_ready`,
+    /// `agent_connect`, `sync_clock`, `setup`, `task_server`, `total`); shown by Status.
+    #[serde(default)]
+    pub start_us: BTreeMap<String, u64>,
 }
 
 impl SandboxRecord {
@@ -321,6 +325,7 @@ impl SandboxRecord {
             address: String::new(),
             pid: 0,
             containers: BTreeMap::new(),
+            start_us: BTreeMap::new(),
         }
     }
 

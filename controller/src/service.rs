@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use prost::Message;
 use tokio::sync::watch;
@@ -294,6 +294,11 @@ async fn teardown_network(id: &str, net: Option<PodNetwork>) {
     }
 }
 
+/// Whole microseconds of `d` (saturating).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
 /// The state and exit a VM end means; `forced` when Stop had to cut a grace period short.
 fn exit_of(end: &VmEnd, forced: bool) -> (SandboxState, ExitInfo) {
     let (state, status, reason) = match &end.kind {
@@ -549,6 +554,7 @@ impl<B: VmBackend> SandboxService<B> {
     }
 
     async fn do_start(self: Arc<Self>, id: String) -> Result<Started, SandboxError> {
+        let t_start = Instant::now();
         let entry = self.get(&id)?;
         let _op = entry.op.lock().await;
         let record = entry.with(|d| {
@@ -632,6 +638,7 @@ impl<B: VmBackend> SandboxService<B> {
             }
         };
 
+        let t_task = Instant::now();
         let task = match self.start_task_server(&dir, &vm).await {
             Ok(task) => task,
             Err(e) => {
@@ -647,10 +654,19 @@ impl<B: VmBackend> SandboxService<B> {
                 return Err(e);
             }
         };
+        let mut start_us: BTreeMap<String, u64> = vm
+            .start_phases()
+            .named()
+            .iter()
+            .map(|(name, d)| ((*name).to_string(), micros(*d)))
+            .collect();
+        start_us.insert("task_server".into(), micros(t_task.elapsed()));
+        start_us.insert("total".into(), micros(t_start.elapsed()));
         let started_at = SystemTime::now();
         let address = task.address();
         let record = entry.with(|d| {
             d.record.state = SandboxState::Ready;
+            d.record.start_us = start_us;
             d.record.started_at = Some(started_at);
             d.record.pid = vm.pid();
             d.record.address.clone_from(&address);
@@ -796,6 +812,9 @@ impl<B: VmBackend> SandboxService<B> {
         }
         if let Some(exit) = &record.exit {
             info.insert("exit_reason".to_string(), exit.reason.clone());
+        }
+        for (phase, us) in &record.start_us {
+            info.insert(format!("start_{phase}_us"), us.to_string());
         }
         let extra = if verbose {
             let json = serde_json::to_vec(&record).unwrap_or_default();

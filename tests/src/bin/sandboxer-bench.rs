@@ -267,8 +267,19 @@ fn vmm_start(o: &Options) -> anyhow::Result<()> {
 fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     use proto::v2::sandbox::{
         ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
-        ControllerStopRequest,
+        ControllerStatusRequest, ControllerStopRequest,
     };
+
+    /// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
+    /// whether the guest's own work dominates them (the rest is the host's).
+    const PHASES: &[(&str, bool)] = &[
+        ("vm", false),
+        ("agent_ready", true),
+        ("agent_connect", false),
+        ("sync_clock", true),
+        ("setup", true),
+        ("task_server", false),
+    ];
 
     test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
     // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run is a
@@ -334,7 +345,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
                 tonic::transport::Channel,
             >,
             id: &str,
-        ) -> anyhow::Result<Duration> {
+        ) -> anyhow::Result<(Duration, Vec<Duration>)> {
             let t0 = Instant::now();
             client
                 .create(ControllerCreateRequest {
@@ -349,7 +360,27 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
                     sandboxer: "sandboxer".into(),
                 })
                 .await?;
-            Ok(t0.elapsed())
+            let took = t0.elapsed();
+            let info = client
+                .status(ControllerStatusRequest {
+                    sandbox_id: id.into(),
+                    verbose: false,
+                    sandboxer: "sandboxer".into(),
+                })
+                .await?
+                .into_inner()
+                .info;
+            let phases = PHASES
+                .iter()
+                .map(|(name, _)| {
+                    let key = format!("start_{name}_us");
+                    info.get(&key)
+                        .and_then(|v| v.parse().ok())
+                        .map(Duration::from_micros)
+                        .with_context(|| format!("Status has no {key}"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            Ok((took, phases))
         }
         async fn remove(
             client: &mut proto::v2::sandbox::controller_client::ControllerClient<
@@ -381,10 +412,24 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
             remove(&mut client, &id).await?;
         }
         let mut samples = Vec::with_capacity(o.iterations);
+        let mut phases = vec![Vec::with_capacity(o.iterations); PHASES.len()];
+        let mut host = Vec::with_capacity(o.iterations);
         for i in 0..o.iterations {
             vmm::pool::wait_full(Duration::from_secs(10));
             let id = format!("bench-{i}");
-            samples.push(create_start(&mut client, &id).await?);
+            let (took, by_phase) = create_start(&mut client, &id).await?;
+            samples.push(took);
+            // The host's share: everything but the phases that wait on the guest's own work.
+            let guest: Duration = PHASES
+                .iter()
+                .zip(&by_phase)
+                .filter(|((_, in_guest), _)| *in_guest)
+                .map(|(_, d)| *d)
+                .sum();
+            host.push(took.saturating_sub(guest));
+            for (all, d) in phases.iter_mut().zip(by_phase) {
+                all.push(d);
+            }
             remove(&mut client, &id).await?;
         }
         vmm::wait_all_torn_down(Duration::from_secs(30));
@@ -408,12 +453,14 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         }
         let _ = stop_tx.send(());
         daemon.await??;
-        Ok::<_, anyhow::Error>((samples, per_sandbox))
+        Ok::<_, anyhow::Error>((samples, phases, host, per_sandbox))
     });
     vmm::pool::set_target(o.mem_mib, 0)?;
     let _ = std::fs::remove_dir_all(&dir);
-    let (samples, per_sandbox) = result?;
+    let (samples, phases, host, per_sandbox) = result?;
     let s = Summary::of(&samples);
+    let h = Summary::of(&host);
+    let phase_summaries: Vec<Summary> = phases.iter().map(|p| Summary::of(p)).collect();
     println!(
         "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \"virtio\" in agent mode (Start includes READY, SyncClock, Setup), {} MiB, pool depth {pool_depth}",
         o.iterations, o.mem_mib
@@ -422,6 +469,17 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     println!(
         "{:<36} {:>10.3} {:>10.3}",
         "Create+Start -> Start returned", s.p50_ms, s.p99_ms
+    );
+    for ((name, in_guest), p) in PHASES.iter().zip(&phase_summaries) {
+        let label = format!(
+            "  start phase {name}{}",
+            if *in_guest { " (guest work)" } else { "" }
+        );
+        println!("{label:<36} {:>10.3} {:>10.3}", p.p50_ms, p.p99_ms);
+    }
+    println!(
+        "{:<36} {:>10.3} {:>10.3}",
+        "host share (total - guest work)", h.p50_ms, h.p99_ms
     );
     println!(
         "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {} alive (includes guest pages the guest touched)",
@@ -434,6 +492,13 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         "pool_depth": pool_depth,
         "p50_ms": s.p50_ms,
         "p99_ms": s.p99_ms,
+        "host_p50_ms": h.p50_ms,
+        "host_p99_ms": h.p99_ms,
+        "phases": PHASES
+            .iter()
+            .zip(&phase_summaries)
+            .map(|((name, _), p)| ((*name).to_string(), json!({"p50_ms": p.p50_ms, "p99_ms": p.p99_ms})))
+            .collect::<serde_json::Map<_, _>>(),
         "rss_kib_per_sandbox": per_sandbox[1],
         "rss_kib_per_sandbox_1": per_sandbox[0],
         "alive": o.alive,
