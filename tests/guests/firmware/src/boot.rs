@@ -165,6 +165,10 @@ pub struct Cmdline {
 
 impl Cmdline {
     fn at(addr: u64) -> Self {
+        if let Some(len) = phys::strnlen(addr, CMDLINE_MAX - 1) {
+            return Self { addr, len };
+        }
+        // Near the end of the mapped window: byte by byte up to its end.
         let mut len = 0;
         while len < CMDLINE_MAX - 1 {
             match addr.checked_add(len).and_then(phys::read_u8) {
@@ -173,6 +177,26 @@ impl Cmdline {
             }
         }
         Self { addr, len }
+    }
+
+    /// Copies the command line into the start of `buf` (as much as fits) and returns how many
+    /// bytes were copied: one block copy where the bytes are mapped.
+    pub fn copy_into(&self, buf: &mut [u8]) -> usize {
+        let n = usize::try_from(self.len)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let Some(dst) = buf.get_mut(..n) else {
+            return 0;
+        };
+        if phys::copy_to(self.addr, dst).is_some() {
+            return n;
+        }
+        let mut copied = 0;
+        for (d, b) in dst.iter_mut().zip(self.bytes()) {
+            *d = b;
+            copied += 1;
+        }
+        copied
     }
 
     /// Length in bytes, NUL excluded.

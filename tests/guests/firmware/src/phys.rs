@@ -143,3 +143,48 @@ pub fn read_u64_aligned(addr: u64) -> Option<u64> {
     // SAFETY: non-null, mapped and 8-byte aligned (checked above).
     Some(unsafe { p.read_volatile() })
 }
+
+/// Length of the NUL-terminated string at `addr`, looking at no more than `max` bytes (`max`
+/// when there is no NUL among them), or `None` when those bytes leave the mapped window. One
+/// `repne scasb`: a single instruction for the emulator, where a loop costs several per byte.
+pub fn strnlen(addr: u64, max: u64) -> Option<u64> {
+    if max == 0 {
+        return Some(0);
+    }
+    let p = ptr(addr, max)?;
+    let mut left = usize::try_from(max).ok()?;
+    // SAFETY: `p..p + max` is inside the identity map (checked by `ptr`), so the scan reads
+    // only mapped RAM; it stops after at most `max` bytes (rcx). The direction flag is clear
+    // (the ABI requires it on entry to and exit from every function).
+    unsafe {
+        core::arch::asm!(
+            "repne scasb",
+            inout("rcx") left,
+            inout("rdi") p => _,
+            in("al") 0u8,
+            options(nostack, readonly),
+        );
+    }
+    let left = u64::try_from(left).ok()?;
+    if left > 0 {
+        // Stopped on the NUL: it is the (max - left)th byte scanned.
+        return Some(max - left - 1);
+    }
+    // Scanned everything: the last byte may still have been the NUL.
+    Some(if read_u8(addr + max - 1) == Some(0) {
+        max - 1
+    } else {
+        max
+    })
+}
+
+/// Copies `dst.len()` bytes from `addr` into `dst` (one block copy), or `None` when they leave
+/// the mapped window.
+pub fn copy_to(addr: u64, dst: &mut [u8]) -> Option<()> {
+    let p = ptr(addr, u64::try_from(dst.len()).ok()?)?;
+    // SAFETY: the source range is inside the identity map (checked by `ptr`) and is guest RAM
+    // the VMM wrote, which no Rust reference aliases; `dst` is an exclusive borrow of the same
+    // length, so the ranges cannot overlap.
+    unsafe { core::ptr::copy_nonoverlapping(p.cast_const(), dst.as_mut_ptr(), dst.len()) };
+    Some(())
+}

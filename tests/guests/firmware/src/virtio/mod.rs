@@ -166,16 +166,10 @@ pub fn parse_mmio_device(value: &[u8]) -> Option<MmioDevice> {
     })
 }
 
-/// Fills `out` with the command line's `virtio_mmio.device=` entries, in order; returns how
-/// many were stored. Malformed entries are skipped.
-pub fn mmio_devices(cmdline: &[u8], out: &mut [MmioDevice]) -> usize {
-    let mut count = 0;
-    let found = words(cmdline)
+/// The command line's `virtio_mmio.device=` entries, in order, parsed as they are taken (a
+/// caller that stops early does not pay for the rest). Malformed entries are skipped.
+pub fn mmio_devices(cmdline: &[u8]) -> impl Iterator<Item = MmioDevice> + '_ {
+    words(cmdline)
         .filter_map(|w| w.strip_prefix(b"virtio_mmio.device="))
-        .filter_map(parse_mmio_device);
-    for (slot, dev) in out.iter_mut().zip(found) {
-        *slot = dev;
-        count += 1;
-    }
-    count
+        .filter_map(parse_mmio_device)
 }

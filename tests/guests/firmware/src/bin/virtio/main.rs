@@ -220,11 +220,7 @@ fn run(boot: &Boot, report: &mut Report) {
         Err(e) => return report.fail("boot", "info", e),
     };
     let mut buf = [0u8; CMDLINE_MAX];
-    let mut len = 0;
-    for (dst, b) in buf.iter_mut().zip(info.cmdline.bytes()) {
-        *dst = b;
-        len += 1;
-    }
+    let len = info.cmdline.copy_into(&mut buf);
     let cmdline = buf.get(..len).unwrap_or_default();
     let selection = Selection::parse(cmdline, report);
     // Every scan of the command line costs (each guest instruction is emulated on the
@@ -245,18 +241,16 @@ fn run(boot: &Boot, report: &mut Report) {
         ids: [0; MAX_DEVICES],
         count: 0,
     };
-    devices.count = virtio::mmio_devices(cmdline, &mut devices.list);
-    for (dev, id) in devices
-        .list
-        .iter()
-        .zip(devices.ids.iter_mut())
-        .take(devices.count)
-    {
-        match Transport::probe(dev) {
+    // Parsed and probed one at a time: the agent mode stops at the first socket device (the
+    // sandboxer puts it first), and every command-line byte scanned costs guest instructions.
+    let slots = devices.list.iter_mut().zip(devices.ids.iter_mut());
+    for ((slot, id), dev) in slots.zip(virtio::mmio_devices(cmdline)) {
+        *slot = dev;
+        devices.count += 1;
+        match Transport::probe(&dev) {
             Ok(t) => {
                 *id = t.device_id();
-                // The agent mode stays quiet (each console byte is a VM exit) and needs only
-                // the first socket device.
+                // The agent mode stays quiet (each console byte is a VM exit).
                 if selection.agent {
                     if *id == virtio::DEVICE_ID_VSOCK {
                         break;
