@@ -1553,6 +1553,20 @@ mod tests {
         assert_eq!(st.state.api_state(), "SANDBOX_READY");
         assert_eq!((st.pid, st.version), (std::process::id(), 3));
         assert_eq!(st.exited_at, None);
+        // Start's phases are in the info map, and the whole covers its parts.
+        let us = |phase: &str| -> u64 {
+            st.info
+                .get(&format!("start_{phase}_us"))
+                .unwrap_or_else(|| panic!("no start_{phase}_us in {:?}", st.info))
+                .parse()
+                .unwrap()
+        };
+        let parts: u64 = ["vm", "agent_ready", "agent_connect", "sync_clock", "setup"]
+            .iter()
+            .map(|p| us(p))
+            .sum::<u64>()
+            + us("task_server");
+        assert!(us("total") >= parts, "{:?}", st.info);
         // What was persisted says Ready too.
         assert_eq!(
             f.svc.store().load("pod").unwrap().state,

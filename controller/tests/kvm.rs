@@ -189,6 +189,28 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
         .expect(&console);
     assert!(ready < clock && clock < setup, "{console}");
     assert_eq!(d.state("pod").await, "SANDBOX_READY");
+    // Status shows how long each phase of Start took; a real VM and agent take time in each.
+    let info = d
+        .client
+        .status(ControllerStatusRequest {
+            sandbox_id: "pod".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info;
+    for phase in [
+        "vm",
+        "agent_ready",
+        "agent_connect",
+        "sync_clock",
+        "setup",
+        "total",
+    ] {
+        let us: u64 = info[&format!("start_{phase}_us")].parse().unwrap();
+        assert!(us > 0, "{phase}: {info:?}");
+    }
     // The hybrid vsock socket for debugging tools is there; the ready fallback is gone.
     assert!(d.dir.path().join("state/pod/vsock.sock").exists());
     assert!(!d.dir.path().join("state/pod/vsock.sock_1025").exists());
