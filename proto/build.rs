@@ -39,10 +39,6 @@ const SETS: &[ProtoSet] = &[
         name: "cri",
         files: &["runtime/v1/api.proto"],
     },
-    ProtoSet {
-        name: "cri_full",
-        files: &["runtime/v1/api.proto"],
-    },
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -6,10 +6,9 @@
 //! - [`seed`]: the ten-RPC `Controller` of the seed document (iSulad <= 2.1.5, Kuasar < 1.0).
 //!   Same package and service names as [`v2`], different field numbers, so it is a separate
 //!   module tree and is served on its own socket.
-//! - [`cri`]: the part of the CRI `runtime.v1` API that `Create`'s `options` carries
-//!   (`PodSandboxConfig`).
-//! - [`cri_full`]: the CRI `RuntimeService` and `ImageService` calls the end-to-end tests make
-//!   against containerd's CRI socket (same package `runtime.v1`, so its own module tree).
+//! - [`cri`]: a subset of the CRI `runtime.v1` API: the `PodSandboxConfig` that `Create`'s
+//!   `options` carries, and the `RuntimeService` and `ImageService` calls the end-to-end tests
+//!   make against containerd's CRI socket.
 //!
 //! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
 //!   (`sandboxer.agent.v1`) and containerd's `Streaming` service (stdio streams),
@@ -85,7 +84,8 @@ pub mod seed {
     pub use containerd::types;
 }
 
-/// The CRI messages the sandboxer reads.
+/// A subset of the CRI `runtime.v1` API: `PodSandboxConfig` and the RuntimeService and
+/// ImageService calls the end-to-end tests make.
 #[cfg(feature = "grpc")]
 #[allow(
     missing_docs,
@@ -99,25 +99,6 @@ pub mod cri {
         /// `runtime.v1`.
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/cri/runtime.v1.rs"));
-        }
-    }
-    pub use runtime::v1;
-}
-
-/// A client-side subset of the CRI `runtime.v1` RuntimeService and ImageService.
-#[cfg(feature = "grpc")]
-#[allow(
-    missing_docs,
-    clippy::all,
-    clippy::allow_attributes_without_reason,
-    reason = "generated code; the .proto files document the fields"
-)]
-pub mod cri_full {
-    /// `runtime`.
-    pub mod runtime {
-        /// `runtime.v1`.
-        pub mod v1 {
-            include!(concat!(env!("OUT_DIR"), "/cri_full/runtime.v1.rs"));
         }
     }
     pub use runtime::v1;

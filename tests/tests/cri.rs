@@ -4,7 +4,7 @@
 //! Each test starts a private containerd (Debian's 2.1 build, installed by
 //! `tests/containerd/install`, configured by `tests/containerd/gen-config`) and a sandboxer
 //! daemon in this process, then talks to containerd's CRI socket with the `runtime.v1` client
-//! from `proto::cri_full`, as the kubelet would. Pods use the host network (no CNI).
+//! from `proto::cri`, as the kubelet would. Pods use the host network (no CNI).
 //!
 //! - Here (test guests on `/dev/kvm`): plugin registration, the pod lifecycle for both runtime
 //!   handlers (`streaming` and `fifo` IO), errors surfacing through containerd, a containerd
@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use controller::KvmBackend;
 use controller::config::Config;
-use proto::cri_full::v1 as cri;
+use proto::cri::v1 as cri;
 use proto::v2::sandbox::{
     ControllerMetricsRequest, ControllerStatusRequest, ControllerStopRequest,
 };
