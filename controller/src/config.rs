@@ -173,6 +173,12 @@ impl Default for Config {
     }
 }
 
+/// A path flag whose empty value has a meaning (`--seed-socket=` disables the socket): clap's
+/// own path parser refuses empty values.
+fn path_or_empty(s: &str) -> Result<PathBuf, std::convert::Infallible> {
+    Ok(PathBuf::from(s))
+}
+
 /// Flags of `sandboxer serve`; each overrides the config file.
 #[derive(Clone, Debug, Default, Args)]
 pub struct ServeArgs {
@@ -183,22 +189,22 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Seed sandbox API socket ("" disables it).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
     pub seed_socket: Option<PathBuf>,
     /// State directory.
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Directory for container rootfs images ("" = <state_dir>/images).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", value_parser = path_or_empty)]
     pub image_dir: Option<PathBuf>,
     /// containerd socket for OOM events ("" = do not forward).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
     pub containerd_address: Option<PathBuf>,
     /// Guest kernel.
     #[arg(long, value_name = "FILE")]
     pub kernel: Option<PathBuf>,
     /// Guest initramfs ("" for none).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", value_parser = path_or_empty)]
     pub initramfs: Option<PathBuf>,
     /// Guest kernel command line.
     #[arg(long)]
@@ -461,6 +467,31 @@ mod tests {
         assert_eq!(c.materialize_initramfs_from(Some(b"x")).unwrap(), None);
         assert_eq!(c.initramfs(), Some(Path::new("/i")));
         assert_eq!(c.vm.agent_ready_timeout_ms, DEFAULT_AGENT_READY_TIMEOUT_MS);
+    }
+
+    #[test]
+    fn empty_path_flags_mean_none() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let cli = <Cli as clap::Parser>::try_parse_from([
+            "sandboxer",
+            "--seed-socket=",
+            "--initramfs=",
+            "--containerd-address=",
+            "--image-dir=",
+        ])
+        .unwrap();
+        let mut c = Config::default();
+        c.apply(&cli.serve);
+        assert!(c.seed_socket().is_none());
+        assert!(c.initramfs().is_none());
+        assert_eq!(c.containerd_address, Path::new(""));
+        assert_eq!(c.image_dir, Path::new(""));
+        // The other path flags still refuse an empty value.
+        assert!(<Cli as clap::Parser>::try_parse_from(["sandboxer", "--state-dir="]).is_err());
     }
 
     #[test]
