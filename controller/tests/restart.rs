@@ -1,0 +1,244 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The restart contract (docs/restarts.md) against the real `sandboxer` binary: a sandbox
+//! runs (a KVM test guest speaking the agent protocol) with a pod network namespace that the
+//! test makes as CNI would; the daemon is killed with SIGKILL, its VMs die with it; a new
+//! daemon on the same state directory reports the sandbox `SANDBOX_NOTREADY` with an exit,
+//! answers Wait (many at once), and Shutdown leaves nothing: no tap or ingress qdisc in the
+//! netns, no file, socket or mount of the sandbox. Needs root, iproute2 and KVM.
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate: its tests are its top level"
+)]
+
+mod common;
+
+use std::os::unix::fs::MetadataExt as _;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::V2Client;
+use containerd_client::services::v1::sandbox::{
+    ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
+    ControllerStatusRequest, ControllerWaitRequest,
+};
+use test_guests::{Guest, agent, require_kvm};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
+
+fn ip(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("ip {}: {e}", args.join(" ")));
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Root and iproute2, or a loud skip (a failure when SANDBOXER_REQUIRE_ROOT=1).
+fn can_make_netns() -> bool {
+    // /proc/self belongs to the process's effective user.
+    let root = std::fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0);
+    let iproute2 = Command::new("ip").arg("-V").output().is_ok();
+    if root && iproute2 {
+        return true;
+    }
+    let why = if root { "no iproute2" } else { "not root" };
+    assert!(
+        std::env::var("SANDBOXER_REQUIRE_ROOT").as_deref() != Ok("1"),
+        "the restart test needs root and iproute2: {why} (SANDBOXER_REQUIRE_ROOT=1)"
+    );
+    eprintln!("SKIP: the restart test needs root and iproute2: {why}");
+    false
+}
+
+/// A pod netns with `eth0` (one end of a veth pair) as CNI leaves it; deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        let name = format!("sbxrst-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        let n = ns.0.as_str();
+        ip(&[
+            "-n", n, "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+        ]);
+        ip(&["-n", n, "addr", "add", "10.125.0.2/24", "dev", "eth0"]);
+        ip(&["-n", n, "link", "set", "eth0", "up"]);
+        ip(&["-n", n, "link", "set", "peer0", "up"]);
+        ns
+    }
+
+    fn path(&self) -> String {
+        format!("/run/netns/{}", self.0)
+    }
+
+    fn links(&self) -> String {
+        ip(&["-n", &self.0, "-o", "link", "show"])
+    }
+
+    fn has_ingress(&self) -> bool {
+        let out = Command::new("tc")
+            .args(["-n", &self.0, "qdisc", "show", "dev", "eth0"])
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).contains("ingress")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).output();
+    }
+}
+
+/// Starts the daemon on `dir` and connects to it.
+async fn daemon(dir: &Path) -> (Child, V2Client) {
+    let socket = dir.join("api.sock");
+    let _ = std::fs::remove_file(&socket);
+    let initramfs = dir.join("initramfs.img");
+    std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it").unwrap();
+    let mut child = Command::new(BIN)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--seed-socket=")
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--kernel")
+        .arg(Guest::Virtio.elf())
+        .arg("--initramfs")
+        .arg(&initramfs)
+        .arg("--cmdline")
+        .arg(agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[]))
+        .args(["--mem-mib", "32", "--blk-slots", "2", "--pool-depth", "0"])
+        .args(["--log-level", "error"])
+        .arg("--containerd-address=")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the daemon exited: {status}");
+        }
+        assert!(Instant::now() < deadline, "the daemon never listened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let client = V2Client::new(containerd_client::connect(&socket).await.unwrap());
+    (child, client)
+}
+
+async fn status(c: &mut V2Client, id: &str) -> (String, bool) {
+    let s = c
+        .status(ControllerStatusRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (s.state, s.exited_at.is_some())
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&dir))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_killed_daemon_leaves_nothing_after_restart_and_shutdown() {
+    require_kvm!();
+    if !can_make_netns() {
+        return;
+    }
+    let net = Netns::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut first, mut c) = daemon(tmp.path()).await;
+    c.create(ControllerCreateRequest {
+        sandbox_id: "pod".into(),
+        netns_path: net.path(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.start(ControllerStartRequest {
+        sandbox_id: "pod".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(status(&mut c, "pod").await, ("SANDBOX_READY".into(), false));
+    assert!(net.links().contains("tap"), "{}", net.links());
+    assert!(net.has_ingress());
+    let pod_dir = tmp.path().join("state/pod");
+    assert!(pod_dir.join("task.sock").exists() && pod_dir.join("vsock.sock").exists());
+
+    // The daemon dies without cleaning up: its VM goes with it, the tap with its fd; the
+    // qdisc and filters on eth0 and the sandbox's files stay behind.
+    drop(c);
+    first.kill().unwrap();
+    first.wait().unwrap();
+    assert!(net.has_ingress(), "the redirect should outlive the process");
+
+    let (mut second, mut c) = daemon(tmp.path()).await;
+    assert_eq!(
+        status(&mut c, "pod").await,
+        ("SANDBOX_NOTREADY".into(), true)
+    );
+    let waits: Vec<_> = (0..2)
+        .map(|_| {
+            let mut w = c.clone();
+            tokio::spawn(async move {
+                w.wait(ControllerWaitRequest {
+                    sandbox_id: "pod".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner().exit_status)
+            })
+        })
+        .collect();
+    for w in waits {
+        let exit = tokio::time::timeout(Duration::from_secs(10), w)
+            .await
+            .expect("Wait after a restart must return")
+            .unwrap()
+            .unwrap();
+        assert_ne!(exit, 0, "a VM lost with its daemon did not end cleanly");
+    }
+    c.shutdown(ControllerShutdownRequest {
+        sandbox_id: "pod".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!pod_dir.exists(), "the sandbox's directory is left");
+    assert!(!net.links().contains("tap"), "{}", net.links());
+    assert!(!net.has_ingress(), "the ingress qdisc is left on eth0");
+    assert!(net.links().contains("eth0"), "the pod's own eth0 must stay");
+    assert_eq!(mounts_under(tmp.path()), Vec::<String>::new());
+    let left: Vec<_> = std::fs::read_dir(tmp.path().join("state"))
+        .unwrap()
+        .filter_map(Result::ok)
+        .map(|e| e.file_name())
+        .filter(|n| n != "images")
+        .collect();
+    assert!(left.is_empty(), "left in the state dir: {left:?}");
+    drop(c);
+    second.kill().unwrap();
+    second.wait().unwrap();
+}
