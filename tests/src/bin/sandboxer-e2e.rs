@@ -7,14 +7,18 @@
 //!
 //! ```text
 //! sandboxer-e2e --sandboxer BIN --kernel VMLINUX --initramfs INITRAMFS --image ROOTFS.ext4
-//!               [--work DIR] [--keep] CASE...
+//!               [--busybox BIN] [--work DIR] [--keep] CASE...
 //! ```
 //!
 //! Cases: `pod` (Create, Start, Status, Platform, Stop, Wait, Shutdown), `container` (a
 //! container from an ext4 image runs to its exit; exit code and stdout through FIFOs),
 //! `exec` (a long-running container, an exec process with output, State, Pids, Kill, Delete),
 //! `cgroups` (Pause/Resume, Stats and Update on the guest's cgroup v2 memory controller, and an
-//! OOM kill whose `/tasks/oom` event reaches a stand-in for containerd's event service), `all`.
+//! OOM kill whose `/tasks/oom` event reaches a stand-in for containerd's event service),
+//! `stdin` (stdio both ways through FIFOs, end of input, an exec with stdin), `overlay`
+//! (overlayfs-snapshotter mounts of layers built from `--busybox`: the merged view, whiteouts,
+//! opaque directories, the cached lower image and an upperdir layer), `net` (a pod netns with a
+//! veth made here: ping, TCP into and out of the pod, no tap left), `all`.
 //! Every step prints `E2E-STEP <case> <step> <ms>` (a container's output:
 //! `E2E-OUTPUT <case> <container>: <line>`); each case ends with
 //! `E2E-PASS <case>` or `E2E-FAIL <case>: <why>`. The exit status is 0 when every case passed.
@@ -47,6 +51,14 @@ use containerd_shim_protos::shim_async::{Events, create_events};
 use containerd_shim_protos::ttrpc::asynchronous::{Server as TtrpcServer, TtrpcContext};
 use proto::v2::sandbox as v2;
 
+// A crate root finds its modules beside it, and tests/src/bin holds other programs.
+#[path = "sandboxer-e2e/net.rs"]
+mod net;
+#[path = "sandboxer-e2e/overlay.rs"]
+mod overlay;
+#[path = "sandboxer-e2e/stdin.rs"]
+mod stdin;
+
 /// How long the daemon may take to open its socket.
 const DAEMON_UP: Duration = Duration::from_secs(20);
 /// Bound of every ttrpc call that is not a Wait (a nested guest is slow).
@@ -62,12 +74,21 @@ struct Args {
     kernel: PathBuf,
     initramfs: PathBuf,
     image: PathBuf,
+    busybox: PathBuf,
     work: PathBuf,
     keep: bool,
     cases: Vec<String>,
 }
 
-const CASES: &[&str] = &["pod", "container", "exec", "cgroups"];
+const CASES: &[&str] = &[
+    "pod",
+    "container",
+    "exec",
+    "cgroups",
+    "stdin",
+    "overlay",
+    "net",
+];
 
 fn parse_args() -> Result<Args> {
     let mut it = std::env::args().skip(1);
@@ -76,6 +97,7 @@ fn parse_args() -> Result<Args> {
         kernel: PathBuf::new(),
         initramfs: PathBuf::new(),
         image: PathBuf::new(),
+        busybox: PathBuf::from("/bin/busybox"),
         work: std::env::temp_dir().join(format!("sandboxer-e2e-{}", std::process::id())),
         keep: false,
         cases: Vec::new(),
@@ -87,6 +109,7 @@ fn parse_args() -> Result<Args> {
             "--kernel" => a.kernel = value()?.into(),
             "--initramfs" => a.initramfs = value()?.into(),
             "--image" => a.image = value()?.into(),
+            "--busybox" => a.busybox = value()?.into(),
             "--work" => a.work = value()?.into(),
             "--keep" => a.keep = true,
             "all" => a.cases.extend(CASES.iter().map(|c| (*c).to_owned())),
@@ -212,6 +235,124 @@ fn ctx() -> containerd_shim_protos::ttrpc::context::Context {
     containerd_shim_protos::ttrpc::context::with_duration(CALL_TIMEOUT)
 }
 
+/// The Task calls the cases make, with the request boilerplate in one place.
+impl Pod {
+    /// Task.Create of container `id` from the host bundle `bundle` with `rootfs`; `stdio` are
+    /// the stdin, stdout and stderr paths ("" for none). Returns the guest pid.
+    async fn create(
+        &self,
+        id: &str,
+        bundle: &Path,
+        rootfs: Mount,
+        stdio: [&str; 3],
+    ) -> Result<u32> {
+        let [stdin, stdout, stderr] = stdio.map(str::to_owned);
+        let created = self
+            .task
+            .create(
+                ctx(),
+                &CreateTaskRequest {
+                    id: id.into(),
+                    bundle: bundle.to_string_lossy().into_owned(),
+                    rootfs: vec![rootfs],
+                    stdin,
+                    stdout,
+                    stderr,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Create {id}"))?;
+        Ok(created.pid)
+    }
+
+    /// Task.Start of container `id` or of its exec process `exec_id`.
+    async fn start(&self, id: &str, exec_id: &str) -> Result<()> {
+        self.task
+            .start(
+                ctx(),
+                &StartRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Start {id}/{exec_id}"))?;
+        Ok(())
+    }
+
+    /// Task.Exec of `args` as process `exec_id` in container `id` with stdin and stdout paths.
+    async fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        args: &[&str],
+        stdin: &str,
+        stdout: &str,
+    ) -> Result<()> {
+        let process = serde_json::json!({
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": args,
+            "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+            "cwd": "/"
+        });
+        let spec = PbAny {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+            value: serde_json::to_vec(&process)?,
+            ..Default::default()
+        };
+        self.task
+            .exec(
+                ctx(),
+                &ExecProcessRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    stdin: stdin.into(),
+                    stdout: stdout.into(),
+                    spec: MessageField::some(spec),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Exec {id}/{exec_id}"))?;
+        Ok(())
+    }
+
+    /// Task.Kill of container `id`'s init process with `signal`.
+    async fn kill(&self, id: &str, signal: u32) -> Result<()> {
+        self.task
+            .kill(
+                ctx(),
+                &KillRequest {
+                    id: id.into(),
+                    signal,
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Kill {id}"))?;
+        Ok(())
+    }
+
+    /// Task.Delete of container `id`; returns its exit status.
+    async fn delete(&self, id: &str) -> Result<u32> {
+        let deleted = self
+            .task
+            .delete(
+                ctx(),
+                &DeleteRequest {
+                    id: id.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .with_context(|| format!("Task.Delete {id}"))?;
+        Ok(deleted.exit_status)
+    }
+}
+
 fn pod_options() -> prost_types::Any {
     use proto::cri::v1::{DnsConfig, PodSandboxConfig, PodSandboxMetadata};
     let config = PodSandboxConfig {
@@ -233,9 +374,20 @@ fn pod_options() -> prost_types::Any {
 }
 
 async fn start_pod(api: &mut Controller, id: &str, steps: &mut Steps) -> Result<Pod> {
+    start_pod_in(api, id, "", steps).await
+}
+
+/// [`start_pod`] with the pod network namespace `netns_path` (empty: none).
+async fn start_pod_in(
+    api: &mut Controller,
+    id: &str,
+    netns_path: &str,
+    steps: &mut Steps,
+) -> Result<Pod> {
     api.create(v2::ControllerCreateRequest {
         sandbox_id: id.into(),
         options: Some(pod_options()),
+        netns_path: netns_path.into(),
         sandboxer: "sandboxer".into(),
         ..Default::default()
     })
@@ -376,6 +528,11 @@ fn write_bundle_with(dir: &Path, args: &[&str], memory_limit: Option<i64>) -> Re
         ns.retain(|n| n.typ() != LinuxNamespaceType::Network);
     }
     spec.set_hostname(None);
+    // A writable root, as containerd gives by default (CRI `readonly_rootfs` false); the
+    // oci-spec default is read-only.
+    if let Some(root) = spec.root_mut() {
+        root.set_readonly(Some(false));
+    }
     if let (Some(limit), Some(linux)) = (memory_limit, spec.linux_mut()) {
         let memory = LinuxMemoryBuilder::default()
             .limit(limit)
@@ -474,32 +631,12 @@ async fn case_container(api: &mut Controller, a: &Args) -> Result<()> {
         ],
     )?;
     let out = OutFifo::new(&dir, "c1.stdout")?;
-    let created = pod
-        .task
-        .create(
-            ctx(),
-            &CreateTaskRequest {
-                id: "c1".into(),
-                bundle: bundle.to_string_lossy().into_owned(),
-                rootfs: vec![rootfs_mount(&a.image)],
-                stdout: out.path(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Create")?;
-    ensure!(created.pid > 0, "Task.Create: pid 0");
+    let pid = pod
+        .create("c1", &bundle, rootfs_mount(&a.image), ["", &out.path(), ""])
+        .await?;
+    ensure!(pid > 0, "Task.Create: pid 0");
     steps.done("task-create");
-    pod.task
-        .start(
-            ctx(),
-            &StartRequest {
-                id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Start")?;
+    pod.start("c1", "").await?;
     steps.done("task-start");
     let status = wait_exit(&pod.task, "c1", "").await?;
     ensure!(status == 3, "exit status {status}, want 3");
@@ -513,22 +650,8 @@ async fn case_container(api: &mut Controller, a: &Args) -> Result<()> {
         "stdout {text:?} does not show the pod's hostname"
     );
     steps.done("stdout");
-    let deleted = pod
-        .task
-        .delete(
-            ctx(),
-            &DeleteRequest {
-                id: "c1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Delete")?;
-    ensure!(
-        deleted.exit_status == 3,
-        "Delete: exit {}",
-        deleted.exit_status
-    );
+    let exit = pod.delete("c1").await?;
+    ensure!(exit == 3, "Delete: exit {exit}");
     steps.done("task-delete");
     end_pod(api, &pod, &mut steps).await
 }
@@ -540,67 +663,16 @@ async fn case_exec(api: &mut Controller, a: &Args) -> Result<()> {
     fs::create_dir_all(&dir)?;
     let bundle = dir.join("c2");
     write_bundle(&bundle, &["/bin/sleep", "600"])?;
-    pod.task
-        .create(
-            ctx(),
-            &CreateTaskRequest {
-                id: "c2".into(),
-                bundle: bundle.to_string_lossy().into_owned(),
-                rootfs: vec![rootfs_mount(&a.image)],
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Create")?;
-    pod.task
-        .start(
-            ctx(),
-            &StartRequest {
-                id: "c2".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Start")?;
+    pod.create("c2", &bundle, rootfs_mount(&a.image), ["", "", ""])
+        .await?;
+    pod.start("c2", "").await?;
     steps.done("task-start");
 
     let out = OutFifo::new(&dir, "e1.stdout")?;
-    let process = serde_json::json!({
-        "terminal": false,
-        "user": {"uid": 0, "gid": 0},
-        "args": ["/bin/sh", "-c", "echo exec-ok; ls /proc | grep -c '^[0-9]'"],
-        "env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
-        "cwd": "/"
-    });
-    let spec = PbAny {
-        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
-        value: serde_json::to_vec(&process)?,
-        ..Default::default()
-    };
-    pod.task
-        .exec(
-            ctx(),
-            &ExecProcessRequest {
-                id: "c2".into(),
-                exec_id: "e1".into(),
-                stdout: out.path(),
-                spec: MessageField::some(spec),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Exec")?;
-    pod.task
-        .start(
-            ctx(),
-            &StartRequest {
-                id: "c2".into(),
-                exec_id: "e1".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Start(exec)")?;
+    let script = "echo exec-ok; ls /proc | grep -c '^[0-9]'";
+    pod.exec("c2", "e1", &["/bin/sh", "-c", script], "", &out.path())
+        .await?;
+    pod.start("c2", "e1").await?;
     let status = wait_exit(&pod.task, "c2", "e1").await?;
     ensure!(status == 0, "exec exit status {status}");
     out.wait_for("exec-ok").await?;
@@ -635,30 +707,11 @@ async fn case_exec(api: &mut Controller, a: &Args) -> Result<()> {
         .context("Task.Pids")?;
     ensure!(!pids.processes.is_empty(), "Pids: none");
     steps.done("state-pids");
-    pod.task
-        .kill(
-            ctx(),
-            &KillRequest {
-                id: "c2".into(),
-                signal: 9,
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Kill")?;
+    pod.kill("c2", 9).await?;
     let status = wait_exit(&pod.task, "c2", "").await?;
     ensure!(status == 137, "killed: exit status {status}, want 137");
     steps.done("kill-wait");
-    pod.task
-        .delete(
-            ctx(),
-            &DeleteRequest {
-                id: "c2".into(),
-                ..Default::default()
-            },
-        )
-        .await
-        .context("Task.Delete")?;
+    pod.delete("c2").await?;
     let again = pod
         .task
         .state(
@@ -867,31 +920,10 @@ async fn case_cgroups(api: &mut Controller, a: &Args, containerd: &FakeContainer
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     steps.done("oom-event");
+    pod.kill("c3", 9).await?;
+    wait_exit(&pod.task, "c3", "").await?;
     for id in ["c4", "c3"] {
-        if id == "c3" {
-            pod.task
-                .kill(
-                    ctx(),
-                    &KillRequest {
-                        id: id.into(),
-                        signal: 9,
-                        ..Default::default()
-                    },
-                )
-                .await
-                .context("Task.Kill c3")?;
-            wait_exit(&pod.task, id, "").await?;
-        }
-        pod.task
-            .delete(
-                ctx(),
-                &DeleteRequest {
-                    id: id.into(),
-                    ..Default::default()
-                },
-            )
-            .await
-            .with_context(|| format!("Task.Delete {id}"))?;
+        pod.delete(id).await?;
     }
     steps.done("delete");
     end_pod(api, &pod, &mut steps).await
@@ -921,6 +953,9 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "container" => case_container(&mut api, a).await,
             "exec" => case_exec(&mut api, a).await,
             "cgroups" => case_cgroups(&mut api, a, &containerd).await,
+            "stdin" => stdin::case_stdin(&mut api, &a.image, &a.work).await,
+            "net" => net::case_net(&mut api, &a.image, &a.busybox, &a.work).await,
+            "overlay" => overlay::case_overlay(&mut api, &a.busybox, &a.work, &daemon.state).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };
         match &r {
@@ -932,6 +967,9 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
                     "pod" => "e2e-pod",
                     "container" => "e2e-ctr",
                     "cgroups" => "e2e-cg",
+                    "stdin" => "e2e-stdin",
+                    "overlay" => "e2e-ovl",
+                    "net" => "e2e-net",
                     _ => "e2e-exec",
                 };
                 let _ = api

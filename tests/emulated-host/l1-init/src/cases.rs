@@ -204,6 +204,24 @@ pub const E2E_CASES: &[E2eCase] = &[
         ci: true,
         flow: "cgroups",
     },
+    E2eCase {
+        name: "e2e-stdin",
+        description: "stdio both ways through FIFOs: lines in and out, stderr apart, end of input, an exec with stdin",
+        ci: true,
+        flow: "stdin",
+    },
+    E2eCase {
+        name: "e2e-overlay",
+        description: "overlayfs-snapshotter rootfs: merged view of two layers, whiteout, opaque dir, cached lower image, upperdir layer",
+        ci: true,
+        flow: "overlay",
+    },
+    E2eCase {
+        name: "e2e-net",
+        description: "pod networking: a CNI-style netns + veth, ping the guest, TCP into and out of a container, teardown",
+        ci: true,
+        flow: "net",
+    },
 ];
 
 /// The end-to-end case called `name`.
