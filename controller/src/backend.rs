@@ -31,7 +31,7 @@ use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
-use crate::sandbox::{DnsConfig, MountSpec, StoredAny};
+use crate::sandbox::{DnsConfig, StoredAny};
 
 /// A boxed error from below the backend (vmm, I/O).
 pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
@@ -353,14 +353,6 @@ pub trait VmHandle: TaskTarget {
     async fn kill(&self) -> VmEnd;
     /// Current statistics.
     async fn metrics(&self) -> Result<VmMetrics, BackendError>;
-    /// Attaches a container's root filesystem to a free block slot.
-    async fn attach_rootfs(
-        &self,
-        container_id: &str,
-        rootfs: &[MountSpec],
-    ) -> Result<(), BackendError>;
-    /// Detaches what [`VmHandle::attach_rootfs`] attached.
-    async fn detach_rootfs(&self, container_id: &str) -> Result<(), BackendError>;
     /// Applies new resources to a container inside the guest.
     async fn update_resources(
         &self,
@@ -1005,19 +997,6 @@ impl VmHandle for KvmHandle {
         })
     }
 
-    async fn attach_rootfs(&self, _: &str, _: &[MountSpec]) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported(
-            "attaching a container root filesystem through Prepare (the host Task endpoint \
-             attaches root filesystems)",
-        ))
-    }
-
-    async fn detach_rootfs(&self, _: &str) -> Result<(), BackendError> {
-        Err(BackendError::Unsupported(
-            "detaching a container root filesystem through Purge",
-        ))
-    }
-
     async fn update_resources(
         &self,
         container_id: &str,
@@ -1184,7 +1163,6 @@ pub mod fake {
                 spec: spec.clone(),
                 guest,
                 end: tx,
-                attached: Mutex::default(),
                 resources: Mutex::default(),
                 shutdown_requests: Mutex::new(0),
             });
@@ -1203,7 +1181,6 @@ pub mod fake {
         spec: VmSpec,
         guest: FakeGuest,
         end: watch::Sender<Option<VmEnd>>,
-        attached: Mutex<BTreeMap<String, Vec<MountSpec>>>,
         resources: Mutex<BTreeMap<String, StoredAny>>,
         shutdown_requests: Mutex<u32>,
     }
@@ -1231,11 +1208,6 @@ pub mod fake {
         /// The spec it was started with.
         pub fn spec(&self) -> &VmSpec {
             &self.spec
-        }
-
-        /// Root filesystems attached, by container id.
-        pub fn attached(&self) -> BTreeMap<String, Vec<MountSpec>> {
-            self.attached.lock().expect("poisoned").clone()
         }
 
         /// Resources applied, by container id.
@@ -1322,31 +1294,6 @@ pub mod fake {
                 boot_time_ns: 1,
                 pod: None,
             })
-        }
-
-        async fn attach_rootfs(
-            &self,
-            container_id: &str,
-            rootfs: &[MountSpec],
-        ) -> Result<(), BackendError> {
-            if self.0.ended().is_some() {
-                return Err(BackendError::NotRunning);
-            }
-            self.0
-                .attached
-                .lock()
-                .expect("poisoned")
-                .insert(container_id.to_string(), rootfs.to_vec());
-            Ok(())
-        }
-
-        async fn detach_rootfs(&self, container_id: &str) -> Result<(), BackendError> {
-            self.0
-                .attached
-                .lock()
-                .expect("poisoned")
-                .remove(container_id);
-            Ok(())
         }
 
         async fn update_resources(

@@ -105,10 +105,14 @@ impl From<SandboxError> for tonic::Status {
                 crate::network::NetworkError::NetnsNotFound { .. }
                 | crate::network::NetworkError::NotANetns { .. },
             ) => tonic::Status::invalid_argument(msg),
+            // The Task endpoint's own code (same numbering as gRPC): a bad rootfs or spec in
+            // a seed Prepare is INVALID_ARGUMENT, a duplicate container ALREADY_EXISTS.
+            SandboxError::Endpoint(_, e) => {
+                tonic::Status::new(tonic::Code::from(e.code() as i32), msg)
+            }
             SandboxError::Store(..)
             | SandboxError::Backend(..)
             | SandboxError::Network(..)
-            | SandboxError::Endpoint(..)
             | SandboxError::Task(..) => tonic::Status::internal(msg),
         }
     }

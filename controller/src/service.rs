@@ -294,6 +294,17 @@ async fn teardown_network(id: &str, net: Option<PodNetwork>) {
     }
 }
 
+/// The containerd form of a mount the seed API gave.
+fn shim_mount(m: &MountSpec) -> containerd_shim_protos::api::Mount {
+    containerd_shim_protos::api::Mount {
+        type_: m.kind.clone(),
+        source: m.source.clone(),
+        target: m.target.clone(),
+        options: m.options.clone(),
+        ..Default::default()
+    }
+}
+
 /// Whole microseconds of `d` (saturating).
 fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
@@ -1088,9 +1099,10 @@ impl<B: VmBackend> SandboxService<B> {
         let entry = self.get(&id)?;
         let _op = entry.op.lock().await;
         let (mut record, vm) = entry.snapshot();
-        let vm = match (record.state, vm) {
-            (SandboxState::Ready, Some(vm)) => vm,
-            (state, _) => {
+        let task = entry.with(|d| d.task.as_ref().map(TaskServer::handle));
+        let task = match (record.state, vm, task) {
+            (SandboxState::Ready, Some(_), Some(task)) => task,
+            (state, _, _) => {
                 return Err(SandboxError::FailedPrecondition {
                     id,
                     state,
@@ -1146,22 +1158,27 @@ impl<B: VmBackend> SandboxService<B> {
             }
             _ => None,
         };
-        if !req.rootfs.is_empty() {
-            vm.attach_rootfs(&req.container_id, &req.rootfs)
-                .await
-                .map_err(|e| SandboxError::Backend(id.clone(), e))?;
+        if config_json.is_none() && !req.rootfs.is_empty() {
+            return Err(SandboxError::InvalidArgument {
+                field: "spec",
+                reason: "a container with a rootfs needs its OCI spec".into(),
+            });
         }
         let bundle = self
             .store
             .sandbox_dir(&id)
             .join("containers")
             .join(&req.container_id);
-        let written = write_bundle(&bundle, config_json.as_deref());
-        if let Err(e) = written {
-            if !req.rootfs.is_empty() {
-                let _ = vm.detach_rootfs(&req.container_id).await;
+        write_bundle(&bundle, config_json.as_deref())
+            .map_err(|e| SandboxError::Store(id.clone(), e))?;
+        if config_json.is_some() {
+            // The rootfs attached and the guest bundle written, as the Task endpoint's Create
+            // does; the engine's Task.Create of this container then only forwards.
+            let mounts: Vec<_> = req.rootfs.iter().map(shim_mount).collect();
+            if let Err(e) = task.prepare(&req.container_id, &bundle, &mounts).await {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(SandboxError::Endpoint(id, Box::new(e)));
             }
-            return Err(SandboxError::Store(id, e));
         }
         let bundle_str = bundle.display().to_string();
         record.containers.insert(
@@ -1208,7 +1225,8 @@ impl<B: VmBackend> SandboxService<B> {
         }
         let entry = self.get(&id)?;
         let _op = entry.op.lock().await;
-        let (mut record, vm) = entry.snapshot();
+        let (mut record, _) = entry.snapshot();
+        let task = entry.with(|d| d.task.as_ref().map(TaskServer::handle));
         let missing = |what, child: &str| SandboxError::ChildNotFound {
             sandbox: id.clone(),
             what,
@@ -1224,11 +1242,9 @@ impl<B: VmBackend> SandboxService<B> {
                 .remove(&exec_id)
                 .ok_or_else(|| missing("exec process", &exec_id))?;
         } else {
-            let attached = !container.rootfs.is_empty();
-            if let Some(vm) = vm.filter(|vm| attached && vm.ended().is_none()) {
-                vm.detach_rootfs(&container_id)
-                    .await
-                    .map_err(|e| SandboxError::Backend(id.clone(), e))?;
+            // Its slots, images and guest bundle (nothing, if Prepare had no spec).
+            if let Some(task) = task {
+                task.purge(&container_id).await;
             }
             let bundle = PathBuf::from(&container.bundle);
             record.containers.remove(&container_id);
@@ -2190,23 +2206,38 @@ mod tests {
             Err(SandboxError::FailedPrecondition { .. })
         ));
         f.svc.start("pod").await.unwrap();
-        let bundle = f.svc.prepare("pod", req.clone()).await.unwrap();
+        // The Task endpoint attaches the rootfs; this fake VM has no block slots (the KVM
+        // tests attach for real), so it fails, and leaves nothing behind.
+        let err = f.svc.prepare("pod", req.clone()).await.unwrap_err();
+        assert!(matches!(err, SandboxError::Endpoint(..)), "{err:?}");
+        let bundle_dir = f.tmp.path().join("state/pod/containers/c1");
+        assert!(!bundle_dir.exists());
+        assert!(f.svc.record("pod").unwrap().containers.is_empty());
+        // A rootfs needs the spec that says how to run on it.
+        let no_spec = PrepareRequest {
+            spec: None,
+            ..req.clone()
+        };
+        assert!(matches!(
+            f.svc.prepare("pod", no_spec).await,
+            Err(SandboxError::InvalidArgument { field: "spec", .. })
+        ));
+        // Without a spec, Prepare records the container (its stdio) and its bundle dir.
+        let plain = PrepareRequest {
+            container_id: "c1".into(),
+            stdout: "/tmp/out".into(),
+            ..PrepareRequest::default()
+        };
+        let bundle = f.svc.prepare("pod", plain.clone()).await.unwrap();
+        assert_eq!(bundle, bundle_dir.display().to_string());
+        assert!(bundle_dir.is_dir());
         assert_eq!(
-            bundle,
-            f.tmp
-                .path()
-                .join("state/pod/containers/c1")
-                .display()
-                .to_string()
-        );
-        assert_eq!(
-            std::fs::read(Path::new(&bundle).join("config.json")).unwrap(),
-            br#"{"ociVersion":"1.1.0"}"#
+            f.svc.record("pod").unwrap().containers["c1"].process.stdout,
+            "/tmp/out"
         );
         let h = f.fake.handle("pod").unwrap();
-        assert_eq!(h.attached().get("c1"), Some(&req.rootfs));
         assert!(matches!(
-            f.svc.prepare("pod", req.clone()).await,
+            f.svc.prepare("pod", plain).await,
             Err(SandboxError::AlreadyExists { .. })
         ));
         // An exec process joins an existing container and shares its bundle.
@@ -2285,7 +2316,6 @@ mod tests {
             })
         ));
         f.svc.purge("pod", "c1", "").await.unwrap();
-        assert!(h.attached().is_empty());
         assert!(!Path::new(&bundle).exists());
         assert!(f.svc.record("pod").unwrap().containers.is_empty());
         assert!(matches!(

@@ -539,3 +539,125 @@ async fn task_target_fills_and_empties_block_slots_and_reaches_the_agent() {
         "a VM leaked"
     );
 }
+
+/// The seed API's Prepare readies a container through the Task endpoint (rootfs on a block
+/// slot, guest bundle), the engine's Task.Create of it only forwards, and Purge frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seed_prepare_attaches_the_rootfs_and_create_forwards() {
+    use containerd_shim_protos::api::CreateTaskRequest;
+    use containerd_shim_protos::shim_async::{Client as TtrpcClient, TaskClient};
+    use proto::seed::sandbox::{PrepareRequest, PurgeRequest};
+
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |c| {
+        c.api.seed_socket = c.state_dir.with_file_name("seed.sock");
+        c.vm.blk_slots = 1;
+    })
+    .await;
+    d.create("pod", None).await;
+    let address = d.start("pod").await.unwrap();
+    let mut seed = controller::client::seed_client(&d.dir.path().join("seed.sock"))
+        .await
+        .unwrap();
+    let host = d.dir.path().join("c1");
+    std::fs::create_dir_all(&host).unwrap();
+    let image = image(&host, "rootfs.ext4");
+    let prepare = |id: &str, source: &Path| {
+        PrepareRequest {
+        sandboxer: "sandboxer".into(),
+        sandbox_id: "pod".into(),
+        container_id: id.into(),
+        spec: Some(prost_types::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+            value: br#"{"ociVersion":"1.1.0","process":{"args":["sh"],"cwd":"/"},"root":{"path":"rootfs"}}"#.to_vec(),
+        }),
+        rootfs: vec![proto::seed::types::Mount {
+            r#type: "ext4".into(),
+            source: source.display().to_string(),
+            target: String::new(),
+            options: vec![],
+        }],
+        ..Default::default()
+    }
+    };
+    let bundle = seed
+        .prepare(prepare("c1", &image))
+        .await
+        .unwrap()
+        .into_inner()
+        .bundle;
+    console_shows(&d, "pod", &agent::request(CONTROL, "PrepareBundle")).await;
+    // The only slot holds c1's rootfs: a second container cannot have one.
+    let msg = expect_code(
+        seed.prepare(prepare("c2", &image)).await,
+        tonic::Code::Internal,
+    );
+    assert!(msg.contains("block slot"), "{msg}");
+    // A rootfs that does not exist is a bad argument naming the mount.
+    let msg = expect_code(
+        seed.prepare(prepare("c3", Path::new("/nonexistent/rootfs.ext4")))
+            .await,
+        tonic::Code::InvalidArgument,
+    );
+    assert!(msg.contains("rootfs[0]"), "{msg}");
+
+    // The engine creates the prepared container on the task socket: forwarded as it is.
+    let sock = address.strip_prefix("ttrpc+unix://").unwrap();
+    let task = TaskClient::new(
+        TtrpcClient::connect(&format!("unix://{sock}"))
+            .await
+            .unwrap(),
+    );
+    let ctx = containerd_shim_protos::ttrpc::context::with_duration(Duration::from_secs(10));
+    task.create(
+        ctx.clone(),
+        &CreateTaskRequest {
+            id: "c1".into(),
+            bundle: bundle.clone(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    console_shows(
+        &d,
+        "pod",
+        &agent::request("containerd.task.v3.Task", "Create"),
+    )
+    .await;
+    let console = d.console("pod");
+    assert_eq!(
+        console
+            .matches(&agent::request(CONTROL, "PrepareBundle"))
+            .count(),
+        1,
+        "Create of a prepared container prepared it again:\n{console}"
+    );
+    let again = task
+        .create(
+            ctx,
+            &CreateTaskRequest {
+                id: "c1".into(),
+                bundle,
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(again.is_err(), "a second Create of c1: {again:?}");
+
+    // Purge frees the slot and the guest bundle: the slot serves the next container.
+    seed.purge(PurgeRequest {
+        sandboxer: "sandboxer".into(),
+        sandbox_id: "pod".into(),
+        container_id: "c1".into(),
+        exec_id: String::new(),
+    })
+    .await
+    .unwrap();
+    console_shows(&d, "pod", &agent::request(CONTROL, "RemoveBundle")).await;
+    seed.prepare(prepare("c2", &image)).await.unwrap();
+    drop((seed, task));
+    d.shutdown("pod").await;
+    d.finish().await;
+}

@@ -37,6 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use containerd_shim_protos::api::Mount;
 use containerd_shim_protos::shim_async::create_task;
 use proto::agent::streaming_ttrpc::create_streaming;
 use ttrpc::asynchronous::Service;
@@ -100,6 +101,30 @@ pub struct TaskServer {
     events: tokio::task::JoinHandle<()>,
 }
 
+/// Prepare and Purge on a sandbox's Task endpoint (the seed API's way of adding containers).
+#[derive(Clone, Debug)]
+pub struct TaskHandle(Arc<Endpoint>);
+
+impl TaskHandle {
+    /// Prepares container `id`: attaches its root filesystem (`rootfs`, or the bundle's
+    /// `root.path`) and writes its guest bundle from `host_bundle`'s `config.json`; a later
+    /// Task.Create of `id` on the socket only forwards. Returns the guest bundle.
+    pub async fn prepare(
+        &self,
+        id: &str,
+        host_bundle: &Path,
+        rootfs: &[Mount],
+    ) -> Result<String, TaskError> {
+        self.0.prepare(id, host_bundle, rootfs).await
+    }
+
+    /// Frees what container `id` holds: its slots, images and guest bundle. `false` when
+    /// nothing was held for it.
+    pub async fn purge(&self, id: &str) -> bool {
+        self.0.purge(id).await
+    }
+}
+
 impl fmt::Debug for TaskServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TaskServer")
@@ -160,6 +185,11 @@ impl TaskServer {
     /// Ids of the containers whose root filesystems the endpoint holds.
     pub fn container_ids(&self) -> Vec<String> {
         self.endpoint.container_ids()
+    }
+
+    /// A handle for the seed API's Prepare and Purge, usable while the server runs.
+    pub fn handle(&self) -> TaskHandle {
+        TaskHandle(self.endpoint.clone())
     }
 
     /// Stops serving, removes the socket, detaches every slot it attached and drops its

@@ -58,10 +58,22 @@ struct Container {
     resources: Resources,
 }
 
+/// A container the seed API's Prepare readied: rootfs attached and guest bundle written; the
+/// engine's Task.Create for it then only forwards.
+#[derive(Debug)]
+struct Prepared {
+    host_bundle: String,
+    guest_bundle: String,
+    mounts: Vec<Mount>,
+    resources: Resources,
+}
+
 #[derive(Debug)]
 enum Entry {
-    /// Create is running.
+    /// Create (or Prepare) is running.
     Creating,
+    /// Prepared through the seed API, not created in the agent yet.
+    Prepared(Prepared),
     /// Created in the agent.
     Ready(Container),
 }
@@ -237,8 +249,10 @@ impl Endpoint {
         self.bridges.lock().expect("poisoned").clear();
         let all: Vec<(String, Entry)> = self.containers.lock().expect("poisoned").drain().collect();
         for (id, entry) in all {
-            if let Entry::Ready(c) = entry {
-                self.release(&id, c.resources).await;
+            match entry {
+                Entry::Ready(c) => self.release(&id, c.resources).await,
+                Entry::Prepared(p) => self.release(&id, p.resources).await,
+                Entry::Creating => {}
             }
         }
     }
@@ -393,6 +407,118 @@ impl Endpoint {
         }
     }
 
+    /// Seed API Prepare: reads `config.json` from `host_bundle`, attaches the root filesystem
+    /// (`rootfs`, or the bundle's `root.path` when empty) and writes the guest bundle, as
+    /// Create would; the engine's Create for `id` then finds it ready. Returns the guest bundle.
+    pub(crate) async fn prepare(
+        &self,
+        id: &str,
+        host_bundle: &Path,
+        rootfs: &[Mount],
+    ) -> Result<String, TaskError> {
+        validate_id(id)?;
+        self.reserve(id)?;
+        let mut res = Resources::default();
+        let mut bundle_written = false;
+        let result = async {
+            let config = spec::read_config(host_bundle)?;
+            let plan = rootfs::plan(rootfs, spec::root_dir(&config, host_bundle).as_deref())?;
+            let guest_spec = spec::prepare(config)?;
+            let mounts = self.attach_rootfs(id, plan, &mut res).await?;
+            let guest_bundle = self.prepare_bundle(id, &guest_spec).await?;
+            bundle_written = true;
+            Ok::<_, TaskError>((mounts, guest_bundle))
+        }
+        .await;
+        match result {
+            Ok((mounts, guest_bundle)) => {
+                let prepared = Prepared {
+                    host_bundle: host_bundle.display().to_string(),
+                    guest_bundle: guest_bundle.clone(),
+                    mounts,
+                    resources: res,
+                };
+                self.containers
+                    .lock()
+                    .expect("poisoned")
+                    .insert(id.to_owned(), Entry::Prepared(prepared));
+                tracing::info!("Prepared container {id} (guest bundle {guest_bundle})");
+                Ok(guest_bundle)
+            }
+            Err(e) => {
+                if bundle_written {
+                    self.remove_bundle(id).await;
+                }
+                self.release(id, res).await;
+                self.containers.lock().expect("poisoned").remove(id);
+                Err(e)
+            }
+        }
+    }
+
+    /// Seed API Purge: frees what Prepare (and Create) took for `id`: its slots, images and
+    /// guest bundle. `false` when the endpoint holds nothing for it.
+    pub(crate) async fn purge(&self, id: &str) -> bool {
+        let entry = {
+            let mut containers = self.containers.lock().expect("poisoned");
+            match containers.get(id) {
+                Some(Entry::Creating) | None => None,
+                Some(_) => containers.remove(id),
+            }
+        };
+        let res = match entry {
+            Some(Entry::Prepared(p)) => p.resources,
+            Some(Entry::Ready(c)) => c.resources,
+            _ => return false,
+        };
+        self.remove_bundle(id).await;
+        self.release(id, res).await;
+        tracing::info!("Purged container {id}");
+        true
+    }
+
+    /// Marks `id` as being created; fails if the endpoint knows it already.
+    fn reserve(&self, id: &str) -> Result<(), TaskError> {
+        let mut containers = self.containers.lock().expect("poisoned");
+        if containers.contains_key(id) {
+            return Err(TaskError::ContainerExists(id.to_owned()));
+        }
+        containers.insert(id.to_owned(), Entry::Creating);
+        Ok(())
+    }
+
+    /// Create of a container Prepare readied: the rootfs and bundle are in place.
+    async fn create_prepared(
+        &self,
+        ctx: &TtrpcContext,
+        req: &CreateTaskRequest,
+        prepared: &Prepared,
+    ) -> Result<CreateTaskResponse, TaskError> {
+        if !req.bundle.is_empty()
+            && req.bundle != prepared.host_bundle
+            && req.bundle != prepared.guest_bundle
+        {
+            return Err(TaskError::invalid(
+                "bundle",
+                format!(
+                    "{:?} is not the bundle Prepare returned for {:?} ({:?})",
+                    req.bundle, req.id, prepared.host_bundle
+                ),
+            ));
+        }
+        let ([stdin, stdout, stderr], bridges) = self
+            .bridge_stdio(&req.id, [&req.stdin, &req.stdout, &req.stderr])
+            .await?;
+        let mut fwd = req.clone();
+        fwd.bundle.clone_from(&prepared.guest_bundle);
+        fwd.rootfs.clone_from(&prepared.mounts);
+        (fwd.stdin, fwd.stdout, fwd.stderr) = (stdin, stdout, stderr);
+        let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
+        let resp = bounded("Create", timeout, self.task()?.create(c, &fwd)).await?;
+        self.keep_bridges(bridges);
+        Ok(resp)
+    }
+
     /// Everything of Create after the id is reserved; fills `res` as it goes so the caller
     /// can undo it.
     async fn create_inner(
@@ -437,12 +563,51 @@ impl Endpoint {
         if !req.checkpoint.is_empty() || !req.parent_checkpoint.is_empty() {
             return Err(TaskError::Unimplemented("Create from a checkpoint".into()));
         }
-        {
+        let readied = {
             let mut containers = self.containers.lock().expect("poisoned");
-            if containers.contains_key(&req.id) {
-                return Err(TaskError::ContainerExists(req.id.clone()));
+            match containers.get(&req.id) {
+                Some(Entry::Prepared(_)) => {
+                    match containers.insert(req.id.clone(), Entry::Creating) {
+                        Some(Entry::Prepared(p)) => Some(p),
+                        _ => None,
+                    }
+                }
+                Some(_) => return Err(TaskError::ContainerExists(req.id.clone())),
+                None => {
+                    containers.insert(req.id.clone(), Entry::Creating);
+                    None
+                }
             }
-            containers.insert(req.id.clone(), Entry::Creating);
+        };
+        if let Some(p) = readied {
+            let result = self.create_prepared(ctx, &req, &p).await;
+            let mut containers = self.containers.lock().expect("poisoned");
+            match result {
+                Ok(resp) => {
+                    let container = Container {
+                        host_bundle: p.host_bundle,
+                        stdio: [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
+                        namespace: ctx
+                            .metadata
+                            .get(NAMESPACE_KEY)
+                            .and_then(|v| v.first())
+                            .cloned(),
+                        resources: p.resources,
+                    };
+                    containers.insert(req.id.clone(), Entry::Ready(container));
+                    tracing::info!(
+                        "Created prepared container {} (guest pid {})",
+                        req.id,
+                        resp.pid
+                    );
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    // Still prepared: Purge frees it.
+                    containers.insert(req.id.clone(), Entry::Prepared(p));
+                    return Err(e);
+                }
+            }
         }
         let mut res = Resources::default();
         let mut prepared = false;
