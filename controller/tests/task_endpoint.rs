@@ -953,7 +953,8 @@ async fn endpoint_logic_against_a_fake_agent() {
     ];
     let rootfs = || vec![mount("ext4", img.to_str().unwrap(), &["ro".to_owned()])];
 
-    // First container: the bundle path is learnt (one wrong guess, undone), files copied.
+    // First container: one PrepareBundle, the file mount's source bundle-relative (the agent
+    // resolves it under the bundle it chooses), the file copied.
     let b1 = host_bundle(d, "c1", &["true"], &binds);
     let pid = c
         .create(ctx(), &create_req("c1", &b1, rootfs()))
@@ -963,18 +964,15 @@ async fn endpoint_logic_against_a_fake_agent() {
     assert_eq!(pid, 42);
     {
         let seen = agent.seen.lock().unwrap();
-        assert_eq!(seen.prepares.len(), 2);
-        assert_eq!(seen.removes, vec!["c1".to_owned()]);
-        let prep = &seen.prepares[1];
+        assert_eq!(seen.prepares.len(), 1);
+        assert!(seen.removes.is_empty());
+        let prep = &seen.prepares[0];
         assert_eq!(prep.files.len(), 1);
         assert_eq!(prep.files[0].path, "2-hosts");
         assert_eq!(prep.files[0].data, b"127.0.0.1 localhost\n");
         let spec: serde_json::Value = serde_json::from_slice(&prep.config_json).unwrap();
         assert_eq!(spec["root"]["path"], "rootfs");
-        assert_eq!(
-            spec["mounts"][2]["source"],
-            "/agent/bundles/c1/files/2-hosts"
-        );
+        assert_eq!(spec["mounts"][2]["source"], "files/2-hosts");
         assert!(spec["linux"].get("cgroupsPath").is_none());
         assert!(spec["process"].get("apparmorProfile").is_none());
         let create = &seen.creates[0];
@@ -1005,13 +1003,13 @@ async fn endpoint_logic_against_a_fake_agent() {
         "{msg}"
     );
 
-    // Second container: the guess is right, one PrepareBundle.
+    // Second container: one PrepareBundle as well.
     let b2 = host_bundle(d, "c2", &["true"], &binds);
     c.create(ctx(), &create_req("c2", &b2, rootfs()))
         .await
         .expect("create c2");
-    assert_eq!(agent.seen.lock().unwrap().prepares.len(), 3);
-    assert_eq!(agent.seen.lock().unwrap().removes.len(), 1);
+    assert_eq!(agent.seen.lock().unwrap().prepares.len(), 2);
+    assert!(agent.seen.lock().unwrap().removes.is_empty());
 
     // The agent's Create fails: its status passes through, everything is undone.
     let bf = host_bundle(d, "fail", &["true"], &binds);

@@ -123,10 +123,50 @@ fn check_request(req: &PrepareBundleRequest) -> Result<Vec<PathBuf>, ControlErro
     Ok(paths)
 }
 
+/// `config_json` with every mount source of the form `files/<path>` (bundle-relative, as the
+/// OCI spec allows for bind mounts) made absolute under `dir`, so the host never needs to know
+/// where the agent keeps bundles. Other sources are left alone (`proc`, `tmpfs`, ... are
+/// relative-looking names of non-bind mounts).
+fn resolve_file_sources(dir: &Path, config_json: &[u8]) -> Result<Vec<u8>, ControlError> {
+    let mut spec: serde_json::Value = serde_json::from_slice(config_json)
+        .map_err(|e| ControlError::invalid("config_json", format!("is not valid JSON: {e}")))?;
+    let Some(mounts) = spec
+        .get_mut("mounts")
+        .and_then(serde_json::Value::as_array_mut)
+    else {
+        return Ok(config_json.to_vec());
+    };
+    let mut changed = false;
+    for (i, m) in mounts.iter_mut().enumerate() {
+        let Some(source) = m.get("source").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        let rel = Path::new(source);
+        if !rel.starts_with("files") || source.starts_with('/') {
+            continue;
+        }
+        if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(ControlError::invalid(
+                format!("config_json mounts[{i}].source"),
+                format!("{source:?} must stay inside the bundle (no . or .. parts)"),
+            ));
+        }
+        let absolute = dir.join(rel).display().to_string();
+        m["source"] = serde_json::Value::String(absolute);
+        changed = true;
+    }
+    if !changed {
+        return Ok(config_json.to_vec());
+    }
+    serde_json::to_vec(&spec)
+        .map_err(|e| ControlError::invalid("config_json", format!("cannot be re-encoded: {e}")))
+}
+
 /// Writes the bundle of `req` at `dir` (which must not exist) and returns `dir`.
 pub fn prepare(dir: &Path, req: &PrepareBundleRequest) -> Result<PathBuf, ControlError> {
     check_container_id(&req.container_id)?;
     let paths = check_request(req)?;
+    let config_json = resolve_file_sources(dir, &req.config_json)?;
     let io = |what: String, e: std::io::Error| ControlError::from_io("container_id", &what, &e);
     if let Some(parent) = dir.parent() {
         std::fs::create_dir_all(parent)
@@ -142,7 +182,7 @@ pub fn prepare(dir: &Path, req: &PrepareBundleRequest) -> Result<PathBuf, Contro
         }
         Err(e) => return Err(io(format!("create {}", dir.display()), e)),
     }
-    let written = write_contents(dir, req, &paths);
+    let written = write_contents(dir, req, &config_json, &paths);
     if written.is_err()
         && let Err(e) = std::fs::remove_dir_all(dir)
     {
@@ -154,6 +194,7 @@ pub fn prepare(dir: &Path, req: &PrepareBundleRequest) -> Result<PathBuf, Contro
 fn write_contents(
     dir: &Path,
     req: &PrepareBundleRequest,
+    config_json: &[u8],
     paths: &[PathBuf],
 ) -> Result<(), ControlError> {
     let write = |field: String, path: &Path, mode: u32, data: &[u8]| {
@@ -167,7 +208,7 @@ fn write_contents(
         "config_json".into(),
         &dir.join("config.json"),
         0o644,
-        &req.config_json,
+        config_json,
     )?;
     let files = dir.join("files");
     for (i, (f, rel)) in req.files.iter().zip(paths).enumerate() {
@@ -277,6 +318,49 @@ mod tests {
             assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad:?}");
             assert!(e.to_string().starts_with("container_id: "), "{e}");
         }
+    }
+
+    #[test]
+    fn bundle_relative_file_sources_become_absolute() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = dir.path().join("bundles/c1");
+        let mut req = request(
+            "c1",
+            r#"{"mounts":[
+                {"destination":"/proc","type":"proc","source":"proc"},
+                {"destination":"/etc/hosts","type":"bind","source":"files/etc/hosts"},
+                {"destination":"/data","type":"bind","source":"/abs/data"},
+                {"destination":"/x","type":"tmpfs"}]}"#,
+        );
+        req.files = vec![file("etc/hosts", b"127.0.0.1 localhost\n", 0o644)];
+        prepare(&bundle, &req).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(bundle.join("config.json")).unwrap()).unwrap();
+        let sources: Vec<_> = config["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["source"].as_str().map(str::to_owned))
+            .collect();
+        let hosts = bundle.join("files/etc/hosts").display().to_string();
+        assert_eq!(
+            sources,
+            [
+                Some("proc".into()),
+                Some(hosts),
+                Some("/abs/data".into()),
+                None
+            ]
+        );
+        // A bundle-relative source may not leave the bundle; nothing is written then.
+        let escape = request(
+            "c2",
+            r#"{"mounts":[{"destination":"/e","type":"bind","source":"files/../../etc/shadow"}]}"#,
+        );
+        let e = prepare(&dir.path().join("bundles/c2"), &escape).unwrap_err();
+        assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT);
+        assert!(e.to_string().contains("mounts[0].source"), "{e}");
+        assert!(!dir.path().join("bundles/c2").exists());
     }
 
     #[test]

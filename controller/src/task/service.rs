@@ -90,8 +90,6 @@ pub(crate) struct Endpoint {
     socket: PathBuf,
     /// Copies of FIFO stdio; stopped when the endpoint goes.
     bridges: Mutex<Vec<Bridges>>,
-    /// The agent's bundle directory root, learnt from the first PrepareBundle.
-    bundles_root: Mutex<Option<PathBuf>>,
 }
 
 /// Container ids become file names here and in the agent: `[A-Za-z0-9_.-]`, not starting
@@ -177,7 +175,6 @@ impl Endpoint {
             work_dir: opts.work_dir.clone(),
             call_timeout: opts.call_timeout,
             containers: Mutex::new(HashMap::new()),
-            bundles_root: Mutex::new(None),
         }
     }
 
@@ -342,9 +339,8 @@ impl Endpoint {
         }
     }
 
-    /// Control.PrepareBundle with the spec rendered for the bundle's guest path. The path is
-    /// the agent's `<bundles root>/<id>`: guessed from the last answer and checked; a wrong
-    /// guess costs one RemoveBundle and a second PrepareBundle.
+    /// Control.PrepareBundle: the spec (bundle files named `files/...`, which the agent
+    /// resolves under the bundle it chooses) and the files. Returns the guest bundle.
     async fn prepare_bundle(&self, id: &str, spec: &GuestSpec) -> Result<String, TaskError> {
         let control = self.control()?;
         let files: Vec<BundleFile> = spec
@@ -358,38 +354,17 @@ impl Endpoint {
                 b
             })
             .collect();
-        let guess = self
-            .bundles_root
-            .lock()
-            .expect("poisoned")
-            .as_ref()
-            .map(|r| r.join(id).display().to_string());
-        let mut bundle = guess.unwrap_or_else(|| format!("/unknown-bundle-root/{id}"));
-        for _ in 0..2 {
-            let mut req = PrepareBundleRequest::new();
-            req.container_id = id.to_owned();
-            req.config_json = spec.render(&bundle)?;
-            req.files.clone_from(&files);
-            let got = bounded(
-                "PrepareBundle",
-                Some(self.call_timeout),
-                control.prepare_bundle(plain_ctx(self.call_timeout), &req),
-            )
-            .await?
-            .bundle;
-            if let Some(root) = Path::new(&got).parent() {
-                *self.bundles_root.lock().expect("poisoned") = Some(root.to_owned());
-            }
-            if got == bundle || spec.files.is_empty() {
-                return Ok(got);
-            }
-            self.remove_bundle(id).await;
-            bundle = got;
-        }
-        Err(TaskError::Agent(ttrpc::get_status(
-            ttrpc::Code::INTERNAL,
-            format!("PrepareBundle of {id:?} returned a different bundle path each time"),
-        )))
+        let mut req = PrepareBundleRequest::new();
+        req.container_id = id.to_owned();
+        req.config_json = spec.render()?;
+        req.files = files;
+        let resp = bounded(
+            "PrepareBundle",
+            Some(self.call_timeout),
+            control.prepare_bundle(plain_ctx(self.call_timeout), &req),
+        )
+        .await?;
+        Ok(resp.bundle)
     }
 
     async fn remove_bundle(&self, id: &str) {

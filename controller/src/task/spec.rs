@@ -235,14 +235,14 @@ pub fn prepare(mut spec: Value) -> Result<GuestSpec, TaskError> {
 }
 
 impl GuestSpec {
-    /// The spec as JSON, with bundle file sources under `guest_bundle`.
-    pub fn render(&self, guest_bundle: &str) -> Result<Vec<u8>, TaskError> {
+    /// The spec as JSON, with bundle file sources bundle-relative (`files/<name>`): the agent
+    /// makes them absolute under the bundle it writes (Control.PrepareBundle).
+    pub fn render(&self) -> Result<Vec<u8>, TaskError> {
         let mut spec = self.spec.clone();
         if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
             for (i, name) in &self.file_mounts {
                 if let Some(m) = mounts.get_mut(*i).and_then(Value::as_object_mut) {
-                    let source = format!("{}/files/{name}", guest_bundle.trim_end_matches('/'));
-                    m.insert("source".into(), json!(source));
+                    m.insert("source".into(), json!(format!("files/{name}")));
                 }
             }
         }
@@ -301,13 +301,11 @@ mod tests {
                 mode: 0o644
             }]
         );
-        let out: Value = serde_json::from_slice(&g.render("/run/a/bundles/c1/").unwrap()).unwrap();
+        let out: Value = serde_json::from_slice(&g.render().unwrap()).unwrap();
         assert_eq!(out["root"], json!({"path": "rootfs", "readonly": true}));
         assert_eq!(out["mounts"][0]["type"], "proc");
-        assert_eq!(
-            out["mounts"][1]["source"],
-            "/run/a/bundles/c1/files/1-hosts"
-        );
+        // Bundle-relative: the agent resolves it under the bundle it writes.
+        assert_eq!(out["mounts"][1]["source"], "files/1-hosts");
         assert_eq!(
             out["mounts"][1]["options"],
             json!(["rbind", "rprivate", "rw"])
