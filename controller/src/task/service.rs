@@ -58,6 +58,28 @@ struct Container {
     resources: Resources,
 }
 
+impl Container {
+    /// The record of a container the agent created for `req` (its containerd namespace comes
+    /// with the request's metadata).
+    fn created(
+        ctx: &TtrpcContext,
+        req: &CreateTaskRequest,
+        host_bundle: String,
+        resources: Resources,
+    ) -> Self {
+        Self {
+            host_bundle,
+            stdio: [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
+            namespace: ctx
+                .metadata
+                .get(NAMESPACE_KEY)
+                .and_then(|v| v.first())
+                .cloned(),
+            resources,
+        }
+    }
+}
+
 /// A container the seed API's Prepare readied: rootfs attached and guest bundle written; the
 /// engine's Task.Create for it then only forwards.
 #[derive(Debug)]
@@ -559,16 +581,7 @@ impl Endpoint {
             let mut containers = self.containers.lock().expect("poisoned");
             match result {
                 Ok(resp) => {
-                    let container = Container {
-                        host_bundle: p.host_bundle,
-                        stdio: [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
-                        namespace: ctx
-                            .metadata
-                            .get(NAMESPACE_KEY)
-                            .and_then(|v| v.first())
-                            .cloned(),
-                        resources: p.resources,
-                    };
+                    let container = Container::created(ctx, &req, p.host_bundle, p.resources);
                     containers.insert(req.id.clone(), Entry::Ready(container));
                     tracing::info!(
                         "Created prepared container {} (guest pid {})",
@@ -589,16 +602,7 @@ impl Endpoint {
         let result = self.create_inner(ctx, &req, &mut res, &mut prepared).await;
         match result {
             Ok(resp) => {
-                let container = Container {
-                    host_bundle: req.bundle.clone(),
-                    stdio: [req.stdin.clone(), req.stdout.clone(), req.stderr.clone()],
-                    namespace: ctx
-                        .metadata
-                        .get(NAMESPACE_KEY)
-                        .and_then(|v| v.first())
-                        .cloned(),
-                    resources: res,
-                };
+                let container = Container::created(ctx, &req, req.bundle.clone(), res);
                 self.containers
                     .lock()
                     .expect("poisoned")
