@@ -1190,7 +1190,12 @@ impl<B: VmBackend> SandboxService<B> {
                 ..ContainerRecord::default()
             },
         );
-        self.save(record.clone()).await?;
+        if let Err(e) = self.save(record.clone()).await {
+            // Unrecorded, the engine could never Purge it: free it now.
+            task.purge(&req.container_id).await;
+            let _ = std::fs::remove_dir_all(&bundle);
+            return Err(e);
+        }
         entry.with(|d| d.record = record);
         info!(sandbox_id = %id, container_id = %req.container_id, "container prepared");
         Ok(bundle_str)

@@ -417,16 +417,9 @@ impl Endpoint {
         self.reserve(id)?;
         let mut res = Resources::default();
         let mut bundle_written = false;
-        let result = async {
-            let config = spec::read_config(host_bundle)?;
-            let plan = rootfs::plan(rootfs, spec::root_dir(&config, host_bundle).as_deref())?;
-            let guest_spec = spec::prepare(config)?;
-            let mounts = self.attach_rootfs(id, plan, &mut res).await?;
-            let guest_bundle = self.prepare_bundle(id, &guest_spec).await?;
-            bundle_written = true;
-            Ok::<_, TaskError>((mounts, guest_bundle))
-        }
-        .await;
+        let result = self
+            .stage(id, host_bundle, rootfs, &mut res, &mut bundle_written)
+            .await;
         match result {
             Ok((mounts, guest_bundle)) => {
                 let prepared = Prepared {
@@ -443,14 +436,39 @@ impl Endpoint {
                 Ok(guest_bundle)
             }
             Err(e) => {
-                if bundle_written {
-                    self.remove_bundle(id).await;
-                }
-                self.release(id, res).await;
-                self.containers.lock().expect("poisoned").remove(id);
+                self.undo(id, res, bundle_written).await;
                 Err(e)
             }
         }
+    }
+
+    /// What Create and Prepare share: reads `config.json` from `host_bundle`, attaches the
+    /// root filesystem and writes the guest bundle; returns the guest mounts and bundle. Fills
+    /// `res` and sets `bundle_written` as it goes, so that the caller can [`Self::undo`] it.
+    async fn stage(
+        &self,
+        id: &str,
+        host_bundle: &Path,
+        rootfs: &[Mount],
+        res: &mut Resources,
+        bundle_written: &mut bool,
+    ) -> Result<(Vec<Mount>, String), TaskError> {
+        let config = spec::read_config(host_bundle)?;
+        let plan = rootfs::plan(rootfs, spec::root_dir(&config, host_bundle).as_deref())?;
+        let guest_spec = spec::prepare(config)?;
+        let mounts = self.attach_rootfs(id, plan, res).await?;
+        let guest_bundle = self.prepare_bundle(id, &guest_spec).await?;
+        *bundle_written = true;
+        Ok((mounts, guest_bundle))
+    }
+
+    /// Frees what a failed [`Self::stage`] (and what followed) took, and forgets `id`.
+    async fn undo(&self, id: &str, res: Resources, bundle_written: bool) {
+        if bundle_written {
+            self.remove_bundle(id).await;
+        }
+        self.release(id, res).await;
+        self.containers.lock().expect("poisoned").remove(id);
     }
 
     /// Seed API Purge: frees what Prepare (and Create) took for `id`: its slots, images and
@@ -503,12 +521,30 @@ impl Endpoint {
                 ),
             ));
         }
+        self.forward_create(
+            ctx,
+            req,
+            prepared.mounts.clone(),
+            prepared.guest_bundle.clone(),
+        )
+        .await
+    }
+
+    /// Bridges the stdio of `req` and forwards it to the agent with the guest `mounts` and
+    /// `guest_bundle`.
+    async fn forward_create(
+        &self,
+        ctx: &TtrpcContext,
+        req: &CreateTaskRequest,
+        mounts: Vec<Mount>,
+        guest_bundle: String,
+    ) -> Result<CreateTaskResponse, TaskError> {
         let ([stdin, stdout, stderr], bridges) = self
             .bridge_stdio(&req.id, [&req.stdin, &req.stdout, &req.stderr])
             .await?;
         let mut fwd = req.clone();
-        fwd.bundle.clone_from(&prepared.guest_bundle);
-        fwd.rootfs.clone_from(&prepared.mounts);
+        fwd.bundle = guest_bundle;
+        fwd.rootfs = mounts;
         (fwd.stdin, fwd.stdout, fwd.stderr) = (stdin, stdout, stderr);
         let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
         let resp = bounded("Create", timeout, self.task()?.create(c, &fwd)).await?;
@@ -532,23 +568,10 @@ impl Endpoint {
                 format!("{:?} is not an absolute path", req.bundle),
             ));
         }
-        let config = spec::read_config(host_bundle)?;
-        let plan = rootfs::plan(&req.rootfs, spec::root_dir(&config, host_bundle).as_deref())?;
-        let guest_spec = spec::prepare(config)?;
-        let mounts = self.attach_rootfs(&req.id, plan, res).await?;
-        let guest_bundle = self.prepare_bundle(&req.id, &guest_spec).await?;
-        *prepared = true;
-        let ([stdin, stdout, stderr], bridges) = self
-            .bridge_stdio(&req.id, [&req.stdin, &req.stdout, &req.stderr])
+        let (mounts, guest_bundle) = self
+            .stage(&req.id, host_bundle, &req.rootfs, res, prepared)
             .await?;
-        let mut fwd = req.clone();
-        fwd.bundle = guest_bundle;
-        fwd.rootfs = mounts;
-        (fwd.stdin, fwd.stdout, fwd.stderr) = (stdin, stdout, stderr);
-        let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
-        let resp = bounded("Create", timeout, self.task()?.create(c, &fwd)).await?;
-        self.keep_bridges(bridges);
-        Ok(resp)
+        self.forward_create(ctx, req, mounts, guest_bundle).await
     }
 
     async fn create(
@@ -612,11 +635,7 @@ impl Endpoint {
             }
             Err(e) => {
                 tracing::info!("Create of {} failed: {}", req.id, e.chain());
-                if prepared {
-                    self.remove_bundle(&req.id).await;
-                }
-                self.release(&req.id, res).await;
-                self.containers.lock().expect("poisoned").remove(&req.id);
+                self.undo(&req.id, res, prepared).await;
                 Err(e)
             }
         }
