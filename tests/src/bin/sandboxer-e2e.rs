@@ -266,6 +266,24 @@ impl Pod {
         Ok(created.pid)
     }
 
+    /// Writes a bundle in `dir` for `sh -c script`, creates container `id` from it on `rootfs`
+    /// with stdout and stderr into one FIFO, and starts it; returns the FIFO.
+    async fn run_script(
+        &self,
+        dir: &Path,
+        id: &str,
+        rootfs: Mount,
+        script: &str,
+    ) -> Result<OutFifo> {
+        let bundle = dir.join(id);
+        write_bundle(&bundle, &["/bin/sh", "-c", script])?;
+        let out = OutFifo::new(dir, &format!("{id}.out"))?;
+        self.create(id, &bundle, rootfs, ["", &out.path(), &out.path()])
+            .await?;
+        self.start(id, "").await?;
+        Ok(out)
+    }
+
     /// Task.Start of container `id` or of its exec process `exec_id`.
     async fn start(&self, id: &str, exec_id: &str) -> Result<()> {
         self.task

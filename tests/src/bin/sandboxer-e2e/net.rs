@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 
-use super::{
-    Controller, OutFifo, Steps, end_pod, rootfs_mount, start_pod_in, wait_exit, write_bundle,
-};
+use super::{Controller, Steps, end_pod, rootfs_mount, start_pod_in, wait_exit};
 
 /// The pod's address (the veth end in the pod namespace, then the guest's NIC).
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
@@ -220,18 +218,11 @@ pub(crate) async fn case_net(
     let dir = work.join("net");
     std::fs::create_dir_all(&dir)?;
     // A server in a container, reached from outside the pod.
-    let bundle = dir.join("srv");
     let serve = format!("echo net-ok-from-container | nc -l -p {POD_PORT}");
-    write_bundle(&bundle, &["/bin/sh", "-c", &serve])?;
-    let out = OutFifo::new(&dir, "srv.out")?;
-    pod.create(
-        "srv",
-        &bundle,
-        rootfs_mount(image),
-        ["", &out.path(), &out.path()],
-    )
-    .await?;
-    pod.start("srv", "").await?;
+    // The output FIFO's reader lives as long as its copy thread.
+    let _output = pod
+        .run_script(&dir, "srv", rootfs_mount(image), &serve)
+        .await?;
     let text = retry("connect to the container's server", || {
         let s = TcpStream::connect_timeout(
             &SocketAddrV4::new(POD_IP, POD_PORT).into(),
@@ -255,18 +246,10 @@ pub(crate) async fn case_net(
     // A container reaches a server outside the pod through its default route.
     let listener = TcpListener::bind(SocketAddrV4::new(HOST_IP, HOST_PORT))?;
     listener.set_nonblocking(true)?;
-    let bundle = dir.join("cli");
     let dial = format!("echo hello-from-the-pod | nc {HOST_IP} {HOST_PORT}");
-    write_bundle(&bundle, &["/bin/sh", "-c", &dial])?;
-    let out = OutFifo::new(&dir, "cli.out")?;
-    pod.create(
-        "cli",
-        &bundle,
-        rootfs_mount(image),
-        ["", &out.path(), &out.path()],
-    )
-    .await?;
-    pod.start("cli", "").await?;
+    let _output = pod
+        .run_script(&dir, "cli", rootfs_mount(image), &dial)
+        .await?;
     let text = retry("accept the container's connection", || {
         let (s, peer) = listener.accept()?;
         s.set_nonblocking(false)?;

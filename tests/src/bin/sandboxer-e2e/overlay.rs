@@ -18,7 +18,7 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 use containerd_shim_protos::api::Mount;
 
-use super::{Controller, OutFifo, Steps, end_pod, start_pod, wait_exit, write_bundle};
+use super::{Controller, Steps, end_pod, start_pod, wait_exit};
 
 /// What the container prints about its root filesystem.
 const PROBE: &str = "cat /etc/greeting /etc/added; \
@@ -111,12 +111,7 @@ fn overlay_mount(lowers: &[&Path], upper: &Path, work: &Path) -> Mount {
 
 /// Runs one container with `rootfs` to its end and returns its stdout.
 async fn run_probe(pod: &super::Pod, dir: &Path, id: &str, rootfs: Mount) -> Result<String> {
-    let bundle = dir.join(id);
-    write_bundle(&bundle, &["/bin/sh", "-c", PROBE])?;
-    let out = OutFifo::new(dir, &format!("{id}.stdout"))?;
-    pod.create(id, &bundle, rootfs, ["", &out.path(), &out.path()])
-        .await?;
-    pod.start(id, "").await?;
+    let out = pod.run_script(dir, id, rootfs, PROBE).await?;
     let status = wait_exit(&pod.task, id, "").await?;
     let text = out.wait_for("probe-done").await;
     let text = match (status, text) {
