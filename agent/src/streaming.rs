@@ -112,6 +112,14 @@ fn type_name(url: &str) -> &str {
     url.rsplit_once('/').map_or(url, |(_, name)| name)
 }
 
+/// A message with neither type nor value. containerd's Go ttrpc client opens a client stream
+/// with a request that carries no payload and no `FLAG_NO_DATA`; ttrpc-rust's server then hands
+/// the handler that empty payload as a first message, before the client's `StreamInit`. It
+/// means nothing and is skipped.
+pub fn is_blank(msg: &Any) -> bool {
+    msg.type_url.is_empty() && msg.value.is_empty()
+}
+
 fn pack(type_url: &str, msg: &impl Message) -> Result<Any, StreamingError> {
     let mut any = Any::new();
     any.type_url = type_url.to_owned();
@@ -232,11 +240,16 @@ impl StreamingService {
 
     async fn serve(&self, stream: ServerStream<Any, Any>) -> Result<(), StreamingError> {
         let (tx, mut rx) = stream.split();
-        let first = rx
-            .recv()
-            .await
-            .map_err(|e| transport(&e))?
-            .ok_or(StreamingError::NoInit)?;
+        let first = loop {
+            let msg = rx
+                .recv()
+                .await
+                .map_err(|e| transport(&e))?
+                .ok_or(StreamingError::NoInit)?;
+            if !is_blank(&msg) {
+                break msg;
+            }
+        };
         if type_name(&first.type_url) != STREAM_INIT_TYPE {
             return Err(StreamingError::NotInit(first.type_url));
         }
@@ -440,7 +453,13 @@ mod tests {
         assert_eq!(type_name(DATA_TYPE), DATA_TYPE);
     }
 
-    async fn open(sock: &std::path::Path, id: &str) -> ttrpc::asynchronous::ClientStream<Any, Any> {
+    /// Opens a stream and sends `StreamInit{id}`; `go_client`: first a blank message, which is
+    /// what ttrpc-rust's server hands the handler when containerd's Go client opens a stream.
+    async fn open(
+        sock: &std::path::Path,
+        id: &str,
+        go_client: bool,
+    ) -> ttrpc::asynchronous::ClientStream<Any, Any> {
         let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", sock.display()))
             .await
             .unwrap();
@@ -448,6 +467,9 @@ mod tests {
             .stream(ttrpc::context::with_timeout(0))
             .await
             .unwrap();
+        if go_client {
+            s.send(&Any::new()).await.unwrap();
+        }
         let mut init = StreamInit::new();
         init.id = id.into();
         s.send(&pack(STREAM_INIT_TYPE, &init).unwrap())
@@ -470,12 +492,13 @@ mod tests {
         server.start().await.unwrap();
 
         // Registered, then answered with an Empty; taken within the TTL it stays open.
-        let mut kept = open(&sock, "kept").await;
+        let mut kept = open(&sock, "kept", false).await;
         let ack = kept.recv().await.unwrap();
         assert_eq!(ack.type_url, EMPTY_TYPE);
         let conn = registry.take("kept", Duration::from_secs(5)).await.unwrap();
-        // Not taken: ended after the TTL (end of file for the engine).
-        let mut lost = open(&sock, "lost").await;
+        // Not taken: ended after the TTL (end of file for the engine). This one is opened the
+        // way containerd's Go client opens it: the blank first message is skipped.
+        let mut lost = open(&sock, "lost", true).await;
         assert_eq!(lost.recv().await.unwrap().type_url, EMPTY_TYPE);
         assert_eq!(registry.waiting(), ["lost"]);
         let end = tokio::time::timeout(Duration::from_secs(5), lost.recv())

@@ -55,6 +55,14 @@ fn pack(type_url: &str, msg: &impl Message) -> Result<Any, TaskError> {
     Ok(any)
 }
 
+/// A message with neither type nor value: it carries nothing. containerd's Go ttrpc client
+/// opens a client stream with no payload and without `FLAG_NO_DATA`, and ttrpc-rust's server
+/// hands the handler that empty payload as a first message; the agent's answers never are
+/// blank. Neither direction forwards one.
+fn is_blank(msg: &Any) -> bool {
+    msg.type_url.is_empty() && msg.value.is_empty()
+}
+
 /// Whether `stdio` is a `streaming_id` URL (as opposed to a path).
 pub fn is_stream_url(stdio: &str) -> bool {
     stdio
@@ -95,6 +103,7 @@ impl Streaming for StreamProxy {
         let to_agent = async move {
             loop {
                 match down_rx.recv().await {
+                    Ok(Some(msg)) if is_blank(&msg) => {}
                     Ok(Some(msg)) => {
                         if up_tx.send(&msg).await.is_err() {
                             break;
@@ -113,7 +122,7 @@ impl Streaming for StreamProxy {
         let from_agent = async move {
             loop {
                 match up_rx.recv().await {
-                    Ok(msg) if msg.type_url.is_empty() && msg.value.is_empty() => {}
+                    Ok(msg) if is_blank(&msg) => {}
                     Ok(msg) => {
                         if down_tx.send(&msg).await.is_err() {
                             return Ok(());
@@ -303,9 +312,6 @@ pub async fn bridge(
     Ok((out, bridges))
 }
 
-/// `ENXIO`: a FIFO opened for writing without a reader.
-const ENXIO: i32 = 6;
-
 fn is_fifo(path: &str) -> bool {
     use std::os::unix::fs::FileTypeExt as _;
     std::fs::metadata(path).is_ok_and(|m| m.file_type().is_fifo())
@@ -325,20 +331,21 @@ async fn open_input(
     Ok(Box::new(file))
 }
 
-/// Opens a stdout/stderr sink: a FIFO (which needs a reader already) or a file (appended to,
-/// created if missing).
+/// Opens a stdout/stderr sink: a FIFO or a file (appended to, created if missing).
+///
+/// A FIFO is opened read-write, as containerd's runc shim keeps a read end of its output FIFOs:
+/// the engine may open its reader a moment after the call that names the FIFO (containerd's
+/// `ExecSync` does, from a goroutine), output waits in the pipe until it does, and when the
+/// engine restarts and reopens the FIFO the copy goes on instead of failing with `EPIPE`.
 async fn open_output(
     field: &str,
     path: &str,
 ) -> Result<Box<dyn AsyncWrite + Send + Unpin>, TaskError> {
     if is_fifo(path) {
-        let fifo = pipe::OpenOptions::new().open_sender(path).map_err(|e| {
-            if e.raw_os_error() == Some(ENXIO) {
-                TaskError::invalid(field, format!("FIFO {path:?} has no reader"))
-            } else {
-                TaskError::invalid(field, format!("cannot open {path:?}: {e}"))
-            }
-        })?;
+        let fifo = pipe::OpenOptions::new()
+            .read_write(true)
+            .open_sender(path)
+            .map_err(|e| TaskError::invalid(field, format!("cannot open {path:?}: {e}")))?;
         return Ok(Box::new(fifo));
     }
     if !Path::new(path).is_absolute() {
