@@ -24,6 +24,7 @@ pub mod notify;
 pub mod sandbox;
 pub mod server;
 pub mod service;
+pub mod shim;
 pub mod store;
 pub mod task;
 

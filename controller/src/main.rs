@@ -6,6 +6,9 @@
 //!
 //! `sandboxer vm run` boots one guest in this process and streams its console: the quickest way
 //! for a person to see the VMM work.
+//!
+//! Called as `containerd-shim-sandboxer-v1` (a link), it answers the few shim calls containerd
+//! makes for the runtime type `io.containerd.sandboxer.v1` (see `controller::shim`).
 #![forbid(unsafe_code)]
 
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use controller::config::{Config, ServeArgs};
+use controller::shim;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -190,6 +194,12 @@ fn start_shell_pool(config: &Config) {
 }
 
 fn main() -> ExitCode {
+    let mut args = std::env::args();
+    if args.next().is_some_and(|argv0| shim::is_shim_name(&argv0)) {
+        let rest: Vec<String> = args.collect();
+        let code = shim::run(&rest, &mut std::io::stdout(), &mut std::io::stderr());
+        return ExitCode::from(code);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         None => serve(&cli.serve),

@@ -245,3 +245,51 @@ fn vm_run_subcommand_is_still_there() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start the VM"));
 }
+
+/// Linked as `containerd-shim-sandboxer-v1` (what containerd resolves for the runtime type
+/// `io.containerd.sandboxer.v1` when it reloads tasks after a restart), the binary answers
+/// containerd's `delete` with a `DeleteResponse` and refuses to start a shim.
+#[test]
+fn shim_name_link_answers_delete_and_refuses_start() {
+    use containerd_shim_protos::api::DeleteResponse;
+    use containerd_shim_protos::protobuf::Message;
+
+    let dir = tempfile::tempdir().unwrap();
+    let link = dir.path().join(controller::shim::SHIM_NAME);
+    std::os::unix::fs::symlink(BIN, &link).unwrap();
+    let shim_args = |action: &'static str| {
+        [
+            "-namespace",
+            "k8s.io",
+            "-address",
+            "/run/containerd/containerd.sock",
+            "-publish-binary",
+            "/usr/bin/containerd",
+            "-id",
+            "c1",
+            "-bundle",
+            "/run/containerd/io.containerd.runtime.v2.task/k8s.io/c1",
+            action,
+        ]
+    };
+    let out = Command::new(&link)
+        .args(shim_args("delete"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let resp = DeleteResponse::parse_from_bytes(&out.stdout).unwrap();
+    assert_eq!(resp.exit_status, controller::shim::KILLED_STATUS);
+    assert!(resp.exited_at.seconds > 0);
+
+    let out = Command::new(&link)
+        .args(shim_args("start"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("not a shim") && err.contains("\"start\""),
+        "{err}"
+    );
+}
