@@ -12,7 +12,10 @@
 //! - Containers (create/start/exec/logs/exit codes/stop/remove, a second container, a restart
 //!   in the middle) need a Linux guest: they run when `SANDBOXER_LINUX_GUEST_KERNEL` and
 //!   `SANDBOXER_LINUX_GUEST_INITRAMFS` name the guest kernel and the agent initramfs and the
-//!   host's KVM can run them, and skip loudly otherwise.
+//!   host's KVM can run them, and skip loudly otherwise. On this project's CI they run inside
+//!   the emulated KVM host (`tests/emulated-host/run`, case `cri-containers`), which packs this
+//!   test binary, containerd and the scripts, and names them with `SANDBOXER_CONTAINERD_CACHE`,
+//!   `SANDBOXER_CONTAINERD_SCRIPTS` and `SANDBOXER_CRI_IMAGE_TAR` (a pre-built image).
 //!
 //! Needs root (containerd, overlayfs); `SANDBOXER_REQUIRE_ROOT=1` makes a missing root a
 //! failure. A missing containerd is a failure on CI (`CI=true`, where `tests/setup` installs
@@ -44,8 +47,13 @@ use tonic::transport::Channel;
 type Runtime = cri::runtime_service_client::RuntimeServiceClient<Channel>;
 type Images = cri::image_service_client::ImageServiceClient<Channel>;
 
-/// The scripts of `tests/containerd/`.
+/// The scripts of `tests/containerd/` in this checkout.
 const SCRIPTS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/containerd");
+/// Where the scripts are when the test runs away from the checkout (the emulated host copies
+/// them into its initramfs).
+const SCRIPTS_ENV: &str = "SANDBOXER_CONTAINERD_SCRIPTS";
+/// An OCI image tarball `build-image` made beforehand (the emulated host has no GNU tar).
+const IMAGE_TAR_ENV: &str = "SANDBOXER_CRI_IMAGE_TAR";
 /// The CRI runtime handlers `config.toml.in` defines (io_type streaming and fifo).
 const HANDLERS: [&str; 2] = ["sandboxer", "sandboxer-fifo"];
 /// The image `build-image` makes.
@@ -58,6 +66,13 @@ const K8S_NS: &str = "k8s.io";
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 // ---- prerequisites
+
+/// The script `name` of `tests/containerd/`.
+fn script(name: &str) -> PathBuf {
+    std::env::var_os(SCRIPTS_ENV)
+        .map_or_else(|| PathBuf::from(SCRIPTS), PathBuf::from)
+        .join(name)
+}
 
 /// An installed containerd, as `tests/containerd/install --print` reports it.
 #[derive(Clone, Debug)]
@@ -81,7 +96,7 @@ fn is_root() -> bool {
 }
 
 fn installed_containerd() -> Result<Containerd, String> {
-    let out = Command::new(format!("{SCRIPTS}/install"))
+    let out = Command::new(script("install"))
         .arg("--print")
         .stderr(Stdio::piped())
         .output()
@@ -124,6 +139,29 @@ fn prerequisites(test: &str) -> Option<Containerd> {
             None
         }
     }
+}
+
+/// The `sandboxer` binary: `SANDBOXER_BIN`, or the one cargo built beside this test
+/// (`target/<profile>/sandboxer`). containerd finds it as `containerd-shim-sandboxer-v1`.
+fn sandboxer_binary() -> anyhow::Result<PathBuf> {
+    if let Some(bin) = std::env::var_os("SANDBOXER_BIN") {
+        return Ok(bin.into());
+    }
+    // This test runs as target/<profile>/deps/cri-<hash>.
+    let exe = std::env::current_exe()?;
+    let beside = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|d| d.join("sandboxer"))
+        .context("no directory above the test binary")?;
+    if !beside.is_file() {
+        bail!(
+            "no sandboxer binary at {} (build it: cargo build -p controller --bin sandboxer, or \
+             set SANDBOXER_BIN)",
+            beside.display()
+        );
+    }
+    Ok(beside)
 }
 
 /// A Linux guest kernel and the agent initramfs for the container tests, or `None` after a
@@ -282,8 +320,14 @@ impl Env {
             }
         }
         let ctrd_dir = dir.0.join("ctrd");
-        std::fs::create_dir_all(&ctrd_dir)?;
-        run(Command::new(format!("{SCRIPTS}/gen-config"))
+        // containerd resolves the shim name of the runtime type when it reloads tasks after a
+        // restart (controller::shim): the sandboxer binary under that name, as deployed.
+        std::fs::create_dir_all(ctrd_dir.join("bin"))?;
+        std::os::unix::fs::symlink(
+            sandboxer_binary()?,
+            ctrd_dir.join("bin").join(controller::shim::SHIM_NAME),
+        )?;
+        run(Command::new(script("gen-config"))
             .arg("--test")
             .arg(&ctrd_dir)
             .arg(&config.api.socket))?;
@@ -336,7 +380,12 @@ impl Env {
             .create(true)
             .append(true)
             .open(self.ctrd_dir().join("containerd.log"))?;
+        let path = std::env::var("PATH").unwrap_or_default();
         let mut child = Command::new(&self.tools.containerd)
+            .env(
+                "PATH",
+                format!("{}:{path}", self.ctrd_dir().join("bin").display()),
+            )
             .arg("--config")
             .arg(self.ctrd_dir().join("config.toml"))
             .args(["--log-level", "debug"])
@@ -389,12 +438,22 @@ impl Env {
         self.containerd.as_ref().map(Child::id)
     }
 
+    /// containerd's errors and warnings, then the last 40 lines of its log.
     fn containerd_log(&self) -> String {
         let text =
             std::fs::read_to_string(self.ctrd_dir().join("containerd.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
+        let problems: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("level=error") || l.contains("level=warning"))
+            .collect();
         let start = lines.len().saturating_sub(40);
-        format!("--- containerd log (tail)\n{}", lines[start..].join("\n"))
+        format!(
+            "--- containerd errors and warnings\n{}\n--- containerd log (tail)\n{}",
+            problems.join("\n"),
+            lines[start..].join("\n")
+        )
     }
 
     async fn runtime(&self) -> anyhow::Result<Runtime> {
@@ -418,12 +477,17 @@ impl Env {
             .args(args))
     }
 
-    /// Builds the busybox OCI image and imports it.
+    /// Builds the busybox OCI image (or takes the one `SANDBOXER_CRI_IMAGE_TAR` names) and
+    /// imports it.
     fn import_image(&self) -> anyhow::Result<()> {
-        let tar = self.dir.0.join("busybox-oci.tar");
-        run(Command::new(format!("{SCRIPTS}/build-image"))
-            .arg(&tar)
-            .arg(IMAGE))?;
+        let tar = match std::env::var_os(IMAGE_TAR_ENV) {
+            Some(tar) => PathBuf::from(tar),
+            None => {
+                let tar = self.dir.0.join("busybox-oci.tar");
+                run(Command::new(script("build-image")).arg(&tar).arg(IMAGE))?;
+                tar
+            }
+        };
         let tar = tar.to_string_lossy().into_owned();
         self.ctr(&["images", "import", "--snapshotter", "overlayfs", &tar])?;
         Ok(())
@@ -475,15 +539,17 @@ impl Env {
         Ok((state, type_url))
     }
 
-    /// Sandbox directories in the sandboxer's state dir.
+    /// Sandbox directories in the sandboxer's state dir (its image directory aside).
     fn sandboxer_dirs(&self) -> Vec<String> {
-        std::fs::read_dir(&self.config.state_dir)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        entries(&self.config.state_dir)
+            .into_iter()
+            .filter(|name| name != "images")
+            .collect()
+    }
+
+    /// Container rootfs images in the sandboxer's image directory (`<state_dir>/images`).
+    fn sandboxer_images(&self) -> Vec<String> {
+        entries(&self.config.state_dir.join("images"))
     }
 
     fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
@@ -539,6 +605,10 @@ impl Env {
         if !left.is_empty() {
             bail!("sandbox state left in the sandboxer's state dir: {left:?}");
         }
+        let images = self.sandboxer_images();
+        if !images.is_empty() {
+            bail!("rootfs images left in the sandboxer's image dir: {images:?}");
+        }
         if self.config.api.socket.exists() {
             bail!("the sandboxer socket is left");
         }
@@ -576,6 +646,17 @@ impl Drop for Env {
 }
 
 // ---- helpers
+
+/// The names in a directory (none when it does not exist).
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
 
 /// Runs a command; its stdout, or an error with its stderr.
 fn run(cmd: &mut Command) -> anyhow::Result<String> {
@@ -632,19 +713,26 @@ fn is_shim(cmd: &str) -> bool {
         .is_some_and(|name| name.to_string_lossy().starts_with("containerd-shim"))
 }
 
-/// containerd's CRI plugin runs `containerd-shim-runc-v2 -info` once at start-up to learn the
-/// features of its built-in `runc` handler (only runc-type handlers are probed; the sandboxer
-/// handlers never are). It serves no pod, so it is not a shim process in the sense checked here.
-fn is_runtime_info_probe(cmd: &str) -> bool {
+/// A one-shot call of a shim binary that serves no pod, which is not a shim process in the
+/// sense checked here:
+/// - containerd's CRI plugin runs `containerd-shim-runc-v2 -info` once at start-up to learn the
+///   features of its built-in `runc` handler (only runc-type handlers are probed);
+/// - when the endpoint of a task that containerd reloaded after a restart goes away, it runs
+///   `containerd-shim-sandboxer-v1 ... delete`, which the sandboxer binary answers at once
+///   (controller::shim).
+fn is_one_shot_call(cmd: &str) -> bool {
     let args: Vec<&str> = cmd.split_whitespace().collect();
-    is_shim(cmd) && args.get(1..) == Some(&["-info"][..])
+    let sandboxer_delete = args.first().is_some_and(|argv0| {
+        Path::new(argv0).file_name() == Some(std::ffi::OsStr::new(controller::shim::SHIM_NAME))
+    }) && args.last() == Some(&"delete");
+    is_shim(cmd) && (args.get(1..) == Some(&["-info"][..]) || sandboxer_delete)
 }
 
-/// Shim processes (the runtime info probe aside).
+/// Shim processes (one-shot calls aside).
 fn shim_processes() -> Vec<(u32, String)> {
     processes()
         .into_iter()
-        .filter(|(_, cmd)| is_shim(cmd) && !is_runtime_info_probe(cmd))
+        .filter(|(_, cmd)| is_shim(cmd) && !is_one_shot_call(cmd))
         .collect()
 }
 
@@ -656,7 +744,7 @@ fn processes_matching(needle: &str) -> Vec<(u32, String)> {
         .collect()
 }
 
-/// Child processes of `parent`: the runtime info probe aside, and so are a child between fork
+/// Child processes of `parent`: one-shot calls aside, and so are a child between fork
 /// and exec (it still shows the parent's command line) and one that has exited (a zombie shows
 /// none). A shim serving a pod lives long and shows its own command line.
 fn children_of(parent: u32) -> Vec<(u32, String)> {
@@ -670,7 +758,7 @@ fn children_of(parent: u32) -> Vec<(u32, String)> {
         .unwrap_or_default();
     processes()
         .into_iter()
-        .filter(|(_, cmd)| !is_runtime_info_probe(cmd) && !cmd.is_empty() && *cmd != parent_cmd)
+        .filter(|(_, cmd)| !is_one_shot_call(cmd) && !cmd.is_empty() && *cmd != parent_cmd)
         .filter(|(pid, _)| {
             // The parent pid is the second field after the `(comm)` field.
             std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -1163,6 +1251,9 @@ async fn wait_container_state(
         if st.state() == want {
             return Ok(st);
         }
+        if st.state() == cri::ContainerState::ContainerExited {
+            bail!("container {id} exited while waiting for {want:?}: {st:?}");
+        }
         if Instant::now() > deadline {
             bail!("container {id} never reached {want:?}: {st:?}");
         }
@@ -1196,6 +1287,8 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     let pod_cfg = env.pod_config(&name);
     std::fs::create_dir_all(&pod_cfg.log_directory)?;
     let pod = run_pod(&mut rt, &pod_cfg, handler).await?;
+    let step = |what: &str| eprintln!("cri {handler}: {what}");
+    step(&format!("pod {pod} ready"));
 
     // A long-running container that greets on stdout.
     let c1 = create_container(
@@ -1216,6 +1309,7 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     }
     let log = Path::new(&pod_cfg.log_directory).join("greeter.log");
     wait_log(&log, "hello from a sandboxer pod").await?;
+    step("greeter running; its CRI log has the greeting");
 
     // ExecSync: stdout, stderr and the exit code come back.
     let exec = rt
@@ -1233,6 +1327,7 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     if exec.stdout != b"out\n" || exec.stderr != b"err\n" || exec.exit_code != 3 {
         bail!("ExecSync gave {exec:?}");
     }
+    step("ExecSync: stdout, stderr and exit code 3 came back");
     env.assert_no_shim_or_pause()?;
 
     // A second container in the same pod, which exits with a code.
@@ -1248,12 +1343,14 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
             st.exit_code
         );
     }
+    step("a second container exited with 7");
 
     // containerd restarts in the middle: the running container is still running afterwards.
     env.stop_containerd().await?;
     env.start_containerd().await?;
     let mut rt = env.runtime().await?;
     wait_container_state(&mut rt, &c1, cri::ContainerState::ContainerRunning).await?;
+    step("containerd restarted: the greeter is still running");
 
     rt.stop_container(cri::StopContainerRequest {
         container_id: c1.clone(),
@@ -1264,6 +1361,7 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     if st.state() != cri::ContainerState::ContainerExited {
         bail!("after StopContainer: {st:?}");
     }
+    step(&format!("StopContainer: exited with {}", st.exit_code));
     for c in [&c1, &c2] {
         rt.remove_container(cri::RemoveContainerRequest {
             container_id: c.to_string(),
@@ -1284,7 +1382,9 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     if !ctrs.trim().is_empty() {
         bail!("containerd keeps containers {ctrs}");
     }
-    stop_and_remove_pod(&mut rt, &pod).await
+    stop_and_remove_pod(&mut rt, &pod).await?;
+    step("containers removed, pod stopped and removed");
+    Ok(())
 }
 
 /// Containers through CRI in a Linux guest, for both IO types.
@@ -1309,6 +1409,26 @@ async fn containers_run_in_a_linux_guest() {
         }
     }
     env.finish().await.unwrap();
+}
+
+#[test]
+fn one_shot_shim_calls_are_told_from_shims() {
+    assert!(is_one_shot_call("/usr/bin/containerd-shim-runc-v2 -info"));
+    assert!(is_one_shot_call(
+        "/usr/local/bin/containerd-shim-sandboxer-v1 -namespace k8s.io -address /a \
+         -publish-binary /usr/bin/containerd -id c1 -bundle /b -debug delete"
+    ));
+    // A shim serving a pod, a sandboxer link asked to start one, and other programs.
+    assert!(!is_one_shot_call(
+        "/usr/bin/containerd-shim-runc-v2 -namespace k8s.io -id c1 -address /a"
+    ));
+    assert!(!is_one_shot_call(
+        "/usr/local/bin/containerd-shim-sandboxer-v1 -namespace k8s.io -id c1 start"
+    ));
+    assert!(!is_one_shot_call(
+        "/usr/bin/containerd-shim-runc-v2 -id c1 delete"
+    ));
+    assert!(!is_one_shot_call("/usr/bin/sleep delete"));
 }
 
 // ---- the deployment docs show what the tests run

@@ -229,6 +229,106 @@ pub fn find_e2e(name: &str) -> Option<&'static E2eCase> {
     E2E_CASES.iter().find(|c| c.name == name)
 }
 
+/// The CRI test binary inside L1 (`tests/tests/cri.rs`, built for musl).
+pub const CRI_TEST: &str = "/bin/cri-test";
+/// The OCI image tarball `tests/containerd/build-image` made on the host.
+pub const CRI_IMAGE_TAR: &str = "/images/busybox-oci.tar";
+/// containerd's install inside L1, laid out as `tests/containerd/install` leaves its cache.
+pub const CONTAINERD_CACHE: &str = "/opt/containerd";
+/// `tests/containerd/` inside L1.
+pub const CONTAINERD_SCRIPTS: &str = "/opt/sandboxer/containerd";
+
+/// One Rust test of a packed test binary, run with `--exact`: it passes when the binary exits
+/// with 0 and its summary says exactly one test passed, and fails when the test skipped itself
+/// (a line starting with `SKIP `): a skip inside L1 means the harness is broken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RustTestCase {
+    /// Test name (`/tests/<name>`).
+    pub name: &'static str,
+    /// One line for `--list`.
+    pub description: &'static str,
+    /// Part of the CI selection.
+    pub ci: bool,
+    /// The test binary inside L1.
+    pub binary: &'static str,
+    /// The test's full name.
+    pub test: &'static str,
+    /// Environment of the test, besides `PATH`.
+    pub env: &'static [(&'static str, &'static str)],
+}
+
+impl RustTestCase {
+    /// The test binary's arguments.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            self.test.into(),
+            "--exact".into(),
+            "--nocapture".into(),
+            "--test-threads=1".into(),
+        ]
+    }
+
+    /// The verdict from the exit status and the output lines.
+    pub fn verdict(&self, success: bool, output: &[String]) -> Result<String, String> {
+        if let Some(skip) = output.iter().find(|l| l.starts_with("SKIP ")) {
+            return Err(format!("the test skipped itself: {}", short(skip)));
+        }
+        let summary = output
+            .iter()
+            .rev()
+            .find(|l| l.starts_with("test result: "))
+            .map(String::as_str);
+        if !success {
+            // The panic message names what failed.
+            let why = output
+                .iter()
+                .find(|l| l.contains("panicked at"))
+                .and_then(|at| {
+                    let i = output.iter().position(|l| std::ptr::eq(l, at))?;
+                    output.get(i + 1)
+                })
+                .or_else(|| output.last());
+            return Err(format!(
+                "{} failed: {}",
+                self.test,
+                short(why.map(String::as_str).unwrap_or("no output"))
+            ));
+        }
+        match summary {
+            Some(s) if s.contains(" 1 passed;") => Ok(format!("{} passed", self.test)),
+            Some(s) => Err(format!("{} did not run: {}", self.test, short(s))),
+            None => Err(format!("{} printed no test summary", self.test)),
+        }
+    }
+}
+
+/// Every Rust test run inside L1.
+pub const RUST_TEST_CASES: &[RustTestCase] = &[RustTestCase {
+    name: "cri-containers",
+    description: "stock containerd 2.1 through CRI: containers in a Linux guest for both IO types (exec, logs, exit codes, a second container, a containerd restart, stop/remove)",
+    ci: true,
+    binary: CRI_TEST,
+    test: "containers_run_in_a_linux_guest",
+    env: &[
+        ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
+        ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
+        ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
+        ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
+        ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
+        ("SANDBOXER_BIN", SANDBOXER),
+        ("SANDBOXER_REQUIRE_KVM", "1"),
+        ("SANDBOXER_REQUIRE_ROOT", "1"),
+        ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
+        ("TMPDIR", "/tmp"),
+        ("RUST_BACKTRACE", "1"),
+    ],
+}];
+
+/// The Rust test case called `name`.
+pub fn find_rust_test(name: &str) -> Option<&'static RustTestCase> {
+    RUST_TEST_CASES.iter().find(|c| c.name == name)
+}
+
 /// Follows a guest console line by line against a case's expectations.
 #[derive(Debug, Clone)]
 pub struct ConsoleCheck {
@@ -438,6 +538,61 @@ mod tests {
             );
             assert!(find(c.name).is_none(), "{} is also a boot case", c.name);
         }
+    }
+
+    #[test]
+    fn rust_test_cases_are_unique_and_checked() {
+        for (i, c) in RUST_TEST_CASES.iter().enumerate() {
+            assert!(crate::cmdline::valid_test_name(c.name), "{}", c.name);
+            assert!(
+                RUST_TEST_CASES[..i].iter().all(|o| o.name != c.name),
+                "{}",
+                c.name
+            );
+            assert!(
+                find(c.name).is_none() && find_e2e(c.name).is_none(),
+                "{}",
+                c.name
+            );
+            assert!(c.args().iter().any(|a| a == "--exact"));
+        }
+    }
+
+    #[test]
+    fn rust_test_verdict() {
+        let c = find_rust_test("cri-containers").unwrap();
+        let lines = |v: &[&str]| v.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>();
+        let ok = lines(&[
+            "running 1 test",
+            "test containers_run_in_a_linux_guest ... ok",
+            "test result: ok. 1 passed; 0 failed; 0 ignored; 0 measured; 9 filtered out",
+        ]);
+        assert!(c.verdict(true, &ok).is_ok());
+        // A skip passes the Rust test but is a failure here.
+        let mut skipped = ok.clone();
+        skipped.insert(
+            1,
+            "SKIP containers_run_in_a_linux_guest: needs a Linux guest".into(),
+        );
+        assert!(c.verdict(true, &skipped).unwrap_err().contains("skipped"));
+        // A wrong name runs nothing.
+        let none = lines(&[
+            "running 0 tests",
+            "test result: ok. 0 passed; 0 failed; 10 filtered out",
+        ]);
+        assert!(c.verdict(true, &none).unwrap_err().contains("did not run"));
+        let failed = lines(&[
+            "thread 'containers_run_in_a_linux_guest' panicked at tests/tests/cri.rs:1:1:",
+            "sandboxer: ExecSync gave nothing",
+            "test result: FAILED. 0 passed; 1 failed",
+        ]);
+        let e = c.verdict(false, &failed).unwrap_err();
+        assert!(e.contains("ExecSync gave nothing"), "{e}");
+        assert!(
+            c.verdict(true, &[])
+                .unwrap_err()
+                .contains("no test summary")
+        );
     }
 
     #[test]

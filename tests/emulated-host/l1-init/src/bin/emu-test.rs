@@ -11,7 +11,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use emu_l1::cases::{self, BootCase, ConsoleCheck, E2eCase, VmmOutcome};
+use emu_l1::cases::{self, BootCase, ConsoleCheck, E2eCase, RustTestCase, VmmOutcome};
 
 /// Extra time past the VM's own bound before the test kills `sandboxer`.
 const KILL_GRACE: Duration = Duration::from_secs(30);
@@ -222,11 +222,77 @@ fn run_e2e(case: &E2eCase) -> Result<String, String> {
     }
 }
 
+/// Runs one Rust test of a packed test binary, echoing its output as `TEST| ` lines.
+fn run_rust_test(case: &RustTestCase) -> Result<String, String> {
+    // containerd's CRI serves its streaming server on 127.0.0.1: L1 brings up no interface.
+    let lo = Command::new("/bin/busybox")
+        .args(["ip", "link", "set", "lo", "up"])
+        .status()
+        .map_err(|e| format!("busybox ip: {e}"))?;
+    if !lo.success() {
+        return Err(format!("ip link set lo up: {lo}"));
+    }
+    let args = case.args();
+    println!("EMU-RUN {} {}", case.binary, args.join(" "));
+    let start = Instant::now();
+    let mut child = Command::new(case.binary)
+        .args(&args)
+        .envs(case.env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", case.binary))?;
+    let (tx, rx) = mpsc::channel();
+    if let Some(out) = child.stdout.take() {
+        reader(out, tx.clone(), Line::Console);
+    }
+    if let Some(err) = child.stderr.take() {
+        reader(err, tx, Line::Vmm);
+    }
+    let mut open = 2;
+    let mut output = Vec::new();
+    while open > 0 {
+        match rx.recv() {
+            Ok((Line::Console(l) | Line::Vmm(l), _)) => {
+                println!("TEST| {l}");
+                output.push(l);
+            }
+            Ok((Line::Closed, _)) => open -= 1,
+            Err(_) => break,
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(|e| format!("wait for {}: {e}", case.binary))?;
+    println!(
+        "EMU-TIME {} {} ran {:.1}s (L1 clock; not a performance figure)",
+        case.name,
+        case.test,
+        start.elapsed().as_secs_f64()
+    );
+    case.verdict(status.success(), &output)
+}
+
 fn write_detail(detail: &str) {
     if let Some(path) = std::env::var_os(emu_l1::DETAIL_ENV)
         && let Err(e) = std::fs::write(&path, format!("{}\n", cases::short(detail)))
     {
         eprintln!("emu-test: cannot write {}: {e}", path.to_string_lossy());
+    }
+}
+
+/// Writes the detail line; the exit code of the verdict.
+fn finish(result: Result<String, String>) -> ExitCode {
+    match result {
+        Ok(detail) => {
+            write_detail(&detail);
+            ExitCode::SUCCESS
+        }
+        Err(reason) => {
+            write_detail(&reason);
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -245,6 +311,10 @@ fn main() -> ExitCode {
                     let set = if c.ci { "ci" } else { "full" };
                     println!("{} {set} {}", c.name, c.description);
                 }
+                for c in cases::RUST_TEST_CASES {
+                    let set = if c.ci { "ci" } else { "full" };
+                    println!("{} {set} {}", c.name, c.description);
+                }
                 return ExitCode::SUCCESS;
             }
             Some(a) => a,
@@ -257,16 +327,10 @@ fn main() -> ExitCode {
         called
     };
     if let Some(case) = cases::find_e2e(&name) {
-        return match run_e2e(case) {
-            Ok(detail) => {
-                write_detail(&detail);
-                ExitCode::SUCCESS
-            }
-            Err(reason) => {
-                write_detail(&reason);
-                ExitCode::FAILURE
-            }
-        };
+        return finish(run_e2e(case));
+    }
+    if let Some(case) = cases::find_rust_test(&name) {
+        return finish(run_rust_test(case));
     }
     let Some(case) = cases::find(&name) else {
         let detail = format!("no built-in case named {name:?}");
@@ -274,14 +338,5 @@ fn main() -> ExitCode {
         write_detail(&detail);
         return ExitCode::from(2);
     };
-    match run_case(case) {
-        Ok(detail) => {
-            write_detail(&detail);
-            ExitCode::SUCCESS
-        }
-        Err(reason) => {
-            write_detail(&reason);
-            ExitCode::FAILURE
-        }
-    }
+    finish(run_case(case))
 }
