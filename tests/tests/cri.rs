@@ -1508,3 +1508,34 @@ fn docs_systemd_unit_matches_the_daemon() {
         "records must survive restarts"
     );
 }
+
+/// The iSulad `daemon.json` on docs/isulad.md is valid JSON and points at the daemon's default
+/// sockets (no iSulad package exists for Debian, so no test runs iSulad itself).
+#[test]
+fn docs_isulad_config_points_at_the_default_sockets() {
+    let page = docs("isulad.md");
+    let json = page
+        .split("```json\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("no json block in docs/isulad.md");
+    let config: serde_json::Value = serde_json::from_str(json).unwrap();
+    let defaults = Config::default();
+    let sandboxer = &config["cri-sandboxers"]["sandboxer"];
+    assert_eq!(sandboxer["name"], "sandboxer");
+    assert_eq!(
+        sandboxer["address"].as_str(),
+        defaults.api.socket.to_str(),
+        "{json}"
+    );
+    assert_eq!(
+        config["cri-runtimes"]["sandboxer"],
+        "io.containerd.sandboxer.v1"
+    );
+    // The seed-API address the page gives for older iSulad.
+    let seed = defaults.api.seed_socket.to_string_lossy();
+    assert!(
+        page.contains(&format!("\"address\": \"{seed}\"")),
+        "docs/isulad.md does not name the seed socket {seed}"
+    );
+}
