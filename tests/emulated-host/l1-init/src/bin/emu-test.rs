@@ -7,7 +7,7 @@
 //! `emu-test --list` prints `<name> <ci|full> <description>` per case (the host's selection).
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -49,17 +49,21 @@ fn reader<R: Read + Send + 'static>(
     });
 }
 
-fn run_case(case: &BootCase) -> Result<String, String> {
-    let args = case.sandboxer_args();
-    println!("EMU-RUN {} {}", cases::SANDBOXER, args.join(" "));
-    let start = Instant::now();
-    let mut child = Command::new(cases::SANDBOXER)
-        .args(&args)
+/// Starts `program` with its stdout and stderr piped: their lines arrive on the receiver
+/// (stdout as [`Line::Console`], stderr as [`Line::Vmm`], then one [`Line::Closed`] each).
+fn spawn_piped(
+    program: &str,
+    args: &[String],
+    envs: &[(&str, &str)],
+) -> Result<(Child, mpsc::Receiver<(Line, Instant)>), String> {
+    let mut child = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cases::SANDBOXER))?;
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
     let (tx, rx) = mpsc::channel();
     if let Some(out) = child.stdout.take() {
         reader(out, tx.clone(), Line::Console);
@@ -67,6 +71,31 @@ fn run_case(case: &BootCase) -> Result<String, String> {
     if let Some(err) = child.stderr.take() {
         reader(err, tx, Line::Vmm);
     }
+    Ok((child, rx))
+}
+
+/// Echoes both streams' lines behind `prefix` until both have closed; the lines, in order.
+fn echo_until_closed(rx: &mpsc::Receiver<(Line, Instant)>, prefix: &str) -> Vec<String> {
+    let mut open = 2;
+    let mut lines = Vec::new();
+    while open > 0 {
+        match rx.recv() {
+            Ok((Line::Console(l) | Line::Vmm(l), _)) => {
+                println!("{prefix}{l}");
+                lines.push(l);
+            }
+            Ok((Line::Closed, _)) => open -= 1,
+            Err(_) => break,
+        }
+    }
+    lines
+}
+
+fn run_case(case: &BootCase) -> Result<String, String> {
+    let args = case.sandboxer_args();
+    println!("EMU-RUN {} {}", cases::SANDBOXER, args.join(" "));
+    let start = Instant::now();
+    let (mut child, rx) = spawn_piped(cases::SANDBOXER, &args, &[])?;
 
     let deadline = start + Duration::from_secs(case.vm_timeout_secs) + KILL_GRACE;
     let mut check = ConsoleCheck::new(case.expect);
@@ -141,34 +170,13 @@ fn run_e2e(case: &E2eCase) -> Result<String, String> {
     let args = case.args();
     println!("EMU-RUN {} {}", cases::SANDBOXER_E2E, args.join(" "));
     let start = Instant::now();
-    let mut child = Command::new(cases::SANDBOXER_E2E)
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", cases::SANDBOXER_E2E))?;
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        reader(out, tx.clone(), Line::Console);
-    }
-    if let Some(err) = child.stderr.take() {
-        reader(err, tx, Line::Vmm);
-    }
-    let mut open = 2;
-    let mut last_fail = String::new();
-    while open > 0 {
-        match rx.recv() {
-            Ok((Line::Console(l) | Line::Vmm(l), _)) => {
-                println!("E2E| {l}");
-                if let Some(why) = l.strip_prefix("E2E-FAIL ") {
-                    why.clone_into(&mut last_fail);
-                }
-            }
-            Ok((Line::Closed, _)) => open -= 1,
-            Err(_) => break,
-        }
-    }
+    let (mut child, rx) = spawn_piped(cases::SANDBOXER_E2E, &args, &[])?;
+    let output = echo_until_closed(&rx, "E2E| ");
+    let last_fail = output
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix("E2E-FAIL "))
+        .unwrap_or_default();
     let status = child
         .wait()
         .map_err(|e| format!("wait for sandboxer-e2e: {e}"))?;
@@ -218,7 +226,7 @@ fn run_e2e(case: &E2eCase) -> Result<String, String> {
     } else if last_fail.is_empty() {
         Err(format!("sandboxer-e2e {} exited with {status}", case.flow))
     } else {
-        Err(last_fail)
+        Err(last_fail.to_owned())
     }
 }
 
@@ -235,33 +243,8 @@ fn run_rust_test(case: &RustTestCase) -> Result<String, String> {
     let args = case.args();
     println!("EMU-RUN {} {}", case.binary, args.join(" "));
     let start = Instant::now();
-    let mut child = Command::new(case.binary)
-        .args(&args)
-        .envs(case.env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", case.binary))?;
-    let (tx, rx) = mpsc::channel();
-    if let Some(out) = child.stdout.take() {
-        reader(out, tx.clone(), Line::Console);
-    }
-    if let Some(err) = child.stderr.take() {
-        reader(err, tx, Line::Vmm);
-    }
-    let mut open = 2;
-    let mut output = Vec::new();
-    while open > 0 {
-        match rx.recv() {
-            Ok((Line::Console(l) | Line::Vmm(l), _)) => {
-                println!("TEST| {l}");
-                output.push(l);
-            }
-            Ok((Line::Closed, _)) => open -= 1,
-            Err(_) => break,
-        }
-    }
+    let (mut child, rx) = spawn_piped(case.binary, &args, case.env)?;
+    let output = echo_until_closed(&rx, "TEST| ");
     let status = child
         .wait()
         .map_err(|e| format!("wait for {}: {e}", case.binary))?;
