@@ -11,6 +11,7 @@ use std::path::PathBuf;
 use crate::arch::MAX_VCPUS;
 use crate::arch::layout::{CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_START};
 use crate::device_manager::DeviceConfig;
+use crate::seccomp::SeccompPolicy;
 
 /// Longest `virtio_mmio.device=4K@0x........:NN` entry the VMM appends per device.
 const DEVICE_CMDLINE_ENTRY_MAX: usize = 48;
@@ -45,6 +46,8 @@ pub struct VmConfig {
     pub console: ConsoleConfig,
     /// Virtio devices, in slot order (blk slots are numbered among blk devices from 0).
     pub devices: Vec<DeviceConfig>,
+    /// How the VM's vCPU and VMM threads are confined (`crate::seccomp`).
+    pub seccomp: SeccompPolicy,
 }
 
 impl VmConfig {
@@ -58,6 +61,7 @@ impl VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             console: ConsoleConfig::default(),
             devices: Vec::new(),
+            seccomp: SeccompPolicy::default(),
         }
     }
 }
@@ -171,6 +175,7 @@ pub struct ValidatedConfig {
     pub(crate) cmdline: String,
     pub(crate) console: ConsoleConfig,
     pub(crate) devices: Vec<DeviceConfig>,
+    pub(crate) seccomp: SeccompPolicy,
 }
 
 impl ValidatedConfig {
@@ -275,6 +280,7 @@ impl VmConfig {
             cmdline: self.cmdline,
             console: self.console,
             devices: self.devices,
+            seccomp: self.seccomp,
         })
     }
 }

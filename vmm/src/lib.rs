@@ -19,6 +19,7 @@ pub mod device_manager;
 pub mod kvm;
 pub mod memory;
 pub mod pool;
+pub mod seccomp;
 pub mod timings;
 mod vcpu;
 mod vm;
@@ -26,6 +27,7 @@ mod vm;
 pub use api::{VmmAction, VmmActionError, VmmData};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
+pub use seccomp::SeccompPolicy;
 pub use timings::StartupTimings;
 pub use vm::{Vm, VmEnd, VmError, live_vms, wait_all_torn_down};
 

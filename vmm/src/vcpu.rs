@@ -13,11 +13,13 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::Killable;
 
 use crate::bus::Bus;
 use crate::kvm::signal::{ThreadVcpu, kick_signal};
+use crate::seccomp;
 use crate::{ResetKind, VmExit};
 
 const RUNNING: u8 = 0;
@@ -82,7 +84,7 @@ impl VcpuControl {
     }
 
     /// Records a terminal exit (the first one wins) and wakes the VMM thread.
-    fn report_exit(&self, exit: VmExit) {
+    pub(crate) fn report_exit(&self, exit: VmExit) {
         let mut pending = self.pending_exit.lock().expect("poisoned");
         if pending.is_none() {
             *pending = Some(exit);
@@ -121,6 +123,8 @@ pub(crate) struct VcpuContext {
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
+    /// The filter every vCPU thread installs before it first enters the guest.
+    pub(crate) seccomp: Option<&'static BpfProgram>,
 }
 
 /// The vCPU threads of one VM.
@@ -209,6 +213,14 @@ impl VcpuSet {
 
 fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
     let mut vcpu = ThreadVcpu::new(fd);
+    if let Err(e) = seccomp::install(ctx.seccomp) {
+        // Never run the guest unconfined: the VM ends instead.
+        log::error!("vcpu{id}: {e}");
+        ctx.control.report_exit(VmExit::Crashed(e.to_string()));
+        drop(vcpu);
+        ctx.control.mark_exited();
+        return;
+    }
     loop {
         if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park() {
             break;

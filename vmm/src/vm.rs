@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 use devices::legacy::{BootSignal, BootTimer, ConsoleSink, ConsoleTail, I8042, SerialConsole};
 use devices::virtio::vsock::VsockHandle;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use seccompiler::BpfProgram;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -31,6 +32,7 @@ use crate::device_manager::{DeviceError, DeviceManager, Devices};
 use crate::kvm::{KvmContext, KvmError};
 use crate::memory::GuestRam;
 use crate::pool::{self, ShellError, VmShell};
+use crate::seccomp::{self, SeccompError, ThreadRole};
 use crate::timings::StartupTimings;
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::{ResetKind, VmExit, arch, boot};
@@ -68,6 +70,9 @@ pub enum VmError {
     /// A thread could not be spawned.
     #[error("Failed to spawn a VM thread")]
     Spawn(#[source] io::Error),
+    /// The threads' seccomp filters could not be built.
+    #[error("Seccomp setup failed")]
+    Seccomp(#[from] SeccompError),
 }
 
 /// How and when a VM ended.
@@ -131,6 +136,8 @@ impl Vm {
         timings.kvm_open = lap.next();
 
         let mut cfg = config.validate(kvm.max_vcpus())?;
+        let vcpu_filter = seccomp::filter(ThreadRole::Vcpu, cfg.seccomp)?;
+        let vmm_filter = seccomp::filter(ThreadRole::Vmm, cfg.seccomp)?;
         kvm::signal_setup()?;
         let VmShell { vm_fd, ram } = match pool::take(cfg.mem_bytes()) {
             Some(shell) => {
@@ -222,6 +229,7 @@ impl Vm {
             control: Arc::clone(&control),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
+            seccomp: vcpu_filter,
         };
         let end = Arc::new(EndState::default());
         let ram_file = ram
@@ -260,7 +268,7 @@ impl Vm {
         let spawned = std::thread::Builder::new()
             .name("vmm".into())
             .stack_size(256 * 1024)
-            .spawn(move || vmm_thread(event_manager, done, resources));
+            .spawn(move || vmm_thread(event_manager, done, resources, vmm_filter));
         if let Err(e) = spawned {
             LIVE_VMS.fetch_sub(1, Ordering::SeqCst);
             controller
@@ -437,7 +445,16 @@ fn vmm_thread(
     mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     done: Arc<AtomicBool>,
     resources: VmResources,
+    filter: Option<&'static BpfProgram>,
 ) {
+    if let Err(e) = seccomp::install(filter) {
+        // Without its filter the thread must not touch guest data: end the VM instead.
+        log::error!("VMM thread: {e}");
+        resources
+            ._ctx
+            .control
+            .report_exit(VmExit::Crashed(e.to_string()));
+    }
     while !done.load(Ordering::SeqCst) {
         if let Err(e) = event_manager.run() {
             log::error!("VMM event loop failed: {e:?}");

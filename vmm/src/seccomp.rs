@@ -1,0 +1,370 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Seccomp filters for the threads that run guest-facing code.
+//!
+//! Every VM has vCPU threads (`vcpuN`: KVM_RUN and the PIO/MMIO exits, including the virtio
+//! transport's register writes) and one `vmm` thread (the event loop: virtio queues, the TAP,
+//! the vsock unix sockets, API requests). Both handle bytes a hostile guest chose, so each
+//! installs, as its first act, a filter that lists the system calls it needs; everything else
+//! fails with `EPERM` ([`SeccompPolicy::Enforce`]). The daemon's other threads (gRPC, the Task
+//! endpoint, image building) are not confined: the filter is per thread, installed without
+//! `SECCOMP_FILTER_FLAG_TSYNC`.
+//!
+//! One process runs many VMs, so a call a filter misses must not kill the process (and with it
+//! every sandbox): `Enforce` returns `EPERM`, which the calling code handles as any I/O error.
+//! [`SeccompPolicy::Log`] lets unlisted calls through and has the kernel log each one (audit
+//! type 1326, `comm="vcpu0"` or `comm="vmm"`): the way to find what a list lacks.
+//!
+//! What no list allows: creating processes or threads (`clone`, `fork`, `execve`), opening
+//! files by path, sockets other than `AF_UNIX`, memory that is both mapped and executable,
+//! `ptrace`, `mount`, `bpf` and the like.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
+
+/// How the VMM confines its vCPU and VMM threads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SeccompPolicy {
+    /// System calls outside the thread's list fail with `EPERM`.
+    #[default]
+    Enforce,
+    /// System calls outside the list run, and the kernel logs each one.
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl SeccompPolicy {
+    /// The policy's name in configs: `enforce`, `log` or `off`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SeccompPolicy::Enforce => "enforce",
+            SeccompPolicy::Log => "log",
+            SeccompPolicy::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for SeccompPolicy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "enforce" => Ok(SeccompPolicy::Enforce),
+            "log" => Ok(SeccompPolicy::Log),
+            "off" => Ok(SeccompPolicy::Off),
+            other => Err(format!(
+                "unknown seccomp policy {other:?} (expected enforce, log or off)"
+            )),
+        }
+    }
+}
+
+/// Which list a thread gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ThreadRole {
+    /// A vCPU thread.
+    Vcpu,
+    /// The VM's event-loop thread.
+    Vmm,
+}
+
+/// Why a filter could not be built or installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    /// The rules did not compile (a bug in this module).
+    #[error("Building the seccomp filter failed: {0}")]
+    Build(String),
+    /// The kernel refused the filter.
+    #[error("Installing the seccomp filter failed: {0}")]
+    Install(String),
+}
+
+/// System calls both kinds of thread make: memory, time, futexes, signals (the vCPU kick),
+/// reads and writes on descriptors the thread was given, eventfds and timerfds (a vsock queue
+/// notification re-arms the device's timer), and thread exit.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_preadv2,
+    libc::SYS_pwritev2,
+    libc::SYS_lseek,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_close,
+    libc::SYS_dup,
+    libc::SYS_fcntl,
+    libc::SYS_fstat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_ioctl,
+    libc::SYS_eventfd2,
+    libc::SYS_epoll_ctl,
+    libc::SYS_timerfd_settime,
+    libc::SYS_timerfd_gettime,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_nanosleep,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_clock_gettime,
+    libc::SYS_gettimeofday,
+    libc::SYS_getrandom,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+];
+
+/// What only the event loop needs: waiting, and the vsock device's unix sockets (a guest's
+/// connection to host port P connects to `<uds>_P`; an in-process connection is one end of a
+/// socket pair).
+const VMM_ONLY: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_pwait2,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_timerfd_create,
+    libc::SYS_connect,
+    libc::SYS_accept,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockname,
+    libc::SYS_getpeername,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
+fn condition(
+    arg: u8,
+    op: SeccompCmpOp,
+    value: u64,
+) -> Result<SeccompCondition, seccompiler::BackendError> {
+    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, op, value)
+}
+
+/// The rules of one role: each listed call unconditionally, `mmap`/`mprotect` only without
+/// `PROT_EXEC`, `socket` and `socketpair` only for `AF_UNIX` (event loop).
+fn rules(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|&n| (n, vec![])).collect();
+    let prot_exec = u64::from(libc::PROT_EXEC.unsigned_abs());
+    let no_exec = || SeccompRule::new(vec![condition(2, SeccompCmpOp::MaskedEq(prot_exec), 0)?]);
+    rules.insert(libc::SYS_mmap, vec![no_exec()?]);
+    rules.insert(libc::SYS_mprotect, vec![no_exec()?]);
+    if role == ThreadRole::Vmm {
+        rules.extend(VMM_ONLY.iter().map(|&n| (n, vec![])));
+        let af_unix = u64::from(libc::AF_UNIX.unsigned_abs());
+        for call in [libc::SYS_socket, libc::SYS_socketpair] {
+            let unix_only = SeccompRule::new(vec![condition(0, SeccompCmpOp::Eq, af_unix)?])?;
+            rules.insert(call, vec![unix_only]);
+        }
+    }
+    Ok(rules)
+}
+
+/// Compiles the filter of `role` under `policy` (`None` for [`SeccompPolicy::Off`]).
+pub(crate) fn build(
+    role: ThreadRole,
+    policy: SeccompPolicy,
+) -> Result<Option<BpfProgram>, SeccompError> {
+    let mismatch = match policy {
+        SeccompPolicy::Off => return Ok(None),
+        SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        SeccompPolicy::Log => SeccompAction::Log,
+    };
+    let build = || -> Result<BpfProgram, seccompiler::Error> {
+        let filter = SeccompFilter::new(
+            rules(role)?,
+            mismatch,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )?;
+        Ok(filter.try_into()?)
+    };
+    build()
+        .map(Some)
+        .map_err(|e| SeccompError::Build(e.to_string()))
+}
+
+/// The compiled filter of `role` under `policy`, built once per process.
+pub(crate) fn filter(
+    role: ThreadRole,
+    policy: SeccompPolicy,
+) -> Result<Option<&'static BpfProgram>, SeccompError> {
+    type Slot = OnceLock<Result<Option<BpfProgram>, String>>;
+    static VCPU_ENFORCE: Slot = OnceLock::new();
+    static VCPU_LOG: Slot = OnceLock::new();
+    static VMM_ENFORCE: Slot = OnceLock::new();
+    static VMM_LOG: Slot = OnceLock::new();
+    let slot = match (role, policy) {
+        (_, SeccompPolicy::Off) => return Ok(None),
+        (ThreadRole::Vcpu, SeccompPolicy::Enforce) => &VCPU_ENFORCE,
+        (ThreadRole::Vcpu, SeccompPolicy::Log) => &VCPU_LOG,
+        (ThreadRole::Vmm, SeccompPolicy::Enforce) => &VMM_ENFORCE,
+        (ThreadRole::Vmm, SeccompPolicy::Log) => &VMM_LOG,
+    };
+    slot.get_or_init(|| build(role, policy).map_err(|e| e.to_string()))
+        .as_ref()
+        .map(Option::as_ref)
+        .map_err(|e| SeccompError::Build(e.clone()))
+}
+
+/// Installs `filter` on the calling thread (and on the threads it will create, of which there
+/// are none). `None` installs nothing.
+pub(crate) fn install(filter: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    match filter {
+        Some(program) => {
+            seccompiler::apply_filter(program).map_err(|e| SeccompError::Install(e.to_string()))
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, Write};
+
+    use vm_memory::mmap::MmapRegion;
+    use vmm_sys_util::eventfd::EventFd;
+
+    use super::*;
+
+    /// Runs `f` on a fresh thread confined as `role` under `policy`.
+    fn confined<T: Send + 'static>(
+        role: ThreadRole,
+        policy: SeccompPolicy,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> T {
+        std::thread::spawn(move || {
+            install(filter(role, policy).unwrap()).unwrap();
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    fn errno<T>(r: std::io::Result<T>) -> Result<(), Option<i32>> {
+        r.map(drop).map_err(|e| e.raw_os_error())
+    }
+
+    #[test]
+    fn policies_parse_and_print() {
+        for p in [
+            SeccompPolicy::Enforce,
+            SeccompPolicy::Log,
+            SeccompPolicy::Off,
+        ] {
+            assert_eq!(p.name().parse::<SeccompPolicy>().unwrap(), p);
+        }
+        let err = "strict".parse::<SeccompPolicy>().unwrap_err();
+        assert!(err.contains("strict") && err.contains("enforce"), "{err}");
+        assert_eq!(SeccompPolicy::default(), SeccompPolicy::Enforce);
+    }
+
+    #[test]
+    fn every_filter_builds_and_off_has_none() {
+        for role in [ThreadRole::Vcpu, ThreadRole::Vmm] {
+            assert!(filter(role, SeccompPolicy::Enforce).unwrap().is_some());
+            assert!(filter(role, SeccompPolicy::Log).unwrap().is_some());
+            assert!(filter(role, SeccompPolicy::Off).unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn vcpu_threads_keep_their_work_and_lose_the_rest() {
+        let mut file = tempfile::tempfile().unwrap();
+        let (io, opened, socket, spawned) =
+            confined(ThreadRole::Vcpu, SeccompPolicy::Enforce, move || {
+                // Descriptors it was given, eventfds, memory and time keep working.
+                let mut back = String::new();
+                file.write_all(b"guest bytes").unwrap();
+                file.rewind().unwrap();
+                file.read_to_string(&mut back).unwrap();
+                let evt = EventFd::new(0).unwrap();
+                evt.write(1).unwrap();
+                assert_eq!(evt.read().unwrap(), 1);
+                assert_eq!(
+                    vec![7u8; 4 << 20]
+                        .iter()
+                        .map(|&b| usize::from(b))
+                        .sum::<usize>(),
+                    7 << 22
+                );
+                assert!(std::time::Instant::now().elapsed().as_secs() < 60);
+                drop(file);
+                (
+                    back,
+                    errno(std::fs::File::open("/proc/self/status")),
+                    errno(std::os::unix::net::UnixDatagram::unbound()),
+                    errno(std::thread::Builder::new().spawn(|| ())),
+                )
+            });
+        assert_eq!(io, "guest bytes");
+        assert_eq!(opened, Err(Some(libc::EPERM)));
+        assert_eq!(socket, Err(Some(libc::EPERM)));
+        assert_eq!(spawned, Err(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn the_vmm_thread_gets_unix_sockets_only() {
+        let (unix, inet) = confined(ThreadRole::Vmm, SeccompPolicy::Enforce, || {
+            (
+                errno(std::os::unix::net::UnixDatagram::unbound())
+                    .and(errno(std::os::unix::net::UnixStream::pair())),
+                errno(std::net::UdpSocket::bind("127.0.0.1:0")),
+            )
+        });
+        assert_eq!(unix, Ok(()));
+        assert_eq!(inet, Err(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn executable_mappings_are_refused() {
+        let (data, exec) = confined(ThreadRole::Vmm, SeccompPolicy::Enforce, || {
+            let map = |prot| {
+                MmapRegion::<()>::build(None, 4096, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            };
+            (
+                map(libc::PROT_READ | libc::PROT_WRITE),
+                map(libc::PROT_READ | libc::PROT_EXEC),
+            )
+        });
+        assert_eq!(data, Ok(()));
+        let err = exec.unwrap_err();
+        assert!(err.contains("Operation not permitted"), "{err}");
+    }
+
+    #[test]
+    fn log_lets_unlisted_calls_through() {
+        let opened = confined(ThreadRole::Vcpu, SeccompPolicy::Log, || {
+            errno(std::fs::File::open("/proc/self/status"))
+        });
+        assert_eq!(opened, Ok(()));
+    }
+}
