@@ -231,6 +231,8 @@ pub struct VmSpec {
     pub cmdline: String,
     /// Number of empty virtio-blk slots for container root filesystems.
     pub blk_slots: u32,
+    /// Seccomp filters of the VM's vCPU and VMM threads.
+    pub seccomp: vmm::SeccompPolicy,
     /// File that receives the guest console.
     pub console_log: Option<PathBuf>,
     /// Hybrid vsock unix socket (`<state>/<id>/vsock.sock`) for debugging tools; `None` for
@@ -745,6 +747,7 @@ impl VmBackend for KvmBackend {
         config.cmdline = format!("{} sandboxer.ready_port={READY_PORT}", spec.cmdline);
         config.vcpus = spec.vcpus;
         config.mem_mib = spec.mem_mib;
+        config.seccomp = spec.seccomp;
         config.console = vmm::ConsoleConfig {
             log_path: spec.console_log.clone(),
             stdout: false,
@@ -1351,6 +1354,7 @@ mod tests {
             initramfs: None,
             cmdline: String::new(),
             blk_slots: 0,
+            seccomp: vmm::SeccompPolicy::default(),
             console_log: None,
             vsock_uds: None,
             setup: GuestSetup::default(),
@@ -1376,6 +1380,7 @@ mod tests {
             initramfs: None,
             cmdline: String::new(),
             blk_slots: 0,
+            seccomp: vmm::SeccompPolicy::default(),
             console_log: None,
             vsock_uds: None,
             setup: GuestSetup::default(),

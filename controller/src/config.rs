@@ -23,6 +23,7 @@
 //! blk_slots = 8
 //! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
 //! agent_ready_timeout_ms = 10000  # Start fails if the guest agent is not ready by then
+//! seccomp = "enforce"          # vCPU and VMM threads: "enforce", "log" (allow, kernel logs) or "off"
 //! ```
 //!
 //! An empty `initramfs` means the agent initramfs embedded in the binary at build time
@@ -72,6 +73,29 @@ pub enum OnExit {
     Leave,
 }
 
+/// How each VM's vCPU and VMM threads are confined (`vmm::seccomp`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Seccomp {
+    /// System calls outside a thread's list fail with EPERM.
+    #[default]
+    Enforce,
+    /// System calls outside the list run, and the kernel logs each one (for finding gaps).
+    Log,
+    /// No filter.
+    Off,
+}
+
+impl From<Seccomp> for vmm::SeccompPolicy {
+    fn from(s: Seccomp) -> Self {
+        match s {
+            Seccomp::Enforce => vmm::SeccompPolicy::Enforce,
+            Seccomp::Log => vmm::SeccompPolicy::Log,
+            Seccomp::Off => vmm::SeccompPolicy::Off,
+        }
+    }
+}
+
 /// The sockets the Sandbox APIs are served on.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -114,6 +138,8 @@ pub struct VmDefaults {
     pub pool_depth: u32,
     /// How long Start waits for the guest agent's ready signal.
     pub agent_ready_timeout_ms: u64,
+    /// Seccomp filters of the VMs' vCPU and VMM threads.
+    pub seccomp: Seccomp,
 }
 
 /// Default of [`VmDefaults::agent_ready_timeout_ms`].
@@ -131,6 +157,7 @@ impl Default for VmDefaults {
             blk_slots: 8,
             pool_depth: 1,
             agent_ready_timeout_ms: DEFAULT_AGENT_READY_TIMEOUT_MS,
+            seccomp: Seccomp::Enforce,
         }
     }
 }
@@ -227,6 +254,9 @@ pub struct ServeArgs {
     /// How long Start waits for the guest agent's ready signal, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub agent_ready_timeout_ms: Option<u64>,
+    /// Seccomp filters of the VMs' vCPU and VMM threads.
+    #[arg(long, value_enum)]
+    pub seccomp: Option<Seccomp>,
     /// Log filter, e.g. "debug" or "info,controller=trace".
     #[arg(long)]
     pub log_level: Option<String>,
@@ -285,6 +315,7 @@ impl Config {
             &mut self.vm.agent_ready_timeout_ms,
             &args.agent_ready_timeout_ms,
         );
+        set(&mut self.vm.seccomp, &args.seccomp);
         set(&mut self.log_level, &args.log_level);
         set(&mut self.on_exit, &args.on_exit);
         set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
@@ -393,6 +424,7 @@ mod tests {
         );
         assert_eq!(c.state_dir, Path::new("/run/sandboxer"));
         assert_eq!(c.on_exit, OnExit::Stop);
+        assert_eq!(c.vm.seccomp, Seccomp::Enforce);
         assert!(c.initramfs().is_none());
         c.validate().unwrap();
     }
@@ -420,6 +452,7 @@ mod tests {
             vcpus = 2
             mem_mib = 512
             blk_slots = 4
+            seccomp = "log"
         "#;
         let mut c = Config::from_toml(text, Path::new("x")).unwrap();
         assert_eq!(c.state_dir, Path::new("/var/run/sbx"));
@@ -427,6 +460,7 @@ mod tests {
         assert!(c.seed_socket().is_none());
         assert_eq!(c.initramfs(), Some(Path::new("/i")));
         assert_eq!((c.vm.vcpus, c.vm.mem_mib, c.vm.blk_slots), (2, 512, 4));
+        assert_eq!(c.vm.seccomp, Seccomp::Log);
         // Unset sections keep their defaults.
         assert_eq!(c.vm.max_vcpus, 16);
 
@@ -435,8 +469,13 @@ mod tests {
             seed_socket: Some("/tmp/seed.sock".into()),
             mem_mib: Some(1024),
             on_exit: Some(OnExit::Stop),
+            seccomp: Some(Seccomp::Off),
             ..ServeArgs::default()
         });
+        assert_eq!(
+            vmm::SeccompPolicy::from(c.vm.seccomp),
+            vmm::SeccompPolicy::Off
+        );
         assert_eq!(c.api.socket, Path::new("/tmp/b.sock"));
         assert_eq!(c.seed_socket(), Some(Path::new("/tmp/seed.sock")));
         assert_eq!(c.vm.mem_mib, 1024);
@@ -498,6 +537,12 @@ mod tests {
     fn unknown_keys_are_errors() {
         let err = Config::from_toml("[vm]\nmemory = 5\n", Path::new("/etc/x.toml")).unwrap_err();
         assert!(matches!(err, ConfigError::Parse(..)), "{err:?}");
+        let err = Config::from_toml("[vm]\nseccomp = \"strict\"\n", Path::new("/etc/x.toml"))
+            .unwrap_err();
+        let why = std::error::Error::source(&err)
+            .map(ToString::to_string)
+            .unwrap_or_default();
+        assert!(why.contains("seccomp") && why.contains("enforce"), "{why}");
     }
 
     #[test]

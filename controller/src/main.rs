@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use controller::config::{Config, ServeArgs};
+use controller::config::{Config, Seccomp, ServeArgs};
 use controller::shim;
 use tracing_subscriber::EnvFilter;
 
@@ -72,6 +72,9 @@ struct RunArgs {
     /// Stop the VM after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Seccomp filters of the vCPU and VMM threads.
+    #[arg(long, value_enum, default_value_t = Seccomp::Enforce)]
+    seccomp: Seccomp,
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
@@ -80,6 +83,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.cmdline = args.cmdline;
     config.mem_mib = args.mem;
     config.vcpus = args.vcpus;
+    config.seccomp = args.seccomp.into();
     config.console = vmm::ConsoleConfig {
         log_path: args.console_log,
         stdout: true,

@@ -611,6 +611,7 @@ impl<B: VmBackend> SandboxService<B> {
             initramfs: Some(self.config.vm.initramfs.clone()).filter(|p| !p.as_os_str().is_empty()),
             cmdline: self.config.vm.cmdline.clone(),
             blk_slots: self.config.vm.blk_slots,
+            seccomp: self.config.vm.seccomp.into(),
             console_log: Some(dir.join("console.log")),
             vsock_uds: Some(dir.join("vsock.sock")),
             setup: GuestSetup {

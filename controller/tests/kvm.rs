@@ -418,6 +418,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
         initramfs: Some(fake_initramfs(dir)),
         cmdline: agent_cmdline(&[]),
         blk_slots,
+        seccomp: vmm::SeccompPolicy::default(),
         console_log: Some(dir.join("console.log")),
         vsock_uds: None,
         setup: GuestSetup {
