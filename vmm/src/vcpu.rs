@@ -8,6 +8,7 @@
 //! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
 
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -123,8 +124,6 @@ pub(crate) struct VcpuContext {
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) pio: Arc<Bus>,
     pub(crate) mmio: Arc<Bus>,
-    /// The filter every vCPU thread installs before it first enters the guest.
-    pub(crate) seccomp: Option<&'static BpfProgram>,
 }
 
 /// The vCPU threads of one VM.
@@ -137,30 +136,77 @@ pub(crate) struct VcpuSet {
 /// How long stop and pause wait for vCPU threads before giving up on them.
 const VCPU_WAIT: Duration = Duration::from_secs(5);
 
-impl VcpuSet {
-    /// Spawns one thread per vCPU fd. On failure, already started threads are stopped.
-    pub(crate) fn spawn(fds: Vec<VcpuFd>, ctx: &VcpuContext) -> std::io::Result<Self> {
-        let mut set = VcpuSet {
-            control: Arc::clone(&ctx.control),
-            threads: Vec::with_capacity(fds.len()),
+/// vCPU threads spawned ahead of their VM: each installs its seccomp filter (a hundred
+/// microseconds or so, most of it the kernel compiling the program) while the VM is still being
+/// built, then waits for its fd. Dropped unused, the threads end.
+#[derive(Debug)]
+pub(crate) struct PendingVcpus {
+    jobs: Vec<Sender<(VcpuFd, VcpuContext)>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PendingVcpus {
+    /// Spawns `count` threads named `vcpu<id>`, confined by `filter`.
+    pub(crate) fn spawn(count: u8, filter: Option<&'static BpfProgram>) -> std::io::Result<Self> {
+        let mut pending = PendingVcpus {
+            jobs: Vec::with_capacity(usize::from(count)),
+            threads: Vec::with_capacity(usize::from(count)),
         };
-        for (id, fd) in fds.into_iter().enumerate() {
-            let ctx = ctx.clone();
-            let spawned = std::thread::Builder::new()
+        for id in 0..usize::from(count) {
+            let (tx, rx) = channel::<(VcpuFd, VcpuContext)>();
+            let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .stack_size(256 * 1024)
-                .spawn(move || run_vcpu(fd, id, &ctx));
-            match spawned {
-                Ok(handle) => set.threads.push(handle),
-                Err(e) => {
-                    set.stop();
-                    return Err(e);
-                }
-            }
+                .spawn(move || {
+                    let confined = seccomp::install(filter);
+                    let Ok((fd, ctx)) = rx.recv() else {
+                        return; // the VM was never started
+                    };
+                    match confined {
+                        Ok(()) => run_vcpu(fd, id, &ctx),
+                        Err(e) => {
+                            // Never run the guest unconfined: the VM ends instead.
+                            log::error!("vcpu{id}: {e}");
+                            ctx.control.report_exit(VmExit::Crashed(e.to_string()));
+                            drop(fd);
+                            ctx.control.mark_exited();
+                        }
+                    }
+                })?;
+            pending.jobs.push(tx);
+            pending.threads.push(handle);
         }
-        Ok(set)
+        Ok(pending)
     }
 
+    /// Hands every thread its vCPU (`fds` in id order): the guest runs from here on.
+    pub(crate) fn start(mut self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
+        for (tx, fd) in std::mem::take(&mut self.jobs).into_iter().zip(fds) {
+            if tx.send((fd, ctx.clone())).is_err() {
+                // The thread is gone (it cannot be: it only waits); count it as ended.
+                ctx.control
+                    .report_exit(VmExit::Crashed("a vCPU thread ended early".into()));
+                ctx.control.mark_exited();
+            }
+        }
+        VcpuSet {
+            control: Arc::clone(&ctx.control),
+            threads: std::mem::take(&mut self.threads),
+        }
+    }
+}
+
+impl Drop for PendingVcpus {
+    fn drop(&mut self) {
+        // Closing the channels ends the threads that never got a vCPU.
+        self.jobs.clear();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl VcpuSet {
     fn kick_all(&self) {
         for t in &self.threads {
             // A thread that already left its loop is fine to miss.
@@ -213,14 +259,6 @@ impl VcpuSet {
 
 fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
     let mut vcpu = ThreadVcpu::new(fd);
-    if let Err(e) = seccomp::install(ctx.seccomp) {
-        // Never run the guest unconfined: the VM ends instead.
-        log::error!("vcpu{id}: {e}");
-        ctx.control.report_exit(VmExit::Crashed(e.to_string()));
-        drop(vcpu);
-        ctx.control.mark_exited();
-        return;
-    }
     loop {
         if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park() {
             break;

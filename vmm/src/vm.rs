@@ -34,7 +34,7 @@ use crate::memory::GuestRam;
 use crate::pool::{self, ShellError, VmShell};
 use crate::seccomp::{self, SeccompError, ThreadRole};
 use crate::timings::StartupTimings;
-use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
+use crate::vcpu::{PendingVcpus, VcpuContext, VcpuControl, VcpuSet};
 use crate::{ResetKind, VmExit, arch, boot};
 
 /// Why a VM could not be started.
@@ -136,8 +136,12 @@ impl Vm {
         timings.kvm_open = lap.next();
 
         let mut cfg = config.validate(kvm.max_vcpus())?;
-        let vcpu_filter = seccomp::filter(ThreadRole::Vcpu, cfg.seccomp)?;
-        let vmm_filter = seccomp::filter(ThreadRole::Vmm, cfg.seccomp)?;
+        // The VM's threads start now and install their seccomp filters while the VM is built.
+        let pending_vcpus =
+            PendingVcpus::spawn(cfg.vcpus, seccomp::filter(ThreadRole::Vcpu, cfg.seccomp)?)
+                .map_err(VmError::Spawn)?;
+        let pending_vmm = PendingVmm::spawn(seccomp::filter(ThreadRole::Vmm, cfg.seccomp)?)
+            .map_err(VmError::Spawn)?;
         kvm::signal_setup()?;
         let VmShell { vm_fd, ram } = match pool::take(cfg.mem_bytes()) {
             Some(shell) => {
@@ -229,7 +233,6 @@ impl Vm {
             control: Arc::clone(&control),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
-            seccomp: vcpu_filter,
         };
         let end = Arc::new(EndState::default());
         let ram_file = ram
@@ -240,7 +243,7 @@ impl Vm {
             .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
 
         // From here on the vCPUs run: everything fallible is done.
-        let vcpus = VcpuSet::spawn(vcpu_fds, &ctx).map_err(VmError::Spawn)?;
+        let vcpus = pending_vcpus.start(vcpu_fds, &ctx);
         let done = Arc::new(AtomicBool::new(false));
         let controller = Arc::new(Mutex::new(VmmControl {
             api_rx,
@@ -265,17 +268,15 @@ impl Vm {
             _ctx: ctx,
         };
         LIVE_VMS.fetch_add(1, Ordering::SeqCst);
-        let spawned = std::thread::Builder::new()
-            .name("vmm".into())
-            .stack_size(256 * 1024)
-            .spawn(move || vmm_thread(event_manager, done, resources, vmm_filter));
-        if let Err(e) = spawned {
+        if !pending_vmm.start(event_manager, done, resources) {
             LIVE_VMS.fetch_sub(1, Ordering::SeqCst);
             controller
                 .lock()
                 .expect("poisoned")
-                .finish(VmExit::Crashed("VMM thread did not start".into()));
-            return Err(VmError::Spawn(e));
+                .finish(VmExit::Crashed("VMM thread ended early".into()));
+            return Err(VmError::Spawn(io::Error::other(
+                "the VMM thread ended early",
+            )));
         }
         timings.vcpu_start = lap.next();
         timings.total = start.elapsed();
@@ -441,13 +442,68 @@ struct VmResources {
     _ctx: VcpuContext,
 }
 
+type VmmJob = (
+    EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+    Arc<AtomicBool>,
+    VmResources,
+);
+
+/// The VMM thread, spawned ahead of its VM like the vCPU threads ([`PendingVcpus`]): it installs
+/// its filter, then waits for the event loop to run. Dropped unused, the thread ends.
+struct PendingVmm {
+    job: Option<Sender<VmmJob>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PendingVmm {
+    fn spawn(filter: Option<&'static BpfProgram>) -> io::Result<Self> {
+        let (tx, rx) = channel::<VmmJob>();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .stack_size(256 * 1024)
+            .spawn(move || {
+                let confined = seccomp::install(filter);
+                if let Ok((event_manager, done, resources)) = rx.recv() {
+                    vmm_thread(event_manager, done, resources, confined);
+                }
+            })?;
+        Ok(PendingVmm {
+            job: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    /// Hands the thread its event loop; false if the thread is gone.
+    fn start(
+        mut self,
+        event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
+        done: Arc<AtomicBool>,
+        resources: VmResources,
+    ) -> bool {
+        // Detached: the VM's end is reported through `EndState`, not by joining.
+        self.thread = None;
+        self.job
+            .take()
+            .is_some_and(|tx| tx.send((event_manager, done, resources)).is_ok())
+    }
+}
+
+impl Drop for PendingVmm {
+    fn drop(&mut self) {
+        self.job = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 fn vmm_thread(
     mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     done: Arc<AtomicBool>,
     resources: VmResources,
-    filter: Option<&'static BpfProgram>,
+    confined: Result<(), SeccompError>,
 ) {
-    if let Err(e) = seccomp::install(filter) {
+    if let Err(e) = confined {
         // Without its filter the thread must not touch guest data: end the VM instead.
         log::error!("VMM thread: {e}");
         resources
