@@ -8,7 +8,6 @@
 //! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
 
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -20,7 +19,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::bus::Bus;
 use crate::kvm::signal::{ThreadVcpu, kick_signal};
-use crate::seccomp;
+use crate::seccomp::PendingThread;
 use crate::{ResetKind, VmExit};
 
 const RUNNING: u8 = 0;
@@ -136,72 +135,50 @@ pub(crate) struct VcpuSet {
 /// How long stop and pause wait for vCPU threads before giving up on them.
 const VCPU_WAIT: Duration = Duration::from_secs(5);
 
-/// vCPU threads spawned ahead of their VM: each installs its seccomp filter (a hundred
-/// microseconds or so, most of it the kernel compiling the program) while the VM is still being
-/// built, then waits for its fd. Dropped unused, the threads end.
+/// The vCPU threads of a VM being built ([`PendingThread`]): confined before they get a vCPU.
 #[derive(Debug)]
-pub(crate) struct PendingVcpus {
-    jobs: Vec<Sender<(VcpuFd, VcpuContext)>>,
-    threads: Vec<JoinHandle<()>>,
-}
+pub(crate) struct PendingVcpus(Vec<PendingThread<(VcpuFd, VcpuContext)>>);
 
 impl PendingVcpus {
     /// Spawns `count` threads named `vcpu<id>`, confined by `filter`.
     pub(crate) fn spawn(count: u8, filter: Option<&'static BpfProgram>) -> std::io::Result<Self> {
-        let mut pending = PendingVcpus {
-            jobs: Vec::with_capacity(usize::from(count)),
-            threads: Vec::with_capacity(usize::from(count)),
-        };
+        let mut threads = Vec::with_capacity(usize::from(count));
         for id in 0..usize::from(count) {
-            let (tx, rx) = channel::<(VcpuFd, VcpuContext)>();
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    let confined = seccomp::install(filter);
-                    let Ok((fd, ctx)) = rx.recv() else {
-                        return; // the VM was never started
-                    };
-                    match confined {
-                        Ok(()) => run_vcpu(fd, id, &ctx),
-                        Err(e) => {
-                            // Never run the guest unconfined: the VM ends instead.
-                            log::error!("vcpu{id}: {e}");
-                            ctx.control.report_exit(VmExit::Crashed(e.to_string()));
-                            drop(fd);
-                            ctx.control.mark_exited();
-                        }
+            threads.push(PendingThread::spawn(
+                format!("vcpu{id}"),
+                filter,
+                move |(fd, ctx): (VcpuFd, VcpuContext), confined| match confined {
+                    Ok(()) => run_vcpu(fd, id, &ctx),
+                    Err(e) => {
+                        // Never run the guest unconfined: the VM ends instead.
+                        log::error!("vcpu{id}: {e}");
+                        ctx.control.report_exit(VmExit::Crashed(e.to_string()));
+                        drop(fd);
+                        ctx.control.mark_exited();
                     }
-                })?;
-            pending.jobs.push(tx);
-            pending.threads.push(handle);
+                },
+            )?);
         }
-        Ok(pending)
+        Ok(PendingVcpus(threads))
     }
 
     /// Hands every thread its vCPU (`fds` in id order): the guest runs from here on.
-    pub(crate) fn start(mut self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
-        for (tx, fd) in std::mem::take(&mut self.jobs).into_iter().zip(fds) {
-            if tx.send((fd, ctx.clone())).is_err() {
-                // The thread is gone (it cannot be: it only waits); count it as ended.
-                ctx.control
-                    .report_exit(VmExit::Crashed("a vCPU thread ended early".into()));
-                ctx.control.mark_exited();
+    pub(crate) fn start(self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
+        let mut threads = Vec::with_capacity(fds.len());
+        for (pending, fd) in self.0.into_iter().zip(fds) {
+            match pending.start((fd, ctx.clone())) {
+                Ok(handle) => threads.push(handle),
+                Err(_) => {
+                    // The thread is gone (it cannot be: it only waits); count it as ended.
+                    ctx.control
+                        .report_exit(VmExit::Crashed("a vCPU thread ended early".into()));
+                    ctx.control.mark_exited();
+                }
             }
         }
         VcpuSet {
             control: Arc::clone(&ctx.control),
-            threads: std::mem::take(&mut self.threads),
-        }
-    }
-}
-
-impl Drop for PendingVcpus {
-    fn drop(&mut self) {
-        // Closing the channels ends the threads that never got a vCPU.
-        self.jobs.clear();
-        for t in self.threads.drain(..) {
-            let _ = t.join();
+            threads,
         }
     }
 }

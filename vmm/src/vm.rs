@@ -18,7 +18,6 @@ use std::time::{Duration, Instant, SystemTime};
 use devices::legacy::{BootSignal, BootTimer, ConsoleSink, ConsoleTail, I8042, SerialConsole};
 use devices::virtio::vsock::VsockHandle;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
-use seccompiler::BpfProgram;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -32,7 +31,7 @@ use crate::device_manager::{DeviceError, DeviceManager, Devices};
 use crate::kvm::{KvmContext, KvmError};
 use crate::memory::GuestRam;
 use crate::pool::{self, ShellError, VmShell};
-use crate::seccomp::{self, SeccompError, ThreadRole};
+use crate::seccomp::{self, PendingThread, SeccompError, ThreadRole};
 use crate::timings::StartupTimings;
 use crate::vcpu::{PendingVcpus, VcpuContext, VcpuControl, VcpuSet};
 use crate::{ResetKind, VmExit, arch, boot};
@@ -140,8 +139,14 @@ impl Vm {
         let pending_vcpus =
             PendingVcpus::spawn(cfg.vcpus, seccomp::filter(ThreadRole::Vcpu, cfg.seccomp)?)
                 .map_err(VmError::Spawn)?;
-        let pending_vmm = PendingVmm::spawn(seccomp::filter(ThreadRole::Vmm, cfg.seccomp)?)
-            .map_err(VmError::Spawn)?;
+        let pending_vmm = PendingThread::spawn(
+            "vmm".into(),
+            seccomp::filter(ThreadRole::Vmm, cfg.seccomp)?,
+            |(event_manager, done, resources): VmmJob, confined| {
+                vmm_thread(event_manager, done, resources, confined);
+            },
+        )
+        .map_err(VmError::Spawn)?;
         kvm::signal_setup()?;
         let VmShell { vm_fd, ram } = match pool::take(cfg.mem_bytes()) {
             Some(shell) => {
@@ -268,7 +273,8 @@ impl Vm {
             _ctx: ctx,
         };
         LIVE_VMS.fetch_add(1, Ordering::SeqCst);
-        if !pending_vmm.start(event_manager, done, resources) {
+        // Detached: the VM's end is reported through `EndState`, not by joining.
+        if pending_vmm.start((event_manager, done, resources)).is_err() {
             LIVE_VMS.fetch_sub(1, Ordering::SeqCst);
             controller
                 .lock()
@@ -442,60 +448,12 @@ struct VmResources {
     _ctx: VcpuContext,
 }
 
+/// What the VMM thread runs: the event loop, its stop flag and the VM it keeps alive.
 type VmmJob = (
     EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
     Arc<AtomicBool>,
     VmResources,
 );
-
-/// The VMM thread, spawned ahead of its VM like the vCPU threads ([`PendingVcpus`]): it installs
-/// its filter, then waits for the event loop to run. Dropped unused, the thread ends.
-struct PendingVmm {
-    job: Option<Sender<VmmJob>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl PendingVmm {
-    fn spawn(filter: Option<&'static BpfProgram>) -> io::Result<Self> {
-        let (tx, rx) = channel::<VmmJob>();
-        let thread = std::thread::Builder::new()
-            .name("vmm".into())
-            .stack_size(256 * 1024)
-            .spawn(move || {
-                let confined = seccomp::install(filter);
-                if let Ok((event_manager, done, resources)) = rx.recv() {
-                    vmm_thread(event_manager, done, resources, confined);
-                }
-            })?;
-        Ok(PendingVmm {
-            job: Some(tx),
-            thread: Some(thread),
-        })
-    }
-
-    /// Hands the thread its event loop; false if the thread is gone.
-    fn start(
-        mut self,
-        event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
-        done: Arc<AtomicBool>,
-        resources: VmResources,
-    ) -> bool {
-        // Detached: the VM's end is reported through `EndState`, not by joining.
-        self.thread = None;
-        self.job
-            .take()
-            .is_some_and(|tx| tx.send((event_manager, done, resources)).is_ok())
-    }
-}
-
-impl Drop for PendingVmm {
-    fn drop(&mut self) {
-        self.job = None;
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 fn vmm_thread(
     mut event_manager: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>,
@@ -504,7 +462,8 @@ fn vmm_thread(
     confined: Result<(), SeccompError>,
 ) {
     if let Err(e) = confined {
-        // Without its filter the thread must not touch guest data: end the VM instead.
+        // Without its filter the thread should not serve the guest: end the VM (the loop's
+        // next pass sees the exit).
         log::error!("VMM thread: {e}");
         resources
             ._ctx
