@@ -1,5 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Generated protocol code for the sandbox APIs. No logic lives here.
+//! Generated protocol code for the sandbox APIs, and [`id`]: the one rule both ends of them
+//! apply to the ids they carry. No other logic lives here.
 //!
 //! - [`v2`]: the containerd 2.x sandbox `Controller` (nine RPCs) and the `containerd.types` it
 //!   uses. iSulad >= 2.1.6 speaks it too.
@@ -17,6 +18,8 @@
 //! The gRPC sets (feature `grpc`, the default) have tonic servers and clients; each message implements `prost::Name`, so
 //! `prost_types::Any::from_msg` gives it its full type URL.
 #![forbid(unsafe_code)]
+
+pub mod id;
 
 /// The containerd 2.x sandbox API.
 #[cfg(feature = "grpc")]

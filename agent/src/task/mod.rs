@@ -240,28 +240,10 @@ pub fn services(service: Arc<TaskService>) -> HashMap<String, Service> {
     all
 }
 
-/// Ids and exec ids become file names: `[A-Za-z0-9_.-]`, not starting with `.`, 1..=255
-/// bytes.
+/// Ids and exec ids become file names: the protocol's one rule ([`proto::id`]), the same the
+/// sandboxer applies before it forwards a call.
 fn validate_id(field: &'static str, id: &str) -> Result<(), TaskError> {
-    if id.is_empty() {
-        return Err(TaskError::invalid(field, "must not be empty"));
-    }
-    if id.len() > 255 {
-        return Err(TaskError::invalid(field, "is longer than 255 bytes"));
-    }
-    if id.starts_with('.') {
-        return Err(TaskError::invalid(field, format!("{id:?} starts with '.'")));
-    }
-    if let Some(c) = id
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')))
-    {
-        return Err(TaskError::invalid(
-            field,
-            format!("{id:?} contains {c:?} (allowed: A-Z a-z 0-9 _ . -)"),
-        ));
-    }
-    Ok(())
+    proto::id::validate(id).map_err(|e| TaskError::invalid(field, format!("{id:?} {e}")))
 }
 
 fn timestamp(t: SystemTime) -> MessageField<Timestamp> {
@@ -1230,7 +1212,7 @@ mod tests {
         for good in ["a", "c-1_x.y", "A9"] {
             validate_id("id", good).unwrap();
         }
-        for bad in ["", ".x", "a/b", "a b", "ä", &"x".repeat(256)] {
+        for bad in ["", ".x", "-x", "a/b", "a b", "ä", &"x".repeat(129)] {
             let e = validate_id("id", bad).unwrap_err();
             assert_eq!(e.code(), ttrpc::Code::INVALID_ARGUMENT, "{bad}");
             assert!(e.to_string().starts_with("Invalid id"), "{e}");
