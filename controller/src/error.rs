@@ -5,7 +5,8 @@ use std::error::Error as StdError;
 use std::fmt::Write as _;
 
 use crate::backend::BackendError;
-use crate::sandbox::SandboxState;
+use crate::pod::PodError;
+use crate::sandbox::{SandboxState, TransitionError};
 use crate::store::StoreError;
 
 /// Why a sandbox operation failed.
@@ -65,6 +66,25 @@ pub enum SandboxError {
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
+}
+
+impl From<TransitionError> for SandboxError {
+    fn from(e: TransitionError) -> Self {
+        SandboxError::FailedPrecondition {
+            id: e.id,
+            state: e.state,
+            op: e.op,
+        }
+    }
+}
+
+impl From<PodError> for SandboxError {
+    fn from(e: PodError) -> Self {
+        SandboxError::InvalidArgument {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
 }
 
 /// The error and its sources, `": "`-separated: the one place the chain is printed.

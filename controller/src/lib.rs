@@ -21,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod network;
 pub mod notify;
+pub mod pod;
 pub mod sandbox;
 pub mod server;
 pub mod service;

@@ -18,8 +18,9 @@ use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerMetricsRequest, ControllerShutdownRequest,
     ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
-use controller::backend::{BackendError, GuestSetup, KvmBackend, VmBackend, VmExitKind, VmSpec};
+use controller::backend::{BackendError, KvmBackend, VmBackend, VmExitKind, VmSpec};
 use controller::config::Config;
+use controller::pod::GuestSetup;
 use test_guests::{Guest, agent, require_kvm};
 use tokio::sync::oneshot;
 

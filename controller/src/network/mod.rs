@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 use devices::virtio::net::{NetConfig, Tap, TapError};
 use vmm::{DeviceConfig, NetBackendConfig};
 
-use crate::backend::{GuestInterface, GuestIp, GuestRoute};
+use crate::pod::{GuestInterface, GuestIp, GuestRoute};
 
 /// Errors setting up or tearing down a pod's network.
 #[derive(Debug, thiserror::Error)]

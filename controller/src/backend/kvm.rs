@@ -1,0 +1,435 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The real backend: KVM microVMs inside this process ([`vmm::Vm`]).
+//!
+//! A [`KvmBackend`] VM gets one vsock device (guest CID [`GUEST_CID`], hybrid socket
+//! `<state>/<id>/vsock.sock`) and `blk_slots` empty virtio-blk slots (serials
+//! `sbx-slot-<n>`). Start returns only once the guest agent is ready and set up (the protocol is
+//! in [`super::agent`]); a VM whose agent never comes up is stopped before Start fails.
+
+use std::fmt;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::agent::{self, READY_PORT, ReadyFallback};
+use super::{
+    AttachedDisk, BackendError, ShutdownRequest, StartPhases, TaskTarget, VmBackend, VmEnd,
+    VmExitKind, VmHandle, VmMetrics, VmSpec, wait_end,
+};
+use crate::sandbox::StoredAny;
+
+/// The guest's context id on its vsock device (the first one a guest may have).
+pub const GUEST_CID: u64 = 3;
+/// Stack size of the thread that waits for a VM's end: it only blocks on a condvar.
+const WAITER_STACK: usize = 64 * 1024;
+
+/// Serial (virtio-blk `GET_ID`) of block slot `n`; the agent finds the slot's device by it.
+pub fn slot_serial(n: u32) -> String {
+    format!("sbx-slot-{n}")
+}
+
+impl From<vmm::VmEnd> for VmEnd {
+    fn from(e: vmm::VmEnd) -> Self {
+        let kind = match e.exit {
+            vmm::VmExit::Reset(_) | vmm::VmExit::PowerOff => VmExitKind::GuestShutdown,
+            vmm::VmExit::Stopped => VmExitKind::HostStopped,
+            vmm::VmExit::Crashed(why) => VmExitKind::Crashed(why),
+        };
+        VmEnd { kind, at: e.at }
+    }
+}
+
+/// The real backend: KVM microVMs inside this process ([`vmm::Vm`]), each with a vsock device
+/// for its guest agent and empty block slots for container root filesystems.
+#[derive(Clone, Debug, Default)]
+pub struct KvmBackend;
+
+/// A VM of the [`KvmBackend`] whose agent is ready.
+pub struct KvmHandle {
+    vm: Arc<vmm::Vm>,
+    spec: VmSpec,
+    end: watch::Receiver<Option<VmEnd>>,
+    /// One ttrpc connection to the agent, shared by every caller.
+    agent: ttrpc::asynchronous::Client,
+    /// Which block slots hold a disk.
+    slots: Mutex<Vec<bool>>,
+    /// How long the start took, by phase.
+    phases: StartPhases,
+}
+
+impl fmt::Debug for KvmHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KvmHandle")
+            .field("sandbox_id", &self.spec.sandbox_id)
+            .field("ended", &self.end.borrow().is_some())
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The VMM's configuration for `spec`: the vsock device first (small guests only look at the
+/// first few devices), then the empty block slots, then the pod's NICs.
+fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
+    // Checked here so a missing file is a configuration error even where KVM is unusable.
+    let missing =
+        |file: &Path| BackendError::Config(format!("{} is not a file", file.display()).into());
+    if !spec.kernel.is_file() {
+        return Err(missing(&spec.kernel));
+    }
+    let Some(initramfs) = spec.initramfs.as_ref() else {
+        return Err(BackendError::Config(
+            "no agent initramfs: set vm.initramfs (this sandboxer was built without an \
+             embedded one, see SANDBOXER_EMBED_INITRAMFS)"
+                .into(),
+        ));
+    };
+    if !initramfs.is_file() {
+        return Err(missing(initramfs));
+    }
+    let mut config = vmm::VmConfig::new(&spec.kernel);
+    config.initramfs.clone_from(&spec.initramfs);
+    config.cmdline = format!("{} sandboxer.ready_port={READY_PORT}", spec.cmdline);
+    config.vcpus = spec.vcpus;
+    config.mem_mib = spec.mem_mib;
+    config.seccomp = spec.seccomp;
+    config.console = vmm::ConsoleConfig {
+        log_path: spec.console_log.clone(),
+        stdout: false,
+    };
+    config.devices.push(vmm::DeviceConfig::Vsock {
+        guest_cid: GUEST_CID,
+        uds_path: spec.vsock_uds.clone(),
+    });
+    for n in 0..spec.blk_slots {
+        config.devices.push(vmm::DeviceConfig::Block(
+            devices::virtio::block::BlockConfig {
+                id: slot_serial(n),
+                path: None,
+                read_only: false,
+            },
+        ));
+    }
+    // The pod's NICs, after the slots (their taps are open in the pod's netns already).
+    config.devices.extend(spec.nics.take());
+    Ok(config)
+}
+
+#[async_trait]
+impl VmBackend for KvmBackend {
+    async fn start(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
+        let config = vm_config(&spec)?;
+        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
+        let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
+        let mut phases = StartPhases::default();
+        let t = Instant::now();
+        let (vm, listener) = tokio::task::spawn_blocking(move || {
+            let vm = vmm::Vm::start(config)?;
+            // Right after the vCPUs started: the guest has not reached its driver yet (and if
+            // it had, the hybrid fallback listener takes the connection).
+            let listener = vm
+                .vsock()
+                .map(|v| v.listen(READY_PORT))
+                .unwrap_or_else(|| Err(io::Error::other("the VM has no vsock device")));
+            Ok::<_, vmm::VmError>((vm, listener))
+        })
+        .await
+        .map_err(BackendError::Join)?
+        .map_err(|e| match e {
+            vmm::VmError::Config(c) => BackendError::Config(Box::new(c)),
+            other => BackendError::Start(Box::new(other)),
+        })?;
+        phases.vm = t.elapsed();
+        let vm = Arc::new(vm);
+        let (tx, rx) = watch::channel(None);
+        let waiter = Arc::clone(&vm);
+        let spawned = std::thread::Builder::new()
+            .name(format!("vm-wait-{}", short(&spec.sandbox_id)))
+            .stack_size(WAITER_STACK)
+            .spawn(move || {
+                let end = waiter.wait();
+                tx.send_replace(Some(VmEnd::from(end)));
+            });
+        if let Err(e) = spawned {
+            stop_now(&vm).await;
+            return Err(BackendError::Start(Box::new(e)));
+        }
+        let agent = agent::connect_agent(
+            &vm,
+            &spec,
+            listener,
+            fallback.as_ref(),
+            rx.clone(),
+            &mut phases,
+        )
+        .await;
+        drop(fallback);
+        let agent = match agent {
+            Ok(agent) => agent,
+            Err(e) => {
+                // Nothing of a VM whose agent never came up may stay behind.
+                stop_now(&vm).await;
+                return Err(e);
+            }
+        };
+        Ok(Box::new(KvmHandle {
+            vm,
+            spec,
+            end: rx,
+            agent,
+            slots: Mutex::new(vec![false; slots]),
+            phases,
+        }))
+    }
+}
+
+/// Stops `vm` and waits for its end (off the async workers).
+async fn stop_now(vm: &Arc<vmm::Vm>) -> vmm::VmEnd {
+    let stopping = Arc::clone(vm);
+    match tokio::task::spawn_blocking(move || stopping.stop()).await {
+        Ok(end) => end,
+        // The blocking pool is gone (runtime shutting down): stop on this thread.
+        Err(_) => vm.stop(),
+    }
+}
+
+/// Thread names are limited to 15 bytes by Linux.
+fn short(id: &str) -> &str {
+    id.get(..6).unwrap_or(id)
+}
+
+impl KvmHandle {
+    /// Fails once the VM has ended (read from the VM itself: the waiter thread's watch may
+    /// lag behind a `kill`).
+    fn running(&self) -> Result<(), BackendError> {
+        match self.vm.ended() {
+            Some(_) => Err(BackendError::NotRunning),
+            None => Ok(()),
+        }
+    }
+
+    fn release(&self, index: usize) {
+        if let Some(used) = self.slots.lock().expect("poisoned").get_mut(index) {
+            *used = false;
+        }
+    }
+}
+
+#[async_trait]
+impl TaskTarget for KvmHandle {
+    fn agent(&self) -> Result<ttrpc::asynchronous::Client, BackendError> {
+        self.running()?;
+        Ok(self.agent.clone())
+    }
+
+    async fn attach_disk(
+        &self,
+        path: &Path,
+        read_only: bool,
+    ) -> Result<AttachedDisk, BackendError> {
+        self.running()?;
+        let index = {
+            let mut slots = self.slots.lock().expect("poisoned");
+            let total = slots.len();
+            let (index, used) = slots
+                .iter_mut()
+                .enumerate()
+                .find(|(_, used)| !**used)
+                .ok_or(BackendError::NoFreeSlot(total))?;
+            *used = true;
+            index
+        };
+        let slot = u32::try_from(index).expect("slot indexes come from a u32 count");
+        let (vm, path) = (Arc::clone(&self.vm), path.to_path_buf());
+        let attached = tokio::task::spawn_blocking(move || vm.attach_disk(index, &path, read_only))
+            .await
+            .map_err(BackendError::Join)
+            .and_then(|r| r.map_err(|e| BackendError::Slot(slot, e)));
+        if let Err(e) = attached {
+            self.release(index);
+            return Err(e);
+        }
+        Ok(AttachedDisk {
+            slot,
+            source: format!("blk:{}", slot_serial(slot)),
+        })
+    }
+
+    async fn detach_disk(&self, slot: u32) -> Result<(), BackendError> {
+        let index = usize::try_from(slot).map_err(|_| BackendError::SlotNotAttached(slot))?;
+        let used = self
+            .slots
+            .lock()
+            .expect("poisoned")
+            .get(index)
+            .copied()
+            .unwrap_or(false);
+        if !used {
+            return Err(BackendError::SlotNotAttached(slot));
+        }
+        let vm = Arc::clone(&self.vm);
+        tokio::task::spawn_blocking(move || vm.detach_disk(index))
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(|e| BackendError::Slot(slot, e))?;
+        self.release(index);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl VmHandle for KvmHandle {
+    fn pid(&self) -> u32 {
+        std::process::id()
+    }
+
+    fn start_phases(&self) -> StartPhases {
+        self.phases
+    }
+
+    fn ended(&self) -> Option<VmEnd> {
+        self.vm.ended().map(VmEnd::from)
+    }
+
+    async fn wait(&self) -> VmEnd {
+        wait_end(self.end.clone()).await
+    }
+
+    async fn request_shutdown(&self, grace: Duration) -> Result<ShutdownRequest, BackendError> {
+        self.running()?;
+        agent::request_shutdown(&self.agent, grace).await?;
+        Ok(ShutdownRequest::Requested)
+    }
+
+    async fn kill(&self) -> VmEnd {
+        stop_now(&self.vm).await.into()
+    }
+
+    async fn metrics(&self) -> Result<VmMetrics, BackendError> {
+        self.running()?;
+        let pod = agent::pod_stats(&self.agent, &self.spec.sandbox_id).await;
+        Ok(VmMetrics {
+            vcpus: self.spec.vcpus,
+            mem_mib: self.spec.mem_mib,
+            guest_resident_bytes: self
+                .vm
+                .guest_resident_bytes()
+                .map_err(BackendError::Metrics)?,
+            console_bytes: self.vm.console_bytes(),
+            boot_time_ns: self
+                .vm
+                .boot_time()
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            pod,
+        })
+    }
+
+    async fn update_resources(
+        &self,
+        container_id: &str,
+        resources: &StoredAny,
+    ) -> Result<(), BackendError> {
+        self.running()?;
+        agent::update_resources(&self.agent, container_id, resources).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use super::*;
+    use crate::backend::NetDevices;
+    use crate::error::error_chain;
+    use crate::pod::GuestSetup;
+
+    #[test]
+    fn vm_exit_mapping() {
+        let at = SystemTime::UNIX_EPOCH;
+        let map = |exit| VmEnd::from(vmm::VmEnd { exit, at }).kind;
+        assert_eq!(map(vmm::VmExit::PowerOff), VmExitKind::GuestShutdown);
+        assert_eq!(
+            map(vmm::VmExit::Reset(vmm::ResetKind::TripleFault)),
+            VmExitKind::GuestShutdown
+        );
+        assert_eq!(map(vmm::VmExit::Stopped), VmExitKind::HostStopped);
+        assert_eq!(
+            map(vmm::VmExit::Crashed("boom".into())),
+            VmExitKind::Crashed("boom".into())
+        );
+    }
+
+    #[test]
+    fn thread_name_fits() {
+        assert_eq!(short("0123456789abcdef"), "012345");
+        assert_eq!(short("ab"), "ab");
+    }
+
+    #[tokio::test]
+    async fn kvm_backend_reports_a_missing_kernel_as_config_error() {
+        let spec = VmSpec {
+            sandbox_id: "x".into(),
+            vcpus: 1,
+            mem_mib: 64,
+            kernel: "/nonexistent/vmlinux".into(),
+            initramfs: None,
+            cmdline: String::new(),
+            blk_slots: 0,
+            seccomp: vmm::SeccompPolicy::default(),
+            console_log: None,
+            vsock_uds: None,
+            setup: GuestSetup::default(),
+            agent_ready_timeout: Duration::from_secs(1),
+            nics: NetDevices::default(),
+        };
+        match KvmBackend.start(spec).await {
+            Err(BackendError::Config(_)) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn kvm_backend_requires_an_initramfs() {
+        let tmp = tempfile::tempdir().unwrap();
+        let kernel = tmp.path().join("vmlinux");
+        std::fs::write(&kernel, b"k").unwrap();
+        let mut spec = VmSpec {
+            sandbox_id: "x".into(),
+            vcpus: 1,
+            mem_mib: 64,
+            kernel,
+            initramfs: None,
+            cmdline: String::new(),
+            blk_slots: 0,
+            seccomp: vmm::SeccompPolicy::default(),
+            console_log: None,
+            vsock_uds: None,
+            setup: GuestSetup::default(),
+            agent_ready_timeout: Duration::from_secs(1),
+            nics: NetDevices::default(),
+        };
+        match KvmBackend.start(spec.clone()).await {
+            Err(e @ BackendError::Config(_)) => {
+                assert!(error_chain(&e).contains("no agent initramfs"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        spec.initramfs = Some(tmp.path().join("missing.cpio"));
+        match KvmBackend.start(spec).await {
+            Err(e @ BackendError::Config(_)) => {
+                assert!(error_chain(&e).contains("missing.cpio"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn slot_serials_fit_get_id() {
+        assert_eq!(slot_serial(0), "sbx-slot-0");
+        // virtio-blk GET_ID carries at most 20 bytes.
+        assert!(slot_serial(u32::MAX).len() <= 20);
+    }
+}

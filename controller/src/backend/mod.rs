@@ -1,0 +1,322 @@
+// SPDX-License-Identifier: Apache-2.0
+//! What the sandbox service needs from a VM: the [`VmBackend`] / [`VmHandle`] traits and the
+//! types they speak ([`VmSpec`], [`VmEnd`], [`StartPhases`], ...). The implementations live in
+//! the children: [`kvm`] (the in-process VMM), [`agent`] (the guest agent's ready line and
+//! setup, which [`kvm`] uses) and, for tests (feature `test-utils`), [`fake`].
+//!
+//! Operations a backend cannot do yet return [`BackendError::Unsupported`]; the service turns that
+//! into gRPC `Unimplemented`. No backend pretends to have done something it has not.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::pod::GuestSetup;
+use crate::sandbox::StoredAny;
+
+pub mod agent;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fake;
+pub mod kvm;
+
+pub use kvm::KvmBackend;
+
+/// A boxed error from below the backend (vmm, I/O).
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a backend operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VM cannot be built from this configuration (e.g. the kernel is missing).
+    #[error("Invalid VM configuration")]
+    Config(#[source] BoxError),
+    /// The VM could not be started.
+    #[error("Failed to start the VM")]
+    Start(#[source] BoxError),
+    /// The backend cannot do this (yet).
+    #[error("Not supported by this VM backend yet: {0}")]
+    Unsupported(&'static str),
+    /// The VM has ended.
+    #[error("The VM is not running")]
+    NotRunning,
+    /// Reading the VM's statistics failed.
+    #[error("Failed to read VM statistics")]
+    Metrics(#[source] std::io::Error),
+    /// A blocking helper task failed.
+    #[error("VM helper task failed")]
+    Join(#[source] tokio::task::JoinError),
+    /// The guest agent did not send its ready line in time.
+    #[error("The guest agent did not report ready within {timeout_ms} ms (console log: {console})")]
+    AgentNotReady {
+        /// The bound that passed.
+        timeout_ms: u128,
+        /// Where the guest's console went.
+        console: String,
+    },
+    /// The VM ended before its agent was ready.
+    #[error("The VM ended before its agent was ready: {reason} (console log: {console})")]
+    EndedBeforeReady {
+        /// How the VM ended.
+        reason: String,
+        /// Where the guest's console went.
+        console: String,
+    },
+    /// The agent's ready line was not `READY <port>\n`.
+    #[error("Invalid ready line from the guest agent: {0:?}")]
+    BadReadyLine(String),
+    /// Waiting for or reading the agent's ready connection failed.
+    #[error("Failed to receive the guest agent's ready signal")]
+    Ready(#[source] io::Error),
+    /// Connecting to the agent's ttrpc port failed.
+    #[error("Failed to connect to the guest agent on vsock port {0}")]
+    AgentConnect(u32, #[source] io::Error),
+    /// A call to the agent failed.
+    #[error("Agent call {0} failed")]
+    Agent(&'static str, #[source] ttrpc::Error),
+    /// Every block slot holds a disk.
+    #[error("All {0} block slots are in use")]
+    NoFreeSlot(usize),
+    /// The slot is not one that was attached.
+    #[error("Block slot {0} is not attached")]
+    SlotNotAttached(u32),
+    /// Filling or emptying a block slot failed.
+    #[error("Block slot {0} operation failed")]
+    Slot(u32, #[source] vmm::DeviceError),
+}
+
+/// The pod's virtio-net devices (open taps from `crate::network`), handed to the backend
+/// once: clones share them and [`NetDevices::take`] empties them for all.
+#[derive(Clone, Default)]
+pub struct NetDevices(Arc<std::sync::Mutex<Vec<vmm::DeviceConfig>>>);
+
+impl NetDevices {
+    /// Devices for the VM, in guest NIC order.
+    pub fn new(devices: Vec<vmm::DeviceConfig>) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(devices)))
+    }
+
+    /// Takes the devices (a second call gets none).
+    pub fn take(&self) -> Vec<vmm::DeviceConfig> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Devices not taken yet.
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Whether none is left.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl fmt::Debug for NetDevices {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NetDevices({})", self.len())
+    }
+}
+
+impl PartialEq for NetDevices {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || (self.is_empty() && other.is_empty())
+    }
+}
+
+impl Eq for NetDevices {}
+
+/// What to build and boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmSpec {
+    /// The sandbox the VM serves (for names and logs).
+    pub sandbox_id: String,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u32,
+    /// Guest kernel (ELF vmlinux with a PVH note, or bzImage).
+    pub kernel: PathBuf,
+    /// Initramfs, if any.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of empty virtio-blk slots for container root filesystems.
+    pub blk_slots: u32,
+    /// Seccomp filters of the VM's vCPU and VMM threads.
+    pub seccomp: vmm::SeccompPolicy,
+    /// File that receives the guest console.
+    pub console_log: Option<PathBuf>,
+    /// Hybrid vsock unix socket (`<state>/<id>/vsock.sock`) for debugging tools; `None` for
+    /// the in-process vsock API only.
+    pub vsock_uds: Option<PathBuf>,
+    /// What the agent sets up before Start returns.
+    pub setup: GuestSetup,
+    /// How long Start waits for the agent's ready line.
+    pub agent_ready_timeout: Duration,
+    /// The pod's NICs (none without a pod network).
+    pub nics: NetDevices,
+}
+
+/// Why a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum VmExitKind {
+    /// The guest shut itself down (power-off or reset, the end of a firmware-less guest).
+    GuestShutdown,
+    /// The host stopped it.
+    HostStopped,
+    /// The guest or KVM failed.
+    Crashed(String),
+}
+
+/// How and when a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmEnd {
+    /// Why.
+    pub kind: VmExitKind,
+    /// When.
+    pub at: SystemTime,
+}
+
+/// Answer to [`VmHandle::request_shutdown`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShutdownRequest {
+    /// The guest was asked to shut down; it may take a while.
+    Requested,
+    /// The VM has no way to ask its guest (no agent yet): the caller must stop it.
+    Unsupported,
+}
+
+/// Statistics of a running VM.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct VmMetrics {
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Configured guest memory in MiB.
+    pub mem_mib: u32,
+    /// Guest memory that holds data, in bytes.
+    pub guest_resident_bytes: u64,
+    /// Console bytes printed so far.
+    pub console_bytes: u64,
+    /// Time from start to the guest's boot signal, in nanoseconds (0: not yet).
+    pub boot_time_ns: u64,
+    /// The pod's cgroup statistics from the agent (`Control.Stats`), if it had any.
+    #[serde(skip)]
+    pub pod: Option<StoredAny>,
+}
+
+/// A block device slot that holds an image for a container.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AttachedDisk {
+    /// Slot index (0-based) in the VM.
+    pub slot: u32,
+    /// Mount source the agent resolves to the guest device: `blk:<serial>` in a VM (serials are
+    /// `sbx-slot-<n>`), a device path (e.g. a loop device) for an agent on the host.
+    pub source: String,
+}
+
+/// What the host Task endpoint (`crate::task`) needs from a sandbox: the agent connection and
+/// the block slots. Implemented by every [`VmHandle`]; tests implement it over an agent
+/// running on the host (unix socket) with loop devices as "slots".
+#[async_trait]
+pub trait TaskTarget: Send + Sync + fmt::Debug {
+    /// The ttrpc client connected to the agent (shared: ttrpc multiplexes calls on one
+    /// connection; clone it freely). Fails if the VM has ended or has no agent.
+    fn agent(&self) -> Result<ttrpc::asynchronous::Client, BackendError>;
+    /// Puts `path` (an image file or a block device) into a free block slot.
+    async fn attach_disk(
+        &self,
+        path: &std::path::Path,
+        read_only: bool,
+    ) -> Result<AttachedDisk, BackendError>;
+    /// Empties a slot filled by [`TaskTarget::attach_disk`].
+    async fn detach_disk(&self, slot: u32) -> Result<(), BackendError>;
+}
+
+/// Starts VMs.
+#[async_trait]
+pub trait VmBackend: Send + Sync + 'static {
+    /// Builds and boots a VM. Returns once it runs.
+    async fn start(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
+}
+
+/// A running (or ended) VM.
+#[async_trait]
+pub trait VmHandle: TaskTarget {
+    /// PID of the process that runs the VM.
+    fn pid(&self) -> u32;
+    /// How the VM ended, if it has.
+    fn ended(&self) -> Option<VmEnd>;
+    /// Waits until the VM has ended. Many callers may wait at once.
+    async fn wait(&self) -> VmEnd;
+    /// Asks the guest to shut down cleanly (its containers get `grace` between SIGTERM and
+    /// SIGKILL), without waiting for it.
+    async fn request_shutdown(&self, grace: Duration) -> Result<ShutdownRequest, BackendError>;
+    /// Stops the VM now (if it still runs) and returns how it ended.
+    async fn kill(&self) -> VmEnd;
+    /// Current statistics.
+    async fn metrics(&self) -> Result<VmMetrics, BackendError>;
+    /// Applies new resources to a container inside the guest.
+    async fn update_resources(
+        &self,
+        container_id: &str,
+        resources: &StoredAny,
+    ) -> Result<(), BackendError>;
+    /// How long the phases of this VM's start took (none for backends that do not measure).
+    fn start_phases(&self) -> StartPhases {
+        StartPhases::default()
+    }
+}
+
+/// Durations of the phases of a VM's start, in the order they ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StartPhases {
+    /// Building and booting the VM (`vmm::Vm::start`, with the ready listener).
+    pub vm: Duration,
+    /// From the vCPUs running to the agent's ready line read: the guest's boot.
+    pub agent_ready: Duration,
+    /// Connecting to the agent's ttrpc port over vsock.
+    pub agent_connect: Duration,
+    /// `Control.SyncClock` round trip.
+    pub sync_clock: Duration,
+    /// `Control.Setup` round trip.
+    pub setup: Duration,
+}
+
+impl StartPhases {
+    /// Each phase with its name, in order.
+    pub fn named(&self) -> [(&'static str, Duration); 5] {
+        [
+            ("vm", self.vm),
+            ("agent_ready", self.agent_ready),
+            ("agent_connect", self.agent_connect),
+            ("sync_clock", self.sync_clock),
+            ("setup", self.setup),
+        ]
+    }
+}
+
+/// Converts a watch of "ended yet?" into a future that resolves with the end.
+pub(crate) async fn wait_end(mut rx: watch::Receiver<Option<VmEnd>>) -> VmEnd {
+    loop {
+        if let Some(end) = rx.borrow_and_update().clone() {
+            return end;
+        }
+        if rx.changed().await.is_err() {
+            // The sender lives as long as the handle; a closed channel means the value is final.
+            if let Some(end) = rx.borrow().clone() {
+                return end;
+            }
+            return VmEnd {
+                kind: VmExitKind::Crashed("VM monitor vanished".into()),
+                at: SystemTime::now(),
+            };
+        }
+    }
+}

@@ -1,0 +1,540 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Create, Start, Stop, Shutdown, and the end of a VM that ends by itself.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tracing::{info, warn};
+
+use super::registry::{Entry, Locked};
+use super::update::set_extension;
+use super::{
+    CreateRequest, EXIT_FAILED, EXIT_FORCED, SandboxService, Started, TASK_API_VERSION, validate_id,
+};
+use crate::backend::{
+    NetDevices, ShutdownRequest, TaskTarget, VmBackend, VmEnd, VmExitKind, VmHandle, VmSpec,
+};
+use crate::error::{SandboxError, error_chain};
+use crate::network::{self, PodNetwork};
+use crate::pod::{self, GuestSetup};
+use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
+use crate::store::StoreError;
+use crate::task::{ImageCache, TaskOptions, TaskServer};
+
+/// Removes a pod network's taps and tc redirects; failures are logged (nothing to return them to).
+async fn teardown_network(id: &str, net: Option<PodNetwork>) {
+    if let Some(net) = net
+        && let Err(e) = net.teardown().await
+    {
+        warn!(sandbox_id = %id, error = %error_chain(&e), "cannot tear down the pod network");
+    }
+}
+
+/// Whole microseconds of `d` (saturating).
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// The state and exit a VM end means; `forced` when Stop had to cut a grace period short.
+fn exit_of(end: &VmEnd, forced: bool) -> (SandboxState, ExitInfo) {
+    let (state, status, reason) = match &end.kind {
+        VmExitKind::GuestShutdown => (SandboxState::Stopped, 0, "the guest shut down".to_string()),
+        VmExitKind::HostStopped if forced => (
+            SandboxState::Stopped,
+            EXIT_FORCED,
+            "stopped by force after the grace period".to_string(),
+        ),
+        VmExitKind::HostStopped => (SandboxState::Stopped, 0, "stopped".to_string()),
+        VmExitKind::Crashed(why) => (SandboxState::Failed, EXIT_FAILED, why.clone()),
+    };
+    (
+        state,
+        ExitInfo {
+            status,
+            at: end.at,
+            reason,
+        },
+    )
+}
+
+/// Stops `vm`: asks the guest, waits up to `grace`, then forces it. Returns the end and whether
+/// it had to be forced.
+async fn stop_vm(vm: &dyn VmHandle, grace: Duration) -> (VmEnd, bool) {
+    if let Some(end) = vm.ended() {
+        return (end, false);
+    }
+    match vm.request_shutdown(grace).await {
+        Ok(ShutdownRequest::Requested) => match tokio::time::timeout(grace, vm.wait()).await {
+            Ok(end) => (end, false),
+            Err(_) => (vm.kill().await, true),
+        },
+        Ok(ShutdownRequest::Unsupported) => (vm.kill().await, false),
+        Err(e) => {
+            warn!(error = %error_chain(&e), "shutdown request failed; stopping the VM");
+            (vm.kill().await, false)
+        }
+    }
+}
+
+impl<B: VmBackend> SandboxService<B> {
+    /// Creates a sandbox: validates, reads the pod config, persists the record. Nothing boots.
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> Result<(), SandboxError> {
+        let this = Arc::clone(self);
+        let id = req.id.clone();
+        self.detached(&id, async move { this.do_create(req).await })
+            .await
+    }
+
+    async fn do_create(self: Arc<Self>, req: CreateRequest) -> Result<(), SandboxError> {
+        validate_id("sandbox_id", &req.id)?;
+        let pod = match &req.options {
+            Some(options) => pod::parse(options)?,
+            None => None,
+        };
+        if !req.netns_path.is_empty() {
+            let p = Path::new(&req.netns_path);
+            if !p.is_absolute() {
+                return Err(SandboxError::InvalidArgument {
+                    field: "netns_path",
+                    reason: format!("{} is not an absolute path", req.netns_path),
+                });
+            }
+            if !p.exists() {
+                return Err(SandboxError::InvalidArgument {
+                    field: "netns_path",
+                    reason: format!("{} does not exist", req.netns_path),
+                });
+            }
+        }
+        let vm = pod::vm_size(&self.config.vm, pod.as_ref().map(|p| &p.config))?;
+
+        let mut record = SandboxRecord::new(req.id.clone(), SystemTime::now());
+        record.sandboxer = req.sandboxer;
+        record.rootfs = req.rootfs;
+        record.netns_path = req.netns_path;
+        record.annotations = req.annotations;
+        record.options = req.options;
+        record.vm = vm;
+        if let Some(pod) = pod {
+            record.labels.extend(pod.labels);
+            record.pod = Some(pod.config);
+        }
+        if let Some(info) = req.sandbox {
+            record.labels.extend(info.labels);
+            record.spec = info.spec;
+            record.runtime = info.runtime;
+            for (key, value) in info.extensions {
+                set_extension(&mut record, &key, Some(value))?;
+            }
+        }
+
+        let entry = Entry::new(record.clone());
+        // Hold the sandbox's lock until it is on disk: nobody can Start it before that.
+        let _op = Locked::new(Arc::clone(&entry)).await;
+        {
+            let mut map = self.sandboxes.lock().expect("poisoned");
+            if map.contains_key(&record.id) {
+                return Err(SandboxError::AlreadyExists {
+                    what: "Sandbox",
+                    id: record.id,
+                });
+            }
+            map.insert(record.id.clone(), Arc::clone(&entry));
+        }
+        let id = record.id.clone();
+        let store = self.store.clone();
+        let persisted = tokio::task::spawn_blocking(move || {
+            store.create_dir(&record.id)?;
+            store.save(&record)
+        })
+        .await
+        .map_err(|e| SandboxError::Task(id.clone(), e))
+        .and_then(|r| r.map_err(|e| SandboxError::Store(id.clone(), e)));
+        if let Err(e) = persisted {
+            self.sandboxes.lock().expect("poisoned").remove(&id);
+            let _ = self.store.remove(&id);
+            return Err(e);
+        }
+        info!(sandbox_id = %id, vcpus = vm.vcpus, mem_mib = vm.mem_mib, "sandbox created");
+        Ok(())
+    }
+
+    /// Starts a created sandbox's VM and returns the Task API address.
+    pub async fn start(self: &Arc<Self>, id: &str) -> Result<Started, SandboxError> {
+        let this = Arc::clone(self);
+        let owned = id.to_string();
+        self.detached(id, async move { this.do_start(owned).await })
+            .await
+    }
+
+    async fn do_start(self: Arc<Self>, id: String) -> Result<Started, SandboxError> {
+        let t_start = Instant::now();
+        let op = self.lock(&id).await?;
+        let entry = op.entry();
+        let record = entry.with(|d| {
+            d.record.transition(SandboxState::Starting, "start")?;
+            Ok::<_, SandboxError>(d.record.clone())
+        })?;
+        if let Err(e) = self.save(record.clone()).await {
+            entry.with(|d| d.record.state = SandboxState::Created);
+            return Err(e);
+        }
+
+        let dir = self.store.sandbox_dir(&id);
+        let mut net = match self.attach_network(&record).await {
+            Ok(net) => net,
+            Err(e) => {
+                warn!(sandbox_id = %id, error = %error_chain(&e), "sandbox network failed");
+                self.fail_start(entry, &e, None).await;
+                return Err(e);
+            }
+        };
+        let spec = self.vm_spec(&record, &dir, net.as_mut());
+        let vm: Arc<dyn VmHandle> = match self.backend.start(spec).await {
+            Ok(vm) => Arc::from(vm),
+            Err(e) => {
+                let e = SandboxError::Backend(id.clone(), e);
+                warn!(sandbox_id = %id, error = %error_chain(&e), "sandbox failed to start");
+                teardown_network(&id, net).await;
+                self.fail_start(entry, &e, None).await;
+                return Err(e);
+            }
+        };
+
+        let t_task = Instant::now();
+        let task = match self.start_task_server(&dir, &vm).await {
+            Ok(task) => task,
+            Err(e) => {
+                let end = vm.kill().await;
+                teardown_network(&id, net).await;
+                self.fail_start(entry, &e, Some(end)).await;
+                return Err(e);
+            }
+        };
+        let mut start_us: BTreeMap<String, u64> = vm
+            .start_phases()
+            .named()
+            .iter()
+            .map(|(name, d)| ((*name).to_string(), micros(*d)))
+            .collect();
+        start_us.insert("task_server".into(), micros(t_task.elapsed()));
+        start_us.insert("total".into(), micros(t_start.elapsed()));
+        let started_at = SystemTime::now();
+        let address = task.address();
+        let record = entry.with(|d| {
+            d.record.state = SandboxState::Ready;
+            d.record.start_us = start_us;
+            d.record.started_at = Some(started_at);
+            d.record.pid = vm.pid();
+            d.record.address.clone_from(&address);
+            d.vm = Some(Arc::clone(&vm));
+            d.net = net;
+            d.task = Some(task);
+            d.record.clone()
+        });
+        if let Err(e) = self.save(record.clone()).await {
+            // Nobody could find this VM after a restart: do not keep it.
+            let end = vm.kill().await;
+            self.fail_start(entry, &e, Some(end)).await;
+            return Err(e);
+        }
+        tokio::spawn(Arc::clone(&self).monitor(Arc::clone(entry), Arc::clone(&vm)));
+        info!(sandbox_id = %id, %address, "sandbox started");
+        Ok(Started {
+            id,
+            pid: record.pid,
+            created_at: record.created_at,
+            labels: record.labels,
+            address,
+            version: TASK_API_VERSION,
+        })
+    }
+
+    /// What to boot for `record`: the configured VM with the record's size, its console and
+    /// vsock socket in `dir`, the pod's NICs (taken from `net`) and what the agent sets up.
+    fn vm_spec(&self, record: &SandboxRecord, dir: &Path, net: Option<&mut PodNetwork>) -> VmSpec {
+        let (interfaces, routes) = net
+            .as_ref()
+            .map(|n| (n.guest_interfaces(), n.guest_routes()))
+            .unwrap_or_default();
+        let nics = NetDevices::new(net.map(PodNetwork::take_device_configs).unwrap_or_default());
+        let pod = record.pod.as_ref();
+        let vm = &self.config.vm;
+        VmSpec {
+            sandbox_id: record.id.clone(),
+            vcpus: record.vm.vcpus,
+            mem_mib: record.vm.mem_mib,
+            kernel: vm.kernel.clone(),
+            initramfs: Some(vm.initramfs.clone()).filter(|p| !p.as_os_str().is_empty()),
+            cmdline: vm.cmdline.clone(),
+            blk_slots: vm.blk_slots,
+            seccomp: vm.seccomp.into(),
+            console_log: Some(dir.join("console.log")),
+            vsock_uds: Some(dir.join("vsock.sock")),
+            setup: GuestSetup {
+                hostname: pod.map(|p| p.hostname.clone()).unwrap_or_default(),
+                dns: pod.map(|p| p.dns.clone()).unwrap_or_default(),
+                interfaces,
+                routes,
+            },
+            agent_ready_timeout: Duration::from_millis(vm.agent_ready_timeout_ms),
+            nics,
+        }
+    }
+
+    /// Ends a sandbox whose Start failed with `error` (after `end`, if its VM had run): it is
+    /// `Failed` with [`EXIT_FAILED`], and every Wait returns.
+    async fn fail_start(&self, entry: &Entry, error: &SandboxError, end: Option<VmEnd>) {
+        let exit = ExitInfo {
+            status: EXIT_FAILED,
+            at: end.map_or_else(SystemTime::now, |e| e.at),
+            reason: format!("start failed: {}", error_chain(error)),
+        };
+        // The error being returned matters more than a failed save of it.
+        let _ = self.end(entry, SandboxState::Failed, exit).await;
+    }
+
+    /// Records the sandbox's end (unless it is recorded already: `Ok(false)`), persists it and
+    /// wakes every Wait, also when the save fails.
+    async fn end(
+        &self,
+        entry: &Entry,
+        state: SandboxState,
+        exit: ExitInfo,
+    ) -> Result<bool, SandboxError> {
+        let saved = match entry.finish(state, exit) {
+            Some(record) => self.save(record).await.map(|()| true),
+            None => Ok(false),
+        };
+        entry.notify();
+        saved
+    }
+
+    /// Records a VM's end when it ends by itself (guest shutdown, crash).
+    async fn monitor(self: Arc<Self>, entry: Arc<Entry>, vm: Arc<dyn VmHandle>) {
+        let end = vm.wait().await;
+        drop(vm);
+        let _op = Locked::new(Arc::clone(&entry)).await;
+        let (state, exit) = exit_of(&end, false);
+        match self.end(&entry, state, exit).await {
+            Ok(false) => {}
+            Ok(true) => {
+                let id = entry.with(|d| d.record.id.clone());
+                info!(sandbox_id = %id, %state, "sandbox VM ended");
+            }
+            Err(e) => warn!(error = %error_chain(&e), "cannot persist a sandbox's end"),
+        }
+    }
+
+    /// Stops a sandbox: asks the guest, waits up to `timeout` (0: the configured default), then
+    /// forces it. Stopping an ended sandbox succeeds.
+    pub async fn stop(self: &Arc<Self>, id: &str, timeout: Duration) -> Result<(), SandboxError> {
+        let this = Arc::clone(self);
+        let owned = id.to_string();
+        self.detached(id, async move { this.do_stop(owned, timeout).await })
+            .await
+    }
+
+    async fn do_stop(self: Arc<Self>, id: String, timeout: Duration) -> Result<(), SandboxError> {
+        let op = self.lock(&id).await?;
+        let entry = op.entry();
+        let (record, vm) = op.snapshot();
+        match record.state {
+            SandboxState::Created => {
+                let exit = ExitInfo {
+                    status: 0,
+                    at: SystemTime::now(),
+                    reason: "stopped before it started".into(),
+                };
+                self.end(entry, SandboxState::Stopped, exit).await?;
+                Ok(())
+            }
+            SandboxState::Stopped | SandboxState::Failed => Ok(()),
+            SandboxState::Deleted => Err(SandboxError::NotFound(id)),
+            SandboxState::Ready => {
+                let r = entry.with(|d| {
+                    d.record.transition(SandboxState::Stopping, "stop")?;
+                    Ok::<_, SandboxError>(d.record.clone())
+                })?;
+                if let Err(e) = self.save(r).await {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "cannot persist Stopping");
+                }
+                let grace = if timeout.is_zero() {
+                    self.config.default_stop_timeout
+                } else {
+                    timeout
+                };
+                let (end, forced) = match vm {
+                    Some(vm) => stop_vm(vm.as_ref(), grace).await,
+                    None => (
+                        VmEnd {
+                            kind: VmExitKind::HostStopped,
+                            at: SystemTime::now(),
+                        },
+                        false,
+                    ),
+                };
+                let (state, exit) = exit_of(&end, forced);
+                self.end(entry, state, exit).await?;
+                info!(sandbox_id = %id, forced, "sandbox stopped");
+                Ok(())
+            }
+            // Start and Stop hold the lifecycle lock for their whole run: not observable here.
+            SandboxState::Starting | SandboxState::Stopping => {
+                Err(SandboxError::FailedPrecondition {
+                    id,
+                    state: record.state,
+                    op: "stop",
+                })
+            }
+        }
+    }
+
+    /// Frees everything the sandbox holds (its VM, directory, sockets, files) and forgets it.
+    pub async fn shutdown(self: &Arc<Self>, id: &str) -> Result<(), SandboxError> {
+        let this = Arc::clone(self);
+        let owned = id.to_string();
+        self.detached(id, async move { this.do_shutdown(owned).await })
+            .await
+    }
+
+    async fn do_shutdown(self: Arc<Self>, id: String) -> Result<(), SandboxError> {
+        let op = self.lock(&id).await?;
+        let entry = op.entry();
+        let (record, vm) = op.snapshot();
+        match (record.state, vm) {
+            (SandboxState::Ready | SandboxState::Starting | SandboxState::Stopping, vm) => {
+                let end = match vm {
+                    Some(vm) => vm.kill().await,
+                    None => VmEnd {
+                        kind: VmExitKind::HostStopped,
+                        at: SystemTime::now(),
+                    },
+                };
+                let (state, exit) = exit_of(&end, false);
+                entry.finish(state, exit);
+            }
+            (SandboxState::Created, _) => {
+                let exit = ExitInfo {
+                    status: 0,
+                    at: SystemTime::now(),
+                    reason: "shut down before it started".into(),
+                };
+                entry.finish(SandboxState::Stopped, exit);
+            }
+            (SandboxState::Stopped | SandboxState::Failed | SandboxState::Deleted, _) => {}
+        }
+        entry.notify();
+        // The Task endpoint goes first: it detaches its slots and drops its images.
+        let task = entry.with(|d| d.task.take());
+        if let Some(task) = task {
+            task.shutdown().await;
+        }
+        // The VM (which held the taps) is gone: remove the tc redirects. A record from before a
+        // restart has no PodNetwork: clean whatever the lost process left in its netns.
+        let net = entry.with(|d| d.net.take());
+        if net.is_some() {
+            teardown_network(&id, net).await;
+        } else if !record.netns_path.is_empty()
+            && let Err(e) = network::cleanup_leftovers(Path::new(&record.netns_path), &id).await
+        {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "cannot clean the pod network");
+        }
+        let record = entry.with(|d| {
+            if d.record.state != SandboxState::Deleted {
+                d.record.state = SandboxState::Deleted;
+            }
+            d.record.clone()
+        });
+        // Persist Deleted first: a crash during the cleanup is finished by the next recover().
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            match store.save(&record) {
+                // The directory may be gone already (an earlier, interrupted Shutdown).
+                Ok(()) | Err(StoreError::Write(..)) => {}
+                Err(e) => return Err(e),
+            }
+            store.remove(&record.id)
+        })
+        .await
+        .map_err(|e| SandboxError::Task(id.clone(), e))?
+        .map_err(|e| SandboxError::Store(id.clone(), e))?;
+        let mut map = self.sandboxes.lock().expect("poisoned");
+        if map.get(&id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
+            map.remove(&id);
+        }
+        drop(map);
+        info!(sandbox_id = %id, "sandbox shut down");
+        Ok(())
+    }
+
+    /// Serves the sandbox's Task endpoint on `<dir>/task.sock`, forwarding to `vm`'s agent.
+    async fn start_task_server(
+        &self,
+        dir: &Path,
+        vm: &Arc<dyn VmHandle>,
+    ) -> Result<TaskServer, SandboxError> {
+        let id = || {
+            dir.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let images = {
+            let mut slot = self.images.lock().expect("poisoned");
+            match &*slot {
+                Some(images) => Arc::clone(images),
+                None => {
+                    let images = Arc::new(
+                        ImageCache::new(&self.config.image_dir)
+                            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))?,
+                    );
+                    *slot = Some(Arc::clone(&images));
+                    images
+                }
+            }
+        };
+        let mut opts = TaskOptions::new(images, dir.join("containers"));
+        opts.containerd_address
+            .clone_from(&self.config.containerd_address);
+        let target: Arc<dyn TaskTarget> = Arc::clone(vm) as _;
+        TaskServer::start(&dir.join("task.sock"), target, opts)
+            .await
+            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))
+    }
+
+    /// Connects the pod netns's veths to taps for the VM (none without a netns). A netns that
+    /// an earlier sandboxer process used is cleaned first.
+    async fn attach_network(
+        &self,
+        record: &SandboxRecord,
+    ) -> Result<Option<PodNetwork>, SandboxError> {
+        if record.netns_path.is_empty() {
+            return Ok(None);
+        }
+        let path = Path::new(&record.netns_path);
+        let err = |e| SandboxError::Network(record.id.clone(), e);
+        network::cleanup_leftovers(path, &record.id)
+            .await
+            .map_err(err)?;
+        network::attach(path, &record.id)
+            .await
+            .map(Some)
+            .map_err(err)
+    }
+
+    /// Stops every running sandbox (each with `grace`), e.g. when the daemon exits.
+    pub async fn stop_all(self: &Arc<Self>, grace: Duration) {
+        let mut set = tokio::task::JoinSet::new();
+        for id in self.ids() {
+            let this = Arc::clone(self);
+            set.spawn(async move {
+                if let Err(e) = this.stop(&id, grace).await {
+                    warn!(sandbox_id = %id, error = %error_chain(&e), "cannot stop sandbox");
+                }
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+}
