@@ -88,8 +88,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         log_path: args.console_log,
         stdout: true,
     };
-    let vm =
-        vmm::Vm::start(config).map_err(|e| anyhow::Error::new(e).context("cannot start the VM"))?;
+    let host = vmm::Host::new();
+    let vm = vmm::Vm::start(&host, config)
+        .map_err(|e| anyhow::Error::new(e).context("cannot start the VM"))?;
     let end = if args.timeout == 0 {
         vm.wait()
     } else {
@@ -167,14 +168,15 @@ async fn shutdown_signal() {
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args)?;
     init_logging(&config.log_level)?;
-    start_shell_pool(&config);
+    let host = vmm::Host::new();
+    start_shell_pool(&host, &config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("sandboxer")
         .build()?;
     runtime.block_on(controller::server::run(
         &config,
-        controller::KvmBackend,
+        controller::KvmBackend::new(host),
         shutdown_signal(),
     ))?;
     Ok(ExitCode::SUCCESS)
@@ -182,16 +184,16 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
 
 /// Keeps VM shells pre-built for default-sized sandboxes (their Start then skips KVM's
 /// slowest setup). Only where /dev/kvm works: the pool's refill thread would only log errors.
-fn start_shell_pool(config: &Config) {
+fn start_shell_pool(host: &vmm::Host, config: &Config) {
     let depth = usize::try_from(config.vm.pool_depth).unwrap_or(usize::MAX);
     if depth == 0 {
         return;
     }
-    if let Err(e) = vmm::kvm::KvmContext::global() {
+    if let Err(e) = host.open_kvm() {
         tracing::warn!(error = %e, "no VM shell pool: KVM is not usable");
         return;
     }
-    match vmm::pool::set_target(config.vm.mem_mib, depth) {
+    match host.set_pool_target(config.vm.mem_mib, depth) {
         Ok(()) => tracing::info!(mem_mib = config.vm.mem_mib, depth, "VM shell pool on"),
         Err(e) => tracing::warn!(error = %e, "cannot start the VM shell pool"),
     }

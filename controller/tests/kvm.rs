@@ -26,12 +26,13 @@ use tokio::sync::oneshot;
 
 const CONTROL: &str = "sandboxer.agent.v1.Control";
 
-/// The KVM tests run one at a time: each checks that no VM of the process is left
-/// (`vmm::live_vms` counts them all), and the machine has few cores.
+/// The KVM tests run one at a time: the machine has few cores. (Each checks that no VM of its
+/// own `vmm::Host` is left.)
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 struct KvmDaemon {
     dir: tempfile::TempDir,
+    host: vmm::Host,
     client: V2Client,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), controller::server::ServerError>>,
@@ -67,8 +68,10 @@ async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) 
     edit(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let run_config = config.clone();
+    let host = vmm::Host::new();
+    let backend = KvmBackend::new(host.clone());
     let task = tokio::spawn(async move {
-        controller::server::run(&run_config, KvmBackend, async {
+        controller::server::run(&run_config, backend, async {
             let _ = rx.await;
         })
         .await
@@ -85,6 +88,7 @@ async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) 
     );
     KvmDaemon {
         dir,
+        host,
         client,
         stop: tx,
         task,
@@ -147,7 +151,7 @@ impl KvmDaemon {
         self.task.await.unwrap().unwrap();
         drop(self.dir);
         assert!(
-            vmm::wait_all_torn_down(Duration::from_secs(10)),
+            self.host.wait_all_torn_down(Duration::from_secs(10)),
             "a VM leaked"
         );
     }
@@ -329,7 +333,7 @@ async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
     assert_eq!(d.state("silent").await, "SANDBOX_NOTREADY");
     assert!(!d.dir.path().join("state/silent/vsock.sock_1025").exists());
     assert!(
-        vmm::wait_all_torn_down(Duration::from_secs(10)),
+        d.host.wait_all_torn_down(Duration::from_secs(10)),
         "the VM of a failed Start leaked"
     );
     d.shutdown("silent").await;
@@ -442,7 +446,8 @@ async fn task_target_fills_and_empties_block_slots_and_reaches_the_agent() {
     require_kvm!();
     let _serial = SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
-    let vm = KvmBackend.start(spec(tmp.path(), 3)).await.unwrap();
+    let backend = KvmBackend::default();
+    let vm = backend.start(spec(tmp.path(), 3)).await.unwrap();
     let a = vm
         .attach_disk(&image(tmp.path(), "a"), false)
         .await
@@ -537,7 +542,7 @@ async fn task_target_fills_and_empties_block_slots_and_reaches_the_agent() {
     assert!(t0.elapsed() < Duration::from_secs(4), "{:?}", t0.elapsed());
     drop(vm);
     assert!(
-        vmm::wait_all_torn_down(Duration::from_secs(10)),
+        backend.host().wait_all_torn_down(Duration::from_secs(10)),
         "a VM leaked"
     );
 }

@@ -284,6 +284,8 @@ struct Env {
     containerd: Option<Child>,
     daemon: Option<Daemon>,
     watch: ShimWatch,
+    /// The VMs of every sandboxer this test starts (one after another).
+    host: vmm::Host,
 }
 
 impl Env {
@@ -338,6 +340,7 @@ impl Env {
             containerd: None,
             daemon: None,
             watch: ShimWatch::start(),
+            host: vmm::Host::new(),
         };
         if with_daemon {
             env.start_daemon().await?;
@@ -357,8 +360,9 @@ impl Env {
     async fn start_daemon(&mut self) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel::<()>();
         let config = self.config.clone();
+        let backend = KvmBackend::new(self.host.clone());
         let task = tokio::spawn(async move {
-            controller::server::run(&config, KvmBackend, async {
+            controller::server::run(&config, backend, async {
                 let _ = rx.await;
             })
             .await
@@ -625,7 +629,7 @@ impl Env {
         if !procs.is_empty() {
             bail!("processes left: {procs:?}");
         }
-        if !vmm::wait_all_torn_down(Duration::from_secs(10)) {
+        if !self.host.wait_all_torn_down(Duration::from_secs(10)) {
             bail!("a VM was not torn down");
         }
         Ok(())

@@ -1,11 +1,26 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Requests the VM handle sends to its VMM thread.
+//! Requests the VM handle sends to its VMM thread: the one way into a running VM.
 //!
 //! A request travels over a channel and wakes the VMM thread through its API EventFd; the reply
-//! comes back on a per-request channel. Each variant says which VM states allow it.
+//! comes back on a per-request channel, within [`REQUEST_TIMEOUT`]. Every runtime change of a
+//! VM (pause, resume, stop, a block slot's disk) goes through here and runs on the VMM thread,
+//! between two passes of its event loop, as in Firecracker and Cloud Hypervisor. Each variant
+//! says which VM states allow it.
+
+use std::fmt;
+use std::sync::mpsc::Sender;
+use std::time::Duration;
+
+use devices::virtio::block::DiskBackend;
+
+use crate::device_manager::DeviceError;
+
+/// How long a caller waits for the VMM thread's answer. The thread answers between two
+/// passes of its event loop, and every device bounds its work per pass, so only a thread that
+/// is stuck (a bug) makes a request time out.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An action for the VMM thread.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VmmAction {
     /// Parks every vCPU outside the guest. Allowed while running (a no-op when paused).
     Pause,
@@ -13,6 +28,43 @@ pub enum VmmAction {
     Resume,
     /// Ends the VM. Allowed in every state; the VM then reports [`crate::VmExit::Stopped`].
     Stop,
+    /// Puts `disk` into block slot `index` (the guest gets a config-change interrupt and sees
+    /// the new capacity). Allowed while running or paused. The caller opens the disk: the VMM
+    /// thread opens no files.
+    AttachDisk {
+        /// The slot.
+        index: usize,
+        /// The opened image or block device.
+        disk: Box<dyn DiskBackend>,
+        /// Whether the guest may only read it.
+        read_only: bool,
+    },
+    /// Empties block slot `index` (capacity 0; I/O fails until the next attach). Allowed while
+    /// running or paused.
+    DetachDisk {
+        /// The slot.
+        index: usize,
+    },
+}
+
+impl fmt::Debug for VmmAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmmAction::Pause => f.write_str("Pause"),
+            VmmAction::Resume => f.write_str("Resume"),
+            VmmAction::Stop => f.write_str("Stop"),
+            VmmAction::AttachDisk {
+                index, read_only, ..
+            } => f
+                .debug_struct("AttachDisk")
+                .field("index", index)
+                .field("read_only", read_only)
+                .finish_non_exhaustive(),
+            VmmAction::DetachDisk { index } => {
+                f.debug_struct("DetachDisk").field("index", index).finish()
+            }
+        }
+    }
 }
 
 /// A successful reply.
@@ -23,7 +75,7 @@ pub enum VmmData {
 }
 
 /// Why an action failed.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum VmmActionError {
     /// The VM has ended.
     #[error("The VM is not running")]
@@ -31,4 +83,26 @@ pub enum VmmActionError {
     /// Some vCPU did not leave the guest in time.
     #[error("Timed out waiting for the vCPUs to pause")]
     PauseTimedOut,
+    /// The VMM thread did not answer within [`REQUEST_TIMEOUT`].
+    #[error("The VMM thread did not answer {0} within {REQUEST_TIMEOUT:?}")]
+    TimedOut(&'static str),
+    /// A device operation failed.
+    #[error("Device operation failed")]
+    Device(#[from] DeviceError),
+}
+
+/// A request and where its answer goes.
+pub(crate) type ApiRequest = (VmmAction, Sender<Result<VmmData, VmmActionError>>);
+
+impl VmmAction {
+    /// The action's name, for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            VmmAction::Pause => "Pause",
+            VmmAction::Resume => "Resume",
+            VmmAction::Stop => "Stop",
+            VmmAction::AttachDisk { .. } => "AttachDisk",
+            VmmAction::DetachDisk { .. } => "DetachDisk",
+        }
+    }
 }

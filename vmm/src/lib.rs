@@ -2,34 +2,47 @@
 //! The in-process VMM: creates, runs and destroys KVM microVMs inside the calling process.
 //!
 //! ```no_run
+//! let host = vmm::Host::new();
 //! let mut config = vmm::VmConfig::new("vmlinux");
 //! config.mem_mib = 256;
-//! let vm = vmm::Vm::start(config)?;
+//! let vm = vmm::Vm::start(&host, config)?;
 //! println!("{:?}", vm.wait().exit);
 //! # Ok::<(), vmm::VmError>(())
 //! ```
+//!
+//! The owner of the VMs keeps one [`Host`] (KVM handle, shell pool, seccomp filters, live
+//! count) and passes it to every start. Inside: [`builder`] builds a VM, `event_loop` runs its
+//! VMM thread, [`vm`] is the handle, [`api`] the requests a running VM takes, and
+//! `device_manager` wires its virtio devices to KVM.
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod arch;
-pub mod boot;
-pub mod bus;
+mod arch;
+mod boot;
+pub mod builder;
+mod bus;
 pub mod config;
-pub mod device_manager;
-pub mod kvm;
-pub mod memory;
-pub mod pool;
-pub mod seccomp;
-pub mod timings;
+mod device_manager;
+mod event_loop;
+mod host;
+mod kvm;
+mod memory;
+mod pool;
+mod seccomp;
+mod timings;
 mod vcpu;
-mod vm;
+pub mod vm;
 
 pub use api::{VmmAction, VmmActionError, VmmData};
+pub use boot::BootError;
+pub use builder::VmError;
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
-pub use seccomp::SeccompPolicy;
+pub use host::Host;
+pub use kvm::KvmError;
+pub use seccomp::{SeccompError, SeccompPolicy};
 pub use timings::StartupTimings;
-pub use vm::{Vm, VmEnd, VmError, live_vms, wait_all_torn_down};
+pub use vm::{Vm, VmEnd};
 
 /// How a guest reset itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

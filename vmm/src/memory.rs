@@ -70,7 +70,8 @@ impl GuestRam {
     }
 
     /// Bytes of guest memory that hold data (pages the guest or the VMM touched).
-    pub fn resident_bytes(&self) -> std::io::Result<u64> {
+    #[cfg(test)]
+    pub(crate) fn resident_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
     }

@@ -4,7 +4,7 @@
 //! A shell is a KVM VM with its guest memory (a fresh memfd, mapped and registered), the in-kernel
 //! irqchip and the PIT. Building one costs a few milliseconds, almost all of it spent inside KVM
 //! waiting for SRCU grace periods (memslot and I/O bus updates), not computing. A background
-//! thread keeps a few shells ready for the memory sizes the caller expects, so `Vm::start` takes
+//! thread keeps a few shells ready for the memory sizes the caller expects ([`crate::Host`]), so `Vm::start` takes
 //! one in microseconds; a size with no ready shell is built on the spot, exactly as the refill
 //! thread would build it.
 //!
@@ -12,12 +12,12 @@
 //! sandbox to the next; an idle shell holds no guest pages (the memfd is sparse).
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 
-use crate::kvm::{KvmContext, KvmError, add_platform_devices, register_memory};
+use crate::kvm::{KvmCell, KvmContext, KvmError, add_platform_devices, register_memory};
 use crate::memory::{GuestRam, MemoryError};
 
 /// Errors building a shell.
@@ -33,36 +33,33 @@ pub enum ShellError {
 
 /// A VM with memory, irqchip and PIT, not yet running anything.
 #[derive(Debug)]
-pub struct VmShell {
+pub(crate) struct VmShell {
     /// The VM. Declared before `ram`: it is dropped first.
-    pub vm_fd: VmFd,
+    pub(crate) vm_fd: VmFd,
     /// Its guest memory.
-    pub ram: GuestRam,
+    pub(crate) ram: GuestRam,
 }
 
 /// How long building a shell took, by part.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct ShellTimings {
-    /// `KVM_CREATE_VM` plus irqchip, PIT and TSS.
-    pub vm_create: Duration,
+pub(crate) struct ShellTimings {
     /// memfd, mapping and memslot registration.
-    pub memory: Duration,
+    pub(crate) memory: Duration,
 }
 
 impl VmShell {
     /// Builds a shell for `mem_bytes` of guest memory.
-    pub fn build(kvm: &KvmContext, mem_bytes: u64) -> Result<(VmShell, ShellTimings), ShellError> {
-        let t0 = Instant::now();
+    pub(crate) fn build(
+        kvm: &KvmContext,
+        mem_bytes: u64,
+    ) -> Result<(VmShell, ShellTimings), ShellError> {
         let vm_fd = kvm.create_vm()?;
         let t1 = Instant::now();
         let ram = GuestRam::new(mem_bytes)?;
         register_memory(&vm_fd, &ram.mem)?;
         let t2 = Instant::now();
         add_platform_devices(&vm_fd)?;
-        let timings = ShellTimings {
-            vm_create: (t1 - t0) + t2.elapsed(),
-            memory: t2 - t1,
-        };
+        let timings = ShellTimings { memory: t2 - t1 };
         Ok((VmShell { vm_fd, ram }, timings))
     }
 }
@@ -74,73 +71,132 @@ struct PoolState {
     /// How many shells to keep ready, by memory size.
     targets: HashMap<u64, usize>,
     refill_running: bool,
+    /// The host is gone: the refill thread ends.
+    closed: bool,
 }
 
+/// The shells one [`crate::Host`] keeps ready, and its refill thread.
 #[derive(Debug, Default)]
-struct Pool {
+pub(crate) struct ShellPool {
     state: Mutex<PoolState>,
     cv: Condvar,
 }
 
-fn pool() -> &'static Pool {
-    static POOL: OnceLock<Pool> = OnceLock::new();
-    POOL.get_or_init(Pool::default)
-}
+impl ShellPool {
+    /// Keeps `depth` shells of `mem_mib` MiB ready from now on (0 stops keeping them and frees
+    /// the idle ones). Starts the refill thread, which builds with `kvm`, on first use.
+    pub(crate) fn set_target(
+        self: &Arc<Self>,
+        kvm: &Arc<KvmCell>,
+        mem_mib: u32,
+        depth: usize,
+    ) -> std::io::Result<()> {
+        let bytes = u64::from(mem_mib) << 20;
+        let mut state = self.state.lock().expect("poisoned");
+        if depth == 0 {
+            state.targets.remove(&bytes);
+            let idle = state.ready.remove(&bytes);
+            drop(state);
+            drop(idle);
+            return Ok(());
+        }
+        state.targets.insert(bytes, depth);
+        if !state.refill_running {
+            let (pool, kvm) = (Arc::clone(self), Arc::clone(kvm));
+            std::thread::Builder::new()
+                .name("vm-shell-pool".into())
+                .stack_size(256 * 1024)
+                .spawn(move || pool.refill_loop(&kvm))?;
+            state.refill_running = true;
+        }
+        self.cv.notify_all();
+        Ok(())
+    }
 
-/// Keeps `depth` shells of `mem_mib` MiB ready from now on (0 stops keeping them and frees the
-/// idle ones). Starts the refill thread on first use.
-pub fn set_target(mem_mib: u32, depth: usize) -> std::io::Result<()> {
-    let bytes = u64::from(mem_mib) << 20;
-    let pool = pool();
-    let mut state = pool.state.lock().expect("poisoned");
-    if depth == 0 {
-        state.targets.remove(&bytes);
-        let idle = state.ready.remove(&bytes);
+    /// Takes a ready shell of exactly `mem_bytes`, if one is there.
+    pub(crate) fn take(&self, mem_bytes: u64) -> Option<VmShell> {
+        let mut state = self.state.lock().expect("poisoned");
+        let shell = state.ready.get_mut(&mem_bytes)?.pop();
+        if shell.is_some() {
+            self.cv.notify_all();
+        }
+        shell
+    }
+
+    /// Shells ready now for `mem_mib`.
+    pub(crate) fn ready(&self, mem_mib: u32) -> usize {
+        let state = self.state.lock().expect("poisoned");
+        state
+            .ready
+            .get(&(u64::from(mem_mib) << 20))
+            .map_or(0, Vec::len)
+    }
+
+    /// Waits until every target is met, up to `timeout`.
+    pub(crate) fn wait_full(&self, timeout: Duration) -> bool {
+        let state = self.state.lock().expect("poisoned");
+        let (state, _) = self
+            .cv
+            .wait_timeout_while(state, timeout, |s| missing(s).is_some())
+            .expect("poisoned");
+        missing(&state).is_none()
+    }
+
+    /// Frees the idle shells and ends the refill thread (the host is dropped).
+    pub(crate) fn close(&self) {
+        let mut state = self.state.lock().expect("poisoned");
+        state.closed = true;
+        state.targets.clear();
+        let idle = std::mem::take(&mut state.ready);
         drop(state);
+        self.cv.notify_all();
         drop(idle);
-        return Ok(());
     }
-    state.targets.insert(bytes, depth);
-    if !state.refill_running {
-        std::thread::Builder::new()
-            .name("vm-shell-pool".into())
-            .stack_size(256 * 1024)
-            .spawn(refill_loop)?;
-        state.refill_running = true;
+
+    fn refill_loop(&self, kvm: &KvmCell) {
+        loop {
+            let size = {
+                let mut state = self.state.lock().expect("poisoned");
+                loop {
+                    if state.closed {
+                        return;
+                    }
+                    if let Some(size) = missing(&state) {
+                        break size;
+                    }
+                    state = self.cv.wait(state).expect("poisoned");
+                }
+            };
+            let built = kvm
+                .get()
+                .map_err(ShellError::from)
+                .and_then(|kvm| VmShell::build(&kvm, size));
+            match built {
+                Ok((shell, _)) => {
+                    let mut state = self.state.lock().expect("poisoned");
+                    // The target may have been lowered while building: then the shell just
+                    // drops.
+                    if state
+                        .targets
+                        .get(&size)
+                        .is_some_and(|t| state.ready.get(&size).map_or(0, Vec::len) < *t)
+                    {
+                        state.ready.entry(size).or_default().push(shell);
+                    }
+                    self.cv.notify_all();
+                }
+                Err(e) => {
+                    log::error!("Cannot pre-build a VM shell of {} MiB: {e}", size >> 20);
+                    // Do not spin on a persistent failure (no /dev/kvm, no memory).
+                    let state = self.state.lock().expect("poisoned");
+                    let _ = self
+                        .cv
+                        .wait_timeout_while(state, Duration::from_secs(1), |s| !s.closed)
+                        .expect("poisoned");
+                }
+            }
+        }
     }
-    pool.cv.notify_all();
-    Ok(())
-}
-
-/// Takes a ready shell of exactly `mem_bytes`, if one is there.
-pub fn take(mem_bytes: u64) -> Option<VmShell> {
-    let pool = pool();
-    let mut state = pool.state.lock().expect("poisoned");
-    let shell = state.ready.get_mut(&mem_bytes)?.pop();
-    if shell.is_some() {
-        pool.cv.notify_all();
-    }
-    shell
-}
-
-/// Shells ready now for `mem_mib`.
-pub fn ready(mem_mib: u32) -> usize {
-    let state = pool().state.lock().expect("poisoned");
-    state
-        .ready
-        .get(&(u64::from(mem_mib) << 20))
-        .map_or(0, Vec::len)
-}
-
-/// Waits until every target is met (for benchmarks and tests), up to `timeout`.
-pub fn wait_full(timeout: Duration) -> bool {
-    let pool = pool();
-    let state = pool.state.lock().expect("poisoned");
-    let (state, _) = pool
-        .cv
-        .wait_timeout_while(state, timeout, |s| missing(s).is_some())
-        .expect("poisoned");
-    missing(&state).is_none()
 }
 
 fn missing(state: &PoolState) -> Option<u64> {
@@ -149,41 +205,4 @@ fn missing(state: &PoolState) -> Option<u64> {
         .iter()
         .find(|(size, target)| state.ready.get(size).map_or(0, Vec::len) < **target)
         .map(|(size, _)| *size)
-}
-
-fn refill_loop() {
-    let pool = pool();
-    loop {
-        let size = {
-            let mut state = pool.state.lock().expect("poisoned");
-            loop {
-                if let Some(size) = missing(&state) {
-                    break size;
-                }
-                state = pool.cv.wait(state).expect("poisoned");
-            }
-        };
-        let built = KvmContext::global()
-            .map_err(ShellError::from)
-            .and_then(|kvm| VmShell::build(kvm, size));
-        match built {
-            Ok((shell, _)) => {
-                let mut state = pool.state.lock().expect("poisoned");
-                // The target may have been lowered while building: then the shell just drops.
-                if state
-                    .targets
-                    .get(&size)
-                    .is_some_and(|t| state.ready.get(&size).map_or(0, Vec::len) < *t)
-                {
-                    state.ready.entry(size).or_default().push(shell);
-                }
-                pool.cv.notify_all();
-            }
-            Err(e) => {
-                log::error!("Cannot pre-build a VM shell of {} MiB: {e}", size >> 20);
-                // Do not spin on a persistent failure (no /dev/kvm, no memory).
-                std::thread::sleep(Duration::from_secs(1));
-            }
-        }
-    }
 }

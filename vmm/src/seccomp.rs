@@ -19,8 +19,8 @@
 //! `ptrace`, `mount`, `bpf` and the like.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
 use std::sync::mpsc::{Sender, channel};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
 use seccompiler::{
@@ -189,10 +189,7 @@ fn rules(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
 }
 
 /// Compiles the filter of `role` under `policy` (`None` for [`SeccompPolicy::Off`]).
-pub(crate) fn build(
-    role: ThreadRole,
-    policy: SeccompPolicy,
-) -> Result<Option<BpfProgram>, SeccompError> {
+fn build(role: ThreadRole, policy: SeccompPolicy) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match policy {
         SeccompPolicy::Off => return Ok(None),
         SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
@@ -212,27 +209,40 @@ pub(crate) fn build(
         .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
-/// The compiled filter of `role` under `policy`, built once per process.
-pub(crate) fn filter(
-    role: ThreadRole,
-    policy: SeccompPolicy,
-) -> Result<Option<&'static BpfProgram>, SeccompError> {
-    type Slot = OnceLock<Result<Option<BpfProgram>, String>>;
-    static VCPU_ENFORCE: Slot = OnceLock::new();
-    static VCPU_LOG: Slot = OnceLock::new();
-    static VMM_ENFORCE: Slot = OnceLock::new();
-    static VMM_LOG: Slot = OnceLock::new();
-    let slot = match (role, policy) {
-        (_, SeccompPolicy::Off) => return Ok(None),
-        (ThreadRole::Vcpu, SeccompPolicy::Enforce) => &VCPU_ENFORCE,
-        (ThreadRole::Vcpu, SeccompPolicy::Log) => &VCPU_LOG,
-        (ThreadRole::Vmm, SeccompPolicy::Enforce) => &VMM_ENFORCE,
-        (ThreadRole::Vmm, SeccompPolicy::Log) => &VMM_LOG,
-    };
-    slot.get_or_init(|| build(role, policy).map_err(|e| e.to_string()))
+/// The compiled filters of one [`crate::Host`], each built on first use.
+#[derive(Debug, Default)]
+pub(crate) struct Filters {
+    vcpu_enforce: Slot,
+    vcpu_log: Slot,
+    vmm_enforce: Slot,
+    vmm_log: Slot,
+}
+
+type Slot = OnceLock<Result<Arc<BpfProgram>, String>>;
+
+impl Filters {
+    /// The filter of `role` under `policy` (`None` for [`SeccompPolicy::Off`]).
+    pub(crate) fn get(
+        &self,
+        role: ThreadRole,
+        policy: SeccompPolicy,
+    ) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+        let slot = match (role, policy) {
+            (_, SeccompPolicy::Off) => return Ok(None),
+            (ThreadRole::Vcpu, SeccompPolicy::Enforce) => &self.vcpu_enforce,
+            (ThreadRole::Vcpu, SeccompPolicy::Log) => &self.vcpu_log,
+            (ThreadRole::Vmm, SeccompPolicy::Enforce) => &self.vmm_enforce,
+            (ThreadRole::Vmm, SeccompPolicy::Log) => &self.vmm_log,
+        };
+        slot.get_or_init(|| match build(role, policy) {
+            Ok(Some(program)) => Ok(Arc::new(program)),
+            Ok(None) => Err("no program for an enforcing policy".into()),
+            Err(e) => Err(e.to_string()),
+        })
         .as_ref()
-        .map(Option::as_ref)
+        .map(|p| Some(Arc::clone(p)))
         .map_err(|e| SeccompError::Build(e.clone()))
+    }
 }
 
 /// Installs `filter` on the calling thread (and on the threads it will create, of which there
@@ -261,7 +271,7 @@ impl<J: Send + 'static> PendingThread<J> {
     /// went in.
     pub(crate) fn spawn(
         name: String,
-        filter: Option<&'static BpfProgram>,
+        filter: Option<Arc<BpfProgram>>,
         run: impl FnOnce(J, Result<(), SeccompError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<J>();
@@ -269,7 +279,7 @@ impl<J: Send + 'static> PendingThread<J> {
             .name(name)
             .stack_size(256 * 1024)
             .spawn(move || {
-                let confined = install(filter);
+                let confined = install(filter.as_deref());
                 if let Ok(job) = rx.recv() {
                     run(job, confined);
                 }
@@ -308,6 +318,14 @@ mod tests {
 
     use super::*;
 
+    fn filter(
+        role: ThreadRole,
+        policy: SeccompPolicy,
+    ) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+        static FILTERS: OnceLock<Filters> = OnceLock::new();
+        FILTERS.get_or_init(Filters::default).get(role, policy)
+    }
+
     /// Runs `f` on a fresh thread confined as `role` under `policy`.
     fn confined<T: Send + 'static>(
         role: ThreadRole,
@@ -315,7 +333,7 @@ mod tests {
         f: impl FnOnce() -> T + Send + 'static,
     ) -> T {
         std::thread::spawn(move || {
-            install(filter(role, policy).unwrap()).unwrap();
+            install(filter(role, policy).unwrap().as_deref()).unwrap();
             f()
         })
         .join()

@@ -141,12 +141,12 @@ pub(crate) struct PendingVcpus(Vec<PendingThread<(VcpuFd, VcpuContext)>>);
 
 impl PendingVcpus {
     /// Spawns `count` threads named `vcpu<id>`, confined by `filter`.
-    pub(crate) fn spawn(count: u8, filter: Option<&'static BpfProgram>) -> std::io::Result<Self> {
+    pub(crate) fn spawn(count: u8, filter: Option<Arc<BpfProgram>>) -> std::io::Result<Self> {
         let mut threads = Vec::with_capacity(usize::from(count));
         for id in 0..usize::from(count) {
             threads.push(PendingThread::spawn(
                 format!("vcpu{id}"),
-                filter,
+                filter.clone(),
                 move |(fd, ctx): (VcpuFd, VcpuContext), confined| match confined {
                     Ok(()) => run_vcpu(fd, id, &ctx),
                     Err(e) => {

@@ -44,19 +44,20 @@ fn config(kernel: &Path, vcpus: u8) -> VmConfig {
 #[test]
 fn two_hundred_vms_leave_nothing_behind() {
     require_kvm!();
-    // Warm up: the process-wide KVM handle and signal handler are created once, on purpose.
-    run_vms(40);
-    assert!(vmm::wait_all_torn_down(Duration::from_secs(10)));
+    let host = vmm::Host::new();
+    // Warm up: the host's KVM handle and the signal handler are created once, on purpose.
+    run_vms(&host, 40);
+    assert!(host.wait_all_torn_down(Duration::from_secs(10)));
     let (fd0, th0) = (fds(), threads());
     assert_eq!(vm_mappings(), 0);
 
-    run_vms(200);
+    run_vms(&host, 200);
 
     assert!(
-        vmm::wait_all_torn_down(Duration::from_secs(30)),
+        host.wait_all_torn_down(Duration::from_secs(30)),
         "VMs still tearing down"
     );
-    assert_eq!(vmm::live_vms(), 0);
+    assert_eq!(host.live_vms(), 0);
     assert_eq!(
         vm_mappings(),
         0,
@@ -72,18 +73,18 @@ fn two_hundred_vms_leave_nothing_behind() {
 }
 
 /// Starts and ends `n` VMs in every way a VM can end.
-fn run_vms(n: usize) {
+fn run_vms(host: &vmm::Host, n: usize) {
     for i in 0..n {
         match i % 4 {
             // Guest ends itself.
             0 | 1 => {
                 let vcpus = if i % 2 == 0 { 1 } else { 2 };
-                let vm = Vm::start(config(Guest::Pvh32.elf(), vcpus)).unwrap();
+                let vm = Vm::start(host, config(Guest::Pvh32.elf(), vcpus)).unwrap();
                 assert!(matches!(vm.wait().exit, VmExit::Reset(_)));
             }
             // Host stops a running guest.
             2 => {
-                let vm = Vm::start(config(Guest::Spin.elf(), 2)).unwrap();
+                let vm = Vm::start(host, config(Guest::Spin.elf(), 2)).unwrap();
                 vm.wait_boot(Duration::from_secs(10)).expect("boot");
                 // The check below sees a live VM's memory and both kvm_run pages.
                 assert!(vm_mappings() >= 3, "maps show no VM: {}", vm_mappings());
@@ -91,12 +92,12 @@ fn run_vms(n: usize) {
             }
             // Dropped while running, without stop.
             _ => {
-                let vm = Vm::start(config(Guest::Spin.elf(), 1)).unwrap();
+                let vm = Vm::start(host, config(Guest::Spin.elf(), 1)).unwrap();
                 vm.wait_boot(Duration::from_secs(10)).expect("boot");
                 drop(vm);
             }
         }
         // Failed starts leak nothing either.
-        Vm::start(config(Path::new("/nonexistent"), 1)).expect_err("no kernel");
+        Vm::start(host, config(Path::new("/nonexistent"), 1)).expect_err("no kernel");
     }
 }

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use test_guests::{Guest, require_kvm};
-use vmm::{ResetKind, Vm, VmConfig, VmExit, pool};
+use vmm::{Host, ResetKind, Vm, VmConfig, VmExit};
 
 fn fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -25,28 +25,29 @@ fn config(mem_mib: u32) -> VmConfig {
 #[test]
 fn pooled_vms_boot_and_shells_are_used_once() {
     require_kvm!();
-    // Cold boot first: opens the process-wide KVM handle for the baseline.
-    let vm = Vm::start(config(48)).unwrap();
+    let host = Host::new();
+    // Cold boot first: opens the host's KVM handle for the baseline.
+    let vm = Vm::start(&host, config(48)).unwrap();
     assert!(!vm.timings().pooled);
     assert_eq!(vm.wait().exit, VmExit::Reset(ResetKind::TripleFault));
     drop(vm);
-    assert!(vmm::wait_all_torn_down(Duration::from_secs(10)));
+    assert!(host.wait_all_torn_down(Duration::from_secs(10)));
     let fd0 = fds();
 
-    pool::set_target(48, 2).unwrap();
+    host.set_pool_target(48, 2).unwrap();
     assert!(
-        pool::wait_full(Duration::from_secs(10)),
+        host.wait_pool_full(Duration::from_secs(10)),
         "pool did not fill"
     );
-    assert_eq!(pool::ready(48), 2);
+    assert_eq!(host.pool_ready(48), 2);
     assert!(fds() > fd0, "ready shells hold their VM fds");
 
     for round in 0..6 {
         assert!(
-            pool::wait_full(Duration::from_secs(10)),
+            host.wait_pool_full(Duration::from_secs(10)),
             "pool did not refill"
         );
-        let vm = Vm::start(config(48)).unwrap();
+        let vm = Vm::start(&host, config(48)).unwrap();
         assert!(vm.timings().pooled, "round {round} was not pooled");
         let end = vm.wait();
         let console = vm.console();
@@ -57,14 +58,14 @@ fn pooled_vms_boot_and_shells_are_used_once() {
     }
 
     // Another size is not served from this pool.
-    let vm = Vm::start(config(64)).unwrap();
+    let vm = Vm::start(&host, config(64)).unwrap();
     assert!(!vm.timings().pooled);
     vm.wait();
     drop(vm);
 
-    pool::set_target(48, 0).unwrap();
-    assert_eq!(pool::ready(48), 0);
-    assert!(vmm::wait_all_torn_down(Duration::from_secs(10)));
+    host.set_pool_target(48, 0).unwrap();
+    assert_eq!(host.pool_ready(48), 0);
+    assert!(host.wait_all_torn_down(Duration::from_secs(10)));
     // The refill thread may have been building one more shell; it drops it once built.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while fds() != fd0 && std::time::Instant::now() < deadline {

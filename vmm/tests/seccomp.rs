@@ -12,6 +12,12 @@ use std::time::Duration;
 use test_guests::{Guest, require_kvm};
 use vmm::{SeccompPolicy, Vm, VmConfig, VmExit};
 
+/// One VMM host for every test of this file.
+fn host() -> &'static vmm::Host {
+    static HOST: std::sync::OnceLock<vmm::Host> = std::sync::OnceLock::new();
+    HOST.get_or_init(vmm::Host::new)
+}
+
 const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// `(name, Seccomp mode, NoNewPrivs)` of every thread of this process whose name starts with
@@ -54,7 +60,7 @@ fn run_spin(
     c.mem_mib = 32;
     c.cmdline = "spin".into();
     c.seccomp = policy;
-    let vm = Vm::start(c).expect("VM starts");
+    let vm = Vm::start(host(), c).expect("VM starts");
     vm.wait_boot(TIMEOUT).expect("the guest boots");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut threads = vm_threads();
@@ -69,7 +75,7 @@ fn run_spin(
         vm.console()
     );
     drop(vm);
-    assert!(vmm::wait_all_torn_down(TIMEOUT), "the VM's threads end");
+    assert!(host().wait_all_torn_down(TIMEOUT), "the VM's threads end");
     threads
 }
 

@@ -19,6 +19,12 @@ use test_guests::console::{self, VIRTIO_DONE, VIRTIO_FAIL, VIRTIO_NO_FAILURES};
 use test_guests::{Guest, require_kvm, virtio};
 use vmm::{DeviceConfig, NetBackendConfig, Vm, VmConfig, VmExit};
 
+/// One VMM host for every test of this file.
+fn host() -> &'static vmm::Host {
+    static HOST: std::sync::OnceLock<vmm::Host> = std::sync::OnceLock::new();
+    HOST.get_or_init(vmm::Host::new)
+}
+
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -84,14 +90,17 @@ fn blk_write_read_flush_bounds_and_id() {
     require_kvm!();
     let dir = temp_dir("blk");
     let image = disk_image(&dir, "disk.img", 2048, "sandboxer-disk0");
-    let vm = Vm::start(config(
-        virtio::TEST_BLK,
-        vec![DeviceConfig::Block(BlockConfig {
-            id: "test-serial".into(),
-            path: Some(image.clone()),
-            read_only: false,
-        })],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_BLK,
+            vec![DeviceConfig::Block(BlockConfig {
+                id: "test-serial".into(),
+                path: Some(image.clone()),
+                read_only: false,
+            })],
+        ),
+    )
     .unwrap();
     let console = finish(&vm);
     for line in [
@@ -121,14 +130,17 @@ fn blk_read_only_slot_refuses_writes() {
     let dir = temp_dir("blk-ro");
     let image = disk_image(&dir, "ro.img", 64, "read-only");
     let before = std::fs::read(&image).unwrap();
-    let vm = Vm::start(config(
-        virtio::TEST_BLK,
-        vec![DeviceConfig::Block(BlockConfig {
-            id: "ro".into(),
-            path: Some(image.clone()),
-            read_only: true,
-        })],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_BLK,
+            vec![DeviceConfig::Block(BlockConfig {
+                id: "ro".into(),
+                path: Some(image.clone()),
+                read_only: true,
+            })],
+        ),
+    )
     .unwrap();
     let console = finish(&vm);
     assert_has(&console, console::VIRTIO_BLK_WRITE_SKIPPED);
@@ -143,14 +155,17 @@ fn blk_slot_swap_while_the_guest_runs() {
     let dir = temp_dir("swap");
     let first = disk_image(&dir, "first.img", 64, "first-disk");
     let second = disk_image(&dir, "second.img", 4096, "second-disk");
-    let vm = Vm::start(config(
-        &format!("{} {}", virtio::TEST_BLK, virtio::BLK_SWAP),
-        vec![DeviceConfig::Block(BlockConfig {
-            id: "slot0".into(),
-            path: Some(first),
-            read_only: false,
-        })],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            &format!("{} {}", virtio::TEST_BLK, virtio::BLK_SWAP),
+            vec![DeviceConfig::Block(BlockConfig {
+                id: "slot0".into(),
+                path: Some(first),
+                read_only: false,
+            })],
+        ),
+    )
     .unwrap();
     wait_for(&vm, console::VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE);
     assert_eq!(vm.block_slots(), 1);
@@ -164,11 +179,13 @@ fn blk_slot_swap_while_the_guest_runs() {
     // Bad slot indexes and missing images are precise errors.
     assert!(matches!(
         vm.attach_disk(1, &second, false),
-        Err(vmm::DeviceError::NoSuchSlot(1))
+        Err(vmm::VmmActionError::Device(vmm::DeviceError::NoSuchSlot(1)))
     ));
     assert!(matches!(
         vm.attach_disk(0, Path::new("/nonexistent.img"), false),
-        Err(vmm::DeviceError::OpenDisk { .. })
+        Err(vmm::VmmActionError::Device(
+            vmm::DeviceError::OpenDisk { .. }
+        ))
     ));
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -177,16 +194,19 @@ fn blk_slot_swap_while_the_guest_runs() {
 fn net_frames_go_out_and_come_back_through_loopback() {
     require_kvm!();
     let backend = LoopbackNet::new(64, true);
-    let vm = Vm::start(config(
-        virtio::TEST_NET,
-        vec![DeviceConfig::Net {
-            config: NetConfig {
-                mac: [0x02, 0x5a, 0x00, 0x00, 0x00, 0x01],
-                mtu: None,
-            },
-            backend: NetBackendConfig::Custom(Box::new(backend)),
-        }],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_NET,
+            vec![DeviceConfig::Net {
+                config: NetConfig {
+                    mac: [0x02, 0x5a, 0x00, 0x00, 0x00, 0x01],
+                    mtu: None,
+                },
+                backend: NetBackendConfig::Custom(Box::new(backend)),
+            }],
+        ),
+    )
     .unwrap();
     let console = finish(&vm);
     assert_has(&console, "virtio: net: mac 02:5a:00:00:00:01\n");
@@ -224,13 +244,16 @@ fn vsock_both_directions_through_both_host_interfaces() {
     require_kvm!();
     let dir = temp_dir("vsock");
     let uds = dir.join("vsock.sock");
-    let vm = Vm::start(config(
-        virtio::TEST_VSOCK,
-        vec![DeviceConfig::Vsock {
-            guest_cid: 3,
-            uds_path: Some(uds.clone()),
-        }],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_VSOCK,
+            vec![DeviceConfig::Vsock {
+                guest_cid: 3,
+                uds_path: Some(uds.clone()),
+            }],
+        ),
+    )
     .unwrap();
     let handle = vm.vsock().expect("vsock device").clone();
 
@@ -282,13 +305,16 @@ fn guest_connection_to_a_hybrid_listener() {
         let (stream, _) = host_listener.accept().unwrap();
         echo(stream);
     });
-    let vm = Vm::start(config(
-        virtio::TEST_VSOCK,
-        vec![DeviceConfig::Vsock {
-            guest_cid: 42,
-            uds_path: Some(uds),
-        }],
-    ))
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_VSOCK,
+            vec![DeviceConfig::Vsock {
+                guest_cid: 42,
+                uds_path: Some(uds),
+            }],
+        ),
+    )
     .unwrap();
     wait_for(&vm, console::VIRTIO_VSOCK_ECHO_OK);
     assert_has(&vm.console(), "virtio: vsock: cid 42\n");
@@ -302,24 +328,27 @@ fn all_devices_together_and_device_limits() {
     require_kvm!();
     let dir = temp_dir("all");
     let image = disk_image(&dir, "d.img", 256, "all-devices");
-    let vm = Vm::start(config(
-        virtio::TEST_ALL,
-        vec![
-            DeviceConfig::Block(BlockConfig {
-                id: "a".into(),
-                path: Some(image),
-                read_only: false,
-            }),
-            DeviceConfig::Block(BlockConfig::default()),
-            DeviceConfig::Net {
-                config: NetConfig {
-                    mac: [2, 0, 0, 0, 0, 9],
-                    mtu: Some(1500),
+    let vm = Vm::start(
+        host(),
+        config(
+            virtio::TEST_ALL,
+            vec![
+                DeviceConfig::Block(BlockConfig {
+                    id: "a".into(),
+                    path: Some(image),
+                    read_only: false,
+                }),
+                DeviceConfig::Block(BlockConfig::default()),
+                DeviceConfig::Net {
+                    config: NetConfig {
+                        mac: [2, 0, 0, 0, 0, 9],
+                        mtu: Some(1500),
+                    },
+                    backend: NetBackendConfig::Custom(Box::new(LoopbackNet::new(64, true))),
                 },
-                backend: NetBackendConfig::Custom(Box::new(LoopbackNet::new(64, true))),
-            },
-        ],
-    ))
+            ],
+        ),
+    )
     .unwrap();
     let console = finish(&vm);
     assert_has(&console, console::VIRTIO_NET_LOOPBACK_OK);
@@ -331,7 +360,7 @@ fn all_devices_together_and_device_limits() {
         .map(|_| DeviceConfig::Block(BlockConfig::default()))
         .collect();
     assert!(matches!(
-        Vm::start(config("", many)),
+        Vm::start(host(), config("", many)),
         Err(vmm::VmError::Device(vmm::DeviceError::TooManyDevices))
     ));
     let two = vec![
@@ -345,7 +374,7 @@ fn all_devices_together_and_device_limits() {
         },
     ];
     assert!(matches!(
-        Vm::start(config("", two)),
+        Vm::start(host(), config("", two)),
         Err(vmm::VmError::Device(vmm::DeviceError::DuplicateVsock))
     ));
     let reserved = vec![DeviceConfig::Vsock {
@@ -353,7 +382,7 @@ fn all_devices_together_and_device_limits() {
         uds_path: None,
     }];
     assert!(matches!(
-        Vm::start(config("", reserved)),
+        Vm::start(host(), config("", reserved)),
         Err(vmm::VmError::Device(vmm::DeviceError::InvalidCid(2)))
     ));
     std::fs::remove_dir_all(dir).unwrap();

@@ -46,7 +46,21 @@ impl From<vmm::VmEnd> for VmEnd {
 /// The real backend: KVM microVMs inside this process ([`vmm::Vm`]), each with a vsock device
 /// for its guest agent and empty block slots for container root filesystems.
 #[derive(Clone, Debug, Default)]
-pub struct KvmBackend;
+pub struct KvmBackend {
+    host: vmm::Host,
+}
+
+impl KvmBackend {
+    /// A backend whose VMs share `host` (its KVM handle, shell pool and live count).
+    pub fn new(host: vmm::Host) -> Self {
+        KvmBackend { host }
+    }
+
+    /// The host its VMs run on.
+    pub fn host(&self) -> &vmm::Host {
+        &self.host
+    }
+}
 
 /// A VM of the [`KvmBackend`] whose agent is ready.
 pub struct KvmHandle {
@@ -126,8 +140,9 @@ impl VmBackend for KvmBackend {
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let mut phases = StartPhases::default();
         let t = Instant::now();
+        let host = self.host.clone();
         let (vm, listener) = tokio::task::spawn_blocking(move || {
-            let vm = vmm::Vm::start(config)?;
+            let vm = vmm::Vm::start(&host, config)?;
             // Right after the vCPUs started: the guest has not reached its driver yet (and if
             // it had, the hybrid fallback listener takes the connection).
             let listener = vm
@@ -385,7 +400,7 @@ mod tests {
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
         };
-        match KvmBackend.start(spec).await {
+        match KvmBackend::default().start(spec).await {
             Err(BackendError::Config(_)) => {}
             other => panic!("{other:?}"),
         }
@@ -411,14 +426,14 @@ mod tests {
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
         };
-        match KvmBackend.start(spec.clone()).await {
+        match KvmBackend::default().start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {
                 assert!(error_chain(&e).contains("no agent initramfs"), "{e}");
             }
             other => panic!("{other:?}"),
         }
         spec.initramfs = Some(tmp.path().join("missing.cpio"));
-        match KvmBackend.start(spec).await {
+        match KvmBackend::default().start(spec).await {
             Err(e @ BackendError::Config(_)) => {
                 assert!(error_chain(&e).contains("missing.cpio"), "{e}");
             }

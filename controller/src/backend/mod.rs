@@ -88,7 +88,7 @@ pub enum BackendError {
     SlotNotAttached(u32),
     /// Filling or emptying a block slot failed.
     #[error("Block slot {0} operation failed")]
-    Slot(u32, #[source] vmm::DeviceError),
+    Slot(u32, #[source] vmm::VmmActionError),
 }
 
 /// The pod's virtio-net devices (open taps from `crate::network`), handed to the backend

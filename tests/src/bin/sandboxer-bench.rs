@@ -6,7 +6,7 @@
 //!
 //! Scenarios:
 //! - `vmm-start`: per-phase times of `Vm::start` and start -> boot-timer signal (p50/p99 over many
-//!   boots), cold and from the pre-built shell pool (`vmm::pool`); host memory the VMM adds per VM
+//!   boots), cold and from the pre-built shell pool (`vmm::Host`); host memory the VMM adds per VM
 //!   with 1 and with N VMs alive; QEMU microvm on the same guest for comparison. `p50_ms`/`p99_ms`
 //!   in the JSON are the pooled figures (the daemon keeps a pool for its default VM size); the
 //!   cold ones are `cold_p50_ms`/`cold_p99_ms`.
@@ -31,6 +31,12 @@ use test_guests::Guest;
 use vmm::{Vm, VmConfig};
 
 const SCENARIOS: &[&str] = &["vmm-start", "blk", "sandbox-start"];
+
+/// The VMM host every scenario of this process uses (KVM handle, shell pool, live count).
+fn vmm_host() -> &'static vmm::Host {
+    static HOST: std::sync::OnceLock<vmm::Host> = std::sync::OnceLock::new();
+    HOST.get_or_init(vmm::Host::new)
+}
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -113,14 +119,14 @@ fn run_boots(guest: Guest, n: usize, mem_mib: u32, pooled: bool) -> anyhow::Resu
         to_end: Vec::with_capacity(n),
     };
     if pooled {
-        vmm::pool::set_target(mem_mib, 1)?;
+        vmm_host().set_pool_target(mem_mib, 1)?;
     }
     for i in 0..n {
-        if pooled && !vmm::pool::wait_full(Duration::from_secs(10)) {
+        if pooled && !vmm_host().wait_pool_full(Duration::from_secs(10)) {
             bail!("the shell pool did not refill");
         }
         let t0 = Instant::now();
-        let vm = Vm::start(config(guest, mem_mib))?;
+        let vm = Vm::start(vmm_host(), config(guest, mem_mib))?;
         let end = vm.wait();
         let ended = t0.elapsed();
         let signal = vm.boot_time().with_context(|| {
@@ -149,10 +155,10 @@ fn run_boots(guest: Guest, n: usize, mem_mib: u32, pooled: bool) -> anyhow::Resu
         b.to_end.push(ended);
         drop(vm);
         // Teardown runs on the VMM thread; let it finish so boots do not overlap it.
-        vmm::wait_all_torn_down(Duration::from_secs(10));
+        vmm_host().wait_all_torn_down(Duration::from_secs(10));
     }
     if pooled {
-        vmm::pool::set_target(mem_mib, 0)?;
+        vmm_host().set_pool_target(mem_mib, 0)?;
     }
     Ok(b)
 }
@@ -323,13 +329,17 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         .build()?;
     let result = runtime.block_on(async {
         // The daemon keeps a pool for its default VM size, as `sandboxer serve` does.
-        vmm::pool::set_target(o.mem_mib, pool_depth)?;
+        vmm_host().set_pool_target(o.mem_mib, pool_depth)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run_config = config.clone();
         let daemon = tokio::spawn(async move {
-            controller::server::run(&run_config, controller::KvmBackend, async {
-                let _ = stop_rx.await;
-            })
+            controller::server::run(
+                &run_config,
+                controller::KvmBackend::new(vmm_host().clone()),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
             .await
         });
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -416,7 +426,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         let mut phases = vec![Vec::with_capacity(o.iterations); PHASES.len()];
         let mut host = Vec::with_capacity(o.iterations);
         for i in 0..o.iterations {
-            vmm::pool::wait_full(Duration::from_secs(10));
+            vmm_host().wait_pool_full(Duration::from_secs(10));
             let id = format!("bench-{i}");
             let (took, by_phase) = create_start(&mut client, &id).await?;
             samples.push(took);
@@ -433,13 +443,13 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
             }
             remove(&mut client, &id).await?;
         }
-        vmm::wait_all_torn_down(Duration::from_secs(30));
+        vmm_host().wait_all_torn_down(Duration::from_secs(30));
 
         // RSS per running sandbox, 1 and N alive.
         let mut per_sandbox = Vec::new();
         for count in [1, o.alive] {
-            vmm::wait_all_torn_down(Duration::from_secs(30));
-            vmm::pool::wait_full(Duration::from_secs(10));
+            vmm_host().wait_all_torn_down(Duration::from_secs(30));
+            vmm_host().wait_pool_full(Duration::from_secs(10));
             let before = procstat::rss_kib();
             for i in 0..count {
                 create_start(&mut client, &format!("alive-{count}-{i}")).await?;
@@ -456,7 +466,7 @@ fn sandbox_start(o: &Options) -> anyhow::Result<()> {
         daemon.await??;
         Ok::<_, anyhow::Error>((samples, phases, host, per_sandbox))
     });
-    vmm::pool::set_target(o.mem_mib, 0)?;
+    vmm_host().set_pool_target(o.mem_mib, 0)?;
     let _ = std::fs::remove_dir_all(&dir);
     let (samples, phases, host, per_sandbox) = result?;
     let s = Summary::of(&samples);
@@ -657,11 +667,11 @@ fn blk(o: &Options) -> anyhow::Result<()> {
 
 /// Host memory the VMM adds per VM: process RSS growth minus guest memory the guest touched.
 fn memory_overhead(count: usize, mem_mib: u32) -> anyhow::Result<f64> {
-    vmm::wait_all_torn_down(Duration::from_secs(30));
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
     let before = procstat::rss_kib();
     let mut vms = Vec::with_capacity(count);
     for _ in 0..count {
-        let vm = Vm::start(config(Guest::Spin, mem_mib))?;
+        let vm = Vm::start(vmm_host(), config(Guest::Spin, mem_mib))?;
         vms.push(vm);
     }
     for vm in &vms {
@@ -675,7 +685,7 @@ fn memory_overhead(count: usize, mem_mib: u32) -> anyhow::Result<f64> {
         guest_kib += vm.guest_resident_bytes()? / 1024;
     }
     drop(vms);
-    vmm::wait_all_torn_down(Duration::from_secs(30));
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
     let growth = after.saturating_sub(before).saturating_sub(guest_kib);
     Ok(growth as f64 / count as f64)
 }

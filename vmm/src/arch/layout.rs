@@ -53,14 +53,10 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_GAP_START: u64 = 0xd000_0000;
 /// End of the 32-bit MMIO gap (exclusive).
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
-/// Size of the MMIO gap.
-pub const MMIO_GAP_SIZE: u64 = MMIO_GAP_END - MMIO_GAP_START;
-/// Boot timer: the guest writes [`BOOT_TIMER_MAGIC`] here once it is up.
+/// Boot timer: the guest writes `devices::legacy::BootTimer::MAGIC` here once it is up.
 pub const BOOT_TIMER_ADDR: u64 = MMIO_GAP_START;
 /// Size of the boot timer's MMIO window.
 pub const BOOT_TIMER_SIZE: u64 = 0x1000;
-/// The byte a guest writes at offset 0 of the boot timer (Firecracker's value).
-pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// First virtio-mmio slot.
 pub const VIRTIO_MMIO_START: u64 = BOOT_TIMER_ADDR + BOOT_TIMER_SIZE;
 /// Size of one virtio-mmio slot.
@@ -76,12 +72,9 @@ pub const HIGH_RAM_START: u64 = MMIO_GAP_END;
 pub const SERIAL_PORT: u16 = 0x3f8;
 /// COM1 interrupt line.
 pub const SERIAL_IRQ: u32 = 4;
-/// i8042 data port.
+/// i8042 data port (the device spans it to the command port, 0x64, where the "pulse reset
+/// line" command ends the VM).
 pub const I8042_DATA_PORT: u16 = 0x60;
-/// i8042 command port: writing [`I8042_RESET_CMD`] resets (ends) the VM.
-pub const I8042_CMD_PORT: u16 = 0x64;
-/// The i8042 "pulse reset line" command.
-pub const I8042_RESET_CMD: u8 = 0xfe;
 /// First interrupt line handed to virtio-mmio devices.
 pub const IRQ_BASE: u32 = 5;
 /// Last interrupt line the IOAPIC offers (24 pins).

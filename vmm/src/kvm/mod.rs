@@ -4,9 +4,9 @@
 //!
 //! This module and `memory.rs` are the only places in `vmm` with `unsafe` code.
 
-pub mod signal;
+pub(crate) mod signal;
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, Kvm, VmFd};
@@ -62,31 +62,35 @@ pub enum KvmError {
     TooManyRegions(usize),
 }
 
-/// The process-wide KVM handle and what the VMM learns from it once.
+/// A KVM handle and what the VMM learns from it once.
 #[derive(Debug)]
-pub struct KvmContext {
+pub(crate) struct KvmContext {
     kvm: Kvm,
     supported_cpuid: CpuId,
     max_vcpus: usize,
 }
 
-static CONTEXT: Mutex<Option<&'static KvmContext>> = Mutex::new(None);
+/// The KVM handle of a [`crate::Host`], opened on first use.
+///
+/// One handle serves every VM of the host: opening `/dev/kvm` and reading the supported CPUID
+/// are then off every VM's start path. A failure is not kept, so a later call retries.
+#[derive(Debug, Default)]
+pub(crate) struct KvmCell(Mutex<Option<Arc<KvmContext>>>);
 
-impl KvmContext {
-    /// Returns the process-wide context, opening `/dev/kvm` on first use.
-    ///
-    /// One handle serves every VM of the process: opening `/dev/kvm` and reading the supported
-    /// CPUID are then off every VM's start path. A failure is not cached, so a later call retries.
-    pub fn global() -> Result<&'static KvmContext, KvmError> {
-        let mut slot = CONTEXT.lock().expect("poisoned");
-        if let Some(ctx) = *slot {
-            return Ok(ctx);
+impl KvmCell {
+    /// The context, opening `/dev/kvm` if no call has yet.
+    pub(crate) fn get(&self) -> Result<Arc<KvmContext>, KvmError> {
+        let mut slot = self.0.lock().expect("poisoned");
+        if let Some(ctx) = &*slot {
+            return Ok(Arc::clone(ctx));
         }
-        let ctx: &'static KvmContext = Box::leak(Box::new(Self::open()?));
-        *slot = Some(ctx);
+        let ctx = Arc::new(KvmContext::open()?);
+        *slot = Some(Arc::clone(&ctx));
         Ok(ctx)
     }
+}
 
+impl KvmContext {
     fn open() -> Result<Self, KvmError> {
         let kvm = Kvm::new().map_err(KvmError::OpenKvm)?;
         let version = kvm.get_api_version();
@@ -117,17 +121,17 @@ impl KvmContext {
     }
 
     /// CPUID entries KVM supports on this host (patched per vCPU by `arch::cpuid`).
-    pub fn supported_cpuid(&self) -> &CpuId {
+    pub(crate) fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
     }
 
     /// Most vCPUs KVM allows in one VM.
-    pub fn max_vcpus(&self) -> usize {
+    pub(crate) fn max_vcpus(&self) -> usize {
         self.max_vcpus
     }
 
     /// Creates an empty VM (no memory, no irqchip yet).
-    pub fn create_vm(&self) -> Result<VmFd, KvmError> {
+    pub(crate) fn create_vm(&self) -> Result<VmFd, KvmError> {
         self.kvm.create_vm().map_err(KvmError::CreateVm)
     }
 }
@@ -140,7 +144,7 @@ impl KvmContext {
 /// and I/O bus devices. Registering guest memory first (see `register_memory`) keeps that
 /// registration at ~0.1 ms instead of several ms; the PIT (its own kernel thread plus I/O bus
 /// devices) comes last.
-pub fn add_platform_devices(vm: &VmFd) -> Result<(), KvmError> {
+pub(crate) fn add_platform_devices(vm: &VmFd) -> Result<(), KvmError> {
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(KvmError::SetTssAddress)?;
     vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -155,7 +159,7 @@ pub fn add_platform_devices(vm: &VmFd) -> Result<(), KvmError> {
 }
 
 /// Registers every region of `mem` as a KVM memory slot, slot `i` for region `i`.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     for (index, region) in mem.iter().enumerate() {
         let slot = u32::try_from(index).map_err(|_| KvmError::TooManyRegions(index))?;
         let host_addr = region.as_ptr() as u64;

@@ -7,7 +7,7 @@ use crate::{phys, serial};
 
 /// Boot timer MMIO address (layout::BOOT_TIMER_ADDR, start of the MMIO gap).
 pub const BOOT_TIMER_ADDR: u64 = 0xd000_0000;
-/// The byte that signals "guest is up" (layout::BOOT_TIMER_MAGIC).
+/// The byte that signals "guest is up" (`devices::legacy::BootTimer::MAGIC`).
 pub const BOOT_TIMER_MAGIC: u8 = 123;
 /// i8042 command port.
 pub const I8042_CMD_PORT: u16 = 0x64;

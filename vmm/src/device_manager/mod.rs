@@ -1,25 +1,22 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Wiring virtio-mmio devices to KVM: one 4 KiB MMIO slot and one interrupt line per device,
-//! a KVM ioeventfd per queue on the transport's `QueueNotify` register (a guest notification
-//! never exits to user space), a KVM irqfd for the device's interrupt, the device's event-loop
-//! half subscribed to the VM's event manager, and the `virtio_mmio.device=` command-line entry
-//! that tells the guest kernel where the device is.
+//! A VM's virtio devices: what the caller asks for ([`DeviceConfig`]), building them
+//! ([`DeviceManager`]; the wiring of each one to KVM is in [`mmio`]), and what the VM keeps of
+//! them after start (`Devices`: the block slots, the vsock handle).
 
-use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::block::{BlockConfig, FileDisk, VirtioBlock};
+use devices::virtio::block::{BlockConfig, DiskBackend, VirtioBlock};
 use devices::virtio::net::{NetBackend, NetConfig, Tap, VirtioNet};
-use devices::virtio::transport::{MMIO_REGION_SIZE, MmioTransport, NOTIFY_REG_OFFSET};
 use devices::virtio::vsock::{Vsock, VsockHandle, VsockMuxer};
-use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
 use event_manager::MutEventSubscriber;
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
-use crate::arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
-use crate::bus::{Bus, BusDevice, BusError};
+use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
+use crate::bus::{Bus, BusError};
+
+mod mmio;
 
 /// A device to give the VM.
 #[derive(Debug)]
@@ -124,26 +121,12 @@ pub(crate) struct DeviceManager<'a> {
     vm: &'a VmFd,
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
+    /// The next free MMIO slot (and interrupt line, `IRQ_BASE + slot`).
     next_slot: u32,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub(crate) cmdline: String,
     pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) devices: Devices,
-}
-
-struct TransportBus(Mutex<MmioTransport>);
-
-impl BusDevice for TransportBus {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.lock().expect("poisoned").read(offset, data);
-    }
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0.lock().expect("poisoned").write(offset, data);
-    }
-}
-
-fn kvm_err(e: kvm_ioctls::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.errno())
 }
 
 impl<'a> DeviceManager<'a> {
@@ -200,76 +183,31 @@ impl<'a> DeviceManager<'a> {
         }
         Ok(())
     }
-
-    /// Wires one device: MMIO slot, irqfd, ioeventfds, event-loop subscription, cmdline entry.
-    fn add<T>(&mut self, dev: T) -> Result<Arc<Mutex<T>>, DeviceError>
-    where
-        T: VirtioDevice + MutEventSubscriber + Send + 'static,
-    {
-        let irq = IRQ_BASE + self.next_slot;
-        if irq > IRQ_MAX {
-            return Err(DeviceError::TooManyDevices);
-        }
-        let base = VIRTIO_MMIO_START + u64::from(self.next_slot) * VIRTIO_MMIO_SLOT_SIZE;
-
-        let trigger =
-            Arc::new(IrqTrigger::new().map_err(|e| DeviceError::Setup("irq eventfd", e))?);
-        self.vm
-            .register_irqfd(trigger.event(), irq)
-            .map_err(|e| DeviceError::Setup("irqfd", kvm_err(e)))?;
-        for (index, evt) in dev.queue_events().iter().enumerate() {
-            let queue = u32::try_from(index).map_err(|_| DeviceError::TooManyDevices)?;
-            self.vm
-                .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue)
-                .map_err(|e| DeviceError::Setup("ioeventfd", kvm_err(e)))?;
-        }
-        let dev = Arc::new(Mutex::new(dev));
-        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-        let interrupt: Arc<dyn Interrupt> = trigger;
-        let transport = MmioTransport::new(self.mem.clone(), as_virtio, interrupt);
-        self.mmio.insert(
-            Arc::new(TransportBus(Mutex::new(transport))),
-            base,
-            MMIO_REGION_SIZE,
-        )?;
-        self.subscribers.push(dev.clone());
-        // The slot and irq stay taken only once everything above worked.
-        self.next_slot += 1;
-        let _ = write!(self.cmdline, " virtio_mmio.device=4K@{base:#x}:{irq}");
-        Ok(dev)
-    }
 }
 
 impl Devices {
-    /// Puts a disk image into block slot `index` (the guest sees a config-change interrupt with
-    /// the new capacity).
+    /// Puts `disk` into block slot `index` (the guest sees a config-change interrupt with the
+    /// new capacity).
     pub(crate) fn attach_disk(
         &self,
         index: usize,
-        path: &Path,
+        disk: Box<dyn DiskBackend>,
         read_only: bool,
     ) -> Result<(), DeviceError> {
-        let slot = self
-            .blocks
-            .get(index)
-            .ok_or(DeviceError::NoSuchSlot(index))?;
-        let disk = FileDisk::open(path, read_only).map_err(|source| DeviceError::OpenDisk {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        slot.lock()
+        self.slot(index)?
+            .lock()
             .expect("poisoned")
-            .attach(Box::new(disk), read_only)
+            .attach(disk, read_only)
             .map_err(|source| DeviceError::Block { index, source })
     }
 
     /// Empties block slot `index`.
     pub(crate) fn detach_disk(&self, index: usize) -> Result<(), DeviceError> {
-        let slot = self
-            .blocks
-            .get(index)
-            .ok_or(DeviceError::NoSuchSlot(index))?;
-        slot.lock().expect("poisoned").detach();
+        self.slot(index)?.lock().expect("poisoned").detach();
         Ok(())
+    }
+
+    fn slot(&self, index: usize) -> Result<&Arc<Mutex<VirtioBlock>>, DeviceError> {
+        self.blocks.get(index).ok_or(DeviceError::NoSuchSlot(index))
     }
 }

@@ -1,0 +1,72 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Wiring one virtio-mmio device to KVM: its 4 KiB MMIO slot on the bus, its interrupt line (a
+//! KVM irqfd), a KVM ioeventfd per queue on the transport's `QueueNotify` register (a guest
+//! notification never exits to user space), its event-loop half for the VMM thread, and the
+//! `virtio_mmio.device=` command-line entry that tells the guest kernel where it is.
+
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+
+use devices::virtio::transport::{MMIO_REGION_SIZE, MmioTransport, NOTIFY_REG_OFFSET};
+use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
+use event_manager::MutEventSubscriber;
+use kvm_ioctls::IoEventAddress;
+
+use super::{DeviceError, DeviceManager};
+use crate::arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
+use crate::bus::BusDevice;
+
+struct TransportBus(Mutex<MmioTransport>);
+
+impl BusDevice for TransportBus {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0.lock().expect("poisoned").read(offset, data);
+    }
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0.lock().expect("poisoned").write(offset, data);
+    }
+}
+
+fn kvm_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+impl DeviceManager<'_> {
+    /// Wires one device: MMIO slot, irqfd, ioeventfds, event-loop subscription, cmdline entry.
+    pub(super) fn add<T>(&mut self, dev: T) -> Result<Arc<Mutex<T>>, DeviceError>
+    where
+        T: VirtioDevice + MutEventSubscriber + Send + 'static,
+    {
+        let irq = IRQ_BASE + self.next_slot;
+        if irq > IRQ_MAX {
+            return Err(DeviceError::TooManyDevices);
+        }
+        let base = VIRTIO_MMIO_START + u64::from(self.next_slot) * VIRTIO_MMIO_SLOT_SIZE;
+
+        let trigger =
+            Arc::new(IrqTrigger::new().map_err(|e| DeviceError::Setup("irq eventfd", e))?);
+        self.vm
+            .register_irqfd(trigger.event(), irq)
+            .map_err(|e| DeviceError::Setup("irqfd", kvm_err(e)))?;
+        for (index, evt) in dev.queue_events().iter().enumerate() {
+            let queue = u32::try_from(index).map_err(|_| DeviceError::TooManyDevices)?;
+            self.vm
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue)
+                .map_err(|e| DeviceError::Setup("ioeventfd", kvm_err(e)))?;
+        }
+        let dev = Arc::new(Mutex::new(dev));
+        let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
+        let interrupt: Arc<dyn Interrupt> = trigger;
+        let transport = MmioTransport::new(self.mem.clone(), as_virtio, interrupt);
+        self.mmio.insert(
+            Arc::new(TransportBus(Mutex::new(transport))),
+            base,
+            MMIO_REGION_SIZE,
+        )?;
+        self.subscribers.push(dev.clone());
+        // The slot and irq stay taken only once everything above worked.
+        self.next_slot += 1;
+        let _ = write!(self.cmdline, " virtio_mmio.device=4K@{base:#x}:{irq}");
+        Ok(dev)
+    }
+}

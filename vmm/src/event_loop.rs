@@ -1,0 +1,179 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits,
+//! guest resets and the devices' queues. When the VM ends it stops the vCPUs, records why, wakes
+//! the waiters, and then tears the VM down on this thread (closing the VM fd and unmapping
+//! memory is the expensive part of a VM's life), so teardown is never on a caller's path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use devices::legacy::BootSignal;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
+use crate::device_manager::Devices;
+use crate::host::LiveGuard;
+use crate::memory::GuestRam;
+use crate::seccomp::SeccompError;
+use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
+use crate::vm::{EndState, VmEnd};
+use crate::{ResetKind, VmExit};
+
+/// The event manager of a VM's VMM thread.
+pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+/// What the VMM thread owns until the VM is torn down. Field order is drop order: the VM fd
+/// goes before the guest memory it maps, and the VM counts as live until all of it is gone.
+pub(crate) struct VmResources {
+    pub(crate) _vm_fd: kvm_ioctls::VmFd,
+    pub(crate) _ram: GuestRam,
+    pub(crate) ctx: VcpuContext,
+    pub(crate) _live: LiveGuard,
+}
+
+/// What the VMM thread runs: the event loop, its stop flag and the VM it keeps alive.
+pub(crate) type VmmJob = (VmmEventManager, Arc<AtomicBool>, VmResources);
+
+/// The VMM thread's body: runs the loop until the VM ends, then tears the VM down.
+pub(crate) fn vmm_thread(
+    mut event_manager: VmmEventManager,
+    done: Arc<AtomicBool>,
+    resources: VmResources,
+    confined: Result<(), SeccompError>,
+) {
+    if let Err(e) = confined {
+        // Without its filter the thread should not serve the guest: end the VM (the loop's
+        // next pass sees the exit).
+        log::error!("VMM thread: {e}");
+        resources
+            .ctx
+            .control
+            .report_exit(VmExit::Crashed(e.to_string()));
+    }
+    while !done.load(Ordering::SeqCst) {
+        if let Err(e) = event_manager.run() {
+            log::error!("VMM event loop failed: {e:?}");
+            break;
+        }
+    }
+    drop(event_manager);
+    drop(resources);
+}
+
+/// The VMM thread's own subscriber: API requests, vCPU exits, guest resets.
+pub(crate) struct VmmControl {
+    pub(crate) api_rx: Receiver<ApiRequest>,
+    pub(crate) api_evt: EventFd,
+    pub(crate) exit_evt: EventFd,
+    pub(crate) reset_evt: EventFd,
+    pub(crate) control: Arc<VcpuControl>,
+    pub(crate) vcpus: VcpuSet,
+    pub(crate) devices: Devices,
+    pub(crate) end: Arc<EndState>,
+    pub(crate) boot: Arc<BootSignal>,
+    pub(crate) done: Arc<AtomicBool>,
+}
+
+impl VmmControl {
+    const API: u32 = 1;
+    const VCPU_EXIT: u32 = 2;
+    const RESET: u32 = 3;
+
+    /// Ends the VM: stops the vCPUs, records the end, wakes waiters. Idempotent.
+    pub(crate) fn finish(&mut self, exit: VmExit) {
+        if self.done.load(Ordering::SeqCst) {
+            return;
+        }
+        self.vcpus.stop();
+        self.boot.close();
+        self.end.set(VmEnd {
+            exit,
+            at: SystemTime::now(),
+        });
+        self.done.store(true, Ordering::SeqCst);
+    }
+
+    fn handle(&mut self, action: VmmAction) -> Result<VmmData, VmmActionError> {
+        if self.done.load(Ordering::SeqCst) {
+            return Err(VmmActionError::NotRunning);
+        }
+        match action {
+            VmmAction::Pause => {
+                if self.vcpus.pause() {
+                    Ok(VmmData::Empty)
+                } else {
+                    Err(VmmActionError::PauseTimedOut)
+                }
+            }
+            VmmAction::Resume => {
+                self.vcpus.resume();
+                Ok(VmmData::Empty)
+            }
+            VmmAction::Stop => {
+                self.finish(VmExit::Stopped);
+                Ok(VmmData::Empty)
+            }
+            VmmAction::AttachDisk {
+                index,
+                disk,
+                read_only,
+            } => {
+                self.devices.attach_disk(index, disk, read_only)?;
+                Ok(VmmData::Empty)
+            }
+            VmmAction::DetachDisk { index } => {
+                self.devices.detach_disk(index)?;
+                Ok(VmmData::Empty)
+            }
+        }
+    }
+
+    fn handle_api(&mut self) {
+        let _ = self.api_evt.read();
+        while let Ok((action, reply)) = self.api_rx.try_recv() {
+            let result = self.handle(action);
+            let _ = reply.send(result);
+        }
+    }
+}
+
+impl MutEventSubscriber for VmmControl {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        match events.data() {
+            Self::API => self.handle_api(),
+            Self::VCPU_EXIT => {
+                let _ = self.exit_evt.read();
+                if let Some(exit) = self.control.take_pending_exit() {
+                    self.finish(exit);
+                }
+            }
+            Self::RESET => {
+                let _ = self.reset_evt.read();
+                self.finish(VmExit::Reset(ResetKind::I8042));
+            }
+            other => log::warn!("Unexpected VMM event {other}"),
+        }
+        if self.done.load(Ordering::SeqCst) {
+            // Answer requests that raced with the end instead of leaving callers waiting.
+            while let Ok((_, reply)) = self.api_rx.try_recv() {
+                let _ = reply.send(Err(VmmActionError::NotRunning));
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        for (fd, data) in [
+            (&self.api_evt, Self::API),
+            (&self.exit_evt, Self::VCPU_EXIT),
+            (&self.reset_evt, Self::RESET),
+        ] {
+            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
+                log::error!("Failed to register VMM event {data}: {e:?}");
+            }
+        }
+    }
+}
