@@ -9,7 +9,10 @@
 //! On a hybrid cgroup host (cgroup2 only at `/sys/fs/cgroup/unified`) the agent's mount
 //! namespace gets cgroup2 mounted on `/sys/fs/cgroup`, as in the guest. Without these the test
 //! prints a loud SKIP, or fails under `SANDBOXER_REQUIRE_ROOT=1`.
-
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
 
 use std::io::{BufRead, BufReader};

@@ -18,7 +18,10 @@
 //! `SANDBOXER_REQUIRE_GUEST=1`, and under `CI=true`/`SANDBOXER_REQUIRE_KVM=1` when QEMU or
 //! vhost-device-vsock is missing (the kernel is built later in tests/run, which then runs this
 //! test again with `SANDBOXER_REQUIRE_GUEST=1`).
-
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
 
 use std::io::{Read, Write};

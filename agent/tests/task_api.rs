@@ -8,7 +8,10 @@
 //! `/sys/fs/cgroup/unified`) the agent runs in a private mount namespace with cgroup2 mounted
 //! on `/sys/fs/cgroup`, as in the guest. Without root, cgroup v2 or busybox the test prints a
 //! loud SKIP, or fails under `SANDBOXER_REQUIRE_ROOT=1`.
-
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![cfg(feature = "containers")]
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
 

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `sandboxer` binary itself: the daemon with the real KVM backend (no VM is booted: the
 //! kernel is missing on purpose), systemd notification, SIGTERM, config file and CLI.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

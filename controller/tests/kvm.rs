@@ -3,6 +3,10 @@
 //! `/dev/kvm`. The `virtio` guest's agent mode stands in for the guest agent on the wire
 //! (ready line over vsock, ttrpc answers), so Start's whole agent path runs for real: the
 //! ready signal, the ttrpc connection, SyncClock and Setup, Shutdown on Stop, Stats on Metrics.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

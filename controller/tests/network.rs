@@ -5,6 +5,10 @@
 //! the tap fd both ways without a guest, and tears down. Needs root (CAP_NET_ADMIN,
 //! CAP_SYS_ADMIN) and iproute2: without them each test prints a loud SKIP, and fails instead
 //! when SANDBOXER_REQUIRE_ROOT=1.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

@@ -5,6 +5,10 @@
 //! daemon on the same state directory reports the sandbox `SANDBOX_NOTREADY` with an exit,
 //! answers Wait (many at once), and Shutdown leaves nothing: no tap or ingress qdisc in the
 //! netns, no file, socket or mount of the sandbox. Needs root, iproute2 and KVM.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

@@ -18,7 +18,10 @@
 //! [`task_endpoint_end_to_end`] needs root, cgroup v2, /bin/busybox, mkfs.erofs, mkfs.ext4, losetup and the agent binary
 //! (`cargo build -p agent`). Without them it prints a loud SKIP, or fails under
 //! `SANDBOXER_REQUIRE_ROOT=1`.
-
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
 
 #[path = "task_endpoint/fake.rs"]

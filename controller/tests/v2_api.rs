@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The containerd 2.x sandbox API, driven through the real gRPC server on a unix socket with
 //! containerd's own generated client (the `containerd-client` crate) and the fake VM backend.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

@@ -27,6 +27,7 @@ pub mod id;
     missing_docs,
     clippy::all,
     clippy::allow_attributes_without_reason,
+    clippy::unwrap_used,
     reason = "generated code; the .proto files document the fields"
 )]
 pub mod v2 {
@@ -60,6 +61,7 @@ pub mod v2 {
     missing_docs,
     clippy::all,
     clippy::allow_attributes_without_reason,
+    clippy::unwrap_used,
     reason = "generated code; the .proto files document the fields"
 )]
 pub mod seed {
@@ -94,6 +96,7 @@ pub mod seed {
     missing_docs,
     clippy::all,
     clippy::allow_attributes_without_reason,
+    clippy::unwrap_used,
     reason = "generated code; the .proto files document the fields"
 )]
 pub mod cri {
@@ -126,6 +129,7 @@ pub use tonic;
     clippy::all,
     clippy::pedantic,
     clippy::allow_attributes_without_reason,
+    clippy::unwrap_used,
     reason = "generated code; the .proto files document the fields"
 )]
 pub mod agent {

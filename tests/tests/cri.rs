@@ -20,6 +20,10 @@
 //! Needs root (containerd, overlayfs); `SANDBOXER_REQUIRE_ROOT=1` makes a missing root a
 //! failure. A missing containerd is a failure on CI (`CI=true`, where `tests/setup` installs
 //! it) and with `SANDBOXER_REQUIRE_CONTAINERD=1`, a loud skip otherwise.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its tests are its top level"

@@ -4,6 +4,10 @@
 //! RAM sits below the 32-bit MMIO gap; whatever does not fit continues at 4 GiB. Backing it with
 //! a memfd (rather than anonymous memory) lets later features share or snapshot it: a template
 //! VM's memory can be mapped copy-on-write by its clones, and a snapshot is the file's content.
+#![allow(
+    unsafe_code,
+    reason = "memfd_create and the memfd mapping need libc; see the SAFETY comments"
+)]
 
 use std::ffi::CStr;
 use std::fs::File;

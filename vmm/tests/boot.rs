@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! KVM tests: boot the project's test guests on the real `/dev/kvm` and check what they print,
 //! how they end and when they signalled the boot timer.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its top level is the test module"

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Dropping a VM frees every fd, thread and mapping: start and stop 200 VMs and compare the
 //! process's counts with the baseline. (Its own test binary: nothing else runs VMs meanwhile.)
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its top level is the test module"

@@ -1,6 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The pre-built VM shell pool: pooled VMs boot like cold ones, a shell serves one VM only,
-//! and lowering the target frees the idle shells. (Its own test binary: the pool is global.)
+//! and lowering the target frees the idle shells. (The test owns its `vmm::Host`, so the pool is its own.)
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its top level is the test module"

@@ -2,6 +2,10 @@
 //! KVM test: a running VM's vCPU and VMM threads are confined by their seccomp filters, and
 //! `SeccompPolicy::Off` leaves them unconfined. One test in its own binary, so no other VM's
 //! threads run in the process while it looks at `/proc/self/task`.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its top level is the test module"

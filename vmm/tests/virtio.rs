@@ -2,6 +2,10 @@
 //! KVM tests of the virtio devices through real ioeventfds and irqfds: the `virtio` test guest
 //! carries a minimal virtio-mmio driver, takes real interrupts (IOAPIC + LAPIC) and reports
 //! every step on its console.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
 #![expect(
     clippy::tests_outside_test_module,
     reason = "an integration test crate: its top level is the test module"

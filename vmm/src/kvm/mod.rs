@@ -3,6 +3,10 @@
 //! handle, VM creation with the in-kernel irqchip, guest memory slots and the vCPU kick signal.
 //!
 //! This module and `memory.rs` are the only places in `vmm` with `unsafe` code.
+#![allow(
+    unsafe_code,
+    reason = "memory slots and the kick signal have no safe kvm-ioctls wrapper; see SAFETY"
+)]
 
 pub(crate) mod signal;
 

@@ -74,19 +74,13 @@ fn top_layer(dir: &Path) -> Result<()> {
 
 /// Marks `dir` opaque for overlayfs (`trusted.overlay.opaque=y`).
 fn set_opaque(dir: &Path) -> Result<()> {
-    let path = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
-    let name = c"trusted.overlay.opaque";
-    // SAFETY: both strings are NUL-terminated and live across the call; the value is a
-    // 1-byte buffer whose length is passed.
-    let rc = unsafe { libc::setxattr(path.as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
-    if rc != 0 {
-        bail!(
-            "setxattr {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
+    rustix::fs::setxattr(
+        dir,
+        "trusted.overlay.opaque",
+        b"y",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .map_err(|e| anyhow::anyhow!("setxattr {}: {e}", dir.display()))
 }
 
 /// The overlay mount containerd would pass for a snapshot on `lowers` (top first).
