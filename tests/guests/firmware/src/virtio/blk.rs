@@ -154,7 +154,7 @@ impl Blk {
         } else {
             self.queue.add(&[header, data, status])?
         };
-        self.transport.notify_and_wait(&self.queue)?;
+        self.queue.notify_and_wait(&self.transport)?;
         match self.queue.pop_used() {
             Some(Ok(used)) if used.head == head => {}
             Some(Ok(used)) => return Err(VirtioError::BadUsed(u32::from(used.head))),

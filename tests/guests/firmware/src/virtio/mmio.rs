@@ -6,8 +6,7 @@
 
 use crate::irq::{self, SourceId};
 use crate::phys;
-use crate::virtio::queue::Virtqueue;
-use crate::virtio::{MmioDevice, REQUEST_TIMEOUT_TICKS, VIRTIO_F_VERSION_1, VirtioError};
+use crate::virtio::{MmioDevice, VIRTIO_F_VERSION_1, VirtioError};
 
 /// Register offsets (§4.2.2, "MMIO Device Register Layout").
 pub mod reg {
@@ -215,27 +214,6 @@ impl Transport {
     /// Interrupts taken on the device's line so far.
     pub fn interrupt_count(&self) -> u32 {
         self.source.map_or(0, SourceId::count)
-    }
-
-    /// Notifies `queue`, then waits until it has a used entry and the device's line has
-    /// interrupted since the notification: without `VIRTIO_F_EVENT_IDX` and with the
-    /// available ring's flags 0 the device must notify every used buffer (§2.7.10), so a
-    /// completion without an interrupt is an error. For one request in flight at a time.
-    pub fn notify_and_wait(&self, queue: &Virtqueue) -> Result<(), VirtioError> {
-        let before = self.interrupt_count();
-        queue.notify();
-        let done = irq::wait_until(REQUEST_TIMEOUT_TICKS, || {
-            queue.has_used() && self.interrupt_count() != before
-        });
-        if done {
-            return Ok(());
-        }
-        self.check()?;
-        Err(if queue.has_used() {
-            VirtioError::NoInterrupt
-        } else {
-            VirtioError::Timeout
-        })
     }
 
     /// Sets `DRIVER_OK` (§3.1.1 step 8): the device is live.

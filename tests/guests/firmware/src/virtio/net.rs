@@ -153,7 +153,7 @@ impl Net {
             Buf::read(frame, len),
         ])?;
         self.tx_len = len;
-        self.transport.notify_and_wait(&self.tx)?;
+        self.tx.notify_and_wait(&self.transport)?;
         match self.tx.pop_used() {
             Some(Ok(used)) if used.head == head => Ok(()),
             Some(Ok(used)) => Err(VirtioError::BadUsed(u32::from(used.head))),

@@ -12,7 +12,8 @@ use core::sync::atomic::{Ordering, fence};
 
 use crate::dma::{Arena, DmaBuf};
 use crate::phys;
-use crate::virtio::VirtioError;
+use crate::irq;
+use crate::virtio::{REQUEST_TIMEOUT_TICKS, VirtioError};
 use crate::virtio::mmio::Transport;
 
 /// Largest queue the driver sets up (the in-flight bitmap is a `u64`).
@@ -114,6 +115,27 @@ impl Virtqueue {
         let base = q.ring.addr();
         transport.setup_queue(index, size, base, base + AVAIL_OFFSET, base + USED_OFFSET);
         Ok(q)
+    }
+
+    /// Notifies the queue, then waits until it has a used entry and the device's line has
+    /// (of `transport`) interrupted since the notification: without `VIRTIO_F_EVENT_IDX` and with the
+    /// available ring's flags 0 the device must notify every used buffer (§2.7.10), so a
+    /// completion without an interrupt is an error. For one request in flight at a time.
+    pub fn notify_and_wait(&self, transport: &Transport) -> Result<(), VirtioError> {
+        let before = transport.interrupt_count();
+        self.notify();
+        let done = irq::wait_until(REQUEST_TIMEOUT_TICKS, || {
+            self.has_used() && transport.interrupt_count() != before
+        });
+        if done {
+            return Ok(());
+        }
+        transport.check()?;
+        Err(if self.has_used() {
+            VirtioError::NoInterrupt
+        } else {
+            VirtioError::Timeout
+        })
     }
 
     /// Queue size.
