@@ -24,6 +24,10 @@ use crate::notify;
 use crate::service::{SandboxService, ServiceConfig};
 use crate::store::StoreError;
 
+mod authority;
+
+pub use authority::AuthorityFix;
+
 /// How long in-flight calls may run after the daemon stopped accepting.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -75,6 +79,15 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     let listener = UnixListener::bind(path).map_err(err)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
     Ok(listener)
+}
+
+/// The connections of `listener`, each through an [`AuthorityFix`] so that clients which send
+/// the socket path as `:authority` (gRPC C-core, grpc-java, grpcurl) are served too.
+fn incoming(
+    listener: UnixListener,
+) -> impl tokio_stream::Stream<Item = io::Result<AuthorityFix<tokio::net::UnixStream>>> {
+    use tokio_stream::StreamExt as _;
+    UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new))
 }
 
 /// Both API servers, running.
@@ -136,7 +149,7 @@ impl Servers {
         info!(socket = %path.display(), "listening");
         self.tasks.spawn(async move {
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(incoming(listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
