@@ -130,8 +130,10 @@ pub struct GuestIp {
 /// A guest NIC the agent configures, found by its MAC address.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GuestInterface {
-    /// `aa:bb:cc:dd:ee:ff`.
+    /// `aa:bb:cc:dd:ee:ff`: the MAC the guest's driver has.
     pub mac: String,
+    /// The MAC it gets instead (a VM cloned from a template has the template's); empty keeps it.
+    pub new_mac: String,
     /// New link name (e.g. `eth0`); empty keeps it.
     pub name: String,
     /// MTU; 0 keeps it.

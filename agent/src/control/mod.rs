@@ -14,6 +14,7 @@
 //! never sets the clock, so a test touches only the namespaces it made.
 
 pub mod bundle;
+pub mod entropy;
 pub mod error;
 pub mod net;
 pub mod system;
@@ -58,6 +59,8 @@ pub struct ControlConfig {
     pub sysctl_root: PathBuf,
     /// Whether SyncClock may set the realtime clock.
     pub set_clock: bool,
+    /// The kernel RNG device that takes Setup's entropy (`/dev/random`).
+    pub random_device: PathBuf,
 }
 
 impl ControlConfig {
@@ -68,17 +71,20 @@ impl ControlConfig {
             resolv_conf: PathBuf::from("/etc/resolv.conf"),
             sysctl_root: PathBuf::from("/proc/sys"),
             set_clock: true,
+            random_device: PathBuf::from("/dev/random"),
         }
     }
 
     /// Settings of the agent on a host (tests): resolv.conf at `<state_dir>/etc/resolv.conf`,
-    /// the clock is never set (CLOCK_REALTIME is not namespaced).
+    /// the clock is never set (CLOCK_REALTIME is not namespaced), and entropy goes to a plain
+    /// file (`<state_dir>/random`), never into the host's RNG: Setup with entropy fails there.
     pub fn host(state_dir: &Path) -> Self {
         Self {
             state_dir: state_dir.to_owned(),
             resolv_conf: state_dir.join("etc/resolv.conf"),
             sysctl_root: PathBuf::from("/proc/sys"),
             set_clock: false,
+            random_device: state_dir.join("random"),
         }
     }
 }
@@ -176,6 +182,11 @@ impl ControlService {
         sysctls.sort_unstable_by_key(|(key, _, _)| *key);
 
         let _serial = self.setup_lock.lock().await;
+        // First: nothing of the pod may draw from an RNG a clone shares with others.
+        if !req.entropy.is_empty() {
+            entropy::add_and_reseed(&self.config.random_device, &req.entropy)
+                .map_err(|e| ControlError::internal("add the host's entropy and reseed", &e))?;
+        }
         if !req.hostname.is_empty() {
             system::set_hostname(&req.hostname)?;
         }
@@ -188,8 +199,9 @@ impl ControlService {
             system::write_sysctl(key, &path, value)?;
         }
         log::info!(
-            "Setup done: hostname {:?}, {} interfaces, {} routes, {} sysctls",
+            "Setup done: hostname {:?}, {} entropy bytes, {} interfaces, {} routes, {} sysctls",
             req.hostname,
+            req.entropy.len(),
             plan.interfaces.len(),
             plan.routes.len(),
             req.sysctls.len()

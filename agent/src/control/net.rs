@@ -28,6 +28,8 @@ pub struct InterfacePlan {
     pub index: usize,
     /// The link's MAC address.
     pub mac: [u8; 6],
+    /// The MAC it gets, if it changes (a VM cloned from a template).
+    pub new_mac: Option<[u8; 6]>,
     /// New name, if any.
     pub name: Option<String>,
     /// MTU, if any.
@@ -190,6 +192,7 @@ impl NetPlan {
     pub fn new(interfaces: &[Interface], routes: &[Route]) -> Result<Self, ControlError> {
         let mut plan = Self::default();
         let mut macs = HashSet::new();
+        let mut new_macs = HashSet::new();
         let mut names = HashSet::new();
         for (i, iface) in interfaces.iter().enumerate() {
             let f = |name: &str| format!("interfaces[{i}].{name}");
@@ -205,6 +208,32 @@ impl NetPlan {
                     format!("{} is given twice", format_mac(&mac)),
                 ));
             }
+            let new_mac = if iface.new_mac.is_empty() {
+                None
+            } else {
+                let new = parse_mac(&iface.new_mac).ok_or_else(|| {
+                    ControlError::invalid(
+                        f("new_mac"),
+                        format!(
+                            "{:?} is not a MAC address (aa:bb:cc:dd:ee:ff)",
+                            iface.new_mac
+                        ),
+                    )
+                })?;
+                if new.first().is_some_and(|b| b & 1 != 0) {
+                    return Err(ControlError::invalid(
+                        f("new_mac"),
+                        format!("{} is a multicast address", format_mac(&new)),
+                    ));
+                }
+                if !new_macs.insert(new) {
+                    return Err(ControlError::invalid(
+                        f("new_mac"),
+                        format!("{} is given twice", format_mac(&new)),
+                    ));
+                }
+                Some(new)
+            };
             let name = if iface.name.is_empty() {
                 None
             } else {
@@ -227,6 +256,7 @@ impl NetPlan {
             plan.interfaces.push(InterfacePlan {
                 index: i,
                 mac,
+                new_mac,
                 name,
                 mtu: (iface.mtu != 0).then_some(iface.mtu),
                 addresses,
@@ -400,6 +430,32 @@ async fn apply_interface(handle: &Handle, plan: &InterfacePlan) -> Result<(), Co
         })?
         .clone();
     let mut up = link.up;
+    if let Some(new_mac) = plan.new_mac.filter(|m| link.mac != m.as_slice()) {
+        if up {
+            // Without VIRTIO_NET_F_CTRL_MAC_ADDR virtio-net changes its MAC only while down.
+            set_link(
+                handle,
+                &f("new_mac"),
+                "set the link down to change its MAC",
+                LinkUnspec::new_with_index(link.index).down().build(),
+            )
+            .await?;
+            up = false;
+        }
+        set_link(
+            handle,
+            &f("new_mac"),
+            &format!(
+                "change the MAC from {} to {}",
+                format_mac(&plan.mac),
+                format_mac(&new_mac)
+            ),
+            LinkUnspec::new_with_index(link.index)
+                .address(new_mac.to_vec())
+                .build(),
+        )
+        .await?;
+    }
     if let Some(name) = plan.name.as_ref().filter(|n| **n != link.name) {
         if all.iter().any(|l| l.name == *name) {
             return Err(ControlError::AlreadyExists {
@@ -622,6 +678,28 @@ mod tests {
         assert_eq!(
             plan.routes[4].destination,
             ("192.168.7.7".parse().unwrap(), 32)
+        );
+    }
+
+    #[test]
+    fn a_new_mac_is_checked_and_planned() {
+        let mut i = iface("02:00:00:00:00:01", "eth0", &[]);
+        i.new_mac = "02:aa:00:00:00:07".into();
+        let plan = NetPlan::new(&[i.clone()], &[]).unwrap();
+        assert_eq!(plan.interfaces[0].new_mac, Some([2, 0xaa, 0, 0, 0, 7]));
+        i.new_mac = "03:aa:00:00:00:07".into();
+        assert!(
+            err(&[i.clone()], &[])
+                .starts_with("interfaces[0].new_mac: 03:aa:00:00:00:07 is a multicast")
+        );
+        i.new_mac = "nope".into();
+        assert!(err(&[i.clone()], &[]).starts_with("interfaces[0].new_mac: "));
+        let mut j = iface("02:00:00:00:00:02", "", &[]);
+        i.new_mac = "02:aa:00:00:00:07".into();
+        j.new_mac = "02:aa:00:00:00:07".into();
+        assert!(
+            err(&[i, j], &[])
+                .starts_with("interfaces[1].new_mac: 02:aa:00:00:00:07 is given twice")
         );
     }
 

@@ -180,12 +180,19 @@ fn ctx(timeout: Duration) -> ttrpc::context::Context {
     ttrpc::context::with_duration(timeout)
 }
 
-/// The agent's `SetupRequest` for `setup`.
-fn setup_request(setup: &GuestSetup) -> proto::agent::control::SetupRequest {
+/// Bytes of fresh host entropy every Setup carries (the agent reseeds the guest's CRNG with
+/// them: a VM cloned from a template must not share its RNG state).
+const SETUP_ENTROPY: usize = 64;
+
+/// The agent's `SetupRequest` for `setup`, with fresh entropy.
+fn setup_request(setup: &GuestSetup) -> Result<proto::agent::control::SetupRequest, BackendError> {
     use proto::agent::control as c;
     let dns = &setup.dns;
     let has_dns = !(dns.servers.is_empty() && dns.searches.is_empty() && dns.options.is_empty());
-    c::SetupRequest {
+    let mut entropy = vec![0u8; SETUP_ENTROPY];
+    getrandom::fill(&mut entropy).map_err(|e| BackendError::HostEntropy(e.to_string()))?;
+    Ok(c::SetupRequest {
+        entropy,
         hostname: setup.hostname.clone(),
         dns: if has_dns {
             proto::protobuf::MessageField::some(c::Dns {
@@ -202,6 +209,7 @@ fn setup_request(setup: &GuestSetup) -> proto::agent::control::SetupRequest {
             .iter()
             .map(|i| c::Interface {
                 mac: i.mac.clone(),
+                new_mac: i.new_mac.clone(),
                 name: i.name.clone(),
                 mtu: i.mtu,
                 addresses: i
@@ -229,7 +237,7 @@ fn setup_request(setup: &GuestSetup) -> proto::agent::control::SetupRequest {
             })
             .collect(),
         ..Default::default()
-    }
+    })
 }
 
 /// Nanoseconds since the Unix epoch, now.
@@ -314,7 +322,7 @@ pub(super) async fn connect_agent(
         .map_err(|e| BackendError::Agent("Control.SyncClock", e))?;
     phases.sync_clock = t.elapsed();
     let t = Instant::now();
-    ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(&spec.setup))
+    ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(&spec.setup)?)
         .await
         .map_err(|e| BackendError::Agent("Control.Setup", e))?;
     phases.setup = t.elapsed();
@@ -424,6 +432,7 @@ mod tests {
             },
             interfaces: vec![GuestInterface {
                 mac: "02:00:00:00:00:01".into(),
+                new_mac: "02:00:00:00:00:09".into(),
                 name: "eth0".into(),
                 mtu: 1500,
                 addresses: vec![GuestIp {
@@ -437,7 +446,9 @@ mod tests {
                 ..GuestRoute::default()
             }],
         };
-        let req = setup_request(&setup);
+        let req = setup_request(&setup).unwrap();
+        assert_eq!(req.entropy.len(), SETUP_ENTROPY);
+        assert_ne!(req.entropy, setup_request(&setup).unwrap().entropy);
         assert_eq!(req.hostname, "web-0");
         let dns = req.dns.as_ref().unwrap();
         assert_eq!(dns.servers, ["10.96.0.10"]);
@@ -448,12 +459,13 @@ mod tests {
             (nic.mac.as_str(), nic.name.as_str(), nic.mtu),
             ("02:00:00:00:00:01", "eth0", 1500)
         );
+        assert_eq!(nic.new_mac, "02:00:00:00:00:09");
         assert_eq!(nic.addresses[0].address, "10.0.0.2");
         assert_eq!(nic.addresses[0].prefix_len, 24);
         assert_eq!(req.routes[0].gateway, "10.0.0.1");
         assert_eq!(req.routes[0].destination, "");
         // No DNS settings: the message has none, so the agent leaves resolv.conf alone.
-        assert!(setup_request(&GuestSetup::default()).dns.is_none());
+        assert!(setup_request(&GuestSetup::default()).unwrap().dns.is_none());
     }
 
     #[tokio::test]

@@ -80,6 +80,9 @@ pub enum BackendError {
     /// A call to the agent failed.
     #[error("Agent call {0} failed")]
     Agent(&'static str, #[source] ttrpc::Error),
+    /// The host's random source failed.
+    #[error("Failed to read host entropy for the guest: {0}")]
+    HostEntropy(String),
     /// Every block slot holds a disk.
     #[error("All {0} block slots are in use")]
     NoFreeSlot(usize),

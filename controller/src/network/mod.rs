@@ -262,6 +262,7 @@ impl PodNetwork {
             .iter()
             .map(|nic| GuestInterface {
                 mac: nic.mac.to_string(),
+                new_mac: String::new(),
                 name: nic.veth.clone(),
                 mtu: nic.mtu,
                 addresses: nic
