@@ -5,7 +5,7 @@
 
 use devices::test_utils::TestQueue;
 use devices::virtio::block::Request;
-use devices::virtio::chain::{ChainBuffers, ChainError, GuestView};
+use devices::virtio::queue::{ChainBuffers, ChainError, GuestView};
 use devices::virtio::net::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress};

@@ -21,8 +21,8 @@ use super::defs::{
 };
 use super::request::{BadRequest, DiscardSegment, Request, RequestType};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
-use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
-use crate::virtio::ring::RingPass;
+use crate::virtio::queue::RingPass;
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView};
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice, guest_warn,

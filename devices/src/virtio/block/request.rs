@@ -18,7 +18,7 @@ use super::defs::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView};
 
 /// The operation a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use super::defs::{
 };
 use super::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
-use crate::virtio::chain::pop_chain;
+use crate::virtio::queue::chain::pop_chain;
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn,
 };

@@ -18,7 +18,8 @@ use super::defs::{NET_HDR_LEN, NUM_BUFFERS_OFFSET};
 /// [`NET_HDR_LEN`] as a `u32`.
 const NET_HDR_LEN_U32: u32 = 12;
 const _: () = assert!(NET_HDR_LEN_U32 as usize == NET_HDR_LEN);
-use crate::virtio::chain::{ChainBuffers, ChainError, pop_chain};
+use crate::virtio::queue::chain::pop_chain;
+use crate::virtio::queue::{ChainBuffers, ChainError};
 
 /// Why a TX chain carries no frame.
 #[derive(Debug, thiserror::Error)]

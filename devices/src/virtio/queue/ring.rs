@@ -22,7 +22,8 @@ use std::sync::atomic::{Ordering, fence};
 use virtio_queue::{Error as QueueError, Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::chain::{ChainBuffers, ChainError, GuestView};
+use super::chain::{ChainBuffers, ChainError};
+use super::view::GuestView;
 
 /// Offset of `ring[0]` in the available and used rings (after `flags` and `idx`).
 const RING_HEADER: u64 = 4;
@@ -39,7 +40,7 @@ const USED_ELEM: u64 = 8;
 /// [`RingPass::publish`] (and when the pass is dropped), so the queue's state (for
 /// notifications, reset, snapshots) is current after every batch.
 #[derive(Debug)]
-pub(crate) struct RingPass<'q, 'a> {
+pub struct RingPass<'q, 'a> {
     queue: &'q mut Queue,
     view: GuestView<'a>,
     desc_table: GuestAddress,
@@ -61,7 +62,7 @@ pub(crate) struct RingPass<'q, 'a> {
 
 impl<'q, 'a> RingPass<'q, 'a> {
     /// Starts a pass. Fails like `Queue::iter` on a queue that is not ready.
-    pub(crate) fn new(queue: &'q mut Queue, view: GuestView<'a>) -> Result<Self, QueueError> {
+    pub fn new(queue: &'q mut Queue, view: GuestView<'a>) -> Result<Self, QueueError> {
         let avail_ring = queue.avail_ring();
         if !queue.ready() || avail_ring == 0 {
             return Err(QueueError::QueueNotReady);
@@ -116,7 +117,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// The head of the next available chain, `None` when the ring is empty.
-    pub(crate) fn pop(&mut self) -> Result<Option<u16>, QueueError> {
+    pub fn pop(&mut self) -> Result<Option<u16>, QueueError> {
         if self.next_avail == self.avail_idx {
             self.fetch_avail_idx()?;
             if self.next_avail == self.avail_idx {
@@ -137,7 +138,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// Gathers the chain at `head` into `bufs` (see [`ChainBuffers::walk_into`]).
-    pub(crate) fn chain_into(
+    pub fn chain_into(
         &self,
         head: u16,
         max_descs: usize,
@@ -147,7 +148,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// Writes a used element; the driver sees it after the next [`RingPass::publish`].
-    pub(crate) fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         if head >= self.size {
             return Err(QueueError::InvalidDescriptorIndex);
         }
@@ -167,7 +168,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
 
     /// Makes every used element written so far visible to the driver (one release store of the
     /// used index) and writes the positions back to the queue.
-    pub(crate) fn publish(&mut self) -> Result<(), QueueError> {
+    pub fn publish(&mut self) -> Result<(), QueueError> {
         self.sync_queue();
         if self.published == self.next_used {
             return Ok(());
@@ -193,27 +194,27 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// Asks the driver not to notify (`Queue::disable_notification`).
-    pub(crate) fn disable_notification(&mut self) -> Result<(), QueueError> {
+    pub fn disable_notification(&mut self) -> Result<(), QueueError> {
         self.sync_queue();
         self.queue.disable_notification(self.view.memory())
     }
 
     /// Asks the driver to notify again; `true` if chains arrived meanwhile
     /// (`Queue::enable_notification`).
-    pub(crate) fn enable_notification(&mut self) -> Result<bool, QueueError> {
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
         self.sync_queue();
         self.queue.enable_notification(self.view.memory())
     }
 
     /// Whether any used element was added in this pass.
-    pub(crate) fn used_any(&self) -> bool {
+    pub fn used_any(&self) -> bool {
         self.next_used != self.notified_at
     }
 
     /// Whether the driver wants a used buffer notification for the elements added since the
     /// last decision: always without `VIRTIO_F_EVENT_IDX`, else when `used_event` lies in that
     /// window (§2.7.10; the inequality of `virtio-queue` and Linux, `vring_need_event`).
-    pub(crate) fn needs_notification(&mut self) -> Result<bool, QueueError> {
+    pub fn needs_notification(&mut self) -> Result<bool, QueueError> {
         let new = self.next_used;
         let old = std::mem::replace(&mut self.notified_at, new);
         // The used elements and index must be visible before `used_event` is read.
