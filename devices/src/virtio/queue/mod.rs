@@ -14,5 +14,5 @@ pub mod ring;
 pub mod view;
 
 pub use chain::{ChainBuffers, ChainError, INLINE_SEGMENTS, Segment};
-pub use ring::RingPass;
+pub use ring::{Drained, RingPass, drain_queue};
 pub use view::GuestView;
