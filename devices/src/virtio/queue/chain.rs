@@ -7,19 +7,18 @@
 //! those lists. Reading the descriptors happens exactly once, here, so a guest that rewrites its
 //! descriptor table while the device works cannot change what was validated (TOCTOU).
 //!
-//! A chain is gathered either from a `virtio-queue` [`DescriptorChain`]
-//! ([`ChainBuffers::collect`]) or by [`ChainBuffers::walk`], this module's own walk of the split
-//! descriptor table (§2.7.5) with the exact semantics of that iterator (the same TTL, indirect
-//! table checks and 4 GiB cut-off), but reading through a [`GuestView`] and storing up to
-//! [`INLINE_SEGMENTS`] segments without a heap allocation. Both end in the same checks, so both
-//! report the same errors for the same chain.
+//! A chain is gathered by [`ChainBuffers::walk`], this module's own walk of the split descriptor
+//! table (§2.7.5) with the exact semantics of `virtio-queue`'s descriptor iterator (the same
+//! TTL, indirect table checks and 4 GiB cut-off), but reading through a [`GuestView`] and
+//! storing up to [`INLINE_SEGMENTS`] segments without a heap allocation. That iterator remains
+//! the reference (`ChainBuffers::collect` in `reference`, feature `test-utils`): both gatherers
+//! end in the same checks, the unit tests and the `queue` fuzz target check they agree.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::mem::size_of;
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
 use virtio_queue::desc::split::Descriptor;
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
 use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap};
 
 use super::view::GuestView;
@@ -140,7 +139,7 @@ pub struct ChainBuffers {
 }
 
 /// Accumulates descriptors into [`ChainBuffers`], applying the checks both gatherers share.
-struct Gather<'b, 'v, 'a> {
+pub(super) struct Gather<'b, 'v, 'a> {
     view: &'v GuestView<'a>,
     bufs: &'b mut ChainBuffers,
     count: usize,
@@ -151,7 +150,11 @@ struct Gather<'b, 'v, 'a> {
 impl<'b, 'v, 'a> Gather<'b, 'v, 'a> {
     /// Starts gathering into `bufs`, emptied first.
     #[inline]
-    fn new(view: &'v GuestView<'a>, bufs: &'b mut ChainBuffers, max_descs: usize) -> Self {
+    pub(super) fn new(
+        view: &'v GuestView<'a>,
+        bufs: &'b mut ChainBuffers,
+        max_descs: usize,
+    ) -> Self {
         bufs.clear();
         Gather {
             view,
@@ -163,7 +166,12 @@ impl<'b, 'v, 'a> Gather<'b, 'v, 'a> {
     }
 
     #[inline]
-    fn push(&mut self, addr: GuestAddress, len: u32, write_only: bool) -> Result<(), ChainError> {
+    pub(super) fn push(
+        &mut self,
+        addr: GuestAddress,
+        len: u32,
+        write_only: bool,
+    ) -> Result<(), ChainError> {
         if self.count >= self.max_descs {
             return Err(ChainError::TooManyDescriptors(self.max_descs));
         }
@@ -202,30 +210,9 @@ impl<'b, 'v, 'a> Gather<'b, 'v, 'a> {
 const DESC_SIZE: u64 = size_of::<Descriptor>() as u64;
 
 impl ChainBuffers {
-    /// Gathers `chain` (consuming its descriptors). Fails on more than `max_descs` descriptors or
-    /// on a readable descriptor after a writable one; segments outside guest memory are recorded
-    /// and reported by [`ChainBuffers::check_in_memory`].
-    ///
-    /// The descriptor iterator of `virtio-queue` ends the chain on a broken `next` index, on a
-    /// descriptor it cannot read, on loops (its TTL is the table size) and when the chain would
-    /// exceed 4 GiB; such a chain arrives here shortened.
-    pub fn collect(
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
-        max_descs: usize,
-    ) -> Result<Self, ChainError> {
-        let view = GuestView::new(mem);
-        let mut bufs = ChainBuffers::default();
-        let mut g = Gather::new(&view, &mut bufs, max_descs);
-        for desc in chain {
-            g.push(desc.addr(), desc.len(), desc.is_write_only())?;
-        }
-        Ok(bufs)
-    }
-
     /// Walks the chain starting at descriptor `head` of the split descriptor table at
-    /// `desc_table` (`queue_size` entries) and gathers it like [`ChainBuffers::collect`] does a
-    /// `virtio-queue` [`DescriptorChain`] of the same head.
+    /// `desc_table` (`queue_size` entries) and gathers it like the reference gatherer
+    /// (`ChainBuffers::collect`) does a `virtio-queue` `DescriptorChain` of the same head.
     ///
     /// The walk follows that iterator rule for rule, so a hostile chain ends the same way: it
     /// stops (the chain arrives shortened at the checks) on a head or `next` index outside the
@@ -501,15 +488,6 @@ where
     Ok(())
 }
 
-/// Pops the next available chain; an error means the driver corrupted the available ring.
-pub(crate) fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<DescriptorChain<&'a GuestMemoryMmap>>, virtio_queue::Error> {
-    let mut iter = queue.iter(mem)?;
-    Ok(iter.next())
-}
-
 #[cfg(test)]
 #[allow(
     clippy::indexing_slicing,
@@ -529,6 +507,7 @@ mod tests {
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};
+    use crate::virtio::queue::reference::next_chain;
 
     const NEXT: u16 = VRING_DESC_F_NEXT as u16;
     const WRITE: u16 = VRING_DESC_F_WRITE as u16;
@@ -579,7 +558,7 @@ mod tests {
         q.push_avail(head);
         let mut queue = q.queue();
         queue.set_next_avail(q.avail_idx().wrapping_sub(1));
-        let chain = pop_chain(&mut queue, mem).unwrap().unwrap();
+        let chain = next_chain(&mut queue, mem).unwrap().unwrap();
         assert_eq!(chain.head_index(), head);
         let collected = ChainBuffers::collect(chain, mem, max);
         let view = GuestView::new(mem);
@@ -940,17 +919,5 @@ mod tests {
             }
             let _ = both(&q, head, max);
         }
-    }
-
-    #[test]
-    fn pop_reports_corrupt_avail_index() {
-        let m = single_region_mem(MEM);
-        let q = TestQueue::new(&m, GuestAddress(0), 16);
-        let mut queue = q.queue();
-        assert!(pop_chain(&mut queue, &m).unwrap().is_none());
-        q.set_avail_idx(17);
-        pop_chain(&mut queue, &m).unwrap_err();
-        queue.set_ready(false);
-        pop_chain(&mut queue, &m).unwrap_err();
     }
 }

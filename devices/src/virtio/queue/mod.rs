@@ -9,7 +9,12 @@
 //! - walk a chain's descriptors once into readable and writable segments, and read or write
 //!   its buffers by logical offset: [`ChainBuffers`] (`chain`);
 //! - reach guest memory, fast in the common single-region case: [`GuestView`] (`view`).
+//!
+//! `reference` (feature `test-utils`) keeps `virtio-queue`'s own iterators as the oracle the
+//! tests and the `queue` fuzz target compare the layer with; no device uses it.
 pub mod chain;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod reference;
 pub mod ring;
 pub mod view;
 
