@@ -133,9 +133,11 @@ pub struct ChainBuffers {
     readable_count: usize,
     readable_len: u32,
     writable_len: u32,
-    /// The first segment found outside guest memory, if any (kept so that the caller can still
-    /// complete the request through a valid status byte).
-    invalid: Option<Segment>,
+    /// The first readable and the first writable segment found outside guest memory, if any
+    /// (kept so that the caller can still complete the request through a valid status byte, and
+    /// so that a device that uses one direction only checks that one).
+    invalid_readable: Option<Segment>,
+    invalid_writable: Option<Segment>,
 }
 
 /// Accumulates descriptors into [`ChainBuffers`], applying the checks both gatherers share.
@@ -195,11 +197,14 @@ impl<'b, 'v, 'a> Gather<'b, 'v, 'a> {
         if len != 0 {
             let seg = Segment { addr, len };
             bufs.segs.push(seg);
-            if !write_only {
+            let invalid = if write_only {
+                &mut bufs.invalid_writable
+            } else {
                 bufs.readable_count = bufs.readable_count.saturating_add(1);
-            }
-            if bufs.invalid.is_none() && !self.view.check_range(addr, len as usize) {
-                bufs.invalid = Some(seg);
+                &mut bufs.invalid_readable
+            };
+            if invalid.is_none() && !self.view.check_range(addr, len as usize) {
+                *invalid = Some(seg);
             }
         }
         Ok(())
@@ -298,7 +303,8 @@ impl ChainBuffers {
         self.readable_count = 0;
         self.readable_len = 0;
         self.writable_len = 0;
-        self.invalid = None;
+        self.invalid_readable = None;
+        self.invalid_writable = None;
     }
 
     /// Total device-readable bytes.
@@ -327,16 +333,25 @@ impl ChainBuffers {
             .unwrap_or(&[])
     }
 
-    /// Fails if any segment lies outside guest memory.
+    /// Fails if any segment lies outside guest memory (the first such segment: readable ones
+    /// come first).
     #[inline]
     pub fn check_in_memory(&self) -> Result<(), ChainError> {
-        match self.invalid {
-            Some(seg) => Err(ChainError::OutOfRange {
-                addr: seg.addr.0,
-                len: seg.len,
-            }),
-            None => Ok(()),
-        }
+        out_of_range(self.invalid_readable.or(self.invalid_writable))
+    }
+
+    /// Fails if a readable segment lies outside guest memory: for a device that only reads the
+    /// chain and ignores its writable part.
+    #[inline]
+    pub fn check_readable_in_memory(&self) -> Result<(), ChainError> {
+        out_of_range(self.invalid_readable)
+    }
+
+    /// Fails if a writable segment lies outside guest memory: for a device that only writes the
+    /// chain and ignores its readable part.
+    #[inline]
+    pub fn check_writable_in_memory(&self) -> Result<(), ChainError> {
+        out_of_range(self.invalid_writable)
     }
 
     /// Guest address of the last writable byte, when it lies in guest memory. Block requests
@@ -354,8 +369,9 @@ impl ChainBuffers {
                 .0
                 .checked_add(u64::from(last.len.checked_sub(1)?))?,
         );
-        // With no segment outside memory recorded, the last one is known to be in memory.
-        (self.invalid.is_none() || view.check_range(addr, 1)).then_some(addr)
+        // With no writable segment outside memory recorded, the last one is known to be in
+        // memory.
+        (self.invalid_writable.is_none() || view.check_range(addr, 1)).then_some(addr)
     }
 
     /// Copies readable bytes starting at logical `offset` into `buf`.
@@ -445,6 +461,18 @@ impl ChainBuffers {
         F: FnMut(GuestAddress, usize) -> Result<(), E>,
     {
         for_each_range(self.writable(), self.writable_len, offset, len, f)
+    }
+}
+
+/// `OutOfRange` for `invalid`, if any.
+#[inline]
+fn out_of_range(invalid: Option<Segment>) -> Result<(), ChainError> {
+    match invalid {
+        Some(seg) => Err(ChainError::OutOfRange {
+            addr: seg.addr.0,
+            len: seg.len,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -540,12 +568,13 @@ mod tests {
     fn summary(r: &Result<ChainBuffers, ChainError>) -> String {
         match r {
             Ok(b) => format!(
-                "ok r={:?} w={:?} rl={} wl={} invalid={:?}",
+                "ok r={:?} w={:?} rl={} wl={} invalid={:?} {:?}",
                 b.readable(),
                 b.writable(),
                 b.readable_len(),
                 b.writable_len(),
-                b.invalid
+                b.invalid_readable,
+                b.invalid_writable
             ),
             Err(e) => format!("err {e:?}"),
         }

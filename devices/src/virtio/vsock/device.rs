@@ -13,16 +13,17 @@ use std::sync::Arc;
 use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
 use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
-use super::packet::{Chain, RxBuffer, read_tx_packet};
+use super::packet::{PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
+use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
 use crate::virtio::{ActivateError, Interrupt, InterruptKind, VirtioDevice};
 
 /// Queues and memory of an activated device.
@@ -42,6 +43,8 @@ pub struct Vsock<B: VsockBackend> {
     needs_reset: bool,
     /// Bounce buffer for one packet's data (the backend works on host memory).
     scratch: Vec<u8>,
+    /// Every chain is gathered into this one (its storage is reused).
+    chain: ChainBuffers,
     metrics: Arc<VsockMetrics>,
     log: LogLimiter,
     /// Whether the queue and backend fds are registered with the event manager.
@@ -75,6 +78,7 @@ impl<B: VsockBackend> Vsock<B> {
             active: None,
             needs_reset: false,
             scratch: vec![0u8; MAX_PKT_DATA_SIZE],
+            chain: ChainBuffers::default(),
             metrics: Arc::new(VsockMetrics::default()),
             log: LogLimiter::default(),
             runtime_events_registered: false,
@@ -112,71 +116,99 @@ impl<B: VsockBackend> Vsock<B> {
         self.base.queue_event(index)
     }
 
-    /// Takes the guest's TX packets and hands them to the backend. Returns whether used
-    /// buffers were added (an interrupt is due).
+    /// Takes the guest's TX packets and hands them to the backend. Returns whether the driver
+    /// wants a used buffer notification.
     pub fn process_tx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        let Some(mut active) = self.active.take() else {
             return false;
         };
-        let mem = &active.mem;
-        let mut used_any = false;
-        loop {
-            let chain = match pop_chain(&mut active.txq, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => {
-                    self.queue_error(format_args!("TX queue is corrupt: {e}"));
-                    break;
-                }
-            };
-            let head = chain.head_index();
-            match read_tx_packet(mem, chain, &mut self.scratch) {
-                Ok((hdr, len)) => {
-                    VsockMetrics::inc(&self.metrics.tx_packets);
-                    let data = self.scratch.get(..len).unwrap_or_default();
-                    self.backend.send_pkt(&hdr, data);
-                }
-                Err(e) => {
-                    VsockMetrics::inc(&self.metrics.tx_malformed);
-                    if self.log.allow() {
-                        warn!("vsock: dropping malformed TX packet: {e}");
+        let max_descs = usize::from(active.txq.size());
+        let (backend, scratch, metrics, log) = (
+            &mut self.backend,
+            &mut self.scratch,
+            &self.metrics,
+            &mut self.log,
+        );
+        let drained = drain_queue(
+            &mut active.txq,
+            GuestView::new(&active.mem),
+            usize::MAX,
+            max_descs,
+            &mut self.chain,
+            |chain, view| {
+                let packet = chain
+                    .map_err(PacketError::InvalidChain)
+                    .and_then(|chain| read_tx_packet(view, chain, scratch));
+                match packet {
+                    Ok((hdr, len)) => {
+                        VsockMetrics::inc(&metrics.tx_packets);
+                        let data = scratch.get(..len).unwrap_or_default();
+                        backend.send_pkt(&hdr, data);
+                    }
+                    Err(e) => {
+                        VsockMetrics::inc(&metrics.tx_malformed);
+                        if log.allow() {
+                            warn!("vsock: dropping malformed TX packet: {e}");
+                        }
                     }
                 }
-            }
-            if let Err(e) = active.txq.add_used(mem, head, 0) {
-                self.queue_error(format_args!("cannot return a TX buffer: {e}"));
-                break;
-            }
-            used_any = true;
+                0
+            },
+        );
+        if let Some(e) = drained.corrupt {
+            self.queue_error(format_args!("TX queue is corrupt: {e}"));
         }
-        used_any
+        self.active = Some(active);
+        drained.notify
     }
 
-    /// Fills the guest's RX buffers with packets from the backend. Returns whether used
-    /// buffers were added (an interrupt is due).
+    /// Fills the guest's RX buffers with packets from the backend. Returns whether the driver
+    /// wants a used buffer notification.
     pub fn process_rx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        if !self.backend.has_pending_rx() {
+            return false;
+        }
+        let Some(mut active) = self.active.take() else {
             return false;
         };
-        let mem = &active.mem;
-        let mut used_any = false;
+        let notify = self.rx_pass(&mut active);
+        self.active = Some(active);
+        notify
+    }
+
+    /// The loop of [`Vsock::process_rx`], on one pass over the RX queue; returns whether the
+    /// driver wants a used buffer notification.
+    fn rx_pass(&mut self, active: &mut ActiveState) -> bool {
+        let mut ring = match RingPass::new(&mut active.rxq, GuestView::new(&active.mem)) {
+            Ok(ring) => ring,
+            Err(e) => {
+                self.queue_error(format_args!("RX queue is corrupt: {e}"));
+                return false;
+            }
+        };
+        let max_descs = usize::from(ring.queue_size());
+        let mut corrupt = None;
         while self.backend.has_pending_rx() {
-            let chain = match pop_chain(&mut active.rxq, mem) {
-                Ok(Some(chain)) => chain,
+            let head = match ring.pop() {
+                Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
-                    self.queue_error(format_args!("RX queue is corrupt: {e}"));
+                    corrupt = Some(e);
                     break;
                 }
             };
-            let head = chain.head_index();
-            let used_len = match RxBuffer::new(mem, chain) {
+            let view = *ring.view();
+            let buffer = ring
+                .chain_into(head, max_descs, &mut self.chain)
+                .map_err(PacketError::InvalidChain)
+                .and_then(|()| RxBuffer::new(&view, &self.chain));
+            let used_len = match buffer {
                 Ok(buffer) => {
                     let capacity = buffer.data_capacity().min(self.scratch.len());
                     let data = self.scratch.get_mut(..capacity).unwrap_or_default();
                     let Some((hdr, len)) = self.backend.recv_pkt(data) else {
                         // Nothing after all: give the buffer back for later.
-                        active.rxq.go_to_previous_position();
+                        ring.undo_pop();
                         break;
                     };
                     let data = data.get(..len).unwrap_or_default();
@@ -203,13 +235,24 @@ impl<B: VsockBackend> Vsock<B> {
                     0
                 }
             };
-            if let Err(e) = active.rxq.add_used(mem, head, used_len) {
-                self.queue_error(format_args!("cannot return an RX buffer: {e}"));
+            if let Err(e) = ring.add_used(head, used_len) {
+                corrupt = Some(e);
                 break;
             }
-            used_any = true;
+            // The driver may be polling the used ring: let it see every packet at once.
+            if let Err(e) = ring.publish() {
+                corrupt = Some(e);
+                break;
+            }
         }
-        used_any
+        if let Err(e) = ring.publish() {
+            corrupt.get_or_insert(e);
+        }
+        let notify = ring.used_any() && ring.needs_notification().unwrap_or(true);
+        if let Some(e) = corrupt {
+            self.queue_error(format_args!("RX queue is corrupt: {e}"));
+        }
+        notify
     }
 
     /// The driver's queue is unusable: count it, log it (rate limited) and report
@@ -255,14 +298,6 @@ impl<B: VsockBackend> Vsock<B> {
             self.signal_used();
         }
     }
-}
-
-/// Pops the next available chain; an error means the queue itself is corrupt.
-fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<Chain<'a>>, virtio_queue::Error> {
-    Ok(queue.iter(mem)?.next())
 }
 
 impl<B: VsockBackend> VirtioDevice for Vsock<B> {
