@@ -5,6 +5,12 @@
 //!
 //! Queues (§5.10.2): 0 = RX (device -> driver), 1 = TX (driver -> device), 2 = event (unused:
 //! the device never migrates, so it never sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+//!
+//! Like virtio-blk and virtio-net, each call handles at most `BUDGET` chains per queue and
+//! then kicks that queue's own EventFd, so a guest that keeps its rings full cannot hold the VMM
+//! thread (other devices, the VMM API) for longer than one budget: the rest is handled on the
+//! next turn of the event loop. A device whose queues turned out corrupt
+//! (`DEVICE_NEEDS_RESET`) touches no queue until the driver resets it.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;
@@ -19,7 +25,9 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
-use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
+use super::defs::{
+    CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
+};
 use super::packet::{PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
@@ -65,6 +73,9 @@ impl<B: VsockBackend> fmt::Debug for Vsock<B> {
 
 /// Queue sizes offered for RX, TX and event queues.
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+/// Chains handled per call and queue before yielding to other devices on the event loop (the
+/// same bound as virtio-net's).
+const BUDGET: usize = 4 * QUEUE_SIZE as usize;
 
 impl<B: VsockBackend> Vsock<B> {
     /// Creates the device for a guest with `guest_cid`, served by `backend`.
@@ -119,6 +130,9 @@ impl<B: VsockBackend> Vsock<B> {
     /// Takes the guest's TX packets and hands them to the backend. Returns whether the driver
     /// wants a used buffer notification.
     pub fn process_tx(&mut self) -> bool {
+        if self.needs_reset {
+            return false;
+        }
         let Some(mut active) = self.active.take() else {
             return false;
         };
@@ -132,7 +146,7 @@ impl<B: VsockBackend> Vsock<B> {
         let drained = drain_queue(
             &mut active.txq,
             GuestView::new(&active.mem),
-            usize::MAX,
+            BUDGET,
             max_descs,
             &mut self.chain,
             |chain, view| {
@@ -155,6 +169,10 @@ impl<B: VsockBackend> Vsock<B> {
                 0
             },
         );
+        if drained.budget_spent {
+            // Come back on the next turn of the event loop, through our own queue event.
+            self.base.kick_queue(TXQ_INDEX);
+        }
         if let Some(e) = drained.corrupt {
             self.queue_error(format_args!("TX queue is corrupt: {e}"));
         }
@@ -165,7 +183,7 @@ impl<B: VsockBackend> Vsock<B> {
     /// Fills the guest's RX buffers with packets from the backend. Returns whether the driver
     /// wants a used buffer notification.
     pub fn process_rx(&mut self) -> bool {
-        if !self.backend.has_pending_rx() {
+        if self.needs_reset || !self.backend.has_pending_rx() {
             return false;
         }
         let Some(mut active) = self.active.take() else {
@@ -177,7 +195,8 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     /// The loop of [`Vsock::process_rx`], on one pass over the RX queue; returns whether the
-    /// driver wants a used buffer notification.
+    /// driver wants a used buffer notification. After `BUDGET` buffers it kicks the RX queue
+    /// event and stops.
     fn rx_pass(&mut self, active: &mut ActiveState) -> bool {
         let mut ring = match RingPass::new(&mut active.rxq, GuestView::new(&active.mem)) {
             Ok(ring) => ring,
@@ -188,7 +207,13 @@ impl<B: VsockBackend> Vsock<B> {
         };
         let max_descs = usize::from(ring.queue_size());
         let mut corrupt = None;
+        let mut budget = BUDGET;
         while self.backend.has_pending_rx() {
+            if budget == 0 {
+                // Come back on the next turn of the event loop, through our own queue event.
+                self.base.kick_queue(RXQ_INDEX);
+                break;
+            }
             let head = match ring.pop() {
                 Ok(Some(head)) => head,
                 Ok(None) => break,
@@ -239,6 +264,7 @@ impl<B: VsockBackend> Vsock<B> {
                 corrupt = Some(e);
                 break;
             }
+            budget = budget.saturating_sub(1);
             // The driver may be polling the used ring: let it see every packet at once.
             if let Err(e) = ring.publish() {
                 corrupt = Some(e);
@@ -376,8 +402,16 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 }
 
 #[cfg(test)]
-#[expect(clippy::indexing_slicing, reason = "test code")]
+#[expect(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    reason = "test code"
+)]
 mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use vm_memory::{Address, Bytes, GuestAddress};
+
     use super::*;
     use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW};
     use crate::virtio::vsock::packet::VsockHeader;
@@ -385,6 +419,73 @@ mod tests {
 
     fn device() -> Vsock<TestVsockBackend> {
         Vsock::new(3, TestVsockBackend::new()).unwrap()
+    }
+
+    /// A guest that never lets a ring run dry: each time the device takes a TX packet, and
+    /// each time it fills an RX buffer, the same chain (head 0, the first one the `Driver`
+    /// posted) is offered again at once. With `endless_rx` the host always has a packet.
+    #[derive(Debug)]
+    struct Refilling {
+        inner: TestVsockBackend,
+        mem: GuestMemoryMmap,
+        tx_avail: GuestAddress,
+        rx_avail: GuestAddress,
+        endless_rx: bool,
+    }
+
+    impl Refilling {
+        fn new(mem: &GuestMemoryMmap, drv: &Driver<'_>, endless_rx: bool) -> Self {
+            Refilling {
+                inner: TestVsockBackend::new(),
+                mem: mem.clone(),
+                tx_avail: drv.avail_addr(TXQ_INDEX),
+                rx_avail: drv.avail_addr(RXQ_INDEX),
+                endless_rx,
+            }
+        }
+
+        /// Makes descriptor chain 0 available once more on the ring at `avail`.
+        fn offer_again(&self, avail: GuestAddress) {
+            let idx: u16 = self.mem.read_obj(avail.unchecked_add(2)).unwrap();
+            let slot = 4 + 2 * u64::from(idx % QUEUE_SIZE);
+            self.mem.write_obj(0u16, avail.unchecked_add(slot)).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
+                .unwrap();
+        }
+    }
+
+    impl AsRawFd for Refilling {
+        fn as_raw_fd(&self) -> RawFd {
+            self.inner.as_raw_fd()
+        }
+    }
+
+    impl VsockBackend for Refilling {
+        fn recv_pkt(&mut self, data: &mut [u8]) -> Option<(VsockHeader, usize)> {
+            if self.endless_rx {
+                self.offer_again(self.rx_avail);
+                return Some((hdr(2, 52, 1000, OP_RW), 0));
+            }
+            self.inner.recv_pkt(data)
+        }
+
+        fn send_pkt(&mut self, hdr: &VsockHeader, data: &[u8]) {
+            self.inner.send_pkt(hdr, data);
+            self.offer_again(self.tx_avail);
+        }
+
+        fn has_pending_rx(&self) -> bool {
+            self.endless_rx || self.inner.has_pending_rx()
+        }
+
+        fn notify(&mut self, events: EventSet) {
+            self.inner.notify(events);
+        }
+
+        fn reset(&mut self) {
+            self.inner.reset();
+        }
     }
 
     #[test]
@@ -538,6 +639,85 @@ mod tests {
         assert!(dev.needs_reset());
         dev.reset().unwrap();
         assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_guest_that_keeps_refilling_tx_gets_one_budget_per_pass() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, false)).unwrap();
+        let irq = drv.activate(&mut dev);
+        let kick = dev.queue_event(TXQ_INDEX).unwrap().try_clone().unwrap();
+        drv.send(&hdr(3, 1000, 52, OP_RW), &[]);
+        dev.handle_txq_event();
+        // The ring never ran dry, yet the pass stopped at the budget and signalled the guest.
+        assert_eq!(dev.backend().inner.sent.len(), BUDGET);
+        assert_eq!(irq.count(), 1);
+        // It re-armed itself through its own queue event: the event loop comes back to it on
+        // its next turn without a guest notification, and that pass takes one budget more.
+        assert_eq!(kick.read().unwrap(), 1);
+        dev.handle_txq_event();
+        assert_eq!(dev.backend().inner.sent.len(), 2 * BUDGET);
+        assert_eq!(kick.read().unwrap(), 1);
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_guest_that_keeps_refilling_rx_gets_one_budget_per_pass() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, true)).unwrap();
+        let irq = drv.activate(&mut dev);
+        let kick = dev.queue_event(RXQ_INDEX).unwrap().try_clone().unwrap();
+        drv.add_rx(1, 4096);
+        dev.handle_backend_event(EventSet::IN);
+        assert_eq!(usize::from(drv.rx_used_total()), BUDGET);
+        assert_eq!(irq.count(), 1);
+        assert_eq!(kick.read().unwrap(), 1);
+        dev.handle_rxq_event();
+        assert_eq!(usize::from(drv.rx_used_total()), 2 * BUDGET);
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_device_that_needs_reset_processes_nothing() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let irq = drv.activate(&mut dev);
+        drv.corrupt_tx_avail_idx();
+        dev.handle_txq_event();
+        assert!(dev.needs_reset());
+        let irqs = irq.count();
+
+        // The driver (or a hostile one) keeps posting valid work on both queues.
+        let mut h = hdr(3, 1000, 52, OP_RW);
+        h.len = 4;
+        drv.send(&h, b"ping");
+        drv.add_rx(2, 4096);
+        dev.backend_mut()
+            .queue_rx(hdr(2, 52, 1000, OP_RW), b"pong".to_vec());
+        assert!(!dev.process_tx());
+        assert!(!dev.process_rx());
+        dev.handle_txq_event();
+        dev.handle_rxq_event();
+        dev.handle_backend_event(EventSet::IN);
+        assert!(dev.backend().sent.is_empty());
+        assert!(drv.tx_used().is_empty());
+        assert_eq!(drv.rx_used_total(), 0);
+        assert_eq!(dev.backend().rx.len(), 1);
+        assert_eq!(irq.count(), irqs);
+        assert!(dev.needs_reset());
+        // The backend fd is still drained, so it cannot keep the event loop busy.
+        assert_eq!(dev.backend().notified, 1);
+
+        // After the driver's reset and a new activation, the device works again.
+        dev.reset().unwrap();
+        let mut drv = Driver::new(&mem);
+        let _irq = drv.activate(&mut dev);
+        drv.send(&h, b"ping");
+        dev.handle_txq_event();
+        assert_eq!(dev.backend().sent.len(), 1);
     }
 
     #[test]

@@ -313,6 +313,12 @@ impl<'a> Driver<'a> {
         }
     }
 
+    /// The available ring of queue `q` (0 = RX, 1 = TX, 2 = event), for tests that play a
+    /// driver re-offering buffers behind the `Driver`'s back.
+    pub fn avail_addr(&self, q: usize) -> GuestAddress {
+        self.avail[q]
+    }
+
     /// Fresh `Queue`s for the three rings plus a recording interrupt.
     pub fn queues(&self) -> (Vec<Queue>, Arc<RecordingInterrupt>) {
         let queues = (0..3)
