@@ -174,7 +174,7 @@ impl<B: VsockBackend> Vsock<B> {
             self.base.kick_queue(TXQ_INDEX);
         }
         if let Some(e) = drained.corrupt {
-            self.queue_error(format_args!("TX queue is corrupt: {e}"));
+            self.queue_error(&active.interrupt, format_args!("TX queue is corrupt: {e}"));
         }
         self.active = Some(active);
         drained.notify
@@ -201,7 +201,7 @@ impl<B: VsockBackend> Vsock<B> {
         let mut ring = match RingPass::new(&mut active.rxq, GuestView::new(&active.mem)) {
             Ok(ring) => ring,
             Err(e) => {
-                self.queue_error(format_args!("RX queue is corrupt: {e}"));
+                self.queue_error(&active.interrupt, format_args!("RX queue is corrupt: {e}"));
                 return false;
             }
         };
@@ -276,18 +276,23 @@ impl<B: VsockBackend> Vsock<B> {
         }
         let notify = ring.used_any() && ring.needs_notification().unwrap_or(true);
         if let Some(e) = corrupt {
-            self.queue_error(format_args!("RX queue is corrupt: {e}"));
+            self.queue_error(&active.interrupt, format_args!("RX queue is corrupt: {e}"));
         }
         notify
     }
 
-    /// The driver's queue is unusable: count it, log it (rate limited) and report
-    /// `DEVICE_NEEDS_RESET` (virtio 1.2 §2.1.2).
-    fn queue_error(&mut self, what: fmt::Arguments<'_>) {
+    /// The driver's queue is unusable: count it, log it (rate limited), report
+    /// `DEVICE_NEEDS_RESET` and tell the driver through a configuration change notification
+    /// (virtio 1.2 §2.1.2: the device MUST send one after setting it), as blk and net do.
+    fn queue_error(&mut self, interrupt: &Arc<dyn Interrupt>, what: fmt::Arguments<'_>) {
         self.needs_reset = true;
         VsockMetrics::inc(&self.metrics.queue_errors);
         if self.log.allow() {
             warn!("vsock: {what}");
+        }
+        match interrupt.trigger(InterruptKind::Config) {
+            Err(e) if self.log.allow() => warn!("vsock: cannot signal the guest: {e}"),
+            _ => {}
         }
     }
 
@@ -413,6 +418,7 @@ mod tests {
     use vm_memory::{Address, Bytes, GuestAddress};
 
     use super::*;
+    use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
     use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW};
     use crate::virtio::vsock::packet::VsockHeader;
     use crate::virtio::vsock::test_utils::{Driver, TestVsockBackend, hdr, test_mem};
@@ -688,6 +694,9 @@ mod tests {
         drv.corrupt_tx_avail_idx();
         dev.handle_txq_event();
         assert!(dev.needs_reset());
+        // The driver is told (§2.1.2), with a configuration change notification only.
+        assert_eq!(irq.count(), 1);
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_CONFIG);
         let irqs = irq.count();
 
         // The driver (or a hostile one) keeps posting valid work on both queues.
