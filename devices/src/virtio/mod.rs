@@ -157,9 +157,8 @@ pub trait VirtioDevice: Send + Debug {
 
 pub(crate) mod base;
 pub mod block;
-pub mod chain;
 pub mod net;
-pub(crate) mod ring;
+pub mod queue;
 pub mod transport;
 
 /// Feature bit: the device conforms to virtio 1.x (virtio 1.2 §6). Every device offers it.

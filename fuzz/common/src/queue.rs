@@ -1,13 +1,17 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The `queue` target: arbitrary descriptor tables, available rings and indirect tables, walked
-//! with `virtio-queue` and the devices' chain parsers (chain gathering, block request parsing,
-//! net TX gathering and RX scattering).
+//! by the devices' queue layer (`devices::virtio::queue`) and its parsers (block request
+//! parsing, net TX gathering and RX scattering), differentially against `virtio-queue`'s own
+//! iterators (the layer's `reference`): every pop of the layer's `RingPass` must return the head
+//! the available-ring iterator returns, and every chain the layer's walk gathers must equal
+//! what the descriptor chain iterator yields.
 
 use devices::test_utils::TestQueue;
 use devices::virtio::block::Request;
-use devices::virtio::chain::{ChainBuffers, ChainError, GuestView};
-use devices::virtio::net::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
-use virtio_queue::{QueueOwnedT, QueueT};
+use devices::virtio::net::packet::{RxChains, RxOutcome, TxError, deliver_rx_frame, read_tx_frame};
+use devices::virtio::queue::reference::next_chain;
+use devices::virtio::queue::{ChainBuffers, ChainError, GuestView, RingPass};
+use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::{Reader, Writer};
@@ -88,65 +92,86 @@ pub fn run(data: &[u8]) -> Option<Report> {
 
     let mut queue = tq.queue();
     queue.set_event_idx(event_idx);
+    // The reference queue: virtio-queue's iterator on the same rings, kept in step.
+    let mut reference = tq.queue();
+    reference.set_event_idx(event_idx);
     let mut report = Report::default();
     let mut tx_buf = vec![0u8; 4096];
     let frame: Vec<u8> = (0..usize::from(r.u16() % 3000).max(12))
         .map(|i| i as u8)
         .collect();
     let mergeable = r.bool();
+    let mut rx_chains = RxChains::default();
+    let mut bufs = ChainBuffers::default();
     for _ in 0..MAX_CHAINS {
         let max_descs = 1 + usize::from(r.u8());
+        reference.set_next_avail(queue.next_avail());
+        let Ok(mut ring) = RingPass::new(&mut queue, GuestView::new(&mem)) else {
+            break;
+        };
         match r.u8() % 4 {
             0..=2 => {
-                let chain = match queue.iter(&mem) {
-                    Ok(mut it) => match it.next() {
-                        Some(c) => c,
-                        None => break,
-                    },
-                    Err(_) => break,
-                };
-                match r.u8() % 3 {
-                    0 => {
-                        // The devices' own walk of the table must gather exactly what
-                        // virtio-queue's iterator yields (or fail the same way).
-                        let head = chain.head_index();
-                        let walked = ChainBuffers::walk(
-                            &GuestView::new(&mem),
-                            tq.desc_table_addr(),
-                            size,
-                            head,
-                            max_descs,
-                        );
-                        let collected = ChainBuffers::collect(chain.clone(), &mem, max_descs);
-                        assert_eq!(summary(&walked), summary(&collected));
-                        if let Ok(bufs) = ChainBuffers::collect(chain, &mem, max_descs) {
-                            report.chains += 1;
-                            let total =
-                                u64::from(bufs.readable_len()) + u64::from(bufs.writable_len());
-                            assert!(total <= u64::from(u32::MAX));
-                            // Reading past the end must fail, not panic.
-                            let mut b = [0u8; 8];
-                            let past = u64::from(bufs.readable_len());
-                            assert!(bufs.read_at(&mem, past, &mut b).is_err());
+                let expected = next_chain(&mut reference, &mem);
+                match (ring.pop(), expected) {
+                    (Ok(Some(head)), Ok(Some(chain))) => {
+                        assert_eq!(head, chain.head_index());
+                        match r.u8() % 3 {
+                            0 => {
+                                // The layer's walk of the table must gather exactly what
+                                // virtio-queue's iterator yields (or fail the same way).
+                                let walked = ring.chain_into(head, max_descs, &mut bufs);
+                                let walked = walked.map(|()| bufs.clone());
+                                let collected = ChainBuffers::collect(chain, &mem, max_descs);
+                                assert_eq!(summary(&walked), summary(&collected));
+                                if let Ok(bufs) = walked {
+                                    report.chains += 1;
+                                    let total = u64::from(bufs.readable_len())
+                                        + u64::from(bufs.writable_len());
+                                    assert!(total <= u64::from(u32::MAX));
+                                    // Reading past the end must fail, not panic.
+                                    let mut b = [0u8; 8];
+                                    let past = u64::from(bufs.readable_len());
+                                    assert!(bufs.read_at(&mem, past, &mut b).is_err());
+                                }
+                            }
+                            1 => {
+                                if let Ok(req) = Request::parse(&ring, head, max_descs) {
+                                    report.requests += 1;
+                                    assert!(req.buffers().readable_len() >= 16);
+                                    assert!(req.buffers().writable_len() >= 1);
+                                }
+                            }
+                            _ => {
+                                let read = ring
+                                    .chain_into(head, max_descs, &mut bufs)
+                                    .map_err(TxError::Chain)
+                                    .and_then(|()| read_tx_frame(&bufs, ring.view(), &mut tx_buf));
+                                if let Ok(n) = read {
+                                    assert!((12..=tx_buf.len()).contains(&n));
+                                }
+                            }
                         }
                     }
-                    1 => {
-                        if let Ok(req) = Request::parse(chain, &mem, max_descs) {
-                            report.requests += 1;
-                            assert!(req.buffers().readable_len() >= 16);
-                            assert!(req.buffers().writable_len() >= 1);
-                        }
+                    (Ok(None), Ok(None)) => break,
+                    // An available entry that cannot be read: the pass reports it, the
+                    // iterator ends there (the one documented difference).
+                    (Err(virtio_queue::Error::GuestMemory(_)), Ok(None)) => break,
+                    (Err(a), Err(b)) => {
+                        assert_eq!(a.to_string(), b.to_string());
+                        break;
                     }
-                    _ => {
-                        if let Ok(n) = read_tx_frame(chain, &mem, &mut tx_buf, max_descs) {
-                            assert!((12..=tx_buf.len()).contains(&n));
-                        }
+                    (pass, reference) => {
+                        panic!("the pass popped {pass:?}, virtio-queue {reference:?}")
                     }
                 }
             }
             _ => {
                 let before = tq.used_idx();
-                match deliver_rx_frame(&mut queue, &mem, &frame, mergeable) {
+                let outcome = deliver_rx_frame(&mut ring, &mut rx_chains, &frame, mergeable);
+                if ring.publish().is_err() {
+                    break;
+                }
+                match outcome {
                     Ok(RxOutcome::Delivered(n)) => {
                         report.delivered += 1;
                         assert_eq!(tq.used_idx(), before.wrapping_add(n));
@@ -160,6 +185,7 @@ pub fn run(data: &[u8]) -> Option<Report> {
                 }
             }
         }
+        drop(ring);
         if r.is_empty() {
             break;
         }

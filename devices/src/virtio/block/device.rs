@@ -21,8 +21,8 @@ use super::defs::{
 };
 use super::request::{BadRequest, DiscardSegment, Request, RequestType};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
-use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
-use crate::virtio::ring::RingPass;
+use crate::virtio::queue::drain_queue;
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView};
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice, guest_warn,
@@ -296,9 +296,12 @@ impl VirtioBlock {
 
     /// Completes every available request. Returns whether the driver must be interrupted.
     ///
-    /// Requests are handled in batches: every available chain is popped, executed and given a
-    /// used element, then the used index is published once for the batch and notifications are
-    /// re-enabled (§2.7.10); the notification decision is taken once per call.
+    /// Requests are handled in batches ([`RingPass::drain`](crate::virtio::queue::RingPass::drain)):
+    /// every available chain is popped, executed and given a used element, then the used index
+    /// is published once for the batch and notifications are re-enabled (§2.7.10); the
+    /// notification decision is taken once per call. After `BUDGET` requests the device
+    /// yields to the other devices on the event loop and comes back through its own queue
+    /// event.
     pub fn process_queue(&mut self) -> bool {
         if self.needs_reset {
             return false;
@@ -306,75 +309,24 @@ impl VirtioBlock {
         let Some(mut active) = self.active.take() else {
             return false;
         };
-        let view = GuestView::new(&active.mem);
-        let (needs_irq, corrupt) = match RingPass::new(&mut active.queue, view) {
-            Ok(mut ring) => self.run_ring(&mut ring, &view),
-            Err(e) => (false, Some(e)),
-        };
-        if let Some(e) = corrupt {
+        // Every chain of the pass is gathered into this one (no allocation per request).
+        let mut bufs = ChainBuffers::default();
+        let drained = drain_queue(
+            &mut active.queue,
+            GuestView::new(&active.mem),
+            BUDGET,
+            MAX_DESCS,
+            &mut bufs,
+            |chain, view| self.handle_chain(chain, view),
+        );
+        if drained.budget_spent {
+            self.base.kick_queue(0);
+        }
+        if let Some(e) = drained.corrupt {
             self.set_needs_reset(&active.interrupt, &e);
         }
         self.active = Some(active);
-        needs_irq
-    }
-
-    /// The batch loop of [`VirtioBlock::process_queue`]: whether to interrupt, and the queue
-    /// corruption that stopped it, if any.
-    fn run_ring(
-        &mut self,
-        ring: &mut RingPass<'_, '_>,
-        view: &GuestView<'_>,
-    ) -> (bool, Option<virtio_queue::Error>) {
-        let mut budget = BUDGET;
-        let mut corrupt: Option<virtio_queue::Error> = None;
-        // Every chain of the pass is gathered into this one (no allocation per request).
-        let mut bufs = ChainBuffers::default();
-        'outer: loop {
-            if let Err(e) = ring.disable_notification() {
-                corrupt = Some(e);
-                break;
-            }
-            loop {
-                let head = match ring.pop() {
-                    Ok(Some(head)) => head,
-                    Ok(None) => break,
-                    Err(e) => {
-                        corrupt = Some(e);
-                        break 'outer;
-                    }
-                };
-                let gathered = ring.chain_into(head, MAX_DESCS, &mut bufs);
-                let len = self.handle_chain(gathered.map(|()| &bufs), view);
-                if let Err(e) = ring.add_used(head, len) {
-                    corrupt = Some(e);
-                    break 'outer;
-                }
-                budget = budget.saturating_sub(1);
-                if budget == 0 {
-                    // Let other devices run; come back through our own queue event.
-                    self.base.kick_queue(0);
-                    break 'outer;
-                }
-            }
-            if let Err(e) = ring.publish() {
-                corrupt = Some(e);
-                break;
-            }
-            match ring.enable_notification() {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    corrupt = Some(e);
-                    break;
-                }
-            }
-        }
-        // Whatever stopped the loop, the driver gets every completed request.
-        if let Err(e) = ring.publish() {
-            corrupt.get_or_insert(e);
-        }
-        let needs_irq = ring.used_any() && ring.needs_notification().unwrap_or(true);
-        (needs_irq, corrupt)
+        drained.notify
     }
 
     /// Parses and executes one gathered chain, writes its status, returns the used length.

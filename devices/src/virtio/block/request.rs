@@ -10,15 +10,14 @@
 
 use std::borrow::Borrow;
 
-use virtio_queue::DescriptorChain;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 use super::defs::{
     DISCARD_SEGMENT_SIZE, MAX_DISCARD_SEGMENTS, REQUEST_HEADER_SIZE, SECTOR_SIZE,
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use crate::virtio::chain::{ChainBuffers, ChainError, GuestView};
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView, RingPass};
 
 /// The operation a request asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,14 +136,17 @@ pub struct Request<B = ChainBuffers> {
 }
 
 impl Request {
-    /// Parses the request in `chain`, accepting at most `max_descs` descriptors.
+    /// Parses the request in the chain at `head` of `ring`, accepting at most `max_descs`
+    /// descriptors.
     pub fn parse(
-        chain: DescriptorChain<&GuestMemoryMmap>,
-        mem: &GuestMemoryMmap,
+        ring: &RingPass<'_, '_>,
+        head: u16,
         max_descs: usize,
     ) -> Result<Request, BadRequest> {
-        let bufs = ChainBuffers::collect(chain, mem, max_descs).map_err(BadRequest::chain)?;
-        let req = Request::parse_buffers(&bufs, &GuestView::new(mem))?;
+        let mut bufs = ChainBuffers::default();
+        ring.chain_into(head, max_descs, &mut bufs)
+            .map_err(BadRequest::chain)?;
+        let req = Request::parse_buffers(&bufs, ring.view())?;
         Ok(Request {
             request_type: req.request_type,
             sector: req.sector,
@@ -299,8 +301,7 @@ fn read_segments(
 mod tests {
     use proptest::prelude::*;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
-    use virtio_queue::QueueT;
-    use vm_memory::Bytes;
+    use vm_memory::{Bytes, GuestMemoryMmap};
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};
@@ -333,8 +334,9 @@ mod tests {
         let q = TestQueue::new(mem, GuestAddress(0), 256);
         q.add_chain(descs);
         let mut queue = q.queue();
-        let chain = queue.pop_descriptor_chain(mem).unwrap();
-        Request::parse(chain, mem, max)
+        let mut ring = RingPass::new(&mut queue, GuestView::new(mem)).unwrap();
+        let head = ring.pop().unwrap().unwrap();
+        Request::parse(&ring, head, max)
     }
 
     #[test]
@@ -548,15 +550,16 @@ mod tests {
         q.write_desc(1, DATA, 512, VRING_DESC_F_NEXT as u16, 0);
         q.push_avail(0);
         let mut queue = q.queue();
-        let chain = queue.pop_descriptor_chain(&m).unwrap();
+        let mut ring = RingPass::new(&mut queue, GuestView::new(&m)).unwrap();
+        let chain = ring.pop().unwrap().unwrap();
         // The chain ends after 16 descriptors (the queue size) and has no status.
-        let e = err(Request::parse(chain, &m, 1024));
+        let e = err(Request::parse(&ring, chain, 1024));
         assert!(matches!(e.error, RequestError::MissingStatus));
         let chain_limited = {
             q.push_avail(0);
-            queue.pop_descriptor_chain(&m).unwrap()
+            ring.pop().unwrap().unwrap()
         };
-        let e = err(Request::parse(chain_limited, &m, 8));
+        let e = err(Request::parse(&ring, chain_limited, 8));
         assert!(matches!(
             e.error,
             RequestError::Chain(ChainError::TooManyDescriptors(8))

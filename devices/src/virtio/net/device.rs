@@ -19,9 +19,9 @@ use super::defs::{
     VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
 };
-use super::packet::{RxOutcome, deliver_rx_frame, read_tx_frame};
+use super::packet::{RxChains, RxOutcome, TxError, deliver_rx_frame, read_tx_frame};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
-use crate::virtio::chain::pop_chain;
+use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
 use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice, guest_warn,
 };
@@ -80,6 +80,8 @@ pub struct VirtioNet {
     /// The one RX frame buffer: header + frame, `rx_len` bytes valid when non-zero.
     rx_buf: Vec<u8>,
     rx_len: usize,
+    /// The chains of the RX frame being delivered (kept to reuse their storage).
+    rx_chains: RxChains,
     tx_buf: Vec<u8>,
     metrics: NetMetrics,
     /// Whether the queue and backend fds are registered with the event loop.
@@ -118,6 +120,7 @@ impl VirtioNet {
             needs_reset: false,
             rx_buf: Vec::new(),
             rx_len: 0,
+            rx_chains: RxChains::default(),
             tx_buf: Vec::new(),
             metrics: NetMetrics::default(),
             fds_registered: false,
@@ -222,52 +225,34 @@ impl VirtioNet {
         if self.rx_buf.is_empty() {
             self.rx_buf.resize(MAX_BUFFER_LEN, 0);
         }
+        let (needs_irq, corrupt) = self.rx_pass(&mut active);
+        if let Some(e) = corrupt {
+            self.set_needs_reset(&active.interrupt, &e);
+        }
+        self.active = Some(active);
+        needs_irq
+    }
+
+    /// The loop of [`VirtioNet::process_rx`]: whether to interrupt, and the queue corruption
+    /// that stopped it, if any. The RX ring is not touched unless a frame waits.
+    fn rx_pass(&mut self, active: &mut Active) -> (bool, Option<virtio_queue::Error>) {
         let mergeable = self.base.acked_features() & VIRTIO_NET_F_MRG_RXBUF != 0;
-        let vnet = self.backend.has_vnet_hdr();
-        let mut used = false;
-        let mut corrupt = None;
         let mut budget = BUDGET;
+        if !self.next_rx_frame(&mut budget) {
+            return (false, None);
+        }
+        let mut ring = match RingPass::new(&mut active.rx, GuestView::new(&active.mem)) {
+            Ok(ring) => ring,
+            Err(e) => return (false, Some(e)),
+        };
+        let mut corrupt = None;
         loop {
-            if budget == 0 {
-                // The backend may still be readable, but its fd is edge-triggered: come back
-                // through the RX queue event rather than wait for a new edge.
-                self.base.kick_queue(RX_INDEX);
-                break;
-            }
-            budget = budget.saturating_sub(1);
-            if self.rx_len == 0 {
-                // Without backend headers, leave room for one and hand the guest a zeroed
-                // header (no offload information).
-                let start = if vnet { 0 } else { NET_HDR_LEN };
-                let Some(buf) = self.rx_buf.get_mut(start..) else {
-                    break;
-                };
-                match self.backend.recv(buf) {
-                    Ok(n) if n.saturating_add(start) >= NET_HDR_LEN => {
-                        if let Some(hdr) = self.rx_buf.get_mut(..start) {
-                            hdr.fill(0);
-                        }
-                        self.rx_len = n.saturating_add(start);
-                    }
-                    Ok(_) => {
-                        self.metrics.rx_dropped = self.metrics.rx_dropped.wrapping_add(1);
-                        continue;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        log::warn!("virtio-net: backend receive failed: {e}");
-                        break;
-                    }
-                }
-            }
             let frame = self.rx_buf.get(..self.rx_len).unwrap_or(&[]);
-            match deliver_rx_frame(&mut active.rx, &active.mem, frame, mergeable) {
+            match deliver_rx_frame(&mut ring, &mut self.rx_chains, frame, mergeable) {
                 Ok(RxOutcome::Delivered(_)) => {
                     self.metrics.rx_frames = self.metrics.rx_frames.wrapping_add(1);
                     self.metrics.rx_bytes = self.metrics.rx_bytes.wrapping_add(self.rx_len as u64);
                     self.rx_len = 0;
-                    used = true;
                 }
                 Ok(RxOutcome::NoBuffers) => {
                     // Keep the frame; the driver's next RX notification resumes here.
@@ -282,20 +267,70 @@ impl VirtioNet {
                     guest_warn!("virtio-net: malformed RX chain, frame dropped");
                     self.metrics.rx_dropped = self.metrics.rx_dropped.wrapping_add(1);
                     self.rx_len = 0;
-                    used = true;
                 }
                 Err(e) => {
                     corrupt = Some(e);
                     break;
                 }
             }
+            // The driver may be polling the used ring: let it see every frame at once.
+            if let Err(e) = ring.publish() {
+                corrupt = Some(e);
+                break;
+            }
+            if !self.next_rx_frame(&mut budget) {
+                break;
+            }
         }
-        let needs_irq = used && active.rx.needs_notification(&active.mem).unwrap_or(true);
-        if let Some(e) = corrupt {
-            self.set_needs_reset(&active.interrupt, &e);
+        if let Err(e) = ring.publish() {
+            corrupt.get_or_insert(e);
         }
-        self.active = Some(active);
-        needs_irq
+        let needs_irq = ring.used_any() && ring.needs_notification().unwrap_or(true);
+        (needs_irq, corrupt)
+    }
+
+    /// Makes sure a frame waits in the RX buffer, reading the backend if needed; `false` when
+    /// there is none, or when the pass's budget is spent (the RX queue event is then kicked:
+    /// the backend fd is edge-triggered, so the device must come back on its own).
+    fn next_rx_frame(&mut self, budget: &mut usize) -> bool {
+        // Without backend headers, leave room for one and hand the guest a zeroed header (no
+        // offload information).
+        let start = if self.backend.has_vnet_hdr() {
+            0
+        } else {
+            NET_HDR_LEN
+        };
+        loop {
+            if *budget == 0 {
+                self.base.kick_queue(RX_INDEX);
+                return false;
+            }
+            *budget = budget.saturating_sub(1);
+            if self.rx_len != 0 {
+                return true;
+            }
+            let Some(buf) = self.rx_buf.get_mut(start..) else {
+                return false;
+            };
+            match self.backend.recv(buf) {
+                Ok(n) if n.saturating_add(start) >= NET_HDR_LEN => {
+                    if let Some(hdr) = self.rx_buf.get_mut(..start) {
+                        hdr.fill(0);
+                    }
+                    self.rx_len = n.saturating_add(start);
+                    return true;
+                }
+                Ok(_) => {
+                    self.metrics.rx_dropped = self.metrics.rx_dropped.wrapping_add(1);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::warn!("virtio-net: backend receive failed: {e}");
+                    return false;
+                }
+            }
+        }
     }
 
     /// Sends every frame in the TX queue to the backend. Returns whether to interrupt the
@@ -310,74 +345,56 @@ impl VirtioNet {
         if self.tx_buf.is_empty() {
             self.tx_buf.resize(MAX_BUFFER_LEN, 0);
         }
-        let vnet = self.backend.has_vnet_hdr();
+        let start = if self.backend.has_vnet_hdr() {
+            0
+        } else {
+            NET_HDR_LEN
+        };
         let max_descs = usize::from(active.tx.size());
-        let mut used = false;
-        let mut budget = BUDGET;
-        let mut corrupt = None;
-        'outer: loop {
-            if let Err(e) = active.tx.disable_notification(&active.mem) {
-                corrupt = Some(e);
-                break;
-            }
-            loop {
-                let chain = match pop_chain(&mut active.tx, &active.mem) {
-                    Ok(Some(chain)) => chain,
-                    Ok(None) => break,
-                    Err(e) => {
-                        corrupt = Some(e);
-                        break 'outer;
-                    }
-                };
-                let head = chain.head_index();
-                match read_tx_frame(chain, &active.mem, &mut self.tx_buf, max_descs) {
+        let (backend, tx_buf, metrics) = (&mut self.backend, &mut self.tx_buf, &mut self.metrics);
+        let mut bufs = ChainBuffers::default();
+        let drained = drain_queue(
+            &mut active.tx,
+            GuestView::new(&active.mem),
+            BUDGET,
+            max_descs,
+            &mut bufs,
+            |chain, view| {
+                let read = chain
+                    .map_err(TxError::Chain)
+                    .and_then(|chain| read_tx_frame(chain, view, tx_buf));
+                match read {
                     Ok(len) => {
-                        let start = if vnet { 0 } else { NET_HDR_LEN };
-                        let frame = self.tx_buf.get(start..len).unwrap_or(&[]);
-                        match self.backend.send(frame) {
+                        let frame = tx_buf.get(start..len).unwrap_or(&[]);
+                        match backend.send(frame) {
                             Ok(()) => {
-                                self.metrics.tx_frames = self.metrics.tx_frames.wrapping_add(1);
-                                self.metrics.tx_bytes =
-                                    self.metrics.tx_bytes.wrapping_add(frame.len() as u64);
+                                metrics.tx_frames = metrics.tx_frames.wrapping_add(1);
+                                metrics.tx_bytes =
+                                    metrics.tx_bytes.wrapping_add(frame.len() as u64);
                             }
                             Err(e) => {
                                 // The frame is lost, as on a congested wire; nothing is queued.
                                 guest_warn!("virtio-net: backend send failed: {e}");
-                                self.metrics.tx_dropped = self.metrics.tx_dropped.wrapping_add(1);
+                                metrics.tx_dropped = metrics.tx_dropped.wrapping_add(1);
                             }
                         }
                     }
                     Err(e) => {
                         guest_warn!("virtio-net: bad TX chain: {e}");
-                        self.metrics.tx_dropped = self.metrics.tx_dropped.wrapping_add(1);
+                        metrics.tx_dropped = metrics.tx_dropped.wrapping_add(1);
                     }
                 }
-                if let Err(e) = active.tx.add_used(&active.mem, head, 0) {
-                    corrupt = Some(e);
-                    break 'outer;
-                }
-                used = true;
-                budget = budget.saturating_sub(1);
-                if budget == 0 {
-                    self.base.kick_queue(TX_INDEX);
-                    break 'outer;
-                }
-            }
-            match active.tx.enable_notification(&active.mem) {
-                Ok(true) => continue,
-                Ok(false) => break,
-                Err(e) => {
-                    corrupt = Some(e);
-                    break;
-                }
-            }
+                0
+            },
+        );
+        if drained.budget_spent {
+            self.base.kick_queue(TX_INDEX);
         }
-        let needs_irq = used && active.tx.needs_notification(&active.mem).unwrap_or(true);
-        if let Some(e) = corrupt {
+        if let Some(e) = drained.corrupt {
             self.set_needs_reset(&active.interrupt, &e);
         }
         self.active = Some(active);
-        needs_irq
+        drained.notify
     }
 }
 

@@ -1,24 +1,21 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Frame handling over virtio-net queues (virtio 1.2 §5.1.6): pure functions of a queue, guest
-//! memory and a byte buffer, with no backend and no event loop.
+//! Frame handling over virtio-net queues (virtio 1.2 §5.1.6): pure functions of a queue pass, a
+//! gathered chain and a byte buffer, with no backend and no event loop.
 //!
 //! - TX (§5.1.6.2): a chain is a device-readable `virtio_net_hdr_v1` followed by the frame, in
-//!   any framing. [`read_tx_frame`] gathers it into a bounded buffer.
+//!   any framing. [`read_tx_frame`] copies a gathered chain into a bounded buffer.
 //! - RX (§5.1.6.3, §5.1.6.4): [`deliver_rx_frame`] scatters one header+frame into one chain, or
 //!   with `VIRTIO_NET_F_MRG_RXBUF` into as many chains as needed, and sets `num_buffers`. If the
-//!   guest has not posted enough buffers nothing is published and the chains are returned to
-//!   the available ring, so the frame can be retried later.
+//!   guest has not posted enough buffers nothing is used and the chains go back to the
+//!   available ring, so the frame can be retried later.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
-
 use super::defs::{NET_HDR_LEN, NUM_BUFFERS_OFFSET};
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView, RingPass};
 
 /// [`NET_HDR_LEN`] as a `u32`.
 const NET_HDR_LEN_U32: u32 = 12;
 const _: () = assert!(NET_HDR_LEN_U32 as usize == NET_HDR_LEN);
-use crate::virtio::chain::{ChainBuffers, ChainError, pop_chain};
 
 /// Why a TX chain carries no frame.
 #[derive(Debug, thiserror::Error)]
@@ -37,86 +34,98 @@ pub enum TxError {
     TooLong(u32),
 }
 
-/// Gathers the header and frame of a TX chain into `buf` and returns their total length.
+/// Copies the header and frame of a gathered TX chain into `buf` and returns their total
+/// length.
 pub fn read_tx_frame(
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    mem: &GuestMemoryMmap,
+    chain: &ChainBuffers,
+    view: &GuestView<'_>,
     buf: &mut [u8],
-    max_descs: usize,
 ) -> Result<usize, TxError> {
-    let bufs = ChainBuffers::collect(chain, mem, max_descs).map_err(TxError::Chain)?;
-    bufs.check_in_memory().map_err(TxError::Chain)?;
-    if bufs.writable_len() != 0 {
+    chain.check_in_memory().map_err(TxError::Chain)?;
+    if chain.writable_len() != 0 {
         return Err(TxError::WritableDescriptor);
     }
-    let len = bufs.readable_len();
+    let len = chain.readable_len();
     let ulen = usize::try_from(len).map_err(|_| TxError::TooLong(len))?;
     if ulen < NET_HDR_LEN {
         return Err(TxError::TooShort(len));
     }
     let dst = buf.get_mut(..ulen).ok_or(TxError::TooLong(len))?;
-    bufs.read_at(mem, 0, dst).map_err(TxError::Chain)?;
+    chain.read_at_in(view, 0, dst).map_err(TxError::Chain)?;
     Ok(ulen)
 }
 
 /// What happened to an RX frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RxOutcome {
-    /// Written and published in this many chains.
+    /// Written and used in this many chains.
     Delivered(u16),
-    /// Not enough buffers posted yet; nothing was published, retry after the next RX
-    /// notification.
+    /// Not enough buffers posted yet; nothing was used, retry after the next RX notification.
     NoBuffers,
     /// Dropped: it can never fit (no merging and a buffer too small, or larger than the whole
-    /// ring). The chains were returned to the available ring.
+    /// ring). The chains were given back to the available ring.
     TooLarge,
-    /// Dropped because the guest posted a broken chain; the chains involved were completed
-    /// with length 0, so the driver gets them back (and recycles them).
+    /// Dropped because the guest posted a broken chain; the chains involved were used with
+    /// length 0, so the driver gets them back (and recycles them).
     BadChain,
 }
 
-/// Writes `frame` (a 12-byte `virtio_net_hdr_v1` followed by the packet) into the RX queue.
+/// The chains one RX frame takes, kept by the device between frames so that delivering a
+/// frame allocates nothing.
+#[derive(Clone, Debug, Default)]
+pub struct RxChains {
+    /// Head and bytes written of every chain popped for the frame so far.
+    used: Vec<(u16, u32)>,
+    /// The first chain: `num_buffers` lives in its header.
+    first: ChainBuffers,
+    /// The chain being filled after the first.
+    next: ChainBuffers,
+}
+
+/// Writes `frame` (a 12-byte `virtio_net_hdr_v1` followed by the packet) into the RX queue of
+/// `ring`. The used elements are written; publishing them is the caller's
+/// ([`RingPass::publish`]).
 ///
 /// Errors are queue corruption (the device then needs a reset).
 pub fn deliver_rx_frame(
-    queue: &mut Queue,
-    mem: &GuestMemoryMmap,
+    ring: &mut RingPass<'_, '_>,
+    chains: &mut RxChains,
     frame: &[u8],
     mergeable: bool,
 ) -> Result<RxOutcome, virtio_queue::Error> {
     let frame_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-    let max_descs = usize::from(queue.size());
-    // Chains popped for this frame: (head index, buffers, bytes written).
-    let mut used: Vec<(u16, Option<ChainBuffers>, u32)> = Vec::new();
+    let size = usize::from(ring.queue_size());
+    let view = *ring.view();
+    chains.used.clear();
     let mut offset = 0u32;
     let mut outcome = None;
-    while offset < frame_len || used.is_empty() {
-        if !mergeable && !used.is_empty() {
+    while offset < frame_len || chains.used.is_empty() {
+        if !mergeable && !chains.used.is_empty() {
             break;
         }
-        if used.len() >= usize::from(queue.size()) {
+        if chains.used.len() >= size {
             outcome = Some(RxOutcome::TooLarge);
             break;
         }
-        let Some(chain) = pop_chain(queue, mem)? else {
+        let Some(head) = ring.pop()? else {
             outcome = Some(RxOutcome::NoBuffers);
             break;
         };
-        let head = chain.head_index();
-        let bufs = match ChainBuffers::collect(chain, mem, max_descs) {
-            Ok(bufs)
-                if bufs.readable_len() == 0
-                    && bufs.writable_len() != 0
-                    && bufs.check_in_memory().is_ok() =>
-            {
-                bufs
-            }
-            _ => {
-                used.push((head, None, 0));
-                outcome = Some(RxOutcome::BadChain);
-                break;
-            }
+        let first = chains.used.is_empty();
+        let bufs = if first {
+            &mut chains.first
+        } else {
+            &mut chains.next
         };
+        let usable = ring.chain_into(head, size, bufs).is_ok()
+            && bufs.readable_len() == 0
+            && bufs.writable_len() != 0
+            && bufs.check_in_memory().is_ok();
+        if !usable {
+            chains.used.push((head, 0));
+            outcome = Some(RxOutcome::BadChain);
+            break;
+        }
         let room = bufs.writable_len();
         // The header must fit in the first buffer (§5.1.6.3.1 for mergeable buffers; without
         // merging the whole frame must fit).
@@ -125,8 +134,8 @@ pub fn deliver_rx_frame(
         } else {
             frame_len
         };
-        if used.is_empty() && room < first_min {
-            used.push((head, Some(bufs), 0));
+        if first && room < first_min {
+            chains.used.push((head, 0));
             outcome = Some(if mergeable {
                 RxOutcome::BadChain
             } else {
@@ -137,50 +146,47 @@ pub fn deliver_rx_frame(
         let n = room.min(frame_len.saturating_sub(offset));
         let start = usize::try_from(offset).unwrap_or(usize::MAX);
         let end = usize::try_from(offset.saturating_add(n)).unwrap_or(usize::MAX);
-        let Some(piece) = frame.get(start..end) else {
-            used.push((head, Some(bufs), 0));
-            outcome = Some(RxOutcome::BadChain);
-            break;
-        };
-        if bufs.write_at(mem, 0, piece).is_err() {
-            used.push((head, Some(bufs), 0));
+        let written = frame
+            .get(start..end)
+            .is_some_and(|piece| bufs.write_at_in(&view, 0, piece).is_ok());
+        if !written {
+            chains.used.push((head, 0));
             outcome = Some(RxOutcome::BadChain);
             break;
         }
         offset = offset.saturating_add(n);
-        used.push((head, Some(bufs), n));
+        chains.used.push((head, n));
     }
 
     match outcome {
         Some(RxOutcome::NoBuffers) | Some(RxOutcome::TooLarge) => {
             // Hand every chain back untouched (from the driver's point of view).
-            for _ in 0..used.len() {
-                queue.go_to_previous_position();
+            for _ in 0..chains.used.len() {
+                ring.undo_pop();
             }
             Ok(outcome.unwrap_or(RxOutcome::NoBuffers))
         }
         Some(RxOutcome::BadChain) => {
-            for (head, _, _) in &used {
-                queue.add_used(mem, *head, 0)?;
+            for &(head, _) in &chains.used {
+                ring.add_used(head, 0)?;
             }
             Ok(RxOutcome::BadChain)
         }
         _ => {
-            let count = u16::try_from(used.len()).unwrap_or(u16::MAX);
-            if let Some((_, Some(first), _)) = used.first() {
-                // num_buffers (§5.1.6.4): the number of chains this frame used.
-                if first
-                    .write_at(mem, NUM_BUFFERS_OFFSET, &count.to_le_bytes())
-                    .is_err()
-                {
-                    for (head, _, _) in &used {
-                        queue.add_used(mem, *head, 0)?;
-                    }
-                    return Ok(RxOutcome::BadChain);
+            let count = u16::try_from(chains.used.len()).unwrap_or(u16::MAX);
+            // num_buffers (§5.1.6.4): the number of chains this frame used.
+            if chains
+                .first
+                .write_at_in(&view, NUM_BUFFERS_OFFSET, &count.to_le_bytes())
+                .is_err()
+            {
+                for &(head, _) in &chains.used {
+                    ring.add_used(head, 0)?;
                 }
+                return Ok(RxOutcome::BadChain);
             }
-            for (head, _, len) in &used {
-                queue.add_used(mem, *head, *len)?;
+            for &(head, len) in &chains.used {
+                ring.add_used(head, len)?;
             }
             Ok(RxOutcome::Delivered(count))
         }
@@ -196,7 +202,8 @@ pub fn deliver_rx_frame(
 )]
 mod tests {
     use proptest::prelude::*;
-    use vm_memory::{Bytes, GuestAddress};
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};
@@ -219,9 +226,13 @@ mod tests {
         let q = TestQueue::new(m, GuestAddress(0), 16);
         q.add_chain(descs);
         let mut queue = q.queue();
-        let chain = queue.pop_descriptor_chain(m).unwrap();
+        let mut ring = RingPass::new(&mut queue, GuestView::new(m)).unwrap();
+        let head = ring.pop().unwrap().unwrap();
+        let mut chain = ChainBuffers::default();
+        ring.chain_into(head, 16, &mut chain)
+            .map_err(TxError::Chain)?;
         let mut buf = vec![0u8; buf_len];
-        read_tx_frame(chain, m, &mut buf, 16)
+        read_tx_frame(&chain, ring.view(), &mut buf)
     }
 
     #[test]
@@ -273,6 +284,19 @@ mod tests {
         Rx { q, queue }
     }
 
+    /// [`deliver_rx_frame`] in a pass of its own, published.
+    fn deliver(
+        queue: &mut Queue,
+        m: &GuestMemoryMmap,
+        frame: &[u8],
+        mergeable: bool,
+    ) -> Result<RxOutcome, virtio_queue::Error> {
+        let mut ring = RingPass::new(queue, GuestView::new(m))?;
+        let outcome = deliver_rx_frame(&mut ring, &mut RxChains::default(), frame, mergeable)?;
+        ring.publish()?;
+        Ok(outcome)
+    }
+
     #[test]
     fn rx_single_buffer() {
         let m = single_region_mem(0x40_0000);
@@ -280,7 +304,7 @@ mod tests {
         rx.q.add_chain(&[(BUF, 2048, W)]);
         let f = frame(1000);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, false).unwrap(),
+            deliver(&mut rx.queue, &m, &f, false).unwrap(),
             RxOutcome::Delivered(1)
         );
         assert_eq!(rx.q.used_elem(0), (0, 1000));
@@ -297,12 +321,12 @@ mod tests {
         let mut rx = rx_env(&m);
         let f = frame(100);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, false).unwrap(),
+            deliver(&mut rx.queue, &m, &f, false).unwrap(),
             RxOutcome::NoBuffers
         );
         rx.q.add_chain(&[(BUF, 2048, W)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, false).unwrap(),
+            deliver(&mut rx.queue, &m, &f, false).unwrap(),
             RxOutcome::Delivered(1)
         );
     }
@@ -313,13 +337,13 @@ mod tests {
         let mut rx = rx_env(&m);
         rx.q.add_chain(&[(BUF, 100, W)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(200), false).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(200), false).unwrap(),
             RxOutcome::TooLarge
         );
         assert_eq!(rx.q.used_idx(), 0);
         // The buffer is still there for a frame that fits.
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(80), false).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(80), false).unwrap(),
             RxOutcome::Delivered(1)
         );
     }
@@ -333,7 +357,7 @@ mod tests {
         }
         let f = frame(250);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, true).unwrap(),
+            deliver(&mut rx.queue, &m, &f, true).unwrap(),
             RxOutcome::Delivered(3)
         );
         assert_eq!(rx.q.used_idx(), 3);
@@ -353,13 +377,13 @@ mod tests {
         rx.q.add_chain(&[(BUF, 100, W)]);
         let f = frame(150);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, true).unwrap(),
+            deliver(&mut rx.queue, &m, &f, true).unwrap(),
             RxOutcome::NoBuffers
         );
         assert_eq!(rx.q.used_idx(), 0);
         rx.q.add_chain(&[(BUF + 0x1000, 100, W)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &f, true).unwrap(),
+            deliver(&mut rx.queue, &m, &f, true).unwrap(),
             RxOutcome::Delivered(2)
         );
     }
@@ -372,12 +396,12 @@ mod tests {
             rx.q.add_chain(&[(BUF + i * 0x100, 16, W)]);
         }
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(1000), true).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(1000), true).unwrap(),
             RxOutcome::TooLarge
         );
         assert_eq!(rx.q.used_idx(), 0);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(40), true).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(40), true).unwrap(),
             RxOutcome::Delivered(3)
         );
     }
@@ -389,20 +413,20 @@ mod tests {
         // Device-readable RX buffer.
         rx.q.add_chain(&[(BUF, 100, R)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(50), false).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(50), false).unwrap(),
             RxOutcome::BadChain
         );
         assert_eq!(rx.q.used_elem(0), (0, 0));
         // Outside guest memory.
         rx.q.add_chain(&[(0x3f_fff0, 100, W)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(50), true).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(50), true).unwrap(),
             RxOutcome::BadChain
         );
         // Mergeable first buffer smaller than the header.
         rx.q.add_chain(&[(BUF, 8, W)]);
         assert_eq!(
-            deliver_rx_frame(&mut rx.queue, &m, &frame(50), true).unwrap(),
+            deliver(&mut rx.queue, &m, &frame(50), true).unwrap(),
             RxOutcome::BadChain
         );
         assert_eq!(rx.q.used_idx(), 3);
@@ -413,7 +437,7 @@ mod tests {
         let m = single_region_mem(0x40_0000);
         let mut rx = rx_env(&m);
         rx.q.set_avail_idx(100);
-        deliver_rx_frame(&mut rx.queue, &m, &frame(50), true).unwrap_err();
+        deliver(&mut rx.queue, &m, &frame(50), true).unwrap_err();
     }
 
     proptest! {
@@ -431,7 +455,7 @@ mod tests {
                 rx.q.add_chain(&[(BUF + i as u64 * 0x1000, *s, W)]);
             }
             let f = frame(len);
-            match deliver_rx_frame(&mut rx.queue, &m, &f, mergeable).unwrap() {
+            match deliver(&mut rx.queue, &m, &f, mergeable).unwrap() {
                 RxOutcome::Delivered(n) => {
                     prop_assert_eq!(rx.q.used_idx(), n);
                     let mut got = Vec::new();

@@ -5,6 +5,12 @@
 //!
 //! Queues (§5.10.2): 0 = RX (device -> driver), 1 = TX (driver -> device), 2 = event (unused:
 //! the device never migrates, so it never sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+//!
+//! Like virtio-blk and virtio-net, each call handles at most `BUDGET` chains per queue and
+//! then kicks that queue's own EventFd, so a guest that keeps its rings full cannot hold the VMM
+//! thread (other devices, the VMM API) for longer than one budget: the rest is handled on the
+//! next turn of the event loop. A device whose queues turned out corrupt
+//! (`DEVICE_NEEDS_RESET`) touches no queue until the driver resets it.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fmt;
@@ -13,16 +19,19 @@ use std::sync::Arc;
 use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
-use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
-use super::packet::{Chain, RxBuffer, read_tx_packet};
+use super::defs::{
+    CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
+};
+use super::packet::{PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
+use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
 use crate::virtio::{ActivateError, Interrupt, InterruptKind, VirtioDevice};
 
 /// Queues and memory of an activated device.
@@ -42,6 +51,8 @@ pub struct Vsock<B: VsockBackend> {
     needs_reset: bool,
     /// Bounce buffer for one packet's data (the backend works on host memory).
     scratch: Vec<u8>,
+    /// Every chain is gathered into this one (its storage is reused).
+    chain: ChainBuffers,
     metrics: Arc<VsockMetrics>,
     log: LogLimiter,
     /// Whether the queue and backend fds are registered with the event manager.
@@ -62,6 +73,9 @@ impl<B: VsockBackend> fmt::Debug for Vsock<B> {
 
 /// Queue sizes offered for RX, TX and event queues.
 const QUEUE_SIZES: [u16; NUM_QUEUES] = [QUEUE_SIZE; NUM_QUEUES];
+/// Chains handled per call and queue before yielding to other devices on the event loop (the
+/// same bound as virtio-net's).
+const BUDGET: usize = 4 * QUEUE_SIZE as usize;
 
 impl<B: VsockBackend> Vsock<B> {
     /// Creates the device for a guest with `guest_cid`, served by `backend`.
@@ -75,6 +89,7 @@ impl<B: VsockBackend> Vsock<B> {
             active: None,
             needs_reset: false,
             scratch: vec![0u8; MAX_PKT_DATA_SIZE],
+            chain: ChainBuffers::default(),
             metrics: Arc::new(VsockMetrics::default()),
             log: LogLimiter::default(),
             runtime_events_registered: false,
@@ -112,71 +127,113 @@ impl<B: VsockBackend> Vsock<B> {
         self.base.queue_event(index)
     }
 
-    /// Takes the guest's TX packets and hands them to the backend. Returns whether used
-    /// buffers were added (an interrupt is due).
+    /// Takes the guest's TX packets and hands them to the backend. Returns whether the driver
+    /// wants a used buffer notification.
     pub fn process_tx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        if self.needs_reset {
+            return false;
+        }
+        let Some(mut active) = self.active.take() else {
             return false;
         };
-        let mem = &active.mem;
-        let mut used_any = false;
-        loop {
-            let chain = match pop_chain(&mut active.txq, mem) {
-                Ok(Some(chain)) => chain,
-                Ok(None) => break,
-                Err(e) => {
-                    self.queue_error(format_args!("TX queue is corrupt: {e}"));
-                    break;
-                }
-            };
-            let head = chain.head_index();
-            match read_tx_packet(mem, chain, &mut self.scratch) {
-                Ok((hdr, len)) => {
-                    VsockMetrics::inc(&self.metrics.tx_packets);
-                    let data = self.scratch.get(..len).unwrap_or_default();
-                    self.backend.send_pkt(&hdr, data);
-                }
-                Err(e) => {
-                    VsockMetrics::inc(&self.metrics.tx_malformed);
-                    if self.log.allow() {
-                        warn!("vsock: dropping malformed TX packet: {e}");
+        let max_descs = usize::from(active.txq.size());
+        let (backend, scratch, metrics, log) = (
+            &mut self.backend,
+            &mut self.scratch,
+            &self.metrics,
+            &mut self.log,
+        );
+        let drained = drain_queue(
+            &mut active.txq,
+            GuestView::new(&active.mem),
+            BUDGET,
+            max_descs,
+            &mut self.chain,
+            |chain, view| {
+                let packet = chain
+                    .map_err(PacketError::InvalidChain)
+                    .and_then(|chain| read_tx_packet(view, chain, scratch));
+                match packet {
+                    Ok((hdr, len)) => {
+                        VsockMetrics::inc(&metrics.tx_packets);
+                        let data = scratch.get(..len).unwrap_or_default();
+                        backend.send_pkt(&hdr, data);
+                    }
+                    Err(e) => {
+                        VsockMetrics::inc(&metrics.tx_malformed);
+                        if log.allow() {
+                            warn!("vsock: dropping malformed TX packet: {e}");
+                        }
                     }
                 }
-            }
-            if let Err(e) = active.txq.add_used(mem, head, 0) {
-                self.queue_error(format_args!("cannot return a TX buffer: {e}"));
-                break;
-            }
-            used_any = true;
+                0
+            },
+        );
+        if drained.budget_spent {
+            // Come back on the next turn of the event loop, through our own queue event.
+            self.base.kick_queue(TXQ_INDEX);
         }
-        used_any
+        if let Some(e) = drained.corrupt {
+            self.queue_error(&active.interrupt, format_args!("TX queue is corrupt: {e}"));
+        }
+        self.active = Some(active);
+        drained.notify
     }
 
-    /// Fills the guest's RX buffers with packets from the backend. Returns whether used
-    /// buffers were added (an interrupt is due).
+    /// Fills the guest's RX buffers with packets from the backend. Returns whether the driver
+    /// wants a used buffer notification.
     pub fn process_rx(&mut self) -> bool {
-        let Some(active) = self.active.as_mut() else {
+        if self.needs_reset || !self.backend.has_pending_rx() {
+            return false;
+        }
+        let Some(mut active) = self.active.take() else {
             return false;
         };
-        let mem = &active.mem;
-        let mut used_any = false;
+        let notify = self.rx_pass(&mut active);
+        self.active = Some(active);
+        notify
+    }
+
+    /// The loop of [`Vsock::process_rx`], on one pass over the RX queue; returns whether the
+    /// driver wants a used buffer notification. After `BUDGET` buffers it kicks the RX queue
+    /// event and stops.
+    fn rx_pass(&mut self, active: &mut ActiveState) -> bool {
+        let mut ring = match RingPass::new(&mut active.rxq, GuestView::new(&active.mem)) {
+            Ok(ring) => ring,
+            Err(e) => {
+                self.queue_error(&active.interrupt, format_args!("RX queue is corrupt: {e}"));
+                return false;
+            }
+        };
+        let max_descs = usize::from(ring.queue_size());
+        let mut corrupt = None;
+        let mut budget = BUDGET;
         while self.backend.has_pending_rx() {
-            let chain = match pop_chain(&mut active.rxq, mem) {
-                Ok(Some(chain)) => chain,
+            if budget == 0 {
+                // Come back on the next turn of the event loop, through our own queue event.
+                self.base.kick_queue(RXQ_INDEX);
+                break;
+            }
+            let head = match ring.pop() {
+                Ok(Some(head)) => head,
                 Ok(None) => break,
                 Err(e) => {
-                    self.queue_error(format_args!("RX queue is corrupt: {e}"));
+                    corrupt = Some(e);
                     break;
                 }
             };
-            let head = chain.head_index();
-            let used_len = match RxBuffer::new(mem, chain) {
+            let view = *ring.view();
+            let buffer = ring
+                .chain_into(head, max_descs, &mut self.chain)
+                .map_err(PacketError::InvalidChain)
+                .and_then(|()| RxBuffer::new(&view, &self.chain));
+            let used_len = match buffer {
                 Ok(buffer) => {
                     let capacity = buffer.data_capacity().min(self.scratch.len());
                     let data = self.scratch.get_mut(..capacity).unwrap_or_default();
                     let Some((hdr, len)) = self.backend.recv_pkt(data) else {
                         // Nothing after all: give the buffer back for later.
-                        active.rxq.go_to_previous_position();
+                        ring.undo_pop();
                         break;
                     };
                     let data = data.get(..len).unwrap_or_default();
@@ -203,22 +260,39 @@ impl<B: VsockBackend> Vsock<B> {
                     0
                 }
             };
-            if let Err(e) = active.rxq.add_used(mem, head, used_len) {
-                self.queue_error(format_args!("cannot return an RX buffer: {e}"));
+            if let Err(e) = ring.add_used(head, used_len) {
+                corrupt = Some(e);
                 break;
             }
-            used_any = true;
+            budget = budget.saturating_sub(1);
+            // The driver may be polling the used ring: let it see every packet at once.
+            if let Err(e) = ring.publish() {
+                corrupt = Some(e);
+                break;
+            }
         }
-        used_any
+        if let Err(e) = ring.publish() {
+            corrupt.get_or_insert(e);
+        }
+        let notify = ring.used_any() && ring.needs_notification().unwrap_or(true);
+        if let Some(e) = corrupt {
+            self.queue_error(&active.interrupt, format_args!("RX queue is corrupt: {e}"));
+        }
+        notify
     }
 
-    /// The driver's queue is unusable: count it, log it (rate limited) and report
-    /// `DEVICE_NEEDS_RESET` (virtio 1.2 §2.1.2).
-    fn queue_error(&mut self, what: fmt::Arguments<'_>) {
+    /// The driver's queue is unusable: count it, log it (rate limited), report
+    /// `DEVICE_NEEDS_RESET` and tell the driver through a configuration change notification
+    /// (virtio 1.2 §2.1.2: the device MUST send one after setting it), as blk and net do.
+    fn queue_error(&mut self, interrupt: &Arc<dyn Interrupt>, what: fmt::Arguments<'_>) {
         self.needs_reset = true;
         VsockMetrics::inc(&self.metrics.queue_errors);
         if self.log.allow() {
             warn!("vsock: {what}");
+        }
+        match interrupt.trigger(InterruptKind::Config) {
+            Err(e) if self.log.allow() => warn!("vsock: cannot signal the guest: {e}"),
+            _ => {}
         }
     }
 
@@ -255,14 +329,6 @@ impl<B: VsockBackend> Vsock<B> {
             self.signal_used();
         }
     }
-}
-
-/// Pops the next available chain; an error means the queue itself is corrupt.
-fn pop_chain<'a>(
-    queue: &mut Queue,
-    mem: &'a GuestMemoryMmap,
-) -> Result<Option<Chain<'a>>, virtio_queue::Error> {
-    Ok(queue.iter(mem)?.next())
 }
 
 impl<B: VsockBackend> VirtioDevice for Vsock<B> {
@@ -341,15 +407,91 @@ impl<B: VsockBackend> VirtioDevice for Vsock<B> {
 }
 
 #[cfg(test)]
-#[expect(clippy::indexing_slicing, reason = "test code")]
+#[expect(
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects,
+    reason = "test code"
+)]
 mod tests {
+    use std::os::fd::{AsRawFd, RawFd};
+
+    use vm_memory::{Address, Bytes, GuestAddress};
+
     use super::*;
+    use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
     use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW};
     use crate::virtio::vsock::packet::VsockHeader;
     use crate::virtio::vsock::test_utils::{Driver, TestVsockBackend, hdr, test_mem};
 
     fn device() -> Vsock<TestVsockBackend> {
         Vsock::new(3, TestVsockBackend::new()).unwrap()
+    }
+
+    /// A guest that never lets a ring run dry: each time the device takes a TX packet, and
+    /// each time it fills an RX buffer, the same chain (head 0, the first one the `Driver`
+    /// posted) is offered again at once. With `endless_rx` the host always has a packet.
+    #[derive(Debug)]
+    struct Refilling {
+        inner: TestVsockBackend,
+        mem: GuestMemoryMmap,
+        tx_avail: GuestAddress,
+        rx_avail: GuestAddress,
+        endless_rx: bool,
+    }
+
+    impl Refilling {
+        fn new(mem: &GuestMemoryMmap, drv: &Driver<'_>, endless_rx: bool) -> Self {
+            Refilling {
+                inner: TestVsockBackend::new(),
+                mem: mem.clone(),
+                tx_avail: drv.avail_addr(TXQ_INDEX),
+                rx_avail: drv.avail_addr(RXQ_INDEX),
+                endless_rx,
+            }
+        }
+
+        /// Makes descriptor chain 0 available once more on the ring at `avail`.
+        fn offer_again(&self, avail: GuestAddress) {
+            let idx: u16 = self.mem.read_obj(avail.unchecked_add(2)).unwrap();
+            let slot = 4 + 2 * u64::from(idx % QUEUE_SIZE);
+            self.mem.write_obj(0u16, avail.unchecked_add(slot)).unwrap();
+            self.mem
+                .write_obj(idx.wrapping_add(1), avail.unchecked_add(2))
+                .unwrap();
+        }
+    }
+
+    impl AsRawFd for Refilling {
+        fn as_raw_fd(&self) -> RawFd {
+            self.inner.as_raw_fd()
+        }
+    }
+
+    impl VsockBackend for Refilling {
+        fn recv_pkt(&mut self, data: &mut [u8]) -> Option<(VsockHeader, usize)> {
+            if self.endless_rx {
+                self.offer_again(self.rx_avail);
+                return Some((hdr(2, 52, 1000, OP_RW), 0));
+            }
+            self.inner.recv_pkt(data)
+        }
+
+        fn send_pkt(&mut self, hdr: &VsockHeader, data: &[u8]) {
+            self.inner.send_pkt(hdr, data);
+            self.offer_again(self.tx_avail);
+        }
+
+        fn has_pending_rx(&self) -> bool {
+            self.endless_rx || self.inner.has_pending_rx()
+        }
+
+        fn notify(&mut self, events: EventSet) {
+            self.inner.notify(events);
+        }
+
+        fn reset(&mut self) {
+            self.inner.reset();
+        }
     }
 
     #[test]
@@ -503,6 +645,88 @@ mod tests {
         assert!(dev.needs_reset());
         dev.reset().unwrap();
         assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_guest_that_keeps_refilling_tx_gets_one_budget_per_pass() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, false)).unwrap();
+        let irq = drv.activate(&mut dev);
+        let kick = dev.queue_event(TXQ_INDEX).unwrap().try_clone().unwrap();
+        drv.send(&hdr(3, 1000, 52, OP_RW), &[]);
+        dev.handle_txq_event();
+        // The ring never ran dry, yet the pass stopped at the budget and signalled the guest.
+        assert_eq!(dev.backend().inner.sent.len(), BUDGET);
+        assert_eq!(irq.count(), 1);
+        // It re-armed itself through its own queue event: the event loop comes back to it on
+        // its next turn without a guest notification, and that pass takes one budget more.
+        assert_eq!(kick.read().unwrap(), 1);
+        dev.handle_txq_event();
+        assert_eq!(dev.backend().inner.sent.len(), 2 * BUDGET);
+        assert_eq!(kick.read().unwrap(), 1);
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_guest_that_keeps_refilling_rx_gets_one_budget_per_pass() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, true)).unwrap();
+        let irq = drv.activate(&mut dev);
+        let kick = dev.queue_event(RXQ_INDEX).unwrap().try_clone().unwrap();
+        drv.add_rx(1, 4096);
+        dev.handle_backend_event(EventSet::IN);
+        assert_eq!(usize::from(drv.rx_used_total()), BUDGET);
+        assert_eq!(irq.count(), 1);
+        assert_eq!(kick.read().unwrap(), 1);
+        dev.handle_rxq_event();
+        assert_eq!(usize::from(drv.rx_used_total()), 2 * BUDGET);
+        assert!(!dev.needs_reset());
+    }
+
+    #[test]
+    fn a_device_that_needs_reset_processes_nothing() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        let irq = drv.activate(&mut dev);
+        drv.corrupt_tx_avail_idx();
+        dev.handle_txq_event();
+        assert!(dev.needs_reset());
+        // The driver is told (§2.1.2), with a configuration change notification only.
+        assert_eq!(irq.count(), 1);
+        assert_eq!(irq.status(), VIRTIO_MMIO_INT_CONFIG);
+        let irqs = irq.count();
+
+        // The driver (or a hostile one) keeps posting valid work on both queues.
+        let mut h = hdr(3, 1000, 52, OP_RW);
+        h.len = 4;
+        drv.send(&h, b"ping");
+        drv.add_rx(2, 4096);
+        dev.backend_mut()
+            .queue_rx(hdr(2, 52, 1000, OP_RW), b"pong".to_vec());
+        assert!(!dev.process_tx());
+        assert!(!dev.process_rx());
+        dev.handle_txq_event();
+        dev.handle_rxq_event();
+        dev.handle_backend_event(EventSet::IN);
+        assert!(dev.backend().sent.is_empty());
+        assert!(drv.tx_used().is_empty());
+        assert_eq!(drv.rx_used_total(), 0);
+        assert_eq!(dev.backend().rx.len(), 1);
+        assert_eq!(irq.count(), irqs);
+        assert!(dev.needs_reset());
+        // The backend fd is still drained, so it cannot keep the event loop busy.
+        assert_eq!(dev.backend().notified, 1);
+
+        // After the driver's reset and a new activation, the device works again.
+        dev.reset().unwrap();
+        let mut drv = Driver::new(&mem);
+        let _irq = drv.activate(&mut dev);
+        drv.send(&h, b"ping");
+        dev.handle_txq_event();
+        assert_eq!(dev.backend().sent.len(), 1);
     }
 
     #[test]

@@ -5,16 +5,18 @@
 //! Guest input is hostile: the header is copied out of guest memory once into a
 //! [`VsockHeader`] and every later decision uses that copy. Chains may be split anywhere
 //! (header and data across any number of descriptors, Linux >= 6.2 puts both in one), so the
-//! transfer goes through virtio-queue's `Reader`/`Writer`, which bound every access to the
-//! descriptors' own ranges.
+//! transfer goes through the queue layer's [`ChainBuffers`], which address a chain's bytes by
+//! logical offset and bound every access to the descriptors' own ranges. A TX packet uses only
+//! the chain's device-readable part, an RX buffer only its device-writable part.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::io::{self, Read, Write};
-
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::GuestMemoryMmap;
-
 use super::defs::{MAX_PKT_DATA_SIZE, PKT_HEADER_SIZE};
+use crate::virtio::queue::{ChainBuffers, ChainError, GuestView};
+
+/// [`PKT_HEADER_SIZE`] as a `u32` (used lengths) and a `u64` (logical chain offsets).
+const PKT_HEADER_LEN: u32 = 44;
+const _: () = assert!(PKT_HEADER_LEN as usize == PKT_HEADER_SIZE);
+const PKT_HEADER_OFFSET: u64 = PKT_HEADER_LEN as u64;
 
 /// A parsed `virtio_vsock_hdr` (all fields little-endian on the wire).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -101,7 +103,7 @@ impl VsockHeader {
 pub enum PacketError {
     /// The chain's buffers are not valid guest memory, or the chain is malformed.
     #[error("Invalid descriptor chain")]
-    InvalidChain(#[source] virtio_queue::Error),
+    InvalidChain(#[source] ChainError),
     /// The readable part of a TX chain is shorter than a header.
     #[error("TX chain holds {0} readable bytes, less than a header")]
     HeaderTooShort(usize),
@@ -119,30 +121,45 @@ pub enum PacketError {
     /// The writable part of an RX chain is shorter than a header.
     #[error("RX chain holds {0} writable bytes, less than a header")]
     RxBufferTooSmall(usize),
+    /// More data than the RX buffer can carry.
+    #[error("{len} bytes of data do not fit an RX buffer for {capacity}")]
+    RxDataTooLong {
+        /// Bytes of data.
+        len: usize,
+        /// The buffer's data capacity.
+        capacity: usize,
+    },
     /// Copying from or to guest memory failed.
     #[error("Failed to access the packet buffers")]
-    Memory(#[source] io::Error),
+    Memory(#[source] ChainError),
 }
 
-/// A chain borrowed from a queue backed by [`GuestMemoryMmap`].
-pub type Chain<'a> = DescriptorChain<&'a GuestMemoryMmap>;
+/// Bytes of a chain length, saturating (a chain holds at most 4 GiB).
+fn bytes(len: u32) -> usize {
+    usize::try_from(len).unwrap_or(usize::MAX)
+}
 
-/// Reads a TX packet: the header, then `len` bytes of data into the front of `data`.
+/// Reads a TX packet from a gathered chain: the header, then `len` bytes of data into the front
+/// of `data`.
 ///
 /// Returns the header and the data length. `data` must hold [`MAX_PKT_DATA_SIZE`] bytes;
 /// a shorter scratch buffer only lowers the accepted maximum.
 pub fn read_tx_packet(
-    mem: &GuestMemoryMmap,
-    chain: Chain<'_>,
+    view: &GuestView<'_>,
+    chain: &ChainBuffers,
     data: &mut [u8],
 ) -> Result<(VsockHeader, usize), PacketError> {
-    let mut reader: Reader<'_> = chain.reader(mem).map_err(PacketError::InvalidChain)?;
-    let available = reader.available_bytes();
+    chain
+        .check_readable_in_memory()
+        .map_err(PacketError::InvalidChain)?;
+    let available = bytes(chain.readable_len());
     if available < PKT_HEADER_SIZE {
         return Err(PacketError::HeaderTooShort(available));
     }
     let mut raw = [0u8; PKT_HEADER_SIZE];
-    reader.read_exact(&mut raw).map_err(PacketError::Memory)?;
+    chain
+        .read_at_in(view, 0, &mut raw)
+        .map_err(PacketError::Memory)?;
     let header = VsockHeader::from_bytes(&raw);
 
     let len = header.len;
@@ -150,7 +167,7 @@ pub fn read_tx_packet(
     if len_usize > MAX_PKT_DATA_SIZE {
         return Err(PacketError::DataTooLong(len));
     }
-    let after_header = reader.available_bytes();
+    let after_header = available.saturating_sub(PKT_HEADER_SIZE);
     if after_header < len_usize {
         return Err(PacketError::DataTooShort {
             len,
@@ -160,59 +177,62 @@ pub fn read_tx_packet(
     let buf = data
         .get_mut(..len_usize)
         .ok_or(PacketError::DataTooLong(len))?;
-    reader.read_exact(buf).map_err(PacketError::Memory)?;
+    chain
+        .read_at_in(view, PKT_HEADER_OFFSET, buf)
+        .map_err(PacketError::Memory)?;
     Ok((header, len_usize))
 }
 
-/// The writable buffers of one RX chain, ready to receive a packet.
-pub struct RxBuffer<'a> {
-    writer: Writer<'a>,
+/// The writable buffers of one gathered RX chain, ready to receive a packet.
+#[derive(Debug)]
+pub struct RxBuffer<'c, 'a> {
+    view: GuestView<'a>,
+    chain: &'c ChainBuffers,
 }
 
-impl std::fmt::Debug for RxBuffer<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RxBuffer")
-            .field("available", &self.writer.available_bytes())
-            .finish()
-    }
-}
-
-impl<'a> RxBuffer<'a> {
-    /// Collects the writable buffers of `chain`; fails if they cannot hold a header.
-    pub fn new(mem: &'a GuestMemoryMmap, chain: Chain<'a>) -> Result<Self, PacketError> {
-        let writer: Writer<'a> = chain.writer(mem).map_err(PacketError::InvalidChain)?;
-        let available = writer.available_bytes();
+impl<'c, 'a> RxBuffer<'c, 'a> {
+    /// Takes the writable buffers of `chain`; fails if they cannot hold a header.
+    pub fn new(view: &GuestView<'a>, chain: &'c ChainBuffers) -> Result<Self, PacketError> {
+        chain
+            .check_writable_in_memory()
+            .map_err(PacketError::InvalidChain)?;
+        let available = bytes(chain.writable_len());
         if available < PKT_HEADER_SIZE {
             return Err(PacketError::RxBufferTooSmall(available));
         }
-        Ok(RxBuffer { writer })
+        Ok(RxBuffer { view: *view, chain })
     }
 
     /// Largest payload this buffer can carry (bounded by [`MAX_PKT_DATA_SIZE`]).
     pub fn data_capacity(&self) -> usize {
-        self.writer
-            .available_bytes()
+        bytes(self.chain.writable_len())
             .saturating_sub(PKT_HEADER_SIZE)
             .min(MAX_PKT_DATA_SIZE)
     }
 
     /// Writes `header` (with `len` set to the data length) and `data`; returns the number of
     /// bytes written, for the used ring.
-    pub fn write_packet(mut self, header: &VsockHeader, data: &[u8]) -> Result<u32, PacketError> {
-        if data.len() > self.data_capacity() {
-            return Err(PacketError::Memory(io::Error::from(
-                io::ErrorKind::WriteZero,
-            )));
+    pub fn write_packet(self, header: &VsockHeader, data: &[u8]) -> Result<u32, PacketError> {
+        let capacity = self.data_capacity();
+        if data.len() > capacity {
+            return Err(PacketError::RxDataTooLong {
+                len: data.len(),
+                capacity,
+            });
         }
-        let len = u32::try_from(data.len())
-            .map_err(|_| PacketError::Memory(io::Error::from(io::ErrorKind::InvalidInput)))?;
+        let len = u32::try_from(data.len()).map_err(|_| PacketError::RxDataTooLong {
+            len: data.len(),
+            capacity,
+        })?;
         let header = VsockHeader { len, ..*header };
-        self.writer
-            .write_all(&header.to_bytes())
+        self.chain
+            .write_at_in(&self.view, 0, &header.to_bytes())
             .map_err(PacketError::Memory)?;
-        self.writer.write_all(data).map_err(PacketError::Memory)?;
-        u32::try_from(self.writer.bytes_written())
-            .map_err(|_| PacketError::Memory(io::Error::from(io::ErrorKind::InvalidData)))
+        self.chain
+            .write_at_in(&self.view, PKT_HEADER_OFFSET, data)
+            .map_err(PacketError::Memory)?;
+        // `len` is at most 64 KiB (the capacity bound): no saturation happens.
+        Ok(len.saturating_add(PKT_HEADER_LEN))
     }
 }
 
@@ -262,7 +282,7 @@ mod tests {
         bytes.extend_from_slice(b"hello");
         let chain = t.readable_chain(&[&bytes]);
         let mut scratch = vec![0u8; MAX_PKT_DATA_SIZE];
-        let (got, n) = read_tx_packet(&t.mem, chain, &mut scratch).expect("valid packet");
+        let (got, n) = read_tx_packet(&t.view(), &chain, &mut scratch).expect("valid packet");
         assert_eq!(got, h);
         assert_eq!(&scratch[..n], b"hello");
     }
@@ -274,7 +294,7 @@ mod tests {
         let raw = h.to_bytes();
         let chain = t.readable_chain(&[&raw[..10], &raw[10..], b"he", b"llo"]);
         let mut scratch = vec![0u8; MAX_PKT_DATA_SIZE];
-        let (got, n) = read_tx_packet(&t.mem, chain, &mut scratch).expect("valid packet");
+        let (got, n) = read_tx_packet(&t.view(), &chain, &mut scratch).expect("valid packet");
         assert_eq!(got, h);
         assert_eq!(&scratch[..n], b"hello");
     }
@@ -286,12 +306,12 @@ mod tests {
         let mut scratch = vec![0u8; MAX_PKT_DATA_SIZE];
         let chain = t.readable_chain(&[&raw[..43]]);
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::HeaderTooShort(43))
         ));
         let chain = t.readable_chain(&[&[]]);
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::HeaderTooShort(0))
         ));
     }
@@ -306,7 +326,7 @@ mod tests {
         };
         let chain = t.readable_chain(&[&h.to_bytes(), &[0u8; 99]]);
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::DataTooShort {
                 len: 100,
                 available: 99
@@ -318,7 +338,7 @@ mod tests {
         };
         let chain = t.readable_chain(&[&h.to_bytes()]);
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::DataTooLong(u32::MAX))
         ));
         let over = u32::try_from(MAX_PKT_DATA_SIZE + 1).unwrap();
@@ -328,7 +348,7 @@ mod tests {
         };
         let chain = t.readable_chain(&[&h.to_bytes(), &vec![0u8; MAX_PKT_DATA_SIZE + 1]]);
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::DataTooLong(l)) if l == over
         ));
     }
@@ -340,7 +360,7 @@ mod tests {
         let chain = t.writable_chain(&[100]);
         let mut scratch = vec![0u8; MAX_PKT_DATA_SIZE];
         assert!(matches!(
-            read_tx_packet(&t.mem, chain.0, &mut scratch),
+            read_tx_packet(&t.view(), &chain.0, &mut scratch),
             Err(PacketError::HeaderTooShort(0))
         ));
     }
@@ -351,7 +371,7 @@ mod tests {
         let chain = t.raw_chain(&[(0xffff_ffff_0000, 64, false)]);
         let mut scratch = vec![0u8; MAX_PKT_DATA_SIZE];
         assert!(matches!(
-            read_tx_packet(&t.mem, chain, &mut scratch),
+            read_tx_packet(&t.view(), &chain, &mut scratch),
             Err(PacketError::InvalidChain(_))
         ));
     }
@@ -360,7 +380,7 @@ mod tests {
     fn rx_writes_header_and_data() {
         let t = TestMem::new();
         let (chain, addrs) = t.writable_chain(&[20, 30, 100]);
-        let buf = RxBuffer::new(&t.mem, chain).expect("big enough");
+        let buf = RxBuffer::new(&t.view(), &chain).expect("big enough");
         assert_eq!(buf.data_capacity(), 150 - PKT_HEADER_SIZE);
         let h = hdr(3, 1000, 2000, OP_RW);
         let used = buf.write_packet(&h, b"0123456789").expect("fits");
@@ -384,16 +404,16 @@ mod tests {
         let t = TestMem::new();
         let (chain, _) = t.writable_chain(&[43]);
         assert!(matches!(
-            RxBuffer::new(&t.mem, chain),
+            RxBuffer::new(&t.view(), &chain),
             Err(PacketError::RxBufferTooSmall(43))
         ));
         let chain = t.readable_chain(&[&[0u8; 100]]);
         assert!(matches!(
-            RxBuffer::new(&t.mem, chain),
+            RxBuffer::new(&t.view(), &chain),
             Err(PacketError::RxBufferTooSmall(0))
         ));
         let (chain, _) = t.writable_chain(&[50]);
-        let buf = RxBuffer::new(&t.mem, chain).unwrap();
+        let buf = RxBuffer::new(&t.view(), &chain).unwrap();
         buf.write_packet(&hdr(3, 1, 2, OP_RW), &[0u8; 7])
             .unwrap_err();
     }
@@ -402,7 +422,7 @@ mod tests {
     fn rx_capacity_is_capped() {
         let t = TestMem::new();
         let (chain, _) = t.writable_chain(&[200_000]);
-        let buf = RxBuffer::new(&t.mem, chain).unwrap();
+        let buf = RxBuffer::new(&t.view(), &chain).unwrap();
         assert_eq!(buf.data_capacity(), MAX_PKT_DATA_SIZE);
     }
 }

@@ -30,7 +30,8 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::backend::VsockBackend;
 use super::defs::{PKT_HEADER_SIZE, QUEUE_SIZE, TYPE_STREAM, VSOCK_HOST_CID};
-use super::packet::{Chain, VsockHeader};
+use super::packet::VsockHeader;
+use crate::virtio::queue::{ChainBuffers, GuestView, RingPass};
 use crate::virtio::{Interrupt, InterruptKind, VirtioDevice};
 
 /// Size of the test guest memory.
@@ -181,7 +182,8 @@ impl VsockBackend for TestVsockBackend {
     }
 }
 
-/// Standalone chains for parser tests: each call builds one chain at descriptor index 0.
+/// Standalone chains for parser tests: each call builds one chain at descriptor index 0 and
+/// gathers it the way the device does (a [`RingPass`] pops it, the queue layer walks it).
 #[derive(Debug)]
 pub struct TestMem {
     /// The guest memory.
@@ -210,8 +212,13 @@ impl TestMem {
         addr
     }
 
+    /// The memory as the device sees it.
+    pub fn view(&self) -> GuestView<'_> {
+        GuestView::new(&self.mem)
+    }
+
     /// A chain of `(addr, len, writable)` descriptors as given.
-    pub fn raw_chain(&self, descs: &[(u64, u32, bool)]) -> Chain<'_> {
+    pub fn raw_chain(&self, descs: &[(u64, u32, bool)]) -> ChainBuffers {
         let raw: Vec<RawDescriptor> = descs
             .iter()
             .enumerate()
@@ -220,11 +227,16 @@ impl TestMem {
         let mock = MockSplitQueue::create(&self.mem, GuestAddress(0), 16);
         mock.add_desc_chains(&raw, 0).expect("chain");
         let mut queue: Queue = mock.create_queue().expect("queue");
-        queue.pop_descriptor_chain(&self.mem).expect("chain")
+        let mut ring = RingPass::new(&mut queue, self.view()).expect("queue");
+        let head = ring.pop().expect("ring").expect("chain");
+        let mut chain = ChainBuffers::default();
+        ring.chain_into(head, usize::from(QUEUE_SIZE), &mut chain)
+            .expect("chain");
+        chain
     }
 
     /// A chain of readable descriptors holding `parts`.
-    pub fn readable_chain(&self, parts: &[&[u8]]) -> Chain<'_> {
+    pub fn readable_chain(&self, parts: &[&[u8]]) -> ChainBuffers {
         let descs: Vec<(u64, u32, bool)> = parts
             .iter()
             .map(|part| {
@@ -239,7 +251,7 @@ impl TestMem {
     }
 
     /// A chain of writable descriptors of `lens` bytes; also returns their addresses.
-    pub fn writable_chain(&self, lens: &[usize]) -> (Chain<'_>, Vec<(u64, usize)>) {
+    pub fn writable_chain(&self, lens: &[usize]) -> (ChainBuffers, Vec<(u64, usize)>) {
         let addrs: Vec<(u64, usize)> = lens.iter().map(|&l| (self.alloc(l), l)).collect();
         let descs: Vec<(u64, u32, bool)> =
             addrs.iter().map(|&(a, l)| (a, l as u32, true)).collect();
@@ -299,6 +311,12 @@ impl<'a> Driver<'a> {
             next_buf: BUF_START,
             rx_bufs: HashMap::new(),
         }
+    }
+
+    /// The available ring of queue `q` (0 = RX, 1 = TX, 2 = event), for tests that play a
+    /// driver re-offering buffers behind the `Driver`'s back.
+    pub fn avail_addr(&self, q: usize) -> GuestAddress {
+        self.avail[q]
     }
 
     /// Fresh `Queue`s for the three rings plus a recording interrupt.

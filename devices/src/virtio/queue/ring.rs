@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
-//! One pass over a split virtqueue (virtio 1.2 §2.7) for the block hot path: available heads in,
-//! used elements out, the used index published once per batch, and the used buffer
-//! notification decided once per pass (§2.7.7, §2.7.10).
+//! One pass over a split virtqueue (virtio 1.2 §2.7): available heads in, used elements out, the
+//! used index published per batch, and the used buffer notification decided once per pass
+//! (§2.7.7, §2.7.10). Every device queue goes through it.
 //!
 //! `virtio-queue` re-reads the available index for every chain, goes through vm-memory's generic
 //! accessors for every ring access and publishes the used index after every element. A
@@ -9,11 +9,14 @@
 //! the heads it saw are used up, and writes the used index when the caller publishes a batch. The
 //! checks and errors are those of `virtio-queue` (a not-ready queue, an available index more than
 //! the queue size ahead, a used head outside the table), and the notification rule is its
-//! `needs_notification` (the `EVENT_IDX` window since the previous decision). Two differences,
-//! both about a hostile driver: an available ring entry that cannot be read is an error (the
-//! iterator ends there, which made the caller spin on a ring that always looks non-empty), and
-//! the queue's own `needs_notification` must not be mixed with a pass (it counts only
-//! `Queue::add_used` calls).
+//! `needs_notification` (the `EVENT_IDX` window since the previous decision). One difference,
+//! about a hostile driver: an available ring entry that cannot be read is an error (the
+//! iterator ends there, which made the caller spin on a ring that always looks non-empty).
+//!
+//! Request queues (blk, net TX, vsock TX) run [`drain_queue`]: every available chain is popped,
+//! gathered and handed to the device, up to a budget per pass. Receive queues (net RX, vsock
+//! RX) are driven by what the backend has, so they pop one chain at a time from a pass and
+//! publish after every packet (the driver may be polling the used ring meanwhile).
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::num::Wrapping;
@@ -22,7 +25,8 @@ use std::sync::atomic::{Ordering, fence};
 use virtio_queue::{Error as QueueError, Queue, QueueT};
 use vm_memory::GuestAddress;
 
-use super::chain::{ChainBuffers, ChainError, GuestView};
+use super::chain::{ChainBuffers, ChainError};
+use super::view::GuestView;
 
 /// Offset of `ring[0]` in the available and used rings (after `flags` and `idx`).
 const RING_HEADER: u64 = 4;
@@ -39,7 +43,7 @@ const USED_ELEM: u64 = 8;
 /// [`RingPass::publish`] (and when the pass is dropped), so the queue's state (for
 /// notifications, reset, snapshots) is current after every batch.
 #[derive(Debug)]
-pub(crate) struct RingPass<'q, 'a> {
+pub struct RingPass<'q, 'a> {
     queue: &'q mut Queue,
     view: GuestView<'a>,
     desc_table: GuestAddress,
@@ -61,7 +65,7 @@ pub(crate) struct RingPass<'q, 'a> {
 
 impl<'q, 'a> RingPass<'q, 'a> {
     /// Starts a pass. Fails like `Queue::iter` on a queue that is not ready.
-    pub(crate) fn new(queue: &'q mut Queue, view: GuestView<'a>) -> Result<Self, QueueError> {
+    pub fn new(queue: &'q mut Queue, view: GuestView<'a>) -> Result<Self, QueueError> {
         let avail_ring = queue.avail_ring();
         if !queue.ready() || avail_ring == 0 {
             return Err(QueueError::QueueNotReady);
@@ -116,7 +120,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// The head of the next available chain, `None` when the ring is empty.
-    pub(crate) fn pop(&mut self) -> Result<Option<u16>, QueueError> {
+    pub fn pop(&mut self) -> Result<Option<u16>, QueueError> {
         if self.next_avail == self.avail_idx {
             self.fetch_avail_idx()?;
             if self.next_avail == self.avail_idx {
@@ -136,8 +140,27 @@ impl<'q, 'a> RingPass<'q, 'a> {
         Ok(Some(u16::from_le(head)))
     }
 
+    /// Gives the chain this pass popped last back: the next [`RingPass::pop`] returns it again.
+    /// For a device that popped a buffer it cannot use yet (`virtio-queue`'s
+    /// `go_to_previous_position`); call it only after a pop of the same pass.
+    pub fn undo_pop(&mut self) {
+        self.next_avail -= Wrapping(1);
+    }
+
+    /// The guest memory the pass reads and writes through.
+    #[inline]
+    pub fn view(&self) -> &GuestView<'a> {
+        &self.view
+    }
+
+    /// The queue size (entries of the descriptor table and of both rings).
+    #[inline]
+    pub fn queue_size(&self) -> u16 {
+        self.size
+    }
+
     /// Gathers the chain at `head` into `bufs` (see [`ChainBuffers::walk_into`]).
-    pub(crate) fn chain_into(
+    pub fn chain_into(
         &self,
         head: u16,
         max_descs: usize,
@@ -147,7 +170,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// Writes a used element; the driver sees it after the next [`RingPass::publish`].
-    pub(crate) fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), QueueError> {
         if head >= self.size {
             return Err(QueueError::InvalidDescriptorIndex);
         }
@@ -167,7 +190,7 @@ impl<'q, 'a> RingPass<'q, 'a> {
 
     /// Makes every used element written so far visible to the driver (one release store of the
     /// used index) and writes the positions back to the queue.
-    pub(crate) fn publish(&mut self) -> Result<(), QueueError> {
+    pub fn publish(&mut self) -> Result<(), QueueError> {
         self.sync_queue();
         if self.published == self.next_used {
             return Ok(());
@@ -193,27 +216,27 @@ impl<'q, 'a> RingPass<'q, 'a> {
     }
 
     /// Asks the driver not to notify (`Queue::disable_notification`).
-    pub(crate) fn disable_notification(&mut self) -> Result<(), QueueError> {
+    pub fn disable_notification(&mut self) -> Result<(), QueueError> {
         self.sync_queue();
         self.queue.disable_notification(self.view.memory())
     }
 
     /// Asks the driver to notify again; `true` if chains arrived meanwhile
     /// (`Queue::enable_notification`).
-    pub(crate) fn enable_notification(&mut self) -> Result<bool, QueueError> {
+    pub fn enable_notification(&mut self) -> Result<bool, QueueError> {
         self.sync_queue();
         self.queue.enable_notification(self.view.memory())
     }
 
     /// Whether any used element was added in this pass.
-    pub(crate) fn used_any(&self) -> bool {
+    pub fn used_any(&self) -> bool {
         self.next_used != self.notified_at
     }
 
     /// Whether the driver wants a used buffer notification for the elements added since the
     /// last decision: always without `VIRTIO_F_EVENT_IDX`, else when `used_event` lies in that
     /// window (§2.7.10; the inequality of `virtio-queue` and Linux, `vring_need_event`).
-    pub(crate) fn needs_notification(&mut self) -> Result<bool, QueueError> {
+    pub fn needs_notification(&mut self) -> Result<bool, QueueError> {
         let new = self.next_used;
         let old = std::mem::replace(&mut self.notified_at, new);
         // The used elements and index must be visible before `used_event` is read.
@@ -235,6 +258,115 @@ impl<'q, 'a> RingPass<'q, 'a> {
                 .map_err(QueueError::GuestMemory)?,
         ));
         Ok(new - used_event - Wrapping(1) < new - old)
+    }
+}
+
+impl<'a> RingPass<'_, 'a> {
+    /// Completes every available chain, at most `budget` of them: each one is popped, gathered
+    /// into `bufs` (at most `max_descs` descriptors; a chain that cannot be gathered reaches
+    /// `handle` as the error) and handed to `handle`, which returns the chain's used length.
+    ///
+    /// The driver's notifications are suppressed while the batch runs and re-enabled after it,
+    /// then the ring is checked again for chains that arrived meanwhile (§2.7.10). Each batch
+    /// is published with one used-index store. Whatever stops the pass, the driver gets every
+    /// completed chain, and the notification is decided once, at the end.
+    #[inline]
+    pub fn drain<F>(
+        &mut self,
+        budget: usize,
+        max_descs: usize,
+        bufs: &mut ChainBuffers,
+        mut handle: F,
+    ) -> Drained
+    where
+        F: FnMut(Result<&ChainBuffers, ChainError>, &GuestView<'a>) -> u32,
+    {
+        let mut budget = budget;
+        let mut budget_spent = false;
+        let mut corrupt: Option<QueueError> = None;
+        'outer: loop {
+            if let Err(e) = self.disable_notification() {
+                corrupt = Some(e);
+                break;
+            }
+            loop {
+                let head = match self.pop() {
+                    Ok(Some(head)) => head,
+                    Ok(None) => break,
+                    Err(e) => {
+                        corrupt = Some(e);
+                        break 'outer;
+                    }
+                };
+                let gathered = self.chain_into(head, max_descs, bufs);
+                let len = handle(gathered.map(|()| &*bufs), &self.view);
+                if let Err(e) = self.add_used(head, len) {
+                    corrupt = Some(e);
+                    break 'outer;
+                }
+                budget = budget.saturating_sub(1);
+                if budget == 0 {
+                    budget_spent = true;
+                    break 'outer;
+                }
+            }
+            if let Err(e) = self.publish() {
+                corrupt = Some(e);
+                break;
+            }
+            match self.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => {
+                    corrupt = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Err(e) = self.publish() {
+            corrupt.get_or_insert(e);
+        }
+        Drained {
+            notify: self.used_any() && self.needs_notification().unwrap_or(true),
+            budget_spent,
+            corrupt,
+        }
+    }
+}
+
+/// What a pass over a request queue did ([`RingPass::drain`], [`drain_queue`]).
+#[derive(Debug)]
+#[must_use]
+pub struct Drained {
+    /// The driver wants a used buffer notification.
+    pub notify: bool,
+    /// The budget ran out, possibly with chains left: the device must come back to the queue
+    /// (it kicks the queue's EventFd, so the event loop serves other devices first).
+    pub budget_spent: bool,
+    /// The queue is corrupt: the device must stop using it and report `DEVICE_NEEDS_RESET`.
+    pub corrupt: Option<QueueError>,
+}
+
+/// [`RingPass::drain`] over a fresh pass on `queue`; a queue that is not ready is corrupt.
+#[inline]
+pub fn drain_queue<'a, F>(
+    queue: &mut Queue,
+    view: GuestView<'a>,
+    budget: usize,
+    max_descs: usize,
+    bufs: &mut ChainBuffers,
+    handle: F,
+) -> Drained
+where
+    F: FnMut(Result<&ChainBuffers, ChainError>, &GuestView<'a>) -> u32,
+{
+    match RingPass::new(queue, view) {
+        Ok(mut ring) => ring.drain(budget, max_descs, bufs, handle),
+        Err(e) => Drained {
+            notify: false,
+            budget_spent: false,
+            corrupt: Some(e),
+        },
     }
 }
 
