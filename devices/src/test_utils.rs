@@ -70,6 +70,10 @@ impl Interrupt for RecordingInterrupt {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    fn restore_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
 }
 
 /// A configurable device for transport tests: records what the transport does to it.
@@ -99,6 +103,8 @@ pub struct DummyDevice {
     pub fail_reset: bool,
     /// Reported by [`VirtioDevice::needs_reset`].
     pub needs_reset: bool,
+    /// How often [`VirtioDevice::restored`] was called.
+    pub restores: usize,
     /// Queues handed over at the last activation.
     pub queues: Vec<Queue>,
     /// Interrupt handed over at the last activation.
@@ -121,6 +127,7 @@ impl DummyDevice {
             activated: false,
             activations: 0,
             resets: 0,
+            restores: 0,
             fail_activate: false,
             fail_reset: false,
             needs_reset: false,
@@ -211,6 +218,17 @@ impl VirtioDevice for DummyDevice {
 
     fn needs_reset(&self) -> bool {
         self.needs_reset
+    }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.queues
+            .iter()
+            .map(crate::virtio::queue_position)
+            .collect()
+    }
+
+    fn restored(&mut self) {
+        self.restores += 1;
     }
 }
 

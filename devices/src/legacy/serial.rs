@@ -10,7 +10,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 
-use vm_superio::serial::NoEvents;
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -160,6 +160,19 @@ impl SerialConsole {
     /// Queues host input for the guest to read.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
         self.uart.enqueue_raw_bytes(input).unwrap_or(0)
+    }
+
+    /// The UART's registers and input FIFO, for a VM snapshot.
+    pub fn state(&self) -> SerialState {
+        self.uart.state()
+    }
+
+    /// A UART in a saved state (a VM restored or cloned), raising `irq` and writing to `sink`.
+    /// Fails only for an input FIFO larger than a UART has.
+    pub fn restore(irq: EventFd, sink: ConsoleSink, state: &SerialState) -> io::Result<Self> {
+        let uart = Serial::from_state(state, EventFdTrigger(irq), NoEvents, sink)
+            .map_err(|e| io::Error::other(format!("cannot restore the UART: {e:?}")))?;
+        Ok(SerialConsole { uart })
     }
 }
 

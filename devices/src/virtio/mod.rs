@@ -55,6 +55,9 @@ pub trait Interrupt: Send + Sync + Debug {
     fn status(&self) -> u32;
     /// Clears the given bits (`InterruptACK` register write).
     fn ack(&self, bits: u32);
+    /// Sets status bits without signalling (a device restored from a snapshot whose interrupt
+    /// was pending: the interrupt controller's own state already holds the line).
+    fn restore_status(&self, bits: u32);
 }
 
 /// The real interrupt: status bits plus an EventFd that the VMM registers as a KVM irqfd.
@@ -91,6 +94,10 @@ impl Interrupt for IrqTrigger {
 
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn restore_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
     }
 }
 
@@ -153,6 +160,20 @@ pub trait VirtioDevice: Send + Debug {
     fn needs_reset(&self) -> bool {
         false
     }
+    /// Where each queue is (`next_avail`, `next_used`), in queue order, for a snapshot: empty
+    /// when the device is not activated. Called between two passes of the event loop, so no
+    /// chain is half done.
+    fn queue_positions(&self) -> Vec<(u16, u16)>;
+    /// Called once after [`VirtioDevice::activate`] gave the device the queues of a snapshot
+    /// (a VM restored or cloned): the device tells the driver what the restore changed
+    /// (virtio-vsock: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`). Nothing by default.
+    fn restored(&mut self) {}
+}
+
+/// Where `queue` is: (`next_avail`, `next_used`).
+pub(crate) fn queue_position(queue: &virtio_queue::Queue) -> (u16, u16) {
+    use virtio_queue::QueueT;
+    (queue.next_avail(), queue.next_used())
 }
 
 pub(crate) mod base;

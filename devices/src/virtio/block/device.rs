@@ -611,6 +611,13 @@ impl VirtioDevice for VirtioBlock {
     fn needs_reset(&self) -> bool {
         self.needs_reset
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .map(|a| crate::virtio::queue_position(&a.queue))
+            .collect()
+    }
 }
 
 impl Drop for VirtioBlock {

@@ -464,6 +464,14 @@ impl VirtioDevice for VirtioNet {
     fn needs_reset(&self) -> bool {
         self.needs_reset
     }
+
+    fn queue_positions(&self) -> Vec<(u16, u16)> {
+        self.active
+            .iter()
+            .flat_map(|a| [&a.rx, &a.tx])
+            .map(crate::virtio::queue_position)
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -3,4 +3,6 @@
 
 mod mmio;
 
-pub use mmio::{MMIO_REGION_SIZE, MmioTransport, NOTIFY_REG_OFFSET};
+pub use mmio::{
+    MMIO_REGION_SIZE, MmioState, MmioTransport, NOTIFY_REG_OFFSET, QueueRegsState, RestoreError,
+};

@@ -56,6 +56,8 @@ pub mod defs {
     pub const EVQ_INDEX: usize = 2;
     /// Number of queues.
     pub const NUM_QUEUES: usize = 3;
+    /// Event id of `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (§5.10.6.7).
+    pub const EVENT_TRANSPORT_RESET: u32 = 0;
     /// Maximum size of each queue.
     pub const QUEUE_SIZE: u16 = 256;
     /// Size of the device configuration space (`le64 guest_cid`).

@@ -109,6 +109,10 @@ impl Interrupt for RecordingInterrupt {
     fn ack(&self, bits: u32) {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
+
+    fn restore_status(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
+    }
 }
 
 /// A backend that records what the guest sent and replays queued packets.
@@ -290,6 +294,7 @@ impl std::fmt::Debug for Driver<'_> {
 
 const RX: usize = 0;
 const TX: usize = 1;
+const EV: usize = 2;
 
 impl<'a> Driver<'a> {
     /// Lays out the three queues at the bottom of `mem` and resets their rings.
@@ -458,6 +463,18 @@ impl<'a> Driver<'a> {
             self.rings[q].used_seen = self.rings[q].used_seen.wrapping_add(1);
         }
         out
+    }
+
+    /// Posts one event buffer of `len` bytes on the event queue and returns its address.
+    pub fn add_event_buffer(&mut self, len: u32) -> u64 {
+        let addr = self.alloc(len);
+        self.add_chain(EV, &[(addr, len, true)]);
+        addr
+    }
+
+    /// New used entries of the event queue.
+    pub fn event_used(&mut self) -> Vec<(u32, u32)> {
+        self.take_used(EV)
     }
 
     /// New used entries of the TX queue.
