@@ -14,6 +14,7 @@ use std::time::Duration;
 use devices::virtio::block::DiskBackend;
 
 use crate::device_manager::DeviceError;
+use crate::snapshot::{SnapshotError, VmSnapshot};
 
 /// How long a caller waits for the VMM thread's answer. The thread answers between two
 /// passes of its event loop, and every device bounds its work per pass, so only a thread that
@@ -45,6 +46,10 @@ pub enum VmmAction {
         /// The slot.
         index: usize,
     },
+    /// Pauses the VM (it stays paused) and saves its state for clones
+    /// ([`crate::snapshot::VmSnapshot`]). Allowed while running or paused, for a VM that has its
+    /// own memory (not a clone).
+    Snapshot,
 }
 
 impl fmt::Debug for VmmAction {
@@ -63,15 +68,18 @@ impl fmt::Debug for VmmAction {
             VmmAction::DetachDisk { index } => {
                 f.debug_struct("DetachDisk").field("index", index).finish()
             }
+            VmmAction::Snapshot => f.write_str("Snapshot"),
         }
     }
 }
 
 /// A successful reply.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum VmmData {
     /// Nothing to return.
     Empty,
+    /// The VM's saved state ([`VmmAction::Snapshot`]).
+    Snapshot(Box<VmSnapshot>),
 }
 
 /// Why an action failed.
@@ -89,6 +97,9 @@ pub enum VmmActionError {
     /// A device operation failed.
     #[error("Device operation failed")]
     Device(#[from] DeviceError),
+    /// The snapshot failed (the VM stays paused).
+    #[error("Snapshot failed")]
+    Snapshot(#[from] SnapshotError),
 }
 
 /// A request and where its answer goes.
@@ -103,6 +114,7 @@ impl VmmAction {
             VmmAction::Stop => "Stop",
             VmmAction::AttachDisk { .. } => "AttachDisk",
             VmmAction::DetachDisk { .. } => "DetachDisk",
+            VmmAction::Snapshot => "Snapshot",
         }
     }
 }

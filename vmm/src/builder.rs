@@ -8,6 +8,7 @@
 
 use std::fs::File;
 use std::io;
+use std::mem::take;
 use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::channel;
 use std::sync::{Arc, Mutex};
@@ -17,17 +18,24 @@ use devices::legacy::{BootTimer, ConsoleSink, I8042, SerialConsole};
 use event_manager::{EventManager, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::api::{VmmAction, VmmActionError, VmmData};
 use crate::arch::layout::{
     BOOT_TIMER_ADDR, BOOT_TIMER_SIZE, I8042_DATA_PORT, SERIAL_IRQ, SERIAL_PORT,
 };
 use crate::bus::{Bus, BusError};
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, ConsoleConfig, ValidatedConfig, VmConfig};
+use crate::device_manager::DeviceConfig;
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::event_loop::{VmResources, VmmControl, VmmEventManager, VmmJob, vmm_thread};
+use crate::event_loop::{
+    SnapshotSources, VmResources, VmmControl, VmmEventManager, VmmJob, vmm_thread,
+};
 use crate::host::Host;
-use crate::kvm::KvmError;
+use crate::kvm::state::{StateError, xsave_words};
+use crate::kvm::{KvmContext, KvmError};
 use crate::pool::{ShellError, VmShell};
+use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
+use crate::snapshot::VmSnapshot;
 use crate::timings::StartupTimings;
 use crate::vcpu::{PendingVcpus, VcpuContext, VcpuControl};
 use crate::vm::{EndState, Vm};
@@ -69,57 +77,148 @@ pub enum VmError {
     /// The threads' seccomp filters could not be built.
     #[error("Seccomp setup failed")]
     Seccomp(#[from] SeccompError),
+    /// The template could not be cloned.
+    #[error("Cloning the template failed")]
+    Clone(#[from] CloneError),
+}
+
+/// How a clone differs from its template: its own console, confinement and device backends.
+#[derive(Debug, Default)]
+pub struct CloneConfig {
+    /// Where the clone's console goes.
+    pub console: ConsoleConfig,
+    /// Seccomp filters of the clone's threads.
+    pub seccomp: SeccompPolicy,
+    /// The clone's devices: of the template's kinds, in the template's order (block slots
+    /// empty as they were, its own vsock socket, its own network backends).
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// What the common part of building a VM starts from.
+enum Source<'a> {
+    /// A guest to boot: the validated configuration.
+    Boot(Box<ValidatedConfig>),
+    /// A template to clone.
+    Clone(&'a VmSnapshot, CloneConfig),
 }
 
 impl Vm {
     /// Validates `config`, builds the VM on `host` and starts it.
     pub fn start(host: &Host, config: VmConfig) -> Result<Vm, VmError> {
         let start = Instant::now();
-        let mut timings = StartupTimings::default();
-        let mut lap = Lap(start);
-
         let kvm = host.kvm()?;
-        timings.kvm_open = lap.next();
+        let kvm_open = start.elapsed();
+        let cfg = config.validate(kvm.max_vcpus())?;
+        Self::build(host, &kvm, Source::Boot(Box::new(cfg)), start, kvm_open)
+    }
 
-        let mut cfg = config.validate(kvm.max_vcpus())?;
+    /// Starts a clone of the VM `snapshot` saved, on a copy-on-write mapping of its memory:
+    /// the guest continues where the template was paused, with the clone's own devices.
+    /// The vsock device tells the guest its transport was reset.
+    pub fn clone_from(
+        host: &Host,
+        snapshot: &VmSnapshot,
+        config: CloneConfig,
+    ) -> Result<Vm, VmError> {
+        let start = Instant::now();
+        let kvm = host.kvm()?;
+        let kvm_open = start.elapsed();
+        Self::build(host, &kvm, Source::Clone(snapshot, config), start, kvm_open)
+    }
+
+    fn build(
+        host: &Host,
+        kvm: &KvmContext,
+        source: Source<'_>,
+        start: Instant,
+        kvm_open: Duration,
+    ) -> Result<Vm, VmError> {
+        let mut timings = StartupTimings {
+            kvm_open,
+            ..StartupTimings::default()
+        };
+        let mut lap = Lap(start + kvm_open);
+        let (vcpu_count, seccomp, mem_bytes) = match &source {
+            Source::Boot(cfg) => (cfg.vcpus, cfg.seccomp, cfg.mem_bytes()),
+            Source::Clone(snap, cfg) => (
+                u8::try_from(snap.vcpus.len()).map_err(|_| CloneError::VcpuCount)?,
+                cfg.seccomp,
+                snap.mem_bytes,
+            ),
+        };
         // The VM's threads start now and install their seccomp filters while the VM is built.
         let filters = host.filters();
         let pending_vcpus =
-            PendingVcpus::spawn(cfg.vcpus, filters.get(ThreadRole::Vcpu, cfg.seccomp)?)
+            PendingVcpus::spawn(vcpu_count, filters.get(ThreadRole::Vcpu, seccomp)?)
                 .map_err(VmError::Spawn)?;
         let pending_vmm = PendingThread::spawn(
             "vmm".into(),
-            filters.get(ThreadRole::Vmm, cfg.seccomp)?,
+            filters.get(ThreadRole::Vmm, seccomp)?,
             |(event_manager, done, resources): VmmJob, confined| {
                 vmm_thread(event_manager, done, resources, confined);
             },
         )
         .map_err(VmError::Spawn)?;
         crate::kvm::signal::install_kick_handler().map_err(|e| VmError::Setup("kick signal", e))?;
-        let VmShell { vm_fd, ram } = match host.pool().take(cfg.mem_bytes()) {
-            Some(shell) => {
-                timings.pooled = true;
-                timings.vm_create = lap.next();
-                shell
-            }
-            None => {
-                let (shell, t) = VmShell::build(&kvm, cfg.mem_bytes())?;
+        let VmShell { vm_fd, ram } = match &source {
+            Source::Boot(_) => match host.pool().take(mem_bytes) {
+                Some(shell) => {
+                    timings.pooled = true;
+                    timings.vm_create = lap.next();
+                    shell
+                }
+                None => {
+                    let (shell, t) = VmShell::build(kvm, mem_bytes)?;
+                    timings.memory = t.memory;
+                    timings.vm_create = lap.next().saturating_sub(t.memory);
+                    shell
+                }
+            },
+            Source::Clone(snap, _) => {
+                let (shell, t) = VmShell::build_clone(kvm, &snap.memory, mem_bytes)?;
                 timings.memory = t.memory;
                 timings.vm_create = lap.next().saturating_sub(t.memory);
                 shell
             }
         };
+        let vm_fd = Arc::new(vm_fd);
 
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
+        let mut source = source;
+        let (device_configs, console_cfg) = match &mut source {
+            Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
+            Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
+        };
         let mut device_manager = DeviceManager::new(&vm_fd, &ram.mem, &mut mmio);
-        device_manager.add_all(std::mem::take(&mut cfg.devices))?;
-        let cmdline = format!("{}{}", cfg.cmdline, device_manager.cmdline);
+        if let Source::Clone(snap, _) = &source {
+            let wanted = snap.device_types();
+            if wanted.len() != device_configs.len() {
+                return Err(CloneError::DeviceCount {
+                    template: wanted.len(),
+                    clone: device_configs.len(),
+                }
+                .into());
+            }
+            device_manager = device_manager.restoring(&snap.devices);
+        }
+        device_manager.add_all(device_configs)?;
+        let device_cmdline = take(&mut device_manager.cmdline);
         let (subscribers, mut devices) = (device_manager.subscribers, device_manager.devices);
         let virtio_time = lap.next();
 
-        let entry = boot::load_guest(&ram.mem, &mut cfg, &cmdline)?;
-        arch::configure_system(&ram.mem, cfg.vcpus)?;
+        let boot_entry = match &mut source {
+            Source::Boot(cfg) => {
+                let cmdline = format!("{}{}", cfg.cmdline, device_cmdline);
+                let entry = boot::load_guest(&ram.mem, cfg, &cmdline)?;
+                arch::configure_system(&ram.mem, cfg.vcpus)?;
+                Some(entry)
+            }
+            Source::Clone(snap, _) => {
+                snap.vm.restore(&vm_fd).map_err(CloneError::State)?;
+                None
+            }
+        };
         timings.kernel_load = lap.next();
 
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("exit eventfd", e))?;
@@ -129,7 +228,7 @@ impl Vm {
         vm_fd
             .register_irqfd(&serial_irq, SERIAL_IRQ)
             .map_err(|e| VmError::Setup("serial irqfd", io::Error::from_raw_os_error(e.errno())))?;
-        let console_log = match &cfg.console.log_path {
+        let console_log = match &console_cfg.log_path {
             Some(path) => Some(
                 File::options()
                     .create(true)
@@ -140,10 +239,15 @@ impl Vm {
             None => None,
         };
         let passthrough: Option<Box<dyn io::Write + Send>> =
-            cfg.console.stdout.then(|| Box::new(io::stdout()) as _);
+            console_cfg.stdout.then(|| Box::new(io::stdout()) as _);
         let sink = ConsoleSink::new(console_log, passthrough);
         let console = sink.tail();
-        let serial = Arc::new(Mutex::new(SerialConsole::new(serial_irq, sink)));
+        let serial = match &source {
+            Source::Boot(_) => SerialConsole::new(serial_irq, sink),
+            Source::Clone(snap, _) => SerialConsole::restore(serial_irq, sink, &snap.serial)
+                .map_err(|e| VmError::Setup("serial console", e))?,
+        };
+        let serial = Arc::new(Mutex::new(serial));
         let i8042 = Arc::new(I8042::new(
             reset_evt
                 .try_clone()
@@ -152,25 +256,37 @@ impl Vm {
         let boot_timer = Arc::new(BootTimer::new(start));
         let boot_signal = boot_timer.signal();
         let mut pio = Bus::default();
-        pio.insert(serial, u64::from(SERIAL_PORT), 8)?;
+        pio.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
         pio.insert(i8042, u64::from(I8042_DATA_PORT), 5)?;
         mmio.insert(boot_timer, BOOT_TIMER_ADDR, BOOT_TIMER_SIZE)?;
         timings.devices = lap.next() + virtio_time;
 
-        let mut vcpu_fds = Vec::with_capacity(usize::from(cfg.vcpus));
-        for id in 0..cfg.vcpus {
+        let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
+        for id in 0..vcpu_count {
             let fd = vm_fd
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::CreateVcpu(id, e))?;
-            let boot_entry = (id == 0).then_some(&entry);
-            arch::configure_vcpu(
-                &fd,
-                &ram.mem,
-                kvm.supported_cpuid(),
-                id,
-                cfg.vcpus,
-                boot_entry,
-            )?;
+            match &source {
+                Source::Boot(_) => {
+                    let boot = (id == 0).then_some(()).and(boot_entry.as_ref());
+                    arch::configure_vcpu(
+                        &fd,
+                        &ram.mem,
+                        kvm.supported_cpuid(),
+                        id,
+                        vcpu_count,
+                        boot,
+                    )?;
+                }
+                Source::Clone(snap, _) => {
+                    arch::set_cpuid(&fd, kvm.supported_cpuid(), id, vcpu_count)?;
+                    let state = snap
+                        .vcpus
+                        .get(usize::from(id))
+                        .ok_or(CloneError::VcpuCount)?;
+                    state.restore(&fd).map_err(CloneError::State)?;
+                }
+            }
             vcpu_fds.push(fd);
         }
         timings.vcpu_create = lap.next();
@@ -192,6 +308,18 @@ impl Vm {
             .file
             .try_clone()
             .map_err(|e| VmError::Setup("memfd", e))?;
+        let saved = SnapshotSources {
+            vm_fd: Arc::clone(&vm_fd),
+            serial,
+            memory: ram
+                .file
+                .try_clone()
+                .map_err(|e| VmError::Setup("memfd", e))?,
+            mem_bytes,
+            private_memory: ram.private,
+            msr_list: kvm.msr_list().into(),
+            xsave_words: xsave_words(&vm_fd),
+        };
         let mut event_manager: VmmEventManager = EventManager::new()
             .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
         let blk_slots = devices.blocks.len();
@@ -210,6 +338,7 @@ impl Vm {
             control,
             vcpus,
             devices,
+            saved,
             end: Arc::clone(&end),
             boot: Arc::clone(&boot_signal),
             done: Arc::clone(&done),
@@ -249,6 +378,34 @@ impl Vm {
             vsock,
         })
     }
+
+    /// Pauses the VM and saves its state for clones (see [`VmSnapshot`]). The VM stays paused;
+    /// it must not run again once clones exist: stop it.
+    pub fn snapshot(&self) -> Result<VmSnapshot, VmmActionError> {
+        match self.request(VmmAction::Snapshot)? {
+            VmmData::Snapshot(s) => Ok(*s),
+            VmmData::Empty => Err(VmmActionError::NotRunning),
+        }
+    }
+}
+
+/// Why a clone could not be made of a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum CloneError {
+    /// The clone's devices do not match the template's.
+    #[error("The template has {template} devices, the clone {clone}")]
+    DeviceCount {
+        /// Devices in the snapshot.
+        template: usize,
+        /// Devices configured for the clone.
+        clone: usize,
+    },
+    /// The snapshot's vCPU count is unusable.
+    #[error("The snapshot's vCPU count is not one a VM can have")]
+    VcpuCount,
+    /// Writing the saved KVM state failed.
+    #[error("Failed to restore the template's state")]
+    State(#[source] StateError),
 }
 
 /// Measures consecutive phases.

@@ -4,12 +4,13 @@
 //! the waiters, and then tears the VM down on this thread (closing the VM fd and unmapping
 //! memory is the expensive part of a VM's life), so teardown is never on a caller's path.
 
+use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use devices::legacy::BootSignal;
+use devices::legacy::{BootSignal, SerialConsole};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -17,8 +18,10 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::Devices;
 use crate::host::LiveGuard;
+use crate::kvm::state::{VcpuState, VmState, settle};
 use crate::memory::GuestRam;
 use crate::seccomp::SeccompError;
+use crate::snapshot::{SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
 use crate::{ResetKind, VmExit};
@@ -29,7 +32,7 @@ pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber 
 /// What the VMM thread owns until the VM is torn down. Field order is drop order: the VM fd
 /// goes before the guest memory it maps, and the VM counts as live until all of it is gone.
 pub(crate) struct VmResources {
-    pub(crate) _vm_fd: kvm_ioctls::VmFd,
+    pub(crate) _vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) _ram: GuestRam,
     pub(crate) ctx: VcpuContext,
     pub(crate) _live: LiveGuard,
@@ -64,6 +67,19 @@ pub(crate) fn vmm_thread(
     drop(resources);
 }
 
+/// What the VMM thread reads for a snapshot, besides its vCPUs and devices.
+pub(crate) struct SnapshotSources {
+    pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
+    pub(crate) serial: Arc<Mutex<SerialConsole>>,
+    /// The guest memory's memfd and size, and whether the mapping is a private clone.
+    pub(crate) memory: File,
+    pub(crate) mem_bytes: u64,
+    pub(crate) private_memory: bool,
+    /// The host's MSR list and this VM's XSAVE area size.
+    pub(crate) msr_list: Arc<[u32]>,
+    pub(crate) xsave_words: usize,
+}
+
 /// The VMM thread's own subscriber: API requests, vCPU exits, guest resets.
 pub(crate) struct VmmControl {
     pub(crate) api_rx: Receiver<ApiRequest>,
@@ -73,6 +89,8 @@ pub(crate) struct VmmControl {
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) vcpus: VcpuSet,
     pub(crate) devices: Devices,
+    /// What a snapshot reads besides the vCPUs and devices.
+    pub(crate) saved: SnapshotSources,
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) done: Arc<AtomicBool>,
@@ -129,7 +147,48 @@ impl VmmControl {
                 self.devices.detach_disk(index)?;
                 Ok(VmmData::Empty)
             }
+            VmmAction::Snapshot => self.snapshot().map(|s| VmmData::Snapshot(Box::new(s))),
         }
+    }
+
+    /// Pauses the VM and saves it (see [`crate::snapshot`]). Runs between two passes of the
+    /// event loop, so no device is in the middle of a chain.
+    fn snapshot(&mut self) -> Result<VmSnapshot, VmmActionError> {
+        let saved = &self.saved;
+        if saved.private_memory {
+            return Err(SnapshotError::CloneMemory.into());
+        }
+        if !self.vcpus.pause() {
+            return Err(VmmActionError::PauseTimedOut);
+        }
+        // Checked with the vCPUs paused: no new connection can start now.
+        let open = self.devices.vsock_connections();
+        if open > 0 {
+            self.vcpus.resume();
+            return Err(SnapshotError::Busy(open).into());
+        }
+        let (msr_list, xsave_words) = (Arc::clone(&saved.msr_list), saved.xsave_words);
+        let vcpus = self
+            .vcpus
+            .on_each(move |_, fd| {
+                settle(fd)?;
+                VcpuState::save(fd, &msr_list, xsave_words)
+            })
+            .ok_or(SnapshotError::VcpuTimeout)?
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(SnapshotError::from)?;
+        let vm = VmState::save(&saved.vm_fd).map_err(SnapshotError::from)?;
+        let serial = saved.serial.lock().expect("poisoned").state();
+        let memory = saved.memory.try_clone().map_err(SnapshotError::Memory)?;
+        Ok(VmSnapshot {
+            memory,
+            mem_bytes: saved.mem_bytes,
+            vcpus,
+            vm,
+            serial,
+            devices: self.devices.states(),
+        })
     }
 
     fn handle_api(&mut self) {

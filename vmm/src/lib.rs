@@ -29,18 +29,20 @@ mod kvm;
 mod memory;
 mod pool;
 mod seccomp;
+pub mod snapshot;
 mod timings;
 mod vcpu;
 pub mod vm;
 
 pub use api::{VmmAction, VmmActionError, VmmData};
 pub use boot::BootError;
-pub use builder::VmError;
+pub use builder::{CloneConfig, CloneError, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
 pub use host::Host;
 pub use kvm::KvmError;
 pub use seccomp::{SeccompError, SeccompPolicy};
+pub use snapshot::{SnapshotError, VmSnapshot};
 pub use timings::StartupTimings;
 pub use vm::{Vm, VmEnd};
 

@@ -13,7 +13,8 @@ use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
@@ -29,6 +30,12 @@ pub enum MemoryError {
     /// Mapping the memfd failed.
     #[error("Failed to map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+    /// Mapping a template's memfd privately failed.
+    #[error("Failed to map a template's memory copy-on-write")]
+    MapPrivate(#[source] vm_memory::mmap::MmapRegionError),
+    /// The mapped regions do not form a guest memory.
+    #[error("Invalid guest memory regions")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
     /// The requested size does not fit the address space.
     #[error("Guest memory size {0} bytes is not representable")]
     Size(u64),
@@ -51,8 +58,11 @@ pub fn ram_ranges(mem_bytes: u64) -> Vec<(GuestAddress, u64)> {
 pub struct GuestRam {
     /// The mapped guest memory.
     pub mem: GuestMemoryMmap,
-    /// The memfd holding its contents.
+    /// The memfd holding its contents (for a copy-on-write clone: the template's, which holds
+    /// the pages the clone has not written).
     pub file: File,
+    /// Whether `mem` is a private (copy-on-write) mapping of `file`.
+    pub private: bool,
 }
 
 impl GuestRam {
@@ -70,7 +80,38 @@ impl GuestRam {
             offset += size;
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
-        Ok(GuestRam { mem, file })
+        Ok(GuestRam {
+            mem,
+            file,
+            private: false,
+        })
+    }
+
+    /// Maps `file` (a template's memory, `mem_bytes` long) copy-on-write: the guest reads the
+    /// template's pages and each page it writes becomes its own (`MAP_PRIVATE`); the template's
+    /// memfd never changes.
+    pub fn copy_on_write(file: &File, mem_bytes: u64) -> Result<Self, MemoryError> {
+        let mut offset = 0u64;
+        let mut regions = Vec::new();
+        for (addr, size) in ram_ranges(mem_bytes) {
+            let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
+            let fd = file.try_clone().map_err(MemoryError::CreateMemfd)?;
+            let region = MmapRegionBuilder::new(len)
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .with_file_offset(FileOffset::new(fd, offset))
+                .build()
+                .map_err(MemoryError::MapPrivate)?;
+            let region = GuestRegionMmap::new(region, addr).ok_or(MemoryError::Size(mem_bytes))?;
+            regions.push(region);
+            offset += size;
+        }
+        let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+        Ok(GuestRam {
+            mem,
+            file: file.try_clone().map_err(MemoryError::CreateMemfd)?,
+            private: true,
+        })
     }
 
     /// Bytes of guest memory that hold data (pages the guest or the VMM touched).
@@ -134,6 +175,28 @@ mod tests {
             0xdead_beef
         );
         assert_eq!(ram.resident_bytes().unwrap(), 4096);
+    }
+
+    #[test]
+    fn a_copy_on_write_clone_sees_the_template_and_keeps_its_writes() {
+        let template = GuestRam::new(8 << 20).unwrap();
+        template.mem.write_obj(1u64, GuestAddress(0x2000)).unwrap();
+        template.mem.write_obj(2u64, GuestAddress(0x3000)).unwrap();
+        let a = GuestRam::copy_on_write(&template.file, 8 << 20).unwrap();
+        let b = GuestRam::copy_on_write(&template.file, 8 << 20).unwrap();
+        assert!(a.private && b.private);
+        assert_eq!(a.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 1);
+        a.mem.write_obj(10u64, GuestAddress(0x2000)).unwrap();
+        b.mem.write_obj(20u64, GuestAddress(0x2000)).unwrap();
+        assert_eq!(a.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 10);
+        assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 20);
+        assert_eq!(
+            template.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
+            1
+        );
+        // The template's pages stay shared: its memfd holds only what it wrote.
+        assert_eq!(template.resident_bytes().unwrap(), 2 * 4096);
+        assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 2);
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! sandbox to the next; an idle shell holds no guest pages (the memfd is sparse).
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -56,6 +57,24 @@ impl VmShell {
         let vm_fd = kvm.create_vm()?;
         let t1 = Instant::now();
         let ram = GuestRam::new(mem_bytes)?;
+        register_memory(&vm_fd, &ram.mem)?;
+        let t2 = Instant::now();
+        add_platform_devices(&vm_fd)?;
+        let timings = ShellTimings { memory: t2 - t1 };
+        Ok((VmShell { vm_fd, ram }, timings))
+    }
+
+    /// Builds a shell whose memory is a copy-on-write mapping of a template's `memory`
+    /// (`mem_bytes` long): registered before the irqchip, as for every shell (a memory slot
+    /// added after it waits for an SRCU grace period).
+    pub(crate) fn build_clone(
+        kvm: &KvmContext,
+        memory: &File,
+        mem_bytes: u64,
+    ) -> Result<(VmShell, ShellTimings), ShellError> {
+        let vm_fd = kvm.create_vm()?;
+        let t1 = Instant::now();
+        let ram = GuestRam::copy_on_write(memory, mem_bytes)?;
         register_memory(&vm_fd, &ram.mem)?;
         let t2 = Instant::now();
         add_platform_devices(&vm_fd)?;

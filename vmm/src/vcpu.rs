@@ -31,12 +31,16 @@ const SYSTEM_EVENT_SHUTDOWN: u32 = 1;
 const SYSTEM_EVENT_RESET: u32 = 2;
 const SYSTEM_EVENT_CRASH: u32 = 3;
 
+/// Work for one parked vCPU thread: it runs with the thread's vCPU fd.
+type VcpuWork = Box<dyn FnOnce(&mut VcpuFd) + Send>;
+
 /// State shared by the vCPU threads of one VM and its VMM thread.
-#[derive(Debug)]
 pub(crate) struct VcpuControl {
     state: AtomicU8,
     counts: Mutex<Counts>,
     cv: Condvar,
+    /// Work for parked vCPU threads, by vCPU id (see [`VcpuSet::on_each`]).
+    work: Mutex<Vec<Option<VcpuWork>>>,
     /// The first terminal exit a vCPU saw; the VMM thread ends the VM with it.
     pending_exit: Mutex<Option<VmExit>>,
     exit_evt: EventFd,
@@ -48,26 +52,50 @@ struct Counts {
     exited: usize,
 }
 
+impl std::fmt::Debug for VcpuControl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuControl")
+            .field("state", &self.state)
+            .field("counts", &self.counts)
+            .finish_non_exhaustive()
+    }
+}
+
 impl VcpuControl {
     pub(crate) fn new(exit_evt: EventFd) -> Self {
         VcpuControl {
             state: AtomicU8::new(RUNNING),
             counts: Mutex::new(Counts::default()),
             cv: Condvar::new(),
+            work: Mutex::new(Vec::new()),
             pending_exit: Mutex::new(None),
             exit_evt,
         }
     }
 
-    /// Called by a vCPU thread before re-entering the guest when the state is not `Running`.
-    /// Returns false when the thread must leave its loop.
-    fn park(&self) -> bool {
+    /// Called by vCPU thread `id` before re-entering the guest when the state is not
+    /// `Running`: parks it, running any work given to it with its `fd` meanwhile. Returns false
+    /// when the thread must leave its loop.
+    fn park(&self, id: usize, fd: &mut VcpuFd) -> bool {
         let mut counts = self.counts.lock().expect("poisoned");
         loop {
             match self.state.load(Ordering::Acquire) {
                 RUNNING => return true,
                 STOPPING => return false,
                 _ => {
+                    let work = self
+                        .work
+                        .lock()
+                        .expect("poisoned")
+                        .get_mut(id)
+                        .and_then(Option::take);
+                    if let Some(work) = work {
+                        // Still counted as parked: the guest does not run while it works.
+                        drop(counts);
+                        work(fd);
+                        counts = self.counts.lock().expect("poisoned");
+                        continue;
+                    }
                     counts.parked += 1;
                     self.cv.notify_all();
                     counts = self.cv.wait(counts).expect("poisoned");
@@ -200,6 +228,50 @@ impl VcpuSet {
             .wait_for(VCPU_WAIT, |c| c.parked + c.exited >= n)
     }
 
+    /// Runs `f` on every vCPU's own thread with its fd, while the VM is paused (after a
+    /// successful [`VcpuSet::pause`]), and returns the results in vCPU order. `None` if some
+    /// thread did not answer within the wait bound (it has exited, or is stuck).
+    pub(crate) fn on_each<T: Send + 'static>(
+        &self,
+        f: impl Fn(usize, &mut VcpuFd) -> T + Send + Sync + 'static,
+    ) -> Option<Vec<T>> {
+        let n = self.threads.len();
+        let f = Arc::new(f);
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let mut work = self.control.work.lock().expect("poisoned");
+            work.clear();
+            for id in 0..n {
+                let (f, tx) = (Arc::clone(&f), tx.clone());
+                work.push(Some(Box::new(move |fd: &mut VcpuFd| {
+                    let _ = tx.send((id, f(id, fd)));
+                }) as VcpuWork));
+            }
+        }
+        drop(tx);
+        // Wake the parked threads so they see their work.
+        {
+            let _counts = self.control.counts.lock().expect("poisoned");
+            self.control.cv.notify_all();
+        }
+        let deadline = Instant::now() + VCPU_WAIT;
+        let mut results: Vec<Option<T>> = (0..n).map(|_| None).collect();
+        for _ in 0..n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(left) {
+                Ok((id, value)) => {
+                    if let Some(slot) = results.get_mut(id) {
+                        *slot = Some(value);
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        // Work a thread did not take must not run later.
+        self.control.work.lock().expect("poisoned").clear();
+        results.into_iter().collect()
+    }
+
     /// Lets parked vCPUs run again.
     pub(crate) fn resume(&self) {
         self.control.set_state(RUNNING);
@@ -237,7 +309,8 @@ impl VcpuSet {
 fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
     let mut vcpu = ThreadVcpu::new(fd);
     loop {
-        if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park() {
+        if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park(id, vcpu.fd())
+        {
             break;
         }
         match handle_exit(vcpu.fd(), ctx) {

@@ -26,6 +26,26 @@ fn threads() -> usize {
     line.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
+/// Threads of VMs (`vmm`, `vcpuN`): a VM's VMM thread uncounts the VM just before it returns,
+/// so right after `wait_all_torn_down` the last one may still be there for a moment.
+fn vm_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+        .filter(|name| name.trim() == "vmm" || name.starts_with("vcpu"))
+        .count()
+}
+
+/// Waits (up to 5 s) until no VM thread is left, then returns the thread count.
+fn settled_threads() -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while vm_threads() != 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(vm_threads(), 0, "VM threads left");
+    threads()
+}
+
 /// Mappings a VM makes: guest memory (the VMM names its memfd `sandboxer-guest-ram`) and each
 /// vCPU's `kvm_run` page. Other mappings are the allocator's and glibc's thread-stack caches,
 /// which grow and shrink with thread and allocation patterns, not with VMs.
@@ -52,7 +72,7 @@ fn two_hundred_vms_leave_nothing_behind() {
     // Warm up: the host's KVM handle and the signal handler are created once, on purpose.
     run_vms(&host, 40);
     assert!(host.wait_all_torn_down(Duration::from_secs(10)));
-    let (fd0, th0) = (fds(), threads());
+    let (fd0, th0) = (fds(), settled_threads());
     assert_eq!(vm_mappings(), 0);
 
     run_vms(&host, 200);
@@ -68,12 +88,7 @@ fn two_hundred_vms_leave_nothing_behind() {
         "guest memory or a kvm_run page is still mapped"
     );
     assert_eq!(fds(), fd0, "fd count changed");
-    // A VMM thread announces its teardown just before it returns: give the last one a moment.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while threads() != th0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert_eq!(threads(), th0, "thread count changed");
+    assert_eq!(settled_threads(), th0, "thread count changed");
 }
 
 /// Starts and ends `n` VMs in every way a VM can end.

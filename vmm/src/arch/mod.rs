@@ -128,6 +128,20 @@ pub fn configure_system(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<(), ArchE
     mptable::setup_mptable(mem, num_cpus)
 }
 
+/// Gives vCPU `vcpu_id` of `num_cpus` its CPUID (the host's supported set, patched for the
+/// topology): the first step for a booting vCPU and the only one for a restored vCPU, whose
+/// registers then come from a snapshot.
+pub fn set_cpuid(
+    vcpu: &VcpuFd,
+    supported: &CpuId,
+    vcpu_id: u8,
+    num_cpus: u8,
+) -> Result<(), ArchError> {
+    let mut cpuid = supported.clone();
+    cpuid::patch_cpuid(&mut cpuid, vcpu_id, num_cpus)?;
+    vcpu.set_cpuid2(&cpuid).map_err(ArchError::SetCpuid)
+}
+
 /// Per-vCPU setup: CPUID (from the `KVM_GET_SUPPORTED_CPUID` result `supported`, patched per
 /// vCPU), boot MSRs, FPU, LAPIC LINT0=ExtINT / LINT1=NMI. For the boot vCPU (`boot = Some`),
 /// also GDT/IDT in guest memory (layout::GDT_ADDR/IDT_ADDR), page tables for Linux64, sregs and
@@ -152,9 +166,7 @@ pub fn configure_vcpu(
         });
     }
     // CPUID first: KVM decides which MSRs and xsave features exist from it.
-    let mut cpuid = supported.clone();
-    cpuid::patch_cpuid(&mut cpuid, vcpu_id, num_cpus)?;
-    vcpu.set_cpuid2(&cpuid).map_err(ArchError::SetCpuid)?;
+    set_cpuid(vcpu, supported, vcpu_id, num_cpus)?;
     msr::setup_msrs(vcpu)?;
     regs::setup_fpu(vcpu)?;
     interrupts::set_lint(vcpu)?;

@@ -7,7 +7,7 @@
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
-use devices::virtio::transport::{MMIO_REGION_SIZE, MmioTransport, NOTIFY_REG_OFFSET};
+use devices::virtio::transport::{MMIO_REGION_SIZE, MmioState, MmioTransport, NOTIFY_REG_OFFSET};
 use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::IoEventAddress;
@@ -16,7 +16,16 @@ use super::{DeviceError, DeviceManager};
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use crate::bus::BusDevice;
 
-struct TransportBus(Mutex<MmioTransport>);
+/// A device's transport on the MMIO bus.
+#[derive(Debug)]
+pub(crate) struct TransportBus(Mutex<MmioTransport>);
+
+impl TransportBus {
+    /// The transport's state, for a snapshot.
+    pub(crate) fn state(&self) -> MmioState {
+        self.0.lock().expect("poisoned").state()
+    }
+}
 
 impl BusDevice for TransportBus {
     fn read(&self, offset: u64, data: &mut [u8]) {
@@ -33,6 +42,8 @@ fn kvm_err(e: kvm_ioctls::Error) -> std::io::Error {
 
 impl DeviceManager<'_> {
     /// Wires one device: MMIO slot, irqfd, ioeventfds, event-loop subscription, cmdline entry.
+    /// With saved states (a VM restored from a snapshot), the device's transport comes back in
+    /// the state of the same slot.
     pub(super) fn add<T>(&mut self, dev: T) -> Result<Arc<Mutex<T>>, DeviceError>
     where
         T: VirtioDevice + MutEventSubscriber + Send + 'static,
@@ -57,12 +68,19 @@ impl DeviceManager<'_> {
         let dev = Arc::new(Mutex::new(dev));
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
         let interrupt: Arc<dyn Interrupt> = trigger;
-        let transport = MmioTransport::new(self.mem.clone(), as_virtio, interrupt);
-        self.mmio.insert(
-            Arc::new(TransportBus(Mutex::new(transport))),
-            base,
-            MMIO_REGION_SIZE,
-        )?;
+        let slot = usize::try_from(self.next_slot).map_err(|_| DeviceError::TooManyDevices)?;
+        let transport = match self.restore.map(|states| states.get(slot)) {
+            None => MmioTransport::new(self.mem.clone(), as_virtio, interrupt),
+            Some(None) => return Err(DeviceError::NotInSnapshot(slot)),
+            Some(Some(state)) => {
+                MmioTransport::restore(self.mem.clone(), as_virtio, interrupt, state)
+                    .map_err(|source| DeviceError::Restore { slot, source })?
+            }
+        };
+        let transport = Arc::new(TransportBus(Mutex::new(transport)));
+        self.mmio
+            .insert(transport.clone(), base, MMIO_REGION_SIZE)?;
+        self.devices.transports.push(transport);
         self.subscribers.push(dev.clone());
         // The slot and irq stay taken only once everything above worked.
         self.next_slot += 1;

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::virtio::block::{BlockConfig, DiskBackend, VirtioBlock};
 use devices::virtio::net::{NetBackend, NetConfig, Tap, VirtioNet};
+use devices::virtio::transport::MmioState;
 use devices::virtio::vsock::{Vsock, VsockHandle, VsockMuxer};
 use event_manager::MutEventSubscriber;
 use kvm_ioctls::VmFd;
@@ -80,6 +81,18 @@ pub enum DeviceError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    /// A snapshot has no device in this slot.
+    #[error("The snapshot has no device in slot {0}")]
+    NotInSnapshot(usize),
+    /// A device could not be brought back from its saved state.
+    #[error("Device in slot {slot} cannot be restored")]
+    Restore {
+        /// MMIO slot.
+        slot: usize,
+        /// Cause.
+        #[source]
+        source: devices::virtio::transport::RestoreError,
+    },
     /// No block slot has this index.
     #[error("No block slot {0}")]
     NoSuchSlot(usize),
@@ -109,11 +122,15 @@ pub enum DeviceError {
 /// The event-loop halves of the devices, for the VMM thread's event manager.
 pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// The devices of one VM, as the handle needs them after start.
+/// The devices of one VM, as the handle and the VMM thread need them after start.
 #[derive(Debug, Default)]
 pub(crate) struct Devices {
     pub(crate) blocks: Vec<Arc<Mutex<VirtioBlock>>>,
     pub(crate) vsock: Option<VsockHandle>,
+    /// The vsock device itself (a snapshot checks it has no open connection).
+    pub(crate) vsock_device: Option<Arc<Mutex<Vsock<VsockMuxer>>>>,
+    /// Every device's transport, in MMIO slot order (what a snapshot saves).
+    pub(crate) transports: Vec<Arc<mmio::TransportBus>>,
 }
 
 /// Builds the virtio devices of one VM.
@@ -123,6 +140,8 @@ pub(crate) struct DeviceManager<'a> {
     mmio: &'a mut Bus,
     /// The next free MMIO slot (and interrupt line, `IRQ_BASE + slot`).
     next_slot: u32,
+    /// Saved transports by slot, when the devices are restored from a snapshot.
+    restore: Option<&'a [MmioState]>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub(crate) cmdline: String,
     pub(crate) subscribers: Vec<Subscriber>,
@@ -136,10 +155,17 @@ impl<'a> DeviceManager<'a> {
             mem,
             mmio,
             next_slot: 0,
+            restore: None,
             cmdline: String::new(),
             subscribers: Vec::new(),
             devices: Devices::default(),
         }
+    }
+
+    /// Restores every device's transport from `states` (by slot) instead of starting it new.
+    pub(crate) fn restoring(mut self, states: &'a [MmioState]) -> Self {
+        self.restore = Some(states);
+        self
     }
 
     /// Creates every configured device.
@@ -176,8 +202,9 @@ impl<'a> DeviceManager<'a> {
                     let muxer = VsockMuxer::new(guest_cid, uds_path).map_err(DeviceError::Vsock)?;
                     let handle = muxer.handle();
                     let dev = Vsock::new(guest_cid, muxer).map_err(DeviceError::Vsock)?;
-                    self.add(dev)?;
+                    let dev = self.add(dev)?;
                     self.devices.vsock = Some(handle);
+                    self.devices.vsock_device = Some(dev);
                 }
             }
         }
@@ -186,6 +213,18 @@ impl<'a> DeviceManager<'a> {
 }
 
 impl Devices {
+    /// Open vsock connections (a VM saved with one would have a peer no clone has).
+    pub(crate) fn vsock_connections(&self) -> usize {
+        self.vsock_device.as_ref().map_or(0, |d| {
+            d.lock().expect("poisoned").backend().connection_count()
+        })
+    }
+
+    /// Every device's transport state, in slot order.
+    pub(crate) fn states(&self) -> Vec<MmioState> {
+        self.transports.iter().map(|t| t.state()).collect()
+    }
+
     /// Puts `disk` into block slot `index` (the guest sees a config-change interrupt with the
     /// new capacity).
     pub(crate) fn attach_disk(

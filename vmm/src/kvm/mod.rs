@@ -9,6 +9,7 @@
 )]
 
 pub(crate) mod signal;
+pub(crate) mod state;
 
 use std::sync::{Arc, Mutex};
 
@@ -37,6 +38,9 @@ pub enum KvmError {
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("Failed to read the supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// `KVM_GET_MSR_INDEX_LIST` failed.
+    #[error("Failed to read the MSR index list")]
+    MsrList(#[source] kvm_ioctls::Error),
     /// `KVM_CREATE_VM` failed.
     #[error("Failed to create the VM")]
     CreateVm(#[source] kvm_ioctls::Error),
@@ -72,6 +76,8 @@ pub(crate) struct KvmContext {
     kvm: Kvm,
     supported_cpuid: CpuId,
     max_vcpus: usize,
+    /// The MSRs KVM can save and restore for a vCPU (`KVM_GET_MSR_INDEX_LIST`).
+    msr_list: Vec<u32>,
 }
 
 /// The KVM handle of a [`crate::Host`], opened on first use.
@@ -117,16 +123,27 @@ impl KvmContext {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::SupportedCpuid)?;
         let max_vcpus = kvm.get_max_vcpus();
+        let msr_list = kvm
+            .get_msr_index_list()
+            .map_err(KvmError::MsrList)?
+            .as_slice()
+            .to_vec();
         Ok(KvmContext {
             kvm,
             supported_cpuid,
             max_vcpus,
+            msr_list,
         })
     }
 
     /// CPUID entries KVM supports on this host (patched per vCPU by `arch::cpuid`).
     pub(crate) fn supported_cpuid(&self) -> &CpuId {
         &self.supported_cpuid
+    }
+
+    /// The MSRs a vCPU's saved state covers.
+    pub(crate) fn msr_list(&self) -> &[u32] {
+        &self.msr_list
     }
 
     /// Most vCPUs KVM allows in one VM.

@@ -1,0 +1,270 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A VM's KVM-held state, read and written back: per vCPU the registers, system registers,
+//! FPU and XSAVE areas, XCRs, local APIC, MSRs, MP state, pending events, debug registers and
+//! TSC frequency; per VM the in-kernel PIC pair and IOAPIC, the PIT and the KVM clock
+//! (DESIGN.md section 8).
+//!
+//! Restoring follows the order the state depends on (Firecracker's and Cloud Hypervisor's
+//! order): TSC frequency first, the MP state, general and system registers, FPU/XSAVE/XCRs,
+//! debug registers, the LAPIC, then MSRs (after the system registers: EFER and friends) and
+//! the pending events last (they refer to the LAPIC). On the VM: the PIT and the clock, then the
+//! three irqchips.
+
+use kvm_bindings::{
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES, Msrs,
+    Xsave, kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+};
+use kvm_ioctls::{Cap, VcpuFd, VmFd};
+
+/// Why reading or writing KVM state failed: the ioctl that failed and its error.
+#[derive(Debug, thiserror::Error)]
+#[error("KVM state: {op} failed")]
+pub struct StateError {
+    /// The ioctl, e.g. `KVM_SET_SREGS`.
+    pub op: &'static str,
+    /// Its error.
+    #[source]
+    pub source: kvm_ioctls::Error,
+}
+
+fn err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
+    move |source| StateError { op, source }
+}
+
+/// One vCPU's state.
+#[derive(Clone, Debug)]
+pub(crate) struct VcpuState {
+    regs: kvm_regs,
+    sregs: kvm_sregs,
+    fpu: kvm_fpu,
+    /// The whole XSAVE area (`kvm_xsave` and, with `KVM_CAP_XSAVE2`, what follows it), in
+    /// 32-bit words.
+    xsave: Vec<u32>,
+    xcrs: kvm_xcrs,
+    lapic: kvm_lapic_state,
+    msrs: Vec<kvm_msr_entry>,
+    mp_state: kvm_mp_state,
+    events: kvm_vcpu_events,
+    debug_regs: kvm_debugregs,
+    tsc_khz: Option<u32>,
+}
+
+/// Words of `kvm_xsave` (its fixed 4 KiB region).
+const XSAVE_WORDS: usize = std::mem::size_of::<kvm_xsave>() / 4;
+
+/// The XSAVE area size of VMs of `vm`'s kind: `KVM_CAP_XSAVE2` when the host has it (it can
+/// exceed 4 KiB, e.g. with AMX), else the fixed `kvm_xsave`.
+pub(crate) fn xsave_words(vm: &VmFd) -> usize {
+    let bytes = usize::try_from(vm.check_extension_int(Cap::Xsave2)).unwrap_or(0);
+    bytes.div_ceil(4).max(XSAVE_WORDS)
+}
+
+/// Reads `indexes` (the host's MSR list) in batches; an MSR KVM refuses to read is left out
+/// (`KVM_GET_MSRS` stops at the first one it cannot read and reports how many it did).
+fn read_msrs(fd: &VcpuFd, indexes: &[u32]) -> Result<Vec<kvm_msr_entry>, StateError> {
+    let mut out = Vec::with_capacity(indexes.len());
+    let mut rest = indexes;
+    while !rest.is_empty() {
+        let batch = rest
+            .get(..rest.len().min(KVM_MAX_MSR_ENTRIES))
+            .unwrap_or_default();
+        let entries: Vec<kvm_msr_entry> = batch
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries).map_err(|_| StateError {
+            op: "KVM_GET_MSRS (batch)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        let read = fd.get_msrs(&mut msrs).map_err(err("KVM_GET_MSRS"))?;
+        out.extend_from_slice(msrs.as_slice().get(..read).unwrap_or_default());
+        // Skip the one it could not read (if it stopped early) and go on after it.
+        let skip = if read < batch.len() { read + 1 } else { read };
+        rest = rest.get(skip..).unwrap_or_default();
+    }
+    Ok(out)
+}
+
+/// Lets KVM finish an exit the vCPU left half done. After an MMIO or port read exit, KVM
+/// writes the value into the guest's register only on the next `KVM_RUN`; state read before
+/// that would lose it. `KVM_RUN` with `immediate_exit` set completes such an exit and returns
+/// `EINTR` without entering the guest (the KVM API documents this use).
+pub(crate) fn settle(fd: &mut VcpuFd) -> Result<(), StateError> {
+    fd.set_kvm_immediate_exit(1);
+    let ran = fd.run().map(drop);
+    fd.set_kvm_immediate_exit(0);
+    match ran {
+        Err(e) if e.errno() == libc::EINTR => Ok(()),
+        Ok(()) => Ok(()),
+        Err(source) => Err(StateError {
+            op: "KVM_RUN (immediate exit)",
+            source,
+        }),
+    }
+}
+
+impl VcpuState {
+    /// Reads the state of a vCPU that is not running (its thread is parked outside
+    /// `KVM_RUN`). `msr_list` is the host's MSR index list, `xsave_words` the XSAVE area size.
+    pub(crate) fn save(
+        fd: &VcpuFd,
+        msr_list: &[u32],
+        xsave_words: usize,
+    ) -> Result<Self, StateError> {
+        // Events first: reading them does not change them, but the order keeps what the vCPU
+        // was about to do next to the registers it would do it with.
+        let events = fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?;
+        let mp_state = fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+        let fpu = fd.get_fpu().map_err(err("KVM_GET_FPU"))?;
+        let xsave = read_xsave(fd, xsave_words)?;
+        let xcrs = fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
+        let msrs = read_msrs(fd, msr_list)?;
+        let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
+        Ok(VcpuState {
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            lapic,
+            msrs,
+            mp_state,
+            events,
+            debug_regs,
+            tsc_khz,
+        })
+    }
+
+    /// Writes the state into a new vCPU (whose CPUID is already set).
+    pub(crate) fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+        if let Some(khz) = self.tsc_khz
+            && fd.get_tsc_khz().ok() != Some(khz)
+        {
+            fd.set_tsc_khz(khz).map_err(err("KVM_SET_TSC_KHZ"))?;
+        }
+        fd.set_mp_state(self.mp_state)
+            .map_err(err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
+        fd.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
+        fd.set_fpu(&self.fpu).map_err(err("KVM_SET_FPU"))?;
+        write_xsave(fd, &self.xsave)?;
+        fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&self.debug_regs)
+            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
+        for batch in self.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
+            let msrs = Msrs::from_entries(batch).map_err(|_| StateError {
+                op: "KVM_SET_MSRS (batch)",
+                source: kvm_ioctls::Error::new(libc::E2BIG),
+            })?;
+            let written = fd.set_msrs(&msrs).map_err(err("KVM_SET_MSRS"))?;
+            if written != batch.len() {
+                let index = batch.get(written).map_or(0, |e| e.index);
+                log::warn!("KVM_SET_MSRS refused MSR {index:#x}; it keeps KVM's value");
+            }
+        }
+        fd.set_vcpu_events(&self.events)
+            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+}
+
+fn read_xsave(fd: &VcpuFd, words: usize) -> Result<Vec<u32>, StateError> {
+    if words <= XSAVE_WORDS {
+        let xsave = fd.get_xsave().map_err(err("KVM_GET_XSAVE"))?;
+        return Ok(xsave.region.to_vec());
+    }
+    let extra = words.saturating_sub(XSAVE_WORDS);
+    let mut xsave = Xsave::new(extra).map_err(|_| StateError {
+        op: "KVM_GET_XSAVE2 (size)",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    // SAFETY: `xsave` holds `kvm_xsave` plus `extra` words, which is the size
+    // KVM_CAP_XSAVE2 reported for this VM: the kernel writes no more than that.
+    unsafe { fd.get_xsave2(&mut xsave) }.map_err(err("KVM_GET_XSAVE2"))?;
+    let fam = xsave.as_fam_struct_ref();
+    let mut out = fam.xsave.region.to_vec();
+    out.extend_from_slice(xsave.as_slice());
+    Ok(out)
+}
+
+fn write_xsave(fd: &VcpuFd, words: &[u32]) -> Result<(), StateError> {
+    let extra = words.len().saturating_sub(XSAVE_WORDS);
+    let mut xsave = Xsave::new(extra).map_err(|_| StateError {
+        op: "KVM_SET_XSAVE (size)",
+        source: kvm_ioctls::Error::new(libc::E2BIG),
+    })?;
+    // SAFETY: only the fixed `region` is written through the reference; the length of the
+    // flexible array, which the wrapper relies on, is not touched.
+    let fixed = unsafe { xsave.as_mut_fam_struct() };
+    for (dst, src) in fixed.xsave.region.iter_mut().zip(words) {
+        *dst = *src;
+    }
+    for (dst, src) in xsave
+        .as_mut_slice()
+        .iter_mut()
+        .zip(words.get(XSAVE_WORDS..).unwrap_or_default())
+    {
+        *dst = *src;
+    }
+    // SAFETY: the buffer holds `kvm_xsave` plus every word read from a vCPU of the same kind of
+    // VM (the size KVM_CAP_XSAVE2 reported), so the kernel reads no more than it holds.
+    unsafe { fd.set_xsave2(&xsave) }.map_err(err("KVM_SET_XSAVE"))
+}
+
+/// The VM-wide state held by KVM's in-kernel devices.
+#[derive(Clone, Debug)]
+pub(crate) struct VmState {
+    pic_master: kvm_irqchip,
+    pic_slave: kvm_irqchip,
+    ioapic: kvm_irqchip,
+    pit: kvm_pit_state2,
+    clock: kvm_clock_data,
+}
+
+fn get_chip(vm: &VmFd, chip_id: u32) -> Result<kvm_irqchip, StateError> {
+    let mut chip = kvm_irqchip {
+        chip_id,
+        ..Default::default()
+    };
+    vm.get_irqchip(&mut chip).map_err(err("KVM_GET_IRQCHIP"))?;
+    Ok(chip)
+}
+
+impl VmState {
+    /// Reads the irqchips, the PIT and the clock of a VM whose vCPUs are paused.
+    pub(crate) fn save(vm: &VmFd) -> Result<Self, StateError> {
+        Ok(VmState {
+            pic_master: get_chip(vm, KVM_IRQCHIP_PIC_MASTER)?,
+            pic_slave: get_chip(vm, KVM_IRQCHIP_PIC_SLAVE)?,
+            ioapic: get_chip(vm, KVM_IRQCHIP_IOAPIC)?,
+            pit: vm.get_pit2().map_err(err("KVM_GET_PIT2"))?,
+            clock: vm.get_clock().map_err(err("KVM_GET_CLOCK"))?,
+        })
+    }
+
+    /// Writes the state into a new VM that has its irqchip and PIT. The guest's clock goes on
+    /// from where it was saved (as if the VM had been paused since), not from the time that
+    /// passed in between: the agent sets the guest's wall clock after a restore.
+    pub(crate) fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+        vm.set_pit2(&self.pit).map_err(err("KVM_SET_PIT2"))?;
+        // No KVM_CLOCK_REALTIME: that would move the clock on by the time since the save.
+        let clock = kvm_clock_data {
+            clock: self.clock.clock,
+            ..Default::default()
+        };
+        vm.set_clock(&clock).map_err(err("KVM_SET_CLOCK"))?;
+        for chip in [&self.pic_master, &self.pic_slave, &self.ioapic] {
+            vm.set_irqchip(chip).map_err(err("KVM_SET_IRQCHIP"))?;
+        }
+        Ok(())
+    }
+}
