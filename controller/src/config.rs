@@ -24,6 +24,11 @@
 //! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
 //! agent_ready_timeout_ms = 10000  # Start fails if the guest agent is not ready by then
 //! seccomp = "enforce"          # vCPU and VMM threads: "enforce", "log" (allow, kernel logs) or "off"
+//!
+//! [template]
+//! enabled = true               # Start clones a booted VM of the same shape instead of booting
+//! max_templates = 4            # shapes kept (least recently used dropped)
+//! build_timeout_ms = 30000     # a template whose agent is not ready by then is given up
 //! ```
 //!
 //! An empty `initramfs` means the agent initramfs embedded in the binary at build time
@@ -162,6 +167,31 @@ impl Default for VmDefaults {
     }
 }
 
+/// VM templates: Start of a sandbox clones an agent-ready VM of its shape (kernel,
+/// initramfs, command line, vCPUs, memory, device layout) instead of booting one. Clones share
+/// the template's memory pages until they write them: see docs/templates.md for the trade-off.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TemplateConfig {
+    /// Whether sandboxes start from templates (a pod can still opt out with the annotation
+    /// `io.sandboxer.template: "false"`).
+    pub enabled: bool,
+    /// Most templates kept at once; the least recently used is dropped for a new shape.
+    pub max_templates: u32,
+    /// How long a template's guest may take to report its agent ready.
+    pub build_timeout_ms: u64,
+}
+
+impl Default for TemplateConfig {
+    fn default() -> Self {
+        TemplateConfig {
+            enabled: true,
+            max_templates: 4,
+            build_timeout_ms: 30_000,
+        }
+    }
+}
+
 /// The whole daemon configuration.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -183,6 +213,8 @@ pub struct Config {
     pub api: ApiConfig,
     /// VM defaults.
     pub vm: VmDefaults,
+    /// VM templates.
+    pub template: TemplateConfig,
 }
 
 impl Default for Config {
@@ -196,6 +228,7 @@ impl Default for Config {
             containerd_address: "/run/containerd/containerd.sock".into(),
             api: ApiConfig::default(),
             vm: VmDefaults::default(),
+            template: TemplateConfig::default(),
         }
     }
 }
@@ -257,6 +290,9 @@ pub struct ServeArgs {
     /// Seccomp filters of the VMs' vCPU and VMM threads.
     #[arg(long, value_enum)]
     pub seccomp: Option<Seccomp>,
+    /// Start sandboxes from VM templates ("true") or always boot them ("false").
+    #[arg(long, value_name = "BOOL")]
+    pub templates: Option<bool>,
     /// Log filter, e.g. "debug" or "info,controller=trace".
     #[arg(long)]
     pub log_level: Option<String>,
@@ -316,6 +352,7 @@ impl Config {
             &args.agent_ready_timeout_ms,
         );
         set(&mut self.vm.seccomp, &args.seccomp);
+        set(&mut self.template.enabled, &args.templates);
         set(&mut self.log_level, &args.log_level);
         set(&mut self.on_exit, &args.on_exit);
         set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
@@ -366,6 +403,18 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "vm.mem_mib",
                 format!("must be at least {}", vmm::config::MIN_MEM_MIB),
+            ));
+        }
+        if self.template.enabled && self.template.max_templates == 0 {
+            return Err(ConfigError::Invalid(
+                "template.max_templates",
+                "must be at least 1 while templates are enabled".into(),
+            ));
+        }
+        if self.template.build_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "template.build_timeout_ms",
+                "must be at least 1".into(),
             ));
         }
         Ok(())

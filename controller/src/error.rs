@@ -1,10 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The sandbox service's error, and its single mapping to a gRPC status.
 
-use std::error::Error as StdError;
-use std::fmt::Write as _;
-
 use crate::backend::BackendError;
+pub use crate::error_chain;
 use crate::pod::PodError;
 use crate::sandbox::{SandboxState, TransitionError};
 use crate::store::StoreError;
@@ -85,17 +83,6 @@ impl From<PodError> for SandboxError {
             reason: e.reason,
         }
     }
-}
-
-/// The error and its sources, `": "`-separated: the one place the chain is printed.
-pub fn error_chain(e: &dyn StdError) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let _ = write!(s, ": {inner}");
-        source = inner.source();
-    }
-    s
 }
 
 impl From<SandboxError> for tonic::Status {

@@ -33,3 +33,16 @@ pub use backend::{KvmBackend, VmBackend, VmHandle};
 pub use config::Config;
 pub use error::SandboxError;
 pub use service::SandboxService;
+
+/// The error and its sources, `": "`-separated: the one place the chain is printed.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    use std::fmt::Write as _;
+
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        let _ = write!(s, ": {inner}");
+        source = inner.source();
+    }
+    s
+}

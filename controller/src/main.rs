@@ -174,11 +174,16 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         .enable_all()
         .thread_name("sandboxer")
         .build()?;
-    runtime.block_on(controller::server::run(
-        &config,
-        controller::KvmBackend::new(host),
-        shutdown_signal(),
-    ))?;
+    let mut backend = controller::KvmBackend::new(host.clone());
+    if config.template.enabled {
+        backend = backend.with_templates(controller::backend::template::Templates::new(
+            host,
+            usize::try_from(config.template.max_templates).unwrap_or(usize::MAX),
+            std::time::Duration::from_millis(config.template.build_timeout_ms),
+            Some(config.state_dir.join("templates.json")),
+        ));
+    }
+    runtime.block_on(controller::server::run(&config, backend, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }
 

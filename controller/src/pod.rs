@@ -25,6 +25,20 @@ pub struct PodError {
     pub reason: String,
 }
 
+/// Pod annotation that keeps a pod off VM templates: `"false"` (or `off`, `no`, `0`) boots
+/// its VM instead of cloning a template (its memory then shares no page with other pods).
+pub const TEMPLATE_ANNOTATION: &str = "io.sandboxer.template";
+
+/// Whether `annotations` let the pod start from a template.
+pub fn template_allowed(annotations: &BTreeMap<String, String>) -> bool {
+    annotations.get(TEMPLATE_ANNOTATION).is_none_or(|v| {
+        !matches!(
+            v.trim().to_ascii_lowercase().as_str(),
+            "false" | "off" | "no" | "0"
+        )
+    })
+}
+
 /// A pod config and the pod's labels.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pod {
@@ -32,6 +46,8 @@ pub struct Pod {
     pub config: PodConfig,
     /// The pod's labels.
     pub labels: BTreeMap<String, String>,
+    /// The pod's annotations.
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Decodes Create's `options` when it is a CRI `PodSandboxConfig`; other option types are kept
@@ -68,6 +84,7 @@ pub fn parse(options: &StoredAny) -> Result<Option<Pod>, PodError> {
     Ok(Some(Pod {
         config,
         labels: c.labels.into_iter().collect(),
+        annotations: c.annotations.into_iter().collect(),
     }))
 }
 
@@ -229,6 +246,16 @@ mod tests {
                 validate_hostname(bad).unwrap_err().field,
                 "options.hostname"
             );
+        }
+    }
+
+    #[test]
+    fn the_template_annotation_opts_out() {
+        let with = |v: &str| BTreeMap::from([(TEMPLATE_ANNOTATION.to_string(), v.to_string())]);
+        assert!(template_allowed(&BTreeMap::new()));
+        assert!(template_allowed(&with("true")));
+        for off in ["false", "FALSE", "off", "no", "0", " false "] {
+            assert!(!template_allowed(&with(off)), "{off:?}");
         }
     }
 

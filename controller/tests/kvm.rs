@@ -15,6 +15,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{V2Client, expect_code, pod_options};
@@ -22,6 +23,7 @@ use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerMetricsRequest, ControllerShutdownRequest,
     ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
+use controller::backend::template::Templates;
 use controller::backend::{BackendError, KvmBackend, VmBackend, VmExitKind, VmSpec};
 use controller::config::Config;
 use controller::pod::GuestSetup;
@@ -37,6 +39,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 struct KvmDaemon {
     dir: tempfile::TempDir,
     host: vmm::Host,
+    templates: Option<Arc<Templates>>,
     client: V2Client,
     stop: oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), controller::server::ServerError>>,
@@ -56,6 +59,16 @@ fn agent_cmdline(extra: &[&str]) -> String {
 }
 
 async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) -> KvmDaemon {
+    daemon_with(kernel, cmdline, edit, false).await
+}
+
+/// A daemon whose backend starts sandboxes from VM templates when `templates` is set.
+async fn daemon_with(
+    kernel: Guest,
+    cmdline: String,
+    edit: impl FnOnce(&mut Config),
+    templates: bool,
+) -> KvmDaemon {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         state_dir: dir.path().join("state"),
@@ -73,7 +86,18 @@ async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) 
     let (tx, rx) = oneshot::channel::<()>();
     let run_config = config.clone();
     let host = vmm::Host::new();
-    let backend = KvmBackend::new(host.clone());
+    let mut backend = KvmBackend::new(host.clone());
+    let templates = templates.then(|| {
+        Templates::new(
+            host.clone(),
+            2,
+            Duration::from_secs(20),
+            Some(config.state_dir.join("templates.json")),
+        )
+    });
+    if let Some(t) = &templates {
+        backend = backend.with_templates(Arc::clone(t));
+    }
     let task = tokio::spawn(async move {
         controller::server::run(&run_config, backend, async {
             let _ = rx.await;
@@ -93,6 +117,7 @@ async fn daemon(kernel: Guest, cmdline: String, edit: impl FnOnce(&mut Config)) 
     KvmDaemon {
         dir,
         host,
+        templates,
         client,
         stop: tx,
         task,
@@ -436,6 +461,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
         },
         agent_ready_timeout: Duration::from_secs(10),
         nics: controller::backend::NetDevices::default(),
+        template: false,
     }
 }
 
@@ -670,5 +696,89 @@ async fn seed_prepare_attaches_the_rootfs_and_create_forwards() {
     seed.prepare(prepare("c2", &image)).await.unwrap();
     drop((seed, task));
     d.shutdown("pod").await;
+    d.finish().await;
+}
+
+/// Start phases of `id` from Status, in microseconds.
+async fn phases(d: &mut KvmDaemon, id: &str) -> std::collections::HashMap<String, u64> {
+    d.client
+        .status(ControllerStatusRequest {
+            sandbox_id: id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let phase = k.strip_prefix("start_")?.strip_suffix("_us")?.to_string();
+            Some((phase, v.parse().ok()?))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_start_as_clones_of_a_template_and_a_pod_can_opt_out() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon_with(Guest::Virtio, agent_cmdline(&[]), |_| {}, true).await;
+    // The daemon builds the default shape's template in the background at start.
+    let templates = Arc::clone(d.templates.as_ref().unwrap());
+    assert!(templates.settle(Duration::from_secs(30)).await);
+    assert_eq!(templates.ready(), 1);
+    let recorded = std::fs::read_to_string(d.dir.path().join("state/templates.json")).unwrap();
+    assert!(recorded.contains("\"mem_mib\": 32"), "{recorded}");
+
+    for id in ["a", "b"] {
+        d.create(id, Some(pod_options(&format!("{id}-host"), 0, 0)))
+            .await;
+        d.start(id).await.unwrap();
+        assert_eq!(d.state(id).await, "SANDBOX_READY");
+        // A clone: no boot, no ready line; the host connected and set the agent up.
+        let p = phases(&mut d, id).await;
+        assert_eq!(p["agent_ready"], 0, "{p:?}");
+        assert!(p["setup"] > 0, "{p:?}");
+        let console = d.console(id);
+        assert!(!console.contains(agent::READY), "{console}");
+        assert!(
+            console.contains(&agent::request(CONTROL, "Setup")),
+            "{console}"
+        );
+    }
+    let stats = templates.stats();
+    assert_eq!(stats.hits, 2, "{stats:?}");
+
+    // A pod that opts out boots its own VM.
+    d.client
+        .create(ControllerCreateRequest {
+            sandbox_id: "own".into(),
+            annotations: [(
+                controller::pod::TEMPLATE_ANNOTATION.to_string(),
+                "false".to_string(),
+            )]
+            .into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.start("own").await.unwrap();
+    assert!(phases(&mut d, "own").await["agent_ready"] > 0);
+    assert!(d.console("own").contains(agent::READY));
+    assert_eq!(templates.stats().hits, 2);
+
+    // Clones stop, report their end and leave nothing, like booted VMs.
+    for id in ["a", "b", "own"] {
+        d.client
+            .stop(ControllerStopRequest {
+                sandbox_id: id.into(),
+                timeout_secs: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(d.state(id).await, "SANDBOX_NOTREADY");
+        d.shutdown(id).await;
+    }
     d.finish().await;
 }

@@ -258,6 +258,18 @@ pub(super) async fn connect_agent(
     phases: &mut StartPhases,
 ) -> Result<ttrpc::asynchronous::Client, BackendError> {
     let t = Instant::now();
+    let port = wait_ready(spec, listener, fallback, end).await?;
+    phases.agent_ready = t.elapsed();
+    connect_and_setup(vm, port, &spec.setup, phases).await
+}
+
+/// Waits (up to `agent_ready_timeout`) for the agent's ready line and returns its port.
+pub(super) async fn wait_ready(
+    spec: &VmSpec,
+    listener: io::Result<devices::virtio::vsock::VsockListener>,
+    fallback: Option<&ReadyFallback>,
+    end: watch::Receiver<Option<VmEnd>>,
+) -> Result<u32, BackendError> {
     let console = spec
         .console_log
         .as_ref()
@@ -285,16 +297,23 @@ pub(super) async fn connect_agent(
         };
         read_ready_line(stream).await
     };
-    let port = match tokio::time::timeout_at(deadline, ready).await {
-        Ok(port) => port?,
-        Err(_) => {
-            return Err(BackendError::AgentNotReady {
-                timeout_ms: spec.agent_ready_timeout.as_millis(),
-                console,
-            });
-        }
-    };
-    phases.agent_ready = t.elapsed();
+    match tokio::time::timeout_at(deadline, ready).await {
+        Ok(port) => port,
+        Err(_) => Err(BackendError::AgentNotReady {
+            timeout_ms: spec.agent_ready_timeout.as_millis(),
+            console,
+        }),
+    }
+}
+
+/// Connects to the agent's ttrpc `port` over the VM's vsock, syncs its clock and sends
+/// `setup`; fills in the phases it ran.
+pub(super) async fn connect_and_setup(
+    vm: &Arc<vmm::Vm>,
+    port: u32,
+    setup: &GuestSetup,
+    phases: &mut StartPhases,
+) -> Result<ttrpc::asynchronous::Client, BackendError> {
     let t = Instant::now();
     let handle = vm
         .vsock()
@@ -322,7 +341,7 @@ pub(super) async fn connect_agent(
         .map_err(|e| BackendError::Agent("Control.SyncClock", e))?;
     phases.sync_clock = t.elapsed();
     let t = Instant::now();
-    ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(&spec.setup)?)
+    ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(setup)?)
         .await
         .map_err(|e| BackendError::Agent("Control.Setup", e))?;
     phases.setup = t.elapsed();

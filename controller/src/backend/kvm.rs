@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The real backend: KVM microVMs inside this process ([`vmm::Vm`]).
 //!
-//! A [`KvmBackend`] VM gets one vsock device (guest CID [`GUEST_CID`], hybrid socket
+//! A [`KvmBackend`] VM gets one vsock device (guest CID [`GUEST_CID`](super::layout::GUEST_CID), hybrid socket
 //! `<state>/<id>/vsock.sock`) and `blk_slots` empty virtio-blk slots (serials
 //! `sbx-slot-<n>`). Start returns only once the guest agent is ready and set up (the protocol is
 //! in [`super::agent`]); a VM whose agent never comes up is stopped before Start fails.
@@ -14,23 +14,19 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use tokio::sync::watch;
+use tracing::warn;
 
 use super::agent::{self, READY_PORT, ReadyFallback};
+use super::layout::{GUEST_CID, empty_slot, slot_serial, vm_config, vm_config_files};
+use super::template::{Template, Templates};
 use super::{
     AttachedDisk, BackendError, ShutdownRequest, StartPhases, TaskTarget, VmBackend, VmEnd,
     VmExitKind, VmHandle, VmMetrics, VmSpec, wait_end,
 };
 use crate::sandbox::StoredAny;
 
-/// The guest's context id on its vsock device (the first one a guest may have).
-pub const GUEST_CID: u64 = 3;
 /// Stack size of the thread that waits for a VM's end: it only blocks on a condvar.
 const WAITER_STACK: usize = 64 * 1024;
-
-/// Serial (virtio-blk `GET_ID`) of block slot `n`; the agent finds the slot's device by it.
-pub fn slot_serial(n: u32) -> String {
-    format!("sbx-slot-{n}")
-}
 
 impl From<vmm::VmEnd> for VmEnd {
     fn from(e: vmm::VmEnd) -> Self {
@@ -48,12 +44,28 @@ impl From<vmm::VmEnd> for VmEnd {
 #[derive(Clone, Debug, Default)]
 pub struct KvmBackend {
     host: vmm::Host,
+    templates: Option<Arc<Templates>>,
 }
 
 impl KvmBackend {
-    /// A backend whose VMs share `host` (its KVM handle, shell pool and live count).
+    /// A backend whose VMs share `host` (its KVM handle, shell pool and live count), booting
+    /// every VM.
     pub fn new(host: vmm::Host) -> Self {
-        KvmBackend { host }
+        KvmBackend {
+            host,
+            templates: None,
+        }
+    }
+
+    /// The same, starting sandboxes that allow it from VM templates.
+    pub fn with_templates(mut self, templates: Arc<Templates>) -> Self {
+        self.templates = Some(templates);
+        self
+    }
+
+    /// The templates, if on.
+    pub fn templates(&self) -> Option<&Arc<Templates>> {
+        self.templates.as_ref()
     }
 
     /// The host its VMs run on.
@@ -85,58 +97,45 @@ impl fmt::Debug for KvmHandle {
     }
 }
 
-/// The VMM's configuration for `spec`: the vsock device first (small guests only look at the
-/// first few devices), then the empty block slots, then the pod's NICs.
-fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
-    // Checked here so a missing file is a configuration error even where KVM is unusable.
-    let missing =
-        |file: &Path| BackendError::Config(format!("{} is not a file", file.display()).into());
-    if !spec.kernel.is_file() {
-        return Err(missing(&spec.kernel));
-    }
-    let Some(initramfs) = spec.initramfs.as_ref() else {
-        return Err(BackendError::Config(
-            "no agent initramfs: set vm.initramfs (this sandboxer was built without an \
-             embedded one, see SANDBOXER_EMBED_INITRAMFS)"
-                .into(),
-        ));
-    };
-    if !initramfs.is_file() {
-        return Err(missing(initramfs));
-    }
-    let mut config = vmm::VmConfig::new(&spec.kernel);
-    config.initramfs.clone_from(&spec.initramfs);
-    config.cmdline = format!("{} sandboxer.ready_port={READY_PORT}", spec.cmdline);
-    config.vcpus = spec.vcpus;
-    config.mem_mib = spec.mem_mib;
-    config.seccomp = spec.seccomp;
-    config.console = vmm::ConsoleConfig {
-        log_path: spec.console_log.clone(),
-        stdout: false,
-    };
-    config.devices.push(vmm::DeviceConfig::Vsock {
-        guest_cid: GUEST_CID,
-        uds_path: spec.vsock_uds.clone(),
-    });
-    for n in 0..spec.blk_slots {
-        config.devices.push(vmm::DeviceConfig::Block(
-            devices::virtio::block::BlockConfig {
-                id: slot_serial(n),
-                path: None,
-                read_only: false,
-            },
-        ));
-    }
-    // The pod's NICs, after the slots (their taps are open in the pod's netns already).
-    config.devices.extend(spec.nics.take());
-    Ok(config)
-}
-
 #[async_trait]
 impl VmBackend for KvmBackend {
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
+        if spec.template
+            && let Some(templates) = &self.templates
+        {
+            // Checked here so a missing file is a configuration error, not a template miss.
+            vm_config_files(&spec)?;
+            if let Some(template) = templates.lookup(&spec) {
+                let nics = spec.nics.len();
+                match self.start_clone(&spec, &template).await {
+                    Ok(handle) => return Ok(handle),
+                    // The pod's TAPs went with the failed clone: no VM may boot without them.
+                    Err(e) if spec.nics.len() != nics => return Err(e),
+                    // A clone that fails before that leaves its sandbox to a cold boot.
+                    Err(e) => warn!(
+                        sandbox_id = %spec.sandbox_id,
+                        error = %crate::error_chain(&e),
+                        "cannot clone the VM template; booting"
+                    ),
+                }
+            }
+        }
+        self.boot(spec).await
+    }
+
+    async fn prepare(&self, spec: &VmSpec) {
+        if let Some(templates) = &self.templates
+            && vm_config_files(spec).is_ok()
+        {
+            templates.prepare(spec);
+        }
+    }
+}
+
+impl KvmBackend {
+    /// Boots a VM for `spec` and waits for its agent.
+    async fn boot(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
         let config = vm_config(&spec)?;
-        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let mut phases = StartPhases::default();
         let t = Instant::now();
@@ -158,20 +157,7 @@ impl VmBackend for KvmBackend {
             other => BackendError::Start(Box::new(other)),
         })?;
         phases.vm = t.elapsed();
-        let vm = Arc::new(vm);
-        let (tx, rx) = watch::channel(None);
-        let waiter = Arc::clone(&vm);
-        let spawned = std::thread::Builder::new()
-            .name(format!("vm-wait-{}", short(&spec.sandbox_id)))
-            .stack_size(WAITER_STACK)
-            .spawn(move || {
-                let end = waiter.wait();
-                tx.send_replace(Some(VmEnd::from(end)));
-            });
-        if let Err(e) = spawned {
-            stop_now(&vm).await;
-            return Err(BackendError::Start(Box::new(e)));
-        }
+        let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
         let agent = agent::connect_agent(
             &vm,
             &spec,
@@ -182,23 +168,117 @@ impl VmBackend for KvmBackend {
         )
         .await;
         drop(fallback);
+        self.handle(vm, spec, rx, agent, phases).await
+    }
+
+    /// Starts `spec`'s VM as a clone of `template` and sets its agent up: the agent was ready
+    /// in the template, so the host connects at once; each NIC gets the pod's MAC.
+    async fn start_clone(
+        &self,
+        spec: &VmSpec,
+        template: &Arc<Template>,
+    ) -> Result<Box<dyn VmHandle>, BackendError> {
+        let mut phases = StartPhases::default();
+        let t = Instant::now();
+        let mut devices = vec![vmm::DeviceConfig::Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: spec.vsock_uds.clone(),
+        }];
+        devices.extend((0..spec.blk_slots).map(empty_slot));
+        let nics = spec.nics.take();
+        if nics.len() != template.nic_macs.len() {
+            return Err(BackendError::Start(
+                format!(
+                    "the template has {} NICs, the pod {}",
+                    template.nic_macs.len(),
+                    nics.len()
+                )
+                .into(),
+            ));
+        }
+        devices.extend(nics);
+        let config = vmm::CloneConfig {
+            console: vmm::ConsoleConfig {
+                log_path: spec.console_log.clone(),
+                stdout: false,
+            },
+            seccomp: spec.seccomp,
+            devices,
+        };
+        let (host, tpl) = (self.host.clone(), Arc::clone(template));
+        let vm =
+            tokio::task::spawn_blocking(move || vmm::Vm::clone_from(&host, &tpl.snapshot, config))
+                .await
+                .map_err(BackendError::Join)?
+                .map_err(|e| BackendError::Start(Box::new(e)))?;
+        phases.vm = t.elapsed();
+        let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
+        let mut setup = spec.setup.clone();
+        for (iface, mac) in setup.interfaces.iter_mut().zip(&template.nic_macs) {
+            iface.new_mac = std::mem::take(&mut iface.mac);
+            iface.mac = format_mac(mac);
+        }
+        let agent = agent::connect_and_setup(&vm, template.agent_port, &setup, &mut phases).await;
+        self.handle(vm, spec.clone(), rx, agent, phases).await
+    }
+
+    /// The handle of a VM whose agent setup ended with `agent`; a VM whose agent failed is
+    /// stopped (nothing of it may stay behind).
+    async fn handle(
+        &self,
+        vm: Arc<vmm::Vm>,
+        spec: VmSpec,
+        end: watch::Receiver<Option<VmEnd>>,
+        agent: Result<ttrpc::asynchronous::Client, BackendError>,
+        phases: StartPhases,
+    ) -> Result<Box<dyn VmHandle>, BackendError> {
         let agent = match agent {
             Ok(agent) => agent,
             Err(e) => {
-                // Nothing of a VM whose agent never came up may stay behind.
                 stop_now(&vm).await;
                 return Err(e);
             }
         };
+        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
         Ok(Box::new(KvmHandle {
             vm,
             spec,
-            end: rx,
+            end,
             agent,
             slots: Mutex::new(vec![false; slots]),
             phases,
         }))
     }
+}
+
+/// Watches `vm`'s end on a small thread of its own (`vm-wait-<id>`).
+async fn watched(
+    vm: vmm::Vm,
+    sandbox_id: &str,
+) -> Result<(Arc<vmm::Vm>, watch::Receiver<Option<VmEnd>>), BackendError> {
+    let vm = Arc::new(vm);
+    let (tx, rx) = watch::channel(None);
+    let waiter = Arc::clone(&vm);
+    let spawned = std::thread::Builder::new()
+        .name(format!("vm-wait-{}", short(sandbox_id)))
+        .stack_size(WAITER_STACK)
+        .spawn(move || {
+            let end = waiter.wait();
+            tx.send_replace(Some(VmEnd::from(end)));
+        });
+    if let Err(e) = spawned {
+        stop_now(&vm).await;
+        return Err(BackendError::Start(Box::new(e)));
+    }
+    Ok((vm, rx))
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Stops `vm` and waits for its end (off the async workers).
@@ -399,6 +479,7 @@ mod tests {
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
+            template: false,
         };
         match KvmBackend::default().start(spec).await {
             Err(BackendError::Config(_)) => {}
@@ -425,6 +506,7 @@ mod tests {
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
+            template: false,
         };
         match KvmBackend::default().start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {

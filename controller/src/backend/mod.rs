@@ -25,6 +25,8 @@ pub mod agent;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
 pub mod kvm;
+pub mod layout;
+pub mod template;
 
 pub use kvm::KvmBackend;
 
@@ -165,6 +167,9 @@ pub struct VmSpec {
     pub agent_ready_timeout: Duration,
     /// The pod's NICs (none without a pod network).
     pub nics: NetDevices,
+    /// Whether the VM may be cloned from a template of its shape (templates on, and the pod
+    /// did not opt out).
+    pub template: bool,
 }
 
 /// Why a VM ended.
@@ -247,6 +252,9 @@ pub trait TaskTarget: Send + Sync + fmt::Debug {
 pub trait VmBackend: Send + Sync + 'static {
     /// Builds and boots a VM. Returns once it runs.
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError>;
+    /// Gets ready for VMs like `spec` (e.g. builds their template in the background); returns
+    /// at once. Nothing by default.
+    async fn prepare(&self, _spec: &VmSpec) {}
 }
 
 /// A running (or ended) VM.

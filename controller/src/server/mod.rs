@@ -229,6 +229,7 @@ pub async fn run<B: VmBackend>(
         "sandbox records loaded"
     );
     let mut servers = Servers::start(&service, &config.api.socket, config.seed_socket())?;
+    service.warm_up().await;
     match notify::notify("READY=1") {
         Ok(true) => info!("notified systemd"),
         Ok(false) => {}

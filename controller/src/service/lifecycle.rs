@@ -119,6 +119,10 @@ impl<B: VmBackend> SandboxService<B> {
         record.vm = vm;
         if let Some(pod) = pod {
             record.labels.extend(pod.labels);
+            // The engine's own annotations win over the pod config's.
+            for (key, value) in pod.annotations {
+                record.annotations.entry(key).or_insert(value);
+            }
             record.pod = Some(pod.config);
         }
         if let Some(info) = req.sandbox {
@@ -254,7 +258,12 @@ impl<B: VmBackend> SandboxService<B> {
 
     /// What to boot for `record`: the configured VM with the record's size, its console and
     /// vsock socket in `dir`, the pod's NICs (taken from `net`) and what the agent sets up.
-    fn vm_spec(&self, record: &SandboxRecord, dir: &Path, net: Option<&mut PodNetwork>) -> VmSpec {
+    pub(super) fn vm_spec(
+        &self,
+        record: &SandboxRecord,
+        dir: &Path,
+        net: Option<&mut PodNetwork>,
+    ) -> VmSpec {
         let (interfaces, routes) = net
             .as_ref()
             .map(|n| (n.guest_interfaces(), n.guest_routes()))
@@ -281,6 +290,7 @@ impl<B: VmBackend> SandboxService<B> {
             },
             agent_ready_timeout: Duration::from_millis(vm.agent_ready_timeout_ms),
             nics,
+            template: self.config.templates && pod::template_allowed(&record.annotations),
         }
     }
 

@@ -71,6 +71,8 @@ pub struct ServiceConfig {
     pub image_dir: PathBuf,
     /// containerd's socket, for OOM events.
     pub containerd_address: Option<PathBuf>,
+    /// Whether sandboxes may start from VM templates.
+    pub templates: bool,
 }
 
 impl ServiceConfig {
@@ -84,6 +86,7 @@ impl ServiceConfig {
             vm: c.vm,
             default_stop_timeout: Duration::from_secs(u64::from(c.stop_timeout_secs)),
             containerd_address: None,
+            templates: c.template.enabled,
         }
     }
 }
@@ -101,6 +104,7 @@ impl From<&Config> for ServiceConfig {
             },
             containerd_address: Some(c.containerd_address.clone())
                 .filter(|p| !p.as_os_str().is_empty()),
+            templates: c.template.enabled,
         }
     }
 }
@@ -324,6 +328,23 @@ impl<B: VmBackend> SandboxService<B> {
             .get(id)
             .cloned()
             .ok_or_else(|| SandboxError::NotFound(id.to_string()))
+    }
+
+    /// Gets the backend ready for default-sized sandboxes (it builds their VM template in the
+    /// background when templates are on). Returns at once.
+    pub async fn warm_up(&self) {
+        if !self.config.templates {
+            return;
+        }
+        let record = SandboxRecord::new("warm-up".into(), SystemTime::now());
+        let mut record = record;
+        record.vm = crate::sandbox::VmSize {
+            vcpus: self.config.vm.vcpus,
+            mem_mib: self.config.vm.mem_mib,
+        };
+        let dir = self.store.sandbox_dir("warm-up");
+        let spec = self.vm_spec(&record, &dir, None);
+        self.backend.prepare(&spec).await;
     }
 
     /// Takes the sandbox's lifecycle lock for one operation (see [`Locked`]).

@@ -17,7 +17,7 @@ pub mod device;
 mod event_handler;
 pub mod packet;
 
-pub use backend::{NetBackend, Tap, TapError};
+pub use backend::{NetBackend, NullNet, Tap, TapError};
 pub use device::{NetConfig, NetMetrics, VirtioNet};
 
 /// Feature bits and protocol constants (virtio 1.2 §5.1.3, §5.1.6).

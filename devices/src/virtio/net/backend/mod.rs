@@ -1,12 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Network backends for virtio-net: the [`NetBackend`] trait and [`Tap`].
+//! Network backends for virtio-net: the [`NetBackend`] trait, [`Tap`] and [`NullNet`].
 
+mod null;
 mod tap;
 
 use std::fmt::Debug;
 use std::io;
 use std::os::fd::AsRawFd;
 
+pub use null::NullNet;
 pub use tap::{Tap, TapError};
 
 /// Where guest frames go and host frames come from.
