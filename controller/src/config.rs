@@ -29,6 +29,7 @@
 //! enabled = true               # Start clones a booted VM of the same shape instead of booting
 //! max_templates = 4            # shapes kept (least recently used dropped)
 //! build_timeout_ms = 30000     # a template whose agent is not ready by then is given up
+//! pool_depth = 2               # VM shells kept pre-built per template (0: none)
 //! ```
 //!
 //! An empty `initramfs` means the agent initramfs embedded in the binary at build time
@@ -180,6 +181,9 @@ pub struct TemplateConfig {
     pub max_templates: u32,
     /// How long a template's guest may take to report its agent ready.
     pub build_timeout_ms: u64,
+    /// Shells (VM, copy-on-write memory, irqchip, vCPUs) kept pre-built per template, so a
+    /// clone only writes the saved state; 0 builds each clone's shell on the spot.
+    pub pool_depth: u32,
 }
 
 impl Default for TemplateConfig {
@@ -188,6 +192,7 @@ impl Default for TemplateConfig {
             enabled: true,
             max_templates: 4,
             build_timeout_ms: 30_000,
+            pool_depth: 2,
         }
     }
 }

@@ -179,6 +179,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
         backend = backend.with_templates(controller::backend::template::Templates::new(
             host,
             usize::try_from(config.template.max_templates).unwrap_or(usize::MAX),
+            usize::try_from(config.template.pool_depth).unwrap_or(usize::MAX),
             std::time::Duration::from_millis(config.template.build_timeout_ms),
             Some(config.state_dir.join("templates.json")),
         ));

@@ -91,6 +91,7 @@ async fn daemon_with(
         Templates::new(
             host.clone(),
             2,
+            1,
             Duration::from_secs(20),
             Some(config.state_dir.join("templates.json")),
         )

@@ -32,7 +32,7 @@ use crate::event_loop::{
 use crate::host::Host;
 use crate::kvm::state::{StateError, xsave_words};
 use crate::kvm::{KvmContext, KvmError};
-use crate::pool::{ShellError, VmShell};
+use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
 use crate::snapshot::VmSnapshot;
@@ -160,8 +160,15 @@ impl Vm {
         )
         .map_err(VmError::Spawn)?;
         crate::kvm::signal::install_kick_handler().map_err(|e| VmError::Setup("kick signal", e))?;
-        let VmShell { vm_fd, ram } = match &source {
-            Source::Boot(_) => match host.pool().take(mem_bytes) {
+        let VmShell {
+            vm_fd,
+            vcpus: mut ready_vcpus,
+            ram,
+        } = match &source {
+            Source::Boot(_) => match host.pool().take(PoolKey {
+                mem_bytes,
+                template: None,
+            }) {
                 Some(shell) => {
                     timings.pooled = true;
                     timings.vm_create = lap.next();
@@ -174,12 +181,20 @@ impl Vm {
                     shell
                 }
             },
-            Source::Clone(snap, _) => {
-                let (shell, t) = VmShell::build_clone(kvm, &snap.memory, mem_bytes)?;
-                timings.memory = t.memory;
-                timings.vm_create = lap.next().saturating_sub(t.memory);
-                shell
-            }
+            Source::Clone(snap, _) => match host.pool().take(snap.pool_key()) {
+                Some(shell) => {
+                    timings.pooled = true;
+                    timings.vm_create = lap.next();
+                    shell
+                }
+                None => {
+                    let (shell, t) =
+                        VmShell::build_clone(kvm, &snap.memory, mem_bytes, vcpu_count)?;
+                    timings.memory = t.memory;
+                    timings.vm_create = lap.next().saturating_sub(t.memory);
+                    shell
+                }
+            },
         };
         let vm_fd = Arc::new(vm_fd);
 
@@ -262,10 +277,18 @@ impl Vm {
         timings.devices = lap.next() + virtio_time;
 
         let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
+        // A clone shell comes with its vCPUs made and their CPUID set.
+        ready_vcpus.reverse();
         for id in 0..vcpu_count {
-            let fd = vm_fd
-                .create_vcpu(u64::from(id))
-                .map_err(|e| VmError::CreateVcpu(id, e))?;
+            let (fd, made) = match ready_vcpus.pop() {
+                Some(fd) => (fd, true),
+                None => (
+                    vm_fd
+                        .create_vcpu(u64::from(id))
+                        .map_err(|e| VmError::CreateVcpu(id, e))?,
+                    false,
+                ),
+            };
             match &source {
                 Source::Boot(_) => {
                     let boot = (id == 0).then_some(()).and(boot_entry.as_ref());
@@ -279,7 +302,9 @@ impl Vm {
                     )?;
                 }
                 Source::Clone(snap, _) => {
-                    arch::set_cpuid(&fd, kvm.supported_cpuid(), id, vcpu_count)?;
+                    if !made {
+                        arch::set_cpuid(&fd, kvm.supported_cpuid(), id, vcpu_count)?;
+                    }
                     let state = snap
                         .vcpus
                         .get(usize::from(id))

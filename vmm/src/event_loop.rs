@@ -182,6 +182,7 @@ impl VmmControl {
         let serial = saved.serial.lock().expect("poisoned").state();
         let memory = saved.memory.try_clone().map_err(SnapshotError::Memory)?;
         Ok(VmSnapshot {
+            id: crate::snapshot::next_id(),
             memory,
             mem_bytes: saved.mem_bytes,
             vcpus,

@@ -9,8 +9,9 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::kvm::{KvmCell, KvmContext, KvmError};
-use crate::pool::ShellPool;
+use crate::pool::{CloneSource, PoolKey, ShellPool};
 use crate::seccomp::Filters;
+use crate::snapshot::VmSnapshot;
 
 /// The shared state of a set of VMs. Cheap to clone (clones share everything).
 #[derive(Clone, Debug, Default)]
@@ -59,12 +60,45 @@ impl Host {
     /// Keeps `depth` pre-built VM shells of `mem_mib` MiB ready from now on, so a VM of that
     /// size skips KVM's slowest setup steps (0 stops keeping them and frees the idle ones).
     pub fn set_pool_target(&self, mem_mib: u32, depth: usize) -> std::io::Result<()> {
-        self.0.pool.set_target(&self.0.kvm, mem_mib, depth)
+        let key = PoolKey {
+            mem_bytes: u64::from(mem_mib) << 20,
+            template: None,
+        };
+        self.0.pool.set_target(&self.0.kvm, key, depth, None)
     }
 
     /// Shells of `mem_mib` MiB ready now.
     pub fn pool_ready(&self, mem_mib: u32) -> usize {
-        self.0.pool.ready(mem_mib)
+        self.0.pool.ready(PoolKey {
+            mem_bytes: u64::from(mem_mib) << 20,
+            template: None,
+        })
+    }
+
+    /// Keeps `depth` shells ready for clones of `template` (0 stops and frees them): memory
+    /// mapped copy-on-write from the template's and the vCPUs created, so a clone only writes
+    /// saved state.
+    pub fn set_clone_pool_target(
+        &self,
+        template: &VmSnapshot,
+        depth: usize,
+    ) -> std::io::Result<()> {
+        let source = if depth == 0 {
+            None
+        } else {
+            Some(CloneSource {
+                memory: template.memory().try_clone()?,
+                vcpus: u8::try_from(template.vcpus()).map_err(std::io::Error::other)?,
+            })
+        };
+        self.0
+            .pool
+            .set_target(&self.0.kvm, template.pool_key(), depth, source)
+    }
+
+    /// Shells ready now for clones of `template`.
+    pub fn clone_pool_ready(&self, template: &VmSnapshot) -> usize {
+        self.0.pool.ready(template.pool_key())
     }
 
     /// Waits until the pool holds every shell its targets ask for, up to `timeout`.

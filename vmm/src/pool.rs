@@ -10,14 +10,19 @@
 //!
 //! A shell is used once. Its memory has never been mapped into a guest, so nothing leaks from one
 //! sandbox to the next; an idle shell holds no guest pages (the memfd is sparse).
+//!
+//! A template's clones have shells of their own kind: memory that is a copy-on-write mapping
+//! of the template's memfd, and the vCPUs already created with their CPUID, so a clone only
+//! writes saved state into them ([`crate::Host::set_clone_pool_target`]).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 
+use crate::arch::set_cpuid;
 use crate::kvm::{KvmCell, KvmContext, KvmError, add_platform_devices, register_memory};
 use crate::memory::{GuestRam, MemoryError};
 
@@ -30,6 +35,9 @@ pub enum ShellError {
     /// Guest memory could not be created.
     #[error("Guest memory setup failed")]
     Memory(#[from] MemoryError),
+    /// A clone shell's vCPU could not be created.
+    #[error("Failed to create vCPU {0}: {1}")]
+    Vcpu(u8, String),
 }
 
 /// A VM with memory, irqchip and PIT, not yet running anything.
@@ -37,6 +45,8 @@ pub enum ShellError {
 pub(crate) struct VmShell {
     /// The VM. Declared before `ram`: it is dropped first.
     pub(crate) vm_fd: VmFd,
+    /// vCPUs created ahead (a clone shell's, with their CPUID set); empty for a boot shell.
+    pub(crate) vcpus: Vec<VcpuFd>,
     /// Its guest memory.
     pub(crate) ram: GuestRam,
 }
@@ -61,16 +71,25 @@ impl VmShell {
         let t2 = Instant::now();
         add_platform_devices(&vm_fd)?;
         let timings = ShellTimings { memory: t2 - t1 };
-        Ok((VmShell { vm_fd, ram }, timings))
+        Ok((
+            VmShell {
+                vm_fd,
+                vcpus: Vec::new(),
+                ram,
+            },
+            timings,
+        ))
     }
 
     /// Builds a shell whose memory is a copy-on-write mapping of a template's `memory`
     /// (`mem_bytes` long): registered before the irqchip, as for every shell (a memory slot
-    /// added after it waits for an SRCU grace period).
+    /// added after it waits for an SRCU grace period). With `vcpus`, that many vCPUs are
+    /// created too, with their CPUID.
     pub(crate) fn build_clone(
         kvm: &KvmContext,
         memory: &File,
         mem_bytes: u64,
+        vcpus: u8,
     ) -> Result<(VmShell, ShellTimings), ShellError> {
         let vm_fd = kvm.create_vm()?;
         let t1 = Instant::now();
@@ -78,17 +97,54 @@ impl VmShell {
         register_memory(&vm_fd, &ram.mem)?;
         let t2 = Instant::now();
         add_platform_devices(&vm_fd)?;
+        let mut fds = Vec::with_capacity(usize::from(vcpus));
+        for id in 0..vcpus {
+            let fd = vm_fd
+                .create_vcpu(u64::from(id))
+                .map_err(|e| ShellError::Vcpu(id, e.to_string()))?;
+            set_cpuid(&fd, kvm.supported_cpuid(), id, vcpus)
+                .map_err(|e| ShellError::Vcpu(id, e.to_string()))?;
+            fds.push(fd);
+        }
         let timings = ShellTimings { memory: t2 - t1 };
-        Ok((VmShell { vm_fd, ram }, timings))
+        Ok((
+            VmShell {
+                vm_fd,
+                vcpus: fds,
+                ram,
+            },
+            timings,
+        ))
     }
+}
+
+/// Which shells: those for booting `mem_bytes` of memory, or those for clones of template
+/// `template` ([`crate::snapshot::VmSnapshot::id`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub(crate) mem_bytes: u64,
+    pub(crate) template: Option<u64>,
+}
+
+/// A template whose clones get shells: its memory and vCPU count.
+#[derive(Debug)]
+pub(crate) struct CloneSource {
+    pub(crate) memory: File,
+    pub(crate) vcpus: u8,
+}
+
+#[derive(Debug)]
+struct Target {
+    depth: usize,
+    source: Option<Arc<CloneSource>>,
 }
 
 #[derive(Debug, Default)]
 struct PoolState {
-    /// Ready shells by memory size.
-    ready: HashMap<u64, Vec<VmShell>>,
-    /// How many shells to keep ready, by memory size.
-    targets: HashMap<u64, usize>,
+    /// Ready shells by kind.
+    ready: HashMap<PoolKey, Vec<VmShell>>,
+    /// How many shells to keep ready, by kind.
+    targets: HashMap<PoolKey, Target>,
     refill_running: bool,
     /// The host is gone: the refill thread ends.
     closed: bool,
@@ -102,24 +158,31 @@ pub(crate) struct ShellPool {
 }
 
 impl ShellPool {
-    /// Keeps `depth` shells of `mem_mib` MiB ready from now on (0 stops keeping them and frees
-    /// the idle ones). Starts the refill thread, which builds with `kvm`, on first use.
+    /// Keeps `depth` shells of kind `key` ready from now on (0 stops keeping them and frees the
+    /// idle ones); clone shells are built from `source`. Starts the refill thread, which builds
+    /// with `kvm`, on first use.
     pub(crate) fn set_target(
         self: &Arc<Self>,
         kvm: &Arc<KvmCell>,
-        mem_mib: u32,
+        key: PoolKey,
         depth: usize,
+        source: Option<CloneSource>,
     ) -> std::io::Result<()> {
-        let bytes = u64::from(mem_mib) << 20;
         let mut state = self.state.lock().expect("poisoned");
         if depth == 0 {
-            state.targets.remove(&bytes);
-            let idle = state.ready.remove(&bytes);
+            state.targets.remove(&key);
+            let idle = state.ready.remove(&key);
             drop(state);
             drop(idle);
             return Ok(());
         }
-        state.targets.insert(bytes, depth);
+        state.targets.insert(
+            key,
+            Target {
+                depth,
+                source: source.map(Arc::new),
+            },
+        );
         if !state.refill_running {
             let (pool, kvm) = (Arc::clone(self), Arc::clone(kvm));
             std::thread::Builder::new()
@@ -132,23 +195,20 @@ impl ShellPool {
         Ok(())
     }
 
-    /// Takes a ready shell of exactly `mem_bytes`, if one is there.
-    pub(crate) fn take(&self, mem_bytes: u64) -> Option<VmShell> {
+    /// Takes a ready shell of kind `key`, if one is there.
+    pub(crate) fn take(&self, key: PoolKey) -> Option<VmShell> {
         let mut state = self.state.lock().expect("poisoned");
-        let shell = state.ready.get_mut(&mem_bytes)?.pop();
+        let shell = state.ready.get_mut(&key)?.pop();
         if shell.is_some() {
             self.cv.notify_all();
         }
         shell
     }
 
-    /// Shells ready now for `mem_mib`.
-    pub(crate) fn ready(&self, mem_mib: u32) -> usize {
+    /// Shells of kind `key` ready now.
+    pub(crate) fn ready(&self, key: PoolKey) -> usize {
         let state = self.state.lock().expect("poisoned");
-        state
-            .ready
-            .get(&(u64::from(mem_mib) << 20))
-            .map_or(0, Vec::len)
+        state.ready.get(&key).map_or(0, Vec::len)
     }
 
     /// Waits until every target is met, up to `timeout`.
@@ -174,14 +234,14 @@ impl ShellPool {
 
     fn refill_loop(&self, kvm: &KvmCell) {
         loop {
-            let size = {
+            let (key, source) = {
                 let mut state = self.state.lock().expect("poisoned");
                 loop {
                     if state.closed {
                         return;
                     }
-                    if let Some(size) = missing(&state) {
-                        break size;
+                    if let Some(found) = missing(&state) {
+                        break found;
                     }
                     state = self.cv.wait(state).expect("poisoned");
                 }
@@ -189,23 +249,26 @@ impl ShellPool {
             let built = kvm
                 .get()
                 .map_err(ShellError::from)
-                .and_then(|kvm| VmShell::build(&kvm, size));
+                .and_then(|kvm| match &source {
+                    None => VmShell::build(&kvm, key.mem_bytes),
+                    Some(src) => VmShell::build_clone(&kvm, &src.memory, key.mem_bytes, src.vcpus),
+                });
             match built {
                 Ok((shell, _)) => {
                     let mut state = self.state.lock().expect("poisoned");
                     // The target may have been lowered while building: then the shell just
                     // drops.
-                    if state
-                        .targets
-                        .get(&size)
-                        .is_some_and(|t| state.ready.get(&size).map_or(0, Vec::len) < *t)
-                    {
-                        state.ready.entry(size).or_default().push(shell);
+                    let wanted = state.targets.get(&key).map_or(0, |t| t.depth);
+                    if state.ready.get(&key).map_or(0, Vec::len) < wanted {
+                        state.ready.entry(key).or_default().push(shell);
                     }
                     self.cv.notify_all();
                 }
                 Err(e) => {
-                    log::error!("Cannot pre-build a VM shell of {} MiB: {e}", size >> 20);
+                    log::error!(
+                        "Cannot pre-build a VM shell of {} MiB: {e}",
+                        key.mem_bytes >> 20
+                    );
                     // Do not spin on a persistent failure (no /dev/kvm, no memory).
                     let state = self.state.lock().expect("poisoned");
                     let _ = self
@@ -218,10 +281,11 @@ impl ShellPool {
     }
 }
 
-fn missing(state: &PoolState) -> Option<u64> {
+/// A kind of shell below its target, and what to build it from.
+fn missing(state: &PoolState) -> Option<(PoolKey, Option<Arc<CloneSource>>)> {
     state
         .targets
         .iter()
-        .find(|(size, target)| state.ready.get(size).map_or(0, Vec::len) < **target)
-        .map(|(size, _)| *size)
+        .find(|(key, target)| state.ready.get(key).map_or(0, Vec::len) < target.depth)
+        .map(|(key, target)| (*key, target.source.clone()))
 }

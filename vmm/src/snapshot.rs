@@ -15,7 +15,10 @@ use std::fs::File;
 use devices::legacy::SerialState;
 use devices::virtio::transport::MmioState;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::kvm::state::{StateError, VcpuState, VmState};
+use crate::pool::PoolKey;
 
 /// Why a snapshot could not be taken.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +45,8 @@ pub enum SnapshotError {
 /// A paused VM's state, enough to start clones of it.
 #[derive(Debug)]
 pub struct VmSnapshot {
+    /// Tells snapshots apart (clone shells are kept per snapshot).
+    pub(crate) id: u64,
     pub(crate) memory: File,
     pub(crate) mem_bytes: u64,
     pub(crate) vcpus: Vec<VcpuState>,
@@ -50,7 +55,23 @@ pub struct VmSnapshot {
     pub(crate) devices: Vec<MmioState>,
 }
 
+/// Ids of snapshots: unique in the process.
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A fresh snapshot id.
+pub(crate) fn next_id() -> u64 {
+    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+}
+
 impl VmSnapshot {
+    /// The kind of shell its clones use.
+    pub(crate) fn pool_key(&self) -> PoolKey {
+        PoolKey {
+            mem_bytes: self.mem_bytes,
+            template: Some(self.id),
+        }
+    }
+
     /// Guest memory size in bytes.
     pub fn mem_bytes(&self) -> u64 {
         self.mem_bytes

@@ -229,3 +229,26 @@ fn clones_need_the_template_device_layout() {
         "{err:?}"
     );
 }
+
+#[test]
+fn pooled_clone_shells_skip_the_vm_setup() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let snapshot = template(&host, &[agent::QUIET]);
+    host.set_clone_pool_target(&snapshot, 2).unwrap();
+    assert!(host.wait_pool_full(TIMEOUT));
+    assert_eq!(host.clone_pool_ready(&snapshot), 2);
+    for round in 0..4 {
+        assert!(host.wait_pool_full(TIMEOUT));
+        let vm = clone_of(&host, &snapshot);
+        let t = vm.timings().clone();
+        assert!(t.pooled, "round {round}: {t:?}");
+        if std::env::var_os("SHOW_TIMINGS").is_some() {
+            eprintln!("pooled clone: {t:?}");
+        }
+        call(&vm, "Health");
+    }
+    host.set_clone_pool_target(&snapshot, 0).unwrap();
+    assert_eq!(host.clone_pool_ready(&snapshot), 0);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+}

@@ -168,6 +168,8 @@ struct Inner {
 pub struct Templates {
     host: vmm::Host,
     max: usize,
+    /// Clone shells kept pre-built per template.
+    pool_depth: usize,
     build_timeout: Duration,
     /// `<state_dir>/templates.json`, if recorded.
     record: Option<PathBuf>,
@@ -177,17 +179,19 @@ pub struct Templates {
 }
 
 impl Templates {
-    /// Templates on `host`: at most `max`, each given `build_timeout` to come up; the shapes
-    /// built are recorded in `record`.
+    /// Templates on `host`: at most `max`, each given `build_timeout` to come up, with
+    /// `pool_depth` clone shells kept ready; the shapes built are recorded in `record`.
     pub fn new(
         host: vmm::Host,
         max: usize,
+        pool_depth: usize,
         build_timeout: Duration,
         record: Option<PathBuf>,
     ) -> Arc<Self> {
         Arc::new(Templates {
             host,
             max: max.max(1),
+            pool_depth,
             build_timeout,
             record,
             recorded_queued: std::sync::atomic::AtomicBool::new(false),
@@ -301,6 +305,13 @@ impl Templates {
                 );
                 inner.clock = inner.clock.wrapping_add(1);
                 let used = inner.clock;
+                if self.pool_depth > 0
+                    && let Err(e) = self
+                        .host
+                        .set_clone_pool_target(&template.snapshot, self.pool_depth)
+                {
+                    warn!(error = %e, "no pre-built shells for the template's clones");
+                }
                 inner.slots.insert(
                     shape,
                     Slot::Ready {
@@ -309,7 +320,10 @@ impl Templates {
                     },
                 );
                 inner.stats.built = inner.stats.built.saturating_add(1);
-                evict(&mut inner, self.max);
+                for dropped in evict(&mut inner, self.max) {
+                    // Its clones keep their own mapping of its memory; the idle shells go.
+                    let _ = self.host.set_clone_pool_target(&dropped.snapshot, 0);
+                }
             }
             Err(e) => {
                 warn!(error = %error_chain(&e), "cannot build a VM template; sandboxes of its shape boot");
@@ -415,8 +429,9 @@ fn template_spec(spec: &VmSpec) -> VmSpec {
     }
 }
 
-/// Drops the least recently used ready templates beyond `max`.
-fn evict(inner: &mut Inner, max: usize) {
+/// Drops the least recently used ready templates beyond `max` and returns them.
+fn evict(inner: &mut Inner, max: usize) -> Vec<Arc<Template>> {
+    let mut dropped = Vec::new();
     loop {
         let ready: Vec<(&Shape, u64)> = inner
             .slots
@@ -427,16 +442,18 @@ fn evict(inner: &mut Inner, max: usize) {
             })
             .collect();
         if ready.len() <= max {
-            return;
+            return dropped;
         }
         let Some(oldest) = ready
             .iter()
             .min_by_key(|(_, used)| *used)
             .map(|(s, _)| (*s).clone())
         else {
-            return;
+            return dropped;
         };
-        inner.slots.remove(&oldest);
+        if let Some(Slot::Ready { template, .. }) = inner.slots.remove(&oldest) {
+            dropped.push(template);
+        }
     }
 }
 
