@@ -627,7 +627,9 @@ enum CgroupKind {
     V2,
 }
 
-/// This process's memory cgroup directory, if the memory controller is mounted.
+/// A memory cgroup directory a fresh child cgroup can be made in: this process's own (v1), or on
+/// v2 its own or its parent's, whichever has the memory controller on for its children (a v2
+/// cgroup that holds processes cannot, so it is usually the parent).
 fn own_memory_cgroup() -> Option<(PathBuf, CgroupKind)> {
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     for line in text.lines() {
@@ -639,10 +641,15 @@ fn own_memory_cgroup() -> Option<(PathBuf, CgroupKind)> {
         }
         if controllers.is_empty() {
             let dir = Path::new("/sys/fs/cgroup").join(rel);
-            let has_memory = std::fs::read_to_string(dir.join("cgroup.subtree_control"))
-                .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"));
-            if has_memory {
+            let has_memory = |d: &Path| {
+                std::fs::read_to_string(d.join("cgroup.subtree_control"))
+                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "memory"))
+            };
+            if has_memory(&dir) {
                 return Some((dir, CgroupKind::V2));
+            }
+            if let Some(parent) = dir.parent().filter(|p| has_memory(p)) {
+                return Some((parent.to_path_buf(), CgroupKind::V2));
             }
         }
     }
@@ -672,7 +679,13 @@ fn cgroup_counters(dir: &Path, kind: CgroupKind) -> Option<(u64, u64, u64, u64)>
         )),
         CgroupKind::V2 => Some((
             read("memory.current")?,
-            field("kernel")?,
+            // `kernel` since Linux 5.18; before, its parts.
+            field("kernel").or_else(|| {
+                ["kernel_stack", "pagetables", "percpu", "sock", "slab"]
+                    .iter()
+                    .map(|f| field(f))
+                    .sum()
+            })?,
             field("shmem")?,
             field("anon")?,
         )),
