@@ -8,7 +8,7 @@
 //! Needs root, `unshare`/`nsenter` (util-linux), `ip` (iproute2), veth support and cgroup v2.
 //! On a hybrid cgroup host (cgroup2 only at `/sys/fs/cgroup/unified`) the agent's mount
 //! namespace gets cgroup2 mounted on `/sys/fs/cgroup`, as in the guest. Without these the test
-//! prints a loud SKIP, or fails under `SANDBOXER_REQUIRE_ROOT=1`.
+//! prints a loud SKIP, or fails under CI (`CI=true` or `SANDBOXER_REQUIRE_ROOT=1`).
 #![allow(
     clippy::unwrap_used,
     reason = "test code: a failed step fails the test"
@@ -39,10 +39,12 @@ const MAC: &str = "02:5b:00:00:00:01";
 /// The MAC of its peer.
 const PEER_MAC: &str = "02:5b:00:00:00:02";
 
-/// Skips (or fails under SANDBOXER_REQUIRE_ROOT=1) with a loud message.
+/// Skips with a loud message, or fails under CI (`CI=true` or SANDBOXER_REQUIRE_ROOT=1).
 fn skip(why: &str) {
-    if std::env::var("SANDBOXER_REQUIRE_ROOT").as_deref() == Ok("1") {
-        panic!("{why} (SANDBOXER_REQUIRE_ROOT=1)");
+    if std::env::var("SANDBOXER_REQUIRE_ROOT").as_deref() == Ok("1")
+        || std::env::var("CI").as_deref() == Ok("true")
+    {
+        panic!("{why} (required: CI=true or SANDBOXER_REQUIRE_ROOT=1)");
     }
     eprintln!("SKIP control_api: {why}");
 }

@@ -14,10 +14,9 @@
 //! The static agent is built here (`cargo build -p agent --release --target
 //! x86_64-unknown-linux-musl`, quick when up to date) and packed, stripped, with the guest
 //! crate. Needs QEMU, `vhost-device-vsock` (tests/setup installs both) and the cached guest
-//! kernel (`guest/build-kernel`). Missing pieces make a loud SKIP; the test fails instead when
-//! `SANDBOXER_REQUIRE_GUEST=1`, and under `CI=true`/`SANDBOXER_REQUIRE_KVM=1` when QEMU or
-//! vhost-device-vsock is missing (the kernel is built later in tests/run, which then runs this
-//! test again with `SANDBOXER_REQUIRE_GUEST=1`).
+//! kernel (`guest/build-kernel`). Missing pieces make a loud SKIP; the test fails instead under
+//! CI (`CI=true`, or `SANDBOXER_REQUIRE_GUEST=1`), and with `SANDBOXER_REQUIRE_KVM=1` when QEMU
+//! or vhost-device-vsock is missing (tests/run builds the kernel before the workspace's tests).
 #![allow(
     clippy::unwrap_used,
     reason = "test code: a failed step fails the test"
@@ -92,7 +91,7 @@ struct Tools {
 }
 
 fn preconditions() -> Option<Tools> {
-    let require_guest = env_is("SANDBOXER_REQUIRE_GUEST", "1");
+    let require_guest = env_is("SANDBOXER_REQUIRE_GUEST", "1") || env_is("CI", "true");
     let require_tools =
         require_guest || env_is("CI", "true") || env_is("SANDBOXER_REQUIRE_KVM", "1");
     let Some(qemu) = find_program("qemu-system-x86_64") else {

@@ -875,8 +875,9 @@ mod tests {
     #[test]
     fn round_trip_through_gnu_cpio() {
         if !have_cpio() {
-            eprintln!(
-                "SKIP round_trip_through_gnu_cpio: `cpio` not installed (apt-get install cpio)"
+            crate::skip_without_tool(
+                "round_trip_through_gnu_cpio",
+                "`cpio` not installed (apt-get install cpio)",
             );
             return;
         }
@@ -914,7 +915,10 @@ mod tests {
     #[test]
     fn device_nodes_listed_by_gnu_cpio() {
         if !have_cpio() {
-            eprintln!("SKIP device_nodes_listed_by_gnu_cpio: `cpio` not installed");
+            crate::skip_without_tool(
+                "device_nodes_listed_by_gnu_cpio",
+                "`cpio` not installed (apt-get install cpio)",
+            );
             return;
         }
         let mut w = CpioWriter::new(Vec::new());

@@ -96,7 +96,10 @@ mod tests {
     #[test]
     fn strips_an_elf_binary() {
         if !have_strip() {
-            eprintln!("SKIP strips_an_elf_binary: no {STRIP} (apt-get install binutils)");
+            crate::skip_without_tool(
+                "strips_an_elf_binary",
+                &format!("no {STRIP} (apt-get install binutils)"),
+            );
             return;
         }
         let full = read_init(&me(), false).unwrap();

@@ -12,13 +12,14 @@
 //! - Containers (create/start/exec/logs/exit codes/stop/remove, a second container, a restart
 //!   in the middle) need a Linux guest: they run when `SANDBOXER_LINUX_GUEST_KERNEL` and
 //!   `SANDBOXER_LINUX_GUEST_INITRAMFS` name the guest kernel and the agent initramfs and the
-//!   host's KVM can run them, and skip loudly otherwise. On this project's CI they run inside
-//!   the emulated KVM host (`tests/emulated-host/run`, case `cri-containers`), which packs this
-//!   test binary, containerd and the scripts, and names them with `SANDBOXER_CONTAINERD_CACHE`,
-//!   `SANDBOXER_CONTAINERD_SCRIPTS` and `SANDBOXER_CRI_IMAGE_TAR` (a pre-built image).
+//!   host's KVM can run them, and skip loudly otherwise (under `CI=true` they fail instead).
+//!   On this project's CI they run inside the emulated KVM host (`tests/emulated-host/run`,
+//!   case `cri-containers`), which packs this test binary, containerd and the scripts, and
+//!   names them with `SANDBOXER_CONTAINERD_CACHE`, `SANDBOXER_CONTAINERD_SCRIPTS` and
+//!   `SANDBOXER_CRI_IMAGE_TAR` (a pre-built image).
 //!
-//! Needs root (containerd, overlayfs); `SANDBOXER_REQUIRE_ROOT=1` makes a missing root a
-//! failure. A missing containerd is a failure on CI (`CI=true`, where `tests/setup` installs
+//! Needs root (containerd, overlayfs); under CI (`CI=true` or `SANDBOXER_REQUIRE_ROOT=1`) a
+//! missing root is a failure. A missing containerd is a failure on CI (`CI=true`, where `tests/setup` installs
 //! it) and with `SANDBOXER_REQUIRE_CONTAINERD=1`, a loud skip otherwise.
 #![allow(
     clippy::unwrap_used,
@@ -125,8 +126,8 @@ fn installed_containerd() -> Result<Containerd, String> {
 /// Root and containerd, or `None` after a loud skip (a panic where they are required).
 fn prerequisites(test: &str) -> Option<Containerd> {
     if !is_root() {
-        if env_is("SANDBOXER_REQUIRE_ROOT", "1") {
-            panic!("SANDBOXER_REQUIRE_ROOT=1 but {test} is not running as root");
+        if env_is("SANDBOXER_REQUIRE_ROOT", "1") || env_is("CI", "true") {
+            panic!("{test} is not running as root (required: CI=true or SANDBOXER_REQUIRE_ROOT=1)");
         }
         eprintln!("SKIP {test}: needs root (containerd, overlayfs)");
         return None;
@@ -169,11 +170,17 @@ fn sandboxer_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A Linux guest kernel and the agent initramfs for the container tests, or `None` after a
-/// loud skip.
+/// loud skip. Under CI (`CI=true`) a missing guest is a failure: `tests/run` leaves this test
+/// out of the host's run by name and runs it in the emulated host (case `cri-containers`).
 fn linux_guest(test: &str) -> Option<(PathBuf, PathBuf)> {
     let kernel = std::env::var_os("SANDBOXER_LINUX_GUEST_KERNEL");
     let initramfs = std::env::var_os("SANDBOXER_LINUX_GUEST_INITRAMFS");
     let (Some(kernel), Some(initramfs)) = (kernel, initramfs) else {
+        assert!(
+            !env_is("CI", "true"),
+            "{test} needs a Linux guest (SANDBOXER_LINUX_GUEST_KERNEL, \
+             SANDBOXER_LINUX_GUEST_INITRAMFS); under CI it runs in tests/emulated-host"
+        );
         eprintln!(
             "SKIP {test}: needs a Linux guest on a KVM host that can run one (set \
              SANDBOXER_LINUX_GUEST_KERNEL and SANDBOXER_LINUX_GUEST_INITRAMFS; this host's KVM \

@@ -16,10 +16,11 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 
-/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`.
-const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDADDENTROPY`: `_IOW('R', 0x03, int[2])`. `libc::Ioctl` is the request type of the libc
+/// the agent links (`c_ulong` with glibc, `c_int` with musl, the guest's); both values fit both.
+const RNDADDENTROPY: libc::Ioctl = 0x4008_5203;
 /// `RNDRESEEDCRNG`: `_IO('R', 0x07)`.
-const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
 /// Most bytes accepted at once (the kernel takes any size; more is pointless).
 pub const MAX_ENTROPY: usize = 512;
 

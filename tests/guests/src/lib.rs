@@ -426,21 +426,23 @@ pub fn kvm_usable() -> Result<(), String> {
         .map_err(|e| format!("/dev/kvm is not usable: {e}"))
 }
 
-/// Whether the environment demands KVM (CI sets `SANDBOXER_REQUIRE_KVM=1`).
+/// Whether the environment demands KVM: under CI (`CI=true`; `.ci/run` sets it) and with
+/// `SANDBOXER_REQUIRE_KVM=1`.
 pub fn kvm_required() -> bool {
     std::env::var("SANDBOXER_REQUIRE_KVM").is_ok_and(|v| v == "1")
+        || std::env::var("CI").is_ok_and(|v| v == "true")
 }
 
 /// Gate for tests that need `/dev/kvm`.
 ///
-/// Returns from the test with a loud `SKIP` line when KVM is unusable, and panics instead when
-/// `SANDBOXER_REQUIRE_KVM=1`, so a KVM CI run can never pass silently.
+/// Returns from the test with a loud `SKIP` line when KVM is unusable, and panics instead under
+/// CI (`CI=true` or `SANDBOXER_REQUIRE_KVM=1`), so a KVM CI run can never pass silently.
 #[macro_export]
 macro_rules! require_kvm {
     () => {
         if let Err(why) = $crate::kvm_usable() {
             if $crate::kvm_required() {
-                panic!("SANDBOXER_REQUIRE_KVM=1 but {why}");
+                panic!("KVM is required (CI=true or SANDBOXER_REQUIRE_KVM=1) but {why}");
             }
             eprintln!("SKIP {}: {why}", module_path!());
             return;

@@ -1,1362 +1,333 @@
 // SPDX-License-Identifier: Apache-2.0
-//! `sandboxer-bench <scenario>`: the project's start-up benchmarks.
+//! `sandboxer-bench <scenario>`: the project's benchmarks.
 //!
 //! Each scenario prints a short table and, as its last line, one JSON object with its figures.
-//! Figures come from runs on the real `/dev/kvm` with the project's test guests.
+//! Figures come from runs on the real `/dev/kvm` with the project's test guests. Every figure
+//! says what starts and stops its clock, and whether it is taken inside one process (what the
+//! daemon pays) or over a whole process (what a new user sees); a figure that is only a bound
+//! says so. `sandboxer-bench <scenario> --help` lists a scenario's options.
 //!
 //! Scenarios:
-//! - `vmm-start`: per-phase times of `Vm::start` and start -> boot-timer signal (p50/p99 over many
-//!   boots), cold and from the pre-built shell pool (`vmm::Host`); host memory the VMM adds per VM
-//!   with 1 and with N VMs alive; QEMU microvm on the same guest for comparison. `p50_ms`/`p99_ms`
-//!   in the JSON are the pooled figures (the daemon keeps a pool for its default VM size); the
-//!   cold ones are `cold_p50_ms`/`cold_p99_ms`.
-//! - `blk`: the virtio-blk device path's cost per 4 KiB read and its IOPS (request parsing,
-//!   guest-memory copies, used-ring updates, the used-buffer interrupt through the production
-//!   `IrqTrigger`) on a tmpfs file, against plain `pread` of the same offsets from the same file
-//!   into a page-aligned buffer. No KVM: the queue is driven in memory exactly as a guest would.
-//! - `net`: the virtio-net device path's cost per frame, both ways, over a backend that does real
-//!   I/O without root: one end of an AF_UNIX datagram socketpair (one frame per datagram, as a
-//!   tap carries them). TX: frames the guest posted go through `VirtioNet::process_tx` into the
-//!   socket; the baseline writes the same frames to the same kind of socket with `send`. RX:
-//!   frames waiting in the socket go through `VirtioNet::process_rx` into the guest's buffers;
-//!   the baseline `recv`s them into one buffer. Frames/s, us/frame and ratio (device/raw).
-//! - `vsock`: a byte stream through the virtio-vsock device and its muxer to the host end of an
-//!   in-process `VsockHandle` connection (a unix stream, what the daemon's agent connection
-//!   uses), and back. TX: the guest's RW packets go through `Vsock::handle_txq_event` into the
-//!   host stream; RX: bytes the host wrote come through `Vsock::handle_backend_event` into the
-//!   guest's RX buffers. The guest keeps to the credit protocol. The baseline moves the same
-//!   bytes, in the same chunks, through a plain unix stream socketpair. MB/s and ratio.
-//! - `sandbox-start`: the daemon (in this process, on a temporary socket) driven through the
-//!   containerd 2.x Sandbox API over gRPC (state dir on a tmpfs, like /run/sandboxer on a
-//!   standard host): Create+Start until Start returns, p50/p99, with the daemon's default VM
-//!   shell pool, and process RSS growth per running sandbox with 1 and N alive. The sandboxes
-//!   boot the `virtio` test guest in agent mode (this host's KVM cannot run Linux): Start
-//!   returns after the guest's ready signal over vsock and the agent's SyncClock and Setup.
+//! - `vmm-start` ([`vmm_start`]): in-process `Vm::start` phases (KVM open included) and start ->
+//!   boot-timer signal / guest ended, cold and from the shell pool; `sandboxer vm run` as a
+//!   whole process against QEMU microvm on the same guest (spawn -> exit, both checked to print
+//!   the guest's line; wall, CPU, peak RSS); host memory per VM measured in a fresh child
+//!   process (RSS and the kernel's share from the child's own memory cgroup).
+//! - `blk`, `net`, `vsock` ([`devices`]): the device paths without KVM against the plain system
+//!   calls that move the same bytes.
+//! - `sandbox-start` ([`daemon`]): the daemon (in this process) driven over gRPC: Create+Start
+//!   until Start returns, the CPU time of the host's own threads during each Start, and RSS per
+//!   running sandbox.
+//! - `density` ([`daemon`]): fills the daemon with sandboxes level by level (`--alive
+//!   10,100,1000`) and reports Start while filling, fds, threads, RSS and idle CPU per sandbox.
+//!
+//! At start the process raises its own `RLIMIT_NOFILE` soft limit to the hard limit (the
+//! daemon it hosts holds ~50 fds per sandbox).
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+#[path = "sandboxer-bench/daemon.rs"]
+mod daemon;
+#[path = "sandboxer-bench/devices.rs"]
+mod devices;
+#[path = "sandboxer-bench/vmm_start.rs"]
+mod vmm_start;
+
+use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use integration_tests::{Summary, procstat};
-use serde_json::json;
-use test_guests::Guest;
-use vmm::{Vm, VmConfig};
 
-/// Each scenario, what it measures and the options it reads.
-const SCENARIOS: &[(&str, &str, &str)] = &[
+/// One scenario: name, what it measures, the options it reads, and its entry point.
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    options: &'static [&'static str],
+    run: fn(&Options) -> anyhow::Result<()>,
+    /// Started by this benchmark itself (a child process), not by a person.
+    internal: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "vmm-start",
+        what: "in-process Vm::start phases (KVM open included), cold and pooled; `sandboxer vm \
+               run` and QEMU microvm as whole processes on the same guest; host memory per VM \
+               in a fresh process (needs KVM, the `sandboxer` binary and qemu-system-x86_64)",
+        options: &[
+            "--iterations",
+            "--alive",
+            "--qemu-iterations",
+            "--mem-mib",
+            "--seccomp",
+            "--sandboxer",
+        ],
+        run: vmm_start::vmm_start,
+        internal: false,
+    },
+    Scenario {
+        name: "blk",
+        what: "random 4 KiB reads through VirtioBlock::process_queue vs pread of the same offsets",
+        options: &["--iterations"],
+        run: devices::blk,
+        internal: false,
+    },
+    Scenario {
+        name: "net",
+        what: "frames through VirtioNet TX and RX into/out of an AF_UNIX datagram socketpair vs \
+               send/recv of the same frames on the same kind of socket",
+        options: &["--iterations", "--frame-bytes"],
+        run: devices::net,
+        internal: false,
+    },
+    Scenario {
+        name: "vsock",
+        what: "a byte stream through the vsock device and muxer to an in-process host stream and \
+               back vs the same chunks through a unix stream socketpair",
+        options: &["--iterations", "--packet-bytes"],
+        run: devices::vsock,
+        internal: false,
+    },
+    Scenario {
+        name: "sandbox-start",
+        what: "Create+Start through the daemon's gRPC API; CPU time of the host's threads during \
+               Start; RSS per running sandbox (needs KVM)",
+        options: &["--iterations", "--alive", "--mem-mib", "--seccomp"],
+        run: daemon::sandbox_start,
+        internal: false,
+    },
+    Scenario {
+        name: "density",
+        what: "sandboxes started through the daemon up to each level, then idle: Start p50/p99 \
+               while filling, RSS, fds, threads and idle CPU per sandbox (needs KVM)",
+        options: &["--alive", "--idle-secs", "--mem-mib", "--seccomp"],
+        run: daemon::density,
+        internal: false,
+    },
+    Scenario {
+        name: "vm-memory",
+        what: "(internal: the child process of vmm-start's memory figure) boots --alive spin \
+               guests in this fresh process and prints its memory growth as JSON",
+        options: &["--alive", "--mem-mib", "--seccomp", "--cgroup"],
+        run: vmm_start::vm_memory_child,
+        internal: true,
+    },
+];
+
+/// Every option: flag, value, default, meaning.
+const OPTIONS: &[(&str, &str, &str, &str)] = &[
     (
-        "vmm-start",
-        "per-phase Vm::start times, cold and pooled; host memory per VM; QEMU microvm (needs KVM)",
-        "--iterations N (200) --alive N (100) --qemu-iterations N (20) --mem-mib N (128)",
+        "--iterations",
+        "N",
+        "200",
+        "samples (vmm-start: boots of each kind; blk/net/vsock: max(N, 1000) * 100 requests, \
+         500 frames, 100 packets)",
     ),
     (
-        "blk",
-        "random 4 KiB reads through VirtioBlock::process_queue vs pread of the same offsets",
-        "--iterations N (200): max(N, 1000) * 100 requests",
+        "--alive",
+        "N[,N...]",
+        "100; density: 10,100,1000",
+        "sandboxes or VMs alive at once (density: one level per value, in ascending order)",
     ),
     (
-        "net",
-        "frames through VirtioNet TX and RX into/out of an AF_UNIX datagram socketpair vs \
-         send/recv of the same frames on the same kind of socket",
-        "--iterations N (200): max(N, 1000) * 500 frames each way; --frame-bytes N (1514)",
+        "--qemu-iterations",
+        "N",
+        "30",
+        "paired whole-process runs of `sandboxer vm run` and QEMU (0: leave them out)",
+    ),
+    ("--mem-mib", "N", "128", "guest memory per VM"),
+    (
+        "--seccomp",
+        "enforce|log|off",
+        "enforce",
+        "seccomp filters of the VMs' vCPU and VMM threads (in process, in `sandboxer vm run` and \
+         in the daemon)",
     ),
     (
-        "vsock",
-        "a byte stream through the vsock device and muxer to an in-process host stream and back \
-         vs the same chunks through a unix stream socketpair",
-        "--iterations N (200): max(N, 1000) * 100 packets each way; --packet-bytes N (4096)",
+        "--sandboxer",
+        "PATH",
+        "$SANDBOXER_BIN, else `sandboxer` beside this binary",
+        "the `sandboxer` binary whose `vm run` is timed (cargo build --release --bin sandboxer)",
     ),
     (
-        "sandbox-start",
-        "Create+Start through the daemon's gRPC API, RSS per running sandbox (needs KVM)",
-        "--iterations N (200) --alive N (100) --mem-mib N (128)",
+        "--idle-secs",
+        "N",
+        "10",
+        "density: the idle window over which CPU per sandbox is measured",
+    ),
+    ("--frame-bytes", "N", "1514", "net: bytes per frame"),
+    ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
+    (
+        "--cgroup",
+        "DIR",
+        "none",
+        "vm-memory: a fresh memory cgroup this process moves into first",
     ),
 ];
 
 fn usage() -> String {
     let mut s = String::from(
-        "usage: sandboxer-bench <scenario> [--option N ...]\n       \
+        "usage: sandboxer-bench <scenario> [--option VALUE ...]\n       \
          sandboxer-bench [<scenario>] --help\n\nEach scenario prints a short table and, as its \
          last line, one JSON object.\n\nscenarios:\n",
     );
-    for (name, what, opts) in SCENARIOS {
-        s.push_str(&format!(
-            "  {name:<14} {what}\n  {:<14} options: {opts}\n",
-            ""
-        ));
+    for sc in SCENARIOS.iter().filter(|s| !s.internal) {
+        s.push_str(&format!("  {:<14} {}\n", sc.name, sc.what));
+    }
+    s.push_str("\n`sandboxer-bench <scenario> --help` lists its options.\n");
+    s
+}
+
+fn scenario_help(sc: &Scenario) -> String {
+    let mut s = format!(
+        "usage: sandboxer-bench {} [--option VALUE ...]\n\n{}\n\noptions:\n",
+        sc.name, sc.what
+    );
+    for flag in sc.options {
+        if let Some((f, value, default, meaning)) = OPTIONS.iter().find(|o| o.0 == *flag) {
+            s.push_str(&format!(
+                "  {f} {value}\n      {meaning} (default: {default})\n"
+            ));
+        }
     }
     s
 }
 
-/// The VMM host every scenario of this process uses (KVM handle, shell pool, live count).
-fn vmm_host() -> &'static vmm::Host {
-    static HOST: std::sync::OnceLock<vmm::Host> = std::sync::OnceLock::new();
-    HOST.get_or_init(vmm::Host::new)
-}
-
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--help" || a == "-h") {
-        match args
-            .first()
-            .and_then(|a| SCENARIOS.iter().find(|(n, _, _)| n == a))
-        {
-            Some((name, what, opts)) => {
-                println!("sandboxer-bench {name}: {what}\noptions: {opts}");
-            }
-            None => print!("{}", usage()),
-        }
-        return Ok(());
-    }
-    let Some(scenario) = args.first() else {
-        bail!("{}", usage());
-    };
-    let opts = Options::parse(&args[1..])?;
-    match scenario.as_str() {
-        "vmm-start" => vmm_start(&opts),
-        "blk" => blk(&opts),
-        "net" => net(&opts),
-        "vsock" => vsock(&opts),
-        "sandbox-start" => sandbox_start(&opts),
-        other => bail!("unknown scenario {other:?}\n{}", usage()),
-    }
-}
-
-#[derive(Debug)]
-struct Options {
-    iterations: usize,
-    alive: usize,
-    qemu_iterations: usize,
-    mem_mib: u32,
-    frame_bytes: usize,
-    packet_bytes: usize,
+/// Options of every scenario; each scenario reads its own.
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) iterations: usize,
+    /// `--alive` as given, or empty for the scenario's default.
+    pub(crate) alive: Vec<usize>,
+    pub(crate) qemu_iterations: usize,
+    pub(crate) mem_mib: u32,
+    pub(crate) frame_bytes: usize,
+    pub(crate) packet_bytes: usize,
+    pub(crate) seccomp: vmm::SeccompPolicy,
+    pub(crate) sandboxer: Option<std::path::PathBuf>,
+    pub(crate) idle_secs: u64,
+    pub(crate) cgroup: Option<std::path::PathBuf>,
 }
 
 impl Options {
-    fn parse(args: &[String]) -> anyhow::Result<Self> {
+    fn parse(scenario: &Scenario, args: &[String]) -> anyhow::Result<Self> {
         let mut o = Options {
             iterations: 200,
-            alive: 100,
-            qemu_iterations: 20,
+            alive: Vec::new(),
+            qemu_iterations: 30,
             mem_mib: 128,
             frame_bytes: 1514,
             packet_bytes: 4096,
+            seccomp: vmm::SeccompPolicy::Enforce,
+            sandboxer: None,
+            idle_secs: 10,
+            cgroup: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if !scenario.options.contains(&flag.as_str()) {
+                bail!(
+                    "{} takes no option {flag:?}\n\n{}",
+                    scenario.name,
+                    scenario_help(scenario)
+                );
+            }
             let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-            let n: usize = value
-                .parse()
-                .with_context(|| format!("{flag}: {value:?} is not a number"))?;
+            let number = || -> anyhow::Result<usize> {
+                value
+                    .parse()
+                    .with_context(|| format!("{flag}: {value:?} is not a number"))
+            };
             match flag.as_str() {
-                "--iterations" => o.iterations = n.max(1),
-                "--alive" => o.alive = n.max(1),
-                "--qemu-iterations" => o.qemu_iterations = n,
-                "--mem-mib" => o.mem_mib = u32::try_from(n).context("--mem-mib too large")?,
-                "--frame-bytes" => o.frame_bytes = n,
-                "--packet-bytes" => o.packet_bytes = n,
-                _ => bail!("unknown option {flag}\n{}", usage()),
+                "--iterations" => o.iterations = number()?.max(1),
+                "--alive" => {
+                    o.alive = value
+                        .split(',')
+                        .map(|v| {
+                            v.trim()
+                                .parse::<usize>()
+                                .ok()
+                                .filter(|n| *n > 0)
+                                .with_context(|| format!("--alive: {v:?} is not a positive number"))
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                }
+                "--qemu-iterations" => o.qemu_iterations = number()?,
+                "--mem-mib" => {
+                    o.mem_mib = u32::try_from(number()?).context("--mem-mib too large")?
+                }
+                "--frame-bytes" => o.frame_bytes = number()?,
+                "--packet-bytes" => o.packet_bytes = number()?,
+                "--idle-secs" => o.idle_secs = u64::try_from(number()?.max(1))?,
+                "--seccomp" => {
+                    o.seccomp = value.parse().map_err(|e: String| anyhow::anyhow!(e))?;
+                }
+                "--sandboxer" => o.sandboxer = Some(value.into()),
+                "--cgroup" => o.cgroup = Some(value.into()),
+                _ => bail!("unknown option {flag}"),
             }
         }
         Ok(o)
     }
+
+    /// `--alive` for scenarios that take one count.
+    pub(crate) fn alive_one(&self, default: usize) -> anyhow::Result<usize> {
+        match self.alive.as_slice() {
+            [] => Ok(default),
+            [n] => Ok(*n),
+            _ => bail!("--alive takes one number here"),
+        }
+    }
 }
 
-fn config(guest: Guest, mem_mib: u32) -> VmConfig {
-    let mut c = VmConfig::new(guest.elf());
-    c.mem_mib = mem_mib;
-    c.cmdline = "bench".into();
-    c
+/// The VMM host every scenario of this process uses (KVM handle, shell pool, live count).
+pub(crate) fn vmm_host() -> &'static vmm::Host {
+    static HOST: std::sync::OnceLock<vmm::Host> = std::sync::OnceLock::new();
+    HOST.get_or_init(vmm::Host::new)
 }
 
-/// Samples of one series of boots.
-struct Boots {
-    phases: Vec<(&'static str, Vec<Duration>)>,
-    to_signal: Vec<Duration>,
-    to_end: Vec<Duration>,
+/// `RLIMIT_NOFILE`: (soft before, soft now, hard). The soft limit is raised to the hard one.
+pub(crate) fn raise_nofile() -> anyhow::Result<(u64, u64, u64)> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit(RLIMIT_NOFILE)")?;
+    }
+    let (now, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
+    Ok((soft, now, hard))
 }
 
-/// Boots `guest` `n` times, one at a time; with `pooled`, from a refilled shell pool.
-fn run_boots(guest: Guest, n: usize, mem_mib: u32, pooled: bool) -> anyhow::Result<Boots> {
-    let mut b = Boots {
-        phases: [
-            "vm_create",
-            "memory",
-            "kernel_load",
-            "devices",
-            "vcpu_create",
-            "vcpu_start",
-            "start_total",
-        ]
-        .into_iter()
-        .map(|name| (name, Vec::with_capacity(n)))
-        .collect(),
-        to_signal: Vec::with_capacity(n),
-        to_end: Vec::with_capacity(n),
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let scenario = args
+        .first()
+        .and_then(|a| SCENARIOS.iter().find(|s| s.name == a));
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        match scenario {
+            Some(sc) => print!("{}", scenario_help(sc)),
+            None => print!("{}", usage()),
+        }
+        return ExitCode::SUCCESS;
+    }
+    let Some(sc) = scenario else {
+        match args.first() {
+            Some(other) => eprintln!("sandboxer-bench: unknown scenario {other:?}\n\n{}", usage()),
+            None => eprint!("{}", usage()),
+        }
+        return ExitCode::from(2);
     };
-    if pooled {
-        vmm_host().set_pool_target(mem_mib, 1)?;
-    }
-    for i in 0..n {
-        if pooled && !vmm_host().wait_pool_full(Duration::from_secs(10)) {
-            bail!("the shell pool did not refill");
-        }
-        let t0 = Instant::now();
-        let vm = Vm::start(vmm_host(), config(guest, mem_mib))?;
-        let end = vm.wait();
-        let ended = t0.elapsed();
-        let signal = vm.boot_time().with_context(|| {
-            format!(
-                "boot {i}: no boot-timer signal; exit {:?}; console {:?}",
-                end.exit,
-                vm.console()
-            )
-        })?;
-        let t = vm.timings();
-        if t.pooled != pooled {
-            bail!("boot {i}: pooled is {} (expected {pooled})", t.pooled);
-        }
-        for (slot, d) in b.phases.iter_mut().zip([
-            t.vm_create,
-            t.memory,
-            t.kernel_load,
-            t.devices,
-            t.vcpu_create,
-            t.vcpu_start,
-            t.total,
-        ]) {
-            slot.1.push(d);
-        }
-        b.to_signal.push(signal);
-        b.to_end.push(ended);
-        drop(vm);
-        // Teardown runs on the VMM thread; let it finish so boots do not overlap it.
-        vmm_host().wait_all_torn_down(Duration::from_secs(10));
-    }
-    if pooled {
-        vmm_host().set_pool_target(mem_mib, 0)?;
-    }
-    Ok(b)
-}
-
-fn vmm_start(o: &Options) -> anyhow::Result<()> {
-    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
-    let guest = Guest::Quick;
-
-    // Warm-up: opens /dev/kvm once for the process, faults in the binary's code.
-    run_boots(guest, 3, o.mem_mib, false)?;
-    let cold = run_boots(guest, o.iterations, o.mem_mib, false)?;
-    let pooled = run_boots(guest, o.iterations, o.mem_mib, true)?;
-
-    let (overhead_1, overhead_n) = (
-        memory_overhead(1, o.mem_mib)?,
-        memory_overhead(o.alive, o.mem_mib)?,
-    );
-    let qemu = qemu_runs(guest, o.qemu_iterations, o.mem_mib);
-
-    println!(
-        "vmm-start: {} boots each, cold and from the shell pool, of test guest {:?} ({} MiB, 1 vCPU)",
-        o.iterations,
-        guest.name(),
-        o.mem_mib
-    );
-    println!(
-        "{:<28} {:>10} {:>10} {:>12} {:>12}",
-        "phase", "cold p50", "cold p99", "pooled p50", "pooled p99"
-    );
-    let mut phase_json = serde_json::Map::new();
-    let rows = cold
-        .phases
-        .iter()
-        .zip(&pooled.phases)
-        .map(|((name, c), (_, p))| (*name, Summary::of(c), Summary::of(p)))
-        .chain([
-            (
-                "start -> boot-timer signal",
-                Summary::of(&cold.to_signal),
-                Summary::of(&pooled.to_signal),
-            ),
-            (
-                "start -> guest ended",
-                Summary::of(&cold.to_end),
-                Summary::of(&pooled.to_end),
-            ),
-        ]);
-    for (name, c, p) in rows {
-        println!(
-            "{name:<28} {:>10.3} {:>10.3} {:>12.3} {:>12.3}",
-            c.p50_ms, c.p99_ms, p.p50_ms, p.p99_ms
-        );
-        phase_json.insert(
-            name.into(),
-            json!({"cold_p50_ms": c.p50_ms, "cold_p99_ms": c.p99_ms,
-                   "pooled_p50_ms": p.p50_ms, "pooled_p99_ms": p.p99_ms}),
-        );
-    }
-    println!(
-        "host overhead per VM: {overhead_1:.1} KiB with 1 alive, {overhead_n:.1} KiB with {} alive",
-        o.alive
-    );
-    let cold_signal = Summary::of(&cold.to_signal);
-    let pooled_signal = Summary::of(&pooled.to_signal);
-    let cold_end = Summary::of(&cold.to_end);
-    let (qemu_p50, qemu_p99, ratio) = match &qemu {
-        Ok(s) => {
-            println!(
-                "qemu microvm (spawn -> exit): p50 {:.3} ms, p99 {:.3} ms; {:.1}x our cold start -> guest ended",
-                s.p50_ms,
-                s.p99_ms,
-                s.p50_ms / cold_end.p50_ms
-            );
-            (
-                json!(s.p50_ms),
-                json!(s.p99_ms),
-                json!(s.p50_ms / cold_end.p50_ms),
-            )
-        }
+    let opts = match Options::parse(sc, args.get(1..).unwrap_or_default()) {
+        Ok(o) => o,
         Err(e) => {
-            println!("qemu microvm: not measured: {e:#}");
-            (
-                serde_json::Value::Null,
-                serde_json::Value::Null,
-                serde_json::Value::Null,
-            )
+            eprintln!("sandboxer-bench: {e:#}");
+            return ExitCode::from(2);
         }
     };
-    let out = json!({
-        "scenario": "vmm-start",
-        "guest": guest.name(),
-        "iterations": o.iterations,
-        "mem_mib": o.mem_mib,
-        "p50_ms": pooled_signal.p50_ms,
-        "p99_ms": pooled_signal.p99_ms,
-        "cold_p50_ms": cold_signal.p50_ms,
-        "cold_p99_ms": cold_signal.p99_ms,
-        "cold_end_p50_ms": cold_end.p50_ms,
-        "phases": phase_json,
-        "overhead_kib_per_vm": overhead_n,
-        "overhead_kib_per_vm_1": overhead_1,
-        "alive": o.alive,
-        "qemu_p50_ms": qemu_p50,
-        "qemu_p99_ms": qemu_p99,
-        "qemu_ratio": ratio,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// Create+Start through the daemon's gRPC API, and RSS per running sandbox.
-fn sandbox_start(o: &Options) -> anyhow::Result<()> {
-    use proto::v2::sandbox::{
-        ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
-        ControllerStatusRequest, ControllerStopRequest,
-    };
-
-    /// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
-    /// whether the guest's own work dominates them (the rest is the host's). Connecting to the
-    /// agent waits for the guest to answer the vsock connection request.
-    const PHASES: &[(&str, bool)] = &[
-        ("vm", false),
-        ("agent_ready", true),
-        ("agent_connect", true),
-        ("sync_clock", true),
-        ("setup", true),
-        ("task_server", false),
-    ];
-
-    test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
-    // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run is a
-    // tmpfs under systemd; on this development machine it is not, so use /dev/shm).
-    let base = if std::path::Path::new("/dev/shm").is_dir() {
-        std::path::PathBuf::from("/dev/shm")
-    } else {
-        std::env::temp_dir()
-    };
-    let dir = base.join(format!("sandboxer-bench-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let mut config = controller::config::Config {
-        state_dir: dir.join("state"),
-        stop_timeout_secs: 1,
-        ..controller::config::Config::default()
-    };
-    config.api.socket = dir.join("api.sock");
-    config.api.seed_socket = "".into();
-    // The `virtio` guest's agent mode stands in for the guest agent: Start includes its ready
-    // signal over vsock, the ttrpc connection, SyncClock and Setup; Stop's Control.Shutdown
-    // ends the VM, as the real agent does. The guest ignores the initramfs, but the daemon
-    // needs one.
-    config.vm.kernel = Guest::Virtio.elf().to_path_buf();
-    config.vm.cmdline = test_guests::agent::cmdline(
-        vmm::config::DEFAULT_CMDLINE,
-        &[
-            test_guests::agent::QUIET,
-            test_guests::agent::EXIT_ON_SHUTDOWN,
-        ],
-    );
-    let initramfs = dir.join("initramfs.img");
-    std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
-    config.vm.initramfs = initramfs;
-    config.vm.mem_mib = o.mem_mib;
-    let pool_depth = usize::try_from(config.vm.pool_depth)?;
-
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    let result = runtime.block_on(async {
-        // The daemon keeps a pool for its default VM size, as `sandboxer serve` does.
-        vmm_host().set_pool_target(o.mem_mib, pool_depth)?;
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let run_config = config.clone();
-        let daemon = tokio::spawn(async move {
-            controller::server::run(
-                &run_config,
-                controller::KvmBackend::new(vmm_host().clone()),
-                async {
-                    let _ = stop_rx.await;
-                },
-            )
-            .await
-        });
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::os::unix::net::UnixStream::connect(&config.api.socket).is_err() {
-            if Instant::now() > deadline {
-                bail!("the daemon never listened");
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        let mut client = controller::client::v2_client(&config.api.socket).await?;
-
-        async fn create_start(
-            client: &mut proto::v2::sandbox::controller_client::ControllerClient<
-                tonic::transport::Channel,
-            >,
-            id: &str,
-        ) -> anyhow::Result<(Duration, Vec<Duration>)> {
-            let t0 = Instant::now();
-            client
-                .create(ControllerCreateRequest {
-                    sandbox_id: id.into(),
-                    sandboxer: "sandboxer".into(),
-                    ..Default::default()
-                })
-                .await?;
-            client
-                .start(ControllerStartRequest {
-                    sandbox_id: id.into(),
-                    sandboxer: "sandboxer".into(),
-                })
-                .await?;
-            let took = t0.elapsed();
-            let info = client
-                .status(ControllerStatusRequest {
-                    sandbox_id: id.into(),
-                    verbose: false,
-                    sandboxer: "sandboxer".into(),
-                })
-                .await?
-                .into_inner()
-                .info;
-            let phases = PHASES
-                .iter()
-                .map(|(name, _)| {
-                    let key = format!("start_{name}_us");
-                    info.get(&key)
-                        .and_then(|v| v.parse().ok())
-                        .map(Duration::from_micros)
-                        .with_context(|| format!("Status has no {key}"))
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
-            Ok((took, phases))
-        }
-        async fn remove(
-            client: &mut proto::v2::sandbox::controller_client::ControllerClient<
-                tonic::transport::Channel,
-            >,
-            id: &str,
-        ) -> anyhow::Result<()> {
-            client
-                .stop(ControllerStopRequest {
-                    sandbox_id: id.into(),
-                    timeout_secs: 1,
-                    sandboxer: "sandboxer".into(),
-                })
-                .await?;
-            client
-                .shutdown(ControllerShutdownRequest {
-                    sandbox_id: id.into(),
-                    sandboxer: "sandboxer".into(),
-                })
-                .await?;
-            Ok(())
-        }
-
-        // Warm-up, then one sandbox at a time with the pool refilled in between (a steady
-        // stream of pod starts).
-        for i in 0..3 {
-            let id = format!("warm-{i}");
-            create_start(&mut client, &id).await?;
-            remove(&mut client, &id).await?;
-        }
-        let mut samples = Vec::with_capacity(o.iterations);
-        let mut phases = vec![Vec::with_capacity(o.iterations); PHASES.len()];
-        let mut host = Vec::with_capacity(o.iterations);
-        for i in 0..o.iterations {
-            vmm_host().wait_pool_full(Duration::from_secs(10));
-            let id = format!("bench-{i}");
-            let (took, by_phase) = create_start(&mut client, &id).await?;
-            samples.push(took);
-            // The host's share: everything but the phases that wait on the guest's own work.
-            let guest: Duration = PHASES
-                .iter()
-                .zip(&by_phase)
-                .filter(|((_, in_guest), _)| *in_guest)
-                .map(|(_, d)| *d)
-                .sum();
-            host.push(took.saturating_sub(guest));
-            for (all, d) in phases.iter_mut().zip(by_phase) {
-                all.push(d);
-            }
-            remove(&mut client, &id).await?;
-        }
-        vmm_host().wait_all_torn_down(Duration::from_secs(30));
-
-        // RSS per running sandbox, 1 and N alive.
-        let mut per_sandbox = Vec::new();
-        for count in [1, o.alive] {
-            vmm_host().wait_all_torn_down(Duration::from_secs(30));
-            vmm_host().wait_pool_full(Duration::from_secs(10));
-            let before = procstat::rss_kib();
-            for i in 0..count {
-                create_start(&mut client, &format!("alive-{count}-{i}")).await?;
-            }
-            // Every guest is up (Start returned after its agent's Setup) and waits in hlt.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            let after = procstat::rss_kib();
-            per_sandbox.push(after.saturating_sub(before) as f64 / count as f64);
-            for i in 0..count {
-                remove(&mut client, &format!("alive-{count}-{i}")).await?;
-            }
-        }
-        let _ = stop_tx.send(());
-        daemon.await??;
-        Ok::<_, anyhow::Error>((samples, phases, host, per_sandbox))
-    });
-    vmm_host().set_pool_target(o.mem_mib, 0)?;
-    let _ = std::fs::remove_dir_all(&dir);
-    let (samples, phases, host, per_sandbox) = result?;
-    let s = Summary::of(&samples);
-    let h = Summary::of(&host);
-    let phase_summaries: Vec<Summary> = phases.iter().map(|p| Summary::of(p)).collect();
-    println!(
-        "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \"virtio\" in agent mode (Start includes READY, SyncClock, Setup), {} MiB, pool depth {pool_depth}",
-        o.iterations, o.mem_mib
-    );
-    println!("{:<40} {:>10} {:>10}", "", "p50 ms", "p99 ms");
-    println!(
-        "{:<40} {:>10.3} {:>10.3}",
-        "Create+Start -> Start returned", s.p50_ms, s.p99_ms
-    );
-    for ((name, in_guest), p) in PHASES.iter().zip(&phase_summaries) {
-        let label = format!(
-            "  start phase {name}{}",
-            if *in_guest { " (guest work)" } else { "" }
-        );
-        println!("{label:<40} {:>10.3} {:>10.3}", p.p50_ms, p.p99_ms);
+    if let Err(e) = raise_nofile() {
+        eprintln!("sandboxer-bench: cannot raise RLIMIT_NOFILE: {e:#}");
     }
-    println!(
-        "{:<40} {:>10.3} {:>10.3}",
-        "host share (total - guest work)", h.p50_ms, h.p99_ms
-    );
-    println!(
-        "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {} alive (includes guest pages the guest touched)",
-        per_sandbox[0], per_sandbox[1], o.alive
-    );
-    let out = json!({
-        "scenario": "sandbox-start",
-        "iterations": o.iterations,
-        "mem_mib": o.mem_mib,
-        "pool_depth": pool_depth,
-        "p50_ms": s.p50_ms,
-        "p99_ms": s.p99_ms,
-        "host_p50_ms": h.p50_ms,
-        "host_p99_ms": h.p99_ms,
-        "phases": PHASES
-            .iter()
-            .zip(&phase_summaries)
-            .map(|((name, _), p)| ((*name).to_string(), json!({"p50_ms": p.p50_ms, "p99_ms": p.p99_ms})))
-            .collect::<serde_json::Map<_, _>>(),
-        "rss_kib_per_sandbox": per_sandbox[1],
-        "rss_kib_per_sandbox_1": per_sandbox[0],
-        "alive": o.alive,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// 4 KiB random reads through `VirtioBlock::process_queue` against `pread`.
-fn blk(o: &Options) -> anyhow::Result<()> {
-    use std::os::unix::fs::FileExt;
-    use std::sync::Arc;
-
-    use devices::test_utils::{TestQueue, single_region_mem};
-    use devices::virtio::block::{FileDisk, VirtioBlock};
-    use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
-    use vm_memory::{Bytes, GuestAddress};
-
-    const IMAGE_BYTES: u64 = 64 << 20;
-    const BLOCK: u32 = 4096;
-    const BATCH: u16 = 64;
-    let requests = o.iterations.max(1000) * 100;
-
-    let dir = std::path::Path::new("/dev/shm");
-    let dir = if dir.is_dir() {
-        dir.to_path_buf()
-    } else {
-        std::env::temp_dir()
-    };
-    let path = dir.join(format!("sandboxer-bench-blk-{}", std::process::id()));
-    let image: Vec<u8> = (0..IMAGE_BYTES).map(|i| (i % 251) as u8).collect();
-    std::fs::write(&path, &image)?;
-    drop(image);
-    let file = std::fs::File::open(&path)?;
-    let blocks = IMAGE_BYTES / u64::from(BLOCK);
-    // A fixed pseudo-random sequence of block offsets, the same for both sides.
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let offsets: Vec<u64> = (0..requests)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % blocks) * u64::from(BLOCK)
-        })
-        .collect();
-
-    // Raw: pread into one page-aligned buffer, like the guest's data buffers. (A heap `Vec`
-    // has no alignment guarantee, and a misaligned destination makes every copy about 2.5x
-    // slower on these machines, so the baseline used to depend on where malloc put it.)
-    #[repr(C, align(4096))]
-    struct Page([u8; 4096]);
-    const _: () = assert!(BLOCK as usize == std::mem::size_of::<Page>());
-    let mut page = Box::new(Page([0; 4096]));
-    let t0 = Instant::now();
-    for &off in &offsets {
-        file.read_exact_at(&mut page.0, off)?;
-    }
-    let raw = t0.elapsed();
-
-    // Device path: a 256-entry queue, requests posted in batches of 64 (3 descriptors each).
-    let mem = single_region_mem(16 << 20);
-    let tq = TestQueue::new(&mem, GuestAddress(0x1000), 256);
-    let mut dev =
-        VirtioBlock::with_backend("bench", true, Some(Box::new(FileDisk::open(&path, true)?)))?;
-    // The production interrupt: status bits plus an EventFd write (the VMM's irqfd).
-    let irq = Arc::new(IrqTrigger::new()?);
-    dev.activate(mem.clone(), vec![tq.queue()], irq.clone())?;
-    let hdr_base = 0x10_0000u64;
-    let data_base = 0x20_0000u64;
-    let status_base = 0x18_0000u64;
-    let mut device = Duration::ZERO;
-    let mut done = 0usize;
-    let mut used_seen = 0u16;
-    while done < requests {
-        let batch = BATCH.min(u16::try_from(requests - done).unwrap_or(BATCH));
-        let n = usize::from(batch);
-        for (i, &off) in offsets[done..done + n].iter().enumerate() {
-            let i = i as u64;
-            let hdr = hdr_base + 16 * i;
-            // virtio_blk_req header: type IN (0), reserved, sector.
-            mem.write_obj(0u32, GuestAddress(hdr))?;
-            mem.write_obj(0u32, GuestAddress(hdr + 4))?;
-            mem.write_obj(off / 512, GuestAddress(hdr + 8))?;
-            tq.add_chain(&[
-                (hdr, 16, false),
-                (data_base + i * u64::from(BLOCK), BLOCK, true),
-                (status_base + i, 1, true),
-            ]);
-        }
-        let target = used_seen.wrapping_add(batch);
-        // Only the device's work counts: building the chains is the guest driver's.
-        let t0 = Instant::now();
-        while tq.used_idx() != target {
-            // What the device's event handler does on a queue notification.
-            if dev.process_queue() {
-                dev.signal_used_queue();
-            }
-        }
-        device += t0.elapsed();
-        used_seen = target;
-        done += n;
-    }
-    // Spot-check the last batch really carried the file's bytes and OK statuses.
-    let last = offsets[requests - 1];
-    let mut got = vec![0u8; 16];
-    let last_slot = ((requests - 1) % usize::from(BATCH)) as u64;
-    mem.read_slice(
-        &mut got,
-        GuestAddress(data_base + last_slot * u64::from(BLOCK)),
-    )?;
-    let expected: Vec<u8> = (last..last + 16).map(|i| (i % 251) as u8).collect();
-    if got != expected {
-        bail!("virtio-blk returned wrong data");
-    }
-    if mem.read_obj::<u8>(GuestAddress(status_base + last_slot))? != 0 {
-        bail!("virtio-blk request failed");
-    }
-    let interrupts = irq.event().read().unwrap_or(0);
-    if interrupts == 0 || irq.status() == 0 {
-        bail!("virtio-blk never signalled a used buffer interrupt");
-    }
-    let _ = std::fs::remove_file(&path);
-
-    let iops = requests as f64 / device.as_secs_f64();
-    let raw_iops = requests as f64 / raw.as_secs_f64();
-    let per_req_us = device.as_secs_f64() * 1e6 / requests as f64;
-    let raw_per_req_us = raw.as_secs_f64() * 1e6 / requests as f64;
-    println!(
-        "blk: {requests} random 4 KiB reads from a {} MiB file in {}",
-        IMAGE_BYTES >> 20,
-        dir.display()
-    );
-    println!("{:<14} {:>12} {:>14}", "path", "IOPS", "us/request");
-    println!("{:<14} {:>12.0} {:>14.3}", "virtio-blk", iops, per_req_us);
-    println!(
-        "{:<14} {:>12.0} {:>14.3}",
-        "pread", raw_iops, raw_per_req_us
-    );
-    println!("ratio {:.3}", iops / raw_iops);
-    let out = json!({
-        "scenario": "blk",
-        "requests": requests,
-        "block_bytes": BLOCK,
-        "iops": iops,
-        "raw_iops": raw_iops,
-        "ratio": iops / raw_iops,
-        "us_per_request": per_req_us,
-        "raw_us_per_request": raw_per_req_us,
-        "device_overhead_us": per_req_us - raw_per_req_us,
-        "interrupts": interrupts,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// Calls `step` until `done` holds; fails after `limit` calls without it (a device that stopped
-/// making progress would otherwise spin the benchmark forever).
-fn drive(
-    what: &str,
-    limit: usize,
-    mut step: impl FnMut(),
-    mut done: impl FnMut() -> bool,
-) -> anyhow::Result<()> {
-    let mut calls = 0usize;
-    while !done() {
-        if calls == limit {
-            bail!("{what}: no progress after {limit} calls");
-        }
-        step();
-        calls += 1;
-    }
-    Ok(())
-}
-
-/// The bytes of net frame `seq`: a pattern that differs per frame, then the sequence number.
-fn fill_frame(seq: u64, frame: &mut [u8]) {
-    let base = seq.wrapping_mul(31);
-    for (i, b) in frame.iter_mut().enumerate() {
-        *b = (base.wrapping_add(i as u64) % 251) as u8;
-    }
-    if let Some(head) = frame.get_mut(..8) {
-        head.copy_from_slice(&seq.to_le_bytes());
-    }
-}
-
-/// A virtio-net backend that does real I/O without root: one end of an AF_UNIX datagram
-/// socketpair, one frame per datagram (message boundaries kept, as on a tap).
-#[derive(Debug)]
-struct DgramNet(std::os::unix::net::UnixDatagram);
-
-impl std::os::fd::AsRawFd for DgramNet {
-    fn as_raw_fd(&self) -> std::os::fd::RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
-impl devices::virtio::net::NetBackend for DgramNet {
-    fn recv(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.0.recv(buf)
-    }
-
-    fn send(&mut self, frame: &[u8]) -> std::io::Result<()> {
-        let n = self.0.send(frame)?;
-        if n != frame.len() {
-            return Err(std::io::Error::other("short datagram"));
-        }
-        Ok(())
-    }
-}
-
-/// Frames through the virtio-net TX and RX paths vs `send`/`recv` on the same kind of socket.
-fn net(o: &Options) -> anyhow::Result<()> {
-    use std::os::unix::net::UnixDatagram;
-    use std::sync::Arc;
-
-    use devices::test_utils::{TestQueue, single_region_mem};
-    use devices::virtio::net::defs::{NET_HDR_LEN, VIRTIO_NET_F_MRG_RXBUF};
-    use devices::virtio::net::{NetConfig, VirtioNet};
-    use devices::virtio::{Interrupt, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
-    use vm_memory::{Bytes, GuestAddress};
-
-    /// Frames per batch: the guest posts this many, then the device runs.
-    const BATCH: usize = 64;
-    /// Guest memory per frame buffer.
-    const SLOT: u64 = 0x1_0000;
-    const TX_BASE: u64 = 0x10_0000;
-    const RX_BASE: u64 = 0x50_0000;
-    let frame_len = o.frame_bytes;
-    if !(14..=65_000).contains(&frame_len) {
-        bail!("--frame-bytes must be in 14..=65000");
-    }
-    let frames = o.iterations.max(1000) * 500;
-    let chain_len = u32::try_from(NET_HDR_LEN + frame_len)?;
-    // Receive buffers as a driver with mergeable buffers posts them: fixed size, one frame each.
-    let rx_buf_len = chain_len.max(2048);
-    let hdr_len = NET_HDR_LEN as u64;
-
-    let mem = single_region_mem(16 << 20);
-    let rxq = TestQueue::new(&mem, GuestAddress(0x1000), 256);
-    let txq = TestQueue::new(&mem, GuestAddress(0x4000), 256);
-    let (dev_end, host_end) = UnixDatagram::pair()?;
-    dev_end.set_nonblocking(true)?;
-    host_end.set_nonblocking(true)?;
-    let mut dev = VirtioNet::new(NetConfig::default(), Box::new(DgramNet(dev_end)))?;
-    dev.set_acked_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
-    // The production interrupt: status bits plus an EventFd write (the VMM's irqfd).
-    let irq = Arc::new(IrqTrigger::new()?);
-    dev.activate(mem.clone(), vec![rxq.queue(), txq.queue()], irq.clone())?;
-
-    let mut frame = vec![0u8; frame_len];
-    let mut got = vec![0u8; frame_len + 64];
-
-    // The baseline's socketpair, and host buffers for its frames.
-    let (raw_tx_end, raw_rx_end) = UnixDatagram::pair()?;
-    raw_tx_end.set_nonblocking(true)?;
-    raw_rx_end.set_nonblocking(true)?;
-    let mut batch_frames = vec![vec![0u8; frame_len]; BATCH];
-    let mut bufs = vec![0u8; BATCH * (frame_len + 64)];
-
-    // TX, batch by batch, the device and the baseline in turn (so both see the same machine
-    // load). Device: the guest posts a batch, the device sends it, the host reads it. Baseline:
-    // the same frames from host memory with one `send` each.
-    let (mut tx_device, mut tx_raw) = (Duration::ZERO, Duration::ZERO);
-    let mut used_seen = 0u16;
-    let mut seq = 0usize;
-    while seq < frames {
-        let n = BATCH.min(frames - seq);
-        for i in 0..n {
-            let at = TX_BASE + i as u64 * SLOT;
-            mem.write_slice(&[0u8; NET_HDR_LEN], GuestAddress(at))?;
-            fill_frame((seq + i) as u64, &mut frame);
-            mem.write_slice(&frame, GuestAddress(at + hdr_len))?;
-            txq.add_chain(&[(at, chain_len, false)]);
-        }
-        let target = used_seen.wrapping_add(u16::try_from(n)?);
-        // Only the device's work counts: building the chains is the guest driver's.
-        let t0 = Instant::now();
-        drive(
-            "virtio-net TX",
-            1_000_000,
-            || {
-                if dev.process_tx() {
-                    dev.signal_used_queue();
-                }
-            },
-            || txq.used_idx() == target,
-        )?;
-        tx_device += t0.elapsed();
-        used_seen = target;
-        for i in 0..n {
-            let len = host_end
-                .recv(&mut got)
-                .with_context(|| format!("TX frame {} did not reach the socket", seq + i))?;
-            fill_frame((seq + i) as u64, &mut frame);
-            if got[..len] != frame[..] {
-                bail!("TX frame {} arrived corrupted ({len} bytes)", seq + i);
-            }
-        }
-
-        for (i, f) in batch_frames[..n].iter_mut().enumerate() {
-            fill_frame((seq + i) as u64, f);
-        }
-        let t0 = Instant::now();
-        for f in &batch_frames[..n] {
-            if raw_tx_end.send(f)? != frame_len {
-                bail!("short datagram");
-            }
-        }
-        tx_raw += t0.elapsed();
-        for f in &batch_frames[..n] {
-            let len = raw_rx_end.recv(&mut got)?;
-            if got[..len] != f[..] {
-                bail!("raw TX frame arrived corrupted");
-            }
-        }
-        seq += n;
-    }
-
-    // RX the same way. Device: the host sends a batch, the guest posts buffers, the device
-    // delivers. Baseline: the same frames received with one `recv` each into distinct buffers.
-    let (mut rx_device, mut rx_raw) = (Duration::ZERO, Duration::ZERO);
-    let mut head_slot = vec![0u64; 256];
-    let mut rx_used_seen = 0u16;
-    let mut seq = 0usize;
-    while seq < frames {
-        let n = BATCH.min(frames - seq);
-        for i in 0..n {
-            fill_frame((seq + i) as u64, &mut frame);
-            host_end.send(&frame)?;
-            let at = RX_BASE + i as u64 * SLOT;
-            let head = rxq.add_chain(&[(at, rx_buf_len, true)]);
-            head_slot[usize::from(head)] = at;
-        }
-        let target = rx_used_seen.wrapping_add(u16::try_from(n)?);
-        let t0 = Instant::now();
-        drive(
-            "virtio-net RX",
-            1_000_000,
-            || {
-                if dev.process_rx() {
-                    dev.signal_used_queue();
-                }
-            },
-            || rxq.used_idx() == target,
-        )?;
-        rx_device += t0.elapsed();
-        for (i, pos) in (0..n).zip(0u16..) {
-            let (id, len) = rxq.used_elem(rx_used_seen.wrapping_add(pos));
-            if len != chain_len {
-                bail!("RX frame {} delivered with length {len}", seq + i);
-            }
-            let at = head_slot[usize::from(id)];
-            if mem.read_obj::<u16>(GuestAddress(at + 10))? != 1 {
-                bail!("RX frame {}: num_buffers is not 1", seq + i);
-            }
-            mem.read_slice(&mut got[..frame_len], GuestAddress(at + hdr_len))?;
-            fill_frame((seq + i) as u64, &mut frame);
-            if got[..frame_len] != frame[..] {
-                bail!("RX frame {} arrived corrupted", seq + i);
-            }
-        }
-        rx_used_seen = target;
-
-        for i in 0..n {
-            fill_frame((seq + i) as u64, &mut frame);
-            raw_tx_end.send(&frame)?;
-        }
-        let t0 = Instant::now();
-        for buf in bufs.chunks_mut(frame_len + 64).take(n) {
-            if raw_rx_end.recv(buf)? != frame_len {
-                bail!("short datagram");
-            }
-        }
-        rx_raw += t0.elapsed();
-        for (i, buf) in bufs.chunks(frame_len + 64).take(n).enumerate() {
-            fill_frame((seq + i) as u64, &mut frame);
-            if buf[..frame_len] != frame[..] {
-                bail!("raw RX frame arrived corrupted");
-            }
-        }
-        seq += n;
-    }
-
-    let m = dev.metrics();
-    if m.tx_frames != frames as u64 || m.rx_frames != frames as u64 || m.tx_dropped != 0 {
-        bail!("virtio-net counters disagree: {m:?}");
-    }
-    let interrupts = irq.event().read().unwrap_or(0);
-    if interrupts == 0 || irq.status() == 0 {
-        bail!("virtio-net never signalled a used buffer interrupt");
-    }
-
-    let fps = |d: Duration| frames as f64 / d.as_secs_f64();
-    let us = |d: Duration| d.as_secs_f64() * 1e6 / frames as f64;
-    println!(
-        "net: {frames} frames of {frame_len} bytes each way, every one checked on arrival; \
-         backend and baseline: an AF_UNIX SOCK_DGRAM socketpair (baseline: one send/recv per frame)"
-    );
-    println!(
-        "{:<4} {:<12} {:>12} {:>10}",
-        "dir", "path", "frames/s", "us/frame"
-    );
-    for (dir, path, d) in [
-        ("TX", "virtio-net", tx_device),
-        ("TX", "send", tx_raw),
-        ("RX", "virtio-net", rx_device),
-        ("RX", "recv", rx_raw),
-    ] {
-        println!("{dir:<4} {path:<12} {:>12.0} {:>10.3}", fps(d), us(d));
-    }
-    let tx_ratio = fps(tx_device) / fps(tx_raw);
-    let rx_ratio = fps(rx_device) / fps(rx_raw);
-    println!("ratio TX {tx_ratio:.3} RX {rx_ratio:.3}");
-    let out = json!({
-        "scenario": "net",
-        "frames": frames,
-        "frame_bytes": frame_len,
-        "baseline": "AF_UNIX SOCK_DGRAM socketpair send/recv",
-        "tx_fps": fps(tx_device),
-        "raw_tx_fps": fps(tx_raw),
-        "tx_us_per_frame": us(tx_device),
-        "raw_tx_us_per_frame": us(tx_raw),
-        "tx_ratio": tx_ratio,
-        "rx_fps": fps(rx_device),
-        "raw_rx_fps": fps(rx_raw),
-        "rx_us_per_frame": us(rx_device),
-        "raw_rx_us_per_frame": us(rx_raw),
-        "rx_ratio": rx_ratio,
-        "interrupts": interrupts,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// Byte `offset` of the vsock benchmark's stream.
-fn fill_stream(offset: u64, buf: &mut [u8]) {
-    for (i, b) in buf.iter_mut().enumerate() {
-        *b = (offset.wrapping_add(i as u64) % 251) as u8;
-    }
-}
-
-/// A byte stream through the vsock device to an in-process host stream and back, vs the same
-/// chunks through a plain unix stream socketpair.
-fn vsock(o: &Options) -> anyhow::Result<()> {
-    use std::io::{Read, Write};
-    use std::os::unix::net::UnixStream;
-    use std::sync::Arc;
-
-    use devices::virtio::vsock::defs::{
-        MAX_PKT_DATA_SIZE, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE, OP_RW,
-        PKT_HEADER_SIZE,
-    };
-    use devices::virtio::vsock::test_utils::{Driver, hdr, test_mem};
-    use devices::virtio::vsock::{Vsock, VsockBackend, VsockHeader, VsockMuxer};
-    use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
-
-    const CID: u64 = 3;
-    const HOST_PORT: u32 = 1234;
-    const GUEST_PORT: u32 = 5000;
-    /// The receive buffer the guest advertises.
-    const GUEST_BUF_ALLOC: u32 = 256 * 1024;
-    /// Bytes per batch: half the muxer's default credit, so a guest that keeps to the credit
-    /// protocol never waits.
-    const BATCH_BYTES: usize = 64 * 1024;
-    const TIMEOUT: Duration = Duration::from_secs(5);
-
-    let chunk = o.packet_bytes;
-    if !(1..=MAX_PKT_DATA_SIZE).contains(&chunk) {
-        bail!("--packet-bytes must be in 1..={MAX_PKT_DATA_SIZE}");
-    }
-    let packets = o.iterations.max(1000) * 100;
-    let total = packets * chunk;
-    let per_batch = (BATCH_BYTES / chunk).clamp(1, 64);
-    let rx_buf_len = u32::try_from(PKT_HEADER_SIZE + chunk)?;
-
-    /// The guest's side of the connection's credit (virtio 1.2 §5.10.6.3).
-    struct Credit {
-        tx_cnt: u32,
-        peer_buf_alloc: u32,
-        peer_fwd_cnt: u32,
-        /// Host bytes the guest consumed.
-        fwd_cnt: u32,
-    }
-    impl Credit {
-        fn peer_free(&self) -> usize {
-            let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-            self.peer_buf_alloc.saturating_sub(in_flight) as usize
-        }
-        fn update(&mut self, h: &VsockHeader) {
-            self.peer_buf_alloc = h.buf_alloc;
-            self.peer_fwd_cnt = h.fwd_cnt;
-        }
-        fn header(&self, op: u16, len: usize) -> VsockHeader {
-            let mut h = hdr(CID, GUEST_PORT, HOST_PORT, op);
-            h.len = u32::try_from(len).expect("packet lengths are at most 64 KiB");
-            h.buf_alloc = GUEST_BUF_ALLOC;
-            h.fwd_cnt = self.fwd_cnt;
-            h
+    match (sc.run)(&opts) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sandboxer-bench {}: {e:#}", sc.name);
+            ExitCode::FAILURE
         }
     }
-
-    let mem = test_mem();
-    let mut drv = Driver::new(&mem);
-    let muxer = VsockMuxer::new(CID, None)?;
-    let listener = muxer.handle().listen(HOST_PORT)?;
-    let mut dev = Vsock::new(CID, muxer)?;
-    // What the event loop polls the muxer's fd for; it reports the same when it is ready.
-    let readable = dev.backend().interest();
-    let irq = Arc::new(IrqTrigger::new()?);
-    let (queues, _) = drv.queues();
-    dev.activate(mem.clone(), queues, irq.clone())?;
-    let spare_rx = per_batch + 8;
-    drv.add_rx(spare_rx, rx_buf_len);
-
-    // The guest connects to the host's listener.
-    let mut credit = Credit {
-        tx_cnt: 0,
-        peer_buf_alloc: 0,
-        peer_fwd_cnt: 0,
-        fwd_cnt: 0,
-    };
-    drv.send(&credit.header(OP_REQUEST, 0), &[]);
-    dev.handle_txq_event();
-    drv.tx_used();
-    let answer = drv.recv();
-    let Some((resp, _)) = answer.iter().find(|(h, _)| h.op == OP_RESPONSE) else {
-        bail!("the muxer did not accept the connection: {answer:?}");
-    };
-    credit.update(resp);
-    let (mut host, _) = listener.accept()?;
-    host.set_read_timeout(Some(TIMEOUT))?;
-
-    // The baseline's socketpair.
-    let (mut raw_a, mut raw_b) = UnixStream::pair()?;
-    raw_a.set_read_timeout(Some(TIMEOUT))?;
-    raw_b.set_read_timeout(Some(TIMEOUT))?;
-
-    // TX, batch by batch, the device and the baseline in turn (so both see the same machine
-    // load). Device: the guest sends a batch of RW packets, the device forwards them, the host
-    // reads. Baseline: the same chunks written to a unix stream, read by the other end.
-    let mut data = vec![0u8; chunk];
-    let mut host_buf = vec![0u8; per_batch * chunk];
-    let mut expected = vec![0u8; per_batch * chunk];
-    let (mut tx_device, mut tx_raw) = (Duration::ZERO, Duration::ZERO);
-    let mut offset = 0usize;
-    while offset < total {
-        let want = per_batch.min((total - offset) / chunk);
-        if credit.peer_free() < want * chunk {
-            // Credit updates come on the RX queue; the device delivers them there.
-            let t0 = Instant::now();
-            dev.handle_rxq_event();
-            tx_device += t0.elapsed();
-            for (h, _) in drv.recv() {
-                credit.update(&h);
-            }
-        }
-        let n = want.min(credit.peer_free() / chunk);
-        if n == 0 {
-            bail!(
-                "the guest ran out of credit: {} bytes free",
-                credit.peer_free()
-            );
-        }
-        for k in 0..n {
-            fill_stream((offset + k * chunk) as u64, &mut data);
-            drv.send(&credit.header(OP_RW, chunk), &data);
-        }
-        let t0 = Instant::now();
-        dev.handle_txq_event();
-        tx_device += t0.elapsed();
-        let used = drv.tx_used();
-        if used.len() != n {
-            bail!("vsock TX: {} of {n} buffers returned", used.len());
-        }
-        let bytes = n * chunk;
-        credit.tx_cnt = credit.tx_cnt.wrapping_add(u32::try_from(bytes)?);
-        host.read_exact(&mut host_buf[..bytes])
-            .context("vsock TX data did not reach the host stream")?;
-        fill_stream(offset as u64, &mut expected[..bytes]);
-        if host_buf[..bytes] != expected[..bytes] {
-            bail!("vsock TX data arrived corrupted at stream offset {offset}");
-        }
-        for (h, _) in drv.recv() {
-            if h.op != OP_CREDIT_UPDATE {
-                bail!("unexpected packet during TX: {h:?}");
-            }
-            credit.update(&h);
-        }
-        let posted = usize::from(drv.rx_outstanding());
-        drv.add_rx(spare_rx.saturating_sub(posted), rx_buf_len);
-
-        let t0 = Instant::now();
-        for piece in expected[..bytes].chunks(chunk) {
-            raw_a.write_all(piece)?;
-        }
-        tx_raw += t0.elapsed();
-        raw_b.read_exact(&mut host_buf[..bytes])?;
-        if host_buf[..bytes] != expected[..bytes] {
-            bail!("raw TX data arrived corrupted");
-        }
-        offset += bytes;
-    }
-
-    // RX the same way. Device: the host writes a batch, the device moves it into the guest's
-    // RX buffers, and the guest gives the credit back as it consumes (that packet is device
-    // work too). Baseline: the host writes the batch, the other end reads it in the same
-    // chunks.
-    let (mut rx_device, mut rx_raw) = (Duration::ZERO, Duration::ZERO);
-    let mut offset = 0usize;
-    while offset < total {
-        let bytes = (per_batch * chunk).min(total - offset);
-        fill_stream(offset as u64, &mut expected[..bytes]);
-        host.write_all(&expected[..bytes])?;
-        let mut got = 0usize;
-        let mut idle = 0usize;
-        while got < bytes {
-            let t0 = Instant::now();
-            dev.handle_backend_event(readable);
-            rx_device += t0.elapsed();
-            let before = got;
-            for (h, d) in drv.recv() {
-                credit.update(&h);
-                match h.op {
-                    OP_RW => {
-                        if got + d.len() > bytes || d[..] != expected[got..got + d.len()] {
-                            bail!("vsock RX data arrived corrupted near stream offset {offset}");
-                        }
-                        got += d.len();
-                        credit.fwd_cnt = credit.fwd_cnt.wrapping_add(u32::try_from(d.len())?);
-                    }
-                    OP_CREDIT_UPDATE | OP_CREDIT_REQUEST => {}
-                    _ => bail!("unexpected packet during RX: {h:?}"),
-                }
-            }
-            let posted = usize::from(drv.rx_outstanding());
-            drv.add_rx(spare_rx.saturating_sub(posted), rx_buf_len);
-            idle = if got == before { idle + 1 } else { 0 };
-            if idle > 1000 {
-                bail!("vsock RX: stuck at {got} of {bytes} bytes");
-            }
-        }
-        drv.send(&credit.header(OP_CREDIT_UPDATE, 0), &[]);
-        let t0 = Instant::now();
-        dev.handle_txq_event();
-        rx_device += t0.elapsed();
-        drv.tx_used();
-
-        raw_b.write_all(&expected[..bytes])?;
-        let t0 = Instant::now();
-        for piece in host_buf[..bytes].chunks_mut(chunk) {
-            raw_a.read_exact(piece)?;
-        }
-        rx_raw += t0.elapsed();
-        if host_buf[..bytes] != expected[..bytes] {
-            bail!("raw RX data arrived corrupted");
-        }
-        offset += bytes;
-    }
-
-    let interrupts = irq.event().read().unwrap_or(0);
-    if interrupts == 0 || irq.status() == 0 {
-        bail!("virtio-vsock never signalled a used buffer interrupt");
-    }
-
-    let mbs = |d: Duration| total as f64 / d.as_secs_f64() / 1e6;
-    println!(
-        "vsock: {:.1} MB each way in {chunk}-byte packets ({} per batch), every byte checked; \
-         host end: an in-process VsockHandle stream; baseline: a unix stream socketpair, same chunks",
-        total as f64 / 1e6,
-        per_batch
-    );
-    println!("{:<4} {:<14} {:>10}", "dir", "path", "MB/s");
-    for (dir, path, d) in [
-        ("TX", "virtio-vsock", tx_device),
-        ("TX", "write", tx_raw),
-        ("RX", "virtio-vsock", rx_device),
-        ("RX", "read", rx_raw),
-    ] {
-        println!("{dir:<4} {path:<14} {:>10.1}", mbs(d));
-    }
-    let tx_ratio = mbs(tx_device) / mbs(tx_raw);
-    let rx_ratio = mbs(rx_device) / mbs(rx_raw);
-    println!("ratio TX {tx_ratio:.3} RX {rx_ratio:.3}");
-    let out = json!({
-        "scenario": "vsock",
-        "bytes": total,
-        "packet_bytes": chunk,
-        "baseline": "unix stream socketpair write/read in the same chunks",
-        "tx_mb_s": mbs(tx_device),
-        "raw_tx_mb_s": mbs(tx_raw),
-        "tx_ratio": tx_ratio,
-        "rx_mb_s": mbs(rx_device),
-        "raw_rx_mb_s": mbs(rx_raw),
-        "rx_ratio": rx_ratio,
-        "interrupts": interrupts,
-    });
-    println!("{out}");
-    Ok(())
-}
-
-/// Host memory the VMM adds per VM: process RSS growth minus guest memory the guest touched.
-fn memory_overhead(count: usize, mem_mib: u32) -> anyhow::Result<f64> {
-    vmm_host().wait_all_torn_down(Duration::from_secs(30));
-    let before = procstat::rss_kib();
-    let mut vms = Vec::with_capacity(count);
-    for _ in 0..count {
-        let vm = Vm::start(vmm_host(), config(Guest::Spin, mem_mib))?;
-        vms.push(vm);
-    }
-    for vm in &vms {
-        if vm.wait_boot(Duration::from_secs(10)).is_none() {
-            bail!("a spinning guest never signalled boot: {:?}", vm.console());
-        }
-    }
-    let after = procstat::rss_kib();
-    let mut guest_kib = 0u64;
-    for vm in &vms {
-        guest_kib += vm.guest_resident_bytes()? / 1024;
-    }
-    drop(vms);
-    vmm_host().wait_all_torn_down(Duration::from_secs(30));
-    let growth = after.saturating_sub(before).saturating_sub(guest_kib);
-    Ok(growth as f64 / count as f64)
-}
-
-/// QEMU microvm with KVM on the same guest, process spawn to exit. (`-cpu host` alone aborts on
-/// this host: KVM refuses QEMU's IA32_ARCH_CAPABILITIES write.)
-fn qemu_runs(guest: Guest, iterations: usize, mem_mib: u32) -> anyhow::Result<Summary> {
-    if iterations == 0 {
-        bail!("--qemu-iterations 0");
-    }
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let t0 = Instant::now();
-        let status = Command::new("qemu-system-x86_64")
-            .args([
-                "-M",
-                "microvm,acpi=off",
-                "-enable-kvm",
-                "-cpu",
-                "host,-arch-capabilities",
-            ])
-            .args([
-                "-m",
-                &format!("{mem_mib}M"),
-                "-smp",
-                "1",
-                "-nodefaults",
-                "-no-user-config",
-            ])
-            .args([
-                "-nographic",
-                "-no-reboot",
-                "-serial",
-                "stdio",
-                "-display",
-                "none",
-            ])
-            .arg("-kernel")
-            .arg(guest.elf())
-            .args(["-append", "bench"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .context("running qemu-system-x86_64 (apt-get install qemu-system-x86)")?;
-        let elapsed = t0.elapsed();
-        if !status.success() {
-            bail!("qemu exited with {status}");
-        }
-        samples.push(elapsed);
-    }
-    Ok(Summary::of(&samples))
 }

@@ -155,8 +155,13 @@ impl DiskBackend for FileDisk {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
-        fallocate(&self.file, FallocateMode::PunchHole, true, offset, len)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        discard_outcome(fallocate(
+            &self.file,
+            FallocateMode::PunchHole,
+            true,
+            offset,
+            len,
+        ))
     }
 
     fn write_zeroes(&mut self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
@@ -171,6 +176,18 @@ impl DiskBackend for FileDisk {
         }
         let len = usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         self.file.write_all_zeroes_at(offset, len)
+    }
+}
+
+/// What a hole punch's result means for a discard. Discard is a hint (virtio 1.2 §5.2.6.2: the
+/// contents of a discarded range become unspecified), so a file whose filesystem cannot punch
+/// holes keeps its data and the discard still succeeds; every other failure is the guest's I/O
+/// error.
+fn discard_outcome(punched: Result<(), vmm_sys_util::errno::Error>) -> io::Result<()> {
+    match punched {
+        Ok(()) => Ok(()),
+        Err(e) if e.errno() == libc::EOPNOTSUPP => Ok(()),
+        Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
     }
 }
 
@@ -228,11 +245,43 @@ mod tests {
         d.write_zeroes(8192, 4096, true).unwrap();
         d.read_at(8192, &mut buf).unwrap();
         assert_eq!(buf, [0u8; 4096]);
-        // Discard may fail on filesystems without hole punching, but must not change the size.
-        let _ = d.discard(0, 4096);
+        // Discard succeeds (a filesystem that cannot punch holes keeps the data: a hint), keeps
+        // the size, and leaves the range either punched (zeroes) or as it was, never garbage.
+        d.discard(0, 4096).unwrap();
         assert_eq!(d.len(), 16384);
+        assert_eq!(t.as_file().metadata().unwrap().len(), 16384);
+        d.read_at(0, &mut buf).unwrap();
+        assert!(
+            buf == [0u8; 4096] || buf == [0xabu8; 4096],
+            "discarded range holds neither zeroes nor the old data"
+        );
         d.read_at(12288, &mut buf).unwrap();
         assert_eq!(buf, [0xabu8; 4096]);
+        // Past the end of a regular file, punching is a no-op that succeeds.
+        d.discard(16384, 4096).unwrap();
+        assert_eq!(d.len(), 16384);
+    }
+
+    #[test]
+    fn discard_errors_reach_the_guest_except_no_hole_punching() {
+        use vmm_sys_util::errno::Error as Errno;
+        discard_outcome(Ok(())).unwrap();
+        // A filesystem without hole punching: the hint is dropped, the data stays.
+        discard_outcome(Err(Errno::new(libc::EOPNOTSUPP))).unwrap();
+        for errno in [libc::EIO, libc::EBADF, libc::ENOSPC, libc::EINVAL] {
+            let err = discard_outcome(Err(Errno::new(errno))).unwrap_err();
+            assert_eq!(err.raw_os_error(), Some(errno));
+        }
+    }
+
+    #[test]
+    fn file_disk_discard_reports_a_refused_range() {
+        // The guest sees a failed discard (device.rs maps it to an I/O error status): a range
+        // beyond the largest file offset is refused, not dropped as a hint.
+        let t = temp_disk(&[1u8; 4096]);
+        let mut d = FileDisk::open(t.as_path(), false).unwrap();
+        let err = d.discard(u64::MAX - 511, 512).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 
     #[test]

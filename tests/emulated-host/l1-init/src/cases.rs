@@ -233,6 +233,10 @@ pub fn find_e2e(name: &str) -> Option<&'static E2eCase> {
 pub const CRI_TEST: &str = "/bin/cri-test";
 /// The OCI image tarball `tests/containerd/build-image` made on the host.
 pub const CRI_IMAGE_TAR: &str = "/images/busybox-oci.tar";
+/// The agent's Task API test binary (`agent/tests/task_api.rs`, musl, release) inside L1.
+pub const AGENT_TASK_API_TEST: &str = "/bin/agent-task-api-test";
+/// The static agent binary (stripped) inside L1, for tests that run it on L1 itself.
+pub const AGENT: &str = "/bin/sandboxer-agent";
 /// containerd's install inside L1, laid out as `tests/containerd/install` leaves its cache.
 pub const CONTAINERD_CACHE: &str = "/opt/containerd";
 /// `tests/containerd/` inside L1.
@@ -303,26 +307,42 @@ impl RustTestCase {
 }
 
 /// Every Rust test run inside L1.
-pub const RUST_TEST_CASES: &[RustTestCase] = &[RustTestCase {
-    name: "cri-containers",
-    description: "stock containerd 2.1 through CRI: containers in a Linux guest for both IO types (exec, logs, exit codes, a second container, a containerd restart, stop/remove)",
-    ci: true,
-    binary: CRI_TEST,
-    test: "containers_run_in_a_linux_guest",
-    env: &[
-        ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
-        ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
-        ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
-        ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
-        ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
-        ("SANDBOXER_BIN", SANDBOXER),
-        ("SANDBOXER_REQUIRE_KVM", "1"),
-        ("SANDBOXER_REQUIRE_ROOT", "1"),
-        ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
-        ("TMPDIR", "/tmp"),
-        ("RUST_BACKTRACE", "1"),
-    ],
-}];
+pub const RUST_TEST_CASES: &[RustTestCase] = &[
+    RustTestCase {
+        name: "agent-memcg",
+        description: "agent/tests/task_api.rs oom_kill_is_published on L1's cgroup v2 memory controller (the development hosts keep it on cgroup v1): Update writes memory.max and memory.swap.max, an OOM kill is published as /tasks/oom",
+        ci: true,
+        binary: AGENT_TASK_API_TEST,
+        test: "oom_kill_is_published",
+        env: &[
+            ("SANDBOXER_AGENT_BIN", AGENT),
+            ("SANDBOXER_REQUIRE_MEMCG", "1"),
+            ("SANDBOXER_REQUIRE_ROOT", "1"),
+            ("TMPDIR", "/tmp"),
+            ("RUST_BACKTRACE", "1"),
+        ],
+    },
+    RustTestCase {
+        name: "cri-containers",
+        description: "stock containerd 2.1 through CRI: containers in a Linux guest for both IO types (exec, logs, exit codes, a second container, a containerd restart, stop/remove)",
+        ci: true,
+        binary: CRI_TEST,
+        test: "containers_run_in_a_linux_guest",
+        env: &[
+            ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
+            ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
+            ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
+            ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
+            ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
+            ("SANDBOXER_BIN", SANDBOXER),
+            ("SANDBOXER_REQUIRE_KVM", "1"),
+            ("SANDBOXER_REQUIRE_ROOT", "1"),
+            ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
+            ("TMPDIR", "/tmp"),
+            ("RUST_BACKTRACE", "1"),
+        ],
+    },
+];
 
 /// The Rust test case called `name`.
 pub fn find_rust_test(name: &str) -> Option<&'static RustTestCase> {

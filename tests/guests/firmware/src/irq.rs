@@ -1,12 +1,20 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Interrupts in long mode: an IDT whose every vector enters Rust through one common stub, the
-//! 8259 PICs masked, the xAPIC enabled with a periodic timer that serves as the guest's clock,
-//! and IOAPIC routing of device interrupt lines.
+//! 8259 PICs masked, the xAPIC enabled with a one-shot timer that bounds waits, and IOAPIC
+//! routing of device interrupt lines.
 //!
 //! Routing: IOAPIC pin `n` -> vector [`LINE_VECTOR_BASE`] + `n`, fixed delivery, physical
 //! destination (this CPU's APIC id), active high, edge triggered: what a KVM irqfd delivers.
-//! The LAPIC timer (1 GHz APIC bus under KVM and QEMU alike, divide by 1) fires every
-//! [`TICK_NS`] on [`TIMER_VECTOR`]; the spurious vector is 0xff.
+//! The spurious vector is 0xff.
+//!
+//! No periodic tick: the LAPIC timer runs in one-shot mode and is armed only while a wait with
+//! a bound ([`wait_until`], [`Deadline`]) halts, then stopped again. An idle guest waiting for a
+//! device therefore takes no interrupt at all until the device (or its bound) wakes it. A tick
+//! is not free here: every timer interrupt and its EOI is emulated under `kvm_pvm`, and at
+//! 100 Hz an idle guest cost about 0.9% of a host core (DESIGN.md §6). Time is counted only
+//! while the CPU waits, from the timer's current count (1 GHz APIC bus under KVM and QEMU alike,
+//! divide by [`TIMER_DIVIDE`], so one count is [`NS_PER_COUNT`] ns), which is what bounds on
+//! waits need: the guest's own work between waits is not time it waited.
 //!
 //! Interrupts stay disabled (RFLAGS.IF = 0) everywhere but inside [`wait_for_interrupt`]
 //! (`sti; hlt; cli`), so handlers only run at that point and never race the code they
@@ -19,6 +27,7 @@
 //! recorded (virtio-mmio `InterruptStatus`/`InterruptACK`, virtio 1.2 §4.2.2).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::time::Duration;
 
 use crate::smp::{DEFAULT_LAPIC_ADDR, LocalApic};
 use crate::{exit, phys, println, serial};
@@ -33,10 +42,12 @@ pub const SPURIOUS_VECTOR: u8 = 0xff;
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 /// IOAPIC input pins.
 pub const IOAPIC_PINS: u8 = 24;
-/// Timer period.
-pub const TICK_NS: u32 = 10_000_000;
-/// Timer ticks per second.
-pub const TICKS_PER_SEC: u32 = 1_000_000_000 / TICK_NS;
+/// Divider of the LAPIC timer: one count every 16 bus cycles.
+pub const TIMER_DIVIDE: u64 = 16;
+/// Nanoseconds per timer count (the APIC bus runs at 1 GHz).
+pub const NS_PER_COUNT: u64 = TIMER_DIVIDE;
+/// The longest single one-shot (about 68.7 s); longer waits re-arm.
+pub const MAX_ONE_SHOT_NS: u64 = u32::MAX as u64 * NS_PER_COUNT;
 /// Interrupt sources that can be registered.
 pub const MAX_SOURCES: usize = 8;
 
@@ -50,9 +61,8 @@ const LAPIC_TIMER_CURRENT: u64 = 0x390;
 const LAPIC_TIMER_DIVIDE: u64 = 0x3e0;
 const SVR_APIC_ENABLE: u32 = 1 << 8;
 const LVT_MASKED: u32 = 1 << 16;
-const LVT_TIMER_PERIODIC: u32 = 1 << 17;
-/// Divide configuration "divide by 1".
-const TIMER_DIVIDE_BY_1: u32 = 0b1011;
+/// Divide configuration "divide by 16" (SDM: bits 3, 1:0 = 0b0_11), [`TIMER_DIVIDE`].
+const TIMER_DIVIDE_BY_16: u32 = 0b0011;
 /// IOAPIC register select and data window.
 const IOAPIC_REGSEL: u64 = IOAPIC_ADDR;
 const IOAPIC_WINDOW: u64 = IOAPIC_ADDR + 0x10;
@@ -128,8 +138,8 @@ const INTERRUPT_GATE: u64 = 0x8e;
 
 /// The IDT: 256 gates of two words each.
 static IDT: [AtomicU64; 512] = [const { AtomicU64::new(0) }; 512];
-/// Timer ticks since [`init`].
-static TICKS: AtomicU32 = AtomicU32::new(0);
+/// Timer interrupts since [`init`] (each ends one bounded wait's one-shot).
+static TIMER_INTERRUPTS: AtomicU32 = AtomicU32::new(0);
 /// Interrupts on vectors nobody expects.
 static UNEXPECTED: AtomicU32 = AtomicU32::new(0);
 
@@ -202,8 +212,9 @@ fn set_gate(vector: usize, handler: u64) {
     }
 }
 
-/// Installs the IDT, masks the PICs and LAPIC LINT0, enables the LAPIC and starts its timer.
-/// Interrupts stay disabled until [`wait_for_interrupt`].
+/// Installs the IDT, masks the PICs and LAPIC LINT0, enables the LAPIC and checks that its timer
+/// counts; the timer is left stopped (one-shot mode, initial count 0) until a bounded wait arms
+/// it. Interrupts stay disabled until [`wait_for_interrupt`].
 pub fn init() -> Result<(), IrqError> {
     if LocalApic::x2apic_enabled() {
         return Err(IrqError::X2Apic);
@@ -232,17 +243,19 @@ pub fn init() -> Result<(), IrqError> {
     );
     lapic_write(LAPIC_SVR, SVR_APIC_ENABLE | u32::from(SPURIOUS_VECTOR));
     lapic_write(LAPIC_LVT_LINT0, LVT_MASKED);
-    lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
-    lapic_write(
-        LAPIC_LVT_TIMER,
-        LVT_TIMER_PERIODIC | u32::from(TIMER_VECTOR),
-    );
-    lapic_write(LAPIC_TIMER_INITIAL, TICK_NS);
+    lapic_write(LAPIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_16);
+    // One-shot mode (LVT timer mode bits 0), masked while the check below runs.
+    lapic_write(LAPIC_LVT_TIMER, LVT_MASKED | u32::from(TIMER_VECTOR));
+    lapic_write(LAPIC_TIMER_INITIAL, u32::MAX);
     let first = lapic_read(LAPIC_TIMER_CURRENT);
     exit::delay_cycles(100_000);
-    if lapic_read(LAPIC_TIMER_CURRENT) == first {
+    let counts = lapic_read(LAPIC_TIMER_CURRENT) != first;
+    // Initial count 0 stops the timer (SDM vol. 3, "APIC Timer").
+    lapic_write(LAPIC_TIMER_INITIAL, 0);
+    if !counts {
         return Err(IrqError::TimerStuck);
     }
+    lapic_write(LAPIC_LVT_TIMER, u32::from(TIMER_VECTOR));
     Ok(())
 }
 
@@ -296,9 +309,10 @@ pub fn register_source(line: u8, status_addr: u64, ack_addr: u64) -> Option<Sour
     Some(SourceId(id))
 }
 
-/// Timer ticks since [`init`] (wrapping).
-pub fn ticks() -> u32 {
-    TICKS.load(Ordering::Relaxed)
+/// Timer interrupts since [`init`] (wrapping): one per bounded wait that ran out, or per
+/// [`MAX_ONE_SHOT_NS`] of a longer one; none while the guest waits without a bound.
+pub fn timer_interrupts() -> u32 {
+    TIMER_INTERRUPTS.load(Ordering::Relaxed)
 }
 
 /// Interrupts taken on vectors nobody registered.
@@ -316,19 +330,61 @@ pub fn wait_for_interrupt() {
     unsafe { core::arch::asm!("sti", "hlt", "cli") };
 }
 
-/// Waits (with [`wait_for_interrupt`]) until `done` returns true or `timeout_ticks` timer ticks
-/// have passed; returns whether `done` did.
-pub fn wait_until(timeout_ticks: u32, mut done: impl FnMut() -> bool) -> bool {
-    let start = ticks();
-    loop {
-        if done() {
-            return true;
+/// The time left of a bounded wait that may span several calls of [`Deadline::wait_until`]
+/// (a receive loop that takes other work between its waits, say). Only time spent waiting is
+/// counted (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    left_ns: u64,
+}
+
+impl Deadline {
+    /// A bound of `timeout` of waiting.
+    pub fn after(timeout: Duration) -> Self {
+        Self {
+            left_ns: u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX),
         }
-        if ticks().wrapping_sub(start) >= timeout_ticks {
-            return false;
-        }
-        wait_for_interrupt();
     }
+
+    /// Whether the bound is used up.
+    pub fn expired(&self) -> bool {
+        self.left_ns == 0
+    }
+
+    /// Waits (with [`wait_for_interrupt`]) until `done` returns true or the bound is used up;
+    /// returns whether `done` did. The timer is armed for the time left while the CPU halts,
+    /// and stopped before this returns.
+    pub fn wait_until(&mut self, mut done: impl FnMut() -> bool) -> bool {
+        loop {
+            if done() {
+                return true;
+            }
+            if self.left_ns == 0 {
+                return false;
+            }
+            let counts = u32::try_from(self.left_ns.div_ceil(NS_PER_COUNT)).unwrap_or(u32::MAX);
+            lapic_write(LAPIC_TIMER_INITIAL, counts);
+            wait_for_interrupt();
+            // The count runs down to 0 and stays there: what is left is the time not waited.
+            let left = lapic_read(LAPIC_TIMER_CURRENT);
+            lapic_write(LAPIC_TIMER_INITIAL, 0);
+            // Rounded up to whole counts, so a one-shot that ran out uses up the bound (or its
+            // part of a bound longer than MAX_ONE_SHOT_NS).
+            let waited = u64::from(counts.saturating_sub(left)) * NS_PER_COUNT;
+            self.left_ns = self.left_ns.saturating_sub(waited);
+        }
+    }
+}
+
+/// Waits (with [`wait_for_interrupt`]) until `done` returns true or `timeout` has passed
+/// waiting; returns whether `done` did. The LAPIC timer runs only during this call.
+pub fn wait_until(timeout: Duration, done: impl FnMut() -> bool) -> bool {
+    Deadline::after(timeout).wait_until(done)
+}
+
+/// Waits `duration` (device interrupts that arrive meanwhile are handled and waited past).
+pub fn sleep(duration: Duration) {
+    wait_until(duration, || false);
 }
 
 fn device_line(line: u32) {
@@ -369,7 +425,7 @@ extern "C" fn fw_interrupt(vector: u64, frame: u64) {
     match vector {
         0..32 => exception(vector, frame),
         TIMER => {
-            TICKS.fetch_add(1, Ordering::Relaxed);
+            TIMER_INTERRUPTS.fetch_add(1, Ordering::Relaxed);
         }
         // A spurious interrupt must not be acknowledged.
         SPURIOUS => return,

@@ -29,8 +29,8 @@ pub const DEVICE_ID_BLK: u32 = 2;
 pub const DEVICE_ID_VSOCK: u32 = 19;
 /// Devices read from the command line at most.
 pub const MAX_DEVICES: usize = 8;
-/// Default bound on one request: 5 s of timer ticks.
-pub const REQUEST_TIMEOUT_TICKS: u32 = 5 * crate::irq::TICKS_PER_SEC;
+/// Default bound on one request (time spent waiting for it).
+pub const REQUEST_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(5);
 
 /// What went wrong talking to a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@ use crate::dma::{Arena, DmaBuf};
 use crate::irq;
 use crate::virtio::mmio::Transport;
 use crate::virtio::queue::{Buf, Virtqueue};
-use crate::virtio::{DEVICE_ID_NET, MmioDevice, REQUEST_TIMEOUT_TICKS, VirtioError};
+use crate::virtio::{DEVICE_ID_NET, MmioDevice, REQUEST_TIMEOUT, VirtioError};
 
 /// `mac` is valid (§5.1.3).
 pub const VIRTIO_NET_F_MAC: u64 = 1 << 5;
@@ -166,7 +166,7 @@ impl Net {
     /// (for loopback checks) to `inspect` and gives the buffer back to the device.
     pub fn recv<R>(&mut self, inspect: impl FnOnce(&[u8], &[u8]) -> R) -> Result<R, VirtioError> {
         let rx = &self.rx;
-        if !irq::wait_until(REQUEST_TIMEOUT_TICKS, || rx.has_used()) {
+        if !irq::wait_until(REQUEST_TIMEOUT, || rx.has_used()) {
             self.transport.check()?;
             return Err(VirtioError::Timeout);
         }

@@ -11,10 +11,10 @@
 use core::sync::atomic::{Ordering, fence};
 
 use crate::dma::{Arena, DmaBuf};
-use crate::phys;
 use crate::irq;
-use crate::virtio::{REQUEST_TIMEOUT_TICKS, VirtioError};
+use crate::phys;
 use crate::virtio::mmio::Transport;
+use crate::virtio::{REQUEST_TIMEOUT, VirtioError};
 
 /// Largest queue the driver sets up (the in-flight bitmap is a `u64`).
 pub const MAX_QUEUE_SIZE: u16 = 64;
@@ -124,7 +124,7 @@ impl Virtqueue {
     pub fn notify_and_wait(&self, transport: &Transport) -> Result<(), VirtioError> {
         let before = transport.interrupt_count();
         self.notify();
-        let done = irq::wait_until(REQUEST_TIMEOUT_TICKS, || {
+        let done = irq::wait_until(REQUEST_TIMEOUT, || {
             self.has_used() && transport.interrupt_count() != before
         });
         if done {

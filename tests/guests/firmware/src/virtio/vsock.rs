@@ -280,7 +280,7 @@ impl Vsock {
         self.reap()?;
         if self.tx_busy.count_ones() as usize >= TX_SLOTS {
             let tx = &self.tx;
-            if !irq::wait_until(crate::virtio::REQUEST_TIMEOUT_TICKS, || tx.has_used()) {
+            if !irq::wait_until(crate::virtio::REQUEST_TIMEOUT, || tx.has_used()) {
                 self.transport.check()?;
                 return Err(VirtioError::Timeout);
             }
@@ -319,29 +319,26 @@ impl Vsock {
         Ok(())
     }
 
-    /// Waits up to `timeout_ticks` for the next received packet; copies its payload (at most
+    /// Waits up to `timeout` for the next received packet; copies its payload (at most
     /// `data.len()` bytes) into `data` and returns the header and the payload length copied.
     pub fn recv(
         &mut self,
-        timeout_ticks: u32,
+        timeout: core::time::Duration,
         data: &mut [u8],
     ) -> Result<(Header, usize), VirtioError> {
-        let start = irq::ticks();
+        let mut deadline = irq::Deadline::after(timeout);
         loop {
             // TX completions and events wake the wait too: take them, then wait on.
             self.reap()?;
             if self.rx.has_used() {
                 break;
             }
-            let elapsed = irq::ticks().wrapping_sub(start);
-            if elapsed >= timeout_ticks {
+            if deadline.expired() {
                 self.transport.check()?;
                 return Err(VirtioError::Timeout);
             }
             let (rx, tx, event) = (&self.rx, &self.tx, &self.event);
-            irq::wait_until(timeout_ticks - elapsed, || {
-                rx.has_used() || tx.has_used() || event.has_used()
-            });
+            deadline.wait_until(|| rx.has_used() || tx.has_used() || event.has_used());
         }
         let used = match self.rx.pop_used() {
             Some(Ok(used)) => used,

@@ -7,7 +7,8 @@
 //!    writes `READY 1024\n` and closes that connection (a refused dial is retried a few times).
 //! 2. Accepts connections on [`AGENT_PORT`] (up to [`MAX_CONNS`] at once) and answers every
 //!    ttrpc request frame with an OK response with an empty payload, forever, waiting in
-//!    `sti; hlt` between packets.
+//!    `sti; hlt` between packets. Idle, it takes no timer tick: the LAPIC timer runs only while
+//!    a wait has a bound ([`firmware::irq`]), and the serving loop's bound is [`IDLE`].
 //!
 //! ttrpc framing: a 10-byte header (payload length u32 BE, stream id u32 BE, type u8 with 1 =
 //! request and 2 = response, flags u8), then the payload. A request's payload is the protobuf
@@ -18,6 +19,8 @@
 //! `agent: request <service>/<method>` unless `agent.quiet=1`; with `agent.exit_on_shutdown=1`
 //! a `sandboxer.agent.v1.Control/Shutdown` request is answered, then `agent: exiting` and a
 //! triple fault end the VM. A failure prints `agent: FAIL <step> <why>` and triple faults.
+
+use core::time::Duration;
 
 use firmware::dma::Arena;
 use firmware::virtio::vsock::{
@@ -41,9 +44,15 @@ const READY_LOCAL_PORT: u32 = 49_152;
 /// Dials of the ready port before giving up.
 const READY_TRIES: u32 = 20;
 /// Bound on each step of the ready dial.
-const STEP_TICKS: u32 = 5 * irq::TICKS_PER_SEC;
-/// Bound on one wait for a packet while serving (the loop then waits again).
-const IDLE_TICKS: u32 = 60 * irq::TICKS_PER_SEC;
+const STEP: Duration = Duration::from_secs(5);
+/// Bound on one wait for a packet while serving (the loop then checks the device and waits
+/// again). An idle agent takes one timer interrupt per this bound and nothing else: it has no
+/// periodic tick.
+const IDLE: Duration = Duration::from_secs(60);
+/// Pause before dialling the ready port again after a refusal.
+const REDIAL: Duration = Duration::from_millis(10);
+/// Time the device gets to take the Shutdown answer off the queue before the VM ends.
+const DRAIN: Duration = Duration::from_millis(20);
 /// Request bytes kept to find the service and method names (they come first).
 const KEEP: usize = 256;
 /// ttrpc frame header length.
@@ -267,7 +276,7 @@ fn announce(vs: &mut Vsock, scratch: &mut [u8], port: u32) -> Result<(), Failure
         conn.send(vs, OP_REQUEST, 0)?;
         let accepted = loop {
             let (h, n) = vs
-                .recv(STEP_TICKS, scratch)
+                .recv(STEP, scratch)
                 .map_err(|e| Failure::During("connect", e))?;
             if !conn.is_ours(&h) {
                 reject(vs, &h)?;
@@ -282,8 +291,8 @@ fn announce(vs: &mut Vsock, scratch: &mut [u8], port: u32) -> Result<(), Failure
             }
         };
         if !accepted {
-            // Nobody listens yet: wait a timer tick and dial again.
-            irq::wait_until(1, || false);
+            // Nobody listens yet: wait a little and dial again.
+            irq::sleep(REDIAL);
             continue;
         }
         let mut line = [0u8; 16];
@@ -304,7 +313,7 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
     let cid = vs.guest_cid();
     let mut conns: [Option<RpcConn>; MAX_CONNS] = [const { None }; MAX_CONNS];
     loop {
-        let (h, n) = match vs.recv(IDLE_TICKS, scratch) {
+        let (h, n) = match vs.recv(IDLE, scratch) {
             Ok(p) => p,
             Err(firmware::virtio::VirtioError::Timeout) => continue,
             Err(e) => fail("recv", e),
@@ -344,7 +353,7 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
             Event::Data(_) => match rpc.feed(vs, data, opts) {
                 Ok(Call::Shutdown) if opts.exit_on_shutdown => {
                     // Let the device take the response off the queue before the VM ends.
-                    irq::wait_until(2, || false);
+                    irq::sleep(DRAIN);
                     println!("agent: exiting");
                     exit::triple_fault()
                 }

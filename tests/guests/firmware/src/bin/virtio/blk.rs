@@ -42,7 +42,7 @@ const WRITE_LEN: usize = 4096;
 /// Bytes of sector 0 shown.
 const SECTOR0_TEXT: usize = 16;
 /// Bound on the wait for a slot swap.
-const SWAP_TIMEOUT_TICKS: u32 = 10 * irq::TICKS_PER_SEC;
+const SWAP_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
 
 /// The pattern written at sector 1: little-endian 64-bit word `i` of the 4 KiB is
 /// `0x7669_7274_696f_0000 | i`.
@@ -188,7 +188,7 @@ fn write_flush_readback(blk: &mut Blk, label: Label, report: &mut Report) {
 fn wait_for_swap(blk: &mut Blk, label: Label, report: &mut Report) {
     blk.clear_config_changed();
     println!("virtio: {label}: waiting for config change");
-    if !irq::wait_until(SWAP_TIMEOUT_TICKS, || blk.config_changed()) {
+    if !irq::wait_until(SWAP_TIMEOUT, || blk.config_changed()) {
         return report.fail(label, "swap", "no config change interrupt in 10 s");
     }
     let capacity = blk.capacity();

@@ -19,6 +19,8 @@
 //! last one it sent, answers CREDIT_REQUEST with CREDIT_UPDATE, and never sends more than the
 //! host's advertised free space (asking with CREDIT_REQUEST when it is short).
 
+use core::time::Duration;
+
 use firmware::dma::Arena;
 use firmware::virtio::vsock::{
     HOST_CID, Header, MAX_DATA, OP_CREDIT_REQUEST, OP_CREDIT_UPDATE, OP_REQUEST, OP_RESPONSE,
@@ -42,9 +44,9 @@ pub const SERVE_COUNT: u32 = 2;
 /// The guest's receive buffer per connection.
 pub const BUF_ALLOC: u32 = 64 * 1024;
 /// Bound on each step of a connection.
-const STEP_TICKS: u32 = 5 * irq::TICKS_PER_SEC;
+const STEP: Duration = Duration::from_secs(5);
 /// Bound on the wait for the next host connection (and on any silence while serving).
-const ACCEPT_TICKS: u32 = 30 * irq::TICKS_PER_SEC;
+const ACCEPT: Duration = Duration::from_secs(30);
 /// `SHUTDOWN` flags of a full close.
 const BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 /// Credit requests sent while waiting for send space.
@@ -182,7 +184,7 @@ impl Conn {
             tries += 1;
             self.send(vs, OP_CREDIT_REQUEST, 0)?;
             let (h, n) = vs
-                .recv(STEP_TICKS, scratch)
+                .recv(STEP, scratch)
                 .map_err(|e| Failure::During("credit", e))?;
             match self.handle(vs, &h, n)? {
                 Event::Nothing => {}
@@ -264,7 +266,7 @@ fn echo(vs: &mut Vsock, scratch: &mut [u8]) -> Result<(), Failure> {
     conn.send(vs, OP_REQUEST, 0)?;
     loop {
         let (h, n) = vs
-            .recv(STEP_TICKS, scratch)
+            .recv(STEP, scratch)
             .map_err(|e| Failure::During("connect", e))?;
         match conn.handle(vs, &h, n)? {
             Event::Response => break,
@@ -279,7 +281,7 @@ fn echo(vs: &mut Vsock, scratch: &mut [u8]) -> Result<(), Failure> {
     let mut have = 0;
     while have < PING.len() {
         let (h, n) = vs
-            .recv(STEP_TICKS, scratch)
+            .recv(STEP, scratch)
             .map_err(|e| Failure::During("echo", e))?;
         match conn.handle(vs, &h, n)? {
             Event::Data(n) => {
@@ -304,13 +306,13 @@ fn echo(vs: &mut Vsock, scratch: &mut [u8]) -> Result<(), Failure> {
     // The replies must have come with interrupts. Those that arrived while the guest was
     // still polling are pending in the LAPIC and are taken at the next `sti`.
     let transport = vs.transport();
-    if !irq::wait_until(STEP_TICKS, || transport.interrupt_count() > 0) {
+    if !irq::wait_until(STEP, || transport.interrupt_count() > 0) {
         return Err(VirtioError::NoInterrupt.into());
     }
     conn.send(vs, OP_SHUTDOWN, BOTH)?;
     loop {
         let (h, n) = vs
-            .recv(STEP_TICKS, scratch)
+            .recv(STEP, scratch)
             .map_err(|e| Failure::During("shutdown", e))?;
         match conn.handle(vs, &h, n)? {
             Event::Reset => return Ok(()),
@@ -335,7 +337,7 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8]) -> Result<(), (u32, Failure)> {
     let mut out = [0u8; MAX_DATA];
     while served < SERVE_COUNT {
         let (h, n) = vs
-            .recv(ACCEPT_TICKS, scratch)
+            .recv(ACCEPT, scratch)
             .map_err(|e| (served, Failure::During("accept", e)))?;
         let Some((c, echoed, shut)) = conn.as_mut() else {
             if h.op == OP_REQUEST

@@ -1,0 +1,673 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `sandbox-start` and `density`: the daemon, in this process on a temporary socket, driven
+//! through the containerd 2.x Sandbox API over gRPC (state dir on a tmpfs, like /run/sandboxer
+//! on a standard host). The sandboxes boot the `virtio` test guest in agent mode (this host's
+//! KVM cannot run Linux): Start returns after the guest's ready signal over vsock and the
+//! agent's SyncClock and Setup, and Stop's Control.Shutdown ends the VM, as the real agent
+//! does.
+//!
+//! The daemon runs on its own tokio runtime (threads named `bench-daemon`), the gRPC client on
+//! this process's main thread, so the CPU time of each can be told apart
+//! (`/proc/self/task/*/schedstat`, exact to the ns): the host's own work during a Start is the
+//! daemon's threads plus the VM's `vmm` (device emulation) and `vm-wait-*` threads. The vCPU
+//! thread (`vcpu0`) runs the guest: its time is guest instructions, emulated on this host's
+//! `kvm_pvm`, plus the VMM's handling of the guest's port and MMIO exits.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use integration_tests::{Summary, procstat};
+use proto::v2::sandbox::controller_client::ControllerClient;
+use proto::v2::sandbox::{
+    ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
+    ControllerStatusRequest, ControllerStopRequest,
+};
+use serde_json::json;
+use test_guests::Guest;
+use tonic::transport::Channel;
+
+use crate::{Options, raise_nofile, vmm_host};
+
+/// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
+/// whether they wait on the guest's own work. Those phases include host work too (vsock
+/// emulation, the ttrpc client), so "total minus them" is only a lower bound on the host's
+/// share of Start's wall time.
+const PHASES: &[(&str, bool)] = &[
+    ("vm", false),
+    ("agent_ready", true),
+    ("agent_connect", true),
+    ("sync_clock", true),
+    ("setup", true),
+    ("task_server", false),
+];
+
+/// Whose work a thread does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Role {
+    /// The daemon's runtime threads, and each VM's `vmm` and `vm-wait-*` threads.
+    Host,
+    /// vCPU threads: the guest.
+    Vcpu,
+    /// The shell pool's refill thread (off Start's path).
+    Pool,
+    /// The benchmark's gRPC client (this process's main thread).
+    Client,
+    /// Anything else (e.g. KVM's per-VM kernel worker threads).
+    Other,
+}
+
+const ROLES: [(Role, &str); 5] = [
+    (Role::Host, "host (daemon runtime, vmm, vm-wait)"),
+    (Role::Vcpu, "vCPU (guest, emulated here, + exits)"),
+    (Role::Pool, "shell pool refill"),
+    (Role::Client, "gRPC client (the benchmark)"),
+    (Role::Other, "other (KVM workers, ...)"),
+];
+
+fn role(t: &procstat::ThreadCpu) -> Role {
+    let name = t.name.as_str();
+    if t.tid == std::process::id() {
+        Role::Client
+    } else if name.starts_with("bench-daemon") || name == "vmm" || name.starts_with("vm-wait-") {
+        Role::Host
+    } else if name.starts_with("vcpu") {
+        Role::Vcpu
+    } else if name == "vm-shell-pool" {
+        Role::Pool
+    } else {
+        Role::Other
+    }
+}
+
+/// Per-role CPU time between two snapshots (threads that started in between count from 0).
+fn cpu_by_role(
+    before: &[procstat::ThreadCpu],
+    after: &[procstat::ThreadCpu],
+) -> HashMap<Role, Duration> {
+    let was: HashMap<u32, u64> = before.iter().map(|t| (t.tid, t.cpu_ns)).collect();
+    let mut out = HashMap::new();
+    for t in after {
+        let d = t
+            .cpu_ns
+            .saturating_sub(was.get(&t.tid).copied().unwrap_or(0));
+        *out.entry(role(t)).or_insert(Duration::ZERO) += Duration::from_nanos(d);
+    }
+    out
+}
+
+type Client = ControllerClient<Channel>;
+
+/// The daemon under test, on its own runtime.
+struct Daemon {
+    dir: PathBuf,
+    runtime: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    socket: PathBuf,
+    pool_depth: usize,
+    mem_mib: u32,
+}
+
+impl Daemon {
+    fn start(o: &Options) -> anyhow::Result<Self> {
+        test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
+        // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run
+        // is a tmpfs under systemd; on this development machine it is not, so use /dev/shm).
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("sandboxer-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let mut config = controller::config::Config {
+            state_dir: dir.join("state"),
+            stop_timeout_secs: 1,
+            ..controller::config::Config::default()
+        };
+        config.api.socket = dir.join("api.sock");
+        config.api.seed_socket = "".into();
+        // The `virtio` guest's agent mode stands in for the guest agent. It ignores the
+        // initramfs, but the daemon needs one.
+        config.vm.kernel = Guest::Virtio.elf().to_path_buf();
+        config.vm.cmdline = test_guests::agent::cmdline(
+            vmm::config::DEFAULT_CMDLINE,
+            &[
+                test_guests::agent::QUIET,
+                test_guests::agent::EXIT_ON_SHUTDOWN,
+            ],
+        );
+        let initramfs = dir.join("initramfs.img");
+        std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
+        config.vm.initramfs = initramfs;
+        config.vm.mem_mib = o.mem_mib;
+        config.vm.seccomp = match o.seccomp {
+            vmm::SeccompPolicy::Enforce => controller::config::Seccomp::Enforce,
+            vmm::SeccompPolicy::Log => controller::config::Seccomp::Log,
+            vmm::SeccompPolicy::Off => controller::config::Seccomp::Off,
+        };
+        let pool_depth = usize::try_from(config.vm.pool_depth)?;
+
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("bench-daemon")
+            .build()?;
+        // The daemon keeps a pool for its default VM size, as `sandboxer serve` does.
+        vmm_host().set_pool_target(o.mem_mib, pool_depth)?;
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let run_config = config.clone();
+        let handle = runtime.spawn(async move {
+            controller::server::run(
+                &run_config,
+                controller::KvmBackend::new(vmm_host().clone()),
+                async {
+                    let _ = stop_rx.await;
+                },
+            )
+            .await
+            .map_err(anyhow::Error::from)
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&config.api.socket).is_err() {
+            if Instant::now() > deadline {
+                bail!("the daemon never listened");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(Daemon {
+            dir,
+            runtime,
+            stop: Some(stop_tx),
+            handle: Some(handle),
+            socket: config.api.socket,
+            pool_depth,
+            mem_mib: o.mem_mib,
+        })
+    }
+
+    /// Stops the daemon and waits for it.
+    fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            self.runtime.block_on(handle)??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = vmm_host().set_pool_target(self.mem_mib, 0);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// One Create+Start: wall time Create sent -> Start returned, the daemon's phases, and the
+/// CPU time per role over the same window.
+struct Started {
+    took: Duration,
+    phases: Vec<Duration>,
+    cpu: HashMap<Role, Duration>,
+}
+
+async fn create_start(client: &mut Client, id: &str) -> anyhow::Result<Started> {
+    let before = procstat::threads_cpu();
+    let t0 = Instant::now();
+    client
+        .create(ControllerCreateRequest {
+            sandbox_id: id.into(),
+            sandboxer: "sandboxer".into(),
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("Create {id}"))?;
+    client
+        .start(ControllerStartRequest {
+            sandbox_id: id.into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .with_context(|| format!("Start {id}"))?;
+    let took = t0.elapsed();
+    let cpu = cpu_by_role(&before, &procstat::threads_cpu());
+    let info = client
+        .status(ControllerStatusRequest {
+            sandbox_id: id.into(),
+            verbose: false,
+            sandboxer: "sandboxer".into(),
+        })
+        .await?
+        .into_inner()
+        .info;
+    let phases = PHASES
+        .iter()
+        .map(|(name, _)| {
+            let key = format!("start_{name}_us");
+            info.get(&key)
+                .and_then(|v| v.parse().ok())
+                .map(Duration::from_micros)
+                .with_context(|| format!("Status has no {key}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Started { took, phases, cpu })
+}
+
+async fn remove(client: &mut Client, id: &str) -> anyhow::Result<()> {
+    client
+        .stop(ControllerStopRequest {
+            sandbox_id: id.into(),
+            timeout_secs: 1,
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .with_context(|| format!("Stop {id}"))?;
+    client
+        .shutdown(ControllerShutdownRequest {
+            sandbox_id: id.into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .with_context(|| format!("Shutdown {id}"))?;
+    Ok(())
+}
+
+/// CPU time the pool's refill thread has used so far.
+fn pool_thread_cpu() -> u64 {
+    procstat::threads_cpu()
+        .iter()
+        .filter(|t| t.name == "vm-shell-pool")
+        .map(|t| t.cpu_ns)
+        .sum()
+}
+
+fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Create+Start through the daemon's gRPC API; the host's CPU time during Start; RSS per
+/// running sandbox.
+pub(crate) fn sandbox_start(o: &Options) -> anyhow::Result<()> {
+    let alive = o.alive_one(100)?;
+    let daemon = Daemon::start(o)?;
+    let rt = client_runtime()?;
+    let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
+
+    // Warm-up.
+    for i in 0..3 {
+        let id = format!("warm-{i}");
+        rt.block_on(create_start(&mut client, &id))?;
+        rt.block_on(remove(&mut client, &id))?;
+    }
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
+
+    // One sandbox at a time, the pool refilled in between: a steady stream of pod starts.
+    let mut samples = Vec::with_capacity(o.iterations);
+    let mut phases = vec![Vec::with_capacity(o.iterations); PHASES.len()];
+    let mut outside_guest_phases = Vec::with_capacity(o.iterations);
+    let mut cpu: HashMap<Role, Vec<Duration>> = HashMap::new();
+    let mut pooled = 0usize;
+    for i in 0..o.iterations {
+        if !vmm_host().wait_pool_full(Duration::from_secs(10)) {
+            bail!("sample {i}: the shell pool did not refill within 10 s");
+        }
+        let refills_before = pool_thread_cpu();
+        let id = format!("bench-{i}");
+        let s = rt.block_on(create_start(&mut client, &id))?;
+        samples.push(s.took);
+        let guest: Duration = PHASES
+            .iter()
+            .zip(&s.phases)
+            .filter(|((_, in_guest), _)| *in_guest)
+            .map(|(_, d)| *d)
+            .sum();
+        outside_guest_phases.push(s.took.saturating_sub(guest));
+        for (all, d) in phases.iter_mut().zip(s.phases) {
+            all.push(d);
+        }
+        for (r, _) in ROLES {
+            cpu.entry(r)
+                .or_default()
+                .push(s.cpu.get(&r).copied().unwrap_or_default());
+        }
+        rt.block_on(remove(&mut client, &id))?;
+        vmm_host().wait_all_torn_down(Duration::from_secs(30));
+        // The pool thread builds a shell only after one was taken: work there means this
+        // Start got a pre-built one.
+        if !vmm_host().wait_pool_full(Duration::from_secs(10)) {
+            bail!("sample {i}: the shell pool did not refill within 10 s after Start");
+        }
+        if pool_thread_cpu() > refills_before {
+            pooled += 1;
+        }
+    }
+
+    // RSS per running sandbox, 1 and N alive.
+    let mut per_sandbox = Vec::new();
+    for count in [1, alive] {
+        vmm_host().wait_all_torn_down(Duration::from_secs(30));
+        vmm_host().wait_pool_full(Duration::from_secs(10));
+        let before = procstat::rss_kib();
+        for i in 0..count {
+            rt.block_on(create_start(&mut client, &format!("alive-{count}-{i}")))?;
+        }
+        // Every guest is up (Start returned after its agent's Setup) and waits in hlt.
+        std::thread::sleep(Duration::from_millis(200));
+        let after = procstat::rss_kib();
+        per_sandbox.push((i64::try_from(after)? - i64::try_from(before)?) as f64 / count as f64);
+        for i in 0..count {
+            rt.block_on(remove(&mut client, &format!("alive-{count}-{i}")))?;
+        }
+    }
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
+    drop(client);
+    let pool_depth = daemon.pool_depth;
+    daemon.stop()?;
+
+    let s = Summary::of(&samples);
+    let bound = Summary::of(&outside_guest_phases);
+    let phase_summaries: Vec<Summary> = phases.iter().map(|p| Summary::of(p)).collect();
+    println!(
+        "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \
+         \"virtio\" in agent mode (Start includes READY, SyncClock, Setup), {} MiB, pool depth \
+         {pool_depth} (refilled before every Start; {pooled} of {} Starts took a pre-built \
+         shell), seccomp {}",
+        o.iterations,
+        o.mem_mib,
+        o.iterations,
+        o.seccomp.name()
+    );
+    println!("{:<48} {:>10} {:>10}", "wall time", "p50 ms", "p99 ms");
+    println!(
+        "{:<48} {:>10.3} {:>10.3}",
+        "Create sent -> Start returned", s.p50_ms, s.p99_ms
+    );
+    for ((name, in_guest), p) in PHASES.iter().zip(&phase_summaries) {
+        let label = format!(
+            "  phase {name}{}",
+            if *in_guest {
+                " (waits on the guest)"
+            } else {
+                ""
+            }
+        );
+        println!("{label:<48} {:>10.3} {:>10.3}", p.p50_ms, p.p99_ms);
+    }
+    println!(
+        "{:<48} {:>10.3} {:>10.3}",
+        "  outside guest-wait phases (a LOWER BOUND)", bound.p50_ms, bound.p99_ms
+    );
+    println!(
+        "{:<48} {:>10} {:>10}",
+        "CPU time during Create+Start, by thread", "p50 ms", "p99 ms"
+    );
+    let mut cpu_json = serde_json::Map::new();
+    for (r, label) in ROLES {
+        let v = Summary::of(cpu.get(&r).map_or(&[][..], Vec::as_slice));
+        println!("  {label:<46} {:>10.3} {:>10.3}", v.p50_ms, v.p99_ms);
+        cpu_json.insert(
+            format!("{r:?}").to_lowercase(),
+            json!({"p50_ms": v.p50_ms, "p99_ms": v.p99_ms}),
+        );
+    }
+    let host = Summary::of(cpu.get(&Role::Host).map_or(&[][..], Vec::as_slice));
+    println!(
+        "process RSS growth per running sandbox: {:.1} KiB with 1 alive, {:.1} KiB with {alive} \
+         alive (includes guest pages the guest touched)",
+        per_sandbox.first().copied().unwrap_or_default(),
+        per_sandbox.get(1).copied().unwrap_or_default(),
+    );
+    let out = json!({
+        "scenario": "sandbox-start",
+        "iterations": o.iterations,
+        "mem_mib": o.mem_mib,
+        "pool_depth": pool_depth,
+        "pooled_starts": pooled,
+        "seccomp": o.seccomp.name(),
+        "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms,
+        "host_cpu_p50_ms": host.p50_ms,
+        "host_cpu_p99_ms": host.p99_ms,
+        "cpu": cpu_json,
+        "outside_guest_phases_lower_bound_p50_ms": bound.p50_ms,
+        "outside_guest_phases_lower_bound_p99_ms": bound.p99_ms,
+        "phases": PHASES
+            .iter()
+            .zip(&phase_summaries)
+            .map(|((name, _), p)| ((*name).to_string(), json!({"p50_ms": p.p50_ms, "p99_ms": p.p99_ms})))
+            .collect::<serde_json::Map<_, _>>(),
+        "rss_kib_per_sandbox": per_sandbox.get(1),
+        "rss_kib_per_sandbox_1": per_sandbox.first(),
+        "alive": alive,
+    });
+    println!("{out}");
+    Ok(())
+}
+
+/// What a density level reached.
+struct Level {
+    alive: usize,
+    start: Summary,
+    fds_per_sandbox: f64,
+    threads_per_sandbox: f64,
+    rss_kib_per_sandbox: f64,
+    rss_anon_kib_per_sandbox: f64,
+    /// Every thread but the benchmark's own client thread (which reads /proc to measure).
+    idle_cpu_pct_per_sandbox: f64,
+    /// The whole process (`getrusage`), the client thread included.
+    idle_cpu_pct_process_per_sandbox: f64,
+    idle_cpu_pct_by_role: Vec<(Role, f64)>,
+    pool_misses: usize,
+}
+
+/// The process's counts: (fds, threads, RSS KiB, anonymous RSS KiB).
+fn counts() -> (usize, usize, u64, u64) {
+    (
+        procstat::fd_count(),
+        procstat::thread_count(),
+        procstat::rss_kib(),
+        procstat::rss_anon_kib(),
+    )
+}
+
+fn per(after: u64, before: u64, n: usize) -> f64 {
+    (after as f64 - before as f64) / n as f64
+}
+
+/// Sandboxes started through the daemon up to each `--alive` level, then idle.
+pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
+    let mut levels = if o.alive.is_empty() {
+        vec![10, 100, 1000]
+    } else {
+        o.alive.clone()
+    };
+    levels.sort_unstable();
+    levels.dedup();
+    let (soft_was, soft, hard) = raise_nofile()?;
+    let daemon = Daemon::start(o)?;
+    let rt = client_runtime()?;
+    let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
+    for i in 0..3 {
+        let id = format!("warm-{i}");
+        rt.block_on(create_start(&mut client, &id))?;
+        rt.block_on(remove(&mut client, &id))?;
+    }
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
+    vmm_host().wait_pool_full(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    let base = counts();
+
+    println!(
+        "density: sandboxes started one after another through the daemon (gRPC, containerd 2.x \
+         API), test guest \"virtio\" in agent mode, {} MiB each, seccomp {}; per level: Start \
+         (Create sent -> Start returned) while filling up to it, then counts per sandbox over \
+         the daemon's baseline, and CPU over {} s of idle; RLIMIT_NOFILE soft {soft} (was \
+         {soft_was}), hard {hard}",
+        o.mem_mib,
+        o.seccomp.name(),
+        o.idle_secs
+    );
+    println!(
+        "{:>6} {:>10} {:>10} {:>8} {:>8} {:>10} {:>10} {:>12}",
+        "alive",
+        "start p50",
+        "start p99",
+        "fds/sbx",
+        "thr/sbx",
+        "RSS KiB",
+        "anon KiB",
+        "idle %core"
+    );
+    let mut ids: Vec<String> = Vec::new();
+    let mut done: Vec<Level> = Vec::new();
+    let mut failure: Option<(usize, usize, String)> = None;
+    'levels: for &level in &levels {
+        let mut starts = Vec::new();
+        let mut pool_misses = 0usize;
+        while ids.len() < level {
+            if !vmm_host().wait_pool_full(Duration::from_secs(10)) {
+                pool_misses += 1;
+            }
+            let id = format!("d-{}", ids.len());
+            match rt.block_on(create_start(&mut client, &id)) {
+                Ok(s) => {
+                    starts.push(s.took);
+                    ids.push(id);
+                }
+                Err(e) => {
+                    // The sandbox may exist (Create worked, Start failed): remove it too.
+                    let _ = rt.block_on(remove(&mut client, &id));
+                    failure = Some((level, ids.len(), format!("{e:#}")));
+                    break 'levels;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        let now = counts();
+        let n = ids.len();
+        let t0 = procstat::threads_cpu();
+        let c0 = procstat::process_cpu_ns();
+        let w0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(o.idle_secs));
+        let c1 = procstat::process_cpu_ns();
+        let window = w0.elapsed().as_secs_f64();
+        let by_role = cpu_by_role(&t0, &procstat::threads_cpu());
+        let pct = |ns: f64| ns / 1e9 / window * 100.0 / n as f64;
+        let not_client: f64 = by_role
+            .iter()
+            .filter(|(r, _)| **r != Role::Client)
+            .map(|(_, d)| d.as_nanos() as f64)
+            .sum();
+        let l = Level {
+            alive: n,
+            start: Summary::of(&starts),
+            fds_per_sandbox: per(now.0 as u64, base.0 as u64, n),
+            threads_per_sandbox: per(now.1 as u64, base.1 as u64, n),
+            rss_kib_per_sandbox: per(now.2, base.2, n),
+            rss_anon_kib_per_sandbox: per(now.3, base.3, n),
+            idle_cpu_pct_per_sandbox: pct(not_client),
+            idle_cpu_pct_process_per_sandbox: pct(c1.saturating_sub(c0) as f64),
+            idle_cpu_pct_by_role: ROLES
+                .iter()
+                .map(|(r, _)| (*r, pct(by_role.get(r).map_or(0.0, |d| d.as_nanos() as f64))))
+                .collect(),
+            pool_misses,
+        };
+        println!(
+            "{:>6} {:>10.3} {:>10.3} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>12.4}",
+            l.alive,
+            l.start.p50_ms,
+            l.start.p99_ms,
+            l.fds_per_sandbox,
+            l.threads_per_sandbox,
+            l.rss_kib_per_sandbox,
+            l.rss_anon_kib_per_sandbox,
+            l.idle_cpu_pct_per_sandbox
+        );
+        done.push(l);
+    }
+    if let Some((level, reached, why)) = &failure {
+        println!("level {level} FAILED after {reached} sandboxes alive: {why}");
+    }
+    if let Some(l) = done.last() {
+        let parts: Vec<String> = ROLES
+            .iter()
+            .zip(&l.idle_cpu_pct_by_role)
+            .map(|((_, label), (_, p))| format!("{label} {p:.4}"))
+            .collect();
+        println!(
+            "idle CPU per sandbox at {} alive, % of a core, by thread: {} (the table's figure is \
+             every thread but the client's; the whole process, client included: {:.4})",
+            l.alive,
+            parts.join("; "),
+            l.idle_cpu_pct_process_per_sandbox
+        );
+        if l.pool_misses > 0 {
+            println!(
+                "{} Starts at the last level found the pool not refilled within 10 s (cold \
+                 builds)",
+                l.pool_misses
+            );
+        }
+    }
+
+    // Tear everything down, then stop the daemon.
+    for id in &ids {
+        rt.block_on(remove(&mut client, id))?;
+    }
+    vmm_host().wait_all_torn_down(Duration::from_secs(120));
+    drop(client);
+    daemon.stop()?;
+
+    let last = done.last();
+    let level_json: Vec<serde_json::Value> = done
+        .iter()
+        .map(|l| {
+            json!({
+                "alive": l.alive,
+                "start_p50_ms": l.start.p50_ms,
+                "start_p99_ms": l.start.p99_ms,
+                "fds_per_sandbox": l.fds_per_sandbox,
+                "threads_per_sandbox": l.threads_per_sandbox,
+                "rss_kib_per_sandbox": l.rss_kib_per_sandbox,
+                "rss_anon_kib_per_sandbox": l.rss_anon_kib_per_sandbox,
+                "idle_cpu_pct_per_sandbox": l.idle_cpu_pct_per_sandbox,
+                "idle_cpu_pct_process_per_sandbox": l.idle_cpu_pct_process_per_sandbox,
+                "idle_cpu_pct_per_sandbox_by_thread": l.idle_cpu_pct_by_role.iter()
+                    .map(|(r, p)| (format!("{r:?}").to_lowercase(), json!(p)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "pool_misses": l.pool_misses,
+            })
+        })
+        .collect();
+    let out = json!({
+        "scenario": "density",
+        "levels_asked": levels,
+        "mem_mib": o.mem_mib,
+        "seccomp": o.seccomp.name(),
+        "idle_secs": o.idle_secs,
+        "nofile_soft": soft,
+        "nofile_hard": hard,
+        "alive_max": last.map_or(0, |l| l.alive),
+        "fds_per_sandbox": last.map(|l| l.fds_per_sandbox),
+        "threads_per_sandbox": last.map(|l| l.threads_per_sandbox),
+        "idle_cpu_pct_per_sandbox": last.map(|l| l.idle_cpu_pct_per_sandbox),
+        "rss_kib_per_sandbox": last.map(|l| l.rss_kib_per_sandbox),
+        "start_p50_ms_at_max": last.map(|l| l.start.p50_ms),
+        "levels": level_json,
+        "failed": failure.as_ref().map(|(level, reached, why)| json!({
+            "level": level, "alive_when_it_failed": reached, "error": why,
+        })),
+    });
+    println!("{out}");
+    Ok(())
+}
