@@ -10,7 +10,7 @@ use std::fmt;
 use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::watch;
@@ -138,7 +138,6 @@ impl KvmBackend {
         let config = vm_config(&spec)?;
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let mut phases = StartPhases::default();
-        let t = Instant::now();
         let host = self.host.clone();
         let (vm, listener) = tokio::task::spawn_blocking(move || {
             let vm = vmm::Vm::start(&host, config)?;
@@ -156,7 +155,8 @@ impl KvmBackend {
             vmm::VmError::Config(c) => BackendError::Config(Box::new(c)),
             other => BackendError::Start(Box::new(other)),
         })?;
-        phases.vm = t.elapsed();
+        // The VMM's own measure: Vm::start until the vCPUs run (no thread hand-offs).
+        phases.vm = vm.timings().total;
         let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
         let agent = agent::connect_agent(
             &vm,
@@ -179,7 +179,6 @@ impl KvmBackend {
         template: &Arc<Template>,
     ) -> Result<Box<dyn VmHandle>, BackendError> {
         let mut phases = StartPhases::default();
-        let t = Instant::now();
         let mut devices = vec![vmm::DeviceConfig::Vsock {
             guest_cid: GUEST_CID,
             uds_path: spec.vsock_uds.clone(),
@@ -211,7 +210,8 @@ impl KvmBackend {
                 .await
                 .map_err(BackendError::Join)?
                 .map_err(|e| BackendError::Start(Box::new(e)))?;
-        phases.vm = t.elapsed();
+        // The VMM's own measure: Vm::clone_from until the vCPUs run.
+        phases.vm = vm.timings().total;
         let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
         let mut setup = spec.setup.clone();
         for (iface, mac) in setup.interfaces.iter_mut().zip(&template.nic_macs) {

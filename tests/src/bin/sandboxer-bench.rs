@@ -19,7 +19,11 @@
 //!   until Start returns, the CPU time of the host's own threads during each Start, and RSS per
 //!   running sandbox.
 //! - `density` ([`daemon`]): fills the daemon with sandboxes level by level (`--alive
-//!   10,100,1000`) and reports Start while filling, fds, threads, RSS and idle CPU per sandbox.
+//!   10,100,1000`) and reports Start while filling, fds, threads, RSS and idle CPU per sandbox;
+//!   `--templates true` fills it with clones of a VM template.
+//! - `template-start` ([`template`]): the daemon with VM templates: Start of a clone against a
+//!   cold Start (a pod that opts out) in the same run, the host's CPU time, RSS per idle clone
+//!   and Starts per second from concurrent clients.
 //!
 //! At start the process raises its own `RLIMIT_NOFILE` soft limit to the hard limit (the
 //! daemon it hosts holds ~50 fds per sandbox).
@@ -28,6 +32,8 @@
 mod daemon;
 #[path = "sandboxer-bench/devices.rs"]
 mod devices;
+#[path = "sandboxer-bench/template.rs"]
+mod template;
 #[path = "sandboxer-bench/vmm_start.rs"]
 mod vmm_start;
 
@@ -97,8 +103,31 @@ const SCENARIOS: &[Scenario] = &[
         name: "density",
         what: "sandboxes started through the daemon up to each level, then idle: Start p50/p99 \
                while filling, RSS, fds, threads and idle CPU per sandbox (needs KVM)",
-        options: &["--alive", "--idle-secs", "--mem-mib", "--seccomp"],
+        options: &[
+            "--alive",
+            "--idle-secs",
+            "--mem-mib",
+            "--seccomp",
+            "--templates",
+            "--template-pool",
+        ],
         run: daemon::density,
+        internal: false,
+    },
+    Scenario {
+        name: "template-start",
+        what: "the daemon with VM templates: Create+Start of clones and of cold boots (pods that \
+               opt out) in the same run, the host's CPU time during Start, RSS per idle clone, \
+               Starts per second from concurrent clients (needs KVM)",
+        options: &[
+            "--iterations",
+            "--alive",
+            "--concurrency",
+            "--mem-mib",
+            "--seccomp",
+            "--template-pool",
+        ],
+        run: template::template_start,
         internal: false,
     },
     Scenario {
@@ -153,6 +182,24 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "density: the idle window over which CPU per sandbox is measured",
     ),
     ("--frame-bytes", "N", "1514", "net: bytes per frame"),
+    (
+        "--templates",
+        "true|false",
+        "false",
+        "density: start the sandboxes as clones of a VM template",
+    ),
+    (
+        "--template-pool",
+        "N",
+        "2",
+        "VM shells kept pre-built per template ([template] pool_depth)",
+    ),
+    (
+        "--concurrency",
+        "N",
+        "8",
+        "template-start: clients starting sandboxes at once for the Starts-per-second figure",
+    ),
     ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
     (
         "--cgroup",
@@ -204,6 +251,9 @@ pub(crate) struct Options {
     pub(crate) sandboxer: Option<std::path::PathBuf>,
     pub(crate) idle_secs: u64,
     pub(crate) cgroup: Option<std::path::PathBuf>,
+    pub(crate) templates: bool,
+    pub(crate) template_pool: usize,
+    pub(crate) concurrency: usize,
 }
 
 impl Options {
@@ -219,6 +269,9 @@ impl Options {
             sandboxer: None,
             idle_secs: 10,
             cgroup: None,
+            templates: false,
+            template_pool: 2,
+            concurrency: 8,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -261,6 +314,13 @@ impl Options {
                 }
                 "--sandboxer" => o.sandboxer = Some(value.into()),
                 "--cgroup" => o.cgroup = Some(value.into()),
+                "--templates" => {
+                    o.templates = value
+                        .parse()
+                        .with_context(|| format!("--templates: {value:?} is not true or false"))?;
+                }
+                "--template-pool" => o.template_pool = number()?,
+                "--concurrency" => o.concurrency = number()?.max(1),
                 _ => bail!("unknown option {flag}"),
             }
         }

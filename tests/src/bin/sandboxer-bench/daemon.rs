@@ -28,13 +28,15 @@ use serde_json::json;
 use test_guests::Guest;
 use tonic::transport::Channel;
 
+use controller::backend::template::Templates;
+
 use crate::{Options, raise_nofile, vmm_host};
 
 /// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
 /// whether they wait on the guest's own work. Those phases include host work too (vsock
 /// emulation, the ttrpc client), so "total minus them" is only a lower bound on the host's
 /// share of Start's wall time.
-const PHASES: &[(&str, bool)] = &[
+pub(crate) const PHASES: &[(&str, bool)] = &[
     ("vm", false),
     ("agent_ready", true),
     ("agent_connect", true),
@@ -45,7 +47,7 @@ const PHASES: &[(&str, bool)] = &[
 
 /// Whose work a thread does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Role {
+pub(crate) enum Role {
     /// The daemon's runtime threads, and each VM's `vmm` and `vm-wait-*` threads.
     Host,
     /// vCPU threads: the guest.
@@ -97,21 +99,30 @@ fn cpu_by_role(
     out
 }
 
-type Client = ControllerClient<Channel>;
+pub(crate) type Client = ControllerClient<Channel>;
 
 /// The daemon under test, on its own runtime.
-struct Daemon {
+pub(crate) struct Daemon {
     dir: PathBuf,
     runtime: tokio::runtime::Runtime,
+    /// The VM templates, when the daemon starts sandboxes from them.
+    pub(crate) templates: Option<std::sync::Arc<Templates>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     pool_depth: usize,
     mem_mib: u32,
 }
 
 impl Daemon {
+    /// The daemon with templates as `--templates` says.
     fn start(o: &Options) -> anyhow::Result<Self> {
+        Self::start_with(o, o.templates)
+    }
+
+    /// The daemon, starting sandboxes from VM templates when `templates` is set (and then only
+    /// once the default shape's template is ready).
+    pub(crate) fn start_with(o: &Options, templates: bool) -> anyhow::Result<Self> {
         test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
         // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run
         // is a tmpfs under systemd; on this development machine it is not, so use /dev/shm).
@@ -159,14 +170,23 @@ impl Daemon {
         vmm_host().set_pool_target(o.mem_mib, pool_depth)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let run_config = config.clone();
-        let handle = runtime.spawn(async move {
-            controller::server::run(
-                &run_config,
-                controller::KvmBackend::new(vmm_host().clone()),
-                async {
-                    let _ = stop_rx.await;
-                },
+        let templates = templates.then(|| {
+            Templates::new(
+                vmm_host().clone(),
+                2,
+                o.template_pool,
+                Duration::from_secs(30),
+                None,
             )
+        });
+        let mut backend = controller::KvmBackend::new(vmm_host().clone());
+        if let Some(t) = &templates {
+            backend = backend.with_templates(std::sync::Arc::clone(t));
+        }
+        let handle = runtime.spawn(async move {
+            controller::server::run(&run_config, backend, async {
+                let _ = stop_rx.await;
+            })
             .await
             .map_err(anyhow::Error::from)
         });
@@ -177,9 +197,20 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        if let Some(t) = &templates {
+            // The daemon builds the default shape's template at start.
+            if !runtime.block_on(t.settle(Duration::from_secs(60))) || t.ready() == 0 {
+                bail!(
+                    "the default shape's VM template did not come up: {:?}",
+                    t.stats()
+                );
+            }
+            vmm_host().wait_pool_full(Duration::from_secs(30));
+        }
         Ok(Daemon {
             dir,
             runtime,
+            templates,
             stop: Some(stop_tx),
             handle: Some(handle),
             socket: config.api.socket,
@@ -189,7 +220,7 @@ impl Daemon {
     }
 
     /// Stops the daemon and waits for it.
-    fn stop(mut self) -> anyhow::Result<()> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -212,19 +243,44 @@ impl Drop for Daemon {
 
 /// One Create+Start: wall time Create sent -> Start returned, the daemon's phases, and the
 /// CPU time per role over the same window.
-struct Started {
-    took: Duration,
-    phases: Vec<Duration>,
-    cpu: HashMap<Role, Duration>,
+pub(crate) struct Started {
+    pub(crate) took: Duration,
+    pub(crate) phases: Vec<Duration>,
+    pub(crate) cpu: HashMap<Role, Duration>,
 }
 
-async fn create_start(client: &mut Client, id: &str) -> anyhow::Result<Started> {
+impl Started {
+    /// Whether the sandbox's VM was cloned from a template (it waited for no ready line).
+    pub(crate) fn cloned(&self) -> bool {
+        PHASES
+            .iter()
+            .zip(&self.phases)
+            .any(|((name, _), d)| *name == "agent_ready" && d.is_zero())
+    }
+
+    /// How long the VM took to build, boot or clone (`vm` phase).
+    pub(crate) fn vm(&self) -> Duration {
+        self.phases.first().copied().unwrap_or_default()
+    }
+}
+
+pub(crate) async fn create_start(client: &mut Client, id: &str) -> anyhow::Result<Started> {
+    create_start_with(client, id, Default::default()).await
+}
+
+/// Create (with `annotations`) and Start.
+pub(crate) async fn create_start_with(
+    client: &mut Client,
+    id: &str,
+    annotations: HashMap<String, String>,
+) -> anyhow::Result<Started> {
     let before = procstat::threads_cpu();
     let t0 = Instant::now();
     client
         .create(ControllerCreateRequest {
             sandbox_id: id.into(),
             sandboxer: "sandboxer".into(),
+            annotations,
             ..Default::default()
         })
         .await
@@ -260,7 +316,7 @@ async fn create_start(client: &mut Client, id: &str) -> anyhow::Result<Started> 
     Ok(Started { took, phases, cpu })
 }
 
-async fn remove(client: &mut Client, id: &str) -> anyhow::Result<()> {
+pub(crate) async fn remove(client: &mut Client, id: &str) -> anyhow::Result<()> {
     client
         .stop(ControllerStopRequest {
             sandbox_id: id.into(),
@@ -288,7 +344,7 @@ fn pool_thread_cpu() -> u64 {
         .sum()
 }
 
-fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn client_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)

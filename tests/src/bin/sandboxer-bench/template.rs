@@ -1,0 +1,204 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `template-start`: the daemon (in this process) with VM templates, driven over gRPC like
+//! `sandbox-start`, the same test guest. In one run:
+//! - Create+Start of clones (one at a time, the template's shell pool refilled in between),
+//!   each checked to be a clone (it waited for no ready line), with the VM phase (building the
+//!   clone, `Vm::clone_from`) and the CPU time of the host's own threads during Start;
+//! - Create+Start of cold boots: pods that opt out with `io.sandboxer.template: "false"`;
+//! - RSS per idle clone with `--alive` clones running (process RSS growth, which includes the
+//!   pages each clone dirtied; the template's pages are shared and counted once);
+//! - Starts per second: `--concurrency` clients start `--iterations` clones at once (the
+//!   shell pool is not waited for: what it cannot supply is built on the spot).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure};
+use integration_tests::{Summary, procstat};
+use serde_json::json;
+
+use crate::daemon::{
+    Daemon, PHASES, Role, client_runtime, create_start, create_start_with, remove,
+};
+use crate::{Options, vmm_host};
+
+pub(crate) fn template_start(o: &Options) -> anyhow::Result<()> {
+    let alive = o.alive_one(100)?;
+    let daemon = Daemon::start_with(o, true)?;
+    let rt = client_runtime()?;
+    let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
+    let templates = daemon
+        .templates
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the daemon has no templates"))?;
+    for i in 0..3 {
+        let id = format!("warm-{i}");
+        rt.block_on(create_start(&mut client, &id))?;
+        rt.block_on(remove(&mut client, &id))?;
+    }
+
+    // Clones, one at a time.
+    let mut took = Vec::with_capacity(o.iterations);
+    let mut vm = Vec::with_capacity(o.iterations);
+    let mut phases: Vec<Vec<Duration>> = vec![Vec::new(); PHASES.len()];
+    let mut host = Vec::with_capacity(o.iterations);
+    for i in 0..o.iterations {
+        vmm_host().wait_all_torn_down(Duration::from_secs(30));
+        if !vmm_host().wait_pool_full(Duration::from_secs(10)) {
+            bail!("sample {i}: the template's shell pool did not refill within 10 s");
+        }
+        let id = format!("clone-{i}");
+        let s = rt.block_on(create_start(&mut client, &id))?;
+        ensure!(
+            s.cloned(),
+            "sample {i} booted instead of cloning the template"
+        );
+        took.push(s.took);
+        vm.push(s.vm());
+        for (all, d) in phases.iter_mut().zip(&s.phases) {
+            all.push(*d);
+        }
+        host.push(s.cpu.get(&Role::Host).copied().unwrap_or_default());
+        rt.block_on(remove(&mut client, &id))?;
+    }
+
+    // Cold boots in the same daemon: pods that opt out.
+    let opt_out = HashMap::from([(
+        controller::pod::TEMPLATE_ANNOTATION.to_string(),
+        "false".to_string(),
+    )]);
+    let mut cold = Vec::with_capacity(o.iterations);
+    let mut cold_host = Vec::with_capacity(o.iterations);
+    for i in 0..o.iterations {
+        vmm_host().wait_all_torn_down(Duration::from_secs(30));
+        vmm_host().wait_pool_full(Duration::from_secs(10));
+        let id = format!("cold-{i}");
+        let s = rt.block_on(create_start_with(&mut client, &id, opt_out.clone()))?;
+        ensure!(!s.cloned(), "cold sample {i} was a clone");
+        cold.push(s.took);
+        cold_host.push(s.cpu.get(&Role::Host).copied().unwrap_or_default());
+        rt.block_on(remove(&mut client, &id))?;
+    }
+
+    // RSS per idle clone.
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
+    vmm_host().wait_pool_full(Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(200));
+    let (rss0, anon0) = (procstat::rss_kib(), procstat::rss_anon_kib());
+    for i in 0..alive {
+        rt.block_on(create_start(&mut client, &format!("alive-{i}")))?;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let (rss1, anon1) = (procstat::rss_kib(), procstat::rss_anon_kib());
+    for i in 0..alive {
+        rt.block_on(remove(&mut client, &format!("alive-{i}")))?;
+    }
+    let per = |a: u64, b: u64| (a as f64 - b as f64) / alive as f64;
+    let (rss_per, anon_per) = (per(rss1, rss0), per(anon1, anon0));
+
+    // Starts per second from concurrent clients.
+    vmm_host().wait_all_torn_down(Duration::from_secs(30));
+    vmm_host().wait_pool_full(Duration::from_secs(10));
+    let total = o.iterations;
+    let (socket, clients) = (daemon.socket.clone(), o.concurrency);
+    let (wall, fallbacks) = rt.block_on(async move {
+        let t0 = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..clients {
+            let socket = socket.clone();
+            set.spawn(async move {
+                let mut client = controller::client::v2_client(&socket).await?;
+                let mut booted = 0usize;
+                for i in (c..total).step_by(clients) {
+                    let s = create_start(&mut client, &format!("rate-{i}")).await?;
+                    if !s.cloned() {
+                        booted += 1;
+                    }
+                }
+                Ok::<_, anyhow::Error>(booted)
+            });
+        }
+        let mut booted = 0;
+        while let Some(r) = set.join_next().await {
+            booted += r??;
+        }
+        Ok::<_, anyhow::Error>((t0.elapsed(), booted))
+    })?;
+    let starts_per_s = total as f64 / wall.as_secs_f64();
+    for i in 0..total {
+        rt.block_on(remove(&mut client, &format!("rate-{i}")))?;
+    }
+    vmm_host().wait_all_torn_down(Duration::from_secs(60));
+    let stats = templates.stats();
+    drop(client);
+    daemon.stop()?;
+
+    let (s, c, v) = (Summary::of(&took), Summary::of(&cold), Summary::of(&vm));
+    let (h, ch) = (Summary::of(&host), Summary::of(&cold_host));
+    println!(
+        "template-start: {} clone and {} cold Create+Start calls over gRPC (containerd 2.x API), \
+         one at a time, test guest \"virtio\" in agent mode (a clone: the host connects to the \
+         agent at once, SyncClock, Setup; a boot: READY first), {} MiB, template shell pool \
+         {}, seccomp {}",
+        o.iterations,
+        o.iterations,
+        o.mem_mib,
+        o.template_pool,
+        o.seccomp.name()
+    );
+    println!("{:<52} {:>10} {:>10}", "", "p50 ms", "p99 ms");
+    let row = |label: &str, x: &Summary| {
+        println!("{label:<52} {:>10.3} {:>10.3}", x.p50_ms, x.p99_ms);
+    };
+    row("clone: Create sent -> Start returned", &s);
+    row("  phase vm (Vm::clone_from: the clone runs)", &v);
+    for ((name, _), p) in PHASES.iter().zip(&phases).skip(1) {
+        row(&format!("  phase {name}"), &Summary::of(p));
+    }
+    row("  CPU time of the host's threads during Start", &h);
+    row("cold boot: Create sent -> Start returned", &c);
+    row("  CPU time of the host's threads during Start", &ch);
+    println!(
+        "RSS growth per idle clone with {alive} alive: {rss_per:.1} KiB (anonymous: {anon_per:.1} \
+         KiB: the pages the clones dirtied)"
+    );
+    println!(
+        "{starts_per_s:.0} Starts/s: {total} clones started by {clients} concurrent clients in \
+         {:.3} s ({fallbacks} of them booted)",
+        wall.as_secs_f64()
+    );
+    let out = json!({
+        "scenario": "template-start",
+        "iterations": o.iterations,
+        "mem_mib": o.mem_mib,
+        "template_pool": o.template_pool,
+        "seccomp": o.seccomp.name(),
+        "p50_ms": s.p50_ms,
+        "p99_ms": s.p99_ms,
+        "clone_phases": PHASES
+            .iter()
+            .zip(&phases)
+            .map(|((name, _), p)| {
+                let p = Summary::of(p);
+                ((*name).to_string(), json!({"p50_ms": p.p50_ms, "p99_ms": p.p99_ms}))
+            })
+            .collect::<serde_json::Map<_, _>>(),
+        "clone_vm_p50_ms": v.p50_ms,
+        "clone_vm_p99_ms": v.p99_ms,
+        "host_p50_ms": h.p50_ms,
+        "host_p99_ms": h.p99_ms,
+        "cold_p50_ms": c.p50_ms,
+        "cold_p99_ms": c.p99_ms,
+        "cold_host_p50_ms": ch.p50_ms,
+        "alive": alive,
+        "rss_kib_per_sandbox": rss_per,
+        "rss_anon_kib_per_sandbox": anon_per,
+        "concurrency": clients,
+        "starts_per_s": starts_per_s,
+        "rate_starts_that_booted": fallbacks,
+        "template_hits": stats.hits,
+        "template_misses": stats.misses,
+    });
+    println!("{out}");
+    Ok(())
+}
