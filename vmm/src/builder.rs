@@ -3,7 +3,7 @@
 //!
 //! Everything is built on the caller's thread (timing each phase); the VM's threads are
 //! spawned first so their seccomp filters install while the VM is built. Then the VM is handed
-//! to one VMM thread ([`crate::event_loop`]) and one thread per vCPU, and the caller keeps the
+//! to one VMM thread (`event_loop`) and one thread per vCPU, and the caller keeps the
 //! [`Vm`] handle.
 
 use std::fs::File;

@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 
-use crate::arch::MAX_VCPUS;
+pub use crate::arch::MAX_VCPUS;
 use crate::arch::layout::{CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_START};
 use crate::device_manager::DeviceConfig;
 use crate::seccomp::SeccompPolicy;

@@ -2,7 +2,7 @@
 //! What the sandbox service needs from a VM: the [`VmBackend`] / [`VmHandle`] traits and the
 //! types they speak ([`VmSpec`], [`VmEnd`], [`StartPhases`], ...). The implementations live in
 //! the children: [`kvm`] (the in-process VMM), [`agent`] (the guest agent's ready line and
-//! setup, which [`kvm`] uses) and, for tests (feature `test-utils`), [`fake`].
+//! setup, which [`kvm`] uses) and, for tests (feature `test-utils`), `fake`.
 //!
 //! Operations a backend cannot do yet return [`BackendError::Unsupported`]; the service turns that
 //! into gRPC `Unimplemented`. No backend pretends to have done something it has not.
