@@ -719,6 +719,33 @@ async fn phases(d: &mut KvmDaemon, id: &str) -> std::collections::HashMap<String
         .collect()
 }
 
+/// Right after the daemon starts, its template is still being built: a Start then waits for
+/// that build and clones it, rather than booting a second VM of the same shape beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_during_the_template_build_waits_and_clones() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon_with(Guest::Virtio, agent_cmdline(&[]), |_| {}, true).await;
+    let templates = Arc::clone(d.templates.as_ref().unwrap());
+    d.create("early", Some(pod_options("early-host", 0, 0))).await;
+    d.start("early").await.unwrap();
+    let stats = templates.stats();
+    assert_eq!((stats.built, stats.hits, stats.misses), (1, 1, 0), "{stats:?}");
+    let p = phases(&mut d, "early").await;
+    assert_eq!(p["agent_ready"], 0, "a clone has no boot: {p:?}");
+    assert!(!d.console("early").contains(agent::READY));
+    d.client
+        .stop(ControllerStopRequest {
+            sandbox_id: "early".into(),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    d.shutdown("early").await;
+    d.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sandboxes_start_as_clones_of_a_template_and_a_pod_can_opt_out() {
     require_kvm!();

@@ -105,7 +105,10 @@ impl VmBackend for KvmBackend {
         {
             // Checked here so a missing file is a configuration error, not a template miss.
             vm_config_files(&spec)?;
-            if let Some(template) = templates.lookup(&spec) {
+            if let Some(template) = templates
+                .lookup_or_wait(&spec, spec.agent_ready_timeout)
+                .await
+            {
                 let nics = spec.nics.len();
                 match self.start_clone(&spec, &template).await {
                     Ok(handle) => return Ok(handle),

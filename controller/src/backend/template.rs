@@ -4,8 +4,9 @@
 //!
 //! A shape is everything that makes two VMs' boots identical: kernel, initramfs (and the files'
 //! identity: a changed file is a new shape), command line, vCPUs, memory, block slots, number
-//! of NICs and the seccomp policy. Templates are built in the background ([`Templates::lookup`]
-//! starts a build on a miss and never waits for it: Start then boots cold) and kept up to
+//! of NICs and the seccomp policy. Templates are built in the background (a Start that misses
+//! starts one and boots; a Start whose template is being built waits for it, see
+//! [`Templates::lookup_or_wait`]) and kept up to
 //! `max_templates`, the least recently used dropped first. A template's NICs have a backend
 //! connected to nothing and MACs [`template_mac`]; a clone gets the pod's TAPs and the agent
 //! gives each NIC the pod's MAC.
@@ -135,6 +136,13 @@ pub struct Template {
     pub build_time: Duration,
 }
 
+/// What a lookup found.
+enum Lookup {
+    Ready(Arc<Template>),
+    Building,
+    Absent,
+}
+
 #[derive(Debug)]
 enum Slot {
     Building,
@@ -176,6 +184,8 @@ pub struct Templates {
     /// Whether the shapes a previous daemon recorded were queued for building.
     recorded_queued: std::sync::atomic::AtomicBool,
     inner: Mutex<Inner>,
+    /// Woken whenever a build ends (ready or failed).
+    built: tokio::sync::Notify,
 }
 
 impl Templates {
@@ -196,32 +206,76 @@ impl Templates {
             record,
             recorded_queued: std::sync::atomic::AtomicBool::new(false),
             inner: Mutex::new(Inner::default()),
+            built: tokio::sync::Notify::new(),
         })
     }
 
-    /// The ready template for `spec`'s shape. On a miss, a build starts in the background (at
-    /// most one per shape, not again within a minute of a failure); Start does not wait for it.
+    /// The ready template for `spec`'s shape, if there is one: on a miss a build starts in
+    /// the background (at most one per shape, not again within a minute of a failure) and
+    /// Start boots.
     pub fn lookup(self: &Arc<Self>, spec: &VmSpec) -> Option<Arc<Template>> {
         let shape = Shape::of(spec);
+        match self.try_lookup(&shape, spec, true) {
+            Lookup::Ready(t) => Some(t),
+            Lookup::Building | Lookup::Absent => None,
+        }
+    }
+
+    /// As [`Templates::lookup`], but while the shape's template is being built (as right
+    /// after the daemon starts) waits up to `wait` for it rather than booting a second VM of
+    /// the same shape beside the build: the build is itself a boot, so the clone that follows
+    /// is not later than a boot would be, and the two do not share the CPUs.
+    pub async fn lookup_or_wait(
+        self: &Arc<Self>,
+        spec: &VmSpec,
+        wait: Duration,
+    ) -> Option<Arc<Template>> {
+        let shape = Shape::of(spec);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            // Registered before looking, so a build that ends in between still wakes us.
+            let built = self.built.notified();
+            tokio::pin!(built);
+            built.as_mut().enable();
+            match self.try_lookup(&shape, spec, false) {
+                Lookup::Ready(t) => return Some(t),
+                Lookup::Absent => break,
+                Lookup::Building => {}
+            }
+            if tokio::time::timeout_at(deadline, built).await.is_err() {
+                break;
+            }
+        }
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.stats.misses = inner.stats.misses.saturating_add(1);
+        None
+    }
+
+    /// Looks `shape` up, starting its build if it has none (or an old failure); counts a miss
+    /// when `count_miss` (a hit always counts).
+    fn try_lookup(self: &Arc<Self>, shape: &Shape, spec: &VmSpec, count_miss: bool) -> Lookup {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.clock = inner.clock.wrapping_add(1);
         let now = inner.clock;
-        match inner.slots.get_mut(&shape) {
+        let found = match inner.slots.get_mut(shape) {
             Some(Slot::Ready { template, used }) => {
                 *used = now;
                 let template = Arc::clone(template);
                 inner.stats.hits = inner.stats.hits.saturating_add(1);
-                return Some(template);
+                return Lookup::Ready(template);
             }
-            Some(Slot::Building) => {}
-            Some(Slot::Failed { at }) if at.elapsed() < RETRY_AFTER => {}
+            Some(Slot::Building) => Lookup::Building,
+            Some(Slot::Failed { at }) if at.elapsed() < RETRY_AFTER => Lookup::Absent,
             Some(Slot::Failed { .. }) | None => {
                 inner.slots.insert(shape.clone(), Slot::Building);
-                self.spawn_build(shape, spec);
+                self.spawn_build(shape.clone(), spec);
+                Lookup::Building
             }
+        };
+        if count_miss {
+            inner.stats.misses = inner.stats.misses.saturating_add(1);
         }
-        inner.stats.misses = inner.stats.misses.saturating_add(1);
-        None
+        found
     }
 
     /// Starts building the template of `spec`'s shape unless it exists or is being built; the
@@ -343,6 +397,8 @@ impl Templates {
                 .collect();
             record_shapes(path, &shapes);
         }
+        drop(inner);
+        self.built.notify_waiters();
     }
 
     /// Boots the template's VM, waits for its agent's ready line and for the guest to close
