@@ -14,8 +14,8 @@
 //! seed_socket = "/run/sandboxer/sandboxer-seed.sock"  # seed API; "" disables it
 //!
 //! [vm]
-//! kernel = "/usr/lib/sandboxer/vmlinux"
-//! initramfs = ""               # "" = none
+//! kernel = ""                  # "" = the one embedded in this binary
+//! initramfs = ""               # "" = the one embedded in this binary
 //! cmdline = "console=ttyS0 reboot=t panic=-1 nomodule"
 //! vcpus = 1                    # at least this many; more if the pod's CPU limit needs it
 //! max_vcpus = 16
@@ -32,24 +32,27 @@
 //! pool_depth = 2               # VM shells kept pre-built per template (0: none)
 //! ```
 //!
-//! An empty `initramfs` means the agent initramfs embedded in the binary at build time
-//! (`SANDBOXER_EMBED_INITRAMFS`); without one, Start fails with a configuration error.
+//! An empty `kernel` or `initramfs` means the guest kernel or agent initramfs embedded in the
+//! binary (`tools/devtool dist` builds one with both, see [`crate::embedded`]); a binary built
+//! without one refuses Start with a configuration error that names the setting.
 
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-/// The agent initramfs embedded at build time (`SANDBOXER_EMBED_INITRAMFS`); empty for none.
-static EMBEDDED_INITRAMFS: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/initramfs.img"));
-
-/// File under the state dir the embedded initramfs is written to for the VMM to load.
-pub const EMBEDDED_INITRAMFS_FILE: &str = "agent-initramfs.img";
-
-/// The agent initramfs this binary carries, if it was built with one.
-pub fn embedded_initramfs() -> Option<&'static [u8]> {
-    (!EMBEDDED_INITRAMFS.is_empty()).then_some(EMBEDDED_INITRAMFS)
+/// The embedded artefacts a [`Config`] uses (see [`Config::use_embedded`]): each with the memfd
+/// it was unpacked to, which must outlive every VM booted from it.
+#[derive(Debug, Default)]
+pub struct EmbeddedFiles {
+    /// The guest kernel, if `vm.kernel` was empty and the binary has one.
+    pub kernel: Option<(crate::embedded::Artifact, crate::embedded::Unpacked)>,
+    /// The agent initramfs, if `vm.initramfs` was empty and the binary has one.
+    pub initramfs: Option<(crate::embedded::Artifact, crate::embedded::Unpacked)>,
 }
+
+/// Default of `api.socket`: the containerd 2.x Sandbox API.
+pub const DEFAULT_API_SOCKET: &str = "/run/sandboxer/sandboxer.sock";
 
 /// Where the config file is read from when `--config` is not given (a missing file is fine).
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/sandboxer/config.toml";
@@ -115,7 +118,7 @@ pub struct ApiConfig {
 impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
-            socket: "/run/sandboxer/sandboxer.sock".into(),
+            socket: DEFAULT_API_SOCKET.into(),
             seed_socket: "/run/sandboxer/sandboxer-seed.sock".into(),
         }
     }
@@ -125,9 +128,9 @@ impl Default for ApiConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct VmDefaults {
-    /// Guest kernel.
+    /// Guest kernel; empty for the embedded one.
     pub kernel: PathBuf,
-    /// Guest initramfs; empty for none.
+    /// Agent initramfs; empty for the embedded one.
     pub initramfs: PathBuf,
     /// Kernel command line.
     pub cmdline: String,
@@ -154,7 +157,7 @@ pub const DEFAULT_AGENT_READY_TIMEOUT_MS: u64 = 10_000;
 impl Default for VmDefaults {
     fn default() -> Self {
         VmDefaults {
-            kernel: "/usr/lib/sandboxer/vmlinux".into(),
+            kernel: PathBuf::new(),
             initramfs: PathBuf::new(),
             cmdline: vmm::config::DEFAULT_CMDLINE.to_string(),
             vcpus: 1,
@@ -265,10 +268,10 @@ pub struct ServeArgs {
     /// containerd socket for OOM events ("" = do not forward).
     #[arg(long, value_name = "PATH", value_parser = path_or_empty)]
     pub containerd_address: Option<PathBuf>,
-    /// Guest kernel.
-    #[arg(long, value_name = "FILE")]
+    /// Guest kernel ("" for the embedded one).
+    #[arg(long, value_name = "FILE", value_parser = path_or_empty)]
     pub kernel: Option<PathBuf>,
-    /// Guest initramfs ("" for none).
+    /// Agent initramfs ("" for the embedded one).
     #[arg(long, value_name = "FILE", value_parser = path_or_empty)]
     pub initramfs: Option<PathBuf>,
     /// Guest kernel command line.
@@ -431,30 +434,49 @@ impl Config {
         (!p.as_os_str().is_empty()).then_some(p)
     }
 
-    /// With no `vm.initramfs` configured, writes the embedded agent initramfs (if this binary
-    /// has one) to `<state_dir>/agent-initramfs.img` and configures that. Returns the file
-    /// written, if any.
-    pub fn materialize_initramfs(&mut self) -> std::io::Result<Option<PathBuf>> {
-        self.materialize_initramfs_from(embedded_initramfs())
+    /// Points an empty `vm.kernel` / `vm.initramfs` at the artefact this binary embeds,
+    /// unpacked once into a sealed memfd. The files live as long as the returned value.
+    pub fn use_embedded(&mut self) -> std::io::Result<EmbeddedFiles> {
+        self.use_embedded_from(crate::embedded::kernel(), crate::embedded::initramfs())
     }
 
-    fn materialize_initramfs_from(
+    fn use_embedded_from(
         &mut self,
-        embedded: Option<&[u8]>,
-    ) -> std::io::Result<Option<PathBuf>> {
-        let Some(data) = embedded.filter(|_| self.initramfs().is_none()) else {
-            return Ok(None);
+        kernel: Option<crate::embedded::Artifact>,
+        initramfs: Option<crate::embedded::Artifact>,
+    ) -> std::io::Result<EmbeddedFiles> {
+        let kernel = kernel.filter(|_| self.kernel().is_none());
+        let initramfs = initramfs.filter(|_| self.initramfs().is_none());
+        // Both at once: unpacking is most of the daemon's start-up time.
+        let (k, i) = std::thread::scope(|s| {
+            let k = s.spawn(|| {
+                kernel
+                    .map(|a| a.unpack("sandboxer-guest-kernel"))
+                    .transpose()
+            });
+            let i = initramfs
+                .map(|a| a.unpack("sandboxer-agent-initramfs"))
+                .transpose();
+            (k.join(), i)
+        });
+        let k = k.map_err(|_| std::io::Error::other("unpacking the guest kernel panicked"))??;
+        let files = EmbeddedFiles {
+            kernel: kernel.zip(k),
+            initramfs: initramfs.zip(i?),
         };
-        std::fs::create_dir_all(&self.state_dir)?;
-        let path = self.state_dir.join(EMBEDDED_INITRAMFS_FILE);
-        // Written whole, then renamed: a VM never loads a half-written file.
-        let tmp = self
-            .state_dir
-            .join(format!(".{EMBEDDED_INITRAMFS_FILE}.tmp"));
-        std::fs::write(&tmp, data)?;
-        std::fs::rename(&tmp, &path)?;
-        self.vm.initramfs.clone_from(&path);
-        Ok(Some(path))
+        if let Some((_, u)) = &files.kernel {
+            self.vm.kernel = u.path();
+        }
+        if let Some((_, u)) = &files.initramfs {
+            self.vm.initramfs = u.path();
+        }
+        Ok(files)
+    }
+
+    /// The guest kernel, unless none is configured.
+    pub fn kernel(&self) -> Option<&Path> {
+        let p = self.vm.kernel.as_path();
+        (!p.as_os_str().is_empty()).then_some(p)
     }
 
     /// The initramfs, unless none is configured.
@@ -480,6 +502,7 @@ mod tests {
         assert_eq!(c.on_exit, OnExit::Stop);
         assert_eq!(c.vm.seccomp, Seccomp::Enforce);
         assert!(c.initramfs().is_none());
+        assert!(c.kernel().is_none());
         c.validate().unwrap();
     }
 
@@ -539,25 +562,35 @@ mod tests {
     }
 
     #[test]
-    fn embedded_initramfs_is_written_only_when_none_is_configured() {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut c = Config {
-            state_dir: tmp.path().join("state"),
-            ..Config::default()
-        };
-        assert_eq!(c.materialize_initramfs_from(None).unwrap(), None);
-        assert!(c.initramfs().is_none());
-        let path = c
-            .materialize_initramfs_from(Some(b"070701 cpio"))
-            .unwrap()
-            .unwrap();
-        assert_eq!(path, tmp.path().join("state").join(EMBEDDED_INITRAMFS_FILE));
-        assert_eq!(std::fs::read(&path).unwrap(), b"070701 cpio");
-        assert_eq!(c.initramfs(), Some(path.as_path()));
+    fn embedded_pieces_are_used_only_when_none_is_configured() {
+        let kernel = crate::embedded::Artifact::for_test("guest kernel", b"\x7fELF kernel");
+        let initramfs = crate::embedded::Artifact::for_test("agent initramfs", b"070701 cpio");
+        let mut c = Config::default();
+        let files = c.use_embedded_from(None, None).unwrap();
+        assert!(files.kernel.is_none() && files.initramfs.is_none());
+        assert!(c.kernel().is_none() && c.initramfs().is_none());
+
+        let files = c.use_embedded_from(Some(kernel), Some(initramfs)).unwrap();
+        assert_eq!(
+            std::fs::read(c.vm.kernel.as_path()).unwrap(),
+            b"\x7fELF kernel"
+        );
+        assert_eq!(
+            std::fs::read(c.vm.initramfs.as_path()).unwrap(),
+            b"070701 cpio"
+        );
+        assert!(c.vm.kernel.starts_with("/proc/self/fd"));
+        drop(files);
+        // Dropped: the paths no longer open them.
+        assert!(std::fs::read(c.vm.initramfs.as_path()).map_or(true, |d| d != b"070701 cpio"));
+
         // A configured one wins.
         let mut c = Config::default();
+        c.vm.kernel = "/k".into();
         c.vm.initramfs = "/i".into();
-        assert_eq!(c.materialize_initramfs_from(Some(b"x")).unwrap(), None);
+        let files = c.use_embedded_from(Some(kernel), Some(initramfs)).unwrap();
+        assert!(files.kernel.is_none() && files.initramfs.is_none());
+        assert_eq!(c.kernel(), Some(Path::new("/k")));
         assert_eq!(c.initramfs(), Some(Path::new("/i")));
         assert_eq!(c.vm.agent_ready_timeout_ms, DEFAULT_AGENT_READY_TIMEOUT_MS);
     }

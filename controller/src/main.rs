@@ -23,6 +23,7 @@ use tracing_subscriber::EnvFilter;
 #[command(
     name = "sandboxer",
     version,
+    long_version = controller::embedded::LONG_VERSION.as_str(),
     about = "Secure-container runtime with in-process KVM microVMs",
     args_conflicts_with_subcommands = true
 )]
@@ -41,6 +42,47 @@ enum Command {
     /// Work with a single VM directly.
     #[command(subcommand)]
     Vm(VmCommand),
+    /// Set up this node's container engine to use the sandboxer.
+    #[command(subcommand)]
+    Install(InstallCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum InstallCommand {
+    /// Add the sandboxer's proxy plugin and runtime handlers (`sandboxer`, `sandboxer-fifo`)
+    /// to containerd's config, keeping everything else; running it again changes nothing.
+    Containerd(InstallContainerdArgs),
+}
+
+#[derive(Debug, Args)]
+struct InstallContainerdArgs {
+    /// containerd's config file (created if missing; must be config version 3).
+    #[arg(long, value_name = "PATH", default_value = controller::install::DEFAULT_CONTAINERD_CONFIG)]
+    config: PathBuf,
+    /// The sandboxer's API socket (its `api.socket`).
+    #[arg(long, value_name = "PATH", default_value = controller::config::DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+    /// Print the resulting config instead of writing it.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn install_containerd(args: &InstallContainerdArgs) -> anyhow::Result<ExitCode> {
+    let report = controller::install::install_containerd(&args.config, &args.socket, args.dry_run)?;
+    let path = args.config.display();
+    if args.dry_run {
+        print!("{}", report.text);
+    }
+    if report.changed.is_empty() {
+        eprintln!("sandboxer: {path} already registers the sandboxer");
+    } else {
+        let verb = if args.dry_run { "would set" } else { "set" };
+        eprintln!("sandboxer: {path}: {verb} {}", report.changed.join(", "));
+        if !args.dry_run {
+            eprintln!("sandboxer: restart containerd to apply it");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +183,7 @@ fn init_logging(level: &str) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
 }
@@ -217,6 +260,7 @@ fn main() -> ExitCode {
         None => serve(&cli.serve),
         Some(Command::Serve(args)) => serve(&args),
         Some(Command::Vm(VmCommand::Run(args))) => run(args),
+        Some(Command::Install(InstallCommand::Containerd(args))) => install_containerd(&args),
     };
     result.unwrap_or_else(|e| {
         eprintln!("sandboxer: {e:#}");

@@ -340,9 +340,16 @@ impl Env {
             sandboxer_binary()?,
             ctrd_dir.join("bin").join(controller::shim::SHIM_NAME),
         )?;
-        run(Command::new(script("gen-config"))
-            .arg("--test")
+        // containerd's config as a node has it, then the sandboxer's part added by the
+        // packaged installer (`sandboxer install containerd`), as an operator would.
+        let ctrd_config = run(Command::new(script("gen-config"))
+            .args(["--base", "--test"])
             .arg(&ctrd_dir)
+            .arg(&config.api.socket))?;
+        run(Command::new(sandboxer_binary()?)
+            .args(["install", "containerd", "--config"])
+            .arg(ctrd_config.trim())
+            .arg("--socket")
             .arg(&config.api.socket))?;
         let mut env = Env {
             dir,
@@ -1471,6 +1478,41 @@ fn docs_show_the_tested_containerd_config() {
             "handler {h} missing"
         );
     }
+}
+
+/// `sandboxer install containerd` on the base config makes the documented one (the same
+/// tables and values), and a second run changes nothing.
+#[test]
+fn installer_makes_the_documented_containerd_config() {
+    let Ok(sandboxer) = sandboxer_binary() else {
+        assert!(!env_is("CI", "true"), "no sandboxer binary beside the test");
+        eprintln!("SKIP installer_makes_the_documented_containerd_config: no sandboxer binary");
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let path = dir.0.join("config.toml");
+    let base =
+        run(Command::new(format!("{SCRIPTS}/gen-config")).args(["--base", "--host"])).unwrap();
+    assert!(!base.contains("sandboxer]"), "{base}");
+    std::fs::write(&path, &base).unwrap();
+    let install = || {
+        let out = Command::new(&sandboxer)
+            .args(["install", "containerd", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = install();
+    assert!(said.contains("proxy_plugins.sandboxer.address"), "{said}");
+    let made = std::fs::read_to_string(&path).unwrap();
+    let documented = run(Command::new(format!("{SCRIPTS}/gen-config")).arg("--host")).unwrap();
+    let parse = |t: &str| t.parse::<toml::Table>().unwrap();
+    assert_eq!(parse(&made), parse(&documented), "{made}");
+    let said = install();
+    assert!(said.contains("already registers the sandboxer"), "{said}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), made);
 }
 
 #[test]

@@ -21,13 +21,20 @@ pub fn slot_serial(n: u32) -> String {
 pub(super) fn vm_config_files(spec: &VmSpec) -> Result<(), BackendError> {
     let missing =
         |file: &Path| BackendError::Config(format!("{} is not a file", file.display()).into());
+    if spec.kernel.as_os_str().is_empty() {
+        return Err(BackendError::Config(
+            "no guest kernel: set vm.kernel (this sandboxer embeds none; `tools/devtool dist` \
+             builds one that does)"
+                .into(),
+        ));
+    }
     if !spec.kernel.is_file() {
         return Err(missing(&spec.kernel));
     }
     let Some(initramfs) = spec.initramfs.as_ref() else {
         return Err(BackendError::Config(
-            "no agent initramfs: set vm.initramfs (this sandboxer was built without an \
-             embedded one, see SANDBOXER_EMBED_INITRAMFS)"
+            "no agent initramfs: set vm.initramfs (this sandboxer embeds none; `tools/devtool \
+             dist` builds one that does)"
                 .into(),
         ));
     };

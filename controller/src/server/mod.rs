@@ -52,9 +52,9 @@ pub enum ServerError {
     /// A server task panicked or was cancelled.
     #[error("Server task failed")]
     Task(#[source] tokio::task::JoinError),
-    /// The embedded agent initramfs could not be written to the state dir.
-    #[error("Failed to write the embedded agent initramfs under {0}")]
-    Initramfs(PathBuf, #[source] io::Error),
+    /// The guest kernel or agent initramfs embedded in the binary could not be unpacked.
+    #[error("Failed to unpack the embedded guest kernel or agent initramfs")]
+    Embedded(#[source] io::Error),
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket left by a previous process.
@@ -206,15 +206,24 @@ pub async fn run<B: VmBackend>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let mut config = config.clone();
-    match config.materialize_initramfs() {
-        Ok(Some(path)) => info!(path = %path.display(), "using the embedded agent initramfs"),
-        Ok(None) if config.initramfs().is_none() => {
-            warn!(
-                "no agent initramfs: vm.initramfs is empty and none is embedded; Start will fail"
-            );
-        }
-        Ok(None) => {}
-        Err(e) => return Err(ServerError::Initramfs(config.state_dir.clone(), e)),
+    // Held until the daemon ends: VMs boot from these memfds.
+    let embedded = config.use_embedded().map_err(ServerError::Embedded)?;
+    for (artifact, file) in [&embedded.kernel, &embedded.initramfs]
+        .into_iter()
+        .flatten()
+    {
+        info!(
+            version = artifact.version,
+            bytes = file.len(),
+            "using the embedded {}",
+            artifact.what
+        );
+    }
+    if config.kernel().is_none() {
+        warn!("no guest kernel: vm.kernel is empty and none is embedded; Start will fail");
+    }
+    if config.initramfs().is_none() {
+        warn!("no agent initramfs: vm.initramfs is empty and none is embedded; Start will fail");
     }
     let config = &config;
     let service = SandboxService::new(backend, ServiceConfig::from(config));
