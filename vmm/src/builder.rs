@@ -159,6 +159,8 @@ impl Vm {
             },
         )
         .map_err(VmError::Spawn)?;
+        let mut thread_ids = pending_vcpus.tids();
+        thread_ids.push(pending_vmm.tid());
         crate::kvm::signal::install_kick_handler().map_err(|e| VmError::Setup("kick signal", e))?;
         let VmShell {
             vm_fd,
@@ -401,6 +403,7 @@ impl Vm {
             timings,
             blk_slots,
             vsock,
+            thread_ids,
         })
     }
 

@@ -19,6 +19,7 @@
 //! `ptrace`, `mount`, `bpf` and the like.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -264,6 +265,8 @@ pub(crate) fn install(filter: Option<&BpfProgram>) -> Result<(), SeccompError> {
 pub(crate) struct PendingThread<J: Send + 'static> {
     job: Option<Sender<J>>,
     thread: Option<JoinHandle<()>>,
+    /// The thread's host thread id, once it runs (0 before).
+    tid: Arc<AtomicU32>,
 }
 
 impl<J: Send + 'static> PendingThread<J> {
@@ -275,10 +278,14 @@ impl<J: Send + 'static> PendingThread<J> {
         run: impl FnOnce(J, Result<(), SeccompError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<J>();
+        let tid = Arc::new(AtomicU32::new(0));
+        let own_tid = Arc::clone(&tid);
         let thread = std::thread::Builder::new()
             .name(name)
             .stack_size(256 * 1024)
             .spawn(move || {
+                let id = rustix::thread::gettid().as_raw_nonzero().get();
+                own_tid.store(id.unsigned_abs(), Ordering::Relaxed);
                 let confined = install(filter.as_deref());
                 if let Ok(job) = rx.recv() {
                     run(job, confined);
@@ -287,7 +294,13 @@ impl<J: Send + 'static> PendingThread<J> {
         Ok(PendingThread {
             job: Some(tx),
             thread: Some(thread),
+            tid,
         })
+    }
+
+    /// Where the thread's host thread id appears once it runs (0 until then).
+    pub(crate) fn tid(&self) -> Arc<AtomicU32> {
+        Arc::clone(&self.tid)
     }
 
     /// Hands the thread its job; gives the job back if the thread is gone.

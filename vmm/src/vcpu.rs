@@ -190,6 +190,11 @@ impl PendingVcpus {
         Ok(PendingVcpus(threads))
     }
 
+    /// Where each thread's host thread id appears once it runs, in vCPU id order.
+    pub(crate) fn tids(&self) -> Vec<Arc<std::sync::atomic::AtomicU32>> {
+        self.0.iter().map(PendingThread::tid).collect()
+    }
+
     /// Hands every thread its vCPU (`fds` in id order): the guest runs from here on.
     pub(crate) fn start(self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
         let mut threads = Vec::with_capacity(fds.len());

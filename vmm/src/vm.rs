@@ -55,9 +55,26 @@ pub struct Vm {
     pub(crate) timings: StartupTimings,
     pub(crate) blk_slots: usize,
     pub(crate) vsock: Option<VsockHandle>,
+    /// The host thread ids of the VM's threads (vCPUs in id order, then the VMM thread), each
+    /// set when its thread starts.
+    pub(crate) thread_ids: Vec<Arc<std::sync::atomic::AtomicU32>>,
 }
 
 impl Vm {
+    /// The host thread ids of the running VM: its vCPU threads in id order, then its VMM
+    /// thread (what a pid is to a process-per-VM VMM: for `top -H`, `perf`, `/proc/*/task`).
+    /// Empty once the VM has ended (the ids may belong to other threads by then).
+    pub fn thread_ids(&self) -> Vec<u32> {
+        if self.ended().is_some() {
+            return Vec::new();
+        }
+        self.thread_ids
+            .iter()
+            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+            .filter(|&t| t != 0)
+            .collect()
+    }
+
     /// Sends `action` to the VMM thread and waits for its answer (at most [`REQUEST_TIMEOUT`]).
     pub fn request(&self, action: VmmAction) -> Result<VmmData, VmmActionError> {
         let name = action.name();

@@ -190,6 +190,13 @@ fn pause_resume_and_stop_a_spinning_guest() {
         assert!(Instant::now() < deadline, "spin guest prints nothing");
         std::thread::sleep(Duration::from_millis(5));
     }
+    // Its threads, by host thread id: two vCPUs and the VMM thread, all of this process.
+    let tids = vm.thread_ids();
+    assert_eq!(tids.len(), 3, "{tids:?}");
+    for (tid, name) in tids.iter().zip(["vcpu0", "vcpu1", "vmm"]) {
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        assert_eq!(comm.trim(), name, "thread {tid}");
+    }
 
     vm.pause().unwrap();
     let paused_at = vm.console_bytes();
@@ -214,6 +221,7 @@ fn pause_resume_and_stop_a_spinning_guest() {
     );
     assert_eq!(vm.stop().exit, VmExit::Stopped, "stop is idempotent");
     assert!(matches!(vm.pause(), Err(vmm::VmmActionError::NotRunning)));
+    assert!(vm.thread_ids().is_empty(), "an ended VM names no threads");
 }
 
 #[test]
