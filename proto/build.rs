@@ -39,6 +39,10 @@ const SETS: &[ProtoSet] = &[
         name: "cri",
         files: &["runtime/v1/api.proto"],
     },
+    ProtoSet {
+        name: "admin",
+        files: &["sandboxer/admin/v1/admin.proto"],
+    },
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

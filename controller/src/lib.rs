@@ -23,6 +23,7 @@ pub mod error;
 pub mod install;
 pub mod network;
 pub mod notify;
+pub mod ops;
 pub mod pod;
 pub mod sandbox;
 pub mod server;

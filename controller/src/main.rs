@@ -7,6 +7,9 @@
 //! `sandboxer vm run` boots one guest in this process and streams its console: the quickest way
 //! for a person to see the VMM work.
 //!
+//! `sandboxer ps`, `inspect ID` and `console ID` ask a running daemon (its admin API on the
+//! API socket); `sandboxer install containerd` registers it in containerd's config.
+//!
 //! Called as `containerd-shim-sandboxer-v1` (a link), it answers the few shim calls containerd
 //! makes for the runtime type `io.containerd.sandboxer.v1` (see `controller::shim`).
 #![forbid(unsafe_code)]
@@ -45,6 +48,61 @@ enum Command {
     /// Set up this node's container engine to use the sandboxer.
     #[command(subcommand)]
     Install(InstallCommand),
+    /// List the daemon's sandboxes: state, age, VM size, VM threads, start phases.
+    Ps(PsArgs),
+    /// Print one sandbox's whole record (JSON).
+    Inspect(InspectArgs),
+    /// Print a sandbox's guest console log.
+    Console(ConsoleArgs),
+}
+
+#[derive(Debug, Args)]
+struct SocketArg {
+    /// The daemon's API socket (its `api.socket`).
+    #[arg(long, value_name = "PATH", default_value = controller::config::DEFAULT_API_SOCKET)]
+    socket: PathBuf,
+}
+
+#[derive(Debug, Args)]
+struct PsArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The sandbox.
+    id: String,
+}
+
+#[derive(Debug, Args)]
+struct ConsoleArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// Keep printing what the guest writes until its VM ends (Ctrl-C to stop).
+    #[arg(short, long)]
+    follow: bool,
+    /// Start this many bytes before the end of the log.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    tail: u64,
+    /// The sandbox.
+    id: String,
+}
+
+/// Runs an operator command (a client of the daemon) on a small runtime of its own.
+fn ops<F: std::future::Future<Output = Result<(), controller::ops::OpsError>>>(
+    run: impl FnOnce(std::io::StdoutLock<'static>) -> F,
+) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run(std::io::stdout().lock()))?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Subcommand)]
@@ -256,12 +314,22 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     let cli = Cli::parse();
-    let result = match cli.command {
-        None => serve(&cli.serve),
-        Some(Command::Serve(args)) => serve(&args),
-        Some(Command::Vm(VmCommand::Run(args))) => run(args),
-        Some(Command::Install(InstallCommand::Containerd(args))) => install_containerd(&args),
-    };
+    let result =
+        match cli.command {
+            None => serve(&cli.serve),
+            Some(Command::Serve(args)) => serve(&args),
+            Some(Command::Vm(VmCommand::Run(args))) => run(args),
+            Some(Command::Install(InstallCommand::Containerd(args))) => install_containerd(&args),
+            Some(Command::Ps(a)) => ops(|mut out| async move {
+                controller::ops::ps(&a.socket.socket, a.json, &mut out).await
+            }),
+            Some(Command::Inspect(a)) => ops(|mut out| async move {
+                controller::ops::inspect(&a.socket.socket, &a.id, &mut out).await
+            }),
+            Some(Command::Console(a)) => ops(|mut out| async move {
+                controller::ops::console(&a.socket.socket, &a.id, a.follow, a.tail, &mut out).await
+            }),
+        };
     result.unwrap_or_else(|e| {
         eprintln!("sandboxer: {e:#}");
         ExitCode::FAILURE

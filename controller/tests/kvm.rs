@@ -727,10 +727,15 @@ async fn a_start_during_the_template_build_waits_and_clones() {
     let _serial = SERIAL.lock().await;
     let mut d = daemon_with(Guest::Virtio, agent_cmdline(&[]), |_| {}, true).await;
     let templates = Arc::clone(d.templates.as_ref().unwrap());
-    d.create("early", Some(pod_options("early-host", 0, 0))).await;
+    d.create("early", Some(pod_options("early-host", 0, 0)))
+        .await;
     d.start("early").await.unwrap();
     let stats = templates.stats();
-    assert_eq!((stats.built, stats.hits, stats.misses), (1, 1, 0), "{stats:?}");
+    assert_eq!(
+        (stats.built, stats.hits, stats.misses),
+        (1, 1, 0),
+        "{stats:?}"
+    );
     let p = phases(&mut d, "early").await;
     assert_eq!(p["agent_ready"], 0, "a clone has no boot: {p:?}");
     assert!(!d.console("early").contains(agent::READY));
@@ -808,5 +813,102 @@ async fn sandboxes_start_as_clones_of_a_template_and_a_pod_can_opt_out() {
         assert_eq!(d.state(id).await, "SANDBOX_NOTREADY");
         d.shutdown(id).await;
     }
+    d.finish().await;
+}
+
+/// The operator's commands, run as the real binary against the daemon's socket: `ps` lists a
+/// running sandbox with its VM's threads and start, `inspect` prints its record, `console`
+/// prints its guest's console, and `console -f` follows it until the VM ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ps_inspect_and_console_show_a_running_sandbox() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |_| {}).await;
+    d.create("ops", Some(pod_options("ops-host", 0, 0))).await;
+    d.start("ops").await.unwrap();
+    let socket = d.dir.path().join("api.sock");
+    let sandboxer = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandboxer"))
+            .args(args)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (ok, table, err) = sandboxer(&["ps"]);
+    assert!(ok, "{err}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("ops "))
+        .unwrap_or_else(|| panic!("no ops row:\n{table}"));
+    assert!(row.contains(" ready "), "{row}");
+    assert!(row.contains("ms boot"), "{row}");
+    // Its VM's threads: the vCPU and the VMM thread, threads of the daemon (this process).
+    let (ok, json, err) = sandboxer(&["ps", "--json"]);
+    assert!(ok, "{err}");
+    let list: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let tids = list[0]["thread_ids"].as_array().unwrap();
+    assert_eq!(tids.len(), 2, "{json}");
+    for (tid, name) in tids.iter().zip(["vcpu0", "vmm"]) {
+        let comm = std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap();
+        assert_eq!(comm.trim(), name, "{json}");
+    }
+    assert!(
+        list[0]["start_phases_us"]["agent_ready"].as_u64().unwrap() > 0,
+        "{json}"
+    );
+
+    let (ok, json, err) = sandboxer(&["inspect", "ops"]);
+    assert!(ok, "{err}");
+    let record: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(record["id"], "ops");
+    assert_eq!(record["pod"]["hostname"], "ops-host", "{json}");
+    let (ok, _, err) = sandboxer(&["inspect", "nope"]);
+    assert!(
+        !ok && err.contains("nope") && err.contains("not found"),
+        "{err}"
+    );
+
+    let (ok, console, err) = sandboxer(&["console", "ops"]);
+    assert!(ok, "{err}");
+    assert!(console.contains(agent::READY), "{console}");
+    let (ok, tail, _) = sandboxer(&["console", "ops", "--tail", "10"]);
+    assert!(ok && tail.len() == 10, "{tail:?}");
+
+    // Following: the stream goes on until the VM ends, then the command exits.
+    let follow = std::process::Command::new(env!("CARGO_BIN_EXE_sandboxer"))
+        .args(["console", "-f", "ops", "--socket"])
+        .arg(&socket)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    d.client
+        .stop(ControllerStopRequest {
+            sandbox_id: "ops".into(),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || follow.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success());
+    let followed = String::from_utf8_lossy(&out.stdout);
+    // What the guest wrote after `console -f` began (the Shutdown request) is there too.
+    assert!(followed.contains(agent::READY), "{followed}");
+    assert!(
+        followed.contains(&agent::request(CONTROL, "Shutdown")),
+        "{followed}"
+    );
+    d.shutdown("ops").await;
     d.finish().await;
 }

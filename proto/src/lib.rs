@@ -11,6 +11,8 @@
 //!   `options` carries, and the `RuntimeService` and `ImageService` calls the end-to-end tests
 //!   make against containerd's CRI socket.
 //!
+//! - [`admin`]: the daemon's own operator service (`sandboxer ps`, `inspect`, `console`).
+//!
 //! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
 //!   (`sandboxer.agent.v1`) and containerd's `Streaming` service (stdio streams),
 //!   rust-protobuf messages with async servers and clients.
@@ -108,6 +110,23 @@ pub mod cri {
         }
     }
     pub use runtime::v1;
+}
+
+/// The daemon's operator service (`sandboxer.admin.v1.Admin`: `sandboxer ps`, `inspect`,
+/// `console`), served on the containerd API socket.
+#[cfg(feature = "grpc")]
+#[allow(
+    missing_docs,
+    clippy::all,
+    clippy::allow_attributes_without_reason,
+    clippy::unwrap_used,
+    reason = "generated code; the .proto files document the fields"
+)]
+pub mod admin {
+    /// `sandboxer.admin.v1`.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/admin/sandboxer.admin.v1.rs"));
+    }
 }
 
 #[cfg(feature = "grpc")]

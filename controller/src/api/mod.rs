@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Thin tonic adapters over [`crate::service::SandboxService`]: proto <-> domain conversion only.
 
+pub mod admin;
 pub mod seed;
 pub mod v2;
 
@@ -17,6 +18,11 @@ pub(crate) fn timestamp(t: SystemTime) -> Timestamp {
 
 /// A sorted map -> the generated `HashMap`.
 pub(crate) fn to_hash_map(m: BTreeMap<String, String>) -> HashMap<String, String> {
+    m.into_iter().collect()
+}
+
+/// A sorted map of counters -> the generated `HashMap`.
+pub(crate) fn to_hash_map_u64(m: BTreeMap<String, u64>) -> HashMap<String, u64> {
     m.into_iter().collect()
 }
 

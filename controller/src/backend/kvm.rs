@@ -388,6 +388,10 @@ impl VmHandle for KvmHandle {
         self.phases
     }
 
+    fn thread_ids(&self) -> Vec<u32> {
+        self.vm.thread_ids()
+    }
+
     fn ended(&self) -> Option<VmEnd> {
         self.vm.ended().map(VmEnd::from)
     }

@@ -279,6 +279,11 @@ pub trait VmHandle: TaskTarget {
         container_id: &str,
         resources: &StoredAny,
     ) -> Result<(), BackendError>;
+    /// Host thread ids of the running VM (vCPUs, then the VMM thread): what a pid is to a
+    /// runtime with a process per VM. None for backends without threads of their own.
+    fn thread_ids(&self) -> Vec<u32> {
+        Vec::new()
+    }
     /// How long the phases of this VM's start took (none for backends that do not measure).
     fn start_phases(&self) -> StartPhases {
         StartPhases::default()

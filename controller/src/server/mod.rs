@@ -15,6 +15,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
+use crate::api::admin::AdminApi;
 use crate::api::seed::SeedApi;
 use crate::api::v2::V2Api;
 use crate::backend::VmBackend;
@@ -127,8 +128,10 @@ impl Servers {
             None => None,
         };
 
+        // The operator's API (`sandboxer ps`, ...) shares the engine's socket and its access.
         let router = tonic::transport::Server::builder()
-            .add_service(V2Api::new(Arc::clone(service)).into_server());
+            .add_service(V2Api::new(Arc::clone(service)).into_server())
+            .add_service(AdminApi::new(Arc::clone(service)).into_server());
         servers.spawn(socket, v2, router);
         if let Some((path, listener)) = seed {
             let router = tonic::transport::Server::builder()

@@ -280,7 +280,7 @@ impl<B: VmBackend> SandboxService<B> {
             cmdline: vm.cmdline.clone(),
             blk_slots: vm.blk_slots,
             seccomp: vm.seccomp.into(),
-            console_log: Some(dir.join("console.log")),
+            console_log: Some(dir.join(super::admin::CONSOLE_LOG)),
             vsock_uds: Some(dir.join("vsock.sock")),
             setup: GuestSetup {
                 hostname: pod.map(|p| p.hostname.clone()).unwrap_or_default(),

@@ -30,6 +30,7 @@ use crate::sandbox::{ExitInfo, MountSpec, SandboxRecord, SandboxState, StoredAny
 use crate::store::{Store, StoreError};
 use crate::task::ImageCache;
 
+pub mod admin;
 pub mod containers;
 pub mod lifecycle;
 mod registry;
