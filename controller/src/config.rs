@@ -30,6 +30,9 @@
 //! max_templates = 4            # shapes kept (least recently used dropped)
 //! build_timeout_ms = 30000     # a template whose agent is not ready by then is given up
 //! pool_depth = 2               # VM shells kept pre-built per template (0: none)
+//!
+//! [metrics]
+//! listen = ""                  # e.g. "127.0.0.1:9464": Prometheus text at /metrics; "" = off
 //! ```
 //!
 //! An empty `kernel` or `initramfs` means the guest kernel or agent initramfs embedded in the
@@ -223,6 +226,23 @@ pub struct Config {
     pub vm: VmDefaults,
     /// VM templates.
     pub template: TemplateConfig,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsConfig,
+}
+
+/// The Prometheus endpoint ([`crate::metrics`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `HOST:PORT` to serve `GET /metrics` on; empty (the default) serves nothing.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The address to serve on, if any (checked by [`Config::validate`]).
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 impl Default for Config {
@@ -237,6 +257,7 @@ impl Default for Config {
             api: ApiConfig::default(),
             vm: VmDefaults::default(),
             template: TemplateConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -310,6 +331,9 @@ pub struct ServeArgs {
     /// Grace period per sandbox when stopping on exit.
     #[arg(long)]
     pub stop_timeout_secs: Option<u32>,
+    /// Serve Prometheus metrics at http://ADDR/metrics ("" = off).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -364,10 +388,20 @@ impl Config {
         set(&mut self.log_level, &args.log_level);
         set(&mut self.on_exit, &args.on_exit);
         set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
+        set(&mut self.metrics.listen, &args.metrics_listen);
     }
 
     /// Checks ranges and required settings.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.metrics.listen.is_empty() && self.metrics.address().is_none() {
+            return Err(ConfigError::Invalid(
+                "metrics.listen",
+                format!(
+                    "{:?} is not an address with a port (e.g. \"127.0.0.1:9464\")",
+                    self.metrics.listen
+                ),
+            ));
+        }
         if self.api.socket.as_os_str().is_empty() {
             return Err(ConfigError::Invalid(
                 "api.socket",
@@ -634,6 +668,15 @@ mod tests {
 
     #[test]
     fn invalid_settings() {
+        let mut c = Config::default();
+        c.metrics.listen = "localhost".into();
+        let err = c.validate().unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Invalid("metrics.listen", why) if why.contains("localhost")),
+            "{err:?}"
+        );
+        c.metrics.listen = "127.0.0.1:9464".into();
+        c.validate().unwrap();
         let mut c = Config::default();
         c.vm.vcpus = 0;
         assert!(matches!(

@@ -21,6 +21,7 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod install;
+pub mod metrics;
 pub mod network;
 pub mod notify;
 pub mod ops;

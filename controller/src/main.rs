@@ -41,7 +41,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the daemon (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Work with a single VM directly.
     #[command(subcommand)]
     Vm(VmCommand),

@@ -912,3 +912,88 @@ async fn ps_inspect_and_console_show_a_running_sandbox() {
     d.shutdown("ops").await;
     d.finish().await;
 }
+
+/// A free loopback port (bound, then released for the daemon).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET path` from the metrics endpoint: the status line and the body.
+fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The Prometheus endpoint: sandboxes by state, Start phases, starts by source, exits by
+/// reason, templates, and the daemon's RSS and fds, in the text format.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_endpoint_shows_sandboxes_starts_and_exits() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let port = free_port();
+    let mut d = daemon_with(
+        Guest::Virtio,
+        agent_cmdline(&[]),
+        |c| c.metrics.listen = format!("127.0.0.1:{port}"),
+        true,
+    )
+    .await;
+    d.create("m1", Some(pod_options("m1-host", 0, 0))).await;
+    d.start("m1").await.unwrap();
+
+    let (status, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    for want in [
+        "sandboxer_sandboxes{state=\"ready\"} 1",
+        "sandboxer_sandboxes{state=\"stopped\"} 0",
+        "sandboxer_start_phase_seconds_bucket{le=",
+        "sandboxer_start_phase_seconds_count{phase=\"total\"}",
+        "sandboxer_starts_total{source=\"template\"}",
+        "sandboxer_templates{state=\"ready\"} 1",
+        "# TYPE process_resident_memory_bytes gauge",
+        "process_open_fds ",
+    ] {
+        assert!(body.contains(want), "no {want:?} in:\n{body}");
+    }
+    let fds: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("process_open_fds "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(fds > 10, "{fds}");
+
+    d.client
+        .stop(ControllerStopRequest {
+            sandbox_id: "m1".into(),
+            timeout_secs: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (_, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
+        .await
+        .unwrap();
+    assert!(
+        body.contains("sandboxer_sandboxes{state=\"stopped\"} 1"),
+        "{body}"
+    );
+    assert!(body.contains("sandboxer_vm_exits_total{reason="), "{body}");
+    let (status, _) = tokio::task::spawn_blocking(move || http_get(port, "/nope"))
+        .await
+        .unwrap();
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    d.shutdown("m1").await;
+    d.finish().await;
+}

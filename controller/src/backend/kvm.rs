@@ -126,6 +126,10 @@ impl VmBackend for KvmBackend {
         self.boot(spec).await
     }
 
+    fn template_stats(&self) -> Option<super::template::TemplateStats> {
+        self.templates.as_ref().map(|t| t.stats())
+    }
+
     async fn prepare(&self, spec: &VmSpec) {
         if let Some(templates) = &self.templates
             && vm_config_files(spec).is_ok()

@@ -255,6 +255,11 @@ pub trait VmBackend: Send + Sync + 'static {
     /// Gets ready for VMs like `spec` (e.g. builds their template in the background); returns
     /// at once. Nothing by default.
     async fn prepare(&self, _spec: &VmSpec) {}
+
+    /// The counters of its VM templates, if it keeps any.
+    fn template_stats(&self) -> Option<template::TemplateStats> {
+        None
+    }
 }
 
 /// A running (or ended) VM.

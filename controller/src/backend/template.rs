@@ -161,6 +161,8 @@ pub struct TemplateStats {
     pub built: u64,
     /// Builds that failed.
     pub failed: u64,
+    /// Templates ready now.
+    pub ready: u64,
 }
 
 #[derive(Debug, Default)]
@@ -302,9 +304,18 @@ impl Templates {
         self.spawn_build(shape, spec);
     }
 
-    /// The counters so far.
+    /// The counters so far, and the templates ready now.
     pub fn stats(&self) -> TemplateStats {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).stats
+        let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let ready = inner
+            .slots
+            .values()
+            .filter(|s| matches!(s, Slot::Ready { .. }))
+            .count();
+        TemplateStats {
+            ready: u64::try_from(ready).unwrap_or(u64::MAX),
+            ..inner.stats
+        }
     }
 
     /// Templates ready now.

@@ -53,9 +53,21 @@ pub enum ServerError {
     /// A server task panicked or was cancelled.
     #[error("Server task failed")]
     Task(#[source] tokio::task::JoinError),
+    /// The metrics endpoint could not listen.
+    #[error("Cannot serve metrics on {0}")]
+    Metrics(String, #[source] io::Error),
     /// The guest kernel or agent initramfs embedded in the binary could not be unpacked.
     #[error("Failed to unpack the embedded guest kernel or agent initramfs")]
     Embedded(#[source] io::Error),
+}
+
+/// A task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Binds a unix socket at `path`, replacing a stale socket left by a previous process.
@@ -241,6 +253,17 @@ pub async fn run<B: VmBackend>(
         "sandbox records loaded"
     );
     let mut servers = Servers::start(&service, &config.api.socket, config.seed_socket())?;
+    // Served until the daemon ends (dropping it stops the endpoint).
+    let _metrics = match config.metrics.address() {
+        Some(addr) => {
+            let source: Arc<dyn crate::metrics::Source> = service.clone();
+            let (_, task) = crate::metrics::serve(addr, source)
+                .await
+                .map_err(|e| ServerError::Metrics(config.metrics.listen.clone(), e))?;
+            Some(AbortOnDrop(task))
+        }
+        None => None,
+    };
     service.warm_up().await;
     match notify::notify("READY=1") {
         Ok(true) => info!("notified systemd"),

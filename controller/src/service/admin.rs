@@ -34,11 +34,25 @@ pub struct SandboxSummary {
 }
 
 impl SandboxSummary {
-    /// Whether its Start cloned a VM template: a clone has no boot, so no time waiting for
-    /// the agent's ready line, and a Setup.
+    /// Whether its Start cloned a VM template (see [`from_template`]).
     pub fn from_template(&self) -> bool {
-        self.start_us.get("agent_ready") == Some(&0)
-            && self.start_us.get("setup").is_some_and(|&us| us > 0)
+        from_template(&self.start_us)
+    }
+}
+
+/// Whether a Start with these phases cloned a VM template: a clone has no boot, so no time
+/// waiting for the agent's ready line, and a Setup.
+pub fn from_template(start_us: &BTreeMap<String, u64>) -> bool {
+    start_us.get("agent_ready") == Some(&0) && start_us.get("setup").is_some_and(|&us| us > 0)
+}
+
+impl<B: VmBackend> crate::metrics::Source for SandboxService<B> {
+    fn sandboxes(&self) -> Vec<SandboxSummary> {
+        self.list()
+    }
+
+    fn templates(&self) -> Option<crate::backend::template::TemplateStats> {
+        self.backend().template_stats()
     }
 }
 

@@ -40,7 +40,11 @@ fn micros(d: Duration) -> u64 {
 /// The state and exit a VM end means; `forced` when Stop had to cut a grace period short.
 fn exit_of(end: &VmEnd, forced: bool) -> (SandboxState, ExitInfo) {
     let (state, status, reason) = match &end.kind {
-        VmExitKind::GuestShutdown => (SandboxState::Stopped, 0, "the guest shut down".to_string()),
+        VmExitKind::GuestShutdown => (
+            SandboxState::Stopped,
+            0,
+            crate::metrics::GUEST_SHUTDOWN_REASON.to_string(),
+        ),
         VmExitKind::HostStopped if forced => (
             SandboxState::Stopped,
             EXIT_FORCED,
@@ -225,6 +229,7 @@ impl<B: VmBackend> SandboxService<B> {
             .collect();
         start_us.insert("task_server".into(), micros(t_task.elapsed()));
         start_us.insert("total".into(), micros(t_start.elapsed()));
+        crate::metrics::global().observe_start(&start_us, super::admin::from_template(&start_us));
         let started_at = SystemTime::now();
         let address = task.address();
         let record = entry.with(|d| {
@@ -300,7 +305,11 @@ impl<B: VmBackend> SandboxService<B> {
         let exit = ExitInfo {
             status: EXIT_FAILED,
             at: end.map_or_else(SystemTime::now, |e| e.at),
-            reason: format!("start failed: {}", error_chain(error)),
+            reason: format!(
+                "{}{}",
+                crate::metrics::START_FAILED_PREFIX,
+                error_chain(error)
+            ),
         };
         // The error being returned matters more than a failed save of it.
         let _ = self.end(entry, SandboxState::Failed, exit).await;

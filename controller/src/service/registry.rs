@@ -66,6 +66,7 @@ impl Entry {
                 return None;
             }
             d.record.state = state;
+            crate::metrics::global().observe_exit(&exit);
             d.record.exit = Some(exit);
             d.vm = None;
             Some(d.record.clone())
