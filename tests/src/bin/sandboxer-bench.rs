@@ -32,6 +32,8 @@
 mod daemon;
 #[path = "sandboxer-bench/devices.rs"]
 mod devices;
+#[path = "sandboxer-bench/plot.rs"]
+mod plot;
 #[path = "sandboxer-bench/template.rs"]
 mod template;
 #[path = "sandboxer-bench/vmm_start.rs"]
@@ -64,6 +66,7 @@ const SCENARIOS: &[Scenario] = &[
             "--mem-mib",
             "--seccomp",
             "--sandboxer",
+            "--plot",
         ],
         run: vmm_start::vmm_start,
         internal: false,
@@ -126,6 +129,7 @@ const SCENARIOS: &[Scenario] = &[
             "--mem-mib",
             "--seccomp",
             "--template-pool",
+            "--plot",
         ],
         run: template::template_start,
         internal: false,
@@ -202,6 +206,12 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
     ),
     ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
     (
+        "--plot",
+        "FILE.svg",
+        "none",
+        "also draw the start-latency CDF of each kind of start and the per-phase breakdown",
+    ),
+    (
         "--cgroup",
         "DIR",
         "none",
@@ -254,6 +264,7 @@ pub(crate) struct Options {
     pub(crate) templates: bool,
     pub(crate) template_pool: usize,
     pub(crate) concurrency: usize,
+    pub(crate) plot: Option<std::path::PathBuf>,
 }
 
 impl Options {
@@ -272,6 +283,7 @@ impl Options {
             templates: false,
             template_pool: 2,
             concurrency: 8,
+            plot: None,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -321,6 +333,7 @@ impl Options {
                 }
                 "--template-pool" => o.template_pool = number()?,
                 "--concurrency" => o.concurrency = number()?.max(1),
+                "--plot" => o.plot = Some(value.into()),
                 _ => bail!("unknown option {flag}"),
             }
         }

@@ -20,7 +20,7 @@ use serde_json::json;
 use crate::daemon::{
     Daemon, PHASES, Role, client_runtime, create_start, create_start_with, remove,
 };
-use crate::{Options, vmm_host};
+use crate::{Options, plot, vmm_host};
 
 pub(crate) fn template_start(o: &Options) -> anyhow::Result<()> {
     let alive = o.alive_one(100)?;
@@ -167,6 +167,34 @@ pub(crate) fn template_start(o: &Options) -> anyhow::Result<()> {
          {:.3} s ({fallbacks} of them booted)",
         wall.as_secs_f64()
     );
+    if let Some(path) = &o.plot {
+        // A clone waits for no ready line: its agent_ready phase is 0 and left out.
+        let clone_phases: Vec<plot::Phase<'_>> = PHASES
+            .iter()
+            .zip(&phases)
+            .filter(|((name, _), _)| *name != "agent_ready")
+            .map(|((name, _), samples)| plot::Phase { name, samples })
+            .collect();
+        plot::write(
+            path,
+            &format!(
+                "template-start: Create sent -> Start returned, test guest, {} MiB ({} each)",
+                o.mem_mib, o.iterations
+            ),
+            &[
+                plot::Series {
+                    name: "template clone",
+                    samples: &took,
+                },
+                plot::Series {
+                    name: "boot (pooled VM shell)",
+                    samples: &cold,
+                },
+            ],
+            "clone's Start",
+            &clone_phases,
+        )?;
+    }
     let out = json!({
         "scenario": "template-start",
         "iterations": o.iterations,

@@ -25,7 +25,7 @@ use serde_json::json;
 use test_guests::Guest;
 use vmm::{Vm, VmConfig};
 
-use crate::{Options, vmm_host};
+use crate::{Options, plot, vmm_host};
 
 /// What the `quick` guest prints (then it triple faults).
 const QUICK_LINE: &str = "quick: bye";
@@ -193,6 +193,35 @@ pub(crate) fn vmm_start(o: &Options) -> anyhow::Result<()> {
          VM after it, as in the rows above)",
         ms(first_kvm_open)
     );
+    if let Some(path) = &o.plot {
+        // The pooled VM's phases: what Start costs with the shell pool (start_total is the sum).
+        let phases: Vec<plot::Phase<'_>> = pooled
+            .phases
+            .iter()
+            .filter(|(name, _)| !matches!(*name, "start_total" | "kvm_open"))
+            .map(|(name, samples)| plot::Phase { name, samples })
+            .collect();
+        plot::write(
+            path,
+            &format!(
+                "vmm-start: Vm::start called -> guest's boot-timer signal, test guest {:?}, {} MiB",
+                guest.name(),
+                o.mem_mib
+            ),
+            &[
+                plot::Series {
+                    name: "pooled VM shell",
+                    samples: &pooled.to_signal,
+                },
+                plot::Series {
+                    name: "cold",
+                    samples: &cold.to_signal,
+                },
+            ],
+            "pooled Vm::start",
+            &phases,
+        )?;
+    }
     let cold_signal = Summary::of(&cold.to_signal);
     let pooled_signal = Summary::of(&pooled.to_signal);
     let cold_end = Summary::of(&cold.to_end);
