@@ -165,8 +165,8 @@ pub trait VirtioDevice: Send + Debug {
     /// chain is half done.
     fn queue_positions(&self) -> Vec<(u16, u16)>;
     /// Called once after [`VirtioDevice::activate`] gave the device the queues of a snapshot
-    /// (a VM restored or cloned): the device tells the driver what the restore changed
-    /// (virtio-vsock: `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`). Nothing by default.
+    /// (a VM restored or cloned), for a device that must tell the driver what the restore
+    /// changed. Nothing by default (virtio-vsock sends no transport reset: see its device).
     fn restored(&mut self) {}
 }
 
