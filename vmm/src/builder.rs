@@ -374,11 +374,13 @@ impl Vm {
         for subscriber in subscribers {
             event_manager.add_subscriber(subscriber);
         }
+        let live = host.live_guard();
+        let torn_down = live.torn_down();
         let resources = VmResources {
             _vm_fd: vm_fd,
             _ram: ram,
             ctx,
-            _live: host.live_guard(),
+            _live: live,
         };
         // Detached: the VM's end is reported through `EndState`, not by joining.
         if pending_vmm.start((event_manager, done, resources)).is_err() {
@@ -404,6 +406,7 @@ impl Vm {
             blk_slots,
             vsock,
             thread_ids,
+            torn_down,
         })
     }
 

@@ -129,7 +129,34 @@ impl Host {
     /// Counts a VM as live until the returned guard is dropped (after its teardown).
     pub(crate) fn live_guard(&self) -> LiveGuard {
         *self.0.live.count.lock().expect("poisoned") += 1;
-        LiveGuard(Arc::clone(&self.0.live))
+        LiveGuard {
+            host: Arc::clone(&self.0.live),
+            vm: Arc::new(TornDown::default()),
+        }
+    }
+}
+
+/// Set once one VM is torn down: its devices (and the host endpoints they hold, such as a
+/// hybrid vsock socket) are gone, its memory unmapped, its VM fd closed.
+#[derive(Debug, Default)]
+pub(crate) struct TornDown {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl TornDown {
+    /// Waits until the VM is torn down, up to `timeout`.
+    pub(crate) fn wait(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut done = self.done.lock().expect("poisoned");
+        while !*done {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            done = self.cv.wait_timeout(done, left).expect("poisoned").0;
+        }
+        true
     }
 }
 
@@ -139,15 +166,28 @@ struct LiveCount {
     cv: Condvar,
 }
 
-/// One live VM of a [`Host`]; dropping it (the last thing a VM's teardown does) uncounts it.
+/// One live VM of a [`Host`]; dropping it (the last thing a VM's teardown does) uncounts it
+/// and marks that VM torn down.
 #[derive(Debug)]
-pub(crate) struct LiveGuard(Arc<LiveCount>);
+pub(crate) struct LiveGuard {
+    host: Arc<LiveCount>,
+    vm: Arc<TornDown>,
+}
+
+impl LiveGuard {
+    /// What tells that this VM is torn down.
+    pub(crate) fn torn_down(&self) -> Arc<TornDown> {
+        Arc::clone(&self.vm)
+    }
+}
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        let mut count = self.0.count.lock().expect("poisoned");
+        *self.vm.done.lock().expect("poisoned") = true;
+        self.vm.cv.notify_all();
+        let mut count = self.host.count.lock().expect("poisoned");
         *count = count.saturating_sub(1);
-        self.0.cv.notify_all();
+        self.host.cv.notify_all();
     }
 }
 

@@ -58,6 +58,8 @@ pub struct Vm {
     /// The host thread ids of the VM's threads (vCPUs in id order, then the VMM thread), each
     /// set when its thread starts.
     pub(crate) thread_ids: Vec<Arc<std::sync::atomic::AtomicU32>>,
+    /// Set once the VM is torn down, after its end.
+    pub(crate) torn_down: Arc<crate::host::TornDown>,
 }
 
 impl Vm {
@@ -107,6 +109,14 @@ impl Vm {
         // NotRunning means the VMM thread already finished: the end is recorded.
         let _ = self.request(VmmAction::Stop);
         self.wait()
+    }
+
+    /// Blocks until the ended VM is also torn down, up to `timeout`: its devices and the host
+    /// endpoints they held (a hybrid vsock socket path, block files) are released, so a new
+    /// VM may take them. [`Vm::wait`] returns before that (teardown runs after the waiters are
+    /// woken). Returns whether it was torn down in time.
+    pub fn wait_torn_down(&self, timeout: Duration) -> bool {
+        self.torn_down.wait(timeout)
     }
 
     /// Blocks until the VM has ended.

@@ -309,20 +309,26 @@ fn guest_connection_to_a_hybrid_listener() {
         let (stream, _) = host_listener.accept().unwrap();
         echo(stream);
     });
-    let vm = Vm::start(
-        host(),
+    let vsock = |uds: &Path| {
         config(
             virtio::TEST_VSOCK,
             vec![DeviceConfig::Vsock {
                 guest_cid: 42,
-                uds_path: Some(uds),
+                uds_path: Some(uds.to_path_buf()),
             }],
-        ),
-    )
-    .unwrap();
+        )
+    };
+    let vm = Vm::start(host(), vsock(&uds)).unwrap();
     wait_for(&vm, console::VIRTIO_VSOCK_ECHO_OK);
     assert_has(&vm.console(), "virtio: vsock: cid 42\n");
+    // Once a stopped VM is torn down its socket path is free: a VM that follows at once on
+    // the same path (a sandbox booting after its clone failed) binds it.
     vm.stop();
+    assert!(vm.wait_torn_down(Duration::from_secs(10)));
+    assert!(!uds.exists(), "the torn-down VM left its socket");
+    let next = Vm::start(host(), vsock(&uds)).unwrap();
+    assert!(uds.exists());
+    next.stop();
     server.join().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

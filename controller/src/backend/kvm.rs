@@ -242,7 +242,7 @@ impl KvmBackend {
         let agent = match agent {
             Ok(agent) => agent,
             Err(e) => {
-                stop_now(&vm).await;
+                stop_and_release(&vm).await;
                 return Err(e);
             }
         };
@@ -274,7 +274,7 @@ async fn watched(
             tx.send_replace(Some(VmEnd::from(end)));
         });
     if let Err(e) = spawned {
-        stop_now(&vm).await;
+        stop_and_release(&vm).await;
         return Err(BackendError::Start(Box::new(e)));
     }
     Ok((vm, rx))
@@ -295,6 +295,23 @@ async fn stop_now(vm: &Arc<vmm::Vm>) -> vmm::VmEnd {
         Ok(end) => end,
         // The blocking pool is gone (runtime shutting down): stop on this thread.
         Err(_) => vm.stop(),
+    }
+}
+
+/// How long a failed start waits for its VM's teardown.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Stops a VM whose start failed and waits until it is torn down, so that what it held on the
+/// host (its hybrid vsock socket path above all) is free for the VM that may follow: a
+/// sandbox whose clone failed boots at once, on the same paths.
+async fn stop_and_release(vm: &Arc<vmm::Vm>) {
+    stop_now(vm).await;
+    let releasing = Arc::clone(vm);
+    let released = tokio::task::spawn_blocking(move || releasing.wait_torn_down(RELEASE_WAIT))
+        .await
+        .unwrap_or(false);
+    if !released {
+        warn!("a VM whose start failed was not torn down within {RELEASE_WAIT:?}");
     }
 }
 
