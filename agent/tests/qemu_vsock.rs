@@ -11,9 +11,8 @@
 //! 3. Control.Shutdown: the answer arrives, then the VM ends by itself (`reboot=t` triple
 //!    fault, QEMU `-no-reboot` exits 0).
 //!
-//! The static agent is built here (`cargo build -p agent --release --target
-//! x86_64-unknown-linux-musl`, quick when up to date) and packed, stripped, with the guest
-//! crate. Needs QEMU, `vhost-device-vsock` (tests/setup installs both) and the cached guest
+//! The static agent is built and packed here by `tools/devtool initramfs` (quick when up to
+//! date). Needs QEMU, `vhost-device-vsock` (tests/setup installs both) and the cached guest
 //! kernel (`guest/build-kernel`). Missing pieces make a loud SKIP; the test fails instead under
 //! CI (`CI=true`, or `SANDBOXER_REQUIRE_GUEST=1`), and with `SANDBOXER_REQUIRE_KVM=1` when QEMU
 //! or vhost-device-vsock is missing (tests/run builds the kernel before the workspace's tests).
@@ -132,31 +131,18 @@ fn preconditions() -> Option<Tools> {
     })
 }
 
-/// Builds the static agent and packs it (stripped) as `/init` of an initramfs in `dir`.
+/// Builds the static agent and packs it (stripped) as `/init` of an initramfs in `dir`, the
+/// way every build of the product does: `tools/devtool initramfs`.
 fn build_initramfs(dir: &Path) -> PathBuf {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .current_dir(workspace())
-        .args([
-            "build",
-            "-q",
-            "-p",
-            "agent",
-            "--release",
-            "--target",
-            "x86_64-unknown-linux-musl",
-            "--target-dir",
-        ])
-        .arg(target_dir())
-        .status()
-        .expect("run cargo build");
-    assert!(status.success(), "building the static agent failed");
-    let agent = target_dir().join("x86_64-unknown-linux-musl/release/sandboxer-agent");
-    let init = guest::strip::read_init(&agent, true).expect("strip the agent");
-    let image = guest::initramfs::build(&init, guest::initramfs::Compression::None)
-        .expect("build the initramfs");
     let path = dir.join("initramfs.cpio");
-    std::fs::write(&path, image).unwrap();
+    let status = Command::new(workspace().join("tools/devtool"))
+        .args(["initramfs", "--output"])
+        .arg(&path)
+        .env("CARGO_TARGET_DIR", target_dir())
+        .stdout(Stdio::null())
+        .status()
+        .expect("run tools/devtool initramfs");
+    assert!(status.success(), "tools/devtool initramfs failed");
     path
 }
 
