@@ -6,8 +6,14 @@
 //! the emulated host (tests/emulated-host), whose cases run it inside L1.
 //!
 //! ```text
-//! sandboxer-e2e --sandboxer BIN --kernel VMLINUX --initramfs INITRAMFS --image ROOTFS.ext4
+//! sandboxer-e2e --sandboxer BIN [--kernel VMLINUX --initramfs INITRAMFS] --image ROOTFS.ext4
 //!               [--busybox BIN] [--work DIR] [--keep] CASE...
+//! ```
+//!
+//! Without `--kernel` / `--initramfs` the daemon boots the guest kernel and agent built into
+//! it (`tools/devtool dist`).
+//!
+//! ```text
 //! ```
 //!
 //! Cases: `pod` (Create, Start, Status, Platform, Stop, Wait, Shutdown), `container` (a
@@ -18,7 +24,8 @@
 //! `stdin` (stdio both ways through FIFOs, end of input, an exec with stdin), `overlay`
 //! (overlayfs-snapshotter mounts of layers built from `--busybox`: the merged view, whiteouts,
 //! opaque directories, the cached lower image and an upperdir layer), `net` (a pod netns with a
-//! veth made here: ping, TCP into and out of the pod, no tap left), `all`.
+//! veth made here: ping, TCP into and out of the pod, no tap left), `clones` (two pods cloned
+//! from one VM template differ in hostname, MAC, address and random numbers), `all`.
 //! Every step prints `E2E-STEP <case> <step> <ms>` (a container's output:
 //! `E2E-OUTPUT <case> <container>: <line>`); each case ends with
 //! `E2E-PASS <case>` or `E2E-FAIL <case>: <why>`. The exit status is 0 when every case passed.
@@ -52,6 +59,8 @@ use containerd_shim_protos::ttrpc::asynchronous::{Server as TtrpcServer, TtrpcCo
 use proto::v2::sandbox as v2;
 
 // A crate root finds its modules beside it, and tests/src/bin holds other programs.
+#[path = "sandboxer-e2e/clones.rs"]
+mod clones;
 #[path = "sandboxer-e2e/net.rs"]
 mod net;
 #[path = "sandboxer-e2e/overlay.rs"]
@@ -88,6 +97,7 @@ const CASES: &[&str] = &[
     "stdin",
     "overlay",
     "net",
+    "clones",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -123,6 +133,11 @@ fn parse_args() -> Result<Args> {
         ("--initramfs", &a.initramfs),
         ("--image", &a.image),
     ] {
+        // No --kernel / --initramfs: the daemon boots the ones built into it.
+        let optional = matches!(name, "--kernel" | "--initramfs");
+        if optional && p.as_os_str().is_empty() {
+            continue;
+        }
         ensure!(p.is_file(), "{name} {} is not a file", p.display());
     }
     ensure!(
@@ -152,10 +167,8 @@ impl Daemon {
             .arg(a.work.join("sandboxer-seed.sock"))
             .arg("--state-dir")
             .arg(&state)
-            .arg("--kernel")
-            .arg(&a.kernel)
-            .arg("--initramfs")
-            .arg(&a.initramfs)
+            .arg(format!("--kernel={}", a.kernel.display()))
+            .arg(format!("--initramfs={}", a.initramfs.display()))
             .arg("--containerd-address")
             .arg(a.work.join("containerd.sock"))
             .args(["--mem-mib", "256", "--log-level", "info"])
@@ -371,7 +384,7 @@ impl Pod {
     }
 }
 
-fn pod_options() -> prost_types::Any {
+fn pod_options(hostname: &str) -> prost_types::Any {
     use proto::cri::v1::{DnsConfig, PodSandboxConfig, PodSandboxMetadata};
     let config = PodSandboxConfig {
         metadata: Some(PodSandboxMetadata {
@@ -380,7 +393,7 @@ fn pod_options() -> prost_types::Any {
             namespace: "default".into(),
             attempt: 0,
         }),
-        hostname: POD_HOSTNAME.into(),
+        hostname: hostname.into(),
         dns_config: Some(DnsConfig {
             servers: vec!["192.0.2.53".into()],
             searches: vec!["e2e.test".into()],
@@ -402,9 +415,20 @@ async fn start_pod_in(
     netns_path: &str,
     steps: &mut Steps,
 ) -> Result<Pod> {
+    start_pod_as(api, id, POD_HOSTNAME, netns_path, steps).await
+}
+
+/// [`start_pod_in`] with the pod's hostname.
+async fn start_pod_as(
+    api: &mut Controller,
+    id: &str,
+    hostname: &str,
+    netns_path: &str,
+    steps: &mut Steps,
+) -> Result<Pod> {
     api.create(v2::ControllerCreateRequest {
         sandbox_id: id.into(),
-        options: Some(pod_options()),
+        options: Some(pod_options(hostname)),
         netns_path: netns_path.into(),
         sandboxer: "sandboxer".into(),
         ..Default::default()
@@ -973,6 +997,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "cgroups" => case_cgroups(&mut api, a, &containerd).await,
             "stdin" => stdin::case_stdin(&mut api, &a.image, &a.work).await,
             "net" => net::case_net(&mut api, &a.image, &a.busybox, &a.work).await,
+            "clones" => clones::case_clones(&mut api, &a.image, &a.busybox, &a.work).await,
             "overlay" => overlay::case_overlay(&mut api, &a.busybox, &a.work, &daemon.state).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };
@@ -981,21 +1006,24 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             Err(e) => {
                 println!("E2E-FAIL {case}: {e:#}");
                 // Free what the failed case left, so the cleanup check judges only the daemon.
-                let id = match case.as_str() {
-                    "pod" => "e2e-pod",
-                    "container" => "e2e-ctr",
-                    "cgroups" => "e2e-cg",
-                    "stdin" => "e2e-stdin",
-                    "overlay" => "e2e-ovl",
-                    "net" => "e2e-net",
-                    _ => "e2e-exec",
+                let ids: &[&str] = match case.as_str() {
+                    "pod" => &["e2e-pod"],
+                    "container" => &["e2e-ctr"],
+                    "cgroups" => &["e2e-cg"],
+                    "stdin" => &["e2e-stdin"],
+                    "overlay" => &["e2e-ovl"],
+                    "net" => &["e2e-net"],
+                    "clones" => &["e2e-clone-a", "e2e-clone-b"],
+                    _ => &["e2e-exec"],
                 };
-                let _ = api
-                    .shutdown(v2::ControllerShutdownRequest {
-                        sandbox_id: id.into(),
-                        sandboxer: "sandboxer".into(),
-                    })
-                    .await;
+                for id in ids {
+                    let _ = api
+                        .shutdown(v2::ControllerShutdownRequest {
+                            sandbox_id: (*id).into(),
+                            sandboxer: "sandboxer".into(),
+                        })
+                        .await;
+                }
             }
         }
         results.push((case.clone(), r));

@@ -156,25 +156,37 @@ pub struct E2eCase {
     pub ci: bool,
     /// The `sandboxer-e2e` case.
     pub flow: &'static str,
+    /// The daemon boots the guest kernel and agent built into it (no `--kernel` and
+    /// `--initramfs`): the dist binary as shipped.
+    pub embedded: bool,
 }
 
 impl E2eCase {
     /// The `sandboxer-e2e` arguments.
     pub fn args(&self) -> Vec<String> {
-        vec![
-            "--sandboxer".into(),
-            SANDBOXER.into(),
-            "--kernel".into(),
-            GUEST_VMLINUX.into(),
-            "--initramfs".into(),
-            GUEST_INITRAMFS.into(),
-            "--image".into(),
-            ROOTFS_IMAGE.into(),
-            "--work".into(),
-            format!("/run/e2e-{}", self.name),
-            "--keep".into(),
-            self.flow.into(),
+        let guest: Vec<String> = if self.embedded {
+            Vec::new()
+        } else {
+            vec![
+                "--kernel".into(),
+                GUEST_VMLINUX.into(),
+                "--initramfs".into(),
+                GUEST_INITRAMFS.into(),
+            ]
+        };
+        [
+            vec!["--sandboxer".into(), SANDBOXER.into()],
+            guest,
+            vec![
+                "--image".into(),
+                ROOTFS_IMAGE.into(),
+                "--work".into(),
+                format!("/run/e2e-{}", self.name),
+                "--keep".into(),
+                self.flow.into(),
+            ],
         ]
+        .concat()
     }
 }
 
@@ -185,42 +197,63 @@ pub const E2E_CASES: &[E2eCase] = &[
         description: "sandboxer daemon: Create, Start (agent ready), Status, Platform, Stop, Wait, Shutdown",
         ci: true,
         flow: "pod",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-container",
         description: "a container from an ext4 image runs to its exit: exit code, stdout, pod hostname",
         ci: true,
         flow: "container",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-exec",
         description: "a long-running container: exec with output, State, Pids, Kill, Delete",
         ci: true,
         flow: "exec",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-cgroups",
         description: "cgroup v2 in the guest: Pause/Resume, Stats, Update, an OOM kill forwarded to containerd",
         ci: true,
         flow: "cgroups",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-stdin",
         description: "stdio both ways through FIFOs: lines in and out, stderr apart, end of input, an exec with stdin",
         ci: true,
         flow: "stdin",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-overlay",
         description: "overlayfs-snapshotter rootfs: merged view of two layers, whiteout, opaque dir, cached lower image, upperdir layer",
         ci: true,
         flow: "overlay",
+        embedded: false,
     },
     E2eCase {
         name: "e2e-net",
         description: "pod networking: a CNI-style netns + veth, ping the guest, TCP into and out of a container, teardown",
         ci: true,
         flow: "net",
+        embedded: false,
+    },
+    E2eCase {
+        name: "e2e-clones",
+        description: "two pods cloned from one VM template: hostname, MAC, address and /dev/urandom differ; both answer ping",
+        ci: true,
+        flow: "clones",
+        embedded: false,
+    },
+    E2eCase {
+        name: "dist",
+        description: "the dist sandboxer with no kernel or initramfs configured boots its own and runs a container",
+        ci: true,
+        flow: "container",
+        embedded: true,
     },
 ];
 

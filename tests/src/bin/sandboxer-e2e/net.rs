@@ -20,12 +20,23 @@ use anyhow::{Context, Result, bail, ensure};
 
 use super::{Controller, Steps, end_pod, rootfs_mount, start_pod_in, wait_exit};
 
-/// The pod's address (the veth end in the pod namespace, then the guest's NIC).
-const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
-/// This side's address (the veth end left outside), the pod's gateway.
-const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
-/// The outside veth end.
-const HOST_IF: &str = "e2e-veth";
+/// A pod's addressing: its veth pair and /24.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NetPlan {
+    /// The pod's address (the veth end in the pod namespace, then the guest's NIC).
+    pub(crate) pod_ip: Ipv4Addr,
+    /// This side's address (the veth end left outside), the pod's gateway.
+    pub(crate) host_ip: Ipv4Addr,
+    /// The outside veth end.
+    pub(crate) host_if: &'static str,
+}
+
+/// The `net` case's pod.
+const NET: NetPlan = NetPlan {
+    pod_ip: Ipv4Addr::new(10, 88, 0, 2),
+    host_ip: Ipv4Addr::new(10, 88, 0, 1),
+    host_if: "e2e-veth",
+};
 /// Port a container listens on.
 const POD_PORT: u16 = 8080;
 /// Port this side listens on for a container.
@@ -34,7 +45,7 @@ const HOST_PORT: u16 = 9090;
 const NET_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Runs busybox `args`; the error carries its stderr.
-fn bb(busybox: &Path, args: &[&str]) -> Result<String> {
+pub(crate) fn bb(busybox: &Path, args: &[&str]) -> Result<String> {
     let out = Command::new(busybox)
         .args(args)
         .output()
@@ -51,16 +62,17 @@ fn bb(busybox: &Path, args: &[&str]) -> Result<String> {
 }
 
 /// A pod network namespace as CNI leaves it, and the veth pair into it; removed on drop.
-struct PodNetns {
+pub(crate) struct PodNetns {
     busybox: PathBuf,
+    plan: NetPlan,
     /// Holds the namespace while it is set up (its `/proc/<pid>/ns/net`).
     holder: Child,
     /// The bind mount of the namespace (what `netns_path` names).
-    path: PathBuf,
+    pub(crate) path: PathBuf,
 }
 
 impl PodNetns {
-    fn new(busybox: &Path, path: PathBuf) -> Result<Self> {
+    pub(crate) fn new(busybox: &Path, path: PathBuf, plan: NetPlan) -> Result<Self> {
         let holder = Command::new(busybox)
             .args([
                 "unshare",
@@ -74,6 +86,7 @@ impl PodNetns {
             .context("unshare a network namespace")?;
         let mut ns = PodNetns {
             busybox: busybox.to_owned(),
+            plan,
             holder,
             path,
         };
@@ -95,6 +108,11 @@ impl PodNetns {
     }
 
     fn set_up(&mut self) -> Result<()> {
+        let NetPlan {
+            pod_ip,
+            host_ip,
+            host_if,
+        } = self.plan;
         let pid = self.holder.id().to_string();
         let proc_ns = format!("/proc/{pid}/ns/net");
         // The unshare may not have happened yet when the child is spawned.
@@ -112,42 +130,48 @@ impl PodNetns {
         // busybox names the peer itself (vethN): find it by its peer index after the move.
         let before = self.inside(&["ip", "-o", "link", "show"])?;
         ensure!(!before.contains("eth0"), "fresh netns has eth0: {before}");
-        self.bb(&["ip", "link", "add", HOST_IF, "type", "veth"])?;
+        self.bb(&["ip", "link", "add", host_if, "type", "veth"])?;
         let links = self.bb(&["ip", "-o", "link", "show"])?;
         let peer = links
             .lines()
             .find_map(|l| {
                 let name = l.split(": ").nth(1)?.split('@').collect::<Vec<_>>();
-                (name.get(1) == Some(&HOST_IF)).then(|| name[0].to_owned())
+                (name.get(1) == Some(&host_if)).then(|| name[0].to_owned())
             })
-            .with_context(|| format!("no peer of {HOST_IF} in {links}"))?;
+            .with_context(|| format!("no peer of {host_if} in {links}"))?;
         self.bb(&["ip", "link", "set", &peer, "netns", &pid])?;
         self.inside(&["ip", "link", "set", &peer, "name", "eth0"])?;
-        self.inside(&["ip", "addr", "add", &format!("{POD_IP}/24"), "dev", "eth0"])?;
+        self.inside(&["ip", "addr", "add", &format!("{pod_ip}/24"), "dev", "eth0"])?;
         self.inside(&["ip", "link", "set", "eth0", "up"])?;
         self.inside(&["ip", "link", "set", "lo", "up"])?;
-        self.inside(&["ip", "route", "add", "default", "via", &HOST_IP.to_string()])?;
+        self.inside(&["ip", "route", "add", "default", "via", &host_ip.to_string()])?;
         self.bb(&[
             "ip",
             "addr",
             "add",
-            &format!("{HOST_IP}/24"),
+            &format!("{host_ip}/24"),
             "dev",
-            HOST_IF,
+            host_if,
         ])?;
-        self.bb(&["ip", "link", "set", HOST_IF, "up"])?;
+        self.bb(&["ip", "link", "set", host_if, "up"])?;
         Ok(())
     }
 
     /// Names of the links in the pod namespace.
-    fn links(&self) -> Result<String> {
+    pub(crate) fn links(&self) -> Result<String> {
         self.inside(&["ip", "-o", "link", "show"])
+    }
+
+    /// The MAC of the pod's `eth0` (what the guest's NIC must carry).
+    pub(crate) fn pod_mac(&self) -> Result<String> {
+        let out = self.inside(&["cat", "/sys/class/net/eth0/address"])?;
+        Ok(out.trim().to_owned())
     }
 }
 
 impl Drop for PodNetns {
     fn drop(&mut self) {
-        let _ = bb(&self.busybox, &["ip", "link", "del", HOST_IF]);
+        let _ = bb(&self.busybox, &["ip", "link", "del", self.plan.host_if]);
         let _ = self.holder.kill();
         let _ = self.holder.wait();
         let _ = bb(&self.busybox, &["umount", &self.path.to_string_lossy()]);
@@ -156,7 +180,7 @@ impl Drop for PodNetns {
 }
 
 /// Retries `f` until it succeeds or [`NET_TIMEOUT`] passes.
-async fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+pub(crate) async fn retry<T>(what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
     let until = Instant::now() + NET_TIMEOUT;
     loop {
         match f() {
@@ -190,7 +214,7 @@ pub(crate) async fn case_net(
     work: &Path,
 ) -> Result<()> {
     let mut steps = Steps::new("net");
-    let netns = PodNetns::new(busybox, work.join("netns/e2e-net"))?;
+    let netns = PodNetns::new(busybox, work.join("netns/e2e-net"), NET)?;
     steps.done("netns");
     let pod = start_pod_in(api, "e2e-net", &netns.path.to_string_lossy(), &mut steps).await?;
     let links = netns.links()?;
@@ -203,7 +227,7 @@ pub(crate) async fn case_net(
     let ping = retry("ping the guest", || {
         bb(
             busybox,
-            &["ping", "-c", "1", "-W", "5", &POD_IP.to_string()],
+            &["ping", "-c", "1", "-W", "5", &NET.pod_ip.to_string()],
         )
     })
     .await?;
@@ -225,7 +249,7 @@ pub(crate) async fn case_net(
         .await?;
     let text = retry("connect to the container's server", || {
         let s = TcpStream::connect_timeout(
-            &SocketAddrV4::new(POD_IP, POD_PORT).into(),
+            &SocketAddrV4::new(NET.pod_ip, POD_PORT).into(),
             Duration::from_secs(5),
         )?;
         let text = read_line(s)?;
@@ -244,9 +268,9 @@ pub(crate) async fn case_net(
     steps.done("tcp-into-pod");
 
     // A container reaches a server outside the pod through its default route.
-    let listener = TcpListener::bind(SocketAddrV4::new(HOST_IP, HOST_PORT))?;
+    let listener = TcpListener::bind(SocketAddrV4::new(NET.host_ip, HOST_PORT))?;
     listener.set_nonblocking(true)?;
-    let dial = format!("echo hello-from-the-pod | nc {HOST_IP} {HOST_PORT}");
+    let dial = format!("echo hello-from-the-pod | nc {} {HOST_PORT}", NET.host_ip);
     let _output = pod
         .run_script(&dir, "cli", rootfs_mount(image), &dial)
         .await?;
@@ -258,7 +282,7 @@ pub(crate) async fn case_net(
     })
     .await?;
     ensure!(
-        text.contains("hello-from-the-pod") && text.starts_with(&POD_IP.to_string()),
+        text.contains("hello-from-the-pod") && text.starts_with(&NET.pod_ip.to_string()),
         "this side got {text:?}"
     );
     println!("E2E-OUTPUT net host: {}", text.trim());
