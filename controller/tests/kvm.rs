@@ -164,6 +164,18 @@ impl KvmDaemon {
             .state
     }
 
+    /// Stop with a 1 s grace period; fails the test unless it succeeds.
+    async fn stop(&mut self, id: &str) {
+        self.client
+            .stop(ControllerStopRequest {
+                sandbox_id: id.into(),
+                timeout_secs: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
     async fn shutdown(&mut self, id: &str) {
         self.client
             .shutdown(ControllerShutdownRequest {
@@ -277,14 +289,7 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
             .await
     });
     let t0 = Instant::now();
-    d.client
-        .stop(ControllerStopRequest {
-            sandbox_id: "pod".into(),
-            timeout_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.stop("pod").await;
     // The agent answered Shutdown but this one does not end the VM: forced after the grace.
     assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
     assert!(
@@ -739,14 +744,7 @@ async fn a_start_during_the_template_build_waits_and_clones() {
     let p = phases(&mut d, "early").await;
     assert_eq!(p["agent_ready"], 0, "a clone has no boot: {p:?}");
     assert!(!d.console("early").contains(agent::READY));
-    d.client
-        .stop(ControllerStopRequest {
-            sandbox_id: "early".into(),
-            timeout_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.stop("early").await;
     d.shutdown("early").await;
     d.finish().await;
 }
@@ -802,14 +800,7 @@ async fn sandboxes_start_as_clones_of_a_template_and_a_pod_can_opt_out() {
 
     // Clones stop, report their end and leave nothing, like booted VMs.
     for id in ["a", "b", "own"] {
-        d.client
-            .stop(ControllerStopRequest {
-                sandbox_id: id.into(),
-                timeout_secs: 1,
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        d.stop(id).await;
         assert_eq!(d.state(id).await, "SANDBOX_NOTREADY");
         d.shutdown(id).await;
     }
@@ -889,14 +880,7 @@ async fn ps_inspect_and_console_show_a_running_sandbox() {
         .spawn()
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    d.client
-        .stop(ControllerStopRequest {
-            sandbox_id: "ops".into(),
-            timeout_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.stop("ops").await;
     let out = tokio::task::spawn_blocking(move || follow.wait_with_output())
         .await
         .unwrap()
@@ -974,14 +958,7 @@ async fn metrics_endpoint_shows_sandboxes_starts_and_exits() {
         .unwrap();
     assert!(fds > 10, "{fds}");
 
-    d.client
-        .stop(ControllerStopRequest {
-            sandbox_id: "m1".into(),
-            timeout_secs: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    d.stop("m1").await;
     let (_, body) = tokio::task::spawn_blocking(move || http_get(port, "/metrics"))
         .await
         .unwrap();
