@@ -38,6 +38,28 @@ pub use config::Config;
 pub use error::SandboxError;
 pub use service::SandboxService;
 
+/// Longest guest-supplied string [`guest_text`] keeps.
+const GUEST_TEXT_MAX: usize = 128;
+
+/// A string the guest sent, made safe for the host's logs: control characters (newlines,
+/// escape sequences) shown escaped, cut at 128 characters. A guest is hostile: it must not
+/// forge log lines or drive a terminal.
+pub fn guest_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(GUEST_TEXT_MAX + 3));
+    for (i, c) in s.chars().enumerate() {
+        if i == GUEST_TEXT_MAX {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// The error and its sources, `": "`-separated: the one place the chain is printed.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     use std::fmt::Write as _;
@@ -49,4 +71,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = inner.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn guest_text_escapes_and_cuts() {
+        assert_eq!(super::guest_text("c1"), "c1");
+        assert_eq!(
+            super::guest_text("x\n2026 INFO forged\u{1b}[2J"),
+            "x\\n2026 INFO forged\\u{1b}[2J"
+        );
+        let long = "a".repeat(500);
+        assert_eq!(super::guest_text(&long), format!("{}...", "a".repeat(128)));
+    }
 }

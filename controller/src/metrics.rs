@@ -8,6 +8,7 @@
 //! | `sandboxer_start_phase_seconds{phase}` | histogram | each phase of every successful Start (`vm`, `agent_ready`, ..., `total`) |
 //! | `sandboxer_starts_total{source}` | counter | successful Starts: `template` (a clone) or `boot` |
 //! | `sandboxer_vm_exits_total{reason}` | counter | sandboxes that ended: `guest_shutdown`, `stopped`, `forced`, `crashed`, `start_failed` |
+//! | `sandboxer_guest_events_dropped_total{reason}` | counter | agent events not forwarded: `unknown_topic`, `unknown_container` (not a container of that sandbox), `rate_limited` |
 //! | `sandboxer_templates{state}` | gauge | the backend's VM templates now, and its build counts (`ready`, `built`, `failed`) |
 //! | `process_resident_memory_bytes`, `process_open_fds`, `process_threads` | gauge | the daemon process (every VM lives in it) |
 //!
@@ -84,6 +85,7 @@ pub struct Metrics {
     start_phase: Family<PhaseLabel, Histogram, fn() -> Histogram>,
     starts: Family<SourceLabel, Counter>,
     exits: Family<ReasonLabel, Counter>,
+    event_drops: Family<ReasonLabel, Counter>,
     templates: Family<StateLabel, Gauge>,
     rss: Gauge,
     fds: Gauge,
@@ -126,6 +128,12 @@ impl Metrics {
             "Sandboxes that ended, by why",
             exits.clone(),
         );
+        let event_drops = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "sandboxer_guest_events_dropped",
+            "Agent events not forwarded, by why",
+            event_drops.clone(),
+        );
         let templates = Family::<StateLabel, Gauge>::default();
         registry.register(
             "sandboxer_templates",
@@ -154,6 +162,7 @@ impl Metrics {
             start_phase,
             starts,
             exits,
+            event_drops,
             templates,
             rss,
             fds,
@@ -175,6 +184,15 @@ impl Metrics {
         self.starts
             .get_or_create(&SourceLabel {
                 source: source.into(),
+            })
+            .inc();
+    }
+
+    /// Records an agent event that was not forwarded, and why.
+    pub fn observe_event_drop(&self, reason: &'static str) {
+        self.event_drops
+            .get_or_create(&ReasonLabel {
+                reason: reason.into(),
             })
             .inc();
     }

@@ -1049,12 +1049,18 @@ async fn endpoint_logic_against_a_fake_agent() {
     assert_eq!(code, Code::DEADLINE_EXCEEDED, "{msg}");
     assert!(t0.elapsed() < Duration::from_secs(10));
 
-    // An OOM event goes to containerd in the container's namespace.
+    // An OOM event goes to containerd in the container's namespace; one for a container this
+    // sandbox does not have (another sandbox's, say), sent first, goes nowhere.
+    let mut forged = Event::new();
+    forged.topic = "/tasks/oom".into();
+    forged.container_id = "another-pods-container\nforged log line".into();
+    forged.unix_nanos = 1;
     let mut ev = Event::new();
     ev.topic = "/tasks/oom".into();
     ev.container_id = "c1".into();
     ev.unix_nanos = 1;
-    agent.events.lock().unwrap().push(ev);
+    // The fake agent hands them out last first: the forged one goes first.
+    agent.events.lock().unwrap().extend([ev, forged]);
     agent.event_ready.notify_one();
     tokio::time::timeout(Duration::from_secs(10), containerd.got.notified())
         .await

@@ -31,6 +31,53 @@ pub const TASK_OOM_TYPE: &str = "containerd.events.TaskOOM";
 pub const DEFAULT_NAMESPACE: &str = "k8s.io";
 /// Pause after a failed poll before the next one.
 const RETRY: Duration = Duration::from_secs(1);
+/// Events a sandbox may send in a burst, and per second after it: more are dropped (counted).
+const EVENT_BURST: f64 = 20.0;
+const EVENTS_PER_SEC: f64 = 10.0;
+
+/// A token bucket: how many guest events to accept.
+#[derive(Debug)]
+struct RateLimit {
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl RateLimit {
+    fn new() -> Self {
+        RateLimit {
+            tokens: EVENT_BURST,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now: std::time::Instant) -> bool {
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * EVENTS_PER_SEC;
+        self.tokens = (self.tokens + refill).min(EVENT_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a guest event is not forwarded, if it is not.
+fn refuse(event: &Event, known: bool, limit: &mut RateLimit) -> Option<&'static str> {
+    if event.topic != TOPIC_OOM {
+        return Some("unknown_topic");
+    }
+    // Only for a container of this sandbox: a guest must not speak for another's.
+    if !known {
+        return Some("unknown_container");
+    }
+    if !limit.take(std::time::Instant::now()) {
+        return Some("rate_limited");
+    }
+    None
+}
 /// Bound on one Forward to containerd.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -112,6 +159,7 @@ pub(crate) async fn run(endpoint: Arc<Endpoint>, containerd: Option<PathBuf>) {
         address,
         client: None,
     });
+    let mut limit = RateLimit::new();
     loop {
         let control = match endpoint.control() {
             Ok(c) => c,
@@ -153,17 +201,26 @@ pub(crate) async fn run(endpoint: Arc<Endpoint>, containerd: Option<PathBuf>) {
             tracing::warn!("The agent answered WaitEvent without an event; OOM events are lost");
             return;
         }
-        if event.topic != TOPIC_OOM {
-            tracing::debug!("Ignoring agent event {}", event.topic);
+        let known = endpoint.has_container(&event.container_id);
+        if let Some(why) = refuse(&event, known, &mut limit) {
+            crate::metrics::global().observe_event_drop(why);
+            tracing::debug!(
+                "Dropped agent event {} for {}: {why}",
+                crate::guest_text(&event.topic),
+                crate::guest_text(&event.container_id)
+            );
             continue;
         }
-        tracing::info!("Container {} was OOM-killed", event.container_id);
-        let Some(p) = publisher.as_mut() else {
-            continue;
-        };
         let namespace = endpoint
             .namespace_of(&event.container_id)
             .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        tracing::info!(
+            "Container {} was OOM-killed",
+            crate::guest_text(&event.container_id)
+        );
+        let Some(p) = publisher.as_mut() else {
+            continue;
+        };
         let result = match envelope(&event, &namespace) {
             Ok(req) => p.publish(&req).await.map_err(|e| e.to_string()),
             Err(e) => Err(e.chain()),
@@ -171,7 +228,7 @@ pub(crate) async fn run(endpoint: Arc<Endpoint>, containerd: Option<PathBuf>) {
         if let Err(e) = result {
             tracing::warn!(
                 "Forwarding the OOM event of {} to containerd failed: {e}",
-                event.container_id
+                crate::guest_text(&event.container_id)
             );
         }
     }
@@ -180,6 +237,29 @@ pub(crate) async fn run(endpoint: Arc<Endpoint>, containerd: Option<PathBuf>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_ooms_of_own_containers_within_the_rate_pass() {
+        let mut ev = Event::new();
+        ev.topic = TOPIC_OOM.to_owned();
+        ev.container_id = "c1".to_owned();
+        let mut limit = RateLimit::new();
+        assert_eq!(refuse(&ev, false, &mut limit), Some("unknown_container"));
+        let mut other = ev.clone();
+        other.topic = "/tasks/exit".to_owned();
+        assert_eq!(refuse(&other, true, &mut limit), Some("unknown_topic"));
+        // A burst passes, then the rate holds.
+        let passed = (0..100)
+            .filter(|_| refuse(&ev, true, &mut limit).is_none())
+            .count();
+        assert_eq!(passed, 20);
+        // A second later, ten more.
+        limit.at -= Duration::from_secs(1);
+        let passed = (0..100)
+            .filter(|_| refuse(&ev, true, &mut limit).is_none())
+            .count();
+        assert_eq!(passed, 10);
+    }
 
     #[test]
     fn oom_envelope() {

@@ -209,6 +209,14 @@ impl Endpoint {
             .collect()
     }
 
+    /// Whether the endpoint holds container `id` (created, not deleted).
+    pub(crate) fn has_container(&self, id: &str) -> bool {
+        matches!(
+            self.containers.lock().expect("poisoned").get(id),
+            Some(Entry::Ready(_))
+        )
+    }
+
     /// The containerd namespace a container was created in.
     pub(crate) fn namespace_of(&self, id: &str) -> Option<String> {
         match self.containers.lock().expect("poisoned").get(id) {
