@@ -31,9 +31,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use crate::backend::template::TemplateStats;
-use crate::sandbox::{ExitInfo, SandboxState};
-use crate::service::admin::SandboxSummary;
-use crate::service::{EXIT_FAILED, EXIT_FORCED};
+use crate::sandbox::{EXIT_FAILED, EXIT_FORCED, ExitInfo, SandboxState, SandboxSummary};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {

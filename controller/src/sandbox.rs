@@ -327,6 +327,43 @@ impl SandboxRecord {
     }
 }
 
+/// Exit status of a sandbox whose guest had to be stopped after the grace period.
+pub const EXIT_FORCED: u32 = 137;
+/// Exit status of a sandbox whose VM crashed, failed to start or was lost.
+pub const EXIT_FAILED: u32 = 255;
+
+/// One sandbox, as `sandboxer ps` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SandboxSummary {
+    /// Its id.
+    pub id: String,
+    /// Its state.
+    pub state: SandboxState,
+    /// When it was created.
+    pub created_at: SystemTime,
+    /// vCPUs of its VM.
+    pub vcpus: u8,
+    /// Guest memory of its VM.
+    pub mem_mib: u32,
+    /// Host thread ids of its running VM (vCPUs, then the VMM thread); empty without one.
+    pub thread_ids: Vec<u32>,
+    /// The phases of its last Start, in microseconds.
+    pub start_us: BTreeMap<String, u64>,
+}
+
+impl SandboxSummary {
+    /// Whether its Start cloned a VM template (see [`from_template`]).
+    pub fn from_template(&self) -> bool {
+        from_template(&self.start_us)
+    }
+}
+
+/// Whether a Start with these phases cloned a VM template: a clone has no boot, so no time
+/// waiting for the agent's ready line, and a Setup.
+pub fn from_template(start_us: &BTreeMap<String, u64>) -> bool {
+    start_us.get("agent_ready") == Some(&0) && start_us.get("setup").is_some_and(|&us| us > 0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::SandboxState::*;

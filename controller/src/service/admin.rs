@@ -3,48 +3,15 @@
 //! the `sandboxer.admin.v1.Admin` API): a summary of every sandbox, one sandbox's whole
 //! record with what only the running daemon knows, and where its guest console log is.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::SystemTime;
 
 use tokio::sync::watch;
 
 use super::SandboxService;
 use crate::backend::VmBackend;
 use crate::error::SandboxError;
-use crate::sandbox::{ExitInfo, SandboxState};
-
-/// One sandbox, as `sandboxer ps` shows it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SandboxSummary {
-    /// Its id.
-    pub id: String,
-    /// Its state.
-    pub state: SandboxState,
-    /// When it was created.
-    pub created_at: SystemTime,
-    /// vCPUs of its VM.
-    pub vcpus: u8,
-    /// Guest memory of its VM.
-    pub mem_mib: u32,
-    /// Host thread ids of its running VM (vCPUs, then the VMM thread); empty without one.
-    pub thread_ids: Vec<u32>,
-    /// The phases of its last Start, in microseconds.
-    pub start_us: BTreeMap<String, u64>,
-}
-
-impl SandboxSummary {
-    /// Whether its Start cloned a VM template (see [`from_template`]).
-    pub fn from_template(&self) -> bool {
-        from_template(&self.start_us)
-    }
-}
-
-/// Whether a Start with these phases cloned a VM template: a clone has no boot, so no time
-/// waiting for the agent's ready line, and a Setup.
-pub fn from_template(start_us: &BTreeMap<String, u64>) -> bool {
-    start_us.get("agent_ready") == Some(&0) && start_us.get("setup").is_some_and(|&us| us > 0)
-}
+use crate::sandbox::ExitInfo;
+pub use crate::sandbox::{SandboxSummary, from_template};
 
 impl<B: VmBackend> crate::metrics::Source for SandboxService<B> {
     fn sandboxes(&self) -> Vec<SandboxSummary> {

@@ -42,10 +42,7 @@ use registry::{Entry, Locked};
 
 /// Task API version the sandboxer serves at a sandbox's address.
 pub const TASK_API_VERSION: u32 = 3;
-/// Exit status of a sandbox whose guest had to be stopped after the grace period.
-pub const EXIT_FORCED: u32 = 137;
-/// Exit status of a sandbox whose VM crashed, failed to start or was lost.
-pub const EXIT_FAILED: u32 = 255;
+pub use crate::sandbox::{EXIT_FAILED, EXIT_FORCED};
 /// Type URL of the JSON [`crate::backend::VmMetrics`] in a Metrics reply.
 pub const VM_METRICS_TYPE_URL: &str = "sandboxer.dev/sandboxer.v1.VmMetrics";
 /// Type URL of the JSON sandbox record in a verbose Status reply's `extra`.
