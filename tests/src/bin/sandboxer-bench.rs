@@ -21,6 +21,8 @@
 //! - `density` ([`daemon`]): fills the daemon with sandboxes level by level (`--alive
 //!   10,100,1000`) and reports Start while filling, fds, threads, RSS and idle CPU per sandbox;
 //!   `--templates true` fills it with clones of a VM template.
+//! - `soak` ([`soak`]): Create/Start/Stop/Shutdown cycles from concurrent clients: errors,
+//!   the daemon's fd/thread/RSS growth from the first to the last tenth, leftovers.
 //! - `template-start` ([`template`]): the daemon with VM templates: Start of a clone against a
 //!   cold Start (a pod that opts out) in the same run, the host's CPU time, RSS per idle clone
 //!   and Starts per second from concurrent clients.
@@ -34,6 +36,8 @@ mod daemon;
 mod devices;
 #[path = "sandboxer-bench/plot.rs"]
 mod plot;
+#[path = "sandboxer-bench/soak.rs"]
+mod soak;
 #[path = "sandboxer-bench/template.rs"]
 mod template;
 #[path = "sandboxer-bench/vmm_start.rs"]
@@ -142,6 +146,22 @@ const SCENARIOS: &[Scenario] = &[
         run: vmm_start::vm_memory_child,
         internal: true,
     },
+    Scenario {
+        name: "soak",
+        what: "Create/Start/Stop/Shutdown cycles from concurrent clients against the daemon: \
+               errors, the daemon's fd, thread and RSS growth from the first to the last tenth \
+               of the cycles, and what is left behind",
+        options: &[
+            "--cycles",
+            "--concurrency",
+            "--mem-mib",
+            "--seccomp",
+            "--templates",
+            "--template-pool",
+        ],
+        run: soak::soak,
+        internal: false,
+    },
 ];
 
 /// Every option: flag, value, default, meaning.
@@ -206,6 +226,12 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
     ),
     ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
     (
+        "--cycles",
+        "N",
+        "10000",
+        "soak: Create/Start/Stop/Shutdown cycles in all",
+    ),
+    (
         "--plot",
         "FILE.svg",
         "none",
@@ -265,6 +291,7 @@ pub(crate) struct Options {
     pub(crate) template_pool: usize,
     pub(crate) concurrency: usize,
     pub(crate) plot: Option<std::path::PathBuf>,
+    pub(crate) cycles: usize,
 }
 
 impl Options {
@@ -284,6 +311,7 @@ impl Options {
             template_pool: 2,
             concurrency: 8,
             plot: None,
+            cycles: 10_000,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -334,6 +362,7 @@ impl Options {
                 "--template-pool" => o.template_pool = number()?,
                 "--concurrency" => o.concurrency = number()?.max(1),
                 "--plot" => o.plot = Some(value.into()),
+                "--cycles" => o.cycles = number()?.max(1),
                 _ => bail!("unknown option {flag}"),
             }
         }

@@ -219,6 +219,11 @@ impl Daemon {
         })
     }
 
+    /// The daemon's state directory.
+    pub(crate) fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
     /// Stops the daemon and waits for it.
     pub(crate) fn stop(mut self) -> anyhow::Result<()> {
         if let Some(stop) = self.stop.take() {
