@@ -523,6 +523,42 @@ struct Level {
     idle_cpu_pct_process_per_sandbox: f64,
     idle_cpu_pct_by_role: Vec<(Role, f64)>,
     pool_misses: usize,
+    /// fds per sandbox by kind ([`procstat::fd_kinds`]), over the baseline.
+    fds_by_kind: Vec<(String, f64)>,
+    /// Threads per sandbox by name ([`procstat::thread_kinds`]), over the baseline.
+    threads_by_name: Vec<(String, f64)>,
+}
+
+/// `now` minus `base`, per sandbox of `n`, for every key that changed.
+fn per_kind(
+    now: &std::collections::BTreeMap<String, usize>,
+    base: &std::collections::BTreeMap<String, usize>,
+    n: usize,
+) -> Vec<(String, f64)> {
+    let mut keys: Vec<&String> = now.keys().chain(base.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out: Vec<(String, f64)> = keys
+        .into_iter()
+        .map(|k| {
+            let get = |m: &std::collections::BTreeMap<String, usize>| {
+                m.get(k).copied().unwrap_or(0) as u64
+            };
+            (k.clone(), per(get(now), get(base), n))
+        })
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    out
+}
+
+/// `kind 1.00, kind 2.00`.
+fn kinds_line(kinds: &[(String, f64)]) -> String {
+    kinds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The process's counts: (fds, threads, RSS KiB, anonymous RSS KiB).
@@ -561,6 +597,7 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
     vmm_host().wait_pool_full(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200));
     let base = counts();
+    let (base_fds, base_threads) = (procstat::fd_kinds(), procstat::thread_kinds());
 
     println!(
         "density: sandboxes started one after another through the daemon (gRPC, containerd 2.x \
@@ -610,6 +647,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         let now = counts();
         let n = ids.len();
+        let fds_by_kind = per_kind(&procstat::fd_kinds(), &base_fds, n);
+        let threads_by_name = per_kind(&procstat::thread_kinds(), &base_threads, n);
         let t0 = procstat::threads_cpu();
         let c0 = procstat::process_cpu_ns();
         let w0 = Instant::now();
@@ -637,6 +676,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
                 .map(|(r, _)| (*r, pct(by_role.get(r).map_or(0.0, |d| d.as_nanos() as f64))))
                 .collect(),
             pool_misses,
+            fds_by_kind,
+            threads_by_name,
         };
         println!(
             "{:>6} {:>10.3} {:>10.3} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>12.4}",
@@ -666,6 +707,16 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
             l.alive,
             parts.join("; "),
             l.idle_cpu_pct_process_per_sandbox
+        );
+        println!(
+            "fds per sandbox at {} alive, by kind: {}",
+            l.alive,
+            kinds_line(&l.fds_by_kind)
+        );
+        println!(
+            "threads per sandbox at {} alive, by name: {}",
+            l.alive,
+            kinds_line(&l.threads_by_name)
         );
         if l.pool_misses > 0 {
             println!(
@@ -702,6 +753,12 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
                     .map(|(r, p)| (format!("{r:?}").to_lowercase(), json!(p)))
                     .collect::<serde_json::Map<_, _>>(),
                 "pool_misses": l.pool_misses,
+                "fds_per_sandbox_by_kind": l.fds_by_kind.iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "threads_per_sandbox_by_name": l.threads_by_name.iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
