@@ -329,17 +329,11 @@ impl Vm {
             mmio: Arc::new(mmio),
         };
         let end = Arc::new(EndState::default());
-        let ram_file = ram
-            .file
-            .try_clone()
-            .map_err(|e| VmError::Setup("memfd", e))?;
+        let ram_file = Arc::clone(&ram.file);
         let saved = SnapshotSources {
             vm_fd: Arc::clone(&vm_fd),
             serial,
-            memory: ram
-                .file
-                .try_clone()
-                .map_err(|e| VmError::Setup("memfd", e))?,
+            memory: Arc::clone(&ram.file),
             mem_bytes,
             private_memory: ram.private,
             msr_list: kvm.msr_list().into(),

@@ -72,7 +72,7 @@ pub(crate) struct SnapshotSources {
     pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     /// The guest memory's memfd and size, and whether the mapping is a private clone.
-    pub(crate) memory: File,
+    pub(crate) memory: Arc<File>,
     pub(crate) mem_bytes: u64,
     pub(crate) private_memory: bool,
     /// The host's MSR list and this VM's XSAVE area size.
@@ -180,10 +180,9 @@ impl VmmControl {
             .map_err(SnapshotError::from)?;
         let vm = VmState::save(&saved.vm_fd).map_err(SnapshotError::from)?;
         let serial = saved.serial.lock().expect("poisoned").state();
-        let memory = saved.memory.try_clone().map_err(SnapshotError::Memory)?;
         Ok(VmSnapshot {
             id: crate::snapshot::next_id(),
-            memory,
+            memory: Arc::clone(&saved.memory),
             mem_bytes: saved.mem_bytes,
             vcpus,
             vm,

@@ -51,7 +51,7 @@ pub struct Vm {
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) console: Arc<ConsoleTail>,
-    pub(crate) ram_file: File,
+    pub(crate) ram_file: Arc<File>,
     pub(crate) timings: StartupTimings,
     pub(crate) blk_slots: usize,
     pub(crate) vsock: Option<VsockHandle>,
