@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{BootTimer, ConsoleSink, I8042, SerialConsole};
+use devices::virtio::Line;
 use event_manager::{EventManager, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -31,7 +32,7 @@ use crate::event_loop::{
 };
 use crate::host::Host;
 use crate::kvm::state::{StateError, xsave_words};
-use crate::kvm::{KvmContext, KvmError};
+use crate::kvm::{IrqLine, KvmContext, KvmError};
 use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
@@ -154,9 +155,7 @@ impl Vm {
         let pending_vmm = PendingThread::spawn(
             "vmm".into(),
             filters.get(ThreadRole::Vmm, seccomp)?,
-            |(event_manager, done, resources): VmmJob, confined| {
-                vmm_thread(event_manager, done, resources, confined);
-            },
+            |job: VmmJob, confined| vmm_thread(job, confined),
         )
         .map_err(VmError::Spawn)?;
         crate::kvm::signal::install_kick_handler().map_err(|e| VmError::Setup("kick signal", e))?;
@@ -197,6 +196,9 @@ impl Vm {
             },
         };
         let vm_fd = Arc::new(vm_fd);
+        // The devices' event-loop halves subscribe as they are built.
+        let mut event_manager: VmmEventManager = EventManager::new()
+            .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
 
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
@@ -205,7 +207,8 @@ impl Vm {
             Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
             Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
         };
-        let mut device_manager = DeviceManager::new(&vm_fd, &ram.mem, &mut mmio);
+        let mut device_manager =
+            DeviceManager::new(&vm_fd, &ram.mem, &mut mmio, &mut event_manager);
         if let Source::Clone(snap, _) = &source {
             let wanted = snap.device_types();
             if wanted.len() != device_configs.len() {
@@ -219,7 +222,7 @@ impl Vm {
         }
         device_manager.add_all(device_configs)?;
         let device_cmdline = take(&mut device_manager.cmdline);
-        let (subscribers, mut devices) = (device_manager.subscribers, device_manager.devices);
+        let mut devices = device_manager.devices;
         let virtio_time = lap.next();
 
         let boot_entry = match &mut source {
@@ -239,10 +242,7 @@ impl Vm {
         let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("exit eventfd", e))?;
         let reset_evt =
             EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("reset eventfd", e))?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("serial irq", e))?;
-        vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(|e| VmError::Setup("serial irqfd", io::Error::from_raw_os_error(e.errno())))?;
+        let serial_irq: Arc<dyn Line> = Arc::new(IrqLine::new(Arc::clone(&vm_fd), SERIAL_IRQ));
         let console_log = match &console_cfg.log_path {
             Some(path) => Some(
                 File::options()
@@ -263,11 +263,11 @@ impl Vm {
                 .map_err(|e| VmError::Setup("serial console", e))?,
         };
         let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(I8042::new(
+        let i8042 = Arc::new(I8042::new(Arc::new(
             reset_evt
                 .try_clone()
                 .map_err(|e| VmError::Setup("reset eventfd", e))?,
-        ));
+        )));
         let boot_timer = Arc::new(BootTimer::new(start));
         let boot_signal = boot_timer.signal();
         let mut pio = Bus::default();
@@ -339,8 +339,6 @@ impl Vm {
             msr_list: kvm.msr_list().into(),
             xsave_words: xsave_words(&vm_fd),
         };
-        let mut event_manager: VmmEventManager = EventManager::new()
-            .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
         let blk_slots = devices.blocks.len();
         let vsock = devices.vsock.take();
 
@@ -361,19 +359,18 @@ impl Vm {
             end: Arc::clone(&end),
             boot: Arc::clone(&boot_signal),
             done: Arc::clone(&done),
+            reinit: Vec::new(),
         }));
         event_manager.add_subscriber(controller.clone());
-        for subscriber in subscribers {
-            event_manager.add_subscriber(subscriber);
-        }
         let resources = VmResources {
+            ctx,
             _vm_fd: vm_fd,
             _ram: ram,
-            ctx,
             _live: host.live_guard(),
         };
         // Detached: the VM's end is reported through `EndState`, not by joining.
-        if pending_vmm.start((event_manager, done, resources)).is_err() {
+        let job = (event_manager, Arc::clone(&controller), done, resources);
+        if pending_vmm.start(job).is_err() {
             controller
                 .lock()
                 .expect("poisoned")

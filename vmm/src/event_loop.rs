@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use devices::legacy::{BootSignal, SerialConsole};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -29,23 +31,28 @@ use crate::{ResetKind, VmExit};
 /// The event manager of a VM's VMM thread.
 pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// What the VMM thread owns until the VM is torn down. Field order is drop order: the VM fd
-/// goes before the guest memory it maps, and the VM counts as live until all of it is gone.
+/// What the VMM thread owns until the VM is torn down. Field order is drop order: the buses
+/// (whose devices' interrupt lines hold the VM fd too), then the VM fd, go before the guest
+/// memory it maps, and the VM counts as live until all of it is gone.
 pub(crate) struct VmResources {
+    pub(crate) ctx: VcpuContext,
     pub(crate) _vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) _ram: GuestRam,
-    pub(crate) ctx: VcpuContext,
     pub(crate) _live: LiveGuard,
 }
 
-/// What the VMM thread runs: the event loop, its stop flag and the VM it keeps alive.
-pub(crate) type VmmJob = (VmmEventManager, Arc<AtomicBool>, VmResources);
+/// What the VMM thread runs: the event loop, its own subscriber, its stop flag and the VM it
+/// keeps alive.
+pub(crate) type VmmJob = (
+    VmmEventManager,
+    Arc<Mutex<VmmControl>>,
+    Arc<AtomicBool>,
+    VmResources,
+);
 
 /// The VMM thread's body: runs the loop until the VM ends, then tears the VM down.
 pub(crate) fn vmm_thread(
-    mut event_manager: VmmEventManager,
-    done: Arc<AtomicBool>,
-    resources: VmResources,
+    (mut event_manager, controller, done, resources): VmmJob,
     confined: Result<(), SeccompError>,
 ) {
     if let Err(e) = confined {
@@ -62,9 +69,31 @@ pub(crate) fn vmm_thread(
             log::error!("VMM event loop failed: {e:?}");
             break;
         }
+        let reinit = std::mem::take(&mut controller.lock().expect("poisoned").reinit);
+        for id in reinit {
+            reinit_subscriber(&mut event_manager, id);
+        }
     }
+    drop(controller);
     drop(event_manager);
     drop(resources);
+}
+
+/// Initialises subscriber `id` again, so it registers descriptors it did not have before (a
+/// block slot's notify EventFd, made by its first disk). A subscriber can only add its own
+/// descriptors, inside its own callbacks: this is how another one's request reaches it.
+fn reinit_subscriber(event_manager: &mut VmmEventManager, id: SubscriberId) {
+    let subscriber = match event_manager.subscriber_mut(id) {
+        Ok(subscriber) => Arc::clone(subscriber),
+        Err(e) => {
+            log::error!("No VMM event subscriber {id:?}: {e:?}");
+            return;
+        }
+    };
+    match event_manager.event_ops(id) {
+        Ok(mut ops) => subscriber.lock().expect("poisoned").init(&mut ops),
+        Err(e) => log::error!("No event ops for VMM event subscriber {id:?}: {e:?}"),
+    }
 }
 
 /// What the VMM thread reads for a snapshot, besides its vCPUs and devices.
@@ -94,6 +123,8 @@ pub(crate) struct VmmControl {
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) done: Arc<AtomicBool>,
+    /// Subscribers to initialise again after this pass of the loop (see `reinit_subscriber`).
+    pub(crate) reinit: Vec<SubscriberId>,
 }
 
 impl VmmControl {
@@ -140,7 +171,10 @@ impl VmmControl {
                 disk,
                 read_only,
             } => {
-                self.devices.attach_disk(index, disk, read_only)?;
+                let vm = &self.saved.vm_fd;
+                if let Some(id) = self.devices.attach_disk(vm, index, disk, read_only)? {
+                    self.reinit.push(id);
+                }
                 Ok(VmmData::Empty)
             }
             VmmAction::DetachDisk { index } => {
