@@ -38,7 +38,7 @@ use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
 use crate::snapshot::VmSnapshot;
 use crate::timings::StartupTimings;
-use crate::vcpu::{PendingVcpus, VcpuContext, VcpuControl};
+use crate::vcpu::{PendingVcpus, ResetLine, VcpuContext, VcpuControl};
 use crate::vm::{EndState, Vm};
 use crate::{VmExit, arch, boot};
 
@@ -239,9 +239,10 @@ impl Vm {
         };
         timings.kernel_load = lap.next();
 
-        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("exit eventfd", e))?;
-        let reset_evt =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("reset eventfd", e))?;
+        // One EventFd wakes the VMM thread: requests, vCPU exits, the i8042 reset.
+        let wake =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("wake eventfd", e))?);
+        let control = Arc::new(VcpuControl::new(Arc::clone(&wake)));
         let serial_irq: Arc<dyn Line> = Arc::new(IrqLine::new(Arc::clone(&vm_fd), SERIAL_IRQ));
         let console_log = match &console_cfg.log_path {
             Some(path) => Some(
@@ -263,11 +264,7 @@ impl Vm {
                 .map_err(|e| VmError::Setup("serial console", e))?,
         };
         let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(I8042::new(Arc::new(
-            reset_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("reset eventfd", e))?,
-        )));
+        let i8042 = Arc::new(I8042::new(Arc::new(ResetLine(Arc::clone(&control)))));
         let boot_timer = Arc::new(BootTimer::new(start));
         let boot_signal = boot_timer.signal();
         let mut pio = Bus::default();
@@ -317,12 +314,6 @@ impl Vm {
         timings.vcpu_create = lap.next();
 
         let (api_tx, api_rx) = channel();
-        let api_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("api eventfd", e))?;
-        let control = Arc::new(VcpuControl::new(
-            exit_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("exit eventfd", e))?,
-        ));
         let ctx = VcpuContext {
             control: Arc::clone(&control),
             pio: Arc::new(pio),
@@ -347,11 +338,7 @@ impl Vm {
         let done = Arc::new(AtomicBool::new(false));
         let controller = Arc::new(Mutex::new(VmmControl {
             api_rx,
-            api_evt: api_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("api eventfd", e))?,
-            exit_evt,
-            reset_evt,
+            wake: Arc::clone(&wake),
             control,
             vcpus,
             devices,
@@ -384,7 +371,7 @@ impl Vm {
 
         Ok(Vm {
             api_tx,
-            api_evt,
+            wake,
             end,
             boot: boot_signal,
             console,

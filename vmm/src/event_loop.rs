@@ -1,8 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits,
-//! guest resets and the devices' queues. When the VM ends it stops the vCPUs, records why, wakes
-//! the waiters, and then tears the VM down on this thread (closing the VM fd and unmapping
-//! memory is the expensive part of a VM's life), so teardown is never on a caller's path.
+//! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits
+//! (guest resets included) and the devices' queues. When the VM ends it stops the vCPUs,
+//! records why, wakes the waiters, and then tears the VM down on this thread (closing the VM fd
+//! and unmapping memory is the expensive part of a VM's life), so teardown is never on a
+//! caller's path.
+//!
+//! One EventFd wakes the thread for everything that is not a device's: an API request, a
+//! vCPU's terminal exit, the i8042 reset (reported as a vCPU exit). What woke it is read from
+//! the request channel and [`VcpuControl`]'s pending exit.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,6 +22,7 @@ use event_manager::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::VmExit;
 use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::Devices;
 use crate::host::LiveGuard;
@@ -26,7 +32,6 @@ use crate::seccomp::SeccompError;
 use crate::snapshot::{SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
-use crate::{ResetKind, VmExit};
 
 /// The event manager of a VM's VMM thread.
 pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
@@ -109,12 +114,11 @@ pub(crate) struct SnapshotSources {
     pub(crate) xsave_words: usize,
 }
 
-/// The VMM thread's own subscriber: API requests, vCPU exits, guest resets.
+/// The VMM thread's own subscriber: API requests and vCPU exits (guest resets included).
 pub(crate) struct VmmControl {
     pub(crate) api_rx: Receiver<ApiRequest>,
-    pub(crate) api_evt: EventFd,
-    pub(crate) exit_evt: EventFd,
-    pub(crate) reset_evt: EventFd,
+    /// Written by [`crate::Vm::request`] and [`VcpuControl::report_exit`].
+    pub(crate) wake: Arc<EventFd>,
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) vcpus: VcpuSet,
     pub(crate) devices: Devices,
@@ -128,9 +132,7 @@ pub(crate) struct VmmControl {
 }
 
 impl VmmControl {
-    const API: u32 = 1;
-    const VCPU_EXIT: u32 = 2;
-    const RESET: u32 = 3;
+    const WAKE: u32 = 1;
 
     /// Ends the VM: stops the vCPUs, records the end, wakes waiters. Idempotent.
     pub(crate) fn finish(&mut self, exit: VmExit) {
@@ -225,8 +227,13 @@ impl VmmControl {
         })
     }
 
-    fn handle_api(&mut self) {
-        let _ = self.api_evt.read();
+    /// Whatever woke the thread: a vCPU's terminal exit first (a crash is not overtaken by a
+    /// request that came later), then the requests.
+    fn wake_up(&mut self) {
+        let _ = self.wake.read();
+        if let Some(exit) = self.control.take_pending_exit() {
+            self.finish(exit);
+        }
         while let Ok((action, reply)) = self.api_rx.try_recv() {
             let result = self.handle(action);
             let _ = reply.send(result);
@@ -237,17 +244,7 @@ impl VmmControl {
 impl MutEventSubscriber for VmmControl {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
-            Self::API => self.handle_api(),
-            Self::VCPU_EXIT => {
-                let _ = self.exit_evt.read();
-                if let Some(exit) = self.control.take_pending_exit() {
-                    self.finish(exit);
-                }
-            }
-            Self::RESET => {
-                let _ = self.reset_evt.read();
-                self.finish(VmExit::Reset(ResetKind::I8042));
-            }
+            Self::WAKE => self.wake_up(),
             other => log::warn!("Unexpected VMM event {other}"),
         }
         if self.done.load(Ordering::SeqCst) {
@@ -259,14 +256,8 @@ impl MutEventSubscriber for VmmControl {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [
-            (&self.api_evt, Self::API),
-            (&self.exit_evt, Self::VCPU_EXIT),
-            (&self.reset_evt, Self::RESET),
-        ] {
-            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
-                log::error!("Failed to register VMM event {data}: {e:?}");
-            }
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, Self::WAKE, EventSet::IN)) {
+            log::error!("Failed to register the VMM wake-up event: {e:?}");
         }
     }
 }

@@ -47,7 +47,8 @@ impl EndState {
 #[derive(Debug)]
 pub struct Vm {
     pub(crate) api_tx: Sender<ApiRequest>,
-    pub(crate) api_evt: EventFd,
+    /// The VMM thread's wake-up EventFd.
+    pub(crate) wake: Arc<EventFd>,
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) console: Arc<ConsoleTail>,
@@ -65,9 +66,7 @@ impl Vm {
         self.api_tx
             .send((action, tx))
             .map_err(|_| VmmActionError::NotRunning)?;
-        self.api_evt
-            .write(1)
-            .map_err(|_| VmmActionError::NotRunning)?;
+        self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
         match rx.recv_timeout(REQUEST_TIMEOUT) {
             Ok(answer) => answer,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(VmmActionError::TimedOut(name)),
