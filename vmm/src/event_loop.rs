@@ -1,9 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits
 //! (guest resets included) and the devices' queues. When the VM ends it stops the vCPUs,
-//! records why, wakes the waiters, and then tears the VM down on this thread (closing the VM fd
-//! and unmapping memory is the expensive part of a VM's life), so teardown is never on a
-//! caller's path.
+//! records why, wakes the waiters and runs the end watchers ([`crate::Vm::on_end`]), and then
+//! tears the VM down on this thread (closing the VM fd and unmapping memory is the expensive
+//! part of a VM's life), so teardown is never on a caller's path.
 //!
 //! One EventFd wakes the thread for everything that is not a device's: an API request, a
 //! vCPU's terminal exit, the i8042 reset (reported as a vCPU exit). What woke it is read from
