@@ -9,7 +9,7 @@
 //! The daemon runs on its own tokio runtime (threads named `bench-daemon`), the gRPC client on
 //! this process's main thread, so the CPU time of each can be told apart
 //! (`/proc/self/task/*/schedstat`, exact to the ns): the host's own work during a Start is the
-//! daemon's threads plus the VM's `vmm` (device emulation) and `vm-wait-*` threads. The vCPU
+//! daemon's threads plus the VM's `vmm` (device emulation) thread. The vCPU
 //! thread (`vcpu0`) runs the guest: its time is guest instructions, emulated on this host's
 //! `kvm_pvm`, plus the VMM's handling of the guest's port and MMIO exits.
 
@@ -48,7 +48,7 @@ pub(crate) const PHASES: &[(&str, bool)] = &[
 /// Whose work a thread does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Role {
-    /// The daemon's runtime threads, and each VM's `vmm` and `vm-wait-*` threads.
+    /// The daemon's runtime threads, and each VM's `vmm` thread.
     Host,
     /// vCPU threads: the guest.
     Vcpu,
@@ -61,7 +61,7 @@ pub(crate) enum Role {
 }
 
 const ROLES: [(Role, &str); 5] = [
-    (Role::Host, "host (daemon runtime, vmm, vm-wait)"),
+    (Role::Host, "host (daemon runtime, vmm)"),
     (Role::Vcpu, "vCPU (guest, emulated here, + exits)"),
     (Role::Pool, "shell pool refill"),
     (Role::Client, "gRPC client (the benchmark)"),
@@ -72,7 +72,7 @@ fn role(t: &procstat::ThreadCpu) -> Role {
     let name = t.name.as_str();
     if t.tid == std::process::id() {
         Role::Client
-    } else if name.starts_with("bench-daemon") || name == "vmm" || name.starts_with("vm-wait-") {
+    } else if name.starts_with("bench-daemon") || name == "vmm" {
         Role::Host
     } else if name.starts_with("vcpu") {
         Role::Vcpu
