@@ -22,6 +22,7 @@ pub mod embedded;
 pub mod error;
 pub mod install;
 pub mod network;
+pub mod nofile;
 pub mod notify;
 pub mod pod;
 pub mod sandbox;
