@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use controller::backend::template::Templates;
 
-use crate::{Options, raise_nofile, vmm_host};
+use crate::{NOFILE, Options, vmm_host};
 
 /// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
 /// whether they wait on the guest's own work. Those phases include host work too (vsock
@@ -584,7 +584,11 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
     };
     levels.sort_unstable();
     levels.dedup();
-    let (soft_was, soft, hard) = raise_nofile()?;
+    let limits = NOFILE
+        .get()
+        .context("RLIMIT_NOFILE could not be read or raised")?;
+    let (soft_was, hard_was, soft, hard) =
+        (limits.soft_was, limits.hard_was, limits.soft, limits.hard);
     let daemon = Daemon::start(o)?;
     let rt = client_runtime()?;
     let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
@@ -604,7 +608,7 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
          API), test guest \"virtio\" in agent mode, {} MiB each, seccomp {}; per level: Start \
          (Create sent -> Start returned) while filling up to it, then counts per sandbox over \
          the daemon's baseline, and CPU over {} s of idle; RLIMIT_NOFILE soft {soft} (was \
-         {soft_was}), hard {hard}",
+         {soft_was}), hard {hard} (was {hard_was}), raised as the daemon raises it",
         o.mem_mib,
         o.seccomp.name(),
         o.idle_secs
@@ -770,6 +774,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
         "idle_secs": o.idle_secs,
         "nofile_soft": soft,
         "nofile_hard": hard,
+        "nofile_soft_was": soft_was,
+        "nofile_hard_was": hard_was,
         "alive_max": last.map_or(0, |l| l.alive),
         "fds_per_sandbox": last.map(|l| l.fds_per_sandbox),
         "threads_per_sandbox": last.map(|l| l.threads_per_sandbox),
