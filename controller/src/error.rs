@@ -61,6 +61,9 @@ pub enum SandboxError {
     /// The sandbox's Task endpoint could not be served.
     #[error("Task endpoint of sandbox {0} failed")]
     Endpoint(String, #[source] Box<crate::task::TaskError>),
+    /// Another sandbox would run the daemon out of descriptors ([`crate::nofile`]).
+    #[error("Cannot create sandbox {0}")]
+    FdLimit(String, #[source] crate::nofile::FdLimitError),
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -104,7 +107,7 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Backend(_, BackendError::AgentNotReady { .. }) => {
                 tonic::Status::deadline_exceeded(msg)
             }
-            SandboxError::Backend(_, BackendError::NoFreeSlot(_)) => {
+            SandboxError::Backend(_, BackendError::NoFreeSlot(_)) | SandboxError::FdLimit(..) => {
                 tonic::Status::resource_exhausted(msg)
             }
             SandboxError::Network(
@@ -210,6 +213,20 @@ mod tests {
             ))
             .code(),
             Code::ResourceExhausted
+        );
+    }
+
+    #[test]
+    fn a_full_descriptor_budget_is_resource_exhausted_naming_the_limit() {
+        let budget = crate::nofile::FdBudget { baseline: 30 };
+        let refused = budget.admit(1024, 46).unwrap_err();
+        let s = status(SandboxError::FdLimit("pod".into(), refused));
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(
+            s.message()
+                .starts_with("Cannot create sandbox pod: RLIMIT_NOFILE 1024 leaves no room"),
+            "{}",
+            s.message()
         );
     }
 

@@ -23,6 +23,7 @@ pub mod error;
 pub mod install;
 pub mod metrics;
 pub mod network;
+pub mod nofile;
 pub mod notify;
 pub mod ops;
 pub mod pod;

@@ -269,6 +269,7 @@ async fn shutdown_signal() {
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args)?;
     init_logging(&config.log_level)?;
+    raise_nofile();
     let host = vmm::Host::new();
     start_shell_pool(&host, &config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -287,6 +288,23 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     }
     runtime.block_on(controller::server::run(&config, backend, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every sandbox's descriptors are this process's: take all the process may have
+/// ([`controller::nofile`]). Create refuses sandboxes beyond what it allows.
+fn raise_nofile() {
+    use controller::nofile::{FDS_PER_SANDBOX, raise_nofile};
+    match raise_nofile() {
+        Ok(l) => tracing::info!(
+            soft = l.soft,
+            hard = l.hard,
+            soft_was = l.soft_was,
+            hard_was = l.hard_was,
+            fds_per_sandbox = FDS_PER_SANDBOX,
+            "RLIMIT_NOFILE raised"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise RLIMIT_NOFILE"),
+    }
 }
 
 /// Keeps VM shells pre-built for default-sized sandboxes (their Start then skips KVM's

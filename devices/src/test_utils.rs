@@ -83,8 +83,10 @@ pub struct DummyDevice {
     pub device_type: u32,
     /// Queue sizes (one per queue).
     pub queue_max_sizes: Vec<u16>,
-    /// Queue EventFds.
-    pub queue_evts: Vec<EventFd>,
+    /// The notify EventFd (`None`: a device that has none).
+    pub notify_evt: Option<EventFd>,
+    /// The queues whose notifications reached [`VirtioDevice::queue_notified`], in order.
+    pub notified: Vec<u32>,
     /// Offered features.
     pub avail_features: u64,
     /// Features set by the transport.
@@ -117,10 +119,8 @@ impl DummyDevice {
         DummyDevice {
             device_type,
             queue_max_sizes: queue_max_sizes.to_vec(),
-            queue_evts: queue_max_sizes
-                .iter()
-                .map(|_| EventFd::new(EFD_NONBLOCK).expect("cannot create EventFd"))
-                .collect(),
+            notify_evt: Some(EventFd::new(EFD_NONBLOCK).expect("cannot create EventFd")),
+            notified: Vec::new(),
             avail_features: VIRTIO_F_VERSION_1,
             acked_features: 0,
             config: vec![0; 16],
@@ -146,8 +146,16 @@ impl VirtioDevice for DummyDevice {
         &self.queue_max_sizes
     }
 
-    fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    fn notify_event(&self) -> Option<&EventFd> {
+        self.notify_evt.as_ref()
+    }
+
+    fn queue_notified(&mut self, queue: u32) -> io::Result<()> {
+        self.notified.push(queue);
+        match &self.notify_evt {
+            Some(evt) => evt.write(1),
+            None => Ok(()),
+        }
     }
 
     fn avail_features(&self) -> u64 {

@@ -6,11 +6,72 @@ use std::time::Duration;
 
 /// Process resource counts used by leak checks and memory benchmarks.
 pub mod procstat {
+    use std::collections::BTreeMap;
     use std::fs;
 
     /// Open file descriptors of this process.
     pub fn fd_count() -> usize {
         fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+    }
+
+    /// Open file descriptors of this process by kind: what each links to, with what differs
+    /// between instances of a kind taken out (`socket:[123]` -> `socket`, `anon_inode:kvm-vcpu:0`
+    /// -> `anon_inode:kvm-vcpu`, a file -> `file:<its name>`).
+    pub fn fd_kinds() -> BTreeMap<String, usize> {
+        let mut kinds = BTreeMap::new();
+        let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+            return kinds;
+        };
+        for entry in dir.flatten() {
+            // The directory's own fd is gone by the time it is read: skip what cannot be read.
+            let Ok(target) = fs::read_link(entry.path()) else {
+                continue;
+            };
+            // The directory being listed is open too: not one of the process's own.
+            if target.starts_with("/proc") && target.ends_with("fd") {
+                continue;
+            }
+            *kinds.entry(fd_kind(&target.to_string_lossy())).or_insert(0) += 1;
+        }
+        kinds
+    }
+
+    /// The kind of an fd whose link reads `target` (see [`fd_kinds`]).
+    pub fn fd_kind(target: &str) -> String {
+        let target = target.trim_end_matches(" (deleted)");
+        if let Some(memfd) = target.strip_prefix("/memfd:") {
+            return format!("memfd:{memfd}");
+        }
+        if target.starts_with('/') {
+            let name = target.rsplit('/').next().unwrap_or(target);
+            return format!("file:{name}");
+        }
+        if let Some(inode) = target.strip_prefix("anon_inode:") {
+            // `kvm-vcpu:0`: one kind whatever the vCPU id.
+            let kind = inode.split(':').next().unwrap_or(inode);
+            return format!("anon_inode:{kind}");
+        }
+        // `socket:[123]`, `pipe:[456]`.
+        target.split(':').next().unwrap_or(target).to_owned()
+    }
+
+    /// Threads of this process by name, with digits folded to `N` (`vcpu0` -> `vcpuN`).
+    pub fn thread_kinds() -> BTreeMap<String, usize> {
+        let mut kinds = BTreeMap::new();
+        for t in threads_cpu() {
+            let mut name = String::new();
+            for c in t.name.chars() {
+                if c.is_ascii_digit() {
+                    if !name.ends_with('N') {
+                        name.push('N');
+                    }
+                } else {
+                    name.push(c);
+                }
+            }
+            *kinds.entry(name).or_insert(0) += 1;
+        }
+        kinds
     }
 
     /// Threads of this process.
@@ -154,6 +215,42 @@ mod tests {
         assert_eq!(Summary::of(&[]), Summary::default());
         let one = Summary::of(&[Duration::from_millis(3)]);
         assert_eq!((one.p50_ms, one.p99_ms), (3.0, 3.0));
+    }
+
+    #[test]
+    fn fd_kinds_fold_what_differs_between_instances() {
+        assert_eq!(procstat::fd_kind("socket:[4242]"), "socket");
+        assert_eq!(procstat::fd_kind("pipe:[7]"), "pipe");
+        assert_eq!(
+            procstat::fd_kind("anon_inode:[eventfd]"),
+            "anon_inode:[eventfd]"
+        );
+        assert_eq!(
+            procstat::fd_kind("anon_inode:kvm-vcpu:3"),
+            "anon_inode:kvm-vcpu"
+        );
+        assert_eq!(
+            procstat::fd_kind("/memfd:sandboxer-guest-ram (deleted)"),
+            "memfd:sandboxer-guest-ram"
+        );
+        assert_eq!(
+            procstat::fd_kind("/run/x/y/console.log"),
+            "file:console.log"
+        );
+        // Other tests open and close fds meanwhile: only what this test holds is certain.
+        let file = std::fs::File::open("Cargo.toml").unwrap();
+        let kinds = procstat::fd_kinds();
+        assert!(
+            kinds.get("file:Cargo.toml").is_some_and(|n| *n >= 1),
+            "{kinds:?}"
+        );
+        assert!(
+            !kinds.contains_key("file:fd"),
+            "the listing's own fd: {kinds:?}"
+        );
+        drop(file);
+        let threads = procstat::thread_kinds();
+        assert!(threads.values().sum::<usize>() >= 1, "{threads:?}");
     }
 
     #[test]

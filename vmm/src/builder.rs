@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{BootTimer, ConsoleSink, I8042, SerialConsole};
+use devices::virtio::Line;
 use event_manager::{EventManager, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -31,13 +32,13 @@ use crate::event_loop::{
 };
 use crate::host::Host;
 use crate::kvm::state::{StateError, xsave_words};
-use crate::kvm::{KvmContext, KvmError};
+use crate::kvm::{IrqLine, KvmContext, KvmError};
 use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
 use crate::snapshot::VmSnapshot;
 use crate::timings::StartupTimings;
-use crate::vcpu::{PendingVcpus, VcpuContext, VcpuControl};
+use crate::vcpu::{PendingVcpus, ResetLine, VcpuContext, VcpuControl};
 use crate::vm::{EndState, Vm};
 use crate::{VmExit, arch, boot};
 
@@ -154,9 +155,7 @@ impl Vm {
         let pending_vmm = PendingThread::spawn(
             "vmm".into(),
             filters.get(ThreadRole::Vmm, seccomp)?,
-            |(event_manager, done, resources): VmmJob, confined| {
-                vmm_thread(event_manager, done, resources, confined);
-            },
+            |job: VmmJob, confined| vmm_thread(job, confined),
         )
         .map_err(VmError::Spawn)?;
         let mut thread_ids = pending_vcpus.tids();
@@ -199,6 +198,9 @@ impl Vm {
             },
         };
         let vm_fd = Arc::new(vm_fd);
+        // The devices' event-loop halves subscribe as they are built.
+        let mut event_manager: VmmEventManager = EventManager::new()
+            .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
 
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
@@ -207,7 +209,8 @@ impl Vm {
             Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
             Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
         };
-        let mut device_manager = DeviceManager::new(&vm_fd, &ram.mem, &mut mmio);
+        let mut device_manager =
+            DeviceManager::new(&vm_fd, &ram.mem, &mut mmio, &mut event_manager);
         if let Source::Clone(snap, _) = &source {
             let wanted = snap.device_types();
             if wanted.len() != device_configs.len() {
@@ -221,7 +224,7 @@ impl Vm {
         }
         device_manager.add_all(device_configs)?;
         let device_cmdline = take(&mut device_manager.cmdline);
-        let (subscribers, mut devices) = (device_manager.subscribers, device_manager.devices);
+        let mut devices = device_manager.devices;
         let virtio_time = lap.next();
 
         let boot_entry = match &mut source {
@@ -238,13 +241,11 @@ impl Vm {
         };
         timings.kernel_load = lap.next();
 
-        let exit_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("exit eventfd", e))?;
-        let reset_evt =
-            EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("reset eventfd", e))?;
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("serial irq", e))?;
-        vm_fd
-            .register_irqfd(&serial_irq, SERIAL_IRQ)
-            .map_err(|e| VmError::Setup("serial irqfd", io::Error::from_raw_os_error(e.errno())))?;
+        // One EventFd wakes the VMM thread: requests, vCPU exits, the i8042 reset.
+        let wake =
+            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("wake eventfd", e))?);
+        let control = Arc::new(VcpuControl::new(Arc::clone(&wake)));
+        let serial_irq: Arc<dyn Line> = Arc::new(IrqLine::new(Arc::clone(&vm_fd), SERIAL_IRQ));
         let console_log = match &console_cfg.log_path {
             Some(path) => Some(
                 File::options()
@@ -265,11 +266,7 @@ impl Vm {
                 .map_err(|e| VmError::Setup("serial console", e))?,
         };
         let serial = Arc::new(Mutex::new(serial));
-        let i8042 = Arc::new(I8042::new(
-            reset_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("reset eventfd", e))?,
-        ));
+        let i8042 = Arc::new(I8042::new(Arc::new(ResetLine(Arc::clone(&control)))));
         let boot_timer = Arc::new(BootTimer::new(start));
         let boot_signal = boot_timer.signal();
         let mut pio = Bus::default();
@@ -319,36 +316,22 @@ impl Vm {
         timings.vcpu_create = lap.next();
 
         let (api_tx, api_rx) = channel();
-        let api_evt = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("api eventfd", e))?;
-        let control = Arc::new(VcpuControl::new(
-            exit_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("exit eventfd", e))?,
-        ));
         let ctx = VcpuContext {
             control: Arc::clone(&control),
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
         };
         let end = Arc::new(EndState::default());
-        let ram_file = ram
-            .file
-            .try_clone()
-            .map_err(|e| VmError::Setup("memfd", e))?;
+        let ram_file = Arc::clone(&ram.file);
         let saved = SnapshotSources {
             vm_fd: Arc::clone(&vm_fd),
             serial,
-            memory: ram
-                .file
-                .try_clone()
-                .map_err(|e| VmError::Setup("memfd", e))?,
+            memory: Arc::clone(&ram.file),
             mem_bytes,
             private_memory: ram.private,
             msr_list: kvm.msr_list().into(),
             xsave_words: xsave_words(&vm_fd),
         };
-        let mut event_manager: VmmEventManager = EventManager::new()
-            .map_err(|e| VmError::Setup("event manager", io::Error::other(e.to_string())))?;
         let blk_slots = devices.blocks.len();
         let vsock = devices.vsock.take();
 
@@ -357,11 +340,7 @@ impl Vm {
         let done = Arc::new(AtomicBool::new(false));
         let controller = Arc::new(Mutex::new(VmmControl {
             api_rx,
-            api_evt: api_evt
-                .try_clone()
-                .map_err(|e| VmError::Setup("api eventfd", e))?,
-            exit_evt,
-            reset_evt,
+            wake: Arc::clone(&wake),
             control,
             vcpus,
             devices,
@@ -369,21 +348,20 @@ impl Vm {
             end: Arc::clone(&end),
             boot: Arc::clone(&boot_signal),
             done: Arc::clone(&done),
+            reinit: Vec::new(),
         }));
         event_manager.add_subscriber(controller.clone());
-        for subscriber in subscribers {
-            event_manager.add_subscriber(subscriber);
-        }
         let live = host.live_guard();
         let torn_down = live.torn_down();
         let resources = VmResources {
+            ctx,
             _vm_fd: vm_fd,
             _ram: ram,
-            ctx,
             _live: live,
         };
         // Detached: the VM's end is reported through `EndState`, not by joining.
-        if pending_vmm.start((event_manager, done, resources)).is_err() {
+        let job = (event_manager, Arc::clone(&controller), done, resources);
+        if pending_vmm.start(job).is_err() {
             controller
                 .lock()
                 .expect("poisoned")
@@ -397,7 +375,7 @@ impl Vm {
 
         Ok(Vm {
             api_tx,
-            api_evt,
+            wake,
             end,
             boot: boot_signal,
             console,

@@ -1,8 +1,13 @@
 // SPDX-License-Identifier: Apache-2.0
-//! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits,
-//! guest resets and the devices' queues. When the VM ends it stops the vCPUs, records why, wakes
-//! the waiters, and then tears the VM down on this thread (closing the VM fd and unmapping
-//! memory is the expensive part of a VM's life), so teardown is never on a caller's path.
+//! A VM's VMM thread: one event-manager loop for API requests ([`crate::api`]), vCPU exits
+//! (guest resets included) and the devices' queues. When the VM ends it stops the vCPUs,
+//! records why, wakes the waiters and runs the end watchers ([`crate::Vm::on_end`]), and then
+//! tears the VM down on this thread (closing the VM fd and unmapping memory is the expensive
+//! part of a VM's life), so teardown is never on a caller's path.
+//!
+//! One EventFd wakes the thread for everything that is not a device's: an API request, a
+//! vCPU's terminal exit, the i8042 reset (reported as a vCPU exit). What woke it is read from
+//! the request channel and [`VcpuControl`]'s pending exit.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use devices::legacy::{BootSignal, SerialConsole};
-use event_manager::{EventManager, EventOps, Events, MutEventSubscriber};
+use event_manager::{
+    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::VmExit;
 use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::Devices;
 use crate::host::LiveGuard;
@@ -24,28 +32,32 @@ use crate::seccomp::SeccompError;
 use crate::snapshot::{SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
-use crate::{ResetKind, VmExit};
 
 /// The event manager of a VM's VMM thread.
 pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
-/// What the VMM thread owns until the VM is torn down. Field order is drop order: the VM fd
-/// goes before the guest memory it maps, and the VM counts as live until all of it is gone.
+/// What the VMM thread owns until the VM is torn down. Field order is drop order: the buses
+/// (whose devices' interrupt lines hold the VM fd too), then the VM fd, go before the guest
+/// memory it maps, and the VM counts as live until all of it is gone.
 pub(crate) struct VmResources {
+    pub(crate) ctx: VcpuContext,
     pub(crate) _vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) _ram: GuestRam,
-    pub(crate) ctx: VcpuContext,
     pub(crate) _live: LiveGuard,
 }
 
-/// What the VMM thread runs: the event loop, its stop flag and the VM it keeps alive.
-pub(crate) type VmmJob = (VmmEventManager, Arc<AtomicBool>, VmResources);
+/// What the VMM thread runs: the event loop, its own subscriber, its stop flag and the VM it
+/// keeps alive.
+pub(crate) type VmmJob = (
+    VmmEventManager,
+    Arc<Mutex<VmmControl>>,
+    Arc<AtomicBool>,
+    VmResources,
+);
 
 /// The VMM thread's body: runs the loop until the VM ends, then tears the VM down.
 pub(crate) fn vmm_thread(
-    mut event_manager: VmmEventManager,
-    done: Arc<AtomicBool>,
-    resources: VmResources,
+    (mut event_manager, controller, done, resources): VmmJob,
     confined: Result<(), SeccompError>,
 ) {
     if let Err(e) = confined {
@@ -62,9 +74,31 @@ pub(crate) fn vmm_thread(
             log::error!("VMM event loop failed: {e:?}");
             break;
         }
+        let reinit = std::mem::take(&mut controller.lock().expect("poisoned").reinit);
+        for id in reinit {
+            reinit_subscriber(&mut event_manager, id);
+        }
     }
+    drop(controller);
     drop(event_manager);
     drop(resources);
+}
+
+/// Initialises subscriber `id` again, so it registers descriptors it did not have before (a
+/// block slot's notify EventFd, made by its first disk). A subscriber can only add its own
+/// descriptors, inside its own callbacks: this is how another one's request reaches it.
+fn reinit_subscriber(event_manager: &mut VmmEventManager, id: SubscriberId) {
+    let subscriber = match event_manager.subscriber_mut(id) {
+        Ok(subscriber) => Arc::clone(subscriber),
+        Err(e) => {
+            log::error!("No VMM event subscriber {id:?}: {e:?}");
+            return;
+        }
+    };
+    match event_manager.event_ops(id) {
+        Ok(mut ops) => subscriber.lock().expect("poisoned").init(&mut ops),
+        Err(e) => log::error!("No event ops for VMM event subscriber {id:?}: {e:?}"),
+    }
 }
 
 /// What the VMM thread reads for a snapshot, besides its vCPUs and devices.
@@ -72,7 +106,7 @@ pub(crate) struct SnapshotSources {
     pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) serial: Arc<Mutex<SerialConsole>>,
     /// The guest memory's memfd and size, and whether the mapping is a private clone.
-    pub(crate) memory: File,
+    pub(crate) memory: Arc<File>,
     pub(crate) mem_bytes: u64,
     pub(crate) private_memory: bool,
     /// The host's MSR list and this VM's XSAVE area size.
@@ -80,12 +114,11 @@ pub(crate) struct SnapshotSources {
     pub(crate) xsave_words: usize,
 }
 
-/// The VMM thread's own subscriber: API requests, vCPU exits, guest resets.
+/// The VMM thread's own subscriber: API requests and vCPU exits (guest resets included).
 pub(crate) struct VmmControl {
     pub(crate) api_rx: Receiver<ApiRequest>,
-    pub(crate) api_evt: EventFd,
-    pub(crate) exit_evt: EventFd,
-    pub(crate) reset_evt: EventFd,
+    /// Written by [`crate::Vm::request`] and [`VcpuControl::report_exit`].
+    pub(crate) wake: Arc<EventFd>,
     pub(crate) control: Arc<VcpuControl>,
     pub(crate) vcpus: VcpuSet,
     pub(crate) devices: Devices,
@@ -94,12 +127,12 @@ pub(crate) struct VmmControl {
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) done: Arc<AtomicBool>,
+    /// Subscribers to initialise again after this pass of the loop (see `reinit_subscriber`).
+    pub(crate) reinit: Vec<SubscriberId>,
 }
 
 impl VmmControl {
-    const API: u32 = 1;
-    const VCPU_EXIT: u32 = 2;
-    const RESET: u32 = 3;
+    const WAKE: u32 = 1;
 
     /// Ends the VM: stops the vCPUs, records the end, wakes waiters. Idempotent.
     pub(crate) fn finish(&mut self, exit: VmExit) {
@@ -140,7 +173,10 @@ impl VmmControl {
                 disk,
                 read_only,
             } => {
-                self.devices.attach_disk(index, disk, read_only)?;
+                let vm = &self.saved.vm_fd;
+                if let Some(id) = self.devices.attach_disk(vm, index, disk, read_only)? {
+                    self.reinit.push(id);
+                }
                 Ok(VmmData::Empty)
             }
             VmmAction::DetachDisk { index } => {
@@ -180,10 +216,9 @@ impl VmmControl {
             .map_err(SnapshotError::from)?;
         let vm = VmState::save(&saved.vm_fd).map_err(SnapshotError::from)?;
         let serial = saved.serial.lock().expect("poisoned").state();
-        let memory = saved.memory.try_clone().map_err(SnapshotError::Memory)?;
         Ok(VmSnapshot {
             id: crate::snapshot::next_id(),
-            memory,
+            memory: Arc::clone(&saved.memory),
             mem_bytes: saved.mem_bytes,
             vcpus,
             vm,
@@ -192,8 +227,13 @@ impl VmmControl {
         })
     }
 
-    fn handle_api(&mut self) {
-        let _ = self.api_evt.read();
+    /// Whatever woke the thread: a vCPU's terminal exit first (a crash is not overtaken by a
+    /// request that came later), then the requests.
+    fn wake_up(&mut self) {
+        let _ = self.wake.read();
+        if let Some(exit) = self.control.take_pending_exit() {
+            self.finish(exit);
+        }
         while let Ok((action, reply)) = self.api_rx.try_recv() {
             let result = self.handle(action);
             let _ = reply.send(result);
@@ -204,17 +244,7 @@ impl VmmControl {
 impl MutEventSubscriber for VmmControl {
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
-            Self::API => self.handle_api(),
-            Self::VCPU_EXIT => {
-                let _ = self.exit_evt.read();
-                if let Some(exit) = self.control.take_pending_exit() {
-                    self.finish(exit);
-                }
-            }
-            Self::RESET => {
-                let _ = self.reset_evt.read();
-                self.finish(VmExit::Reset(ResetKind::I8042));
-            }
+            Self::WAKE => self.wake_up(),
             other => log::warn!("Unexpected VMM event {other}"),
         }
         if self.done.load(Ordering::SeqCst) {
@@ -226,14 +256,8 @@ impl MutEventSubscriber for VmmControl {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, data) in [
-            (&self.api_evt, Self::API),
-            (&self.exit_evt, Self::VCPU_EXIT),
-            (&self.reset_evt, Self::RESET),
-        ] {
-            if let Err(e) = ops.add(Events::with_data(fd, data, EventSet::IN)) {
-                log::error!("Failed to register VMM event {data}: {e:?}");
-            }
+        if let Err(e) = ops.add(Events::with_data(&*self.wake, Self::WAKE, EventSet::IN)) {
+            log::error!("Failed to register the VMM wake-up event: {e:?}");
         }
     }
 }

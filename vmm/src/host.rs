@@ -87,7 +87,7 @@ impl Host {
             None
         } else {
             Some(CloneSource {
-                memory: template.memory().try_clone()?,
+                memory: std::sync::Arc::clone(template.memory_arc()),
                 vcpus: u8::try_from(template.vcpus()).map_err(std::io::Error::other)?,
             })
         };

@@ -4,6 +4,10 @@
 //! RAM sits below the 32-bit MMIO gap; whatever does not fit continues at 4 GiB. Backing it with
 //! a memfd (rather than anonymous memory) lets later features share or snapshot it: a template
 //! VM's memory can be mapped copy-on-write by its clones, and a snapshot is the file's content.
+//!
+//! The memfd is one descriptor shared as `Arc<File>` by everything that needs it (the mapped
+//! regions, the VM handle, the snapshot source; a template's clones share the template's), never
+//! duplicated: a VM holds at most one memfd descriptor, a clone none of its own.
 #![allow(
     unsafe_code,
     reason = "memfd_create and the memfd mapping need libc; see the SAFETY comments"
@@ -12,6 +16,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
@@ -60,7 +65,7 @@ pub struct GuestRam {
     pub mem: GuestMemoryMmap,
     /// The memfd holding its contents (for a copy-on-write clone: the template's, which holds
     /// the pages the clone has not written).
-    pub file: File,
+    pub file: Arc<File>,
     /// Whether `mem` is a private (copy-on-write) mapping of `file`.
     pub private: bool,
 }
@@ -68,15 +73,18 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `mem_bytes` of guest memory backed by a fresh memfd.
     pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
-        let file = create_memfd(c"sandboxer-guest-ram")?;
+        let file = Arc::new(create_memfd(c"sandboxer-guest-ram")?);
         file.set_len(mem_bytes)
             .map_err(|e| MemoryError::SetSize(mem_bytes, e))?;
         let mut offset = 0u64;
         let mut ranges = Vec::new();
         for (addr, size) in ram_ranges(mem_bytes) {
             let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
-            let fd = file.try_clone().map_err(MemoryError::CreateMemfd)?;
-            ranges.push((addr, len, Some(FileOffset::new(fd, offset))));
+            ranges.push((
+                addr,
+                len,
+                Some(FileOffset::from_arc(Arc::clone(&file), offset)),
+            ));
             offset += size;
         }
         let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
@@ -90,16 +98,15 @@ impl GuestRam {
     /// Maps `file` (a template's memory, `mem_bytes` long) copy-on-write: the guest reads the
     /// template's pages and each page it writes becomes its own (`MAP_PRIVATE`); the template's
     /// memfd never changes.
-    pub fn copy_on_write(file: &File, mem_bytes: u64) -> Result<Self, MemoryError> {
+    pub fn copy_on_write(file: &Arc<File>, mem_bytes: u64) -> Result<Self, MemoryError> {
         let mut offset = 0u64;
         let mut regions = Vec::new();
         for (addr, size) in ram_ranges(mem_bytes) {
             let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
-            let fd = file.try_clone().map_err(MemoryError::CreateMemfd)?;
             let region = MmapRegionBuilder::new(len)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-                .with_file_offset(FileOffset::new(fd, offset))
+                .with_file_offset(FileOffset::from_arc(Arc::clone(file), offset))
                 .build()
                 .map_err(MemoryError::MapPrivate)?;
             let region = GuestRegionMmap::new(region, addr).ok_or(MemoryError::Size(mem_bytes))?;
@@ -109,7 +116,7 @@ impl GuestRam {
         let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
         Ok(GuestRam {
             mem,
-            file: file.try_clone().map_err(MemoryError::CreateMemfd)?,
+            file: Arc::clone(file),
             private: true,
         })
     }
@@ -197,6 +204,32 @@ mod tests {
         // The template's pages stay shared: its memfd holds only what it wrote.
         assert_eq!(template.resident_bytes().unwrap(), 2 * 4096);
         assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 2);
+    }
+
+    #[test]
+    fn guest_memory_holds_one_memfd_descriptor_and_a_clone_none() {
+        let count = || {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|t| {
+                        t.to_string_lossy()
+                            .starts_with("/memfd:sandboxer-guest-ram-test-count")
+                    })
+                })
+                .count()
+        };
+        // A memfd of its own name, so that other tests' memory does not count.
+        let file = Arc::new(create_memfd(c"sandboxer-guest-ram-test-count").unwrap());
+        file.set_len(8 << 20).unwrap();
+        let a = GuestRam::copy_on_write(&file, 8 << 20).unwrap();
+        let b = GuestRam::copy_on_write(&file, 8 << 20).unwrap();
+        assert_eq!(count(), 1, "clones share the template's descriptor");
+        drop(file);
+        assert_eq!(count(), 1, "kept open by the clones' mappings");
+        drop((a, b));
+        assert_eq!(count(), 0);
     }
 
     #[test]

@@ -87,7 +87,7 @@ impl VmShell {
     /// created too, with their CPUID.
     pub(crate) fn build_clone(
         kvm: &KvmContext,
-        memory: &File,
+        memory: &Arc<File>,
         mem_bytes: u64,
         vcpus: u8,
     ) -> Result<(VmShell, ShellTimings), ShellError> {
@@ -129,7 +129,7 @@ pub(crate) struct PoolKey {
 /// A template whose clones get shells: its memory and vCPU count.
 #[derive(Debug)]
 pub(crate) struct CloneSource {
-    pub(crate) memory: File,
+    pub(crate) memory: Arc<File>,
     pub(crate) vcpus: u8,
 }
 

@@ -11,6 +11,7 @@
 //! written itself from the memfd, also later writes): the owner stops it.
 
 use std::fs::File;
+use std::sync::Arc;
 
 use devices::legacy::SerialState;
 use devices::virtio::transport::MmioState;
@@ -37,9 +38,6 @@ pub enum SnapshotError {
     /// Reading KVM state failed.
     #[error("Failed to read the VM's state")]
     State(#[from] StateError),
-    /// The VM's memfd could not be shared with the snapshot.
-    #[error("Failed to keep the guest memory")]
-    Memory(#[source] std::io::Error),
 }
 
 /// A paused VM's state, enough to start clones of it.
@@ -47,7 +45,8 @@ pub enum SnapshotError {
 pub struct VmSnapshot {
     /// Tells snapshots apart (clone shells are kept per snapshot).
     pub(crate) id: u64,
-    pub(crate) memory: File,
+    /// The template's memfd, shared with the template VM and the clones (not duplicated).
+    pub(crate) memory: Arc<File>,
     pub(crate) mem_bytes: u64,
     pub(crate) vcpus: Vec<VcpuState>,
     pub(crate) vm: VmState,
@@ -89,6 +88,11 @@ impl VmSnapshot {
 
     /// The template's guest memory (its memfd), for reading: clones map it copy-on-write.
     pub fn memory(&self) -> &File {
+        &self.memory
+    }
+
+    /// The same, shared (clone shells map it).
+    pub(crate) fn memory_arc(&self) -> &Arc<File> {
         &self.memory
     }
 

@@ -43,7 +43,8 @@ pub(crate) struct VcpuControl {
     work: Mutex<Vec<Option<VcpuWork>>>,
     /// The first terminal exit a vCPU saw; the VMM thread ends the VM with it.
     pending_exit: Mutex<Option<VmExit>>,
-    exit_evt: EventFd,
+    /// The VMM thread's wake-up EventFd (shared with API requests).
+    wake: Arc<EventFd>,
 }
 
 #[derive(Debug, Default)]
@@ -62,14 +63,15 @@ impl std::fmt::Debug for VcpuControl {
 }
 
 impl VcpuControl {
-    pub(crate) fn new(exit_evt: EventFd) -> Self {
+    /// Run control whose terminal exits wake the VMM thread through `wake`.
+    pub(crate) fn new(wake: Arc<EventFd>) -> Self {
         VcpuControl {
             state: AtomicU8::new(RUNNING),
             counts: Mutex::new(Counts::default()),
             cv: Condvar::new(),
             work: Mutex::new(Vec::new()),
             pending_exit: Mutex::new(None),
-            exit_evt,
+            wake,
         }
     }
 
@@ -118,7 +120,7 @@ impl VcpuControl {
             *pending = Some(exit);
         }
         drop(pending);
-        if let Err(e) = self.exit_evt.write(1) {
+        if let Err(e) = self.wake.write(1) {
             log::error!("Failed to signal a vCPU exit: {e}");
         }
     }
@@ -142,6 +144,18 @@ impl VcpuControl {
             .wait_timeout_while(counts, timeout, |c| !done(c))
             .expect("poisoned");
         done(&counts)
+    }
+}
+
+/// The i8042's reset line: a guest reset (Linux `reboot=k`) ends the VM like a vCPU's
+/// terminal exit, through the VMM thread's one wake-up EventFd, with no descriptor of its own.
+#[derive(Debug)]
+pub(crate) struct ResetLine(pub(crate) Arc<VcpuControl>);
+
+impl devices::virtio::Line for ResetLine {
+    fn pulse(&self) -> std::io::Result<()> {
+        self.0.report_exit(VmExit::Reset(ResetKind::I8042));
+        Ok(())
     }
 }
 

@@ -28,18 +28,60 @@ pub struct VmEnd {
     pub at: SystemTime,
 }
 
+/// Code to run when a VM ends ([`Vm::on_end`]).
+type EndWatcher = Box<dyn FnOnce(&VmEnd) + Send>;
+
 /// A VM's end, once it is known, and the waiters for it.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct EndState {
-    end: Mutex<Option<VmEnd>>,
+    inner: Mutex<EndInner>,
     cv: Condvar,
 }
 
+#[derive(Default)]
+struct EndInner {
+    end: Option<VmEnd>,
+    watchers: Vec<EndWatcher>,
+}
+
+impl std::fmt::Debug for EndState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let inner = self.inner.lock().expect("poisoned");
+        f.debug_struct("EndState")
+            .field("end", &inner.end)
+            .field("watchers", &inner.watchers.len())
+            .finish()
+    }
+}
+
 impl EndState {
-    /// Records the end and wakes every waiter.
+    /// Records the end, wakes every waiter and runs the watchers (on this thread).
     pub(crate) fn set(&self, end: VmEnd) {
-        *self.end.lock().expect("poisoned") = Some(end);
+        let watchers = {
+            let mut inner = self.inner.lock().expect("poisoned");
+            inner.end = Some(end.clone());
+            std::mem::take(&mut inner.watchers)
+        };
         self.cv.notify_all();
+        for watcher in watchers {
+            watcher(&end);
+        }
+    }
+
+    fn get(&self) -> Option<VmEnd> {
+        self.inner.lock().expect("poisoned").end.clone()
+    }
+
+    /// Runs `watcher` with the end: now if it is known, else when [`EndState::set`] records it.
+    fn watch(&self, watcher: EndWatcher) {
+        let mut inner = self.inner.lock().expect("poisoned");
+        match inner.end.clone() {
+            Some(end) => {
+                drop(inner);
+                watcher(&end);
+            }
+            None => inner.watchers.push(watcher),
+        }
     }
 }
 
@@ -47,11 +89,12 @@ impl EndState {
 #[derive(Debug)]
 pub struct Vm {
     pub(crate) api_tx: Sender<ApiRequest>,
-    pub(crate) api_evt: EventFd,
+    /// The VMM thread's wake-up EventFd.
+    pub(crate) wake: Arc<EventFd>,
     pub(crate) end: Arc<EndState>,
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) console: Arc<ConsoleTail>,
-    pub(crate) ram_file: File,
+    pub(crate) ram_file: Arc<File>,
     pub(crate) timings: StartupTimings,
     pub(crate) blk_slots: usize,
     pub(crate) vsock: Option<VsockHandle>,
@@ -84,9 +127,7 @@ impl Vm {
         self.api_tx
             .send((action, tx))
             .map_err(|_| VmmActionError::NotRunning)?;
-        self.api_evt
-            .write(1)
-            .map_err(|_| VmmActionError::NotRunning)?;
+        self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
         match rx.recv_timeout(REQUEST_TIMEOUT) {
             Ok(answer) => answer,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(VmmActionError::TimedOut(name)),
@@ -121,29 +162,38 @@ impl Vm {
 
     /// Blocks until the VM has ended.
     pub fn wait(&self) -> VmEnd {
-        let guard = self.end.end.lock().expect("poisoned");
+        let guard = self.end.inner.lock().expect("poisoned");
         let guard = self
             .end
             .cv
-            .wait_while(guard, |e| e.is_none())
+            .wait_while(guard, |e| e.end.is_none())
             .expect("poisoned");
-        guard.clone().expect("waited for Some")
+        guard.end.clone().expect("waited for Some")
     }
 
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmEnd> {
-        let guard = self.end.end.lock().expect("poisoned");
+        let guard = self.end.inner.lock().expect("poisoned");
         let (guard, _) = self
             .end
             .cv
-            .wait_timeout_while(guard, timeout, |e| e.is_none())
+            .wait_timeout_while(guard, timeout, |e| e.end.is_none())
             .expect("poisoned");
-        guard.clone()
+        guard.end.clone()
     }
 
     /// How the VM ended, if it has.
     pub fn ended(&self) -> Option<VmEnd> {
-        self.end.end.lock().expect("poisoned").clone()
+        self.end.get()
+    }
+
+    /// Runs `watcher` once the VM has ended: on the VMM thread as it records the end (before
+    /// the VM is torn down), or right here if it already has. The way to learn of a VM's end
+    /// without a thread blocked in [`Vm::wait`]. On the VMM thread it runs under that
+    /// thread's seccomp filter and holds up the VM's end: it must only hand the news on
+    /// (set a flag, send on a channel, wake a task), never block or open anything.
+    pub fn on_end(&self, watcher: impl FnOnce(&VmEnd) + Send + 'static) {
+        self.end.watch(Box::new(watcher));
     }
 
     /// Time from `Vm::start` to the guest's boot-timer write, if it happened.
@@ -222,5 +272,37 @@ impl Drop for Vm {
         if self.ended().is_none() {
             let _ = self.request(VmmAction::Stop);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    #[test]
+    fn watchers_run_once_with_the_end_whenever_they_came() {
+        let state = Arc::new(EndState::default());
+        let (tx, rx) = mpsc::channel();
+        let early = tx.clone();
+        state.watch(Box::new(move |end| {
+            early.send(("early", end.clone())).unwrap()
+        }));
+        assert!(rx.try_recv().is_err(), "no end yet");
+        let end = VmEnd {
+            exit: VmExit::Stopped,
+            at: SystemTime::UNIX_EPOCH,
+        };
+        let setter = {
+            let (state, end) = (Arc::clone(&state), end.clone());
+            std::thread::spawn(move || state.set(end))
+        };
+        setter.join().unwrap();
+        assert_eq!(rx.recv().unwrap(), ("early", end.clone()));
+        state.watch(Box::new(move |end| tx.send(("late", end.clone())).unwrap()));
+        assert_eq!(rx.recv().unwrap(), ("late", end.clone()));
+        assert!(rx.try_recv().is_err(), "each watcher ran once");
+        assert_eq!(state.get(), Some(end));
     }
 }

@@ -25,9 +25,6 @@ use super::{
 };
 use crate::sandbox::StoredAny;
 
-/// Stack size of the thread that waits for a VM's end: it only blocks on a condvar.
-const WAITER_STACK: usize = 64 * 1024;
-
 impl From<vmm::VmEnd> for VmEnd {
     fn from(e: vmm::VmEnd) -> Self {
         let kind = match e.exit {
@@ -164,7 +161,7 @@ impl KvmBackend {
         })?;
         // The VMM's own measure: Vm::start until the vCPUs run (no thread hand-offs).
         phases.vm = vm.timings().total;
-        let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
+        let (vm, rx) = watched(vm);
         let agent = agent::connect_agent(
             &vm,
             &spec,
@@ -219,7 +216,7 @@ impl KvmBackend {
                 .map_err(|e| BackendError::Start(Box::new(e)))?;
         // The VMM's own measure: Vm::clone_from until the vCPUs run.
         phases.vm = vm.timings().total;
-        let (vm, rx) = watched(vm, &spec.sandbox_id).await?;
+        let (vm, rx) = watched(vm);
         let mut setup = spec.setup.clone();
         for (iface, mac) in setup.interfaces.iter_mut().zip(&template.nic_macs) {
             iface.new_mac = std::mem::take(&mut iface.mac);
@@ -258,26 +255,16 @@ impl KvmBackend {
     }
 }
 
-/// Watches `vm`'s end on a small thread of its own (`vm-wait-<id>`).
-async fn watched(
-    vm: vmm::Vm,
-    sandbox_id: &str,
-) -> Result<(Arc<vmm::Vm>, watch::Receiver<Option<VmEnd>>), BackendError> {
-    let vm = Arc::new(vm);
+/// Watches `vm`'s end: its VMM thread publishes it on the returned channel as it records it
+/// ([`vmm::Vm::on_end`]), so no thread of the daemon waits for it.
+fn watched(vm: vmm::Vm) -> (Arc<vmm::Vm>, watch::Receiver<Option<VmEnd>>) {
     let (tx, rx) = watch::channel(None);
-    let waiter = Arc::clone(&vm);
-    let spawned = std::thread::Builder::new()
-        .name(format!("vm-wait-{}", short(sandbox_id)))
-        .stack_size(WAITER_STACK)
-        .spawn(move || {
-            let end = waiter.wait();
-            tx.send_replace(Some(VmEnd::from(end)));
-        });
-    if let Err(e) = spawned {
-        stop_and_release(&vm).await;
-        return Err(BackendError::Start(Box::new(e)));
-    }
-    Ok((vm, rx))
+    // `send_replace` only takes the channel's lock and wakes the receivers' tasks: fit for
+    // the VMM thread.
+    vm.on_end(move |end| {
+        tx.send_replace(Some(VmEnd::from(end.clone())));
+    });
+    (Arc::new(vm), rx)
 }
 
 /// `aa:bb:cc:dd:ee:ff`.
@@ -313,11 +300,6 @@ async fn stop_and_release(vm: &Arc<vmm::Vm>) {
     if !released {
         warn!("a VM whose start failed was not torn down within {RELEASE_WAIT:?}");
     }
-}
-
-/// Thread names are limited to 15 bytes by Linux.
-fn short(id: &str) -> &str {
-    id.get(..6).unwrap_or(id)
 }
 
 impl KvmHandle {
@@ -483,12 +465,6 @@ mod tests {
             map(vmm::VmExit::Crashed("boom".into())),
             VmExitKind::Crashed("boom".into())
         );
-    }
-
-    #[test]
-    fn thread_name_fits() {
-        assert_eq!(short("0123456789abcdef"), "012345");
-        assert_eq!(short("ab"), "ab");
     }
 
     #[tokio::test]

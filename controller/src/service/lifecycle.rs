@@ -18,6 +18,7 @@ use crate::backend::{
 };
 use crate::error::{SandboxError, error_chain};
 use crate::network::{self, PodNetwork};
+use crate::nofile::FdBudget;
 use crate::pod::{self, GuestSetup};
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
 use crate::store::StoreError;
@@ -149,6 +150,7 @@ impl<B: VmBackend> SandboxService<B> {
                     id: record.id,
                 });
             }
+            self.admit_fds(&record.id, map.len())?;
             map.insert(record.id.clone(), Arc::clone(&entry));
         }
         let id = record.id.clone();
@@ -167,6 +169,24 @@ impl<B: VmBackend> SandboxService<B> {
         }
         info!(sandbox_id = %id, vcpus = vm.vcpus, mem_mib = vm.mem_mib, "sandbox created");
         Ok(())
+    }
+
+    /// Refuses a new sandbox that would run the daemon out of descriptors: every sandbox it
+    /// knows (`sandboxes`, until its Shutdown) is budgeted [`crate::nofile::FDS_PER_SANDBOX`]
+    /// against the soft `RLIMIT_NOFILE` ([`FdBudget::admit`]). An estimate, so that Create
+    /// fails cleanly instead of Start failing with `EMFILE` half-way.
+    fn admit_fds(&self, id: &str, sandboxes: usize) -> Result<(), SandboxError> {
+        let limit = match crate::nofile::nofile_soft_limit() {
+            Ok(limit) => limit,
+            Err(e) => {
+                warn!(error = %e, "cannot read RLIMIT_NOFILE; admitting the sandbox");
+                return Ok(());
+            }
+        };
+        self.fd_budget
+            .get_or_init(FdBudget::measure)
+            .admit(limit, sandboxes)
+            .map_err(|e| SandboxError::FdLimit(id.to_string(), e))
     }
 
     /// Starts a created sandbox's VM and returns the Task API address.

@@ -20,12 +20,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use crate::backend::{BackendError, VmBackend};
 use crate::config::{Config, VmDefaults};
 use crate::error::SandboxError;
+use crate::nofile::FdBudget;
 use crate::sandbox::{ExitInfo, MountSpec, SandboxRecord, SandboxState, StoredAny};
 use crate::store::{Store, StoreError};
 use crate::task::ImageCache;
@@ -234,6 +235,9 @@ pub struct SandboxService<B: VmBackend> {
     sandboxes: Mutex<HashMap<String, Arc<Entry>>>,
     /// Rootfs images shared by every sandbox's Task endpoint (made at the first Start).
     images: Mutex<Option<Arc<ImageCache>>>,
+    /// The descriptors the daemon may give sandboxes, measured at the first Create (the
+    /// daemon's own are open by then: sockets, runtime, KVM, pools).
+    fd_budget: OnceLock<FdBudget>,
 }
 
 impl<B: VmBackend> SandboxService<B> {
@@ -245,6 +249,7 @@ impl<B: VmBackend> SandboxService<B> {
             config,
             sandboxes: Mutex::new(HashMap::new()),
             images: Mutex::new(None),
+            fd_budget: OnceLock::new(),
         })
     }
 

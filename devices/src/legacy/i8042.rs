@@ -4,7 +4,9 @@
 //! A guest reboots through it (Linux `reboot=k`); the VMM treats that as the VM's end. Reads
 //! report an empty controller so a probing driver gives up quickly.
 
-use vmm_sys_util::eventfd::EventFd;
+use std::sync::Arc;
+
+use crate::virtio::Line;
 
 /// Offset of the command/status port (0x64) from the data port (0x60).
 const CMD_OFFSET: u64 = 4;
@@ -14,13 +16,13 @@ const CMD_RESET_CPU: u8 = 0xfe;
 /// The i8042 device.
 #[derive(Debug)]
 pub struct I8042 {
-    reset_evt: EventFd,
+    reset: Arc<dyn Line>,
 }
 
 impl I8042 {
-    /// A device that signals `reset_evt` when the guest asks for a CPU reset.
-    pub fn new(reset_evt: EventFd) -> Self {
-        I8042 { reset_evt }
+    /// A device that pulses `reset` when the guest asks for a CPU reset.
+    pub fn new(reset: Arc<dyn Line>) -> Self {
+        I8042 { reset }
     }
 
     /// Port read at `offset` from 0x60: no data, nothing pending.
@@ -32,7 +34,7 @@ impl I8042 {
     pub fn write(&self, offset: u64, data: &[u8]) {
         if offset == CMD_OFFSET
             && data.first() == Some(&CMD_RESET_CPU)
-            && let Err(e) = self.reset_evt.write(1)
+            && let Err(e) = self.reset.pulse()
         {
             log::error!("Failed to signal the i8042 reset: {e}");
         }
@@ -41,14 +43,14 @@ impl I8042 {
 
 #[cfg(test)]
 mod tests {
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     use super::*;
 
     #[test]
     fn reset_command_signals_and_nothing_else_does() {
-        let evt = EventFd::new(EFD_NONBLOCK).unwrap();
-        let dev = I8042::new(evt.try_clone().unwrap());
+        let evt = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let dev = I8042::new(evt.clone());
         dev.write(0, &[CMD_RESET_CPU]);
         dev.write(CMD_OFFSET, &[0xaa]);
         dev.write(CMD_OFFSET, &[]);

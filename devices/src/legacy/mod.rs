@@ -7,5 +7,5 @@ mod serial;
 
 pub use boot_timer::{BootSignal, BootTimer};
 pub use i8042::I8042;
-pub use serial::{ConsoleSink, ConsoleTail, EventFdTrigger, SerialConsole, TAIL_CAPACITY};
+pub use serial::{ConsoleSink, ConsoleTail, LineTrigger, SerialConsole, TAIL_CAPACITY};
 pub use vm_superio::serial::SerialState;

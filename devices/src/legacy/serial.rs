@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
-use vmm_sys_util::eventfd::EventFd;
+
+use crate::virtio::Line;
 
 /// Bytes of console output kept in memory.
 pub const TAIL_CAPACITY: usize = 16 * 1024;
@@ -114,29 +115,29 @@ impl Write for ConsoleSink {
     }
 }
 
-/// A vm-superio interrupt trigger backed by an EventFd (registered as an irqfd by the VMM).
+/// A vm-superio interrupt trigger that pulses the UART's interrupt [`Line`] (the VMM's).
 #[derive(Debug)]
-pub struct EventFdTrigger(pub EventFd);
+pub struct LineTrigger(pub Arc<dyn Line>);
 
-impl Trigger for EventFdTrigger {
+impl Trigger for LineTrigger {
     type E = io::Error;
 
     fn trigger(&self) -> io::Result<()> {
-        self.0.write(1)
+        self.0.pulse()
     }
 }
 
 /// The serial console device: an 8250 UART on 8 consecutive ports.
 #[derive(Debug)]
 pub struct SerialConsole {
-    uart: Serial<EventFdTrigger, NoEvents, ConsoleSink>,
+    uart: Serial<LineTrigger, NoEvents, ConsoleSink>,
 }
 
 impl SerialConsole {
     /// A UART raising `irq` and writing to `sink`.
-    pub fn new(irq: EventFd, sink: ConsoleSink) -> Self {
+    pub fn new(irq: Arc<dyn Line>, sink: ConsoleSink) -> Self {
         SerialConsole {
-            uart: Serial::new(EventFdTrigger(irq), sink),
+            uart: Serial::new(LineTrigger(irq), sink),
         }
     }
 
@@ -169,8 +170,8 @@ impl SerialConsole {
 
     /// A UART in a saved state (a VM restored or cloned), raising `irq` and writing to `sink`.
     /// Fails only for an input FIFO larger than a UART has.
-    pub fn restore(irq: EventFd, sink: ConsoleSink, state: &SerialState) -> io::Result<Self> {
-        let uart = Serial::from_state(state, EventFdTrigger(irq), NoEvents, sink)
+    pub fn restore(irq: Arc<dyn Line>, sink: ConsoleSink, state: &SerialState) -> io::Result<Self> {
+        let uart = Serial::from_state(state, LineTrigger(irq), NoEvents, sink)
             .map_err(|e| io::Error::other(format!("cannot restore the UART: {e:?}")))?;
         Ok(SerialConsole { uart })
     }
@@ -178,7 +179,7 @@ impl SerialConsole {
 
 #[cfg(test)]
 mod tests {
-    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     use super::*;
 
@@ -206,7 +207,7 @@ mod tests {
             Some(Box::new(out.clone())),
         );
         let tail = sink.tail();
-        let mut serial = SerialConsole::new(EventFd::new(EFD_NONBLOCK).unwrap(), sink);
+        let mut serial = SerialConsole::new(Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()), sink);
         for b in b"hello\n" {
             serial.write(0, &[*b]);
         }
@@ -234,7 +235,7 @@ mod tests {
     fn odd_sized_accesses_are_ignored() {
         let sink = ConsoleSink::new(None, None);
         let tail = sink.tail();
-        let mut serial = SerialConsole::new(EventFd::new(EFD_NONBLOCK).unwrap(), sink);
+        let mut serial = SerialConsole::new(Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()), sink);
         serial.write(0, b"ab");
         serial.write(u64::MAX, b"a");
         let mut data = [0u8; 2];

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! State that every virtio device keeps the same way: feature negotiation (virtio 1.2 §2.2),
-//! queue sizes and queue EventFds, the activate EventFd, and the configuration-space read rule
-//! (§4.2.2: bytes outside the device's config space read as zero).
+//! queue sizes, the notify EventFd, and the configuration-space read rule (§4.2.2: bytes
+//! outside the device's config space read as zero).
 //!
 //! A device embeds a [`VirtioBase`] and fills the matching [`VirtioDevice`](super::VirtioDevice)
 //! methods with [`delegate_virtio_base!`](crate::virtio::base::delegate_virtio_base), so its own
@@ -14,31 +14,44 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::ActivateError;
 
-/// Feature bits, queue sizes and the EventFds a device creates at construction.
+/// Feature bits, queue sizes and the notify EventFd of a device.
 #[derive(Debug)]
 pub(crate) struct VirtioBase {
     avail_features: u64,
     acked_features: u64,
     queue_max_sizes: Vec<u16>,
-    queue_evts: Vec<EventFd>,
-    activate_evt: EventFd,
+    /// Signalled by a notification of any queue, by activation and by the device itself when
+    /// it yields with work left (see the `virtio` module docs). `None` until the device needs
+    /// it ([`VirtioBase::without_notify`]).
+    notify_evt: Option<EventFd>,
 }
 
 impl VirtioBase {
-    /// Offers `avail_features` on one queue per entry of `queue_max_sizes`, creating a
-    /// non-blocking EventFd for each queue and one for activation.
+    /// Offers `avail_features` on one queue per entry of `queue_max_sizes`, with a
+    /// non-blocking notify EventFd.
     pub(crate) fn new(avail_features: u64, queue_max_sizes: &[u16]) -> io::Result<Self> {
-        let queue_evts = queue_max_sizes
-            .iter()
-            .map(|_| EventFd::new(EFD_NONBLOCK))
-            .collect::<io::Result<Vec<_>>>()?;
-        Ok(VirtioBase {
+        let mut base = Self::without_notify(avail_features, queue_max_sizes);
+        base.ensure_notify_event()?;
+        Ok(base)
+    }
+
+    /// The same without a notify EventFd (a device that needs none yet; see
+    /// [`VirtioBase::ensure_notify_event`]).
+    pub(crate) fn without_notify(avail_features: u64, queue_max_sizes: &[u16]) -> Self {
+        VirtioBase {
             avail_features,
             acked_features: 0,
             queue_max_sizes: queue_max_sizes.to_vec(),
-            queue_evts,
-            activate_evt: EventFd::new(EFD_NONBLOCK)?,
-        })
+            notify_evt: None,
+        }
+    }
+
+    /// Creates the notify EventFd if there is none yet.
+    pub(crate) fn ensure_notify_event(&mut self) -> io::Result<()> {
+        if self.notify_evt.is_none() {
+            self.notify_evt = Some(EventFd::new(EFD_NONBLOCK)?);
+        }
+        Ok(())
     }
 
     /// Feature bits the device offers.
@@ -68,45 +81,42 @@ impl VirtioBase {
         &self.queue_max_sizes
     }
 
-    /// The queue EventFds, one per queue.
-    pub(crate) fn queue_events(&self) -> &[EventFd] {
-        &self.queue_evts
+    /// The notify EventFd, if the device has one.
+    #[inline]
+    pub(crate) fn notify_event(&self) -> Option<&EventFd> {
+        self.notify_evt.as_ref()
     }
 
-    /// The EventFd of queue `index`, if there is such a queue.
+    /// Writes the notify EventFd, as a guest notification would, so the event loop comes back
+    /// to the device (used when a budget runs out). Returns false when there is no notify
+    /// EventFd (the caller must go on itself). A failed write is ignored: the counter is
+    /// merely saturated, and the event is then pending anyway.
     #[inline]
-    pub(crate) fn queue_event(&self, index: usize) -> Option<&EventFd> {
-        self.queue_evts.get(index)
-    }
-
-    /// Writes the EventFd of queue `index`, as a guest notification would, so the event loop
-    /// comes back to the queue (used when a budget runs out). A failure is ignored: the
-    /// counter is merely saturated, and the event is then pending anyway.
-    #[inline]
-    pub(crate) fn kick_queue(&self, index: usize) {
-        if let Some(evt) = self.queue_event(index) {
-            let _ = evt.write(1);
+    pub(crate) fn kick(&self) -> bool {
+        match &self.notify_evt {
+            Some(evt) => {
+                let _ = evt.write(1);
+                true
+            }
+            None => false,
         }
     }
 
-    /// Consumes a guest notification on queue `index`. A failure (`EAGAIN`) only means that
-    /// another wake-up already consumed the count.
-    pub(crate) fn drain_queue_event(&self, index: usize) {
-        if let Some(evt) = self.queue_event(index) {
+    /// Consumes the pending notifications. A failure (`EAGAIN`) only means that another
+    /// wake-up already consumed the count.
+    pub(crate) fn drain_notify(&self) {
+        if let Some(evt) = &self.notify_evt {
             let _ = evt.read();
         }
     }
 
-    /// The EventFd that wakes the event-loop half of the device after activation.
-    pub(crate) fn activate_event(&self) -> &EventFd {
-        &self.activate_evt
-    }
-
-    /// Wakes the event-loop half of the device (called from `activate`, on a vCPU thread).
+    /// Wakes the event-loop half of the device after activation (called from `activate`, on a
+    /// vCPU thread). Nothing to do without a notify EventFd.
     pub(crate) fn signal_activate(&self) -> Result<(), ActivateError> {
-        self.activate_evt
-            .write(1)
-            .map_err(ActivateError::ActivateEvent)
+        match &self.notify_evt {
+            Some(evt) => evt.write(1).map_err(ActivateError::WakeEventLoop),
+            None => Ok(()),
+        }
     }
 }
 
@@ -124,15 +134,15 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// Expands, inside an `impl VirtioDevice`, to the methods that only forward to the
-/// [`VirtioBase`] in field `$base`: queue sizes, queue EventFds and the feature bits.
+/// [`VirtioBase`] in field `$base`: queue sizes, the notify EventFd and the feature bits.
 macro_rules! delegate_virtio_base {
     ($base:ident) => {
         fn queue_max_sizes(&self) -> &[u16] {
             self.$base.queue_max_sizes()
         }
 
-        fn queue_events(&self) -> &[::vmm_sys_util::eventfd::EventFd] {
-            self.$base.queue_events()
+        fn notify_event(&self) -> Option<&::vmm_sys_util::eventfd::EventFd> {
+            self.$base.notify_event()
         }
 
         fn avail_features(&self) -> u64 {
@@ -158,8 +168,6 @@ mod tests {
     fn features_are_masked_and_reset() {
         let mut base = VirtioBase::new(0b1010, &[8, 16]).unwrap();
         assert_eq!(base.queue_max_sizes(), &[8, 16]);
-        assert_eq!(base.queue_events().len(), 2);
-        assert!(base.queue_event(2).is_none());
         base.set_acked_features(0b1111);
         assert_eq!(base.acked_features(), 0b1010);
         base.reset_features();
@@ -168,18 +176,34 @@ mod tests {
     }
 
     #[test]
-    fn kick_and_activate_write_their_eventfds() {
-        let base = VirtioBase::new(0, &[4]).unwrap();
-        base.kick_queue(0);
-        base.kick_queue(7);
-        assert_eq!(base.queue_event(0).unwrap().read().unwrap(), 1);
-        base.kick_queue(0);
-        base.drain_queue_event(0);
-        base.drain_queue_event(7);
-        let drained = base.queue_event(0).unwrap().read().unwrap_err();
-        assert_eq!(drained.kind(), io::ErrorKind::WouldBlock);
+    fn kick_and_activate_write_the_one_notify_eventfd() {
+        let base = VirtioBase::new(0, &[4, 4]).unwrap();
+        assert!(base.kick());
         base.signal_activate().unwrap();
-        assert_eq!(base.activate_event().read().unwrap(), 1);
+        assert_eq!(base.notify_event().unwrap().read().unwrap(), 2);
+        base.kick();
+        base.drain_notify();
+        let drained = base.notify_event().unwrap().read().unwrap_err();
+        assert_eq!(drained.kind(), io::ErrorKind::WouldBlock);
+    }
+
+    #[test]
+    fn a_device_without_notify_eventfd_gets_one_on_demand() {
+        let mut base = VirtioBase::without_notify(0, &[4]);
+        assert!(base.notify_event().is_none());
+        assert!(!base.kick(), "nothing to kick: the caller goes on itself");
+        base.drain_notify();
+        base.signal_activate().unwrap();
+        base.ensure_notify_event().unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(base.notify_event().unwrap());
+        base.ensure_notify_event().unwrap();
+        assert_eq!(
+            std::os::fd::AsRawFd::as_raw_fd(base.notify_event().unwrap()),
+            fd,
+            "created once"
+        );
+        assert!(base.kick());
+        assert_eq!(base.notify_event().unwrap().read().unwrap(), 1);
     }
 
     #[test]

@@ -5,23 +5,30 @@
 //! - A device implements [`VirtioDevice`] (feature bits, config space, activation) and, for the
 //!   event loop, `event_manager::MutEventSubscriber` (it is shared as `Arc<Mutex<D>>` by the
 //!   transport and the VMM's event manager).
-//! - A device creates its queue EventFds at construction ([`VirtioDevice::queue_events`]) so the
-//!   VMM can register them as KVM ioeventfds on the transport's `QueueNotify` register before
-//!   the driver activates anything.
+//! - A device has one notify EventFd for all its queues ([`VirtioDevice::notify_event`]),
+//!   created at construction so the VMM can register it as a KVM ioeventfd on the transport's
+//!   `QueueNotify` register (any value) before the driver activates anything. A notification
+//!   means "look at every queue": virtio-mmio tells the device which queue, but checking a
+//!   queue with nothing new costs a read of its avail index, while an EventFd per queue costs
+//!   a descriptor per queue of every device of every VM. The same EventFd wakes the event-loop
+//!   half after activation and when a device that ran out of budget comes back. A device may
+//!   have none (an empty block slot): its notifications then reach
+//!   [`VirtioDevice::queue_notified`] on the vCPU thread.
 //! - The transport owns the device status, feature paging and queue configuration; on
 //!   `DRIVER_OK` it calls [`VirtioDevice::activate`] (on a vCPU thread) with the configured
-//!   queues. The device then wakes its event-loop half through its own activate EventFd.
-//! - Interrupts go through [`Interrupt`]: the real implementation is [`IrqTrigger`] (the VMM
-//!   registers its EventFd as an irqfd); tests use a recording one.
+//!   queues. The device then wakes its event-loop half through its notify EventFd.
+//! - Interrupts go through [`Interrupt`]: the real implementation is [`IrqTrigger`], status
+//!   bits plus a [`Line`] the VMM provides (a KVM interrupt line); tests use a recording one.
 
 pub mod vsock;
 
 use std::fmt::Debug;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::EventFd;
 
 /// Interrupt status bit: the device used a buffer in a queue (virtio 1.2 §4.2.2.1).
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;
@@ -60,32 +67,42 @@ pub trait Interrupt: Send + Sync + Debug {
     fn restore_status(&self, bits: u32);
 }
 
-/// The real interrupt: status bits plus an EventFd that the VMM registers as a KVM irqfd.
+/// A line a device raises: an interrupt line, or the platform's reset line. How the edge
+/// reaches the guest (or the VMM) is the VMM's business; tests and benchmarks use an
+/// [`EventFd`] (each pulse adds one to its counter).
+pub trait Line: Send + Sync + Debug {
+    /// Raises the line once: one edge.
+    fn pulse(&self) -> io::Result<()>;
+}
+
+impl Line for EventFd {
+    fn pulse(&self) -> io::Result<()> {
+        self.write(1)
+    }
+}
+
+/// The real interrupt: the `InterruptStatus` bits plus the device's interrupt [`Line`].
 #[derive(Debug)]
 pub struct IrqTrigger {
     status: AtomicU32,
-    evt: EventFd,
+    line: Arc<dyn Line>,
 }
 
 impl IrqTrigger {
-    /// Creates a trigger with a fresh non-blocking EventFd.
-    pub fn new() -> io::Result<Self> {
-        Ok(IrqTrigger {
+    /// A trigger with no status bits set that pulses `line`.
+    pub fn new(line: Arc<dyn Line>) -> Self {
+        IrqTrigger {
             status: AtomicU32::new(0),
-            evt: EventFd::new(EFD_NONBLOCK)?,
-        })
-    }
-
-    /// The EventFd to register as an irqfd.
-    pub fn event(&self) -> &EventFd {
-        &self.evt
+            line,
+        }
     }
 }
 
 impl Interrupt for IrqTrigger {
     fn trigger(&self, kind: InterruptKind) -> io::Result<()> {
+        // The bit first: the driver's handler reads it when the edge arrives.
         self.status.fetch_or(kind.status_bit(), Ordering::SeqCst);
-        self.evt.write(1)
+        self.line.pulse()
     }
 
     fn status(&self) -> u32 {
@@ -115,9 +132,9 @@ pub enum ActivateError {
     /// A configured queue is not usable (size, alignment or addresses).
     #[error("Queue {0} is not valid")]
     InvalidQueue(usize),
-    /// Signalling the event loop failed.
-    #[error("Failed to signal the activate event")]
-    ActivateEvent(#[source] io::Error),
+    /// Waking the event loop (the notify EventFd) failed.
+    #[error("Failed to wake the event loop")]
+    WakeEventLoop(#[source] io::Error),
     /// The backend could not be prepared.
     #[error("Backend failed to activate: {0}")]
     Backend(String),
@@ -132,8 +149,20 @@ pub trait VirtioDevice: Send + Debug {
     fn device_type(&self) -> u32;
     /// Maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
-    /// One EventFd per queue, created with the device; the VMM registers them as ioeventfds.
-    fn queue_events(&self) -> &[EventFd];
+    /// The EventFd every queue's notification signals (see the module docs); the VMM
+    /// registers it as an ioeventfd on `QueueNotify`. `None` while the device has none: its
+    /// notifications then come through [`VirtioDevice::queue_notified`].
+    fn notify_event(&self) -> Option<&EventFd>;
+    /// The driver wrote `queue` to `QueueNotify` and no ioeventfd took the write (the device
+    /// has no notify EventFd, or the VMM has not registered it yet): called on the vCPU
+    /// thread. By default the notify EventFd is signalled, as an ioeventfd would have done.
+    fn queue_notified(&mut self, queue: u32) -> io::Result<()> {
+        let _ = queue;
+        match self.notify_event() {
+            Some(evt) => evt.write(1),
+            None => Ok(()),
+        }
+    }
     /// Feature bits the device offers (including `VIRTIO_F_VERSION_1`).
     fn avail_features(&self) -> u64;
     /// Feature bits the driver acknowledged.

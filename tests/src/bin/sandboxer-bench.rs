@@ -385,16 +385,11 @@ pub(crate) fn vmm_host() -> &'static vmm::Host {
     HOST.get_or_init(vmm::Host::new)
 }
 
-/// `RLIMIT_NOFILE`: (soft before, soft now, hard). The soft limit is raised to the hard one.
-pub(crate) fn raise_nofile() -> anyhow::Result<(u64, u64, u64)> {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
-    if soft < hard {
-        setrlimit(Resource::RLIMIT_NOFILE, hard, hard).context("setrlimit(RLIMIT_NOFILE)")?;
-    }
-    let (now, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
-    Ok((soft, now, hard))
-}
+/// `RLIMIT_NOFILE` as the process started and as [`main`] raised it, the way the daemon does
+/// (`controller::nofile::raise_nofile`: the hard limit toward `fs.nr_open` where allowed, the
+/// soft one to the hard one).
+pub(crate) static NOFILE: std::sync::OnceLock<controller::nofile::NofileLimits> =
+    std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -422,8 +417,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = raise_nofile() {
-        eprintln!("sandboxer-bench: cannot raise RLIMIT_NOFILE: {e:#}");
+    match controller::nofile::raise_nofile() {
+        Ok(limits) => {
+            let _ = NOFILE.set(limits);
+        }
+        Err(e) => eprintln!("sandboxer-bench: cannot raise RLIMIT_NOFILE: {e:#}"),
     }
     match (sc.run)(&opts) {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,20 +1,25 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Wiring one virtio-mmio device to KVM: its 4 KiB MMIO slot on the bus, its interrupt line (a
-//! KVM irqfd), a KVM ioeventfd per queue on the transport's `QueueNotify` register (a guest
-//! notification never exits to user space), its event-loop half for the VMM thread, and the
-//! `virtio_mmio.device=` command-line entry that tells the guest kernel where it is.
+//! [`crate::kvm::IrqLine`]: `KVM_IRQ_LINE`, no descriptor), its notify EventFd as one KVM
+//! ioeventfd on the transport's `QueueNotify` register for any value (every queue; a guest
+//! notification never exits to user space), its event-loop half on the VMM thread's event
+//! manager, and the `virtio_mmio.device=` command-line entry that tells the guest kernel where it
+//! is. A device without a notify EventFd yet (an empty block slot) gets its ioeventfd when it
+//! gets the EventFd ([`super::Devices::attach_disk`]).
 
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
 use devices::virtio::transport::{MMIO_REGION_SIZE, MmioState, MmioTransport, NOTIFY_REG_OFFSET};
 use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
-use event_manager::MutEventSubscriber;
-use kvm_ioctls::IoEventAddress;
+use event_manager::{MutEventSubscriber, SubscriberId, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{DeviceError, DeviceManager};
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX, VIRTIO_MMIO_SLOT_SIZE, VIRTIO_MMIO_START};
 use crate::bus::BusDevice;
+use crate::kvm::IrqLine;
 
 /// A device's transport on the MMIO bus.
 #[derive(Debug)]
@@ -40,11 +45,31 @@ fn kvm_err(e: kvm_ioctls::Error) -> std::io::Error {
     std::io::Error::from_raw_os_error(e.errno())
 }
 
+/// Registers `evt` as the ioeventfd of every `QueueNotify` write at `notify_addr`, whatever
+/// the value (the queue index): one registration per device.
+pub(super) fn register_notify(
+    vm: &VmFd,
+    evt: &EventFd,
+    notify_addr: u64,
+) -> Result<(), DeviceError> {
+    vm.register_ioevent(evt, &IoEventAddress::Mmio(notify_addr), NoDatamatch)
+        .map_err(|e| DeviceError::Setup("ioeventfd", kvm_err(e)))
+}
+
+/// Where a device ended up.
+pub(super) struct Wired<T> {
+    pub(super) dev: Arc<Mutex<T>>,
+    /// Its `QueueNotify` register.
+    pub(super) notify_addr: u64,
+    /// Its event-loop half.
+    pub(super) subscriber: SubscriberId,
+}
+
 impl DeviceManager<'_> {
-    /// Wires one device: MMIO slot, irqfd, ioeventfds, event-loop subscription, cmdline entry.
-    /// With saved states (a VM restored from a snapshot), the device's transport comes back in
-    /// the state of the same slot.
-    pub(super) fn add<T>(&mut self, dev: T) -> Result<Arc<Mutex<T>>, DeviceError>
+    /// Wires one device: MMIO slot, interrupt line, ioeventfd, event-loop subscription, cmdline
+    /// entry. With saved states (a VM restored from a snapshot), the device's transport comes
+    /// back in the state of the same slot.
+    pub(super) fn add<T>(&mut self, dev: T) -> Result<Wired<T>, DeviceError>
     where
         T: VirtioDevice + MutEventSubscriber + Send + 'static,
     {
@@ -53,21 +78,14 @@ impl DeviceManager<'_> {
             return Err(DeviceError::TooManyDevices);
         }
         let base = VIRTIO_MMIO_START + u64::from(self.next_slot) * VIRTIO_MMIO_SLOT_SIZE;
-
-        let trigger =
-            Arc::new(IrqTrigger::new().map_err(|e| DeviceError::Setup("irq eventfd", e))?);
-        self.vm
-            .register_irqfd(trigger.event(), irq)
-            .map_err(|e| DeviceError::Setup("irqfd", kvm_err(e)))?;
-        for (index, evt) in dev.queue_events().iter().enumerate() {
-            let queue = u32::try_from(index).map_err(|_| DeviceError::TooManyDevices)?;
-            self.vm
-                .register_ioevent(evt, &IoEventAddress::Mmio(base + NOTIFY_REG_OFFSET), queue)
-                .map_err(|e| DeviceError::Setup("ioeventfd", kvm_err(e)))?;
+        let notify_addr = base + NOTIFY_REG_OFFSET;
+        if let Some(evt) = dev.notify_event() {
+            register_notify(self.vm, evt, notify_addr)?;
         }
+        let line = Arc::new(IrqLine::new(Arc::clone(self.vm), irq));
+        let interrupt: Arc<dyn Interrupt> = Arc::new(IrqTrigger::new(line));
         let dev = Arc::new(Mutex::new(dev));
         let as_virtio: Arc<Mutex<dyn VirtioDevice>> = dev.clone();
-        let interrupt: Arc<dyn Interrupt> = trigger;
         let slot = usize::try_from(self.next_slot).map_err(|_| DeviceError::TooManyDevices)?;
         let transport = match self.restore.map(|states| states.get(slot)) {
             None => MmioTransport::new(self.mem.clone(), as_virtio, interrupt),
@@ -81,10 +99,14 @@ impl DeviceManager<'_> {
         self.mmio
             .insert(transport.clone(), base, MMIO_REGION_SIZE)?;
         self.devices.transports.push(transport);
-        self.subscribers.push(dev.clone());
+        let subscriber = self.event_manager.add_subscriber(dev.clone());
         // The slot and irq stay taken only once everything above worked.
         self.next_slot += 1;
         let _ = write!(self.cmdline, " virtio_mmio.device=4K@{base:#x}:{irq}");
-        Ok(dev)
+        Ok(Wired {
+            dev,
+            notify_addr,
+            subscriber,
+        })
     }
 }

@@ -2,20 +2,27 @@
 //! A VM's virtio devices: what the caller asks for ([`DeviceConfig`]), building them
 //! ([`DeviceManager`]; the wiring of each one to KVM is in [`mmio`]), and what the VM keeps of
 //! them after start (`Devices`: the block slots, the vsock handle).
+//!
+//! Descriptors: a device has one notify EventFd for all its queues and no interrupt
+//! descriptor (see [`mmio`]); an empty block slot has no descriptor at all until its first
+//! disk. With the vsock device and 8 empty slots of a sandbox that is one EventFd, plus what
+//! the vsock muxer holds (`devices::virtio::vsock`).
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::virtio::VirtioDevice;
 use devices::virtio::block::{BlockConfig, DiskBackend, VirtioBlock};
 use devices::virtio::net::{NetBackend, NetConfig, Tap, VirtioNet};
 use devices::virtio::transport::MmioState;
 use devices::virtio::vsock::{Vsock, VsockHandle, VsockMuxer};
-use event_manager::MutEventSubscriber;
+use event_manager::SubscriberId;
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
 use crate::bus::{Bus, BusError};
+use crate::event_loop::VmmEventManager;
 
 mod mmio;
 
@@ -119,13 +126,22 @@ pub enum DeviceError {
     Bus(#[from] BusError),
 }
 
-/// The event-loop halves of the devices, for the VMM thread's event manager.
-pub(crate) type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+/// A block slot and what its first disk needs to wire the slot's notify EventFd.
+#[derive(Debug)]
+pub(crate) struct BlockSlot {
+    dev: Arc<Mutex<VirtioBlock>>,
+    /// Its `QueueNotify` register.
+    notify_addr: u64,
+    /// Its half in the VMM thread's event loop.
+    subscriber: SubscriberId,
+    /// Whether its notify EventFd is registered with KVM (it has one).
+    wired: bool,
+}
 
 /// The devices of one VM, as the handle and the VMM thread need them after start.
 #[derive(Debug, Default)]
 pub(crate) struct Devices {
-    pub(crate) blocks: Vec<Arc<Mutex<VirtioBlock>>>,
+    pub(crate) blocks: Vec<BlockSlot>,
     pub(crate) vsock: Option<VsockHandle>,
     /// The vsock device itself (a snapshot checks it has no open connection).
     pub(crate) vsock_device: Option<Arc<Mutex<Vsock<VsockMuxer>>>>,
@@ -135,29 +151,35 @@ pub(crate) struct Devices {
 
 /// Builds the virtio devices of one VM.
 pub(crate) struct DeviceManager<'a> {
-    vm: &'a VmFd,
+    vm: &'a Arc<VmFd>,
     mem: &'a GuestMemoryMmap,
     mmio: &'a mut Bus,
+    /// The VMM thread's event loop, which gets each device's event-loop half.
+    event_manager: &'a mut VmmEventManager,
     /// The next free MMIO slot (and interrupt line, `IRQ_BASE + slot`).
     next_slot: u32,
     /// Saved transports by slot, when the devices are restored from a snapshot.
     restore: Option<&'a [MmioState]>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub(crate) cmdline: String,
-    pub(crate) subscribers: Vec<Subscriber>,
     pub(crate) devices: Devices,
 }
 
 impl<'a> DeviceManager<'a> {
-    pub(crate) fn new(vm: &'a VmFd, mem: &'a GuestMemoryMmap, mmio: &'a mut Bus) -> Self {
+    pub(crate) fn new(
+        vm: &'a Arc<VmFd>,
+        mem: &'a GuestMemoryMmap,
+        mmio: &'a mut Bus,
+        event_manager: &'a mut VmmEventManager,
+    ) -> Self {
         DeviceManager {
             vm,
             mem,
             mmio,
+            event_manager,
             next_slot: 0,
             restore: None,
             cmdline: String::new(),
-            subscribers: Vec::new(),
             devices: Devices::default(),
         }
     }
@@ -176,8 +198,14 @@ impl<'a> DeviceManager<'a> {
                     let index = self.devices.blocks.len();
                     let dev = VirtioBlock::new(config)
                         .map_err(|source| DeviceError::Block { index, source })?;
-                    let dev = self.add(dev)?;
-                    self.devices.blocks.push(dev);
+                    let wired = dev.notify_event().is_some();
+                    let slot = self.add(dev)?;
+                    self.devices.blocks.push(BlockSlot {
+                        dev: slot.dev,
+                        notify_addr: slot.notify_addr,
+                        subscriber: slot.subscriber,
+                        wired,
+                    });
                 }
                 DeviceConfig::Net { config, backend } => {
                     let backend: Box<dyn NetBackend> = match backend {
@@ -202,7 +230,7 @@ impl<'a> DeviceManager<'a> {
                     let muxer = VsockMuxer::new(guest_cid, uds_path).map_err(DeviceError::Vsock)?;
                     let handle = muxer.handle();
                     let dev = Vsock::new(guest_cid, muxer).map_err(DeviceError::Vsock)?;
-                    let dev = self.add(dev)?;
+                    let dev = self.add(dev)?.dev;
                     self.devices.vsock = Some(handle);
                     self.devices.vsock_device = Some(dev);
                 }
@@ -226,27 +254,43 @@ impl Devices {
     }
 
     /// Puts `disk` into block slot `index` (the guest sees a config-change interrupt with the
-    /// new capacity).
+    /// new capacity). The slot's first disk gives it its notify EventFd, registered here with
+    /// KVM (`vm`); the returned subscriber must then be initialised again on the event loop,
+    /// which registers the EventFd there. Until both are done the guest's notifications reach
+    /// the device anyway: through the transport on the vCPU thread, then as a pending count
+    /// of the EventFd.
     pub(crate) fn attach_disk(
-        &self,
+        &mut self,
+        vm: &VmFd,
         index: usize,
         disk: Box<dyn DiskBackend>,
         read_only: bool,
-    ) -> Result<(), DeviceError> {
-        self.slot(index)?
-            .lock()
-            .expect("poisoned")
-            .attach(disk, read_only)
-            .map_err(|source| DeviceError::Block { index, source })
+    ) -> Result<Option<SubscriberId>, DeviceError> {
+        let slot = self.slot(index)?;
+        let mut dev = slot.dev.lock().expect("poisoned");
+        dev.attach(disk, read_only)
+            .map_err(|source| DeviceError::Block { index, source })?;
+        if slot.wired {
+            return Ok(None);
+        }
+        let Some(evt) = dev.notify_event() else {
+            return Ok(None);
+        };
+        mmio::register_notify(vm, evt, slot.notify_addr)?;
+        drop(dev);
+        slot.wired = true;
+        Ok(Some(slot.subscriber))
     }
 
     /// Empties block slot `index`.
-    pub(crate) fn detach_disk(&self, index: usize) -> Result<(), DeviceError> {
-        self.slot(index)?.lock().expect("poisoned").detach();
+    pub(crate) fn detach_disk(&mut self, index: usize) -> Result<(), DeviceError> {
+        self.slot(index)?.dev.lock().expect("poisoned").detach();
         Ok(())
     }
 
-    fn slot(&self, index: usize) -> Result<&Arc<Mutex<VirtioBlock>>, DeviceError> {
-        self.blocks.get(index).ok_or(DeviceError::NoSuchSlot(index))
+    fn slot(&mut self, index: usize) -> Result<&mut BlockSlot, DeviceError> {
+        self.blocks
+            .get_mut(index)
+            .ok_or(DeviceError::NoSuchSlot(index))
     }
 }

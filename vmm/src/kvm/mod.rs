@@ -1,6 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Everything that talks to `/dev/kvm` beyond kvm-ioctls' safe wrappers: the process-wide KVM
-//! handle, VM creation with the in-kernel irqchip, guest memory slots and the vCPU kick signal.
+//! handle, VM creation with the in-kernel irqchip, guest memory slots, interrupt lines and the
+//! vCPU kick signal.
 //!
 //! This module and `memory.rs` are the only places in `vmm` with `unsafe` code.
 #![allow(
@@ -11,6 +12,7 @@
 pub(crate) mod signal;
 pub(crate) mod state;
 
+use std::io;
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
@@ -110,7 +112,6 @@ impl KvmContext {
         for cap in [
             Cap::Irqchip,
             Cap::Ioeventfd,
-            Cap::Irqfd,
             Cap::UserMemory,
             Cap::ImmediateExit,
             Cap::Pit2,
@@ -179,6 +180,42 @@ pub(crate) fn add_platform_devices(vm: &VmFd) -> Result<(), KvmError> {
     Ok(())
 }
 
+/// A guest interrupt line (an input `gsi` of the in-kernel PIC and IOAPIC), raised with
+/// `KVM_IRQ_LINE` from whichever thread has something to signal.
+///
+/// It takes the place of an irqfd (an EventFd per device and one for the serial port): the
+/// same edge, one level change up and one down from the same user-space IRQ source as KVM's
+/// irqfd injection, but no descriptor, and delivered on the calling thread instead of from a
+/// kernel work item. The two changes of one pulse are serialised: pulses from two threads
+/// (the VMM thread completing a queue, a vCPU thread writing the serial port) must each make
+/// their own edge, so that the second status bit is never covered by the first edge.
+#[derive(Debug)]
+pub(crate) struct IrqLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+    edge: Mutex<()>,
+}
+
+impl IrqLine {
+    /// The line `gsi` of `vm`.
+    pub(crate) fn new(vm: Arc<VmFd>, gsi: u32) -> Self {
+        IrqLine {
+            vm,
+            gsi,
+            edge: Mutex::new(()),
+        }
+    }
+}
+
+impl devices::virtio::Line for IrqLine {
+    fn pulse(&self) -> io::Result<()> {
+        let _edge = self.edge.lock().expect("poisoned");
+        let errno = |e: kvm_ioctls::Error| io::Error::from_raw_os_error(e.errno());
+        self.vm.set_irq_line(self.gsi, true).map_err(errno)?;
+        self.vm.set_irq_line(self.gsi, false).map_err(errno)
+    }
+}
+
 /// Registers every region of `mem` as a KVM memory slot, slot `i` for region `i`.
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
     for (index, region) in mem.iter().enumerate() {
@@ -192,9 +229,10 @@ pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), Kv
             userspace_addr: host_addr,
         };
         // SAFETY: `host_addr..host_addr + len` is a live mapping owned by `mem`'s region. Every
-        // holder of the VM fd (vCPU threads, the VMM thread) also holds a clone of `mem`, and the
-        // VMM thread drops the VM fd and vCPU fds before its last clone of the memory, so KVM
-        // never sees the mapping after it is unmapped. Slots do not overlap: vm-memory rejects
+        // holder of the VM fd (vCPU threads, the VMM thread, the devices' interrupt lines) is
+        // owned by the VM's threads, and the VMM thread drops all of them (the VM fd last)
+        // before its own clone of the memory (`VmResources` field order), so KVM never sees
+        // the mapping after it is unmapped. Slots do not overlap: vm-memory rejects
         // overlapping regions when building `mem`.
         unsafe { vm.set_user_memory_region(region_desc) }
             .map_err(|source| KvmError::SetMemoryRegion { slot, source })?;

@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
-use vmm_sys_util::eventfd::EventFd;
 
 use super::BlockError;
 use super::backend::{DiskBackend, FileDisk};
@@ -128,8 +127,8 @@ pub struct VirtioBlock {
     config_dirty: bool,
     bounce: Vec<u8>,
     metrics: BlockMetrics,
-    /// Whether the queue EventFd is registered with the event loop.
-    pub(super) queue_evt_registered: bool,
+    /// Whether the notify EventFd is registered with the event loop.
+    pub(super) notify_registered: bool,
 }
 
 impl VirtioBlock {
@@ -171,9 +170,14 @@ impl VirtioBlock {
                 avail_features |= VIRTIO_BLK_F_WRITE_ZEROES;
             }
         }
+        // An empty slot has no notify EventFd until its first disk ([`VirtioBlock::attach`]).
+        let mut base = VirtioBase::without_notify(avail_features, &[QUEUE_SIZE]);
+        if backend.is_some() {
+            base.ensure_notify_event().map_err(BlockError::EventFd)?;
+        }
         let mut dev = VirtioBlock {
             id: serial,
-            base: VirtioBase::new(avail_features, &[QUEUE_SIZE]).map_err(BlockError::EventFd)?,
+            base,
             slot_read_only: read_only,
             disk: None,
             active: None,
@@ -181,7 +185,7 @@ impl VirtioBlock {
             config_dirty: false,
             bounce: Vec::new(),
             metrics: BlockMetrics::default(),
-            queue_evt_registered: false,
+            notify_registered: false,
         };
         if let Some(backend) = backend {
             dev.set_disk(backend, read_only);
@@ -191,12 +195,17 @@ impl VirtioBlock {
     }
 
     /// Attaches `backend` to the slot (replacing any current one) and tells the driver about
-    /// the new capacity. A read-only slot makes every backing read-only.
+    /// the new capacity. A read-only slot makes every backing read-only. The slot's first disk
+    /// gives it its notify EventFd ([`VirtioDevice::notify_event`]): the VMM then registers it
+    /// with KVM and the event loop.
     pub fn attach(
         &mut self,
         backend: Box<dyn DiskBackend>,
         read_only: bool,
     ) -> Result<(), BlockError> {
+        self.base
+            .ensure_notify_event()
+            .map_err(BlockError::EventFd)?;
         self.set_disk(backend, read_only || self.slot_read_only);
         self.config_changed();
         Ok(())
@@ -222,12 +231,6 @@ impl VirtioBlock {
     /// Counters.
     pub fn metrics(&self) -> BlockMetrics {
         self.metrics
-    }
-
-    /// The EventFd written by [`VirtioDevice::activate`] (on a vCPU thread) to wake the event
-    /// loop half of the device.
-    pub fn activate_event(&self) -> &EventFd {
-        self.base.activate_event()
     }
 
     fn set_disk(&mut self, backend: Box<dyn DiskBackend>, read_only: bool) {
@@ -294,20 +297,39 @@ impl VirtioBlock {
         }
     }
 
+    /// Completes the available requests and interrupts the driver if it wants that.
+    pub(super) fn run_queue(&mut self) {
+        if self.process_queue() {
+            self.signal_used_queue();
+        }
+    }
+
     /// Completes every available request. Returns whether the driver must be interrupted.
     ///
     /// Requests are handled in batches ([`RingPass::drain`](crate::virtio::queue::RingPass::drain)):
     /// every available chain is popped, executed and given a used element, then the used index
     /// is published once for the batch and notifications are re-enabled (§2.7.10); the
-    /// notification decision is taken once per call. After `BUDGET` requests the device
-    /// yields to the other devices on the event loop and comes back through its own queue
-    /// event.
+    /// notification decision is taken once per batch. After `BUDGET` requests the device
+    /// yields to the other devices on the event loop and comes back through its notify
+    /// EventFd; a slot without one (empty, served on the vCPU thread) goes on instead.
     pub fn process_queue(&mut self) -> bool {
+        let mut notify = false;
+        loop {
+            let (batch_notify, more) = self.process_batch();
+            notify |= batch_notify;
+            if !more || self.base.kick() {
+                return notify;
+            }
+        }
+    }
+
+    /// One batch of at most `BUDGET` requests: (interrupt wanted, requests left).
+    fn process_batch(&mut self) -> (bool, bool) {
         if self.needs_reset {
-            return false;
+            return (false, false);
         }
         let Some(mut active) = self.active.take() else {
-            return false;
+            return (false, false);
         };
         // Every chain of the pass is gathered into this one (no allocation per request).
         let mut bufs = ChainBuffers::default();
@@ -319,14 +341,12 @@ impl VirtioBlock {
             &mut bufs,
             |chain, view| self.handle_chain(chain, view),
         );
-        if drained.budget_spent {
-            self.base.kick_queue(0);
-        }
+        let corrupt = drained.corrupt.is_some();
         if let Some(e) = drained.corrupt {
             self.set_needs_reset(&active.interrupt, &e);
         }
         self.active = Some(active);
-        drained.notify
+        (drained.notify, drained.budget_spent && !corrupt)
     }
 
     /// Parses and executes one gathered chain, writes its status, returns the used length.
@@ -598,6 +618,18 @@ impl VirtioDevice for VirtioBlock {
 
     fn is_activated(&self) -> bool {
         self.active.is_some()
+    }
+
+    /// An empty slot has no notify EventFd: its requests (each fails, or reads the serial)
+    /// are completed here, on the vCPU thread, so it costs no descriptor until a disk comes.
+    fn queue_notified(&mut self, _queue: u32) -> io::Result<()> {
+        match self.base.notify_event() {
+            Some(evt) => evt.write(1),
+            None => {
+                self.run_queue();
+                Ok(())
+            }
+        }
     }
 
     fn reset(&mut self) -> Result<(), ActivateError> {
@@ -1060,7 +1092,42 @@ mod tests {
         blk.activate(m.clone(), vec![q.queue()], irq.clone())
             .unwrap();
         assert_eq!(irq.count(InterruptKind::Config), 0);
-        assert_eq!(blk.activate_event().read().unwrap(), 2);
+        assert_eq!(blk.notify_event().unwrap().read().unwrap(), 2);
+    }
+
+    #[test]
+    fn an_empty_slot_has_no_notify_eventfd_and_serves_notifications_itself() {
+        let m = single_region_mem(MEM);
+        let mut e = env(&m, None, false);
+        assert!(e.blk.notify_event().is_none());
+        header(&m, VIRTIO_BLK_T_GET_ID, 0);
+        e.q.add_chain(&[(HDR, 16, R), (DATA, 20, W), (STATUS, 1, W)]);
+        e.blk.queue_notified(0).unwrap();
+        assert_eq!(e.q.used_idx(), 1, "completed on the notifying thread");
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(STATUS)).unwrap(),
+            VIRTIO_BLK_S_OK
+        );
+        assert_eq!(e.irq.count(InterruptKind::Queue), 1);
+
+        // Many at once: all of them are done on this call (nothing would come back later).
+        header(&m, VIRTIO_BLK_T_IN, 0);
+        for _ in 0..200 {
+            e.q.add_chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        }
+        e.blk.queue_notified(0).unwrap();
+        assert_eq!(e.q.used_idx(), 201);
+
+        // The first disk brings the EventFd: notifications go to the event loop from now on.
+        e.blk.attach(Box::new(MemDisk::new(4096)), false).unwrap();
+        let evt = e.blk.notify_event().expect("created by the attach");
+        assert!(evt.read().is_err(), "nothing signalled yet");
+        e.q.add_chain(&[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+        e.blk.queue_notified(0).unwrap();
+        assert_eq!(e.q.used_idx(), 201, "left to the event loop");
+        assert_eq!(e.blk.notify_event().unwrap().read().unwrap(), 1);
+        e.blk.detach();
+        assert!(e.blk.notify_event().is_some(), "kept after a detach");
     }
 
     #[test]

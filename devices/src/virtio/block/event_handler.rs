@@ -1,10 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Event-manager glue for [`VirtioBlock`]: maps ready EventFds to core calls, nothing else.
 //!
-//! `init` registers the activate EventFd. [`VirtioDevice::activate`] runs on a vCPU thread and
-//! writes it; the event loop then registers the queue EventFd (once per device lifetime: after a
-//! reset it stays registered and is simply ignored until the next activation) and processes the
-//! queue in case the driver queued requests before its notification was seen.
+//! `init` registers the notify EventFd, if the slot has one. It is signalled by the driver's
+//! notifications, by activation (on a vCPU thread) and by the device when it yields with
+//! requests left; each time the queue is processed (a no-op while the device is not
+//! activated). An empty slot has no notify EventFd ([`VirtioBlock::attach`] creates it): the
+//! VMM calls `init` again once it has registered the new EventFd with KVM, and `init`
+//! registers it then (once per device lifetime).
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
@@ -12,54 +14,32 @@ use super::device::VirtioBlock;
 use crate::virtio::{VirtioDevice, guest_warn};
 
 impl VirtioBlock {
-    /// Event data of the activate EventFd.
-    pub const PROCESS_ACTIVATE: u32 = 0;
-    /// Event data of the request queue EventFd.
-    pub const PROCESS_QUEUE: u32 = 1;
+    /// Event data of the notify EventFd.
+    pub const PROCESS_NOTIFY: u32 = 0;
 
-    fn register_queue_event(&mut self, ops: &mut EventOps) {
-        if self.queue_evt_registered {
+    fn register_notify_event(&mut self, ops: &mut EventOps) {
+        if self.notify_registered {
             return;
         }
-        let Some(evt) = self.queue_events().first() else {
+        let Some(evt) = self.notify_event() else {
             return;
         };
-        match ops.add(Events::with_data(evt, Self::PROCESS_QUEUE, EventSet::IN)) {
-            Ok(()) => self.queue_evt_registered = true,
-            Err(e) => log::error!("virtio-blk: failed to register the queue event: {e}"),
-        }
-    }
-
-    fn run_queue(&mut self) {
-        if self.process_queue() {
-            self.signal_used_queue();
+        match ops.add(Events::with_data(evt, Self::PROCESS_NOTIFY, EventSet::IN)) {
+            Ok(()) => self.notify_registered = true,
+            Err(e) => log::error!("virtio-blk: failed to register the notify event: {e}"),
         }
     }
 }
 
 impl MutEventSubscriber for VirtioBlock {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.activate_event(),
-            Self::PROCESS_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-blk: failed to register the activate event: {e}");
-        }
-        if self.is_activated() {
-            self.register_queue_event(ops);
-        }
+        self.register_notify_event(ops);
     }
 
-    fn process(&mut self, events: Events, ops: &mut EventOps) {
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
         match events.data() {
-            Self::PROCESS_ACTIVATE => {
-                let _ = self.activate_event().read();
-                self.register_queue_event(ops);
-                self.run_queue();
-            }
-            Self::PROCESS_QUEUE => {
-                self.base.drain_queue_event(0);
+            Self::PROCESS_NOTIFY => {
+                self.base.drain_notify();
                 self.run_queue();
             }
             other => guest_warn!("virtio-blk: unexpected event {other}"),
@@ -88,6 +68,7 @@ mod tests {
         let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
             EventManager::new().unwrap();
         em.add_subscriber(blk.clone());
+        assert!(blk.lock().unwrap().notify_registered);
 
         let q = TestQueue::new(&m, GuestAddress(0), 256);
         let irq = Arc::new(RecordingInterrupt::new());
@@ -95,9 +76,9 @@ mod tests {
             .unwrap()
             .activate(m.clone(), vec![q.queue()], irq.clone())
             .unwrap();
-        // Activation event: registers the queue EventFd.
+        // Activation wakes the loop through the notify EventFd; nothing is queued yet.
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
-        assert!(blk.lock().unwrap().queue_evt_registered);
+        assert_eq!(irq.count(InterruptKind::Queue), 0);
 
         m.write_obj(VIRTIO_BLK_T_IN, GuestAddress(0x10_0000))
             .unwrap();
@@ -108,7 +89,12 @@ mod tests {
             (0x20_0000, 512, true),
             (0x30_0000, 1, true),
         ]);
-        blk.lock().unwrap().queue_events()[0].write(1).unwrap();
+        blk.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
+            .write(1)
+            .unwrap();
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
         assert_eq!(q.used_idx(), 1);
         assert_eq!(
@@ -117,12 +103,47 @@ mod tests {
         );
         assert_eq!(irq.count(InterruptKind::Queue), 1);
 
-        // Reset and re-activate: the queue EventFd is not registered twice.
+        // Reset and re-activate: the notify EventFd is still registered, once.
         blk.lock().unwrap().reset().unwrap();
         blk.lock()
             .unwrap()
             .activate(m.clone(), vec![q.queue()], irq.clone())
             .unwrap();
         assert_eq!(em.run_with_timeout(1000).unwrap(), 1);
+    }
+
+    #[test]
+    fn an_empty_slot_is_registered_when_initialised_again_after_its_first_disk() {
+        let blk = Arc::new(Mutex::new(
+            VirtioBlock::with_backend("x", false, None).unwrap(),
+        ));
+        let mut em: EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>> =
+            EventManager::new().unwrap();
+        let id = em.add_subscriber(blk.clone());
+        assert!(!blk.lock().unwrap().notify_registered);
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0);
+
+        blk.lock()
+            .unwrap()
+            .attach(Box::new(MemDisk::new(4096)), false)
+            .unwrap();
+        blk.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
+            .write(1)
+            .unwrap();
+        assert_eq!(em.run_with_timeout(0).unwrap(), 0, "not registered yet");
+        let mut ops = em.event_ops(id).unwrap();
+        blk.lock().unwrap().init(&mut ops);
+        assert!(blk.lock().unwrap().notify_registered);
+        assert_eq!(
+            em.run_with_timeout(1000).unwrap(),
+            1,
+            "the pending notification"
+        );
+        // A second init registers nothing twice.
+        let mut ops = em.event_ops(id).unwrap();
+        blk.lock().unwrap().init(&mut ops);
     }
 }

@@ -8,16 +8,14 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::NetError;
 use super::backend::NetBackend;
 use super::defs::{
-    MAX_BUFFER_LEN, NET_HDR_LEN, QUEUE_SIZE, RX_INDEX, TX_INDEX, VIRTIO_NET_F_CSUM,
-    VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
-    VIRTIO_NET_S_LINK_UP,
+    MAX_BUFFER_LEN, NET_HDR_LEN, QUEUE_SIZE, VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use super::packet::{RxChains, RxOutcome, TxError, deliver_rx_frame, read_tx_frame};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
@@ -125,11 +123,6 @@ impl VirtioNet {
             metrics: NetMetrics::default(),
             fds_registered: false,
         })
-    }
-
-    /// The EventFd written by [`VirtioDevice::activate`] to wake the event-loop half.
-    pub fn activate_event(&self) -> &EventFd {
-        self.base.activate_event()
     }
 
     /// The backend (its fd is registered with the event loop on activation).
@@ -290,7 +283,7 @@ impl VirtioNet {
     }
 
     /// Makes sure a frame waits in the RX buffer, reading the backend if needed; `false` when
-    /// there is none, or when the pass's budget is spent (the RX queue event is then kicked:
+    /// there is none, or when the pass's budget is spent (the notify EventFd is then kicked:
     /// the backend fd is edge-triggered, so the device must come back on its own).
     fn next_rx_frame(&mut self, budget: &mut usize) -> bool {
         // Without backend headers, leave room for one and hand the guest a zeroed header (no
@@ -302,7 +295,7 @@ impl VirtioNet {
         };
         loop {
             if *budget == 0 {
-                self.base.kick_queue(RX_INDEX);
+                self.base.kick();
                 return false;
             }
             *budget = budget.saturating_sub(1);
@@ -388,7 +381,7 @@ impl VirtioNet {
             },
         );
         if drained.budget_spent {
-            self.base.kick_queue(TX_INDEX);
+            self.base.kick();
         }
         if let Some(e) = drained.corrupt {
             self.set_needs_reset(&active.interrupt, &e);

@@ -1,47 +1,34 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Event-manager glue for [`VirtioNet`]: maps ready fds to core calls, nothing else.
 //!
-//! `init` registers the activate EventFd. On activation the event loop registers the two queue
-//! EventFds and the backend fd (edge-triggered: the device reads the backend until it would
-//! block, or until the guest has no room, and resumes on the next RX queue notification). They
-//! stay registered across resets and are ignored while the device is not active.
+//! `init` registers the notify EventFd (signalled by the driver's notifications of either
+//! queue, by activation and by the device when it yields with work left). The first time it
+//! fires with the device active, the backend fd is registered too (edge-triggered: the device
+//! reads the backend until it would block, or until the guest has no room, and resumes on the
+//! next notification). Both stay registered across resets and are ignored while the device is
+//! not active.
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 
-use super::defs::{RX_INDEX, TX_INDEX};
 use super::device::VirtioNet;
 use crate::virtio::{VirtioDevice, guest_warn};
 
 impl VirtioNet {
-    /// Event data of the activate EventFd.
-    pub const PROCESS_ACTIVATE: u32 = 0;
-    /// Event data of the RX queue EventFd.
-    pub const PROCESS_RX_QUEUE: u32 = 1;
-    /// Event data of the TX queue EventFd.
-    pub const PROCESS_TX_QUEUE: u32 = 2;
+    /// Event data of the notify EventFd.
+    pub const PROCESS_NOTIFY: u32 = 0;
     /// Event data of the backend fd.
-    pub const PROCESS_BACKEND: u32 = 3;
+    pub const PROCESS_BACKEND: u32 = 1;
 
-    fn register_fds(&mut self, ops: &mut EventOps) {
+    fn register_backend(&mut self, ops: &mut EventOps) {
         if self.fds_registered {
             return;
         }
-        let mut events = Vec::with_capacity(3);
-        if let Some(evt) = self.queue_events().get(RX_INDEX) {
-            events.push(Events::with_data(evt, Self::PROCESS_RX_QUEUE, EventSet::IN));
-        }
-        if let Some(evt) = self.queue_events().get(TX_INDEX) {
-            events.push(Events::with_data(evt, Self::PROCESS_TX_QUEUE, EventSet::IN));
-        }
-        events.push(Events::with_data_raw(
+        if let Err(e) = ops.add(Events::with_data_raw(
             self.backend().as_raw_fd(),
             Self::PROCESS_BACKEND,
             EventSet::IN | EventSet::EDGE_TRIGGERED,
-        ));
-        for ev in events {
-            if let Err(e) = ops.add(ev) {
-                log::error!("virtio-net: failed to register an event: {e}");
-            }
+        )) {
+            log::error!("virtio-net: failed to register the backend: {e}");
         }
         self.fds_registered = true;
     }
@@ -61,33 +48,25 @@ impl VirtioNet {
 
 impl MutEventSubscriber for VirtioNet {
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.activate_event(),
-            Self::PROCESS_ACTIVATE,
-            EventSet::IN,
-        )) {
-            log::error!("virtio-net: failed to register the activate event: {e}");
+        if let Some(evt) = self.notify_event()
+            && let Err(e) = ops.add(Events::with_data(evt, Self::PROCESS_NOTIFY, EventSet::IN))
+        {
+            log::error!("virtio-net: failed to register the notify event: {e}");
         }
         if self.is_activated() {
-            self.register_fds(ops);
+            self.register_backend(ops);
         }
     }
 
     fn process(&mut self, events: Events, ops: &mut EventOps) {
         match events.data() {
-            Self::PROCESS_ACTIVATE => {
-                let _ = self.activate_event().read();
-                self.register_fds(ops);
-                self.run_tx();
-                self.run_rx();
-            }
-            Self::PROCESS_RX_QUEUE => {
-                self.base.drain_queue_event(RX_INDEX);
-                self.run_rx();
-            }
-            Self::PROCESS_TX_QUEUE => {
-                self.base.drain_queue_event(TX_INDEX);
-                self.run_tx();
+            Self::PROCESS_NOTIFY => {
+                self.base.drain_notify();
+                if self.is_activated() {
+                    self.register_backend(ops);
+                    self.run_tx();
+                    self.run_rx();
+                }
             }
             Self::PROCESS_BACKEND => self.run_rx(),
             other => guest_warn!("virtio-net: unexpected event {other}"),
@@ -134,7 +113,10 @@ mod tests {
         m.write_slice(&[0x77u8; 64], GuestAddress(0x10_000c))
             .unwrap();
         txq.add_chain(&[(0x10_0000, 76, false)]);
-        net.lock().unwrap().queue_events()[TX_INDEX]
+        net.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
             .write(1)
             .unwrap();
         // TX event, then the loopback fd becomes readable: the frame comes back on RX.

@@ -12,7 +12,7 @@
 //! as the clone's agent connection closing under the first call).
 //!
 //! Like virtio-blk and virtio-net, each call handles at most `BUDGET` chains per queue and
-//! then kicks that queue's own EventFd, so a guest that keeps its rings full cannot hold the VMM
+//! then kicks the device's notify EventFd, so a guest that keeps its rings full cannot hold the VMM
 //! thread (other devices, the VMM API) for longer than one budget: the rest is handled on the
 //! next turn of the event loop. A device whose queues turned out corrupt
 //! (`DEVICE_NEEDS_RESET`) touches no queue until the driver resets it.
@@ -27,12 +27,9 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::VsockBackend;
-use super::defs::{
-    CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE, RXQ_INDEX, TXQ_INDEX,
-};
+use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
 use super::packet::{PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
@@ -122,17 +119,6 @@ impl<B: VsockBackend> Vsock<B> {
         &self.metrics
     }
 
-    /// The EventFd written when the driver activates the device; the event loop registers the
-    /// queue and backend fds when it fires.
-    pub fn activate_event(&self) -> &EventFd {
-        self.base.activate_event()
-    }
-
-    /// The queue EventFd of queue `index`.
-    pub(crate) fn queue_event(&self, index: usize) -> Option<&EventFd> {
-        self.base.queue_event(index)
-    }
-
     /// Takes the guest's TX packets and hands them to the backend. Returns whether the driver
     /// wants a used buffer notification.
     pub fn process_tx(&mut self) -> bool {
@@ -176,8 +162,8 @@ impl<B: VsockBackend> Vsock<B> {
             },
         );
         if drained.budget_spent {
-            // Come back on the next turn of the event loop, through our own queue event.
-            self.base.kick_queue(TXQ_INDEX);
+            // Come back on the next turn of the event loop, through our own notify EventFd.
+            self.base.kick();
         }
         if let Some(e) = drained.corrupt {
             self.queue_error(&active.interrupt, format_args!("TX queue is corrupt: {e}"));
@@ -201,8 +187,8 @@ impl<B: VsockBackend> Vsock<B> {
     }
 
     /// The loop of [`Vsock::process_rx`], on one pass over the RX queue; returns whether the
-    /// driver wants a used buffer notification. After `BUDGET` buffers it kicks the RX queue
-    /// event and stops.
+    /// driver wants a used buffer notification. After `BUDGET` buffers it kicks the notify
+    /// EventFd and stops.
     fn rx_pass(&mut self, active: &mut ActiveState) -> bool {
         let mut ring = match RingPass::new(&mut active.rxq, GuestView::new(&active.mem)) {
             Ok(ring) => ring,
@@ -216,8 +202,8 @@ impl<B: VsockBackend> Vsock<B> {
         let mut budget = BUDGET;
         while self.backend.has_pending_rx() {
             if budget == 0 {
-                // Come back on the next turn of the event loop, through our own queue event.
-                self.base.kick_queue(RXQ_INDEX);
+                // Come back on the next turn of the event loop, through our own notify EventFd.
+                self.base.kick();
                 break;
             }
             let head = match ring.pop() {
@@ -434,7 +420,7 @@ mod tests {
 
     use super::*;
     use crate::virtio::VIRTIO_MMIO_INT_CONFIG;
-    use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW};
+    use crate::virtio::vsock::defs::{OP_REQUEST, OP_RW, RXQ_INDEX, TXQ_INDEX};
     use crate::virtio::vsock::packet::VsockHeader;
     use crate::virtio::vsock::test_utils::{Driver, TestVsockBackend, hdr, test_mem};
 
@@ -514,7 +500,10 @@ mod tests {
         let mut dev = device();
         assert_eq!(dev.device_type(), 19);
         assert_eq!(dev.queue_max_sizes(), &[256, 256, 256]);
-        assert_eq!(dev.queue_events().len(), 3);
+        assert!(
+            dev.notify_event().is_some(),
+            "one notify EventFd for the three queues"
+        );
         assert_eq!(dev.avail_features(), 1 << 32);
         dev.set_acked_features(u64::MAX);
         assert_eq!(dev.acked_features(), 1 << 32);
@@ -560,7 +549,7 @@ mod tests {
         assert!(!dev.is_activated());
         let irq = drv.activate(&mut dev);
         assert!(dev.is_activated());
-        assert_eq!(dev.activate_event().read().unwrap(), 1);
+        assert_eq!(dev.notify_event().unwrap().read().unwrap(), 1);
         assert_eq!(irq.count(), 0);
         dev.reset().unwrap();
         assert!(!dev.is_activated());
@@ -668,13 +657,14 @@ mod tests {
         let mut drv = Driver::new(&mem);
         let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, false)).unwrap();
         let irq = drv.activate(&mut dev);
-        let kick = dev.queue_event(TXQ_INDEX).unwrap().try_clone().unwrap();
+        let kick = dev.notify_event().unwrap().try_clone().unwrap();
+        assert_eq!(kick.read().unwrap(), 1, "the activation's wake-up");
         drv.send(&hdr(3, 1000, 52, OP_RW), &[]);
         dev.handle_txq_event();
         // The ring never ran dry, yet the pass stopped at the budget and signalled the guest.
         assert_eq!(dev.backend().inner.sent.len(), BUDGET);
         assert_eq!(irq.count(), 1);
-        // It re-armed itself through its own queue event: the event loop comes back to it on
+        // It re-armed itself through its notify EventFd: the event loop comes back to it on
         // its next turn without a guest notification, and that pass takes one budget more.
         assert_eq!(kick.read().unwrap(), 1);
         dev.handle_txq_event();
@@ -689,7 +679,8 @@ mod tests {
         let mut drv = Driver::new(&mem);
         let mut dev = Vsock::new(3, Refilling::new(&mem, &drv, true)).unwrap();
         let irq = drv.activate(&mut dev);
-        let kick = dev.queue_event(RXQ_INDEX).unwrap().try_clone().unwrap();
+        let kick = dev.notify_event().unwrap().try_clone().unwrap();
+        assert_eq!(kick.read().unwrap(), 1, "the activation's wake-up");
         drv.add_rx(1, 4096);
         dev.handle_backend_event(EventSet::IN);
         assert_eq!(usize::from(drv.rx_used_total()), BUDGET);

@@ -1,48 +1,28 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Event-manager glue for [`Vsock`]: maps event ids to the device's handlers, nothing else.
 //!
-//! At `init` only the activate EventFd is watched. When the driver activates the device (on
-//! a vCPU thread), that EventFd fires on the VMM thread and the queue EventFds plus the
-//! backend's fd are added. They stay registered across a device reset; events that arrive
-//! while the device is inactive are drained and ignored.
+//! At `init` only the notify EventFd is watched (the driver's notifications of any of the three
+//! queues, activation, and the device's own kick when it yields with work left). The first time
+//! it fires with the device active, the backend's fd is added. Both stay registered across a
+//! device reset; events that arrive while the device is inactive are drained and ignored.
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use log::{error, warn};
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
-use super::defs::{EVQ_INDEX, RXQ_INDEX, TXQ_INDEX};
 use super::device::Vsock;
 use crate::virtio::VirtioDevice;
 
 impl<B: VsockBackend> Vsock<B> {
-    /// Event id: the driver activated the device.
-    pub const PROCESS_ACTIVATE: u32 = 0;
-    /// Event id: the driver added RX buffers.
-    pub const PROCESS_RXQ: u32 = 1;
-    /// Event id: the driver added TX buffers.
-    pub const PROCESS_TXQ: u32 = 2;
-    /// Event id: the driver added event buffers.
-    pub const PROCESS_EVQ: u32 = 3;
-    /// Event id: the backend's fd is ready.
-    pub const PROCESS_BACKEND: u32 = 4;
+    /// Event data of the notify EventFd.
+    pub const PROCESS_NOTIFY: u32 = 0;
+    /// Event data of the backend's fd.
+    pub const PROCESS_BACKEND: u32 = 1;
 
-    fn register_runtime_events(&mut self, ops: &mut EventOps) {
+    fn register_backend(&mut self, ops: &mut EventOps) {
         if self.runtime_events_registered {
             return;
-        }
-        let queues = [
-            (RXQ_INDEX, Self::PROCESS_RXQ),
-            (TXQ_INDEX, Self::PROCESS_TXQ),
-            (EVQ_INDEX, Self::PROCESS_EVQ),
-        ];
-        for (index, id) in queues {
-            let Some(evt) = self.queue_event(index) else {
-                continue;
-            };
-            if let Err(e) = ops.add(Events::with_data(evt, id, EventSet::IN)) {
-                error!("vsock: cannot watch queue {index}: {e}");
-            }
         }
         let interest = self.backend().interest();
         if let Err(e) = ops.add(Events::with_data(
@@ -58,34 +38,16 @@ impl<B: VsockBackend> Vsock<B> {
 
 impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     fn process(&mut self, events: Events, ops: &mut EventOps) {
-        let active = self.is_activated();
         match events.data() {
-            Self::PROCESS_ACTIVATE => {
-                let _ = self.activate_event().read();
-                if active {
-                    self.register_runtime_events(ops);
-                    // Host connects may have been queued before the driver was up.
-                    self.handle_rxq_event();
-                }
-            }
-            Self::PROCESS_RXQ => {
-                self.base.drain_queue_event(RXQ_INDEX);
-                if active {
-                    self.handle_rxq_event();
-                }
-            }
-            Self::PROCESS_TXQ => {
-                self.base.drain_queue_event(TXQ_INDEX);
-                if active {
+            Self::PROCESS_NOTIFY => {
+                self.base.drain_notify();
+                if self.is_activated() {
+                    self.register_backend(ops);
+                    // TX first: what the guest sent may produce replies for RX.
                     self.handle_txq_event();
                 }
             }
-            Self::PROCESS_EVQ => {
-                // The device never posts events; the buffers stay with it.
-                self.base.drain_queue_event(EVQ_INDEX);
-            }
             Self::PROCESS_BACKEND => {
-                // Also drains the backend while inactive, so its fd does not stay ready.
                 self.handle_backend_event(events.event_set());
             }
             other => warn!("vsock: unexpected event id {other}"),
@@ -93,15 +55,13 @@ impl<B: VsockBackend> MutEventSubscriber for Vsock<B> {
     }
 
     fn init(&mut self, ops: &mut EventOps) {
-        if let Err(e) = ops.add(Events::with_data(
-            self.activate_event(),
-            Self::PROCESS_ACTIVATE,
-            EventSet::IN,
-        )) {
-            error!("vsock: cannot watch the activate event: {e}");
+        if let Some(evt) = self.notify_event()
+            && let Err(e) = ops.add(Events::with_data(evt, Self::PROCESS_NOTIFY, EventSet::IN))
+        {
+            error!("vsock: cannot watch the notify event: {e}");
         }
         if self.is_activated() {
-            self.register_runtime_events(ops);
+            self.register_backend(ops);
         }
     }
 }
@@ -136,12 +96,22 @@ mod tests {
         let irq = drv.activate(&mut *dev.lock().unwrap());
         assert_eq!(manager.run_with_timeout(100).unwrap(), 1);
         drv.add_rx(8, 4096);
-        dev.lock().unwrap().queue_events()[0].write(1).unwrap();
+        dev.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
+            .write(1)
+            .unwrap();
         manager.run_with_timeout(100).unwrap();
 
         // The guest connects to host port 1234.
         drv.send(&hdr(3, 5000, 1234, OP_REQUEST), &[]);
-        dev.lock().unwrap().queue_events()[1].write(1).unwrap();
+        dev.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
+            .write(1)
+            .unwrap();
         manager.run_with_timeout(100).unwrap();
         let got = drv.recv();
         assert_eq!(got.len(), 1);
@@ -169,7 +139,12 @@ mod tests {
         let mut rw = hdr(3, 5000, 1234, OP_RW);
         rw.len = 8;
         drv.send(&rw, b"to host!");
-        dev.lock().unwrap().queue_events()[1].write(1).unwrap();
+        dev.lock()
+            .unwrap()
+            .notify_event()
+            .unwrap()
+            .write(1)
+            .unwrap();
         manager.run_with_timeout(100).unwrap();
         host.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut buf = [0u8; 8];

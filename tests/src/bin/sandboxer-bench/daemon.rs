@@ -9,7 +9,7 @@
 //! The daemon runs on its own tokio runtime (threads named `bench-daemon`), the gRPC client on
 //! this process's main thread, so the CPU time of each can be told apart
 //! (`/proc/self/task/*/schedstat`, exact to the ns): the host's own work during a Start is the
-//! daemon's threads plus the VM's `vmm` (device emulation) and `vm-wait-*` threads. The vCPU
+//! daemon's threads plus the VM's `vmm` (device emulation) thread. The vCPU
 //! thread (`vcpu0`) runs the guest: its time is guest instructions, emulated on this host's
 //! `kvm_pvm`, plus the VMM's handling of the guest's port and MMIO exits.
 
@@ -30,7 +30,7 @@ use tonic::transport::Channel;
 
 use controller::backend::template::Templates;
 
-use crate::{Options, raise_nofile, vmm_host};
+use crate::{NOFILE, Options, vmm_host};
 
 /// The phases of Start the daemon reports in Status (`start_<phase>_us`), in order, and
 /// whether they wait on the guest's own work. Those phases include host work too (vsock
@@ -48,7 +48,7 @@ pub(crate) const PHASES: &[(&str, bool)] = &[
 /// Whose work a thread does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Role {
-    /// The daemon's runtime threads, and each VM's `vmm` and `vm-wait-*` threads.
+    /// The daemon's runtime threads, and each VM's `vmm` thread.
     Host,
     /// vCPU threads: the guest.
     Vcpu,
@@ -61,7 +61,7 @@ pub(crate) enum Role {
 }
 
 const ROLES: [(Role, &str); 5] = [
-    (Role::Host, "host (daemon runtime, vmm, vm-wait)"),
+    (Role::Host, "host (daemon runtime, vmm)"),
     (Role::Vcpu, "vCPU (guest, emulated here, + exits)"),
     (Role::Pool, "shell pool refill"),
     (Role::Client, "gRPC client (the benchmark)"),
@@ -72,7 +72,7 @@ fn role(t: &procstat::ThreadCpu) -> Role {
     let name = t.name.as_str();
     if t.tid == std::process::id() {
         Role::Client
-    } else if name.starts_with("bench-daemon") || name == "vmm" || name.starts_with("vm-wait-") {
+    } else if name.starts_with("bench-daemon") || name == "vmm" {
         Role::Host
     } else if name.starts_with("vcpu") {
         Role::Vcpu
@@ -528,6 +528,42 @@ struct Level {
     idle_cpu_pct_process_per_sandbox: f64,
     idle_cpu_pct_by_role: Vec<(Role, f64)>,
     pool_misses: usize,
+    /// fds per sandbox by kind ([`procstat::fd_kinds`]), over the baseline.
+    fds_by_kind: Vec<(String, f64)>,
+    /// Threads per sandbox by name ([`procstat::thread_kinds`]), over the baseline.
+    threads_by_name: Vec<(String, f64)>,
+}
+
+/// `now` minus `base`, per sandbox of `n`, for every key that changed.
+fn per_kind(
+    now: &std::collections::BTreeMap<String, usize>,
+    base: &std::collections::BTreeMap<String, usize>,
+    n: usize,
+) -> Vec<(String, f64)> {
+    let mut keys: Vec<&String> = now.keys().chain(base.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let mut out: Vec<(String, f64)> = keys
+        .into_iter()
+        .map(|k| {
+            let get = |m: &std::collections::BTreeMap<String, usize>| {
+                m.get(k).copied().unwrap_or(0) as u64
+            };
+            (k.clone(), per(get(now), get(base), n))
+        })
+        .filter(|(_, v)| *v != 0.0)
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    out
+}
+
+/// `kind 1.00, kind 2.00`.
+fn kinds_line(kinds: &[(String, f64)]) -> String {
+    kinds
+        .iter()
+        .map(|(k, v)| format!("{k} {v:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The process's counts: (fds, threads, RSS KiB, anonymous RSS KiB).
@@ -553,7 +589,11 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
     };
     levels.sort_unstable();
     levels.dedup();
-    let (soft_was, soft, hard) = raise_nofile()?;
+    let limits = NOFILE
+        .get()
+        .context("RLIMIT_NOFILE could not be read or raised")?;
+    let (soft_was, hard_was, soft, hard) =
+        (limits.soft_was, limits.hard_was, limits.soft, limits.hard);
     let daemon = Daemon::start(o)?;
     let rt = client_runtime()?;
     let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
@@ -566,13 +606,14 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
     vmm_host().wait_pool_full(Duration::from_secs(10));
     std::thread::sleep(Duration::from_millis(200));
     let base = counts();
+    let (base_fds, base_threads) = (procstat::fd_kinds(), procstat::thread_kinds());
 
     println!(
         "density: sandboxes started one after another through the daemon (gRPC, containerd 2.x \
          API), test guest \"virtio\" in agent mode, {} MiB each, seccomp {}; per level: Start \
          (Create sent -> Start returned) while filling up to it, then counts per sandbox over \
          the daemon's baseline, and CPU over {} s of idle; RLIMIT_NOFILE soft {soft} (was \
-         {soft_was}), hard {hard}",
+         {soft_was}), hard {hard} (was {hard_was}), raised as the daemon raises it",
         o.mem_mib,
         o.seccomp.name(),
         o.idle_secs
@@ -615,6 +656,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_secs(1));
         let now = counts();
         let n = ids.len();
+        let fds_by_kind = per_kind(&procstat::fd_kinds(), &base_fds, n);
+        let threads_by_name = per_kind(&procstat::thread_kinds(), &base_threads, n);
         let t0 = procstat::threads_cpu();
         let c0 = procstat::process_cpu_ns();
         let w0 = Instant::now();
@@ -642,6 +685,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
                 .map(|(r, _)| (*r, pct(by_role.get(r).map_or(0.0, |d| d.as_nanos() as f64))))
                 .collect(),
             pool_misses,
+            fds_by_kind,
+            threads_by_name,
         };
         println!(
             "{:>6} {:>10.3} {:>10.3} {:>8.1} {:>8.2} {:>10.1} {:>10.1} {:>12.4}",
@@ -671,6 +716,16 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
             l.alive,
             parts.join("; "),
             l.idle_cpu_pct_process_per_sandbox
+        );
+        println!(
+            "fds per sandbox at {} alive, by kind: {}",
+            l.alive,
+            kinds_line(&l.fds_by_kind)
+        );
+        println!(
+            "threads per sandbox at {} alive, by name: {}",
+            l.alive,
+            kinds_line(&l.threads_by_name)
         );
         if l.pool_misses > 0 {
             println!(
@@ -707,6 +762,12 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
                     .map(|(r, p)| (format!("{r:?}").to_lowercase(), json!(p)))
                     .collect::<serde_json::Map<_, _>>(),
                 "pool_misses": l.pool_misses,
+                "fds_per_sandbox_by_kind": l.fds_by_kind.iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
+                "threads_per_sandbox_by_name": l.threads_by_name.iter()
+                    .map(|(k, v)| (k.clone(), json!(v)))
+                    .collect::<serde_json::Map<_, _>>(),
             })
         })
         .collect();
@@ -718,6 +779,8 @@ pub(crate) fn density(o: &Options) -> anyhow::Result<()> {
         "idle_secs": o.idle_secs,
         "nofile_soft": soft,
         "nofile_hard": hard,
+        "nofile_soft_was": soft_was,
+        "nofile_hard_was": hard_was,
         "alive_max": last.map_or(0, |l| l.alive),
         "fds_per_sandbox": last.map(|l| l.fds_per_sandbox),
         "threads_per_sandbox": last.map(|l| l.threads_per_sandbox),

@@ -18,6 +18,7 @@ pub(crate) fn blk(o: &Options) -> anyhow::Result<()> {
     use devices::virtio::block::{FileDisk, VirtioBlock};
     use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     const IMAGE_BYTES: u64 = 64 << 20;
     const BLOCK: u32 = 4096;
@@ -65,8 +66,10 @@ pub(crate) fn blk(o: &Options) -> anyhow::Result<()> {
     let tq = TestQueue::new(&mem, GuestAddress(0x1000), 256);
     let mut dev =
         VirtioBlock::with_backend("bench", true, Some(Box::new(FileDisk::open(&path, true)?)))?;
-    // The production interrupt: status bits plus an EventFd write (the VMM's irqfd).
-    let irq = Arc::new(IrqTrigger::new()?);
+    // The production interrupt's status bits, on an EventFd line (one write per interrupt;
+    // the VMM's line is a KVM_IRQ_LINE pulse, which needs a VM).
+    let line = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let irq = Arc::new(IrqTrigger::new(line.clone()));
     dev.activate(mem.clone(), vec![tq.queue()], irq.clone())?;
     let hdr_base = 0x10_0000u64;
     let data_base = 0x20_0000u64;
@@ -118,7 +121,7 @@ pub(crate) fn blk(o: &Options) -> anyhow::Result<()> {
     if mem.read_obj::<u8>(GuestAddress(status_base + last_slot))? != 0 {
         bail!("virtio-blk request failed");
     }
-    let interrupts = irq.event().read().unwrap_or(0);
+    let interrupts = line.read().unwrap_or(0);
     if interrupts == 0 || irq.status() == 0 {
         bail!("virtio-blk never signalled a used buffer interrupt");
     }
@@ -221,6 +224,7 @@ pub(crate) fn net(o: &Options) -> anyhow::Result<()> {
     use devices::virtio::net::{NetConfig, VirtioNet};
     use devices::virtio::{Interrupt, IrqTrigger, VIRTIO_F_VERSION_1, VirtioDevice};
     use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     /// Frames per batch: the guest posts this many, then the device runs.
     const BATCH: usize = 64;
@@ -246,8 +250,10 @@ pub(crate) fn net(o: &Options) -> anyhow::Result<()> {
     host_end.set_nonblocking(true)?;
     let mut dev = VirtioNet::new(NetConfig::default(), Box::new(DgramNet(dev_end)))?;
     dev.set_acked_features(VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF);
-    // The production interrupt: status bits plus an EventFd write (the VMM's irqfd).
-    let irq = Arc::new(IrqTrigger::new()?);
+    // The production interrupt's status bits, on an EventFd line (one write per interrupt;
+    // the VMM's line is a KVM_IRQ_LINE pulse, which needs a VM).
+    let line = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let irq = Arc::new(IrqTrigger::new(line.clone()));
     dev.activate(mem.clone(), vec![rxq.queue(), txq.queue()], irq.clone())?;
 
     let mut frame = vec![0u8; frame_len];
@@ -388,7 +394,7 @@ pub(crate) fn net(o: &Options) -> anyhow::Result<()> {
     if m.tx_frames != frames as u64 || m.rx_frames != frames as u64 || m.tx_dropped != 0 {
         bail!("virtio-net counters disagree: {m:?}");
     }
-    let interrupts = irq.event().read().unwrap_or(0);
+    let interrupts = line.read().unwrap_or(0);
     if interrupts == 0 || irq.status() == 0 {
         bail!("virtio-net never signalled a used buffer interrupt");
     }
@@ -456,6 +462,7 @@ pub(crate) fn vsock(o: &Options) -> anyhow::Result<()> {
     use devices::virtio::vsock::test_utils::{Driver, hdr, test_mem};
     use devices::virtio::vsock::{Vsock, VsockBackend, VsockHeader, VsockMuxer};
     use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
     const CID: u64 = 3;
     const HOST_PORT: u32 = 1234;
@@ -509,7 +516,8 @@ pub(crate) fn vsock(o: &Options) -> anyhow::Result<()> {
     let mut dev = Vsock::new(CID, muxer)?;
     // What the event loop polls the muxer's fd for; it reports the same when it is ready.
     let readable = dev.backend().interest();
-    let irq = Arc::new(IrqTrigger::new()?);
+    let line = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+    let irq = Arc::new(IrqTrigger::new(line.clone()));
     let (queues, _) = drv.queues();
     dev.activate(mem.clone(), queues, irq.clone())?;
     let spare_rx = per_batch + 8;
@@ -660,7 +668,7 @@ pub(crate) fn vsock(o: &Options) -> anyhow::Result<()> {
         offset += bytes;
     }
 
-    let interrupts = irq.event().read().unwrap_or(0);
+    let interrupts = line.read().unwrap_or(0);
     if interrupts == 0 || irq.status() == 0 {
         bail!("virtio-vsock never signalled a used buffer interrupt");
     }

@@ -28,8 +28,8 @@ mod tests;
 
 pub use state::{MmioState, QueueRegsState, RestoreError};
 
-/// Offset of the `QueueNotify` register; the VMM registers the device's queue EventFds as KVM
-/// ioeventfds at `base + NOTIFY_REG_OFFSET` with the queue index as datamatch.
+/// Offset of the `QueueNotify` register; the VMM registers the device's notify EventFd as a KVM
+/// ioeventfd at `base + NOTIFY_REG_OFFSET` for any value written (every queue).
 pub const NOTIFY_REG_OFFSET: u64 = 0x50;
 /// Size of one device's MMIO window (registers plus configuration space).
 pub const MMIO_REGION_SIZE: u64 = 0x1000;
@@ -255,8 +255,8 @@ pub struct MmioTransport {
 }
 
 impl MmioTransport {
-    /// Creates the transport for `device`. `interrupt` is the device's interrupt line (an
-    /// [`crate::virtio::IrqTrigger`] whose EventFd the VMM registers as an irqfd); the transport
+    /// Creates the transport for `device`. `interrupt` is the device's interrupt (an
+    /// [`crate::virtio::IrqTrigger`] on a line the VMM provides); the transport
     /// hands it to the device on activation and serves `InterruptStatus`/`InterruptACK` from it.
     pub fn new(
         mem: GuestMemoryMmap,
@@ -500,20 +500,17 @@ impl MmioTransport {
         });
     }
 
-    /// A `QueueNotify` write that reached user space (no ioeventfd registered): forward it to
-    /// the queue's EventFd so the device's event loop sees it exactly as with an ioeventfd.
+    /// A `QueueNotify` write that reached user space (no ioeventfd took it): the device
+    /// decides what a notification it sees this way means ([`VirtioDevice::queue_notified`]).
     fn notify(&mut self, val: u32) {
-        let dev = self.device.lock().expect("poisoned");
-        let evt = usize::try_from(val)
-            .ok()
-            .and_then(|i| dev.queue_events().get(i));
-        match evt {
-            Some(evt) => {
-                if let Err(e) = evt.write(1) {
-                    guest_warn!("virtio-mmio: queue {val} notification failed: {e}");
-                }
-            }
-            None => guest_warn!("virtio-mmio: notification of missing queue {val}"),
+        let exists = usize::try_from(val).is_ok_and(|i| i < self.queues.len());
+        if !exists {
+            guest_warn!("virtio-mmio: notification of missing queue {val}");
+            return;
+        }
+        let result = self.device.lock().expect("poisoned").queue_notified(val);
+        if let Err(e) = result {
+            guest_warn!("virtio-mmio: queue {val} notification failed: {e}");
         }
     }
 

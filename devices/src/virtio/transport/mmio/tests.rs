@@ -564,13 +564,25 @@ fn register_access_must_be_4_bytes_aligned() {
 }
 
 #[test]
-fn notify_register_signals_queue_event() {
+fn notify_register_reaches_the_device() {
     let mut h = harness();
     wr(&mut h.t, QUEUE_NOTIFY, 1);
-    assert_eq!(h.dev.lock().unwrap().queue_evts[1].read().unwrap(), 1);
+    wr(&mut h.t, QUEUE_NOTIFY, 0);
     // Missing queue: ignored.
     wr(&mut h.t, QUEUE_NOTIFY, 9);
     wr(&mut h.t, QUEUE_NOTIFY, u32::MAX);
+    let dev = h.dev.lock().unwrap();
+    assert_eq!(dev.notified, vec![1, 0]);
+    // The default: the one notify EventFd, as an ioeventfd would have signalled it.
+    assert_eq!(dev.notify_evt.as_ref().unwrap().read().unwrap(), 2);
+}
+
+#[test]
+fn a_device_without_notify_eventfd_still_hears_notifications() {
+    let mut h = harness();
+    h.dev.lock().unwrap().notify_evt = None;
+    wr(&mut h.t, QUEUE_NOTIFY, 1);
+    assert_eq!(h.dev.lock().unwrap().notified, vec![1]);
 }
 
 /// A transport for a fresh device like `h`'s, restored from `state`.
