@@ -25,11 +25,8 @@ use crate::arch::layout::{
 };
 use crate::bus::{Bus, BusError};
 use crate::config::{ConfigError, ConsoleConfig, ValidatedConfig, VmConfig};
-use crate::device_manager::DeviceConfig;
-use crate::device_manager::{DeviceError, DeviceManager};
-use crate::event_loop::{
-    SnapshotSources, VmResources, VmmControl, VmmEventManager, VmmJob, vmm_thread,
-};
+use crate::device_manager::{DeviceConfig, DeviceError, DeviceManager, VmmEventManager};
+use crate::event_loop::{SnapshotSources, VmResources, VmmControl, VmmJob, vmm_thread};
 use crate::host::Host;
 use crate::kvm::state::{StateError, xsave_words};
 use crate::kvm::{IrqLine, KvmContext, KvmError};

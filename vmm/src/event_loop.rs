@@ -16,15 +16,13 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use devices::legacy::{BootSignal, SerialConsole};
-use event_manager::{
-    EventManager, EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps,
-};
+use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmExit;
 use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
-use crate::device_manager::Devices;
+use crate::device_manager::{Devices, VmmEventManager};
 use crate::host::LiveGuard;
 use crate::kvm::state::{VcpuState, VmState, settle};
 use crate::memory::GuestRam;
@@ -32,9 +30,6 @@ use crate::seccomp::SeccompError;
 use crate::snapshot::{SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
-
-/// The event manager of a VM's VMM thread.
-pub(crate) type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
 
 /// What the VMM thread owns until the VM is torn down. Field order is drop order: the buses
 /// (whose devices' interrupt lines hold the VM fd too), then the VM fd, go before the guest

@@ -22,9 +22,13 @@ use vm_memory::GuestMemoryMmap;
 
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
 use crate::bus::{Bus, BusError};
-use crate::event_loop::VmmEventManager;
 
 mod mmio;
+
+/// The event manager of a VM's VMM thread (its event loop), where the devices
+/// register their descriptors.
+pub(crate) type VmmEventManager =
+    event_manager::EventManager<Arc<Mutex<dyn event_manager::MutEventSubscriber + Send>>>;
 
 /// A device to give the VM.
 #[derive(Debug)]
