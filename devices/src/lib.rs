@@ -8,6 +8,7 @@
 #![warn(missing_docs)]
 
 pub mod legacy;
+pub mod sync;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 pub mod virtio;

@@ -21,6 +21,7 @@ use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::sync::Recover;
 use crate::virtio::block::{DiskBackend, DiskCapabilities};
 use crate::virtio::net::NetBackend;
 use crate::virtio::{ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VirtioDevice};
@@ -384,7 +385,7 @@ impl LoopbackNet {
 impl LoopbackHandle {
     /// Queues a frame as if it arrived from the host network (dropped when full).
     pub fn inject(&self, frame: &[u8]) {
-        let mut s = self.state.lock().expect("poisoned");
+        let mut s = self.state.lock().recover();
         if s.frames.len() < s.capacity {
             s.frames.push_back(frame.to_vec());
             let _ = self.evt.write(1);
@@ -393,18 +394,12 @@ impl LoopbackHandle {
 
     /// The frames waiting to be received.
     pub fn queued(&self) -> Vec<Vec<u8>> {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .frames
-            .iter()
-            .cloned()
-            .collect()
+        self.state.lock().recover().frames.iter().cloned().collect()
     }
 
     /// The last `TUN_F_*` flags set.
     pub fn offload(&self) -> u32 {
-        self.state.lock().expect("poisoned").offload
+        self.state.lock().recover().offload
     }
 }
 
@@ -416,7 +411,7 @@ impl AsRawFd for LoopbackNet {
 
 impl NetBackend for LoopbackNet {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let mut s = self.state.lock().expect("poisoned");
+        let mut s = self.state.lock().recover();
         let Some(frame) = s.frames.pop_front() else {
             // Reset the EventFd so its counter cannot saturate.
             let _ = self.evt.read();
@@ -428,7 +423,7 @@ impl NetBackend for LoopbackNet {
     }
 
     fn send(&mut self, frame: &[u8]) -> io::Result<()> {
-        let mut s = self.state.lock().expect("poisoned");
+        let mut s = self.state.lock().recover();
         if s.frames.len() >= s.capacity {
             return Err(io::ErrorKind::WouldBlock.into());
         }
@@ -441,7 +436,7 @@ impl NetBackend for LoopbackNet {
     }
 
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
-        self.state.lock().expect("poisoned").offload = flags;
+        self.state.lock().recover().offload = flags;
         Ok(())
     }
 }

@@ -50,6 +50,20 @@ pub enum VmmAction {
     /// ([`crate::snapshot::VmSnapshot`]). Allowed while running or paused, for a VM that has its
     /// own memory (not a clone).
     Snapshot,
+    /// Test hook: makes the VM's own threads panic (see [`PanicSite`]), so that a test can
+    /// check a panic ends that VM only. Nothing a guest or an API client does reaches it.
+    #[doc(hidden)]
+    InjectPanic(PanicSite),
+}
+
+/// Where [`VmmAction::InjectPanic`] panics.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PanicSite {
+    /// On the VMM thread, holding a device's lock, as a device handler would.
+    Device,
+    /// On a vCPU thread, in its exit handling (the vCPUs are kicked to get there).
+    VcpuExit,
 }
 
 impl fmt::Debug for VmmAction {
@@ -69,6 +83,7 @@ impl fmt::Debug for VmmAction {
                 f.debug_struct("DetachDisk").field("index", index).finish()
             }
             VmmAction::Snapshot => f.write_str("Snapshot"),
+            VmmAction::InjectPanic(site) => f.debug_tuple("InjectPanic").field(site).finish(),
         }
     }
 }
@@ -115,6 +130,7 @@ impl VmmAction {
             VmmAction::AttachDisk { .. } => "AttachDisk",
             VmmAction::DetachDisk { .. } => "DetachDisk",
             VmmAction::Snapshot => "Snapshot",
+            VmmAction::InjectPanic(_) => "InjectPanic",
         }
     }
 }

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::legacy::{BootTimer, ConsoleSink, I8042, SerialConsole};
+use devices::sync::Recover;
 use devices::virtio::Line;
 use event_manager::{EventManager, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
@@ -361,7 +362,7 @@ impl Vm {
         if pending_vmm.start(job).is_err() {
             controller
                 .lock()
-                .expect("poisoned")
+                .recover()
                 .finish(VmExit::Crashed("VMM thread ended early".into()));
             return Err(VmError::Spawn(io::Error::other(
                 "the VMM thread ended early",

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::legacy::{BootTimer, I8042, SerialConsole};
+use devices::sync::Recover;
 
 /// A device on a bus. `offset` is relative to the device's base.
 pub trait BusDevice: Send + Sync {
@@ -110,10 +111,10 @@ impl Bus {
 
 impl BusDevice for Mutex<SerialConsole> {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.lock().expect("poisoned").read(offset, data);
+        self.lock().recover().read(offset, data);
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        self.lock().expect("poisoned").write(offset, data);
+        self.lock().recover().write(offset, data);
     }
 }
 

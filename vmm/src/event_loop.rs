@@ -10,18 +10,20 @@
 //! the request channel and [`VcpuControl`]'s pending exit.
 
 use std::fs::File;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use devices::legacy::{BootSignal, SerialConsole};
+use devices::sync::Recover;
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberId, SubscriberOps};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmExit;
-use crate::api::{ApiRequest, VmmAction, VmmActionError, VmmData};
+use crate::api::{ApiRequest, PanicSite, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::{Devices, VmmEventManager};
 use crate::host::LiveGuard;
 use crate::kvm::state::{VcpuState, VmState, settle};
@@ -64,19 +66,47 @@ pub(crate) fn vmm_thread(
             .control
             .report_exit(VmExit::Crashed(e.to_string()));
     }
-    while !done.load(Ordering::SeqCst) {
-        if let Err(e) = event_manager.run() {
-            log::error!("VMM event loop failed: {e:?}");
-            break;
-        }
-        let reinit = std::mem::take(&mut controller.lock().expect("poisoned").reinit);
-        for id in reinit {
-            reinit_subscriber(&mut event_manager, id);
+    // A panic in any handler (a device's, the VMM's own) or a failed loop ends this VM only:
+    // it is recorded as crashed, its vCPUs are stopped and its resources freed below, as for
+    // any other end. The locks it leaves poisoned are taken as they are (`Recover`).
+    let failure = match catch_unwind(AssertUnwindSafe(|| {
+        run_loop(&mut event_manager, &controller, &done)
+    })) {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(format!("VMM event loop failed: {e:?}")),
+        Err(panic) => Some(format!(
+            "VMM thread panicked: {}",
+            crate::seccomp::panic_message(&*panic)
+        )),
+    };
+    if let Some(why) = failure {
+        log::error!("{why}");
+        let ended = catch_unwind(AssertUnwindSafe(|| {
+            controller.lock().recover().finish(VmExit::Crashed(why));
+        }));
+        if ended.is_err() {
+            log::error!("VMM thread: ending the VM after a failure panicked too");
         }
     }
     drop(controller);
     drop(event_manager);
     drop(resources);
+}
+
+/// The VMM thread's loop, until the VM has ended.
+fn run_loop(
+    event_manager: &mut VmmEventManager,
+    controller: &Arc<Mutex<VmmControl>>,
+    done: &AtomicBool,
+) -> Result<(), event_manager::Error> {
+    while !done.load(Ordering::SeqCst) {
+        event_manager.run()?;
+        let reinit = std::mem::take(&mut controller.lock().recover().reinit);
+        for id in reinit {
+            reinit_subscriber(event_manager, id);
+        }
+    }
+    Ok(())
 }
 
 /// Initialises subscriber `id` again, so it registers descriptors it did not have before (a
@@ -91,7 +121,7 @@ fn reinit_subscriber(event_manager: &mut VmmEventManager, id: SubscriberId) {
         }
     };
     match event_manager.event_ops(id) {
-        Ok(mut ops) => subscriber.lock().expect("poisoned").init(&mut ops),
+        Ok(mut ops) => subscriber.lock().recover().init(&mut ops),
         Err(e) => log::error!("No event ops for VMM event subscriber {id:?}: {e:?}"),
     }
 }
@@ -179,6 +209,18 @@ impl VmmControl {
                 Ok(VmmData::Empty)
             }
             VmmAction::Snapshot => self.snapshot().map(|s| VmmData::Snapshot(Box::new(s))),
+            VmmAction::InjectPanic(PanicSite::Device) => {
+                let _held = self
+                    .devices
+                    .vsock_device
+                    .as_ref()
+                    .map(|d| d.lock().recover());
+                panic!("injected panic (test hook) on the VMM thread, holding a device's lock");
+            }
+            VmmAction::InjectPanic(PanicSite::VcpuExit) => {
+                self.vcpus.panic_on_next_exit();
+                Ok(VmmData::Empty)
+            }
         }
     }
 
@@ -210,7 +252,7 @@ impl VmmControl {
             .collect::<Result<Vec<_>, _>>()
             .map_err(SnapshotError::from)?;
         let vm = VmState::save(&saved.vm_fd).map_err(SnapshotError::from)?;
-        let serial = saved.serial.lock().expect("poisoned").state();
+        let serial = saved.serial.lock().recover().state();
         Ok(VmSnapshot {
             id: crate::snapshot::next_id(),
             memory: Arc::clone(&saved.memory),

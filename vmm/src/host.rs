@@ -8,6 +8,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::sync::Recover;
+
 use crate::kvm::{KvmCell, KvmContext, KvmError};
 use crate::pool::{CloneSource, PoolKey, ShellPool};
 use crate::seccomp::Filters;
@@ -108,27 +110,27 @@ impl Host {
 
     /// How many VMs of this host still hold KVM resources (running or being torn down).
     pub fn live_vms(&self) -> usize {
-        *self.0.live.count.lock().expect("poisoned")
+        *self.0.live.count.lock().recover()
     }
 
     /// Waits until every VM of this host is torn down, up to `timeout`.
     pub fn wait_all_torn_down(&self, timeout: Duration) -> bool {
         let live = &self.0.live;
         let deadline = Instant::now() + timeout;
-        let mut count = live.count.lock().expect("poisoned");
+        let mut count = live.count.lock().recover();
         while *count > 0 {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            count = live.cv.wait_timeout(count, left).expect("poisoned").0;
+            count = live.cv.wait_timeout(count, left).recover().0;
         }
         true
     }
 
     /// Counts a VM as live until the returned guard is dropped (after its teardown).
     pub(crate) fn live_guard(&self) -> LiveGuard {
-        *self.0.live.count.lock().expect("poisoned") += 1;
+        *self.0.live.count.lock().recover() += 1;
         LiveGuard {
             host: Arc::clone(&self.0.live),
             vm: Arc::new(TornDown::default()),
@@ -148,13 +150,13 @@ impl TornDown {
     /// Waits until the VM is torn down, up to `timeout`.
     pub(crate) fn wait(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
-        let mut done = self.done.lock().expect("poisoned");
+        let mut done = self.done.lock().recover();
         while !*done {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return false;
             }
-            done = self.cv.wait_timeout(done, left).expect("poisoned").0;
+            done = self.cv.wait_timeout(done, left).recover().0;
         }
         true
     }
@@ -183,9 +185,9 @@ impl LiveGuard {
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        *self.vm.done.lock().expect("poisoned") = true;
+        *self.vm.done.lock().recover() = true;
         self.vm.cv.notify_all();
-        let mut count = self.host.count.lock().expect("poisoned");
+        let mut count = self.host.count.lock().recover();
         *count = count.saturating_sub(1);
         self.host.cv.notify_all();
     }

@@ -34,7 +34,7 @@ mod timings;
 mod vcpu;
 pub mod vm;
 
-pub use api::{VmmAction, VmmActionError, VmmData};
+pub use api::{PanicSite, VmmAction, VmmActionError, VmmData};
 pub use boot::BootError;
 pub use builder::{CloneConfig, CloneError, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};

@@ -20,6 +20,7 @@ use std::fs::File;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use devices::sync::Recover;
 use kvm_ioctls::{VcpuFd, VmFd};
 
 use crate::arch::set_cpuid;
@@ -168,7 +169,7 @@ impl ShellPool {
         depth: usize,
         source: Option<CloneSource>,
     ) -> std::io::Result<()> {
-        let mut state = self.state.lock().expect("poisoned");
+        let mut state = self.state.lock().recover();
         if depth == 0 {
             state.targets.remove(&key);
             let idle = state.ready.remove(&key);
@@ -197,7 +198,7 @@ impl ShellPool {
 
     /// Takes a ready shell of kind `key`, if one is there.
     pub(crate) fn take(&self, key: PoolKey) -> Option<VmShell> {
-        let mut state = self.state.lock().expect("poisoned");
+        let mut state = self.state.lock().recover();
         let shell = state.ready.get_mut(&key)?.pop();
         if shell.is_some() {
             self.cv.notify_all();
@@ -207,23 +208,23 @@ impl ShellPool {
 
     /// Shells of kind `key` ready now.
     pub(crate) fn ready(&self, key: PoolKey) -> usize {
-        let state = self.state.lock().expect("poisoned");
+        let state = self.state.lock().recover();
         state.ready.get(&key).map_or(0, Vec::len)
     }
 
     /// Waits until every target is met, up to `timeout`.
     pub(crate) fn wait_full(&self, timeout: Duration) -> bool {
-        let state = self.state.lock().expect("poisoned");
+        let state = self.state.lock().recover();
         let (state, _) = self
             .cv
             .wait_timeout_while(state, timeout, |s| missing(s).is_some())
-            .expect("poisoned");
+            .recover();
         missing(&state).is_none()
     }
 
     /// Frees the idle shells and ends the refill thread (the host is dropped).
     pub(crate) fn close(&self) {
-        let mut state = self.state.lock().expect("poisoned");
+        let mut state = self.state.lock().recover();
         state.closed = true;
         state.targets.clear();
         let idle = std::mem::take(&mut state.ready);
@@ -235,7 +236,7 @@ impl ShellPool {
     fn refill_loop(&self, kvm: &KvmCell) {
         loop {
             let (key, source) = {
-                let mut state = self.state.lock().expect("poisoned");
+                let mut state = self.state.lock().recover();
                 loop {
                     if state.closed {
                         return;
@@ -243,7 +244,7 @@ impl ShellPool {
                     if let Some(found) = missing(&state) {
                         break found;
                     }
-                    state = self.cv.wait(state).expect("poisoned");
+                    state = self.cv.wait(state).recover();
                 }
             };
             let built = kvm
@@ -255,7 +256,7 @@ impl ShellPool {
                 });
             match built {
                 Ok((shell, _)) => {
-                    let mut state = self.state.lock().expect("poisoned");
+                    let mut state = self.state.lock().recover();
                     // The target may have been lowered while building: then the shell just
                     // drops.
                     let wanted = state.targets.get(&key).map_or(0, |t| t.depth);
@@ -270,11 +271,11 @@ impl ShellPool {
                         key.mem_bytes >> 20
                     );
                     // Do not spin on a persistent failure (no /dev/kvm, no memory).
-                    let state = self.state.lock().expect("poisoned");
+                    let state = self.state.lock().recover();
                     let _ = self
                         .cv
                         .wait_timeout_while(state, Duration::from_secs(1), |s| !s.closed)
-                        .expect("poisoned");
+                        .recover();
                 }
             }
         }

@@ -257,6 +257,17 @@ pub(crate) fn install(filter: Option<&BpfProgram>) -> Result<(), SeccompError> {
     }
 }
 
+/// What a caught panic said (its `&str` or `String` payload), for the VM's end reason.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
 /// A thread started ahead of its work: it installs its filter at once (the kernel compiles the
 /// program: about 130 us for the vCPU list on the development host), then waits for its one
 /// job. A VM starts its threads first, so the compiles overlap the VM's build. Dropped without

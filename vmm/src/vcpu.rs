@@ -7,11 +7,13 @@
 //! paused and leaves its loop when stopping. Nothing a guest does can keep a vCPU thread from
 //! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::sync::Recover;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
@@ -45,6 +47,8 @@ pub(crate) struct VcpuControl {
     pending_exit: Mutex<Option<VmExit>>,
     /// The VMM thread's wake-up EventFd (shared with API requests).
     wake: Arc<EventFd>,
+    /// Test hook ([`crate::PanicSite::VcpuExit`]): the next vCPU exit panics.
+    panic_on_exit: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -72,6 +76,7 @@ impl VcpuControl {
             work: Mutex::new(Vec::new()),
             pending_exit: Mutex::new(None),
             wake,
+            panic_on_exit: AtomicBool::new(false),
         }
     }
 
@@ -79,7 +84,7 @@ impl VcpuControl {
     /// `Running`: parks it, running any work given to it with its `fd` meanwhile. Returns false
     /// when the thread must leave its loop.
     fn park(&self, id: usize, fd: &mut VcpuFd) -> bool {
-        let mut counts = self.counts.lock().expect("poisoned");
+        let mut counts = self.counts.lock().recover();
         loop {
             match self.state.load(Ordering::Acquire) {
                 RUNNING => return true,
@@ -88,19 +93,19 @@ impl VcpuControl {
                     let work = self
                         .work
                         .lock()
-                        .expect("poisoned")
+                        .recover()
                         .get_mut(id)
                         .and_then(Option::take);
                     if let Some(work) = work {
                         // Still counted as parked: the guest does not run while it works.
                         drop(counts);
                         work(fd);
-                        counts = self.counts.lock().expect("poisoned");
+                        counts = self.counts.lock().recover();
                         continue;
                     }
                     counts.parked += 1;
                     self.cv.notify_all();
-                    counts = self.cv.wait(counts).expect("poisoned");
+                    counts = self.cv.wait(counts).recover();
                     counts.parked -= 1;
                 }
             }
@@ -108,14 +113,14 @@ impl VcpuControl {
     }
 
     fn mark_exited(&self) {
-        let mut counts = self.counts.lock().expect("poisoned");
+        let mut counts = self.counts.lock().recover();
         counts.exited += 1;
         self.cv.notify_all();
     }
 
     /// Records a terminal exit (the first one wins) and wakes the VMM thread.
     pub(crate) fn report_exit(&self, exit: VmExit) {
-        let mut pending = self.pending_exit.lock().expect("poisoned");
+        let mut pending = self.pending_exit.lock().recover();
         if pending.is_none() {
             *pending = Some(exit);
         }
@@ -126,23 +131,23 @@ impl VcpuControl {
     }
 
     pub(crate) fn take_pending_exit(&self) -> Option<VmExit> {
-        self.pending_exit.lock().expect("poisoned").take()
+        self.pending_exit.lock().recover().take()
     }
 
     fn set_state(&self, state: u8) {
         // Taking the lock orders the store against a thread that is about to wait in `park`.
-        let _counts = self.counts.lock().expect("poisoned");
+        let _counts = self.counts.lock().recover();
         self.state.store(state, Ordering::Release);
         self.cv.notify_all();
     }
 
     /// Waits until `done(counts)` or the timeout; returns whether it became true.
     fn wait_for(&self, timeout: Duration, done: impl Fn(&Counts) -> bool) -> bool {
-        let counts = self.counts.lock().expect("poisoned");
+        let counts = self.counts.lock().recover();
         let (counts, _) = self
             .cv
             .wait_timeout_while(counts, timeout, |c| !done(c))
-            .expect("poisoned");
+            .recover();
         done(&counts)
     }
 }
@@ -258,7 +263,7 @@ impl VcpuSet {
         let f = Arc::new(f);
         let (tx, rx) = std::sync::mpsc::channel();
         {
-            let mut work = self.control.work.lock().expect("poisoned");
+            let mut work = self.control.work.lock().recover();
             work.clear();
             for id in 0..n {
                 let (f, tx) = (Arc::clone(&f), tx.clone());
@@ -270,7 +275,7 @@ impl VcpuSet {
         drop(tx);
         // Wake the parked threads so they see their work.
         {
-            let _counts = self.control.counts.lock().expect("poisoned");
+            let _counts = self.control.counts.lock().recover();
             self.control.cv.notify_all();
         }
         let deadline = Instant::now() + VCPU_WAIT;
@@ -287,8 +292,14 @@ impl VcpuSet {
             }
         }
         // Work a thread did not take must not run later.
-        self.control.work.lock().expect("poisoned").clear();
+        self.control.work.lock().recover().clear();
         results.into_iter().collect()
+    }
+
+    /// Test hook: the next exit of a vCPU panics; the vCPUs are kicked out of the guest.
+    pub(crate) fn panic_on_next_exit(&self) {
+        self.control.panic_on_exit.store(true, Ordering::Relaxed);
+        self.kick_all();
     }
 
     /// Lets parked vCPUs run again.
@@ -327,12 +338,33 @@ impl VcpuSet {
 
 fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
     let mut vcpu = ThreadVcpu::new(fd);
+    // A panic in exit handling (a device's MMIO or port handler, say) ends this VM only, as a
+    // crash: the VMM thread stops the other vCPUs and tears the VM down.
+    if let Err(panic) = catch_unwind(AssertUnwindSafe(|| vcpu_loop(&mut vcpu, id, ctx))) {
+        let why = format!(
+            "vCPU thread {id} panicked: {}",
+            crate::seccomp::panic_message(&*panic)
+        );
+        log::error!("{why}");
+        ctx.control.report_exit(VmExit::Crashed(why));
+    }
+    drop(vcpu);
+    ctx.control.mark_exited();
+}
+
+fn vcpu_loop(vcpu: &mut ThreadVcpu, id: usize, ctx: &VcpuContext) {
     loop {
         if ctx.control.state.load(Ordering::Acquire) != RUNNING && !ctx.control.park(id, vcpu.fd())
         {
             break;
         }
-        match handle_exit(vcpu.fd(), ctx) {
+        let handled = handle_exit(vcpu.fd(), ctx);
+        if ctx.control.panic_on_exit.load(Ordering::Relaxed)
+            && ctx.control.panic_on_exit.swap(false, Ordering::Relaxed)
+        {
+            panic!("injected panic (test hook) in vCPU {id}'s exit handling");
+        }
+        match handled {
             Ok(None) => {}
             Ok(Some(exit)) => {
                 log::debug!("vcpu{id}: VM ends: {exit:?}");
@@ -345,8 +377,6 @@ fn run_vcpu(fd: VcpuFd, id: usize, ctx: &VcpuContext) {
             }
         }
     }
-    drop(vcpu);
-    ctx.control.mark_exited();
 }
 
 /// Runs the vCPU once. `Ok(Some)` ends the VM, `Err` means interrupted by a kick.

@@ -10,6 +10,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use devices::legacy::{BootSignal, ConsoleTail};
+use devices::sync::Recover;
 use devices::virtio::block::FileDisk;
 use devices::virtio::vsock::VsockHandle;
 use vmm_sys_util::eventfd::EventFd;
@@ -46,7 +47,7 @@ struct EndInner {
 
 impl std::fmt::Debug for EndState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let inner = self.inner.lock().expect("poisoned");
+        let inner = self.inner.lock().recover();
         f.debug_struct("EndState")
             .field("end", &inner.end)
             .field("watchers", &inner.watchers.len())
@@ -58,7 +59,7 @@ impl EndState {
     /// Records the end, wakes every waiter and runs the watchers (on this thread).
     pub(crate) fn set(&self, end: VmEnd) {
         let watchers = {
-            let mut inner = self.inner.lock().expect("poisoned");
+            let mut inner = self.inner.lock().recover();
             inner.end = Some(end.clone());
             std::mem::take(&mut inner.watchers)
         };
@@ -69,12 +70,12 @@ impl EndState {
     }
 
     fn get(&self) -> Option<VmEnd> {
-        self.inner.lock().expect("poisoned").end.clone()
+        self.inner.lock().recover().end.clone()
     }
 
     /// Runs `watcher` with the end: now if it is known, else when [`EndState::set`] records it.
     fn watch(&self, watcher: EndWatcher) {
-        let mut inner = self.inner.lock().expect("poisoned");
+        let mut inner = self.inner.lock().recover();
         match inner.end.clone() {
             Some(end) => {
                 drop(inner);
@@ -162,23 +163,19 @@ impl Vm {
 
     /// Blocks until the VM has ended.
     pub fn wait(&self) -> VmEnd {
-        let guard = self.end.inner.lock().expect("poisoned");
-        let guard = self
-            .end
-            .cv
-            .wait_while(guard, |e| e.end.is_none())
-            .expect("poisoned");
+        let guard = self.end.inner.lock().recover();
+        let guard = self.end.cv.wait_while(guard, |e| e.end.is_none()).recover();
         guard.end.clone().expect("waited for Some")
     }
 
     /// Waits up to `timeout` for the VM to end.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<VmEnd> {
-        let guard = self.end.inner.lock().expect("poisoned");
+        let guard = self.end.inner.lock().recover();
         let (guard, _) = self
             .end
             .cv
             .wait_timeout_while(guard, timeout, |e| e.end.is_none())
-            .expect("poisoned");
+            .recover();
         guard.end.clone()
     }
 

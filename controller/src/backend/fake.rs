@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+use devices::sync::Recover;
 use tokio::sync::watch;
 
 use super::{
@@ -69,50 +70,45 @@ impl FakeVmBackend {
 
     /// Makes every start take `d`.
     pub fn set_start_delay(&self, d: Duration) {
-        self.settings.lock().expect("poisoned").start_delay = d;
+        self.settings.lock().recover().start_delay = d;
     }
 
     /// Makes every start wait until `n` starts are in flight at once: a test of concurrency
     /// that hangs (and so times out) if starts are serialized.
     pub fn set_start_gate(&self, n: usize) {
-        self.settings.lock().expect("poisoned").gate = Some(Arc::new(tokio::sync::Barrier::new(n)));
+        self.settings.lock().recover().gate = Some(Arc::new(tokio::sync::Barrier::new(n)));
     }
 
     /// Makes the next `n` starts fail.
     pub fn fail_next_starts(&self, n: u32) {
-        self.settings.lock().expect("poisoned").fail_starts = n;
+        self.settings.lock().recover().fail_starts = n;
     }
 
     /// How guests of VMs started from now on answer shutdown requests.
     pub fn set_guest(&self, g: FakeGuest) {
-        self.settings.lock().expect("poisoned").guest = g;
+        self.settings.lock().recover().guest = g;
     }
 
     /// The latest VM started for `sandbox_id`.
     pub fn handle(&self, sandbox_id: &str) -> Option<Arc<FakeVmHandle>> {
-        self.state
-            .lock()
-            .expect("poisoned")
-            .handles
-            .get(sandbox_id)
-            .cloned()
+        self.state.lock().recover().handles.get(sandbox_id).cloned()
     }
 
     /// Number of successful starts so far.
     pub fn starts(&self) -> u64 {
-        self.state.lock().expect("poisoned").starts
+        self.state.lock().recover().starts
     }
 
     /// Specs of every successful start, in order.
     pub fn specs(&self) -> Vec<VmSpec> {
-        self.state.lock().expect("poisoned").specs.clone()
+        self.state.lock().recover().specs.clone()
     }
 
     /// Number of VMs that have not ended.
     pub fn running(&self) -> usize {
         self.state
             .lock()
-            .expect("poisoned")
+            .recover()
             .handles
             .values()
             .filter(|h| h.ended().is_none())
@@ -124,7 +120,7 @@ impl FakeVmBackend {
 impl VmBackend for FakeVmBackend {
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
         let (delay, fail, guest, gate) = {
-            let mut s = self.settings.lock().expect("poisoned");
+            let mut s = self.settings.lock().recover();
             let fail = s.fail_starts > 0;
             s.fail_starts = s.fail_starts.saturating_sub(1);
             (s.start_delay, fail, s.guest, s.gate.clone())
@@ -149,7 +145,7 @@ impl VmBackend for FakeVmBackend {
             resources: Mutex::default(),
             shutdown_requests: Mutex::new(0),
         });
-        let mut st = self.state.lock().expect("poisoned");
+        let mut st = self.state.lock().recover();
         st.starts += 1;
         st.specs.push(spec.clone());
         st.handles
@@ -195,12 +191,12 @@ impl FakeVmHandle {
 
     /// Resources applied, by container id.
     pub fn resources(&self) -> BTreeMap<String, StoredAny> {
-        self.resources.lock().expect("poisoned").clone()
+        self.resources.lock().recover().clone()
     }
 
     /// How often the guest was asked to shut down.
     pub fn shutdown_requests(&self) -> u32 {
-        *self.shutdown_requests.lock().expect("poisoned")
+        *self.shutdown_requests.lock().recover()
     }
 }
 
@@ -245,7 +241,7 @@ impl VmHandle for SharedFake {
         if self.0.ended().is_some() {
             return Err(BackendError::NotRunning);
         }
-        *self.0.shutdown_requests.lock().expect("poisoned") += 1;
+        *self.0.shutdown_requests.lock().recover() += 1;
         match self.0.guest {
             FakeGuest::NoAgent => Ok(ShutdownRequest::Unsupported),
             FakeGuest::Ignores => Ok(ShutdownRequest::Requested),
@@ -290,7 +286,7 @@ impl VmHandle for SharedFake {
         self.0
             .resources
             .lock()
-            .expect("poisoned")
+            .recover()
             .insert(container_id.to_string(), resources.clone());
         Ok(())
     }

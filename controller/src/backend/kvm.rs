@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use devices::sync::Recover;
 use tokio::sync::watch;
 use tracing::warn;
 
@@ -313,7 +314,7 @@ impl KvmHandle {
     }
 
     fn release(&self, index: usize) {
-        if let Some(used) = self.slots.lock().expect("poisoned").get_mut(index) {
+        if let Some(used) = self.slots.lock().recover().get_mut(index) {
             *used = false;
         }
     }
@@ -333,7 +334,7 @@ impl TaskTarget for KvmHandle {
     ) -> Result<AttachedDisk, BackendError> {
         self.running()?;
         let index = {
-            let mut slots = self.slots.lock().expect("poisoned");
+            let mut slots = self.slots.lock().recover();
             let total = slots.len();
             let (index, used) = slots
                 .iter_mut()
@@ -364,7 +365,7 @@ impl TaskTarget for KvmHandle {
         let used = self
             .slots
             .lock()
-            .expect("poisoned")
+            .recover()
             .get(index)
             .copied()
             .unwrap_or(false);

@@ -5,6 +5,7 @@
 
 use std::path::PathBuf;
 
+use devices::sync::Recover;
 use tokio::sync::watch;
 
 use super::SandboxService;
@@ -36,7 +37,7 @@ impl<B: VmBackend> SandboxService<B> {
     /// Every sandbox, sorted by id.
     pub fn list(&self) -> Vec<SandboxSummary> {
         let entries: Vec<_> = {
-            let map = self.sandboxes.lock().expect("poisoned");
+            let map = self.sandboxes.lock().recover();
             map.values().cloned().collect()
         };
         let mut list: Vec<SandboxSummary> = entries

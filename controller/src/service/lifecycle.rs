@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use devices::sync::Recover;
 use tracing::{info, warn};
 
 use super::registry::{Entry, Locked};
@@ -143,7 +144,7 @@ impl<B: VmBackend> SandboxService<B> {
         // Hold the sandbox's lock until it is on disk: nobody can Start it before that.
         let _op = Locked::new(Arc::clone(&entry)).await;
         {
-            let mut map = self.sandboxes.lock().expect("poisoned");
+            let mut map = self.sandboxes.lock().recover();
             if map.contains_key(&record.id) {
                 return Err(SandboxError::AlreadyExists {
                     what: "Sandbox",
@@ -163,7 +164,7 @@ impl<B: VmBackend> SandboxService<B> {
         .map_err(|e| SandboxError::Task(id.clone(), e))
         .and_then(|r| r.map_err(|e| SandboxError::Store(id.clone(), e)));
         if let Err(e) = persisted {
-            self.sandboxes.lock().expect("poisoned").remove(&id);
+            self.sandboxes.lock().recover().remove(&id);
             let _ = self.store.remove(&id);
             return Err(e);
         }
@@ -500,7 +501,7 @@ impl<B: VmBackend> SandboxService<B> {
         .await
         .map_err(|e| SandboxError::Task(id.clone(), e))?
         .map_err(|e| SandboxError::Store(id.clone(), e))?;
-        let mut map = self.sandboxes.lock().expect("poisoned");
+        let mut map = self.sandboxes.lock().recover();
         if map.get(&id).is_some_and(|e| Arc::ptr_eq(e, entry)) {
             map.remove(&id);
         }
@@ -521,7 +522,7 @@ impl<B: VmBackend> SandboxService<B> {
                 .unwrap_or_default()
         };
         let images = {
-            let mut slot = self.images.lock().expect("poisoned");
+            let mut slot = self.images.lock().recover();
             match &*slot {
                 Some(images) => Arc::clone(images),
                 None => {

@@ -23,6 +23,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
+use devices::sync::Recover;
+
 use crate::backend::{BackendError, VmBackend};
 use crate::config::{Config, VmDefaults};
 use crate::error::SandboxError;
@@ -265,13 +267,7 @@ impl<B: VmBackend> SandboxService<B> {
 
     /// Ids of all known sandboxes, sorted.
     pub fn ids(&self) -> Vec<String> {
-        let mut ids: Vec<_> = self
-            .sandboxes
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect();
+        let mut ids: Vec<_> = self.sandboxes.lock().recover().keys().cloned().collect();
         ids.sort();
         ids
     }
@@ -293,7 +289,7 @@ impl<B: VmBackend> SandboxService<B> {
         let now = SystemTime::now();
         for mut record in loaded.records {
             let id = record.id.clone();
-            if self.sandboxes.lock().expect("poisoned").contains_key(&id) {
+            if self.sandboxes.lock().recover().contains_key(&id) {
                 continue;
             }
             match record.state {
@@ -316,7 +312,7 @@ impl<B: VmBackend> SandboxService<B> {
             }
             self.sandboxes
                 .lock()
-                .expect("poisoned")
+                .recover()
                 .insert(id, Entry::new(record));
             report.restored += 1;
         }
@@ -327,7 +323,7 @@ impl<B: VmBackend> SandboxService<B> {
         validate_id("sandbox_id", id)?;
         self.sandboxes
             .lock()
-            .expect("poisoned")
+            .recover()
             .get(id)
             .cloned()
             .ok_or_else(|| SandboxError::NotFound(id.to_string()))

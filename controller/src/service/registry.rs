@@ -4,6 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::sync::Recover;
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::backend::VmHandle;
@@ -48,7 +49,7 @@ impl Entry {
     }
 
     pub(super) fn with<R>(&self, f: impl FnOnce(&mut EntryData) -> R) -> R {
-        f(&mut self.data.lock().expect("poisoned"))
+        f(&mut self.data.lock().recover())
     }
 
     pub(super) fn snapshot(&self) -> (SandboxRecord, Option<Arc<dyn VmHandle>>) {

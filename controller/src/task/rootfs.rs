@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use containerd_shim_protos::api::Mount;
+use devices::sync::Recover;
 
 use super::error::TaskError;
 
@@ -359,7 +360,7 @@ impl ImageCache {
 
     /// Number of images held (built or being built).
     pub fn len(&self) -> usize {
-        self.entries.lock().expect("poisoned").len()
+        self.entries.lock().recover().len()
     }
 
     /// Whether the cache holds no image.
@@ -371,7 +372,7 @@ impl ImageCache {
     pub fn refs(&self, lowers: &[PathBuf]) -> usize {
         self.entries
             .lock()
-            .expect("poisoned")
+            .recover()
             .get(lowers)
             .map_or(0, |e| e.refs)
     }
@@ -381,7 +382,7 @@ impl ImageCache {
     pub async fn acquire(&self, lowers: &[PathBuf]) -> Result<CachedImage, TaskError> {
         let key = lowers.to_vec();
         let (image, built) = {
-            let mut entries = self.entries.lock().expect("poisoned");
+            let mut entries = self.entries.lock().recover();
             let seq = self.seq.fetch_add(1, Ordering::Relaxed);
             let entry = entries.entry(key.clone()).or_insert_with(|| CacheEntry {
                 refs: 0,
@@ -428,7 +429,7 @@ impl ImageCache {
 
     /// Gives a reference back; the image is removed with the last one.
     pub fn release(&self, image: CachedImage) {
-        let mut entries = self.entries.lock().expect("poisoned");
+        let mut entries = self.entries.lock().recover();
         let Some(entry) = entries.get_mut(&image.key) else {
             return;
         };

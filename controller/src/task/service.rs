@@ -22,6 +22,7 @@ use containerd_shim_protos::api::{
 use containerd_shim_protos::protobuf::well_known_types::empty::Empty;
 use containerd_shim_protos::shim::shim::CheckpointTaskRequest;
 use containerd_shim_protos::shim_async::{Task, TaskClient};
+use devices::sync::Recover;
 use proto::agent::control::{BundleFile, PrepareBundleRequest, RemoveBundleRequest};
 use proto::agent::control_ttrpc::ControlClient;
 use ttrpc::asynchronous::TtrpcContext;
@@ -201,25 +202,20 @@ impl Endpoint {
 
     /// Ids of the containers the endpoint holds resources for.
     pub(crate) fn container_ids(&self) -> Vec<String> {
-        self.containers
-            .lock()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect()
+        self.containers.lock().recover().keys().cloned().collect()
     }
 
     /// Whether the endpoint holds container `id` (created, not deleted).
     pub(crate) fn has_container(&self, id: &str) -> bool {
         matches!(
-            self.containers.lock().expect("poisoned").get(id),
+            self.containers.lock().recover().get(id),
             Some(Entry::Ready(_))
         )
     }
 
     /// The containerd namespace a container was created in.
     pub(crate) fn namespace_of(&self, id: &str) -> Option<String> {
-        match self.containers.lock().expect("poisoned").get(id) {
+        match self.containers.lock().recover().get(id) {
             Some(Entry::Ready(c)) => c.namespace.clone(),
             _ => None,
         }
@@ -253,15 +249,15 @@ impl Endpoint {
     }
 
     fn keep_bridges(&self, bridges: Bridges) {
-        let mut all = self.bridges.lock().expect("poisoned");
+        let mut all = self.bridges.lock().recover();
         all.retain(|b| !b.finished());
         all.push(bridges);
     }
 
     /// Frees what every container holds (the endpoint is going away).
     pub(crate) async fn release_all(&self) {
-        self.bridges.lock().expect("poisoned").clear();
-        let all: Vec<(String, Entry)> = self.containers.lock().expect("poisoned").drain().collect();
+        self.bridges.lock().recover().clear();
+        let all: Vec<(String, Entry)> = self.containers.lock().recover().drain().collect();
         for (id, entry) in all {
             match entry {
                 Entry::Ready(c) => self.release(&id, c.resources).await,
@@ -425,7 +421,7 @@ impl Endpoint {
                 };
                 self.containers
                     .lock()
-                    .expect("poisoned")
+                    .recover()
                     .insert(id.to_owned(), Entry::Prepared(prepared));
                 tracing::info!("Prepared container {id} (guest bundle {guest_bundle})");
                 Ok(guest_bundle)
@@ -463,14 +459,14 @@ impl Endpoint {
             self.remove_bundle(id).await;
         }
         self.release(id, res).await;
-        self.containers.lock().expect("poisoned").remove(id);
+        self.containers.lock().recover().remove(id);
     }
 
     /// Seed API Purge: frees what Prepare (and Create) took for `id`: its slots, images and
     /// guest bundle. `false` when the endpoint holds nothing for it.
     pub(crate) async fn purge(&self, id: &str) -> bool {
         let entry = {
-            let mut containers = self.containers.lock().expect("poisoned");
+            let mut containers = self.containers.lock().recover();
             match containers.get(id) {
                 Some(Entry::Creating) | None => None,
                 Some(_) => containers.remove(id),
@@ -489,7 +485,7 @@ impl Endpoint {
 
     /// Marks `id` as being created; fails if the endpoint knows it already.
     fn reserve(&self, id: &str) -> Result<(), TaskError> {
-        let mut containers = self.containers.lock().expect("poisoned");
+        let mut containers = self.containers.lock().recover();
         if containers.contains_key(id) {
             return Err(TaskError::ContainerExists(id.to_owned()));
         }
@@ -579,7 +575,7 @@ impl Endpoint {
             return Err(TaskError::Unimplemented("Create from a checkpoint".into()));
         }
         let readied = {
-            let mut containers = self.containers.lock().expect("poisoned");
+            let mut containers = self.containers.lock().recover();
             match containers.get(&req.id) {
                 Some(Entry::Prepared(_)) => {
                     match containers.insert(req.id.clone(), Entry::Creating) {
@@ -596,7 +592,7 @@ impl Endpoint {
         };
         if let Some(p) = readied {
             let result = self.create_prepared(ctx, &req, &p).await;
-            let mut containers = self.containers.lock().expect("poisoned");
+            let mut containers = self.containers.lock().recover();
             match result {
                 Ok(resp) => {
                     let container = Container::created(ctx, &req, p.host_bundle, p.resources);
@@ -623,7 +619,7 @@ impl Endpoint {
                 let container = Container::created(ctx, &req, req.bundle.clone(), res);
                 self.containers
                     .lock()
-                    .expect("poisoned")
+                    .recover()
                     .insert(req.id.clone(), Entry::Ready(container));
                 tracing::info!("Created container {} (guest pid {})", req.id, resp.pid);
                 Ok(resp)
@@ -661,7 +657,7 @@ impl Endpoint {
             return result;
         }
         let entry = {
-            let mut containers = self.containers.lock().expect("poisoned");
+            let mut containers = self.containers.lock().recover();
             match containers.get(&req.id) {
                 Some(Entry::Ready(_)) => containers.remove(&req.id),
                 _ => None,
@@ -692,7 +688,7 @@ impl Endpoint {
         let (c, timeout) = out_ctx(ctx, Some(self.call_timeout));
         let mut resp = bounded("State", timeout, self.task()?.state(c, &req)).await?;
         // The caller knows the container by its host bundle and stdio.
-        if let Some(Entry::Ready(c)) = self.containers.lock().expect("poisoned").get(&req.id) {
+        if let Some(Entry::Ready(c)) = self.containers.lock().recover().get(&req.id) {
             resp.bundle.clone_from(&c.host_bundle);
             if req.exec_id.is_empty() {
                 [resp.stdin, resp.stdout, resp.stderr] = c.stdio.clone();

@@ -6,6 +6,7 @@
 //! the VM's start, which every start-up benchmark reports. Later writes are ignored, so a guest
 //! cannot move the recorded figure.
 
+use crate::sync::Recover;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,23 +26,23 @@ struct BootState {
 impl BootSignal {
     /// The time from VM start to the guest's signal, if it came.
     pub fn get(&self) -> Option<Duration> {
-        self.value.lock().expect("poisoned").elapsed
+        self.value.lock().recover().elapsed
     }
 
     /// Waits up to `timeout` for the signal. Returns early (with `None`) once the signal is
     /// closed because the VM ended without signalling.
     pub fn wait(&self, timeout: Duration) -> Option<Duration> {
-        let guard = self.value.lock().expect("poisoned");
+        let guard = self.value.lock().recover();
         let (guard, _) = self
             .cv
             .wait_timeout_while(guard, timeout, |s| s.elapsed.is_none() && !s.closed)
-            .expect("poisoned");
+            .recover();
         guard.elapsed
     }
 
     /// Records the signal once; later calls are ignored.
     fn record(&self, elapsed: Duration) {
-        let mut state = self.value.lock().expect("poisoned");
+        let mut state = self.value.lock().recover();
         if state.elapsed.is_none() {
             state.elapsed = Some(elapsed);
             self.cv.notify_all();
@@ -50,7 +51,7 @@ impl BootSignal {
 
     /// Wakes waiters: no signal will come any more (the VM ended).
     pub fn close(&self) {
-        let mut state = self.value.lock().expect("poisoned");
+        let mut state = self.value.lock().recover();
         state.closed = true;
         self.cv.notify_all();
     }

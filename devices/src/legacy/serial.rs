@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 
+use crate::sync::Recover;
 use crate::virtio::Line;
 
 /// Bytes of console output kept in memory.
@@ -32,7 +33,7 @@ struct TailState {
 
 impl ConsoleTail {
     fn push(&self, data: &[u8]) {
-        let mut state = self.inner.lock().expect("poisoned");
+        let mut state = self.inner.lock().recover();
         state.total = state.total.saturating_add(data.len() as u64);
         let keep = data.len().min(TAIL_CAPACITY);
         let data = data.get(data.len() - keep..).unwrap_or_default();
@@ -43,7 +44,7 @@ impl ConsoleTail {
 
     /// The retained output, lossily decoded.
     pub fn text(&self) -> String {
-        let state = self.inner.lock().expect("poisoned");
+        let state = self.inner.lock().recover();
         let (a, b) = state.bytes.as_slices();
         let mut bytes = Vec::with_capacity(a.len() + b.len());
         bytes.extend_from_slice(a);
@@ -53,7 +54,7 @@ impl ConsoleTail {
 
     /// Bytes printed since the VM started (including those no longer retained).
     pub fn total_bytes(&self) -> u64 {
-        self.inner.lock().expect("poisoned").total
+        self.inner.lock().recover().total
     }
 }
 

@@ -222,7 +222,7 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "--concurrency",
         "N",
         "8",
-        "template-start: clients starting sandboxes at once for the Starts-per-second figure",
+        "template-start: clients starting sandboxes at once for the Starts-per-second figure; soak: clients running cycles at once",
     ),
     ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
     (

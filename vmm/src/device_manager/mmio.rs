@@ -10,6 +10,7 @@
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex};
 
+use devices::sync::Recover;
 use devices::virtio::transport::{MMIO_REGION_SIZE, MmioState, MmioTransport, NOTIFY_REG_OFFSET};
 use devices::virtio::{Interrupt, IrqTrigger, VirtioDevice};
 use event_manager::{MutEventSubscriber, SubscriberId, SubscriberOps};
@@ -28,16 +29,16 @@ pub(crate) struct TransportBus(Mutex<MmioTransport>);
 impl TransportBus {
     /// The transport's state, for a snapshot.
     pub(crate) fn state(&self) -> MmioState {
-        self.0.lock().expect("poisoned").state()
+        self.0.lock().recover().state()
     }
 }
 
 impl BusDevice for TransportBus {
     fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0.lock().expect("poisoned").read(offset, data);
+        self.0.lock().recover().read(offset, data);
     }
     fn write(&self, offset: u64, data: &[u8]) {
-        self.0.lock().expect("poisoned").write(offset, data);
+        self.0.lock().recover().write(offset, data);
     }
 }
 

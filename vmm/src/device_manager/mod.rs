@@ -11,6 +11,7 @@
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use devices::sync::Recover;
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::{BlockConfig, DiskBackend, VirtioBlock};
 use devices::virtio::net::{NetBackend, NetConfig, Tap, VirtioNet};
@@ -247,9 +248,9 @@ impl<'a> DeviceManager<'a> {
 impl Devices {
     /// Open vsock connections (a VM saved with one would have a peer no clone has).
     pub(crate) fn vsock_connections(&self) -> usize {
-        self.vsock_device.as_ref().map_or(0, |d| {
-            d.lock().expect("poisoned").backend().connection_count()
-        })
+        self.vsock_device
+            .as_ref()
+            .map_or(0, |d| d.lock().recover().backend().connection_count())
     }
 
     /// Every device's transport state, in slot order.
@@ -271,7 +272,7 @@ impl Devices {
         read_only: bool,
     ) -> Result<Option<SubscriberId>, DeviceError> {
         let slot = self.slot(index)?;
-        let mut dev = slot.dev.lock().expect("poisoned");
+        let mut dev = slot.dev.lock().recover();
         dev.attach(disk, read_only)
             .map_err(|source| DeviceError::Block { index, source })?;
         if slot.wired {
@@ -288,7 +289,7 @@ impl Devices {
 
     /// Empties block slot `index`.
     pub(crate) fn detach_disk(&mut self, index: usize) -> Result<(), DeviceError> {
-        self.slot(index)?.dev.lock().expect("poisoned").detach();
+        self.slot(index)?.dev.lock().recover().detach();
         Ok(())
     }
 

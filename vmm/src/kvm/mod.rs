@@ -15,6 +15,7 @@ pub(crate) mod state;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use devices::sync::Recover;
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
@@ -92,7 +93,7 @@ pub(crate) struct KvmCell(Mutex<Option<Arc<KvmContext>>>);
 impl KvmCell {
     /// The context, opening `/dev/kvm` if no call has yet.
     pub(crate) fn get(&self) -> Result<Arc<KvmContext>, KvmError> {
-        let mut slot = self.0.lock().expect("poisoned");
+        let mut slot = self.0.lock().recover();
         if let Some(ctx) = &*slot {
             return Ok(Arc::clone(ctx));
         }
@@ -209,7 +210,7 @@ impl IrqLine {
 
 impl devices::virtio::Line for IrqLine {
     fn pulse(&self) -> io::Result<()> {
-        let _edge = self.edge.lock().expect("poisoned");
+        let _edge = self.edge.lock().recover();
         let errno = |e: kvm_ioctls::Error| io::Error::from_raw_os_error(e.errno());
         self.vm.set_irq_line(self.gsi, true).map_err(errno)?;
         self.vm.set_irq_line(self.gsi, false).map_err(errno)

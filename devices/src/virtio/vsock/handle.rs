@@ -26,6 +26,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TryR
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use crate::sync::Recover;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 /// A connection accepted from the guest: the host's stream end and the guest's source port.
@@ -138,7 +139,7 @@ impl VsockHandle {
     /// starts. Fails with `AddrInUse` if the port is already listened on, `NotConnected` if
     /// the device is gone.
     pub fn listen(&self, host_port: u32) -> io::Result<VsockListener> {
-        let mut listeners = self.shared.listeners.lock().expect("poisoned");
+        let mut listeners = self.shared.listeners.lock().recover();
         if self.shared.closed.load(Ordering::SeqCst) {
             return Err(device_gone());
         }
@@ -264,7 +265,7 @@ impl AsRawFd for VsockListener {
 impl Drop for VsockListener {
     fn drop(&mut self) {
         if let Some(shared) = self.shared.upgrade() {
-            let mut listeners = shared.listeners.lock().expect("poisoned");
+            let mut listeners = shared.listeners.lock().recover();
             if listeners
                 .get(&self.port)
                 .is_some_and(|sink| sink.id == self.id)

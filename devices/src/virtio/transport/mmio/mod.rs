@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::sync::Recover;
 use crate::virtio::{
     Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VirtioDevice, guest_warn,
 };
@@ -264,7 +265,7 @@ impl MmioTransport {
         interrupt: Arc<dyn Interrupt>,
     ) -> Self {
         let (device_type, queues) = {
-            let dev = device.lock().expect("poisoned");
+            let dev = device.lock().recover();
             let queues = dev
                 .queue_max_sizes()
                 .iter()
@@ -303,7 +304,7 @@ impl MmioTransport {
 
     /// The `Status` register as the driver reads it.
     pub fn status(&self) -> u32 {
-        let device_needs_reset = self.device.lock().expect("poisoned").needs_reset();
+        let device_needs_reset = self.device.lock().recover().needs_reset();
         if self.needs_reset || device_needs_reset {
             self.status | DEVICE_NEEDS_RESET
         } else {
@@ -322,7 +323,7 @@ impl MmioTransport {
                 );
                 return;
             }
-            let dev = self.device.lock().expect("poisoned");
+            let dev = self.device.lock().recover();
             dev.read_config(offset.saturating_sub(CONFIG_SPACE), data);
             return;
         }
@@ -352,7 +353,7 @@ impl MmioTransport {
                 );
                 return;
             }
-            let mut dev = self.device.lock().expect("poisoned");
+            let mut dev = self.device.lock().recover();
             dev.write_config(offset.saturating_sub(CONFIG_SPACE), data);
             return;
         }
@@ -377,7 +378,7 @@ impl MmioTransport {
             DEVICE_ID => self.device_type,
             VENDOR_ID => VENDOR,
             DEVICE_FEATURES => {
-                let features = self.device.lock().expect("poisoned").avail_features();
+                let features = self.device.lock().recover().avail_features();
                 match self.device_features_sel {
                     0 => low_u32(features),
                     1 => high_u32(features),
@@ -395,7 +396,7 @@ impl MmioTransport {
             CONFIG_GENERATION => {
                 // Read under the device lock so a change in progress is either fully before
                 // or fully after this read.
-                let _dev = self.device.lock().expect("poisoned");
+                let _dev = self.device.lock().recover();
                 self.interrupt.generation.load(Ordering::SeqCst)
             }
             _ => {
@@ -508,7 +509,7 @@ impl MmioTransport {
             guest_warn!("virtio-mmio: notification of missing queue {val}");
             return;
         }
-        let result = self.device.lock().expect("poisoned").queue_notified(val);
+        let result = self.device.lock().recover().queue_notified(val);
         if let Err(e) = result {
             guest_warn!("virtio-mmio: queue {val} notification failed: {e}");
         }
@@ -546,7 +547,7 @@ impl MmioTransport {
 
     /// Checks the driver's features when it sets `FEATURES_OK` and hands them to the device.
     fn features_ok(&mut self) -> bool {
-        let mut dev = self.device.lock().expect("poisoned");
+        let mut dev = self.device.lock().recover();
         let offered = dev.avail_features();
         let acked = self.driver_features;
         if self.driver_features_invalid || acked & !offered != 0 {
@@ -584,7 +585,7 @@ impl MmioTransport {
         let result = match queues {
             Ok(queues) => {
                 let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
-                let mut dev = self.device.lock().expect("poisoned");
+                let mut dev = self.device.lock().recover();
                 dev.activate(self.mem.clone(), queues, interrupt)
                     .map_err(|e| e.to_string())
             }
@@ -602,7 +603,7 @@ impl MmioTransport {
     /// The driver wrote 0 to `Status` (§2.4): reset the device and every transport register to
     /// its initial value, including `InterruptStatus` and each `QueueReady` (§4.2.2.2).
     fn reset(&mut self) {
-        let result = self.device.lock().expect("poisoned").reset();
+        let result = self.device.lock().recover().reset();
         if let Err(e) = result {
             // The device is still running: keep Status non-zero so the driver does not think it
             // can start over (§2.4.1: it waits for Status to read 0).

@@ -16,6 +16,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestMemoryMmap;
 
 use super::{DRIVER_OK, FEATURES_OK, GenerationCounter, MmioTransport, QueueRegs};
+use crate::sync::Recover;
 use crate::virtio::{Interrupt, VIRTIO_RING_F_EVENT_IDX, VirtioDevice};
 
 /// The registers of one queue.
@@ -93,7 +94,7 @@ impl MmioTransport {
     /// The device as a snapshot keeps it. Call between two passes of the event loop (the VMM
     /// thread), with the vCPUs paused: no register write or chain is half done.
     pub fn state(&self) -> MmioState {
-        let positions = self.device.lock().expect("poisoned").queue_positions();
+        let positions = self.device.lock().recover().queue_positions();
         MmioState {
             device_type: self.device_type,
             status: self.status,
@@ -165,7 +166,7 @@ impl MmioTransport {
         });
         t.interrupt.restore_status(state.interrupt_status);
         if t.status & FEATURES_OK != 0 {
-            let mut dev = t.device.lock().expect("poisoned");
+            let mut dev = t.device.lock().recover();
             let offered = dev.avail_features();
             dev.set_acked_features(state.driver_features & offered);
         }
@@ -196,7 +197,7 @@ impl MmioTransport {
             queues.push(queue);
         }
         let interrupt: Arc<dyn Interrupt> = self.interrupt.clone();
-        let mut dev = self.device.lock().expect("poisoned");
+        let mut dev = self.device.lock().recover();
         dev.activate(self.mem.clone(), queues, interrupt)
             .map_err(RestoreError::Activate)?;
         dev.restored();
