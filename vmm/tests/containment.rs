@@ -1,0 +1,115 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A panic in one VM's threads ends that VM only. Three agent-mode VMs run in one process; a
+//! test hook (`VmmAction::InjectPanic`) makes the first one's VMM thread panic while it holds
+//! a device's lock, and the second one's vCPU thread panic in its exit handling. Each of those
+//! ends as crashed, with the panic as its reason, is torn down and gives back its descriptors;
+//! the third keeps running and answering its agent, and a new VM starts beside it. (Its own
+//! test binary: the descriptor counts see no other test's VMs.)
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate: its top level is the test module"
+)]
+
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+use test_guests::{Guest, agent, require_kvm};
+use vmm::{DeviceConfig, PanicSite, Vm, VmConfig, VmExit, VmmAction, VmmActionError};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+fn fd_count() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// An agent-mode VM whose agent has sent its ready line and now idles.
+fn agent_vm(host: &vmm::Host, cid: u64) -> Vm {
+    let mut c = VmConfig::new(Guest::Virtio.elf());
+    c.mem_mib = 32;
+    c.cmdline = agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[]);
+    c.devices = vec![DeviceConfig::Vsock {
+        guest_cid: cid,
+        uds_path: None,
+    }];
+    let vm = Vm::start(host, c).unwrap();
+    let listener = vm.vsock().unwrap().listen(agent::READY_PORT).unwrap();
+    let (mut ready, _) = listener.accept().unwrap();
+    ready.set_read_timeout(Some(TIMEOUT)).unwrap();
+    ready.read_to_string(&mut String::new()).unwrap();
+    let deadline = Instant::now() + TIMEOUT;
+    while !vm.console().contains(agent::READY) {
+        assert!(Instant::now() < deadline, "no ready line: {}", vm.console());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    vm
+}
+
+/// The VM still runs and its agent still takes a connection, through the VMM thread (vsock
+/// device), the vCPU (the guest's driver and agent) and back.
+fn answers(vm: &Vm) {
+    assert_eq!(vm.ended(), None);
+    vm.pause().unwrap();
+    vm.resume().unwrap();
+    let stream = vm.vsock().unwrap().connect(agent::PORT).unwrap();
+    drop(stream);
+}
+
+fn crashed_with(vm: &Vm, needle: &str) {
+    let end = vm.wait_timeout(TIMEOUT).expect("the VM did not end");
+    match &end.exit {
+        VmExit::Crashed(why) => assert!(why.contains(needle), "{why}"),
+        other => panic!("ended as {other:?}, not crashed"),
+    }
+    // Ended means ended: requests fail at once and Stop returns the same end.
+    assert!(matches!(vm.pause(), Err(VmmActionError::NotRunning)));
+    assert_eq!(vm.stop(), end);
+}
+
+#[test]
+fn a_panic_in_one_vms_threads_ends_that_vm_only() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    // Warm up the host's one-time descriptors (its KVM handle) before counting.
+    drop(agent_vm(&host, 3).stop());
+    assert!(host.wait_all_torn_down(TIMEOUT));
+    let fds0 = fd_count();
+
+    let device = agent_vm(&host, 3);
+    let vcpu = agent_vm(&host, 4);
+    let healthy = agent_vm(&host, 5);
+    answers(&healthy);
+    assert_eq!(host.live_vms(), 3);
+
+    // The VMM thread panics while it handles the request: the caller gets no answer.
+    let asked = device.request(VmmAction::InjectPanic(PanicSite::Device));
+    assert!(asked.is_err(), "{asked:?}");
+    crashed_with(&device, "VMM thread panicked: injected panic");
+    answers(&healthy);
+
+    vcpu.request(VmmAction::InjectPanic(PanicSite::VcpuExit))
+        .unwrap();
+    crashed_with(&vcpu, "vCPU thread 0 panicked: injected panic");
+    answers(&healthy);
+
+    // Both crashed VMs are torn down: the live count and the descriptors say so.
+    drop((device, vcpu));
+    let deadline = Instant::now() + TIMEOUT;
+    while host.live_vms() != 1 {
+        assert!(Instant::now() < deadline, "live VMs: {}", host.live_vms());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // The host still starts VMs, beside the healthy one.
+    let next = agent_vm(&host, 6);
+    answers(&next);
+    answers(&healthy);
+    assert_eq!(next.stop().exit, VmExit::Stopped);
+    assert_eq!(healthy.stop().exit, VmExit::Stopped);
+    drop((next, healthy));
+    assert!(host.wait_all_torn_down(TIMEOUT));
+    assert_eq!(fd_count(), fds0, "descriptors left behind");
+}
