@@ -23,6 +23,7 @@
 //! blk_slots = 8
 //! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
 //! agent_ready_timeout_ms = 10000  # Start fails if the guest agent is not ready by then
+//! console_log_max_kib = 1024   # <state_dir>/<id>/console.log starts again past this (min 64)
 //! seccomp = "enforce"          # vCPU and VMM threads: "enforce", "log" (allow, kernel logs) or "off"
 //!
 //! [template]
@@ -152,7 +153,15 @@ pub struct VmDefaults {
     pub agent_ready_timeout_ms: u64,
     /// Seccomp filters of the VMs' vCPU and VMM threads.
     pub seccomp: Seccomp,
+    /// KiB a sandbox's console log may hold; past them it starts again with the newest
+    /// output. The state dir is usually tmpfs, so this bounds what a guest can take of it.
+    pub console_log_max_kib: u64,
 }
+
+/// Default of [`VmDefaults::console_log_max_kib`].
+pub const DEFAULT_CONSOLE_LOG_MAX_KIB: u64 = 1024;
+/// Smallest [`VmDefaults::console_log_max_kib`] accepted.
+pub const MIN_CONSOLE_LOG_MAX_KIB: u64 = 64;
 
 /// Default of [`VmDefaults::agent_ready_timeout_ms`].
 pub const DEFAULT_AGENT_READY_TIMEOUT_MS: u64 = 10_000;
@@ -169,6 +178,7 @@ impl Default for VmDefaults {
             blk_slots: 8,
             pool_depth: 1,
             agent_ready_timeout_ms: DEFAULT_AGENT_READY_TIMEOUT_MS,
+            console_log_max_kib: DEFAULT_CONSOLE_LOG_MAX_KIB,
             seccomp: Seccomp::Enforce,
         }
     }
@@ -316,6 +326,9 @@ pub struct ServeArgs {
     /// How long Start waits for the guest agent's ready signal, in milliseconds.
     #[arg(long, value_name = "MS")]
     pub agent_ready_timeout_ms: Option<u64>,
+    /// KiB a sandbox's console log may hold before it starts again.
+    #[arg(long, value_name = "KIB")]
+    pub console_log_max_kib: Option<u64>,
     /// Seccomp filters of the VMs' vCPU and VMM threads.
     #[arg(long, value_enum)]
     pub seccomp: Option<Seccomp>,
@@ -383,6 +396,7 @@ impl Config {
             &mut self.vm.agent_ready_timeout_ms,
             &args.agent_ready_timeout_ms,
         );
+        set(&mut self.vm.console_log_max_kib, &args.console_log_max_kib);
         set(&mut self.vm.seccomp, &args.seccomp);
         set(&mut self.template.enabled, &args.templates);
         set(&mut self.log_level, &args.log_level);
@@ -439,6 +453,12 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "vm.agent_ready_timeout_ms",
                 "must be at least 1".into(),
+            ));
+        }
+        if self.vm.console_log_max_kib < MIN_CONSOLE_LOG_MAX_KIB {
+            return Err(ConfigError::Invalid(
+                "vm.console_log_max_kib",
+                format!("must be at least {MIN_CONSOLE_LOG_MAX_KIB}"),
             ));
         }
         if self.vm.mem_mib < vmm::config::MIN_MEM_MIB {
@@ -702,6 +722,15 @@ mod tests {
         assert!(matches!(
             c.validate(),
             Err(ConfigError::Invalid("vm.mem_mib", _))
+        ));
+        let mut c = Config::default();
+        c.apply(&ServeArgs {
+            console_log_max_kib: Some(8),
+            ..ServeArgs::default()
+        });
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::Invalid("vm.console_log_max_kib", why)) if why.contains("64")
         ));
         let mut c = Config::default();
         c.apply(&ServeArgs {

@@ -186,6 +186,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     config.seccomp = args.seccomp.into();
     config.console = vmm::ConsoleConfig {
         log_path: args.console_log,
+        log_max_bytes: None,
         stdout: true,
     };
     let host = vmm::Host::new();

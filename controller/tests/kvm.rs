@@ -460,6 +460,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
         blk_slots,
         seccomp: vmm::SeccompPolicy::default(),
         console_log: Some(dir.join("console.log")),
+        console_log_max_bytes: Some(64 * 1024),
         vsock_uds: None,
         setup: GuestSetup {
             hostname: "target".into(),

@@ -256,7 +256,10 @@ impl Vm {
         };
         let passthrough: Option<Box<dyn io::Write + Send>> =
             console_cfg.stdout.then(|| Box::new(io::stdout()) as _);
-        let sink = ConsoleSink::new(console_log, passthrough);
+        let mut sink = ConsoleSink::new(console_log, passthrough);
+        if let Some(max) = console_cfg.log_max_bytes {
+            sink = sink.with_log_limit(max);
+        }
         let console = sink.tail();
         let serial = match &source {
             Source::Boot(_) => SerialConsole::new(serial_irq, sink),

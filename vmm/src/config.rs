@@ -25,6 +25,9 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 nomodule";
 pub struct ConsoleConfig {
     /// Append console output to this file.
     pub log_path: Option<PathBuf>,
+    /// Bytes the log file may hold; past them it starts again with the newest output
+    /// (`devices::legacy::ConsoleSink::with_log_limit`). `None`: no limit.
+    pub log_max_bytes: Option<u64>,
     /// Also copy console output to this process's stdout (the command-line front end).
     pub stdout: bool,
 }

@@ -234,6 +234,35 @@ fn stop_while_paused_does_not_hang() {
 }
 
 #[test]
+fn a_console_log_past_its_limit_starts_again_under_the_seccomp_filter() {
+    require_kvm!();
+    let dir = std::env::temp_dir().join(format!("console-limit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("console.log");
+    let mut c = config(Guest::Spin.elf(), 1, 32, "spin");
+    c.seccomp = vmm::SeccompPolicy::Enforce;
+    c.console.log_path = Some(log.clone());
+    c.console.log_max_bytes = Some(64);
+    let vm = Vm::start(host(), c).unwrap();
+    vm.wait_boot(TIMEOUT).expect("boot");
+    // The spin guest prints a dot about every 7 ms: well past 64 bytes in a second.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while vm.console_bytes() < 200 {
+        assert!(std::time::Instant::now() < deadline, "{}", vm.console());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(vm.stop().exit, VmExit::Stopped);
+    // The vCPU thread truncated the file (ftruncate is on its list) and kept writing.
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (_, after) = text
+        .split_once("[sandboxer: console log limit of 64 bytes reached")
+        .unwrap_or_else(|| panic!("no restart note in {text:?}"));
+    assert!(after.ends_with('.'), "{text:?}");
+    assert!(text.len() < 512, "{} bytes: {text:?}", text.len());
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
 fn many_vms_run_concurrently() {
     require_kvm!();
     let handles: Vec<_> = (0..8)

@@ -107,8 +107,10 @@ impl<B: VmBackend> Admin for AdminApi<B> {
             .await
             .map_err(|e| Status::internal(format!("cannot read the console log: {e}")))?
             .len();
+        let mut pos = 0;
         if req.tail_bytes > 0 {
             let from = len.saturating_sub(req.tail_bytes);
+            pos = from;
             file.seek(SeekFrom::Start(from))
                 .await
                 .map_err(|e| Status::internal(format!("cannot read the console log: {e}")))?;
@@ -130,12 +132,20 @@ impl<B: VmBackend> Admin for AdminApi<B> {
                     }
                 };
                 if n > 0 {
+                    pos += n as u64;
                     let chunk = ConsoleChunk {
                         data: buf[..n].to_vec(),
                     };
                     if tx.send(Ok(chunk)).await.is_err() {
                         return; // the client went away
                     }
+                    continue;
+                }
+                // A log that reached its limit starts again (`[vm] console_log_max_kib`): go
+                // back to its start, where a line says so.
+                let restarted = file.metadata().await.is_ok_and(|m| m.len() < pos);
+                if restarted && file.seek(SeekFrom::Start(0)).await.is_ok() {
+                    pos = 0;
                     continue;
                 }
                 // At the end of what is there: done, unless following a VM that still runs.

@@ -204,6 +204,7 @@ impl KvmBackend {
         let config = vmm::CloneConfig {
             console: vmm::ConsoleConfig {
                 log_path: spec.console_log.clone(),
+                log_max_bytes: spec.console_log_max_bytes,
                 stdout: false,
             },
             seccomp: spec.seccomp,
@@ -480,6 +481,7 @@ mod tests {
             blk_slots: 0,
             seccomp: vmm::SeccompPolicy::default(),
             console_log: None,
+            console_log_max_bytes: None,
             vsock_uds: None,
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),
@@ -507,6 +509,7 @@ mod tests {
             blk_slots: 0,
             seccomp: vmm::SeccompPolicy::default(),
             console_log: None,
+            console_log_max_bytes: None,
             vsock_uds: None,
             setup: GuestSetup::default(),
             agent_ready_timeout: Duration::from_secs(1),

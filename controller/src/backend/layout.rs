@@ -56,6 +56,7 @@ pub(super) fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
     config.seccomp = spec.seccomp;
     config.console = vmm::ConsoleConfig {
         log_path: spec.console_log.clone(),
+        log_max_bytes: spec.console_log_max_bytes,
         stdout: false,
     };
     config.devices.push(vmm::DeviceConfig::Vsock {

@@ -158,6 +158,8 @@ pub struct VmSpec {
     pub seccomp: vmm::SeccompPolicy,
     /// File that receives the guest console.
     pub console_log: Option<PathBuf>,
+    /// Bytes the console log may hold (it starts again past them); `None`: no limit.
+    pub console_log_max_bytes: Option<u64>,
     /// Hybrid vsock unix socket (`<state>/<id>/vsock.sock`) for debugging tools; `None` for
     /// the in-process vsock API only.
     pub vsock_uds: Option<PathBuf>,

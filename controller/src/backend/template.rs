@@ -95,6 +95,7 @@ impl Shape {
             blk_slots: self.blk_slots,
             seccomp: self.seccomp.parse().unwrap_or_default(),
             console_log: None,
+            console_log_max_bytes: None,
             vsock_uds: None,
             setup: Default::default(),
             agent_ready_timeout,
@@ -488,6 +489,7 @@ fn template_spec(spec: &VmSpec) -> VmSpec {
     VmSpec {
         sandbox_id: "template".into(),
         console_log: None,
+        console_log_max_bytes: None,
         vsock_uds: None,
         setup: Default::default(),
         nics: super::NetDevices::new(Vec::new()),

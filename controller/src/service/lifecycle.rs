@@ -307,6 +307,7 @@ impl<B: VmBackend> SandboxService<B> {
             blk_slots: vm.blk_slots,
             seccomp: vm.seccomp.into(),
             console_log: Some(dir.join(super::admin::CONSOLE_LOG)),
+            console_log_max_bytes: Some(vm.console_log_max_kib.saturating_mul(1024)),
             vsock_uds: Some(dir.join("vsock.sock")),
             setup: GuestSetup {
                 hostname: pod.map(|p| p.hostname.clone()).unwrap_or_default(),

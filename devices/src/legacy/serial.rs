@@ -2,8 +2,11 @@
 //! The 8250 serial console (vm-superio) and where its output goes.
 //!
 //! Output goes to an optional log file, an optional passthrough writer (a terminal for the
-//! command-line front end) and a bounded in-memory tail that tests and error reports read. All
-//! three are bounded: a guest printing forever costs the log file's disk and nothing else.
+//! command-line front end) and a bounded in-memory tail that tests and error reports read. The
+//! log file is bounded too when given a limit ([`ConsoleSink::with_log_limit`]): once the next
+//! write would take it past the limit it starts again, with a line that says how much was
+//! dropped and the newest output (what the tail holds, at most half the limit) at its head. A
+//! guest printing forever so costs the limit in disk and nothing more.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -62,6 +65,12 @@ impl ConsoleTail {
 pub struct ConsoleSink {
     tail: Arc<ConsoleTail>,
     log: Option<io::LineWriter<File>>,
+    /// Bytes the log file may hold ([`ConsoleSink::with_log_limit`]); `u64::MAX` for no limit.
+    log_limit: u64,
+    /// Bytes in the log file now.
+    log_len: u64,
+    /// Bytes dropped from the log file by restarts, in all.
+    log_dropped: u64,
     passthrough: Option<Box<dyn Write + Send>>,
 }
 
@@ -80,8 +89,60 @@ impl ConsoleSink {
         ConsoleSink {
             tail: Arc::new(ConsoleTail::default()),
             log: log.map(io::LineWriter::new),
+            log_limit: u64::MAX,
+            log_len: 0,
+            log_dropped: 0,
             passthrough,
         }
+    }
+
+    /// Bounds the log file to `max_bytes` (it may already hold some: it is appended to).
+    pub fn with_log_limit(mut self, max_bytes: u64) -> Self {
+        self.log_limit = max_bytes;
+        self.log_len = self
+            .log
+            .as_ref()
+            .and_then(|log| log.get_ref().metadata().ok())
+            .map_or(0, |m| m.len());
+        self
+    }
+
+    /// Appends `buf` to the log file, first starting it again if `buf` would take it past its
+    /// limit.
+    fn write_log(&mut self, buf: &[u8]) -> io::Result<()> {
+        let Some(log) = self.log.as_mut() else {
+            return Ok(());
+        };
+        let len = buf.len() as u64;
+        if self.log_len.saturating_add(len) > self.log_limit {
+            log.flush()?;
+            log.get_ref().set_len(0)?;
+            self.log_dropped = self.log_dropped.saturating_add(self.log_len);
+            let text = self.tail.text();
+            let room = usize::try_from(self.log_limit / 2).unwrap_or(usize::MAX);
+            let mut from = text.len().saturating_sub(room);
+            while !text.is_char_boundary(from) {
+                from += 1;
+            }
+            let kept = text.get(from..).unwrap_or_default();
+            let note = format!(
+                "[sandboxer: console log limit of {} bytes reached, {} bytes dropped in all; \
+                 the last {} bytes before this follow]\n",
+                self.log_limit,
+                self.log_dropped,
+                kept.len()
+            );
+            log::warn!(
+                "Console log reached its limit of {} bytes: started again",
+                self.log_limit
+            );
+            log.write_all(note.as_bytes())?;
+            log.write_all(kept.as_bytes())?;
+            self.log_len = (note.len() + kept.len()) as u64;
+        }
+        log.write_all(buf)?;
+        self.log_len = self.log_len.saturating_add(len);
+        Ok(())
     }
 
     /// The in-memory tail.
@@ -92,14 +153,13 @@ impl ConsoleSink {
 
 impl Write for ConsoleSink {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.tail.push(buf);
         // A failing log or terminal must not stop the guest: drop the output and say so once.
-        if let Some(log) = self.log.as_mut()
-            && let Err(e) = log.write_all(buf)
-        {
+        // (The log first: a restart copies the tail as it was before `buf`.)
+        if let Err(e) = self.write_log(buf) {
             log::warn!("Console log write failed, log disabled: {e}");
             self.log = None;
         }
+        self.tail.push(buf);
         if let Some(out) = self.passthrough.as_mut()
             && out.write_all(buf).and_then(|()| out.flush()).is_err()
         {
@@ -216,6 +276,38 @@ mod tests {
         assert_eq!(out.0.lock().unwrap().as_slice(), b"hello\n");
         drop(serial);
         assert_eq!(std::fs::read_to_string(&log_path).unwrap(), "hello\n");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_with_a_limit_starts_again_with_the_newest_output() {
+        let dir = std::env::temp_dir().join(format!("serial-limit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log_path = dir.join("console.log");
+        std::fs::write(&log_path, "from before\n").unwrap();
+        let limit = 4096;
+        let file = File::options().append(true).open(&log_path).unwrap();
+        let mut sink = ConsoleSink::new(Some(file), None).with_log_limit(limit);
+        let mut last = String::new();
+        for n in 0..1000 {
+            last = format!("line {n:04} of the guest's endless output\n");
+            sink.write_all(last.as_bytes()).unwrap();
+            sink.flush().unwrap();
+            let len = std::fs::metadata(&log_path).unwrap().len();
+            assert!(len <= limit, "{len} bytes after line {n}");
+        }
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        assert!(text.ends_with(&last), "{text}");
+        assert!(!text.contains("from before"));
+        let note = text
+            .lines()
+            .find(|l| l.starts_with("[sandboxer: console log limit"))
+            .unwrap();
+        assert!(note.contains("4096 bytes reached"), "{note}");
+        // Everything after the note is the guest's own output, in order.
+        let after: Vec<&str> = text.split_once(note).unwrap().1.lines().skip(1).collect();
+        assert!(after.len() > 40, "{after:?}");
+        assert!(after.windows(2).all(|w| w[0] < w[1]), "{after:?}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
