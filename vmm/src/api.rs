@@ -54,6 +54,10 @@ pub enum VmmAction {
     /// check a panic ends that VM only. Nothing a guest or an API client does reaches it.
     #[doc(hidden)]
     InjectPanic(PanicSite),
+    /// Test hook: the VMM thread sleeps this long before it answers (a hung VMM thread, for
+    /// [`crate::Vm::stop`]'s escalation). Nothing a guest or an API client does reaches it.
+    #[doc(hidden)]
+    InjectHang(std::time::Duration),
 }
 
 /// Where [`VmmAction::InjectPanic`] panics.
@@ -84,6 +88,7 @@ impl fmt::Debug for VmmAction {
             }
             VmmAction::Snapshot => f.write_str("Snapshot"),
             VmmAction::InjectPanic(site) => f.debug_tuple("InjectPanic").field(site).finish(),
+            VmmAction::InjectHang(d) => f.debug_tuple("InjectHang").field(d).finish(),
         }
     }
 }
@@ -131,6 +136,7 @@ impl VmmAction {
             VmmAction::DetachDisk { .. } => "DetachDisk",
             VmmAction::Snapshot => "Snapshot",
             VmmAction::InjectPanic(_) => "InjectPanic",
+            VmmAction::InjectHang(_) => "InjectHang",
         }
     }
 }

@@ -338,6 +338,7 @@ impl Vm {
 
         // From here on the vCPUs run: everything fallible is done.
         let vcpus = pending_vcpus.start(vcpu_fds, &ctx);
+        let vcpu_control = Arc::clone(&control);
         let done = Arc::new(AtomicBool::new(false));
         let controller = Arc::new(Mutex::new(VmmControl {
             api_rx,
@@ -386,6 +387,7 @@ impl Vm {
             vsock,
             thread_ids,
             torn_down,
+            vcpu_control,
         })
     }
 

@@ -217,6 +217,10 @@ impl VmmControl {
                     .map(|d| d.lock().recover());
                 panic!("injected panic (test hook) on the VMM thread, holding a device's lock");
             }
+            VmmAction::InjectHang(how_long) => {
+                std::thread::sleep(how_long);
+                Ok(VmmData::Empty)
+            }
             VmmAction::InjectPanic(PanicSite::VcpuExit) => {
                 self.vcpus.panic_on_next_exit();
                 Ok(VmmData::Empty)

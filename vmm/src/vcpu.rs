@@ -118,6 +118,12 @@ impl VcpuControl {
         self.cv.notify_all();
     }
 
+    /// Tells every vCPU thread to leave its loop at its next look at the state (the caller
+    /// kicks them out of the guest).
+    pub(crate) fn set_stopping(&self) {
+        self.set_state(STOPPING);
+    }
+
     /// Records a terminal exit (the first one wins) and wakes the VMM thread.
     pub(crate) fn report_exit(&self, exit: VmExit) {
         let mut pending = self.pending_exit.lock().recover();

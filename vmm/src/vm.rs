@@ -60,6 +60,9 @@ impl EndState {
     pub(crate) fn set(&self, end: VmEnd) {
         let watchers = {
             let mut inner = self.inner.lock().recover();
+            if inner.end.is_some() {
+                return; // The first end stands (one recorded from outside, see `Vm::stop`).
+            }
             inner.end = Some(end.clone());
             std::mem::take(&mut inner.watchers)
         };
@@ -86,6 +89,9 @@ impl EndState {
     }
 }
 
+/// How long [`Vm::stop`] waits for the end after the VMM thread's answer (or its silence).
+pub const STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// A running (or ended) VM.
 #[derive(Debug)]
 pub struct Vm {
@@ -104,6 +110,8 @@ pub struct Vm {
     pub(crate) thread_ids: Vec<Arc<std::sync::atomic::AtomicU32>>,
     /// Set once the VM is torn down, after its end.
     pub(crate) torn_down: Arc<crate::host::TornDown>,
+    /// The vCPUs' run control, for a Stop the VMM thread does not answer ([`Vm::stop`]).
+    pub(crate) vcpu_control: Arc<crate::vcpu::VcpuControl>,
 }
 
 impl Vm {
@@ -146,10 +154,38 @@ impl Vm {
         self.request(VmmAction::Resume).map(drop)
     }
 
-    /// Stops the VM (if it still runs) and returns how it ended. Never hangs on the guest.
+    /// Stops the VM (if it still runs) and returns how it ended. Always returns: on neither
+    /// the guest nor the VMM thread does it wait longer than [`REQUEST_TIMEOUT`] and
+    /// [`STOP_WAIT`]. A VMM thread that does not answer has the VM ended from outside it: its
+    /// vCPUs are stopped and kicked out of the guest from here and the end is recorded as a
+    /// crash that says so; what that thread owns (guest memory, devices) is freed only when it
+    /// returns, if ever.
     pub fn stop(&self) -> VmEnd {
         // NotRunning means the VMM thread already finished: the end is recorded.
-        let _ = self.request(VmmAction::Stop);
+        if let Err(e) = self.request(VmmAction::Stop)
+            && !matches!(e, VmmActionError::NotRunning)
+        {
+            log::error!("Stop: {e}");
+        }
+        if let Some(end) = self.wait_timeout(STOP_WAIT) {
+            return end;
+        }
+        log::error!("The VMM thread did not end the VM: stopping its vCPUs from outside");
+        self.vcpu_control.set_stopping();
+        let vcpus = self.thread_ids.len().saturating_sub(1); // the VMM thread is last
+        for tid in self.thread_ids.iter().take(vcpus) {
+            let tid = tid.load(std::sync::atomic::Ordering::Relaxed);
+            if tid != 0 {
+                crate::kvm::signal::kick_thread(tid);
+            }
+        }
+        self.end.set(VmEnd {
+            exit: VmExit::Crashed(format!(
+                "the VMM thread did not end the VM within {:?} of Stop: ended from outside it",
+                REQUEST_TIMEOUT + STOP_WAIT
+            )),
+            at: SystemTime::now(),
+        });
         self.wait()
     }
 

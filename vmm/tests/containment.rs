@@ -3,7 +3,9 @@
 //! test hook (`VmmAction::InjectPanic`) makes the first one's VMM thread panic while it holds
 //! a device's lock, and the second one's vCPU thread panic in its exit handling. Each of those
 //! ends as crashed, with the panic as its reason, is torn down and gives back its descriptors;
-//! the third keeps running and answering its agent, and a new VM starts beside it. (Its own
+//! the third keeps running and answering its agent, and a new VM starts beside it. A fourth
+//! VM's VMM thread then hangs (`VmmAction::InjectHang`): Stop still returns, ending it from
+//! outside that thread, and the thread frees the VM once it comes back. (Its own
 //! test binary: the descriptor counts see no other test's VMs.)
 #![allow(
     clippy::unwrap_used,
@@ -18,9 +20,22 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use test_guests::{Guest, agent, require_kvm};
+use vmm::api::REQUEST_TIMEOUT;
+use vmm::vm::STOP_WAIT;
 use vmm::{DeviceConfig, PanicSite, Vm, VmConfig, VmExit, VmmAction, VmmActionError};
 
 const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// vCPU threads of this process.
+fn vcpu_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .flatten()
+        .filter(|t| {
+            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.starts_with("vcpu"))
+        })
+        .count()
+}
 
 fn fd_count() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
@@ -70,7 +85,7 @@ fn crashed_with(vm: &Vm, needle: &str) {
 }
 
 #[test]
-fn a_panic_in_one_vms_threads_ends_that_vm_only() {
+fn a_fault_in_one_vms_threads_ends_that_vm_only() {
     require_kvm!();
     let host = vmm::Host::new();
     // Warm up the host's one-time descriptors (its KVM handle) before counting.
@@ -97,6 +112,45 @@ fn a_panic_in_one_vms_threads_ends_that_vm_only() {
 
     // Both crashed VMs are torn down: the live count and the descriptors say so.
     drop((device, vcpu));
+    let deadline = Instant::now() + TIMEOUT;
+    while host.live_vms() != 1 {
+        assert!(Instant::now() < deadline, "live VMs: {}", host.live_vms());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A VMM thread that does not answer: Stop still returns, with the VM ended from outside
+    // (its vCPU stopped from here); the thread tears the VM down once it comes back.
+    let hung = std::sync::Arc::new(agent_vm(&host, 7));
+    let hang = REQUEST_TIMEOUT + STOP_WAIT + Duration::from_secs(3);
+    let asker = std::sync::Arc::clone(&hung);
+    let hanging = std::thread::spawn(move || asker.request(VmmAction::InjectHang(hang)).map(drop));
+    std::thread::sleep(Duration::from_millis(100));
+    let asked = Instant::now();
+    let end = hung.stop();
+    let took = asked.elapsed();
+    assert!(
+        took < REQUEST_TIMEOUT + STOP_WAIT + Duration::from_secs(2),
+        "{took:?}"
+    );
+    match &end.exit {
+        VmExit::Crashed(why) => assert!(why.contains("ended from outside"), "{why}"),
+        other => panic!("ended as {other:?}"),
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    while vcpu_threads() != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "vCPU threads: {}",
+            vcpu_threads()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    answers(&healthy);
+    assert!(matches!(
+        hanging.join().unwrap(),
+        Err(VmmActionError::TimedOut(_))
+    ));
+    drop(hung);
     let deadline = Instant::now() + TIMEOUT;
     while host.live_vms() != 1 {
         assert!(Instant::now() < deadline, "live VMs: {}", host.live_vms());

@@ -43,6 +43,21 @@ extern "C" fn handle_kick(_: c_int, _: *mut siginfo_t, _: *mut c_void) {
     }
 }
 
+/// Kicks the thread with host thread id `tid` of this process: for a caller that has no
+/// handle of the thread ([`crate::Vm::stop`] when the VMM thread, which owns the vCPU threads'
+/// handles, does not answer). A thread that has ended is fine to miss.
+pub fn kick_thread(tid: u32) {
+    let Ok(tid) = libc::pid_t::try_from(tid) else {
+        return;
+    };
+    let pid = std::process::id().cast_signed();
+    // SAFETY: tgkill takes plain integers and only sends the kick signal to a thread of this
+    // process (its handler is above); a thread id that is gone fails with ESRCH, ignored.
+    unsafe {
+        libc::syscall(libc::SYS_tgkill, pid, tid, kick_signal());
+    }
+}
+
 /// Installs the kick handler once per process.
 pub fn install_kick_handler() -> std::io::Result<()> {
     static INSTALL: Once = Once::new();
