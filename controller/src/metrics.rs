@@ -9,6 +9,7 @@
 //! | `sandboxer_starts_total{source}` | counter | successful Starts: `template` (a clone) or `boot` |
 //! | `sandboxer_vm_exits_total{reason}` | counter | sandboxes that ended: `guest_shutdown`, `stopped`, `forced`, `crashed`, `start_failed` |
 //! | `sandboxer_guest_events_dropped_total{reason}` | counter | agent events not forwarded: `unknown_topic`, `unknown_container` (not a container of that sandbox), `rate_limited` |
+//! | `sandboxer_guest_stdio_overruns_total` | counter | stdio streams ended because the agent sent more output than the window granted to it |
 //! | `sandboxer_templates{state}` | gauge | the backend's VM templates now, and its build counts (`ready`, `built`, `failed`) |
 //! | `process_resident_memory_bytes`, `process_open_fds`, `process_threads` | gauge | the daemon process (every VM lives in it) |
 //!
@@ -84,6 +85,7 @@ pub struct Metrics {
     starts: Family<SourceLabel, Counter>,
     exits: Family<ReasonLabel, Counter>,
     event_drops: Family<ReasonLabel, Counter>,
+    stdio_overruns: Counter,
     templates: Family<StateLabel, Gauge>,
     rss: Gauge,
     fds: Gauge,
@@ -132,6 +134,12 @@ impl Metrics {
             "Agent events not forwarded, by why",
             event_drops.clone(),
         );
+        let stdio_overruns = Counter::default();
+        registry.register(
+            "sandboxer_guest_stdio_overruns",
+            "Stdio streams ended because the agent sent more output than it was granted",
+            stdio_overruns.clone(),
+        );
         let templates = Family::<StateLabel, Gauge>::default();
         registry.register(
             "sandboxer_templates",
@@ -161,6 +169,7 @@ impl Metrics {
             starts,
             exits,
             event_drops,
+            stdio_overruns,
             templates,
             rss,
             fds,
@@ -193,6 +202,11 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Records a stdio stream ended because the agent overran its window.
+    pub fn observe_stdio_overrun(&self) {
+        self.stdio_overruns.inc();
     }
 
     /// Records a sandbox's end.

@@ -12,10 +12,17 @@
 //!   [`bridge`] opens them here, opens one agent stream per FIFO (a fresh id) and copies bytes
 //!   between them; the agent is given `…?streaming_id=<id>` URLs instead of the paths.
 //! - Empty paths stay empty (`/dev/null` in the guest).
+//!
+//! Output is bounded by the window it is granted, end to end: a stream whose agent sends more
+//! `Data` than it was granted (by containerd through the proxy, or by [`bridge`]'s own grants)
+//! is ended at once, counted (`sandboxer_guest_stdio_overruns_total`) and logged, so what a
+//! guest can make the daemon hold for a slow reader is the window and no more. The bridge
+//! takes the agent's messages as they come (ttrpc's client would otherwise queue them without
+//! bound) into a buffer of at most one window that the FIFO drains at its reader's pace.
 
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use proto::agent::stream_data::{Data, WindowUpdate};
@@ -25,11 +32,13 @@ use proto::protobuf::Message;
 use proto::protobuf::well_known_types::any::Any;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use ttrpc::asynchronous::{CSReceiver, CSSender, ServerStream, TtrpcContext};
 
 use super::error::TaskError;
 use crate::backend::TaskTarget;
+use devices::sync::Recover;
 
 /// Service name of the stream service.
 pub const STREAMING: &str = "containerd.services.streaming.v1.Streaming";
@@ -44,6 +53,37 @@ const WINDOW: i32 = 64 * 1024;
 /// The bare message name of a type URL.
 fn type_name(url: &str) -> &str {
     url.rsplit_once('/').map_or(url, |(_, name)| name)
+}
+
+/// Output bytes an agent may still send on one stream: what it was granted by `WindowUpdate`s
+/// minus the `Data` it sent.
+#[derive(Debug, Default)]
+struct Credit(AtomicI64);
+
+impl Credit {
+    fn grant(&self, bytes: i32) {
+        self.0.fetch_add(i64::from(bytes.max(0)), Ordering::AcqRel);
+    }
+
+    /// Takes `bytes` of a `Data` message; false if the agent had not been granted them.
+    fn take(&self, bytes: usize) -> bool {
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        self.0.fetch_sub(bytes, Ordering::AcqRel) >= bytes
+    }
+}
+
+/// Ends a stream whose agent overran its window.
+fn overrun(what: &str) {
+    crate::metrics::global().observe_stdio_overrun();
+    tracing::warn!("the agent sent {what} output beyond the window granted: stream ended");
+}
+
+/// The `Data` payload of `any`, if it is one.
+fn data_of(any: &Any) -> Option<Vec<u8>> {
+    if type_name(&any.type_url) != DATA_TYPE {
+        return None;
+    }
+    Data::parse_from_bytes(&any.value).ok().map(|d| d.data)
 }
 
 fn pack(type_url: &str, msg: &impl Message) -> Result<Any, TaskError> {
@@ -100,11 +140,20 @@ impl Streaming for StreamProxy {
             .map_err(unreachable_agent)?;
         let (down_tx, mut down_rx) = stream.split();
         let (up_tx, mut up_rx) = up.split();
+        // What containerd granted the agent (its WindowUpdates pass here first), so that the
+        // agent cannot make this proxy queue more for containerd than containerd asked for.
+        let credit = Arc::new(Credit::default());
+        let granted = Arc::clone(&credit);
         let to_agent = async move {
             loop {
                 match down_rx.recv().await {
                     Ok(Some(msg)) if is_blank(&msg) => {}
                     Ok(Some(msg)) => {
+                        if type_name(&msg.type_url) == WINDOW_UPDATE_TYPE
+                            && let Ok(w) = WindowUpdate::parse_from_bytes(&msg.value)
+                        {
+                            granted.grant(w.update);
+                        }
                         if up_tx.send(&msg).await.is_err() {
                             break;
                         }
@@ -124,6 +173,14 @@ impl Streaming for StreamProxy {
                 match up_rx.recv().await {
                     Ok(msg) if is_blank(&msg) => {}
                     Ok(msg) => {
+                        if let Some(data) = data_of(&msg)
+                            && !credit.take(data.len())
+                        {
+                            overrun("streamed");
+                            return Err(ttrpc::Error::Others(
+                                "the agent sent output beyond the window granted".into(),
+                            ));
+                        }
                         if down_tx.send(&msg).await.is_err() {
                             return Ok(());
                         }
@@ -237,41 +294,112 @@ async fn copy_in(
 
 /// Agent -> host FIFO or file (stdout/stderr): grants windows as the FIFO takes the bytes.
 async fn copy_out(
-    mut fifo: Box<dyn AsyncWrite + Send + Unpin>,
+    fifo: Box<dyn AsyncWrite + Send + Unpin>,
     tx: CSSender<Any>,
-    mut rx: CSReceiver<Any>,
+    rx: CSReceiver<Any>,
 ) {
-    let mut grant = WindowUpdate::new();
-    grant.update = WINDOW;
-    let Ok(grant) = pack(WINDOW_UPDATE_TYPE, &grant) else {
-        return;
-    };
-    if tx.send(&grant).await.is_err() {
+    pump_out(fifo, tx, rx).await;
+}
+
+/// Where [`pump_out`] takes the agent's messages from.
+#[async_trait]
+trait Incoming: Send {
+    /// The next message; `None` once the stream has ended.
+    async fn next(&mut self) -> Option<Any>;
+}
+
+#[async_trait]
+impl Incoming for CSReceiver<Any> {
+    async fn next(&mut self) -> Option<Any> {
+        self.recv().await.ok()
+    }
+}
+
+/// Where [`pump_out`] sends its window grants.
+#[async_trait]
+trait Grants: Send {
+    /// Grants `bytes` more; false once the stream is gone.
+    async fn grant(&mut self, bytes: i32) -> bool;
+}
+
+#[async_trait]
+impl Grants for CSSender<Any> {
+    async fn grant(&mut self, bytes: i32) -> bool {
+        let mut update = WindowUpdate::new();
+        update.update = bytes;
+        match pack(WINDOW_UPDATE_TYPE, &update) {
+            Ok(msg) => self.send(&msg).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Output taken from the agent and not yet written: at most one window (the credit check
+/// comes first).
+#[derive(Debug, Default)]
+struct Pending {
+    bytes: Mutex<Vec<u8>>,
+    /// Set when the receiving half has ended (stream closed or overrun).
+    ended: std::sync::atomic::AtomicBool,
+    ready: Notify,
+}
+
+/// The bridge's output copy: one half takes every message the agent sends as it comes and
+/// checks it against the credit; the other writes what was taken to `fifo` at its reader's
+/// pace and grants the agent as much again.
+async fn pump_out(
+    mut fifo: Box<dyn AsyncWrite + Send + Unpin>,
+    mut grants: impl Grants,
+    incoming: impl Incoming,
+) {
+    let credit = Credit::default();
+    let pending = Pending::default();
+    credit.grant(WINDOW);
+    if !grants.grant(WINDOW).await {
         return;
     }
-    let mut granted: i64 = i64::from(WINDOW);
-    loop {
-        let any = match rx.recv().await {
-            Ok(any) => any,
-            Err(_) => break,
-        };
-        if type_name(&any.type_url) != DATA_TYPE {
-            continue;
-        }
-        let Ok(data) = Data::parse_from_bytes(&any.value) else {
-            break;
-        };
-        // A reader that went away: keep draining so the process does not block.
-        let _ = fifo.write_all(&data.data).await;
-        granted = granted.saturating_sub(i64::try_from(data.data.len()).unwrap_or(i64::MAX));
-        if granted < i64::from(WINDOW) / 2 {
-            if tx.send(&grant).await.is_err() {
+    // Owns `incoming`: the stream is dropped (closed) as soon as this half ends.
+    let receive = async {
+        let mut incoming = incoming;
+        while let Some(any) = incoming.next().await {
+            let Some(data) = data_of(&any) else {
+                continue;
+            };
+            if !credit.take(data.len()) {
+                overrun("container");
                 break;
             }
-            granted = granted.saturating_add(i64::from(WINDOW));
+            pending.bytes.lock().recover().extend_from_slice(&data);
+            pending.ready.notify_one();
         }
-    }
-    let _ = fifo.flush().await;
+        pending.ended.store(true, Ordering::Release);
+        pending.ready.notify_one();
+    };
+    let write = async {
+        let mut written: i32 = 0;
+        loop {
+            let chunk = std::mem::take(&mut *pending.bytes.lock().recover());
+            if chunk.is_empty() {
+                if pending.ended.load(Ordering::Acquire) {
+                    break;
+                }
+                pending.ready.notified().await;
+                continue;
+            }
+            // A reader that went away: keep draining so the process does not block.
+            let _ = fifo.write_all(&chunk).await;
+            written = written.saturating_add(i32::try_from(chunk.len()).unwrap_or(i32::MAX));
+            if written >= WINDOW / 2 {
+                credit.grant(written);
+                if !grants.grant(written).await {
+                    break;
+                }
+                written = 0;
+            }
+        }
+        let _ = fifo.flush().await;
+    };
+    tokio::join!(receive, write);
 }
 
 /// Rewrites `[stdin, stdout, stderr]` for the agent: stream URLs and empty paths stay; FIFO
@@ -365,7 +493,102 @@ async fn open_output(
 
 #[cfg(test)]
 mod tests {
+    use tokio::io::AsyncReadExt as _;
+    use tokio::sync::mpsc;
+
     use super::*;
+
+    #[async_trait]
+    impl Incoming for mpsc::Receiver<Any> {
+        async fn next(&mut self) -> Option<Any> {
+            self.recv().await
+        }
+    }
+
+    #[async_trait]
+    impl Grants for mpsc::UnboundedSender<i32> {
+        async fn grant(&mut self, bytes: i32) -> bool {
+            self.send(bytes).is_ok()
+        }
+    }
+
+    fn data(len: usize, fill: u8) -> Any {
+        let mut d = Data::new();
+        d.data = vec![fill; len];
+        pack(DATA_TYPE, &d).unwrap()
+    }
+
+    #[test]
+    fn credit_refuses_what_was_not_granted() {
+        let c = Credit::default();
+        assert!(!c.take(1));
+        c.grant(10);
+        c.grant(-5); // ignored
+        assert!(c.take(4));
+        assert!(c.take(5));
+        assert!(!c.take(2));
+    }
+
+    #[tokio::test]
+    async fn output_within_the_windows_reaches_the_fifo() {
+        let (agent, incoming) = mpsc::channel(64);
+        let (grants_tx, mut grants) = mpsc::unbounded_channel();
+        let (fifo, mut reader) = tokio::io::duplex(4096);
+        let pump = tokio::spawn(pump_out(Box::new(fifo), grants_tx, incoming));
+        let chunk = 30 * 1024;
+        let mut window = i64::from(grants.recv().await.unwrap());
+        let mut sent = 0;
+        let mut read = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        // A well-behaved agent: 10 chunks, each within what it was granted.
+        for n in 0..10u8 {
+            while window < i64::try_from(chunk).unwrap() {
+                tokio::select! {
+                    g = grants.recv() => window += i64::from(g.unwrap()),
+                    r = reader.read(&mut buf) => read.extend_from_slice(&buf[..r.unwrap()]),
+                }
+            }
+            agent.send(data(chunk, n)).await.unwrap();
+            window -= i64::try_from(chunk).unwrap();
+            sent += chunk;
+        }
+        drop(agent);
+        while read.len() < sent {
+            let r = reader.read(&mut buf).await.unwrap();
+            assert!(r > 0);
+            read.extend_from_slice(&buf[..r]);
+        }
+        pump.await.unwrap();
+        assert_eq!(read.len(), sent);
+        assert!(
+            read.chunks(chunk)
+                .enumerate()
+                .all(|(n, c)| c.iter().all(|&b| usize::from(b) == n))
+        );
+    }
+
+    #[tokio::test]
+    async fn an_agent_that_overruns_its_window_has_its_stream_ended() {
+        // One message at a time: what the pump holds is what it took, not this test's queue.
+        let (agent, incoming) = mpsc::channel(1);
+        let (grants_tx, mut grants) = mpsc::unbounded_channel();
+        // Nobody reads the FIFO: without the check, everything the agent sends would pile up.
+        let (fifo, _reader) = tokio::io::duplex(1024);
+        let _pump = tokio::spawn(pump_out(Box::new(fifo), grants_tx, incoming));
+        assert_eq!(grants.recv().await, Some(WINDOW));
+        let chunk = 16 * 1024;
+        let mut sent = 0;
+        while agent.send(data(chunk, 1)).await.is_ok() {
+            sent += chunk;
+            assert!(
+                sent <= 10 * usize::try_from(WINDOW).unwrap(),
+                "never cut off"
+            );
+        }
+        // Cut off at the first byte past the one window it was given.
+        assert_eq!(sent, usize::try_from(WINDOW).unwrap() + chunk);
+        assert!(agent.is_closed());
+    }
 
     #[test]
     fn stream_urls() {
