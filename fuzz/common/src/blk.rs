@@ -54,7 +54,7 @@ pub struct Report {
 }
 
 fn disk(kind: u8, bytes: usize) -> Box<dyn DiskBackend> {
-    let data: Vec<u8> = (0..bytes).map(|i| (i / 512) as u8).collect();
+    let data: Vec<u8> = (0..bytes).map(|i| (i / 512).to_le_bytes()[0]).collect();
     let d = MemDisk::from_vec(data);
     if kind % 2 == 1 {
         Box::new(d.without_discard())

@@ -135,7 +135,7 @@ impl<'m> Harness<'m> {
         self.wr(STATUS, 0xb);
         self.tqs.clear();
         for (i, shift) in shifts.iter().enumerate().take(QUEUE_ADDR.len()) {
-            self.wr(0x030, i as u32);
+            self.wr(0x030, u32::try_from(i).unwrap_or(u32::MAX));
             let max = self.rd(0x034);
             let size = (1u32 << (shift % 9)).min(max.max(1));
             let size16 = u16::try_from(size).unwrap_or(1);

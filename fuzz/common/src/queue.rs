@@ -98,7 +98,7 @@ pub fn run(data: &[u8]) -> Option<Report> {
     let mut report = Report::default();
     let mut tx_buf = vec![0u8; 4096];
     let frame: Vec<u8> = (0..usize::from(r.u16() % 3000).max(12))
-        .map(|i| i as u8)
+        .map(|i| i.to_le_bytes()[0])
         .collect();
     let mergeable = r.bool();
     let mut rx_chains = RxChains::default();

@@ -202,7 +202,9 @@ mod tests {
         // A cheap smoke test of every decoder on patterned inputs (the fuzzer does the rest).
         for seed in 0u32..200 {
             let data: Vec<u8> = (0..600u32)
-                .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 13) as u8)
+                .map(|i| {
+                    (i.wrapping_mul(2_654_435_761).wrapping_add(seed * 97) >> 13).to_le_bytes()[0]
+                })
                 .collect();
             let _ = mmio::run(&data);
             let _ = blk::run(&data);
