@@ -164,8 +164,14 @@ impl PodNetns {
 
     /// The MAC of the pod's `eth0` (what the guest's NIC must carry).
     pub(crate) fn pod_mac(&self) -> Result<String> {
-        let out = self.inside(&["cat", "/sys/class/net/eth0/address"])?;
-        Ok(out.trim().to_owned())
+        // Not /sys/class/net: sysfs shows the namespace of whoever mounted it, not this one.
+        let out = self.inside(&["ip", "-o", "link", "show", "eth0"])?;
+        let mut words = out.split_whitespace();
+        words
+            .find(|w| *w == "link/ether")
+            .and(words.next())
+            .map(str::to_owned)
+            .with_context(|| format!("no MAC in {out:?}"))
     }
 }
 
