@@ -7,7 +7,7 @@
 //! | `sandboxer_sandboxes{state}` | gauge | sandboxes the daemon holds, by state |
 //! | `sandboxer_start_phase_seconds{phase}` | histogram | each phase of every successful Start (`vm`, `agent_ready`, ..., `total`) |
 //! | `sandboxer_starts_total{source}` | counter | successful Starts: `template` (a clone) or `boot` |
-//! | `sandboxer_vm_exits_total{reason}` | counter | sandboxes that ended: `guest_shutdown`, `stopped`, `forced`, `crashed`, `start_failed` |
+//! | `sandboxer_vm_exits_total{reason}` | counter | sandboxes that ended: `guest_shutdown` (asked), `guest_ended_unasked`, `stopped`, `forced`, `crashed`, `start_failed` |
 //! | `sandboxer_guest_events_dropped_total{reason}` | counter | agent events not forwarded: `unknown_topic`, `unknown_container` (not a container of that sandbox), `rate_limited` |
 //! | `sandboxer_guest_stdio_overruns_total` | counter | stdio streams ended because the agent sent more output than the window granted to it |
 //! | `sandboxer_templates{state}` | gauge | the backend's VM templates now, and its build counts (`ready`, `built`, `failed`) |
@@ -67,6 +67,10 @@ const STATES: [SandboxState; 7] = [
 
 /// The reason an exit reports when the guest shut itself down (see the lifecycle).
 pub const GUEST_SHUTDOWN_REASON: &str = "the guest shut down";
+/// The reason an exit reports when the guest powered off or reset without being asked to (a
+/// guest kernel panic reboots it).
+pub const GUEST_ENDED_UNASKED_REASON: &str =
+    "the guest powered off or reset without being asked to (a guest kernel panic does)";
 /// The start of the reason of a sandbox whose Start failed.
 pub const START_FAILED_PREFIX: &str = "start failed: ";
 
@@ -269,6 +273,7 @@ fn exit_reason(exit: &ExitInfo) -> &'static str {
         0 => "stopped",
         EXIT_FORCED => "forced",
         EXIT_FAILED if exit.reason.starts_with(START_FAILED_PREFIX) => "start_failed",
+        EXIT_FAILED if exit.reason == GUEST_ENDED_UNASKED_REASON => "guest_ended_unasked",
         EXIT_FAILED => "crashed",
         _ => "other",
     }
@@ -373,6 +378,10 @@ mod tests {
             "guest_shutdown"
         );
         assert_eq!(exit_reason(&exit(0, "stopped")), "stopped");
+        assert_eq!(
+            exit_reason(&exit(EXIT_FAILED, GUEST_ENDED_UNASKED_REASON)),
+            "guest_ended_unasked"
+        );
         assert_eq!(exit_reason(&exit(EXIT_FORCED, "x")), "forced");
         assert_eq!(
             exit_reason(&exit(

@@ -39,9 +39,29 @@ fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
-/// The state and exit a VM end means; `forced` when Stop had to cut a grace period short.
-fn exit_of(end: &VmEnd, forced: bool) -> (SandboxState, ExitInfo) {
+/// How a VM's end came about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// Stop or Shutdown asked for it.
+    Asked,
+    /// Stop asked, and had to cut the grace period short.
+    Forced,
+    /// Nobody asked: the guest ended by itself.
+    Unasked,
+}
+
+/// The state and exit a VM end means.
+fn exit_of(end: &VmEnd, ending: Ending) -> (SandboxState, ExitInfo) {
+    let forced = ending == Ending::Forced;
     let (state, status, reason) = match &end.kind {
+        // A pod's guest only powers off or resets when the host asks it to (the agent's
+        // Shutdown). One that does on its own has failed: a kernel panic reboots it, and the
+        // containers are gone either way.
+        VmExitKind::GuestShutdown if ending == Ending::Unasked => (
+            SandboxState::Failed,
+            EXIT_FAILED,
+            crate::metrics::GUEST_ENDED_UNASKED_REASON.to_string(),
+        ),
         VmExitKind::GuestShutdown => (
             SandboxState::Stopped,
             0,
@@ -358,7 +378,7 @@ impl<B: VmBackend> SandboxService<B> {
         let end = vm.wait().await;
         drop(vm);
         let _op = Locked::new(Arc::clone(&entry)).await;
-        let (state, exit) = exit_of(&end, false);
+        let (state, exit) = exit_of(&end, Ending::Unasked);
         match self.end(&entry, state, exit).await {
             Ok(false) => {}
             Ok(true) => {
@@ -417,7 +437,12 @@ impl<B: VmBackend> SandboxService<B> {
                         false,
                     ),
                 };
-                let (state, exit) = exit_of(&end, forced);
+                let ending = if forced {
+                    Ending::Forced
+                } else {
+                    Ending::Asked
+                };
+                let (state, exit) = exit_of(&end, ending);
                 self.end(entry, state, exit).await?;
                 info!(sandbox_id = %id, forced, "sandbox stopped");
                 Ok(())
@@ -454,7 +479,7 @@ impl<B: VmBackend> SandboxService<B> {
                         at: SystemTime::now(),
                     },
                 };
-                let (state, exit) = exit_of(&end, false);
+                let (state, exit) = exit_of(&end, Ending::Asked);
                 entry.finish(state, exit);
             }
             (SandboxState::Created, _) => {

@@ -472,6 +472,7 @@ async fn status_answers_during_a_long_stop() {
 #[tokio::test]
 async fn vm_ending_by_itself_is_seen_by_wait_and_status() {
     let f = fixture();
+    // "clean": a guest that powers off with nobody asking (a kernel panic reboots it).
     started(&f, "clean").await;
     started(&f, "crash").await;
     let waiters: Vec<_> = (0..10)
@@ -493,7 +494,10 @@ async fn vm_ending_by_itself_is_seen_by_wait_and_status() {
     for (i, w) in waiters.into_iter().enumerate() {
         let exit = w.await.unwrap().unwrap();
         if i % 2 == 0 {
-            assert_eq!(exit.status, 0);
+            assert_eq!(
+                (exit.status, exit.reason.as_str()),
+                (EXIT_FAILED, crate::metrics::GUEST_ENDED_UNASKED_REASON)
+            );
         } else {
             assert_eq!(
                 (exit.status, exit.reason.as_str()),
@@ -505,7 +509,7 @@ async fn vm_ending_by_itself_is_seen_by_wait_and_status() {
     f.svc.stop("crash", Duration::ZERO).await.unwrap();
     assert_eq!(
         f.svc.status("clean", false).unwrap().state,
-        SandboxState::Stopped
+        SandboxState::Failed
     );
     assert_eq!(
         f.svc.status("crash", false).unwrap().state,

@@ -61,6 +61,8 @@ use proto::v2::sandbox as v2;
 // A crate root finds its modules beside it, and tests/src/bin holds other programs.
 #[path = "sandboxer-e2e/clones.rs"]
 mod clones;
+#[path = "sandboxer-e2e/faults.rs"]
+mod faults;
 #[path = "sandboxer-e2e/net.rs"]
 mod net;
 #[path = "sandboxer-e2e/overlay.rs"]
@@ -98,6 +100,7 @@ const CASES: &[&str] = &[
     "overlay",
     "net",
     "clones",
+    "faults",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -998,6 +1001,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "stdin" => stdin::case_stdin(&mut api, &a.image, &a.work).await,
             "net" => net::case_net(&mut api, &a.image, &a.busybox, &a.work).await,
             "clones" => clones::case_clones(&mut api, &a.image, &a.busybox, &a.work).await,
+            "faults" => faults::case_faults(&mut api, &a.image, &a.work, daemon.child.id()).await,
             "overlay" => overlay::case_overlay(&mut api, &a.busybox, &a.work, &daemon.state).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };
@@ -1014,6 +1018,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
                     "overlay" => &["e2e-ovl"],
                     "net" => &["e2e-net"],
                     "clones" => &["e2e-clone-a", "e2e-clone-b"],
+                    "faults" => &["e2e-flood", "e2e-calm"],
                     _ => &["e2e-exec"],
                 };
                 for id in ids {

@@ -249,6 +249,13 @@ pub const E2E_CASES: &[E2eCase] = &[
         embedded: false,
     },
     E2eCase {
+        name: "e2e-faults",
+        description: "a guest floods a FIFO nobody reads (the daemon's RSS stays bounded), then its kernel panics: that sandbox ends, the pod beside it runs on",
+        ci: true,
+        flow: "faults",
+        embedded: false,
+    },
+    E2eCase {
         name: "dist",
         description: "the dist sandboxer with no kernel or initramfs configured boots its own and runs a container",
         ci: true,

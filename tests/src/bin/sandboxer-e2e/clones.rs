@@ -94,10 +94,11 @@ pub(crate) async fn case_clones(
     }
     steps.done("cloned");
 
-    let dir = work.join("clones");
-    std::fs::create_dir_all(&dir)?;
     let mut reports = Vec::new();
     for (((id, plan), net), pod) in PODS.iter().zip(&nets).zip(&pods) {
+        // Each pod's bundle and FIFO apart: the container has the same id in both.
+        let dir = work.join("clones").join(id);
+        std::fs::create_dir_all(&dir)?;
         let out = pod
             .run_script(&dir, "report", rootfs_mount(image), REPORT)
             .await?;
