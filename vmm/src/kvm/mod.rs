@@ -121,9 +121,20 @@ impl KvmContext {
                 return Err(KvmError::MissingCap(cap));
             }
         }
-        let supported_cpuid = kvm
+        let mut supported_cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(KvmError::SupportedCpuid)?;
+        // KVM emulates the LAPIC's TSC-deadline mode but leaves it out of the supported list
+        // (KVM_CAP_TSC_DEADLINE_TIMER says it is there), as QEMU and Firecracker know. A Linux
+        // guest that sees it skips calibrating the LAPIC timer against the PIT at boot: a
+        // busy wait on PIT ticks that hung nested guests in the emulated host.
+        if kvm.check_extension(Cap::TscDeadlineTimer) {
+            for entry in supported_cpuid.as_mut_slice() {
+                if entry.function == 1 && entry.index == 0 {
+                    entry.ecx |= 1 << 24;
+                }
+            }
+        }
         let max_vcpus = kvm.get_max_vcpus();
         let msr_list = kvm
             .get_msr_index_list()
