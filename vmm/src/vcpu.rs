@@ -47,7 +47,7 @@ pub(crate) struct VcpuControl {
     pending_exit: Mutex<Option<VmExit>>,
     /// The VMM thread's wake-up EventFd (shared with API requests).
     wake: Arc<EventFd>,
-    /// Test hook ([`crate::PanicSite::VcpuExit`]): the next vCPU exit panics.
+    /// Test hook ([`crate::PanicSite::VcpuExit`]): the next kicked vCPU exit panics.
     panic_on_exit: AtomicBool,
 }
 
@@ -364,13 +364,7 @@ fn vcpu_loop(vcpu: &mut ThreadVcpu, id: usize, ctx: &VcpuContext) {
         {
             break;
         }
-        let handled = handle_exit(vcpu.fd(), ctx);
-        if ctx.control.panic_on_exit.load(Ordering::Relaxed)
-            && ctx.control.panic_on_exit.swap(false, Ordering::Relaxed)
-        {
-            panic!("injected panic (test hook) in vCPU {id}'s exit handling");
-        }
-        match handled {
+        match handle_exit(vcpu.fd(), ctx) {
             Ok(None) => {}
             Ok(Some(exit)) => {
                 log::debug!("vcpu{id}: VM ends: {exit:?}");
@@ -378,6 +372,10 @@ fn vcpu_loop(vcpu: &mut ThreadVcpu, id: usize, ctx: &VcpuContext) {
                 break;
             }
             Err(()) => {
+                // The test hook kicks the vCPUs: it is looked at here, off the exit path.
+                if ctx.control.panic_on_exit.swap(false, Ordering::Relaxed) {
+                    panic!("injected panic (test hook) in vCPU {id}'s exit handling");
+                }
                 // EINTR from a kick: clear the flag the handler set, then re-read the state.
                 vcpu.fd().set_kvm_immediate_exit(0);
             }
