@@ -23,6 +23,11 @@ pub mod sys;
 pub const RESULT_PREFIX: &str = "EMU-RESULT";
 /// Prefix of the line L1 prints once every selected test has run: `EMU-DONE <passed> <failed>`.
 pub const DONE_PREFIX: &str = "EMU-DONE";
+/// Prefix of the line L1 prints every [`BEAT_SECS`] seconds while its clock and scheduler work:
+/// `EMU-BEAT <uptime>`. The host takes a console silent for several beats as a frozen L1.
+pub const BEAT_PREFIX: &str = "EMU-BEAT";
+/// Seconds between two [`BEAT_PREFIX`] lines.
+pub const BEAT_SECS: u64 = 10;
 /// Directory where each test leaves its one-line detail (`<name>.detail`) for the result line.
 pub const DETAIL_DIR: &str = "/run/emu";
 /// Environment variable naming the file a test writes its one-line detail to.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use emu_l1::cmdline::{self, L1Settings};
 use emu_l1::sys::{self, ChildEnd};
-use emu_l1::{DETAIL_DIR, DETAIL_ENV, DONE_PREFIX, RESULT_PREFIX};
+use emu_l1::{BEAT_PREFIX, BEAT_SECS, DETAIL_DIR, DETAIL_ENV, DONE_PREFIX, RESULT_PREFIX};
 
 fn log(msg: &str) {
     println!("EMU-L1 [{:8.3}] {msg}", sys::uptime_secs());
@@ -151,6 +151,16 @@ fn run_test(name: &str, timeout: Duration) -> (bool, String) {
 fn main() {
     mount_all();
     log("init up");
+    // The heartbeat: a line every BEAT_SECS from a thread that only sleeps. It stops when L1's
+    // timer interrupts or its scheduler stop, which is what an emulator freeze looks like;
+    // the host then stops this L1 within a minute instead of waiting out a test's bound.
+    let beat = std::thread::Builder::new().name("beat".into()).spawn(|| loop {
+        std::thread::sleep(Duration::from_secs(BEAT_SECS));
+        println!("{BEAT_PREFIX} {:.0}", sys::uptime_secs());
+    });
+    if let Err(e) = beat {
+        log(&format!("cannot start the heartbeat thread: {e}"));
+    }
     describe_l1();
     // From here on only warnings and worse from L1's kernel reach the console, so that they
     // rarely cut into the lines the host parses.
