@@ -16,62 +16,16 @@
     reason = "an integration test crate: its top level is the test module"
 )]
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
-use test_guests::{Guest, agent, require_kvm};
+use test_guests::require_kvm;
 use vmm::api::REQUEST_TIMEOUT;
 use vmm::vm::STOP_WAIT;
-use vmm::{DeviceConfig, PanicSite, Vm, VmConfig, VmExit, VmmAction, VmmActionError};
+use vmm::{PanicSite, Vm, VmExit, VmmAction, VmmActionError};
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+mod common;
 
-/// vCPU threads of this process.
-fn vcpu_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|n| n.starts_with("vcpu"))
-        })
-        .count()
-}
-
-fn fd_count() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
-}
-
-/// An agent-mode VM whose agent has sent its ready line and now idles.
-fn agent_vm(host: &vmm::Host, cid: u64) -> Vm {
-    let mut c = VmConfig::new(Guest::Virtio.elf());
-    c.mem_mib = 32;
-    c.cmdline = agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[]);
-    c.devices = vec![DeviceConfig::Vsock {
-        guest_cid: cid,
-        uds_path: None,
-    }];
-    let vm = Vm::start(host, c).unwrap();
-    let listener = vm.vsock().unwrap().listen(agent::READY_PORT).unwrap();
-    let (mut ready, _) = listener.accept().unwrap();
-    ready.set_read_timeout(Some(TIMEOUT)).unwrap();
-    ready.read_to_string(&mut String::new()).unwrap();
-    let deadline = Instant::now() + TIMEOUT;
-    while !vm.console().contains(agent::READY) {
-        assert!(Instant::now() < deadline, "no ready line: {}", vm.console());
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    vm
-}
-
-/// The VM still runs and its agent still takes a connection, through the VMM thread (vsock
-/// device), the vCPU (the guest's driver and agent) and back.
-fn answers(vm: &Vm) {
-    assert_eq!(vm.ended(), None);
-    vm.pause().unwrap();
-    vm.resume().unwrap();
-    let stream = vm.vsock().unwrap().connect(agent::PORT).unwrap();
-    drop(stream);
-}
+use common::{TIMEOUT, agent_vm, answers, fd_count, vcpu_threads, wait_live};
 
 fn crashed_with(vm: &Vm, needle: &str) {
     let end = vm.wait_timeout(TIMEOUT).expect("the VM did not end");
@@ -112,11 +66,7 @@ fn a_fault_in_one_vms_threads_ends_that_vm_only() {
 
     // Both crashed VMs are torn down: the live count and the descriptors say so.
     drop((device, vcpu));
-    let deadline = Instant::now() + TIMEOUT;
-    while host.live_vms() != 1 {
-        assert!(Instant::now() < deadline, "live VMs: {}", host.live_vms());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_live(&host, 1);
 
     // A VMM thread that does not answer: Stop still returns, with the VM ended from outside
     // (its vCPU stopped from here); the thread tears the VM down once it comes back.
@@ -151,11 +101,7 @@ fn a_fault_in_one_vms_threads_ends_that_vm_only() {
         Err(VmmActionError::TimedOut(_))
     ));
     drop(hung);
-    let deadline = Instant::now() + TIMEOUT;
-    while host.live_vms() != 1 {
-        assert!(Instant::now() < deadline, "live VMs: {}", host.live_vms());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    wait_live(&host, 1);
 
     // The host still starts VMs, beside the healthy one.
     let next = agent_vm(&host, 6);

@@ -236,6 +236,49 @@ pub mod agent {
     }
 }
 
+/// The hostile mode of [`Guest::Virtio`](crate::Guest::Virtio) (`virtio.test=hostile`): one
+/// attack on the VMM, repeated forever (the firmware's `hostile.rs` says what each does).
+pub mod hostile {
+    /// Every attack, by its `hostile.case=` name.
+    pub const CASES: [&str; 9] = [
+        "vsock-flood",
+        "desc-loop",
+        "huge-len",
+        "oob-addr",
+        "status-abuse",
+        "config-oob",
+        "notify-flood",
+        "serial-flood",
+        "spin",
+    ];
+
+    /// A command line for `case`: `base`, the hostile mode and the case.
+    pub fn cmdline(base: &str, case: &str) -> String {
+        format!("{base} virtio.test=hostile hostile.case={case}")
+    }
+
+    /// The attacks on the virtqueues: after their first round every attacked device must have
+    /// shown it took the attack in (asked for a reset, or used a buffer of a bad chain).
+    pub const RING_CASES: [&str; 4] = ["vsock-flood", "desc-loop", "huge-len", "oob-addr"];
+
+    /// Start of the line printed once the attack's first round is done.
+    pub fn attacking(case: &str) -> String {
+        format!("hostile: {case} attacking, ")
+    }
+
+    /// `(reacted, attacked)` devices from the first round's line in `console`.
+    pub fn reactions(console: &str, case: &str) -> Option<(u32, u32)> {
+        let prefix = attacking(case);
+        // Anywhere in a line: the serial flood's first round ends without a newline.
+        let line = console
+            .lines()
+            .find_map(|l| l.find(prefix.as_str()).map(|at| &l[at + prefix.len()..]))?;
+        let (reacted, rest) = line.split_once(" of ")?;
+        let attacked = rest.strip_suffix(" devices reacted")?;
+        Some((reacted.parse().ok()?, attacked.parse().ok()?))
+    }
+}
+
 /// The exact console output of the guests (COM1). Lines end in `\n`.
 pub mod console {
     /// `quick`: its only line.

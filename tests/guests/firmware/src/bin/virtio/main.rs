@@ -7,7 +7,8 @@
 //! Command line: `virtio_mmio.device=<size>@<base>:<irq>` entries (appended by the VMM) and
 //! - `virtio.test=blk|net|vsock|all` (a comma-separated list works too; default `all`, which
 //!   skips device types that are absent instead of failing), or `virtio.test=agent`: behave
-//!   like the guest agent on the wire, forever (see `agent.rs`),
+//!   like the guest agent on the wire, forever (see `agent.rs`), or `virtio.test=hostile`:
+//!   attack the devices, forever (`hostile.case=<case>`, see `hostile.rs`),
 //! - `virtio.blk_swap=1`: after its steps, wait for a slot swap on the first block device,
 //! - `virtio.blk_all=1`: test every block device, not just the first.
 //!
@@ -21,6 +22,7 @@
 
 mod agent;
 mod blk;
+mod hostile;
 mod net;
 mod vsock;
 
@@ -160,6 +162,8 @@ struct Selection {
     vsock: bool,
     /// The agent mode (nothing else runs).
     agent: bool,
+    /// The hostile mode (nothing else runs).
+    hostile: bool,
     /// Named explicitly: an absent device is a failure.
     explicit: bool,
 }
@@ -172,6 +176,7 @@ impl Selection {
                 net: true,
                 vsock: true,
                 agent: false,
+                hostile: false,
                 explicit: false,
             };
         };
@@ -185,12 +190,14 @@ impl Selection {
                 b"net" => sel.net = true,
                 b"vsock" => sel.vsock = true,
                 b"agent" => sel.agent = true,
+                b"hostile" => sel.hostile = true,
                 b"all" => {
                     sel = Self {
                         blk: true,
                         net: true,
                         vsock: true,
                         agent: false,
+                        hostile: false,
                         explicit: false,
                     }
                 }
@@ -270,6 +277,9 @@ fn run(boot: &Boot, report: &mut Report) {
 
     if selection.agent {
         agent::run(cmdline, &devices, &mut arena);
+    }
+    if selection.hostile {
+        hostile::run(cmdline, &devices, &mut arena);
     }
     if selection.blk {
         blk::run(
