@@ -273,10 +273,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     raise_nofile();
     let host = vmm::Host::new();
     start_shell_pool(&host, &config);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("sandboxer")
-        .build()?;
+    let runtime = controller::server::runtime("sandboxer")?;
     let mut backend = controller::KvmBackend::new(host.clone());
     if config.template.enabled {
         backend = backend.with_templates(controller::backend::template::Templates::new(

@@ -1,10 +1,16 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Persistence of sandbox records: `<state_dir>/<id>/sandbox.json`.
+//! Persistence of sandbox records: `<state_dir>/sandboxes/<id>/sandbox.json`.
+//!
+//! Sandbox directories live in a directory of their own, so no API-chosen id can name a path
+//! the daemon owns (`<state_dir>/images`, `<state_dir>/templates.json`): a sandbox called
+//! `images` once shared its directory with every tenant's image cache, and its Shutdown
+//! removed them all. Records of older sandboxers, at `<state_dir>/<id>/sandbox.json`, are moved
+//! to the new place when the records are loaded ([`Store::load_all`]).
 //!
 //! # Restart contract
 //!
 //! The VMs run inside the sandboxer process, so they end when it ends. Records survive it.
-//! When a sandboxer starts it reloads every `<state_dir>/*/sandbox.json` (see
+//! When a sandboxer starts it reloads every `<state_dir>/sandboxes/*/sandbox.json` (see
 //! [`crate::service::SandboxService::recover`]):
 //!
 //! - a sandbox that was `Starting`, `Ready` or `Stopping` lost its VM with the old process: it
@@ -34,6 +40,8 @@ use crate::sandbox::SandboxRecord;
 
 /// File name of a record inside its sandbox directory.
 pub const RECORD_FILE: &str = "sandbox.json";
+/// The directory under the state dir that holds one directory per sandbox.
+pub const SANDBOXES_DIR: &str = "sandboxes";
 const RECORD_TMP: &str = "sandbox.json.tmp";
 
 /// Why a record could not be read or written.
@@ -54,6 +62,9 @@ pub enum StoreError {
     /// A record's id does not match its directory.
     #[error("Record {0} belongs to sandbox {1}")]
     IdMismatch(PathBuf, String),
+    /// Moving an older sandboxer's record to the current layout failed.
+    #[error("Failed to move {0} to {1}")]
+    Migrate(PathBuf, PathBuf, #[source] io::Error),
     /// Removing a sandbox directory failed.
     #[error("Failed to remove {0}")]
     Remove(PathBuf, #[source] io::Error),
@@ -72,6 +83,8 @@ pub struct Loaded {
     pub records: Vec<SandboxRecord>,
     /// Records that could not be read (left on disk).
     pub errors: Vec<StoreError>,
+    /// Ids whose directories were moved from an older sandboxer's layout.
+    pub migrated: Vec<String>,
 }
 
 impl Store {
@@ -85,19 +98,26 @@ impl Store {
         &self.root
     }
 
-    /// `<root>/<id>`.
-    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
-        self.root.join(id)
+    /// `<root>/sandboxes`.
+    fn sandboxes(&self) -> PathBuf {
+        self.root.join(SANDBOXES_DIR)
     }
 
-    /// Creates `<root>/<id>` (mode 0700; the state dir itself is created if missing).
+    /// `<root>/sandboxes/<id>`.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.sandboxes().join(id)
+    }
+
+    /// Creates `<root>/sandboxes/<id>` (mode 0700; the state dir and `sandboxes` are created
+    /// if missing, mode 0711).
     pub fn create_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         let dir = self.sandbox_dir(id);
+        let parent = self.sandboxes();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
-            .create(&self.root)
-            .map_err(|e| StoreError::CreateDir(self.root.clone(), e))?;
+            .create(&parent)
+            .map_err(|e| StoreError::CreateDir(parent, e))?;
         match fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => Ok(dir),
             // A directory without a record is what an interrupted Create leaves: reuse it.
@@ -112,7 +132,7 @@ impl Store {
         }
     }
 
-    /// Writes `record` atomically to `<root>/<id>/sandbox.json`.
+    /// Writes `record` atomically to `<root>/sandboxes/<id>/sandbox.json`.
     pub fn save(&self, record: &SandboxRecord) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(&record.id);
         let tmp = dir.join(RECORD_TMP);
@@ -132,7 +152,7 @@ impl Store {
         write().map_err(|e| StoreError::Write(path, e))
     }
 
-    /// Reads `<root>/<id>/sandbox.json`.
+    /// Reads `<root>/sandboxes/<id>/sandbox.json`.
     pub fn load(&self, id: &str) -> Result<SandboxRecord, StoreError> {
         let path = self.sandbox_dir(id).join(RECORD_FILE);
         let bytes = fs::read(&path).map_err(|e| StoreError::Read(path.clone(), e))?;
@@ -144,17 +164,66 @@ impl Store {
         Ok(record)
     }
 
-    /// Reads every record under the state dir. A missing state dir holds no records.
-    pub fn load_all(&self) -> Result<Loaded, StoreError> {
-        let mut loaded = Loaded::default();
+    /// Moves the sandbox directories of an older sandboxer (`<root>/<id>` holding a record)
+    /// to `<root>/sandboxes/<id>`; returns their ids. A name taken in the new place is left
+    /// where it is and reported.
+    fn migrate(&self, loaded: &mut Loaded) -> Result<(), StoreError> {
         let entries = match fs::read_dir(&self.root) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(loaded),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(StoreError::Read(self.root.clone(), e)),
+        };
+        let mut legacy = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::Read(self.root.clone(), e))?;
+            let path = entry.path();
+            if entry.file_name() == SANDBOXES_DIR
+                || !path.is_dir()
+                || !path.join(RECORD_FILE).exists()
+            {
+                continue;
+            }
+            if let Some(id) = entry.file_name().to_str() {
+                legacy.push(id.to_string());
+            }
+        }
+        legacy.sort();
+        for id in legacy {
+            let from = self.root.join(&id);
+            let to = self.sandbox_dir(&id);
+            let moved = fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o711)
+                .create(self.sandboxes())
+                .and_then(|()| {
+                    if to.exists() {
+                        Err(io::Error::from(io::ErrorKind::AlreadyExists))
+                    } else {
+                        fs::rename(&from, &to)
+                    }
+                });
+            match moved {
+                Ok(()) => loaded.migrated.push(id),
+                Err(e) => loaded.errors.push(StoreError::Migrate(from, to, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every record under the state dir, first moving an older sandboxer's records to
+    /// the current layout. A missing state dir holds no records.
+    pub fn load_all(&self) -> Result<Loaded, StoreError> {
+        let mut loaded = Loaded::default();
+        self.migrate(&mut loaded)?;
+        let dir = self.sandboxes();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(loaded),
+            Err(e) => return Err(StoreError::Read(dir, e)),
         };
         let mut ids = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|e| StoreError::Read(self.root.clone(), e))?;
+            let entry = entry.map_err(|e| StoreError::Read(dir.clone(), e))?;
             let path = entry.path();
             if !path.is_dir() || !path.join(RECORD_FILE).exists() {
                 continue;
@@ -173,7 +242,7 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Removes `<root>/<id>` and everything in it. Removing a missing directory succeeds.
+    /// Removes `<root>/sandboxes/<id>` and everything in it. Removing a missing directory succeeds.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(id);
         match fs::remove_dir_all(&dir) {
@@ -258,13 +327,14 @@ mod tests {
             store.save(&sample(id)).unwrap();
         }
         // A socket-like file, a directory without a record, a corrupt and a misplaced record.
-        fs::write(tmp.path().join("sandboxer.sock"), b"").unwrap();
-        fs::create_dir(tmp.path().join("empty")).unwrap();
-        fs::create_dir(tmp.path().join("bad")).unwrap();
-        fs::write(tmp.path().join("bad").join(RECORD_FILE), b"{not json").unwrap();
-        fs::create_dir(tmp.path().join("moved")).unwrap();
+        let dir = tmp.path().join(SANDBOXES_DIR);
+        fs::write(dir.join("sandboxer.sock"), b"").unwrap();
+        fs::create_dir(dir.join("empty")).unwrap();
+        fs::create_dir(dir.join("bad")).unwrap();
+        fs::write(dir.join("bad").join(RECORD_FILE), b"{not json").unwrap();
+        fs::create_dir(dir.join("moved")).unwrap();
         fs::write(
-            tmp.path().join("moved").join(RECORD_FILE),
+            dir.join("moved").join(RECORD_FILE),
             serde_json::to_vec(&sample("other")).unwrap(),
         )
         .unwrap();
@@ -286,7 +356,64 @@ mod tests {
                 .any(|e| matches!(e, StoreError::IdMismatch(_, id) if id == "other"))
         );
         // The unreadable record is left for a person.
-        assert!(tmp.path().join("bad").join(RECORD_FILE).exists());
+        assert!(dir.join("bad").join(RECORD_FILE).exists());
+    }
+
+    #[test]
+    fn ids_never_name_the_daemons_own_paths() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        // What the daemon keeps beside the sandboxes.
+        fs::create_dir(tmp.path().join("images")).unwrap();
+        fs::write(tmp.path().join("images").join("layer.erofs"), b"image").unwrap();
+        fs::write(tmp.path().join("templates.json"), b"[]").unwrap();
+        for id in ["images", "templates.json"] {
+            let dir = store.create_dir(id).unwrap();
+            assert_eq!(dir, tmp.path().join(SANDBOXES_DIR).join(id));
+            store.save(&sample(id)).unwrap();
+            store.remove(id).unwrap();
+        }
+        assert_eq!(
+            fs::read(tmp.path().join("images").join("layer.erofs")).unwrap(),
+            b"image"
+        );
+        assert_eq!(fs::read(tmp.path().join("templates.json")).unwrap(), b"[]");
+    }
+
+    #[test]
+    fn an_older_sandboxers_records_move_to_the_sandboxes_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::new(tmp.path());
+        // The old layout: <state>/<id>/sandbox.json, beside the image cache.
+        for id in ["old-a", "old-b"] {
+            fs::create_dir(tmp.path().join(id)).unwrap();
+            fs::write(
+                tmp.path().join(id).join(RECORD_FILE),
+                serde_json::to_vec(&sample(id)).unwrap(),
+            )
+            .unwrap();
+            fs::write(tmp.path().join(id).join("console.log"), b"boot").unwrap();
+        }
+        fs::create_dir(tmp.path().join("images")).unwrap();
+        // A sandbox of the new layout with the name of an old one: the old one stays put.
+        store.create_dir("old-b").unwrap();
+        store.save(&sample("old-b")).unwrap();
+
+        let loaded = store.load_all().unwrap();
+        assert_eq!(loaded.migrated, ["old-a"]);
+        let ids: Vec<_> = loaded.records.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(ids, ["old-a", "old-b"]);
+        assert!(
+            matches!(&loaded.errors[..], [StoreError::Migrate(from, ..)] if from.ends_with("old-b"))
+        );
+        assert!(!tmp.path().join("old-a").exists());
+        assert_eq!(
+            fs::read(store.sandbox_dir("old-a").join("console.log")).unwrap(),
+            b"boot"
+        );
+        assert!(tmp.path().join("images").is_dir());
+        // Loading again finds nothing more to move.
+        assert!(store.load_all().unwrap().migrated.is_empty());
     }
 
     #[test]

@@ -146,7 +146,12 @@ async fn daemon_serves_notifies_and_stops_on_sigterm() {
     })
     .await
     .unwrap();
-    assert!(!state.join("pod").exists());
+    assert!(
+        !state
+            .join(controller::store::SANDBOXES_DIR)
+            .join("pod")
+            .exists()
+    );
     drop((c, seed_client));
 
     sigterm(&child);
@@ -206,7 +211,7 @@ async fn serve_subcommand_reads_the_config_file() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
     // The record survives the daemon.
-    assert!(tmp.path().join("state/pod/sandbox.json").exists());
+    assert!(tmp.path().join("state/sandboxes/pod/sandbox.json").exists());
 }
 
 #[test]

@@ -127,8 +127,15 @@ async fn daemon_with(
 
 impl KvmDaemon {
     fn console(&self, id: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join("state").join(id).join("console.log"))
-            .unwrap_or_default()
+        std::fs::read_to_string(
+            self.dir
+                .path()
+                .join("state")
+                .join(controller::store::SANDBOXES_DIR)
+                .join(id)
+                .join("console.log"),
+        )
+        .unwrap_or_default()
     }
 
     async fn create(&mut self, id: &str, options: Option<prost_types::Any>) {
@@ -222,7 +229,7 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
     let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |_| {}).await;
     d.create("pod", Some(pod_options("web-0", 0, 0))).await;
     let address = d.start("pod").await.unwrap();
-    let sock = d.dir.path().join("state/pod/task.sock");
+    let sock = d.dir.path().join("state/sandboxes/pod/task.sock");
     assert_eq!(address, format!("ttrpc+unix://{}", sock.display()));
     // By the time Start returned the agent had announced itself and had been set up, in
     // this order.
@@ -259,8 +266,13 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
         assert!(us > 0, "{phase}: {info:?}");
     }
     // The hybrid vsock socket for debugging tools is there; the ready fallback is gone.
-    assert!(d.dir.path().join("state/pod/vsock.sock").exists());
-    assert!(!d.dir.path().join("state/pod/vsock.sock_1025").exists());
+    assert!(d.dir.path().join("state/sandboxes/pod/vsock.sock").exists());
+    assert!(
+        !d.dir
+            .path()
+            .join("state/sandboxes/pod/vsock.sock_1025")
+            .exists()
+    );
 
     // Metrics asks the agent for the pod's statistics; this agent has none, so the VM's own
     // figures are returned.
@@ -358,7 +370,7 @@ async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
         "{took:?}"
     );
     assert!(msg.contains("silent"), "{msg}");
-    let console = d.dir.path().join("state/silent/console.log");
+    let console = d.dir.path().join("state/sandboxes/silent/console.log");
     assert!(msg.contains(&console.display().to_string()), "{msg}");
     assert!(
         std::fs::read_to_string(&console)
@@ -366,7 +378,12 @@ async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
             .contains(test_guests::console::SPIN_HELLO)
     );
     assert_eq!(d.state("silent").await, "SANDBOX_NOTREADY");
-    assert!(!d.dir.path().join("state/silent/vsock.sock_1025").exists());
+    assert!(
+        !d.dir
+            .path()
+            .join("state/sandboxes/silent/vsock.sock_1025")
+            .exists()
+    );
     assert!(
         d.host.wait_all_torn_down(Duration::from_secs(10)),
         "the VM of a failed Start leaked"

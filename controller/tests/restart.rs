@@ -210,7 +210,7 @@ async fn a_killed_daemon_leaves_nothing_after_restart_and_shutdown() {
     assert_eq!(status(&mut c, "pod").await, ("SANDBOX_READY".into(), false));
     assert!(net.links().contains("tap"), "{}", net.links());
     assert!(net.has_ingress());
-    let pod_dir = tmp.path().join("state/pod");
+    let pod_dir = tmp.path().join("state/sandboxes/pod");
     assert!(pod_dir.join("task.sock").exists() && pod_dir.join("vsock.sock").exists());
 
     // The daemon dies without cleaning up: its VM goes with it, the tap with its fd; the
@@ -257,12 +257,14 @@ async fn a_killed_daemon_leaves_nothing_after_restart_and_shutdown() {
     assert!(!net.has_ingress(), "the ingress qdisc is left on eth0");
     assert!(net.links().contains("eth0"), "the pod's own eth0 must stay");
     assert_eq!(mounts_under(tmp.path()), Vec::<String>::new());
-    let left: Vec<_> = std::fs::read_dir(tmp.path().join("state"))
+    let state = tmp.path().join("state");
+    let left: Vec<_> = std::fs::read_dir(&state)
         .unwrap()
+        .chain(std::fs::read_dir(state.join(controller::store::SANDBOXES_DIR)).unwrap())
         .filter_map(Result::ok)
         .map(|e| e.file_name())
         // Daemon-owned files, not the sandbox's.
-        .filter(|n| n != "images" && n != "templates.json")
+        .filter(|n| n != "images" && n != "templates.json" && n != controller::store::SANDBOXES_DIR)
         .collect();
     assert!(left.is_empty(), "left in the state dir: {left:?}");
     drop(c);

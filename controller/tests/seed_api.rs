@@ -122,7 +122,7 @@ async fn all_ten_rpcs() {
     );
 
     let st = c.start(start("pod")).await.unwrap().into_inner();
-    let sock = d.state().join("pod").join("task.sock");
+    let sock = d.sandbox_dir("pod").join("task.sock");
     assert_eq!(st.task_address, format!("ttrpc+unix://{}", sock.display()));
     assert_eq!(st.pid, std::process::id());
     assert!(st.created_at.is_some());
@@ -153,14 +153,14 @@ async fn all_ten_rpcs() {
         msg.contains("rootfs[0]") && msg.contains("/dev/mapper/c1"),
         "{msg}"
     );
-    assert!(!d.state().join("pod/containers/c1").exists());
+    assert!(!d.sandbox_dir("pod").join("containers/c1").exists());
     // Without rootfs and spec, Prepare records the container (the KVM tests attach rootfs).
     req.rootfs.clear();
     req.spec = None;
     let bundle = c.prepare(req).await.unwrap().into_inner().bundle;
     assert_eq!(
         std::path::Path::new(&bundle),
-        d.state().join("pod/containers/c1")
+        d.sandbox_dir("pod").join("containers/c1")
     );
     let vm = d.fake.handle("pod").unwrap();
 
@@ -208,7 +208,7 @@ async fn all_ten_rpcs() {
     .await
     .unwrap();
     expect_code(c.status(status("pod")).await, Code::NotFound);
-    assert!(!d.state().join("pod").exists());
+    assert!(!d.sandbox_dir("pod").exists());
     d.stop().await;
 }
 

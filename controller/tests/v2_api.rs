@@ -131,7 +131,7 @@ async fn every_rpc_round_trip() {
     assert!(created >= before);
 
     let st = c.start(start("pod-1")).await.unwrap().into_inner();
-    let sock = d.state().join("pod-1").join("task.sock");
+    let sock = d.sandbox_dir("pod-1").join("task.sock");
     assert_eq!(st.sandbox_id, "pod-1");
     assert_eq!(st.address, format!("ttrpc+unix://{}", sock.display()));
     assert_eq!(st.version, 3);
@@ -203,7 +203,7 @@ async fn every_rpc_round_trip() {
 
     c.shutdown(shutdown("pod-1")).await.unwrap();
     expect_code(c.status(status("pod-1", false)).await, Code::NotFound);
-    assert!(!d.state().join("pod-1").exists());
+    assert!(!d.sandbox_dir("pod-1").exists());
     assert_eq!(d.fake.running(), 0);
     d.stop().await;
 }
@@ -285,7 +285,7 @@ async fn bad_input_gets_precise_codes_and_disturbs_nobody() {
     assert!(msg.contains("no-such-field"), "{msg}");
 
     // Nothing else was created, and the bystander still runs.
-    let mut dirs: Vec<_> = std::fs::read_dir(d.state())
+    let mut dirs: Vec<_> = std::fs::read_dir(d.state().join(controller::store::SANDBOXES_DIR))
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
         .collect();
@@ -310,7 +310,7 @@ async fn missing_kernel_is_failed_precondition() {
     assert_eq!(exit.exit_status, 255);
     assert_eq!(state_of(&mut c, "pod").await, "SANDBOX_NOTREADY");
     c.shutdown(shutdown("pod")).await.unwrap();
-    assert!(!d.state().join("pod").exists());
+    assert!(!d.sandbox_dir("pod").exists());
     d.stop().await;
 }
 
@@ -362,7 +362,12 @@ async fn twenty_sandboxes_created_and_started_at_once() {
         t.await.unwrap().unwrap();
     }
     assert_eq!(d.fake.running(), 0);
-    assert_eq!(std::fs::read_dir(d.state()).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(d.state().join(controller::store::SANDBOXES_DIR))
+            .unwrap()
+            .count(),
+        0
+    );
     d.stop().await;
 }
 
@@ -471,7 +476,7 @@ async fn restart_reports_lost_vms_and_keeps_created_sandboxes() {
     assert_eq!(exit.exit_status, 255);
     assert_eq!(exit.exited_at, s.exited_at);
     c.shutdown(shutdown("running")).await.unwrap();
-    assert!(!d.state().join("running").exists());
+    assert!(!d.sandbox_dir("running").exists());
 
     assert_eq!(state_of(&mut c, "created").await, "SANDBOX_NOTREADY");
     c.start(start("created")).await.unwrap();

@@ -27,6 +27,25 @@ use crate::store::StoreError;
 
 mod authority;
 
+/// Idle time after which a thread of the daemon runtime's blocking pool exits. The pool runs
+/// what waits on a VM's threads or the guest (VM creation, the guest's ready dial, Stop, the
+/// teardown wait, record writes); a burst of starts grows it to the burst's concurrency, and
+/// this gives those threads back soon after, so an idle daemon holds no thread per sandbox
+/// it once ran. Creating a thread again costs tens of microseconds.
+pub const BLOCKING_KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// Most threads the blocking pool grows to; blocking work beyond it waits for a thread.
+pub const MAX_BLOCKING_THREADS: usize = 256;
+
+/// The daemon's multi-threaded runtime, its threads named `thread_name`.
+pub fn runtime(thread_name: &str) -> io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name(thread_name)
+        .thread_keep_alive(BLOCKING_KEEP_ALIVE)
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
+        .build()
+}
+
 pub use authority::AuthorityFix;
 
 /// How long in-flight calls may run after the daemon stopped accepting.
@@ -250,6 +269,7 @@ pub async fn run<B: VmBackend>(
         restored = recovery.restored,
         lost = recovery.lost.len(),
         removed = recovery.removed.len(),
+        migrated = recovery.migrated.len(),
         "sandbox records loaded"
     );
     let mut servers = Servers::start(&service, &config.api.socket, config.seed_socket())?;

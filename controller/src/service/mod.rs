@@ -153,7 +153,7 @@ pub struct Started {
     pub created_at: SystemTime,
     /// The sandbox's labels.
     pub labels: BTreeMap<String, String>,
-    /// Task API address, `ttrpc+unix://<state>/<id>/task.sock`.
+    /// Task API address, `ttrpc+unix://<state>/sandboxes/<id>/task.sock`.
     pub address: String,
     /// Task API version.
     pub version: u32,
@@ -226,6 +226,8 @@ pub struct Recovery {
     pub removed: Vec<String>,
     /// Records that could not be read (left on disk).
     pub unreadable: Vec<StoreError>,
+    /// Sandboxes whose directories were moved from an older sandboxer's layout.
+    pub migrated: Vec<String>,
 }
 
 /// The sandbox service over a VM backend.
@@ -284,6 +286,7 @@ impl<B: VmBackend> SandboxService<B> {
         let loaded = self.store.load_all()?;
         let mut report = Recovery {
             unreadable: loaded.errors,
+            migrated: loaded.migrated,
             ..Recovery::default()
         };
         let now = SystemTime::now();

@@ -73,7 +73,7 @@ async fn lifecycle() {
     );
 
     let s = f.svc.start("pod").await.unwrap();
-    let sock = f.tmp.path().join("state/pod/task.sock");
+    let sock = f.tmp.path().join("state/sandboxes/pod/task.sock");
     assert_eq!(s.address, format!("ttrpc+unix://{}", sock.display()));
     assert_eq!(s.version, 3);
     assert_eq!(s.pid, std::process::id());
@@ -104,7 +104,12 @@ async fn lifecycle() {
     assert_eq!((spec.vcpus, spec.mem_mib), (1, 256));
     assert_eq!(
         spec.console_log.as_deref(),
-        Some(f.tmp.path().join("state/pod/console.log").as_path())
+        Some(
+            f.tmp
+                .path()
+                .join("state/sandboxes/pod/console.log")
+                .as_path()
+        )
     );
 
     f.svc.stop("pod", Duration::from_secs(1)).await.unwrap();
@@ -326,7 +331,12 @@ async fn pod_config_sets_hostname_dns_labels_and_vm_size() {
     assert!(spec.setup.interfaces.is_empty() && spec.setup.routes.is_empty());
     assert_eq!(
         spec.vsock_uds.as_deref(),
-        Some(f.tmp.path().join("state/web/vsock.sock").as_path())
+        Some(
+            f.tmp
+                .path()
+                .join("state/sandboxes/web/vsock.sock")
+                .as_path()
+        )
     );
     assert_eq!(
         spec.agent_ready_timeout,
@@ -673,7 +683,7 @@ async fn prepare_purge_and_update_resources() {
     // tests attach for real), so it fails, and leaves nothing behind.
     let err = f.svc.prepare("pod", req.clone()).await.unwrap_err();
     assert!(matches!(err, SandboxError::Endpoint(..)), "{err:?}");
-    let bundle_dir = f.tmp.path().join("state/pod/containers/c1");
+    let bundle_dir = f.tmp.path().join("state/sandboxes/pod/containers/c1");
     assert!(!bundle_dir.exists());
     assert!(f.svc.record("pod").unwrap().containers.is_empty());
     // A rootfs needs the spec that says how to run on it.
@@ -804,7 +814,7 @@ async fn restart_recovery() {
     rec.state = SandboxState::Deleted;
     old.store().save(&rec).unwrap();
     // An unreadable record stays on disk.
-    let state = tmp.path().join("state");
+    let state = tmp.path().join("state/sandboxes");
     std::fs::create_dir(state.join("broken")).unwrap();
     std::fs::write(state.join("broken/sandbox.json"), b"{").unwrap();
     drop(old);

@@ -99,6 +99,11 @@ impl Daemon {
         self.config.state_dir.clone()
     }
 
+    /// The directory of sandbox `id` under the state dir.
+    pub fn sandbox_dir(&self, id: &str) -> PathBuf {
+        self.state().join(controller::store::SANDBOXES_DIR).join(id)
+    }
+
     /// Stops the daemon (as SIGTERM would) and returns its directory.
     pub async fn stop(mut self) -> tempfile::TempDir {
         let _ = self.stop.take().unwrap().send(());

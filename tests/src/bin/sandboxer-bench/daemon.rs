@@ -162,10 +162,7 @@ impl Daemon {
         };
         let pool_depth = usize::try_from(config.vm.pool_depth)?;
 
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("bench-daemon")
-            .build()?;
+        let runtime = controller::server::runtime("bench-daemon")?;
         // The daemon keeps a pool for its default VM size, as `sandboxer serve` does.
         vmm_host().set_pool_target(o.mem_mib, pool_depth)?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

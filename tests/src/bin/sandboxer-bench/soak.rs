@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `soak`: `--cycles` Create/Start/Stop/Shutdown cycles of the test guest against the daemon
 //! (in this process) from `--concurrency` clients at once, run in ten rounds. After each round
-//! (every VM torn down, the pools refilled) the daemon process's fds, threads and RSS are
-//! sampled: growth is the last round's sample minus the first's, so what one-time warm-up
+//! (every VM torn down, the pools refilled, the runtime's idle blocking threads gone) the
+//! daemon process's fds, threads and RSS are sampled: growth is the last round's sample minus the first's, so what one-time warm-up
 //! allocates does not count and what every cycle leaks does. Then what is left on the host:
 //! entries under the state dir besides the daemon's own, mounts under it, live VMs.
 //!
@@ -11,7 +11,6 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use integration_tests::procstat;
 use serde_json::json;
 
@@ -38,9 +37,20 @@ fn sample() -> Sample {
     }
 }
 
-/// What the daemon keeps in its state dir besides sandboxes (records of templates, images).
+/// What the daemon keeps in its state dir besides the sandboxes' directories.
 fn own_entry(name: &str) -> bool {
-    matches!(name, "templates.json" | "images")
+    matches!(name, "templates.json" | "images") || name == controller::store::SANDBOXES_DIR
+}
+
+/// Entries of `dir` (none if it does not exist).
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
@@ -100,7 +110,9 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
         }
         vmm_host().wait_all_torn_down(Duration::from_secs(60));
         vmm_host().wait_pool_full(Duration::from_secs(30));
-        std::thread::sleep(Duration::from_millis(100));
+        // Idle blocking-pool threads exit after BLOCKING_KEEP_ALIVE: what is left after it is
+        // what the daemon keeps.
+        std::thread::sleep(controller::server::BLOCKING_KEEP_ALIVE + Duration::from_millis(500));
         samples.push(sample());
         eprintln!(
             "soak: round {}/{ROUNDS}: {} cycles, {errors} errors so far, {} fds, {} threads, {} KiB RSS",
@@ -114,11 +126,10 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     let wall = t0.elapsed();
 
     // Leftovers, with the daemon still up (its own files are expected).
-    let left: Vec<String> = std::fs::read_dir(&state)
-        .with_context(|| format!("reading {}", state.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.file_name().to_string_lossy().into_owned())
+    let left: Vec<String> = entries(&state)
+        .into_iter()
         .filter(|n| !own_entry(n))
+        .chain(entries(&state.join(controller::store::SANDBOXES_DIR)))
         .collect();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
