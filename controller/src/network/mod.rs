@@ -16,6 +16,8 @@
 mod netlink;
 mod netns;
 
+pub use netns::{NsId, check_pod_netns};
+
 use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -7,7 +7,9 @@
 
 use std::fs::File;
 use std::future::Future;
+use std::io;
 use std::os::fd::AsFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use nix::sched::{CloneFlags, setns};
@@ -17,6 +19,54 @@ use tokio::sync::oneshot;
 use tracing::warn;
 
 use super::NetworkError;
+
+/// Which namespace a namespace file stands for: the nsfs device and inode that `stat` gives
+/// for it, the same for a `/run/netns/<name>` bind mount and `/proc/<pid>/ns/net` of one
+/// namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NsId {
+    dev: u64,
+    ino: u64,
+}
+
+impl NsId {
+    /// The namespace `path` stands for (any file has a device and inode: check
+    /// [`check_pod_netns`] for a namespace file).
+    pub fn of(path: &Path) -> io::Result<NsId> {
+        let m = std::fs::metadata(path)?;
+        Ok(NsId {
+            dev: m.dev(),
+            ino: m.ino(),
+        })
+    }
+
+    /// The daemon's own network namespace (the host's, as a rule).
+    pub fn own_netns() -> io::Result<NsId> {
+        NsId::of(Path::new("/proc/self/ns/net"))
+    }
+}
+
+/// Checks a pod's `netns_path` at Create: a namespace file (on nsfs) that is not the daemon's
+/// own network namespace, whose taps and tc redirects a pod must never get. Returns its
+/// identity, or why it is refused. (That it is a *network* namespace, `setns` checks at
+/// Start.)
+pub fn check_pod_netns(path: &Path) -> Result<NsId, String> {
+    let fs = statfs(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    if fs.filesystem_type() != NSFS_MAGIC {
+        return Err(format!(
+            "{} is not a namespace file (not on nsfs)",
+            path.display()
+        ));
+    }
+    let id = NsId::of(path).map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    if NsId::own_netns().is_ok_and(|own| own == id) {
+        return Err(format!(
+            "{} is the sandboxer's own network namespace (the host's)",
+            path.display()
+        ));
+    }
+    Ok(id)
+}
 
 /// An open, checked netns file.
 #[derive(Debug)]

@@ -133,6 +133,10 @@ impl<B: VmBackend> SandboxService<B> {
                     reason: format!("{} does not exist", req.netns_path),
                 });
             }
+            network::check_pod_netns(p).map_err(|reason| SandboxError::InvalidArgument {
+                field: "netns_path",
+                reason,
+            })?;
         }
         let vm = pod::vm_size(&self.config.vm, pod.as_ref().map(|p| &p.config))?;
 
@@ -169,6 +173,19 @@ impl<B: VmBackend> SandboxService<B> {
                 return Err(SandboxError::AlreadyExists {
                     what: "Sandbox",
                     id: record.id,
+                });
+            }
+            // One pod per network namespace: a second would take over the first one's taps
+            // and tc redirects at Start.
+            if let Some(ns) = entry.netns
+                && let Some(owner) = map.iter().find(|(_, e)| e.netns == Some(ns))
+            {
+                return Err(SandboxError::InvalidArgument {
+                    field: "netns_path",
+                    reason: format!(
+                        "{} is the network namespace of sandbox {}",
+                        record.netns_path, owner.0
+                    ),
                 });
             }
             self.admit_fds(&record.id, map.len())?;

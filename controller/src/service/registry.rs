@@ -2,13 +2,14 @@
 //! The sandboxes in memory: one [`Entry`] per sandbox (its record, VM, network and Task
 //! endpoint, and its lifecycle lock), and [`Locked`], the one way an operation holds a sandbox.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use devices::sync::Recover;
 use tokio::sync::{OwnedMutexGuard, watch};
 
 use crate::backend::VmHandle;
-use crate::network::PodNetwork;
+use crate::network::{NsId, PodNetwork};
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
 use crate::task::TaskServer;
 
@@ -21,6 +22,9 @@ pub(super) struct Entry {
     pub(super) data: Mutex<EntryData>,
     /// The exit, once the sandbox has ended (Wait watches it).
     pub(super) end: watch::Sender<Option<ExitInfo>>,
+    /// The network namespace of its `netns_path`, if it has one that can be read: no other
+    /// sandbox may be created in it.
+    pub(super) netns: Option<NsId>,
 }
 
 #[derive(Debug)]
@@ -36,7 +40,11 @@ pub(super) struct EntryData {
 impl Entry {
     pub(super) fn new(record: SandboxRecord) -> Arc<Self> {
         let (end, _) = watch::channel(record.exit.clone());
+        let netns = (!record.netns_path.is_empty())
+            .then(|| NsId::of(Path::new(&record.netns_path)).ok())
+            .flatten();
         Arc::new(Entry {
+            netns,
             op: Arc::new(tokio::sync::Mutex::new(())),
             data: Mutex::new(EntryData {
                 record,

@@ -239,35 +239,95 @@ async fn start_twice_and_start_after_stop_are_failed_precondition() {
     ));
 }
 
+/// A network namespace of the test's own, alive while the value lives: a thread that
+/// unshared one and waits (`/proc/<pid>/task/<tid>/ns/net`). `None` (with a loud SKIP) where
+/// that is not allowed, outside CI.
+struct PrivateNetns {
+    path: String,
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+fn private_netns(test: &str) -> Option<PrivateNetns> {
+    let (made, made_rx) = std::sync::mpsc::channel();
+    let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let r = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map(|()| nix::unistd::gettid());
+        let _ = made.send(r);
+        // Until the value is dropped (its sender with it).
+        let _ = stop_rx.recv();
+    });
+    match made_rx.recv().unwrap() {
+        Ok(tid) => Some(PrivateNetns {
+            path: format!("/proc/{}/task/{tid}/ns/net", std::process::id()),
+            _stop: stop,
+        }),
+        Err(e) => {
+            assert!(
+                std::env::var("SANDBOXER_REQUIRE_ROOT").as_deref() != Ok("1")
+                    && std::env::var("CI").as_deref() != Ok("true"),
+                "{test}: cannot make a network namespace: {e}"
+            );
+            eprintln!("SKIP {test}: cannot make a network namespace (needs root): {e}");
+            None
+        }
+    }
+}
+
+fn netns_refused(r: Result<(), SandboxError>, needle: &str) {
+    match r {
+        Err(SandboxError::InvalidArgument {
+            field: "netns_path",
+            reason,
+        }) => assert!(reason.contains(needle), "{reason}"),
+        other => panic!("{other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn netns_path_is_checked() {
     let f = fixture();
-    let mut r = create_req("a");
-    r.netns_path = "relative/ns".into();
-    assert!(matches!(
-        f.svc.create(r).await,
-        Err(SandboxError::InvalidArgument {
-            field: "netns_path",
-            ..
-        })
-    ));
-    let mut r = create_req("a");
-    r.netns_path = "/nonexistent/netns/x".into();
-    assert!(matches!(
-        f.svc.create(r).await,
-        Err(SandboxError::InvalidArgument {
-            field: "netns_path",
-            ..
-        })
-    ));
-    let mut r = create_req("a");
-    r.netns_path = f.tmp.path().display().to_string();
-    f.svc.create(r).await.unwrap();
+    let create = |id: &str, netns: &str| {
+        let mut r = create_req(id);
+        r.netns_path = netns.into();
+        f.svc.create(r)
+    };
+    netns_refused(create("a", "relative/ns").await, "not an absolute path");
+    netns_refused(create("a", "/nonexistent/netns/x").await, "does not exist");
+    let dir = f.tmp.path().display().to_string();
+    netns_refused(create("a", &dir).await, "not a namespace file");
+    // The daemon's own netns is the host's: its taps and tc redirects are nobody's to take.
+    netns_refused(
+        create("a", "/proc/self/ns/net").await,
+        "the sandboxer's own network namespace",
+    );
+    netns_refused(
+        create("a", &format!("/proc/{}/ns/net", std::process::id())).await,
+        "the sandboxer's own network namespace",
+    );
+
+    let Some(ns) = private_netns("netns_path_is_checked") else {
+        return;
+    };
+    create("a", &ns.path).await.unwrap();
     let st = f.svc.status("a", false).unwrap();
     assert_eq!(
         st.info.get("netns_path").map(String::as_str),
-        Some(f.tmp.path().to_str().unwrap())
+        Some(ns.path.as_str())
     );
+    // One pod per netns, by any path to it.
+    netns_refused(
+        create("b", &ns.path).await,
+        "the network namespace of sandbox a",
+    );
+    let tid = ns.path.split('/').nth(4).unwrap();
+    netns_refused(
+        create("b", &format!("/proc/self/task/{tid}/ns/net")).await,
+        "the network namespace of sandbox a",
+    );
+    // Free again once that sandbox is gone.
+    f.svc.shutdown("a").await.unwrap();
+    create("b", &ns.path).await.unwrap();
 }
 
 #[tokio::test]
