@@ -302,3 +302,86 @@ fn shim_name_link_answers_delete_and_refuses_start() {
         "{err}"
     );
 }
+
+/// CPU time (user + system) of process `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // After the command name in parentheses: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A client that opens connections without end runs the daemon out of descriptors: its accept
+/// loop must then pause instead of retrying at once (which spun a core), and serve again once
+/// descriptors are free.
+#[tokio::test]
+async fn a_connection_flood_past_the_fd_limit_does_not_spin_the_daemon() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+
+    // This process opens the connections: its own limit must not stop it first.
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+
+    let tmp = tempfile::tempdir().unwrap();
+    let notify_path = tmp.path().join("notify");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    let socket_path = tmp.path().join("api.sock");
+    // 64 descriptors in all (soft and hard): the daemon cannot raise it.
+    let mut child = Command::new("prlimit")
+        .arg("--nofile=64:64")
+        .arg(BIN)
+        .arg("--socket")
+        .arg(&socket_path)
+        .args(["--seed-socket", ""])
+        .arg("--state-dir")
+        .arg(tmp.path().join("state"))
+        .arg("--kernel")
+        .arg(tmp.path().join("missing-vmlinux"))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    assert_eq!(recv(&notify), "READY=1");
+
+    // Up to 2,000 connections. tokio connects without blocking: once the daemon stops
+    // accepting and the listen backlog is full, a connect fails (EAGAIN) instead of waiting.
+    let mut conns = Vec::new();
+    for _ in 0..2000 {
+        match tokio::net::UnixStream::connect(&socket_path).await {
+            Ok(conn) => conns.push(conn),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => panic!("connect: {e}"),
+        }
+    }
+    assert!(conns.len() > 64, "only {} connections", conns.len());
+
+    // Out of descriptors, with connections waiting: the daemon idles.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = cpu_ticks(child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(child.id()) - before;
+    // 3 s are 300 ticks at 100 Hz; a spinning accept loop takes all of them.
+    assert!(
+        used < 30,
+        "the daemon used {used} ticks of CPU in 3 s with {} connections open",
+        conns.len()
+    );
+
+    // The flood ends: the daemon serves again (its pause is at most a second).
+    drop(conns);
+    let mut c = client(&socket_path).await;
+    let msg = expect_code(
+        c.platform(ControllerPlatformRequest {
+            sandbox_id: "no-such-pod".into(),
+            sandboxer: "sandboxer".into(),
+        })
+        .await,
+        Code::NotFound,
+    );
+    assert!(msg.contains("no-such-pod"), "{msg}");
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+}

@@ -92,6 +92,8 @@ pub struct AuthorityFix<S> {
     pending: usize,
     /// The client closed its side.
     eof: bool,
+    /// The API socket's connection slot this connection takes, given back when it closes.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl<S> std::fmt::Debug for AuthorityFix<S> {
@@ -117,7 +119,15 @@ impl<S> AuthorityFix<S> {
             output: Vec::new(),
             pending: 0,
             eof: false,
+            _slot: None,
         }
+    }
+
+    /// The connection holds `slot` until it is dropped.
+    #[must_use]
+    pub fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     /// Moves everything that can be handled from `input` to `output`; what is left waits for

@@ -12,7 +12,6 @@ use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::UnixListenerStream;
 use tracing::{info, warn};
 
 use crate::api::admin::AdminApi;
@@ -113,13 +112,73 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
     Ok(listener)
 }
 
+/// Most connections one API socket keeps open at once. Past it the socket is not accepted
+/// from until a connection closes (new clients wait in the listen backlog): a client that
+/// opens connections without end takes slots, not the daemon's descriptors.
+pub const MAX_API_CONNECTIONS: usize = 1024;
+/// First pause of the accept loop after an accept failed (out of descriptors, say); doubled at
+/// each failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// The connections of `listener`, each through an [`AuthorityFix`] so that clients which send
-/// the socket path as `:authority` (gRPC C-core, grpc-java, grpcurl) are served too.
+/// the socket path as `:authority` (gRPC C-core, grpc-java, grpcurl) are served too, and each
+/// holding one of the socket's [`MAX_API_CONNECTIONS`] slots.
+///
+/// The accept loop runs as a task of its own and ends when the server drops the stream. A
+/// failed accept (`EMFILE`, `ENFILE`, ...) is logged once per run of failures and retried
+/// after a growing pause: the listener stays readable while the error lasts, and retrying at
+/// once (what the servers do with an error from their stream) would spin a core.
 fn incoming(
     listener: UnixListener,
+    path: PathBuf,
 ) -> impl tokio_stream::Stream<Item = io::Result<AuthorityFix<tokio::net::UnixStream>>> {
-    use tokio_stream::StreamExt as _;
-    UnixListenerStream::new(listener).map(|conn| conn.map(AuthorityFix::new))
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    tokio::spawn(async move {
+        let mut backoff = ACCEPT_BACKOFF;
+        let mut failing = false;
+        loop {
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                accepted = async {
+                    let slot = Arc::clone(&slots).acquire_owned().await;
+                    (slot, listener.accept().await)
+                } => accepted,
+            };
+            match accepted {
+                (Ok(slot), Ok((stream, _))) => {
+                    if failing {
+                        info!(socket = %path.display(), "accepting connections again");
+                        failing = false;
+                    }
+                    backoff = ACCEPT_BACKOFF;
+                    if tx
+                        .send(Ok(AuthorityFix::new(stream).holding(slot)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                // The semaphore is never closed.
+                (Err(_), _) => return,
+                (Ok(_), Err(e)) => {
+                    if !failing {
+                        warn!(
+                            socket = %path.display(),
+                            error = %e,
+                            "accept failed; retrying with a pause until it works again"
+                        );
+                        failing = true;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 /// Both API servers, running.
@@ -183,7 +242,7 @@ impl Servers {
         info!(socket = %path.display(), "listening");
         self.tasks.spawn(async move {
             router
-                .serve_with_incoming_shutdown(incoming(listener), async move {
+                .serve_with_incoming_shutdown(incoming(listener, path.clone()), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 })
                 .await
