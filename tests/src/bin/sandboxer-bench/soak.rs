@@ -29,6 +29,23 @@ struct Sample {
     rss_kib: u64,
 }
 
+/// The least-squares slope of `samples`' RSS, in KiB per round.
+fn rss_trend_kib(samples: &[Sample]) -> f64 {
+    let n = samples.len() as f64;
+    if samples.len() < 2 {
+        return 0.0;
+    }
+    let xs = (0..samples.len()).map(|i| i as f64);
+    let mean_x = xs.clone().sum::<f64>() / n;
+    let mean_y = samples.iter().map(|s| s.rss_kib as f64).sum::<f64>() / n;
+    let (mut num, mut den) = (0.0, 0.0);
+    for (x, s) in xs.zip(samples) {
+        num += (x - mean_x) * (s.rss_kib as f64 - mean_y);
+        den += (x - mean_x) * (x - mean_x);
+    }
+    num / den
+}
+
 fn sample() -> Sample {
     Sample {
         fds: procstat::fd_count(),
@@ -145,6 +162,9 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     let thread_growth = growth(first.threads, last.threads);
     let rss_growth = last.rss_kib.cast_signed() - first.rss_kib.cast_signed();
     let done = per_round * ROUNDS;
+    // A leak grows RSS every round; the allocator's warm-up and its noise do not. The
+    // least-squares slope of rounds 2..10 tells them apart.
+    let trend = rss_trend_kib(&samples[1..]) * 1000.0 / per_round.max(1) as f64;
     println!(
         "soak: {done} Create/Start/Stop/Shutdown cycles of test guest \"virtio\" (agent mode, {} \
          MiB, templates {}) from {clients} concurrent clients in {:.1} s ({:.0} cycles/s)",
@@ -159,7 +179,8 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     }
     println!(
         "daemon growth from round 1 to round {ROUNDS} (all VMs torn down): fds {fd_growth:+}, \
-         threads {thread_growth:+}, RSS {rss_growth:+} KiB"
+         threads {thread_growth:+}, RSS {rss_growth:+} KiB; RSS trend over rounds 2-{ROUNDS} \
+         {trend:+.1} KiB per 1,000 cycles"
     );
     println!(
         "left behind: {} entries under the state dir {:?}, {mounts} mounts under it, {live_vms} \
@@ -178,6 +199,7 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
         "fd_growth": fd_growth,
         "thread_growth": thread_growth,
         "rss_growth_kib": rss_growth,
+        "rss_trend_kib_per_1000_cycles": trend,
         "left_state_entries": left.len(),
         "left_mounts": mounts,
         "left_live_vms": live_vms,
