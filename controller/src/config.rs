@@ -34,6 +34,11 @@
 //!
 //! [metrics]
 //! listen = ""                  # e.g. "127.0.0.1:9464": Prometheus text at /metrics; "" = off
+//!
+//! [task]
+//! # Directories whose files a container's Create and Exec may name (rootfs sources, bundle,
+//! # stdio); the state and image dirs are always allowed. Default: containerd's and iSulad's.
+//! host_paths = ["/var/lib/containerd", "/run/containerd", "/var/lib/isulad", "/run/isulad", "/var/run/isulad"]
 //! ```
 //!
 //! An empty `kernel` or `initramfs` means the guest kernel or agent initramfs embedded in the
@@ -238,6 +243,29 @@ pub struct Config {
     pub template: TemplateConfig,
     /// The Prometheus endpoint.
     pub metrics: MetricsConfig,
+    /// The Task API.
+    pub task: TaskConfig,
+}
+
+/// The Task API ([`crate::task`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    /// The directories whose files a container's Create and Exec may name (rootfs sources,
+    /// bundle, stdio): where the engines keep snapshots, bundles and FIFOs. The daemon's
+    /// state and image directories are always allowed. See [`crate::task::paths`].
+    pub host_paths: Vec<PathBuf>,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        TaskConfig {
+            host_paths: crate::task::paths::DEFAULT_ROOTS
+                .iter()
+                .map(PathBuf::from)
+                .collect(),
+        }
+    }
 }
 
 /// The Prometheus endpoint ([`crate::metrics`]).
@@ -268,6 +296,7 @@ impl Default for Config {
             vm: VmDefaults::default(),
             template: TemplateConfig::default(),
             metrics: MetricsConfig::default(),
+            task: TaskConfig::default(),
         }
     }
 }
@@ -347,6 +376,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics ("" = off).
     #[arg(long, value_name = "ADDR")]
     pub metrics_listen: Option<String>,
+    /// One more directory whose files the Task API may open (repeatable; adds to
+    /// `[task] host_paths`).
+    #[arg(long, value_name = "DIR")]
+    pub task_host_path: Vec<PathBuf>,
 }
 
 impl Config {
@@ -403,6 +436,9 @@ impl Config {
         set(&mut self.on_exit, &args.on_exit);
         set(&mut self.stop_timeout_secs, &args.stop_timeout_secs);
         set(&mut self.metrics.listen, &args.metrics_listen);
+        self.task
+            .host_paths
+            .extend(args.task_host_path.iter().cloned());
     }
 
     /// Checks ranges and required settings.

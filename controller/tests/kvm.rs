@@ -82,6 +82,8 @@ async fn daemon_with(
     config.vm.cmdline = cmdline;
     config.vm.mem_mib = 32;
     config.vm.blk_slots = 4;
+    // The tests' bundles and images are in their temporary directory.
+    config.task.host_paths.push(dir.path().to_path_buf());
     edit(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let run_config = config.clone();

@@ -43,7 +43,7 @@ use containerd_shim_protos::api::{
 use containerd_shim_protos::protobuf::well_known_types::any::Any;
 use containerd_shim_protos::shim_async::{Client, TaskClient};
 use controller::backend::{AttachedDisk, BackendError, TaskTarget};
-use controller::task::{ImageCache, TaskOptions, TaskServer};
+use controller::task::{HostPaths, ImageCache, TaskOptions, TaskServer};
 use proto::agent::stream_data::{Data, WindowUpdate};
 use proto::agent::streaming::StreamInit;
 use proto::agent::streaming_ttrpc::StreamingClient;
@@ -496,13 +496,12 @@ async fn task_endpoint_end_to_end() {
     let images = Arc::new(ImageCache::new(&d.join("images")).unwrap());
     let work = d.join("work");
     let sock = d.join("task.sock");
-    let server = TaskServer::start(
-        &sock,
-        target.clone(),
-        TaskOptions::new(images.clone(), &work),
-    )
-    .await
-    .expect("start the endpoint");
+    let mut opts = TaskOptions::new(images.clone(), &work);
+    // The tests' bundles, layers and FIFOs are in their temporary directory.
+    opts.host_paths = HostPaths::new([d.to_path_buf()]);
+    let server = TaskServer::start(&sock, target.clone(), opts)
+        .await
+        .expect("start the endpoint");
     let c = TaskClient::new(
         Client::connect(&format!("unix://{}", sock.display()))
             .await
@@ -891,6 +890,50 @@ async fn task_endpoint_end_to_end() {
         msg.contains("stderr") && msg.contains("not absolute"),
         "{msg}"
     );
+    // Host paths outside the allowed roots (here the test's directory): the daemon, root,
+    // opens none of them.
+    let outside = tempfile::tempdir().unwrap();
+    let stray = host_bundle(outside.path(), "stray", &["true"], &[]);
+    let image = outside.path().join("disk.ext4");
+    std::fs::write(&image, b"").unwrap();
+    for (req, field) in [
+        (create_req("out-bundle", &stray, overlay.clone()), "bundle"),
+        (
+            create_req(
+                "out-rootfs",
+                &bundle_b,
+                vec![mount("ext4", image.to_str().unwrap(), &[])],
+            ),
+            "rootfs",
+        ),
+        (
+            create_req(
+                "out-layer",
+                &bundle_b,
+                vec![mount(
+                    "overlay",
+                    "overlay",
+                    &[format!("lowerdir={}", outside.path().display())],
+                )],
+            ),
+            "rootfs",
+        ),
+        (
+            CreateTaskRequest {
+                stdout: "/etc/sandboxer-task-test.out".into(),
+                ..create_req("out-stdout", &bundle_b, overlay.clone())
+            },
+            "stdout",
+        ),
+    ] {
+        let (code, msg) = code_of(c.create(ctx(), &req).await);
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{field}: {msg}");
+        assert!(
+            msg.contains(field) && msg.contains("outside the directories"),
+            "{msg}"
+        );
+    }
+    assert!(!Path::new("/etc/sandboxer-task-test.out").exists());
     let (code, msg) = code_of(state(&c, "nosuch").await);
     assert_eq!(code, Code::NOT_FOUND, "{msg}");
     let (code, msg) = code_of(delete(&c, "nosuch").await);
@@ -950,6 +993,7 @@ async fn endpoint_logic_against_a_fake_agent() {
     });
     let images = Arc::new(ImageCache::new(&d.join("images")).unwrap());
     let mut opts = TaskOptions::new(images, d.join("work"));
+    opts.host_paths = HostPaths::new([d.to_path_buf()]);
     opts.containerd_address = Some(ctrd_addr);
     opts.call_timeout = Duration::from_millis(300);
     let sock = d.join("task.sock");

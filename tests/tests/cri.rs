@@ -310,6 +310,8 @@ impl Env {
         };
         config.api.socket = dir.0.join("sandboxer.sock");
         config.api.seed_socket = "".into();
+        // containerd's root and state (snapshots, bundles, FIFOs) are in this directory.
+        config.task.host_paths.push(dir.0.clone());
         match vm {
             VmKind::TestGuest => {
                 // The virtio test guest's agent mode speaks the agent's wire protocol (READY
@@ -527,6 +529,29 @@ impl Env {
             .await?
             .into_inner();
         Ok(s.state)
+    }
+
+    /// Whether the sandboxer started sandbox `id` from a VM template (its Status info's start
+    /// phases: a clone waits for no ready line and runs a Setup).
+    async fn cloned(&self, id: &str) -> anyhow::Result<(bool, BTreeMap<String, u64>)> {
+        let mut c = controller::client::v2_client(&self.config.api.socket).await?;
+        let info = c
+            .status(ControllerStatusRequest {
+                sandbox_id: id.into(),
+                verbose: false,
+                sandboxer: "sandboxer".into(),
+            })
+            .await?
+            .into_inner()
+            .info;
+        let phases: BTreeMap<String, u64> = info
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let phase = k.strip_prefix("start_")?.strip_suffix("_us")?.to_owned();
+                Some((phase, v.parse().ok()?))
+            })
+            .collect();
+        Ok((controller::sandbox::from_template(&phases), phases))
     }
 
     /// The sandboxes in containerd's sandbox store (`ctr sandboxes list` minus its header).
@@ -1311,6 +1336,14 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     let pod = run_pod(&mut rt, &pod_cfg, handler).await?;
     let step = |what: &str| eprintln!("cri {handler}: {what}");
     step(&format!("pod {pod} ready"));
+    // Templates are on by default: the CRI pod is a clone of the template VM, not a boot.
+    let (cloned, phases) = env.cloned(&pod).await?;
+    if !cloned {
+        bail!("pod {pod} was booted, not cloned from a template: start phases {phases:?}");
+    }
+    step(&format!(
+        "pod {pod} is a template clone (start phases {phases:?})"
+    ));
 
     // A long-running container that greets on stdout.
     let c1 = create_container(

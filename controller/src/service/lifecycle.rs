@@ -23,7 +23,7 @@ use crate::nofile::FdBudget;
 use crate::pod::{self, GuestSetup};
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
 use crate::store::StoreError;
-use crate::task::{ImageCache, TaskOptions, TaskServer};
+use crate::task::{HostPaths, ImageCache, TaskOptions, TaskServer};
 
 /// Removes a pod network's taps and tc redirects; failures are logged (nothing to return them to).
 async fn teardown_network(id: &str, net: Option<PodNetwork>) {
@@ -581,6 +581,8 @@ impl<B: VmBackend> SandboxService<B> {
         let mut opts = TaskOptions::new(images, dir.join("containers"));
         opts.containerd_address
             .clone_from(&self.config.containerd_address);
+        opts.host_paths = HostPaths::new(self.config.task_host_paths.iter().cloned())
+            .with([self.config.state_dir.clone(), self.config.image_dir.clone()]);
         let target: Arc<dyn TaskTarget> = Arc::clone(vm) as _;
         TaskServer::start(&dir.join("task.sock"), target, opts)
             .await

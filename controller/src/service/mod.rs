@@ -74,6 +74,9 @@ pub struct ServiceConfig {
     pub containerd_address: Option<PathBuf>,
     /// Whether sandboxes may start from VM templates.
     pub templates: bool,
+    /// Where the Task API's host paths must lie, besides the state and image dirs
+    /// (`[task] host_paths`).
+    pub task_host_paths: Vec<PathBuf>,
 }
 
 impl ServiceConfig {
@@ -88,6 +91,7 @@ impl ServiceConfig {
             default_stop_timeout: Duration::from_secs(u64::from(c.stop_timeout_secs)),
             containerd_address: None,
             templates: c.template.enabled,
+            task_host_paths: c.task.host_paths,
         }
     }
 }
@@ -106,6 +110,7 @@ impl From<&Config> for ServiceConfig {
             containerd_address: Some(c.containerd_address.clone())
                 .filter(|p| !p.as_os_str().is_empty()),
             templates: c.template.enabled,
+            task_host_paths: c.task.host_paths.clone(),
         }
     }
 }

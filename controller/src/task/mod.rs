@@ -26,6 +26,7 @@
 
 pub mod error;
 pub mod events;
+pub mod paths;
 pub mod rootfs;
 pub mod service;
 pub mod spec;
@@ -43,6 +44,7 @@ use proto::agent::streaming_ttrpc::create_streaming;
 use ttrpc::asynchronous::Service;
 
 pub use self::error::TaskError;
+pub use self::paths::HostPaths;
 pub use self::rootfs::ImageCache;
 use self::service::Endpoint;
 use crate::backend::TaskTarget;
@@ -67,16 +69,20 @@ pub struct TaskOptions {
     pub containerd_address: Option<PathBuf>,
     /// Bound on every forwarded call but `Wait` (the caller's own timeout wins when shorter).
     pub call_timeout: Duration,
+    /// Where the host paths of Create and Exec (rootfs sources, bundle, stdio) must lie.
+    pub host_paths: HostPaths,
 }
 
 impl TaskOptions {
-    /// Options with the default timeout and no containerd address.
+    /// Options with the default timeout, no containerd address and the default host paths
+    /// ([`paths::DEFAULT_ROOTS`]).
     pub fn new(images: Arc<ImageCache>, work_dir: impl Into<PathBuf>) -> Self {
         Self {
             images,
             work_dir: work_dir.into(),
             containerd_address: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            host_paths: HostPaths::defaults(),
         }
     }
 }

@@ -61,6 +61,20 @@ pub enum RootfsPlan {
     Directory(PathBuf),
 }
 
+impl RootfsPlan {
+    /// The host files and directories the plan opens.
+    pub fn host_paths(&self) -> Vec<&Path> {
+        match self {
+            RootfsPlan::Block { path, .. } | RootfsPlan::Directory(path) => vec![path.as_path()],
+            RootfsPlan::Layers { lowers, upper } => lowers
+                .iter()
+                .chain(upper.iter())
+                .map(PathBuf::as_path)
+                .collect(),
+        }
+    }
+}
+
 fn has_option(m: &Mount, name: &str) -> bool {
     m.options.iter().any(|o| o == name)
 }

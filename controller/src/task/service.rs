@@ -28,11 +28,11 @@ use proto::agent::control_ttrpc::ControlClient;
 use ttrpc::asynchronous::TtrpcContext;
 use ttrpc::context::Context;
 
-use super::TaskOptions;
 use super::error::TaskError;
 use super::rootfs::{self, CachedImage, ImageCache, RootfsPlan};
 use super::spec::{self, GuestSpec};
 use super::stdio::{self, Bridges};
+use super::{HostPaths, TaskOptions};
 use crate::backend::TaskTarget;
 
 /// ttrpc metadata key that carries containerd's namespace.
@@ -108,6 +108,8 @@ pub(crate) struct Endpoint {
     images: Arc<ImageCache>,
     work_dir: PathBuf,
     call_timeout: Duration,
+    /// Where the host paths of requests must lie.
+    host_paths: HostPaths,
     containers: Mutex<HashMap<String, Entry>>,
     /// The task socket (named in the stream URLs given to the agent).
     socket: PathBuf,
@@ -184,6 +186,7 @@ impl Endpoint {
             images: opts.images.clone(),
             work_dir: opts.work_dir.clone(),
             call_timeout: opts.call_timeout,
+            host_paths: opts.host_paths.clone(),
             containers: Mutex::new(HashMap::new()),
         }
     }
@@ -245,6 +248,11 @@ impl Endpoint {
         what: &str,
         paths: [&str; 3],
     ) -> Result<([String; 3], Bridges), TaskError> {
+        for (path, field) in paths.iter().zip(["stdin", "stdout", "stderr"]) {
+            if !path.is_empty() && !stdio::is_stream_url(path) {
+                self.host_paths.check(field, Path::new(path))?;
+            }
+        }
         stdio::bridge(&*self.target, &self.socket, what, paths).await
     }
 
@@ -444,8 +452,12 @@ impl Endpoint {
         res: &mut Resources,
         bundle_written: &mut bool,
     ) -> Result<(Vec<Mount>, String), TaskError> {
+        self.host_paths.check("bundle", host_bundle)?;
         let config = spec::read_config(host_bundle)?;
         let plan = rootfs::plan(rootfs, spec::root_dir(&config, host_bundle).as_deref())?;
+        for path in plan.host_paths() {
+            self.host_paths.check("rootfs", path)?;
+        }
         let guest_spec = spec::prepare(config)?;
         let mounts = self.attach_rootfs(id, plan, res).await?;
         let guest_bundle = self.prepare_bundle(id, &guest_spec).await?;

@@ -53,6 +53,8 @@ impl Daemon {
         config.api.socket = dir.path().join("sandboxer.sock");
         config.api.seed_socket = dir.path().join("sandboxer-seed.sock");
         config.vm.kernel = kernel;
+        // The tests' bundles, images and FIFOs are in their temporary directory.
+        config.task.host_paths.push(dir.path().to_path_buf());
         edit(&mut config);
         let fake = FakeVmBackend::new();
         let (tx, rx) = oneshot::channel::<()>();
