@@ -59,6 +59,8 @@ use containerd_shim_protos::ttrpc::asynchronous::{Server as TtrpcServer, TtrpcCo
 use proto::v2::sandbox as v2;
 
 // A crate root finds its modules beside it, and tests/src/bin holds other programs.
+#[path = "sandboxer-e2e/agent_faults.rs"]
+mod agent_faults;
 #[path = "sandboxer-e2e/clones.rs"]
 mod clones;
 #[path = "sandboxer-e2e/faults.rs"]
@@ -101,6 +103,7 @@ const CASES: &[&str] = &[
     "net",
     "clones",
     "faults",
+    "agent-faults",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -147,6 +150,9 @@ fn parse_args() -> Result<Args> {
         !a.cases.is_empty(),
         "no case given (cases: {CASES:?} or all)"
     );
+    // Absolute: the image is a rootfs mount source, which the daemon takes only absolute
+    // (and under a directory it may open, its parent here).
+    a.image = a.image.canonicalize()?;
     Ok(a)
 }
 
@@ -175,6 +181,12 @@ impl Daemon {
             .arg("--containerd-address")
             .arg(a.work.join("containerd.sock"))
             .args(["--mem-mib", "256", "--log-level", "info"])
+            // The cases' bundles, FIFOs and layers are under the work dir, their root
+            // filesystem image beside the image given.
+            .arg("--task-host-path")
+            .arg(&a.work)
+            .arg("--task-host-path")
+            .arg(a.image.parent().unwrap_or(Path::new("/")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1002,6 +1014,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "net" => net::case_net(&mut api, &a.image, &a.busybox, &a.work).await,
             "clones" => clones::case_clones(&mut api, &a.image, &a.busybox, &a.work).await,
             "faults" => faults::case_faults(&mut api, &a.image, &a.work, daemon.child.id()).await,
+            "agent-faults" => agent_faults::case_agent_faults(&mut api, &a.image, &a.work).await,
             "overlay" => overlay::case_overlay(&mut api, &a.busybox, &a.work, &daemon.state).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };
@@ -1019,6 +1032,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
                     "net" => &["e2e-net"],
                     "clones" => &["e2e-clone-a", "e2e-clone-b"],
                     "faults" => &["e2e-flood", "e2e-calm"],
+                    "agent-faults" => &["e2e-signalled", "e2e-frozen"],
                     _ => &["e2e-exec"],
                 };
                 for id in ids {
@@ -1037,6 +1051,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
     drop(daemon);
     let _ = events.shutdown().await;
     // Nothing a finished pod owned may be left in the state dir.
+    let state = state.join(controller::store::SANDBOXES_DIR);
     let left: HashMap<String, ()> = fs::read_dir(&state)
         .map(|d| {
             d.filter_map(|e| e.ok())

@@ -256,6 +256,13 @@ pub const E2E_CASES: &[E2eCase] = &[
         embedded: false,
     },
     E2eCase {
+        name: "e2e-agent-faults",
+        description: "a container kills, stops and terminates the guest's agent (init survives what it has no handler for; SIGTERM ends the sandbox), then freezes it: Stop still returns in time",
+        ci: false,
+        flow: "agent-faults",
+        embedded: false,
+    },
+    E2eCase {
         name: "dist",
         description: "the dist sandboxer with no kernel or initramfs configured boots its own and runs a container",
         ci: true,
