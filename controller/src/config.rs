@@ -35,6 +35,11 @@
 //! [metrics]
 //! listen = ""                  # e.g. "127.0.0.1:9464": Prometheus text at /metrics; "" = off
 //!
+//! [limits]                     # 0: no limit
+//! max_sandboxes = 0            # sandboxes created and not shut down
+//! max_total_mem_mib = 0        # guest memory of all sandboxes together
+//! max_sandbox_mem_mib = 0      # guest memory of one sandbox (base + the pod's limit)
+//!
 //! [task]
 //! # Directories whose files a container's Create and Exec may name (rootfs sources, bundle,
 //! # stdio); the state and image dirs are always allowed. Default: containerd's and iSulad's.
@@ -245,6 +250,23 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The Task API.
     pub task: TaskConfig,
+    /// Node-wide budget of sandboxes and guest memory.
+    pub limits: LimitsConfig,
+}
+
+/// What the node gives all sandboxes together, and one at most; 0 is no limit. Create refuses
+/// a sandbox beyond them (`RESOURCE_EXHAUSTED` for the node's budget, `INVALID_ARGUMENT` for one
+/// sandbox's size), naming the limit.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Sandboxes known at once (created and not yet shut down).
+    pub max_sandboxes: u32,
+    /// Guest memory of all sandboxes together, in MiB (guest memory is populated as the guests
+    /// touch it: a budget over the host's RAM is overcommitment).
+    pub max_total_mem_mib: u64,
+    /// Guest memory of one sandbox, in MiB (the VM's base memory plus the pod's limit).
+    pub max_sandbox_mem_mib: u32,
 }
 
 /// The Task API ([`crate::task`]).
@@ -297,6 +319,7 @@ impl Default for Config {
             template: TemplateConfig::default(),
             metrics: MetricsConfig::default(),
             task: TaskConfig::default(),
+            limits: LimitsConfig::default(),
         }
     }
 }

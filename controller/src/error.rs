@@ -64,6 +64,16 @@ pub enum SandboxError {
     /// Another sandbox would run the daemon out of descriptors ([`crate::nofile`]).
     #[error("Cannot create sandbox {0}")]
     FdLimit(String, #[source] crate::nofile::FdLimitError),
+    /// The node's budget (`[limits]`) has no room for another sandbox.
+    #[error("Cannot create sandbox {id}: {reason} (limits.{limit})")]
+    OverBudget {
+        /// The sandbox.
+        id: String,
+        /// The `[limits]` setting.
+        limit: &'static str,
+        /// What would exceed it.
+        reason: String,
+    },
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -107,9 +117,9 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Backend(_, BackendError::AgentNotReady { .. }) => {
                 tonic::Status::deadline_exceeded(msg)
             }
-            SandboxError::Backend(_, BackendError::NoFreeSlot(_)) | SandboxError::FdLimit(..) => {
-                tonic::Status::resource_exhausted(msg)
-            }
+            SandboxError::Backend(_, BackendError::NoFreeSlot(_))
+            | SandboxError::FdLimit(..)
+            | SandboxError::OverBudget { .. } => tonic::Status::resource_exhausted(msg),
             SandboxError::Network(
                 _,
                 crate::network::NetworkError::NetnsNotFound { .. }

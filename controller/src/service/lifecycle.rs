@@ -139,6 +139,20 @@ impl<B: VmBackend> SandboxService<B> {
             })?;
         }
         let vm = pod::vm_size(&self.config.vm, pod.as_ref().map(|p| &p.config))?;
+        let most = self.config.limits.max_sandbox_mem_mib;
+        if most > 0 && vm.mem_mib > most {
+            return Err(SandboxError::InvalidArgument {
+                field: if pod.is_some() {
+                    "options.linux.resources.memory_limit_in_bytes"
+                } else {
+                    "vm.mem_mib"
+                },
+                reason: format!(
+                    "the VM would have {} MiB, more than limits.max_sandbox_mem_mib ({most} MiB)",
+                    vm.mem_mib
+                ),
+            });
+        }
 
         let mut record = SandboxRecord::new(req.id.clone(), SystemTime::now());
         record.sandboxer = req.sandboxer;
@@ -188,6 +202,7 @@ impl<B: VmBackend> SandboxService<B> {
                     ),
                 });
             }
+            self.admit_budget(&record.id, &map, entry.mem_mib)?;
             self.admit_fds(&record.id, map.len())?;
             map.insert(record.id.clone(), Arc::clone(&entry));
         }
@@ -206,6 +221,41 @@ impl<B: VmBackend> SandboxService<B> {
             return Err(e);
         }
         info!(sandbox_id = %id, vcpus = vm.vcpus, mem_mib = vm.mem_mib, "sandbox created");
+        Ok(())
+    }
+
+    /// Refuses a new sandbox beyond the node's `[limits]`: the number of sandboxes known
+    /// (`sandboxes`, until their Shutdown) and their guest memory together.
+    fn admit_budget(
+        &self,
+        id: &str,
+        sandboxes: &std::collections::HashMap<String, Arc<Entry>>,
+        mem_mib: u32,
+    ) -> Result<(), SandboxError> {
+        let limits = &self.config.limits;
+        let most = usize::try_from(limits.max_sandboxes).unwrap_or(usize::MAX);
+        if most > 0 && sandboxes.len() >= most {
+            return Err(SandboxError::OverBudget {
+                id: id.to_owned(),
+                limit: "max_sandboxes",
+                reason: format!("the node has {} sandboxes, its most", sandboxes.len()),
+            });
+        }
+        if limits.max_total_mem_mib > 0 {
+            let used: u64 = sandboxes.values().map(|e| u64::from(e.mem_mib)).sum();
+            let total = used + u64::from(mem_mib);
+            if total > limits.max_total_mem_mib {
+                return Err(SandboxError::OverBudget {
+                    id: id.to_owned(),
+                    limit: "max_total_mem_mib",
+                    reason: format!(
+                        "its {mem_mib} MiB of guest memory would bring the node's sandboxes to \
+                         {total} MiB, over {} MiB",
+                        limits.max_total_mem_mib
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 

@@ -26,7 +26,7 @@ use std::time::{Duration, SystemTime};
 use devices::sync::Recover;
 
 use crate::backend::{BackendError, VmBackend};
-use crate::config::{Config, VmDefaults};
+use crate::config::{Config, LimitsConfig, VmDefaults};
 use crate::error::SandboxError;
 use crate::nofile::FdBudget;
 use crate::sandbox::{ExitInfo, MountSpec, SandboxRecord, SandboxState, StoredAny};
@@ -77,6 +77,8 @@ pub struct ServiceConfig {
     /// Where the Task API's host paths must lie, besides the state and image dirs
     /// (`[task] host_paths`).
     pub task_host_paths: Vec<PathBuf>,
+    /// The node's budget.
+    pub limits: LimitsConfig,
 }
 
 impl ServiceConfig {
@@ -92,6 +94,7 @@ impl ServiceConfig {
             containerd_address: None,
             templates: c.template.enabled,
             task_host_paths: c.task.host_paths,
+            limits: c.limits,
         }
     }
 }
@@ -111,6 +114,7 @@ impl From<&Config> for ServiceConfig {
                 .filter(|p| !p.as_os_str().is_empty()),
             templates: c.template.enabled,
             task_host_paths: c.task.host_paths.clone(),
+            limits: c.limits.clone(),
         }
     }
 }

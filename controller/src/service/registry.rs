@@ -25,6 +25,8 @@ pub(super) struct Entry {
     /// The network namespace of its `netns_path`, if it has one that can be read: no other
     /// sandbox may be created in it.
     pub(super) netns: Option<NsId>,
+    /// Its VM's memory (fixed at Create), counted against `[limits] max_total_mem_mib`.
+    pub(super) mem_mib: u32,
 }
 
 #[derive(Debug)]
@@ -45,6 +47,7 @@ impl Entry {
             .flatten();
         Arc::new(Entry {
             netns,
+            mem_mib: record.vm.mem_mib,
             op: Arc::new(tokio::sync::Mutex::new(())),
             data: Mutex::new(EntryData {
                 record,

@@ -1038,3 +1038,67 @@ async fn stop_all_stops_every_running_sandbox() {
         );
     }
 }
+
+#[tokio::test]
+async fn node_limits_refuse_sandboxes_beyond_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let kernel = tmp.path().join("vmlinux");
+    std::fs::write(&kernel, b"fake kernel").unwrap();
+    let mut config = ServiceConfig::new(tmp.path().join("state"));
+    config.vm.kernel = kernel;
+    let base = config.vm.mem_mib;
+    // Room for two base-sized sandboxes and one of base + 256 MiB, not more.
+    config.limits = LimitsConfig {
+        max_sandboxes: 3,
+        max_total_mem_mib: u64::from(base) * 3 + 256,
+        max_sandbox_mem_mib: base + 256,
+    };
+    let svc = SandboxService::new(FakeVmBackend::new(), config);
+    let with_limit = |id: &str, mib: i64| {
+        let pod = cri::PodSandboxConfig {
+            linux: Some(cri::LinuxPodSandboxConfig {
+                resources: Some(cri::LinuxContainerResources {
+                    memory_limit_in_bytes: mib << 20,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut r = create_req(id);
+        r.options = Some(pod_options(&pod));
+        r
+    };
+
+    // One sandbox's size: INVALID_ARGUMENT naming the pod's memory limit.
+    match svc.create(with_limit("huge", 257)).await {
+        Err(SandboxError::InvalidArgument { field, reason }) => {
+            assert_eq!(field, "options.linux.resources.memory_limit_in_bytes");
+            assert!(reason.contains("limits.max_sandbox_mem_mib"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    svc.create(with_limit("big", 256)).await.unwrap();
+    svc.create(create_req("a")).await.unwrap();
+    // The node's memory: RESOURCE_EXHAUSTED naming the limit.
+    let refused = svc.create(with_limit("b", 1)).await.unwrap_err();
+    let status = tonic::Status::from(refused);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("limits.max_total_mem_mib"),
+        "{status:?}"
+    );
+    svc.create(create_req("b")).await.unwrap();
+    // The node's count.
+    let refused = svc.create(create_req("c")).await.unwrap_err();
+    let status = tonic::Status::from(refused);
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("limits.max_sandboxes"),
+        "{status:?}"
+    );
+    // Room again once one is gone; nothing refused was kept.
+    svc.shutdown("big").await.unwrap();
+    svc.create(create_req("c")).await.unwrap();
+    assert_eq!(svc.ids(), ["a", "b", "c"]);
+}
