@@ -16,9 +16,13 @@
 //!
 //! What no list allows: creating processes or threads (`clone`, `fork`, `execve`), opening
 //! files by path, sockets other than `AF_UNIX`, memory that is both mapped and executable,
-//! `ptrace`, `mount`, `bpf` and the like.
+//! `ptrace`, `mount`, `bpf` and the like, and any `ioctl` request but the few the role issues
+//! ([`VCPU_IOCTLS`], [`VMM_IOCTLS`]): no creating VMs, vCPUs or devices, no memory slots, no
+//! writing vCPU or VM state, nothing on terminals. Those are done by the thread that builds
+//! the VM, before it hands the VM to these threads.
 
 use std::collections::BTreeMap;
+use std::os::raw::c_ulong;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
@@ -113,7 +117,6 @@ const COMMON: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
-    libc::SYS_ioctl,
     libc::SYS_eventfd2,
     libc::SYS_epoll_ctl,
     libc::SYS_timerfd_settime,
@@ -164,6 +167,91 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_unlinkat,
 ];
 
+/// The `ioctl` requests the lists name, from the kernel's UAPI headers and named as there
+/// (kvm-ioctls keeps its own definitions private).
+mod defs {
+    use std::os::raw::c_uint;
+
+    use kvm_bindings::{
+        kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irqchip,
+        kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
+        kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    };
+    use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
+
+    // include/uapi/linux/kvm.h
+    const KVMIO: c_uint = 0xAE;
+    ioctl_io_nr!(KVM_RUN, KVMIO, 0x80);
+    ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
+    ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
+    ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
+    ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
+    ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
+    ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
+    ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
+    ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
+    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
+    ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
+    ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
+    ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
+    ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_irq_level);
+    ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_irqchip);
+    ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_ioeventfd);
+    ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_clock_data);
+    ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_pit_state2);
+
+    // include/uapi/linux/if_tun.h
+    ioctl_iow_nr!(TUNSETOFFLOAD, c_uint::from(b'T'), 208, c_uint);
+
+    // include/uapi/asm-generic/ioctls.h: 0x5421, which is `_IO('T', 0x21)`.
+    ioctl_io_nr!(FIONBIO, c_uint::from(b'T'), 0x21);
+}
+
+/// An `ioctl` request number (`defs`).
+type Request = fn() -> c_ulong;
+
+/// The `ioctl` requests a vCPU thread issues. Only the request (argument 1) is checked: the
+/// descriptor is one the thread was given (its vCPU, the VM, a TAP).
+const VCPU_IOCTLS: &[Request] = &[
+    // Running the guest; with `immediate_exit` set, finishing a half-done exit before a
+    // snapshot (`kvm::state::settle`).
+    defs::KVM_RUN,
+    // On the VM fd: the serial port's interrupt, and a virtio device's, raised by the guest's
+    // port or register write (`kvm::IrqLine`).
+    defs::KVM_IRQ_LINE,
+    // virtio-net's activation and reset (the driver's status write) set the TAP's offloads.
+    defs::TUNSETOFFLOAD,
+    // A snapshot reads every vCPU's state on the vCPU's own thread (`VcpuState::save`). The
+    // registers also give the guest's rip when KVM fails to emulate an instruction.
+    defs::KVM_GET_REGS,
+    defs::KVM_GET_SREGS,
+    defs::KVM_GET_FPU,
+    defs::KVM_GET_XSAVE,
+    // Instead of KVM_GET_XSAVE where the XSAVE area exceeds 4 KiB (`KVM_CAP_XSAVE2`, e.g. AMX).
+    defs::KVM_GET_XSAVE2,
+    defs::KVM_GET_XCRS,
+    defs::KVM_GET_DEBUGREGS,
+    defs::KVM_GET_LAPIC,
+    defs::KVM_GET_MSRS,
+    defs::KVM_GET_MP_STATE,
+    defs::KVM_GET_VCPU_EVENTS,
+    defs::KVM_GET_TSC_KHZ,
+];
+
+/// The `ioctl` requests the event loop issues.
+const VMM_IOCTLS: &[Request] = &[
+    // On the VM fd: device interrupts (used buffers, a block slot's configuration change).
+    defs::KVM_IRQ_LINE,
+    // A block slot's first disk registers the slot's notify EventFd (`Devices::attach_disk`).
+    defs::KVM_IOEVENTFD,
+    // A snapshot reads the PIC pair and IOAPIC, the PIT and the clock (`VmState::save`).
+    defs::KVM_GET_IRQCHIP,
+    defs::KVM_GET_PIT2,
+    defs::KVM_GET_CLOCK,
+    // std's `set_nonblocking` (an ioctl on Linux) on the vsock muxer's unix sockets.
+    defs::FIONBIO,
+];
+
 fn condition(
     arg: u8,
     op: SeccompCmpOp,
@@ -173,13 +261,23 @@ fn condition(
 }
 
 /// The rules of one role: each listed call unconditionally, `mmap`/`mprotect` only without
-/// `PROT_EXEC`, `socket` and `socketpair` only for `AF_UNIX` (event loop).
+/// `PROT_EXEC`, `ioctl` only with the role's requests (compared as 32 bits, as the kernel
+/// takes them), `socket` and `socketpair` only for `AF_UNIX` (event loop).
 fn rules(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompiler::BackendError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = COMMON.iter().map(|&n| (n, vec![])).collect();
     let prot_exec = u64::from(libc::PROT_EXEC.unsigned_abs());
     let no_exec = || SeccompRule::new(vec![condition(2, SeccompCmpOp::MaskedEq(prot_exec), 0)?]);
     rules.insert(libc::SYS_mmap, vec![no_exec()?]);
     rules.insert(libc::SYS_mprotect, vec![no_exec()?]);
+    let requests = match role {
+        ThreadRole::Vcpu => VCPU_IOCTLS,
+        ThreadRole::Vmm => VMM_IOCTLS,
+    };
+    let ioctl = requests
+        .iter()
+        .map(|request| SeccompRule::new(vec![condition(1, SeccompCmpOp::Eq, request())?]))
+        .collect::<Result<Vec<_>, _>>()?;
+    rules.insert(libc::SYS_ioctl, ioctl);
     if role == ThreadRole::Vmm {
         rules.extend(VMM_ONLY.iter().map(|&n| (n, vec![])));
         let af_unix = u64::from(libc::AF_UNIX.unsigned_abs());
@@ -271,7 +369,7 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 }
 
 /// A thread started ahead of its work: it installs its filter at once (the kernel compiles the
-/// program: about 130 us for the vCPU list on the development host), then waits for its one
+/// program: about 180 us for the vCPU list on the development host), then waits for its one
 /// job. A VM starts its threads first, so the compiles overlap the VM's build. Dropped without
 /// a job, the thread ends and is joined.
 #[derive(Debug)]
@@ -338,11 +436,18 @@ impl<J: Send + 'static> Drop for PendingThread<J> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Seek, Write};
+    use std::os::fd::AsFd;
 
+    use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
     use vm_memory::mmap::MmapRegion;
     use vmm_sys_util::eventfd::EventFd;
 
     use super::*;
+    use crate::arch::layout::{SERIAL_IRQ, VIRTIO_MMIO_START};
+    use crate::kvm::KvmCell;
+    use crate::kvm::state::{StateError, VcpuState, VmState, settle, xsave_words};
+    use crate::memory::GuestRam;
+    use crate::pool::VmShell;
 
     fn filter(
         role: ThreadRole,
@@ -465,5 +570,232 @@ mod tests {
             errno(std::fs::File::open("/proc/self/status"))
         });
         assert_eq!(opened, Ok(()));
+    }
+
+    #[test]
+    fn request_numbers_match_libc() {
+        assert_eq!(defs::FIONBIO(), libc::FIONBIO);
+        assert_eq!(defs::TUNSETOFFLOAD(), libc::TUNSETOFFLOAD);
+    }
+
+    /// `FIONBIO` and `FIONREAD` on a unix socket, `FIONREAD` on a regular file, under `role`
+    /// and `policy`.
+    fn generic_ioctls(role: ThreadRole, policy: SeccompPolicy) -> [Result<(), Option<i32>>; 3] {
+        let (socket, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let file = tempfile::tempfile().unwrap();
+        confined(role, policy, move || {
+            let fionread = |fd: std::os::fd::BorrowedFd<'_>| {
+                errno(rustix::io::ioctl_fionread(fd).map_err(std::io::Error::from))
+            };
+            let result = [
+                errno(socket.set_nonblocking(true)),
+                fionread(socket.as_fd()),
+                fionread(file.as_fd()),
+            ];
+            drop((socket, peer, file));
+            result
+        })
+    }
+
+    #[test]
+    fn ioctls_outside_the_role_list_are_refused_or_logged() {
+        let eperm = Err(Some(libc::EPERM));
+        // The event loop sets its vsock sockets non-blocking; a vCPU thread never does.
+        assert_eq!(
+            generic_ioctls(ThreadRole::Vmm, SeccompPolicy::Enforce),
+            [Ok(()), eperm, eperm]
+        );
+        assert_eq!(
+            generic_ioctls(ThreadRole::Vcpu, SeccompPolicy::Enforce),
+            [eperm, eperm, eperm]
+        );
+        for role in [ThreadRole::Vcpu, ThreadRole::Vmm] {
+            assert_eq!(
+                generic_ioctls(role, SeccompPolicy::Log),
+                [Ok(()), Ok(()), Ok(())]
+            );
+        }
+    }
+
+    /// Needs CAP_NET_ADMIN and /dev/net/tun (like the TAP's own test): skips loudly without
+    /// them, and fails instead under CI (`CI=true`) or with `SANDBOXER_REQUIRE_TAP=1`.
+    #[test]
+    fn tap_offloads_are_set_by_vcpu_threads_only() {
+        use devices::virtio::net::{NetBackend, Tap};
+
+        let tap = match Tap::open("sbxsec%d") {
+            Ok(tap) => tap,
+            Err(e) => {
+                let required = std::env::var("CI").is_ok_and(|v| v == "true")
+                    || std::env::var("SANDBOXER_REQUIRE_TAP").is_ok_and(|v| v == "1");
+                assert!(
+                    !required,
+                    "cannot create a tap: {e} (required: CI=true or SANDBOXER_REQUIRE_TAP=1)"
+                );
+                eprintln!("SKIP tap_offloads_are_set_by_vcpu_threads_only: no tap: {e}");
+                return;
+            }
+        };
+        let (tap, vcpu) = confined(ThreadRole::Vcpu, SeccompPolicy::Enforce, move || {
+            let mut tap = tap;
+            let result = [
+                errno(tap.set_offload(libc::TUN_F_CSUM)),
+                errno(tap.set_offload(0)),
+                // Only the thread that opens the TAP asks for its header size.
+                errno(tap.vnet_hdr_size()),
+            ];
+            (tap, result)
+        });
+        assert_eq!(vcpu, [Ok(()), Ok(()), Err(Some(libc::EPERM))]);
+        let vmm = confined(ThreadRole::Vmm, SeccompPolicy::Enforce, move || {
+            let mut tap = tap;
+            errno(tap.set_offload(0))
+        });
+        assert_eq!(vmm, Err(Some(libc::EPERM)));
+    }
+
+    fn kvm_errno<T>(r: Result<T, kvm_ioctls::Error>) -> Result<(), i32> {
+        r.map(drop).map_err(|e| e.errno())
+    }
+
+    fn state_errno<T>(r: Result<T, StateError>) -> Result<(), i32> {
+        r.map(drop).map_err(|e| e.source.errno())
+    }
+
+    /// A VM as the building thread hands it to its threads (memory, irqchip, PIT, one vCPU with
+    /// its CPUID), and the MSR list and XSAVE size a snapshot of it reads with.
+    struct TestVm {
+        vcpu: VcpuFd,
+        vm: Arc<VmFd>,
+        msr_list: Arc<[u32]>,
+        xsave_words: usize,
+        /// The guest memory, to drop once the VM fd is gone.
+        ram: GuestRam,
+    }
+
+    impl TestVm {
+        fn new() -> Self {
+            let kvm = KvmCell::default().get().unwrap();
+            let (VmShell { vm_fd, ram, .. }, _) = VmShell::build(&kvm, 32 << 20).unwrap();
+            let vcpu = vm_fd.create_vcpu(0).unwrap();
+            crate::arch::set_cpuid(&vcpu, kvm.supported_cpuid(), 0, 1).unwrap();
+            TestVm {
+                vcpu,
+                xsave_words: xsave_words(&vm_fd),
+                vm: Arc::new(vm_fd),
+                msr_list: kvm.msr_list().into(),
+                ram,
+            }
+        }
+
+        /// Runs `f` with the vCPU and VM fds on a thread confined as `role` under `policy`;
+        /// the fds are closed before the memory is unmapped.
+        fn confined<T: Send + 'static>(
+            self,
+            role: ThreadRole,
+            policy: SeccompPolicy,
+            f: impl FnOnce(VcpuFd, Arc<VmFd>, Arc<[u32]>, usize) -> T + Send + 'static,
+        ) -> T {
+            let TestVm {
+                vcpu,
+                vm,
+                msr_list,
+                xsave_words,
+                ram,
+            } = self;
+            let result = confined(role, policy, move || f(vcpu, vm, msr_list, xsave_words));
+            drop(ram);
+            result
+        }
+    }
+
+    /// How each of a few KVM calls went: `Ok` or its errno.
+    type Outcomes<const N: usize> = [Result<(), i32>; N];
+
+    /// What a vCPU thread does with KVM (enter the guest, save its state, pulse an interrupt
+    /// line), the other XSAVE read (whichever the host does not use), and what it never does
+    /// (read the irqchips, create a vCPU, write registers).
+    fn vcpu_kvm_ioctls(policy: SeccompPolicy) -> (Outcomes<3>, Result<(), i32>, Outcomes<3>) {
+        TestVm::new().confined(
+            ThreadRole::Vcpu,
+            policy,
+            |mut vcpu, vm, msr_list, xsave_words| {
+                let fixed_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
+                let other_words = if xsave_words > fixed_words {
+                    fixed_words
+                } else {
+                    fixed_words + 1
+                };
+                let needed = [
+                    state_errno(settle(&mut vcpu)),
+                    state_errno(VcpuState::save(&vcpu, &msr_list, xsave_words)),
+                    kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
+                        .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
+                ];
+                let other_xsave = state_errno(VcpuState::save(&vcpu, &msr_list, other_words));
+                let never = [
+                    state_errno(VmState::save(&vm)),
+                    kvm_errno(vm.create_vcpu(1)),
+                    kvm_errno(vcpu.set_regs(&kvm_bindings::kvm_regs::default())),
+                ];
+                (needed, other_xsave, never)
+            },
+        )
+    }
+
+    /// What the VMM thread does with KVM (save the VM's state, pulse an interrupt line,
+    /// register an ioeventfd) and what it never does (enter the guest, read a vCPU's state).
+    fn vmm_kvm_ioctls(policy: SeccompPolicy) -> (Outcomes<3>, Outcomes<3>) {
+        TestVm::new().confined(
+            ThreadRole::Vmm,
+            policy,
+            |mut vcpu, vm, msr_list, xsave_words| {
+                let evt = EventFd::new(0).unwrap();
+                let needed = [
+                    state_errno(VmState::save(&vm)),
+                    kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
+                        .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
+                    kvm_errno(vm.register_ioevent(
+                        &evt,
+                        &IoEventAddress::Mmio(VIRTIO_MMIO_START),
+                        NoDatamatch,
+                    )),
+                ];
+                let never = [
+                    state_errno(settle(&mut vcpu)),
+                    state_errno(VcpuState::save(&vcpu, &msr_list, xsave_words)),
+                    kvm_errno(vcpu.get_regs()),
+                ];
+                (needed, never)
+            },
+        )
+    }
+
+    #[test]
+    fn vcpu_threads_issue_their_kvm_ioctls_only() {
+        test_guests::require_kvm!();
+        let eperm = Err(libc::EPERM);
+        let (needed, other_xsave, never) = vcpu_kvm_ioctls(SeccompPolicy::Enforce);
+        assert_eq!(needed, [Ok(()); 3]);
+        assert_ne!(other_xsave, eperm);
+        assert_eq!(never, [eperm; 3]);
+        let (needed, other_xsave, never) = vcpu_kvm_ioctls(SeccompPolicy::Log);
+        assert_eq!(needed, [Ok(()); 3]);
+        assert_ne!(other_xsave, eperm);
+        assert_eq!(never, [Ok(()); 3]);
+    }
+
+    #[test]
+    fn the_vmm_thread_issues_its_kvm_ioctls_only() {
+        test_guests::require_kvm!();
+        let eperm = Err(libc::EPERM);
+        assert_eq!(
+            vmm_kvm_ioctls(SeccompPolicy::Enforce),
+            ([Ok(()); 3], [eperm; 3])
+        );
+        assert_eq!(
+            vmm_kvm_ioctls(SeccompPolicy::Log),
+            ([Ok(()); 3], [Ok(()); 3])
+        );
     }
 }
