@@ -1032,7 +1032,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
                     "net" => &["e2e-net"],
                     "clones" => &["e2e-clone-a", "e2e-clone-b"],
                     "faults" => &["e2e-flood", "e2e-calm"],
-                    "agent-faults" => &["e2e-signalled", "e2e-frozen"],
+                    "agent-faults" => &["e2e-signalled", "e2e-bystander"],
                     _ => &["e2e-exec"],
                 };
                 for id in ids {

@@ -257,8 +257,8 @@ pub const E2E_CASES: &[E2eCase] = &[
     },
     E2eCase {
         name: "e2e-agent-faults",
-        description: "a container kills, stops and terminates the guest's agent (init survives what it has no handler for; SIGTERM ends the sandbox), then freezes it: Stop still returns in time",
-        ci: false,
+        description: "a container sends the guest's agent SIGKILL, SIGSTOP and SIGSEGV (init survives them) and SIGTERM (the sandbox ends as failed); the pod beside it runs on",
+        ci: true,
         flow: "agent-faults",
         embedded: false,
     },

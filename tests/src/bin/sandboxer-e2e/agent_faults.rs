@@ -1,37 +1,32 @@
 // SPDX-License-Identifier: Apache-2.0
-//! The `agent-faults` case (issue 21): a guest turns on its own agent, and the host copes.
-//! Two pods, each with a container that runs in the guest's root PID namespace (it sees the
-//! agent as PID 1) with the capabilities to act on it.
+//! The `agent-faults` case (issue 21): a container turns on its guest's agent, and the host
+//! copes. In pod `e2e-signalled` a container runs in the guest's root PID namespace (it sees the
+//! agent as PID 1) with `CAP_KILL`: it sends the agent `SIGKILL`, `SIGSTOP` and `SIGSEGV`. The
+//! agent is the guest's init, and the kernel drops signals init has no handler for, so the pod
+//! keeps serving (an init that did die would panic the kernel: the `faults` case covers that
+//! end). Then `SIGTERM`, which the agent takes as the guest's own shutdown: the VM ends without
+//! the host asking, Wait reports the sandbox failed (status 255), and pod `e2e-bystander` runs a
+//! container as if nothing happened.
 //!
-//! - `e2e-signalled`: the container sends the agent `SIGKILL`, `SIGSTOP` and `SIGSEGV`. The
-//!   agent is the guest's init, and the kernel drops signals init has no handler for, so the
-//!   pod keeps serving (an init that did die would panic the kernel: the `faults` case covers
-//!   that end). Then `SIGTERM`, which the agent takes as the guest's own shutdown: the VM
-//!   ends without the host asking, and Wait reports the sandbox failed (status 255).
-//! - `e2e-frozen`: the container moves the agent into a cgroup of its own and freezes it
-//!   (cgroup v2 `cgroup.freeze`). The guest kernel runs on but nothing answers the host: Task
-//!   calls time out, and Stop, whose Shutdown request the agent never sees, still returns
-//!   within its grace time plus the agent call's bound, the VM stopped from the host.
+//! A guest whose agent answers nothing at all (frozen through cgroup v2 by a container) was
+//! tried here too: the emulated host's L1 then stops taking interrupts (a pending LAPIC timer
+//! interrupt with IF=1 that is never delivered, in every run), which says nothing about the
+//! sandboxer. Stop of a guest that ignores Shutdown is tested with the test guest instead
+//! (`controller/tests/kvm.rs`: forced after the grace time).
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use oci_spec::runtime::{Capabilities, Capability, LinuxNamespaceType, Spec};
 use proto::v2::sandbox as v2;
 
 use super::{
-    Controller, OutFifo, Pod, Steps, WAIT_TIMEOUT, rootfs_mount, start_pod_as, write_bundle,
+    Controller, OutFifo, Pod, Steps, WAIT_TIMEOUT, end_pod, rootfs_mount, start_pod_as, wait_exit,
+    write_bundle,
 };
 
-/// Grace time the test gives Stop of the frozen pod.
-const STOP_GRACE_SECS: u32 = 3;
-/// How long a Task call to the frozen agent is given before the test takes it as unanswered.
-const UNANSWERED: Duration = Duration::from_secs(5);
-
-/// A bundle for `sh -c script` that shares the guest's PID and cgroup namespaces, with
-/// `CAP_KILL` and `CAP_SYS_ADMIN` and a writable cgroup file system.
+/// A bundle for `sh -c script` that shares the guest's PID namespace, with `CAP_KILL`.
 fn write_guest_admin_bundle(dir: &Path, script: &str) -> Result<()> {
     write_bundle(dir, &["/bin/sh", "-c", script])?;
     let config = dir.join("config.json");
@@ -52,23 +47,12 @@ fn write_guest_admin_bundle(dir: &Path, script: &str) -> Result<()> {
         let with = |set: &Option<Capabilities>| {
             let mut set = set.clone().unwrap_or_default();
             set.insert(Capability::Kill);
-            set.insert(Capability::SysAdmin);
             Some(set)
         };
         caps.set_bounding(with(caps.bounding()));
         caps.set_effective(with(caps.effective()));
         caps.set_permitted(with(caps.permitted()));
         process.set_capabilities(Some(caps));
-    }
-    if let Some(mounts) = spec.mounts_mut() {
-        for m in mounts
-            .iter_mut()
-            .filter(|m| m.typ().as_deref() == Some("cgroup"))
-        {
-            if let Some(options) = m.options_mut() {
-                options.retain(|o| o != "ro");
-            }
-        }
     }
     spec.save(&config)?;
     Ok(())
@@ -130,7 +114,7 @@ pub(crate) async fn case_agent_faults(
     let dir = work.join("agent-faults");
     fs::create_dir_all(&dir)?;
     let signalled = start_pod_as(api, "e2e-signalled", "e2e-signalled", "", &mut steps).await?;
-    let frozen = start_pod_as(api, "e2e-frozen", "e2e-frozen", "", &mut steps).await?;
+    let bystander = start_pod_as(api, "e2e-bystander", "e2e-bystander", "", &mut steps).await?;
 
     // Signals init has no handler for are dropped by the kernel: the agent lives on.
     let out = run_as_guest_admin(
@@ -180,59 +164,17 @@ pub(crate) async fn case_agent_faults(
     shutdown(api, "e2e-signalled").await?;
     steps.done("sigterm-ends-sandbox");
 
-    // The agent frozen: the guest runs, nothing in it answers.
-    let out = run_as_guest_admin(
-        &frozen,
-        &dir,
-        "freezer",
-        image,
-        "exec 2>&1; echo freezing-init; sleep 1; cat /proc/1/cgroup; \
-         mkdir /sys/fs/cgroup/agent-jail && echo made-jail && \
-         echo 1 > /sys/fs/cgroup/agent-jail/cgroup.procs && echo moved-init && \
-         echo 1 > /sys/fs/cgroup/agent-jail/cgroup.freeze && echo froze-init; sleep 600",
-    )
-    .await?;
-    out.wait_for("freezing-init").await?;
-    println!("E2E-OUTPUT agent-faults the container is about to freeze the agent");
-    // The agent answers until the freeze lands, then never: poll until a call goes unanswered.
-    let until = Instant::now() + WAIT_TIMEOUT;
-    loop {
-        if Instant::now() >= until {
-            let said = out.wait_for("").await.unwrap_or_default();
-            anyhow::bail!(
-                "the agent still answers: the freeze did not take (the container said {said:?})"
-            );
-        }
-        match tokio::time::timeout(UNANSWERED, super::task_state(&frozen.task, "freezer")).await {
-            Err(_) => break,
-            Ok(r) => {
-                r?;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
-    steps.done("agent-frozen");
-    let asked = Instant::now();
-    api.stop(v2::ControllerStopRequest {
-        sandbox_id: "e2e-frozen".into(),
-        timeout_secs: STOP_GRACE_SECS,
-        sandboxer: "sandboxer".into(),
-    })
-    .await
-    .context("Stop of the pod whose agent is frozen")?;
-    let took = asked.elapsed();
-    println!(
-        "E2E-OUTPUT agent-faults Stop of the frozen pod returned after {} ms",
-        took.as_millis()
+    // The pod beside it is untouched.
+    let out = bystander
+        .run_script(&dir, "calm", rootfs_mount(image), "echo calm-and-well")
+        .await?;
+    ensure!(
+        wait_exit(&bystander.task, "calm", "").await? == 0,
+        "calm: exit"
     );
-    // The Shutdown request goes unanswered for at most the grace time, then the host waits
-    // for the guest as long again and stops it: twice the grace, plus room for a slow host.
-    let bound = Duration::from_secs(2 * u64::from(STOP_GRACE_SECS) + 10);
-    ensure!(took < bound, "Stop took {took:?}, more than {bound:?}");
-    let waited = wait_sandbox(api, "e2e-frozen").await?;
-    ensure!(waited.exited_at.is_some(), "Wait: no exit time");
-    steps.done("stop-frozen");
-    shutdown(api, "e2e-frozen").await?;
-    steps.done("shutdown");
+    out.wait_for("calm-and-well").await?;
+    bystander.delete("calm").await?;
+    steps.done("bystander-runs");
+    end_pod(api, &bystander, &mut steps).await?;
     Ok(())
 }
