@@ -358,6 +358,18 @@ impl SandboxSummary {
     }
 }
 
+/// The start phases (µs) in a Status reply's `info` (its `start_<phase>_us` entries).
+pub fn start_phases<'a>(
+    info: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> BTreeMap<String, u64> {
+    info.into_iter()
+        .filter_map(|(k, v)| {
+            let phase = k.strip_prefix("start_")?.strip_suffix("_us")?;
+            Some((phase.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Whether a Start with these phases cloned a VM template: a clone has no boot, so no time
 /// waiting for the agent's ready line, and a Setup.
 pub fn from_template(start_us: &BTreeMap<String, u64>) -> bool {

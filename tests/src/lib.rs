@@ -4,6 +4,17 @@
 
 use std::time::Duration;
 
+/// The names in a directory (none when it does not exist).
+pub fn dir_entries(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Process resource counts used by leak checks and memory benchmarks.
 pub mod procstat {
     use std::collections::BTreeMap;

@@ -41,6 +41,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use controller::KvmBackend;
 use controller::config::Config;
+use integration_tests::dir_entries;
 use proto::cri::v1 as cri;
 use proto::v2::sandbox::{
     ControllerMetricsRequest, ControllerStatusRequest, ControllerStopRequest,
@@ -544,13 +545,7 @@ impl Env {
             .await?
             .into_inner()
             .info;
-        let phases: BTreeMap<String, u64> = info
-            .into_iter()
-            .filter_map(|(k, v)| {
-                let phase = k.strip_prefix("start_")?.strip_suffix("_us")?.to_owned();
-                Some((phase, v.parse().ok()?))
-            })
-            .collect();
+        let phases = controller::sandbox::start_phases(&info);
         Ok((controller::sandbox::from_template(&phases), phases))
     }
 
@@ -586,17 +581,14 @@ impl Env {
         Ok((state, type_url))
     }
 
-    /// Sandbox directories in the sandboxer's state dir (its image directory aside).
+    /// Sandbox directories in the sandboxer's state dir (`<state_dir>/sandboxes`).
     fn sandboxer_dirs(&self) -> Vec<String> {
-        entries(&self.config.state_dir)
-            .into_iter()
-            .filter(|name| name != "images")
-            .collect()
+        dir_entries(&self.config.state_dir.join(controller::store::SANDBOXES_DIR))
     }
 
     /// Container rootfs images in the sandboxer's image directory (`<state_dir>/images`).
     fn sandboxer_images(&self) -> Vec<String> {
-        entries(&self.config.state_dir.join("images"))
+        dir_entries(&self.config.state_dir.join("images"))
     }
 
     fn pod_config(&self, name: &str) -> cri::PodSandboxConfig {
@@ -693,17 +685,6 @@ impl Drop for Env {
 }
 
 // ---- helpers
-
-/// The names in a directory (none when it does not exist).
-fn entries(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 /// Runs a command; its stdout, or an error with its stderr.
 fn run(cmd: &mut Command) -> anyhow::Result<String> {

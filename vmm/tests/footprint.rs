@@ -12,10 +12,13 @@
     reason = "an integration test crate: its top level is the test module"
 )]
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
+use common::wait_console;
 use devices::virtio::block::BlockConfig;
 use test_guests::{Guest, agent, require_kvm};
 use vmm::{CloneConfig, DeviceConfig, Vm, VmConfig, VmExit};
@@ -92,18 +95,6 @@ fn grown(before: &BTreeMap<String, i64>, after: &BTreeMap<String, i64>) -> BTree
 
 fn map(entries: &[(&str, i64)]) -> BTreeMap<String, i64> {
     entries.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
-}
-
-fn wait_console(vm: &Vm, needle: &str) {
-    let deadline = Instant::now() + TIMEOUT;
-    while !vm.console().contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in {:?}",
-            vm.console()
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Threads by name once no VM thread is left: a VM's VMM thread uncounts the VM just before it

@@ -11,10 +11,13 @@
     reason = "an integration test crate: its top level is the test module"
 )]
 
+mod common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+use common::wait_console;
 use devices::virtio::block::BlockConfig;
 use test_guests::{Guest, agent, require_kvm};
 use vmm::{CloneConfig, DeviceConfig, Vm, VmConfig, VmExit, VmSnapshot};
@@ -115,18 +118,6 @@ fn read_all(file: &std::fs::File) -> Vec<u8> {
     let mut buf = vec![0u8; usize::try_from(file.metadata().unwrap().len()).unwrap()];
     file.read_exact_at(&mut buf, 0).unwrap();
     buf
-}
-
-fn wait_console(vm: &Vm, needle: &str) -> String {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        let console = vm.console();
-        if console.contains(needle) {
-            return console;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in {console:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

@@ -11,7 +11,7 @@
 
 use std::time::{Duration, Instant};
 
-use integration_tests::procstat;
+use integration_tests::{dir_entries, procstat};
 use serde_json::json;
 
 use crate::daemon::{Daemon, client_runtime, create_start, remove};
@@ -57,17 +57,6 @@ fn sample() -> Sample {
 /// What the daemon keeps in its state dir besides the sandboxes' directories.
 fn own_entry(name: &str) -> bool {
     matches!(name, "templates.json" | "images") || name == controller::store::SANDBOXES_DIR
-}
-
-/// Entries of `dir` (none if it does not exist).
-fn entries(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
@@ -143,10 +132,10 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     let wall = t0.elapsed();
 
     // Leftovers, with the daemon still up (its own files are expected).
-    let left: Vec<String> = entries(&state)
+    let left: Vec<String> = dir_entries(&state)
         .into_iter()
         .filter(|n| !own_entry(n))
-        .chain(entries(&state.join(controller::store::SANDBOXES_DIR)))
+        .chain(dir_entries(&state.join(controller::store::SANDBOXES_DIR)))
         .collect();
     let mounts = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()

@@ -8,7 +8,7 @@
 //! without it both clones would print the same bytes). Both guests answer ping on their
 //! address.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 use std::path::Path;
 
@@ -44,7 +44,7 @@ const REPORT: &str = "echo host=$(hostname); \
     echo random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')";
 
 /// The sandbox's start phases (`start_<phase>_us` of Status info).
-async fn phases(api: &mut Controller, id: &str) -> Result<HashMap<String, u64>> {
+async fn phases(api: &mut Controller, id: &str) -> Result<BTreeMap<String, u64>> {
     let info = api
         .status(v2::ControllerStatusRequest {
             sandbox_id: id.into(),
@@ -55,13 +55,7 @@ async fn phases(api: &mut Controller, id: &str) -> Result<HashMap<String, u64>> 
         .context("Status")?
         .into_inner()
         .info;
-    Ok(info
-        .into_iter()
-        .filter_map(|(k, v)| {
-            let phase = k.strip_prefix("start_")?.strip_suffix("_us")?.to_owned();
-            Some((phase, v.parse().ok()?))
-        })
-        .collect())
+    Ok(controller::sandbox::start_phases(&info))
 }
 
 pub(crate) async fn case_clones(
