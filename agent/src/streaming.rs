@@ -2,7 +2,7 @@
 //! containerd's `containerd.services.streaming.v1.Streaming` service: stdio over ttrpc streams.
 //!
 //! containerd 2.x with `io_type = "streaming"` names a process's stdio with URLs such as
-//! `ttrpc+unix:///run/sandboxer/sandboxes/<id>/task.sock?streaming_id=<container>-stdout` (stdin and
+//! `ttrpc+unix:///run/sandboxer/sbs/<id>/task.sock?streaming_id=<container>-stdout` (stdin and
 //! stderr likewise; no stderr with a TTY) in `Task.Create` and `Task.Exec`. The engine dials the
 //! address, opens a `Stream`, sends `StreamInit{id}` and waits for one answer (containerd's own
 //! server sends a `google.protobuf.Empty`). From then on the stream carries

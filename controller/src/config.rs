@@ -23,7 +23,7 @@
 //! blk_slots = 8
 //! pool_depth = 1               # VM shells kept pre-built for mem_mib-sized sandboxes
 //! agent_ready_timeout_ms = 10000  # Start fails if the guest agent is not ready by then
-//! console_log_max_kib = 1024   # <state_dir>/sandboxes/<id>/console.log starts again past this (min 64)
+//! console_log_max_kib = 1024   # <state_dir>/sbs/<id>/console.log starts again past this (min 64)
 //! seccomp = "enforce"          # vCPU and VMM threads: "enforce", "log" (allow, kernel logs) or "off"
 //!
 //! [template]
@@ -227,7 +227,7 @@ impl Default for TemplateConfig {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
-    /// Sandbox records, per-sandbox sockets and files live under `<state_dir>/sandboxes/<id>/`.
+    /// Sandbox records, per-sandbox sockets and files live under `<state_dir>/sbs/<id>/`.
     pub state_dir: PathBuf,
     /// Log filter (tracing `EnvFilter` syntax); `RUST_LOG` overrides it.
     pub log_level: String,

@@ -6,7 +6,7 @@
 //! api::v2 (containerd 2.x)  ─┐
 //!                            ├─> service::SandboxService<B> ──> backend::VmBackend (KvmBackend)
 //! api::seed (seed API)     ──┘            │
-//!                                         └─> store (<state_dir>/sandboxes/<id>/sandbox.json)
+//!                                         └─> store (<state_dir>/sbs/<id>/sandbox.json)
 //! ```
 //!
 //! The restart contract (what a sandboxer that starts again reports for the sandboxes of the

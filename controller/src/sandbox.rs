@@ -225,7 +225,7 @@ pub struct ExitInfo {
     pub reason: String,
 }
 
-/// Everything the sandboxer knows about one sandbox; persisted as `<state>/sandboxes/<id>/sandbox.json`.
+/// Everything the sandboxer knows about one sandbox; persisted as `<state>/sbs/<id>/sandbox.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxRecord {
     /// Sandbox id.

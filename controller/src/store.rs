@@ -1,5 +1,5 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Persistence of sandbox records: `<state_dir>/sandboxes/<id>/sandbox.json`.
+//! Persistence of sandbox records: `<state_dir>/sbs/<id>/sandbox.json`.
 //!
 //! Sandbox directories live in a directory of their own, so no API-chosen id can name a path
 //! the daemon owns (`<state_dir>/images`, `<state_dir>/templates.json`): a sandbox called
@@ -10,7 +10,7 @@
 //! # Restart contract
 //!
 //! The VMs run inside the sandboxer process, so they end when it ends. Records survive it.
-//! When a sandboxer starts it reloads every `<state_dir>/sandboxes/*/sandbox.json` (see
+//! When a sandboxer starts it reloads every `<state_dir>/sbs/*/sandbox.json` (see
 //! [`crate::service::SandboxService::recover`]):
 //!
 //! - a sandbox that was `Starting`, `Ready` or `Stopping` lost its VM with the old process: it
@@ -40,8 +40,10 @@ use crate::sandbox::SandboxRecord;
 
 /// File name of a record inside its sandbox directory.
 pub const RECORD_FILE: &str = "sandbox.json";
-/// The directory under the state dir that holds one directory per sandbox.
-pub const SANDBOXES_DIR: &str = "sandboxes";
+/// The directory under the state dir that holds one directory per sandbox. Short: each holds
+/// the sandbox's unix sockets, and a socket path may have at most 107 bytes (with the default
+/// state dir and containerd's 64-character ids, `vsock.sock` takes 100 of them).
+pub const SANDBOXES_DIR: &str = "sbs";
 const RECORD_TMP: &str = "sandbox.json.tmp";
 
 /// Why a record could not be read or written.
@@ -98,17 +100,17 @@ impl Store {
         &self.root
     }
 
-    /// `<root>/sandboxes`.
+    /// `<root>/sbs`.
     fn sandboxes(&self) -> PathBuf {
         self.root.join(SANDBOXES_DIR)
     }
 
-    /// `<root>/sandboxes/<id>`.
+    /// `<root>/sbs/<id>`.
     pub fn sandbox_dir(&self, id: &str) -> PathBuf {
         self.sandboxes().join(id)
     }
 
-    /// Creates `<root>/sandboxes/<id>` (mode 0700; the state dir and `sandboxes` are created
+    /// Creates `<root>/sbs/<id>` (mode 0700; the state dir and `sbs` are created
     /// if missing, mode 0711).
     pub fn create_dir(&self, id: &str) -> Result<PathBuf, StoreError> {
         let dir = self.sandbox_dir(id);
@@ -132,7 +134,7 @@ impl Store {
         }
     }
 
-    /// Writes `record` atomically to `<root>/sandboxes/<id>/sandbox.json`.
+    /// Writes `record` atomically to `<root>/sbs/<id>/sandbox.json`.
     pub fn save(&self, record: &SandboxRecord) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(&record.id);
         let tmp = dir.join(RECORD_TMP);
@@ -152,7 +154,7 @@ impl Store {
         write().map_err(|e| StoreError::Write(path, e))
     }
 
-    /// Reads `<root>/sandboxes/<id>/sandbox.json`.
+    /// Reads `<root>/sbs/<id>/sandbox.json`.
     pub fn load(&self, id: &str) -> Result<SandboxRecord, StoreError> {
         let path = self.sandbox_dir(id).join(RECORD_FILE);
         let bytes = fs::read(&path).map_err(|e| StoreError::Read(path.clone(), e))?;
@@ -165,7 +167,7 @@ impl Store {
     }
 
     /// Moves the sandbox directories of an older sandboxer (`<root>/<id>` holding a record)
-    /// to `<root>/sandboxes/<id>`; returns their ids. A name taken in the new place is left
+    /// to `<root>/sbs/<id>`; returns their ids. A name taken in the new place is left
     /// where it is and reported.
     fn migrate(&self, loaded: &mut Loaded) -> Result<(), StoreError> {
         let entries = match fs::read_dir(&self.root) {
@@ -242,7 +244,7 @@ impl Store {
         Ok(loaded)
     }
 
-    /// Removes `<root>/sandboxes/<id>` and everything in it. Removing a missing directory succeeds.
+    /// Removes `<root>/sbs/<id>` and everything in it. Removing a missing directory succeeds.
     pub fn remove(&self, id: &str) -> Result<(), StoreError> {
         let dir = self.sandbox_dir(id);
         match fs::remove_dir_all(&dir) {

@@ -211,7 +211,7 @@ async fn serve_subcommand_reads_the_config_file() {
     sigterm(&child);
     assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
     // The record survives the daemon.
-    assert!(tmp.path().join("state/sandboxes/pod/sandbox.json").exists());
+    assert!(tmp.path().join("state/sbs/pod/sandbox.json").exists());
 }
 
 #[test]

@@ -231,7 +231,7 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
     let mut d = daemon(Guest::Virtio, agent_cmdline(&[]), |_| {}).await;
     d.create("pod", Some(pod_options("web-0", 0, 0))).await;
     let address = d.start("pod").await.unwrap();
-    let sock = d.dir.path().join("state/sandboxes/pod/task.sock");
+    let sock = d.dir.path().join("state/sbs/pod/task.sock");
     assert_eq!(address, format!("ttrpc+unix://{}", sock.display()));
     // By the time Start returned the agent had announced itself and had been set up, in
     // this order.
@@ -268,13 +268,8 @@ async fn start_waits_for_the_agent_and_stop_asks_it() {
         assert!(us > 0, "{phase}: {info:?}");
     }
     // The hybrid vsock socket for debugging tools is there; the ready fallback is gone.
-    assert!(d.dir.path().join("state/sandboxes/pod/vsock.sock").exists());
-    assert!(
-        !d.dir
-            .path()
-            .join("state/sandboxes/pod/vsock.sock_1025")
-            .exists()
-    );
+    assert!(d.dir.path().join("state/sbs/pod/vsock.sock").exists());
+    assert!(!d.dir.path().join("state/sbs/pod/vsock.sock_1025").exists());
 
     // Metrics asks the agent for the pod's statistics; this agent has none, so the VM's own
     // figures are returned.
@@ -372,7 +367,7 @@ async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
         "{took:?}"
     );
     assert!(msg.contains("silent"), "{msg}");
-    let console = d.dir.path().join("state/sandboxes/silent/console.log");
+    let console = d.dir.path().join("state/sbs/silent/console.log");
     assert!(msg.contains(&console.display().to_string()), "{msg}");
     assert!(
         std::fs::read_to_string(&console)
@@ -383,7 +378,7 @@ async fn a_guest_that_never_reports_ready_fails_start_within_the_timeout() {
     assert!(
         !d.dir
             .path()
-            .join("state/sandboxes/silent/vsock.sock_1025")
+            .join("state/sbs/silent/vsock.sock_1025")
             .exists()
     );
     assert!(

@@ -210,7 +210,7 @@ async fn a_killed_daemon_leaves_nothing_after_restart_and_shutdown() {
     assert_eq!(status(&mut c, "pod").await, ("SANDBOX_READY".into(), false));
     assert!(net.links().contains("tap"), "{}", net.links());
     assert!(net.has_ingress());
-    let pod_dir = tmp.path().join("state/sandboxes/pod");
+    let pod_dir = tmp.path().join("state/sbs/pod");
     assert!(pod_dir.join("task.sock").exists() && pod_dir.join("vsock.sock").exists());
 
     // The daemon dies without cleaning up: its VM goes with it, the tap with its fd; the

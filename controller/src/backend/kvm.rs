@@ -2,7 +2,7 @@
 //! The real backend: KVM microVMs inside this process ([`vmm::Vm`]).
 //!
 //! A [`KvmBackend`] VM gets one vsock device (guest CID [`GUEST_CID`], hybrid socket
-//! `<state>/sandboxes/<id>/vsock.sock`) and `blk_slots` empty virtio-blk slots (serials
+//! `<state>/sbs/<id>/vsock.sock`) and `blk_slots` empty virtio-blk slots (serials
 //! `sbx-slot-<n>`). Start returns only once the guest agent is ready and set up (the protocol is
 //! in [`super::agent`]); a VM whose agent never comes up is stopped before Start fails.
 

@@ -160,7 +160,7 @@ pub struct VmSpec {
     pub console_log: Option<PathBuf>,
     /// Bytes the console log may hold (it starts again past them); `None`: no limit.
     pub console_log_max_bytes: Option<u64>,
-    /// Hybrid vsock unix socket (`<state>/sandboxes/<id>/vsock.sock`) for debugging tools; `None` for
+    /// Hybrid vsock unix socket (`<state>/sbs/<id>/vsock.sock`) for debugging tools; `None` for
     /// the in-process vsock API only.
     pub vsock_uds: Option<PathBuf>,
     /// What the agent sets up before Start returns.

@@ -25,6 +25,13 @@ use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
 use crate::store::StoreError;
 use crate::task::{HostPaths, ImageCache, TaskOptions, TaskServer};
 
+/// The sandbox's hybrid vsock socket, in its directory (the longest socket path there).
+const VSOCK_SOCKET: &str = "vsock.sock";
+/// The sandbox's Task API socket, in its directory.
+const TASK_SOCKET: &str = "task.sock";
+/// Longest unix socket path (`sun_path` holds 108 bytes with the NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
 /// Removes a pod network's taps and tc redirects; failures are logged (nothing to return them to).
 async fn teardown_network(id: &str, net: Option<PodNetwork>) {
     if let Some(net) = net
@@ -137,6 +144,19 @@ impl<B: VmBackend> SandboxService<B> {
                 field: "netns_path",
                 reason,
             })?;
+        }
+        // The sandbox's sockets must fit a unix socket address (`sun_path`: 107 bytes and a NUL).
+        let longest = self.store.sandbox_dir(&req.id).join(VSOCK_SOCKET);
+        if longest.as_os_str().len() > SOCKET_PATH_MAX {
+            return Err(SandboxError::InvalidArgument {
+                field: "sandbox_id",
+                reason: format!(
+                    "{:?} makes the sandbox's socket path {} bytes long, more than a unix socket \
+                     may have ({SOCKET_PATH_MAX}); a shorter id or state_dir leaves room",
+                    req.id,
+                    longest.as_os_str().len()
+                ),
+            });
         }
         let vm = pod::vm_size(&self.config.vm, pod.as_ref().map(|p| &p.config))?;
         let most = self.config.limits.max_sandbox_mem_mib;
@@ -395,7 +415,7 @@ impl<B: VmBackend> SandboxService<B> {
             seccomp: vm.seccomp.into(),
             console_log: Some(dir.join(super::admin::CONSOLE_LOG)),
             console_log_max_bytes: Some(vm.console_log_max_kib.saturating_mul(1024)),
-            vsock_uds: Some(dir.join("vsock.sock")),
+            vsock_uds: Some(dir.join(VSOCK_SOCKET)),
             setup: GuestSetup {
                 hostname: pod.map(|p| p.hostname.clone()).unwrap_or_default(),
                 dns: pod.map(|p| p.dns.clone()).unwrap_or_default(),
@@ -634,7 +654,7 @@ impl<B: VmBackend> SandboxService<B> {
         opts.host_paths = HostPaths::new(self.config.task_host_paths.iter().cloned())
             .with([self.config.state_dir.clone(), self.config.image_dir.clone()]);
         let target: Arc<dyn TaskTarget> = Arc::clone(vm) as _;
-        TaskServer::start(&dir.join("task.sock"), target, opts)
+        TaskServer::start(&dir.join(TASK_SOCKET), target, opts)
             .await
             .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))
     }

@@ -162,7 +162,7 @@ pub struct Started {
     pub created_at: SystemTime,
     /// The sandbox's labels.
     pub labels: BTreeMap<String, String>,
-    /// Task API address, `ttrpc+unix://<state>/sandboxes/<id>/task.sock`.
+    /// Task API address, `ttrpc+unix://<state>/sbs/<id>/task.sock`.
     pub address: String,
     /// Task API version.
     pub version: u32,

@@ -73,7 +73,7 @@ async fn lifecycle() {
     );
 
     let s = f.svc.start("pod").await.unwrap();
-    let sock = f.tmp.path().join("state/sandboxes/pod/task.sock");
+    let sock = f.tmp.path().join("state/sbs/pod/task.sock");
     assert_eq!(s.address, format!("ttrpc+unix://{}", sock.display()));
     assert_eq!(s.version, 3);
     assert_eq!(s.pid, std::process::id());
@@ -104,12 +104,7 @@ async fn lifecycle() {
     assert_eq!((spec.vcpus, spec.mem_mib), (1, 256));
     assert_eq!(
         spec.console_log.as_deref(),
-        Some(
-            f.tmp
-                .path()
-                .join("state/sandboxes/pod/console.log")
-                .as_path()
-        )
+        Some(f.tmp.path().join("state/sbs/pod/console.log").as_path())
     );
 
     f.svc.stop("pod", Duration::from_secs(1)).await.unwrap();
@@ -391,12 +386,7 @@ async fn pod_config_sets_hostname_dns_labels_and_vm_size() {
     assert!(spec.setup.interfaces.is_empty() && spec.setup.routes.is_empty());
     assert_eq!(
         spec.vsock_uds.as_deref(),
-        Some(
-            f.tmp
-                .path()
-                .join("state/sandboxes/web/vsock.sock")
-                .as_path()
-        )
+        Some(f.tmp.path().join("state/sbs/web/vsock.sock").as_path())
     );
     assert_eq!(
         spec.agent_ready_timeout,
@@ -743,7 +733,7 @@ async fn prepare_purge_and_update_resources() {
     // tests attach for real), so it fails, and leaves nothing behind.
     let err = f.svc.prepare("pod", req.clone()).await.unwrap_err();
     assert!(matches!(err, SandboxError::Endpoint(..)), "{err:?}");
-    let bundle_dir = f.tmp.path().join("state/sandboxes/pod/containers/c1");
+    let bundle_dir = f.tmp.path().join("state/sbs/pod/containers/c1");
     assert!(!bundle_dir.exists());
     assert!(f.svc.record("pod").unwrap().containers.is_empty());
     // A rootfs needs the spec that says how to run on it.
@@ -874,7 +864,7 @@ async fn restart_recovery() {
     rec.state = SandboxState::Deleted;
     old.store().save(&rec).unwrap();
     // An unreadable record stays on disk.
-    let state = tmp.path().join("state/sandboxes");
+    let state = tmp.path().join("state/sbs");
     std::fs::create_dir(state.join("broken")).unwrap();
     std::fs::write(state.join("broken/sandbox.json"), b"{").unwrap();
     drop(old);
@@ -1101,4 +1091,21 @@ async fn node_limits_refuse_sandboxes_beyond_them() {
     svc.shutdown("big").await.unwrap();
     svc.create(create_req("c")).await.unwrap();
     assert_eq!(svc.ids(), ["a", "b", "c"]);
+}
+
+#[tokio::test]
+async fn an_id_too_long_for_the_sandboxs_sockets_is_refused_at_create() {
+    let f = fixture();
+    // Valid as an id (128 bytes at most), too long for a socket under this state dir.
+    let id = "a".repeat(proto::id::MAX_ID_LEN);
+    match f.svc.create(create_req(&id)).await {
+        Err(SandboxError::InvalidArgument { field, reason }) => {
+            assert_eq!(field, "sandbox_id");
+            assert!(reason.contains("unix socket"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.svc.ids().is_empty());
+    // containerd's 64-character ids fit.
+    f.svc.create(create_req(&"b".repeat(64))).await.unwrap();
 }
