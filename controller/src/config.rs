@@ -269,23 +269,30 @@ pub struct LimitsConfig {
     pub max_sandbox_mem_mib: u32,
 }
 
-/// The Task API ([`crate::task`]).
+/// Where containerd and iSulad keep what a container's Create names: snapshots and content
+/// (`/var/lib/...`), bundles and stdio FIFOs (`/run/...`). The default of `[task] host_paths`.
+pub const DEFAULT_TASK_HOST_PATHS: [&str; 5] = [
+    "/var/lib/containerd",
+    "/run/containerd",
+    "/var/lib/isulad",
+    "/run/isulad",
+    "/var/run/isulad",
+];
+
+/// The Task API.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TaskConfig {
     /// The directories whose files a container's Create and Exec may name (rootfs sources,
     /// bundle, stdio): where the engines keep snapshots, bundles and FIFOs. The daemon's
-    /// state and image directories are always allowed. See [`crate::task::paths`].
+    /// state and image directories are always allowed (the Task API's `paths` module).
     pub host_paths: Vec<PathBuf>,
 }
 
 impl Default for TaskConfig {
     fn default() -> Self {
         TaskConfig {
-            host_paths: crate::task::paths::DEFAULT_ROOTS
-                .iter()
-                .map(PathBuf::from)
-                .collect(),
+            host_paths: DEFAULT_TASK_HOST_PATHS.iter().map(PathBuf::from).collect(),
         }
     }
 }

@@ -10,15 +10,7 @@ use std::path::{Path, PathBuf};
 
 use super::TaskError;
 
-/// Where containerd and iSulad keep what a container's Create names: snapshots and content
-/// (`/var/lib/...`), bundles and stdio FIFOs (`/run/...`).
-pub const DEFAULT_ROOTS: [&str; 5] = [
-    "/var/lib/containerd",
-    "/run/containerd",
-    "/var/lib/isulad",
-    "/run/isulad",
-    "/var/run/isulad",
-];
+pub use crate::config::DEFAULT_TASK_HOST_PATHS as DEFAULT_ROOTS;
 
 /// The roots the Task API's host paths must lie under.
 #[derive(Clone, Debug, Default)]
