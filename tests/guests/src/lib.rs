@@ -236,7 +236,7 @@ pub mod agent {
     }
 }
 
-/// The hostile mode of [`Guest::Virtio`](crate::Guest::Virtio) (`virtio.test=hostile`): one
+/// The hostile mode of [`Guest::Virtio`] (`virtio.test=hostile`): one
 /// attack on the VMM, repeated forever (the firmware's `hostile.rs` says what each does).
 pub mod hostile {
     /// Every attack, by its `hostile.case=` name.
