@@ -154,9 +154,11 @@ fn main() {
     // The heartbeat: a line every BEAT_SECS from a thread that only sleeps. It stops when L1's
     // timer interrupts or its scheduler stop, which is what an emulator freeze looks like;
     // the host then stops this L1 within a minute instead of waiting out a test's bound.
-    let beat = std::thread::Builder::new().name("beat".into()).spawn(|| loop {
-        std::thread::sleep(Duration::from_secs(BEAT_SECS));
-        println!("{BEAT_PREFIX} {:.0}", sys::uptime_secs());
+    let beat = std::thread::Builder::new().name("beat".into()).spawn(|| {
+        loop {
+            std::thread::sleep(Duration::from_secs(BEAT_SECS));
+            println!("{BEAT_PREFIX} {:.0}", sys::uptime_secs());
+        }
     });
     if let Err(e) = beat {
         log(&format!("cannot start the heartbeat thread: {e}"));
