@@ -274,16 +274,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let host = vmm::Host::new();
     start_shell_pool(&host, &config);
     let runtime = controller::server::runtime("sandboxer")?;
-    let mut backend = controller::KvmBackend::new(host.clone());
-    if config.template.enabled {
-        backend = backend.with_templates(controller::backend::template::Templates::new(
-            host,
-            usize::try_from(config.template.max_templates).unwrap_or(usize::MAX),
-            usize::try_from(config.template.pool_depth).unwrap_or(usize::MAX),
-            std::time::Duration::from_millis(config.template.build_timeout_ms),
-            Some(config.state_dir.join("templates.json")),
-        ));
-    }
+    let backend = controller::KvmBackend::from_config(host, &config);
     runtime.block_on(controller::server::run(&config, backend, shutdown_signal()))?;
     Ok(ExitCode::SUCCESS)
 }

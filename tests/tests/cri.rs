@@ -381,7 +381,8 @@ impl Env {
     async fn start_daemon(&mut self) -> anyhow::Result<()> {
         let (tx, rx) = oneshot::channel::<()>();
         let config = self.config.clone();
-        let backend = KvmBackend::new(self.host.clone());
+        // As `sandboxer serve` runs: templates on by default.
+        let backend = KvmBackend::from_config(self.host.clone(), &config);
         let task = tokio::spawn(async move {
             controller::server::run(&config, backend, async {
                 let _ = rx.await;

@@ -55,6 +55,23 @@ impl KvmBackend {
         }
     }
 
+    /// The backend `sandboxer serve` runs with `config`: VM templates per `[template]`, their
+    /// shapes recorded in `<state_dir>/templates.json`.
+    pub fn from_config(host: vmm::Host, config: &crate::config::Config) -> Self {
+        let backend = Self::new(host.clone());
+        if !config.template.enabled {
+            return backend;
+        }
+        let t = &config.template;
+        backend.with_templates(Templates::new(
+            host,
+            usize::try_from(t.max_templates).unwrap_or(usize::MAX),
+            usize::try_from(t.pool_depth).unwrap_or(usize::MAX),
+            std::time::Duration::from_millis(t.build_timeout_ms),
+            Some(config.state_dir.join("templates.json")),
+        ))
+    }
+
     /// The same, starting sandboxes that allow it from VM templates.
     pub fn with_templates(mut self, templates: Arc<Templates>) -> Self {
         self.templates = Some(templates);
