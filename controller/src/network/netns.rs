@@ -40,9 +40,12 @@ impl NsId {
         })
     }
 
-    /// The daemon's own network namespace (the host's, as a rule).
+    /// The daemon's own network namespace (the host's, as a rule), read once: its threads
+    /// never leave it (see the module doc).
     pub fn own_netns() -> io::Result<NsId> {
-        NsId::of(Path::new("/proc/self/ns/net"))
+        static OWN: std::sync::OnceLock<Option<NsId>> = std::sync::OnceLock::new();
+        OWN.get_or_init(|| NsId::of(Path::new("/proc/self/ns/net")).ok())
+            .ok_or_else(|| io::Error::other("/proc/self/ns/net cannot be read"))
     }
 }
 

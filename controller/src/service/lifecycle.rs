@@ -126,6 +126,7 @@ impl<B: VmBackend> SandboxService<B> {
             Some(options) => pod::parse(options)?,
             None => None,
         };
+        let mut netns = None;
         if !req.netns_path.is_empty() {
             let p = Path::new(&req.netns_path);
             if !p.is_absolute() {
@@ -140,10 +141,12 @@ impl<B: VmBackend> SandboxService<B> {
                     reason: format!("{} does not exist", req.netns_path),
                 });
             }
-            network::check_pod_netns(p).map_err(|reason| SandboxError::InvalidArgument {
-                field: "netns_path",
-                reason,
-            })?;
+            netns = Some(network::check_pod_netns(p).map_err(|reason| {
+                SandboxError::InvalidArgument {
+                    field: "netns_path",
+                    reason,
+                }
+            })?);
         }
         // The sandbox's sockets must fit a unix socket address (`sun_path`: 107 bytes and a NUL).
         let longest = self.store.sandbox_dir(&req.id).join(VSOCK_SOCKET);
@@ -198,7 +201,7 @@ impl<B: VmBackend> SandboxService<B> {
             }
         }
 
-        let entry = Entry::new(record.clone());
+        let entry = Entry::with_netns(record.clone(), netns);
         // Hold the sandbox's lock until it is on disk: nobody can Start it before that.
         let _op = Locked::new(Arc::clone(&entry)).await;
         {

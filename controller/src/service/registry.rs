@@ -40,11 +40,17 @@ pub(super) struct EntryData {
 }
 
 impl Entry {
+    /// An entry for `record`, its netns read from its `netns_path` (a reloaded record).
     pub(super) fn new(record: SandboxRecord) -> Arc<Self> {
-        let (end, _) = watch::channel(record.exit.clone());
         let netns = (!record.netns_path.is_empty())
             .then(|| NsId::of(Path::new(&record.netns_path)).ok())
             .flatten();
+        Self::with_netns(record, netns)
+    }
+
+    /// An entry for `record` in network namespace `netns` (Create has it checked already).
+    pub(super) fn with_netns(record: SandboxRecord, netns: Option<NsId>) -> Arc<Self> {
+        let (end, _) = watch::channel(record.exit.clone());
         Arc::new(Entry {
             netns,
             mem_mib: record.vm.mem_mib,

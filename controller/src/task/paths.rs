@@ -7,6 +7,7 @@
 //! image directories. Anything else is refused with `INVALID_ARGUMENT` naming the field.
 
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use super::TaskError;
 
@@ -16,6 +17,8 @@ pub use crate::config::DEFAULT_TASK_HOST_PATHS as DEFAULT_ROOTS;
 #[derive(Clone, Debug, Default)]
 pub struct HostPaths {
     roots: Vec<PathBuf>,
+    /// The roots resolved, once, at the first check (a root missing then stays as given).
+    resolved: OnceLock<Vec<PathBuf>>,
 }
 
 impl HostPaths {
@@ -23,6 +26,7 @@ impl HostPaths {
     pub fn new(roots: impl IntoIterator<Item = PathBuf>) -> Self {
         HostPaths {
             roots: roots.into_iter().filter(|r| r.is_absolute()).collect(),
+            resolved: OnceLock::new(),
         }
     }
 
@@ -36,6 +40,7 @@ impl HostPaths {
     pub fn with(mut self, more: impl IntoIterator<Item = PathBuf>) -> Self {
         self.roots
             .extend(more.into_iter().filter(|r| r.is_absolute()));
+        self.resolved = OnceLock::new();
         self
     }
 
@@ -45,9 +50,9 @@ impl HostPaths {
     }
 
     /// `path` (of request field `field`) resolved, if it lies under a root. A file that does
-    /// not exist yet (an output file the bridge creates) is resolved through its directory. A root is resolved
-    /// too (it may itself be a symbolic link, as `/var/run` is); one that does not exist holds
-    /// nothing.
+    /// not exist yet (an output file the bridge creates) is resolved through its directory. The
+    /// roots are resolved too (one may itself be a symbolic link, as `/var/run` is), at the
+    /// first check.
     pub fn check(&self, field: &str, path: &Path) -> Result<PathBuf, TaskError> {
         if !path.is_absolute() {
             return Err(TaskError::invalid(
@@ -58,11 +63,13 @@ impl HostPaths {
         let resolved = resolve(path).map_err(|e| {
             TaskError::invalid(field, format!("{} cannot be resolved: {e}", path.display()))
         })?;
-        let allowed = self
-            .roots
-            .iter()
-            .filter_map(|r| r.canonicalize().ok())
-            .any(|root| resolved.starts_with(root));
+        let roots = self.resolved.get_or_init(|| {
+            self.roots
+                .iter()
+                .map(|r| r.canonicalize().unwrap_or_else(|_| r.clone()))
+                .collect()
+        });
+        let allowed = roots.iter().any(|root| resolved.starts_with(root));
         if allowed {
             Ok(resolved)
         } else {
