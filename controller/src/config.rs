@@ -39,12 +39,26 @@
 //! max_sandboxes = 0            # sandboxes created and not shut down
 //! max_total_mem_mib = 0        # guest memory of all sandboxes together
 //! max_sandbox_mem_mib = 0      # guest memory of one sandbox (base + the pod's limit)
+//! max_sandbox_vcpus = 0        # vCPUs of one sandbox (also the CPUs of the pod's CPU limit)
+//!
+//! [cgroup]                     # a CPU cgroup per sandbox for its VM's vCPU and VMM threads
+//! # enabled = true             # unset: on when a usable cpu controller exists; true: required
+//! parent = "sandboxer"         # cgroup v1: <cpu mount>/<parent>/<id> (see below)
 //!
 //! [task]
 //! # Directories whose files a container's Create and Exec may name (rootfs sources, bundle,
 //! # stdio); the state and image dirs are always allowed. Default: containerd's and iSulad's.
 //! host_paths = ["/var/lib/containerd", "/run/containerd", "/var/lib/isulad", "/run/isulad", "/var/run/isulad"]
 //! ```
+//!
+//! `[cgroup]`: each sandbox's vCPU and VMM threads move into a cgroup of their own right
+//! after its VM starts, with the pod's CPU limit (`cpu_quota` / `cpu_period`, `cpu_shares`) as
+//! its bandwidth and weight ([`crate::cgroup`]). On cgroup v1 that is `<cpu mount>/<parent>/<id>`,
+//! or `<cpu mount>/<pod's cgroup_parent>/<id>` when the pod names a parent (it must exist). On
+//! cgroup v2 `parent` is not used: the threads of one process can only be split inside a
+//! threaded subtree of its own cgroup, so the daemon's cgroup becomes the threaded root and the
+//! sandboxes go to `<own cgroup>/sandboxer-sandboxes/<id>` (`cpu.max`, `cpu.weight`). Memory is
+//! not charged per sandbox (the memory controller is not threaded): `[limits]` bounds it.
 //!
 //! An empty `kernel` or `initramfs` means the guest kernel or agent initramfs embedded in the
 //! binary (`tools/devtool dist` builds one with both, see [`crate::embedded`]); a binary built
@@ -252,6 +266,32 @@ pub struct Config {
     pub task: TaskConfig,
     /// Node-wide budget of sandboxes and guest memory.
     pub limits: LimitsConfig,
+    /// Per-sandbox CPU cgroups.
+    pub cgroup: CgroupConfig,
+}
+
+/// Default of `cgroup.parent`.
+pub const DEFAULT_CGROUP_PARENT: &str = "sandboxer";
+
+/// Per-sandbox CPU cgroups ([`crate::cgroup`]): where the VMs' threads go and whether they must.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CgroupConfig {
+    /// `None` (unset): on when a usable cpu controller exists, else the daemon logs it once
+    /// and runs without; `true`: the daemon does not start without one; `false`: off.
+    pub enabled: Option<bool>,
+    /// cgroup v1: the sandboxes' cgroups are `<cpu mount>/<parent>/<id>` (a relative path).
+    /// Not used on cgroup v2 (the layout is fixed there, see [`crate::cgroup`]).
+    pub parent: PathBuf,
+}
+
+impl Default for CgroupConfig {
+    fn default() -> Self {
+        CgroupConfig {
+            enabled: None,
+            parent: DEFAULT_CGROUP_PARENT.into(),
+        }
+    }
 }
 
 /// What the node gives all sandboxes together, and one at most; 0 is no limit. Create refuses
@@ -267,6 +307,9 @@ pub struct LimitsConfig {
     pub max_total_mem_mib: u64,
     /// Guest memory of one sandbox, in MiB (the VM's base memory plus the pod's limit).
     pub max_sandbox_mem_mib: u32,
+    /// vCPUs of one sandbox; also the most CPUs a pod's CPU limit (quota / period, rounded up)
+    /// may ask for, at Create and at Update.
+    pub max_sandbox_vcpus: u32,
 }
 
 /// Where containerd and iSulad keep what a container's Create names: snapshots and content
@@ -327,6 +370,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             task: TaskConfig::default(),
             limits: LimitsConfig::default(),
+            cgroup: CgroupConfig::default(),
         }
     }
 }
@@ -537,6 +581,17 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "template.max_templates",
                 "must be at least 1 while templates are enabled".into(),
+            ));
+        }
+        let parent = self.cgroup.parent.as_path();
+        if parent.as_os_str().is_empty()
+            || !parent
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(ConfigError::Invalid(
+                "cgroup.parent",
+                format!("{} is not a relative path of plain names", parent.display()),
             ));
         }
         if self.template.build_timeout_ms == 0 {
@@ -813,6 +868,29 @@ mod tests {
         });
         assert_eq!(c.vm.agent_ready_timeout_ms, 250);
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn cgroup_section() {
+        let c = Config::default();
+        assert_eq!(c.cgroup.enabled, None);
+        assert_eq!(c.cgroup.parent, Path::new(DEFAULT_CGROUP_PARENT));
+        let c = Config::from_toml(
+            "[cgroup]\nenabled = true\nparent = \"pods/sbx\"\n[limits]\nmax_sandbox_vcpus = 4\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(c.cgroup.enabled, Some(true));
+        assert_eq!(c.limits.max_sandbox_vcpus, 4);
+        c.validate().unwrap();
+        for bad in ["/abs", "a/../b", ""] {
+            let mut c = Config::default();
+            c.cgroup.parent = bad.into();
+            assert!(
+                matches!(c.validate(), Err(ConfigError::Invalid("cgroup.parent", _))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub enum SandboxError {
         /// What would exceed it.
         reason: String,
     },
+    /// The sandbox's CPU cgroup could not be changed.
+    #[error("CPU cgroup of sandbox {0} failed")]
+    Cgroup(String, #[source] crate::cgroup::CgroupError),
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -133,6 +136,7 @@ impl From<SandboxError> for tonic::Status {
             SandboxError::Store(..)
             | SandboxError::Backend(..)
             | SandboxError::Network(..)
+            | SandboxError::Cgroup(..)
             | SandboxError::Task(..) => tonic::Status::internal(msg),
         }
     }

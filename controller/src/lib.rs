@@ -16,6 +16,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod cgroup;
 pub mod client;
 pub mod config;
 pub mod embedded;

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 
 use prost::Message;
 
+use crate::cgroup::CpuLimit;
 use crate::config::VmDefaults;
 use crate::sandbox::{DnsConfig, PodConfig, StoredAny, VmSize};
 
@@ -66,7 +67,8 @@ pub fn parse(options: &StoredAny) -> Result<Option<Pod>, PodError> {
     validate_hostname(&c.hostname)?;
     let meta = c.metadata.unwrap_or_default();
     let dns = c.dns_config.unwrap_or_default();
-    let res = c.linux.and_then(|l| l.resources).unwrap_or_default();
+    let linux = c.linux.unwrap_or_default();
+    let res = linux.resources.unwrap_or_default();
     let config = PodConfig {
         name: meta.name,
         namespace: meta.namespace,
@@ -80,7 +82,10 @@ pub fn parse(options: &StoredAny) -> Result<Option<Pod>, PodError> {
         cpu_quota: res.cpu_quota,
         cpu_period: res.cpu_period,
         memory_limit_bytes: res.memory_limit_in_bytes,
+        cpu_shares: res.cpu_shares,
+        cgroup_parent: linux.cgroup_parent,
     };
+    cpu_limit(Some(&config))?;
     Ok(Some(Pod {
         config,
         labels: c.labels.into_iter().collect(),
@@ -133,6 +138,22 @@ pub fn vm_size(d: &VmDefaults, pod: Option<&PodConfig>) -> Result<VmSize, PodErr
             })?;
     }
     Ok(size)
+}
+
+/// The host CPU limit of a pod's sandbox (its cgroup's bandwidth and weight); the defaults
+/// (no quota) without a pod.
+pub fn cpu_limit(pod: Option<&PodConfig>) -> Result<CpuLimit, PodError> {
+    let Some(pod) = pod else {
+        return Ok(CpuLimit::default());
+    };
+    CpuLimit::from_cri(pod.cpu_quota, pod.cpu_period, pod.cpu_shares).map_err(|reason| PodError {
+        field: if reason.starts_with("cpu_period") {
+            "options.linux.resources.cpu_period"
+        } else {
+            "options.linux.resources.cpu_quota"
+        },
+        reason,
+    })
 }
 
 /// One IP address of a guest interface.

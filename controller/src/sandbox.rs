@@ -171,6 +171,12 @@ pub struct PodConfig {
     pub cpu_period: i64,
     /// Memory limit of the pod in bytes (0: unset).
     pub memory_limit_bytes: i64,
+    /// CPU shares of the pod (0: unset): the weight of its cgroup.
+    #[serde(default)]
+    pub cpu_shares: i64,
+    /// The pod's CRI `cgroup_parent` (empty: none); its cgroup's parent on cgroup v1.
+    #[serde(default)]
+    pub cgroup_parent: String,
 }
 
 /// The VM size chosen for the sandbox.
@@ -276,6 +282,10 @@ pub struct SandboxRecord {
     /// `agent_connect`, `sync_clock`, `setup`, `task_server`, `total`); shown by Status.
     #[serde(default)]
     pub start_us: BTreeMap<String, u64>,
+    /// The sandbox's CPU cgroup, relative to the hierarchy's root (`crate::cgroup`); `None`
+    /// without cgroups. Kept so that a cgroup a crash left behind is removed after a restart.
+    #[serde(default)]
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 impl SandboxRecord {
@@ -305,6 +315,7 @@ impl SandboxRecord {
             pid: 0,
             containers: BTreeMap::new(),
             start_us: BTreeMap::new(),
+            cgroup: None,
         }
     }
 

@@ -483,6 +483,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
         agent_ready_timeout: Duration::from_secs(10),
         nics: controller::backend::NetDevices::default(),
         template: false,
+        cgroup: None,
     }
 }
 

@@ -271,6 +271,7 @@ impl VmHandle for SharedFake {
             guest_resident_bytes: 4096,
             console_bytes: 0,
             boot_time_ns: 1,
+            host_cpu_usage_us: None,
             pod: None,
         })
     }

@@ -161,7 +161,8 @@ impl KvmBackend {
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let mut phases = StartPhases::default();
         let host = self.host.clone();
-        let (vm, listener) = tokio::task::spawn_blocking(move || {
+        let (placement, vcpus) = (spec.cgroup.clone(), spec.vcpus);
+        let (vm, listener, placed) = tokio::task::spawn_blocking(move || {
             let vm = vmm::Vm::start(&host, config)?;
             // Right after the vCPUs started: the guest has not reached its driver yet (and if
             // it had, the hybrid fallback listener takes the connection).
@@ -169,7 +170,9 @@ impl KvmBackend {
                 .vsock()
                 .map(|v| v.listen(READY_PORT))
                 .unwrap_or_else(|| Err(io::Error::other("the VM has no vsock device")));
-            Ok::<_, vmm::VmError>((vm, listener))
+            // Its threads into the sandbox's CPU cgroup before the guest boots far.
+            let placed = placement.map_or(Ok(()), |p| p.attach(vcpus, || vm.thread_ids()));
+            Ok::<_, vmm::VmError>((vm, listener, placed))
         })
         .await
         .map_err(BackendError::Join)?
@@ -180,6 +183,10 @@ impl KvmBackend {
         // The VMM's own measure: Vm::start until the vCPUs run (no thread hand-offs).
         phases.vm = vm.timings().total;
         let (vm, rx) = watched(vm);
+        if let Err(e) = placed {
+            stop_and_release(&vm).await;
+            return Err(e);
+        }
         let agent = agent::connect_agent(
             &vm,
             &spec,
@@ -228,14 +235,22 @@ impl KvmBackend {
             devices,
         };
         let (host, tpl) = (self.host.clone(), Arc::clone(template));
-        let vm =
-            tokio::task::spawn_blocking(move || vmm::Vm::clone_from(&host, &tpl.snapshot, config))
-                .await
-                .map_err(BackendError::Join)?
-                .map_err(|e| BackendError::Start(Box::new(e)))?;
+        let (placement, vcpus) = (spec.cgroup.clone(), spec.vcpus);
+        let (vm, placed) = tokio::task::spawn_blocking(move || {
+            let vm = vmm::Vm::clone_from(&host, &tpl.snapshot, config)?;
+            let placed = placement.map_or(Ok(()), |p| p.attach(vcpus, || vm.thread_ids()));
+            Ok::<_, vmm::VmError>((vm, placed))
+        })
+        .await
+        .map_err(BackendError::Join)?
+        .map_err(|e| BackendError::Start(Box::new(e)))?;
         // The VMM's own measure: Vm::clone_from until the vCPUs run.
         phases.vm = vm.timings().total;
         let (vm, rx) = watched(vm);
+        if let Err(e) = placed {
+            stop_and_release(&vm).await;
+            return Err(e);
+        }
         let mut setup = spec.setup.clone();
         for (iface, mac) in setup.interfaces.iter_mut().zip(&template.nic_macs) {
             iface.new_mac = std::mem::take(&mut iface.mac);
@@ -447,6 +462,7 @@ impl VmHandle for KvmHandle {
                 .vm
                 .boot_time()
                 .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+            host_cpu_usage_us: None,
             pod,
         })
     }
@@ -504,6 +520,7 @@ mod tests {
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
             template: false,
+            cgroup: None,
         };
         match KvmBackend::default().start(spec).await {
             Err(BackendError::Config(_)) => {}
@@ -532,6 +549,7 @@ mod tests {
             agent_ready_timeout: Duration::from_secs(1),
             nics: NetDevices::default(),
             template: false,
+            cgroup: None,
         };
         match KvmBackend::default().start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {

@@ -18,6 +18,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::cgroup::{CgroupError, CpuCgroups, CpuLimit};
 use crate::pod::GuestSetup;
 use crate::sandbox::StoredAny;
 
@@ -51,6 +52,9 @@ pub enum BackendError {
     /// Reading the VM's statistics failed.
     #[error("Failed to read VM statistics")]
     Metrics(#[source] std::io::Error),
+    /// Moving the VM's threads into their CPU cgroup failed.
+    #[error("Failed to place the VM's threads in their CPU cgroup")]
+    Cgroup(#[source] CgroupError),
     /// A blocking helper task failed.
     #[error("VM helper task failed")]
     Join(#[source] tokio::task::JoinError),
@@ -172,6 +176,43 @@ pub struct VmSpec {
     /// Whether the VM may be cloned from a template of its shape (templates on, and the pod
     /// did not opt out).
     pub template: bool,
+    /// The CPU cgroup the VM's threads move into right after it starts, if any.
+    pub cgroup: Option<CgroupPlacement>,
+}
+
+/// Where a VM's threads go and the limit they get ([`crate::cgroup`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupPlacement {
+    /// The daemon's sandbox cgroups.
+    pub cgroups: CpuCgroups,
+    /// The sandbox's cgroup, relative to the hierarchy's root.
+    pub group: PathBuf,
+    /// Its CPU limit.
+    pub limit: CpuLimit,
+}
+
+impl CgroupPlacement {
+    /// Moves the threads of a VM that just started (`tids`, `vcpus` vCPUs then the VMM
+    /// thread) into the cgroup. A thread records its id as it starts: wait briefly for ids
+    /// not there yet.
+    pub fn attach(&self, vcpus: u8, tids: impl Fn() -> Vec<u32>) -> Result<(), BackendError> {
+        let want = usize::from(vcpus) + 1;
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut ids = tids();
+        while ids.len() < want && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+            ids = tids();
+        }
+        if ids.len() < want {
+            return Err(BackendError::Cgroup(CgroupError::Unusable(format!(
+                "the VM has {} of its {want} threads",
+                ids.len()
+            ))));
+        }
+        self.cgroups
+            .attach(&self.group, &self.limit, &ids)
+            .map_err(BackendError::Cgroup)
+    }
 }
 
 /// Why a VM ended.
@@ -216,6 +257,10 @@ pub struct VmMetrics {
     pub console_bytes: u64,
     /// Time from start to the guest's boot signal, in nanoseconds (0: not yet).
     pub boot_time_ns: u64,
+    /// CPU time the VM's threads used on the host, from the sandbox's CPU cgroup (`None`
+    /// without one, or where the hierarchy does not count it), in microseconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_cpu_usage_us: Option<u64>,
     /// The pod's cgroup statistics from the agent (`Control.Stats`), if it had any.
     #[serde(skip)]
     pub pod: Option<StoredAny>,

@@ -101,6 +101,7 @@ impl Shape {
             agent_ready_timeout,
             nics: super::NetDevices::new(Vec::new()),
             template: true,
+            cgroup: None,
         }
     }
 
@@ -494,6 +495,8 @@ fn template_spec(spec: &VmSpec) -> VmSpec {
         setup: Default::default(),
         nics: super::NetDevices::new(Vec::new()),
         template: false,
+        // A template is no sandbox: its VM stays in the daemon's cgroup.
+        cgroup: None,
         ..spec.clone()
     }
 }

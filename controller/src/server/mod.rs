@@ -77,6 +77,9 @@ pub enum ServerError {
     /// The guest kernel or agent initramfs embedded in the binary could not be unpacked.
     #[error("Failed to unpack the embedded guest kernel or agent initramfs")]
     Embedded(#[source] io::Error),
+    /// `[cgroup] enabled = true` and no usable cpu controller.
+    #[error("Per-sandbox CPU cgroups are required ([cgroup] enabled = true) and unusable")]
+    Cgroup(#[source] crate::cgroup::CgroupError),
 }
 
 /// A task that ends with its owner.
@@ -291,6 +294,24 @@ impl Servers {
     }
 }
 
+/// The sandboxes' CPU cgroups per `[cgroup]`, with what a previous daemon left under them
+/// removed (no VM of this process runs yet). Logged once.
+fn sandbox_cgroups(config: &Config) -> Result<Option<crate::cgroup::CpuCgroups>, ServerError> {
+    let cgroups =
+        crate::cgroup::CpuCgroups::from_config(&config.cgroup).map_err(ServerError::Cgroup)?;
+    if let Some(cgroups) = &cgroups {
+        for e in cgroups.remove_leftovers() {
+            warn!(error = %error_chain(&e), "a sandbox CPU cgroup is still in use; leaving it");
+        }
+        info!(
+            version = if cgroups.is_v2() { 2 } else { 1 },
+            dir = %cgroups.base_dir().display(),
+            "per-sandbox CPU cgroups on"
+        );
+    }
+    Ok(cgroups)
+}
+
 /// Runs the daemon until `shutdown` resolves: recovers persisted sandboxes, serves both APIs,
 /// notifies systemd, then stops accepting, applies `on_exit` and drains.
 pub async fn run<B: VmBackend>(
@@ -319,7 +340,9 @@ pub async fn run<B: VmBackend>(
         warn!("no agent initramfs: vm.initramfs is empty and none is embedded; Start will fail");
     }
     let config = &config;
-    let service = SandboxService::new(backend, ServiceConfig::from(config));
+    let mut service_config = ServiceConfig::from(config);
+    service_config.cgroups = sandbox_cgroups(config)?;
+    let service = SandboxService::new(backend, service_config);
     let recovery = service.recover().map_err(ServerError::Recover)?;
     for e in &recovery.unreadable {
         warn!(error = %error_chain(e), "skipping unreadable sandbox record");

@@ -15,8 +15,10 @@ use super::{
     CreateRequest, EXIT_FAILED, EXIT_FORCED, SandboxService, Started, TASK_API_VERSION, validate_id,
 };
 use crate::backend::{
-    NetDevices, ShutdownRequest, TaskTarget, VmBackend, VmEnd, VmExitKind, VmHandle, VmSpec,
+    CgroupPlacement, NetDevices, ShutdownRequest, TaskTarget, VmBackend, VmEnd, VmExitKind,
+    VmHandle, VmSpec,
 };
+use crate::cgroup::{CpuLimit, REMOVE_WAIT};
 use crate::error::{SandboxError, error_chain};
 use crate::network::{self, PodNetwork};
 use crate::nofile::FdBudget;
@@ -176,6 +178,21 @@ impl<B: VmBackend> SandboxService<B> {
                 ),
             });
         }
+        let cpu = pod::cpu_limit(pod.as_ref().map(|p| &p.config))?;
+        self.admit_cpus(vm.vcpus, &cpu)?;
+        // The pod's cgroup parent is checked now: Start must not fail on it.
+        let cgroup = match &self.config.cgroups {
+            Some(cgroups) => {
+                let parent = pod.as_ref().map_or("", |p| p.config.cgroup_parent.as_str());
+                Some(cgroups.group_of(&req.id, parent).map_err(|e| {
+                    SandboxError::InvalidArgument {
+                        field: "options.linux.cgroup_parent",
+                        reason: error_chain(&e),
+                    }
+                })?)
+            }
+            None => None,
+        };
 
         let mut record = SandboxRecord::new(req.id.clone(), SystemTime::now());
         record.sandboxer = req.sandboxer;
@@ -184,6 +201,7 @@ impl<B: VmBackend> SandboxService<B> {
         record.annotations = req.annotations;
         record.options = req.options;
         record.vm = vm;
+        record.cgroup = cgroup;
         if let Some(pod) = pod {
             record.labels.extend(pod.labels);
             // The engine's own annotations win over the pod config's.
@@ -229,6 +247,8 @@ impl<B: VmBackend> SandboxService<B> {
             self.admit_fds(&record.id, map.len())?;
             map.insert(record.id.clone(), Arc::clone(&entry));
         }
+        // What a daemon that crashed may have left of an earlier sandbox of this id.
+        self.remove_cgroup_now(&record);
         let id = record.id.clone();
         let store = self.store.clone();
         let persisted = tokio::task::spawn_blocking(move || {
@@ -244,6 +264,29 @@ impl<B: VmBackend> SandboxService<B> {
             return Err(e);
         }
         info!(sandbox_id = %id, vcpus = vm.vcpus, mem_mib = vm.mem_mib, "sandbox created");
+        Ok(())
+    }
+
+    /// Refuses a sandbox whose VM has more than `[limits] max_sandbox_vcpus` vCPUs, or whose
+    /// CPU limit asks for more CPUs than that (`INVALID_ARGUMENT` naming the field).
+    pub(super) fn admit_cpus(&self, vcpus: u8, cpu: &CpuLimit) -> Result<(), SandboxError> {
+        let most = u64::from(self.config.limits.max_sandbox_vcpus);
+        if most == 0 {
+            return Ok(());
+        }
+        let (field, want) = match cpu.cpus() {
+            Some(cpus) if cpus > most => ("options.linux.resources.cpu_quota", cpus),
+            _ => ("vm.vcpus", u64::from(vcpus)),
+        };
+        if want > most {
+            return Err(SandboxError::InvalidArgument {
+                field,
+                reason: format!(
+                    "the sandbox would have {want} CPUs, more than limits.max_sandbox_vcpus \
+                     ({most})"
+                ),
+            });
+        }
         Ok(())
     }
 
@@ -312,6 +355,16 @@ impl<B: VmBackend> SandboxService<B> {
         let t_start = Instant::now();
         let op = self.lock(&id).await?;
         let entry = op.entry();
+        // The limit may have been lowered (a restart with a new config) since Create.
+        let vcpus = entry.with(|d| d.record.vm.vcpus);
+        let most = self.config.limits.max_sandbox_vcpus;
+        if most > 0 && u32::from(vcpus) > most {
+            return Err(SandboxError::OverBudget {
+                id,
+                limit: "max_sandbox_vcpus",
+                reason: format!("its VM has {vcpus} vCPUs, more than {most}"),
+            });
+        }
         let record = entry.with(|d| {
             d.record.transition(SandboxState::Starting, "start")?;
             Ok::<_, SandboxError>(d.record.clone())
@@ -428,6 +481,15 @@ impl<B: VmBackend> SandboxService<B> {
             agent_ready_timeout: Duration::from_millis(vm.agent_ready_timeout_ms),
             nics,
             template: self.config.templates && pod::template_allowed(&record.annotations),
+            cgroup: match (&self.config.cgroups, &record.cgroup) {
+                (Some(cgroups), Some(group)) => Some(CgroupPlacement {
+                    cgroups: cgroups.clone(),
+                    group: group.clone(),
+                    // Checked at Create and Update.
+                    limit: pod::cpu_limit(pod).unwrap_or_default(),
+                }),
+                _ => None,
+            },
         }
     }
 
@@ -460,7 +522,29 @@ impl<B: VmBackend> SandboxService<B> {
             None => Ok(false),
         };
         entry.notify();
+        self.remove_cgroup(entry).await;
         saved
+    }
+
+    /// Removes the sandbox's CPU cgroup once the threads of its ended VM have left it (up to
+    /// [`REMOVE_WAIT`]). A failure is logged, never returned: the sandbox has ended either way,
+    /// and the next Create of its id or the next daemon start removes what is left.
+    async fn remove_cgroup(&self, entry: &Entry) {
+        let (id, group) = entry.with(|d| (d.record.id.clone(), d.record.cgroup.clone()));
+        let (Some(cgroups), Some(group)) = (self.config.cgroups.clone(), group) else {
+            return;
+        };
+        let removed =
+            tokio::task::spawn_blocking(move || cgroups.remove(&group, REMOVE_WAIT)).await;
+        match removed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => warn!(
+                sandbox_id = %id,
+                error = %error_chain(&e),
+                "cannot remove the sandbox's CPU cgroup"
+            ),
+            Err(e) => warn!(sandbox_id = %id, error = %e, "cgroup removal task failed"),
+        }
     }
 
     /// Records a VM's end when it ends by itself (guest shutdown, crash).
@@ -583,6 +667,8 @@ impl<B: VmBackend> SandboxService<B> {
             (SandboxState::Stopped | SandboxState::Failed | SandboxState::Deleted, _) => {}
         }
         entry.notify();
+        // The VM has ended: its threads leave its CPU cgroup.
+        self.remove_cgroup(entry).await;
         // The Task endpoint goes first: it detaches its slots and drops its images.
         let task = entry.with(|d| d.task.take());
         if let Some(task) = task {

@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use devices::sync::Recover;
 
 use crate::backend::{BackendError, VmBackend};
+use crate::cgroup::CpuCgroups;
 use crate::config::{Config, LimitsConfig, VmDefaults};
 use crate::error::SandboxError;
 use crate::nofile::FdBudget;
@@ -79,6 +80,9 @@ pub struct ServiceConfig {
     pub task_host_paths: Vec<PathBuf>,
     /// The node's budget.
     pub limits: LimitsConfig,
+    /// The sandboxes' CPU cgroups; `None` runs every VM in the daemon's cgroup. Not read from
+    /// [`Config`]: finding and preparing them touches the host ([`CpuCgroups::from_config`]).
+    pub cgroups: Option<CpuCgroups>,
 }
 
 impl ServiceConfig {
@@ -95,6 +99,7 @@ impl ServiceConfig {
             templates: c.template.enabled,
             task_host_paths: c.task.host_paths,
             limits: c.limits,
+            cgroups: None,
         }
     }
 }
@@ -115,6 +120,7 @@ impl From<&Config> for ServiceConfig {
             templates: c.template.enabled,
             task_host_paths: c.task.host_paths.clone(),
             limits: c.limits.clone(),
+            cgroups: None,
         }
     }
 }
@@ -318,6 +324,7 @@ impl<B: VmBackend> SandboxService<B> {
                         reason: "the VM ended with the previous sandboxer process".into(),
                     });
                     self.store.save(&record)?;
+                    self.remove_cgroup_now(&record);
                     report.lost.push(id.clone());
                 }
                 SandboxState::Created | SandboxState::Stopped | SandboxState::Failed => {}
@@ -329,6 +336,20 @@ impl<B: VmBackend> SandboxService<B> {
             report.restored += 1;
         }
         Ok(report)
+    }
+
+    /// Removes the CPU cgroup of a sandbox whose VM is gone, without waiting: a cgroup still
+    /// in use is logged and left.
+    fn remove_cgroup_now(&self, record: &SandboxRecord) {
+        if let (Some(cgroups), Some(group)) = (&self.config.cgroups, &record.cgroup)
+            && let Err(e) = cgroups.remove(group, Duration::ZERO)
+        {
+            tracing::warn!(
+                sandbox_id = %record.id,
+                error = %crate::error_chain(&e),
+                "cannot remove the sandbox's CPU cgroup"
+            );
+        }
     }
 
     fn get(&self, id: &str) -> Result<Arc<Entry>, SandboxError> {
@@ -464,11 +485,16 @@ impl<B: VmBackend> SandboxService<B> {
             op: "read metrics of",
         };
         let vm = vm.ok_or_else(not_ready)?;
-        let metrics = match vm.metrics().await {
+        let mut metrics = match vm.metrics().await {
             Ok(m) => m,
             Err(BackendError::NotRunning) => return Err(not_ready()),
             Err(e) => return Err(SandboxError::Backend(id.to_string(), e)),
         };
+        if let (Some(cgroups), Some(group)) = (&self.config.cgroups, &record.cgroup) {
+            metrics.host_cpu_usage_us = cgroups
+                .usage(group)
+                .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        }
         // The pod's cgroup statistics when the agent has them (what engines expect), else the
         // VM's own figures.
         let data = match metrics.pod.clone() {

@@ -10,6 +10,7 @@ use tracing::info;
 
 use super::{SandboxInfo, SandboxService};
 use crate::backend::VmBackend;
+use crate::cgroup::CpuLimit;
 use crate::error::SandboxError;
 use crate::sandbox::{SandboxRecord, SandboxState, StoredAny};
 
@@ -56,12 +57,68 @@ impl<B: VmBackend> SandboxService<B> {
         } else {
             fields
         };
+        let before = record.updated_resources.clone();
         for field in &fields {
             apply_update_field(&mut record, &sandbox, field)?;
+        }
+        if record.updated_resources != before {
+            self.update_cpu(&mut record).await?;
         }
         record.updated_at = SystemTime::now();
         self.commit(&op, record).await?;
         info!(sandbox_id = %id, ?fields, "sandbox updated");
+        Ok(())
+    }
+}
+
+impl<B: VmBackend> SandboxService<B> {
+    /// Takes the CPU limit of containerd's `updated-resources` (`Resources.cpu_quota`,
+    /// `cpu_period`, `cpu_shares`) into the record's pod config and applies it to the running
+    /// sandbox's CPU cgroup. Refuses a limit beyond `[limits] max_sandbox_vcpus`.
+    async fn update_cpu(&self, record: &mut SandboxRecord) -> Result<(), SandboxError> {
+        const FIELD: &str = "sandbox.extensions[updated-resources]";
+        let Some(res) = record
+            .updated_resources
+            .as_ref()
+            .and_then(|v| v.get("Resources"))
+            .filter(|r| r.is_object())
+        else {
+            return Ok(());
+        };
+        let get = |key: &str| {
+            res.get(key)
+                .and_then(serde_json::Value::as_i64)
+                .unwrap_or(0)
+        };
+        let (quota, period, shares) = (get("cpu_quota"), get("cpu_period"), get("cpu_shares"));
+        let limit = CpuLimit::from_cri(quota, period, shares).map_err(|reason| {
+            SandboxError::InvalidArgument {
+                field: FIELD,
+                reason,
+            }
+        })?;
+        self.admit_cpus(record.vm.vcpus, &limit)
+            .map_err(|e| match e {
+                SandboxError::InvalidArgument { reason, .. } => SandboxError::InvalidArgument {
+                    field: FIELD,
+                    reason,
+                },
+                other => other,
+            })?;
+        let pod = record.pod.get_or_insert_with(Default::default);
+        pod.cpu_quota = quota;
+        pod.cpu_period = period;
+        pod.cpu_shares = shares;
+        if let (SandboxState::Ready, Some(cgroups), Some(group)) =
+            (record.state, &self.config.cgroups, &record.cgroup)
+        {
+            let (cgroups, group) = (cgroups.clone(), group.clone());
+            tokio::task::spawn_blocking(move || cgroups.set_limit(&group, &limit))
+                .await
+                .map_err(|e| SandboxError::Task(record.id.clone(), e))?
+                .map_err(|e| SandboxError::Cgroup(record.id.clone(), e))?;
+            info!(sandbox_id = %record.id, cpu_max = %limit.cpu_max(), "CPU limit updated");
+        }
         Ok(())
     }
 }
