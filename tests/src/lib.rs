@@ -22,15 +22,25 @@ pub mod procstat {
 
     /// Open file descriptors of this process.
     pub fn fd_count() -> usize {
-        fs::read_dir("/proc/self/fd").map_or(0, Iterator::count)
+        fd_count_of("self")
+    }
+
+    /// Open file descriptors of process `pid` (a number, or `self`).
+    pub fn fd_count_of(pid: &str) -> usize {
+        fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
     }
 
     /// Open file descriptors of this process by kind: what each links to, with what differs
     /// between instances of a kind taken out (`socket:[123]` -> `socket`, `anon_inode:kvm-vcpu:0`
     /// -> `anon_inode:kvm-vcpu`, a file -> `file:<its name>`).
     pub fn fd_kinds() -> BTreeMap<String, usize> {
+        fd_kinds_of("self")
+    }
+
+    /// [`fd_kinds`] of process `pid` (a number, or `self`).
+    pub fn fd_kinds_of(pid: &str) -> BTreeMap<String, usize> {
         let mut kinds = BTreeMap::new();
-        let Ok(dir) = fs::read_dir("/proc/self/fd") else {
+        let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fd")) else {
             return kinds;
         };
         for entry in dir.flatten() {
@@ -87,14 +97,24 @@ pub mod procstat {
 
     /// Threads of this process.
     pub fn thread_count() -> usize {
-        status_field("Threads:")
+        thread_count_of("self")
+    }
+
+    /// Threads of process `pid` (a number, or `self`).
+    pub fn thread_count_of(pid: &str) -> usize {
+        status_field_of(pid, "Threads:")
             .and_then(|n| usize::try_from(n).ok())
             .unwrap_or(0)
     }
 
     /// Resident set size in KiB.
     pub fn rss_kib() -> u64 {
-        status_field("VmRSS:").unwrap_or(0)
+        rss_kib_of("self")
+    }
+
+    /// Resident set size of process `pid` (a number, or `self`) in KiB.
+    pub fn rss_kib_of(pid: &str) -> u64 {
+        status_field_of(pid, "VmRSS:").unwrap_or(0)
     }
 
     /// Memory mappings of this process.
@@ -120,7 +140,11 @@ pub mod procstat {
     }
 
     fn status_field(name: &str) -> Option<u64> {
-        let status = fs::read_to_string("/proc/self/status").ok()?;
+        status_field_of("self", name)
+    }
+
+    fn status_field_of(pid: &str, name: &str) -> Option<u64> {
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let line = status.lines().find(|l| l.starts_with(name))?;
         line.split_whitespace().nth(1)?.parse().ok()
     }

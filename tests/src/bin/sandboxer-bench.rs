@@ -158,6 +158,8 @@ const SCENARIOS: &[Scenario] = &[
             "--seccomp",
             "--templates",
             "--template-pool",
+            "--daemon",
+            "--sandboxer",
         ],
         run: soak::soak,
         internal: false,
@@ -197,7 +199,8 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "--sandboxer",
         "PATH",
         "$SANDBOXER_BIN, else `sandboxer` beside this binary",
-        "the `sandboxer` binary whose `vm run` is timed (cargo build --release --bin sandboxer)",
+        "the `sandboxer` binary whose `vm run` is timed, or soak's `--daemon process` serves \
+         (cargo build --release --bin sandboxer, or tools/devtool dist)",
     ),
     (
         "--idle-secs",
@@ -225,6 +228,13 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "template-start: clients starting sandboxes at once for the Starts-per-second figure; soak: clients running cycles at once",
     ),
     ("--packet-bytes", "N", "4096", "vsock: bytes per packet"),
+    (
+        "--daemon",
+        "in-process|process",
+        "in-process",
+        "soak: the daemon on a runtime of this process, or `sandboxer serve` (--sandboxer) in \
+         its own process, measured through /proc",
+    ),
     (
         "--cycles",
         "N",
@@ -292,6 +302,8 @@ pub(crate) struct Options {
     pub(crate) concurrency: usize,
     pub(crate) plot: Option<std::path::PathBuf>,
     pub(crate) cycles: usize,
+    /// soak: run `sandboxer serve` in its own process instead of in this one.
+    pub(crate) daemon_process: bool,
 }
 
 impl Options {
@@ -312,6 +324,7 @@ impl Options {
             concurrency: 8,
             plot: None,
             cycles: 10_000,
+            daemon_process: false,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -363,6 +376,13 @@ impl Options {
                 "--concurrency" => o.concurrency = number()?.max(1),
                 "--plot" => o.plot = Some(value.into()),
                 "--cycles" => o.cycles = number()?.max(1),
+                "--daemon" => {
+                    o.daemon_process = match value.as_str() {
+                        "in-process" => false,
+                        "process" => true,
+                        _ => bail!("--daemon: {value:?} is not in-process or process"),
+                    }
+                }
                 _ => bail!("unknown option {flag}"),
             }
         }
@@ -377,6 +397,28 @@ impl Options {
             _ => bail!("--alive takes one number here"),
         }
     }
+}
+
+/// The `sandboxer` binary to run: `--sandboxer`, `$SANDBOXER_BIN`, or beside this binary.
+pub(crate) fn sandboxer_binary(o: &Options) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = &o.sandboxer {
+        return Ok(p.clone());
+    }
+    if let Some(p) = std::env::var_os("SANDBOXER_BIN") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe
+        .parent()
+        .map(|d| d.join("sandboxer"))
+        .context("no directory above this binary")?;
+    if !beside.is_file() {
+        bail!(
+            "no sandboxer binary at {} (cargo build --release --bin sandboxer, or --sandboxer PATH)",
+            beside.display()
+        );
+    }
+    Ok(beside)
 }
 
 /// The VMM host every scenario of this process uses (KVM handle, shell pool, live count).

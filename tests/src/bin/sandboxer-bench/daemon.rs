@@ -101,6 +101,174 @@ fn cpu_by_role(
 
 pub(crate) type Client = ControllerClient<Channel>;
 
+/// A daemon's scratch directory on a tmpfs (as the daemon's default /run/sandboxer is on a
+/// standard host; on this development machine /run is not one, so /dev/shm), and the guest
+/// its sandboxes boot: the `virtio` test guest in agent mode, which stands in for the guest
+/// agent. It ignores the initramfs, but the daemon needs one.
+struct Scratch {
+    dir: PathBuf,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    cmdline: String,
+}
+
+impl Scratch {
+    fn new() -> anyhow::Result<Self> {
+        test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
+        let base = if std::path::Path::new("/dev/shm").is_dir() {
+            PathBuf::from("/dev/shm")
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("sandboxer-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let initramfs = dir.join("initramfs.img");
+        std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
+        Ok(Scratch {
+            dir,
+            kernel: Guest::Virtio.elf().to_path_buf(),
+            initramfs,
+            cmdline: test_guests::agent::cmdline(
+                vmm::config::DEFAULT_CMDLINE,
+                &[
+                    test_guests::agent::QUIET,
+                    test_guests::agent::EXIT_ON_SHUTDOWN,
+                ],
+            ),
+        })
+    }
+}
+
+/// `sandboxer serve` from a binary, in a process of its own: what a node runs (for the
+/// shipped binary: static musl, its own allocator), measured from outside through `/proc`.
+pub(crate) struct DaemonProcess {
+    dir: PathBuf,
+    child: Option<std::process::Child>,
+    /// The daemon's pid, as `/proc/<pid>` names it.
+    pub(crate) pid: String,
+    pub(crate) socket: PathBuf,
+}
+
+impl DaemonProcess {
+    /// Starts `bin serve` with the options' guest size and seccomp policy, templates as
+    /// `templates` says, and waits until it listens.
+    pub(crate) fn spawn(
+        o: &Options,
+        bin: &std::path::Path,
+        templates: bool,
+    ) -> anyhow::Result<Self> {
+        let scratch = Scratch::new()?;
+        let dir = scratch.dir;
+        let socket = dir.join("api.sock");
+        let log = std::fs::File::create(dir.join("daemon.log"))?;
+        let seccomp = match o.seccomp {
+            vmm::SeccompPolicy::Enforce => "enforce",
+            vmm::SeccompPolicy::Log => "log",
+            vmm::SeccompPolicy::Off => "off",
+        };
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--seed-socket=")
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .arg("--image-dir")
+            .arg(dir.join("images"))
+            .arg("--kernel")
+            .arg(&scratch.kernel)
+            .arg("--initramfs")
+            .arg(&scratch.initramfs)
+            .arg("--cmdline")
+            .arg(&scratch.cmdline)
+            .arg("--mem-mib")
+            .arg(o.mem_mib.to_string())
+            .args(["--stop-timeout-secs", "1", "--seccomp", seccomp])
+            .args(["--templates", if templates { "true" } else { "false" }])
+            .args(["--log-level", "warn"])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut daemon = DaemonProcess {
+            pid: child.id().to_string(),
+            child: Some(child),
+            dir,
+            socket,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::os::unix::net::UnixStream::connect(&daemon.socket).is_err() {
+            if let Some(child) = daemon.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "{} serve exited with {status} before it listened: {}",
+                    bin.display(),
+                    daemon.log_tail()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} serve never listened: {}",
+                    bin.display(),
+                    daemon.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(daemon)
+    }
+
+    /// The daemon's state directory.
+    pub(crate) fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The last lines the daemon logged.
+    pub(crate) fn log_tail(&self) -> String {
+        let log = std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default();
+        let lines: Vec<&str> = log.lines().collect();
+        lines[lines.len().saturating_sub(10)..].join("\n")
+    }
+
+    /// Stops the daemon with SIGTERM, as systemd does, and checks that it exited cleanly.
+    pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if !status.success() {
+                    bail!("the daemon exited with {status}: {}", self.log_tail());
+                }
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the daemon did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for DaemonProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// The daemon under test, on its own runtime.
 pub(crate) struct Daemon {
     dir: PathBuf,
@@ -123,17 +291,8 @@ impl Daemon {
     /// The daemon, starting sandboxes from VM templates when `templates` is set (and then only
     /// once the default shape's template is ready).
     pub(crate) fn start_with(o: &Options, templates: bool) -> anyhow::Result<Self> {
-        test_guests::kvm_usable().map_err(anyhow::Error::msg)?;
-        // State on a tmpfs, as the daemon's default /run/sandboxer is on a standard host (/run
-        // is a tmpfs under systemd; on this development machine it is not, so use /dev/shm).
-        let base = if std::path::Path::new("/dev/shm").is_dir() {
-            PathBuf::from("/dev/shm")
-        } else {
-            std::env::temp_dir()
-        };
-        let dir = base.join(format!("sandboxer-bench-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)?;
+        let scratch = Scratch::new()?;
+        let dir = scratch.dir.clone();
         let mut config = controller::config::Config {
             state_dir: dir.join("state"),
             stop_timeout_secs: 1,
@@ -141,19 +300,9 @@ impl Daemon {
         };
         config.api.socket = dir.join("api.sock");
         config.api.seed_socket = "".into();
-        // The `virtio` guest's agent mode stands in for the guest agent. It ignores the
-        // initramfs, but the daemon needs one.
-        config.vm.kernel = Guest::Virtio.elf().to_path_buf();
-        config.vm.cmdline = test_guests::agent::cmdline(
-            vmm::config::DEFAULT_CMDLINE,
-            &[
-                test_guests::agent::QUIET,
-                test_guests::agent::EXIT_ON_SHUTDOWN,
-            ],
-        );
-        let initramfs = dir.join("initramfs.img");
-        std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it")?;
-        config.vm.initramfs = initramfs;
+        config.vm.kernel = scratch.kernel;
+        config.vm.cmdline = scratch.cmdline;
+        config.vm.initramfs = scratch.initramfs;
         config.vm.mem_mib = o.mem_mib;
         config.vm.seccomp = match o.seccomp {
             vmm::SeccompPolicy::Enforce => controller::config::Seccomp::Enforce,

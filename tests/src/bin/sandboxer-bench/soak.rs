@@ -1,10 +1,14 @@
 // SPDX-License-Identifier: Apache-2.0
 //! `soak`: `--cycles` Create/Start/Stop/Shutdown cycles of the test guest against the daemon
-//! (in this process) from `--concurrency` clients at once, run in ten rounds. After each round
-//! (every VM torn down, the pools refilled, the runtime's idle blocking threads gone) the
-//! daemon process's fds, threads and RSS are sampled: growth is the last round's sample minus the first's, so what one-time warm-up
-//! allocates does not count and what every cycle leaks does. Then what is left on the host:
-//! entries under the state dir besides the daemon's own, mounts under it, live VMs.
+//! from `--concurrency` clients at once, run in ten rounds. The daemon runs on a runtime of
+//! this process (`--daemon in-process`, the default) or as `sandboxer serve` in its own process
+//! (`--daemon process`: the binary a node runs, e.g. the static musl one of `tools/devtool
+//! dist`, with its own allocator and nothing of the benchmark's client in its RSS). After each
+//! round (every VM torn down, the pools refilled, the runtime's idle blocking threads gone) the
+//! daemon process's fds, threads and RSS are sampled: growth is the last round's sample minus
+//! the first's, so what one-time warm-up allocates does not count and what every cycle leaks
+//! does. Then what is left on the host: entries under the state dir besides the daemon's own,
+//! mounts under it, live VMs.
 //!
 //! Every cycle's calls are checked; a failed call counts as an error (the first few are
 //! printed) and the cycle's sandbox is shut down.
@@ -14,8 +18,8 @@ use std::time::{Duration, Instant};
 use integration_tests::{dir_entries, procstat};
 use serde_json::json;
 
-use crate::daemon::{Daemon, client_runtime, create_start, remove};
-use crate::{Options, vmm_host};
+use crate::daemon::{Daemon, DaemonProcess, client_runtime, create_start, remove};
+use crate::{Options, sandboxer_binary, vmm_host};
 
 /// Rounds the cycles are split into (growth is measured from the first to the last).
 const ROUNDS: usize = 10;
@@ -46,12 +50,104 @@ fn rss_trend_kib(samples: &[Sample]) -> f64 {
     num / den
 }
 
-fn sample() -> Sample {
-    Sample {
-        fds: procstat::fd_count(),
-        threads: procstat::thread_count(),
-        rss_kib: procstat::rss_kib(),
+/// The daemon under soak: in this process, or in its own.
+enum Target {
+    InProcess(Daemon),
+    Process(DaemonProcess),
+}
+
+impl Target {
+    fn start(o: &Options) -> anyhow::Result<Self> {
+        Ok(if o.daemon_process {
+            Target::Process(DaemonProcess::spawn(o, &sandboxer_binary(o)?, o.templates)?)
+        } else {
+            Target::InProcess(Daemon::start_with(o, o.templates)?)
+        })
     }
+
+    fn pid(&self) -> &str {
+        match self {
+            Target::InProcess(_) => "self",
+            Target::Process(d) => &d.pid,
+        }
+    }
+
+    fn socket(&self) -> std::path::PathBuf {
+        match self {
+            Target::InProcess(d) => d.socket.clone(),
+            Target::Process(d) => d.socket.clone(),
+        }
+    }
+
+    fn state_dir(&self) -> std::path::PathBuf {
+        match self {
+            Target::InProcess(d) => d.state_dir(),
+            Target::Process(d) => d.state_dir(),
+        }
+    }
+
+    fn sample(&self) -> Sample {
+        let pid = self.pid();
+        Sample {
+            fds: procstat::fd_count_of(pid),
+            threads: procstat::thread_count_of(pid),
+            rss_kib: procstat::rss_kib_of(pid),
+        }
+    }
+
+    /// Waits until every VM of the round is torn down and the pools are refilled, then for
+    /// the runtime's idle blocking threads to exit (after BLOCKING_KEEP_ALIVE). In process the
+    /// VMM host says when; from outside, the daemon's fd and thread counts must hold still for
+    /// a second (up to a minute).
+    fn settle(&self) {
+        let keep_alive = controller::server::BLOCKING_KEEP_ALIVE + Duration::from_millis(500);
+        match self {
+            Target::InProcess(_) => {
+                vmm_host().wait_all_torn_down(Duration::from_secs(60));
+                vmm_host().wait_pool_full(Duration::from_secs(30));
+                std::thread::sleep(keep_alive);
+            }
+            Target::Process(_) => {
+                std::thread::sleep(keep_alive);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let mut last = (0, 0);
+                let mut still = 0;
+                while still < 4 && Instant::now() < deadline {
+                    let s = self.sample();
+                    if (s.fds, s.threads) == last {
+                        still += 1;
+                    } else {
+                        (last, still) = ((s.fds, s.threads), 0);
+                    }
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        }
+    }
+
+    /// VMs alive: in process, the VMM host's count; from outside, the daemon's KVM VM fds
+    /// beyond `baseline` (what it held, pooled shells included, once settled at the start).
+    fn live_vms(&self, baseline: usize) -> usize {
+        match self {
+            Target::InProcess(_) => vmm_host().live_vms(),
+            Target::Process(d) => kvm_vm_fds(&d.pid).saturating_sub(baseline),
+        }
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        match self {
+            Target::InProcess(d) => d.stop(),
+            Target::Process(d) => d.stop(),
+        }
+    }
+}
+
+/// The KVM VM fds process `pid` holds.
+fn kvm_vm_fds(pid: &str) -> usize {
+    procstat::fd_kinds_of(pid)
+        .get("anon_inode:kvm-vm")
+        .copied()
+        .unwrap_or(0)
 }
 
 /// What the daemon keeps in its state dir besides the sandboxes' directories.
@@ -62,10 +158,15 @@ fn own_entry(name: &str) -> bool {
 pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     let cycles = o.cycles.max(ROUNDS);
     let clients = o.concurrency;
-    let daemon = Daemon::start_with(o, o.templates)?;
+    let daemon = Target::start(o)?;
     let rt = client_runtime()?;
-    let socket = daemon.socket.clone();
+    let socket = daemon.socket();
     let state = daemon.state_dir();
+    daemon.settle();
+    let vm_fds_at_start = match &daemon {
+        Target::InProcess(_) => 0,
+        Target::Process(d) => kvm_vm_fds(&d.pid),
+    };
 
     let t0 = Instant::now();
     let mut samples = Vec::with_capacity(ROUNDS);
@@ -114,12 +215,8 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
                 shown.push(f);
             }
         }
-        vmm_host().wait_all_torn_down(Duration::from_secs(60));
-        vmm_host().wait_pool_full(Duration::from_secs(30));
-        // Idle blocking-pool threads exit after BLOCKING_KEEP_ALIVE: what is left after it is
-        // what the daemon keeps.
-        std::thread::sleep(controller::server::BLOCKING_KEEP_ALIVE + Duration::from_millis(500));
-        samples.push(sample());
+        daemon.settle();
+        samples.push(daemon.sample());
         eprintln!(
             "soak: round {}/{ROUNDS}: {} cycles, {errors} errors so far, {} fds, {} threads, {} KiB RSS",
             round + 1,
@@ -137,12 +234,19 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
         .filter(|n| !own_entry(n))
         .chain(dir_entries(&state.join(controller::store::SANDBOXES_DIR)))
         .collect();
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+    let mounts = std::fs::read_to_string(format!("/proc/{}/mountinfo", daemon.pid()))
         .unwrap_or_default()
         .lines()
         .filter(|l| l.contains(&*state.to_string_lossy()))
         .count();
-    let live_vms = vmm_host().live_vms();
+    let live_vms = daemon.live_vms(vm_fds_at_start);
+    let daemon_kind = match &daemon {
+        Target::InProcess(_) => "in this process (glibc, the client beside it)".to_owned(),
+        Target::Process(_) => format!(
+            "`{} serve` in its own process",
+            sandboxer_binary(o)?.display()
+        ),
+    };
     daemon.stop()?;
 
     let (first, last) = (samples[0], samples[ROUNDS - 1]);
@@ -156,7 +260,8 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
     let trend = rss_trend_kib(&samples[1..]) * 1000.0 / per_round.max(1) as f64;
     println!(
         "soak: {done} Create/Start/Stop/Shutdown cycles of test guest \"virtio\" (agent mode, {} \
-         MiB, templates {}) from {clients} concurrent clients in {:.1} s ({:.0} cycles/s)",
+         MiB, templates {}) from {clients} concurrent clients in {:.1} s ({:.0} cycles/s); the \
+         daemon: {daemon_kind}",
         o.mem_mib,
         o.templates,
         wall.as_secs_f64(),
@@ -182,6 +287,7 @@ pub(crate) fn soak(o: &Options) -> anyhow::Result<()> {
         "cycles": done,
         "concurrency": clients,
         "templates": o.templates,
+        "daemon": if o.daemon_process { "process" } else { "in-process" },
         "mem_mib": o.mem_mib,
         "wall_s": wall.as_secs_f64(),
         "errors": errors,

@@ -25,7 +25,7 @@ use serde_json::json;
 use test_guests::Guest;
 use vmm::{Vm, VmConfig};
 
-use crate::{Options, plot, vmm_host};
+use crate::{Options, plot, sandboxer_binary, vmm_host};
 
 /// What the `quick` guest prints (then it triple faults).
 const QUICK_LINE: &str = "quick: bye";
@@ -299,28 +299,6 @@ struct ProcRun {
     /// `sandboxer vm run` only: its own KVM-open and `Vm::start` times (stderr).
     kvm_open: Option<Duration>,
     startup: Option<Duration>,
-}
-
-/// The `sandboxer` binary to time: `--sandboxer`, `$SANDBOXER_BIN`, or beside this binary.
-fn sandboxer_binary(o: &Options) -> anyhow::Result<PathBuf> {
-    if let Some(p) = &o.sandboxer {
-        return Ok(p.clone());
-    }
-    if let Some(p) = std::env::var_os("SANDBOXER_BIN") {
-        return Ok(p.into());
-    }
-    let exe = std::env::current_exe()?;
-    let beside = exe
-        .parent()
-        .map(|d| d.join("sandboxer"))
-        .context("no directory above this binary")?;
-    if !beside.is_file() {
-        bail!(
-            "no sandboxer binary at {} (cargo build --release --bin sandboxer, or --sandboxer PATH)",
-            beside.display()
-        );
-    }
-    Ok(beside)
 }
 
 /// A child's exit status and resource use, from `wait4(2)`.
