@@ -21,10 +21,12 @@ use std::time::{Duration, Instant};
 use common::{V2Client, expect_code, pod_options};
 use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerMetricsRequest, ControllerShutdownRequest,
-    ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
+    ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest,
+    ControllerUpdateRequest, ControllerWaitRequest,
 };
 use controller::backend::template::Templates;
 use controller::backend::{BackendError, KvmBackend, VmBackend, VmExitKind, VmSpec};
+use controller::cgroup::{CpuCgroups, CpuLimit, REMOVE_WAIT};
 use controller::config::Config;
 use controller::pod::GuestSetup;
 use test_guests::{Guest, agent, require_kvm};
@@ -989,4 +991,256 @@ async fn metrics_endpoint_shows_sandboxes_starts_and_exits() {
     assert_eq!(status, "HTTP/1.1 404 Not Found");
     d.shutdown("m1").await;
     d.finish().await;
+}
+
+/// The cgroup v1 parent of the cgroup tests' sandboxes (v2 has a fixed layout).
+const TEST_CGROUP_PARENT: &str = "sandboxer-test";
+
+/// The host's sandbox cgroups, or `None` (a loud skip) where none is usable (not root, no cpu
+/// controller); with `SANDBOXER_REQUIRE_ROOT=1` that fails instead.
+fn test_cgroups() -> Option<CpuCgroups> {
+    match CpuCgroups::probe(Path::new(TEST_CGROUP_PARENT)) {
+        Ok(cgroups) => Some(cgroups),
+        Err(e) => {
+            let why = controller::error_chain(&e);
+            assert!(
+                std::env::var("SANDBOXER_REQUIRE_ROOT").as_deref() != Ok("1"),
+                "cgroups are required (SANDBOXER_REQUIRE_ROOT=1) but {why}"
+            );
+            eprintln!("SKIP {}: {why}", module_path!());
+            None
+        }
+    }
+}
+
+/// A CRI pod config whose CPU limit is `quota` us per 100 ms.
+fn cpu_pod(quota: i64) -> prost_types::Any {
+    use prost::Message;
+    use proto::cri::v1 as cri;
+    let config = cri::PodSandboxConfig {
+        linux: Some(cri::LinuxPodSandboxConfig {
+            resources: Some(cri::LinuxContainerResources {
+                cpu_period: 100_000,
+                cpu_quota: quota,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    prost_types::Any {
+        type_url: "runtime.v1.PodSandboxConfig".into(),
+        value: config.encode_to_vec(),
+    }
+}
+
+/// The host thread ids of `id`'s VM, as `sandboxer ps --json` lists them.
+async fn vm_threads(d: &KvmDaemon, id: &str) -> Vec<u32> {
+    let socket = d.dir.path().join("api.sock");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sandboxer"))
+            .args(["ps", "--json", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sandbox = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == id)
+        .unwrap_or_else(|| panic!("{id} not in {list}"));
+    sandbox["thread_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| u32::try_from(t.as_u64().unwrap()).unwrap())
+        .collect()
+}
+
+/// The CPU cgroup the record of `id` names.
+async fn record_cgroup(d: &mut KvmDaemon, id: &str) -> PathBuf {
+    let extra = d
+        .client
+        .status(ControllerStatusRequest {
+            sandbox_id: id.into(),
+            verbose: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .extra
+        .unwrap();
+    let record: serde_json::Value = serde_json::from_slice(&extra.value).unwrap();
+    PathBuf::from(record["cgroup"].as_str().unwrap())
+}
+
+/// Every thread of a sandbox's VM (vCPU and VMM thread, booted or cloned from a template) runs
+/// in the sandbox's CPU cgroup with the pod's quota; Update changes the quota of the running
+/// sandbox; Stop and Shutdown remove the cgroup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandboxs_vm_threads_run_in_its_cpu_cgroup_with_the_pods_limit() {
+    require_kvm!();
+    let Some(cgroups) = test_cgroups() else {
+        return;
+    };
+    let _serial = SERIAL.lock().await;
+    let mut d = daemon_with(
+        Guest::Virtio,
+        agent_cmdline(&[]),
+        |c| {
+            c.cgroup.enabled = Some(true);
+            c.cgroup.parent = TEST_CGROUP_PARENT.into();
+        },
+        true,
+    )
+    .await;
+    let mut groups = Vec::new();
+    // One boots its VM (the pod opts out of templates), one is a clone of the template.
+    for (id, quota, template) in [("booted", 20_000, "false"), ("cloned", 50_000, "true")] {
+        d.client
+            .create(ControllerCreateRequest {
+                sandbox_id: id.into(),
+                options: Some(cpu_pod(quota)),
+                annotations: [(
+                    controller::pod::TEMPLATE_ANNOTATION.to_string(),
+                    template.to_string(),
+                )]
+                .into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        d.start(id).await.unwrap();
+        let group = record_cgroup(&mut d, id).await;
+        assert!(group.ends_with(id), "{}", group.display());
+        let mut tids = vm_threads(&d, id).await;
+        assert_eq!(tids.len(), 2, "{id}: {tids:?}");
+        for tid in &tids {
+            let cgroup = std::fs::read_to_string(format!("/proc/self/task/{tid}/cgroup")).unwrap();
+            let want = format!("/{}", group.display());
+            assert!(
+                cgroup.lines().any(|l| l.ends_with(&want)),
+                "{id}: thread {tid} is not in {want}:\n{cgroup}"
+            );
+        }
+        let mut inside = cgroups.threads(&group).unwrap();
+        inside.sort_unstable();
+        tids.sort_unstable();
+        assert_eq!(
+            inside, tids,
+            "{id}: the cgroup holds exactly the VM's threads"
+        );
+        assert_eq!(cgroups.cpu_max(&group).unwrap(), format!("{quota} 100000"));
+        groups.push(group);
+    }
+    assert_eq!(
+        phases(&mut d, "cloned").await["agent_ready"],
+        0,
+        "not a clone"
+    );
+    assert!(
+        phases(&mut d, "booted").await["agent_ready"] > 0,
+        "not booted"
+    );
+
+    // Update: containerd's updated-resources with a new quota.
+    let resources = serde_json::json!({"Resources": {"cpu_period": 100_000, "cpu_quota": 30_000}});
+    d.client
+        .update(ControllerUpdateRequest {
+            sandbox_id: "booted".into(),
+            sandboxer: String::new(),
+            sandbox: Some(containerd_client::types::Sandbox {
+                sandbox_id: "booted".into(),
+                extensions: [(
+                    "updated-resources".to_string(),
+                    prost_types::Any {
+                        type_url: "io.containerd.cri.v1.UpdatedResources".into(),
+                        value: serde_json::to_vec(&resources).unwrap(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            fields: vec!["extensions.updated-resources".into()],
+        })
+        .await
+        .unwrap();
+    assert_eq!(cgroups.cpu_max(&groups[0]).unwrap(), "30000 100000");
+
+    // Stop removes the stopped sandbox's cgroup; Shutdown of a running one removes its own.
+    d.stop("booted").await;
+    assert!(!cgroups.dir(&groups[0]).exists(), "Stop left the cgroup");
+    d.shutdown("cloned").await;
+    assert!(
+        !cgroups.dir(&groups[1]).exists(),
+        "Shutdown left the cgroup"
+    );
+    d.shutdown("booted").await;
+    d.finish().await;
+}
+
+/// CPU time the threads `tids` of this process have run (`/proc/self/task/<tid>/schedstat`).
+fn threads_cpu(tids: &[u32]) -> Duration {
+    tids.iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/self/task/{t}/schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_nanos)
+        .sum()
+}
+
+/// The limit binds: a guest spinning its vCPU with interrupts off (the hostile test guest's
+/// `spin`), its threads moved into a cgroup with 20% of a CPU, uses at most ~25% of a CPU over
+/// 2 s by the cgroup's own count (the threads' run time where the hierarchy counts none).
+#[test]
+fn a_spinning_guest_gets_no_more_cpu_than_its_quota() {
+    require_kvm!();
+    let Some(cgroups) = test_cgroups() else {
+        return;
+    };
+    let _serial = SERIAL.blocking_lock();
+    let host = vmm::Host::new();
+    let mut config = vmm::VmConfig::new(Guest::Virtio.elf());
+    config.mem_mib = 32;
+    config.cmdline = test_guests::hostile::cmdline(vmm::config::DEFAULT_CMDLINE, "spin");
+    config.devices = vec![vmm::DeviceConfig::Vsock {
+        guest_cid: 3,
+        uds_path: None,
+    }];
+    let vm = vmm::Vm::start(&host, config).unwrap();
+    let group = cgroups.group_of("spin-test", "").unwrap();
+    let limit = CpuLimit::from_cri(20_000, 100_000, 0).unwrap();
+    let mut tids = vm.thread_ids();
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while tids.len() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+        tids = vm.thread_ids();
+    }
+    cgroups.attach(&group, &limit, &tids).unwrap();
+    let attacking = test_guests::hostile::attacking("spin");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !vm.console().contains(&attacking) {
+        assert!(Instant::now() < deadline, "no spin: {}", vm.console());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let used = || cgroups.usage(&group).unwrap_or_else(|| threads_cpu(&tids));
+    let (before, since) = (used(), Instant::now());
+    std::thread::sleep(Duration::from_secs(2));
+    let (after, took) = (used(), since.elapsed());
+    let share = (after - before).as_secs_f64() / took.as_secs_f64();
+    eprintln!("spinning guest under a 20% quota used {share:.3} of a CPU");
+    assert!(share <= 0.25, "{share:.3} of a CPU under a 20% quota");
+    // A guest that did not spin would prove nothing.
+    assert!(share >= 0.1, "{share:.3} of a CPU: the guest does not spin");
+
+    assert_eq!(vm.ended(), None);
+    vm.stop();
+    assert!(vm.wait_torn_down(Duration::from_secs(10)));
+    cgroups.remove(&group, REMOVE_WAIT).unwrap();
+    assert!(!cgroups.dir(&group).exists());
 }

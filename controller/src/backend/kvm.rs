@@ -171,7 +171,9 @@ impl KvmBackend {
                 .map(|v| v.listen(READY_PORT))
                 .unwrap_or_else(|| Err(io::Error::other("the VM has no vsock device")));
             // Its threads into the sandbox's CPU cgroup before the guest boots far.
-            let placed = placement.map_or(Ok(()), |p| p.attach(vcpus, || vm.thread_ids()));
+            let placed = placement.map_or(Ok(()), |p| {
+                p.attach(vcpus, || vm.ended().is_some(), || vm.thread_ids())
+            });
             Ok::<_, vmm::VmError>((vm, listener, placed))
         })
         .await
@@ -238,7 +240,9 @@ impl KvmBackend {
         let (placement, vcpus) = (spec.cgroup.clone(), spec.vcpus);
         let (vm, placed) = tokio::task::spawn_blocking(move || {
             let vm = vmm::Vm::clone_from(&host, &tpl.snapshot, config)?;
-            let placed = placement.map_or(Ok(()), |p| p.attach(vcpus, || vm.thread_ids()));
+            let placed = placement.map_or(Ok(()), |p| {
+                p.attach(vcpus, || vm.ended().is_some(), || vm.thread_ids())
+            });
             Ok::<_, vmm::VmError>((vm, placed))
         })
         .await

@@ -194,24 +194,33 @@ pub struct CgroupPlacement {
 impl CgroupPlacement {
     /// Moves the threads of a VM that just started (`tids`, `vcpus` vCPUs then the VMM
     /// thread) into the cgroup. A thread records its id as it starts: wait briefly for ids
-    /// not there yet.
-    pub fn attach(&self, vcpus: u8, tids: impl Fn() -> Vec<u32>) -> Result<(), BackendError> {
+    /// not there yet. A VM that has `ended` meanwhile has nothing left to place (its start
+    /// reports the end): that is no error.
+    pub fn attach(
+        &self,
+        vcpus: u8,
+        ended: impl Fn() -> bool,
+        tids: impl Fn() -> Vec<u32>,
+    ) -> Result<(), BackendError> {
         let want = usize::from(vcpus) + 1;
         let deadline = std::time::Instant::now() + Duration::from_secs(1);
         let mut ids = tids();
-        while ids.len() < want && std::time::Instant::now() < deadline {
+        while ids.len() < want && !ended() && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
             ids = tids();
         }
-        if ids.len() < want {
-            return Err(BackendError::Cgroup(CgroupError::Unusable(format!(
+        let placed = if ids.len() < want {
+            Err(CgroupError::Unusable(format!(
                 "the VM has {} of its {want} threads",
                 ids.len()
-            ))));
+            )))
+        } else {
+            self.cgroups.attach(&self.group, &self.limit, &ids)
+        };
+        match placed {
+            Err(_) if ended() => Ok(()),
+            other => other.map_err(BackendError::Cgroup),
         }
-        self.cgroups
-            .attach(&self.group, &self.limit, &ids)
-            .map_err(BackendError::Cgroup)
     }
 }
 
