@@ -271,6 +271,10 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args)?;
     init_logging(&config.log_level)?;
     raise_nofile();
+    // Before any other thread exists: every thread and helper program inherits it.
+    vmm::confine_process(config.vm.seccomp.into()).map_err(|e| {
+        anyhow::Error::new(e).context("cannot confine the daemon with its seccomp baseline")
+    })?;
     let host = vmm::Host::new();
     start_shell_pool(&host, &config);
     let runtime = controller::server::runtime("sandboxer")?;

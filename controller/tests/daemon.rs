@@ -93,6 +93,15 @@ async fn daemon_serves_notifies_and_stops_on_sigterm() {
     assert_eq!(recv(&notify), "READY=1");
     // READY means both sockets accept.
     assert!(socket.exists() && seed.exists());
+    // Every thread of the daemon (main, runtime workers, API) runs under the seccomp baseline.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", child.id())).unwrap();
+    let mut threads = 0;
+    for task in tasks {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        assert!(status.contains("Seccomp:\t2\n"), "{status}");
+        threads += 1;
+    }
+    assert!(threads > 1, "{threads} threads");
     let mut c = client(&socket).await;
     c.create(ControllerCreateRequest {
         sandbox_id: "pod".into(),

@@ -208,7 +208,8 @@ impl Vm {
             Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
         };
         let mut device_manager =
-            DeviceManager::new(&vm_fd, &ram.mem, &mut mmio, &mut event_manager);
+            DeviceManager::new(&vm_fd, &ram.mem, &mut mmio, &mut event_manager)
+                .jailing(seccomp != SeccompPolicy::Off);
         if let Source::Clone(snap, _) = &source {
             let wanted = snap.device_types();
             if wanted.len() != device_configs.len() {
@@ -223,6 +224,7 @@ impl Vm {
         device_manager.add_all(device_configs)?;
         let device_cmdline = take(&mut device_manager.cmdline);
         let mut devices = device_manager.devices;
+        let jail_root = devices.jail.take();
         let virtio_time = lap.next();
 
         let boot_entry = match &mut source {
@@ -355,7 +357,12 @@ impl Vm {
         event_manager.add_subscriber(controller.clone());
         let live = host.live_guard();
         let torn_down = live.torn_down();
+        let jail = match jail_root {
+            Some(root) => Some((root, filters.lock(seccomp)?)),
+            None => None,
+        };
         let resources = VmResources {
+            jail,
             ctx,
             _vm_fd: vm_fd,
             _ram: ram,

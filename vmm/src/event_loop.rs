@@ -11,6 +11,7 @@
 
 use std::fs::File;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
@@ -32,11 +33,15 @@ use crate::seccomp::SeccompError;
 use crate::snapshot::{SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
+use seccompiler::BpfProgram;
 
 /// What the VMM thread owns until the VM is torn down. Field order is drop order: the buses
 /// (whose devices' interrupt lines hold the VM fd too), then the VM fd, go before the guest
 /// memory it maps, and the VM counts as live until all of it is gone.
 pub(crate) struct VmResources {
+    /// The directory the VMM thread confines itself to and the filter that locks it in
+    /// ([`crate::seccomp::jail`]), when the VM has a hybrid vsock socket.
+    pub(crate) jail: Option<(PathBuf, Option<Arc<BpfProgram>>)>,
     pub(crate) ctx: VcpuContext,
     pub(crate) _vm_fd: Arc<kvm_ioctls::VmFd>,
     pub(crate) _ram: GuestRam,
@@ -60,6 +65,16 @@ pub(crate) fn vmm_thread(
     if let Err(e) = confined {
         // Without its filter the thread should not serve the guest: end the VM (the loop's
         // next pass sees the exit).
+        log::error!("VMM thread: {e}");
+        resources
+            .ctx
+            .control
+            .report_exit(VmExit::Crashed(e.to_string()));
+    } else if let Some((root, lock)) = &resources.jail
+        && let Err(e) = crate::seccomp::jail(root, lock.as_deref())
+    {
+        // Unjailed, the vsock device's paths (rebased under the jail) would not resolve, and
+        // the thread could reach every socket on the host: end the VM.
         log::error!("VMM thread: {e}");
         resources
             .ctx

@@ -41,7 +41,7 @@ pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
 pub use host::Host;
 pub use kvm::KvmError;
-pub use seccomp::{SeccompError, SeccompPolicy};
+pub use seccomp::{SeccompError, SeccompPolicy, confine_process};
 pub use snapshot::{SnapshotError, VmSnapshot};
 pub use timings::StartupTimings;
 pub use vm::{Vm, VmEnd};

@@ -5,9 +5,10 @@
 //! transport's register writes) and one `vmm` thread (the event loop: virtio queues, the TAP,
 //! the vsock unix sockets, API requests). Both handle bytes a hostile guest chose, so each
 //! installs, as its first act, a filter that lists the system calls it needs; everything else
-//! fails with `EPERM` ([`SeccompPolicy::Enforce`]). The daemon's other threads (gRPC, the Task
-//! endpoint, image building) are not confined: the filter is per thread, installed without
-//! `SECCOMP_FILTER_FLAG_TSYNC`.
+//! fails with `EPERM` ([`SeccompPolicy::Enforce`]). The filter is per thread, installed without
+//! `SECCOMP_FILTER_FLAG_TSYNC`. Under it, the whole process (the daemon's other threads: gRPC,
+//! the Task endpoint, image building) has a baseline ([`confine_process`]): a list of calls no
+//! thread of the daemon makes, each denied.
 //!
 //! One process runs many VMs, so a call a filter misses must not kill the process (and with it
 //! every sandbox): `Enforce` returns `EPERM`, which the calling code handles as any I/O error.
@@ -163,8 +164,12 @@ const VMM_ONLY: &[i64] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
+    // Removing the hybrid vsock socket (`unlinkat` only from the working directory, below).
     libc::SYS_unlink,
-    libc::SYS_unlinkat,
+    // Confining the thread's paths to its sandbox's directory ([`jail`]), once, before the
+    // lock filter forbids both; `unshare` only for `CLONE_FS`, below.
+    libc::SYS_chroot,
+    libc::SYS_chdir,
 ];
 
 /// The `ioctl` requests the lists name, from the kernel's UAPI headers and named as there
@@ -280,6 +285,40 @@ fn rules(role: ThreadRole) -> Result<BTreeMap<i64, Vec<SeccompRule>>, seccompile
     rules.insert(libc::SYS_ioctl, ioctl);
     if role == ThreadRole::Vmm {
         rules.extend(VMM_ONLY.iter().map(|&n| (n, vec![])));
+        // Path calls resolve from the thread's root or working directory, never from a
+        // descriptor: the descriptor table holds every VM's, and a directory among them would
+        // lead out of the jail.
+        let at_fdcwd = u64::from(libc::AT_FDCWD.cast_unsigned());
+        rules.insert(
+            libc::SYS_unlinkat,
+            vec![SeccompRule::new(vec![condition(
+                0,
+                SeccompCmpOp::Eq,
+                at_fdcwd,
+            )?])?],
+        );
+        // [`jail`]: a file-system context of its own, then the lock filter on top (its
+        // `prctl(PR_SET_NO_NEW_PRIVS)` and `seccomp(SECCOMP_SET_MODE_FILTER)`; another filter
+        // can only take away).
+        let only = |arg0: u64| -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+            Ok(vec![SeccompRule::new(vec![condition(
+                0,
+                SeccompCmpOp::Eq,
+                arg0,
+            )?])?])
+        };
+        rules.insert(
+            libc::SYS_unshare,
+            only(u64::from(libc::CLONE_FS.cast_unsigned()))?,
+        );
+        rules.insert(
+            libc::SYS_prctl,
+            only(u64::from(libc::PR_SET_NO_NEW_PRIVS.cast_unsigned()))?,
+        );
+        rules.insert(
+            libc::SYS_seccomp,
+            only(u64::from(libc::SECCOMP_SET_MODE_FILTER))?,
+        );
         let af_unix = u64::from(libc::AF_UNIX.unsigned_abs());
         for call in [libc::SYS_socket, libc::SYS_socketpair] {
             let unix_only = SeccompRule::new(vec![condition(0, SeccompCmpOp::Eq, af_unix)?])?;
@@ -310,6 +349,116 @@ fn build(role: ThreadRole, policy: SeccompPolicy) -> Result<Option<BpfProgram>, 
         .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
+/// What no thread of the daemon, nor a program it runs (`mount`, `umount`, `mkfs.erofs`),
+/// needs, and what code running as root could use to reach past the daemon: other processes'
+/// memory (`ptrace`, `process_vm_*`), the kernel itself (modules, `kexec`, `bpf`,
+/// `perf_event_open`, `userfaultfd`, port I/O, the keyrings, the kernel log), files by handle
+/// past any mount or chroot (`open_by_handle_at`, the classic container escape), the root
+/// file system (`pivot_root`), the clocks, swap, quotas, accounting and reboot.
+const PROCESS_DENIED: &[i64] = &[
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_keyctl,
+    libc::SYS_syslog,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_pivot_root,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_quotactl,
+    libc::SYS_acct,
+    libc::SYS_reboot,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_uselib,
+    libc::SYS_vhangup,
+    libc::SYS_fanotify_init,
+];
+
+/// Confines the whole process, as the daemon's first act: every thread it has (all threads,
+/// `SECCOMP_FILTER_FLAG_TSYNC`), every thread it will create (the runtime's workers, the API,
+/// each VM's threads, which add their own lists on top) and every program it runs (filters are
+/// inherited across `fork` and `execve`) fail the calls of `PROCESS_DENIED` with `EPERM`
+/// ([`SeccompPolicy::Enforce`]), or make them and have the kernel log each one
+/// ([`SeccompPolicy::Log`]). The daemon's own threads do everything else a root daemon does
+/// (files, netlink, namespaces, mounts by its helper programs), so theirs is a list of what is
+/// denied, not of what is allowed.
+pub fn confine_process(policy: SeccompPolicy) -> Result<(), SeccompError> {
+    let matched = match policy {
+        SeccompPolicy::Off => return Ok(()),
+        SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        SeccompPolicy::Log => SeccompAction::Log,
+    };
+    let rules = PROCESS_DENIED.iter().map(|&n| (n, vec![])).collect();
+    let program: BpfProgram =
+        SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
+            .and_then(TryInto::try_into)
+            .map_err(|e| SeccompError::Build(e.to_string()))?;
+    seccompiler::apply_filter_all_threads(&program)
+        .map_err(|e| SeccompError::Install(e.to_string()))
+}
+
+/// What the lock filter of a jailed VMM thread forbids: leaving or changing the jail.
+const JAIL_LOCKED: &[i64] = &[
+    libc::SYS_chroot,
+    libc::SYS_chdir,
+    libc::SYS_fchdir,
+    libc::SYS_unshare,
+];
+
+/// Compiles the lock filter [`jail`] installs (`None` for [`SeccompPolicy::Off`]).
+fn build_lock(policy: SeccompPolicy) -> Result<Option<BpfProgram>, SeccompError> {
+    let matched = match policy {
+        SeccompPolicy::Off => return Ok(None),
+        SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        SeccompPolicy::Log => SeccompAction::Log,
+    };
+    let rules = JAIL_LOCKED.iter().map(|&n| (n, vec![])).collect();
+    SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
+        .and_then(TryInto::try_into)
+        .map(Some)
+        .map_err(|e| SeccompError::Build(e.to_string()))
+}
+
+/// Confines the calling VMM thread's paths to `root` (its sandbox's directory, which holds the
+/// hybrid vsock socket): a file-system context of its own (`unshare(CLONE_FS)`: root and
+/// working directory are per thread from then on), `chroot(root)`, `chdir("/")`, then `lock`
+/// on top of the thread's filter so none of it can be undone. Its `connect`s and `unlink`s
+/// then reach only that directory, not another sandbox's sockets, the daemon's API socket or
+/// containerd's. Needs `CAP_SYS_CHROOT`.
+pub(crate) fn jail(root: &std::path::Path, lock: Option<&BpfProgram>) -> Result<(), SeccompError> {
+    let fail = |what: &str, e: rustix::io::Errno| {
+        SeccompError::Install(format!("{what} for the jail in {}: {e}", root.display()))
+    };
+    #[allow(
+        unsafe_code,
+        reason = "rustix marks unshare unsafe for CLONE_FILES only"
+    )]
+    // SAFETY: only CLONE_FS: the thread gets its own root and working directory; its file
+    // descriptor table stays shared, so every descriptor stays valid on every thread.
+    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+        .map_err(|e| fail("unshare(CLONE_FS)", e))?;
+    rustix::process::chroot(root).map_err(|e| fail("chroot", e))?;
+    rustix::process::chdir("/").map_err(|e| fail("chdir", e))?;
+    install(lock)
+}
+
 /// The compiled filters of one [`crate::Host`], each built on first use.
 #[derive(Debug, Default)]
 pub(crate) struct Filters {
@@ -317,6 +466,8 @@ pub(crate) struct Filters {
     vcpu_log: Slot,
     vmm_enforce: Slot,
     vmm_log: Slot,
+    lock_enforce: Slot,
+    lock_log: Slot,
 }
 
 type Slot = OnceLock<Result<Arc<BpfProgram>, String>>;
@@ -335,15 +486,36 @@ impl Filters {
             (ThreadRole::Vmm, SeccompPolicy::Enforce) => &self.vmm_enforce,
             (ThreadRole::Vmm, SeccompPolicy::Log) => &self.vmm_log,
         };
-        slot.get_or_init(|| match build(role, policy) {
-            Ok(Some(program)) => Ok(Arc::new(program)),
-            Ok(None) => Err("no program for an enforcing policy".into()),
-            Err(e) => Err(e.to_string()),
-        })
-        .as_ref()
-        .map(|p| Some(Arc::clone(p)))
-        .map_err(|e| SeccompError::Build(e.clone()))
+        cached(slot, || build(role, policy))
     }
+
+    /// The lock filter of a jailed VMM thread ([`jail`]) under `policy`.
+    pub(crate) fn lock(
+        &self,
+        policy: SeccompPolicy,
+    ) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+        let slot = match policy {
+            SeccompPolicy::Off => return Ok(None),
+            SeccompPolicy::Enforce => &self.lock_enforce,
+            SeccompPolicy::Log => &self.lock_log,
+        };
+        cached(slot, || build_lock(policy))
+    }
+}
+
+/// The program in `slot`, built by `build` on first use.
+fn cached(
+    slot: &Slot,
+    build: impl FnOnce() -> Result<Option<BpfProgram>, SeccompError>,
+) -> Result<Option<Arc<BpfProgram>>, SeccompError> {
+    slot.get_or_init(|| match build() {
+        Ok(Some(program)) => Ok(Arc::new(program)),
+        Ok(None) => Err("no program for an enforcing policy".into()),
+        Err(e) => Err(e.to_string()),
+    })
+    .as_ref()
+    .map(|p| Some(Arc::clone(p)))
+    .map_err(|e| SeccompError::Build(e.clone()))
 }
 
 /// Installs `filter` on the calling thread (and on the threads it will create, of which there
@@ -457,6 +629,11 @@ mod tests {
         FILTERS.get_or_init(Filters::default).get(role, policy)
     }
 
+    fn filter_lock(policy: SeccompPolicy) -> Option<Arc<BpfProgram>> {
+        static FILTERS: OnceLock<Filters> = OnceLock::new();
+        FILTERS.get_or_init(Filters::default).lock(policy).unwrap()
+    }
+
     /// Runs `f` on a fresh thread confined as `role` under `policy`.
     fn confined<T: Send + 'static>(
         role: ThreadRole,
@@ -473,6 +650,88 @@ mod tests {
 
     fn errno<T>(r: std::io::Result<T>) -> Result<(), Option<i32>> {
         r.map(drop).map_err(|e| e.raw_os_error())
+    }
+
+    /// Set in the child process [`the_process_baseline_denies_its_list`] starts.
+    const BASELINE_CHILD: &str = "SANDBOXER_SECCOMP_BASELINE_CHILD";
+
+    /// `call(nr)` with all-zero arguments: its errno, or 0.
+    fn raw_errno(nr: i64) -> i32 {
+        #[allow(
+            unsafe_code,
+            reason = "a raw system call with null arguments, for its errno"
+        )]
+        // SAFETY: every argument is 0 (null pointers, fd 0, flags 0): the calls tried either
+        // fail on them or only query; none writes memory through them.
+        let r = unsafe { libc::syscall(nr, 0, 0, 0, 0, 0, 0) };
+        if r == -1 {
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+        } else {
+            0
+        }
+    }
+
+    /// The baseline goes on every thread of the process (TSYNC), so it runs in a child
+    /// process: this test binary again, running only this test with [`BASELINE_CHILD`] set.
+    #[test]
+    fn the_process_baseline_denies_its_list() {
+        // Calls that fail on null arguments with an errno other than EPERM for root without
+        // the filter, and so tell the filter's EPERM apart.
+        let probes = [
+            libc::SYS_init_module,       // EFAULT
+            libc::SYS_bpf,               // EINVAL / EFAULT
+            libc::SYS_open_by_handle_at, // EBADF / EFAULT
+            libc::SYS_process_vm_readv,  // ESRCH (pid 0)
+            libc::SYS_perf_event_open,   // EFAULT
+        ];
+        if std::env::var_os(BASELINE_CHILD).is_some() {
+            let before: Vec<i32> = probes.iter().map(|&n| raw_errno(n)).collect();
+            assert!(!before.contains(&libc::EPERM), "{before:?}");
+            // A thread that exists before the filter gets it too (TSYNC).
+            let (go, wait) = std::sync::mpsc::channel::<()>();
+            let older = std::thread::spawn(move || {
+                wait.recv().unwrap();
+                raw_errno(libc::SYS_init_module)
+            });
+            confine_process(SeccompPolicy::Enforce).unwrap();
+            go.send(()).unwrap();
+            assert_eq!(older.join().unwrap(), libc::EPERM);
+            // This thread, and one created after.
+            for &nr in &probes {
+                assert_eq!(raw_errno(nr), libc::EPERM, "call {nr}");
+            }
+            let later = std::thread::spawn(move || probes.map(raw_errno))
+                .join()
+                .unwrap();
+            assert_eq!(later, [libc::EPERM; 5]);
+            // What a daemon thread does is untouched: files, sockets of any family, processes.
+            assert!(
+                std::fs::read_to_string("/proc/self/status")
+                    .unwrap()
+                    .contains("Seccomp:\t2")
+            );
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            assert!(
+                std::process::Command::new("true")
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            return;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::the_process_baseline_denies_its_list",
+            ])
+            .args(["--nocapture", "--test-threads", "1"])
+            .env(BASELINE_CHILD, "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("1 passed"), "the child ran no test: {text}");
     }
 
     #[test]
@@ -544,6 +803,57 @@ mod tests {
         });
         assert_eq!(unix, Ok(()));
         assert_eq!(inet, Err(Some(libc::EPERM)));
+    }
+
+    #[test]
+    fn a_jailed_vmm_thread_reaches_only_its_directory() {
+        let base = std::env::temp_dir().join(format!("sandboxer-jail-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let sandbox = base.join("sandbox");
+        std::fs::create_dir_all(&sandbox).unwrap();
+        let _own = std::os::unix::net::UnixListener::bind(sandbox.join("v.sock_52")).unwrap();
+        let outside = base.join("api.sock");
+        let _api = std::os::unix::net::UnixListener::bind(&outside).unwrap();
+        let victim = base.join("victim");
+        std::fs::write(&victim, b"x").unwrap();
+        // A directory descriptor in the shared table, as another VM's or the daemon's could be.
+        let dir = std::fs::File::open(&base).unwrap();
+        let lock = filter_lock(SeccompPolicy::Enforce);
+        let (root, api) = (sandbox.clone(), outside.clone());
+        let seen = confined(ThreadRole::Vmm, SeccompPolicy::Enforce, move || {
+            jail(&root, lock.as_deref()).unwrap();
+            let errno = |r: rustix::io::Result<()>| r.map_err(|e| e.raw_os_error());
+            [
+                super::tests::errno(std::os::unix::net::UnixStream::connect("/v.sock_52")),
+                // Resolved inside the jail, where it does not exist.
+                super::tests::errno(std::os::unix::net::UnixStream::connect(&api)),
+                super::tests::errno(std::fs::remove_file("/gone")),
+                errno(rustix::fs::unlinkat(
+                    &dir,
+                    "victim",
+                    rustix::fs::AtFlags::empty(),
+                ))
+                .map_err(Some),
+                errno(rustix::process::chroot("/")).map_err(Some),
+                errno(rustix::process::chdir("/")).map_err(Some),
+                errno(rustix::process::fchdir(&dir)).map_err(Some),
+            ]
+        });
+        assert_eq!(
+            seen,
+            [
+                Ok(()),
+                Err(Some(libc::ENOENT)),
+                Err(Some(libc::ENOENT)),
+                Err(Some(libc::EPERM)),
+                Err(Some(libc::EPERM)),
+                Err(Some(libc::EPERM)),
+                Err(Some(libc::EPERM)),
+            ]
+        );
+        // The jail was the thread's own: this one still sees the host's paths.
+        assert!(victim.exists() && outside.exists());
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]

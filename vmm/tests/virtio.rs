@@ -355,6 +355,15 @@ fn guest_connection_to_a_hybrid_listener() {
     let vm = Vm::start(host(), vsock(&uds)).unwrap();
     wait_for(&vm, console::VIRTIO_VSOCK_ECHO_OK);
     assert_has(&vm.console(), "virtio: vsock: cid 42\n");
+    // The VMM thread made that connection jailed in the socket's directory (its root there,
+    // every other thread's still the host's).
+    let vmm_tid = *vm.thread_ids().last().unwrap();
+    let root = |task: &str| std::fs::read_link(format!("/proc/self/task/{task}/root")).unwrap();
+    assert_eq!(root(&vmm_tid.to_string()), dir.canonicalize().unwrap());
+    assert_eq!(
+        root(&rustix::thread::gettid().as_raw_nonzero().to_string()),
+        Path::new("/")
+    );
     // Once a stopped VM is torn down its socket path is free: a VM that follows at once on
     // the same path (a sandbox booting after its clone failed) binds it.
     vm.stop();

@@ -8,7 +8,7 @@
 //! disk. With the vsock device and 8 empty slots of a sandbox that is one EventFd, plus what
 //! the vsock muxer holds (`devices::virtio::vsock`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::sync::Recover;
@@ -152,6 +152,9 @@ pub(crate) struct Devices {
     pub(crate) vsock_device: Option<Arc<Mutex<Vsock<VsockMuxer>>>>,
     /// Every device's transport, in MMIO slot order (what a snapshot saves).
     pub(crate) transports: Vec<Arc<mmio::TransportBus>>,
+    /// The directory the VMM thread is confined to (`seccomp::jail`): the hybrid vsock
+    /// socket's, when [`DeviceManager::jailing`] and the VM has one.
+    pub(crate) jail: Option<PathBuf>,
 }
 
 /// Builds the virtio devices of one VM.
@@ -168,6 +171,8 @@ pub(crate) struct DeviceManager<'a> {
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub(crate) cmdline: String,
     pub(crate) devices: Devices,
+    /// Whether the VMM thread will be jailed in the hybrid vsock socket's directory.
+    jailing: bool,
 }
 
 impl<'a> DeviceManager<'a> {
@@ -186,7 +191,15 @@ impl<'a> DeviceManager<'a> {
             restore: None,
             cmdline: String::new(),
             devices: Devices::default(),
+            jailing: false,
         }
+    }
+
+    /// Jails the VMM thread in the hybrid vsock socket's directory, if the VM gets one: the
+    /// muxer resolves the socket's paths from there ([`VsockMuxer::serve_under`]).
+    pub(crate) fn jailing(mut self, jailing: bool) -> Self {
+        self.jailing = jailing;
+        self
     }
 
     /// Restores every device's transport from `states` (by slot) instead of starting it new.
@@ -232,7 +245,17 @@ impl<'a> DeviceManager<'a> {
                     if guest_cid < 3 {
                         return Err(DeviceError::InvalidCid(guest_cid));
                     }
-                    let muxer = VsockMuxer::new(guest_cid, uds_path).map_err(DeviceError::Vsock)?;
+                    let root = uds_path
+                        .as_deref()
+                        .and_then(Path::parent)
+                        .filter(|dir| self.jailing && !dir.as_os_str().is_empty())
+                        .map(Path::to_path_buf);
+                    let mut muxer =
+                        VsockMuxer::new(guest_cid, uds_path).map_err(DeviceError::Vsock)?;
+                    if let Some(root) = root {
+                        muxer.serve_under(&root).map_err(DeviceError::Vsock)?;
+                        self.devices.jail = Some(root);
+                    }
                     let handle = muxer.handle();
                     let dev = Vsock::new(guest_cid, muxer).map_err(DeviceError::Vsock)?;
                     let dev = self.add(dev)?.dev;

@@ -22,10 +22,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Debug;
-use std::io::{ErrorKind, Read};
+use std::io::{self, ErrorKind, Read};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
@@ -137,6 +138,12 @@ struct PendingHybrid {
 #[derive(Debug)]
 struct HybridUds {
     path: PathBuf,
+    /// The socket's path as the serving thread resolves it: `path`, or its place under the
+    /// directory the thread is confined to ([`VsockMuxer::serve_under`]). Connects to
+    /// `<uds>_<port>` go there.
+    served_path: PathBuf,
+    /// The bound socket's device and inode: the socket file is removed only while it is ours.
+    id: (u64, u64),
     listener: UnixListener,
     pending: HashMap<RawFd, PendingHybrid>,
 }
@@ -203,7 +210,11 @@ impl VsockMuxer {
                 listener
                     .set_nonblocking(true)
                     .map_err(|e| VsockError::BindUds(path.clone(), e))?;
+                let meta =
+                    std::fs::metadata(&path).map_err(|e| VsockError::BindUds(path.clone(), e))?;
                 Some(HybridUds {
+                    served_path: path.clone(),
+                    id: (meta.dev(), meta.ino()),
                     path,
                     listener,
                     pending: HashMap::new(),
@@ -246,6 +257,24 @@ impl VsockMuxer {
                 .map_err(VsockError::EpollCtl)?;
         }
         Ok(muxer)
+    }
+
+    /// Says that the thread serving this muxer runs with `root` as its root directory
+    /// (`chroot`), so the hybrid socket's path-based calls (a guest's connection to host port
+    /// P connects to `<uds>_P`; the socket's removal) resolve there: `root` must hold the
+    /// socket. Without a hybrid socket there is nothing to do.
+    pub fn serve_under(&mut self, root: &Path) -> Result<(), VsockError> {
+        let Some(hybrid) = self.hybrid.as_mut() else {
+            return Ok(());
+        };
+        let inside = hybrid.path.strip_prefix(root).map_err(|_| {
+            VsockError::BindUds(
+                hybrid.path.clone(),
+                io::Error::other(format!("not under {}", root.display())),
+            )
+        })?;
+        hybrid.served_path = Path::new("/").join(inside);
+        Ok(())
     }
 
     /// A handle for the in-process host API; clone it freely. Valid before the VM starts.
@@ -636,7 +665,7 @@ impl VsockMuxer {
             }
         }
         let hybrid = self.hybrid.as_ref()?;
-        let mut path = hybrid.path.clone().into_os_string();
+        let mut path = hybrid.served_path.clone().into_os_string();
         path.push(format!("_{port}"));
         // A unix-socket connect completes or fails at once unless the listener's backlog is
         // full; that host-side stall is accepted (Firecracker does the same).
@@ -871,7 +900,17 @@ impl Drop for VsockMuxer {
         listeners.clear();
         drop(listeners);
         if let Some(hybrid) = &self.hybrid {
-            let _ = std::fs::remove_file(&hybrid.path);
+            // Dropped on the confined serving thread the socket is at `served_path`; anywhere
+            // else (a VM that never ran) at `path`. A file that is not this socket (a
+            // confined path resolved outside the confinement, a socket bound since) stays.
+            for path in [&hybrid.served_path, &hybrid.path] {
+                let ours =
+                    std::fs::symlink_metadata(path).is_ok_and(|m| (m.dev(), m.ino()) == hybrid.id);
+                if ours {
+                    let _ = std::fs::remove_file(path);
+                    break;
+                }
+            }
         }
     }
 }
