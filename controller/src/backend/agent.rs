@@ -282,18 +282,21 @@ pub(super) async fn wait_ready(
         .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600));
     let ready = async {
         let stream = tokio::select! {
-            s = accept_vsock(listener) => {
-                let s = s.map_err(BackendError::Ready)?;
-                s.set_nonblocking(true).map_err(BackendError::Ready)?;
-                tokio::net::UnixStream::from_std(s).map_err(BackendError::Ready)?
-            }
-            s = accept_fallback(fallback) => s.map_err(BackendError::Ready)?,
+            // The end first: a VM's end is recorded before its vsock device goes, so an
+            // accept that failed for that reason must not hide the end (the guest's reason).
+            biased;
             e = wait_end(end) => {
                 return Err(BackendError::EndedBeforeReady {
                     reason: format!("{:?}", e.kind),
                     console: console.clone(),
                 });
             }
+            s = accept_vsock(listener) => {
+                let s = s.map_err(BackendError::Ready)?;
+                s.set_nonblocking(true).map_err(BackendError::Ready)?;
+                tokio::net::UnixStream::from_std(s).map_err(BackendError::Ready)?
+            }
+            s = accept_fallback(fallback) => s.map_err(BackendError::Ready)?,
         };
         read_ready_line(stream).await
     };
