@@ -31,9 +31,13 @@ fn recv(sock: &UnixDatagram) -> String {
     sock.set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
     let mut buf = [0u8; 256];
-    let n = sock
-        .recv(&mut buf)
-        .expect("no notification from the daemon");
+    // A signal to this test process (another test's child ending) interrupts the wait.
+    let n = loop {
+        match sock.recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r.expect("no notification from the daemon"),
+        }
+    };
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 

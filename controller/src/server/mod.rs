@@ -119,71 +119,6 @@ pub fn bind(path: &Path) -> Result<UnixListener, ServerError> {
 /// from until a connection closes (new clients wait in the listen backlog): a client that
 /// opens connections without end takes slots, not the daemon's descriptors.
 pub const MAX_API_CONNECTIONS: usize = 1024;
-/// First pause of the accept loop after an accept failed (out of descriptors, say); doubled at
-/// each failure in a row, up to [`ACCEPT_BACKOFF_MAX`].
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-
-/// The connections of `listener`, each through an [`AuthorityFix`] so that clients which send
-/// the socket path as `:authority` (gRPC C-core, grpc-java, grpcurl) are served too, and each
-/// holding one of the socket's [`MAX_API_CONNECTIONS`] slots.
-///
-/// The accept loop runs as a task of its own and ends when the server drops the stream. A
-/// failed accept (`EMFILE`, `ENFILE`, ...) is logged once per run of failures and retried
-/// after a growing pause: the listener stays readable while the error lasts, and retrying at
-/// once (what the servers do with an error from their stream) would spin a core.
-fn incoming(
-    listener: UnixListener,
-    path: PathBuf,
-) -> impl tokio_stream::Stream<Item = io::Result<AuthorityFix<tokio::net::UnixStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
-    tokio::spawn(async move {
-        let mut backoff = ACCEPT_BACKOFF;
-        let mut failing = false;
-        loop {
-            let accepted = tokio::select! {
-                () = tx.closed() => return,
-                accepted = async {
-                    let slot = Arc::clone(&slots).acquire_owned().await;
-                    (slot, listener.accept().await)
-                } => accepted,
-            };
-            match accepted {
-                (Ok(slot), Ok((stream, _))) => {
-                    if failing {
-                        info!(socket = %path.display(), "accepting connections again");
-                        failing = false;
-                    }
-                    backoff = ACCEPT_BACKOFF;
-                    if tx
-                        .send(Ok(AuthorityFix::new(stream).holding(slot)))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                // The semaphore is never closed.
-                (Err(_), _) => return,
-                (Ok(_), Err(e)) => {
-                    if !failing {
-                        warn!(
-                            socket = %path.display(),
-                            error = %e,
-                            "accept failed; retrying with a pause until it works again"
-                        );
-                        failing = true;
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
-                }
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
 /// Both API servers, running.
 #[derive(Debug)]
 pub struct Servers {
@@ -245,9 +180,17 @@ impl Servers {
         info!(socket = %path.display(), "listening");
         self.tasks.spawn(async move {
             router
-                .serve_with_incoming_shutdown(incoming(listener, path.clone()), async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(
+                    crate::accept::incoming(
+                        listener,
+                        path.clone(),
+                        MAX_API_CONNECTIONS,
+                        |s, slot| AuthorityFix::new(s).holding(slot),
+                    ),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
                 .await
                 .map_err(|e| ServerError::Serve(path, e))
         });

@@ -140,6 +140,10 @@ impl fmt::Debug for TaskServer {
     }
 }
 
+/// Most connections one sandbox's Task API socket keeps open at once (containerd holds a few:
+/// the task client, the streaming client, a shim-style health check).
+pub const MAX_TASK_CONNECTIONS: usize = 128;
+
 impl TaskServer {
     /// Serves the Task API on `socket` (a stale file there is replaced) for the sandbox VM
     /// behind `target`. Call it once the agent is ready.
@@ -160,9 +164,21 @@ impl TaskServer {
         }
         let endpoint = Arc::new(Endpoint::new(target.clone(), &opts, socket));
         let serve_err = |e| TaskError::Serve(socket.to_owned(), e);
+        let listener = tokio::net::UnixListener::bind(socket).map_err(|e| TaskError::Io {
+            op: "bind",
+            path: socket.to_owned(),
+            source: e,
+        })?;
+        // ttrpc's own accept loop retries a failed accept at once (a spinning core while the
+        // daemon is out of descriptors): the daemon's accepts for it (`crate::accept`).
+        let incoming = crate::accept::incoming(
+            listener,
+            socket.to_owned(),
+            MAX_TASK_CONNECTIONS,
+            crate::accept::Slotted::new,
+        );
         let mut server = ttrpc::asynchronous::Server::new()
-            .bind(&format!("unix://{}", socket.display()))
-            .map_err(serve_err)?
+            .add_listener(ttrpc::asynchronous::transport::Listener::new(incoming))
             .register_service(services(endpoint.clone(), target));
         server.start().await.map_err(serve_err)?;
         let events = tokio::spawn(events::run(
