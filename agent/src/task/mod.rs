@@ -37,6 +37,7 @@ pub mod runtime;
 #[cfg(not(feature = "containers"))]
 #[path = "runtime_stub.rs"]
 pub mod runtime;
+pub mod seccomp;
 pub mod stats;
 pub mod stdio;
 pub mod tty;
