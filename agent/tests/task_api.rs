@@ -1428,6 +1428,8 @@ fn set_security(bundle: &Path, seccomp: Option<serde_json::Value>, nnp: bool, ui
     if let Some(s) = seccomp {
         v["linux"]["seccomp"] = s;
     }
+    // /proc/kcore (write_config's) is missing on some kernels; /proc/timer_list is common.
+    v["linux"]["maskedPaths"] = json!(["/proc/kcore", "/proc/timer_list"]);
     v["process"]["noNewPrivileges"] = json!(nnp);
     v["process"]["user"] = json!({"uid": uid, "gid": uid});
     v["process"]["capabilities"] =
@@ -1435,9 +1437,12 @@ fn set_security(bundle: &Path, seccomp: Option<serde_json::Value>, nnp: bool, ui
     std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
 }
 
-/// Prints what the checks below look at: the outcome of `mkdir` and `unshare -U`, and the
-/// capability, seccomp and no_new_privs lines of the shell's own status.
+/// Prints what the checks below look at: the outcome of `mkdir` and `unshare -U`, the size of
+/// the masked `/proc/timer_list`, whether `/proc/sys` (read-only) takes a write, and the capability,
+/// seccomp and no_new_privs lines of the shell's own status.
 const PROBE: &str = "busybox mkdir /tmp/d; echo mkdir=$?; busybox unshare -U true; echo unshare=$?; \
+                     echo masked=$(busybox wc -c < /proc/timer_list); \
+                     (echo x > /proc/sys/kernel/domainname) 2>/dev/null; echo rosys=$?; \
                      while read k v; do case $k in Cap???:|Seccomp:|NoNewPrivs:) echo $k$v;; esac; \
                      done < /proc/self/status";
 
@@ -1482,6 +1487,8 @@ async fn seccomp_profiles_apply() {
     let text = probe(&t, "none", None, true, 0).await;
     assert!(text.contains("mkdir=0\nunshare=0\n"), "{text}");
     assert!(text.contains("NoNewPrivs:1\nSeccomp:0\n"), "{text}");
+    // libcontainer's share of the spec: masked and read-only paths.
+    assert!(text.contains("masked=0\nrosys=1\n"), "{text}");
 
     // A profile denying mkdir with its errno (no_new_privs: installed without privilege).
     let text = probe(&t, "deny", Some(deny_mkdir.clone()), true, 0).await;
@@ -1494,6 +1501,7 @@ async fn seccomp_profiles_apply() {
     // installed with a lent CAP_SYS_ADMIN, and the process ends with exactly the spec's sets.
     let text = probe(&t, "cd-root", Some(containerd.clone()), false, 0).await;
     assert!(text.contains("mkdir=0\n"), "{text}");
+    assert!(text.contains("masked=0\nrosys=1\n"), "{text}");
     assert!(text.contains("unshare=1\n"), "{text}");
     assert!(text.contains("NoNewPrivs:0\nSeccomp:2\n"), "{text}");
     assert!(text.contains(&caps(DEFAULT_CAPS_MASK)), "{text}");
