@@ -7,7 +7,8 @@
 //! signal ([`transport`]), the containerd Task API ([`task`]) and the sandboxer's Control
 //! service ([`control`]). The binary `sandboxer-agent`
 //! (src/main.rs) ties them together.
-// unsafe is denied everywhere but `control::entropy` (two ioctls with no safe wrapper).
+// unsafe is denied everywhere but `control::entropy` (two ioctls with no safe wrapper) and
+// `task::seccomp` (seccomp(2)).
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 

@@ -1396,3 +1396,177 @@ async fn tty_processes() {
     delete(c, "plain").await.unwrap();
     drop(t.agent);
 }
+
+/// containerd's default seccomp profile for amd64 and its default capabilities (see the
+/// fixture's use in `agent::task::seccomp`'s tests).
+const CONTAINERD_SECCOMP: &str = include_str!("fixtures/containerd-seccomp-default.json");
+
+/// containerd's default capability set, and the same as a `/proc/<pid>/status` mask.
+const DEFAULT_CAPS: [&str; 14] = [
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+const DEFAULT_CAPS_MASK: &str = "00000000a80425fb";
+
+/// Gives `bundle` a seccomp profile (or none), `noNewPrivileges`, a user and
+/// [`DEFAULT_CAPS`] as its bounding, effective and permitted sets.
+fn set_security(bundle: &Path, seccomp: Option<serde_json::Value>, nnp: bool, uid: u32) {
+    let path = bundle.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if let Some(s) = seccomp {
+        v["linux"]["seccomp"] = s;
+    }
+    // /proc/kcore (write_config's) is missing on some kernels; /proc/timer_list is common.
+    v["linux"]["maskedPaths"] = json!(["/proc/kcore", "/proc/timer_list"]);
+    v["process"]["noNewPrivileges"] = json!(nnp);
+    v["process"]["user"] = json!({"uid": uid, "gid": uid});
+    v["process"]["capabilities"] =
+        json!({"bounding": DEFAULT_CAPS, "effective": DEFAULT_CAPS, "permitted": DEFAULT_CAPS});
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+}
+
+/// Prints what the checks below look at: the outcome of `mkdir` and `unshare -U`, the size of
+/// the masked `/proc/timer_list`, whether `/proc/sys` (read-only) takes a write, and the capability,
+/// seccomp and no_new_privs lines of the shell's own status.
+const PROBE: &str = "busybox mkdir /tmp/d; echo mkdir=$?; busybox unshare -U true; echo unshare=$?; \
+                     echo masked=$(busybox wc -c < /proc/timer_list); \
+                     (echo x > /proc/sys/kernel/domainname) 2>/dev/null; echo rosys=$?; \
+                     while read k v; do case $k in Cap???:|Seccomp:|NoNewPrivs:) echo $k$v;; esac; \
+                     done < /proc/self/status";
+
+/// Creates, runs and deletes a container running [`PROBE`]; returns its output.
+async fn probe(
+    t: &Setup,
+    id: &str,
+    seccomp: Option<serde_json::Value>,
+    nnp: bool,
+    uid: u32,
+) -> String {
+    let (c, d) = (&t.task, t.dir.path());
+    let bundle = write_bundle(d, id, &["sh", "-c", PROBE], &t.cg);
+    set_security(&bundle, seccomp, nnp, uid);
+    let out = d.join(format!("{id}.out"));
+    c.create(ctx(), &create_req(id, &bundle, &out))
+        .await
+        .expect("create");
+    start(c, id, "").await;
+    assert_eq!(wait(c, id, "").await.0, 0);
+    delete(c, id).await.unwrap();
+    std::fs::read_to_string(&out).unwrap()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn seccomp_profiles_apply() {
+    let Some(t) = setup("seccomp").await else {
+        return;
+    };
+    let deny_mkdir = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 95}]
+    });
+    let containerd: serde_json::Value = serde_json::from_str(CONTAINERD_SECCOMP).unwrap();
+    let caps = |mask: &str| {
+        format!(
+            "CapInh:0000000000000000\nCapPrm:{mask}\nCapEff:{mask}\nCapBnd:{DEFAULT_CAPS_MASK}\n"
+        )
+    };
+
+    // Without a profile: everything goes; no filter.
+    let text = probe(&t, "none", None, true, 0).await;
+    assert!(text.contains("mkdir=0\nunshare=0\n"), "{text}");
+    assert!(text.contains("NoNewPrivs:1\nSeccomp:0\n"), "{text}");
+    // libcontainer's share of the spec: masked and read-only paths.
+    assert!(text.contains("masked=0\nrosys=1\n"), "{text}");
+
+    // A profile denying mkdir with its errno (no_new_privs: installed without privilege).
+    let text = probe(&t, "deny", Some(deny_mkdir.clone()), true, 0).await;
+    assert!(text.contains("Operation not supported"), "{text}");
+    assert!(text.contains("mkdir=1\nunshare=0\n"), "{text}");
+    assert!(text.contains("NoNewPrivs:1\nSeccomp:2\n"), "{text}");
+    assert!(text.contains(&caps(DEFAULT_CAPS_MASK)), "{text}");
+
+    // containerd's default profile without no_new_privs (Kubernetes' default): the filter is
+    // installed with a lent CAP_SYS_ADMIN, and the process ends with exactly the spec's sets.
+    let text = probe(&t, "cd-root", Some(containerd.clone()), false, 0).await;
+    assert!(text.contains("mkdir=0\n"), "{text}");
+    assert!(text.contains("masked=0\nrosys=1\n"), "{text}");
+    assert!(text.contains("unshare=1\n"), "{text}");
+    assert!(text.contains("NoNewPrivs:0\nSeccomp:2\n"), "{text}");
+    assert!(text.contains(&caps(DEFAULT_CAPS_MASK)), "{text}");
+
+    // The same for a non-root user: execve leaves it no effective or permitted capability.
+    let text = probe(&t, "cd-user", Some(containerd.clone()), false, 1000).await;
+    assert!(text.contains("mkdir=0\n"), "{text}");
+    assert!(text.contains("unshare=1\n"), "{text}");
+    assert!(text.contains("NoNewPrivs:0\nSeccomp:2\n"), "{text}");
+    assert!(text.contains(&caps("0000000000000000")), "{text}");
+
+    // Exec processes get the container's profile too (as with runc).
+    let (c, d) = (&t.task, t.dir.path());
+    let bundle = write_bundle(d, "cd-exec", &["sleep", "30"], &t.cg);
+    set_security(&bundle, Some(deny_mkdir), false, 0);
+    c.create(
+        ctx(),
+        &create_req("cd-exec", &bundle, &d.join("cd-exec.out")),
+    )
+    .await
+    .expect("create");
+    start(c, "cd-exec", "").await;
+    let eout = d.join("exec.out");
+    c.exec(
+        ctx(),
+        &id_req(|r: &mut ExecProcessRequest| {
+            r.id = "cd-exec".into();
+            r.exec_id = "e1".into();
+            r.stdout = eout.to_str().unwrap().into();
+            r.stderr = eout.to_str().unwrap().into();
+            r.spec = Some(exec_spec(&["sh", "-c", PROBE])).into();
+        }),
+    )
+    .await
+    .expect("exec");
+    start(c, "cd-exec", "e1").await;
+    assert_eq!(wait(c, "cd-exec", "e1").await.0, 0);
+    let text = std::fs::read_to_string(&eout).unwrap();
+    assert!(text.contains("mkdir=1\n"), "{text}");
+    assert!(text.contains("Seccomp:2\n"), "{text}");
+    c.kill(
+        ctx(),
+        &id_req(|r: &mut KillRequest| {
+            r.id = "cd-exec".into();
+            r.signal = 9;
+        }),
+    )
+    .await
+    .unwrap();
+    wait(c, "cd-exec", "").await;
+    delete(c, "cd-exec").await.unwrap();
+
+    // A profile the agent cannot honour fails Create with the reason.
+    let bundle = write_bundle(d, "notify", &["true"], &t.cg);
+    set_security(
+        &bundle,
+        Some(json!({"defaultAction": "SCMP_ACT_NOTIFY"})),
+        true,
+        0,
+    );
+    let (code, msg) = code_of(
+        c.create(ctx(), &create_req("notify", &bundle, &d.join("notify.out")))
+            .await,
+    );
+    assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    assert!(msg.contains("SCMP_ACT_NOTIFY"), "{msg}");
+    drop(t.agent);
+}

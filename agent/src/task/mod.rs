@@ -37,6 +37,7 @@ pub mod runtime;
 #[cfg(not(feature = "containers"))]
 #[path = "runtime_stub.rs"]
 pub mod runtime;
+pub mod seccomp;
 pub mod stats;
 pub mod stdio;
 pub mod tty;
@@ -64,6 +65,7 @@ use self::cgroup::OomWatcher;
 pub use self::error::TaskError;
 use self::rootfs::{LayerMount, RootfsMounts};
 use self::runtime::{Handle, Runtime};
+use self::seccomp::{ProcessSeccomp, SeccompProgram};
 use self::stdio::{Bound, StdinCloser, StdioPaths};
 use crate::events::Events;
 use crate::reaper::{ExitStatus, Reaper};
@@ -166,6 +168,8 @@ struct ExecProcess {
     bound: Option<Bound>,
     /// Runs on a pty.
     terminal: bool,
+    /// The container's seccomp profile, applied before `execve`.
+    seccomp: Option<ProcessSeccomp>,
 }
 
 /// Exec needs a running container and a new exec id.
@@ -202,6 +206,8 @@ struct ContainerEntry {
     rootfs: Option<RootfsMounts>,
     /// The bundle is agent-owned (under `<state_dir>/bundles`): Delete removes it.
     owned_bundle: bool,
+    /// The compiled `linux.seccomp` profile, for exec processes.
+    seccomp: Option<Arc<SeccompProgram>>,
 }
 
 /// The Task service.
@@ -437,7 +443,7 @@ impl TaskService {
             Some(rootfs::mount_layers(bundle, &layers, &devices, readonly)?)
         };
         let created = self.create_locked(req, bundle, &mut spec, mounts.as_ref(), stdio, bound);
-        let (init, handle) = match created {
+        let (init, handle, seccomp) = match created {
             Ok(v) => v,
             Err(e) => {
                 if let Some(m) = mounts.as_mut()
@@ -472,6 +478,7 @@ impl TaskService {
                 paused: false,
                 rootfs: mounts,
                 owned_bundle,
+                seccomp,
             },
         );
         Ok(pid)
@@ -494,10 +501,15 @@ impl TaskService {
         mounts: Option<&RootfsMounts>,
         stdio: StdioPaths,
         bound: Bound,
-    ) -> Result<(Process, Handle), TaskError> {
+    ) -> Result<(Process, Handle, Option<Arc<SeccompProgram>>), TaskError> {
         // `terminal` in the request wins over the spec (containerd sets both alike).
         let terminal = req.terminal;
-        if self.adjust_spec(&req.id, spec, mounts, terminal)? {
+        let mut changed = self.adjust_spec(&req.id, spec, mounts, terminal)?;
+        let (program, seccomp) = init_seccomp(spec)?.unzip();
+        changed |= seccomp
+            .as_ref()
+            .is_some_and(|s| s.drop_admin_effective || s.drop_admin_permitted);
+        if changed {
             let config = bundle.join("config.json");
             let json = serde_json::to_vec_pretty(&*spec)
                 .map_err(|e| TaskError::internal("Failed to encode the spec", &e))?;
@@ -528,7 +540,7 @@ impl TaskService {
         let socket = console.as_ref().map(tty::ConsoleSocket::path);
         let (mut handle, pid) = self.spawn_watched(tx, || {
             self.runtime
-                .create(&req.id, bundle, files, socket)
+                .create(&req.id, bundle, files, socket, seccomp)
                 .map(|(h, pid)| ((h, pid), pid))
         })?;
         init.pid = pid_u32(pid);
@@ -548,7 +560,7 @@ impl TaskService {
                 }
             }
         }
-        Ok((init, handle))
+        Ok((init, handle, program))
     }
 
     /// Points the spec's root at the mounted rootfs and gives a container without a cgroup
@@ -646,10 +658,11 @@ impl TaskService {
         };
         exec.process.stdin = closer;
         let spec_file = exec.spec_file.clone();
+        let seccomp = exec.seccomp.clone();
         let socket = console.as_ref().map(|(s, _)| s.path());
         let pid = self.spawn_watched(tx, || {
             self.runtime
-                .exec(&req.id, &spec_file, files, socket)
+                .exec(&req.id, &spec_file, files, socket, seccomp)
                 .map(|pid| (pid, pid))
         })?;
         if let Some((sock, bound)) = console {
@@ -811,6 +824,11 @@ impl TaskService {
             .get_mut(&req.id)
             .ok_or_else(|| TaskError::ContainerNotFound(req.id.clone()))?;
         check_exec(req, c)?;
+        // runc applies the container's profile to exec processes too.
+        let seccomp = c
+            .seccomp
+            .as_ref()
+            .map(|program| ProcessSeccomp::prepare(program.clone(), &mut process));
         let dir = self.state_dir.join("execs").join(&req.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| TaskError::internal("Failed to create the exec directory", &e))?;
@@ -826,6 +844,7 @@ impl TaskService {
                 spec_file,
                 bound: Some(bound),
                 terminal: req.terminal,
+                seccomp,
             },
         );
         Ok(())
@@ -1039,6 +1058,28 @@ impl TaskService {
         r.stats = MessageField::some(any);
         Ok(r)
     }
+}
+
+/// Compiles the spec's `linux.seccomp` profile (kept for the container's exec processes) and
+/// readies the init process for it ([`ProcessSeccomp::prepare`]: the spec libcontainer reads
+/// may get `CAP_SYS_ADMIN` in its effective and permitted sets). libcontainer, built without
+/// libseccomp, ignores `linux.seccomp` itself, so the profile stays in the spec.
+fn init_seccomp(
+    spec: &mut oci_spec::runtime::Spec,
+) -> Result<Option<(Arc<SeccompProgram>, ProcessSeccomp)>, TaskError> {
+    let Some(profile) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) else {
+        return Ok(None);
+    };
+    let program = SeccompProgram::compile(profile)
+        .map_err(|e| TaskError::invalid("bundle/config.json", format!("linux.seccomp: {e}")))?;
+    let program = Arc::new(program);
+    let mut process = spec
+        .process()
+        .clone()
+        .ok_or_else(|| TaskError::invalid("bundle/config.json", "has no process"))?;
+    let seccomp = ProcessSeccomp::prepare(program.clone(), &mut process);
+    spec.set_process(Some(process));
+    Ok(Some((program, seccomp)))
 }
 
 fn delete_response(p: &Process) -> DeleteResponse {

@@ -19,6 +19,7 @@ use nix::unistd::Pid;
 use oci_spec::runtime::Spec;
 
 use super::error::TaskError;
+use super::seccomp::ProcessSeccomp;
 
 /// Stdio of a new process; `None` is `/dev/null`.
 #[derive(Debug, Default)]
@@ -34,8 +35,36 @@ pub struct StdioFiles {
 /// Runs the container process through `std`'s `exec`, which resets what a fresh process
 /// expects and libcontainer does not: the signal mask (the agent blocks the signals it reads
 /// from a signalfd, and a mask survives `execve`) and `SIGPIPE` (ignored by Rust binaries).
+///
+/// With a seccomp profile it installs the filter first, as the last step before `execve`
+/// (libcontainer has dropped the capabilities and waited for `Start` by then), and then drops
+/// the `CAP_SYS_ADMIN` lent for the install ([`ProcessSeccomp::prepare`]). Under the filter the
+/// process then makes only `capset` (when lent), `rt_sigprocmask`, `rt_sigaction` and
+/// `execve`; runc's init makes `capset`, its Go runtime's calls and the exec FIFO's `openat`
+/// and `read` under its filter, so a profile runc can start with, the agent can too.
 #[derive(Debug, Clone)]
-struct StdExecutor;
+struct StdExecutor {
+    seccomp: Option<ProcessSeccomp>,
+}
+
+fn apply_seccomp(s: &ProcessSeccomp) -> Result<(), ExecutorError> {
+    let failed = |what: &str, e: &dyn std::fmt::Display| {
+        ExecutorError::Execution(format!("{what}: {e}").into())
+    };
+    s.program
+        .install()
+        .map_err(|e| failed("Failed to apply the seccomp profile", &e))?;
+    let admin = caps::Capability::CAP_SYS_ADMIN;
+    if s.drop_admin_effective {
+        caps::drop(None, caps::CapSet::Effective, admin)
+            .map_err(|e| failed("Failed to drop CAP_SYS_ADMIN (effective)", &e))?;
+    }
+    if s.drop_admin_permitted {
+        caps::drop(None, caps::CapSet::Permitted, admin)
+            .map_err(|e| failed("Failed to drop CAP_SYS_ADMIN (permitted)", &e))?;
+    }
+    Ok(())
+}
 
 impl Executor for StdExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
@@ -45,6 +74,9 @@ impl Executor for StdExecutor {
             .and_then(|p| p.args().as_ref())
             .ok_or(ExecutorError::InvalidArg)?;
         let (program, rest) = args.split_first().ok_or(ExecutorError::InvalidArg)?;
+        if let Some(s) = &self.seccomp {
+            apply_seccomp(s)?;
+        }
         // libcontainer has already set the environment and the working directory; PATH is
         // the container's.
         let err = std::process::Command::new(program)
@@ -112,11 +144,12 @@ impl Runtime {
         id: &str,
         stdio: StdioFiles,
         console: Option<&Path>,
+        seccomp: Option<ProcessSeccomp>,
     ) -> Result<ContainerBuilder, TaskError> {
         let mut b = ContainerBuilder::new(id.to_owned(), SyscallType::Linux)
             .with_root_path(&self.root)
             .map_err(lc_err("Invalid runtime root"))?
-            .with_executor(StdExecutor)
+            .with_executor(StdExecutor { seccomp })
             .with_console_socket(console);
         if let Some(f) = stdio.stdin {
             b = b.with_stdin(f);
@@ -131,17 +164,19 @@ impl Runtime {
     }
 
     /// Creates container `id` from `bundle`; its init process waits for [`Runtime::start`].
-    /// With `console` (a TTY), libcontainer sends the pty master to that socket. Returns the
-    /// handle and the init pid.
+    /// With `console` (a TTY), libcontainer sends the pty master to that socket. With
+    /// `seccomp`, the init process applies it right before `execve`. Returns the handle and
+    /// the init pid.
     pub fn create(
         &self,
         id: &str,
         bundle: &Path,
         stdio: StdioFiles,
         console: Option<&Path>,
+        seccomp: Option<ProcessSeccomp>,
     ) -> Result<(Handle, Pid), TaskError> {
         let container = self
-            .builder(id, stdio, console)?
+            .builder(id, stdio, console, seccomp)?
             .as_init(bundle)
             .with_no_pivot(self.no_pivot)
             .with_systemd(false)
@@ -162,15 +197,16 @@ impl Runtime {
     }
 
     /// Starts the process described by the OCI process JSON at `process` in container `id`
-    /// (with `console` as for [`Runtime::create`]).
+    /// (with `console` and `seccomp` as for [`Runtime::create`]).
     pub fn exec(
         &self,
         id: &str,
         process: &Path,
         stdio: StdioFiles,
         console: Option<&Path>,
+        seccomp: Option<ProcessSeccomp>,
     ) -> Result<Pid, TaskError> {
-        self.builder(id, stdio, console)?
+        self.builder(id, stdio, console, seccomp)?
             .as_tenant()
             .with_process(Some(process))
             .with_detach(true)

@@ -45,6 +45,7 @@ impl Runtime {
         _: &Path,
         _: StdioFiles,
         _: Option<&Path>,
+        _: Option<super::seccomp::ProcessSeccomp>,
     ) -> Result<(Handle, Pid), TaskError> {
         Err(unimplemented())
     }
@@ -61,6 +62,7 @@ impl Runtime {
         _: &Path,
         _: StdioFiles,
         _: Option<&Path>,
+        _: Option<super::seccomp::ProcessSeccomp>,
     ) -> Result<Pid, TaskError> {
         Err(unimplemented())
     }
