@@ -33,10 +33,10 @@ use crate::kvm::state::{StateError, xsave_words};
 use crate::kvm::{IrqLine, KvmContext, KvmError};
 use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
-use crate::seccomp::{PendingThread, SeccompError, ThreadRole};
+use crate::seccomp::{SeccompError, ThreadRole};
 use crate::snapshot::VmSnapshot;
 use crate::timings::StartupTimings;
-use crate::vcpu::{PendingVcpus, ResetLine, VcpuContext, VcpuControl};
+use crate::vcpu::{ResetLine, VcpuContext, VcpuControl, VmThreads};
 use crate::vm::{EndState, Vm};
 use crate::{VmExit, arch, boot};
 
@@ -145,24 +145,13 @@ impl Vm {
                 snap.mem_bytes,
             ),
         };
-        // The VM's threads start now and install their seccomp filters while the VM is built.
         let filters = host.filters();
-        let pending_vcpus =
-            PendingVcpus::spawn(vcpu_count, filters.get(ThreadRole::Vcpu, seccomp)?)
-                .map_err(VmError::Spawn)?;
-        let pending_vmm = PendingThread::spawn(
-            "vmm".into(),
-            filters.get(ThreadRole::Vmm, seccomp)?,
-            |job: VmmJob, confined| vmm_thread(job, confined),
-        )
-        .map_err(VmError::Spawn)?;
-        let mut thread_ids = pending_vcpus.tids();
-        thread_ids.push(pending_vmm.tid());
         crate::kvm::signal::install_kick_handler().map_err(|e| VmError::Setup("kick signal", e))?;
         let VmShell {
             vm_fd,
             vcpus: mut ready_vcpus,
             ram,
+            threads,
         } = match &source {
             Source::Boot(_) => match host.pool().take(PoolKey {
                 mem_bytes,
@@ -195,6 +184,27 @@ impl Vm {
                 }
             },
         };
+        // The VM's threads: the pooled shell's, started and confined ahead, or started now
+        // (they install their seccomp filters while the VM is built).
+        let threads = match threads {
+            Some(threads) if threads.fit(vcpu_count, seccomp) => {
+                timings.threads_pooled = true;
+                threads
+            }
+            _ => VmThreads::spawn(
+                vcpu_count,
+                seccomp,
+                filters.get(ThreadRole::Vcpu, seccomp)?,
+                filters.get(ThreadRole::Vmm, seccomp)?,
+            )
+            .map_err(VmError::Spawn)?,
+        };
+        let thread_ids = threads.tids();
+        let VmThreads {
+            vcpus: pending_vcpus,
+            vmm: pending_vmm,
+            ..
+        } = threads;
         let vm_fd = Arc::new(vm_fd);
         // The devices' event-loop halves subscribe as they are built.
         let mut event_manager: VmmEventManager = EventManager::new()
@@ -369,8 +379,11 @@ impl Vm {
             _live: live,
         };
         // Detached: the VM's end is reported through `EndState`, not by joining.
-        let job = (event_manager, Arc::clone(&controller), done, resources);
-        if pending_vmm.start(job).is_err() {
+        let job: VmmJob = (event_manager, Arc::clone(&controller), done, resources);
+        if pending_vmm
+            .start(Box::new(move |confined| vmm_thread(job, confined)))
+            .is_err()
+        {
             controller
                 .lock()
                 .recover()

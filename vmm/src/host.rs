@@ -12,7 +12,7 @@ use devices::sync::Recover;
 
 use crate::kvm::{KvmCell, KvmContext, KvmError};
 use crate::pool::{CloneSource, PoolKey, ShellPool};
-use crate::seccomp::Filters;
+use crate::seccomp::{Filters, SeccompPolicy, ThreadRole};
 use crate::snapshot::VmSnapshot;
 
 /// The shared state of a set of VMs. Cheap to clone (clones share everything).
@@ -78,19 +78,26 @@ impl Host {
     }
 
     /// Keeps `depth` shells ready for clones of `template` (0 stops and frees them): memory
-    /// mapped copy-on-write from the template's and the vCPUs created, so a clone only writes
-    /// saved state.
+    /// mapped copy-on-write from the template's, the vCPUs created and the VM's threads
+    /// started under `seccomp` (the clones' policy), so a clone only writes saved state.
     pub fn set_clone_pool_target(
         &self,
         template: &VmSnapshot,
         depth: usize,
+        seccomp: SeccompPolicy,
     ) -> std::io::Result<()> {
         let source = if depth == 0 {
             None
         } else {
+            let filter = |role| {
+                self.filters()
+                    .get(role, seccomp)
+                    .map_err(std::io::Error::other)
+            };
             Some(CloneSource {
                 memory: std::sync::Arc::clone(template.memory_arc()),
                 vcpus: u8::try_from(template.vcpus()).map_err(std::io::Error::other)?,
+                threads: (seccomp, filter(ThreadRole::Vcpu)?, filter(ThreadRole::Vmm)?),
             })
         };
         self.0

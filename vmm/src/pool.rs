@@ -22,10 +22,13 @@ use std::time::{Duration, Instant};
 
 use devices::sync::Recover;
 use kvm_ioctls::{VcpuFd, VmFd};
+use seccompiler::BpfProgram;
 
 use crate::arch::set_cpuid;
 use crate::kvm::{KvmCell, KvmContext, KvmError, add_platform_devices, register_memory};
 use crate::memory::{GuestRam, MemoryError};
+use crate::seccomp::SeccompPolicy;
+use crate::vcpu::VmThreads;
 
 /// Errors building a shell.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +53,10 @@ pub(crate) struct VmShell {
     pub(crate) vcpus: Vec<VcpuFd>,
     /// Its guest memory.
     pub(crate) ram: GuestRam,
+    /// Its threads, started and confined ahead (a clone shell's, when its template's clones
+    /// run under a seccomp policy the pool knows): a Start pays neither thread creation nor a
+    /// filter install.
+    pub(crate) threads: Option<VmThreads>,
 }
 
 /// How long building a shell took, by part.
@@ -77,6 +84,7 @@ impl VmShell {
                 vm_fd,
                 vcpus: Vec::new(),
                 ram,
+                threads: None,
             },
             timings,
         ))
@@ -113,6 +121,7 @@ impl VmShell {
                 vm_fd,
                 vcpus: fds,
                 ram,
+                threads: None,
             },
             timings,
         ))
@@ -127,11 +136,18 @@ pub(crate) struct PoolKey {
     pub(crate) template: Option<u64>,
 }
 
-/// A template whose clones get shells: its memory and vCPU count.
+/// A template whose clones get shells: its memory and vCPU count, and the seccomp policy of
+/// its clones' threads with that policy's filters (vCPU, VMM), which each shell's threads
+/// are started under.
 #[derive(Debug)]
 pub(crate) struct CloneSource {
     pub(crate) memory: Arc<File>,
     pub(crate) vcpus: u8,
+    pub(crate) threads: (
+        SeccompPolicy,
+        Option<Arc<BpfProgram>>,
+        Option<Arc<BpfProgram>>,
+    ),
 }
 
 #[derive(Debug)]
@@ -252,7 +268,19 @@ impl ShellPool {
                 .map_err(ShellError::from)
                 .and_then(|kvm| match &source {
                     None => VmShell::build(&kvm, key.mem_bytes),
-                    Some(src) => VmShell::build_clone(&kvm, &src.memory, key.mem_bytes, src.vcpus),
+                    Some(src) => {
+                        let (mut shell, t) =
+                            VmShell::build_clone(&kvm, &src.memory, key.mem_bytes, src.vcpus)?;
+                        let (policy, vcpu, vmm) = &src.threads;
+                        match VmThreads::spawn(src.vcpus, *policy, vcpu.clone(), vmm.clone()) {
+                            Ok(threads) => shell.threads = Some(threads),
+                            // The Start that takes the shell starts its own.
+                            Err(e) => {
+                                log::warn!("Cannot start a pooled clone shell's threads: {e}")
+                            }
+                        }
+                        Ok((shell, t))
+                    }
                 });
             match built {
                 Ok((shell, _)) => {

@@ -443,19 +443,15 @@ fn build_lock(policy: SeccompPolicy) -> Result<Option<BpfProgram>, SeccompError>
 /// then reach only that directory, not another sandbox's sockets, the daemon's API socket or
 /// containerd's. Needs `CAP_SYS_CHROOT`.
 pub(crate) fn jail(root: &std::path::Path, lock: Option<&BpfProgram>) -> Result<(), SeccompError> {
-    let fail = |what: &str, e: rustix::io::Errno| {
+    let fail = |what: &str, e: nix::Error| {
         SeccompError::Install(format!("{what} for the jail in {}: {e}", root.display()))
     };
-    #[allow(
-        unsafe_code,
-        reason = "rustix marks unshare unsafe for CLONE_FILES only"
-    )]
-    // SAFETY: only CLONE_FS: the thread gets its own root and working directory; its file
-    // descriptor table stays shared, so every descriptor stays valid on every thread.
-    unsafe { rustix::thread::unshare_unsafe(rustix::thread::UnshareFlags::FS) }
+    // Only CLONE_FS: the thread gets its own root and working directory; its descriptor
+    // table stays shared, so every descriptor stays valid on every thread.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_FS)
         .map_err(|e| fail("unshare(CLONE_FS)", e))?;
-    rustix::process::chroot(root).map_err(|e| fail("chroot", e))?;
-    rustix::process::chdir("/").map_err(|e| fail("chdir", e))?;
+    nix::unistd::chroot(root).map_err(|e| fail("chroot", e))?;
+    nix::unistd::chdir("/").map_err(|e| fail("chdir", e))?;
     install(lock)
 }
 
@@ -540,6 +536,11 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// The job of a VMM thread started ahead of its VM: the rest of its life (the VM's event loop),
+/// told whether the thread's filter went in. Boxed, so a thread can be started before its VM
+/// exists (in a pooled shell, `crate::pool`).
+pub(crate) type VmmRun = Box<dyn FnOnce(Result<(), SeccompError>) + Send>;
+
 /// A thread started ahead of its work: it installs its filter at once (the kernel compiles the
 /// program: about 180 us for the vCPU list on the development host), then waits for its one
 /// job. A VM starts its threads first, so the compiles overlap the VM's build. Dropped without
@@ -608,7 +609,7 @@ impl<J: Send + 'static> Drop for PendingThread<J> {
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Seek, Write};
-    use std::os::fd::AsFd;
+    use std::os::fd::{AsFd, AsRawFd};
 
     use kvm_ioctls::{IoEventAddress, NoDatamatch, VcpuFd, VmFd};
     use vm_memory::mmap::MmapRegion;
@@ -822,21 +823,20 @@ mod tests {
         let (root, api) = (sandbox.clone(), outside.clone());
         let seen = confined(ThreadRole::Vmm, SeccompPolicy::Enforce, move || {
             jail(&root, lock.as_deref()).unwrap();
-            let errno = |r: rustix::io::Result<()>| r.map_err(|e| e.raw_os_error());
+            let errno = |r: nix::Result<()>| r.map_err(|e| Some(e as i32));
             [
                 super::tests::errno(std::os::unix::net::UnixStream::connect("/v.sock_52")),
                 // Resolved inside the jail, where it does not exist.
                 super::tests::errno(std::os::unix::net::UnixStream::connect(&api)),
                 super::tests::errno(std::fs::remove_file("/gone")),
-                errno(rustix::fs::unlinkat(
-                    &dir,
+                errno(nix::unistd::unlinkat(
+                    Some(dir.as_raw_fd()),
                     "victim",
-                    rustix::fs::AtFlags::empty(),
-                ))
-                .map_err(Some),
-                errno(rustix::process::chroot("/")).map_err(Some),
-                errno(rustix::process::chdir("/")).map_err(Some),
-                errno(rustix::process::fchdir(&dir)).map_err(Some),
+                    nix::unistd::UnlinkatFlags::NoRemoveDir,
+                )),
+                errno(nix::unistd::chroot("/")),
+                errno(nix::unistd::chdir("/")),
+                errno(nix::unistd::fchdir(dir.as_raw_fd())),
             ]
         });
         assert_eq!(

@@ -25,4 +25,7 @@ pub struct StartupTimings {
     pub total: Duration,
     /// Whether the VM came from the pre-built shell pool (`vmm::pool`).
     pub pooled: bool,
+    /// Whether its threads came with the pooled shell, started and confined ahead (a clone
+    /// shell's): the Start spawned no thread and installed no filter.
+    pub threads_pooled: bool,
 }

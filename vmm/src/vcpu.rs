@@ -21,7 +21,7 @@ use vmm_sys_util::signal::Killable;
 
 use crate::bus::Bus;
 use crate::kvm::signal::{ThreadVcpu, kick_signal};
-use crate::seccomp::PendingThread;
+use crate::seccomp::{PendingThread, SeccompPolicy, VmmRun};
 use crate::{ResetKind, VmExit};
 
 const RUNNING: u8 = 0;
@@ -238,6 +238,56 @@ impl PendingVcpus {
             control: Arc::clone(&ctx.control),
             threads,
         }
+    }
+}
+
+/// A VM's threads, started (and confined, each installing its filter) ahead of the VM: its
+/// vCPU threads and its VMM thread, each waiting for its job.
+pub(crate) struct VmThreads {
+    /// The seccomp policy the threads were confined under.
+    pub(crate) policy: SeccompPolicy,
+    pub(crate) vcpus: PendingVcpus,
+    pub(crate) vmm: PendingThread<VmmRun>,
+}
+
+impl std::fmt::Debug for VmThreads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmThreads")
+            .field("policy", &self.policy)
+            .field("vcpus", &self.vcpus.0.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmThreads {
+    /// Starts `vcpus` vCPU threads confined by `vcpu_filter` and a VMM thread confined by
+    /// `vmm_filter` (the filters of `policy`).
+    pub(crate) fn spawn(
+        vcpus: u8,
+        policy: SeccompPolicy,
+        vcpu_filter: Option<Arc<BpfProgram>>,
+        vmm_filter: Option<Arc<BpfProgram>>,
+    ) -> std::io::Result<Self> {
+        Ok(VmThreads {
+            policy,
+            vcpus: PendingVcpus::spawn(vcpus, vcpu_filter)?,
+            vmm: PendingThread::spawn("vmm".into(), vmm_filter, |run: VmmRun, confined| {
+                run(confined);
+            })?,
+        })
+    }
+
+    /// Whether these threads serve a VM of `vcpus` vCPUs under `policy`.
+    pub(crate) fn fit(&self, vcpus: u8, policy: SeccompPolicy) -> bool {
+        self.policy == policy && self.vcpus.0.len() == usize::from(vcpus)
+    }
+
+    /// Where each thread's host thread id appears once it runs: the vCPUs' in id order, then
+    /// the VMM thread's.
+    pub(crate) fn tids(&self) -> Vec<Arc<std::sync::atomic::AtomicU32>> {
+        let mut tids = self.vcpus.tids();
+        tids.push(self.vmm.tid());
+        tids
     }
 }
 

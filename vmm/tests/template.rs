@@ -226,7 +226,8 @@ fn pooled_clone_shells_skip_the_vm_setup() {
     require_kvm!();
     let host = vmm::Host::new();
     let snapshot = template(&host, &[agent::QUIET]);
-    host.set_clone_pool_target(&snapshot, 2).unwrap();
+    host.set_clone_pool_target(&snapshot, 2, vmm::SeccompPolicy::Enforce)
+        .unwrap();
     assert!(host.wait_pool_full(TIMEOUT));
     assert_eq!(host.clone_pool_ready(&snapshot), 2);
     for round in 0..4 {
@@ -234,12 +235,19 @@ fn pooled_clone_shells_skip_the_vm_setup() {
         let vm = clone_of(&host, &snapshot);
         let t = vm.timings().clone();
         assert!(t.pooled, "round {round}: {t:?}");
+        // Its threads came with the shell, already confined: every one runs under a filter.
+        assert!(t.threads_pooled, "round {round}: {t:?}");
+        for tid in vm.thread_ids() {
+            let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+            assert!(status.contains("Seccomp:\t2\n"), "thread {tid}: {status}");
+        }
         if std::env::var_os("SHOW_TIMINGS").is_some() {
             eprintln!("pooled clone: {t:?}");
         }
         call(&vm, "Health");
     }
-    host.set_clone_pool_target(&snapshot, 0).unwrap();
+    host.set_clone_pool_target(&snapshot, 0, vmm::SeccompPolicy::Off)
+        .unwrap();
     assert_eq!(host.clone_pool_ready(&snapshot), 0);
     assert!(host.wait_all_torn_down(TIMEOUT));
 }

@@ -93,7 +93,7 @@ impl Shape {
             initramfs: self.initramfs.as_ref().map(|f| f.path.clone()),
             cmdline: self.cmdline.clone(),
             blk_slots: self.blk_slots,
-            seccomp: self.seccomp.parse().unwrap_or_default(),
+            seccomp: self.policy(),
             console_log: None,
             console_log_max_bytes: None,
             vsock_uds: None,
@@ -103,6 +103,11 @@ impl Shape {
             template: true,
             cgroup: None,
         }
+    }
+
+    /// The seccomp policy of its VMs' threads.
+    pub fn policy(&self) -> vmm::SeccompPolicy {
+        self.seccomp.parse().unwrap_or_default()
     }
 
     /// Number of NICs.
@@ -373,9 +378,11 @@ impl Templates {
                 inner.clock = inner.clock.wrapping_add(1);
                 let used = inner.clock;
                 if self.pool_depth > 0
-                    && let Err(e) = self
-                        .host
-                        .set_clone_pool_target(&template.snapshot, self.pool_depth)
+                    && let Err(e) = self.host.set_clone_pool_target(
+                        &template.snapshot,
+                        self.pool_depth,
+                        shape.policy(),
+                    )
                 {
                     warn!(error = %e, "no pre-built shells for the template's clones");
                 }
@@ -389,7 +396,11 @@ impl Templates {
                 inner.stats.built = inner.stats.built.saturating_add(1);
                 for dropped in evict(&mut inner, self.max) {
                     // Its clones keep their own mapping of its memory; the idle shells go.
-                    let _ = self.host.set_clone_pool_target(&dropped.snapshot, 0);
+                    let _ = self.host.set_clone_pool_target(
+                        &dropped.snapshot,
+                        0,
+                        vmm::SeccompPolicy::Off,
+                    );
                 }
             }
             Err(e) => {
