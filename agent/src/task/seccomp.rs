@@ -34,7 +34,7 @@
 //!
 //! The program is a linear list of `nr == X` tests (containerd's default profile compiles to
 //! 500 instructions, far below the kernel's 4096). Conditional jumps reach 255
-//! instructions at most; [`assemble`] turns any longer jump into a short one onto `ja`
+//! instructions at most; `assemble` turns any longer jump into a short one onto `ja`
 //! trampolines (32-bit offsets).
 #![allow(
     unsafe_code,
