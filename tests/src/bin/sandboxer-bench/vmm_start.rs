@@ -146,6 +146,16 @@ pub(crate) fn vmm_start(o: &Options) -> anyhow::Result<()> {
     } else {
         process_runs(guest, o.qemu_iterations, o)
     };
+    // Under CI every figure this scenario prints is measured, or the run fails: "not measured"
+    // is for a developer's machine without QEMU or a memory cgroup, never a green CI run.
+    if std::env::var("CI").as_deref() == Ok("true") {
+        if let (Err(e), true) = (&procs, o.qemu_iterations > 0) {
+            bail!("under CI the whole-process comparison must be measured: {e:#}");
+        }
+        if mem_1.kernel_kib_per_vm.is_none() || mem_n.kernel_kib_per_vm.is_none() {
+            bail!("under CI the kernel's share of VM memory must be measured (no memory cgroup)");
+        }
+    }
 
     println!(
         "vmm-start: in process, {} boots each, cold and from the shell pool, of test guest {:?} \
