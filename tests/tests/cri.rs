@@ -1234,7 +1234,20 @@ async fn create_container(
     name: &str,
     script: &str,
 ) -> anyhow::Result<String> {
+    create_linux_container(rt, pod, pod_config, name, script, None).await
+}
+
+/// [`create_container`] with the container's Linux settings (resources, security context).
+async fn create_linux_container(
+    rt: &mut Runtime,
+    pod: &str,
+    pod_config: &cri::PodSandboxConfig,
+    name: &str,
+    script: &str,
+    linux: Option<cri::LinuxContainerConfig>,
+) -> anyhow::Result<String> {
     let config = cri::ContainerConfig {
+        linux,
         metadata: Some(cri::ContainerMetadata {
             name: name.into(),
             attempt: 0,
@@ -1367,6 +1380,58 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     step("ExecSync: stdout, stderr and exit code 3 came back");
     env.assert_no_shim_or_pause()?;
 
+    // containerd's default seccomp profile (RuntimeDefault), which the agent compiles and
+    // applies in the guest. `dmesg` (syslog(2)) runs without a profile (the guest kernel does
+    // not restrict dmesg) and is refused under containerd's profile, which allows syslog only
+    // to CAP_SYSLOG.
+    let unconfined = rt
+        .exec_sync(cri::ExecSyncRequest {
+            container_id: c1.clone(),
+            cmd: vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                "grep -q '^Seccomp:.0$' /proc/self/status && dmesg >/dev/null".into(),
+            ],
+            timeout: 60,
+        })
+        .await?
+        .into_inner();
+    if unconfined.exit_code != 0 {
+        bail!("dmesg in a container without a seccomp profile: {unconfined:?}");
+    }
+    let runtime_default = cri::LinuxContainerConfig {
+        security_context: Some(cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::RuntimeDefault.into(),
+                localhost_ref: String::new(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let c3 = create_linux_container(
+        &mut rt,
+        &pod,
+        &pod_cfg,
+        "confined",
+        "grep -q '^Seccomp:.2$' /proc/self/status || exit 20; dmesg >/dev/null 2>&1 && exit 21; \
+         exit 9",
+        Some(runtime_default),
+    )
+    .await?;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: c3.clone(),
+    })
+    .await?;
+    let st = wait_container_state(&mut rt, &c3, cri::ContainerState::ContainerExited).await?;
+    match st.exit_code {
+        9 => {}
+        20 => bail!("the RuntimeDefault container runs without a seccomp filter"),
+        21 => bail!("dmesg ran under containerd's default seccomp profile"),
+        other => bail!("the RuntimeDefault container exited with {other}"),
+    }
+    step("RuntimeDefault seccomp: the container is filtered and dmesg is refused");
+
     // A second container in the same pod, which exits with a code.
     let c2 = create_container(&mut rt, &pod, &pod_cfg, "exiter", "echo bye; exit 7").await?;
     rt.start_container(cri::StartContainerRequest {
@@ -1399,7 +1464,7 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
         bail!("after StopContainer: {st:?}");
     }
     step(&format!("StopContainer: exited with {}", st.exit_code));
-    for c in [&c1, &c2] {
+    for c in [&c1, &c2, &c3] {
         rt.remove_container(cri::RemoveContainerRequest {
             container_id: c.to_string(),
         })

@@ -630,9 +630,48 @@ async fn wait_exit(task: &TaskClient, id: &str, exec_id: &str) -> Result<u32> {
     Ok(w.exit_status)
 }
 
-async fn case_pod(api: &mut Controller) -> Result<()> {
+/// The cgroup v2 directory of each thread of process `pid` whose cgroup path ends in
+/// `suffix`, by thread name.
+fn threads_in_cgroup(pid: u32, suffix: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut found = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let task = task?.path();
+        let (Ok(name), Ok(cgroup)) = (
+            fs::read_to_string(task.join("comm")),
+            fs::read_to_string(task.join("cgroup")),
+        ) else {
+            continue; // the thread ended
+        };
+        // cgroup v2: one line, `0::<path>`.
+        let Some(path) = cgroup.lines().find_map(|l| l.strip_prefix("0::")) else {
+            continue;
+        };
+        if path.ends_with(suffix) {
+            let dir = Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+            found.push((name.trim().to_owned(), dir));
+        }
+    }
+    Ok(found)
+}
+
+async fn case_pod(api: &mut Controller, daemon_pid: u32) -> Result<()> {
     let mut steps = Steps::new("pod");
     let pod = start_pod(api, "e2e-pod", &mut steps).await?;
+    // The pod's VM threads (its vCPU and its VMM thread) run in the sandbox's own threaded
+    // cgroup v2 under the daemon's, with the cpu controller: no pod CPU limit, so no quota.
+    let placed = threads_in_cgroup(daemon_pid, "/sandboxer-sandboxes/e2e-pod")?;
+    let names: Vec<&str> = placed.iter().map(|(n, _)| n.as_str()).collect();
+    ensure!(
+        names.contains(&"vmm") && names.iter().any(|n| n.starts_with("vcpu")),
+        "threads in the pod's cgroup: {names:?}"
+    );
+    let group = placed[0].1.clone();
+    let cpu_max = fs::read_to_string(group.join("cpu.max"))
+        .with_context(|| format!("{}/cpu.max", group.display()))?;
+    ensure!(cpu_max.trim() == "max 100000", "cpu.max {cpu_max:?}");
+    let kind = fs::read_to_string(group.join("cgroup.type"))?;
+    ensure!(kind.trim() == "threaded", "cgroup.type {kind:?}");
+    steps.done("cgroup");
     let st = api
         .status(v2::ControllerStatusRequest {
             sandbox_id: pod.id.clone(),
@@ -659,6 +698,11 @@ async fn case_pod(api: &mut Controller) -> Result<()> {
     );
     steps.done("status");
     end_pod(api, &pod, &mut steps).await?;
+    ensure!(
+        !group.exists(),
+        "the pod's cgroup {} outlived it",
+        group.display()
+    );
     let gone = api
         .status(v2::ControllerStatusRequest {
             sandbox_id: pod.id.clone(),
@@ -1006,7 +1050,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
     for case in &a.cases {
         println!("E2E-CASE {case}");
         let r = match case.as_str() {
-            "pod" => case_pod(&mut api).await,
+            "pod" => case_pod(&mut api, daemon.child.id()).await,
             "container" => case_container(&mut api, a).await,
             "exec" => case_exec(&mut api, a).await,
             "cgroups" => case_cgroups(&mut api, a, &containerd).await,
