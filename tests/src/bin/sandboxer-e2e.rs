@@ -90,6 +90,10 @@ struct Args {
     busybox: PathBuf,
     work: PathBuf,
     keep: bool,
+    /// `sandboxer serve` with no flag and no config file: every path, socket and size is the
+    /// daemon's default (the work dir must then be under a default Task API root such as
+    /// /run/containerd, and the containerd event socket is the default one's).
+    defaults: bool,
     cases: Vec<String>,
 }
 
@@ -116,6 +120,7 @@ fn parse_args() -> Result<Args> {
         busybox: PathBuf::from("/bin/busybox"),
         work: std::env::temp_dir().join(format!("sandboxer-e2e-{}", std::process::id())),
         keep: false,
+        defaults: false,
         cases: Vec::new(),
     };
     while let Some(arg) = it.next() {
@@ -128,6 +133,7 @@ fn parse_args() -> Result<Args> {
             "--busybox" => a.busybox = value()?.into(),
             "--work" => a.work = value()?.into(),
             "--keep" => a.keep = true,
+            "--defaults" => a.defaults = true,
             "all" => a.cases.extend(CASES.iter().map(|c| (*c).to_owned())),
             c if CASES.contains(&c) => a.cases.push(c.to_owned()),
             other => bail!("unknown argument {other:?} (cases: {CASES:?} or all)"),
@@ -150,6 +156,10 @@ fn parse_args() -> Result<Args> {
         !a.cases.is_empty(),
         "no case given (cases: {CASES:?} or all)"
     );
+    ensure!(
+        !a.defaults || (a.kernel.as_os_str().is_empty() && a.initramfs.as_os_str().is_empty()),
+        "--defaults runs the daemon with no flags: no --kernel or --initramfs"
+    );
     // Absolute: the image is a rootfs mount source, which the daemon takes only absolute
     // (and under a directory it may open, its parent here).
     a.image = a.image.canonicalize()?;
@@ -165,6 +175,9 @@ struct Daemon {
 
 impl Daemon {
     fn start(a: &Args) -> Result<Self> {
+        if a.defaults {
+            return Self::start_bare(a);
+        }
         let socket = a.work.join("sandboxer.sock");
         let state = a.work.join("state");
         let log = fs::File::create(a.work.join("sandboxer.log"))?;
@@ -196,6 +209,43 @@ impl Daemon {
             child,
             socket,
             state,
+        };
+        let until = Instant::now() + DAEMON_UP;
+        while !d.socket.exists() {
+            if let Some(status) = d.child.try_wait()? {
+                bail!("the daemon exited early ({status}); see sandboxer.log");
+            }
+            ensure!(Instant::now() < until, "the daemon did not open its socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(d)
+    }
+}
+
+impl Daemon {
+    /// `sandboxer serve` and nothing else: no flag, no config file, no environment; its
+    /// sockets and state where a fresh host has them by default.
+    fn start_bare(a: &Args) -> Result<Self> {
+        let config = Path::new(controller::config::DEFAULT_CONFIG_PATH);
+        ensure!(
+            !config.exists(),
+            "{} exists: not a fresh host",
+            config.display()
+        );
+        let socket = PathBuf::from(controller::config::DEFAULT_API_SOCKET);
+        let log = fs::File::create(a.work.join("sandboxer.log"))?;
+        let child = Command::new(&a.sandboxer)
+            .arg("serve")
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {}", a.sandboxer.display()))?;
+        let mut d = Daemon {
+            child,
+            state: PathBuf::from("/run/sandboxer"),
+            socket,
         };
         let until = Instant::now() + DAEMON_UP;
         while !d.socket.exists() {
@@ -1032,8 +1082,30 @@ async fn case_cgroups(api: &mut Controller, a: &Args, containerd: &FakeContainer
 
 async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
     fs::create_dir_all(&a.work)?;
+    let mut a = a.clone();
+    let events_socket = if a.defaults {
+        // The daemon's defaults: events go to containerd's default address + ".ttrpc", and
+        // the Task API opens files only under containerd's and iSulad's directories, so the
+        // work dir is there (checked) and the rootfs image is copied into it.
+        let under_default_root = controller::config::DEFAULT_TASK_HOST_PATHS
+            .iter()
+            .any(|root| a.work.starts_with(root));
+        ensure!(
+            under_default_root,
+            "--defaults needs --work under one of {:?}",
+            controller::config::DEFAULT_TASK_HOST_PATHS
+        );
+        let image = a
+            .work
+            .join(a.image.file_name().context("--image has no file name")?);
+        fs::copy(&a.image, &image)?;
+        a.image = image;
+        PathBuf::from("/run/containerd/containerd.sock.ttrpc")
+    } else {
+        a.work.join("containerd.sock.ttrpc")
+    };
+    let a = &a;
     let containerd = Arc::new(FakeContainerd::default());
-    let events_socket = a.work.join("containerd.sock.ttrpc");
     let mut events = TtrpcServer::new()
         .bind(&format!("unix://{}", events_socket.display()))
         .context("bind the containerd event socket")?

@@ -156,8 +156,10 @@ pub struct E2eCase {
     pub ci: bool,
     /// The `sandboxer-e2e` case.
     pub flow: &'static str,
-    /// The daemon boots the guest kernel and agent built into it (no `--kernel` and
-    /// `--initramfs`): the dist binary as shipped.
+    /// The dist binary as shipped, on a fresh host: `sandboxer serve` with no flag and no
+    /// config file (sandboxer-e2e `--defaults`), so it boots the guest kernel and agent built
+    /// into it and keeps its sockets and state where it does by default; the case's files are
+    /// under /run/containerd, where the Task API opens files by default.
     pub embedded: bool,
 }
 
@@ -165,7 +167,7 @@ impl E2eCase {
     /// The `sandboxer-e2e` arguments.
     pub fn args(&self) -> Vec<String> {
         let guest: Vec<String> = if self.embedded {
-            Vec::new()
+            vec!["--defaults".into()]
         } else {
             vec![
                 "--kernel".into(),
@@ -181,7 +183,11 @@ impl E2eCase {
                 "--image".into(),
                 ROOTFS_IMAGE.into(),
                 "--work".into(),
-                format!("/run/e2e-{}", self.name),
+                if self.embedded {
+                    format!("/run/containerd/e2e-{}", self.name)
+                } else {
+                    format!("/run/e2e-{}", self.name)
+                },
                 "--keep".into(),
                 self.flow.into(),
             ],
@@ -264,7 +270,7 @@ pub const E2E_CASES: &[E2eCase] = &[
     },
     E2eCase {
         name: "dist",
-        description: "the dist sandboxer with no kernel or initramfs configured boots its own and runs a container",
+        description: "the dist sandboxer as `sandboxer serve` with no flag or config boots its own kernel and agent and runs a container",
         ci: true,
         flow: "container",
         embedded: true,
