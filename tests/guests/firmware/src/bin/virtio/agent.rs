@@ -264,7 +264,6 @@ pub fn run(cmdline: &[u8], devices: &Devices, arena: &mut Arena) -> ! {
     if let Err(e) = announce(&mut vs, &mut scratch, opts.ready_port) {
         fail("ready", e);
     }
-    println!("agent: ready {AGENT_PORT}");
     serve(&mut vs, &mut scratch, &opts)
 }
 
@@ -300,6 +299,10 @@ fn announce(vs: &mut Vsock, scratch: &mut [u8], port: u32) -> Result<(), Failure
         let line = line.get_mut(..text.len()).ok_or(Failure::Msg("line"))?;
         line.copy_from_slice(text);
         conn.send_data(vs, line, scratch)?;
+        // On the console before the connection closes: a host that snapshots this guest once
+        // the ready connection is gone (a VM template) has the line in the template's console,
+        // never in a clone's.
+        println!("agent: ready {AGENT_PORT}");
         // The host reads one line and closes; its RST or SHUTDOWN arrives while serving and
         // is answered there (as a packet of no connection).
         conn.send(vs, OP_SHUTDOWN, BOTH)?;
