@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{V2Client, expect_code, pod_options};
+use common::{V2Client, expect_code, pod_options, pod_options_quota};
 use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerMetricsRequest, ControllerShutdownRequest,
     ControllerStartRequest, ControllerStatusRequest, ControllerStopRequest,
@@ -1013,27 +1013,6 @@ fn test_cgroups() -> Option<CpuCgroups> {
     }
 }
 
-/// A CRI pod config whose CPU limit is `quota` us per 100 ms.
-fn cpu_pod(quota: i64) -> prost_types::Any {
-    use prost::Message;
-    use proto::cri::v1 as cri;
-    let config = cri::PodSandboxConfig {
-        linux: Some(cri::LinuxPodSandboxConfig {
-            resources: Some(cri::LinuxContainerResources {
-                cpu_period: 100_000,
-                cpu_quota: quota,
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    prost_types::Any {
-        type_url: "runtime.v1.PodSandboxConfig".into(),
-        value: config.encode_to_vec(),
-    }
-}
-
 /// The host thread ids of `id`'s VM, as `sandboxer ps --json` lists them.
 async fn vm_threads(d: &KvmDaemon, id: &str) -> Vec<u32> {
     let socket = d.dir.path().join("api.sock");
@@ -1106,7 +1085,7 @@ async fn a_sandboxs_vm_threads_run_in_its_cpu_cgroup_with_the_pods_limit() {
         d.client
             .create(ControllerCreateRequest {
                 sandbox_id: id.into(),
-                options: Some(cpu_pod(quota)),
+                options: Some(pod_options_quota("cpu-pod", quota, 0)),
                 annotations: [(
                     controller::pod::TEMPLATE_ANNOTATION.to_string(),
                     template.to_string(),

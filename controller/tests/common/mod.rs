@@ -134,6 +134,11 @@ async fn wait_for_socket(path: &Path) {
 
 /// A CRI pod config in an `Any`, as containerd's CRI plugin sends it in Create's `options`.
 pub fn pod_options(hostname: &str, cpus: i64, mem_mib: i64) -> prost_types::Any {
+    pod_options_quota(hostname, cpus * 100_000, mem_mib)
+}
+
+/// [`pod_options`] with a CPU limit of `cpu_quota` us per 100 ms.
+pub fn pod_options_quota(hostname: &str, cpu_quota: i64, mem_mib: i64) -> prost_types::Any {
     use proto::cri::v1 as cri;
     let config = cri::PodSandboxConfig {
         metadata: Some(cri::PodSandboxMetadata {
@@ -152,7 +157,7 @@ pub fn pod_options(hostname: &str, cpus: i64, mem_mib: i64) -> prost_types::Any 
         linux: Some(cri::LinuxPodSandboxConfig {
             resources: Some(cri::LinuxContainerResources {
                 cpu_period: 100_000,
-                cpu_quota: cpus * 100_000,
+                cpu_quota,
                 memory_limit_in_bytes: mem_mib << 20,
                 ..Default::default()
             }),

@@ -210,19 +210,25 @@ impl Daemon {
             socket,
             state,
         };
-        let until = Instant::now() + DAEMON_UP;
-        while !d.socket.exists() {
-            if let Some(status) = d.child.try_wait()? {
-                bail!("the daemon exited early ({status}); see sandboxer.log");
-            }
-            ensure!(Instant::now() < until, "the daemon did not open its socket");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        d.wait_up()?;
         Ok(d)
     }
 }
 
 impl Daemon {
+    /// Waits until the daemon opened its socket, or failed.
+    fn wait_up(&mut self) -> Result<()> {
+        let until = Instant::now() + DAEMON_UP;
+        while !self.socket.exists() {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("the daemon exited early ({status}); see sandboxer.log");
+            }
+            ensure!(Instant::now() < until, "the daemon did not open its socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// `sandboxer serve` and nothing else: no flag, no config file, no environment; its
     /// sockets and state where a fresh host has them by default.
     fn start_bare(a: &Args) -> Result<Self> {
@@ -247,14 +253,7 @@ impl Daemon {
             state: PathBuf::from("/run/sandboxer"),
             socket,
         };
-        let until = Instant::now() + DAEMON_UP;
-        while !d.socket.exists() {
-            if let Some(status) = d.child.try_wait()? {
-                bail!("the daemon exited early ({status}); see sandboxer.log");
-            }
-            ensure!(Instant::now() < until, "the daemon did not open its socket");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        d.wait_up()?;
         Ok(d)
     }
 }
