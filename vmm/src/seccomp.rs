@@ -118,6 +118,9 @@ const COMMON: &[i64] = &[
     libc::SYS_fstat,
     libc::SYS_newfstatat,
     libc::SYS_statx,
+    // musl's `stat`/`lstat` (the shipped static binary) are these, not `newfstatat`.
+    libc::SYS_stat,
+    libc::SYS_lstat,
     libc::SYS_eventfd2,
     libc::SYS_epoll_ctl,
     libc::SYS_timerfd_settime,
@@ -854,6 +857,31 @@ mod tests {
         // The jail was the thread's own: this one still sees the host's paths.
         assert!(victim.exists() && outside.exists());
         std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    /// What musl's libc makes where glibc makes another call: `lstat`/`stat` for the stat
+    /// family. Kicks go out with `tgkill` (`kick_thread`), never `pthread_kill`, which is
+    /// `tkill` under musl: no list allows it (it reaches any thread of the host by id).
+    #[test]
+    fn the_calls_musl_makes_are_listed() {
+        for role in [ThreadRole::Vcpu, ThreadRole::Vmm] {
+            let seen = confined(role, SeccompPolicy::Enforce, || {
+                [
+                    libc::SYS_stat,
+                    libc::SYS_lstat,
+                    libc::SYS_tgkill,
+                    libc::SYS_tkill,
+                ]
+                .map(raw_errno)
+            });
+            // Null paths give EFAULT and thread id 0 EINVAL when the filter lets a call
+            // through; EPERM is the filter's.
+            assert_eq!(
+                seen,
+                [libc::EFAULT, libc::EFAULT, libc::EINVAL, libc::EPERM],
+                "{role:?}"
+            );
+        }
     }
 
     #[test]

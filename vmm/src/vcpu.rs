@@ -8,7 +8,7 @@
 //! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -17,10 +17,9 @@ use devices::sync::Recover;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use seccompiler::BpfProgram;
 use vmm_sys_util::eventfd::EventFd;
-use vmm_sys_util::signal::Killable;
 
 use crate::bus::Bus;
-use crate::kvm::signal::{ThreadVcpu, kick_signal};
+use crate::kvm::signal::{ThreadVcpu, kick_thread};
 use crate::seccomp::{PendingThread, SeccompPolicy, VmmRun};
 use crate::{ResetKind, VmExit};
 
@@ -183,6 +182,8 @@ pub(crate) struct VcpuContext {
 pub(crate) struct VcpuSet {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
+    /// Each thread's host thread id (0 until it runs), for kicks.
+    tids: Vec<Arc<AtomicU32>>,
 }
 
 /// How long stop and pause wait for vCPU threads before giving up on them.
@@ -223,9 +224,14 @@ impl PendingVcpus {
     /// Hands every thread its vCPU (`fds` in id order): the guest runs from here on.
     pub(crate) fn start(self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
         let mut threads = Vec::with_capacity(fds.len());
+        let mut tids = Vec::with_capacity(fds.len());
         for (pending, fd) in self.0.into_iter().zip(fds) {
+            let tid = pending.tid();
             match pending.start((fd, ctx.clone())) {
-                Ok(handle) => threads.push(handle),
+                Ok(handle) => {
+                    threads.push(handle);
+                    tids.push(tid);
+                }
                 Err(_) => {
                     // The thread is gone (it cannot be: it only waits); count it as ended.
                     ctx.control
@@ -237,6 +243,7 @@ impl PendingVcpus {
         VcpuSet {
             control: Arc::clone(&ctx.control),
             threads,
+            tids,
         }
     }
 }
@@ -292,10 +299,17 @@ impl VmThreads {
 }
 
 impl VcpuSet {
+    /// Kicks every vCPU thread out of `KVM_RUN`, with `tgkill` (`kick_thread`): what the VMM
+    /// thread's seccomp filter allows. `pthread_kill` is `tkill` under musl (the shipped static
+    /// binary), which the filter refuses: kicks then never arrived, and a forced Stop waited
+    /// out `VCPU_WAIT` and left the vCPU thread running. A thread that has not run yet (tid 0)
+    /// is kicked on the next round; one that already left its loop is fine to miss.
     fn kick_all(&self) {
-        for t in &self.threads {
-            // A thread that already left its loop is fine to miss.
-            let _ = t.kill(kick_signal());
+        for tid in &self.tids {
+            let tid = tid.load(Ordering::Relaxed);
+            if tid != 0 {
+                kick_thread(tid);
+            }
         }
     }
 
