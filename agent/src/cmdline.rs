@@ -14,6 +14,7 @@
 //! | `sandboxer.port` | vsock port | `1024` | port the agent serves ttrpc on (AF_VSOCK, any CID) |
 //! | `sandboxer.ready_port` | vsock port | `1025` | host port (CID 2) the agent dials to say it is ready, see [`crate::transport`] |
 //! | `sandboxer.oneshot` | `1`/`0`, `true`/`false`, `yes`/`no`, `on`/`off`, or bare | off | shut down right after `ready` (boot smoke tests, boot benchmarks) |
+//! | `sandboxer.test_ignore_shutdown` | as `oneshot` | off | tests only: answer Control.Shutdown and do nothing, a guest that ignores Shutdown (the host must end it itself after the grace time) |
 //!
 //! `reboot` is the default end because the guest kernel has no ACPI: with no power-off driver,
 //! Linux turns a power-off request into a halt that never leaves the VM, whereas a reboot
@@ -88,6 +89,8 @@ pub struct AgentConfig {
     pub shutdown_grace: Duration,
     /// Shut down right after announcing readiness.
     pub oneshot: bool,
+    /// Tests only: answer Control.Shutdown and do nothing.
+    pub ignore_shutdown: bool,
     /// vsock port of the ttrpc server.
     pub port: u32,
     /// Host vsock port (CID 2) that receives the ready line.
@@ -101,6 +104,7 @@ impl Default for AgentConfig {
             shutdown: ShutdownMode::Reboot,
             shutdown_grace: Duration::from_millis(1000),
             oneshot: false,
+            ignore_shutdown: false,
             port: crate::transport::DEFAULT_PORT,
             ready_port: crate::transport::DEFAULT_READY_PORT,
         }
@@ -222,6 +226,11 @@ pub fn parse(cmdline: &str) -> (AgentConfig, Vec<CmdlineWarning>) {
                 Some(b) => config.oneshot = b,
                 None => bad(&mut warnings, v),
             },
+            ("test_ignore_shutdown", None) => config.ignore_shutdown = true,
+            ("test_ignore_shutdown", Some(v)) => match parse_bool(v) {
+                Some(b) => config.ignore_shutdown = b,
+                None => bad(&mut warnings, v),
+            },
             ("log" | "shutdown" | "shutdown_grace_ms" | "port" | "ready_port", None) => {
                 warnings.push(CmdlineWarning::MissingValue(key.to_owned()));
             }
@@ -249,7 +258,7 @@ mod tests {
         let (config, warnings) = parse(
             "console=ttyS0 sandboxer.log=debug sandboxer.shutdown=poweroff \
              sandboxer.shutdown_grace_ms=250 sandboxer.oneshot sandboxer.port=5000 \
-             sandboxer.ready_port=5001\n",
+             sandboxer.ready_port=5001 sandboxer.test_ignore_shutdown=yes\n",
         );
         assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!(
@@ -259,6 +268,7 @@ mod tests {
                 shutdown: ShutdownMode::PowerOff,
                 shutdown_grace: Duration::from_millis(250),
                 oneshot: true,
+                ignore_shutdown: true,
                 port: 5000,
                 ready_port: 5001,
             }

@@ -136,7 +136,12 @@ fn setup_vm() -> Result<(AgentConfig, SignalFd)> {
 #[derive(Debug, Clone, Copy)]
 enum Ready {
     /// In the VM: the console line, then the vsock dial to the host.
-    Vm { ready_port: u32, oneshot: bool },
+    Vm {
+        ready_port: u32,
+        oneshot: bool,
+        /// `sandboxer.test_ignore_shutdown`: Control.Shutdown orders are answered and dropped.
+        ignore_shutdown: bool,
+    },
     /// On a host: optionally a line on an inherited fd.
     Host { fd: Option<u32> },
 }
@@ -155,6 +160,7 @@ async fn serve_signals(
     sfd: SignalFd,
     reaper: &Reaper,
     orders: &mut mpsc::Receiver<ShutdownOrder>,
+    ignore_orders: bool,
 ) -> Result<Stop> {
     // `AsyncFd::new` is deprecated because a `T` might not own its fd; `SignalFd` owns it for
     // the `AsyncFd`'s whole life, and the replacement (`AsyncFd::register`) is `unsafe`.
@@ -163,7 +169,13 @@ async fn serve_signals(
     loop {
         let mut guard = tokio::select! {
             guard = afd.readable_mut() => guard.context("Failed to poll the signalfd")?,
-            Some(grace) = orders.recv() => return Ok(Stop::Requested(grace)),
+            Some(grace) = orders.recv() => {
+                if ignore_orders {
+                    log::warn!("Ignoring a Shutdown request (sandboxer.test_ignore_shutdown)");
+                    continue;
+                }
+                return Ok(Stop::Requested(grace));
+            }
         };
         let info = match guard.get_inner_mut().read_signal() {
             Ok(Some(info)) => info,
@@ -274,6 +286,7 @@ async fn run(sfd: SignalFd, reaper: Arc<Reaper>, serve: Serve) -> Result<Stop> {
         Ready::Vm {
             ready_port,
             oneshot,
+            ..
         } => {
             if let Err(e) = console::announce_ready() {
                 log::error!("Failed to print the ready line: {e}");
@@ -294,7 +307,14 @@ async fn run(sfd: SignalFd, reaper: Arc<Reaper>, serve: Serve) -> Result<Stop> {
         Ready::Host { fd: Some(fd) } => transport::announce_ready_fd(fd, &line)?,
         Ready::Host { fd: None } => {}
     }
-    let stop = serve_signals(sfd, &reaper, &mut orders).await;
+    let ignore_orders = matches!(
+        ready,
+        Ready::Vm {
+            ignore_shutdown: true,
+            ..
+        }
+    );
+    let stop = serve_signals(sfd, &reaper, &mut orders, ignore_orders).await;
     let Some((mut server, service, control)) = serving else {
         return stop;
     };
@@ -351,6 +371,7 @@ fn vm_main(args: Args, started: Instant) -> ExitCode {
             let ready = Ready::Vm {
                 ready_port: config.ready_port,
                 oneshot: config.oneshot,
+                ignore_shutdown: config.ignore_shutdown,
             };
             let serve = Serve::new(args, listen, ready, started);
             let result = runtime().and_then(|rt| rt.block_on(run(sfd, reaper.clone(), serve)));

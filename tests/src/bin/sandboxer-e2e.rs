@@ -108,6 +108,7 @@ const CASES: &[&str] = &[
     "clones",
     "faults",
     "agent-faults",
+    "ignore-shutdown",
 ];
 
 fn parse_args() -> Result<Args> {
@@ -178,15 +179,21 @@ impl Daemon {
         if a.defaults {
             return Self::start_bare(a);
         }
-        let socket = a.work.join("sandboxer.sock");
-        let state = a.work.join("state");
-        let log = fs::File::create(a.work.join("sandboxer.log"))?;
+        Self::start_named(a, "sandboxer", &[])
+    }
+
+    /// A daemon whose sockets, state and log are named `name` in the work dir, with `more`
+    /// flags.
+    fn start_named(a: &Args, name: &str, more: &[String]) -> Result<Self> {
+        let socket = a.work.join(format!("{name}.sock"));
+        let state = a.work.join(format!("{name}-state"));
+        let log = fs::File::create(a.work.join(format!("{name}.log")))?;
         let child = Command::new(&a.sandboxer)
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
             .arg("--seed-socket")
-            .arg(a.work.join("sandboxer-seed.sock"))
+            .arg(a.work.join(format!("{name}-seed.sock")))
             .arg("--state-dir")
             .arg(&state)
             .arg(format!("--kernel={}", a.kernel.display()))
@@ -200,6 +207,7 @@ impl Daemon {
             .arg(&a.work)
             .arg("--task-host-path")
             .arg(a.image.parent().unwrap_or(Path::new("/")))
+            .args(more)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -1130,6 +1138,7 @@ async fn run(a: &Args) -> Result<Vec<(String, Result<()>)>> {
             "clones" => clones::case_clones(&mut api, &a.image, &a.busybox, &a.work).await,
             "faults" => faults::case_faults(&mut api, &a.image, &a.work, daemon.child.id()).await,
             "agent-faults" => agent_faults::case_agent_faults(&mut api, &a.image, &a.work).await,
+            "ignore-shutdown" => agent_faults::case_ignore_shutdown(a).await,
             "overlay" => overlay::case_overlay(&mut api, &a.busybox, &a.work, &daemon.state).await,
             other => Err(anyhow::anyhow!("no case {other}")),
         };

@@ -269,6 +269,13 @@ pub const E2E_CASES: &[E2eCase] = &[
         embedded: false,
     },
     E2eCase {
+        name: "e2e-ignore-shutdown",
+        description: "guests whose agent answers Shutdown and does nothing: Stop ends the pod itself after the grace time, Wait and Status say so, the pod beside it runs a container",
+        ci: true,
+        flow: "ignore-shutdown",
+        embedded: false,
+    },
+    E2eCase {
         name: "dist",
         description: "the dist sandboxer as `sandboxer serve` with no flag or config boots its own kernel and agent and runs a container",
         ci: true,

@@ -11,8 +11,12 @@
 //! A guest whose agent answers nothing at all (frozen through cgroup v2 by a container) was
 //! tried here too: the emulated host's L1 then stops taking interrupts (a pending LAPIC timer
 //! interrupt with IF=1 that is never delivered, in every run), which says nothing about the
-//! sandboxer. Stop of a guest that ignores Shutdown is tested with the test guest instead
-//! (`controller/tests/kvm.rs`: forced after the grace time).
+//! sandboxer.
+//!
+//! The `ignore-shutdown` case: Linux guests whose agent answers Control.Shutdown and does
+//! nothing (`sandboxer.test_ignore_shutdown=1` on a daemon of its own). Stop must end such a
+//! pod itself once the grace time is up, Wait and Status must say so, and a pod beside it keeps
+//! running.
 
 use std::fs;
 use std::path::Path;
@@ -22,8 +26,8 @@ use oci_spec::runtime::{Capabilities, Capability, LinuxNamespaceType, Spec};
 use proto::v2::sandbox as v2;
 
 use super::{
-    Controller, OutFifo, Pod, Steps, WAIT_TIMEOUT, end_pod, rootfs_mount, start_pod_as, wait_exit,
-    write_bundle,
+    Args, Controller, Daemon, OutFifo, Pod, Steps, WAIT_TIMEOUT, end_pod, rootfs_mount,
+    start_pod_as, wait_exit, write_bundle,
 };
 
 /// A bundle for `sh -c script` that shares the guest's PID namespace, with `CAP_KILL`.
@@ -176,5 +180,146 @@ pub(crate) async fn case_agent_faults(
     bystander.delete("calm").await?;
     steps.done("bystander-runs");
     end_pod(api, &bystander, &mut steps).await?;
+    Ok(())
+}
+
+/// Stops `pod` with `grace_secs`: how long Stop took.
+async fn stop_timed(
+    api: &mut Controller,
+    id: &str,
+    grace_secs: u32,
+) -> Result<std::time::Duration> {
+    let t0 = std::time::Instant::now();
+    api.stop(v2::ControllerStopRequest {
+        sandbox_id: id.into(),
+        timeout_secs: grace_secs,
+        sandboxer: "sandboxer".into(),
+    })
+    .await
+    .with_context(|| format!("Stop {id}"))?;
+    Ok(t0.elapsed())
+}
+
+/// Wait's answer for `id`: its exit status.
+async fn waited(api: &mut Controller, id: &str) -> Result<u32> {
+    let w = wait_sandbox(api, id).await?;
+    ensure!(w.exited_at.is_some(), "Wait {id}: no exit time");
+    Ok(w.exit_status)
+}
+
+async fn state_of(api: &mut Controller, id: &str) -> Result<String> {
+    Ok(api
+        .status(v2::ControllerStatusRequest {
+            sandbox_id: id.into(),
+            verbose: false,
+            sandboxer: "sandboxer".into(),
+        })
+        .await
+        .with_context(|| format!("Status {id}"))?
+        .into_inner()
+        .state)
+}
+
+/// The grace time Stop gives the deaf guests.
+const GRACE_SECS: u32 = 2;
+
+pub(crate) async fn case_ignore_shutdown(a: &Args) -> Result<()> {
+    let mut steps = Steps::new("ignore-shutdown");
+    let cmdline = format!(
+        "{} sandboxer.test_ignore_shutdown=1",
+        controller::config::Config::default().vm.cmdline
+    );
+    let daemon = Daemon::start_named(a, "deaf", &["--cmdline".into(), cmdline])?;
+    let mut api = controller::client::v2_client(&daemon.socket)
+        .await
+        .context("connect to the second daemon")?;
+    steps.done("daemon");
+    let deaf = start_pod_as(&mut api, "e2e-deaf", "e2e-deaf", "", &mut steps).await?;
+    let beside = start_pod_as(&mut api, "e2e-beside", "e2e-beside", "", &mut steps).await?;
+    // The guest answers Shutdown and goes on: Stop waits out the grace time, then ends the VM
+    // from the host.
+    let took = stop_timed(&mut api, &deaf.id, GRACE_SECS).await?;
+    ensure!(
+        took >= std::time::Duration::from_secs(u64::from(GRACE_SECS)),
+        "Stop returned after {took:?}, within the {GRACE_SECS} s grace: the guest did not ignore it"
+    );
+    // The force itself is a kick of the vCPU threads: quick (a shipped binary whose kicks its
+    // own seccomp filter refused waited 5 s for them and then left them running).
+    ensure!(
+        took < std::time::Duration::from_secs(u64::from(GRACE_SECS) + 4),
+        "Stop took {took:?}"
+    );
+    steps.done("stop-forced");
+    let status = waited(&mut api, &deaf.id).await?;
+    println!("E2E-OUTPUT ignore-shutdown: Stop took {took:?}, Wait exit status {status}");
+    // Any vCPU thread still there after the forced Stop, and where it waits.
+    for task in fs::read_dir(format!("/proc/{}/task", daemon.child.id()))?.flatten() {
+        let path = task.path();
+        let name = fs::read_to_string(path.join("comm")).unwrap_or_default();
+        if name.starts_with("vcpu") || name.starts_with("vmm") {
+            let field = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
+            println!(
+                "E2E-OUTPUT ignore-shutdown thread {} {}: wchan {} syscall {} stat {}",
+                path.display(),
+                name.trim(),
+                field("wchan").trim(),
+                field("syscall").trim(),
+                field("stat").split_whitespace().nth(2).unwrap_or("")
+            );
+        }
+    }
+    // What the daemon said about it (how the VM was ended).
+    let log = fs::read_to_string(a.work.join("deaf.log")).unwrap_or_default();
+    for line in log
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+    {
+        println!("E2E-OUTPUT ignore-shutdown daemon: {line}");
+    }
+    ensure!(
+        !log.contains("did not stop"),
+        "the forced Stop left vCPU threads behind"
+    );
+    let state = state_of(&mut api, &deaf.id).await?;
+    ensure!(
+        state == "SANDBOX_NOTREADY",
+        "Status after the forced Stop: {state}"
+    );
+    steps.done("wait");
+    // The pod beside it did not notice.
+    let state = state_of(&mut api, &beside.id).await?;
+    ensure!(state == "SANDBOX_READY", "the pod beside it: {state}");
+    let dir = a.work.join("ignore-shutdown");
+    fs::create_dir_all(&dir)?;
+    let bundle = dir.join("c1");
+    write_bundle(&bundle, &["/bin/sh", "-c", "exit 5"])?;
+    beside
+        .create("c1", &bundle, rootfs_mount(&a.image), ["", "", ""])
+        .await?;
+    beside.start("c1", "").await?;
+    let code = wait_exit(&beside.task, "c1", "").await?;
+    ensure!(
+        code == 5,
+        "a container beside the forced pod exited {code}, want 5"
+    );
+    beside.delete("c1").await?;
+    steps.done("beside");
+    shutdown(&mut api, &deaf.id).await?;
+    let _ = stop_timed(&mut api, &beside.id, 1).await?;
+    waited(&mut api, &beside.id).await?;
+    shutdown(&mut api, &beside.id).await?;
+    steps.done("shutdown");
+    let left = fs::read_dir(
+        a.work
+            .join("deaf-state")
+            .join(controller::store::SANDBOXES_DIR),
+    )
+    .map(|d| d.filter_map(|e| e.ok()).count())
+    .unwrap_or(0);
+    ensure!(
+        left == 0,
+        "{left} sandbox dirs left in the second daemon's state"
+    );
+    drop(daemon);
     Ok(())
 }
