@@ -218,20 +218,30 @@ impl Daemon {
             socket,
             state,
         };
-        d.wait_up()?;
+        d.wait_up(&a.work.join(format!("{name}.log")))?;
         Ok(d)
     }
 }
 
 impl Daemon {
     /// Waits until the daemon opened its socket, or failed.
-    fn wait_up(&mut self) -> Result<()> {
+    fn wait_up(&mut self, log: &Path) -> Result<()> {
         let until = Instant::now() + DAEMON_UP;
-        while !self.socket.exists() {
+        let tail = || {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(20)..].join("\n")
+        };
+        // Up means accepting: a socket file alone may be a daemon that is already failing.
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
             if let Some(status) = self.child.try_wait()? {
-                bail!("the daemon exited early ({status}); see sandboxer.log");
+                bail!("the daemon exited early ({status}):\n{}", tail());
             }
-            ensure!(Instant::now() < until, "the daemon did not open its socket");
+            ensure!(
+                Instant::now() < until,
+                "the daemon did not open its socket:\n{}",
+                tail()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
@@ -261,7 +271,7 @@ impl Daemon {
             state: PathBuf::from("/run/sandboxer"),
             socket,
         };
-        d.wait_up()?;
+        d.wait_up(&a.work.join("sandboxer.log"))?;
         Ok(d)
     }
 }
