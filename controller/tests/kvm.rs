@@ -1100,6 +1100,18 @@ async fn a_sandboxs_vm_threads_run_in_its_cpu_cgroup_with_the_pods_limit() {
         assert!(group.ends_with(id), "{}", group.display());
         let mut tids = vm_threads(&d, id).await;
         assert_eq!(tids.len(), 2, "{id}: {tids:?}");
+        // A clone's threads move beside its agent's setup, so shortly after Start returns.
+        let want = format!("/{}", group.display());
+        let in_group = |tid: &u32| {
+            std::fs::read_to_string(format!("/proc/self/task/{tid}/cgroup"))
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.ends_with(&want))
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !tids.iter().all(in_group) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         for tid in &tids {
             let cgroup = std::fs::read_to_string(format!("/proc/self/task/{tid}/cgroup")).unwrap();
             let want = format!("/{}", group.display());

@@ -237,23 +237,30 @@ impl KvmBackend {
             devices,
         };
         let (host, tpl) = (self.host.clone(), Arc::clone(template));
-        let (placement, vcpus) = (spec.cgroup.clone(), spec.vcpus);
-        let (vm, placed) = tokio::task::spawn_blocking(move || {
-            let vm = vmm::Vm::clone_from(&host, &tpl.snapshot, config)?;
-            let placed = placement.map_or(Ok(()), |p| {
-                p.attach(vcpus, || vm.ended().is_some(), || vm.thread_ids())
-            });
-            Ok::<_, vmm::VmError>((vm, placed))
-        })
-        .await
-        .map_err(BackendError::Join)?
-        .map_err(|e| BackendError::Start(Box::new(e)))?;
+        let vm =
+            tokio::task::spawn_blocking(move || vmm::Vm::clone_from(&host, &tpl.snapshot, config))
+                .await
+                .map_err(BackendError::Join)?
+                .map_err(|e| BackendError::Start(Box::new(e)))?;
         // The VMM's own measure: Vm::clone_from until the vCPUs run.
         phases.vm = vm.timings().total;
         let (vm, rx) = watched(vm);
-        if let Err(e) = placed {
-            stop_and_release(&vm).await;
-            return Err(e);
+        // Its threads into the sandbox's CPU cgroup beside the agent's setup, not before it:
+        // moving a thread between cgroups can wait out an RCU grace period (~5-10 ms here),
+        // which would double a clone's Start. The pod's limit applies from then on; a VM whose
+        // threads cannot be placed is stopped (its sandbox ends, and says why in the log).
+        if let Some(placement) = spec.cgroup.clone() {
+            let (vm, vcpus) = (Arc::clone(&vm), spec.vcpus);
+            tokio::task::spawn_blocking(move || {
+                let placed = placement.attach(vcpus, || vm.ended().is_some(), || vm.thread_ids());
+                if let Err(e) = placed {
+                    tracing::error!(
+                        error = %crate::error_chain(&e),
+                        "a clone's threads could not be placed in its CPU cgroup: stopping it"
+                    );
+                    vm.stop();
+                }
+            });
         }
         let mut setup = spec.setup.clone();
         for (iface, mac) in setup.interfaces.iter_mut().zip(&template.nic_macs) {

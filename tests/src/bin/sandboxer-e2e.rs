@@ -726,7 +726,19 @@ async fn case_pod(api: &mut Controller, daemon_pid: u32) -> Result<()> {
     let pod = start_pod(api, "e2e-pod", &mut steps).await?;
     // The pod's VM threads (its vCPU and its VMM thread) run in the sandbox's own threaded
     // cgroup v2 under the daemon's, with the cpu controller: no pod CPU limit, so no quota.
-    let placed = threads_in_cgroup(daemon_pid, "/sandboxer-sandboxes/e2e-pod")?;
+    // A clone's threads move beside its agent's setup: shortly after Start returned.
+    let placed = {
+        let until = Instant::now() + Duration::from_secs(10);
+        loop {
+            let placed = threads_in_cgroup(daemon_pid, "/sandboxer-sandboxes/e2e-pod")?;
+            let whole = placed.iter().any(|(n, _)| n == "vmm")
+                && placed.iter().any(|(n, _)| n.starts_with("vcpu"));
+            if whole || Instant::now() > until {
+                break placed;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
     let names: Vec<&str> = placed.iter().map(|(n, _)| n.as_str()).collect();
     ensure!(
         names.contains(&"vmm") && names.iter().any(|n| n.starts_with("vcpu")),
