@@ -403,18 +403,27 @@ const PROCESS_DENIED: &[i64] = &[
 /// (files, netlink, namespaces, mounts by its helper programs), so theirs is a list of what is
 /// denied, not of what is allowed.
 pub fn confine_process(policy: SeccompPolicy) -> Result<(), SeccompError> {
+    match deny_list(PROCESS_DENIED, policy)? {
+        Some(program) => seccompiler::apply_filter_all_threads(&program)
+            .map_err(|e| SeccompError::Install(e.to_string())),
+        None => Ok(()),
+    }
+}
+
+/// A filter that lets every call through but those of `denied`, which fail with `EPERM`
+/// under [`SeccompPolicy::Enforce`] and are logged under [`SeccompPolicy::Log`] (`None` for
+/// [`SeccompPolicy::Off`]).
+fn deny_list(denied: &[i64], policy: SeccompPolicy) -> Result<Option<BpfProgram>, SeccompError> {
     let matched = match policy {
-        SeccompPolicy::Off => return Ok(()),
+        SeccompPolicy::Off => return Ok(None),
         SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
         SeccompPolicy::Log => SeccompAction::Log,
     };
-    let rules = PROCESS_DENIED.iter().map(|&n| (n, vec![])).collect();
-    let program: BpfProgram =
-        SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
-            .and_then(TryInto::try_into)
-            .map_err(|e| SeccompError::Build(e.to_string()))?;
-    seccompiler::apply_filter_all_threads(&program)
-        .map_err(|e| SeccompError::Install(e.to_string()))
+    let rules = denied.iter().map(|&n| (n, vec![])).collect();
+    SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
+        .and_then(TryInto::try_into)
+        .map(Some)
+        .map_err(|e| SeccompError::Build(e.to_string()))
 }
 
 /// What the lock filter of a jailed VMM thread forbids: leaving or changing the jail.
@@ -424,20 +433,6 @@ const JAIL_LOCKED: &[i64] = &[
     libc::SYS_fchdir,
     libc::SYS_unshare,
 ];
-
-/// Compiles the lock filter [`jail`] installs (`None` for [`SeccompPolicy::Off`]).
-fn build_lock(policy: SeccompPolicy) -> Result<Option<BpfProgram>, SeccompError> {
-    let matched = match policy {
-        SeccompPolicy::Off => return Ok(None),
-        SeccompPolicy::Enforce => SeccompAction::Errno(libc::EPERM.unsigned_abs()),
-        SeccompPolicy::Log => SeccompAction::Log,
-    };
-    let rules = JAIL_LOCKED.iter().map(|&n| (n, vec![])).collect();
-    SeccompFilter::new(rules, SeccompAction::Allow, matched, TargetArch::x86_64)
-        .and_then(TryInto::try_into)
-        .map(Some)
-        .map_err(|e| SeccompError::Build(e.to_string()))
-}
 
 /// Confines the calling VMM thread's paths to `root` (its sandbox's directory, which holds the
 /// hybrid vsock socket): a file-system context of its own (`unshare(CLONE_FS)`: root and
@@ -498,7 +493,7 @@ impl Filters {
             SeccompPolicy::Enforce => &self.lock_enforce,
             SeccompPolicy::Log => &self.lock_log,
         };
-        cached(slot, || build_lock(policy))
+        cached(slot, || deny_list(JAIL_LOCKED, policy))
     }
 }
 

@@ -252,22 +252,6 @@ pub(crate) async fn case_ignore_shutdown(a: &Args) -> Result<()> {
     steps.done("stop-forced");
     let status = waited(&mut api, &deaf.id).await?;
     println!("E2E-OUTPUT ignore-shutdown: Stop took {took:?}, Wait exit status {status}");
-    // Any vCPU thread still there after the forced Stop, and where it waits.
-    for task in fs::read_dir(format!("/proc/{}/task", daemon.child.id()))?.flatten() {
-        let path = task.path();
-        let name = fs::read_to_string(path.join("comm")).unwrap_or_default();
-        if name.starts_with("vcpu") || name.starts_with("vmm") {
-            let field = |f: &str| fs::read_to_string(path.join(f)).unwrap_or_default();
-            println!(
-                "E2E-OUTPUT ignore-shutdown thread {} {}: wchan {} syscall {} stat {}",
-                path.display(),
-                name.trim(),
-                field("wchan").trim(),
-                field("syscall").trim(),
-                field("stat").split_whitespace().nth(2).unwrap_or("")
-            );
-        }
-    }
     // What the daemon said about it (how the VM was ended).
     let log = fs::read_to_string(a.work.join("deaf.log")).unwrap_or_default();
     for line in log
