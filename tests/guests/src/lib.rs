@@ -199,7 +199,9 @@ pub mod virtio {
 /// apart), then accepts connections on [`PORT`](agent::PORT) and answers every ttrpc request
 /// frame with an OK response with an empty payload (status OK, `google.protobuf.Empty` or a
 /// default message), forever, waiting in `sti; hlt`. It never ends by itself unless
-/// [`EXIT_ON_SHUTDOWN`](agent::EXIT_ON_SHUTDOWN) is set.
+/// [`EXIT_ON_SHUTDOWN`](agent::EXIT_ON_SHUTDOWN) is set. A transport-reset event drops every
+/// connection it holds; it goes on accepting new ones. With
+/// [`counter_port`](agent::counter_port) it also sends a liveness counter.
 pub mod agent {
     /// Selects the agent mode of [`Guest::Virtio`](crate::Guest::Virtio).
     pub const TEST_AGENT: &str = "virtio.test=agent";
@@ -208,6 +210,11 @@ pub mod agent {
     pub const EXIT_ON_SHUTDOWN: &str = "agent.exit_on_shutdown=1";
     /// Do not print a console line per request (each console byte is a VM exit).
     pub const QUIET: &str = "agent.quiet=1";
+    /// Key of the liveness counter's host port; see [`counter_port`].
+    pub const COUNTER_PORT: &str = "agent.counter_port";
+    /// The counter's tick: it counts one per tick of waiting on the guest's LAPIC timer (time
+    /// the guest spends working is not counted, so a tick is at least this long).
+    pub const COUNTER_TICK_MS: u64 = 10;
     /// Guest port the agent serves ttrpc on (announced in the ready line).
     pub const PORT: u32 = 1024;
     /// Host port the ready line goes to by default.
@@ -223,6 +230,18 @@ pub mod agent {
     /// `("sandboxer.agent.v1.Control", "Setup")`.
     pub fn request(service: &str, method: &str) -> String {
         format!("agent: request {service}/{method}\n")
+    }
+
+    /// `agent.counter_port=<port>`: once the ready line is sent, the guest counts in its memory
+    /// from 1, one per [`COUNTER_TICK_MS`], and keeps one stream connection to the host (CID
+    /// 2) on `port` that carries the count at every tick as a decimal line, `<n>\n` (ASCII
+    /// digits of a u64). A line the host has no room for (its credit is used up) is skipped.
+    /// A refused, reset or closed connection, or one dropped by a transport reset, is dialled
+    /// again every tick, forever, with the count going on: the numbers the host reads are
+    /// strictly increasing across connections, and a guest that was booted again starts over
+    /// at 1. The guest port of each dial is new (from 50000). The ttrpc serving is unchanged.
+    pub fn counter_port(port: u32) -> String {
+        format!("{COUNTER_PORT}={port}")
     }
 
     /// A command line for the agent mode: `base` plus [`TEST_AGENT`] and `extra` words.
@@ -625,6 +644,9 @@ mod tests {
             agent::request("sandboxer.agent.v1.Control", "Setup"),
             "agent: request sandboxer.agent.v1.Control/Setup\n"
         );
+        assert_eq!(agent::counter_port(5005), "agent.counter_port=5005");
+        let elf = std::fs::read(Guest::Virtio.elf()).unwrap();
+        assert!(contains(&elf, &format!("{}=", agent::COUNTER_PORT)));
     }
 
     #[test]

@@ -199,7 +199,8 @@ impl Vsock {
         &self.transport
     }
 
-    /// `guest_cid` from the configuration space (§5.10.4), read at initialisation.
+    /// `guest_cid` from the configuration space (§5.10.4), read at initialisation and again
+    /// on each transport-reset event.
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
     }
@@ -262,6 +263,10 @@ impl Vsock {
                 .map_or(u32::MAX, u32::from_le_bytes);
             self.events = self.events.wrapping_add(1);
             self.last_event = id;
+            if id == EVENT_TRANSPORT_RESET {
+                // §5.10.6.7: the driver re-reads `guest_cid`, which may have changed.
+                self.guest_cid = self.transport.config_u64(0);
+            }
             self.post_event(slot)?;
             reposted = true;
         }
@@ -327,6 +332,23 @@ impl Vsock {
         data: &mut [u8],
     ) -> Result<(Header, usize), VirtioError> {
         let mut deadline = irq::Deadline::after(timeout);
+        match self.recv_within(&mut deadline, data) {
+            Err(VirtioError::Timeout) => {
+                self.transport.check()?;
+                Err(VirtioError::Timeout)
+            }
+            other => other,
+        }
+    }
+
+    /// [`Vsock::recv`] bounded by a deadline the caller keeps across calls (a periodic tick
+    /// that packets must not postpone). A `Timeout` means `deadline` has expired; unlike
+    /// [`Vsock::recv`] it does not read the device status (one VM exit per call).
+    pub fn recv_within(
+        &mut self,
+        deadline: &mut irq::Deadline,
+        data: &mut [u8],
+    ) -> Result<(Header, usize), VirtioError> {
         loop {
             // TX completions and events wake the wait too: take them, then wait on.
             self.reap()?;
@@ -334,7 +356,6 @@ impl Vsock {
                 break;
             }
             if deadline.expired() {
-                self.transport.check()?;
                 return Err(VirtioError::Timeout);
             }
             let (rx, tx, event) = (&self.rx, &self.tx, &self.event);

@@ -9,6 +9,11 @@
 //!    ttrpc request frame with an OK response with an empty payload, forever, waiting in
 //!    `sti; hlt` between packets. Idle, it takes no timer tick: the LAPIC timer runs only while
 //!    a wait has a bound ([`firmware::irq`]), and the serving loop's bound is [`IDLE`].
+//! 3. With `agent.counter_port=<port>`, it also keeps a counter and a connection to the host
+//!    port that carries it (`counter.rs`), ticking every [`counter::TICK`] while it serves.
+//!
+//! A transport-reset event (§5.10.6.7) drops every connection the agent holds; new host
+//! connections are accepted as before.
 //!
 //! ttrpc framing: a 10-byte header (payload length u32 BE, stream id u32 BE, type u8 with 1 =
 //! request and 2 = response, flags u8), then the payload. A request's payload is the protobuf
@@ -24,12 +29,13 @@ use core::time::Duration;
 
 use firmware::dma::Arena;
 use firmware::virtio::vsock::{
-    HOST_CID, MAX_DATA, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN, SHUTDOWN_RCV, SHUTDOWN_SEND,
-    TYPE_STREAM, Vsock,
+    EVENT_TRANSPORT_RESET, HOST_CID, MAX_DATA, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN,
+    SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Vsock,
 };
-use firmware::virtio::{self, DEVICE_ID_VSOCK};
+use firmware::virtio::{self, DEVICE_ID_VSOCK, VirtioError};
 use firmware::{exit, irq, println};
 
+use crate::counter::{self, Counter};
 use crate::vsock::{Conn, Event, reject};
 use crate::{Devices, Failure, Text};
 
@@ -68,6 +74,8 @@ struct Options {
     ready_port: u32,
     quiet: bool,
     exit_on_shutdown: bool,
+    /// Host port of the counter connection (`agent.counter_port`); none: no counter.
+    counter_port: Option<u32>,
 }
 
 impl Options {
@@ -78,6 +86,7 @@ impl Options {
             ready_port: DEFAULT_READY_PORT,
             quiet: false,
             exit_on_shutdown: false,
+            counter_port: None,
         };
         for word in virtio::words(cmdline) {
             if let Some(v) = word.strip_prefix(b"sandboxer.ready_port=") {
@@ -88,6 +97,9 @@ impl Options {
                 opts.quiet = v == b"1";
             } else if let Some(v) = word.strip_prefix(b"agent.exit_on_shutdown=") {
                 opts.exit_on_shutdown = v == b"1";
+            } else if let Some(v) = word.strip_prefix(b"agent.counter_port=") {
+                opts.counter_port =
+                    virtio::parse_number(v, false).and_then(|v| u32::try_from(v).ok());
             }
         }
         opts
@@ -311,16 +323,53 @@ fn announce(vs: &mut Vsock, scratch: &mut [u8], port: u32) -> Result<(), Failure
     Err(Failure::Msg("the host refused every dial"))
 }
 
-/// Serves ttrpc connections on [`AGENT_PORT`] forever.
+/// Serves ttrpc connections on [`AGENT_PORT`] forever (and ticks the counter, if any).
 fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
-    let cid = vs.guest_cid();
+    let mut cid = vs.guest_cid();
     let mut conns: [Option<RpcConn>; MAX_CONNS] = [const { None }; MAX_CONNS];
+    let mut counter = opts
+        .counter_port
+        .map(|port| Counter::start(vs, port).unwrap_or_else(|e| fail("counter", e)));
+    // Packets do not postpone a tick: the deadline lives across receives.
+    let mut tick = irq::Deadline::after(counter::TICK);
+    let mut events = vs.events().0;
     loop {
-        let (h, n) = match vs.recv(IDLE, scratch) {
+        let received = match counter {
+            Some(_) => vs.recv_within(&mut tick, scratch),
+            None => vs.recv(IDLE, scratch),
+        };
+        // Events are taken inside the driver's receive and send: before this packet, which may
+        // already be the new host's, forget every connection a transport reset dropped.
+        let (seen, last) = vs.events();
+        if seen != events {
+            events = seen;
+            if last == EVENT_TRANSPORT_RESET {
+                conns = [const { None }; MAX_CONNS];
+                cid = vs.guest_cid();
+                if let Some(c) = counter.as_mut() {
+                    c.transport_reset();
+                }
+            }
+        }
+        let (h, n) = match received {
             Ok(p) => p,
-            Err(firmware::virtio::VirtioError::Timeout) => continue,
+            Err(VirtioError::Timeout) => {
+                if let Some(c) = counter.as_mut() {
+                    tick = irq::Deadline::after(counter::TICK);
+                    if let Err(e) = c.tick(vs) {
+                        fail("counter", e);
+                    }
+                }
+                continue;
+            }
             Err(e) => fail("recv", e),
         };
+        if let Some(c) = counter.as_mut().filter(|c| c.owns(&h)) {
+            if let Err(e) = c.handle(vs, &h, n) {
+                fail("counter", e);
+            }
+            continue;
+        }
         let data = scratch.get(..n).unwrap_or_default();
         let owner = conns
             .iter_mut()

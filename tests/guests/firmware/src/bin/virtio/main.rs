@@ -7,7 +7,8 @@
 //! Command line: `virtio_mmio.device=<size>@<base>:<irq>` entries (appended by the VMM) and
 //! - `virtio.test=blk|net|vsock|all` (a comma-separated list works too; default `all`, which
 //!   skips device types that are absent instead of failing), or `virtio.test=agent`: behave
-//!   like the guest agent on the wire, forever (see `agent.rs`), or `virtio.test=hostile`:
+//!   like the guest agent on the wire, forever (see `agent.rs`; `agent.counter_port=<port>`
+//!   adds a liveness counter, see `counter.rs`), or `virtio.test=hostile`:
 //!   attack the devices, forever (`hostile.case=<case>`, see `hostile.rs`),
 //! - `virtio.blk_swap=1`: after its steps, wait for a slot swap on the first block device,
 //! - `virtio.blk_all=1`: test every block device, not just the first.
@@ -22,6 +23,7 @@
 
 mod agent;
 mod blk;
+mod counter;
 mod hostile;
 mod net;
 mod vsock;

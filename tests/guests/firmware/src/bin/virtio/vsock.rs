@@ -175,9 +175,8 @@ impl Conn {
         data: &[u8],
         scratch: &mut [u8],
     ) -> Result<(), Failure> {
-        let len = u32::try_from(data.len()).map_err(|_| Failure::Msg("payload too large"))?;
         let mut tries = 0;
-        while self.peer_free() < len {
+        while !self.try_send_data(vs, data)? {
             if tries == CREDIT_TRIES {
                 return Err(Failure::Msg("no credit from the peer"));
             }
@@ -196,10 +195,20 @@ impl Conn {
                 Event::Unexpected(op) => return Err(Failure::UnexpectedOp(op)),
             }
         }
+        Ok(())
+    }
+
+    /// Sends `data` as one RW packet if the peer has room for it now; `false` (nothing sent)
+    /// when it has not. Never waits for credit.
+    pub(crate) fn try_send_data(&mut self, vs: &mut Vsock, data: &[u8]) -> Result<bool, Failure> {
+        let len = u32::try_from(data.len()).map_err(|_| Failure::Msg("payload too large"))?;
+        if self.peer_free() < len {
+            return Ok(false);
+        }
         let hdr = self.header(OP_RW, 0);
         vs.send(&hdr, data)?;
         self.tx_cnt = self.tx_cnt.wrapping_add(len);
-        Ok(())
+        Ok(true)
     }
 }
 
