@@ -50,6 +50,13 @@ pub enum VmmAction {
     /// ([`crate::snapshot::VmSnapshot`]). Allowed while running or paused, for a VM that has its
     /// own memory (not a clone).
     Snapshot,
+    /// Pauses the VM and saves its state for a live handover to another process
+    /// ([`crate::Vm::handover`]): allowed for every running or paused VM, clones and VMs
+    /// with open vsock connections included (the rebuilt VM resets its guest's vsock
+    /// transport). From then on the VM is frozen: its devices stop too (no guest memory
+    /// changes), until [`VmmAction::Resume`] (the handover failed: the VM goes on) or
+    /// [`VmmAction::Stop`] (it succeeded).
+    Handover,
     /// Test hook: makes the VM's own threads panic (see [`PanicSite`]), so that a test can
     /// check a panic ends that VM only. Nothing a guest or an API client does reaches it.
     #[doc(hidden)]
@@ -87,6 +94,7 @@ impl fmt::Debug for VmmAction {
                 f.debug_struct("DetachDisk").field("index", index).finish()
             }
             VmmAction::Snapshot => f.write_str("Snapshot"),
+            VmmAction::Handover => f.write_str("Handover"),
             VmmAction::InjectPanic(site) => f.debug_tuple("InjectPanic").field(site).finish(),
             VmmAction::InjectHang(d) => f.debug_tuple("InjectHang").field(d).finish(),
         }
@@ -100,6 +108,9 @@ pub enum VmmData {
     Empty,
     /// The VM's saved state ([`VmmAction::Snapshot`]).
     Snapshot(Box<VmSnapshot>),
+    /// The VM's saved state for a handover ([`VmmAction::Handover`]); for a clone, also its
+    /// memory mapping, from which [`crate::Vm::handover`] copies the pages it wrote.
+    Handover(Box<VmSnapshot>, Option<vm_memory::GuestMemoryMmap>),
 }
 
 /// Why an action failed.
@@ -135,6 +146,7 @@ impl VmmAction {
             VmmAction::AttachDisk { .. } => "AttachDisk",
             VmmAction::DetachDisk { .. } => "DetachDisk",
             VmmAction::Snapshot => "Snapshot",
+            VmmAction::Handover => "Handover",
             VmmAction::InjectPanic(_) => "InjectPanic",
             VmmAction::InjectHang(_) => "InjectHang",
         }

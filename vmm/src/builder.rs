@@ -31,10 +31,12 @@ use crate::event_loop::{SnapshotSources, VmResources, VmmControl, VmmJob, vmm_th
 use crate::host::Host;
 use crate::kvm::state::{StateError, xsave_words};
 use crate::kvm::{IrqLine, KvmContext, KvmError};
+use crate::memory::{GuestRam, MemoryError};
 use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
 use crate::seccomp::{SeccompError, ThreadRole};
-use crate::snapshot::VmSnapshot;
+use crate::snapshot::SnapshotError;
+use crate::snapshot::{SavedMemory, VmSnapshot};
 use crate::timings::StartupTimings;
 use crate::vcpu::{ResetLine, VcpuContext, VcpuControl, VmThreads};
 use crate::vm::{EndState, Vm};
@@ -91,6 +93,10 @@ pub struct CloneConfig {
     /// The clone's devices: of the template's kinds, in the template's order (block slots
     /// empty as they were, its own vsock socket, its own network backends).
     pub devices: Vec<DeviceConfig>,
+    /// Start frozen: neither the vCPUs nor the devices touch the guest's memory until
+    /// [`Vm::resume`]. A VM restored for a live handover starts so: the old VM on the same
+    /// memory must be gone (or given up) before it runs.
+    pub paused: bool,
 }
 
 /// What the common part of building a VM starts from.
@@ -169,20 +175,26 @@ impl Vm {
                     shell
                 }
             },
-            Source::Clone(snap, _) => match host.pool().take(snap.pool_key()) {
-                Some(shell) => {
-                    timings.pooled = true;
-                    timings.vm_create = lap.next();
-                    shell
+            Source::Clone(snap, _) => {
+                let pooled = match snap.kind {
+                    SavedMemory::Template => host.pool().take(snap.pool_key()),
+                    SavedMemory::Own | SavedMemory::Clone { .. } => None,
+                };
+                match pooled {
+                    Some(shell) => {
+                        timings.pooled = true;
+                        timings.vm_create = lap.next();
+                        shell
+                    }
+                    None => {
+                        let ram = restored_memory(snap)?;
+                        let (shell, t) = VmShell::build_on(kvm, ram, vcpu_count)?;
+                        timings.memory = t.memory;
+                        timings.vm_create = lap.next().saturating_sub(t.memory);
+                        shell
+                    }
                 }
-                None => {
-                    let (shell, t) =
-                        VmShell::build_clone(kvm, &snap.memory, mem_bytes, vcpu_count)?;
-                    timings.memory = t.memory;
-                    timings.vm_create = lap.next().saturating_sub(t.memory);
-                    shell
-                }
-            },
+            }
         };
         // The VM's threads: the pooled shell's, started and confined ahead, or started now
         // (they install their seccomp filters while the VM is built).
@@ -213,6 +225,7 @@ impl Vm {
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
         let mut source = source;
+        let paused = matches!(&source, Source::Clone(_, cfg) if cfg.paused);
         let (device_configs, console_cfg) = match &mut source {
             Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
             Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
@@ -232,6 +245,9 @@ impl Vm {
             device_manager = device_manager.restoring(&snap.devices);
         }
         device_manager.add_all(device_configs)?;
+        if let Source::Clone(snap, _) = &source {
+            device_manager.devices.reset_stale_vsock(&snap.vsock_stale);
+        }
         let device_cmdline = take(&mut device_manager.cmdline);
         let mut devices = device_manager.devices;
         let jail_root = devices.jail.take();
@@ -255,6 +271,9 @@ impl Vm {
         let wake =
             Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("wake eventfd", e))?);
         let control = Arc::new(VcpuControl::new(Arc::clone(&wake)));
+        if paused {
+            control.start_paused();
+        }
         let serial_irq: Arc<dyn Line> = Arc::new(IrqLine::new(Arc::clone(&vm_fd), SERIAL_IRQ));
         let console_log = match &console_cfg.log_path {
             Some(path) => Some(
@@ -342,6 +361,7 @@ impl Vm {
             memory: Arc::clone(&ram.file),
             mem_bytes,
             private_memory: ram.private,
+            mapping: ram.mem.clone(),
             msr_list: kvm.msr_list().into(),
             xsave_words: xsave_words(&vm_fd),
         };
@@ -363,6 +383,7 @@ impl Vm {
             boot: Arc::clone(&boot_signal),
             done: Arc::clone(&done),
             reinit: Vec::new(),
+            frozen: paused,
         }));
         event_manager.add_subscriber(controller.clone());
         let live = host.live_guard();
@@ -411,12 +432,45 @@ impl Vm {
         })
     }
 
+    /// Rebuilds a VM saved by [`Vm::handover`] (possibly in another process, see
+    /// [`VmSnapshot::decode`]) on the same guest memory, with `config`'s backends (the same
+    /// taps, disks and vsock socket, passed along), and runs it: the guest goes on where it was
+    /// paused. Its vsock device tells the guest its transport was reset (its connections
+    /// ended with the old VM).
+    pub fn restore(host: &Host, saved: &VmSnapshot, config: CloneConfig) -> Result<Vm, VmError> {
+        if matches!(saved.kind, SavedMemory::Template) {
+            return Err(CloneError::NotHandedOver.into());
+        }
+        Self::clone_from(host, saved, config)
+    }
+
+    /// Pauses the VM and saves its state for a live handover: the VM stays frozen (vCPUs
+    /// and devices) until [`Vm::resume`] (the handover failed: it goes on) or [`Vm::stop`]
+    /// (another VM took over with [`Vm::restore`]). Works for every running VM, clones
+    /// included (their written pages are copied into the snapshot's delta).
+    pub fn handover(&self) -> Result<VmSnapshot, VmmActionError> {
+        let (mut snapshot, mapping) = match self.request(VmmAction::Handover)? {
+            VmmData::Handover(s, m) => (*s, m),
+            _ => return Err(VmmActionError::NotRunning),
+        };
+        if let Some(mapping) = mapping {
+            match crate::memory::capture_delta(&mapping) {
+                Ok(delta) => snapshot.kind = SavedMemory::Clone { delta },
+                Err(e) => {
+                    let _ = self.resume();
+                    return Err(SnapshotError::Delta(e).into());
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
     /// Pauses the VM and saves its state for clones (see [`VmSnapshot`]). The VM stays paused;
     /// it must not run again once clones exist: stop it.
     pub fn snapshot(&self) -> Result<VmSnapshot, VmmActionError> {
         match self.request(VmmAction::Snapshot)? {
             VmmData::Snapshot(s) => Ok(*s),
-            VmmData::Empty => Err(VmmActionError::NotRunning),
+            _ => Err(VmmActionError::NotRunning),
         }
     }
 }
@@ -438,6 +492,29 @@ pub enum CloneError {
     /// Writing the saved KVM state failed.
     #[error("Failed to restore the template's state")]
     State(#[source] StateError),
+    /// A template's snapshot was given where a handed-over VM was expected.
+    #[error("The snapshot is a template's, not a handed-over VM's")]
+    NotHandedOver,
+    /// A clone's written pages could not be brought back.
+    #[error("Failed to restore a clone's memory")]
+    Delta(#[source] crate::memory::DeltaError),
+}
+
+/// The memory of a VM built from `snapshot`: a template's clone maps it copy-on-write; a VM
+/// rebuilt after a handover maps its own memfd shared or, for a clone, its template's
+/// copy-on-write with the pages it wrote copied back.
+fn restored_memory(snapshot: &VmSnapshot) -> Result<GuestRam, VmError> {
+    let (memory, mem_bytes) = (&snapshot.memory, snapshot.mem_bytes);
+    let shell = |e: MemoryError| VmError::Shell(ShellError::Memory(e));
+    Ok(match &snapshot.kind {
+        SavedMemory::Template => GuestRam::copy_on_write(memory, mem_bytes).map_err(shell)?,
+        SavedMemory::Own => GuestRam::shared(memory, mem_bytes).map_err(shell)?,
+        SavedMemory::Clone { delta } => {
+            let ram = GuestRam::copy_on_write(memory, mem_bytes).map_err(shell)?;
+            ram.apply_delta(delta).map_err(CloneError::Delta)?;
+            ram
+        }
+    })
 }
 
 /// Measures consecutive phases.

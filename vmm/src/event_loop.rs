@@ -30,7 +30,7 @@ use crate::host::LiveGuard;
 use crate::kvm::state::{VcpuState, VmState, settle};
 use crate::memory::GuestRam;
 use crate::seccomp::SeccompError;
-use crate::snapshot::{SnapshotError, VmSnapshot};
+use crate::snapshot::{SavedMemory, SnapshotError, VmSnapshot};
 use crate::vcpu::{VcpuContext, VcpuControl, VcpuSet};
 use crate::vm::{EndState, VmEnd};
 use seccompiler::BpfProgram;
@@ -115,6 +115,15 @@ fn run_loop(
     done: &AtomicBool,
 ) -> Result<(), event_manager::Error> {
     while !done.load(Ordering::SeqCst) {
+        {
+            let mut control = controller.lock().recover();
+            if control.frozen {
+                // Handed over: only requests, no device work (the guest memory must stay
+                // as it was saved).
+                control.serve_frozen();
+                continue;
+            }
+        }
         event_manager.run()?;
         let reinit = std::mem::take(&mut controller.lock().recover().reinit);
         for id in reinit {
@@ -149,6 +158,8 @@ pub(crate) struct SnapshotSources {
     pub(crate) memory: Arc<File>,
     pub(crate) mem_bytes: u64,
     pub(crate) private_memory: bool,
+    /// The guest memory's mapping (a clone's private pages are read from it at a handover).
+    pub(crate) mapping: vm_memory::GuestMemoryMmap,
     /// The host's MSR list and this VM's XSAVE area size.
     pub(crate) msr_list: Arc<[u32]>,
     pub(crate) xsave_words: usize,
@@ -169,6 +180,8 @@ pub(crate) struct VmmControl {
     pub(crate) done: Arc<AtomicBool>,
     /// Subscribers to initialise again after this pass of the loop (see `reinit_subscriber`).
     pub(crate) reinit: Vec<SubscriberId>,
+    /// Saved for a handover: the loop serves requests only, until Resume or Stop.
+    pub(crate) frozen: bool,
 }
 
 impl VmmControl {
@@ -201,6 +214,7 @@ impl VmmControl {
                 }
             }
             VmmAction::Resume => {
+                self.frozen = false;
                 self.vcpus.resume();
                 Ok(VmmData::Empty)
             }
@@ -224,6 +238,15 @@ impl VmmControl {
                 Ok(VmmData::Empty)
             }
             VmmAction::Snapshot => self.snapshot().map(|s| VmmData::Snapshot(Box::new(s))),
+            VmmAction::Handover => {
+                let snapshot = self.save()?;
+                self.frozen = true;
+                let mapping = self
+                    .saved
+                    .private_memory
+                    .then(|| self.saved.mapping.clone());
+                Ok(VmmData::Handover(Box::new(snapshot), mapping))
+            }
             VmmAction::InjectPanic(PanicSite::Device) => {
                 let _held = self
                     .devices
@@ -259,6 +282,18 @@ impl VmmControl {
             self.vcpus.resume();
             return Err(SnapshotError::Busy(open).into());
         }
+        let mut snapshot = self.save()?;
+        snapshot.kind = SavedMemory::Template;
+        Ok(snapshot)
+    }
+
+    /// Pauses the vCPUs and reads the VM's state (its memory is named, not copied; a clone's
+    /// is marked own here and completed by the caller).
+    fn save(&mut self) -> Result<VmSnapshot, VmmActionError> {
+        if !self.vcpus.pause() {
+            return Err(VmmActionError::PauseTimedOut);
+        }
+        let saved = &self.saved;
         let (msr_list, xsave_words) = (Arc::clone(&saved.msr_list), saved.xsave_words);
         let vcpus = self
             .vcpus
@@ -274,13 +309,33 @@ impl VmmControl {
         let serial = saved.serial.lock().recover().state();
         Ok(VmSnapshot {
             id: crate::snapshot::next_id(),
+            kind: SavedMemory::Own,
             memory: Arc::clone(&saved.memory),
             mem_bytes: saved.mem_bytes,
             vcpus,
             vm,
             serial,
             devices: self.devices.states(),
+            vsock_stale: self.devices.vsock_connection_ports(),
         })
+    }
+
+    /// Answers the requests that come within a short wait, while frozen.
+    fn serve_frozen(&mut self) {
+        match self
+            .api_rx
+            .recv_timeout(std::time::Duration::from_millis(20))
+        {
+            Ok((action, reply)) => {
+                let result = self.handle(action);
+                let _ = reply.send(result);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // The handle is gone: nobody can resume the VM.
+                self.finish(VmExit::Stopped);
+            }
+        }
     }
 
     /// Whatever woke the thread: a vCPU's terminal exit first (a crash is not overtaken by a

@@ -19,7 +19,10 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
+    GuestMemoryRegion, GuestRegionMmap,
+};
 
 use crate::arch::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
@@ -76,6 +79,13 @@ impl GuestRam {
         let file = Arc::new(create_memfd(c"sandboxer-guest-ram")?);
         file.set_len(mem_bytes)
             .map_err(|e| MemoryError::SetSize(mem_bytes, e))?;
+        Self::shared(&file, mem_bytes)
+    }
+
+    /// Maps an existing guest memory memfd (`mem_bytes` long) shared: the guest sees and
+    /// changes the very pages another VM had (a live handover; DESIGN.md section 8).
+    pub fn shared(file: &Arc<File>, mem_bytes: u64) -> Result<Self, MemoryError> {
+        let file = Arc::clone(file);
         let mut offset = 0u64;
         let mut ranges = Vec::new();
         for (addr, size) in ram_ranges(mem_bytes) {
@@ -121,12 +131,155 @@ impl GuestRam {
         })
     }
 
+    /// Copies the pages a copy-on-write clone has written (its private pages) into a fresh
+    /// sparse memfd, each at its own offset, so another process can rebuild the clone on the
+    /// template's memfd ([`GuestRam::apply_delta`]). The clone must not run meanwhile.
+    ///
+    /// Private pages are found in `/proc/self/pagemap`: present and not file-backed, or
+    /// swapped out (a swapped page may be a template page; copying it costs memory, not
+    /// correctness).
+    #[cfg(test)]
+    pub(crate) fn capture_delta(&self) -> Result<File, DeltaError> {
+        capture_delta(&self.mem)
+    }
+
+    /// Writes the pages of `delta` ([`GuestRam::capture_delta`]'s memfd) into this memory,
+    /// each at its offset: a clone rebuilt on its template's memfd gets back what it wrote.
+    /// Only the delta's data ranges are read (`SEEK_DATA`/`SEEK_HOLE`).
+    pub fn apply_delta(&self, delta: &File) -> Result<u64, DeltaError> {
+        use std::os::unix::fs::FileExt;
+        let mem_bytes: u64 = self.mem.iter().map(|r| r.len()).sum();
+        let mut buf = vec![0u8; 64 * PAGE];
+        let mut copied = 0u64;
+        let mut at = 0u64;
+        while at < mem_bytes {
+            let Some(start) = seek(delta, at, libc::SEEK_DATA)? else {
+                break;
+            };
+            let end = seek(delta, start, libc::SEEK_HOLE)?
+                .unwrap_or(mem_bytes)
+                .min(mem_bytes);
+            let mut pos = start;
+            while pos < end {
+                let n = usize::try_from(end - pos)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                let chunk = buf.get_mut(..n).ok_or(DeltaError::Size)?;
+                delta.read_exact_at(chunk, pos).map_err(DeltaError::Io)?;
+                let addr = guest_address(&self.mem, pos).ok_or(DeltaError::Size)?;
+                self.mem
+                    .write_slice(chunk, addr)
+                    .map_err(|_| DeltaError::Size)?;
+                pos += n as u64;
+                copied += n as u64;
+            }
+            at = end;
+        }
+        Ok(copied)
+    }
+
     /// Bytes of guest memory that hold data (pages the guest or the VMM touched).
     #[cfg(test)]
     pub(crate) fn resident_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
     }
+}
+
+/// [`GuestRam::capture_delta`] of a mapping (the VMM thread lends its clone's mapping).
+pub(crate) fn capture_delta(mem: &GuestMemoryMmap) -> Result<File, DeltaError> {
+    use std::os::unix::fs::FileExt;
+    let delta = create_memfd(c"sandboxer-guest-delta").map_err(DeltaError::Memfd)?;
+    let mem_bytes: u64 = mem.iter().map(|r| r.len()).sum();
+    delta.set_len(mem_bytes).map_err(DeltaError::Io)?;
+    let pagemap = File::open("/proc/self/pagemap").map_err(DeltaError::Pagemap)?;
+    let mut file_offset = 0u64;
+    let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
+    let mut page = vec![0u8; PAGE];
+    for region in mem.iter() {
+        let pages = usize::try_from(region.len()).map_err(|_| DeltaError::Size)? / PAGE;
+        let host = region.as_ptr() as u64;
+        let mut first = 0usize;
+        while first < pages {
+            let count = PAGEMAP_BATCH.min(pages - first);
+            let buf = entries.get_mut(..count * 8).ok_or(DeltaError::Size)?;
+            let at = (host / PAGE as u64 + first as u64) * 8;
+            pagemap
+                .read_exact_at(buf, at)
+                .map_err(DeltaError::Pagemap)?;
+            for (i, entry) in buf.chunks_exact(8).enumerate() {
+                let bits = u64::from_le_bytes(entry.try_into().unwrap_or_default());
+                let present = bits & (1 << 63) != 0;
+                let swapped = bits & (1 << 62) != 0;
+                let file_page = bits & (1 << 61) != 0;
+                if !((present && !file_page) || swapped) {
+                    continue;
+                }
+                let in_region = ((first + i) * PAGE) as u64;
+                region
+                    .read_slice(&mut page, vm_memory::MemoryRegionAddress(in_region))
+                    .map_err(|_| DeltaError::Size)?;
+                delta
+                    .write_all_at(&page, file_offset + in_region)
+                    .map_err(DeltaError::Io)?;
+            }
+            first += count;
+        }
+        file_offset += region.len();
+    }
+    Ok(delta)
+}
+
+/// Bytes in a page of guest memory.
+const PAGE: usize = 4096;
+/// Pagemap entries read at once.
+const PAGEMAP_BATCH: usize = 512;
+
+/// Why a clone's written pages could not be saved or brought back.
+#[derive(Debug, thiserror::Error)]
+pub enum DeltaError {
+    /// The delta memfd could not be created.
+    #[error("Failed to create the memfd for a clone's pages")]
+    Memfd(#[source] MemoryError),
+    /// `/proc/self/pagemap` could not be read.
+    #[error("Failed to read /proc/self/pagemap")]
+    Pagemap(#[source] std::io::Error),
+    /// Reading or writing the delta failed.
+    #[error("Failed to copy a clone's pages")]
+    Io(#[source] std::io::Error),
+    /// An offset does not fit the guest memory.
+    #[error("A page offset lies outside the guest memory")]
+    Size,
+}
+
+/// `lseek(fd, from, whence)` for `SEEK_DATA`/`SEEK_HOLE`: `None` past the last data.
+fn seek(file: &File, from: u64, whence: i32) -> Result<Option<u64>, DeltaError> {
+    let from = i64::try_from(from).map_err(|_| DeltaError::Size)?;
+    match nix::unistd::lseek(file.as_raw_fd(), from, whence_of(whence)) {
+        Ok(at) => Ok(u64::try_from(at).ok()),
+        Err(nix::errno::Errno::ENXIO) => Ok(None),
+        Err(e) => Err(DeltaError::Io(e.into())),
+    }
+}
+
+fn whence_of(whence: i32) -> nix::unistd::Whence {
+    if whence == libc::SEEK_HOLE {
+        nix::unistd::Whence::SeekHole
+    } else {
+        nix::unistd::Whence::SeekData
+    }
+}
+
+/// The guest address of byte `offset` of the memfd (RAM ranges are laid out in order).
+fn guest_address(mem: &GuestMemoryMmap, offset: u64) -> Option<GuestAddress> {
+    let mut base = 0u64;
+    for region in mem.iter() {
+        if offset < base + region.len() {
+            return region.start_addr().checked_add(offset - base);
+        }
+        base += region.len();
+    }
+    None
 }
 
 fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
@@ -204,6 +357,58 @@ mod tests {
         // The template's pages stay shared: its memfd holds only what it wrote.
         assert_eq!(template.resident_bytes().unwrap(), 2 * 4096);
         assert_eq!(b.mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_clone_rebuilt_from_its_delta_has_what_it_wrote_and_shares_the_rest() {
+        let template = GuestRam::new(8 << 20).unwrap();
+        template.mem.write_obj(1u64, GuestAddress(0x2000)).unwrap();
+        template.mem.write_obj(2u64, GuestAddress(0x5000)).unwrap();
+        let clone = GuestRam::copy_on_write(&template.file, 8 << 20).unwrap();
+        clone.mem.write_obj(10u64, GuestAddress(0x2000)).unwrap();
+        clone.mem.write_obj(0u64, GuestAddress(0x7f_f000)).unwrap();
+        // A page only read stays the template's.
+        assert_eq!(clone.mem.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 2);
+
+        let delta = clone.capture_delta().unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            delta.metadata().unwrap().blocks() * 512,
+            2 * 4096,
+            "only the two written pages are copied"
+        );
+        let rebuilt = GuestRam::copy_on_write(&template.file, 8 << 20).unwrap();
+        assert_eq!(rebuilt.apply_delta(&delta).unwrap(), 2 * 4096);
+        assert_eq!(
+            rebuilt.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
+            10
+        );
+        assert_eq!(
+            rebuilt.mem.read_obj::<u64>(GuestAddress(0x5000)).unwrap(),
+            2
+        );
+        assert_eq!(
+            rebuilt
+                .mem
+                .read_obj::<u64>(GuestAddress(0x7f_f000))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            template.mem.read_obj::<u64>(GuestAddress(0x2000)).unwrap(),
+            1
+        );
+    }
+
+    #[test]
+    fn memory_mapped_shared_again_sees_and_keeps_the_same_pages() {
+        let first = GuestRam::new(8 << 20).unwrap();
+        first.mem.write_obj(7u64, GuestAddress(0x3000)).unwrap();
+        let second = GuestRam::shared(&first.file, 8 << 20).unwrap();
+        assert!(!second.private);
+        assert_eq!(second.mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 7);
+        second.mem.write_obj(8u64, GuestAddress(0x3000)).unwrap();
+        assert_eq!(first.mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 8);
     }
 
     #[test]

@@ -100,9 +100,19 @@ impl VmShell {
         mem_bytes: u64,
         vcpus: u8,
     ) -> Result<(VmShell, ShellTimings), ShellError> {
+        let ram = GuestRam::copy_on_write(memory, mem_bytes)?;
+        Self::build_on(kvm, ram, vcpus)
+    }
+
+    /// Builds a shell on `ram` (a template's copy-on-write mapping, or the memory of a VM
+    /// rebuilt after a handover), with `vcpus` vCPUs made and their CPUID set.
+    pub(crate) fn build_on(
+        kvm: &KvmContext,
+        ram: GuestRam,
+        vcpus: u8,
+    ) -> Result<(VmShell, ShellTimings), ShellError> {
         let vm_fd = kvm.create_vm()?;
         let t1 = Instant::now();
-        let ram = GuestRam::copy_on_write(memory, mem_bytes)?;
         register_memory(&vm_fd, &ram.mem)?;
         let t2 = Instant::now();
         add_platform_devices(&vm_fd)?;

@@ -18,6 +18,8 @@ use devices::virtio::transport::MmioState;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use serde::{Deserialize, Serialize};
+
 use crate::kvm::state::{StateError, VcpuState, VmState};
 use crate::pool::PoolKey;
 
@@ -38,20 +40,47 @@ pub enum SnapshotError {
     /// Reading KVM state failed.
     #[error("Failed to read the VM's state")]
     State(#[from] StateError),
+    /// A clone's written pages could not be copied.
+    #[error("Failed to save a clone's memory")]
+    Delta(#[source] crate::memory::DeltaError),
 }
 
-/// A paused VM's state, enough to start clones of it.
+/// What a saved VM's memory is, and so how a VM is rebuilt on it.
+#[derive(Debug)]
+pub enum SavedMemory {
+    /// A template's ([`crate::Vm::snapshot`]): clones map the memfd copy-on-write.
+    Template,
+    /// A VM's own memory, saved for a live handover ([`crate::Vm::handover`]): the VM rebuilt
+    /// from it maps the same memfd shared (no copy).
+    Own,
+    /// A clone's, saved for a live handover: the memfd is its template's and `delta` holds the
+    /// pages the clone wrote, at their offsets (a sparse memfd). The rebuilt VM maps the
+    /// template's memfd copy-on-write and writes the delta back into it.
+    Clone {
+        /// The clone's written pages.
+        delta: File,
+    },
+}
+
+/// A paused VM's state: enough to start clones of it (a template) or to rebuild it in another
+/// process (a live handover).
 #[derive(Debug)]
 pub struct VmSnapshot {
     /// Tells snapshots apart (clone shells are kept per snapshot).
     pub(crate) id: u64,
-    /// The template's memfd, shared with the template VM and the clones (not duplicated).
+    /// What the memory is.
+    pub(crate) kind: SavedMemory,
+    /// The template's memfd, shared with the template VM and the clones (not duplicated); for a
+    /// handover, the VM's own memfd or its template's.
     pub(crate) memory: Arc<File>,
     pub(crate) mem_bytes: u64,
     pub(crate) vcpus: Vec<VcpuState>,
     pub(crate) vm: VmState,
     pub(crate) serial: SerialState,
     pub(crate) devices: Vec<MmioState>,
+    /// The vsock connections (host port, guest port) open when a VM was handed over: the
+    /// restored VM resets them in its guest. Empty for a template.
+    pub(crate) vsock_stale: Vec<(u32, u32)>,
 }
 
 /// Ids of snapshots: unique in the process.
@@ -101,5 +130,181 @@ impl VmSnapshot {
     pub fn resident_bytes(&self) -> std::io::Result<u64> {
         use std::os::unix::fs::MetadataExt;
         Ok(self.memory.metadata()?.blocks() * 512)
+    }
+}
+
+/// The version of [`VmSnapshot::encode`]'s format. A process refuses a saved VM of another
+/// version ([`DecodeError::Version`]): a live handover between binaries that disagree fails
+/// before any VM moves.
+pub const FORMAT_VERSION: u32 = 1;
+/// Leads every encoded VM (`SBXVM` and a format byte).
+const MAGIC: [u8; 6] = *b"SBXVM\x01";
+
+/// Why a saved VM could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    /// The bytes are not a saved VM.
+    #[error("Not a saved VM (bad magic)")]
+    Magic,
+    /// The saved VM is of another format version.
+    #[error("Saved VM format version {found}, this binary reads version {FORMAT_VERSION}")]
+    Version {
+        /// The version in the bytes.
+        found: u32,
+    },
+    /// The body is malformed.
+    #[error("Malformed saved VM: {0}")]
+    Body(String),
+    /// The files do not match what the record says (memory, delta).
+    #[error("A saved VM of kind {kind} needs {want} files, {got} were given")]
+    Files {
+        /// The memory kind.
+        kind: &'static str,
+        /// Files it needs.
+        want: usize,
+        /// Files given.
+        got: usize,
+    },
+}
+
+/// vm-superio's UART state, field by field (it has no serde implementation).
+#[derive(Serialize, Deserialize)]
+struct SerialRecord {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+impl From<&SerialState> for SerialRecord {
+    fn from(s: &SerialState) -> Self {
+        SerialRecord {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
+impl From<SerialRecord> for SerialState {
+    fn from(s: SerialRecord) -> Self {
+        SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+/// The encoded body: everything but the files.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    /// 0 template, 1 own, 2 clone.
+    kind: u8,
+    mem_bytes: u64,
+    vcpus: Vec<VcpuState>,
+    vm: VmState,
+    serial: SerialRecord,
+    devices: Vec<MmioState>,
+    vsock_stale: Vec<(u32, u32)>,
+}
+
+impl VmSnapshot {
+    /// The state as bytes (magic, [`FORMAT_VERSION`], body) and the files that go with it, in
+    /// order: the memory memfd, then a clone's delta. Another process rebuilds the snapshot
+    /// with [`VmSnapshot::decode`] (the files pass as descriptors, e.g. `SCM_RIGHTS`).
+    pub fn encode(&self) -> (Vec<u8>, Vec<&File>) {
+        let (kind, mut files) = match &self.kind {
+            SavedMemory::Template => (0, vec![]),
+            SavedMemory::Own => (1, vec![]),
+            SavedMemory::Clone { delta } => (2, vec![delta]),
+        };
+        files.insert(0, &*self.memory);
+        let record = Record {
+            kind,
+            mem_bytes: self.mem_bytes,
+            vcpus: self.vcpus.clone(),
+            vm: self.vm.clone(),
+            serial: SerialRecord::from(&self.serial),
+            devices: self.devices.clone(),
+            vsock_stale: self.vsock_stale.clone(),
+        };
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        // Plain data into a Vec: serializing cannot fail.
+        out.extend(postcard::to_stdvec(&record).unwrap_or_default());
+        (out, files)
+    }
+
+    /// Rebuilds a snapshot from [`VmSnapshot::encode`]'s bytes and files (in the same order).
+    pub fn decode(bytes: &[u8], files: Vec<File>) -> Result<VmSnapshot, DecodeError> {
+        let rest = bytes.strip_prefix(&MAGIC[..]).ok_or(DecodeError::Magic)?;
+        let (version, body) = rest.split_at_checked(4).ok_or(DecodeError::Magic)?;
+        let found = u32::from_le_bytes(version.try_into().map_err(|_| DecodeError::Magic)?);
+        if found != FORMAT_VERSION {
+            return Err(DecodeError::Version { found });
+        }
+        let record: Record =
+            postcard::from_bytes(body).map_err(|e| DecodeError::Body(e.to_string()))?;
+        let (name, want) = match record.kind {
+            0 => ("template", 1),
+            1 => ("own", 1),
+            2 => ("clone", 2),
+            other => return Err(DecodeError::Body(format!("memory kind {other}"))),
+        };
+        if files.len() != want {
+            return Err(DecodeError::Files {
+                kind: name,
+                want,
+                got: files.len(),
+            });
+        }
+        let mut files = files.into_iter();
+        let memory = Arc::new(files.next().ok_or(DecodeError::Magic)?);
+        let kind = match (record.kind, files.next()) {
+            (0, _) => SavedMemory::Template,
+            (1, _) => SavedMemory::Own,
+            (_, Some(delta)) => SavedMemory::Clone { delta },
+            (_, None) => return Err(DecodeError::Magic),
+        };
+        if record.vcpus.is_empty() || record.vcpus.len() > usize::from(u8::MAX) {
+            return Err(DecodeError::Body(format!("{} vCPUs", record.vcpus.len())));
+        }
+        Ok(VmSnapshot {
+            id: next_id(),
+            kind,
+            memory,
+            mem_bytes: record.mem_bytes,
+            vcpus: record.vcpus,
+            vm: record.vm,
+            serial: record.serial.into(),
+            devices: record.devices,
+            vsock_stale: record.vsock_stale,
+        })
+    }
+
+    /// What the memory is.
+    pub fn kind(&self) -> &SavedMemory {
+        &self.kind
     }
 }

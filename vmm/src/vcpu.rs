@@ -139,6 +139,12 @@ impl VcpuControl {
         self.pending_exit.lock().recover().take()
     }
 
+    /// Keeps the vCPUs out of the guest from their start until [`VcpuSet::resume`] (a VM
+    /// restored for a handover runs only once the old one is gone).
+    pub(crate) fn start_paused(&self) {
+        self.set_state(PAUSED);
+    }
+
     fn set_state(&self, state: u8) {
         // Taking the lock orders the store against a thread that is about to wait in `park`.
         let _counts = self.counts.lock().recover();

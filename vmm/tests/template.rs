@@ -13,111 +13,25 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Read;
 use std::time::{Duration, Instant};
 
-use common::wait_console;
-use devices::virtio::block::BlockConfig;
+use common::{
+    TIMEOUT, accept_within, agent_devices, call, counts, read_all, template, wait_console,
+};
 use test_guests::{Guest, agent, require_kvm};
-use vmm::{CloneConfig, DeviceConfig, Vm, VmConfig, VmExit, VmSnapshot};
-
-const TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The template's devices, and so every clone's: the vsock device, then two empty block slots.
-fn devices() -> Vec<DeviceConfig> {
-    let mut d = vec![DeviceConfig::Vsock {
-        guest_cid: 3,
-        uds_path: None,
-    }];
-    for n in 0..2 {
-        d.push(DeviceConfig::Block(BlockConfig {
-            id: format!("slot-{n}"),
-            path: None,
-            read_only: false,
-        }));
-    }
-    d
-}
-
-/// Boots the agent-mode guest, waits for its ready line (and for it to close that connection),
-/// snapshots it and stops it.
-fn template(host: &vmm::Host, extra: &[&str]) -> VmSnapshot {
-    let mut c = VmConfig::new(Guest::Virtio.elf());
-    c.mem_mib = 32;
-    c.cmdline = agent::cmdline(vmm::config::DEFAULT_CMDLINE, extra);
-    c.devices = devices();
-    let vm = Vm::start(host, c).unwrap();
-    let listener = vm.vsock().unwrap().listen(agent::READY_PORT).unwrap();
-    let (mut ready, _) = listener.accept().unwrap();
-    ready.set_read_timeout(Some(TIMEOUT)).unwrap();
-    let mut line = String::new();
-    ready.read_to_string(&mut line).unwrap();
-    assert_eq!(line, format!("READY {}\n", agent::PORT));
-    drop(ready);
-    // The guest prints its ready line after closing the connection: wait for it, so the
-    // template is saved idle (a clone would print it otherwise).
-    wait_console(&vm, agent::READY);
-    // The guest closed its end; the device forgets the connection shortly after.
-    let deadline = Instant::now() + TIMEOUT;
-    let snapshot = loop {
-        match vm.snapshot() {
-            Ok(s) => break s,
-            Err(vmm::VmmActionError::Snapshot(vmm::SnapshotError::Busy(_)))
-                if Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(e) => panic!("snapshot: {e}"),
-        }
-    };
-    assert_eq!(vm.stop().exit, VmExit::Stopped);
-    snapshot
-}
+use vmm::{CloneConfig, Vm, VmConfig, VmExit, VmSnapshot};
 
 fn clone_of(host: &vmm::Host, snapshot: &VmSnapshot) -> Vm {
     Vm::clone_from(
         host,
         snapshot,
         CloneConfig {
-            devices: devices(),
+            devices: agent_devices(),
             ..CloneConfig::default()
         },
     )
     .unwrap()
-}
-
-/// One ttrpc request frame for `service/method` with stream id `stream`.
-fn request(stream: u32, service: &str, method: &str) -> Vec<u8> {
-    let mut payload = vec![0x0a, u8::try_from(service.len()).unwrap()];
-    payload.extend(service.as_bytes());
-    payload.push(0x12);
-    payload.push(u8::try_from(method.len()).unwrap());
-    payload.extend(method.as_bytes());
-    let mut frame = u32::try_from(payload.len()).unwrap().to_be_bytes().to_vec();
-    frame.extend(stream.to_be_bytes());
-    frame.extend([1, 0]);
-    frame.extend(payload);
-    frame
-}
-
-/// Calls the agent on its port once and checks the answer is a ttrpc response to that stream.
-fn call(vm: &Vm, method: &str) {
-    let mut s: UnixStream = vm.vsock().unwrap().connect(agent::PORT).unwrap();
-    s.set_read_timeout(Some(TIMEOUT)).unwrap();
-    s.write_all(&request(1, "sandboxer.agent.v1.Control", method))
-        .unwrap();
-    let mut header = [0u8; 10];
-    s.read_exact(&mut header).unwrap();
-    assert_eq!(u32::from_be_bytes(header[4..8].try_into().unwrap()), 1);
-    assert_eq!(header[8], 2, "a response frame");
-}
-
-fn read_all(file: &std::fs::File) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; usize::try_from(file.metadata().unwrap().len()).unwrap()];
-    file.read_exact_at(&mut buf, 0).unwrap();
-    buf
 }
 
 #[test]
@@ -201,7 +115,7 @@ fn clones_need_the_template_device_layout() {
             clone: 0
         })
     ));
-    let mut swapped = devices();
+    let mut swapped = agent_devices();
     swapped.swap(0, 1);
     let err = Vm::clone_from(
         &host,
@@ -249,5 +163,48 @@ fn pooled_clone_shells_skip_the_vm_setup() {
     host.set_clone_pool_target(&snapshot, 0, vmm::SeccompPolicy::Off)
         .unwrap();
     assert_eq!(host.clone_pool_ready(&snapshot), 0);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+}
+
+#[test]
+fn the_agent_counter_goes_on_across_host_reconnects() {
+    require_kvm!();
+    const COUNTER_PORT: u32 = 5005;
+    const LINES: usize = 20;
+    let host = vmm::Host::new();
+    let mut c = VmConfig::new(Guest::Virtio.elf());
+    c.mem_mib = 32;
+    let counter_port = agent::counter_port(COUNTER_PORT);
+    c.cmdline = agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[&counter_port]);
+    c.devices = agent_devices();
+    let vm = Vm::start(&host, c).unwrap();
+    let vsock = vm.vsock().unwrap();
+    let ready_listener = vsock.listen(agent::READY_PORT).unwrap();
+    let listener = vsock.listen(COUNTER_PORT).unwrap();
+    let mut line = String::new();
+    let mut ready = accept_within(&ready_listener);
+    ready.set_read_timeout(Some(TIMEOUT)).unwrap();
+    ready.read_to_string(&mut line).unwrap();
+    assert_eq!(line, format!("READY {}\n", agent::PORT));
+
+    let first = counts(accept_within(&listener), LINES);
+    assert!(first[0] >= 1, "{first:?}");
+    // The agent serves ttrpc meanwhile.
+    call(&vm, "Health");
+    // The first stream is closed (host end dropped): the guest dials again and counts on.
+    let second = counts(accept_within(&listener), LINES);
+    assert!(second[0] > first[LINES - 1], "{first:?} then {second:?}");
+    // Nobody listens for a while: the guest's dials are refused, it keeps dialling.
+    drop(listener);
+    std::thread::sleep(Duration::from_millis(100));
+    let listener = vsock.listen(COUNTER_PORT).unwrap();
+    let third = counts(accept_within(&listener), LINES);
+    assert!(third[0] > second[LINES - 1], "{second:?} then {third:?}");
+    call(&vm, "Health");
+    let console = vm.console();
+    assert!(console.contains(agent::READY), "{console}");
+    assert!(!console.contains(agent::FAIL), "{console}");
+    assert!(vm.ended().is_none());
+    drop(vm);
     assert!(host.wait_all_torn_down(TIMEOUT));
 }

@@ -276,6 +276,22 @@ impl Devices {
             .map_or(0, |d| d.lock().recover().backend().connection_count())
     }
 
+    /// The vsock device's open connections (host port, guest port).
+    pub(crate) fn vsock_connection_ports(&self) -> Vec<(u32, u32)> {
+        self.vsock_device.as_ref().map_or_else(Vec::new, |d| {
+            d.lock().recover().backend().connection_ports()
+        })
+    }
+
+    /// Resets, in the guest, the connections a handed-over VM had ([`VsockMuxer::reset_stale`]).
+    pub(crate) fn reset_stale_vsock(&self, ports: &[(u32, u32)]) {
+        if let Some(d) = &self.vsock_device
+            && !ports.is_empty()
+        {
+            d.lock().recover().backend_mut().reset_stale(ports);
+        }
+    }
+
     /// Every device's transport state, in slot order.
     pub(crate) fn states(&self) -> Vec<MmioState> {
         self.transports.iter().map(|t| t.state()).collect()

@@ -609,6 +609,36 @@ impl VsockMuxer {
         }
     }
 
+    /// The open connections as (host port, guest port) pairs: what a VM saved for a live
+    /// handover leaves behind in its guest ([`VsockMuxer::reset_stale`]).
+    pub fn connection_ports(&self) -> Vec<(u32, u32)> {
+        self.conns
+            .keys()
+            .map(|k| (k.local_port, k.peer_port))
+            .collect()
+    }
+
+    /// Tells the guest that `ports` ((host port, guest port) pairs, the connections of the VM
+    /// this one was restored from) are gone: one RST each, before any other packet, so the
+    /// guest closes those sockets (no transport reset, which would race with the host's new
+    /// connections). Host ports for new connections start above them, so none is mistaken
+    /// for an old one.
+    pub fn reset_stale(&mut self, ports: &[(u32, u32)]) {
+        for &(local_port, peer_port) in ports.iter().take(self.limits.max_connections) {
+            self.rst_queue.push_back(ConnKey {
+                local_port,
+                peer_port,
+            });
+            if local_port >= self.next_local_port
+                && let Some(next) = local_port.checked_add(1).filter(|&n| n < u32::MAX)
+            {
+                self.next_local_port = next;
+            }
+        }
+        // Wakes the device, which delivers them as the guest gives receive buffers.
+        let _ = self.shared.cmd_evt.write(1);
+    }
+
     /// Queues a reset for a packet that matched no connection.
     fn push_rst(&mut self, key: ConnKey) {
         if self.rst_queue.len() >= MAX_PENDING_RST {

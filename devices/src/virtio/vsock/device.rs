@@ -9,7 +9,9 @@
 //! Snapshot refuses otherwise), so the clone's guest has no connected socket that the new host
 //! side lacks, and a reset would only race with the host's first connection to the clone (Linux
 //! resets every connected socket when it handles the event, the host's new one included: seen
-//! as the clone's agent connection closing under the first call).
+//! as the clone's agent connection closing under the first call). A VM restored from a live
+//! handover, whose guest does have connections the new host side lacks, gets one RST per such
+//! connection instead ([`super::VsockMuxer::reset_stale`]), ahead of any other packet.
 //!
 //! Like virtio-blk and virtio-net, each call handles at most `BUDGET` chains per queue and
 //! then kicks the device's notify EventFd, so a guest that keeps its rings full cannot hold the VMM

@@ -20,7 +20,7 @@ use crate::sync::Recover;
 use crate::virtio::{Interrupt, VIRTIO_RING_F_EVENT_IDX, VirtioDevice};
 
 /// The registers of one queue.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueRegsState {
     /// `QueueNum`.
     pub size: u32,
@@ -35,7 +35,7 @@ pub struct QueueRegsState {
 }
 
 /// One virtio-mmio device as a snapshot keeps it.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct MmioState {
     /// The virtio device id, checked against the device it is restored into.
     pub device_type: u32,
