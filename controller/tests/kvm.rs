@@ -1213,6 +1213,7 @@ fn a_spinning_guest_gets_no_more_cpu_than_its_quota() {
     config.devices = vec![vmm::DeviceConfig::Vsock {
         guest_cid: 3,
         uds_path: None,
+        uds_listener: None,
     }];
     let vm = vmm::Vm::start(&host, config).unwrap();
     let group = cgroups.group_of("spin-test", "").unwrap();

@@ -18,7 +18,7 @@ use devices::legacy::{BootTimer, ConsoleSink, I8042, SerialConsole};
 use devices::sync::Recover;
 use devices::virtio::Line;
 use event_manager::{EventManager, SubscriberOps};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use crate::api::{VmmAction, VmmActionError, VmmData};
 use crate::arch::layout::{
@@ -97,14 +97,85 @@ pub struct CloneConfig {
     /// [`Vm::resume`]. A VM restored for a live handover starts so: the old VM on the same
     /// memory must be gone (or given up) before it runs.
     pub paused: bool,
+    /// The VM built ahead for this restore ([`PreparedShell`]), if any.
+    pub shell: Option<PreparedShell>,
+}
+
+/// A VM built ahead for a live handover's restore: a KVM VM on the guest memory the old VM
+/// still runs on (mapped, registered, irqchip and PIT made, vCPUs made with their CPUID) and
+/// its threads started and confined. Building it is most of a restore's cost, and none of it
+/// touches the guest memory, so a new process builds it before the old one freezes the VM;
+/// the restore then only writes the saved state ([`CloneConfig::shell`]).
+#[derive(Debug)]
+pub struct PreparedShell {
+    shell: VmShell,
+    mem_bytes: u64,
+    /// Whether the memory is a template's, mapped copy-on-write (a clone's).
+    private: bool,
+    /// Identifies the memfd the shell maps (device and inode).
+    memory_id: (u64, u64),
+}
+
+/// The device and inode of a memfd.
+fn file_id(file: &File) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map_or((0, 0), |m| (m.dev(), m.ino()))
+}
+
+impl PreparedShell {
+    /// Builds the shell of a VM of `vcpus` vCPUs on `memory` (`mem_bytes` long): the VM's own
+    /// memfd (`private` false), or for a clone its template's (`private` true). Its threads run
+    /// under `seccomp`.
+    pub fn build(
+        host: &Host,
+        memory: &Arc<File>,
+        private: bool,
+        mem_bytes: u64,
+        vcpus: u8,
+        seccomp: SeccompPolicy,
+    ) -> Result<PreparedShell, VmError> {
+        let kvm = host.kvm()?;
+        let ram = if private {
+            GuestRam::copy_on_write(memory, mem_bytes)
+        } else {
+            GuestRam::shared(memory, mem_bytes)
+        }
+        .map_err(|e| VmError::Shell(ShellError::Memory(e)))?;
+        let (mut shell, _) = VmShell::build_on(&kvm, ram, vcpus)?;
+        let filters = host.filters();
+        shell.threads = Some(
+            VmThreads::spawn(
+                vcpus,
+                seccomp,
+                filters.get(ThreadRole::Vcpu, seccomp)?,
+                filters.get(ThreadRole::Vmm, seccomp)?,
+            )
+            .map_err(VmError::Spawn)?,
+        );
+        Ok(PreparedShell {
+            shell,
+            mem_bytes,
+            private,
+            memory_id: file_id(memory),
+        })
+    }
+
+    /// Whether it fits `snapshot`: the same memory, size and kind.
+    fn fits(&self, snapshot: &VmSnapshot) -> bool {
+        let private = matches!(snapshot.kind, SavedMemory::Clone { .. });
+        self.mem_bytes == snapshot.mem_bytes
+            && self.private == private
+            && self.memory_id == file_id(&snapshot.memory)
+            && self.shell.vcpus.len() == snapshot.vcpus.len()
+    }
 }
 
 /// What the common part of building a VM starts from.
 enum Source<'a> {
     /// A guest to boot: the validated configuration.
     Boot(Box<ValidatedConfig>),
-    /// A template to clone.
-    Clone(&'a VmSnapshot, CloneConfig),
+    /// A template to clone, or a handed-over VM to rebuild.
+    Clone(&'a VmSnapshot, Box<CloneConfig>),
 }
 
 impl Vm {
@@ -128,13 +199,14 @@ impl Vm {
         let start = Instant::now();
         let kvm = host.kvm()?;
         let kvm_open = start.elapsed();
-        Self::build(host, &kvm, Source::Clone(snapshot, config), start, kvm_open)
+        let source = Source::Clone(snapshot, Box::new(config));
+        Self::build(host, &kvm, source, start, kvm_open)
     }
 
     fn build(
         host: &Host,
         kvm: &KvmContext,
-        source: Source<'_>,
+        mut source: Source<'_>,
         start: Instant,
         kvm_open: Duration,
     ) -> Result<Vm, VmError> {
@@ -158,7 +230,7 @@ impl Vm {
             vcpus: mut ready_vcpus,
             ram,
             threads,
-        } = match &source {
+        } = match &mut source {
             Source::Boot(_) => match host.pool().take(PoolKey {
                 mem_bytes,
                 template: None,
@@ -175,10 +247,21 @@ impl Vm {
                     shell
                 }
             },
-            Source::Clone(snap, _) => {
-                let pooled = match snap.kind {
-                    SavedMemory::Template => host.pool().take(snap.pool_key()),
-                    SavedMemory::Own | SavedMemory::Clone { .. } => None,
+            Source::Clone(snap, cfg) => {
+                let pooled = match (cfg.shell.take(), &snap.kind) {
+                    (Some(prepared), _) if prepared.fits(snap) => {
+                        if let SavedMemory::Clone { delta } = &snap.kind {
+                            prepared
+                                .shell
+                                .ram
+                                .apply_delta(delta)
+                                .map_err(CloneError::Delta)?;
+                        }
+                        Some(prepared.shell)
+                    }
+                    (Some(_), _) => return Err(CloneError::ShellMismatch.into()),
+                    (None, SavedMemory::Template) => host.pool().take(snap.pool_key()),
+                    (None, SavedMemory::Own | SavedMemory::Clone { .. }) => None,
                 };
                 match pooled {
                     Some(shell) => {
@@ -224,7 +307,6 @@ impl Vm {
 
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
-        let mut source = source;
         let paused = matches!(&source, Source::Clone(_, cfg) if cfg.paused);
         let (device_configs, console_cfg) = match &mut source {
             Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
@@ -268,8 +350,10 @@ impl Vm {
         timings.kernel_load = lap.next();
 
         // One EventFd wakes the VMM thread: requests, vCPU exits, the i8042 reset.
-        let wake =
-            Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Setup("wake eventfd", e))?);
+        let wake = Arc::new(
+            EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)
+                .map_err(|e| VmError::Setup("wake eventfd", e))?,
+        );
         let control = Arc::new(VcpuControl::new(Arc::clone(&wake)));
         if paused {
             control.start_paused();
@@ -355,6 +439,7 @@ impl Vm {
         };
         let end = Arc::new(EndState::default());
         let ram_file = Arc::clone(&ram.file);
+        let private_memory = ram.private;
         let saved = SnapshotSources {
             vm_fd: Arc::clone(&vm_fd),
             serial,
@@ -423,6 +508,9 @@ impl Vm {
             boot: boot_signal,
             console,
             ram_file,
+            private_memory,
+            mem_bytes,
+            vcpu_count,
             timings,
             blk_slots,
             vsock,
@@ -492,6 +580,9 @@ pub enum CloneError {
     /// Writing the saved KVM state failed.
     #[error("Failed to restore the template's state")]
     State(#[source] StateError),
+    /// The shell built ahead is for another VM (memory, size or vCPUs differ).
+    #[error("The prepared shell does not fit the saved VM")]
+    ShellMismatch,
     /// A template's snapshot was given where a handed-over VM was expected.
     #[error("The snapshot is a template's, not a handed-over VM's")]
     NotHandedOver,

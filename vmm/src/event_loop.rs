@@ -239,7 +239,12 @@ impl VmmControl {
             }
             VmmAction::Snapshot => self.snapshot().map(|s| VmmData::Snapshot(Box::new(s))),
             VmmAction::Handover => {
-                let snapshot = self.save()?;
+                let files = self
+                    .devices
+                    .handover_files()
+                    .map_err(|e| VmmActionError::Snapshot(SnapshotError::Files(e)))?;
+                let mut snapshot = self.save()?;
+                snapshot.files = files;
                 self.frozen = true;
                 let mapping = self
                     .saved
@@ -317,6 +322,7 @@ impl VmmControl {
             serial,
             devices: self.devices.states(),
             vsock_stale: self.devices.vsock_connection_ports(),
+            files: Default::default(),
         })
     }
 

@@ -36,9 +36,9 @@ pub mod vm;
 
 pub use api::{PanicSite, VmmAction, VmmActionError, VmmData};
 pub use boot::BootError;
-pub use builder::{CloneConfig, CloneError, VmError};
+pub use builder::{CloneConfig, CloneError, PreparedShell, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
-pub use device_manager::{DeviceConfig, DeviceError, NetBackendConfig};
+pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendConfig};
 pub use host::Host;
 pub use kvm::KvmError;
 pub use seccomp::{SeccompError, SeccompPolicy, confine_process};

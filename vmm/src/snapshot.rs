@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use crate::device_manager::HandoverFiles;
 use crate::kvm::state::{StateError, VcpuState, VmState};
 use crate::pool::PoolKey;
 
@@ -40,6 +41,9 @@ pub enum SnapshotError {
     /// Reading KVM state failed.
     #[error("Failed to read the VM's state")]
     State(#[from] StateError),
+    /// The devices' host files could not be duplicated for a handover.
+    #[error("Failed to pass on the devices' host files")]
+    Files(#[source] std::io::Error),
     /// A clone's written pages could not be copied.
     #[error("Failed to save a clone's memory")]
     Delta(#[source] crate::memory::DeltaError),
@@ -81,6 +85,9 @@ pub struct VmSnapshot {
     /// The vsock connections (host port, guest port) open when a VM was handed over: the
     /// restored VM resets them in its guest. Empty for a template.
     pub(crate) vsock_stale: Vec<(u32, u32)>,
+    /// For a handover: the host files its devices use (not encoded: they travel as
+    /// descriptors next to it).
+    pub(crate) files: HandoverFiles,
 }
 
 /// Ids of snapshots: unique in the process.
@@ -300,11 +307,25 @@ impl VmSnapshot {
             serial: record.serial.into(),
             devices: record.devices,
             vsock_stale: record.vsock_stale,
+            files: HandoverFiles::default(),
         })
     }
 
     /// What the memory is.
     pub fn kind(&self) -> &SavedMemory {
         &self.kind
+    }
+
+    /// Takes the host files of a handed-over VM's devices (the hybrid vsock listener, the
+    /// network devices' files): they go to the new process beside [`VmSnapshot::encode`]'s
+    /// files, and come back in its devices' configuration.
+    pub fn take_files(&mut self) -> HandoverFiles {
+        std::mem::take(&mut self.files)
+    }
+
+    /// Gives a decoded snapshot the host files that came with it ([`VmSnapshot::take_files`]
+    /// on the other side).
+    pub fn set_files(&mut self, files: HandoverFiles) {
+        self.files = files;
     }
 }

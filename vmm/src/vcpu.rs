@@ -145,6 +145,13 @@ impl VcpuControl {
         self.set_state(PAUSED);
     }
 
+    /// Lets paused vCPUs run again, from any thread (what [`VcpuSet::resume`] does).
+    pub(crate) fn resume(&self) {
+        if self.state.load(Ordering::Acquire) == PAUSED {
+            self.set_state(RUNNING);
+        }
+    }
+
     fn set_state(&self, state: u8) {
         // Taking the lock orders the store against a thread that is about to wait in `park`.
         let _counts = self.counts.lock().recover();

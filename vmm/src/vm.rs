@@ -102,6 +102,10 @@ pub struct Vm {
     pub(crate) boot: Arc<BootSignal>,
     pub(crate) console: Arc<ConsoleTail>,
     pub(crate) ram_file: Arc<File>,
+    /// Whether the memory is a template's memfd mapped copy-on-write (a clone's).
+    pub(crate) private_memory: bool,
+    pub(crate) mem_bytes: u64,
+    pub(crate) vcpu_count: u8,
     pub(crate) timings: StartupTimings,
     pub(crate) blk_slots: usize,
     pub(crate) vsock: Option<VsockHandle>,
@@ -149,9 +153,37 @@ impl Vm {
         self.request(VmmAction::Pause).map(drop)
     }
 
+    /// What a new process needs to build this VM's shell ahead of a live handover
+    /// ([`crate::PreparedShell::build`]): the guest memory's memfd (for a clone, its
+    /// template's), whether it is mapped copy-on-write, its size and the vCPU count.
+    pub fn memory_layout(&self) -> (&Arc<File>, bool, u64, u8) {
+        (
+            &self.ram_file,
+            self.private_memory,
+            self.mem_bytes,
+            self.vcpu_count,
+        )
+    }
+
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), VmmActionError> {
         self.request(VmmAction::Resume).map(drop)
+    }
+
+    /// Resumes a paused or frozen VM without waiting for its VMM thread: the vCPUs run again
+    /// at once (from this thread), the devices as soon as the VMM thread takes the request.
+    /// Ending many VMs' pauses together this way does not wait on each VMM thread's turn on
+    /// a busy host. Fails only for a VM that has ended.
+    pub fn resume_now(&self) -> Result<(), VmmActionError> {
+        if self.ended().is_some() {
+            return Err(VmmActionError::NotRunning);
+        }
+        self.vcpu_control.resume();
+        let (tx, _) = channel();
+        self.api_tx
+            .send((VmmAction::Resume, tx))
+            .map_err(|_| VmmActionError::NotRunning)?;
+        self.wake.write(1).map_err(|_| VmmActionError::NotRunning)
     }
 
     /// Stops the VM (if it still runs) and returns how it ended. Always returns: on neither

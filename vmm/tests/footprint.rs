@@ -30,6 +30,7 @@ fn devices() -> Vec<DeviceConfig> {
     let mut d = vec![DeviceConfig::Vsock {
         guest_cid: 3,
         uds_path: None,
+        uds_listener: None,
     }];
     d.extend((0..SLOTS).map(|n| {
         DeviceConfig::Block(BlockConfig {

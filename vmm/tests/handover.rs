@@ -50,15 +50,35 @@ fn pass_on(snapshot: &VmSnapshot) -> VmSnapshot {
     VmSnapshot::decode(&bytes, files).unwrap()
 }
 
-fn restore(host: &vmm::Host, saved: &VmSnapshot, paused: bool) -> Vm {
+fn restore_on(
+    host: &vmm::Host,
+    saved: &VmSnapshot,
+    paused: bool,
+    shell: Option<vmm::PreparedShell>,
+) -> Vm {
     Vm::restore(
         host,
         saved,
         CloneConfig {
             devices: agent_devices(),
             paused,
+            shell,
             ..CloneConfig::default()
         },
+    )
+    .unwrap()
+}
+
+/// The shell a new process builds ahead for `vm`, while `vm` still runs.
+fn prepared(host: &vmm::Host, vm: &Vm) -> vmm::PreparedShell {
+    let (memory, private, mem_bytes, vcpus) = vm.memory_layout();
+    vmm::PreparedShell::build(
+        host,
+        memory,
+        private,
+        mem_bytes,
+        vcpus,
+        vmm::SeccompPolicy::Enforce,
     )
     .unwrap()
 }
@@ -79,10 +99,13 @@ fn a_running_vm_handed_over_counts_on_where_it_was() {
     // guest (the test guest has 4 connection slots: leaked ones would refuse the calls).
     for round in 0..5 {
         let open = vm.vsock().unwrap().connect(agent::PORT).unwrap();
+        // From the third round on, the new VM is built ahead, as an upgrade does.
+        let shell = (round >= 2).then(|| prepared(&host, &vm));
         let saved = vm.handover().unwrap();
         assert!(matches!(saved.kind(), SavedMemory::Own));
         let received = pass_on(&saved);
-        let new = restore(&host, &received, true);
+        let new = restore_on(&host, &received, true, shell);
+        assert_eq!(new.timings().pooled, round >= 2);
         // Restored paused: nothing touches the memory until the old VM is gone.
         let frozen = read_all(received.memory());
         std::thread::sleep(Duration::from_millis(50));
@@ -131,6 +154,10 @@ fn a_clone_handed_over_keeps_what_it_wrote_and_the_template_is_untouched() {
     )
     .unwrap();
     let before = count_on(&clone, 10);
+    let shell = prepared(&host, &clone);
+    // A shell built for another VM's memory does not fit.
+    let other = boot(&host);
+    let wrong = prepared(&host, &other);
     let saved = clone.handover().unwrap();
     let SavedMemory::Clone { delta } = saved.kind() else {
         panic!("a clone's handover carries its pages: {:?}", saved.kind());
@@ -143,7 +170,25 @@ fn a_clone_handed_over_keeps_what_it_wrote_and_the_template_is_untouched() {
     clone.stop();
     drop(saved);
 
-    let new = restore(&host, &received, false);
+    let err = Vm::restore(
+        &host,
+        &received,
+        CloneConfig {
+            devices: agent_devices(),
+            shell: Some(wrong),
+            ..CloneConfig::default()
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            vmm::VmError::Clone(vmm::builder::CloneError::ShellMismatch)
+        ),
+        "{err:?}"
+    );
+    drop(other);
+    let new = restore_on(&host, &received, false, Some(shell));
     let after = count_on(&new, 10);
     assert!(after[0] > before[9], "{before:?} then {after:?}");
     call(&new, "Health");

@@ -48,6 +48,7 @@ fn hostile_vm(host: &vmm::Host, case: &str, image: &Path, cid: u64) -> Vm {
         DeviceConfig::Vsock {
             guest_cid: cid,
             uds_path: None,
+            uds_listener: None,
         },
         DeviceConfig::Block(BlockConfig {
             id: "hostile".into(),

@@ -289,6 +289,7 @@ fn vsock_both_directions_through_both_host_interfaces() {
             vec![DeviceConfig::Vsock {
                 guest_cid: 3,
                 uds_path: Some(uds.clone()),
+                uds_listener: None,
             }],
         ),
     )
@@ -349,6 +350,7 @@ fn guest_connection_to_a_hybrid_listener() {
             vec![DeviceConfig::Vsock {
                 guest_cid: 42,
                 uds_path: Some(uds.to_path_buf()),
+                uds_listener: None,
             }],
         )
     };
@@ -420,10 +422,12 @@ fn all_devices_together_and_device_limits() {
         DeviceConfig::Vsock {
             guest_cid: 3,
             uds_path: None,
+            uds_listener: None,
         },
         DeviceConfig::Vsock {
             guest_cid: 4,
             uds_path: None,
+            uds_listener: None,
         },
     ];
     assert!(matches!(
@@ -433,6 +437,7 @@ fn all_devices_together_and_device_limits() {
     let reserved = vec![DeviceConfig::Vsock {
         guest_cid: 2,
         uds_path: None,
+        uds_listener: None,
     }];
     assert!(matches!(
         Vm::start(host(), config("", reserved)),

@@ -213,6 +213,7 @@ impl KvmBackend {
         let mut devices = vec![vmm::DeviceConfig::Vsock {
             guest_cid: GUEST_CID,
             uds_path: spec.vsock_uds.clone(),
+            uds_listener: None,
         }];
         devices.extend((0..spec.blk_slots).map(empty_slot));
         let nics = spec.nics.take();
@@ -235,6 +236,8 @@ impl KvmBackend {
             },
             seccomp: spec.seccomp,
             devices,
+            paused: false,
+            shell: None,
         };
         let (host, tpl) = (self.host.clone(), Arc::clone(template));
         let vm =

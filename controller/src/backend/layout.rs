@@ -62,6 +62,7 @@ pub(super) fn vm_config(spec: &VmSpec) -> Result<vmm::VmConfig, BackendError> {
     config.devices.push(vmm::DeviceConfig::Vsock {
         guest_cid: GUEST_CID,
         uds_path: spec.vsock_uds.clone(),
+        uds_listener: None,
     });
     config.devices.extend((0..spec.blk_slots).map(empty_slot));
     // The pod's NICs, after the slots (their taps are open in the pod's netns already).

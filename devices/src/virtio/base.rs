@@ -10,7 +10,7 @@
 
 use std::io;
 
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::ActivateError;
 
@@ -49,7 +49,7 @@ impl VirtioBase {
     /// Creates the notify EventFd if there is none yet.
     pub(crate) fn ensure_notify_event(&mut self) -> io::Result<()> {
         if self.notify_evt.is_none() {
-            self.notify_evt = Some(EventFd::new(EFD_NONBLOCK)?);
+            self.notify_evt = Some(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         }
         Ok(())
     }

@@ -51,6 +51,9 @@ pub enum DeviceConfig {
         /// Hybrid-vsock unix socket (`CONNECT <port>` for host->guest, `<path>_<port>`
         /// listeners for guest->host); `None` for the in-process API only.
         uds_path: Option<PathBuf>,
+        /// The socket already bound at `uds_path` (a live handover passes the old VM's), or
+        /// `None` to bind it.
+        uds_listener: Option<std::os::unix::net::UnixListener>,
     },
 }
 
@@ -150,11 +153,24 @@ pub(crate) struct Devices {
     pub(crate) vsock: Option<VsockHandle>,
     /// The vsock device itself (a snapshot checks it has no open connection).
     pub(crate) vsock_device: Option<Arc<Mutex<Vsock<VsockMuxer>>>>,
+    /// The network devices, in the order they were configured (a handover passes on their
+    /// backends' files).
+    pub(crate) nets: Vec<Arc<Mutex<VirtioNet>>>,
     /// Every device's transport, in MMIO slot order (what a snapshot saves).
     pub(crate) transports: Vec<Arc<mmio::TransportBus>>,
     /// The directory the VMM thread is confined to (`seccomp::jail`): the hybrid vsock
     /// socket's, when [`DeviceManager::jailing`] and the VM has one.
     pub(crate) jail: Option<PathBuf>,
+}
+
+/// The host files a handed-over VM's devices use, passed on to the process that rebuilds it.
+#[derive(Debug, Default)]
+pub struct HandoverFiles {
+    /// The hybrid vsock socket's listener.
+    pub vsock: Option<std::os::unix::net::UnixListener>,
+    /// Each network device's backend file (a TAP queue) and its MAC and MTU, in
+    /// configuration order.
+    pub nets: Vec<(std::fs::File, NetConfig)>,
 }
 
 /// Builds the virtio devices of one VM.
@@ -233,11 +249,13 @@ impl<'a> DeviceManager<'a> {
                         NetBackendConfig::Custom(backend) => backend,
                     };
                     let dev = VirtioNet::new(config, backend).map_err(DeviceError::Net)?;
-                    self.add(dev)?;
+                    let dev = self.add(dev)?.dev;
+                    self.devices.nets.push(dev);
                 }
                 DeviceConfig::Vsock {
                     guest_cid,
                     uds_path,
+                    uds_listener,
                 } => {
                     if self.devices.vsock.is_some() {
                         return Err(DeviceError::DuplicateVsock);
@@ -250,8 +268,11 @@ impl<'a> DeviceManager<'a> {
                         .and_then(Path::parent)
                         .filter(|dir| self.jailing && !dir.as_os_str().is_empty())
                         .map(Path::to_path_buf);
-                    let mut muxer =
-                        VsockMuxer::new(guest_cid, uds_path).map_err(DeviceError::Vsock)?;
+                    let mut muxer = match uds_listener {
+                        Some(listener) => VsockMuxer::with_listener(guest_cid, uds_path, listener),
+                        None => VsockMuxer::new(guest_cid, uds_path),
+                    }
+                    .map_err(DeviceError::Vsock)?;
                     if let Some(root) = root {
                         muxer.serve_under(&root).map_err(DeviceError::Vsock)?;
                         self.devices.jail = Some(root);
@@ -281,6 +302,30 @@ impl Devices {
         self.vsock_device.as_ref().map_or_else(Vec::new, |d| {
             d.lock().recover().backend().connection_ports()
         })
+    }
+
+    /// Second descriptors of what the devices' backends hold on the host, for a live
+    /// handover: the hybrid vsock listener and each network device's file, in configuration
+    /// order. Fails if a backend cannot be handed over.
+    pub(crate) fn handover_files(&self) -> std::io::Result<HandoverFiles> {
+        let vsock = match &self.vsock_device {
+            Some(d) => d
+                .lock()
+                .recover()
+                .backend()
+                .try_clone_listener()
+                .transpose()?,
+            None => None,
+        };
+        let mut nets = Vec::with_capacity(self.nets.len());
+        for (i, net) in self.nets.iter().enumerate() {
+            let net = net.lock().recover();
+            let file = net.backend().try_clone_file().ok_or_else(|| {
+                std::io::Error::other(format!("network device {i} cannot be handed over"))
+            })??;
+            nets.push((file, net.config()));
+        }
+        Ok(HandoverFiles { vsock, nets })
     }
 
     /// Resets, in the guest, the connections a handed-over VM had ([`VsockMuxer::reset_stale`]).

@@ -75,6 +75,7 @@ pub fn agent_vm(host: &vmm::Host, cid: u64) -> Vm {
     c.devices = vec![DeviceConfig::Vsock {
         guest_cid: cid,
         uds_path: None,
+        uds_listener: None,
     }];
     let vm = Vm::start(host, c).unwrap();
     let listener = vm.vsock().unwrap().listen(agent::READY_PORT).unwrap();
@@ -100,6 +101,7 @@ pub fn agent_devices() -> Vec<DeviceConfig> {
     let mut d = vec![DeviceConfig::Vsock {
         guest_cid: 3,
         uds_path: None,
+        uds_listener: None,
     }];
     for n in 0..2 {
         d.push(DeviceConfig::Block(BlockConfig {

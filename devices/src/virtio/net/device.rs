@@ -125,6 +125,14 @@ impl VirtioNet {
         })
     }
 
+    /// The MAC and MTU it was created with (a VM rebuilt after a handover gets the same).
+    pub fn config(&self) -> NetConfig {
+        NetConfig {
+            mac: self.mac,
+            mtu: self.mtu,
+        }
+    }
+
     /// The backend (its fd is registered with the event loop on activation).
     pub fn backend(&self) -> &dyn NetBackend {
         self.backend.as_ref()

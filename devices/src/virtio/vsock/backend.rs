@@ -190,10 +190,33 @@ impl VsockMuxer {
         Self::with_limits(guest_cid, uds_path, MuxerLimits::default())
     }
 
+    /// Like [`VsockMuxer::new`], serving the hybrid socket `listener` already bound at
+    /// `uds_path` (a VM restored after a live handover takes over the old VM's socket). A
+    /// listener without a path is served as the in-process API only.
+    pub fn with_listener(
+        guest_cid: u64,
+        uds_path: Option<PathBuf>,
+        listener: UnixListener,
+    ) -> Result<Self, VsockError> {
+        Self::build(
+            guest_cid,
+            uds_path.map(|p| (p, Some(listener))),
+            MuxerLimits::default(),
+        )
+    }
+
     /// Like [`VsockMuxer::new`] with explicit limits.
     pub fn with_limits(
         guest_cid: u64,
         uds_path: Option<PathBuf>,
+        limits: MuxerLimits,
+    ) -> Result<Self, VsockError> {
+        Self::build(guest_cid, uds_path.map(|p| (p, None)), limits)
+    }
+
+    fn build(
+        guest_cid: u64,
+        uds: Option<(PathBuf, Option<UnixListener>)>,
         limits: MuxerLimits,
     ) -> Result<Self, VsockError> {
         validate_guest_cid(guest_cid)?;
@@ -203,10 +226,13 @@ impl VsockMuxer {
         let shared = Arc::new(HandleShared::new().map_err(VsockError::CreateEventFd)?);
         let (cmd_tx, cmd_rx) = mpsc::channel();
 
-        let hybrid = match uds_path {
-            Some(path) => {
-                let listener =
-                    UnixListener::bind(&path).map_err(|e| VsockError::BindUds(path.clone(), e))?;
+        let hybrid = match uds {
+            Some((path, bound)) => {
+                let listener = match bound {
+                    Some(listener) => listener,
+                    None => UnixListener::bind(&path)
+                        .map_err(|e| VsockError::BindUds(path.clone(), e))?,
+                };
                 listener
                     .set_nonblocking(true)
                     .map_err(|e| VsockError::BindUds(path.clone(), e))?;
@@ -607,6 +633,12 @@ impl VsockMuxer {
             Err(e) if self.log.allow() => warn!("vsock: cannot arm the timer: {e}"),
             _ => {}
         }
+    }
+
+    /// A second descriptor of the hybrid socket's listener, for a live handover (`None`:
+    /// the muxer has no hybrid socket).
+    pub fn try_clone_listener(&self) -> Option<io::Result<UnixListener>> {
+        self.hybrid.as_ref().map(|h| h.listener.try_clone())
     }
 
     /// The open connections as (host port, guest port) pairs: what a VM saved for a live

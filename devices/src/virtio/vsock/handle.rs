@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use crate::sync::Recover;
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 /// A connection accepted from the guest: the host's stream end and the guest's source port.
 pub type Accepted = (UnixStream, u32);
@@ -79,7 +79,7 @@ pub(crate) struct HandleShared {
 impl HandleShared {
     pub(crate) fn new() -> io::Result<Self> {
         Ok(HandleShared {
-            cmd_evt: EventFd::new(EFD_NONBLOCK)?,
+            cmd_evt: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
             listeners: Mutex::new(HashMap::new()),
             next_listener_id: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -150,7 +150,7 @@ impl VsockHandle {
             ));
         }
         let id = self.shared.next_listener_id.fetch_add(1, Ordering::Relaxed);
-        let evt = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let evt = Arc::new(EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?);
         let (tx, rx) = mpsc::channel();
         listeners.insert(
             host_port,

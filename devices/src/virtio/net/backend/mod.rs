@@ -34,4 +34,10 @@ pub trait NetBackend: Send + Debug + AsRawFd {
     fn set_offload(&mut self, _flags: u32) -> io::Result<()> {
         Ok(())
     }
+
+    /// A second descriptor of the backend's file, for a live handover to another process
+    /// (`None`: a backend that cannot be handed over).
+    fn try_clone_file(&self) -> Option<io::Result<std::fs::File>> {
+        None
+    }
 }

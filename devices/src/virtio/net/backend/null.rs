@@ -8,7 +8,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::NetBackend;
 
@@ -23,7 +23,7 @@ impl NullNet {
     /// A backend that drops every frame.
     pub fn new() -> io::Result<Self> {
         Ok(NullNet {
-            never: EventFd::new(EFD_NONBLOCK)?,
+            never: EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?,
         })
     }
 }

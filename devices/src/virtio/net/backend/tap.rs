@@ -107,6 +107,15 @@ impl Tap {
         })
     }
 
+    /// A TAP queue another process opened and passed on (a live handover): `file` is its
+    /// descriptor, `if_name` the interface's name. The queue keeps the settings it had.
+    pub fn from_file(file: File, if_name: &str) -> Tap {
+        Tap {
+            file,
+            if_name: if_name.to_string(),
+        }
+    }
+
     /// The interface name the kernel gave (the requested one unless it held a `%d` pattern).
     pub fn if_name(&self) -> &str {
         &self.if_name
@@ -132,6 +141,10 @@ impl AsRawFd for Tap {
 }
 
 impl NetBackend for Tap {
+    fn try_clone_file(&self) -> Option<io::Result<File>> {
+        Some(self.file.try_clone())
+    }
+
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.file.read(buf)
     }
