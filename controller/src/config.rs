@@ -387,6 +387,10 @@ pub struct ServeArgs {
     /// Config file [default: /etc/sandboxer/config.toml, if it exists].
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Take over from the daemon handing its sandboxes over on this socket (a live upgrade
+    /// starts the new binary so; not for people).
+    #[arg(long, value_name = "SOCKET", hide = true)]
+    pub takeover: Option<PathBuf>,
     /// containerd 2.x sandbox API socket.
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,

@@ -77,6 +77,10 @@ pub enum SandboxError {
     /// The sandbox's CPU cgroup could not be changed.
     #[error("CPU cgroup of sandbox {0} failed")]
     Cgroup(String, #[source] crate::cgroup::CgroupError),
+    /// The daemon is handing its sandboxes over to a new process (a live upgrade): the call
+    /// can be made again in a moment, to the new process.
+    #[error("The sandboxer is being upgraded; try again")]
+    Upgrading,
     /// A background task of the service died (a bug).
     #[error("Internal task of sandbox {0} failed")]
     Task(String, #[source] tokio::task::JoinError),
@@ -109,6 +113,7 @@ impl From<SandboxError> for tonic::Status {
                 tonic::Status::not_found(msg)
             }
             SandboxError::AlreadyExists { .. } => tonic::Status::already_exists(msg),
+            SandboxError::Upgrading => tonic::Status::unavailable(msg),
             SandboxError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
             SandboxError::FailedPrecondition { .. } => tonic::Status::failed_precondition(msg),
             SandboxError::Backend(_, BackendError::Unsupported(_)) => {

@@ -35,6 +35,7 @@ pub mod service;
 pub mod shim;
 pub mod store;
 pub mod task;
+pub mod upgrade;
 
 pub use backend::{KvmBackend, VmBackend, VmHandle};
 pub use config::Config;

@@ -54,6 +54,21 @@ enum Command {
     Inspect(InspectArgs),
     /// Print a sandbox's guest console log.
     Console(ConsoleArgs),
+    /// Replace the running daemon with a new binary; every running sandbox is handed over
+    /// without restarting its VM (the same as SIGUSR2 or `systemctl reload`).
+    Upgrade(UpgradeArgs),
+}
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    #[command(flatten)]
+    socket: SocketArg,
+    /// The new binary [default: the running daemon's own path].
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// Print JSON instead of a line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -279,7 +294,12 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     start_shell_pool(&host, &config);
     let runtime = controller::server::runtime("sandboxer")?;
     let backend = controller::KvmBackend::from_config(host, &config);
-    runtime.block_on(controller::server::run(&config, backend, shutdown_signal()))?;
+    runtime.block_on(controller::server::run_with(
+        &config,
+        backend,
+        shutdown_signal(),
+        args.takeover.as_deref(),
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -325,22 +345,26 @@ fn main() -> ExitCode {
         return ExitCode::from(code);
     }
     let cli = Cli::parse();
-    let result =
-        match cli.command {
-            None => serve(&cli.serve),
-            Some(Command::Serve(args)) => serve(&args),
-            Some(Command::Vm(VmCommand::Run(args))) => run(args),
-            Some(Command::Install(InstallCommand::Containerd(args))) => install_containerd(&args),
-            Some(Command::Ps(a)) => ops(|mut out| async move {
-                controller::ops::ps(&a.socket.socket, a.json, &mut out).await
-            }),
-            Some(Command::Inspect(a)) => ops(|mut out| async move {
-                controller::ops::inspect(&a.socket.socket, &a.id, &mut out).await
-            }),
-            Some(Command::Console(a)) => ops(|mut out| async move {
-                controller::ops::console(&a.socket.socket, &a.id, a.follow, a.tail, &mut out).await
-            }),
-        };
+    let result = match cli.command {
+        None => serve(&cli.serve),
+        Some(Command::Serve(args)) => serve(&args),
+        Some(Command::Vm(VmCommand::Run(args))) => run(args),
+        Some(Command::Install(InstallCommand::Containerd(args))) => install_containerd(&args),
+        Some(Command::Ps(a)) => {
+            ops(
+                |mut out| async move { controller::ops::ps(&a.socket.socket, a.json, &mut out).await },
+            )
+        }
+        Some(Command::Inspect(a)) => ops(|mut out| async move {
+            controller::ops::inspect(&a.socket.socket, &a.id, &mut out).await
+        }),
+        Some(Command::Upgrade(a)) => ops(|mut out| async move {
+            controller::ops::upgrade(&a.socket.socket, a.binary.as_deref(), a.json, &mut out).await
+        }),
+        Some(Command::Console(a)) => ops(|mut out| async move {
+            controller::ops::console(&a.socket.socket, &a.id, a.follow, a.tail, &mut out).await
+        }),
+    };
     result.unwrap_or_else(|e| {
         eprintln!("sandboxer: {e:#}");
         ExitCode::FAILURE

@@ -194,6 +194,53 @@ pub async fn inspect(socket: &Path, id: &str, out: &mut impl Write) -> Result<()
     Ok(())
 }
 
+/// `sandboxer upgrade`: has the daemon hand its sandboxes over to a new process of `binary`
+/// (the running binary's path if `None`), then prints what happened (JSON with `json`).
+pub async fn upgrade(
+    socket: &Path,
+    binary: Option<&Path>,
+    json: bool,
+    out: &mut impl Write,
+) -> Result<(), OpsError> {
+    let binary = match binary {
+        Some(b) => std::path::absolute(b)?.to_string_lossy().into_owned(),
+        None => String::new(),
+    };
+    let r = client(socket)
+        .await?
+        .upgrade(proto::admin::v1::UpgradeRequest { binary })
+        .await?
+        .into_inner();
+    let mut pauses = r.pauses_us.clone();
+    pauses.sort_unstable();
+    let max = pauses.last().copied().unwrap_or(0);
+    if json {
+        let v = serde_json::json!({
+            "old_pid": r.old_pid,
+            "new_pid": r.new_pid,
+            "sandboxes": r.sandboxes,
+            "pauses_us": r.pauses_us,
+            "failed": r.failed,
+            "total_us": r.total_us,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "upgraded: pid {} -> {}, {} sandboxes handed over, longest pause {:.1} ms, total {:.1} ms",
+        r.old_pid,
+        r.new_pid,
+        r.sandboxes,
+        max as f64 / 1e3,
+        r.total_us as f64 / 1e3
+    )?;
+    for f in &r.failed {
+        writeln!(out, "lost: {f}")?;
+    }
+    Ok(())
+}
+
 /// `sandboxer console ID`: the guest's console log; with `follow`, until the VM ends.
 pub async fn console(
     socket: &Path,

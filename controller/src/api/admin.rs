@@ -10,7 +10,7 @@ use std::time::Duration;
 use proto::admin::v1::admin_server::{Admin, AdminServer};
 use proto::admin::v1::{
     ConsoleChunk, ConsoleRequest, InspectRequest, InspectResponse, ListRequest, ListResponse,
-    SandboxSummary,
+    SandboxSummary, UpgradeRequest, UpgradeResponse,
 };
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::mpsc;
@@ -77,6 +77,39 @@ impl<B: VmBackend> Admin for AdminApi<B> {
         let json = self.service.inspect(&id)?;
         let json = serde_json::to_string_pretty(&json).unwrap_or_else(|_| json.to_string());
         Ok(Response::new(InspectResponse { json }))
+    }
+
+    async fn upgrade(
+        &self,
+        req: Request<UpgradeRequest>,
+    ) -> Result<Response<UpgradeResponse>, Status> {
+        let binary = req.into_inner().binary;
+        let binary = (!binary.is_empty()).then(|| std::path::PathBuf::from(binary));
+        if let Some(b) = &binary
+            && !b.is_absolute()
+        {
+            return Err(Status::invalid_argument(format!(
+                "Invalid binary: {} is not an absolute path",
+                b.display()
+            )));
+        }
+        let report = self
+            .service
+            .upgrade(binary)
+            .await
+            .map_err(Status::failed_precondition)?;
+        Ok(Response::new(UpgradeResponse {
+            old_pid: std::process::id(),
+            new_pid: report.new_pid,
+            sandboxes: u32::try_from(report.sandboxes).unwrap_or(u32::MAX),
+            pauses_us: report.pauses_us,
+            failed: report
+                .failed
+                .into_iter()
+                .map(|(id, why)| format!("{id}: {why}"))
+                .collect(),
+            total_us: report.total_us,
+        }))
     }
 
     type ConsoleStream = ConsoleStream;

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use tracing::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::eventfd::{EFD_CLOEXEC, EFD_NONBLOCK, EventFd};
 
 use super::{BackendError, StartPhases, VmEnd, VmSpec, wait_end};
 use crate::pod::GuestSetup;
@@ -136,7 +136,7 @@ impl Drop for CancelOnDrop {
 async fn accept_vsock(
     listener: devices::virtio::vsock::VsockListener,
 ) -> io::Result<std::os::unix::net::UnixStream> {
-    let cancel = EventFd::new(EFD_NONBLOCK)?;
+    let cancel = EventFd::new(EFD_NONBLOCK | EFD_CLOEXEC)?;
     let guard = CancelOnDrop(cancel.try_clone()?);
     let accepted = tokio::task::spawn_blocking(move || accept_vsock_blocking(&listener, &cancel))
         .await
@@ -256,11 +256,12 @@ pub(super) async fn connect_agent(
     fallback: Option<&ReadyFallback>,
     end: watch::Receiver<Option<VmEnd>>,
     phases: &mut StartPhases,
-) -> Result<ttrpc::asynchronous::Client, BackendError> {
+) -> Result<(ttrpc::asynchronous::Client, u32), BackendError> {
     let t = Instant::now();
     let port = wait_ready(spec, listener, fallback, end).await?;
     phases.agent_ready = t.elapsed();
-    connect_and_setup(vm, port, &spec.setup, phases).await
+    let client = connect_and_setup(vm, port, &spec.setup, phases).await?;
+    Ok((client, port))
 }
 
 /// Waits (up to `agent_ready_timeout`) for the agent's ready line and returns its port.
@@ -318,6 +319,25 @@ pub(super) async fn connect_and_setup(
     phases: &mut StartPhases,
 ) -> Result<ttrpc::asynchronous::Client, BackendError> {
     let t = Instant::now();
+    let client = connect(vm, port).await?;
+    phases.agent_connect = t.elapsed();
+    let t = Instant::now();
+    sync_clock(&client).await?;
+    phases.sync_clock = t.elapsed();
+    let t = Instant::now();
+    control(&client)
+        .setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(setup)?)
+        .await
+        .map_err(|e| BackendError::Agent("Control.Setup", e))?;
+    phases.setup = t.elapsed();
+    Ok(client)
+}
+
+/// Connects one ttrpc client to the agent's `port` over the VM's vsock device.
+pub(super) async fn connect(
+    vm: &Arc<vmm::Vm>,
+    port: u32,
+) -> Result<ttrpc::asynchronous::Client, BackendError> {
     let handle = vm
         .vsock()
         .cloned()
@@ -331,24 +351,20 @@ pub(super) async fn connect_and_setup(
         .map_err(|e| BackendError::AgentConnect(port, e))?;
     let stream = tokio::net::UnixStream::from_std(stream)
         .map_err(|e| BackendError::AgentConnect(port, e))?;
-    let client = ttrpc::asynchronous::Client::new(stream.into());
-    phases.agent_connect = t.elapsed();
-    let t = Instant::now();
-    let ctl = control(&client);
+    Ok(ttrpc::asynchronous::Client::new(stream.into()))
+}
+
+/// Sets the guest's clock to the host's (`Control.SyncClock`).
+pub(super) async fn sync_clock(client: &ttrpc::asynchronous::Client) -> Result<(), BackendError> {
     let clock = proto::agent::control::SyncClockRequest {
         unix_nanos: unix_nanos(),
         ..Default::default()
     };
-    ctl.sync_clock(ctx(AGENT_CALL_TIMEOUT), &clock)
+    control(client)
+        .sync_clock(ctx(AGENT_CALL_TIMEOUT), &clock)
         .await
         .map_err(|e| BackendError::Agent("Control.SyncClock", e))?;
-    phases.sync_clock = t.elapsed();
-    let t = Instant::now();
-    ctl.setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(setup)?)
-        .await
-        .map_err(|e| BackendError::Agent("Control.Setup", e))?;
-    phases.setup = t.elapsed();
-    Ok(client)
+    Ok(())
 }
 
 /// Asks the agent to end the pod (its containers get `grace` between SIGTERM and SIGKILL).

@@ -91,15 +91,17 @@ impl KvmBackend {
 
 /// A VM of the [`KvmBackend`] whose agent is ready.
 pub struct KvmHandle {
-    vm: Arc<vmm::Vm>,
-    spec: VmSpec,
-    end: watch::Receiver<Option<VmEnd>>,
+    pub(super) vm: Arc<vmm::Vm>,
+    pub(super) spec: VmSpec,
+    pub(super) end: watch::Receiver<Option<VmEnd>>,
     /// One ttrpc connection to the agent, shared by every caller.
-    agent: ttrpc::asynchronous::Client,
+    pub(super) agent: ttrpc::asynchronous::Client,
+    /// The agent's ttrpc port in the guest.
+    pub(super) agent_port: u32,
     /// Which block slots hold a disk.
-    slots: Mutex<Vec<bool>>,
+    pub(super) slots: Mutex<Vec<bool>>,
     /// How long the start took, by phase.
-    phases: StartPhases,
+    pub(super) phases: StartPhases,
 }
 
 impl fmt::Debug for KvmHandle {
@@ -152,6 +154,22 @@ impl VmBackend for KvmBackend {
             templates.prepare(spec);
         }
     }
+
+    async fn adopt(
+        &self,
+        spec: VmSpec,
+        handover: super::Handover,
+    ) -> Result<Box<dyn super::AdoptedVm>, BackendError> {
+        self.adopt_vm(spec, handover).await
+    }
+
+    async fn prepare_adoption(
+        &self,
+        layout: super::MemoryLayout,
+        seccomp: vmm::SeccompPolicy,
+    ) -> Result<vmm::PreparedShell, BackendError> {
+        self.prepare_shell(layout, seccomp).await
+    }
 }
 
 impl KvmBackend {
@@ -199,7 +217,11 @@ impl KvmBackend {
         )
         .await;
         drop(fallback);
-        self.handle(vm, spec, rx, agent, phases).await
+        let (agent, port) = match agent {
+            Ok((client, port)) => (Ok(client), port),
+            Err(e) => (Err(e), 0),
+        };
+        self.handle(vm, spec, rx, agent, port, phases).await
     }
 
     /// Starts `spec`'s VM as a clone of `template` and sets its agent up: the agent was ready
@@ -271,7 +293,8 @@ impl KvmBackend {
             iface.mac = format_mac(mac);
         }
         let agent = agent::connect_and_setup(&vm, template.agent_port, &setup, &mut phases).await;
-        self.handle(vm, spec.clone(), rx, agent, phases).await
+        let port = template.agent_port;
+        self.handle(vm, spec.clone(), rx, agent, port, phases).await
     }
 
     /// The handle of a VM whose agent setup ended with `agent`; a VM whose agent failed is
@@ -282,6 +305,7 @@ impl KvmBackend {
         spec: VmSpec,
         end: watch::Receiver<Option<VmEnd>>,
         agent: Result<ttrpc::asynchronous::Client, BackendError>,
+        agent_port: u32,
         phases: StartPhases,
     ) -> Result<Box<dyn VmHandle>, BackendError> {
         let agent = match agent {
@@ -297,6 +321,7 @@ impl KvmBackend {
             spec,
             end,
             agent,
+            agent_port,
             slots: Mutex::new(vec![false; slots]),
             phases,
         }))
@@ -305,7 +330,7 @@ impl KvmBackend {
 
 /// Watches `vm`'s end: its VMM thread publishes it on the returned channel as it records it
 /// ([`vmm::Vm::on_end`]), so no thread of the daemon waits for it.
-fn watched(vm: vmm::Vm) -> (Arc<vmm::Vm>, watch::Receiver<Option<VmEnd>>) {
+pub(super) fn watched(vm: vmm::Vm) -> (Arc<vmm::Vm>, watch::Receiver<Option<VmEnd>>) {
     let (tx, rx) = watch::channel(None);
     // `send_replace` only takes the channel's lock and wakes the receivers' tasks: fit for
     // the VMM thread.
@@ -324,7 +349,7 @@ fn format_mac(mac: &[u8; 6]) -> String {
 }
 
 /// Stops `vm` and waits for its end (off the async workers).
-async fn stop_now(vm: &Arc<vmm::Vm>) -> vmm::VmEnd {
+pub(super) async fn stop_now(vm: &Arc<vmm::Vm>) -> vmm::VmEnd {
     let stopping = Arc::clone(vm);
     match tokio::task::spawn_blocking(move || stopping.stop()).await {
         Ok(end) => end,
@@ -488,6 +513,18 @@ impl VmHandle for KvmHandle {
     ) -> Result<(), BackendError> {
         self.running()?;
         agent::update_resources(&self.agent, container_id, resources).await
+    }
+
+    fn memory_layout(&self) -> Option<super::MemoryLayout> {
+        Some(self.layout())
+    }
+
+    async fn handover(&self) -> Result<super::Handover, BackendError> {
+        self.hand_over().await
+    }
+
+    async fn resume_after_handover(&self) -> Result<(), BackendError> {
+        self.resume_here().await
     }
 }
 

@@ -25,10 +25,12 @@ use crate::sandbox::StoredAny;
 pub mod agent;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fake;
+pub mod handover;
 pub mod kvm;
 pub mod layout;
 pub mod template;
 
+pub use handover::{AdoptedVm, Handover, MemoryLayout};
 pub use kvm::KvmBackend;
 
 /// A boxed error from below the backend (vmm, I/O).
@@ -92,6 +94,9 @@ pub enum BackendError {
     /// Every block slot holds a disk.
     #[error("All {0} block slots are in use")]
     NoFreeSlot(usize),
+    /// The VM cannot be handed over (yet): the reason.
+    #[error("The VM cannot be handed over: {0}")]
+    Handover(String),
     /// The slot is not one that was attached.
     #[error("Block slot {0} is not attached")]
     SlotNotAttached(u32),
@@ -316,6 +321,26 @@ pub trait VmBackend: Send + Sync + 'static {
     fn template_stats(&self) -> Option<template::TemplateStats> {
         None
     }
+
+    /// Builds ahead the VM a running VM of another process will be rebuilt on (its memory
+    /// mapped, KVM's part made), so that its handover's pause does not include it.
+    async fn prepare_adoption(
+        &self,
+        _layout: MemoryLayout,
+        _seccomp: vmm::SeccompPolicy,
+    ) -> Result<vmm::PreparedShell, BackendError> {
+        Err(BackendError::Unsupported("live handover"))
+    }
+
+    /// Rebuilds a VM another process handed over ([`VmHandle::handover`]) for `spec`, frozen
+    /// until [`AdoptedVm::resume`] (a live upgrade's new process).
+    async fn adopt(
+        &self,
+        _spec: VmSpec,
+        _handover: Handover,
+    ) -> Result<Box<dyn AdoptedVm>, BackendError> {
+        Err(BackendError::Unsupported("live handover"))
+    }
 }
 
 /// A running (or ended) VM.
@@ -348,6 +373,21 @@ pub trait VmHandle: TaskTarget {
     /// How long the phases of this VM's start took (none for backends that do not measure).
     fn start_phases(&self) -> StartPhases {
         StartPhases::default()
+    }
+    /// What another process needs to build this VM's shell ahead of a live handover (`None`:
+    /// a backend without live handover).
+    fn memory_layout(&self) -> Option<MemoryLayout> {
+        None
+    }
+    /// Freezes the VM (vCPUs and devices) and saves it for a live handover to another process
+    /// ([`VmBackend::adopt`]). It stays frozen until [`VmHandle::resume_after_handover`] (the
+    /// handover failed) or the end of this process (it succeeded).
+    async fn handover(&self) -> Result<Handover, BackendError> {
+        Err(BackendError::Unsupported("live handover"))
+    }
+    /// Lets a VM frozen by [`VmHandle::handover`] run again here.
+    async fn resume_after_handover(&self) -> Result<(), BackendError> {
+        Err(BackendError::Unsupported("live handover"))
     }
 }
 

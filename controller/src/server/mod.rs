@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::UnixListener;
+use std::os::unix::net::UnixListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -125,6 +125,9 @@ pub struct Servers {
     stop: watch::Sender<bool>,
     tasks: JoinSet<Result<(), ServerError>>,
     sockets: Vec<PathBuf>,
+    /// A second descriptor of each listening socket, in `sockets` order: what a live upgrade
+    /// passes on to the new process.
+    listeners: Vec<UnixListener>,
 }
 
 impl Servers {
@@ -134,49 +137,70 @@ impl Servers {
         socket: &Path,
         seed_socket: Option<&Path>,
     ) -> Result<Self, ServerError> {
-        let (stop, _) = watch::channel(false);
-        let mut servers = Servers {
-            stop,
-            tasks: JoinSet::new(),
-            sockets: Vec::new(),
-        };
-        let v2 = bind(socket)?;
-        servers.sockets.push(socket.to_path_buf());
+        let v2 = (socket.to_path_buf(), bind(socket)?);
         let seed = match seed_socket {
             Some(p) => match bind(p) {
-                Ok(l) => {
-                    servers.sockets.push(p.to_path_buf());
-                    Some((p, l))
-                }
+                Ok(l) => Some((p.to_path_buf(), l)),
                 Err(e) => {
-                    servers.remove_sockets();
+                    let _ = std::fs::remove_file(socket);
                     return Err(e);
                 }
             },
             None => None,
         };
+        Self::start_on(service, v2, seed)
+    }
 
+    /// Serves the containerd 2.x API on `v2` and the seed API on `seed`, sockets bound already
+    /// (by this process, or by the process it took over from).
+    pub fn start_on<B: VmBackend>(
+        service: &Arc<SandboxService<B>>,
+        v2: (PathBuf, UnixListener),
+        seed: Option<(PathBuf, UnixListener)>,
+    ) -> Result<Self, ServerError> {
+        let (stop, _) = watch::channel(false);
+        let mut servers = Servers {
+            stop,
+            tasks: JoinSet::new(),
+            sockets: Vec::new(),
+            listeners: Vec::new(),
+        };
         // The operator's API (`sandboxer ps`, ...) shares the engine's socket and its access.
         let router = tonic::transport::Server::builder()
             .add_service(V2Api::new(Arc::clone(service)).into_server())
             .add_service(AdminApi::new(Arc::clone(service)).into_server());
-        servers.spawn(socket, v2, router);
-        if let Some((path, listener)) = seed {
+        servers.spawn(v2, router)?;
+        if let Some(seed) = seed {
             let router = tonic::transport::Server::builder()
                 .add_service(SeedApi::new(Arc::clone(service)).into_server());
-            servers.spawn(path, listener, router);
+            if let Err(e) = servers.spawn(seed, router) {
+                servers.remove_sockets();
+                return Err(e);
+            }
         }
         Ok(servers)
     }
 
+    /// The listening sockets with their paths (second descriptors), for a live upgrade.
+    pub fn listeners(&self) -> std::io::Result<Vec<(PathBuf, UnixListener)>> {
+        self.sockets
+            .iter()
+            .zip(&self.listeners)
+            .map(|(p, l)| Ok((p.clone(), l.try_clone()?)))
+            .collect()
+    }
+
     fn spawn(
         &mut self,
-        path: &Path,
-        listener: UnixListener,
+        (path, listener): (PathBuf, UnixListener),
         router: tonic::transport::server::Router,
-    ) {
+    ) -> Result<(), ServerError> {
+        let err = |e| ServerError::Bind(path.clone(), e);
+        listener.set_nonblocking(true).map_err(err)?;
+        self.listeners.push(listener.try_clone().map_err(err)?);
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(err)?;
+        self.sockets.push(path.clone());
         let mut stop = self.stop.subscribe();
-        let path = path.to_path_buf();
         info!(socket = %path.display(), "listening");
         self.tasks.spawn(async move {
             router
@@ -194,6 +218,7 @@ impl Servers {
                 .await
                 .map_err(|e| ServerError::Serve(path, e))
         });
+        Ok(())
     }
 
     /// The socket paths served.
@@ -237,13 +262,88 @@ impl Servers {
     }
 }
 
+/// Serves one upgrade request: hands everything over to a new process and ends this one, or
+/// says why nothing moved (and goes on serving).
+async fn upgrade<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    config: &Config,
+    servers: &Servers,
+    request: crate::service::handover::UpgradeRequest,
+) {
+    let reply = |r: Result<crate::upgrade::Report, String>| {
+        if let Some(tx) = request.reply {
+            let _ = tx.send(r);
+        }
+    };
+    let listeners = match servers.listeners() {
+        Ok(l) => l,
+        Err(e) => return reply(Err(format!("cannot pass the API sockets on: {e}"))),
+    };
+    let binary = match request.binary.clone().map_or_else(running_binary, Ok) {
+        Ok(b) => b,
+        Err(e) => return reply(Err(format!("cannot find the running binary: {e}"))),
+    };
+    let path = config.state_dir.join(crate::upgrade::SOCKET);
+    let socket = match bind(&path) {
+        Ok(l) => (path, l),
+        Err(e) => return reply(Err(error_chain(&e))),
+    };
+    let plan = crate::upgrade::Plan {
+        binary,
+        args: crate::upgrade::own_serve_args(),
+        socket,
+        listeners,
+    };
+    match crate::upgrade::give(service, plan).await {
+        Ok((report, freeze)) => {
+            info!(
+                new_pid = report.new_pid,
+                sandboxes = report.sandboxes,
+                total_us = report.total_us,
+                "upgrade done: the new process took over; exiting"
+            );
+            reply(Ok(report));
+            // Time for the answer to reach the caller; nothing is served meanwhile.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            // The VMs, sockets and files are the new process's: tear nothing down.
+            std::mem::forget(freeze);
+            crate::upgrade::exit_without_teardown(0);
+        }
+        Err(e) => {
+            let why = error_chain(&e);
+            warn!(error = %why, "upgrade failed; every sandbox stays here");
+            reply(Err(why));
+        }
+    }
+}
+
+/// The path of the running binary: where a package update put the new one (a replaced file
+/// shows as `<path> (deleted)`).
+fn running_binary() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let text = exe.to_string_lossy();
+    Ok(match text.strip_suffix(" (deleted)") {
+        Some(path) => PathBuf::from(path),
+        None => exe,
+    })
+}
+
 /// The sandboxes' CPU cgroups per `[cgroup]`, with what a previous daemon left under them
-/// removed (no VM of this process runs yet). Logged once.
-fn sandbox_cgroups(config: &Config) -> Result<Option<crate::cgroup::CpuCgroups>, ServerError> {
+/// removed when `clean` (no VM of this process runs yet; a takeover keeps them: the VMs it
+/// takes over are in them). Logged once.
+fn sandbox_cgroups(
+    config: &Config,
+    clean: bool,
+) -> Result<Option<crate::cgroup::CpuCgroups>, ServerError> {
     let cgroups =
         crate::cgroup::CpuCgroups::from_config(&config.cgroup).map_err(ServerError::Cgroup)?;
     if let Some(cgroups) = &cgroups {
-        for e in cgroups.remove_leftovers() {
+        let left = if clean {
+            cgroups.remove_leftovers()
+        } else {
+            Vec::new()
+        };
+        for e in left {
             warn!(error = %error_chain(&e), "a sandbox CPU cgroup is still in use; leaving it");
         }
         info!(
@@ -261,6 +361,18 @@ pub async fn run<B: VmBackend>(
     config: &Config,
     backend: B,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    run_with(config, backend, shutdown, None).await
+}
+
+/// [`run`], first taking over the sandboxes and API sockets of the daemon that listens for a
+/// handover on `takeover` (a live upgrade, [`crate::upgrade::take`]), if given. A takeover
+/// that fails ends this process at once, dropping nothing: the old daemon keeps everything.
+pub async fn run_with<B: VmBackend>(
+    config: &Config,
+    backend: B,
+    shutdown: impl Future<Output = ()>,
+    takeover: Option<&Path>,
 ) -> Result<(), ServerError> {
     let mut config = config.clone();
     // Held until the daemon ends: VMs boot from these memfds.
@@ -284,8 +396,19 @@ pub async fn run<B: VmBackend>(
     }
     let config = &config;
     let mut service_config = ServiceConfig::from(config);
-    service_config.cgroups = sandbox_cgroups(config)?;
+    service_config.cgroups = sandbox_cgroups(config, takeover.is_none())?;
     let service = SandboxService::new(backend, service_config);
+    let taken = match takeover {
+        Some(socket) => match crate::upgrade::take(&service, socket).await {
+            Ok(taken) => Some(taken),
+            Err(e) => {
+                tracing::error!(error = %error_chain(&e), "cannot take over; the running sandboxer keeps its sandboxes");
+                // Nothing here may be torn down: it is the old daemon's.
+                crate::upgrade::exit_without_teardown(1);
+            }
+        },
+        None => None,
+    };
     let recovery = service.recover().map_err(ServerError::Recover)?;
     for e in &recovery.unreadable {
         warn!(error = %error_chain(e), "skipping unreadable sandbox record");
@@ -297,7 +420,20 @@ pub async fn run<B: VmBackend>(
         migrated = recovery.migrated.len(),
         "sandbox records loaded"
     );
-    let mut servers = Servers::start(&service, &config.api.socket, config.seed_socket())?;
+    let mut servers = match taken {
+        Some(taken) => {
+            let mut listeners = taken.listeners.into_iter();
+            let v2 = listeners.next().ok_or_else(|| {
+                ServerError::Bind(config.api.socket.clone(), io::Error::other("not passed on"))
+            })?;
+            Servers::start_on(&service, v2, listeners.next())?
+        }
+        None => Servers::start(&service, &config.api.socket, config.seed_socket())?,
+    };
+    let (upgrades, mut upgrade_requests) = tokio::sync::mpsc::channel(1);
+    service.accept_upgrades(upgrades);
+    let mut usr2 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined2())
+        .map_err(|e| ServerError::Bind(config.api.socket.clone(), e))?;
     // Served until the daemon ends (dropping it stops the endpoint).
     let _metrics = match config.metrics.address() {
         Some(addr) => {
@@ -317,9 +453,18 @@ pub async fn run<B: VmBackend>(
     }
     info!(state_dir = %config.state_dir.display(), "sandboxer ready");
 
-    let result = tokio::select! {
-        () = shutdown => Ok(()),
-        e = servers.failed() => Err(e),
+    let mut shutdown = std::pin::pin!(shutdown);
+    let result = loop {
+        let request = tokio::select! {
+            () = &mut shutdown => break Ok(()),
+            e = servers.failed() => break Err(e),
+            Some(request) = upgrade_requests.recv() => request,
+            Some(()) = usr2.recv() => {
+                info!("SIGUSR2 received: upgrading");
+                crate::service::handover::UpgradeRequest { binary: None, reply: None }
+            }
+        };
+        upgrade(&service, config, &servers, request).await;
     };
     let _ = notify::notify("STOPPING=1");
     servers.stop_accepting();

@@ -511,7 +511,7 @@ impl<B: VmBackend> SandboxService<B> {
 
     /// Records the sandbox's end (unless it is recorded already: `Ok(false)`), persists it and
     /// wakes every Wait, also when the save fails.
-    async fn end(
+    pub(super) async fn end(
         &self,
         entry: &Entry,
         state: SandboxState,
@@ -548,7 +548,7 @@ impl<B: VmBackend> SandboxService<B> {
     }
 
     /// Records a VM's end when it ends by itself (guest shutdown, crash).
-    async fn monitor(self: Arc<Self>, entry: Arc<Entry>, vm: Arc<dyn VmHandle>) {
+    pub(super) async fn monitor(self: Arc<Self>, entry: Arc<Entry>, vm: Arc<dyn VmHandle>) {
         let end = vm.wait().await;
         drop(vm);
         let _op = Locked::new(Arc::clone(&entry)).await;
@@ -713,7 +713,7 @@ impl<B: VmBackend> SandboxService<B> {
     }
 
     /// Serves the sandbox's Task endpoint on `<dir>/task.sock`, forwarding to `vm`'s agent.
-    async fn start_task_server(
+    pub(super) async fn start_task_server(
         &self,
         dir: &Path,
         vm: &Arc<dyn VmHandle>,

@@ -36,6 +36,7 @@ use crate::task::ImageCache;
 
 pub mod admin;
 pub mod containers;
+pub mod handover;
 pub mod lifecycle;
 mod registry;
 #[cfg(test)]
@@ -257,6 +258,11 @@ pub struct SandboxService<B: VmBackend> {
     /// The descriptors the daemon may give sandboxes, measured at the first Create (the
     /// daemon's own are open by then: sockets, runtime, KVM, pools).
     fd_budget: OnceLock<FdBudget>,
+    /// Held shared by every mutating operation and exclusively by a live upgrade
+    /// ([`handover`]): operations that come during an upgrade are refused (UNAVAILABLE).
+    gate: Arc<tokio::sync::RwLock<()>>,
+    /// Where upgrade requests go (the daemon's main loop), once it takes them.
+    upgrades: OnceLock<tokio::sync::mpsc::Sender<handover::UpgradeRequest>>,
 }
 
 impl<B: VmBackend> SandboxService<B> {
@@ -269,6 +275,8 @@ impl<B: VmBackend> SandboxService<B> {
             sandboxes: Mutex::new(HashMap::new()),
             images: Mutex::new(None),
             fd_budget: OnceLock::new(),
+            gate: Arc::new(tokio::sync::RwLock::new(())),
+            upgrades: OnceLock::new(),
         })
     }
 
@@ -407,9 +415,16 @@ impl<B: VmBackend> SandboxService<B> {
         T: Send + 'static,
         F: Future<Output = Result<T, SandboxError>> + Send + 'static,
     {
-        tokio::spawn(f)
-            .await
-            .map_err(|e| SandboxError::Task(id.to_string(), e))?
+        let gate = Arc::clone(&self.gate)
+            .try_read_owned()
+            .map_err(|_| SandboxError::Upgrading)?;
+        tokio::spawn(async move {
+            let result = f.await;
+            drop(gate);
+            result
+        })
+        .await
+        .map_err(|e| SandboxError::Task(id.to_string(), e))?
     }
 
     /// Waits until the sandbox has ended and returns its exit. Many may wait at once.

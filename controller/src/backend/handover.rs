@@ -1,0 +1,238 @@
+// SPDX-License-Identifier: Apache-2.0
+//! A [`KvmHandle`]'s VM handed over to another process (a live upgrade, docs/restarts.md):
+//! [`VmHandle::handover`] freezes the VM and saves it ([`vmm::Vm::handover`]); the new
+//! process rebuilds it frozen on the same guest memory with the same host files
+//! ([`VmBackend::adopt`](super::VmBackend::adopt)), and once the old process has let go, [`AdoptedVm::resume`] lets it
+//! run, connects to its agent again and sets the guest's clock.
+//!
+//! What a handover carries besides the VM's state: the agent's ttrpc port. The vsock
+//! connections the old process had (its agent client) are reset in the guest; the agent
+//! keeps listening and its containers run on. Block slots must be empty: the disks of
+//! containers and the Task endpoint's state are not handed over yet, so a sandbox with
+//! containers is refused ([`BackendError::Handover`]) before anything moves.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use devices::sync::Recover;
+use devices::virtio::net::Tap;
+use tokio::sync::watch;
+
+use super::kvm::{KvmBackend, KvmHandle, stop_now, watched};
+use super::layout::{GUEST_CID, empty_slot};
+use super::{BackendError, StartPhases, VmEnd, VmHandle, VmSpec, agent};
+
+/// A VM frozen and saved for a live handover, with what its rebuild needs besides its state.
+#[derive(Debug)]
+pub struct Handover {
+    /// The VM's state, memory and device files ([`vmm::VmSnapshot`]).
+    pub snapshot: vmm::VmSnapshot,
+    /// The guest agent's ttrpc port.
+    pub agent_port: u32,
+    /// The new process's VM built ahead on the same memory
+    /// ([`VmBackend::prepare_adoption`](super::VmBackend::prepare_adoption)).
+    pub shell: Option<vmm::PreparedShell>,
+}
+
+/// What the new process needs to build a running VM's shell before it is frozen.
+#[derive(Debug, Clone)]
+pub struct MemoryLayout {
+    /// The guest memory's memfd (for a clone: its template's).
+    pub memory: Arc<std::fs::File>,
+    /// Whether the VM maps it copy-on-write (a clone).
+    pub private: bool,
+    /// Its size.
+    pub mem_bytes: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+}
+
+/// A VM rebuilt from a [`Handover`], frozen until the old process has let it go.
+#[async_trait]
+pub trait AdoptedVm: Send + std::fmt::Debug {
+    /// Lets the guest run (its vCPUs and devices), at once: the end of its pause.
+    fn run(&self) -> Result<(), BackendError>;
+    /// Connects to its agent again and sets the guest's clock (after [`AdoptedVm::run`]); the
+    /// VM is then the sandbox's VM of this process.
+    async fn resume(self: Box<Self>) -> Result<Box<dyn VmHandle>, BackendError>;
+}
+
+impl KvmHandle {
+    /// [`VmHandle::memory_layout`] of a KVM VM.
+    pub(super) fn layout(&self) -> MemoryLayout {
+        let (memory, private, mem_bytes, vcpus) = self.vm.memory_layout();
+        MemoryLayout {
+            memory: Arc::clone(memory),
+            private,
+            mem_bytes,
+            vcpus,
+        }
+    }
+
+    /// [`VmHandle::handover`] of a KVM VM.
+    pub(super) async fn hand_over(&self) -> Result<Handover, BackendError> {
+        if self.vm.ended().is_some() {
+            return Err(BackendError::NotRunning);
+        }
+        let used = self.slots.lock().recover().iter().filter(|u| **u).count();
+        if used > 0 {
+            return Err(BackendError::Handover(format!(
+                "{used} block slots hold container disks (containers cannot be handed over yet)"
+            )));
+        }
+        let vm = Arc::clone(&self.vm);
+        let snapshot = tokio::task::spawn_blocking(move || vm.handover())
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(|e| BackendError::Handover(crate::error_chain(&e)))?;
+        Ok(Handover {
+            snapshot,
+            agent_port: self.agent_port,
+            shell: None,
+        })
+    }
+
+    /// [`VmHandle::resume_after_handover`] of a KVM VM.
+    pub(super) async fn resume_here(&self) -> Result<(), BackendError> {
+        let vm = Arc::clone(&self.vm);
+        tokio::task::spawn_blocking(move || vm.resume())
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(|e| BackendError::Handover(crate::error_chain(&e)))
+    }
+}
+
+impl KvmBackend {
+    /// [`VmBackend::prepare_adoption`](super::VmBackend::prepare_adoption) for KVM VMs.
+    pub(super) async fn prepare_shell(
+        &self,
+        layout: MemoryLayout,
+        seccomp: vmm::SeccompPolicy,
+    ) -> Result<vmm::PreparedShell, BackendError> {
+        let host = self.host().clone();
+        tokio::task::spawn_blocking(move || {
+            vmm::PreparedShell::build(
+                &host,
+                &layout.memory,
+                layout.private,
+                layout.mem_bytes,
+                layout.vcpus,
+                seccomp,
+            )
+        })
+        .await
+        .map_err(BackendError::Join)?
+        .map_err(|e| BackendError::Start(Box::new(e)))
+    }
+
+    /// [`VmBackend::adopt`](super::VmBackend::adopt) for KVM VMs: the devices are the ones [`KvmBackend`] gives every
+    /// VM, on the old VM's host files (its vsock socket, its TAP queues).
+    pub(super) async fn adopt_vm(
+        &self,
+        spec: VmSpec,
+        mut handover: Handover,
+    ) -> Result<Box<dyn AdoptedVm>, BackendError> {
+        let files = handover.snapshot.take_files();
+        let mut devices = vec![vmm::DeviceConfig::Vsock {
+            guest_cid: GUEST_CID,
+            uds_path: spec.vsock_uds.clone(),
+            uds_listener: files.vsock,
+        }];
+        devices.extend((0..spec.blk_slots).map(empty_slot));
+        for (n, (file, config)) in files.nets.into_iter().enumerate() {
+            let tap = Tap::from_file(file, &crate::network::tap_name(n, &spec.sandbox_id));
+            devices.push(vmm::DeviceConfig::Net {
+                config,
+                backend: vmm::NetBackendConfig::Custom(Box::new(tap)),
+            });
+        }
+        let config = vmm::CloneConfig {
+            console: vmm::ConsoleConfig {
+                log_path: spec.console_log.clone(),
+                log_max_bytes: spec.console_log_max_bytes,
+                stdout: false,
+            },
+            seccomp: spec.seccomp,
+            devices,
+            paused: true,
+            shell: handover.shell.take(),
+        };
+        let host = self.host().clone();
+        let snapshot = handover.snapshot;
+        let vm = tokio::task::spawn_blocking(move || vmm::Vm::restore(&host, &snapshot, config))
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(|e| BackendError::Start(Box::new(e)))?;
+        let (vm, end) = watched(vm);
+        Ok(Box::new(KvmAdopted {
+            vm,
+            spec,
+            end,
+            agent_port: handover.agent_port,
+        }))
+    }
+}
+
+/// A KVM VM rebuilt from a handover, frozen.
+#[derive(Debug)]
+struct KvmAdopted {
+    vm: Arc<vmm::Vm>,
+    spec: VmSpec,
+    end: watch::Receiver<Option<VmEnd>>,
+    agent_port: u32,
+}
+
+#[async_trait]
+impl AdoptedVm for KvmAdopted {
+    fn run(&self) -> Result<(), BackendError> {
+        self.vm
+            .resume_now()
+            .map_err(|e| BackendError::Handover(crate::error_chain(&e)))
+    }
+
+    async fn resume(self: Box<Self>) -> Result<Box<dyn VmHandle>, BackendError> {
+        let KvmAdopted {
+            vm,
+            spec,
+            end,
+            agent_port,
+        } = *self;
+        if vm.ended().is_some() {
+            return Err(BackendError::NotRunning);
+        }
+        // The new threads go where the old ones were.
+        if let Some(placement) = spec.cgroup.clone() {
+            let (v, vcpus) = (Arc::clone(&vm), spec.vcpus);
+            let placed = tokio::task::spawn_blocking(move || {
+                placement.attach(vcpus, || v.ended().is_some(), || v.thread_ids())
+            })
+            .await
+            .map_err(BackendError::Join)?;
+            if let Err(e) = placed {
+                stop_now(&vm).await;
+                return Err(e);
+            }
+        }
+        let connected = match agent::connect(&vm, agent_port).await {
+            Ok(client) => agent::sync_clock(&client).await.map(|()| client),
+            Err(e) => Err(e),
+        };
+        let agent = match connected {
+            Ok(agent) => agent,
+            Err(e) => {
+                stop_now(&vm).await;
+                return Err(e);
+            }
+        };
+        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
+        Ok(Box::new(KvmHandle {
+            vm,
+            spec,
+            end,
+            agent,
+            agent_port,
+            slots: Mutex::new(vec![false; slots]),
+            phases: StartPhases::default(),
+        }))
+    }
+}

@@ -1,0 +1,310 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The sandbox service's part in a live upgrade ([`crate::upgrade`]).
+//!
+//! The old process: [`SandboxService::hold_all`] waits for the operations in flight, then
+//! refuses new ones (UNAVAILABLE: the engine tries again, and reaches the new process);
+//! [`Hold::freeze`] freezes every running sandbox's VM for its handover. [`Freeze::thaw`]
+//! undoes it when the upgrade fails; when it succeeds the old process ends with everything
+//! still frozen.
+//!
+//! The new process: [`SandboxService::adopt`] rebuilds a handed-over VM, frozen, from its
+//! record (read from the store: the records are the same files); once the old process has let
+//! go, [`SandboxService::install`] lets it run and serves it as if this process had started it
+//! (its Task endpoint on a freshly bound `task.sock`, its end watched).
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tracing::{info, warn};
+
+use super::registry::{Entry, Locked};
+use super::{EXIT_FAILED, SandboxService};
+use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend, VmHandle};
+use crate::error::{SandboxError, error_chain};
+use crate::sandbox::{ExitInfo, SandboxState};
+
+/// How an upgrade went, as the old process saw it.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UpgradeReport {
+    /// The new process.
+    pub new_pid: u32,
+    /// Sandboxes handed over.
+    pub sandboxes: usize,
+    /// Each handed-over VM's pause (frozen here, running there), in microseconds.
+    pub pauses_us: Vec<u64>,
+    /// Sandboxes whose VM the new process could not run, with why.
+    pub failed: Vec<(String, String)>,
+    /// From the start of the upgrade to the new process's report that it runs them.
+    pub total_us: u64,
+}
+
+/// A request for a live upgrade (the admin API's Upgrade, or SIGUSR2), which the daemon's main
+/// loop serves ([`crate::upgrade::give`]).
+#[derive(Debug)]
+pub struct UpgradeRequest {
+    /// The new binary (`None`: the running one's path, which a package update replaced).
+    pub binary: Option<std::path::PathBuf>,
+    /// Where the outcome goes: the report, or why nothing moved.
+    pub reply: Option<tokio::sync::oneshot::Sender<Result<UpgradeReport, String>>>,
+}
+
+/// The service held still for a handover, its VMs still running.
+#[derive(Debug)]
+pub struct Hold {
+    gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+    locks: Vec<Locked>,
+    running: Vec<(String, Arc<dyn VmHandle>)>,
+}
+
+impl Hold {
+    /// The running sandboxes and what a new process needs to build their VMs ahead.
+    pub fn layouts(&self) -> Vec<(String, Option<MemoryLayout>)> {
+        self.running
+            .iter()
+            .map(|(id, vm)| (id.clone(), vm.memory_layout()))
+            .collect()
+    }
+
+    /// Starts freezing every running sandbox's VM and saving it for the handover, all at once
+    /// (each VM's own threads do the work, so the pauses overlap): each comes on the returned
+    /// channel as it is frozen, to be passed on at once. Whatever the outcome, every one comes,
+    /// and each that froze must go into the [`Freeze`] ([`Freeze::add`]) so that a thaw
+    /// resumes it.
+    pub fn freeze(self) -> (Freeze, tokio::sync::mpsc::UnboundedReceiver<Frozen>) {
+        let Hold {
+            gate,
+            locks,
+            running,
+        } = self;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        for (id, vm) in running {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let frozen_at = std::time::Instant::now();
+                let handover = vm.handover().await;
+                let _ = tx.send(Frozen {
+                    id,
+                    vm,
+                    frozen_at,
+                    handover,
+                });
+            });
+        }
+        let freeze = Freeze {
+            _gate: gate,
+            _locks: locks,
+            frozen: Vec::new(),
+        };
+        (freeze, rx)
+    }
+}
+
+/// One running sandbox's VM, frozen for the handover (or why it could not be).
+#[derive(Debug)]
+pub struct Frozen {
+    /// The sandbox.
+    pub id: String,
+    /// Its VM.
+    pub vm: Arc<dyn VmHandle>,
+    /// When its freeze began (its pause).
+    pub frozen_at: std::time::Instant,
+    /// Its saved VM.
+    pub handover: Result<Handover, crate::backend::BackendError>,
+}
+
+/// The service held still for a handover: no operation runs, the running sandboxes' VMs are
+/// frozen. Dropping it without [`Freeze::thaw`] keeps the operations refused (the old
+/// process of a successful upgrade only waits to end).
+#[derive(Debug)]
+pub struct Freeze {
+    _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
+    _locks: Vec<Locked>,
+    frozen: Vec<(String, Arc<dyn VmHandle>)>,
+}
+
+impl Freeze {
+    /// Counts `vm` of sandbox `id` as frozen (a thaw resumes it).
+    pub fn add(&mut self, id: String, vm: Arc<dyn VmHandle>) {
+        self.frozen.push((id, vm));
+    }
+
+    /// The handover failed: every frozen VM runs again here and operations are taken again.
+    pub async fn thaw(self) {
+        for (id, vm) in &self.frozen {
+            if let Err(e) = vm.resume_after_handover().await {
+                warn!(sandbox_id = %id, error = %error_chain(&e), "cannot resume a sandbox's VM");
+            }
+        }
+        info!(
+            sandboxes = self.frozen.len(),
+            "upgrade given up: sandboxes resumed"
+        );
+    }
+
+    /// How many VMs are frozen.
+    pub fn len(&self) -> usize {
+        self.frozen.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.frozen.is_empty()
+    }
+}
+
+impl<B: VmBackend> SandboxService<B> {
+    /// Lets [`SandboxService::upgrade`] reach the daemon's main loop through `requests`.
+    pub fn accept_upgrades(&self, requests: tokio::sync::mpsc::Sender<UpgradeRequest>) {
+        let _ = self.upgrades.set(requests);
+    }
+
+    /// Asks the daemon to replace itself with a new process of `binary`, handing every
+    /// sandbox over; answers with the report (this process then ends) or why nothing moved.
+    pub async fn upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+    ) -> Result<UpgradeReport, String> {
+        let Some(requests) = self.upgrades.get() else {
+            return Err("this sandboxer cannot be upgraded in place (not the daemon)".into());
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = UpgradeRequest {
+            binary,
+            reply: Some(reply),
+        };
+        if requests.try_send(request).is_err() {
+            return Err("an upgrade is in progress already".into());
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the upgrade ended without an answer".into()))
+    }
+
+    /// Holds every operation off (after those in flight finish, up to `wait`): the running
+    /// sandboxes stay as they are until the [`Hold`] freezes their VMs or is dropped.
+    pub async fn hold_all(self: &Arc<Self>, wait: Duration) -> Result<Hold, SandboxError> {
+        let gate = tokio::time::timeout(wait, Arc::clone(&self.gate).write_owned())
+            .await
+            .map_err(|_| SandboxError::Upgrading)?;
+        let mut locks = Vec::new();
+        let mut running = Vec::new();
+        for entry in self.sandboxes_now() {
+            // Only a VM's end (its monitor) can still hold one: it is short.
+            let op = Locked::new(entry).await;
+            let (record, vm) = op.snapshot();
+            if let Some(vm) = vm.filter(|_| record.state == SandboxState::Ready) {
+                running.push((record.id, vm));
+            }
+            locks.push(op);
+        }
+        Ok(Hold {
+            gate,
+            locks,
+            running,
+        })
+    }
+
+    /// The sandboxes in the registry now.
+    fn sandboxes_now(&self) -> Vec<Arc<Entry>> {
+        use devices::sync::Recover;
+        self.sandboxes.lock().recover().values().cloned().collect()
+    }
+
+    /// Builds ahead the VM that sandbox `id`'s VM (still running in the old process) will be
+    /// rebuilt on.
+    pub async fn prepare_adoption(
+        &self,
+        id: &str,
+        layout: MemoryLayout,
+    ) -> Result<vmm::PreparedShell, SandboxError> {
+        self.backend
+            .prepare_adoption(layout, self.config.vm.seccomp.into())
+            .await
+            .map_err(|e| SandboxError::Backend(id.to_string(), e))
+    }
+
+    /// Rebuilds the VM of sandbox `id` that the old process handed over, frozen, for the
+    /// record the store holds.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        handover: Handover,
+    ) -> Result<Box<dyn AdoptedVm>, SandboxError> {
+        let record = self
+            .store
+            .load(id)
+            .map_err(|e| SandboxError::Store(id.to_string(), e))?;
+        if record.state != SandboxState::Ready {
+            return Err(SandboxError::FailedPrecondition {
+                id: id.to_string(),
+                state: record.state,
+                op: "adopt",
+            });
+        }
+        let dir = self.store.sandbox_dir(id);
+        let spec = self.vm_spec(&record, &dir, None);
+        self.backend
+            .adopt(spec, handover)
+            .await
+            .map_err(|e| SandboxError::Backend(id.to_string(), e))
+    }
+
+    /// Lets sandbox `id`'s adopted VM run and serves the sandbox. A VM that cannot be taken
+    /// over ends the sandbox (failed, with the reason), as a crash would.
+    pub async fn install(self: &Arc<Self>, id: &str, adopted: Box<dyn AdoptedVm>) {
+        let record = match self.store.load(id) {
+            Ok(record) => record,
+            Err(e) => {
+                warn!(sandbox_id = %id, error = %error_chain(&e), "cannot read a handed-over sandbox's record");
+                return;
+            }
+        };
+        let entry = Entry::new(record);
+        let op = Locked::new(Arc::clone(&entry)).await;
+        {
+            use devices::sync::Recover;
+            self.sandboxes
+                .lock()
+                .recover()
+                .insert(id.to_string(), Arc::clone(&entry));
+        }
+        let dir = self.store.sandbox_dir(id);
+        let vm: Arc<dyn VmHandle> = match adopted.resume().await {
+            Ok(vm) => Arc::from(vm),
+            Err(e) => return self.lost(&entry, &e.to_string()).await,
+        };
+        let task = match self.start_task_server(&dir, &vm).await {
+            Ok(task) => task,
+            Err(e) => {
+                vm.kill().await;
+                return self.lost(&entry, &error_chain(&e)).await;
+            }
+        };
+        let record = entry.with(|d| {
+            d.vm = Some(Arc::clone(&vm));
+            d.task = Some(task);
+            d.record.pid = vm.pid();
+            d.record.clone()
+        });
+        if let Err(e) = self.save(record).await {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "cannot record the new pid");
+        }
+        drop(op);
+        tokio::spawn(Arc::clone(self).monitor(entry, vm));
+        info!(sandbox_id = %id, "sandbox taken over");
+    }
+
+    /// Ends a handed-over sandbox whose VM could not be taken over.
+    async fn lost(&self, entry: &Entry, why: &str) {
+        let id = entry.with(|d| d.record.id.clone());
+        warn!(sandbox_id = %id, reason = %why, "a handed-over sandbox is lost");
+        let exit = ExitInfo {
+            status: EXIT_FAILED,
+            at: SystemTime::now(),
+            reason: format!("the VM could not be taken over from the previous sandboxer: {why}"),
+        };
+        if let Err(e) = self.end(entry, SandboxState::Failed, exit).await {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "cannot persist a sandbox's end");
+        }
+    }
+}

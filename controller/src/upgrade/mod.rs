@@ -1,0 +1,765 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live upgrade: the running daemon hands every running sandbox over to a new process started
+//! from a new binary, and no VM restarts (docs/restarts.md, "Upgrade").
+//!
+//! KVM ties a VM to the process that made it, so the handover is a local live migration. The
+//! old process ([`give`]) starts the new binary as `<binary> <its own serve flags> --takeover
+//! <state_dir>/upgrade.sock` and talks to it over that socket ([`wire`]):
+//!
+//! ```text
+//!  new                                   old
+//!  Hello {protocol, vm format}  ───────>  checks both versions (else Refused: nothing moved)
+//!                               <───────  Offer {n}: operations held off, the VMs still run
+//!                               <───────  Prepare {id, layout} + memfd      (n times)
+//!  builds each VM ahead          ───────>  Prepared {id}                     (n times)
+//!                                          freezes every VM at once, and as each is frozen:
+//!                               <───────  Sandbox {id, ...} + VM state, memfd(s), vsock, taps
+//!  writes its state, frozen      ───────>  Restored {id}                     (n times)
+//!                               <───────  Listeners + the API sockets
+//!  Ready                         ───────>
+//!                               <───────  Commit: from here the old process never runs a VM
+//!  runs every VM, MAINPID=       ───────>  Done {resumed at}: the old process exits
+//!  then its agents, Task sockets, APIs
+//! ```
+//!
+//! A VM's pause lasts from its freeze to the new process running it: the building that
+//! needs no frozen guest (a KVM VM on the same memory, its vCPUs and threads) is done before.
+//!
+//! Until `Commit` the old process can take everything back: any failure (a refusal, the new
+//! process exiting, a VM that cannot be rebuilt) thaws every VM where it was and the old
+//! process goes on serving. After it, the new process owns the VMs; the old one exits without
+//! tearing anything down (its VMs' memory, sockets and TAP queues are the new one's now). A
+//! new process that fails before `Commit` exits at once, also without tearing anything down.
+//!
+//! What is not handed over yet: the containers' disks and the Task endpoint's state (a sandbox
+//! with containers refuses the upgrade), and established connections (the engine's gRPC and
+//! ttrpc connections end with the old process; the engine connects again to the same paths).
+
+pub mod wire;
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend};
+use crate::error_chain;
+use crate::service::SandboxService;
+use crate::service::handover::Freeze;
+
+use wire::{Channel, WireError};
+
+/// Version of this handover protocol; both processes must speak the same one.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// The handover socket in the state directory.
+pub const SOCKET: &str = "upgrade.sock";
+/// How long the old process waits for the new one to connect, and each side for the other's
+/// next message.
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the old process waits for the operations in flight before it freezes the VMs.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// The flag that makes `sandboxer serve` take over from a running daemon.
+pub const TAKEOVER_FLAG: &str = "--takeover";
+/// Test hook: the new process exits right after rebuilding this many VMs (an upgrade that
+/// fails half way). Read from the new process's environment.
+pub const FAIL_AFTER_ENV: &str = "SANDBOXER_TEST_UPGRADE_FAIL_AFTER";
+/// Test hook: the new process claims this handover protocol version (a binary of another
+/// version). Read from the new process's environment.
+pub const PROTOCOL_ENV: &str = "SANDBOXER_TEST_UPGRADE_PROTOCOL";
+
+/// Why an upgrade did not happen (the old process keeps every sandbox) or, for the new
+/// process, why it cannot take over.
+#[derive(Debug, thiserror::Error)]
+pub enum UpgradeError {
+    /// The handover socket failed.
+    #[error("The handover connection failed")]
+    Wire(#[from] WireError),
+    /// Spawning, accepting or connecting failed.
+    #[error("{0}")]
+    Io(String, #[source] std::io::Error),
+    /// The other process did not answer in time.
+    #[error("The other process did not {0} within {STEP_TIMEOUT:?}")]
+    Timeout(&'static str),
+    /// The new process ended before it took over.
+    #[error("The new process exited before it took over: {0}")]
+    Exited(String),
+    /// The two binaries do not speak the same handover format.
+    #[error("Incompatible handover: {0}")]
+    Incompatible(String),
+    /// The other side gave up.
+    #[error("The other process gave up: {0}")]
+    Refused(String),
+    /// The other side broke the protocol.
+    #[error("Unexpected handover message: {0}")]
+    Protocol(String),
+    /// The service could not be held still or a sandbox not be handed over or rebuilt.
+    #[error("A sandbox cannot be handed over")]
+    Sandbox(#[source] Box<crate::error::SandboxError>),
+}
+
+/// Ends this process at once, running no destructor: after a successful handover (the old
+/// process) or a failed takeover (the new one), the VMs' memory, sockets and TAP queues that
+/// this process holds are the other process's, and tearing them down would take them away.
+#[expect(
+    clippy::exit,
+    reason = "the one way out that tears nothing down; see the doc comment"
+)]
+pub fn exit_without_teardown(code: i32) -> ! {
+    std::process::exit(code)
+}
+
+/// The handover's messages (JSON), with their blob and descriptors described per variant.
+#[derive(Debug, Serialize, Deserialize)]
+enum Msg {
+    /// new -> old: what the new binary speaks.
+    Hello {
+        protocol: u32,
+        vm_format: u32,
+        version: String,
+        pid: u32,
+    },
+    /// old -> new: `sandboxes` follow.
+    Offer { sandboxes: usize },
+    /// old -> new, once per sandbox, its VM still running: build its VM ahead. Descriptor:
+    /// the guest memory's memfd (for a clone: its template's).
+    Prepare {
+        id: String,
+        private: bool,
+        mem_bytes: u64,
+        vcpus: u8,
+    },
+    /// new -> old: a sandbox's VM is built ahead.
+    Prepared { id: String },
+    /// Either way: giving up (before `Commit`).
+    Refused { reason: String },
+    /// old -> new: one frozen sandbox. Blob: the encoded VM. Descriptors: `vm_files` of the
+    /// VM ([`vmm::VmSnapshot::encode`]), then the vsock listener if `vsock`, then one per NIC.
+    Sandbox {
+        id: String,
+        agent_port: u32,
+        vm_files: usize,
+        vsock: bool,
+        nics: Vec<Nic>,
+        frozen_at_ns: u64,
+    },
+    /// new -> old: a sandbox's VM is rebuilt (frozen).
+    Restored { id: String },
+    /// old -> new: the API sockets, one descriptor each, in `paths` order.
+    Listeners { paths: Vec<PathBuf> },
+    /// new -> old: everything is rebuilt.
+    Ready,
+    /// old -> new: the old process lets go; run them.
+    Commit,
+    /// new -> old: when each VM ran again (`CLOCK_MONOTONIC` ns) and what could not run.
+    Done {
+        resumed: Vec<(String, u64)>,
+        failed: Vec<(String, String)>,
+    },
+}
+
+/// A NIC's MAC and MTU (its TAP queue is a descriptor of the frame).
+#[derive(Debug, Serialize, Deserialize)]
+struct Nic {
+    mac: [u8; 6],
+    mtu: Option<u16>,
+}
+
+/// `CLOCK_MONOTONIC` in ns: one clock for both processes.
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| {
+            u64::try_from(t.tv_sec())
+                .unwrap_or(0)
+                .saturating_mul(1_000_000_000)
+                .saturating_add(u64::try_from(t.tv_nsec()).unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+/// The same clock at `at` (an `Instant` of this process).
+fn monotonic_ns_at(at: Instant) -> u64 {
+    let ago = u64::try_from(at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    monotonic_ns().saturating_sub(ago)
+}
+
+async fn recv(chan: &mut Channel, what: &'static str) -> Result<wire::Frame<Msg>, UpgradeError> {
+    let frame = tokio::time::timeout(STEP_TIMEOUT, chan.recv::<Msg>())
+        .await
+        .map_err(|_| UpgradeError::Timeout(what))??;
+    if let Msg::Refused { reason } = frame.message {
+        return Err(UpgradeError::Refused(reason));
+    }
+    Ok(frame)
+}
+
+/// Checks the other binary's versions against this one's.
+fn compatible(protocol: u32, vm_format: u32) -> Result<(), UpgradeError> {
+    if protocol != PROTOCOL_VERSION {
+        return Err(UpgradeError::Incompatible(format!(
+            "handover protocol {protocol}, this binary speaks {PROTOCOL_VERSION}"
+        )));
+    }
+    if vm_format != vmm::snapshot::FORMAT_VERSION {
+        return Err(UpgradeError::Incompatible(format!(
+            "saved VM format {vm_format}, this binary reads {}",
+            vmm::snapshot::FORMAT_VERSION
+        )));
+    }
+    Ok(())
+}
+
+/// What the old process needs to start the new one.
+#[derive(Debug)]
+pub struct Plan {
+    /// The new binary.
+    pub binary: PathBuf,
+    /// Its arguments before [`TAKEOVER_FLAG`]: this process's own serve flags.
+    pub args: Vec<OsString>,
+    /// The handover socket's path, and the socket bound there ([`crate::server::bind`]).
+    pub socket: (PathBuf, UnixListener),
+    /// The API sockets to pass on, with their paths.
+    pub listeners: Vec<(PathBuf, UnixListener)>,
+}
+
+/// This process's arguments for a new process of the same serve flags: its own, without a
+/// `--takeover` it was itself started with.
+pub fn own_serve_args() -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        if a == TAKEOVER_FLAG {
+            args.next();
+        } else if !a.to_string_lossy().starts_with("--takeover=") {
+            out.push(a);
+        }
+    }
+    out
+}
+
+pub use crate::service::handover::{UpgradeReport as Report, UpgradeRequest};
+
+/// The old process's side: hands every running sandbox of `service` over to a new process
+/// per `plan`. `Ok` means the new process owns them: the caller must end this process without
+/// tearing anything down (the returned [`Freeze`] must not be thawed). `Err` means nothing
+/// moved: every VM runs here again.
+pub async fn give<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    plan: Plan,
+) -> Result<(Report, Freeze), UpgradeError> {
+    let start = Instant::now();
+    let (path, listener) = &plan.socket;
+    let listener = listener
+        .try_clone()
+        .and_then(|l| {
+            l.set_nonblocking(true)?;
+            tokio::net::UnixListener::from_std(l)
+        })
+        .map_err(|e| UpgradeError::Io("handover socket".into(), e))?;
+    let result = give_over(service, &plan, &listener, start).await;
+    let _ = std::fs::remove_file(path);
+    result
+}
+
+async fn give_over<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    plan: &Plan,
+    listener: &tokio::net::UnixListener,
+    start: Instant,
+) -> Result<(Report, Freeze), UpgradeError> {
+    let mut child = tokio::process::Command::new(&plan.binary)
+        .args(&plan.args)
+        .arg(TAKEOVER_FLAG)
+        .arg(&plan.socket.0)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(false)
+        .spawn()
+        .map_err(|e| UpgradeError::Io(format!("cannot start {}", plan.binary.display()), e))?;
+    let new_pid = child.id().unwrap_or(0);
+    info!(binary = %plan.binary.display(), pid = new_pid, "upgrade: new process started");
+    let stream = tokio::select! {
+        accepted = tokio::time::timeout(STEP_TIMEOUT, listener.accept()) => match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => return Err(fail(&mut child, UpgradeError::Io("accept".into(), e))),
+            Err(_) => return Err(fail(&mut child, UpgradeError::Timeout("connect"))),
+        },
+        status = child.wait() => {
+            let why = status.map_or_else(|e| e.to_string(), |s| s.to_string());
+            return Err(UpgradeError::Exited(why));
+        }
+    };
+    let mut chan = Channel::new(stream);
+    match hand_over(service, plan, &mut chan, start, new_pid).await {
+        Ok(done) => Ok(done),
+        Err((e, freeze)) => {
+            let _ = chan
+                .send(
+                    &Msg::Refused {
+                        reason: error_chain(&e),
+                    },
+                    &[],
+                    &[],
+                )
+                .await;
+            if let Some(freeze) = freeze {
+                freeze.thaw().await;
+            }
+            // A new process that went away says more than the broken connection.
+            match tokio::time::timeout(Duration::from_secs(1), child.wait()).await {
+                Ok(Ok(status)) => Err(UpgradeError::Exited(format!(
+                    "{status} ({})",
+                    error_chain(&e)
+                ))),
+                _ => Err(fail(&mut child, e)),
+            }
+        }
+    }
+}
+
+/// Ends a new process that will not take over (it exits by itself on a broken handover; this
+/// is for one that hangs) and passes `e` on.
+fn fail(child: &mut tokio::process::Child, e: UpgradeError) -> UpgradeError {
+    let _ = child.start_kill();
+    e
+}
+
+type Failure = (UpgradeError, Option<Freeze>);
+
+async fn hand_over<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    plan: &Plan,
+    chan: &mut Channel,
+    start: Instant,
+    new_pid: u32,
+) -> Result<(Report, Freeze), Failure> {
+    let hello = recv(chan, "say hello").await.map_err(|e| (e, None))?;
+    let Msg::Hello {
+        protocol,
+        vm_format,
+        version,
+        pid,
+    } = hello.message
+    else {
+        return Err((UpgradeError::Protocol("expected Hello".into()), None));
+    };
+    compatible(protocol, vm_format).map_err(|e| (e, None))?;
+    info!(%version, pid, "upgrade: the new process is compatible");
+    let hold = service
+        .hold_all(DRAIN_TIMEOUT)
+        .await
+        .map_err(|e| (UpgradeError::Sandbox(Box::new(e)), None))?;
+    // While the VMs still run, the new process builds theirs ahead on the same memory.
+    let layouts = hold.layouts();
+    let count = layouts.len();
+    chan.send(&Msg::Offer { sandboxes: count }, &[], &[])
+        .await
+        .map_err(|e| (e.into(), None))?;
+    for (id, layout) in layouts {
+        let Some(layout) = layout else {
+            let why = format!("sandbox {id}: its VM cannot be handed over");
+            return Err((UpgradeError::Incompatible(why), None));
+        };
+        let msg = Msg::Prepare {
+            id,
+            private: layout.private,
+            mem_bytes: layout.mem_bytes,
+            vcpus: layout.vcpus,
+        };
+        chan.send(&msg, &[], &[layout.memory.as_fd()])
+            .await
+            .map_err(|e| (e.into(), None))?;
+    }
+    for _ in 0..count {
+        match recv(chan, "build a VM ahead").await {
+            Ok(wire::Frame {
+                message: Msg::Prepared { .. },
+                ..
+            }) => {}
+            Ok(f) => {
+                let e = UpgradeError::Protocol(format!("{:?} instead of Prepared", f.message));
+                return Err((e, None));
+            }
+            Err(e) => return Err((e, None)),
+        }
+    }
+    // Each VM goes out as soon as it is frozen; the new process writes its state into the
+    // VM it built ahead while the others are still freezing.
+    let (freeze, mut frozen) = hold.freeze();
+    let mut freeze = Some(freeze);
+    let fail = |e: UpgradeError, freeze: &mut Option<Freeze>| (e, freeze.take());
+    let mut frozen_at = std::collections::HashMap::new();
+    let mut failure = None;
+    for _ in 0..count {
+        let Some(one) = frozen.recv().await else {
+            failure.get_or_insert(UpgradeError::Protocol("a freeze task vanished".into()));
+            break;
+        };
+        let handover = match one.handover {
+            Ok(h) => h,
+            Err(e) => {
+                let e = crate::error::SandboxError::Backend(one.id, e);
+                failure.get_or_insert(UpgradeError::Sandbox(Box::new(e)));
+                continue;
+            }
+        };
+        if let Some(f) = freeze.as_mut() {
+            f.add(one.id.clone(), one.vm);
+        }
+        if failure.is_some() {
+            continue;
+        }
+        let at = monotonic_ns_at(one.frozen_at);
+        frozen_at.insert(one.id.clone(), at);
+        if let Err(e) = send_sandbox(chan, one.id, handover, at).await {
+            failure = Some(e);
+        }
+    }
+    if let Some(e) = failure {
+        return Err(fail(e, &mut freeze));
+    }
+    let mut restored = std::collections::HashSet::new();
+    while restored.len() < count {
+        match recv(chan, "rebuild a VM").await {
+            Ok(wire::Frame {
+                message: Msg::Restored { id },
+                ..
+            }) if frozen_at.contains_key(&id) => {
+                restored.insert(id);
+            }
+            Ok(f) => {
+                let e = UpgradeError::Protocol(format!("{:?} instead of Restored", f.message));
+                return Err(fail(e, &mut freeze));
+            }
+            Err(e) => return Err(fail(e, &mut freeze)),
+        }
+    }
+    let paths: Vec<PathBuf> = plan.listeners.iter().map(|(p, _)| p.clone()).collect();
+    let fds: Vec<BorrowedFd<'_>> = plan.listeners.iter().map(|(_, l)| l.as_fd()).collect();
+    chan.send(&Msg::Listeners { paths }, &[], &fds)
+        .await
+        .map_err(|e| fail(e.into(), &mut freeze))?;
+    match recv(chan, "get ready").await {
+        Ok(f) if matches!(f.message, Msg::Ready) => {}
+        Ok(f) => {
+            let e = UpgradeError::Protocol(format!("{:?} instead of Ready", f.message));
+            return Err(fail(e, &mut freeze));
+        }
+        Err(e) => return Err(fail(e, &mut freeze)),
+    }
+    // The point of no return: from here the new process may run the VMs.
+    let freeze = freeze.ok_or_else(|| (UpgradeError::Protocol("no freeze".into()), None))?;
+    if let Err(e) = chan.send(&Msg::Commit, &[], &[]).await {
+        // Whether the new process saw it is unknown: it may be running them already, so
+        // they must not run here too. It exits without Commit (dropping nothing).
+        warn!(error = %error_chain(&e), "upgrade: Commit not delivered; giving the VMs up");
+    }
+    let mut report = Report {
+        new_pid,
+        sandboxes: count,
+        ..Report::default()
+    };
+    match recv(chan, "report Done").await {
+        Ok(wire::Frame {
+            message: Msg::Done { resumed, failed },
+            ..
+        }) => {
+            for (id, at) in resumed {
+                if let Some(frozen) = frozen_at.get(&id) {
+                    report.pauses_us.push(at.saturating_sub(*frozen) / 1000);
+                }
+            }
+            report.failed = failed;
+        }
+        Ok(f) => warn!(message = ?f.message, "upgrade: unexpected answer to Commit"),
+        Err(e) => warn!(error = %error_chain(&e), "upgrade: no Done from the new process"),
+    }
+    report.total_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    Ok((report, freeze))
+}
+
+async fn send_sandbox(
+    chan: &mut Channel,
+    id: String,
+    mut handover: Handover,
+    frozen_at_ns: u64,
+) -> Result<(), UpgradeError> {
+    let files = handover.snapshot.take_files();
+    let (bytes, vm_files) = handover.snapshot.encode();
+    let mut fds: Vec<BorrowedFd<'_>> = vm_files.iter().map(|f| f.as_fd()).collect();
+    let vm_count = fds.len();
+    if let Some(l) = &files.vsock {
+        fds.push(l.as_fd());
+    }
+    let nics = files
+        .nets
+        .iter()
+        .map(|(_, c)| Nic {
+            mac: c.mac,
+            mtu: c.mtu,
+        })
+        .collect();
+    fds.extend(files.nets.iter().map(|(f, _)| f.as_fd()));
+    let msg = Msg::Sandbox {
+        id,
+        agent_port: handover.agent_port,
+        vm_files: vm_count,
+        vsock: files.vsock.is_some(),
+        nics,
+        frozen_at_ns,
+    };
+    chan.send(&msg, &bytes, &fds).await?;
+    Ok(())
+}
+
+/// What the new process took over: the API sockets to serve.
+#[derive(Debug)]
+pub struct Taken {
+    /// The API sockets, bound and listening, with their paths.
+    pub listeners: Vec<(PathBuf, UnixListener)>,
+    /// Sandboxes taken over.
+    pub sandboxes: usize,
+}
+
+/// The new process's side: connects to the old process at `socket`, rebuilds every sandbox
+/// it hands over in `service` (frozen), and once the old one has let go runs them and serves
+/// them. An `Err` before the handover's `Commit` leaves everything to the old process: the
+/// caller must exit at once, dropping nothing (a VM rebuilt here shares the old one's memory
+/// and sockets).
+pub async fn take<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    socket: &Path,
+) -> Result<Taken, UpgradeError> {
+    let stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .map_err(|e| UpgradeError::Io(format!("cannot connect to {}", socket.display()), e))?;
+    let mut chan = Channel::new(stream);
+    let protocol = std::env::var(PROTOCOL_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PROTOCOL_VERSION);
+    let hello = Msg::Hello {
+        protocol,
+        vm_format: vmm::snapshot::FORMAT_VERSION,
+        version: crate::embedded::LONG_VERSION.clone(),
+        pid: std::process::id(),
+    };
+    chan.send(&hello, &[], &[]).await?;
+    let offer = recv(&mut chan, "offer the sandboxes").await?;
+    let Msg::Offer { sandboxes } = offer.message else {
+        return Err(UpgradeError::Protocol(format!("{:?}", offer.message)));
+    };
+    let fail_after: Option<usize> = std::env::var(FAIL_AFTER_ENV)
+        .ok()
+        .and_then(|v| v.parse().ok());
+    // Every VM built ahead, side by side (most of it is waiting inside KVM), while the old
+    // process still runs them.
+    let mut preparing = tokio::task::JoinSet::new();
+    for _ in 0..sandboxes {
+        let frame = recv(&mut chan, "send a VM's layout").await?;
+        let service = Arc::clone(service);
+        preparing.spawn(async move { prepare(&service, frame).await });
+    }
+    let mut shells = std::collections::HashMap::with_capacity(sandboxes);
+    while let Some(done) = preparing.join_next().await {
+        let prepared = done.unwrap_or_else(|e| {
+            Err(UpgradeError::Io(
+                "a prepare task failed".into(),
+                std::io::Error::other(e.to_string()),
+            ))
+        });
+        match prepared {
+            Ok((id, shell)) => {
+                chan.send(&Msg::Prepared { id: id.clone() }, &[], &[])
+                    .await?;
+                shells.insert(id, shell);
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                let _ = chan.send(&Msg::Refused { reason }, &[], &[]).await;
+                return Err(e);
+            }
+        }
+    }
+    // Then, frozen in the old process, each one's state: written into its shell.
+    let mut rebuilding = tokio::task::JoinSet::new();
+    for n in 0..sandboxes {
+        if fail_after == Some(n) {
+            warn!("upgrade: test hook {FAIL_AFTER_ENV}={n}: exiting half way");
+            exit_without_teardown(3);
+        }
+        let frame = recv(&mut chan, "send a sandbox").await?;
+        let shell = match &frame.message {
+            Msg::Sandbox { id, .. } => shells.remove(id),
+            _ => None,
+        };
+        let service = Arc::clone(service);
+        rebuilding.spawn(async move { rebuild(&service, frame, shell).await });
+    }
+    let mut adopted: Vec<(String, Box<dyn AdoptedVm>)> = Vec::with_capacity(sandboxes);
+    while let Some(done) = rebuilding.join_next().await {
+        let rebuilt = done.unwrap_or_else(|e| {
+            Err(UpgradeError::Io(
+                "a rebuild task failed".into(),
+                std::io::Error::other(e.to_string()),
+            ))
+        });
+        match rebuilt {
+            Ok((id, vm)) => {
+                chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
+                    .await?;
+                adopted.push((id, vm));
+            }
+            Err(e) => {
+                let reason = error_chain(&e);
+                let _ = chan.send(&Msg::Refused { reason }, &[], &[]).await;
+                return Err(e);
+            }
+        }
+    }
+    let frame = recv(&mut chan, "pass the API sockets").await?;
+    let Msg::Listeners { paths } = frame.message else {
+        return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
+    };
+    if paths.len() != frame.fds.len() {
+        return Err(UpgradeError::Protocol(format!(
+            "{} API socket paths, {} descriptors",
+            paths.len(),
+            frame.fds.len()
+        )));
+    }
+    let listeners: Vec<(PathBuf, UnixListener)> = paths
+        .into_iter()
+        .zip(frame.fds)
+        .map(|(p, fd)| (p, UnixListener::from(fd)))
+        .collect();
+    chan.send(&Msg::Ready, &[], &[]).await?;
+    let commit = recv(&mut chan, "commit").await?;
+    if !matches!(commit.message, Msg::Commit) {
+        return Err(UpgradeError::Protocol(format!("{:?}", commit.message)));
+    }
+    // Ours now. Every guest runs again first (the pause ends here), then the rest.
+    let mut resumed = Vec::with_capacity(adopted.len());
+    let mut failed = Vec::new();
+    let mut running = Vec::with_capacity(adopted.len());
+    for (id, vm) in adopted {
+        match vm.run() {
+            Ok(()) => resumed.push((id.clone(), monotonic_ns())),
+            Err(e) => failed.push((id.clone(), error_chain(&e))),
+        }
+        running.push((id, vm));
+    }
+    let pid = std::process::id();
+    if let Err(e) = crate::notify::notify(&format!("MAINPID={pid}\nREADY=1")) {
+        warn!(error = %e, "cannot tell systemd the new main pid");
+    }
+    let count = running.len();
+    if let Err(e) = chan.send(&Msg::Done { resumed, failed }, &[], &[]).await {
+        warn!(error = %error_chain(&e), "upgrade: cannot report Done (the old process exits anyway)");
+    }
+    // Each is short (a vsock connect, a socket bind), and the guests run meanwhile.
+    for (id, vm) in running {
+        service.install(&id, vm).await;
+    }
+    info!(sandboxes = count, "upgrade: took over");
+    Ok(Taken {
+        listeners,
+        sandboxes: count,
+    })
+}
+
+/// Builds ahead the VM of one sandbox from its `Prepare` frame.
+async fn prepare<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    frame: wire::Frame<Msg>,
+) -> Result<(String, vmm::PreparedShell), UpgradeError> {
+    let Msg::Prepare {
+        id,
+        private,
+        mem_bytes,
+        vcpus,
+    } = frame.message
+    else {
+        return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
+    };
+    let mut fds = frame.fds.into_iter();
+    let (Some(memory), None) = (fds.next(), fds.next()) else {
+        return Err(UpgradeError::Protocol(format!(
+            "sandbox {id}: Prepare needs one descriptor"
+        )));
+    };
+    let layout = MemoryLayout {
+        memory: Arc::new(File::from(memory)),
+        private,
+        mem_bytes,
+        vcpus,
+    };
+    let shell = service
+        .prepare_adoption(&id, layout)
+        .await
+        .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
+    Ok((id, shell))
+}
+
+/// Rebuilds one handed-over sandbox's VM from its frame, on `shell` if it was built ahead.
+async fn rebuild<B: VmBackend>(
+    service: &Arc<SandboxService<B>>,
+    frame: wire::Frame<Msg>,
+    shell: Option<vmm::PreparedShell>,
+) -> Result<(String, Box<dyn AdoptedVm>), UpgradeError> {
+    let Msg::Sandbox {
+        id,
+        agent_port,
+        vm_files,
+        vsock,
+        nics,
+        ..
+    } = frame.message
+    else {
+        return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
+    };
+    let want = vm_files + usize::from(vsock) + nics.len();
+    if frame.fds.len() != want {
+        return Err(UpgradeError::Protocol(format!(
+            "sandbox {id}: {} descriptors, {want} expected",
+            frame.fds.len()
+        )));
+    }
+    let mut fds = frame.fds.into_iter();
+    let vm_fds: Vec<File> = fds.by_ref().take(vm_files).map(File::from).collect();
+    let mut snapshot = vmm::VmSnapshot::decode(&frame.blob, vm_fds)
+        .map_err(|e| UpgradeError::Incompatible(format!("sandbox {id}: {e}")))?;
+    let vsock_listener = if vsock {
+        fds.next().map(|fd: OwnedFd| UnixListener::from(fd))
+    } else {
+        None
+    };
+    let nets = fds
+        .zip(nics)
+        .map(|(fd, nic)| {
+            let config = devices::virtio::net::NetConfig {
+                mac: nic.mac,
+                mtu: nic.mtu,
+            };
+            (File::from(fd), config)
+        })
+        .collect();
+    snapshot.set_files(vmm::HandoverFiles {
+        vsock: vsock_listener,
+        nets,
+    });
+    let handover = Handover {
+        snapshot,
+        agent_port,
+        shell,
+    };
+    let vm = service
+        .adopt(&id, handover)
+        .await
+        .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
+    Ok((id, vm))
+}

@@ -1,0 +1,431 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Live upgrade (docs/restarts.md, "Upgrade") against the real `sandboxer` binary with KVM test
+//! guests: `sandboxer upgrade` hands every running sandbox to a new process and no VM
+//! restarts. Each guest (the agent-mode test guest with `agent.counter_port`) streams a counter
+//! that lives in its memory to a unix socket the test listens on (the hybrid vsock path
+//! `<sandbox dir>/vsock.sock_<port>`); across upgrades the numbers only go up. An upgrade that
+//! fails half way, or meets a binary of another handover version, leaves every sandbox running
+//! in the old process. The tests' sandbox ids differ: their CPU cgroups are named after them.
+#![allow(
+    clippy::unwrap_used,
+    reason = "test code: a failed step fails the test"
+)]
+#![expect(
+    clippy::tests_outside_test_module,
+    reason = "an integration test crate: its tests are its top level"
+)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::V2Client;
+use containerd_client::services::v1::sandbox::{
+    ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
+    ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
+};
+use test_guests::{Guest, agent, require_kvm};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
+const COUNTER_PORT: u32 = 5005;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A daemon process by pid: the first one is the test's child, the ones after an upgrade are
+/// not. Killed on drop, so a failing test leaves none behind.
+struct Pid(u32, Option<Child>);
+
+impl Pid {
+    fn alive(&self) -> bool {
+        Path::new(&format!("/proc/{}", self.0)).exists()
+            && !std::fs::read_to_string(format!("/proc/{}/stat", self.0))
+                .is_ok_and(|s| s.contains(") Z "))
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.0))
+            .unwrap()
+            .count()
+    }
+
+    /// The descriptor count once it has stopped moving (the daemon builds its VM template
+    /// in the background after a start).
+    fn settled_fds(&self) -> usize {
+        let deadline = Instant::now() + TIMEOUT;
+        let mut last = self.fds();
+        loop {
+            std::thread::sleep(Duration::from_millis(300));
+            let now = self.fds();
+            if now == last || Instant::now() > deadline {
+                return now;
+            }
+            last = now;
+        }
+    }
+
+    /// Waits until the process is gone (reaped, if it is the test's child).
+    fn wait_gone(&mut self) {
+        if let Some(child) = &mut self.1 {
+            let status = child.wait().unwrap();
+            assert!(status.success(), "the old daemon exited with {status}");
+            return;
+        }
+        let deadline = Instant::now() + TIMEOUT;
+        while self.alive() {
+            assert!(Instant::now() < deadline, "process {} did not exit", self.0);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Pid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .output();
+        if let Some(child) = &mut self.1 {
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Setup {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("api.sock");
+        Setup { dir, socket }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Starts the daemon (the test guest as its kernel, counting on COUNTER_PORT) and waits
+    /// for its socket.
+    fn daemon(&self) -> Pid {
+        let initramfs = self.dir.path().join("initramfs.img");
+        std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it").unwrap();
+        let counter = agent::counter_port(COUNTER_PORT);
+        let cmdline = agent::cmdline(
+            vmm::config::DEFAULT_CMDLINE,
+            &[&counter, agent::QUIET, agent::EXIT_ON_SHUTDOWN],
+        );
+        let mut child = Command::new(BIN)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--seed-socket=")
+            .arg("--state-dir")
+            .arg(self.state())
+            .arg("--kernel")
+            .arg(Guest::Virtio.elf())
+            .arg("--initramfs")
+            .arg(&initramfs)
+            .arg("--cmdline")
+            .arg(cmdline)
+            .args(["--mem-mib", "32", "--blk-slots", "2", "--pool-depth", "0"])
+            .args(["--log-level", "warn"])
+            .arg("--containerd-address=")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + TIMEOUT;
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("the daemon exited: {status}");
+            }
+            assert!(Instant::now() < deadline, "the daemon never listened");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Pid(child.id(), Some(child))
+    }
+
+    async fn client(&self) -> V2Client {
+        V2Client::new(containerd_client::connect(&self.socket).await.unwrap())
+    }
+
+    /// `sandboxer upgrade` with `binary`: its JSON answer, or its error output.
+    fn upgrade(&self, binary: &Path) -> Result<serde_json::Value, String> {
+        let out = Command::new(BIN)
+            .arg("upgrade")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--binary")
+            .arg(binary)
+            .arg("--json")
+            .output()
+            .unwrap();
+        if out.status.success() {
+            Ok(serde_json::from_slice(&out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// A script that runs the daemon binary with `env` set: a "new binary" that behaves
+    /// differently.
+    fn wrapper(&self, name: &str, env: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\nexport {env}\nexec {BIN} \"$@\"\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+}
+
+/// What one guest's counter streams have shown: every number, in the order read, and how many
+/// connections they came on.
+#[derive(Default)]
+struct Counts {
+    values: Vec<u64>,
+    connections: usize,
+}
+
+/// Listens on a sandbox's counter port (its hybrid vsock path) and records every line of
+/// every connection the guest makes, on a thread of its own.
+fn watch_counter(sandbox_dir: &Path) -> Arc<Mutex<Counts>> {
+    let path = sandbox_dir.join(format!("vsock.sock_{COUNTER_PORT}"));
+    let listener = UnixListener::bind(&path).unwrap();
+    let counts = Arc::new(Mutex::new(Counts::default()));
+    let out = Arc::clone(&counts);
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            out.lock().unwrap().connections += 1;
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                let Ok(n) = line.parse::<u64>() else { break };
+                out.lock().unwrap().values.push(n);
+            }
+        }
+    });
+    counts
+}
+
+/// The last number seen, once at least `more` numbers beyond `seen` have come.
+fn wait_counts(counts: &Mutex<Counts>, seen: usize, more: usize) -> (usize, u64) {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        {
+            let c = counts.lock().unwrap();
+            if c.values.len() >= seen + more {
+                return (c.values.len(), *c.values.last().unwrap());
+            }
+        }
+        assert!(Instant::now() < deadline, "the counter stopped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Every number larger than the one before: the guest never restarted.
+fn assert_monotonic(id: &str, counts: &Mutex<Counts>) {
+    let c = counts.lock().unwrap();
+    assert!(
+        c.values.windows(2).all(|w| w[0] < w[1]),
+        "{id}: the counter went back: {:?}",
+        c.values
+    );
+}
+
+async fn start(c: &mut V2Client, id: &str) {
+    c.create(ControllerCreateRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.start(ControllerStartRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+async fn state(c: &mut V2Client, id: &str) -> String {
+    c.status(ControllerStatusRequest {
+        sandbox_id: id.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .state
+}
+
+/// The `pct`th percentile (0..=100) of `sorted`, nearest rank.
+fn percentile(sorted: &[u64], pct: usize) -> u64 {
+    let i = (sorted.len() * pct).div_ceil(100).saturating_sub(1);
+    sorted[i.min(sorted.len() - 1)]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_sandboxes_keep_running_across_two_upgrades() {
+    require_kvm!();
+    const N: usize = 20;
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    let mut c = s.client().await;
+    let ids: Vec<String> = (0..N).map(|i| format!("up-{i}")).collect();
+    let mut counters = Vec::new();
+    for id in &ids {
+        start(&mut c, id).await;
+        counters.push(watch_counter(
+            &s.state().join(controller::store::SANDBOXES_DIR).join(id),
+        ));
+    }
+    let mut seen: Vec<(usize, u64)> = counters.iter().map(|k| wait_counts(k, 0, 5)).collect();
+    drop(c);
+    let mut fds_after = Vec::new();
+
+    for round in 0..2 {
+        let report = s
+            .upgrade(Path::new(BIN))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert_eq!(report["sandboxes"], N, "round {round}: {report}");
+        assert_eq!(report["failed"].as_array().unwrap().len(), 0, "{report}");
+        let new_pid = u32::try_from(report["new_pid"].as_u64().unwrap()).unwrap();
+        daemon.wait_gone();
+        let new = Pid(new_pid, None);
+        assert!(new.alive(), "round {round}: the new daemon is not running");
+        let mut pauses: Vec<u64> = report["pauses_us"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        pauses.sort_unstable();
+        assert_eq!(pauses.len(), N, "{report}");
+        eprintln!(
+            "upgrade {round}: {N} sandboxes, pause p50 {} us p99 {} us, total {} us",
+            percentile(&pauses, 50),
+            percentile(&pauses, 99),
+            report["total_us"]
+        );
+        // Every guest goes on counting from where it was.
+        for (i, counter) in counters.iter().enumerate() {
+            let (len, last) = wait_counts(counter, seen[i].0, 5);
+            assert!(last > seen[i].1, "{}: {last} after {}", ids[i], seen[i].1);
+            assert_monotonic(&ids[i], counter);
+            seen[i] = (len, last);
+        }
+        let mut c = s.client().await;
+        for id in &ids {
+            assert_eq!(
+                state(&mut c, id).await,
+                "SANDBOX_READY",
+                "round {round}: {id}"
+            );
+        }
+        assert!(!s.state().join(controller::upgrade::SOCKET).exists());
+        fds_after.push(new.settled_fds());
+        daemon = new;
+    }
+    // The second new process holds what the first did: nothing leaks per upgrade.
+    assert!(
+        fds_after[1] <= fds_after[0] + 2,
+        "descriptors after each upgrade: {fds_after:?}"
+    );
+
+    // Status, Stop, Wait and Shutdown work on every sandbox of the new process.
+    let mut c = s.client().await;
+    for id in &ids {
+        c.stop(ControllerStopRequest {
+            sandbox_id: id.clone(),
+            timeout_secs: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let exit = tokio::time::timeout(
+            TIMEOUT,
+            c.wait(ControllerWaitRequest {
+                sandbox_id: id.clone(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .unwrap()
+        .into_inner();
+        assert_eq!(exit.exit_status, 0, "{id}: the guest ended by its Shutdown");
+        c.shutdown(ControllerShutdownRequest {
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_leaves_every_sandbox_in_the_old_process() {
+    require_kvm!();
+    const N: usize = 5;
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    let mut c = s.client().await;
+    let ids: Vec<String> = (0..N).map(|i| format!("keep-{i}")).collect();
+    let mut counters = Vec::new();
+    for id in &ids {
+        start(&mut c, id).await;
+        counters.push(watch_counter(
+            &s.state().join(controller::store::SANDBOXES_DIR).join(id),
+        ));
+    }
+    let fds = daemon.settled_fds();
+    let half_way = s.wrapper(
+        "half-way",
+        &format!("{}=2", controller::upgrade::FAIL_AFTER_ENV),
+    );
+    let other_version = s.wrapper(
+        "other-version",
+        &format!("{}=99", controller::upgrade::PROTOCOL_ENV),
+    );
+    for (binary, expect) in [(&half_way, "exited"), (&other_version, "protocol 99")] {
+        let seen: Vec<(usize, u64)> = counters.iter().map(|k| wait_counts(k, 0, 3)).collect();
+        let err = s.upgrade(binary).unwrap_err();
+        assert!(err.contains(expect), "{}: {err}", binary.display());
+        assert!(daemon.1.as_mut().unwrap().try_wait().unwrap().is_none());
+        for (i, counter) in counters.iter().enumerate() {
+            let (_, last) = wait_counts(counter, seen[i].0, 5);
+            assert!(last > seen[i].1);
+            assert_monotonic(&ids[i], counter);
+        }
+        for id in &ids {
+            assert_eq!(state(&mut c, id).await, "SANDBOX_READY", "{id}");
+        }
+        assert!(!s.state().join(controller::upgrade::SOCKET).exists());
+    }
+    // Nothing of the attempts stays open in the old process.
+    assert!(
+        daemon.fds() <= fds + 2,
+        "{} descriptors, {fds} before",
+        daemon.fds()
+    );
+    // It still serves lifecycle calls.
+    c.stop(ControllerStopRequest {
+        sandbox_id: ids[0].clone(),
+        timeout_secs: 5,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    drop(c);
+    drop(daemon);
+}
