@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::V2Client;
+use common::netns::{Netns, can_make_netns};
 use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
     ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
@@ -241,9 +242,27 @@ fn assert_monotonic(id: &str, counts: &Mutex<Counts>) {
     );
 }
 
+/// Creates and starts sandbox `id`; every fourth one (by the number its id ends with) boots
+/// its VM instead of cloning the template (the pod annotation that opts out), so both kinds
+/// are handed over.
 async fn start(c: &mut V2Client, id: &str) {
+    let n: usize = id
+        .rsplit('-')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1);
+    let annotations = if n.is_multiple_of(4) {
+        [(
+            controller::pod::TEMPLATE_ANNOTATION.to_string(),
+            "false".to_string(),
+        )]
+        .into()
+    } else {
+        Default::default()
+    };
     c.create(ControllerCreateRequest {
         sandbox_id: id.into(),
+        annotations,
         ..Default::default()
     })
     .await
@@ -288,7 +307,31 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
             &s.state().join(controller::store::SANDBOXES_DIR).join(id),
         ));
     }
+    // One more with a pod network: its TAP queue must survive the old process.
+    let net = can_make_netns().then(Netns::new);
+    if let Some(net) = &net {
+        c.create(ControllerCreateRequest {
+            sandbox_id: "up-net".into(),
+            netns_path: net.path(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        c.start(ControllerStartRequest {
+            sandbox_id: "up-net".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(net.links().contains("tap"), "{}", net.links());
+    }
     let mut seen: Vec<(usize, u64)> = counters.iter().map(|k| wait_counts(k, 0, 5)).collect();
+    // Both kinds of VM are handed over: booted ones and clones of the VM template.
+    let clones = template_clones(&s).await;
+    assert!(
+        clones > 0 && clones < N,
+        "{clones} of {N} from the template"
+    );
     drop(c);
     let mut fds_after = Vec::new();
 
@@ -296,7 +339,8 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
         let report = s
             .upgrade(Path::new(BIN))
             .unwrap_or_else(|e| panic!("round {round}: {e}"));
-        assert_eq!(report["sandboxes"], N, "round {round}: {report}");
+        let handed = N + usize::from(net.is_some());
+        assert_eq!(report["sandboxes"], handed, "round {round}: {report}");
         assert_eq!(report["failed"].as_array().unwrap().len(), 0, "{report}");
         let new_pid = u32::try_from(report["new_pid"].as_u64().unwrap()).unwrap();
         daemon.wait_gone();
@@ -309,7 +353,7 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
             .map(|v| v.as_u64().unwrap())
             .collect();
         pauses.sort_unstable();
-        assert_eq!(pauses.len(), N, "{report}");
+        assert_eq!(pauses.len(), handed, "{report}");
         eprintln!(
             "upgrade {round}: {N} sandboxes, pause p50 {} us p99 {} us, total {} us",
             percentile(&pauses, 50),
@@ -330,6 +374,15 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
                 "SANDBOX_READY",
                 "round {round}: {id}"
             );
+        }
+        if let Some(net) = &net {
+            assert_eq!(state(&mut c, "up-net").await, "SANDBOX_READY");
+            let links = net.links();
+            assert!(
+                links.contains("tap"),
+                "round {round}: the tap went: {links}"
+            );
+            assert!(net.has_ingress());
         }
         assert!(!s.state().join(controller::upgrade::SOCKET).exists());
         fds_after.push(new.settled_fds());
@@ -370,7 +423,28 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
         .await
         .unwrap();
     }
+    if let Some(net) = &net {
+        c.shutdown(ControllerShutdownRequest {
+            sandbox_id: "up-net".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(!net.links().contains("tap"), "{}", net.links());
+        assert!(!net.has_ingress());
+    }
     drop(daemon);
+}
+
+/// How many of the daemon's sandboxes started as clones of its VM template.
+async fn template_clones(s: &Setup) -> usize {
+    let channel = containerd_client::connect(&s.socket).await.unwrap();
+    let list = proto::admin::v1::admin_client::AdminClient::new(channel)
+        .list(proto::admin::v1::ListRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    list.sandboxes.iter().filter(|s| s.from_template).count()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,8 @@
     reason = "each test binary uses a different part of the helpers"
 )]
 
+pub mod netns;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
