@@ -48,6 +48,14 @@ pub struct UpgradeRequest {
     pub reply: Option<tokio::sync::oneshot::Sender<Result<UpgradeReport, String>>>,
 }
 
+/// What the new process has ready for a sandbox it will take over: the VM's spec (from its
+/// record) and its VM built ahead.
+#[derive(Debug)]
+pub struct Adoption {
+    spec: crate::backend::VmSpec,
+    shell: vmm::PreparedShell,
+}
+
 /// The service held still for a handover, its VMs still running.
 #[derive(Debug)]
 pub struct Hold {
@@ -210,26 +218,13 @@ impl<B: VmBackend> SandboxService<B> {
         self.sandboxes.lock().recover().values().cloned().collect()
     }
 
-    /// Builds ahead the VM that sandbox `id`'s VM (still running in the old process) will be
-    /// rebuilt on.
+    /// Gets ready to take sandbox `id`'s VM over (it still runs in the old process): reads its
+    /// record (the same file), and builds ahead the VM it will be rebuilt on.
     pub async fn prepare_adoption(
         &self,
         id: &str,
         layout: MemoryLayout,
-    ) -> Result<vmm::PreparedShell, SandboxError> {
-        self.backend
-            .prepare_adoption(layout, self.config.vm.seccomp.into())
-            .await
-            .map_err(|e| SandboxError::Backend(id.to_string(), e))
-    }
-
-    /// Rebuilds the VM of sandbox `id` that the old process handed over, frozen, for the
-    /// record the store holds.
-    pub async fn adopt(
-        &self,
-        id: &str,
-        handover: Handover,
-    ) -> Result<Box<dyn AdoptedVm>, SandboxError> {
+    ) -> Result<Adoption, SandboxError> {
         let record = self
             .store
             .load(id)
@@ -241,10 +236,26 @@ impl<B: VmBackend> SandboxService<B> {
                 op: "adopt",
             });
         }
-        let dir = self.store.sandbox_dir(id);
-        let spec = self.vm_spec(&record, &dir, None);
+        let spec = self.vm_spec(&record, &self.store.sandbox_dir(id), None);
+        let shell = self
+            .backend
+            .prepare_adoption(layout, spec.seccomp)
+            .await
+            .map_err(|e| SandboxError::Backend(id.to_string(), e))?;
+        Ok(Adoption { spec, shell })
+    }
+
+    /// Rebuilds the VM of sandbox `id` that the old process handed over, frozen, as
+    /// [`SandboxService::prepare_adoption`] got ready for.
+    pub async fn adopt(
+        &self,
+        id: &str,
+        mut handover: Handover,
+        ready: Adoption,
+    ) -> Result<Box<dyn AdoptedVm>, SandboxError> {
+        handover.shell = Some(ready.shell);
         self.backend
-            .adopt(spec, handover)
+            .adopt(ready.spec, handover)
             .await
             .map_err(|e| SandboxError::Backend(id.to_string(), e))
     }

@@ -51,7 +51,7 @@ use tracing::{info, warn};
 use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend};
 use crate::error_chain;
 use crate::service::SandboxService;
-use crate::service::handover::Freeze;
+use crate::service::handover::{Adoption, Freeze};
 
 use wire::{Channel, WireError};
 
@@ -593,12 +593,12 @@ pub async fn take<B: VmBackend>(
             exit_without_teardown(3);
         }
         let frame = recv(&mut chan, "send a sandbox").await?;
-        let shell = match &frame.message {
+        let ready = match &frame.message {
             Msg::Sandbox { id, .. } => shells.remove(id),
             _ => None,
         };
         let service = Arc::clone(service);
-        rebuilding.spawn(async move { rebuild(&service, frame, shell).await });
+        rebuilding.spawn(async move { rebuild(&service, frame, ready).await });
     }
     let mut adopted: Vec<(String, Box<dyn AdoptedVm>)> = Vec::with_capacity(sandboxes);
     while let Some(done) = rebuilding.join_next().await {
@@ -676,7 +676,7 @@ pub async fn take<B: VmBackend>(
 async fn prepare<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
     frame: wire::Frame<Msg>,
-) -> Result<(String, vmm::PreparedShell), UpgradeError> {
+) -> Result<(String, Adoption), UpgradeError> {
     let Msg::Prepare {
         id,
         private,
@@ -698,18 +698,18 @@ async fn prepare<B: VmBackend>(
         mem_bytes,
         vcpus,
     };
-    let shell = service
+    let ready = service
         .prepare_adoption(&id, layout)
         .await
         .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
-    Ok((id, shell))
+    Ok((id, ready))
 }
 
-/// Rebuilds one handed-over sandbox's VM from its frame, on `shell` if it was built ahead.
+/// Rebuilds one handed-over sandbox's VM from its frame, as `ready` got ready for.
 async fn rebuild<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
     frame: wire::Frame<Msg>,
-    shell: Option<vmm::PreparedShell>,
+    ready: Option<Adoption>,
 ) -> Result<(String, Box<dyn AdoptedVm>), UpgradeError> {
     let Msg::Sandbox {
         id,
@@ -752,13 +752,18 @@ async fn rebuild<B: VmBackend>(
         vsock: vsock_listener,
         nets,
     });
+    let Some(ready) = ready else {
+        return Err(UpgradeError::Protocol(format!(
+            "sandbox {id} was not prepared"
+        )));
+    };
     let handover = Handover {
         snapshot,
         agent_port,
-        shell,
+        shell: None,
     };
     let vm = service
-        .adopt(&id, handover)
+        .adopt(&id, handover, ready)
         .await
         .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
     Ok((id, vm))
