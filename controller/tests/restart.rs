@@ -17,8 +17,8 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Child;
+use std::time::Duration;
 
 use common::V2Client;
 use common::netns::{Netns, can_make_netns};
@@ -26,9 +26,7 @@ use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
     ControllerStatusRequest, ControllerWaitRequest,
 };
-use test_guests::{Guest, agent, require_kvm};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
+use test_guests::require_kvm;
 
 /// A daemon process, killed when dropped (a failing test must not leave it running).
 struct Daemon(Child);
@@ -53,37 +51,7 @@ impl Drop for Daemon {
 /// Starts the daemon on `dir` and connects to it.
 async fn daemon(dir: &Path) -> (Daemon, V2Client) {
     let socket = dir.join("api.sock");
-    let _ = std::fs::remove_file(&socket);
-    let initramfs = dir.join("initramfs.img");
-    std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it").unwrap();
-    let mut child = Command::new(BIN)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--seed-socket=")
-        .arg("--state-dir")
-        .arg(dir.join("state"))
-        .arg("--kernel")
-        .arg(Guest::Virtio.elf())
-        .arg("--initramfs")
-        .arg(&initramfs)
-        .arg("--cmdline")
-        .arg(agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[]))
-        .args(["--mem-mib", "32", "--blk-slots", "2", "--pool-depth", "0"])
-        .args(["--log-level", "error"])
-        .arg("--containerd-address=")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("the daemon exited: {status}");
-        }
-        assert!(Instant::now() < deadline, "the daemon never listened");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let child = common::guest_daemon::spawn(dir, &socket, &[], "error");
     let child = Daemon(child);
     let client = V2Client::new(containerd_client::connect(&socket).await.unwrap());
     (child, client)

@@ -20,19 +20,19 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::V2Client;
+use common::guest_daemon::{self, BIN};
 use common::netns::{Netns, can_make_netns};
 use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
     ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
-use test_guests::{Guest, agent, require_kvm};
+use test_guests::{agent, require_kvm};
 
-const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
 const COUNTER_PORT: u32 = 5005;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -113,41 +113,9 @@ impl Setup {
     /// Starts the daemon (the test guest as its kernel, counting on COUNTER_PORT) and waits
     /// for its socket.
     fn daemon(&self) -> Pid {
-        let initramfs = self.dir.path().join("initramfs.img");
-        std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it").unwrap();
         let counter = agent::counter_port(COUNTER_PORT);
-        let cmdline = agent::cmdline(
-            vmm::config::DEFAULT_CMDLINE,
-            &[&counter, agent::QUIET, agent::EXIT_ON_SHUTDOWN],
-        );
-        let mut child = Command::new(BIN)
-            .arg("--socket")
-            .arg(&self.socket)
-            .arg("--seed-socket=")
-            .arg("--state-dir")
-            .arg(self.state())
-            .arg("--kernel")
-            .arg(Guest::Virtio.elf())
-            .arg("--initramfs")
-            .arg(&initramfs)
-            .arg("--cmdline")
-            .arg(cmdline)
-            .args(["--mem-mib", "32", "--blk-slots", "2", "--pool-depth", "0"])
-            .args(["--log-level", "warn"])
-            .arg("--containerd-address=")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + TIMEOUT;
-        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!("the daemon exited: {status}");
-            }
-            assert!(Instant::now() < deadline, "the daemon never listened");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let args = [counter.as_str(), agent::QUIET, agent::EXIT_ON_SHUTDOWN];
+        let child = guest_daemon::spawn(self.dir.path(), &self.socket, &args, "warn");
         Pid(child.id(), Some(child))
     }
 

@@ -174,9 +174,10 @@ pub enum DecodeError {
     },
 }
 
-/// vm-superio's UART state, field by field (it has no serde implementation).
+/// vm-superio's UART state, field by field, for serde (it has no serde implementation).
 #[derive(Serialize, Deserialize)]
-struct SerialRecord {
+#[serde(remote = "SerialState")]
+struct SerialDef {
     baud_divisor_low: u8,
     baud_divisor_high: u8,
     interrupt_enable: u8,
@@ -189,40 +190,6 @@ struct SerialRecord {
     in_buffer: Vec<u8>,
 }
 
-impl From<&SerialState> for SerialRecord {
-    fn from(s: &SerialState) -> Self {
-        SerialRecord {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer.clone(),
-        }
-    }
-}
-
-impl From<SerialRecord> for SerialState {
-    fn from(s: SerialRecord) -> Self {
-        SerialState {
-            baud_divisor_low: s.baud_divisor_low,
-            baud_divisor_high: s.baud_divisor_high,
-            interrupt_enable: s.interrupt_enable,
-            interrupt_identification: s.interrupt_identification,
-            line_control: s.line_control,
-            line_status: s.line_status,
-            modem_control: s.modem_control,
-            modem_status: s.modem_status,
-            scratch: s.scratch,
-            in_buffer: s.in_buffer,
-        }
-    }
-}
-
 /// The encoded body: everything but the files.
 #[derive(Serialize, Deserialize)]
 struct Record {
@@ -231,7 +198,8 @@ struct Record {
     mem_bytes: u64,
     vcpus: Vec<VcpuState>,
     vm: VmState,
-    serial: SerialRecord,
+    #[serde(with = "SerialDef")]
+    serial: SerialState,
     devices: Vec<MmioState>,
     vsock_stale: Vec<(u32, u32)>,
 }
@@ -252,7 +220,7 @@ impl VmSnapshot {
             mem_bytes: self.mem_bytes,
             vcpus: self.vcpus.clone(),
             vm: self.vm.clone(),
-            serial: SerialRecord::from(&self.serial),
+            serial: self.serial.clone(),
             devices: self.devices.clone(),
             vsock_stale: self.vsock_stale.clone(),
         };
@@ -304,7 +272,7 @@ impl VmSnapshot {
             mem_bytes: record.mem_bytes,
             vcpus: record.vcpus,
             vm: record.vm,
-            serial: record.serial.into(),
+            serial: record.serial,
             devices: record.devices,
             vsock_stale: record.vsock_stale,
             files: HandoverFiles::default(),

@@ -19,7 +19,7 @@ use std::fs::File;
 use std::io::Read;
 use std::time::Duration;
 
-use common::{TIMEOUT, accept_within, agent_devices, call, counts, read_all, template};
+use common::{TIMEOUT, accept_within, agent_devices, call, clone_of, counts, read_all, template};
 use test_guests::{Guest, agent, require_kvm};
 use vmm::snapshot::{DecodeError, SavedMemory};
 use vmm::{CloneConfig, Vm, VmConfig, VmExit, VmSnapshot};
@@ -144,15 +144,7 @@ fn a_clone_handed_over_keeps_what_it_wrote_and_the_template_is_untouched() {
         ),
         "{err:?}"
     );
-    let clone = Vm::clone_from(
-        &host,
-        &snapshot,
-        CloneConfig {
-            devices: agent_devices(),
-            ..CloneConfig::default()
-        },
-    )
-    .unwrap();
+    let clone = clone_of(&host, &snapshot);
     let before = count_on(&clone, 10);
     let shell = prepared(&host, &clone);
     // A shell built for another VM's memory does not fit.

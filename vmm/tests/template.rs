@@ -17,22 +17,10 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::{
-    TIMEOUT, accept_within, agent_devices, call, counts, read_all, template, wait_console,
+    TIMEOUT, accept_within, agent_devices, call, clone_of, counts, read_all, template, wait_console,
 };
 use test_guests::{Guest, agent, require_kvm};
-use vmm::{CloneConfig, Vm, VmConfig, VmExit, VmSnapshot};
-
-fn clone_of(host: &vmm::Host, snapshot: &VmSnapshot) -> Vm {
-    Vm::clone_from(
-        host,
-        snapshot,
-        CloneConfig {
-            devices: agent_devices(),
-            ..CloneConfig::default()
-        },
-    )
-    .unwrap()
-}
+use vmm::{CloneConfig, Vm, VmConfig, VmExit};
 
 #[test]
 fn clones_continue_from_the_template_each_on_its_own() {

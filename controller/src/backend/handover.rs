@@ -11,14 +11,14 @@
 //! containers and the Task endpoint's state are not handed over yet, so a sandbox with
 //! containers is refused ([`BackendError::Handover`]) before anything moves.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use devices::sync::Recover;
 use devices::virtio::net::Tap;
 use tokio::sync::watch;
 
-use super::kvm::{KvmBackend, KvmHandle, stop_now, watched};
+use super::kvm::{KvmBackend, KvmHandle, handle, stop_now, watched};
 use super::layout::{GUEST_CID, empty_slot};
 use super::{BackendError, StartPhases, VmEnd, VmHandle, VmSpec, agent};
 
@@ -213,26 +213,10 @@ impl AdoptedVm for KvmAdopted {
                 return Err(e);
             }
         }
-        let connected = match agent::connect(&vm, agent_port).await {
+        let agent = match agent::connect(&vm, agent_port).await {
             Ok(client) => agent::sync_clock(&client).await.map(|()| client),
             Err(e) => Err(e),
         };
-        let agent = match connected {
-            Ok(agent) => agent,
-            Err(e) => {
-                stop_now(&vm).await;
-                return Err(e);
-            }
-        };
-        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
-        Ok(Box::new(KvmHandle {
-            vm,
-            spec,
-            end,
-            agent,
-            agent_port,
-            slots: Mutex::new(vec![false; slots]),
-            phases: StartPhases::default(),
-        }))
+        handle(vm, spec, end, agent, agent_port, StartPhases::default()).await
     }
 }

@@ -221,7 +221,7 @@ impl KvmBackend {
             Ok((client, port)) => (Ok(client), port),
             Err(e) => (Err(e), 0),
         };
-        self.handle(vm, spec, rx, agent, port, phases).await
+        handle(vm, spec, rx, agent, port, phases).await
     }
 
     /// Starts `spec`'s VM as a clone of `template` and sets its agent up: the agent was ready
@@ -294,38 +294,37 @@ impl KvmBackend {
         }
         let agent = agent::connect_and_setup(&vm, template.agent_port, &setup, &mut phases).await;
         let port = template.agent_port;
-        self.handle(vm, spec.clone(), rx, agent, port, phases).await
+        handle(vm, spec.clone(), rx, agent, port, phases).await
     }
+}
 
-    /// The handle of a VM whose agent setup ended with `agent`; a VM whose agent failed is
-    /// stopped (nothing of it may stay behind).
-    async fn handle(
-        &self,
-        vm: Arc<vmm::Vm>,
-        spec: VmSpec,
-        end: watch::Receiver<Option<VmEnd>>,
-        agent: Result<ttrpc::asynchronous::Client, BackendError>,
-        agent_port: u32,
-        phases: StartPhases,
-    ) -> Result<Box<dyn VmHandle>, BackendError> {
-        let agent = match agent {
-            Ok(agent) => agent,
-            Err(e) => {
-                stop_and_release(&vm).await;
-                return Err(e);
-            }
-        };
-        let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
-        Ok(Box::new(KvmHandle {
-            vm,
-            spec,
-            end,
-            agent,
-            agent_port,
-            slots: Mutex::new(vec![false; slots]),
-            phases,
-        }))
-    }
+/// The handle of a VM whose agent setup ended with `agent`; a VM whose agent failed is
+/// stopped (nothing of it may stay behind).
+pub(super) async fn handle(
+    vm: Arc<vmm::Vm>,
+    spec: VmSpec,
+    end: watch::Receiver<Option<VmEnd>>,
+    agent: Result<ttrpc::asynchronous::Client, BackendError>,
+    agent_port: u32,
+    phases: StartPhases,
+) -> Result<Box<dyn VmHandle>, BackendError> {
+    let agent = match agent {
+        Ok(agent) => agent,
+        Err(e) => {
+            stop_and_release(&vm).await;
+            return Err(e);
+        }
+    };
+    let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
+    Ok(Box::new(KvmHandle {
+        vm,
+        spec,
+        end,
+        agent,
+        agent_port,
+        slots: Mutex::new(vec![false; slots]),
+        phases,
+    }))
 }
 
 /// Watches `vm`'s end: its VMM thread publishes it on the returned channel as it records it

@@ -5,6 +5,7 @@
     reason = "each test binary uses a different part of the helpers"
 )]
 
+pub mod guest_daemon;
 pub mod netns;
 
 use std::path::{Path, PathBuf};

@@ -37,7 +37,7 @@ fn err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
 pub(crate) struct VcpuState {
     regs: kvm_regs,
     sregs: kvm_sregs,
-    #[serde(with = "fpu_serde")]
+    #[serde(with = "FpuDef")]
     fpu: kvm_fpu,
     /// The whole XSAVE area (`kvm_xsave` and, with `KVM_CAP_XSAVE2`, what follows it), in
     /// 32-bit words.
@@ -51,54 +51,21 @@ pub(crate) struct VcpuState {
     tsc_khz: Option<u32>,
 }
 
-/// `kvm_fpu` field by field (kvm-bindings gives it no serde implementation).
-mod fpu_serde {
-    use kvm_bindings::kvm_fpu;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    #[derive(Serialize, Deserialize)]
-    struct Fpu {
-        fpr: [[u8; 16]; 8],
-        fcw: u16,
-        fsw: u16,
-        ftwx: u8,
-        last_opcode: u16,
-        last_ip: u64,
-        last_dp: u64,
-        xmm: [[u8; 16]; 16],
-        mxcsr: u32,
-    }
-
-    pub(super) fn serialize<S: Serializer>(f: &kvm_fpu, s: S) -> Result<S::Ok, S::Error> {
-        Fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-        }
-        .serialize(s)
-    }
-
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<kvm_fpu, D::Error> {
-        let f = Fpu::deserialize(d)?;
-        Ok(kvm_fpu {
-            fpr: f.fpr,
-            fcw: f.fcw,
-            fsw: f.fsw,
-            ftwx: f.ftwx,
-            last_opcode: f.last_opcode,
-            last_ip: f.last_ip,
-            last_dp: f.last_dp,
-            xmm: f.xmm,
-            mxcsr: f.mxcsr,
-            ..Default::default()
-        })
-    }
+/// `kvm_fpu` field by field, for serde (kvm-bindings gives it no serde implementation).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "kvm_fpu")]
+struct FpuDef {
+    fpr: [[u8; 16]; 8],
+    fcw: u16,
+    fsw: u16,
+    ftwx: u8,
+    pad1: u8,
+    last_opcode: u16,
+    last_ip: u64,
+    last_dp: u64,
+    xmm: [[u8; 16]; 16],
+    mxcsr: u32,
+    pad2: u32,
 }
 
 /// Words of `kvm_xsave` (its fixed 4 KiB region).

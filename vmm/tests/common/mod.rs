@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::block::BlockConfig;
 use devices::virtio::vsock::VsockListener;
 use test_guests::{Guest, agent};
-use vmm::{DeviceConfig, Vm, VmConfig, VmExit, VmSnapshot};
+use vmm::{CloneConfig, DeviceConfig, Vm, VmConfig, VmExit, VmSnapshot};
 
 /// Bound of every wait in these tests.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -214,4 +214,17 @@ pub fn counts(stream: UnixStream, n: usize) -> Vec<u64> {
         .collect();
     assert!(counts.windows(2).all(|w| w[0] < w[1]), "{counts:?}");
     counts
+}
+
+/// A clone of `snapshot` with the agent guest's devices.
+pub fn clone_of(host: &vmm::Host, snapshot: &VmSnapshot) -> Vm {
+    Vm::clone_from(
+        host,
+        snapshot,
+        CloneConfig {
+            devices: agent_devices(),
+            ..CloneConfig::default()
+        },
+    )
+    .unwrap()
 }
