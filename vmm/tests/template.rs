@@ -196,3 +196,31 @@ fn the_agent_counter_goes_on_across_host_reconnects() {
     drop(vm);
     assert!(host.wait_all_torn_down(TIMEOUT));
 }
+
+#[test]
+fn the_agent_counter_ticks_as_slowly_as_asked() {
+    require_kvm!();
+    const COUNTER_PORT: u32 = 5006;
+    let host = vmm::Host::new();
+    let mut c = VmConfig::new(Guest::Virtio.elf());
+    c.mem_mib = 32;
+    let (port, ms) = (agent::counter_port(COUNTER_PORT), agent::counter_ms(50));
+    c.cmdline = agent::cmdline(vmm::config::DEFAULT_CMDLINE, &[&port, &ms, agent::QUIET]);
+    c.devices = agent_devices();
+    let vm = Vm::start(&host, c).unwrap();
+    let ready = vm.vsock().unwrap().listen(agent::READY_PORT).unwrap();
+    let listener = vm.vsock().unwrap().listen(COUNTER_PORT).unwrap();
+    drop(accept_within(&ready));
+    let stream = accept_within(&listener);
+    let t = Instant::now();
+    let lines = counts(stream, 6);
+    // Five ticks of at least 50 ms each (a tick is never shorter than asked).
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(lines[5] - lines[0] == 5, "{lines:?}");
+    drop(vm);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+}

@@ -212,9 +212,12 @@ pub mod agent {
     pub const QUIET: &str = "agent.quiet=1";
     /// Key of the liveness counter's host port; see [`counter_port`].
     pub const COUNTER_PORT: &str = "agent.counter_port";
-    /// The counter's tick: it counts one per tick of waiting on the guest's LAPIC timer (time
-    /// the guest spends working is not counted, so a tick is at least this long).
+    /// The counter's tick by default: it counts one per tick of waiting on the guest's LAPIC
+    /// timer (time the guest spends working is not counted, so a tick is at least this long).
     pub const COUNTER_TICK_MS: u64 = 10;
+    /// Key of the counter's tick in ms (1 to 60000; default [`COUNTER_TICK_MS`]); see
+    /// [`counter_ms`].
+    pub const COUNTER_MS: &str = "agent.counter_ms";
     /// Guest port the agent serves ttrpc on (announced in the ready line).
     pub const PORT: u32 = 1024;
     /// Host port the ready line goes to by default.
@@ -242,6 +245,13 @@ pub mod agent {
     /// at 1. The guest port of each dial is new (from 50000). The ttrpc serving is unchanged.
     pub fn counter_port(port: u32) -> String {
         format!("{COUNTER_PORT}={port}")
+    }
+
+    /// `agent.counter_ms=<ms>`: the counter ticks every `ms` instead of
+    /// [`COUNTER_TICK_MS`] (many guests on few host cores: each tick costs the host a few VM
+    /// exits and a vsock packet).
+    pub fn counter_ms(ms: u64) -> String {
+        format!("{COUNTER_MS}={ms}")
     }
 
     /// A command line for the agent mode: `base` plus [`TEST_AGENT`] and `extra` words.
@@ -645,8 +655,10 @@ mod tests {
             "agent: request sandboxer.agent.v1.Control/Setup\n"
         );
         assert_eq!(agent::counter_port(5005), "agent.counter_port=5005");
+        assert_eq!(agent::counter_ms(100), "agent.counter_ms=100");
         let elf = std::fs::read(Guest::Virtio.elf()).unwrap();
         assert!(contains(&elf, &format!("{}=", agent::COUNTER_PORT)));
+        assert!(contains(&elf, &format!("{}=", agent::COUNTER_MS)));
     }
 
     #[test]

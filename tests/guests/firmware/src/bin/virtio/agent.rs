@@ -10,7 +10,7 @@
 //!    `sti; hlt` between packets. Idle, it takes no timer tick: the LAPIC timer runs only while
 //!    a wait has a bound ([`firmware::irq`]), and the serving loop's bound is [`IDLE`].
 //! 3. With `agent.counter_port=<port>`, it also keeps a counter and a connection to the host
-//!    port that carries it (`counter.rs`), ticking every [`counter::TICK`] while it serves.
+//!    port that carries it (`counter.rs`), ticking every `agent.counter_ms` (10 ms by default) while it serves.
 //!
 //! A transport-reset event (§5.10.6.7) drops every connection the agent holds; new host
 //! connections are accepted as before.
@@ -35,7 +35,7 @@ use firmware::virtio::vsock::{
 use firmware::virtio::{self, DEVICE_ID_VSOCK, VirtioError};
 use firmware::{exit, irq, println};
 
-use crate::counter::{self, Counter};
+use crate::counter::Counter;
 use crate::vsock::{Conn, Event, reject};
 use crate::{Devices, Failure, Text};
 
@@ -69,6 +69,9 @@ const TYPE_RESPONSE: u8 = 2;
 /// `SHUTDOWN` flags of a full close.
 const BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 
+/// The counter's tick unless `agent.counter_ms` says otherwise.
+const DEFAULT_COUNTER_MS: u64 = 10;
+
 /// Options from the command line.
 struct Options {
     ready_port: u32,
@@ -76,6 +79,8 @@ struct Options {
     exit_on_shutdown: bool,
     /// Host port of the counter connection (`agent.counter_port`); none: no counter.
     counter_port: Option<u32>,
+    /// The counter's tick in ms (`agent.counter_ms`, 1 to 60000).
+    counter_ms: u64,
 }
 
 impl Options {
@@ -87,6 +92,7 @@ impl Options {
             quiet: false,
             exit_on_shutdown: false,
             counter_port: None,
+            counter_ms: DEFAULT_COUNTER_MS,
         };
         for word in virtio::words(cmdline) {
             if let Some(v) = word.strip_prefix(b"sandboxer.ready_port=") {
@@ -100,6 +106,10 @@ impl Options {
             } else if let Some(v) = word.strip_prefix(b"agent.counter_port=") {
                 opts.counter_port =
                     virtio::parse_number(v, false).and_then(|v| u32::try_from(v).ok());
+            } else if let Some(v) = word.strip_prefix(b"agent.counter_ms=") {
+                opts.counter_ms = virtio::parse_number(v, false)
+                    .filter(|ms| (1..=60_000).contains(ms))
+                    .unwrap_or(DEFAULT_COUNTER_MS);
             }
         }
         opts
@@ -331,7 +341,8 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
         .counter_port
         .map(|port| Counter::start(vs, port).unwrap_or_else(|e| fail("counter", e)));
     // Packets do not postpone a tick: the deadline lives across receives.
-    let mut tick = irq::Deadline::after(counter::TICK);
+    let period = Duration::from_millis(opts.counter_ms);
+    let mut tick = irq::Deadline::after(period);
     let mut events = vs.events().0;
     loop {
         let received = match counter {
@@ -355,7 +366,7 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
             Ok(p) => p,
             Err(VirtioError::Timeout) => {
                 if let Some(c) = counter.as_mut() {
-                    tick = irq::Deadline::after(counter::TICK);
+                    tick = irq::Deadline::after(period);
                     if let Err(e) = c.tick(vs) {
                         fail("counter", e);
                     }

@@ -2,23 +2,19 @@
 //! `agent.counter_port=<port>`: the agent's liveness counter, for tests that must tell a guest
 //! that kept running (a VM handed to a new process, say) from one that was booted again.
 //!
-//! The count lives in guest memory: 1 once the ready line is sent, one more per [`TICK`]
-//! waited on the LAPIC timer. The agent keeps one stream connection to the host (CID 2) on the
+//! The count lives in guest memory: 1 once the ready line is sent, one more per tick
+//! (`agent.counter_ms`, 10 ms by default) waited on the LAPIC timer. The agent keeps one stream connection to the host (CID 2) on the
 //! port and writes the count at every tick as a decimal line, `<n>\n`. A tick whose line the
 //! host has no room for (its credit is used up) is skipped, never waited for: the ttrpc serving
 //! goes on. A refused, reset or closed connection, and every connection dropped by a
 //! transport-reset event, is dialled again at the next tick, with the count where it is: every
 //! number the host reads, across connections, is higher than the one before.
 
-use core::time::Duration;
-
 use firmware::virtio::vsock::{HOST_CID, Header, OP_CREDIT_REQUEST, OP_REQUEST, OP_RST, Vsock};
 
 use crate::Failure;
 use crate::vsock::{Conn, Event};
 
-/// One count, and the bound on each wait of the agent's serving loop while counting.
-pub const TICK: Duration = Duration::from_millis(10);
 /// Guest ports of the dials: each dial takes the next, so a new connection is never taken for
 /// one the host still closes.
 const LOCAL_PORT_BASE: u32 = 50_000;
