@@ -26,6 +26,9 @@
 //! - `template-start` ([`template`]): the daemon with VM templates: Start of a clone against a
 //!   cold Start (a pod that opts out) in the same run, the host's CPU time, RSS per idle clone
 //!   and Starts per second from concurrent clients.
+//! - `upgrade` ([`upgrade`]): live upgrades in a row of `sandboxer serve` (its own process)
+//!   with `--alive` sandboxes running: sandboxes lost (each guest's counter must go on), the
+//!   guest-visible pause per VM, the upgrade's total and wall time.
 //!
 //! At start the process raises its own `RLIMIT_NOFILE` soft limit to the hard limit (the
 //! daemon it hosts holds ~50 fds per sandbox).
@@ -40,6 +43,8 @@ mod plot;
 mod soak;
 #[path = "sandboxer-bench/template.rs"]
 mod template;
+#[path = "sandboxer-bench/upgrade.rs"]
+mod upgrade;
 #[path = "sandboxer-bench/vmm_start.rs"]
 mod vmm_start;
 
@@ -164,6 +169,24 @@ const SCENARIOS: &[Scenario] = &[
         run: soak::soak,
         internal: false,
     },
+    Scenario {
+        name: "upgrade",
+        what: "live upgrades in a row of `sandboxer serve` (--sandboxer, its own process) with \
+               sandboxes running, each to a new process of the same binary: sandboxes lost \
+               (Status READY in the new process and the guest's counter going on, or lost), the \
+               guest-visible pause per VM (p50/p99), the upgrade's total and wall time (needs \
+               KVM and the `sandboxer` binary)",
+        options: &[
+            "--alive",
+            "--rounds",
+            "--counter-ms",
+            "--mem-mib",
+            "--seccomp",
+            "--sandboxer",
+        ],
+        run: upgrade::upgrade,
+        internal: false,
+    },
 ];
 
 /// Every option: flag, value, default, meaning.
@@ -199,8 +222,9 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "--sandboxer",
         "PATH",
         "$SANDBOXER_BIN, else `sandboxer` beside this binary",
-        "the `sandboxer` binary whose `vm run` is timed, or soak's `--daemon process` serves \
-         (cargo build --release --bin sandboxer, or tools/devtool dist)",
+        "the `sandboxer` binary whose `vm run` is timed, that soak's `--daemon process` serves, \
+         or that upgrade runs and upgrades to (cargo build --release --bin sandboxer, or \
+         tools/devtool dist)",
     ),
     (
         "--idle-secs",
@@ -240,6 +264,14 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "N",
         "10000",
         "soak: Create/Start/Stop/Shutdown cycles in all",
+    ),
+    ("--rounds", "N", "3", "upgrade: live upgrades in a row"),
+    (
+        "--counter-ms",
+        "N",
+        "1000",
+        "upgrade: every guest's counter tick (agent.counter_ms, 1 to 60000); each tick costs \
+         the host a few VM exits and a vsock packet, and the gap figure is only as fine as it",
     ),
     (
         "--plot",
@@ -304,6 +336,10 @@ pub(crate) struct Options {
     pub(crate) cycles: usize,
     /// soak: run `sandboxer serve` in its own process instead of in this one.
     pub(crate) daemon_process: bool,
+    /// upgrade: live upgrades in a row.
+    pub(crate) rounds: usize,
+    /// upgrade: the guests' counter tick, ms.
+    pub(crate) counter_ms: u64,
 }
 
 impl Options {
@@ -325,6 +361,8 @@ impl Options {
             plot: None,
             cycles: 10_000,
             daemon_process: false,
+            rounds: 3,
+            counter_ms: 1000,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -376,6 +414,8 @@ impl Options {
                 "--concurrency" => o.concurrency = number()?.max(1),
                 "--plot" => o.plot = Some(value.into()),
                 "--cycles" => o.cycles = number()?.max(1),
+                "--rounds" => o.rounds = number()?.max(1),
+                "--counter-ms" => o.counter_ms = u64::try_from(number()?.clamp(1, 60_000))?,
                 "--daemon" => {
                     o.daemon_process = match value.as_str() {
                         "in-process" => false,

@@ -142,12 +142,39 @@ impl Scratch {
 
 /// `sandboxer serve` from a binary, in a process of its own: what a node runs (for the
 /// shipped binary: static musl, its own allocator), measured from outside through `/proc`.
+/// After a live upgrade the daemon is a process this one did not start
+/// ([`handed_over`](Self::handed_over)); whichever process it is, it is killed on drop.
 pub(crate) struct DaemonProcess {
     dir: PathBuf,
     child: Option<std::process::Child>,
+    /// The daemon that took over by a live upgrade: not this process's child.
+    successor: Option<nix::unistd::Pid>,
     /// The daemon's pid, as `/proc/<pid>` names it.
     pub(crate) pid: String,
     pub(crate) socket: PathBuf,
+}
+
+/// How long a daemon gets to exit (after SIGTERM, or after handing over).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether process `pid` still runs (a zombie does not: its parent may never reap it).
+fn running(pid: nix::unistd::Pid) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(") ")
+            .is_none_or(|(_, rest)| !rest.starts_with('Z'))
+    })
+}
+
+/// Waits up to `timeout` for process `pid`, not a child of this one, to end.
+fn wait_gone(pid: nix::unistd::Pid, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while running(pid) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
 }
 
 impl DaemonProcess {
@@ -158,7 +185,22 @@ impl DaemonProcess {
         bin: &std::path::Path,
         templates: bool,
     ) -> anyhow::Result<Self> {
-        let scratch = Scratch::new()?;
+        Self::spawn_with(o, bin, templates, &[])
+    }
+
+    /// [`spawn`](Self::spawn), the guest's command line with `guest_words` added (e.g.
+    /// `agent.counter_port=<port>`).
+    pub(crate) fn spawn_with(
+        o: &Options,
+        bin: &std::path::Path,
+        templates: bool,
+        guest_words: &[&str],
+    ) -> anyhow::Result<Self> {
+        let mut scratch = Scratch::new()?;
+        for w in guest_words {
+            scratch.cmdline.push(' ');
+            scratch.cmdline.push_str(w);
+        }
         let dir = scratch.dir;
         let socket = dir.join("api.sock");
         let log = std::fs::File::create(dir.join("daemon.log"))?;
@@ -196,6 +238,7 @@ impl DaemonProcess {
         let mut daemon = DaemonProcess {
             pid: child.id().to_string(),
             child: Some(child),
+            successor: None,
             dir,
             socket,
         };
@@ -234,14 +277,69 @@ impl DaemonProcess {
         lines[lines.len().saturating_sub(10)..].join("\n")
     }
 
-    /// Stops the daemon with SIGTERM, as systemd does, and checks that it exited cleanly.
+    /// The daemon handed over to process `new_pid` by a live upgrade: from now on that one is
+    /// the daemon (killed on drop from here on). Waits up to `timeout` for the old process to
+    /// exit, as it does once it answered the upgrade, and checks that it exited cleanly where
+    /// it can (when it is this process's child).
+    pub(crate) fn handed_over(&mut self, new_pid: u32, timeout: Duration) -> anyhow::Result<()> {
+        let old = self
+            .successor
+            .replace(nix::unistd::Pid::from_raw(i32::try_from(new_pid)?));
+        let old_pid = std::mem::replace(&mut self.pid, new_pid.to_string());
+        if let Some(child) = self.child.as_mut() {
+            let deadline = Instant::now() + timeout;
+            loop {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    if !status.success() {
+                        bail!(
+                            "the old daemon (pid {old_pid}) exited with {status} after handing \
+                             over: {}",
+                            self.log_tail()
+                        );
+                    }
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    // Drop kills it.
+                    bail!(
+                        "the old daemon (pid {old_pid}) did not exit within {} s of handing over",
+                        timeout.as_secs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if let Some(old) = old
+            && !wait_gone(old, timeout)
+        {
+            let _ = nix::sys::signal::kill(old, nix::sys::signal::Signal::SIGKILL);
+            bail!(
+                "the old daemon (pid {old_pid}) did not exit within {} s of handing over",
+                timeout.as_secs()
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the daemon with SIGTERM, as systemd does, and checks that it exited cleanly (for
+    /// a daemon that took over by a live upgrade, which is not this process's child: that it
+    /// exited).
     pub(crate) fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(pid) = self.successor.take() {
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+            if !wait_gone(pid, EXIT_TIMEOUT) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                bail!("the daemon did not exit within 30 s of SIGTERM");
+            }
+            return Ok(());
+        }
         let Some(mut child) = self.child.take() else {
             return Ok(());
         };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id())?);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + EXIT_TIMEOUT;
         loop {
             if let Some(status) = child.try_wait()? {
                 if !status.success() {
@@ -261,6 +359,10 @@ impl DaemonProcess {
 
 impl Drop for DaemonProcess {
     fn drop(&mut self) {
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            wait_gone(pid, EXIT_TIMEOUT);
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
