@@ -57,6 +57,9 @@ pub enum VmmAction {
     /// changes), until [`VmmAction::Resume`] (the handover failed: the VM goes on) or
     /// [`VmmAction::Stop`] (it succeeded).
     Handover,
+    /// Closes the host end of every vsock connection of a VM handed over ([`Self::Handover`])
+    /// to a process that took it: their host peers see them end now. Allowed in every state.
+    ReleaseHostEnds,
     /// Test hook: makes the VM's own threads panic (see [`PanicSite`]), so that a test can
     /// check a panic ends that VM only. Nothing a guest or an API client does reaches it.
     #[doc(hidden)]
@@ -95,6 +98,7 @@ impl fmt::Debug for VmmAction {
             }
             VmmAction::Snapshot => f.write_str("Snapshot"),
             VmmAction::Handover => f.write_str("Handover"),
+            VmmAction::ReleaseHostEnds => f.write_str("ReleaseHostEnds"),
             VmmAction::InjectPanic(site) => f.debug_tuple("InjectPanic").field(site).finish(),
             VmmAction::InjectHang(d) => f.debug_tuple("InjectHang").field(d).finish(),
         }
@@ -147,6 +151,7 @@ impl VmmAction {
             VmmAction::DetachDisk { .. } => "DetachDisk",
             VmmAction::Snapshot => "Snapshot",
             VmmAction::Handover => "Handover",
+            VmmAction::ReleaseHostEnds => "ReleaseHostEnds",
             VmmAction::InjectPanic(_) => "InjectPanic",
             VmmAction::InjectHang(_) => "InjectHang",
         }

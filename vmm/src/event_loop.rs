@@ -252,6 +252,10 @@ impl VmmControl {
                     .then(|| self.saved.mapping.clone());
                 Ok(VmmData::Handover(Box::new(snapshot), mapping))
             }
+            VmmAction::ReleaseHostEnds => {
+                self.devices.release_vsock_host_ends();
+                Ok(VmmData::Empty)
+            }
             VmmAction::InjectPanic(PanicSite::Device) => {
                 let _held = self
                     .devices

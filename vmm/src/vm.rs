@@ -165,6 +165,12 @@ impl Vm {
         )
     }
 
+    /// After a successful handover: closes the host ends of the VM's vsock connections
+    /// (frozen here, the VM runs in the process that took it over).
+    pub fn release_host_ends(&self) -> Result<(), VmmActionError> {
+        self.request(VmmAction::ReleaseHostEnds).map(drop)
+    }
+
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), VmmActionError> {
         self.request(VmmAction::Resume).map(drop)

@@ -247,3 +247,31 @@ fn a_saved_vm_of_another_format_is_refused() {
     vm.resume().unwrap();
     call(&vm, "Health");
 }
+
+#[test]
+fn a_handed_over_vm_releases_its_host_ends_when_asked() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let vm = boot(&host);
+    let listener = vm.vsock().unwrap().listen(COUNTER_PORT).unwrap();
+    let mut stream = accept_within(&listener);
+    let saved = vm.handover().unwrap();
+    // Frozen, the old VM still holds the host end: nothing comes, nothing ends.
+    stream
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let ended_early = loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(_) => {}
+            Err(_) => break false,
+        }
+    };
+    assert!(!ended_early, "the host end closed before it was released");
+    vm.release_host_ends().unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert_eq!(stream.read(&mut buf).unwrap(), 0, "the host end is closed");
+    drop(saved);
+    assert_eq!(vm.stop().exit, VmExit::Stopped);
+}

@@ -22,6 +22,9 @@ use super::kvm::{KvmBackend, KvmHandle, handle, stop_now, watched};
 use super::layout::{GUEST_CID, empty_slot};
 use super::{BackendError, StartPhases, VmEnd, VmHandle, VmSpec, agent};
 
+/// Pause between two dials of a taken-over guest's agent.
+const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// A VM frozen and saved for a live handover, with what its rebuild needs besides its state.
 #[derive(Debug)]
 pub struct Handover {
@@ -213,9 +216,17 @@ impl AdoptedVm for KvmAdopted {
                 return Err(e);
             }
         }
-        let agent = match agent::connect(&vm, agent_port).await {
-            Ok(client) => agent::sync_clock(&client).await.map(|()| client),
-            Err(e) => Err(e),
+        // A busy host may keep the guest from answering within one connect's bound: the guest
+        // runs and its agent listens, so keep dialling until the agent readiness bound.
+        let deadline = tokio::time::Instant::now() + spec.agent_ready_timeout;
+        let agent = loop {
+            match agent::connect(&vm, agent_port).await {
+                Ok(client) => break agent::sync_clock(&client).await.map(|()| client),
+                Err(_) if tokio::time::Instant::now() < deadline && vm.ended().is_none() => {
+                    tokio::time::sleep(RECONNECT_PAUSE).await;
+                }
+                Err(e) => break Err(e),
+            }
         };
         handle(vm, spec, end, agent, agent_port, StartPhases::default()).await
     }

@@ -525,6 +525,11 @@ impl VmHandle for KvmHandle {
     async fn resume_after_handover(&self) -> Result<(), BackendError> {
         self.resume_here().await
     }
+
+    async fn release_after_handover(&self) {
+        let vm = Arc::clone(&self.vm);
+        let _ = tokio::task::spawn_blocking(move || vm.release_host_ends()).await;
+    }
 }
 
 #[cfg(test)]

@@ -385,6 +385,9 @@ pub trait VmHandle: TaskTarget {
     async fn handover(&self) -> Result<Handover, BackendError> {
         Err(BackendError::Unsupported("live handover"))
     }
+    /// After a successful handover: closes this process's ends of the frozen VM's host
+    /// connections, so their peers see them end now rather than when this process exits.
+    async fn release_after_handover(&self) {}
     /// Lets a VM frozen by [`VmHandle::handover`] run again here.
     async fn resume_after_handover(&self) -> Result<(), BackendError> {
         Err(BackendError::Unsupported("live handover"))

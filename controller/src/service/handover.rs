@@ -149,6 +149,17 @@ impl Freeze {
         );
     }
 
+    /// The upgrade succeeded: closes this process's ends of the frozen VMs' host connections
+    /// (all at once), so their peers see them end now, not when this process exits.
+    pub async fn release(&self) {
+        let mut releasing = tokio::task::JoinSet::new();
+        for (_, vm) in &self.frozen {
+            let vm = Arc::clone(vm);
+            releasing.spawn(async move { vm.release_after_handover().await });
+        }
+        while releasing.join_next().await.is_some() {}
+    }
+
     /// How many VMs are frozen.
     pub fn len(&self) -> usize {
         self.frozen.len()

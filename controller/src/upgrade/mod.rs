@@ -479,6 +479,7 @@ async fn hand_over<B: VmBackend>(
         Err(e) => warn!(error = %error_chain(&e), "upgrade: no Done from the new process"),
     }
     report.total_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    freeze.release().await;
     Ok((report, freeze))
 }
 

@@ -328,6 +328,13 @@ impl Devices {
         Ok(HandoverFiles { vsock, nets })
     }
 
+    /// Closes the host ends of the vsock connections ([`VsockMuxer::drop_host_ends`]).
+    pub(crate) fn release_vsock_host_ends(&self) {
+        if let Some(d) = &self.vsock_device {
+            d.lock().recover().backend_mut().drop_host_ends();
+        }
+    }
+
     /// Resets, in the guest, the connections a handed-over VM had ([`VsockMuxer::reset_stale`]).
     pub(crate) fn reset_stale_vsock(&self, ports: &[(u32, u32)]) {
         if let Some(d) = &self.vsock_device

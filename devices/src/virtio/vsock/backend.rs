@@ -641,6 +641,18 @@ impl VsockMuxer {
         self.hybrid.as_ref().map(|h| h.listener.try_clone())
     }
 
+    /// Closes the host end of every connection, telling the guest nothing (a VM handed over
+    /// to another process, which resets them in the guest): the host peers see them end now,
+    /// not when this process does.
+    pub fn drop_host_ends(&mut self) {
+        self.conns.clear();
+        self.fd_keys.clear();
+        self.rxq.clear();
+        if let Some(hybrid) = &mut self.hybrid {
+            hybrid.pending.clear();
+        }
+    }
+
     /// The open connections as (host port, guest port) pairs: what a VM saved for a live
     /// handover leaves behind in its guest ([`VsockMuxer::reset_stale`]).
     pub fn connection_ports(&self) -> Vec<(u32, u32)> {

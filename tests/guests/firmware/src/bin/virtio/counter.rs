@@ -128,8 +128,8 @@ impl Counter {
         Ok(())
     }
 
-    /// A transport reset dropped every connection (§5.10.6.7): dial again at the next tick,
-    /// sending nothing for the old one.
+    /// A transport reset dropped every connection (§5.10.6.7), or a send failed: dial again at
+    /// the next tick, sending nothing for the old link.
     pub fn transport_reset(&mut self) {
         self.link = Link::Down;
     }
