@@ -24,6 +24,8 @@ use super::{BackendError, StartPhases, VmEnd, VmHandle, VmSpec, agent};
 
 /// Pause between two dials of a taken-over guest's agent.
 const RECONNECT_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How long a taken-over guest's agent is dialled at least.
+const RECONNECT_BOUND: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// A VM frozen and saved for a live handover, with what its rebuild needs besides its state.
 #[derive(Debug)]
@@ -217,17 +219,29 @@ impl AdoptedVm for KvmAdopted {
             }
         }
         // A busy host may keep the guest from answering within one connect's bound: the guest
-        // runs and its agent listens, so keep dialling until the agent readiness bound.
-        let deadline = tokio::time::Instant::now() + spec.agent_ready_timeout;
+        // runs and its agent listens, so keep dialling, for longer than a boot gets.
+        let bound = spec.agent_ready_timeout.max(RECONNECT_BOUND);
+        let deadline = tokio::time::Instant::now() + bound;
         let agent = loop {
             match agent::connect(&vm, agent_port).await {
-                Ok(client) => break agent::sync_clock(&client).await.map(|()| client),
+                Ok(client) => break Ok(client),
                 Err(_) if tokio::time::Instant::now() < deadline && vm.ended().is_none() => {
                     tokio::time::sleep(RECONNECT_PAUSE).await;
                 }
                 Err(e) => break Err(e),
             }
         };
+        // The clock is set again only to correct the pause; a guest too slow to answer it is
+        // no reason to lose the pod.
+        if let Ok(client) = &agent
+            && let Err(e) = agent::sync_clock(client).await
+        {
+            tracing::warn!(
+                sandbox_id = %spec.sandbox_id,
+                error = %crate::error_chain(&e),
+                "cannot set a taken-over guest's clock"
+            );
+        }
         handle(vm, spec, end, agent, agent_port, StartPhases::default()).await
     }
 }

@@ -271,8 +271,9 @@ impl<B: VmBackend> SandboxService<B> {
             .map_err(|e| SandboxError::Backend(id.to_string(), e))
     }
 
-    /// Lets sandbox `id`'s adopted VM run and serves the sandbox. A VM that cannot be taken
-    /// over ends the sandbox (failed, with the reason), as a crash would.
+    /// Lets sandbox `id`'s adopted VM run and serves the sandbox: it is in the registry when
+    /// this returns, its agent connection and Task endpoint follow in the background. A VM
+    /// that cannot be taken over ends the sandbox (failed, with the reason), as a crash would.
     pub async fn install(self: &Arc<Self>, id: &str, adopted: Box<dyn AdoptedVm>) {
         let record = match self.store.load(id) {
             Ok(record) => record,
@@ -290,6 +291,20 @@ impl<B: VmBackend> SandboxService<B> {
                 .recover()
                 .insert(id.to_string(), Arc::clone(&entry));
         }
+        // The rest (the guest agent's connection above all, slow on a busy host) goes on in
+        // the background: the sandbox is known now, and its operations wait for its lock.
+        let (this, id) = (Arc::clone(self), id.to_string());
+        tokio::spawn(async move { this.take_over(&id, entry, op, adopted).await });
+    }
+
+    /// The rest of [`SandboxService::install`], holding the sandbox's lock.
+    async fn take_over(
+        self: Arc<Self>,
+        id: &str,
+        entry: Arc<Entry>,
+        op: Locked,
+        adopted: Box<dyn AdoptedVm>,
+    ) {
         let dir = self.store.sandbox_dir(id);
         let vm: Arc<dyn VmHandle> = match adopted.resume().await {
             Ok(vm) => Arc::from(vm),
@@ -312,7 +327,7 @@ impl<B: VmBackend> SandboxService<B> {
             warn!(sandbox_id = %id, error = %error_chain(&e), "cannot record the new pid");
         }
         drop(op);
-        tokio::spawn(Arc::clone(self).monitor(entry, vm));
+        tokio::spawn(Arc::clone(&self).monitor(entry, vm));
         info!(sandbox_id = %id, "sandbox taken over");
     }
 
