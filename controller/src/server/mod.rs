@@ -303,6 +303,8 @@ async fn upgrade<B: VmBackend>(
                 "upgrade done: the new process took over; exiting"
             );
             reply(Ok(report));
+            // The VMs' host connections end now, not when this process is gone.
+            freeze.release().await;
             // Time for the answer to reach the caller; nothing is served meanwhile.
             tokio::time::sleep(Duration::from_millis(200)).await;
             // The VMs, sockets and files are the new process's: tear nothing down.

@@ -246,7 +246,8 @@ pub use crate::service::handover::{UpgradeReport as Report, UpgradeRequest};
 
 /// The old process's side: hands every running sandbox of `service` over to a new process
 /// per `plan`. `Ok` means the new process owns them: the caller must end this process without
-/// tearing anything down (the returned [`Freeze`] must not be thawed). `Err` means nothing
+/// tearing anything down (the returned [`Freeze`] must not be thawed; [`Freeze::release`]
+/// lets go of the VMs' host connections first). `Err` means nothing
 /// moved: every VM runs here again.
 pub async fn give<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
@@ -479,7 +480,6 @@ async fn hand_over<B: VmBackend>(
         Err(e) => warn!(error = %error_chain(&e), "upgrade: no Done from the new process"),
     }
     report.total_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-    freeze.release().await;
     Ok((report, freeze))
 }
 
