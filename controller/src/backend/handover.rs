@@ -18,7 +18,7 @@ use devices::sync::Recover;
 use devices::virtio::net::Tap;
 use tokio::sync::watch;
 
-use super::kvm::{KvmBackend, KvmHandle, handle, stop_now, watched};
+use super::kvm::{KvmBackend, KvmHandle, clone_config, handle, stop_now, watched};
 use super::layout::{GUEST_CID, empty_slot};
 use super::{BackendError, StartPhases, VmEnd, VmHandle, VmSpec, agent};
 
@@ -151,17 +151,9 @@ impl KvmBackend {
                 backend: vmm::NetBackendConfig::Custom(Box::new(tap)),
             });
         }
-        let config = vmm::CloneConfig {
-            console: vmm::ConsoleConfig {
-                log_path: spec.console_log.clone(),
-                log_max_bytes: spec.console_log_max_bytes,
-                stdout: false,
-            },
-            seccomp: spec.seccomp,
-            devices,
-            paused: true,
-            shell: handover.shell.take(),
-        };
+        // Frozen until the old process lets go: on the VM built ahead, or on a new one.
+        let mut config = clone_config(&spec, devices, handover.shell.take());
+        config.paused = true;
         let host = self.host().clone();
         let snapshot = handover.snapshot;
         let vm = tokio::task::spawn_blocking(move || vmm::Vm::restore(&host, &snapshot, config))

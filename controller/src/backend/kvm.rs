@@ -250,17 +250,7 @@ impl KvmBackend {
             ));
         }
         devices.extend(nics);
-        let config = vmm::CloneConfig {
-            console: vmm::ConsoleConfig {
-                log_path: spec.console_log.clone(),
-                log_max_bytes: spec.console_log_max_bytes,
-                stdout: false,
-            },
-            seccomp: spec.seccomp,
-            devices,
-            paused: false,
-            shell: None,
-        };
+        let config = clone_config(spec, devices, None);
         let (host, tpl) = (self.host.clone(), Arc::clone(template));
         let vm =
             tokio::task::spawn_blocking(move || vmm::Vm::clone_from(&host, &tpl.snapshot, config))
@@ -325,6 +315,26 @@ pub(super) async fn handle(
         slots: Mutex::new(vec![false; slots]),
         phases,
     }))
+}
+
+/// How a VM for `spec` is cloned or rebuilt with `devices`: its console and seccomp policy;
+/// frozen on `shell` (a handover's VM built ahead), or running at once without one.
+pub(super) fn clone_config(
+    spec: &VmSpec,
+    devices: Vec<vmm::DeviceConfig>,
+    shell: Option<vmm::PreparedShell>,
+) -> vmm::CloneConfig {
+    vmm::CloneConfig {
+        console: vmm::ConsoleConfig {
+            log_path: spec.console_log.clone(),
+            log_max_bytes: spec.console_log_max_bytes,
+            stdout: false,
+        },
+        seccomp: spec.seccomp,
+        devices,
+        paused: shell.is_some(),
+        shell,
+    }
 }
 
 /// Watches `vm`'s end: its VMM thread publishes it on the returned channel as it records it

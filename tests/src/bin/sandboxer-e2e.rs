@@ -179,7 +179,15 @@ impl Daemon {
         if a.defaults {
             return Self::start_bare(a);
         }
-        Self::start_named(a, "sandboxer", &[])
+        // A Start waits for its shape's template being built up to the agent readiness
+        // bound. Under the emulated host's one TCG CPU, the clones case boots two templates
+        // and a Linux guest side by side, ~10 s each: the default 10 s bound is that close.
+        let more = if a.cases.iter().any(|c| c == "clones") {
+            vec!["--agent-ready-timeout-ms=30000".to_string()]
+        } else {
+            Vec::new()
+        };
+        Self::start_named(a, "sandboxer", &more)
     }
 
     /// A daemon whose sockets, state and log are named `name` in the work dir, with `more`
