@@ -34,6 +34,9 @@ use containerd_client::services::v1::sandbox::{
 use test_guests::{agent, require_kvm};
 
 const COUNTER_PORT: u32 = 5005;
+/// One test at a time: a daemon that starts removes the empty sandbox cgroups it finds under
+/// the shared parent, which may be another test's daemon's between a Create and its Start.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A daemon process by pid: the first one is the test's child, the ones after an upgrade are
@@ -263,6 +266,7 @@ fn percentile(sorted: &[u64], pct: usize) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_sandboxes_keep_running_across_two_upgrades() {
     require_kvm!();
+    let _serial = SERIAL.lock().await;
     const N: usize = 20;
     let s = Setup::new();
     let mut daemon = s.daemon();
@@ -418,6 +422,7 @@ async fn template_clones(s: &Setup) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_upgrade_leaves_every_sandbox_in_the_old_process() {
     require_kvm!();
+    let _serial = SERIAL.lock().await;
     const N: usize = 5;
     let s = Setup::new();
     let mut daemon = s.daemon();
@@ -470,4 +475,54 @@ async fn a_failed_upgrade_leaves_every_sandbox_in_the_old_process() {
     .unwrap();
     drop(c);
     drop(daemon);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr2_upgrades_in_place() {
+    require_kvm!();
+    let _serial = SERIAL.lock().await;
+    let s = Setup::new();
+    let mut daemon = s.daemon();
+    let mut c = s.client().await;
+    let ids = ["usr2-1", "usr2-2"];
+    let mut counters = Vec::new();
+    for id in ids {
+        start(&mut c, id).await;
+        counters.push(watch_counter(
+            &s.state().join(controller::store::SANDBOXES_DIR).join(id),
+        ));
+    }
+    let seen: Vec<(usize, u64)> = counters.iter().map(|k| wait_counts(k, 0, 3)).collect();
+    drop(c);
+    // What `systemctl reload` can send instead of running `sandboxer upgrade`: the old
+    // process hands over and exits 0 by itself.
+    let old_pid = daemon.0;
+    let killed = Command::new("kill")
+        .args(["-USR2", &old_pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    daemon.wait_gone();
+    let mut c = s.client().await;
+    let mut new_pid = 0;
+    for (i, id) in ids.iter().enumerate() {
+        let status = c
+            .status(ControllerStatusRequest {
+                sandbox_id: (*id).into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(status.state, "SANDBOX_READY", "{id}");
+        assert_ne!(status.pid, old_pid, "{id}: still the old process's");
+        new_pid = status.pid;
+        let (_, last) = wait_counts(&counters[i], seen[i].0, 3);
+        assert!(last > seen[i].1, "{id}: {last} after {}", seen[i].1);
+        assert_monotonic(id, &counters[i]);
+    }
+    let new = Pid(new_pid, None);
+    assert!(new.alive());
+    drop(c);
+    drop(new);
 }
