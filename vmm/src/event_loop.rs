@@ -115,7 +115,8 @@ fn run_loop(
     done: &AtomicBool,
 ) -> Result<(), event_manager::Error> {
     while !done.load(Ordering::SeqCst) {
-        {
+        // One look at the controller per pass, as before handovers existed.
+        let reinit = {
             let mut control = controller.lock().recover();
             if control.frozen {
                 // Handed over: only requests, no device work (the guest memory must stay
@@ -123,12 +124,12 @@ fn run_loop(
                 control.serve_frozen();
                 continue;
             }
-        }
-        event_manager.run()?;
-        let reinit = std::mem::take(&mut controller.lock().recover().reinit);
+            std::mem::take(&mut control.reinit)
+        };
         for id in reinit {
             reinit_subscriber(event_manager, id);
         }
+        event_manager.run()?;
     }
     Ok(())
 }
