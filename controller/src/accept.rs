@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, watch};
 use tracing::{info, warn};
 
 /// First pause after a failed accept; doubled at each failure in a row, up to
@@ -38,13 +38,46 @@ pub fn incoming<T: Send + 'static>(
     slots: usize,
     wrap: impl Fn(UnixStream, OwnedSemaphorePermit) -> T + Send + 'static,
 ) -> impl tokio_stream::Stream<Item = io::Result<T>> {
+    incoming_with(listener, path, slots, wrap, None, Vec::new())
+}
+
+/// Makes a `T` of a connection accepted by another process, given the slot it holds.
+pub type Adopted<T> = Box<dyn FnOnce(OwnedSemaphorePermit) -> T + Send>;
+
+/// [`incoming`], yielding the `adopted` connections first (each holds a slot too), and not
+/// accepting while `pause` is paused.
+pub fn incoming_with<T: Send + 'static>(
+    listener: UnixListener,
+    path: PathBuf,
+    slots: usize,
+    wrap: impl Fn(UnixStream, OwnedSemaphorePermit) -> T + Send + 'static,
+    pause: Option<Arc<Pause>>,
+    adopted: Vec<Adopted<T>>,
+) -> impl tokio_stream::Stream<Item = io::Result<T>> {
     let (tx, rx) = tokio::sync::mpsc::channel(1);
     let slots = Arc::new(tokio::sync::Semaphore::new(slots));
+    let pause = pause.unwrap_or_default();
     tokio::spawn(async move {
+        for make in adopted {
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            if tx.send(Ok(make(slot))).await.is_err() {
+                return;
+            }
+        }
+        let mut paused = pause.paused.subscribe();
         let mut backoff = BACKOFF;
         let mut failing = false;
         loop {
+            if paused.wait_for(|p| !*p).await.is_err() {
+                return;
+            }
+            // Held until the connection is made a `T`: `Pause::pause` waits for it.
+            let accepting = pause.accepting.lock().await;
             let accepted = tokio::select! {
+                biased;
+                _ = paused.wait_for(|p| *p) => continue,
                 () = tx.closed() => return,
                 accepted = async {
                     let slot = Arc::clone(&slots).acquire_owned().await;
@@ -58,13 +91,16 @@ pub fn incoming<T: Send + 'static>(
                         failing = false;
                     }
                     backoff = BACKOFF;
-                    if tx.send(Ok(wrap(stream, slot))).await.is_err() {
+                    let conn = wrap(stream, slot);
+                    drop(accepting);
+                    if tx.send(Ok(conn)).await.is_err() {
                         return;
                     }
                 }
                 // The semaphore is never closed.
                 (Err(_), _) => return,
                 (Ok(_), Err(e)) => {
+                    drop(accepting);
                     if !failing {
                         warn!(
                             socket = %path.display(),
@@ -80,6 +116,37 @@ pub fn incoming<T: Send + 'static>(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Stops and restarts an accept loop ([`incoming_with`]).
+#[derive(Debug)]
+pub struct Pause {
+    paused: watch::Sender<bool>,
+    /// Held by the accept loop from an accept until its connection is made.
+    accepting: tokio::sync::Mutex<()>,
+}
+
+impl Default for Pause {
+    fn default() -> Self {
+        Pause {
+            paused: watch::Sender::new(false),
+            accepting: tokio::sync::Mutex::new(()),
+        }
+    }
+}
+
+impl Pause {
+    /// Stops accepting; returns once no accepted connection is still on its way to the server
+    /// (new clients wait in the listen backlog).
+    pub async fn pause(&self) {
+        self.paused.send_replace(true);
+        drop(self.accepting.lock().await);
+    }
+
+    /// Accepts again.
+    pub fn resume(&self) {
+        self.paused.send_replace(false);
+    }
 }
 
 /// An accepted connection that holds its socket's slot until it is dropped.

@@ -25,6 +25,7 @@
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
 
 #[path = "task_endpoint/fake.rs"]
+#[allow(dead_code, reason = "shared by two test crates, each uses part of it")]
 mod fake;
 
 use std::collections::BTreeMap;

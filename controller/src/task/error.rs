@@ -89,6 +89,9 @@ pub enum TaskError {
     /// Encoding a message failed (a bug).
     #[error("Failed to encode {0}")]
     Encode(&'static str, #[source] Box<dyn StdError + Send + Sync>),
+    /// The endpoint cannot be handed over to, or taken over from, another process.
+    #[error("The Task endpoint cannot be handed over: {0}")]
+    Handover(String),
 }
 
 impl TaskError {
@@ -114,6 +117,7 @@ impl TaskError {
             | Self::Io { .. }
             | Self::Serve(..)
             | Self::Encode(..) => Code::INTERNAL,
+            Self::Handover(_) => Code::UNAVAILABLE,
         }
     }
 

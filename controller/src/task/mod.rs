@@ -24,8 +24,10 @@
 //! agent stream for stream, so `io_type = "streaming"` URLs go to the agent unchanged; FIFO
 //! (or file) paths are opened here and bridged to agent streams.
 
+pub mod conn;
 pub mod error;
 pub mod events;
+pub mod handover;
 pub mod paths;
 pub mod rootfs;
 pub mod service;
@@ -40,10 +42,12 @@ use std::time::Duration;
 
 use containerd_shim_protos::api::Mount;
 use containerd_shim_protos::shim_async::create_task;
+use devices::sync::Recover;
 use proto::agent::streaming_ttrpc::create_streaming;
 use ttrpc::asynchronous::Service;
 
 pub use self::error::TaskError;
+pub use self::handover::{TaskCut, TaskCutter, TaskState};
 pub use self::paths::HostPaths;
 pub use self::rootfs::ImageCache;
 use self::service::Endpoint;
@@ -105,6 +109,10 @@ pub struct TaskServer {
     socket: PathBuf,
     endpoint: Arc<Endpoint>,
     events: tokio::task::JoinHandle<()>,
+    /// Its connections, which a live upgrade cuts.
+    conns: Arc<conn::Connections>,
+    /// A second descriptor of the listening socket, for a live upgrade.
+    listener: Arc<std::os::fd::OwnedFd>,
 }
 
 /// Prepare and Purge on a sandbox's Task endpoint (the seed API's way of adding containers).
@@ -162,20 +170,84 @@ impl TaskServer {
             }
             _ => {}
         }
+        let listener =
+            std::os::unix::net::UnixListener::bind(socket).map_err(|e| TaskError::Io {
+                op: "bind",
+                path: socket.to_owned(),
+                source: e,
+            })?;
         let endpoint = Arc::new(Endpoint::new(target.clone(), &opts, socket));
+        Self::serve(socket, listener.into(), endpoint, target, opts, Vec::new()).await
+    }
+
+    /// Serves on what a live upgrade cut in the previous process ([`TaskCutter::cut`]): the
+    /// same socket and connections (the calls left unanswered go to the server first), and
+    /// the same containers.
+    pub async fn adopt(
+        socket: &Path,
+        target: Arc<dyn TaskTarget>,
+        opts: TaskOptions,
+        cut: TaskCut,
+    ) -> Result<Self, TaskError> {
+        let parts = cut.adopt(&opts.images);
+        let endpoint = Endpoint::new(target.clone(), &opts, socket);
+        endpoint
+            .containers
+            .lock()
+            .recover()
+            .extend(parts.containers);
+        let endpoint = Arc::new(endpoint);
+        Self::serve(
+            socket,
+            parts.listener,
+            endpoint,
+            target,
+            opts,
+            parts.connections,
+        )
+        .await
+    }
+
+    async fn serve(
+        socket: &Path,
+        listener: std::os::fd::OwnedFd,
+        endpoint: Arc<Endpoint>,
+        target: Arc<dyn TaskTarget>,
+        opts: TaskOptions,
+        adopted: Vec<(std::os::fd::OwnedFd, Vec<u8>)>,
+    ) -> Result<Self, TaskError> {
+        let io = |op| {
+            let path = socket.to_owned();
+            move |source| TaskError::Io { op, path, source }
+        };
+        let second = listener.try_clone().map_err(io("duplicate"))?;
+        let listener = std::os::unix::net::UnixListener::from(listener);
+        listener.set_nonblocking(true).map_err(io("listen on"))?;
+        let listener = tokio::net::UnixListener::from_std(listener).map_err(io("listen on"))?;
+        let conns = conn::Connections::new();
+        let mut first: Vec<crate::accept::Adopted<conn::Tracked>> = Vec::new();
+        for (fd, unanswered) in adopted {
+            let stream = std::os::unix::net::UnixStream::from(fd);
+            stream
+                .set_nonblocking(true)
+                .map_err(io("take over a connection of"))?;
+            let stream = tokio::net::UnixStream::from_std(stream)
+                .map_err(io("take over a connection of"))?;
+            let conns = Arc::clone(&conns);
+            first.push(Box::new(move |slot| conns.track(stream, slot, unanswered)));
+        }
         let serve_err = |e| TaskError::Serve(socket.to_owned(), e);
-        let listener = tokio::net::UnixListener::bind(socket).map_err(|e| TaskError::Io {
-            op: "bind",
-            path: socket.to_owned(),
-            source: e,
-        })?;
         // ttrpc's own accept loop retries a failed accept at once (a spinning core while the
-        // daemon is out of descriptors): the daemon's accepts for it (`crate::accept`).
-        let incoming = crate::accept::incoming(
+        // daemon is out of descriptors): the daemon's accepts for it (`crate::accept`), and
+        // follows the frames of each connection (`conn`) so that an upgrade can pass it on.
+        let tracker = Arc::clone(&conns);
+        let incoming = crate::accept::incoming_with(
             listener,
             socket.to_owned(),
             MAX_TASK_CONNECTIONS,
-            crate::accept::Slotted::new,
+            move |stream, slot| tracker.track(stream, slot, Vec::new()),
+            Some(conns.pause()),
+            first,
         );
         let mut server = ttrpc::asynchronous::Server::new()
             .add_listener(ttrpc::asynchronous::transport::Listener::new(incoming))
@@ -191,7 +263,18 @@ impl TaskServer {
             socket: socket.to_owned(),
             endpoint,
             events,
+            conns,
+            listener: Arc::new(second),
         })
+    }
+
+    /// What cuts this endpoint for a live upgrade.
+    pub fn cutter(&self) -> TaskCutter {
+        TaskCutter {
+            endpoint: Arc::clone(&self.endpoint),
+            conns: Arc::clone(&self.conns),
+            listener: Arc::clone(&self.listener),
+        }
     }
 
     /// The socket path.

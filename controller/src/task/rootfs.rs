@@ -340,10 +340,23 @@ fn short_hash(paths: &[PathBuf]) -> u64 {
     h
 }
 
+impl CachedImage {
+    /// The lower chain it was built of.
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.key
+    }
+}
+
 impl ImageCache {
     /// A cache in `dir` (created with the first image; stale images of an earlier process are
     /// removed now).
     pub fn new(dir: &Path) -> Result<Self, TaskError> {
+        Self::keeping(dir, &[])
+    }
+
+    /// [`ImageCache::new`], keeping the images in `keep` (those of containers a live upgrade
+    /// hands over, [`ImageCache::adopt`]).
+    pub fn keeping(dir: &Path, keep: &[PathBuf]) -> Result<Self, TaskError> {
         let io_err = |op, source| TaskError::Io {
             op,
             path: dir.to_owned(),
@@ -356,7 +369,7 @@ impl ImageCache {
         };
         for entry in entries.into_iter().flatten() {
             let path = entry.map_err(|e| io_err("read", e))?.path();
-            if path.is_file() {
+            if path.is_file() && !keep.contains(&path) {
                 let _ = fs::remove_file(&path);
             }
         }
@@ -439,6 +452,22 @@ impl ImageCache {
             *done = true;
         }
         Ok(CachedImage { key, path: image })
+    }
+
+    /// Takes a reference on the built image `path` of `lowers` that another process made (a
+    /// container handed over by a live upgrade).
+    pub fn adopt(&self, lowers: Vec<PathBuf>, path: PathBuf) -> CachedImage {
+        let mut entries = self.entries.lock().recover();
+        let entry = entries.entry(lowers.clone()).or_insert_with(|| CacheEntry {
+            refs: 0,
+            image: path,
+            built: std::sync::Arc::new(tokio::sync::Mutex::new(true)),
+        });
+        entry.refs = entry.refs.saturating_add(1);
+        CachedImage {
+            key: lowers,
+            path: entry.image.clone(),
+        }
     }
 
     /// Gives a reference back; the image is removed with the last one.

@@ -44,19 +44,19 @@ const TTRPC_DEADLINE: &str = "Request deadline elapsed";
 #[derive(Debug, Default)]
 pub(crate) struct Resources {
     /// Block slots attached for the rootfs.
-    slots: Vec<u32>,
+    pub(super) slots: Vec<u32>,
     /// References on shared lower-chain images.
-    cached: Vec<CachedImage>,
+    pub(super) cached: Vec<CachedImage>,
     /// Private work directory (per-container images).
-    work_dir: Option<PathBuf>,
+    pub(super) work_dir: Option<PathBuf>,
 }
 
 #[derive(Debug)]
-struct Container {
-    host_bundle: String,
-    stdio: [String; 3],
-    namespace: Option<String>,
-    resources: Resources,
+pub(super) struct Container {
+    pub(super) host_bundle: String,
+    pub(super) stdio: [String; 3],
+    pub(super) namespace: Option<String>,
+    pub(super) resources: Resources,
 }
 
 impl Container {
@@ -84,15 +84,15 @@ impl Container {
 /// A container the seed API's Prepare readied: rootfs attached and guest bundle written; the
 /// engine's Task.Create for it then only forwards.
 #[derive(Debug)]
-struct Prepared {
-    host_bundle: String,
-    guest_bundle: String,
-    mounts: Vec<Mount>,
-    resources: Resources,
+pub(super) struct Prepared {
+    pub(super) host_bundle: String,
+    pub(super) guest_bundle: String,
+    pub(super) mounts: Vec<Mount>,
+    pub(super) resources: Resources,
 }
 
 #[derive(Debug)]
-enum Entry {
+pub(super) enum Entry {
     /// Create (or Prepare) is running.
     Creating,
     /// Prepared through the seed API, not created in the agent yet.
@@ -110,11 +110,11 @@ pub(crate) struct Endpoint {
     call_timeout: Duration,
     /// Where the host paths of requests must lie.
     host_paths: HostPaths,
-    containers: Mutex<HashMap<String, Entry>>,
+    pub(super) containers: Mutex<HashMap<String, Entry>>,
     /// The task socket (named in the stream URLs given to the agent).
     socket: PathBuf,
     /// Copies of FIFO stdio; stopped when the endpoint goes.
-    bridges: Mutex<Vec<Bridges>>,
+    pub(super) bridges: Mutex<Vec<Bridges>>,
 }
 
 /// Container ids become file names here and in the agent: the protocol's one rule

@@ -41,6 +41,17 @@ pub struct FakeAgent {
     /// Events WaitEvent hands out, one per call; then it waits.
     pub events: Mutex<Vec<Event>>,
     pub event_ready: Notify,
+    /// What Wait answers once set ([`FakeAgent::exit`]); until then it waits.
+    pub exit_status: Mutex<Option<u32>>,
+    pub exited: Notify,
+}
+
+impl FakeAgent {
+    /// Every Wait, waiting or to come, answers `status`.
+    pub fn exit(&self, status: u32) {
+        *self.exit_status.lock().unwrap() = Some(status);
+        self.exited.notify_waiters();
+    }
 }
 
 fn status(code: ttrpc::Code, msg: &str) -> ttrpc::Error {
@@ -79,7 +90,15 @@ impl Task for FakeAgent {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, _req: WaitRequest) -> ttrpc::Result<WaitResponse> {
-        std::future::pending().await
+        loop {
+            let exited = self.exited.notified();
+            if let Some(status) = *self.exit_status.lock().unwrap() {
+                let mut r = WaitResponse::new();
+                r.exit_status = status;
+                return Ok(r);
+            }
+            exited.await;
+        }
     }
 }
 
