@@ -31,6 +31,8 @@ use containerd_client::services::v1::sandbox::{
     ControllerCreateRequest, ControllerShutdownRequest, ControllerStartRequest,
     ControllerStatusRequest, ControllerStopRequest, ControllerWaitRequest,
 };
+use containerd_shim_protos::api::StateRequest;
+use containerd_shim_protos::shim_async::{Client, TaskClient};
 use test_guests::{agent, require_kvm};
 
 const COUNTER_PORT: u32 = 5005;
@@ -306,6 +308,19 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
     );
     drop(c);
     let mut fds_after = Vec::new();
+    // containerd's way of holding a sandbox's Task API: one ttrpc connection for the pod's
+    // life. It must go on across the upgrades (containerd takes one that ends for a dead shim).
+    let task_sock = s
+        .state()
+        .join(controller::store::SANDBOXES_DIR)
+        .join(&ids[0])
+        .join("task.sock");
+    let task = TaskClient::new(
+        Client::connect(&format!("unix://{}", task_sock.display()))
+            .await
+            .unwrap(),
+    );
+    task_state(&task).await.expect("State before any upgrade");
 
     for round in 0..2 {
         let report = s
@@ -347,6 +362,10 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
                 "round {round}: {id}"
             );
         }
+        // The same Task connection, served by the new process (the old one is gone).
+        task_state(&task)
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: State on the kept connection: {e:?}"));
         if let Some(net) = &net {
             assert_eq!(state(&mut c, "up-net").await, "SANDBOX_READY");
             let links = net.links();
@@ -406,6 +425,15 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
         assert!(!net.has_ingress());
     }
     drop(daemon);
+}
+
+/// Task.State on `task` (the test guest's agent answers any call with an empty OK).
+async fn task_state(task: &TaskClient) -> ttrpc::Result<()> {
+    let mut r = StateRequest::new();
+    r.id = "c1".into();
+    task.state(ttrpc::context::with_duration(TIMEOUT), &r)
+        .await
+        .map(drop)
 }
 
 /// How many of the daemon's sandboxes started as clones of its VM template.

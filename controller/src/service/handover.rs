@@ -12,6 +12,7 @@
 //! go, [`SandboxService::install`] lets it run and serves it as if this process had started it
 //! (its Task endpoint on a freshly bound `task.sock`, its end watched).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -22,6 +23,7 @@ use super::{EXIT_FAILED, SandboxService};
 use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend, VmHandle};
 use crate::error::{SandboxError, error_chain};
 use crate::sandbox::{ExitInfo, SandboxState};
+use crate::task::{TaskCut, TaskCutter, TaskServer};
 
 /// How an upgrade went, as the old process saw it.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -62,6 +64,8 @@ pub struct Hold {
     gate: tokio::sync::OwnedRwLockWriteGuard<()>,
     locks: Vec<Locked>,
     running: Vec<(String, Arc<dyn VmHandle>)>,
+    /// The running sandboxes' Task endpoints.
+    tasks: Vec<(String, TaskCutter)>,
 }
 
 impl Hold {
@@ -71,6 +75,30 @@ impl Hold {
             .iter()
             .map(|(id, vm)| (id.clone(), vm.memory_layout()))
             .collect()
+    }
+
+    /// Cuts every running sandbox's Task endpoint (its connections stopped between frames,
+    /// waiting up to `within` for calls that change something; [`TaskCutter::cut`]), the VMs
+    /// still running. On an error every endpoint goes on as before.
+    pub async fn cut_tasks(
+        &self,
+        within: Duration,
+    ) -> Result<HashMap<String, TaskCut>, SandboxError> {
+        let mut cuts = HashMap::with_capacity(self.tasks.len());
+        for (id, cutter) in &self.tasks {
+            match cutter.cut(within).await {
+                Ok(cut) => {
+                    cuts.insert(id.clone(), cut);
+                }
+                Err(e) => {
+                    for (_, cutter) in &self.tasks {
+                        cutter.thaw();
+                    }
+                    return Err(SandboxError::Endpoint(id.clone(), Box::new(e)));
+                }
+            }
+        }
+        Ok(cuts)
     }
 
     /// Starts freezing every running sandbox's VM and saving it for the handover, all at once
@@ -83,6 +111,7 @@ impl Hold {
             gate,
             locks,
             running,
+            tasks,
         } = self;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         for (id, vm) in running {
@@ -102,6 +131,7 @@ impl Hold {
             _gate: gate,
             _locks: locks,
             frozen: Vec::new(),
+            tasks,
         };
         (freeze, rx)
     }
@@ -128,6 +158,8 @@ pub struct Freeze {
     _gate: tokio::sync::OwnedRwLockWriteGuard<()>,
     _locks: Vec<Locked>,
     frozen: Vec<(String, Arc<dyn VmHandle>)>,
+    /// The Task endpoints, cut or not: a thaw lets them go on.
+    tasks: Vec<(String, TaskCutter)>,
 }
 
 impl Freeze {
@@ -136,12 +168,16 @@ impl Freeze {
         self.frozen.push((id, vm));
     }
 
-    /// The handover failed: every frozen VM runs again here and operations are taken again.
+    /// The handover failed: every frozen VM runs again here, the Task endpoints serve on and
+    /// operations are taken again.
     pub async fn thaw(self) {
         for (id, vm) in &self.frozen {
             if let Err(e) = vm.resume_after_handover().await {
                 warn!(sandbox_id = %id, error = %error_chain(&e), "cannot resume a sandbox's VM");
             }
+        }
+        for (_, cutter) in &self.tasks {
+            cutter.thaw();
         }
         info!(
             sandboxes = self.frozen.len(),
@@ -207,11 +243,14 @@ impl<B: VmBackend> SandboxService<B> {
             .map_err(|_| SandboxError::Upgrading)?;
         let mut locks = Vec::new();
         let mut running = Vec::new();
+        let mut tasks = Vec::new();
         for entry in self.sandboxes_now() {
             // Only a VM's end (its monitor) can still hold one: it is short.
             let op = Locked::new(entry).await;
             let (record, vm) = op.snapshot();
             if let Some(vm) = vm.filter(|_| record.state == SandboxState::Ready) {
+                let cutter = op.entry().with(|d| d.task.as_ref().map(TaskServer::cutter));
+                tasks.extend(cutter.map(|c| (record.id.clone(), c)));
                 running.push((record.id, vm));
             }
             locks.push(op);
@@ -220,6 +259,7 @@ impl<B: VmBackend> SandboxService<B> {
             gate,
             locks,
             running,
+            tasks,
         })
     }
 
@@ -271,10 +311,24 @@ impl<B: VmBackend> SandboxService<B> {
             .map_err(|e| SandboxError::Backend(id.to_string(), e))
     }
 
+    /// Makes the image cache before any Task endpoint is taken over, keeping the images in
+    /// `keep` (those the handed-over containers hold; any other is an earlier process's).
+    pub fn keep_images(&self, keep: &[std::path::PathBuf]) -> Result<(), SandboxError> {
+        self.image_cache(keep)
+            .map(drop)
+            .map_err(|e| SandboxError::Endpoint(String::new(), Box::new(e)))
+    }
+
     /// Lets sandbox `id`'s adopted VM run and serves the sandbox: it is in the registry when
-    /// this returns, its agent connection and Task endpoint follow in the background. A VM
-    /// that cannot be taken over ends the sandbox (failed, with the reason), as a crash would.
-    pub async fn install(self: &Arc<Self>, id: &str, adopted: Box<dyn AdoptedVm>) {
+    /// this returns, its agent connection and Task endpoint (on `task`, what the old process
+    /// cut, if it had one) follow in the background. A VM that cannot be taken over ends the
+    /// sandbox (failed, with the reason), as a crash would.
+    pub async fn install(
+        self: &Arc<Self>,
+        id: &str,
+        adopted: Box<dyn AdoptedVm>,
+        task: Option<TaskCut>,
+    ) {
         let record = match self.store.load(id) {
             Ok(record) => record,
             Err(e) => {
@@ -294,7 +348,7 @@ impl<B: VmBackend> SandboxService<B> {
         // The rest (the guest agent's connection above all, slow on a busy host) goes on in
         // the background: the sandbox is known now, and its operations wait for its lock.
         let (this, id) = (Arc::clone(self), id.to_string());
-        tokio::spawn(async move { this.take_over(&id, entry, op, adopted).await });
+        tokio::spawn(async move { this.take_over(&id, entry, op, adopted, task).await });
     }
 
     /// The rest of [`SandboxService::install`], holding the sandbox's lock.
@@ -304,13 +358,14 @@ impl<B: VmBackend> SandboxService<B> {
         entry: Arc<Entry>,
         op: Locked,
         adopted: Box<dyn AdoptedVm>,
+        task: Option<TaskCut>,
     ) {
         let dir = self.store.sandbox_dir(id);
         let vm: Arc<dyn VmHandle> = match adopted.resume().await {
             Ok(vm) => Arc::from(vm),
             Err(e) => return self.lost(&entry, &e.to_string()).await,
         };
-        let task = match self.start_task_server(&dir, &vm).await {
+        let task = match self.start_task_server(&dir, &vm, task).await {
             Ok(task) => task,
             Err(e) => {
                 vm.kill().await;

@@ -25,7 +25,7 @@ use crate::nofile::FdBudget;
 use crate::pod::{self, GuestSetup};
 use crate::sandbox::{ExitInfo, SandboxRecord, SandboxState};
 use crate::store::StoreError;
-use crate::task::{HostPaths, ImageCache, TaskOptions, TaskServer};
+use crate::task::{HostPaths, ImageCache, TaskCut, TaskOptions, TaskServer};
 
 /// The sandbox's hybrid vsock socket, in its directory (the longest socket path there).
 const VSOCK_SOCKET: &str = "vsock.sock";
@@ -396,7 +396,7 @@ impl<B: VmBackend> SandboxService<B> {
         };
 
         let t_task = Instant::now();
-        let task = match self.start_task_server(&dir, &vm).await {
+        let task = match self.start_task_server(&dir, &vm, None).await {
             Ok(task) => task,
             Err(e) => {
                 let end = vm.kill().await;
@@ -712,40 +712,49 @@ impl<B: VmBackend> SandboxService<B> {
         Ok(())
     }
 
-    /// Serves the sandbox's Task endpoint on `<dir>/task.sock`, forwarding to `vm`'s agent.
+    /// The daemon's image cache, made with the first Task endpoint (which removes the images
+    /// an earlier process left, but those in `keep`: [`ImageCache::keeping`]).
+    pub(super) fn image_cache(
+        &self,
+        keep: &[std::path::PathBuf],
+    ) -> Result<Arc<ImageCache>, crate::task::TaskError> {
+        let mut slot = self.images.lock().recover();
+        if let Some(images) = &*slot {
+            return Ok(Arc::clone(images));
+        }
+        let images = Arc::new(ImageCache::keeping(&self.config.image_dir, keep)?);
+        *slot = Some(Arc::clone(&images));
+        Ok(images)
+    }
+
+    /// Serves the sandbox's Task endpoint on `<dir>/task.sock`, forwarding to `vm`'s agent;
+    /// on what the previous process cut when `adopt` is given (a live upgrade).
     pub(super) async fn start_task_server(
         &self,
         dir: &Path,
         vm: &Arc<dyn VmHandle>,
+        adopt: Option<TaskCut>,
     ) -> Result<TaskServer, SandboxError> {
         let id = || {
             dir.file_name()
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
-        let images = {
-            let mut slot = self.images.lock().recover();
-            match &*slot {
-                Some(images) => Arc::clone(images),
-                None => {
-                    let images = Arc::new(
-                        ImageCache::new(&self.config.image_dir)
-                            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))?,
-                    );
-                    *slot = Some(Arc::clone(&images));
-                    images
-                }
-            }
-        };
+        let images = self
+            .image_cache(&[])
+            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))?;
         let mut opts = TaskOptions::new(images, dir.join("containers"));
         opts.containerd_address
             .clone_from(&self.config.containerd_address);
         opts.host_paths = HostPaths::new(self.config.task_host_paths.iter().cloned())
             .with([self.config.state_dir.clone(), self.config.image_dir.clone()]);
         let target: Arc<dyn TaskTarget> = Arc::clone(vm) as _;
-        TaskServer::start(&dir.join(TASK_SOCKET), target, opts)
-            .await
-            .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))
+        let socket = dir.join(TASK_SOCKET);
+        match adopt {
+            None => TaskServer::start(&socket, target, opts).await,
+            Some(cut) => TaskServer::adopt(&socket, target, opts, cut).await,
+        }
+        .map_err(|e| SandboxError::Endpoint(id(), Box::new(e)))
     }
 
     /// Connects the pod netns's veths to taps for the VM (none without a netns). A netns that

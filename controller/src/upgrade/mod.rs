@@ -13,7 +13,8 @@
 //!                               <───────  Prepare {id, layout} + memfd      (n times)
 //!  builds each VM ahead          ───────>  Prepared {id}                     (n times)
 //!                                          freezes every VM at once, and as each is frozen:
-//!                               <───────  Sandbox {id, ...} + VM state, memfd(s), vsock, taps
+//!                               <───────  Sandbox {id, ...} + VM state, memfd(s), vsock, taps,
+//!                                          the Task socket, its connections and state
 //!  writes its state, frozen      ───────>  Restored {id}                     (n times)
 //!                               <───────  Listeners + the API sockets
 //!  Ready                         ───────>
@@ -31,9 +32,12 @@
 //! tearing anything down (its VMs' memory, sockets and TAP queues are the new one's now). A
 //! new process that fails before `Commit` exits at once, also without tearing anything down.
 //!
-//! What is not handed over yet: the containers' disks and the Task endpoint's state (a sandbox
-//! with containers refuses the upgrade), and established connections (the engine's gRPC and
-//! ttrpc connections end with the old process; the engine connects again to the same paths).
+//! The engine's ttrpc connections to each Task socket go over as they are, with the calls
+//! that only read or wait (Wait above all) left unanswered and asked again of the new process
+//! ([`crate::task::conn`]); calls that change something are waited for first
+//! ([`TASK_CALLS_TIMEOUT`]). What is not handed over yet: the containers' disks (a sandbox with
+//! containers refuses the upgrade), their FIFO stdio, and the Sandbox API's gRPC connections
+//! (they end with the old process; the engine connects again to the same path).
 
 pub mod wire;
 
@@ -52,11 +56,12 @@ use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend};
 use crate::error_chain;
 use crate::service::SandboxService;
 use crate::service::handover::{Adoption, Freeze};
+use crate::task::{TaskCut, TaskState};
 
 use wire::{Channel, WireError};
 
 /// Version of this handover protocol; both processes must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The handover socket in the state directory.
 pub const SOCKET: &str = "upgrade.sock";
 /// How long the old process waits for the new one to connect, and each side for the other's
@@ -64,6 +69,9 @@ pub const SOCKET: &str = "upgrade.sock";
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the old process waits for the operations in flight before it freezes the VMs.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the old process waits for the Task calls in flight that change something
+/// (Create, Start, Exec, Kill, Delete, ...) before it cuts the Task endpoints.
+pub const TASK_CALLS_TIMEOUT: Duration = Duration::from_secs(10);
 /// The flag that makes `sandboxer serve` take over from a running daemon.
 pub const TAKEOVER_FLAG: &str = "--takeover";
 /// Test hook: the new process exits right after rebuilding this many VMs (an upgrade that
@@ -139,7 +147,8 @@ enum Msg {
     /// Either way: giving up (before `Commit`).
     Refused { reason: String },
     /// old -> new: one frozen sandbox. Blob: the encoded VM. Descriptors: `vm_files` of the
-    /// VM ([`vmm::VmSnapshot::encode`]), then the vsock listener if `vsock`, then one per NIC.
+    /// VM ([`vmm::VmSnapshot::encode`]), then the vsock listener if `vsock`, then one per NIC,
+    /// then those of its Task endpoint's cut if `task` ([`TaskCut::into_parts`]).
     Sandbox {
         id: String,
         agent_port: u32,
@@ -147,6 +156,7 @@ enum Msg {
         vsock: bool,
         nics: Vec<Nic>,
         frozen_at_ns: u64,
+        task: Option<TaskState>,
     },
     /// new -> old: a sandbox's VM is rebuilt (frozen).
     Restored { id: String },
@@ -388,8 +398,13 @@ async fn hand_over<B: VmBackend>(
             Err(e) => return Err((e, None)),
         }
     }
-    // Each VM goes out as soon as it is frozen; the new process writes its state into the
-    // VM it built ahead while the others are still freezing.
+    // The Task endpoints stop between frames (their connections go over as they are), then
+    // each VM goes out as soon as it is frozen; the new process writes its state into the VM
+    // it built ahead while the others are still freezing.
+    let mut cuts = hold
+        .cut_tasks(TASK_CALLS_TIMEOUT)
+        .await
+        .map_err(|e| (UpgradeError::Sandbox(Box::new(e)), None))?;
     let (freeze, mut frozen) = hold.freeze();
     let mut freeze = Some(freeze);
     let fail = |e: UpgradeError, freeze: &mut Option<Freeze>| (e, freeze.take());
@@ -416,7 +431,8 @@ async fn hand_over<B: VmBackend>(
         }
         let at = monotonic_ns_at(one.frozen_at);
         frozen_at.insert(one.id.clone(), at);
-        if let Err(e) = send_sandbox(chan, one.id, handover, at).await {
+        let task = cuts.remove(&one.id);
+        if let Err(e) = send_sandbox(chan, one.id, handover, task, at).await {
             failure = Some(e);
         }
     }
@@ -487,6 +503,7 @@ async fn send_sandbox(
     chan: &mut Channel,
     id: String,
     mut handover: Handover,
+    task: Option<TaskCut>,
     frozen_at_ns: u64,
 ) -> Result<(), UpgradeError> {
     let files = handover.snapshot.take_files();
@@ -505,6 +522,11 @@ async fn send_sandbox(
         })
         .collect();
     fds.extend(files.nets.iter().map(|(f, _)| f.as_fd()));
+    let (task, task_fds) = match task.map(TaskCut::into_parts) {
+        Some((state, fds)) => (Some(state), fds),
+        None => (None, Vec::new()),
+    };
+    fds.extend(task_fds.iter().map(AsFd::as_fd));
     let msg = Msg::Sandbox {
         id,
         agent_port: handover.agent_port,
@@ -512,6 +534,7 @@ async fn send_sandbox(
         vsock: files.vsock.is_some(),
         nics,
         frozen_at_ns,
+        task,
     };
     chan.send(&msg, &bytes, &fds).await?;
     Ok(())
@@ -601,7 +624,8 @@ pub async fn take<B: VmBackend>(
         let service = Arc::clone(service);
         rebuilding.spawn(async move { rebuild(&service, frame, ready).await });
     }
-    let mut adopted: Vec<(String, Box<dyn AdoptedVm>)> = Vec::with_capacity(sandboxes);
+    let mut adopted: Vec<(String, Box<dyn AdoptedVm>, Option<TaskCut>)> =
+        Vec::with_capacity(sandboxes);
     while let Some(done) = rebuilding.join_next().await {
         let rebuilt = done.unwrap_or_else(|e| {
             Err(UpgradeError::Io(
@@ -610,10 +634,10 @@ pub async fn take<B: VmBackend>(
             ))
         });
         match rebuilt {
-            Ok((id, vm)) => {
+            Ok((id, vm, task)) => {
                 chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
                     .await?;
-                adopted.push((id, vm));
+                adopted.push((id, vm, task));
             }
             Err(e) => {
                 let reason = error_chain(&e);
@@ -647,12 +671,12 @@ pub async fn take<B: VmBackend>(
     let mut resumed = Vec::with_capacity(adopted.len());
     let mut failed = Vec::new();
     let mut running = Vec::with_capacity(adopted.len());
-    for (id, vm) in adopted {
+    for (id, vm, task) in adopted {
         match vm.run() {
             Ok(()) => resumed.push((id.clone(), monotonic_ns())),
             Err(e) => failed.push((id.clone(), error_chain(&e))),
         }
-        running.push((id, vm));
+        running.push((id, vm, task));
     }
     let pid = std::process::id();
     if let Err(e) = crate::notify::notify(&format!("MAINPID={pid}\nREADY=1")) {
@@ -662,9 +686,18 @@ pub async fn take<B: VmBackend>(
     if let Err(e) = chan.send(&Msg::Done { resumed, failed }, &[], &[]).await {
         warn!(error = %error_chain(&e), "upgrade: cannot report Done (the old process exits anyway)");
     }
+    // The handed-over containers' images stay; any other in the cache is an earlier one's.
+    let images: Vec<PathBuf> = running
+        .iter()
+        .filter_map(|(_, _, task)| task.as_ref())
+        .flat_map(|t| t.state.image_paths())
+        .collect();
+    if let Err(e) = service.keep_images(&images) {
+        warn!(error = %error_chain(&e), "upgrade: cannot open the image cache");
+    }
     // Each is short (a vsock connect, a socket bind), and the guests run meanwhile.
-    for (id, vm) in running {
-        service.install(&id, vm).await;
+    for (id, vm, task) in running {
+        service.install(&id, vm, task).await;
     }
     info!(sandboxes = count, "upgrade: took over");
     Ok(Taken {
@@ -711,19 +744,21 @@ async fn rebuild<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
     frame: wire::Frame<Msg>,
     ready: Option<Adoption>,
-) -> Result<(String, Box<dyn AdoptedVm>), UpgradeError> {
+) -> Result<(String, Box<dyn AdoptedVm>, Option<TaskCut>), UpgradeError> {
     let Msg::Sandbox {
         id,
         agent_port,
         vm_files,
         vsock,
         nics,
+        task,
         ..
     } = frame.message
     else {
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
     };
-    let want = vm_files + usize::from(vsock) + nics.len();
+    let task_fds = task.as_ref().map_or(0, TaskState::fd_count);
+    let want = vm_files + usize::from(vsock) + nics.len() + task_fds;
     if frame.fds.len() != want {
         return Err(UpgradeError::Protocol(format!(
             "sandbox {id}: {} descriptors, {want} expected",
@@ -739,7 +774,10 @@ async fn rebuild<B: VmBackend>(
     } else {
         None
     };
+    let nics_count = nics.len();
     let nets = fds
+        .by_ref()
+        .take(nics_count)
         .zip(nics)
         .map(|(fd, nic)| {
             let config = devices::virtio::net::NetConfig {
@@ -753,6 +791,13 @@ async fn rebuild<B: VmBackend>(
         vsock: vsock_listener,
         nets,
     });
+    let task = match task {
+        Some(state) => Some(
+            TaskCut::from_parts(state, fds.collect())
+                .map_err(|e| UpgradeError::Protocol(format!("sandbox {id}: {e}")))?,
+        ),
+        None => None,
+    };
     let Some(ready) = ready else {
         return Err(UpgradeError::Protocol(format!(
             "sandbox {id} was not prepared"
@@ -767,5 +812,5 @@ async fn rebuild<B: VmBackend>(
         .adopt(&id, handover, ready)
         .await
         .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
-    Ok((id, vm))
+    Ok((id, vm, task))
 }
