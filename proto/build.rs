@@ -57,6 +57,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 #[cfg(feature = "ttrpc")]
 const TTRPC_FILES: &[&str] = &[
     "sandboxer/agent/v1/control.proto",
+    "sandboxer/agent/v1/stream_resume.proto",
     "containerd/services/streaming/v1/streaming.proto",
     "containerd/types/transfer/stream_data.proto",
 ];

@@ -15,13 +15,15 @@
 //!
 //! - [`agent`] (feature `ttrpc`): the agent's own ttrpc `Control` service
 //!   (`sandboxer.agent.v1`) and containerd's `Streaming` service (stdio streams),
-//!   rust-protobuf messages with async servers and clients.
+//!   rust-protobuf messages with async servers and clients; [`stream`]: the constants both
+//!   ends of a stdio stream agree on (window, message size, type URLs of the resume messages).
 //!
 //! The gRPC sets (feature `grpc`, the default) have tonic servers and clients; each message implements `prost::Name`, so
 //! `prost_types::Any::from_msg` gives it its full type URL.
 #![forbid(unsafe_code)]
 
 pub mod id;
+pub mod stream;
 
 /// The containerd 2.x sandbox API.
 #[cfg(feature = "grpc")]
@@ -171,6 +173,11 @@ pub mod agent {
     /// `containerd.types.transfer`: `Data` and `WindowUpdate`, carried in a stream.
     pub mod stream_data {
         include!(concat!(env!("OUT_DIR"), "/agent/stream_data.rs"));
+    }
+    /// `sandboxer.agent.v1`: `StreamResume` and `StreamResumed`, resuming a stream on a new
+    /// connection (see [`crate::stream`]).
+    pub mod stream_resume {
+        include!(concat!(env!("OUT_DIR"), "/agent/stream_resume.rs"));
     }
 }
 
