@@ -16,40 +16,60 @@
 //! later than the call). The ttrpc handler of a stream stays alive until the taker drops the
 //! [`StreamConn`]; returning from it ends the stream for the engine (end of file).
 //! [`copy_output`] and [`copy_input`] move bytes between a stream and a pipe or pty.
+//!
+//! A taken stream outlives its connection: when the sandboxer hands its stdio bridges to a new
+//! process (a live upgrade), the old connections die and the new process opens a `Stream`
+//! whose first message is a `StreamResume{id, received}` (type URL
+//! [`proto::stream::STREAM_RESUME_TYPE`]; the contract is in `stream_resume.proto`). The
+//! registry hands it to the copy of that id, which answers `StreamResumed` and goes on on the
+//! new connection: a copy whose connection failed keeps the process's pipe and waits up to
+//! [`RESUME_WAIT`] for that; output retains the last window it sent to send it again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use proto::agent::stream_data::{Data, WindowUpdate};
+use proto::agent::stream_resume::StreamResume;
 use proto::agent::streaming::StreamInit;
 use proto::agent::streaming_ttrpc::{Streaming, create_streaming};
 use proto::protobuf::Message;
 use proto::protobuf::well_known_types::any::Any;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{Notify, oneshot};
+use proto::stream::STREAM_RESUME_TYPE;
+use tokio::sync::{Notify, mpsc, oneshot};
 use ttrpc::asynchronous::{SSReceiver, SSSender, ServerStream, Service, TtrpcContext};
+
+mod copy;
+
+pub use copy::{copy_input, copy_output};
 
 /// Service name of the stream service.
 pub const STREAMING: &str = "containerd.services.streaming.v1.Streaming";
 /// Type URL of [`StreamInit`].
 pub const STREAM_INIT_TYPE: &str = "containerd.services.streaming.v1.StreamInit";
-/// Type URL of [`Data`].
+/// Type URL of [`Data`](proto::agent::stream_data::Data).
 pub const DATA_TYPE: &str = "containerd.types.transfer.Data";
-/// Type URL of [`WindowUpdate`].
+/// Type URL of [`WindowUpdate`](proto::agent::stream_data::WindowUpdate).
 pub const WINDOW_UPDATE_TYPE: &str = "containerd.types.transfer.WindowUpdate";
 /// Type URL of the answer to `StreamInit`.
 pub const EMPTY_TYPE: &str = "google.protobuf.Empty";
 /// Most bytes in one `Data` message (containerd uses the same).
-pub const MAX_DATA: usize = 32 * 1024;
-/// Bytes the agent grants a stdin sender at a time.
-pub const WINDOW: i32 = 64 * 1024;
+pub const MAX_DATA: usize = proto::stream::MAX_DATA;
+/// Bytes the agent grants a stdin sender at the start of a connection.
+pub const WINDOW: i32 = proto::stream::WINDOW;
 /// Longest stream id accepted.
 const MAX_ID_LEN: usize = 1024;
 /// How long a stream may wait for its `Create`/`Exec` before the agent ends it (an engine
 /// that gave up must not leave it behind for ever).
 pub const UNTAKEN_TTL: Duration = Duration::from_secs(120);
+/// How long a copy whose connection failed (or whose output has all been sent) keeps its pipe
+/// and waits for the host to resume the stream before it ends as if the host had gone.
+pub const RESUME_WAIT: Duration = Duration::from_secs(120);
+/// How long an input copy waits for the host's next message before it checks that the
+/// connection still lives (an empty `WindowUpdate`): a receive on a connection that died does
+/// not fail in ttrpc's server, only a send does.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Errors of the stream service.
 #[derive(Debug, thiserror::Error)]
@@ -80,13 +100,42 @@ pub enum StreamingError {
     /// The ttrpc stream failed.
     #[error("Stream transport failed: {0}")]
     Transport(String),
+    /// No copy of this stream id is running (it ended, or never was).
+    #[error("No stream {0:?} to resume")]
+    NotFound(String),
+    /// A resume of this stream is being handled already.
+    #[error("Stream {0:?} is being resumed already")]
+    ResumeBusy(String),
+    /// The host resumes output at an offset beyond what the agent sent.
+    #[error("Stream {id:?} cannot resume at byte {received}: only {sent} were sent")]
+    InvalidOffset {
+        /// The stream id.
+        id: String,
+        /// The offset the host asked for.
+        received: u64,
+        /// The bytes sent so far.
+        sent: u64,
+    },
+    /// The connection failed and the host did not resume the stream in time.
+    #[error("Stream {id:?} was not resumed within {wait:?} of its connection failing")]
+    NotResumed {
+        /// The stream id.
+        id: String,
+        /// How long the copy waited.
+        wait: Duration,
+    },
 }
 
 impl From<StreamingError> for ttrpc::Error {
     fn from(e: StreamingError) -> Self {
         let code = match e {
-            StreamingError::Duplicate(_) => ttrpc::Code::ALREADY_EXISTS,
-            StreamingError::Timeout { .. } => ttrpc::Code::DEADLINE_EXCEEDED,
+            StreamingError::Duplicate(_) | StreamingError::ResumeBusy(_) => {
+                ttrpc::Code::ALREADY_EXISTS
+            }
+            StreamingError::NotFound(_) => ttrpc::Code::NOT_FOUND,
+            StreamingError::Timeout { .. } | StreamingError::NotResumed { .. } => {
+                ttrpc::Code::DEADLINE_EXCEEDED
+            }
             StreamingError::Transport(_) => ttrpc::Code::UNAVAILABLE,
             _ => ttrpc::Code::INVALID_ARGUMENT,
         };
@@ -133,28 +182,119 @@ fn transport(e: &ttrpc::Error) -> StreamingError {
     StreamingError::Transport(e.to_string())
 }
 
+/// One connection of a stream: its two halves, and what keeps its ttrpc handler alive
+/// (dropping the link ends the stream on that connection).
+#[derive(Debug)]
+pub(crate) struct Link {
+    tx: SSSender<Any>,
+    rx: SSReceiver<Any>,
+    _done: oneshot::Sender<()>,
+}
+
+/// A host's request to go on with a stream on a new connection.
+#[derive(Debug)]
+pub(crate) struct ResumeRequest {
+    /// `StreamResume.received`.
+    received: u64,
+    /// The new connection; the copy answers `StreamResumed` on it.
+    link: Link,
+    /// Whether the copy took the stream over (`Err` goes to the host as the call's status).
+    verdict: oneshot::Sender<Result<(), StreamingError>>,
+}
+
+/// Taken streams that can be resumed: id -> (registration, where resume requests go).
+type Live = Arc<Mutex<HashMap<String, (u64, mpsc::Sender<ResumeRequest>)>>>;
+
+/// What lets a copy be resumed: its resume requests, for as long as it holds this.
+#[derive(Debug)]
+pub(crate) struct Resumable {
+    requests: mpsc::Receiver<ResumeRequest>,
+    /// How long a copy waits for a resume.
+    wait: Duration,
+    /// How often an idle input copy checks its connection.
+    probe: Duration,
+    /// Resumes that asked for output older than was retained.
+    gaps: Arc<AtomicU64>,
+    live: Live,
+    id: String,
+    registration: u64,
+}
+
+impl Drop for Resumable {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().expect("poisoned");
+        // A later registration of the same id is not ours to remove.
+        if live
+            .get(&self.id)
+            .is_some_and(|(r, _)| *r == self.registration)
+        {
+            live.remove(&self.id);
+        }
+    }
+}
+
 /// A stream taken from the registry. Dropping it ends the stream.
 #[derive(Debug)]
 pub struct StreamConn {
     /// The stream id.
     pub id: String,
-    tx: SSSender<Any>,
-    rx: SSReceiver<Any>,
-    /// Dropped with the conn: lets the ttrpc handler return.
-    _done: oneshot::Sender<()>,
+    link: Link,
+    /// `Some` once taken from a registry: the copy can then be resumed.
+    resume: Option<Resumable>,
 }
 
-/// Streams that arrived and wait for `Create`/`Exec`. Share it with `Arc`.
-#[derive(Debug, Default)]
+/// Streams that arrived and wait for `Create`/`Exec`, and taken streams a host may resume.
+/// Share it with `Arc`.
+#[derive(Debug)]
 pub struct StreamRegistry {
     streams: Mutex<HashMap<String, StreamConn>>,
     arrived: Notify,
+    live: Live,
+    registrations: AtomicU64,
+    resume_wait: Duration,
+    probe: Duration,
+    gaps: Arc<AtomicU64>,
+}
+
+impl Default for StreamRegistry {
+    fn default() -> Self {
+        Self {
+            streams: Mutex::default(),
+            arrived: Notify::new(),
+            live: Live::default(),
+            registrations: AtomicU64::new(0),
+            resume_wait: RESUME_WAIT,
+            probe: PROBE_INTERVAL,
+            gaps: Arc::default(),
+        }
+    }
 }
 
 impl StreamRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Copies of streams taken from this registry wait up to `wait` for a resume (default
+    /// [`RESUME_WAIT`]).
+    #[must_use]
+    pub fn with_resume_wait(mut self, wait: Duration) -> Self {
+        self.resume_wait = wait;
+        self
+    }
+
+    /// Idle input copies of streams taken from this registry check their connection every
+    /// `probe` (default [`PROBE_INTERVAL`]).
+    #[must_use]
+    pub fn with_probe_interval(mut self, probe: Duration) -> Self {
+        self.probe = probe;
+        self
+    }
+
+    /// How many resumes asked for output older than the agent retained (bytes were lost).
+    pub fn gaps(&self) -> u64 {
+        self.gaps.load(Ordering::Relaxed)
     }
 
     fn register(&self, conn: StreamConn) -> Result<(), StreamingError> {
@@ -169,7 +309,43 @@ impl StreamRegistry {
         Ok(())
     }
 
-    /// Takes the stream `id`, waiting up to `timeout` for it to arrive.
+    /// Makes the stream `id` resumable until the returned value is dropped.
+    fn resumable(&self, id: &str) -> Resumable {
+        // One pending request at a time: a host cannot queue connections here.
+        let (tx, requests) = mpsc::channel(1);
+        let registration = self.registrations.fetch_add(1, Ordering::Relaxed);
+        self.live
+            .lock()
+            .expect("poisoned")
+            .insert(id.to_owned(), (registration, tx));
+        Resumable {
+            requests,
+            wait: self.resume_wait,
+            probe: self.probe,
+            gaps: Arc::clone(&self.gaps),
+            live: Arc::clone(&self.live),
+            id: id.to_owned(),
+            registration,
+        }
+    }
+
+    /// Hands a resume request to the copy of stream `id`.
+    fn resume(&self, id: &str, request: ResumeRequest) -> Result<(), StreamingError> {
+        let tx = self
+            .live
+            .lock()
+            .expect("poisoned")
+            .get(id)
+            .map(|(_, tx)| tx.clone())
+            .ok_or_else(|| StreamingError::NotFound(id.to_owned()))?;
+        tx.try_send(request).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => StreamingError::ResumeBusy(id.to_owned()),
+            mpsc::error::TrySendError::Closed(_) => StreamingError::NotFound(id.to_owned()),
+        })
+    }
+
+    /// Takes the stream `id`, waiting up to `timeout` for it to arrive. From then on, until
+    /// the returned conn is dropped, the host may resume the stream on a new connection.
     pub async fn take(&self, id: &str, timeout: Duration) -> Result<StreamConn, StreamingError> {
         let wait = async {
             loop {
@@ -182,12 +358,15 @@ impl StreamRegistry {
                 arrived.await;
             }
         };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| StreamingError::Timeout {
-                id: id.to_owned(),
-                timeout,
-            })
+        let mut conn =
+            tokio::time::timeout(timeout, wait)
+                .await
+                .map_err(|_| StreamingError::Timeout {
+                    id: id.to_owned(),
+                    timeout,
+                })?;
+        conn.resume = Some(self.resumable(id));
+        Ok(conn)
     }
 
     /// Ids of the streams waiting to be taken.
@@ -250,14 +429,23 @@ impl StreamingService {
                 break msg;
             }
         };
-        if type_name(&first.type_url) != STREAM_INIT_TYPE {
-            return Err(StreamingError::NotInit(first.type_url));
+        match type_name(&first.type_url) {
+            STREAM_INIT_TYPE => self.init(&first, tx, rx).await,
+            STREAM_RESUME_TYPE => self.resume(&first, tx, rx).await,
+            _ => Err(StreamingError::NotInit(first.type_url)),
         }
+    }
+
+    /// A new stream: registered until `Create`/`Exec` takes it.
+    async fn init(
+        &self,
+        first: &Any,
+        tx: SSSender<Any>,
+        rx: SSReceiver<Any>,
+    ) -> Result<(), StreamingError> {
         let init = StreamInit::parse_from_bytes(&first.value)
             .map_err(|e| StreamingError::Decode("StreamInit", e))?;
-        if init.id.is_empty() || init.id.len() > MAX_ID_LEN {
-            return Err(StreamingError::InvalidId(init.id));
-        }
+        check_id(&init.id)?;
         let (done_tx, done_rx) = oneshot::channel();
         let ack = pack(
             EMPTY_TYPE,
@@ -267,9 +455,12 @@ impl StreamingService {
         // may send the call that names the stream.
         self.registry.register(StreamConn {
             id: init.id.clone(),
-            tx: tx.clone(),
-            rx,
-            _done: done_tx,
+            link: Link {
+                tx: tx.clone(),
+                rx,
+                _done: done_tx,
+            },
+            resume: None,
         })?;
         if let Err(e) = tx.send(&ack).await {
             self.registry.discard(&init.id);
@@ -289,6 +480,47 @@ impl StreamingService {
         log::debug!("Stream {:?} done", init.id);
         Ok(())
     }
+
+    /// A taken stream going on on this connection: handed to its copy, which answers.
+    async fn resume(
+        &self,
+        first: &Any,
+        tx: SSSender<Any>,
+        rx: SSReceiver<Any>,
+    ) -> Result<(), StreamingError> {
+        let resume = StreamResume::parse_from_bytes(&first.value)
+            .map_err(|e| StreamingError::Decode("StreamResume", e))?;
+        check_id(&resume.id)?;
+        let (done_tx, done_rx) = oneshot::channel();
+        let (verdict_tx, verdict_rx) = oneshot::channel();
+        self.registry.resume(
+            &resume.id,
+            ResumeRequest {
+                received: resume.received,
+                link: Link {
+                    tx,
+                    rx,
+                    _done: done_tx,
+                },
+                verdict: verdict_tx,
+            },
+        )?;
+        verdict_rx
+            .await
+            .map_err(|_| StreamingError::NotFound(resume.id.clone()))??;
+        log::info!("Stream {:?} resumed", resume.id);
+        // Until the copy drops this connection.
+        let _ = done_rx.await;
+        log::debug!("Stream {:?} done", resume.id);
+        Ok(())
+    }
+}
+
+fn check_id(id: &str) -> Result<(), StreamingError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN {
+        return Err(StreamingError::InvalidId(id.to_owned()));
+    }
+    Ok(())
 }
 
 #[async_trait]
@@ -310,120 +542,10 @@ pub fn services(registry: Arc<StreamRegistry>) -> HashMap<String, Service> {
     create_streaming(Arc::new(StreamingService::new(registry)))
 }
 
-/// Copies `reader` (a process's stdout/stderr pipe or pty) into the stream as `Data`, within
-/// the windows the engine grants, until end of file; then ends the stream. A pty's `EIO` (no
-/// process has it open any more) counts as end of file. Returns the bytes sent.
-pub async fn copy_output<R: AsyncRead + Unpin>(
-    conn: StreamConn,
-    mut reader: R,
-) -> Result<u64, StreamingError> {
-    let StreamConn { id, tx, mut rx, .. } = conn;
-    let mut window: i64 = 0;
-    let mut peer_open = true;
-    let mut sent: u64 = 0;
-    let mut buf = vec![0u8; MAX_DATA];
-    loop {
-        tokio::select! {
-            msg = rx.recv(), if peer_open => match msg {
-                Ok(Some(any)) if type_name(&any.type_url) == WINDOW_UPDATE_TYPE => {
-                    let w = WindowUpdate::parse_from_bytes(&any.value)
-                        .map_err(|e| StreamingError::Decode("WindowUpdate", e))?;
-                    window = window.saturating_add(i64::from(w.update.max(0)));
-                }
-                Ok(Some(any)) => log::debug!("Stream {id:?}: ignoring a {:?}", any.type_url),
-                Ok(None) => peer_open = false,
-                Err(e) => {
-                    log::debug!("Stream {id:?}: {e}");
-                    peer_open = false;
-                }
-            },
-            n = reader.read(&mut buf), if window > 0 || !peer_open => {
-                let n = match n {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.raw_os_error() == Some(nix::libc::EIO) => break,
-                    Err(e) => return Err(StreamingError::Transport(format!("read: {e}"))),
-                };
-                if !peer_open && window <= 0 {
-                    // Nobody will grant more: drop the bytes so the process does not block.
-                    continue;
-                }
-                let chunk = buf.get(..n).unwrap_or_default();
-                let mut data = Data::new();
-                data.data = chunk.to_vec();
-                tx.send(&pack(DATA_TYPE, &data)?).await.map_err(|e| transport(&e))?;
-                let n64 = u64::try_from(n).unwrap_or(u64::MAX);
-                window = window.saturating_sub(i64::try_from(n).unwrap_or(i64::MAX));
-                sent = sent.saturating_add(n64);
-            }
-        }
-        // Never read more than the window allows (with no window left, reads only drain).
-        let cap = if window <= 0 {
-            MAX_DATA
-        } else {
-            usize::try_from(window).map_or(MAX_DATA, |w| w.min(MAX_DATA))
-        };
-        buf.resize(cap, 0);
-    }
-    log::debug!("Stream {id:?}: output ended after {sent} bytes");
-    Ok(sent)
-}
-
-/// Copies `Data` from the stream into `writer` (a process's stdin pipe or pty), granting
-/// [`WINDOW`] bytes at a time, until the engine closes its side, `close` fires (`CloseIO`) or
-/// the process stops reading; then drops `writer` (end of file for the process, or for a pty
-/// just the end of input). Returns the bytes written.
-pub async fn copy_input<W: AsyncWrite + Unpin>(
-    conn: StreamConn,
-    mut writer: W,
-    close: oneshot::Receiver<()>,
-) -> Result<u64, StreamingError> {
-    let StreamConn { id, tx, mut rx, .. } = conn;
-    let mut update = WindowUpdate::new();
-    update.update = WINDOW;
-    let grant = pack(WINDOW_UPDATE_TYPE, &update)?;
-    tx.send(&grant).await.map_err(|e| transport(&e))?;
-    let mut granted: i64 = i64::from(WINDOW);
-    let mut written: u64 = 0;
-    tokio::pin!(close);
-    loop {
-        let msg = tokio::select! {
-            _ = &mut close => break,
-            msg = rx.recv() => msg,
-        };
-        let any = match msg {
-            Ok(Some(any)) => any,
-            Ok(None) => break,
-            Err(e) => {
-                log::debug!("Stream {id:?}: {e}");
-                break;
-            }
-        };
-        if type_name(&any.type_url) != DATA_TYPE {
-            log::debug!("Stream {id:?}: ignoring a {:?}", any.type_url);
-            continue;
-        }
-        let data =
-            Data::parse_from_bytes(&any.value).map_err(|e| StreamingError::Decode("Data", e))?;
-        if let Err(e) = writer.write_all(&data.data).await {
-            log::debug!("Stream {id:?}: the process stopped reading stdin: {e}");
-            break;
-        }
-        let n = i64::try_from(data.data.len()).unwrap_or(i64::MAX);
-        written = written.saturating_add(u64::try_from(n).unwrap_or(0));
-        granted = granted.saturating_sub(n);
-        if granted < i64::from(WINDOW) / 2 {
-            tx.send(&grant).await.map_err(|e| transport(&e))?;
-            granted = granted.saturating_add(i64::from(WINDOW));
-        }
-    }
-    let _ = writer.shutdown().await;
-    log::debug!("Stream {id:?}: input ended after {written} bytes");
-    Ok(written)
-}
-
 #[cfg(test)]
 mod tests {
+    use proto::agent::stream_data::Data;
+
     use super::*;
 
     #[test]
@@ -509,13 +631,13 @@ mod tests {
         // The taken one carries data both ways until its conn is dropped.
         let mut d = Data::new();
         d.data = b"x".to_vec();
-        let (tx, mut rx) = (conn.tx.clone(), conn.rx);
+        let Link { tx, mut rx, _done } = conn.link;
         kept.send(&pack(DATA_TYPE, &d).unwrap()).await.unwrap();
         let got = rx.recv().await.unwrap().unwrap();
         assert_eq!(Data::parse_from_bytes(&got.value).unwrap().data, b"x");
         tx.send(&pack(DATA_TYPE, &d).unwrap()).await.unwrap();
         assert_eq!(kept.recv().await.unwrap().type_url, DATA_TYPE);
-        drop((tx, rx, conn._done));
+        drop((tx, rx, _done));
         let end = tokio::time::timeout(Duration::from_secs(5), kept.recv())
             .await
             .expect("dropped stream ended");
