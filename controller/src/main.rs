@@ -286,10 +286,18 @@ fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = Config::load(args)?;
     init_logging(&config.log_level)?;
     raise_nofile();
-    // Before any other thread exists: every thread and helper program inherits it.
-    vmm::confine_process(config.vm.seccomp.into()).map_err(|e| {
-        anyhow::Error::new(e).context("cannot confine the daemon with its seccomp baseline")
-    })?;
+    // Before any other thread exists: every thread and helper program inherits it. The new
+    // process of a live upgrade runs under its predecessor's already: it adds its own only
+    // if that differs (filters cannot be removed; they would pile up upgrade after upgrade).
+    let inherited = args
+        .takeover
+        .as_ref()
+        .and_then(|_| std::env::var(vmm::BASELINE_ENV).ok());
+    let confined =
+        vmm::confine_process(config.vm.seccomp.into(), inherited.as_deref()).map_err(|e| {
+            anyhow::Error::new(e).context("cannot confine the daemon with its seccomp baseline")
+        })?;
+    tracing::debug!(?confined, "seccomp baseline");
     let host = vmm::Host::new();
     start_shell_pool(&host, &config);
     let runtime = controller::server::runtime("sandboxer")?;

@@ -308,6 +308,11 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
     );
     drop(c);
     let mut fds_after = Vec::new();
+    let first_filters = seccomp_filters(daemon.0);
+    assert!(
+        first_filters > 0,
+        "the daemon runs without its seccomp baseline"
+    );
     // containerd's way of holding a sandbox's Task API: one ttrpc connection for the pod's
     // life. It must go on across the upgrades (containerd takes one that ends for a dead shim).
     let task_sock = s
@@ -377,6 +382,12 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
         }
         assert!(!s.state().join(controller::upgrade::SOCKET).exists());
         fds_after.push(new.settled_fds());
+        // The new process runs under its predecessor's seccomp baseline and adds none.
+        assert_eq!(
+            seccomp_filters(new.0),
+            first_filters,
+            "round {round}: filters pile up"
+        );
         daemon = new;
     }
     // The second new process holds what the first did: nothing leaks per upgrade.
@@ -425,6 +436,15 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
         assert!(!net.has_ingress());
     }
     drop(daemon);
+}
+
+/// How many seccomp filters confine process `pid` (`Seccomp_filters` of its status).
+fn seccomp_filters(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Seccomp_filters:"))
+        .map_or(0, |v| v.trim().parse().unwrap())
 }
 
 /// Task.State on `task` (the test guest's agent answers any call with an empty OK).

@@ -41,7 +41,9 @@ pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendConfig};
 pub use host::Host;
 pub use kvm::KvmError;
-pub use seccomp::{SeccompError, SeccompPolicy, confine_process};
+pub use seccomp::{
+    BASELINE_ENV, Confined, SeccompError, SeccompPolicy, confine_process, process_baseline,
+};
 pub use snapshot::{SnapshotError, VmSnapshot};
 pub use timings::StartupTimings;
 pub use vm::{Vm, VmEnd};

@@ -394,6 +394,26 @@ const PROCESS_DENIED: &[i64] = &[
     libc::SYS_fanotify_init,
 ];
 
+/// The environment variable through which a daemon handing over to a new process (a live
+/// upgrade) names the baseline it runs under ([`process_baseline`]): the new process, which
+/// inherits that filter, adds its own only if it differs ([`confine_process`]).
+pub const BASELINE_ENV: &str = "SANDBOXER_SECCOMP_BASELINE";
+
+/// The fingerprint of the baseline this process runs under, once [`confine_process`] ran.
+static BASELINE: OnceLock<Option<String>> = OnceLock::new();
+
+/// How [`confine_process`] confined the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Confined {
+    /// The baseline was installed.
+    Installed,
+    /// The process runs under the same baseline already (inherited from the daemon that
+    /// started it): none was added, so filters do not pile up upgrade after upgrade.
+    Inherited,
+    /// [`SeccompPolicy::Off`]: none.
+    Off,
+}
+
 /// Confines the whole process, as the daemon's first act: every thread it has (all threads,
 /// `SECCOMP_FILTER_FLAG_TSYNC`), every thread it will create (the runtime's workers, the API,
 /// each VM's threads, which add their own lists on top) and every program it runs (filters are
@@ -402,12 +422,59 @@ const PROCESS_DENIED: &[i64] = &[
 /// ([`SeccompPolicy::Log`]). The daemon's own threads do everything else a root daemon does
 /// (files, netlink, namespaces, mounts by its helper programs), so theirs is a list of what is
 /// denied, not of what is allowed.
-pub fn confine_process(policy: SeccompPolicy) -> Result<(), SeccompError> {
-    match deny_list(PROCESS_DENIED, policy)? {
-        Some(program) => seccompiler::apply_filter_all_threads(&program)
-            .map_err(|e| SeccompError::Install(e.to_string())),
-        None => Ok(()),
+///
+/// `inherited` is the fingerprint the process that started this one said it runs under
+/// ([`BASELINE_ENV`]): when it is this very baseline and the process is under a filter, the
+/// inherited filter is the baseline and none is added.
+pub fn confine_process(
+    policy: SeccompPolicy,
+    inherited: Option<&str>,
+) -> Result<Confined, SeccompError> {
+    let Some(program) = deny_list(PROCESS_DENIED, policy)? else {
+        let _ = BASELINE.set(None);
+        return Ok(Confined::Off);
+    };
+    let print = fingerprint(&program);
+    if inherited == Some(print.as_str()) && under_filter() {
+        let _ = BASELINE.set(Some(print));
+        return Ok(Confined::Inherited);
     }
+    seccompiler::apply_filter_all_threads(&program)
+        .map_err(|e| SeccompError::Install(e.to_string()))?;
+    let _ = BASELINE.set(Some(print));
+    Ok(Confined::Installed)
+}
+
+/// The fingerprint of the baseline the process runs under ([`confine_process`]), for the
+/// process a live upgrade starts ([`BASELINE_ENV`]).
+pub fn process_baseline() -> Option<&'static str> {
+    BASELINE.get().and_then(|b| b.as_deref())
+}
+
+/// Whether a seccomp filter confines this thread (`Seccomp: 2`).
+fn under_filter() -> bool {
+    std::fs::read_to_string("/proc/thread-self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.strip_prefix("Seccomp:").is_some_and(|v| v.trim() == "2"))
+    })
+}
+
+/// FNV-1a of a program's instructions, and their count.
+fn fingerprint(program: &BpfProgram) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for insn in program {
+        let bytes = insn
+            .code
+            .to_le_bytes()
+            .into_iter()
+            .chain([insn.jt, insn.jf])
+            .chain(insn.k.to_le_bytes());
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    format!("{h:016x}-{}", program.len())
 }
 
 /// A filter that lets every call through but those of `denied`, which fail with `EPERM`
@@ -692,7 +759,10 @@ mod tests {
                 wait.recv().unwrap();
                 raw_errno(libc::SYS_init_module)
             });
-            confine_process(SeccompPolicy::Enforce).unwrap();
+            assert_eq!(
+                confine_process(SeccompPolicy::Enforce, None).unwrap(),
+                Confined::Installed
+            );
             go.send(()).unwrap();
             assert_eq!(older.join().unwrap(), libc::EPERM);
             // This thread, and one created after.
@@ -703,6 +773,39 @@ mod tests {
                 .join()
                 .unwrap();
             assert_eq!(later, [libc::EPERM; 5]);
+            // A process started under this very baseline adds none (an upgrade's new process).
+            let print = process_baseline().unwrap().to_owned();
+            let filters = || {
+                std::fs::read_to_string("/proc/self/status")
+                    .unwrap()
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("Seccomp_filters:")
+                            .map(|v| v.trim().to_owned())
+                    })
+            };
+            let before = filters();
+            let again = deny_list(PROCESS_DENIED, SeccompPolicy::Enforce)
+                .unwrap()
+                .unwrap();
+            assert_eq!(fingerprint(&again), print);
+            let mut other = again.clone();
+            other.pop();
+            assert_ne!(fingerprint(&other), print);
+            assert_eq!(
+                confine_process(SeccompPolicy::Enforce, Some(&print)).unwrap(),
+                Confined::Inherited
+            );
+            assert_eq!(filters(), before, "a filter added under the same baseline");
+            assert_eq!(
+                confine_process(SeccompPolicy::Enforce, Some("0-0")).unwrap(),
+                Confined::Installed
+            );
+            assert_ne!(
+                filters(),
+                before,
+                "another baseline's fingerprint adds ours"
+            );
             // What a daemon thread does is untouched: files, sockets of any family, processes.
             assert!(
                 std::fs::read_to_string("/proc/self/status")

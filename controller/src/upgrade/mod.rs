@@ -287,6 +287,10 @@ async fn give_over<B: VmBackend>(
         .args(&plan.args)
         .arg(TAKEOVER_FLAG)
         .arg(&plan.socket.0)
+        .env(
+            vmm::BASELINE_ENV,
+            vmm::process_baseline().unwrap_or_default(),
+        )
         .stdin(std::process::Stdio::null())
         .kill_on_drop(false)
         .spawn()
