@@ -334,6 +334,7 @@ pub(super) fn clone_config(
         devices,
         paused: shell.is_some(),
         shell,
+        disks: Vec::new(),
     }
 }
 

@@ -752,6 +752,7 @@ async fn rebuild<B: VmBackend>(
     snapshot.set_files(vmm::HandoverFiles {
         vsock: vsock_listener,
         nets,
+        blocks: Vec::new(),
     });
     let Some(ready) = ready else {
         return Err(UpgradeError::Protocol(format!(
