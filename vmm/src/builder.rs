@@ -99,6 +99,11 @@ pub struct CloneConfig {
     pub paused: bool,
     /// The VM built ahead for this restore ([`PreparedShell`]), if any.
     pub shell: Option<PreparedShell>,
+    /// For a VM rebuilt after a handover: the disks its block slots held, in slot order
+    /// ([`crate::HandoverFiles::blocks`]). Each goes back into its slot without a
+    /// configuration change for the guest; the restore fails unless every slot then holds
+    /// what it held when the VM was saved, with a file of the same size. Empty for a clone.
+    pub disks: Vec<Option<crate::BlockFile>>,
 }
 
 /// A VM built ahead for a live handover's restore: a KVM VM on the guest memory the old VM
@@ -308,9 +313,13 @@ impl Vm {
         // Virtio devices first: the kernel command line names them.
         let mut mmio = Bus::default();
         let paused = matches!(&source, Source::Clone(_, cfg) if cfg.paused);
-        let (device_configs, console_cfg) = match &mut source {
-            Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
-            Source::Clone(_, cfg) => (take(&mut cfg.devices), take(&mut cfg.console)),
+        let (device_configs, console_cfg, disks) = match &mut source {
+            Source::Boot(cfg) => (take(&mut cfg.devices), take(&mut cfg.console), Vec::new()),
+            Source::Clone(_, cfg) => (
+                take(&mut cfg.devices),
+                take(&mut cfg.console),
+                take(&mut cfg.disks),
+            ),
         };
         let mut device_manager =
             DeviceManager::new(&vm_fd, &ram.mem, &mut mmio, &mut event_manager)
@@ -324,7 +333,15 @@ impl Vm {
                 }
                 .into());
             }
-            device_manager = device_manager.restoring(&snap.devices);
+            // A handed-over VM's slots must show its guest what they showed it (a template's
+            // clones get their own disks later, with a configuration change).
+            let saved_disks = match snap.kind {
+                SavedMemory::Template => None,
+                SavedMemory::Own | SavedMemory::Clone { .. } => Some(snap.disks.as_slice()),
+            };
+            device_manager = device_manager
+                .restoring(&snap.devices)
+                .restoring_disks(disks, saved_disks);
         }
         device_manager.add_all(device_configs)?;
         if let Source::Clone(snap, _) = &source {

@@ -240,6 +240,14 @@ impl VmmControl {
             }
             VmmAction::Snapshot => self.snapshot().map(|s| VmmData::Snapshot(Box::new(s))),
             VmmAction::Handover => {
+                // No block request is in flight once the vCPUs are paused (`save`): block I/O
+                // is synchronous, each request executed from pop to used element inside one
+                // `VirtioBlock::process_queue` call, on this thread (a slot with a disk) or on
+                // the notifying vCPU thread (an empty slot, under the device's lock; it is out
+                // of it once paused), and this request runs between two of those calls.
+                // Requests the guest made available but no one popped yet stay in the ring:
+                // the rebuilt slot's activation wakes its event-loop half, which serves them.
+                // So the disks' files, passed on here, hold every completed write.
                 let files = self
                     .devices
                     .handover_files()
@@ -326,6 +334,7 @@ impl VmmControl {
             vm,
             serial,
             devices: self.devices.states(),
+            disks: self.devices.disks(),
             vsock_stale: self.devices.vsock_connection_ports(),
             files: Default::default(),
         })

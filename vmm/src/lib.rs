@@ -39,6 +39,7 @@ pub use boot::BootError;
 pub use builder::{CloneConfig, CloneError, PreparedShell, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendConfig};
+pub use devices::virtio::block::{BlockFile, DiskInfo};
 pub use host::Host;
 pub use kvm::KvmError;
 pub use seccomp::{

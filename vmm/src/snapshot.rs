@@ -14,6 +14,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use devices::legacy::SerialState;
+use devices::virtio::block::DiskInfo;
 use devices::virtio::transport::MmioState;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -82,6 +83,9 @@ pub struct VmSnapshot {
     pub(crate) vm: VmState,
     pub(crate) serial: SerialState,
     pub(crate) devices: Vec<MmioState>,
+    /// What each block slot held, in slot order, as the guest saw it: a VM rebuilt after a
+    /// handover must hold the same ([`crate::CloneConfig::disks`]).
+    pub(crate) disks: Vec<Option<DiskInfo>>,
     /// The vsock connections (host port, guest port) open when a VM was handed over: the
     /// restored VM resets them in its guest. Empty for a template.
     pub(crate) vsock_stale: Vec<(u32, u32)>,
@@ -117,6 +121,11 @@ impl VmSnapshot {
         self.vcpus.len()
     }
 
+    /// What each block slot held when the VM was saved, in slot order (`None`: empty).
+    pub fn disks(&self) -> &[Option<DiskInfo>] {
+        &self.disks
+    }
+
     /// The virtio device types in MMIO slot order (a clone's devices must match them).
     pub fn device_types(&self) -> Vec<u32> {
         self.devices.iter().map(|d| d.device_type).collect()
@@ -142,8 +151,8 @@ impl VmSnapshot {
 
 /// The version of [`VmSnapshot::encode`]'s format. A process refuses a saved VM of another
 /// version ([`DecodeError::Version`]): a live handover between binaries that disagree fails
-/// before any VM moves.
-pub const FORMAT_VERSION: u32 = 1;
+/// before any VM moves. Version 2 added the block slots' disks.
+pub const FORMAT_VERSION: u32 = 2;
 /// Leads every encoded VM (`SBXVM` and a format byte).
 const MAGIC: [u8; 6] = *b"SBXVM\x01";
 
@@ -201,6 +210,7 @@ struct Record {
     #[serde(with = "SerialDef")]
     serial: SerialState,
     devices: Vec<MmioState>,
+    disks: Vec<Option<DiskInfo>>,
     vsock_stale: Vec<(u32, u32)>,
 }
 
@@ -222,6 +232,7 @@ impl VmSnapshot {
             vm: self.vm.clone(),
             serial: self.serial.clone(),
             devices: self.devices.clone(),
+            disks: self.disks.clone(),
             vsock_stale: self.vsock_stale.clone(),
         };
         let mut out = MAGIC.to_vec();
@@ -274,6 +285,7 @@ impl VmSnapshot {
             vm: record.vm,
             serial: record.serial,
             devices: record.devices,
+            disks: record.disks,
             vsock_stale: record.vsock_stale,
             files: HandoverFiles::default(),
         })
@@ -285,7 +297,7 @@ impl VmSnapshot {
     }
 
     /// Takes the host files of a handed-over VM's devices (the hybrid vsock listener, the
-    /// network devices' files): they go to the new process beside [`VmSnapshot::encode`]'s
+    /// network devices' files, the block slots' disks): they go to the new process beside [`VmSnapshot::encode`]'s
     /// files, and come back in its devices' configuration.
     pub fn take_files(&mut self) -> HandoverFiles {
         std::mem::take(&mut self.files)

@@ -3,7 +3,9 @@
 //! its state goes through the encoded form another process would receive (with its files
 //! duplicated, as `SCM_RIGHTS` would), and a new VM rebuilt on the same memory goes on where
 //! the old one stopped. The agent-mode test guest's counter (`agent.counter_port`) shows the
-//! guest never restarted: its numbers go on increasing across the handover.
+//! guest never restarted: its numbers go on increasing across the handover. The block-watch
+//! test guest (`virtio.blk_watch=1`) shows a disk attached at run time goes over with the VM:
+//! it answers the host through the disk before and after, and never hears of a change.
 #![allow(
     clippy::unwrap_used,
     reason = "test code: a failed step fails the test"
@@ -17,12 +19,24 @@ mod common;
 
 use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{TIMEOUT, accept_within, agent_devices, call, clone_of, counts, read_all, template};
-use test_guests::{Guest, agent, require_kvm};
+use common::{
+    TIMEOUT, accept_within, agent_devices, call, clone_of, counts, read_all, template, wait_console,
+};
+use devices::virtio::block::{BlockConfig, BlockError};
+use test_guests::console::{
+    VIRTIO_BLK_CONFIG_CHANGE, VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE, VIRTIO_DONE, VIRTIO_FAIL,
+    VIRTIO_NO_FAILURES, virtio_blk_config_change, virtio_blk_mailbox_ack, virtio_blk_watching,
+};
+use test_guests::{Guest, agent, require_kvm, virtio};
 use vmm::snapshot::{DecodeError, SavedMemory};
-use vmm::{CloneConfig, Vm, VmConfig, VmExit, VmSnapshot};
+use vmm::{
+    BlockFile, CloneConfig, DeviceConfig, DeviceError, DiskInfo, Vm, VmConfig, VmError, VmExit,
+    VmSnapshot,
+};
 
 const COUNTER_PORT: u32 = 5005;
 
@@ -274,4 +288,311 @@ fn a_handed_over_vm_releases_its_host_ends_when_asked() {
     assert_eq!(stream.read(&mut buf).unwrap(), 0, "the host end is closed");
     drop(saved);
     assert_eq!(vm.stop().exit, VmExit::Stopped);
+}
+
+/// Sectors of the watched disk.
+const DISK_SECTORS: u64 = 2048;
+
+/// A fresh directory for this test's files.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vmm-handover-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A raw disk image of [`DISK_SECTORS`] sectors whose mailbox (sector 0) says `text`.
+fn mailbox_disk(dir: &Path, text: &[u8]) -> PathBuf {
+    let path = dir.join("disk.img");
+    let file = File::create(&path).unwrap();
+    file.set_len(DISK_SECTORS * 512).unwrap();
+    post(&path, text);
+    path
+}
+
+/// Writes `text` into the disk's mailbox (sector 0), as another host process would.
+fn post(image: &Path, text: &[u8]) {
+    let mut sector0 = [0u8; virtio::BLK_SECTOR0_TEXT_LEN];
+    sector0[..text.len()].copy_from_slice(text);
+    let file = File::options().write(true).open(image).unwrap();
+    file.write_all_at(&sector0, 0).unwrap();
+}
+
+/// Sector `n` of the disk image, read on the host.
+fn sector(image: &Path, n: u64) -> Vec<u8> {
+    let mut buf = vec![0u8; 512];
+    File::open(image)
+        .unwrap()
+        .read_exact_at(&mut buf, n * 512)
+        .unwrap();
+    buf
+}
+
+/// The block-watch guest's devices: one empty block slot.
+fn watch_devices() -> Vec<DeviceConfig> {
+    vec![DeviceConfig::Block(BlockConfig {
+        id: "slot-0".into(),
+        path: None,
+        read_only: false,
+    })]
+}
+
+/// Boots the block-watch guest on an empty slot and waits until it waits for its disk.
+fn watching(host: &vmm::Host) -> Vm {
+    let mut c = VmConfig::new(Guest::Virtio.elf());
+    c.mem_mib = 32;
+    c.cmdline = format!("{} {}", virtio::TEST_BLK, virtio::BLK_WATCH);
+    c.devices = watch_devices();
+    let vm = Vm::start(host, c).unwrap();
+    wait_console(&vm, VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE);
+    vm
+}
+
+/// Posts `text` and waits for the guest's answer, on its console and in the file.
+fn exchange(vm: &Vm, image: &Path, text: &[u8]) -> String {
+    post(image, text);
+    let console = wait_console(vm, &virtio_blk_mailbox_ack(text));
+    assert_eq!(
+        sector(image, virtio::BLK_ACK_SECTOR),
+        virtio::blk_ack(text),
+        "the answer to {text:?} is not in the file"
+    );
+    assert!(!console.contains(VIRTIO_FAIL), "{console}");
+    console
+}
+
+/// Second descriptors of the disks, as `SCM_RIGHTS` would give another process.
+fn dup_disks(blocks: &[Option<BlockFile>]) -> Vec<Option<BlockFile>> {
+    blocks
+        .iter()
+        .map(|b| {
+            b.as_ref().map(|b| BlockFile {
+                file: b.file.try_clone().unwrap(),
+                read_only: b.read_only,
+                sectors: b.sectors,
+            })
+        })
+        .collect()
+}
+
+/// An error and its sources, as the daemon prints them.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        text = format!("{text}: {e}");
+        source = e.source();
+    }
+    text
+}
+
+/// Waits for the block-watch guest's end after its disk was detached.
+fn finish(vm: &Vm) -> String {
+    let end = vm
+        .wait_timeout(TIMEOUT)
+        .expect("the guest ends after the detach");
+    let console = vm.console();
+    assert!(matches!(end.exit, VmExit::Reset(_)), "{end:?}: {console}");
+    for line in [
+        virtio_blk_config_change(0).as_str(),
+        VIRTIO_NO_FAILURES,
+        VIRTIO_DONE,
+    ] {
+        assert!(console.contains(line), "no {line:?} in {console}");
+    }
+    console
+}
+
+#[test]
+fn a_disk_attached_at_run_time_goes_over_with_the_vm_unseen_by_its_guest() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let dir = temp_dir("disk");
+    let image = mailbox_disk(&dir, b"mail-0");
+    let vm = watching(&host);
+    // As a container's disk comes: hot-plugged into the running guest's empty slot.
+    vm.attach_disk(0, &image, false).unwrap();
+    wait_console(&vm, &virtio_blk_watching(DISK_SECTORS));
+    exchange(&vm, &image, b"mail-0");
+    let pattern = sector(&image, virtio::BLK_PATTERN_SECTOR);
+    assert_eq!(pattern, virtio::blk_pattern()[..512]);
+    exchange(&vm, &image, b"mail-1");
+
+    let shell = prepared(&host, &vm);
+    let mut saved = vm.handover().unwrap();
+    let disk = DiskInfo {
+        read_only: false,
+        sectors: DISK_SECTORS,
+    };
+    assert_eq!(saved.disks(), [Some(disk)]);
+    let files = saved.take_files();
+    let [Some(block)] = files.blocks.as_slice() else {
+        panic!("one slot with its disk: {:?}", files.blocks);
+    };
+    assert_eq!((block.read_only, block.sectors), (false, DISK_SECTORS));
+    let received = pass_on(&saved);
+    assert_eq!(received.disks(), [Some(disk)]);
+    let new = Vm::restore(
+        &host,
+        &received,
+        CloneConfig {
+            devices: watch_devices(),
+            disks: dup_disks(&files.blocks),
+            paused: true,
+            shell: Some(shell),
+            ..CloneConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(vm.stop().exit, VmExit::Stopped);
+    drop((vm, saved, files));
+    new.resume().unwrap();
+
+    // The guest reads the pattern it wrote before the handover and what the host posts, and
+    // its answer lands in the file; it was told of no change.
+    exchange(&new, &image, b"mail-2");
+    let console = exchange(&new, &image, b"mail-3");
+    assert!(
+        !console.contains(VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE),
+        "a new boot: {console}"
+    );
+    assert_eq!(sector(&image, virtio::BLK_PATTERN_SECTOR), pattern);
+    // The slot is the new VM's: a detach reaches the guest (it then ends its watch).
+    new.detach_disk(0).unwrap();
+    let console = finish(&new);
+    // The detach was the one configuration change the guest heard of after the handover.
+    let changes: Vec<_> = console
+        .lines()
+        .filter(|l| l.starts_with(VIRTIO_BLK_CONFIG_CHANGE))
+        .collect();
+    assert_eq!(
+        changes,
+        [virtio_blk_config_change(0).trim_end()],
+        "{console}"
+    );
+    drop(new);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_restore_refuses_a_disk_that_is_not_the_one_its_guest_knew() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let dir = temp_dir("size");
+    let image = mailbox_disk(&dir, b"mail-0");
+    let vm = watching(&host);
+    vm.attach_disk(0, &image, false).unwrap();
+    exchange(&vm, &image, b"mail-0");
+    let mut saved = vm.handover().unwrap();
+    let files = saved.take_files();
+    let received = pass_on(&saved);
+    let restore = |disks: Vec<Option<BlockFile>>| {
+        let config = CloneConfig {
+            devices: watch_devices(),
+            disks,
+            paused: true,
+            ..CloneConfig::default()
+        };
+        Vm::restore(&host, &received, config).map(drop).unwrap_err()
+    };
+
+    // The file grew after the handover: the guest would see another capacity unannounced.
+    let file = File::options().write(true).open(&image).unwrap();
+    file.set_len(2 * DISK_SECTORS * 512).unwrap();
+    let err = restore(dup_disks(&files.blocks));
+    assert!(
+        matches!(
+            &err,
+            VmError::Device(DeviceError::RestoreDisk {
+                index: 0,
+                source: BlockError::CapacityChanged {
+                    recorded: DISK_SECTORS,
+                    found: 4096
+                }
+            })
+        ),
+        "{err:?}"
+    );
+    let text = chain(&err);
+    assert!(text.contains("block slot 0"), "{text}");
+    assert!(text.contains("4096 sectors"), "{text}");
+    file.set_len(DISK_SECTORS * 512).unwrap();
+    // Without its disk, or with one the guest did not see, the slot would change unannounced.
+    let err = restore(Vec::new());
+    assert!(
+        matches!(
+            &err,
+            VmError::Device(DeviceError::DiskMismatch {
+                index: 0,
+                saved: Some(_),
+                restored: None
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(
+        chain(&err).contains(
+            "held a disk of 2048 sectors when the VM was saved, rebuilt it would hold no disk"
+        ),
+        "{err:?}"
+    );
+    let mut read_only = dup_disks(&files.blocks);
+    read_only[0].as_mut().unwrap().read_only = true;
+    let err = restore(read_only);
+    assert!(
+        matches!(&err, VmError::Device(DeviceError::DiskMismatch { .. })),
+        "{err:?}"
+    );
+    // A disk for a slot the VM does not have.
+    let mut extra = dup_disks(&files.blocks);
+    extra.extend(dup_disks(&files.blocks));
+    let err = restore(extra);
+    assert!(
+        matches!(&err, VmError::Device(DeviceError::NoSuchSlot(1))),
+        "{err:?}"
+    );
+
+    // Nothing moved: the old VM goes on with its disk.
+    drop((saved, files, received));
+    vm.resume().unwrap();
+    exchange(&vm, &image, b"mail-1");
+    vm.detach_disk(0).unwrap();
+    finish(&vm);
+    drop(vm);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_disk_without_a_file_refuses_the_handover_and_the_vm_runs_on() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let vm = watching(&host);
+    // A backend that lives in this process only.
+    let disk = devices::test_utils::MemDisk::new(usize::try_from(DISK_SECTORS * 512).unwrap());
+    vm.request(vmm::VmmAction::AttachDisk {
+        index: 0,
+        disk: Box::new(disk),
+        read_only: false,
+    })
+    .unwrap();
+    wait_console(&vm, &virtio_blk_watching(DISK_SECTORS));
+    wait_console(&vm, "virtio: blk: readback ok\n");
+    let err = vm.handover().unwrap_err();
+    let chain = chain(&err);
+    assert!(
+        matches!(
+            err,
+            vmm::VmmActionError::Snapshot(vmm::SnapshotError::Files(_))
+        ),
+        "{err:?}"
+    );
+    assert!(
+        chain.contains("block slot 0 cannot be handed over"),
+        "{chain}"
+    );
+    // Refused before anything froze: the guest still runs and takes the detach.
+    vm.detach_disk(0).unwrap();
+    finish(&vm);
 }

@@ -5,16 +5,16 @@
 //! ([`VmBackend::adopt`](super::VmBackend::adopt)), and once the old process has let go, [`AdoptedVm::resume`] lets it
 //! run, connects to its agent again and sets the guest's clock.
 //!
-//! What a handover carries besides the VM's state: the agent's ttrpc port. The vsock
+//! What a handover carries besides the VM's state: the agent's ttrpc port, and the host files
+//! of its devices (the vsock socket, the TAP queues, the disks in its block slots). The vsock
 //! connections the old process had (its agent client) are reset in the guest; the agent
-//! keeps listening and its containers run on. Block slots must be empty: the disks of
-//! containers and the Task endpoint's state are not handed over yet, so a sandbox with
-//! containers is refused ([`BackendError::Handover`]) before anything moves.
+//! keeps listening and its containers run on. Each container disk goes back into its slot
+//! unseen by the guest, and the adopted handle knows those slots are taken, so a later
+//! detach frees them and an attach picks another.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use devices::sync::Recover;
 use devices::virtio::net::Tap;
 use tokio::sync::watch;
 
@@ -79,12 +79,6 @@ impl KvmHandle {
         if self.vm.ended().is_some() {
             return Err(BackendError::NotRunning);
         }
-        let used = self.slots.lock().recover().iter().filter(|u| **u).count();
-        if used > 0 {
-            return Err(BackendError::Handover(format!(
-                "{used} block slots hold container disks (containers cannot be handed over yet)"
-            )));
-        }
         let vm = Arc::clone(&self.vm);
         let snapshot = tokio::task::spawn_blocking(move || vm.handover())
             .await
@@ -130,8 +124,9 @@ impl KvmBackend {
         .map_err(|e| BackendError::Start(Box::new(e)))
     }
 
-    /// [`VmBackend::adopt`](super::VmBackend::adopt) for KVM VMs: the devices are the ones [`KvmBackend`] gives every
-    /// VM, on the old VM's host files (its vsock socket, its TAP queues).
+    /// [`VmBackend::adopt`](super::VmBackend::adopt) for KVM VMs: the devices are the ones
+    /// [`KvmBackend`] gives every VM, on the old VM's host files (its vsock socket, its TAP
+    /// queues, the disks in its block slots).
     pub(super) async fn adopt_vm(
         &self,
         spec: VmSpec,
@@ -151,9 +146,12 @@ impl KvmBackend {
                 backend: vmm::NetBackendConfig::Custom(Box::new(tap)),
             });
         }
+        // The slots that held disks hold them again, and stay taken.
+        let attached = files.blocks.iter().map(Option::is_some).collect();
         // Frozen until the old process lets go: on the VM built ahead, or on a new one.
         let mut config = clone_config(&spec, devices, handover.shell.take());
         config.paused = true;
+        config.disks = files.blocks;
         let host = self.host().clone();
         let snapshot = handover.snapshot;
         let vm = tokio::task::spawn_blocking(move || vmm::Vm::restore(&host, &snapshot, config))
@@ -166,6 +164,7 @@ impl KvmBackend {
             spec,
             end,
             agent_port: handover.agent_port,
+            attached,
         }))
     }
 }
@@ -177,6 +176,8 @@ struct KvmAdopted {
     spec: VmSpec,
     end: watch::Receiver<Option<VmEnd>>,
     agent_port: u32,
+    /// Which block slots hold a handed-over disk.
+    attached: Vec<bool>,
 }
 
 #[async_trait]
@@ -193,6 +194,7 @@ impl AdoptedVm for KvmAdopted {
             spec,
             end,
             agent_port,
+            attached,
         } = *self;
         if vm.ended().is_some() {
             return Err(BackendError::NotRunning);
@@ -234,6 +236,7 @@ impl AdoptedVm for KvmAdopted {
                 "cannot set a taken-over guest's clock"
             );
         }
-        handle(vm, spec, end, agent, agent_port, StartPhases::default()).await
+        let phases = StartPhases::default();
+        handle(vm, spec, end, agent, agent_port, phases, &attached).await
     }
 }

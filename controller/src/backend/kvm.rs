@@ -221,7 +221,7 @@ impl KvmBackend {
             Ok((client, port)) => (Ok(client), port),
             Err(e) => (Err(e), 0),
         };
-        handle(vm, spec, rx, agent, port, phases).await
+        handle(vm, spec, rx, agent, port, phases, &[]).await
     }
 
     /// Starts `spec`'s VM as a clone of `template` and sets its agent up: the agent was ready
@@ -284,12 +284,13 @@ impl KvmBackend {
         }
         let agent = agent::connect_and_setup(&vm, template.agent_port, &setup, &mut phases).await;
         let port = template.agent_port;
-        handle(vm, spec.clone(), rx, agent, port, phases).await
+        handle(vm, spec.clone(), rx, agent, port, phases, &[]).await
     }
 }
 
 /// The handle of a VM whose agent setup ended with `agent`; a VM whose agent failed is
-/// stopped (nothing of it may stay behind).
+/// stopped (nothing of it may stay behind). `attached` says which block slots hold a disk
+/// already (a VM taken over in a live upgrade); the others are free.
 pub(super) async fn handle(
     vm: Arc<vmm::Vm>,
     spec: VmSpec,
@@ -297,6 +298,7 @@ pub(super) async fn handle(
     agent: Result<ttrpc::asynchronous::Client, BackendError>,
     agent_port: u32,
     phases: StartPhases,
+    attached: &[bool],
 ) -> Result<Box<dyn VmHandle>, BackendError> {
     let agent = match agent {
         Ok(agent) => agent,
@@ -306,13 +308,16 @@ pub(super) async fn handle(
         }
     };
     let slots = usize::try_from(spec.blk_slots).unwrap_or(usize::MAX);
+    let slots = (0..slots)
+        .map(|i| attached.get(i).copied().unwrap_or(false))
+        .collect();
     Ok(Box::new(KvmHandle {
         vm,
         spec,
         end,
         agent,
         agent_port,
-        slots: Mutex::new(vec![false; slots]),
+        slots: Mutex::new(slots),
         phases,
     }))
 }
@@ -334,6 +339,7 @@ pub(super) fn clone_config(
         devices,
         paused: shell.is_some(),
         shell,
+        disks: Vec::new(),
     }
 }
 

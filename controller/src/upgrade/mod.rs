@@ -35,9 +35,9 @@
 //! The engine's ttrpc connections to each Task socket go over as they are, with the calls
 //! that only read or wait (Wait above all) left unanswered and asked again of the new process
 //! ([`crate::task::conn`]); calls that change something are waited for first
-//! ([`TASK_CALLS_TIMEOUT`]). What is not handed over yet: the containers' disks (a sandbox with
-//! containers refuses the upgrade), their FIFO stdio, and the Sandbox API's gRPC connections
-//! (they end with the old process; the engine connects again to the same path).
+//! ([`TASK_CALLS_TIMEOUT`]). The disks in the VMs' block slots go with them. What is not
+//! handed over yet: the Sandbox API's gRPC connections (they end with the old process; the
+//! engine connects again to the same path).
 
 pub mod wire;
 
@@ -148,13 +148,16 @@ enum Msg {
     Refused { reason: String },
     /// old -> new: one frozen sandbox. Blob: the encoded VM. Descriptors: `vm_files` of the
     /// VM ([`vmm::VmSnapshot::encode`]), then the vsock listener if `vsock`, then one per NIC,
-    /// then those of its Task endpoint's cut if `task` ([`TaskCut::into_parts`]).
+    /// then one per block slot that holds a disk (`disks`: every slot, in slot order), then
+    /// those of its Task endpoint's cut if `task` ([`TaskCut::into_parts`]).
     Sandbox {
         id: String,
         agent_port: u32,
         vm_files: usize,
         vsock: bool,
         nics: Vec<Nic>,
+        #[serde(default)]
+        disks: Vec<Option<Disk>>,
         frozen_at_ns: u64,
         task: Option<TaskState>,
     },
@@ -178,6 +181,43 @@ enum Msg {
 struct Nic {
     mac: [u8; 6],
     mtu: Option<u16>,
+}
+
+/// A block slot's disk as the guest knows it (its file is a descriptor of the frame).
+#[derive(Debug, Serialize, Deserialize)]
+struct Disk {
+    read_only: bool,
+    sectors: u64,
+}
+
+impl Disk {
+    fn of(file: &vmm::BlockFile) -> Self {
+        Disk {
+            read_only: file.read_only,
+            sectors: file.sectors,
+        }
+    }
+}
+
+/// The block slots' files of a `Sandbox` frame, in slot order: the next descriptor of `fds`
+/// for every slot of `disks` that holds a disk. `None` if `fds` runs out first.
+fn block_files(
+    fds: &mut impl Iterator<Item = OwnedFd>,
+    disks: Vec<Option<Disk>>,
+) -> Option<Vec<Option<vmm::BlockFile>>> {
+    disks
+        .into_iter()
+        .map(|disk| match disk {
+            None => Some(None),
+            Some(disk) => fds.next().map(|fd| {
+                Some(vmm::BlockFile {
+                    file: File::from(fd),
+                    read_only: disk.read_only,
+                    sectors: disk.sectors,
+                })
+            }),
+        })
+        .collect()
 }
 
 /// `CLOCK_MONOTONIC` in ns: one clock for both processes.
@@ -526,6 +566,12 @@ async fn send_sandbox(
         })
         .collect();
     fds.extend(files.nets.iter().map(|(f, _)| f.as_fd()));
+    let disks = files
+        .blocks
+        .iter()
+        .map(|b| b.as_ref().map(Disk::of))
+        .collect();
+    fds.extend(files.blocks.iter().flatten().map(|b| b.file.as_fd()));
     let (task, task_fds) = match task.map(TaskCut::into_parts) {
         Some((state, fds)) => (Some(state), fds),
         None => (None, Vec::new()),
@@ -537,6 +583,7 @@ async fn send_sandbox(
         vm_files: vm_count,
         vsock: files.vsock.is_some(),
         nics,
+        disks,
         frozen_at_ns,
         task,
     };
@@ -755,6 +802,7 @@ async fn rebuild<B: VmBackend>(
         vm_files,
         vsock,
         nics,
+        disks,
         task,
         ..
     } = frame.message
@@ -762,7 +810,11 @@ async fn rebuild<B: VmBackend>(
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
     };
     let task_fds = task.as_ref().map_or(0, TaskState::fd_count);
-    let want = vm_files + usize::from(vsock) + nics.len() + task_fds;
+    let want = vm_files
+        + usize::from(vsock)
+        + nics.len()
+        + disks.iter().flatten().count()
+        + task_fds;
     if frame.fds.len() != want {
         return Err(UpgradeError::Protocol(format!(
             "sandbox {id}: {} descriptors, {want} expected",
@@ -778,12 +830,10 @@ async fn rebuild<B: VmBackend>(
     } else {
         None
     };
-    let nics_count = nics.len();
-    let nets = fds
-        .by_ref()
-        .take(nics_count)
-        .zip(nics)
-        .map(|(fd, nic)| {
+    let nets = nics
+        .into_iter()
+        .zip(fds.by_ref())
+        .map(|(nic, fd)| {
             let config = devices::virtio::net::NetConfig {
                 mac: nic.mac,
                 mtu: nic.mtu,
@@ -791,9 +841,13 @@ async fn rebuild<B: VmBackend>(
             (File::from(fd), config)
         })
         .collect();
+    let blocks = block_files(&mut fds, disks).ok_or_else(|| {
+        UpgradeError::Protocol(format!("sandbox {id}: a disk without its descriptor"))
+    })?;
     snapshot.set_files(vmm::HandoverFiles {
         vsock: vsock_listener,
         nets,
+        blocks,
     });
     let task = match task {
         Some(state) => Some(
@@ -817,4 +871,70 @@ async fn rebuild<B: VmBackend>(
         .await
         .map_err(|e| UpgradeError::Sandbox(Box::new(e)))?;
     Ok((id, vm, task))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, Write};
+
+    use super::*;
+
+    /// A file holding `text`.
+    fn file(text: &str) -> File {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+        f
+    }
+
+    fn text(mut f: &File) -> String {
+        let mut s = String::new();
+        f.rewind().unwrap();
+        f.read_to_string(&mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn each_slot_gets_back_its_own_disk() {
+        // What the old process sends: slots 0 and 2 hold disks, 1 and 3 are empty.
+        let sent = [
+            Some(vmm::BlockFile {
+                file: file("slot 0"),
+                read_only: false,
+                sectors: 8,
+            }),
+            None,
+            Some(vmm::BlockFile {
+                file: file("slot 2"),
+                read_only: true,
+                sectors: 16,
+            }),
+            None,
+        ];
+        let disks: Vec<_> = sent.iter().map(|b| b.as_ref().map(Disk::of)).collect();
+        let wire = serde_json::to_string(&disks).unwrap();
+        let fds: Vec<OwnedFd> = sent
+            .iter()
+            .flatten()
+            .map(|b| OwnedFd::from(b.file.try_clone().unwrap()))
+            .collect();
+        let mut fds = fds.into_iter();
+        let got = block_files(&mut fds, serde_json::from_str(&wire).unwrap()).unwrap();
+        assert!(fds.next().is_none(), "every descriptor taken");
+        assert_eq!(got.len(), 4);
+        assert!(got[1].is_none() && got[3].is_none());
+        let (zero, two) = (got[0].as_ref().unwrap(), got[2].as_ref().unwrap());
+        assert_eq!(
+            (text(&zero.file).as_str(), zero.read_only, zero.sectors),
+            ("slot 0", false, 8)
+        );
+        assert_eq!(
+            (text(&two.file).as_str(), two.read_only, two.sectors),
+            ("slot 2", true, 16)
+        );
+
+        // A descriptor short: refused, not shifted onto another slot.
+        let mut one = std::iter::once(OwnedFd::from(file("only")));
+        let disks = serde_json::from_str(&wire).unwrap();
+        assert!(block_files(&mut one, disks).is_none());
+    }
 }

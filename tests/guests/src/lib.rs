@@ -128,6 +128,12 @@ pub mod virtio {
     pub const BLK_SWAP: &str = "virtio.blk_swap=1";
     /// Test every block device (`blk`, `blk1`, `blk2`, ...), not only the first.
     pub const BLK_ALL: &str = "virtio.blk_all=1";
+    /// After its steps (instead of [`BLK_SWAP`]), wait up to [`SWAP_TIMEOUT_SECS`] for a disk
+    /// in the first block device (capacity at least 10 sectors), write, flush and read back
+    /// the pattern, then every 10 ms read sector 0 (the host's mailbox): when its text changes,
+    /// read the pattern back again and answer [`blk_ack`] at [`BLK_ACK_SECTOR`] (flushed).
+    /// Ends once the disk is detached (capacity 0), or fails after about 2 minutes of polls.
+    pub const BLK_WATCH: &str = "virtio.blk_watch=1";
 
     /// Bound on one request (and on each vsock step).
     pub const REQUEST_TIMEOUT_SECS: u64 = 5;
@@ -143,6 +149,8 @@ pub mod virtio {
     pub const BLK_PATTERN_LEN: usize = 4096;
     /// Bytes of sector 0 the block test shows (see [`sector0_text`]).
     pub const BLK_SECTOR0_TEXT_LEN: usize = 16;
+    /// Sector where [`BLK_WATCH`] answers the mailbox.
+    pub const BLK_ACK_SECTOR: u64 = 9;
     /// Frame lengths the network test sends and expects back (Ethernet header included, after
     /// the 12-byte `virtio_net_hdr_v1`), in this order.
     pub const NET_FRAME_LENS: [usize; 3] = [60, 1000, 1514];
@@ -165,6 +173,15 @@ pub mod virtio {
         (0..BLK_PATTERN_LEN / 8)
             .flat_map(|i| (0x7669_7274_696f_0000u64 | i as u64).to_le_bytes())
             .collect()
+    }
+
+    /// The sector [`BLK_WATCH`] writes at [`BLK_ACK_SECTOR`] for mailbox text `text` (at most
+    /// [`BLK_SECTOR0_TEXT_LEN`] bytes, no NUL).
+    pub fn blk_ack(text: &[u8]) -> Vec<u8> {
+        let mut sector = vec![0u8; 512];
+        sector[..4].copy_from_slice(b"ack ");
+        sector[4..4 + text.len()].copy_from_slice(text);
+        sector
     }
 
     /// How the guest shows sector 0: the first [`BLK_SECTOR0_TEXT_LEN`] bytes up to the first
@@ -374,6 +391,25 @@ pub mod console {
     /// `virtio` with `virtio.blk_swap=1`: swap the slot's backing now.
     pub const VIRTIO_BLK_WAITING_FOR_CONFIG_CHANGE: &str =
         "virtio: blk: waiting for config change\n";
+    /// `virtio` with `virtio.blk_watch=1`: a disk came; the write, flush and readback follow.
+    pub fn virtio_blk_watching(sectors: u64) -> String {
+        format!("virtio: blk: watching capacity {sectors}\n")
+    }
+    /// `virtio` with `virtio.blk_watch=1`: the mailbox text changed and was answered.
+    pub fn virtio_blk_mailbox_ack(text: &[u8]) -> String {
+        format!(
+            "virtio: blk: mailbox {} ack\n",
+            crate::virtio::sector0_text(text)
+        )
+    }
+    /// `virtio` with `virtio.blk_watch=1`: a configuration-change interrupt came while
+    /// watching (capacity 0 ends the watch).
+    pub fn virtio_blk_config_change(sectors: u64) -> String {
+        format!("virtio: blk: config change capacity {sectors}\n")
+    }
+    /// `virtio` with `virtio.blk_watch=1`: present in every line the watch prints about a
+    /// configuration change.
+    pub const VIRTIO_BLK_CONFIG_CHANGE: &str = "virtio: blk: config change ";
     /// `virtio`: the network device has link (`VIRTIO_NET_F_STATUS`).
     pub const VIRTIO_NET_LINK_UP: &str = "virtio: net: link up\n";
     /// `virtio`: the three frames came back unchanged.
@@ -789,6 +825,7 @@ mod tests {
             virtio::TEST_VSOCK,
             virtio::TEST_ALL,
             virtio::BLK_SWAP,
+            virtio::BLK_WATCH,
             virtio::BLK_ALL,
         ];
         for key in keys {
@@ -804,6 +841,11 @@ mod tests {
                 .trim_start_matches("virtio: blk")
                 .trim_end(),
             ": swapped capacity ",
+            ": watching capacity ",
+            ": config change capacity ",
+            ": mailbox ",
+            " ack\n",
+            "ack ",
             ": write skipped (read-only)",
             ": empty slot",
             "completed without an interrupt",

@@ -7,13 +7,19 @@
 //! descriptor (see [`mmio`]); an empty block slot has no descriptor at all until its first
 //! disk. With the vsock device and 8 empty slots of a sandbox that is one EventFd, plus what
 //! the vsock muxer holds (`devices::virtio::vsock`).
+//!
+//! A handed-over VM's disks come back into their slots as they were
+//! ([`DeviceManager::restoring_disks`]): each with its notify EventFd, wired as a first disk's
+//! (ioeventfd and event loop), and without a configuration change for the guest.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use devices::sync::Recover;
 use devices::virtio::VirtioDevice;
-use devices::virtio::block::{BlockConfig, DiskBackend, VirtioBlock};
+use devices::virtio::block::{
+    BlockConfig, BlockFile, DiskBackend, DiskInfo, FileDisk, VirtioBlock,
+};
 use devices::virtio::net::{NetBackend, NetConfig, Tap, VirtioNet};
 use devices::virtio::transport::MmioState;
 use devices::virtio::vsock::{Vsock, VsockHandle, VsockMuxer};
@@ -111,6 +117,30 @@ pub enum DeviceError {
     /// No block slot has this index.
     #[error("No block slot {0}")]
     NoSuchSlot(usize),
+    /// A handed-over disk could not be put back into its slot.
+    #[error("Cannot put the handed-over disk back into block slot {index}")]
+    RestoreDisk {
+        /// Slot index.
+        index: usize,
+        /// Cause.
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    /// A rebuilt block slot would show the guest another disk than it saw when its VM was
+    /// saved (a disk missing, one too many, or another capacity or read-only flag).
+    #[error(
+        "Block slot {index} held {} when the VM was saved, rebuilt it would hold {}",
+        disk_text(.saved),
+        disk_text(.restored)
+    )]
+    DiskMismatch {
+        /// Slot index.
+        index: usize,
+        /// What the saved VM's slot held.
+        saved: Option<DiskInfo>,
+        /// What the rebuilt slot would hold.
+        restored: Option<DiskInfo>,
+    },
     /// A TAP device could not be opened.
     #[error("Cannot open TAP device {name:?}")]
     Tap {
@@ -132,6 +162,15 @@ pub enum DeviceError {
     /// The device's MMIO window could not be placed.
     #[error("Failed to map the device")]
     Bus(#[from] BusError),
+}
+
+/// A block slot's disk in words, for [`DeviceError::DiskMismatch`].
+fn disk_text(disk: &Option<DiskInfo>) -> String {
+    match disk {
+        None => "no disk".into(),
+        Some(d) if d.read_only => format!("a read-only disk of {} sectors", d.sectors),
+        Some(d) => format!("a disk of {} sectors", d.sectors),
+    }
 }
 
 /// A block slot and what its first disk needs to wire the slot's notify EventFd.
@@ -171,6 +210,9 @@ pub struct HandoverFiles {
     /// Each network device's backend file (a TAP queue) and its MAC and MTU, in
     /// configuration order.
     pub nets: Vec<(std::fs::File, NetConfig)>,
+    /// Each block slot's disk, in slot order (`None`: an empty slot). The rebuilt VM gets
+    /// them back through [`crate::CloneConfig::disks`].
+    pub blocks: Vec<Option<BlockFile>>,
 }
 
 /// Builds the virtio devices of one VM.
@@ -184,6 +226,10 @@ pub(crate) struct DeviceManager<'a> {
     next_slot: u32,
     /// Saved transports by slot, when the devices are restored from a snapshot.
     restore: Option<&'a [MmioState]>,
+    /// A handed-over VM's disks, by block slot: taken as each slot is built.
+    disks: Vec<Option<BlockFile>>,
+    /// What each block slot of the saved VM held, when the rebuilt slots must match it.
+    saved_disks: Option<&'a [Option<DiskInfo>]>,
     /// `virtio_mmio.device=` entries for the kernel command line.
     pub(crate) cmdline: String,
     pub(crate) devices: Devices,
@@ -205,6 +251,8 @@ impl<'a> DeviceManager<'a> {
             event_manager,
             next_slot: 0,
             restore: None,
+            disks: Vec::new(),
+            saved_disks: None,
             cmdline: String::new(),
             devices: Devices::default(),
             jailing: false,
@@ -224,14 +272,57 @@ impl<'a> DeviceManager<'a> {
         self
     }
 
+    /// Puts `disks` (a handed-over VM's, by block slot) back into the block slots as they are
+    /// built, and, with `saved`, checks every rebuilt slot holds what the saved VM's did.
+    pub(crate) fn restoring_disks(
+        mut self,
+        disks: Vec<Option<BlockFile>>,
+        saved: Option<&'a [Option<DiskInfo>]>,
+    ) -> Self {
+        self.disks = disks;
+        self.saved_disks = saved;
+        self
+    }
+
+    /// Creates block slot `index` from `config`, with the handed-over disk it held, if any.
+    fn block_slot(
+        &mut self,
+        index: usize,
+        config: BlockConfig,
+    ) -> Result<VirtioBlock, DeviceError> {
+        let mut dev =
+            VirtioBlock::new(config).map_err(|source| DeviceError::Block { index, source })?;
+        if let Some(file) = self.disks.get_mut(index).and_then(Option::take) {
+            let restore = |source| DeviceError::RestoreDisk { index, source };
+            let disk = DiskInfo {
+                read_only: file.read_only,
+                sectors: file.sectors,
+            };
+            let backend = FileDisk::from_file(file.file, file.read_only).map_err(restore)?;
+            dev.restore_disk(Box::new(backend), disk).map_err(restore)?;
+        }
+        if let Some(saved) = self.saved_disks {
+            let saved = saved.get(index).copied().flatten();
+            let restored = dev.disk_info();
+            if saved != restored {
+                return Err(DeviceError::DiskMismatch {
+                    index,
+                    saved,
+                    restored,
+                });
+            }
+        }
+        Ok(dev)
+    }
+
     /// Creates every configured device.
     pub(crate) fn add_all(&mut self, configs: Vec<DeviceConfig>) -> Result<(), DeviceError> {
         for config in configs {
             match config {
                 DeviceConfig::Block(config) => {
                     let index = self.devices.blocks.len();
-                    let dev = VirtioBlock::new(config)
-                        .map_err(|source| DeviceError::Block { index, source })?;
+                    // A restored disk brought its notify EventFd: wired below as any.
+                    let dev = self.block_slot(index, config)?;
                     let wired = dev.notify_event().is_some();
                     let slot = self.add(dev)?;
                     self.devices.blocks.push(BlockSlot {
@@ -285,6 +376,10 @@ impl<'a> DeviceManager<'a> {
                 }
             }
         }
+        // A disk for a slot the VM does not have.
+        if let Some(index) = self.disks.iter().position(Option::is_some) {
+            return Err(DeviceError::NoSuchSlot(index));
+        }
         Ok(())
     }
 }
@@ -304,9 +399,18 @@ impl Devices {
         })
     }
 
+    /// What each block slot holds, in slot order, as its guest sees it.
+    pub(crate) fn disks(&self) -> Vec<Option<DiskInfo>> {
+        self.blocks
+            .iter()
+            .map(|slot| slot.dev.lock().recover().disk_info())
+            .collect()
+    }
+
     /// Second descriptors of what the devices' backends hold on the host, for a live
-    /// handover: the hybrid vsock listener and each network device's file, in configuration
-    /// order. Fails if a backend cannot be handed over.
+    /// handover: the hybrid vsock listener, each network device's file in configuration
+    /// order and each block slot's disk in slot order. Fails if a backend cannot be handed
+    /// over.
     pub(crate) fn handover_files(&self) -> std::io::Result<HandoverFiles> {
         let vsock = match &self.vsock_device {
             Some(d) => d
@@ -325,7 +429,21 @@ impl Devices {
             })??;
             nets.push((file, net.config()));
         }
-        Ok(HandoverFiles { vsock, nets })
+        let mut blocks = Vec::with_capacity(self.blocks.len());
+        for (i, slot) in self.blocks.iter().enumerate() {
+            let disk = slot.dev.lock().recover().handover_file().transpose();
+            blocks.push(disk.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the disk in block slot {i} cannot be handed over: {e}"),
+                )
+            })?);
+        }
+        Ok(HandoverFiles {
+            vsock,
+            nets,
+            blocks,
+        })
     }
 
     /// Closes the host ends of the vsock connections ([`VsockMuxer::drop_host_ends`]).

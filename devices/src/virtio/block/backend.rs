@@ -74,6 +74,26 @@ pub trait DiskBackend: Send + Debug {
     fn write_from_guest(&mut self, _offset: u64, _src: VolatileSlice<'_>) -> io::Result<bool> {
         Ok(false)
     }
+
+    /// A second descriptor of the backend's file, for a live handover to another process
+    /// (`None`: a backend that has no file and so cannot be handed over).
+    fn try_clone_file(&self) -> Option<io::Result<File>> {
+        None
+    }
+}
+
+/// A slot's disk on its way to another process in a live handover: a second descriptor of its
+/// file and what the guest knows of the disk. The process that rebuilds the VM puts it back
+/// into the same slot ([`VirtioBlock::restore_disk`](super::VirtioBlock::restore_disk)), which
+/// checks the file still has `sectors`.
+#[derive(Debug)]
+pub struct BlockFile {
+    /// The disk image or block device.
+    pub file: File,
+    /// Whether the guest's writes to it fail (the disk's or the slot's read-only flag).
+    pub read_only: bool,
+    /// Its capacity in 512-byte sectors, as the guest read it.
+    pub sectors: u64,
 }
 
 /// A raw disk image file or a host block device.
@@ -142,6 +162,10 @@ impl DiskBackend for FileDisk {
         }
         positioned::write_all_at(&self.file, offset, src)?;
         Ok(true)
+    }
+
+    fn try_clone_file(&self) -> Option<io::Result<File>> {
+        Some(self.file.try_clone())
     }
 
     fn capabilities(&self) -> DiskCapabilities {
@@ -282,6 +306,23 @@ mod tests {
         let mut d = FileDisk::open(t.as_path(), false).unwrap();
         let err = d.discard(u64::MAX - 511, 512).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
+    }
+
+    #[test]
+    fn file_disk_hands_over_a_descriptor_of_the_same_file() {
+        let t = temp_disk(&[3u8; 1024]);
+        let mut d = FileDisk::open(t.as_path(), false).unwrap();
+        let dup = d.try_clone_file().unwrap().unwrap();
+        // What one descriptor writes, the other reads: the same open file.
+        d.write_at(512, &[9u8; 512]).unwrap();
+        let mut buf = [0u8; 512];
+        dup.read_exact_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [9u8; 512]);
+        let mut again = FileDisk::from_file(dup, false).unwrap();
+        assert_eq!(again.len(), 1024);
+        again.write_at(0, &[4u8; 512]).unwrap();
+        d.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [4u8; 512]);
     }
 
     #[test]

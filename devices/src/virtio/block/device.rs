@@ -11,7 +11,7 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
 
 use super::BlockError;
-use super::backend::{DiskBackend, FileDisk};
+use super::backend::{BlockFile, DiskBackend, FileDisk};
 use super::defs::{
     ID_BYTES, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, QUEUE_SIZE, REQUEST_HEADER_SIZE,
     SECTOR_SHIFT, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH,
@@ -67,6 +67,16 @@ pub struct BlockMetrics {
     pub errors: u64,
     /// Requests completed with `UNSUPP`.
     pub unsupported: u64,
+}
+
+/// What the guest sees of a slot's disk: its capacity and whether its writes fail. A live
+/// handover saves it with the VM, so the rebuilt slot is checked to show the same.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskInfo {
+    /// Writes fail (the disk's or the slot's read-only flag).
+    pub read_only: bool,
+    /// Capacity in 512-byte sectors.
+    pub sectors: u64,
 }
 
 #[derive(Debug)]
@@ -226,6 +236,69 @@ impl VirtioBlock {
     /// Whether a backing is attached.
     pub fn is_attached(&self) -> bool {
         self.disk.is_some()
+    }
+
+    /// What the guest sees of the attached disk (`None` for an empty slot).
+    pub fn disk_info(&self) -> Option<DiskInfo> {
+        self.disk.as_ref().map(|d| DiskInfo {
+            read_only: d.read_only,
+            sectors: d.sectors,
+        })
+    }
+
+    /// The attached disk for a live handover: a second descriptor of its file and what the
+    /// guest knows of it. `None` for an empty slot; an `Unsupported` error for a backend that
+    /// has no file (a test double, a custom backend).
+    ///
+    /// No request of this slot is half done when this runs between two passes of the VMM
+    /// thread's event loop: every request is executed synchronously, from pop to used
+    /// element, inside one [`VirtioBlock::process_queue`] call (on the VMM thread, or for an
+    /// empty slot on the notifying vCPU thread, under the device's lock), so the file holds
+    /// every completed write and nothing is in flight.
+    pub fn handover_file(&self) -> Option<io::Result<BlockFile>> {
+        let disk = self.disk.as_ref()?;
+        let file = match disk.backend.try_clone_file() {
+            Some(Ok(file)) => file,
+            Some(Err(e)) => return Some(Err(e)),
+            None => {
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "its backend has no file to pass on",
+                )));
+            }
+        };
+        Some(Ok(BlockFile {
+            file,
+            read_only: disk.read_only,
+            sectors: disk.sectors,
+        }))
+    }
+
+    /// Puts back the disk a handed-over VM's slot held, before the slot's transport is
+    /// restored: unlike [`VirtioBlock::attach`] the driver is not told (it knows the capacity
+    /// already), and the slot gets its notify EventFd as a first disk gives it. Fails, leaving
+    /// the slot as it was, if the backend's capacity is not `disk.sectors` or the driver is
+    /// already running the slot.
+    pub fn restore_disk(
+        &mut self,
+        backend: Box<dyn DiskBackend>,
+        disk: DiskInfo,
+    ) -> Result<(), BlockError> {
+        if self.active.is_some() {
+            return Err(BlockError::RestoreActive);
+        }
+        let found = backend.len() >> SECTOR_SHIFT;
+        if found != disk.sectors {
+            return Err(BlockError::CapacityChanged {
+                recorded: disk.sectors,
+                found,
+            });
+        }
+        self.base
+            .ensure_notify_event()
+            .map_err(BlockError::EventFd)?;
+        self.set_disk(backend, disk.read_only || self.slot_read_only);
+        Ok(())
     }
 
     /// Counters.

@@ -17,8 +17,8 @@ mod event_handler;
 mod positioned;
 pub mod request;
 
-pub use backend::{DiskBackend, DiskCapabilities, FileDisk};
-pub use device::{BlockConfig, BlockMetrics, VirtioBlock};
+pub use backend::{BlockFile, DiskBackend, DiskCapabilities, FileDisk};
+pub use device::{BlockConfig, BlockMetrics, DiskInfo, VirtioBlock};
 pub use request::{BadRequest, Request, RequestError, RequestType};
 
 /// Feature bits and protocol constants (virtio 1.2 §5.2.3, §5.2.6).
@@ -92,4 +92,16 @@ pub enum BlockError {
     /// The configured queue size is not a power of two in 2..=32768.
     #[error("Invalid queue size {0}")]
     QueueSize(u16),
+    /// A handed-over disk's file no longer has the capacity the guest knows
+    /// ([`VirtioBlock::restore_disk`]).
+    #[error("The disk has {found} sectors, the guest knows it with {recorded}")]
+    CapacityChanged {
+        /// The capacity recorded when the VM was handed over.
+        recorded: u64,
+        /// The capacity of the file now.
+        found: u64,
+    },
+    /// A disk cannot be restored into a slot whose driver is already running.
+    #[error("The slot is already in use by its driver")]
+    RestoreActive,
 }

@@ -625,3 +625,131 @@ fn file_backed_slot() {
     .unwrap_err();
     assert!(matches!(err, BlockError::OpenBackingFile(..)));
 }
+
+#[test]
+fn a_restored_disk_is_served_at_once_and_the_driver_is_not_told() {
+    let m = single_region_mem(MEM);
+    let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+    let disk = DiskInfo {
+        read_only: false,
+        sectors: 32,
+    };
+    blk.restore_disk(Box::new(disk_with_pattern(32)), disk)
+        .unwrap();
+    assert_eq!(blk.disk_info(), Some(disk));
+    let evt = blk.notify_event().expect("a first disk brings the EventFd");
+    assert!(evt.read().is_err(), "nothing signalled yet");
+    // The transport restores the queue (activation): no configuration interrupt, but the event
+    // loop is woken once, so requests the guest made available before the handover are served.
+    let q = TestQueue::new(&m, GuestAddress(0), 256);
+    let irq = Arc::new(RecordingInterrupt::new());
+    blk.set_acked_features(blk.avail_features());
+    blk.activate(m.clone(), vec![q.queue()], irq.clone())
+        .unwrap();
+    assert_eq!(irq.count(InterruptKind::Config), 0);
+    assert_eq!(blk.notify_event().unwrap().read().unwrap(), 1);
+    let mut e = Env {
+        mem: &m,
+        q,
+        blk,
+        irq,
+    };
+    header(&m, VIRTIO_BLK_T_IN, 31);
+    let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
+    assert_eq!(s, VIRTIO_BLK_S_OK);
+    assert_eq!(m.read_obj::<u8>(GuestAddress(DATA)).unwrap(), 31);
+    header(&m, VIRTIO_BLK_T_OUT, 2);
+    let (s, _) = submit(&mut e, &[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]);
+    assert_eq!(s, VIRTIO_BLK_S_OK);
+    // A detach after the restore tells the driver, as any detach does.
+    e.blk.detach();
+    assert_eq!(e.irq.count(InterruptKind::Config), 1);
+    assert_eq!(e.blk.capacity(), 0);
+}
+
+#[test]
+fn a_restored_disk_must_have_the_capacity_the_guest_knows() {
+    let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+    let err = blk
+        .restore_disk(
+            Box::new(disk_with_pattern(16)),
+            DiskInfo {
+                read_only: false,
+                sectors: 32,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BlockError::CapacityChanged {
+                recorded: 32,
+                found: 16
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("16 sectors"), "{err}");
+    assert!(!blk.is_attached(), "the slot stays as it was");
+    assert!(blk.notify_event().is_none());
+}
+
+#[test]
+fn a_disk_is_restored_only_into_a_slot_not_yet_running() {
+    let m = single_region_mem(MEM);
+    let mut e = env(&m, None, false);
+    let disk = DiskInfo {
+        read_only: false,
+        sectors: 8,
+    };
+    let err = e
+        .blk
+        .restore_disk(Box::new(disk_with_pattern(8)), disk)
+        .unwrap_err();
+    assert!(matches!(err, BlockError::RestoreActive), "{err}");
+    assert!(!e.blk.is_attached());
+}
+
+#[test]
+fn a_read_only_slot_keeps_a_restored_disk_read_only() {
+    let mut blk = VirtioBlock::with_backend("x", true, None).unwrap();
+    let disk = DiskInfo {
+        read_only: false,
+        sectors: 8,
+    };
+    blk.restore_disk(Box::new(disk_with_pattern(8)), disk)
+        .unwrap();
+    assert_eq!(
+        blk.disk_info(),
+        Some(DiskInfo {
+            read_only: true,
+            sectors: 8
+        })
+    );
+}
+
+#[test]
+fn only_a_disk_with_a_file_can_be_handed_over() {
+    let empty = VirtioBlock::with_backend("x", false, None).unwrap();
+    assert!(empty.handover_file().is_none());
+    let mem = VirtioBlock::with_backend("x", false, Some(Box::new(MemDisk::new(4096)))).unwrap();
+    let err = mem.handover_file().unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::Unsupported, "{err}");
+
+    let image = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    image.as_file().set_len(8192).unwrap();
+    let file = FileDisk::open(image.as_path(), false).unwrap();
+    let mut blk = VirtioBlock::with_backend("x", false, None).unwrap();
+    blk.attach(Box::new(file), true).unwrap();
+    let passed = blk.handover_file().unwrap().unwrap();
+    assert_eq!((passed.read_only, passed.sectors), (true, 16));
+    // The descriptor rebuilds the same disk in another slot.
+    let mut again = VirtioBlock::with_backend("x", false, None).unwrap();
+    let disk = DiskInfo {
+        read_only: passed.read_only,
+        sectors: passed.sectors,
+    };
+    let backend = FileDisk::from_file(passed.file, passed.read_only).unwrap();
+    again.restore_disk(Box::new(backend), disk).unwrap();
+    assert_eq!(again.disk_info(), blk.disk_info());
+}

@@ -18,6 +18,16 @@
 //! - with `virtio.blk_swap=1`, first device only: `virtio: <dev>: waiting for config change`,
 //!   then within 10 s a configuration-change interrupt and
 //!   `virtio: <dev>: swapped capacity <sectors> sector0 <text>`
+//! - with `virtio.blk_watch=1`, first device only (instead of the swap): the disk comes later
+//!   and is watched, across a live handover of the VM. `virtio: <dev>: waiting for config
+//!   change`, then within 10 s a configuration-change interrupt, `virtio: <dev>: watching
+//!   capacity <sectors>` (at least 10), the write, flush and readback steps on the new disk,
+//!   then every [`POLL`]: sector 0 is read (the host's mailbox); when its text changes, the
+//!   pattern at sectors 1..=8 is read back again (`virtio: <dev>: watch FAIL ...` if it
+//!   differs), `ack <text>` is written to sector [`ACK_SECTOR`] and flushed, and
+//!   `virtio: <dev>: mailbox <text> ack` printed. A configuration-change interrupt prints
+//!   `virtio: <dev>: config change capacity <sectors>`; capacity 0 (the disk was detached)
+//!   ends the watch. Without a detach within [`WATCH_POLLS`] polls the watch fails.
 //! - `virtio: <dev>: interrupts <n>`
 //!
 //! A failing step prints `virtio: <dev>: <step> FAIL <why>` instead of its line.
@@ -43,6 +53,12 @@ const WRITE_LEN: usize = 4096;
 const SECTOR0_TEXT: usize = 16;
 /// Bound on the wait for a slot swap.
 const SWAP_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
+/// Pause between two reads of the watched disk's mailbox (sector 0).
+const POLL: core::time::Duration = core::time::Duration::from_millis(10);
+/// Polls of the watched disk before the watch gives up on a detach (about 2 minutes).
+const WATCH_POLLS: u32 = 12_000;
+/// Sector the watch writes its answers to.
+const ACK_SECTOR: u64 = 9;
 
 /// The pattern written at sector 1: little-endian 64-bit word `i` of the 4 KiB is
 /// `0x7669_7274_696f_0000 | i`.
@@ -77,6 +93,7 @@ pub fn run(
     report: &mut Report,
     explicit: bool,
     swap: bool,
+    watch: bool,
     all: bool,
 ) {
     let mut tested = 0;
@@ -86,7 +103,14 @@ pub fn run(
         }
         let label = Label(n);
         match Blk::new(dev, arena) {
-            Ok(mut blk) => test(&mut blk, label, report, swap && n == 0),
+            Ok(mut blk) => {
+                let after = match n {
+                    0 if watch => After::Watch,
+                    0 if swap => After::Swap,
+                    _ => After::Nothing,
+                };
+                test(&mut blk, label, report, after)
+            }
             Err(e) => report.fail(label, "init", e),
         }
         tested += 1;
@@ -100,7 +124,17 @@ pub fn run(
     }
 }
 
-fn test(blk: &mut Blk, label: Label, report: &mut Report, swap: bool) {
+/// What the test does after its steps.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum After {
+    Nothing,
+    /// `virtio.blk_swap=1`.
+    Swap,
+    /// `virtio.blk_watch=1`.
+    Watch,
+}
+
+fn test(blk: &mut Blk, label: Label, report: &mut Report, after: After) {
     println!(
         "virtio: {label}: features {}",
         FeatureNames(blk.features(), &FEATURE_NAMES)
@@ -140,8 +174,10 @@ fn test(blk: &mut Blk, label: Label, report: &mut Report, swap: bool) {
     };
     report.check(label, "bounds", bounds);
 
-    if swap {
-        wait_for_swap(blk, label, report);
+    match after {
+        After::Swap => wait_for_swap(blk, label, report),
+        After::Watch => watch(blk, label, report),
+        After::Nothing => {}
     }
     println!(
         "virtio: {label}: interrupts {}",
@@ -168,10 +204,13 @@ fn write_flush_readback(blk: &mut Blk, label: Label, report: &mut Report) {
         println!("virtio: {label}: flush not offered");
     }
 
+    report.check(label, "readback", read_back(blk));
+}
+
+/// Reads sectors 1..=8 and checks they hold the pattern.
+fn read_back(blk: &mut Blk) -> Result<(), Failure> {
     blk.data.zero();
-    if let Err(why) = status(blk.read(WRITE_SECTOR, WRITE_LEN)) {
-        return report.fail(label, "readback", why);
-    }
+    status(blk.read(WRITE_SECTOR, WRITE_LEN))?;
     let bad = blk
         .data
         .bytes()
@@ -180,9 +219,64 @@ fn write_flush_readback(blk: &mut Blk, label: Label, report: &mut Report) {
         .enumerate()
         .position(|(i, word)| word != pattern(i).to_le_bytes());
     match bad {
-        None => report.ok(label, "readback"),
-        Some(_) => report.fail(label, "readback", "data differs"),
+        None => Ok(()),
+        Some(_) => Err(Failure::Msg("data differs")),
     }
+}
+
+/// Waits for a disk, then serves the host's mailbox until the disk is detached (see the
+/// module doc).
+fn watch(blk: &mut Blk, label: Label, report: &mut Report) {
+    blk.clear_config_changed();
+    println!("virtio: {label}: waiting for config change");
+    if !irq::wait_until(SWAP_TIMEOUT, || blk.config_changed()) {
+        return report.fail(label, "watch", "no config change interrupt in 10 s");
+    }
+    blk.clear_config_changed();
+    let capacity = blk.capacity();
+    println!("virtio: {label}: watching capacity {capacity}");
+    if capacity <= ACK_SECTOR {
+        return report.fail(label, "watch", "disk smaller than 10 sectors");
+    }
+    write_flush_readback(blk, label, report);
+    let mut seen = [0u8; SECTOR0_TEXT];
+    for _ in 0..WATCH_POLLS {
+        if blk.config_changed() {
+            blk.clear_config_changed();
+            let capacity = blk.capacity();
+            println!("virtio: {label}: config change capacity {capacity}");
+            if capacity == 0 {
+                return;
+            }
+        }
+        if let Err(why) = status(blk.read(0, SECTOR_SIZE)) {
+            return report.fail(label, "watch", why);
+        }
+        let text = blk.data.bytes().get(..SECTOR0_TEXT).unwrap_or_default();
+        if text != seen {
+            seen.copy_from_slice(text);
+            if let Err(why) = answer(blk, &seen) {
+                return report.fail(label, "watch", why);
+            }
+            println!("virtio: {label}: mailbox {} ack", Text(&seen));
+        }
+        irq::sleep(POLL);
+    }
+    report.fail(label, "watch", "no detach in time");
+}
+
+/// Checks the pattern is still there, then writes `ack <text>` to [`ACK_SECTOR`] and flushes.
+fn answer(blk: &mut Blk, text: &[u8]) -> Result<(), Failure> {
+    read_back(blk)?;
+    blk.data.zero();
+    let len = text.iter().position(|&b| b == 0).unwrap_or(text.len());
+    let ack = blk.data.bytes_mut();
+    let (prefix, rest) = ack.split_at_mut_checked(4).ok_or(Failure::Msg("buffer"))?;
+    prefix.copy_from_slice(b"ack ");
+    let body = rest.get_mut(..len).ok_or(Failure::Msg("buffer"))?;
+    body.copy_from_slice(text.get(..len).unwrap_or_default());
+    status(blk.write(ACK_SECTOR, SECTOR_SIZE))?;
+    status(blk.flush())
 }
 
 fn wait_for_swap(blk: &mut Blk, label: Label, report: &mut Report) {

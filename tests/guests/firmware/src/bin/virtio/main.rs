@@ -11,6 +11,8 @@
 //!   adds a liveness counter, see `counter.rs`), or `virtio.test=hostile`:
 //!   attack the devices, forever (`hostile.case=<case>`, see `hostile.rs`),
 //! - `virtio.blk_swap=1`: after its steps, wait for a slot swap on the first block device,
+//! - `virtio.blk_watch=1`: after its steps, wait for a disk in the first block device and
+//!   answer the host through it until it is detached (see `blk.rs`),
 //! - `virtio.blk_all=1`: test every block device, not just the first.
 //!
 //! Console: `virtio: hello`, boot-timer write, `virtio: mmio <base> irq <irq> device <id>` per
@@ -237,6 +239,7 @@ fn run(boot: &Boot, report: &mut Report) {
     let flag =
         |key: &[u8]| !selection.agent && virtio::param(cmdline, key) == Some(b"1".as_slice());
     let (blk_swap, blk_all) = (flag(b"virtio.blk_swap"), flag(b"virtio.blk_all"));
+    let blk_watch = flag(b"virtio.blk_watch");
 
     if let Err(e) = irq::init() {
         return report.fail("irq", "init", e);
@@ -290,6 +293,7 @@ fn run(boot: &Boot, report: &mut Report) {
             report,
             selection.explicit,
             blk_swap,
+            blk_watch,
             blk_all,
         );
     }
