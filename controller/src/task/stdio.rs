@@ -21,8 +21,8 @@
 //! bound) into a buffer of at most one window that the FIFO drains at its reader's pace.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use proto::agent::stream_data::{Data, WindowUpdate};
@@ -30,25 +30,21 @@ use proto::agent::streaming::StreamInit;
 use proto::agent::streaming_ttrpc::{Streaming, StreamingClient};
 use proto::protobuf::Message;
 use proto::protobuf::well_known_types::any::Any;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::Notify;
-use tokio::task::JoinHandle;
 use ttrpc::asynchronous::{CSReceiver, CSSender, ServerStream, TtrpcContext};
 
+pub use self::bridge::{BridgeState, Bridges, Direction, resume};
+use self::bridge::{InState, OutState, Sink, Source};
 use super::error::TaskError;
 use crate::backend::TaskTarget;
-use devices::sync::Recover;
+
+mod bridge;
 
 /// Service name of the stream service.
 pub const STREAMING: &str = "containerd.services.streaming.v1.Streaming";
 const STREAM_INIT_TYPE: &str = "containerd.services.streaming.v1.StreamInit";
 const DATA_TYPE: &str = "containerd.types.transfer.Data";
 const WINDOW_UPDATE_TYPE: &str = "containerd.types.transfer.WindowUpdate";
-/// Most bytes in one `Data` message.
-const MAX_DATA: usize = 32 * 1024;
-/// Bytes granted to the agent at a time for output.
-const WINDOW: i32 = 64 * 1024;
 
 /// The bare message name of a type URL.
 fn type_name(url: &str) -> &str {
@@ -197,25 +193,6 @@ impl Streaming for StreamProxy {
     }
 }
 
-/// Copy tasks of one process's FIFO stdio; dropping it stops them.
-#[derive(Debug, Default)]
-pub struct Bridges(Vec<JoinHandle<()>>);
-
-impl Drop for Bridges {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-impl Bridges {
-    /// Whether every copy has ended.
-    pub fn finished(&self) -> bool {
-        self.0.iter().all(JoinHandle::is_finished)
-    }
-}
-
 /// Which stdio stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -248,160 +225,6 @@ async fn open_agent_stream(
     Ok((tx, rx))
 }
 
-/// Host FIFO or file -> agent (stdin): sends `Data` within the windows the agent grants.
-async fn copy_in(
-    mut fifo: Box<dyn AsyncRead + Send + Unpin>,
-    tx: CSSender<Any>,
-    mut rx: CSReceiver<Any>,
-) {
-    let mut window: i64 = 0;
-    let mut buf = vec![0u8; MAX_DATA];
-    loop {
-        tokio::select! {
-            msg = rx.recv() => match msg {
-                Ok(any) if type_name(&any.type_url) == WINDOW_UPDATE_TYPE => {
-                    if let Ok(w) = WindowUpdate::parse_from_bytes(&any.value) {
-                        window = window.saturating_add(i64::from(w.update.max(0)));
-                    }
-                }
-                Ok(_) => {}
-                // The agent ended the stream (the process is gone): stop.
-                Err(_) => return,
-            },
-            n = fifo.read(&mut buf), if window > 0 => {
-                let n = match n {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => n,
-                };
-                let mut data = Data::new();
-                data.data = buf.get(..n).unwrap_or_default().to_vec();
-                let Ok(msg) = pack(DATA_TYPE, &data) else { break };
-                if tx.send(&msg).await.is_err() {
-                    return;
-                }
-                window = window.saturating_sub(i64::try_from(n).unwrap_or(i64::MAX));
-            }
-        }
-        let cap = usize::try_from(window.clamp(1, i64::try_from(MAX_DATA).unwrap_or(1)))
-            .unwrap_or(MAX_DATA);
-        buf.resize(cap, 0);
-    }
-    // End of input for the process.
-    let _ = tx.close_send().await;
-    // Hold the stream until the agent ends it.
-    while rx.recv().await.is_ok() {}
-}
-
-/// Agent -> host FIFO or file (stdout/stderr): grants windows as the FIFO takes the bytes.
-async fn copy_out(
-    fifo: Box<dyn AsyncWrite + Send + Unpin>,
-    tx: CSSender<Any>,
-    rx: CSReceiver<Any>,
-) {
-    pump_out(fifo, tx, rx).await;
-}
-
-/// Where [`pump_out`] takes the agent's messages from.
-#[async_trait]
-trait Incoming: Send {
-    /// The next message; `None` once the stream has ended.
-    async fn next(&mut self) -> Option<Any>;
-}
-
-#[async_trait]
-impl Incoming for CSReceiver<Any> {
-    async fn next(&mut self) -> Option<Any> {
-        self.recv().await.ok()
-    }
-}
-
-/// Where [`pump_out`] sends its window grants.
-#[async_trait]
-trait Grants: Send {
-    /// Grants `bytes` more; false once the stream is gone.
-    async fn grant(&mut self, bytes: i32) -> bool;
-}
-
-#[async_trait]
-impl Grants for CSSender<Any> {
-    async fn grant(&mut self, bytes: i32) -> bool {
-        let mut update = WindowUpdate::new();
-        update.update = bytes;
-        match pack(WINDOW_UPDATE_TYPE, &update) {
-            Ok(msg) => self.send(&msg).await.is_ok(),
-            Err(_) => false,
-        }
-    }
-}
-
-/// Output taken from the agent and not yet written: at most one window (the credit check
-/// comes first).
-#[derive(Debug, Default)]
-struct Pending {
-    bytes: Mutex<Vec<u8>>,
-    /// Set when the receiving half has ended (stream closed or overrun).
-    ended: std::sync::atomic::AtomicBool,
-    ready: Notify,
-}
-
-/// The bridge's output copy: one half takes every message the agent sends as it comes and
-/// checks it against the credit; the other writes what was taken to `fifo` at its reader's
-/// pace and grants the agent as much again.
-async fn pump_out(
-    mut fifo: Box<dyn AsyncWrite + Send + Unpin>,
-    mut grants: impl Grants,
-    incoming: impl Incoming,
-) {
-    let credit = Credit::default();
-    let pending = Pending::default();
-    credit.grant(WINDOW);
-    if !grants.grant(WINDOW).await {
-        return;
-    }
-    // Owns `incoming`: the stream is dropped (closed) as soon as this half ends.
-    let receive = async {
-        let mut incoming = incoming;
-        while let Some(any) = incoming.next().await {
-            let Some(data) = data_of(&any) else {
-                continue;
-            };
-            if !credit.take(data.len()) {
-                overrun("container");
-                break;
-            }
-            pending.bytes.lock().recover().extend_from_slice(&data);
-            pending.ready.notify_one();
-        }
-        pending.ended.store(true, Ordering::Release);
-        pending.ready.notify_one();
-    };
-    let write = async {
-        let mut written: i32 = 0;
-        loop {
-            let chunk = std::mem::take(&mut *pending.bytes.lock().recover());
-            if chunk.is_empty() {
-                if pending.ended.load(Ordering::Acquire) {
-                    break;
-                }
-                pending.ready.notified().await;
-                continue;
-            }
-            // A reader that went away: keep draining so the process does not block.
-            let _ = fifo.write_all(&chunk).await;
-            written = written.saturating_add(i32::try_from(chunk.len()).unwrap_or(i32::MAX));
-            if written >= WINDOW / 2 {
-                credit.grant(written);
-                if !grants.grant(written).await {
-                    break;
-                }
-                written = 0;
-            }
-        }
-        let _ = fifo.flush().await;
-    };
-    tokio::join!(receive, write);
-}
-
 /// Rewrites `[stdin, stdout, stderr]` for the agent: stream URLs and empty paths stay; FIFO
 /// (or plain file) paths are opened and bridged to fresh agent streams, and replaced by URLs
 /// naming them.
@@ -427,12 +250,12 @@ pub async fn bridge(
             Dir::In => {
                 let reader = open_input(name, path).await?;
                 let (tx, rx) = open_agent_stream(target, &id).await?;
-                bridges.0.push(tokio::spawn(copy_in(reader, tx, rx)));
+                bridges.spawn_in(id.clone(), reader, tx, rx, InState::default(), 0);
             }
             Dir::Out => {
                 let writer = open_output(name, path).await?;
                 let (tx, rx) = open_agent_stream(target, &id).await?;
-                bridges.0.push(tokio::spawn(copy_out(writer, tx, rx)));
+                bridges.spawn_out(id.clone(), writer, tx, rx, OutState::default());
             }
         }
         *slot = format!("ttrpc+unix://{}?streaming_id={id}", socket.display());
@@ -446,10 +269,7 @@ fn is_fifo(path: &str) -> bool {
 }
 
 /// Opens a stdin source: a FIFO (without blocking for a writer) or a regular file.
-async fn open_input(
-    field: &str,
-    path: &str,
-) -> Result<Box<dyn AsyncRead + Send + Unpin>, TaskError> {
+async fn open_input(field: &str, path: &str) -> Result<Box<dyn Source>, TaskError> {
     let err = |e: std::io::Error| TaskError::invalid(field, format!("cannot open {path:?}: {e}"));
     if is_fifo(path) {
         let fifo = pipe::OpenOptions::new().open_receiver(path).map_err(err)?;
@@ -465,10 +285,7 @@ async fn open_input(
 /// the engine may open its reader a moment after the call that names the FIFO (containerd's
 /// `ExecSync` does, from a goroutine), output waits in the pipe until it does, and when the
 /// engine restarts and reopens the FIFO the copy goes on instead of failing with `EPIPE`.
-async fn open_output(
-    field: &str,
-    path: &str,
-) -> Result<Box<dyn AsyncWrite + Send + Unpin>, TaskError> {
+async fn open_output(field: &str, path: &str) -> Result<Box<dyn Sink>, TaskError> {
     if is_fifo(path) {
         let fifo = pipe::OpenOptions::new()
             .read_write(true)
@@ -493,30 +310,7 @@ async fn open_output(
 
 #[cfg(test)]
 mod tests {
-    use tokio::io::AsyncReadExt as _;
-    use tokio::sync::mpsc;
-
     use super::*;
-
-    #[async_trait]
-    impl Incoming for mpsc::Receiver<Any> {
-        async fn next(&mut self) -> Option<Any> {
-            self.recv().await
-        }
-    }
-
-    #[async_trait]
-    impl Grants for mpsc::UnboundedSender<i32> {
-        async fn grant(&mut self, bytes: i32) -> bool {
-            self.send(bytes).is_ok()
-        }
-    }
-
-    fn data(len: usize, fill: u8) -> Any {
-        let mut d = Data::new();
-        d.data = vec![fill; len];
-        pack(DATA_TYPE, &d).unwrap()
-    }
 
     #[test]
     fn credit_refuses_what_was_not_granted() {
@@ -527,67 +321,6 @@ mod tests {
         assert!(c.take(4));
         assert!(c.take(5));
         assert!(!c.take(2));
-    }
-
-    #[tokio::test]
-    async fn output_within_the_windows_reaches_the_fifo() {
-        let (agent, incoming) = mpsc::channel(64);
-        let (grants_tx, mut grants) = mpsc::unbounded_channel();
-        let (fifo, mut reader) = tokio::io::duplex(4096);
-        let pump = tokio::spawn(pump_out(Box::new(fifo), grants_tx, incoming));
-        let chunk = 30 * 1024;
-        let mut window = i64::from(grants.recv().await.unwrap());
-        let mut sent = 0;
-        let mut read = Vec::new();
-        let mut buf = vec![0u8; 8192];
-        // A well-behaved agent: 10 chunks, each within what it was granted.
-        for n in 0..10u8 {
-            while window < i64::try_from(chunk).unwrap() {
-                tokio::select! {
-                    g = grants.recv() => window += i64::from(g.unwrap()),
-                    r = reader.read(&mut buf) => read.extend_from_slice(&buf[..r.unwrap()]),
-                }
-            }
-            agent.send(data(chunk, n)).await.unwrap();
-            window -= i64::try_from(chunk).unwrap();
-            sent += chunk;
-        }
-        drop(agent);
-        while read.len() < sent {
-            let r = reader.read(&mut buf).await.unwrap();
-            assert!(r > 0);
-            read.extend_from_slice(&buf[..r]);
-        }
-        pump.await.unwrap();
-        assert_eq!(read.len(), sent);
-        assert!(
-            read.chunks(chunk)
-                .enumerate()
-                .all(|(n, c)| c.iter().all(|&b| usize::from(b) == n))
-        );
-    }
-
-    #[tokio::test]
-    async fn an_agent_that_overruns_its_window_has_its_stream_ended() {
-        // One message at a time: what the pump holds is what it took, not this test's queue.
-        let (agent, incoming) = mpsc::channel(1);
-        let (grants_tx, mut grants) = mpsc::unbounded_channel();
-        // Nobody reads the FIFO: without the check, everything the agent sends would pile up.
-        let (fifo, _reader) = tokio::io::duplex(1024);
-        let _pump = tokio::spawn(pump_out(Box::new(fifo), grants_tx, incoming));
-        assert_eq!(grants.recv().await, Some(WINDOW));
-        let chunk = 16 * 1024;
-        let mut sent = 0;
-        while agent.send(data(chunk, 1)).await.is_ok() {
-            sent += chunk;
-            assert!(
-                sent <= 10 * usize::try_from(WINDOW).unwrap(),
-                "never cut off"
-            );
-        }
-        // Cut off at the first byte past the one window it was given.
-        assert_eq!(sent, usize::try_from(WINDOW).unwrap() + chunk);
-        assert!(agent.is_closed());
     }
 
     #[test]
