@@ -9,7 +9,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use containerd_shim_protos::api::Mount;
@@ -20,6 +20,7 @@ use super::conn::Connections;
 use super::error::TaskError;
 use super::rootfs::ImageCache;
 use super::service::{Container, Endpoint, Entry, Prepared, Resources};
+use super::stdio::{self, BridgeState, Bridges};
 
 /// A mount of a prepared container.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,12 +168,15 @@ pub struct TaskState {
     containers: Vec<(String, ContainerState)>,
     /// Per cut connection, in descriptor order: the frames it left unanswered.
     connections: Vec<Vec<u8>>,
+    /// Each FIFO stdio copy, where it stood, in descriptor order.
+    bridges: Vec<BridgeState>,
 }
 
 impl TaskState {
-    /// The descriptors that go with it: the listening socket, then one per connection.
+    /// The descriptors that go with it: the listening socket, one per connection, then one
+    /// per stdio copy (its FIFO or file).
     pub fn fd_count(&self) -> usize {
-        1 + self.connections.len()
+        1 + self.connections.len() + self.bridges.len()
     }
 
     /// The shared images its containers hold (the new process's cache keeps them).
@@ -199,6 +203,8 @@ pub struct TaskCut {
     pub listener: OwnedFd,
     /// Its connections, stopped between frames.
     pub connections: Vec<OwnedFd>,
+    /// The FIFOs (or files) of its stdio copies, in `state.bridges` order.
+    pub bridges: Vec<OwnedFd>,
 }
 
 impl TaskCut {
@@ -207,6 +213,7 @@ impl TaskCut {
     pub fn into_parts(self) -> (TaskState, Vec<OwnedFd>) {
         let fds = std::iter::once(self.listener)
             .chain(self.connections)
+            .chain(self.bridges)
             .collect();
         (self.state, fds)
     }
@@ -224,10 +231,12 @@ impl TaskCut {
         let listener = fds
             .next()
             .ok_or_else(|| TaskError::Handover("no listening socket".into()))?;
+        let connections = fds.by_ref().take(state.connections.len()).collect();
         Ok(TaskCut {
             state,
             listener,
-            connections: fds.collect(),
+            connections,
+            bridges: fds.collect(),
         })
     }
 
@@ -239,8 +248,10 @@ impl TaskCut {
             state,
             listener,
             connections,
+            bridges,
         } = self;
         AdoptedParts {
+            bridges: state.bridges.into_iter().zip(bridges).collect(),
             containers: state
                 .containers
                 .into_iter()
@@ -257,7 +268,12 @@ pub(super) struct AdoptedParts {
     pub(super) containers: Vec<(String, Entry)>,
     pub(super) listener: OwnedFd,
     pub(super) connections: Vec<(OwnedFd, Vec<u8>)>,
+    /// Stdio copies to resume ([`stdio::resume`]).
+    pub(super) bridges: Vec<(BridgeState, OwnedFd)>,
 }
+
+/// Stdio copies a cut stopped, with a second descriptor of each FIFO.
+pub(super) type Held = Arc<Mutex<Vec<(BridgeState, OwnedFd)>>>;
 
 /// Cuts one Task endpoint for a handover, or lets it go on; cheap to clone (the server runs on
 /// meanwhile).
@@ -266,6 +282,8 @@ pub struct TaskCutter {
     pub(super) endpoint: Arc<Endpoint>,
     pub(super) conns: Arc<Connections>,
     pub(super) listener: Arc<OwnedFd>,
+    /// The stdio copies a cut stopped (duplicates), for a thaw to resume them here.
+    pub(super) held: Held,
 }
 
 impl TaskCutter {
@@ -302,18 +320,58 @@ impl TaskCutter {
             }
         };
         let (connections, unanswered) = cut.into_iter().map(|c| (c.socket, c.unanswered)).unzip();
+        // The stdio copies stop where their counters are exact; this process keeps a second
+        // descriptor of each FIFO in case the upgrade fails.
+        let copies: Vec<Bridges> = std::mem::take(&mut *self.endpoint.bridges.lock().recover());
+        let mut stopped = Vec::new();
+        for b in copies {
+            stopped.extend(b.hand_over().await);
+        }
+        let mut held = Vec::with_capacity(stopped.len());
+        for (state, fd) in &stopped {
+            match fd.try_clone() {
+                Ok(second) => held.push((state.clone(), second)),
+                Err(e) => {
+                    *self.held.lock().recover() = stopped;
+                    self.thaw();
+                    return Err(TaskError::Handover(format!(
+                        "cannot duplicate a stdio FIFO: {e}"
+                    )));
+                }
+            }
+        }
+        *self.held.lock().recover() = held;
+        let (bridges, fifos) = stopped.into_iter().unzip();
         Ok(TaskCut {
             state: TaskState {
                 containers,
                 connections: unanswered,
+                bridges,
             },
             listener,
             connections,
+            bridges: fifos,
         })
     }
 
-    /// Undoes a cut: the connections go on and the socket accepts again.
+    /// Undoes a cut: the connections go on, the socket accepts again and the stdio copies
+    /// resume (in the background: they reopen their agent streams).
     pub fn thaw(&self) {
         self.conns.thaw();
+        let held = std::mem::take(&mut *self.held.lock().recover());
+        if held.is_empty() {
+            return;
+        }
+        let endpoint = Arc::clone(&self.endpoint);
+        tokio::spawn(async move { resume_bridges(&endpoint, held).await });
+    }
+}
+
+/// Resumes stdio copies stopped by a cut, here or in the process the cut went to, and keeps
+/// them in the endpoint.
+pub(super) async fn resume_bridges(endpoint: &Endpoint, held: Vec<(BridgeState, OwnedFd)>) {
+    match stdio::resume(&*endpoint.target, held).await {
+        Ok(bridges) => endpoint.bridges.lock().recover().push(bridges),
+        Err(e) => tracing::warn!("cannot resume the stdio copies: {}", e.chain()),
     }
 }

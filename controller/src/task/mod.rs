@@ -113,6 +113,8 @@ pub struct TaskServer {
     conns: Arc<conn::Connections>,
     /// A second descriptor of the listening socket, for a live upgrade.
     listener: Arc<std::os::fd::OwnedFd>,
+    /// What a cut stopped of the stdio copies, for a thaw.
+    held: handover::Held,
 }
 
 /// Prepare and Purge on a sandbox's Task endpoint (the seed API's way of adding containers).
@@ -197,6 +199,7 @@ impl TaskServer {
             .recover()
             .extend(parts.containers);
         let endpoint = Arc::new(endpoint);
+        handover::resume_bridges(&endpoint, parts.bridges).await;
         Self::serve(
             socket,
             parts.listener,
@@ -265,6 +268,7 @@ impl TaskServer {
             events,
             conns,
             listener: Arc::new(second),
+            held: handover::Held::default(),
         })
     }
 
@@ -274,6 +278,7 @@ impl TaskServer {
             endpoint: Arc::clone(&self.endpoint),
             conns: Arc::clone(&self.conns),
             listener: Arc::clone(&self.listener),
+            held: Arc::clone(&self.held),
         }
     }
 

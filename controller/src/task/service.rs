@@ -104,7 +104,7 @@ pub(super) enum Entry {
 /// The service behind the task socket.
 #[derive(Debug)]
 pub(crate) struct Endpoint {
-    target: Arc<dyn TaskTarget>,
+    pub(super) target: Arc<dyn TaskTarget>,
     images: Arc<ImageCache>,
     work_dir: PathBuf,
     call_timeout: Duration,

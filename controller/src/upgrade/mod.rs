@@ -810,11 +810,8 @@ async fn rebuild<B: VmBackend>(
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
     };
     let task_fds = task.as_ref().map_or(0, TaskState::fd_count);
-    let want = vm_files
-        + usize::from(vsock)
-        + nics.len()
-        + disks.iter().flatten().count()
-        + task_fds;
+    let want =
+        vm_files + usize::from(vsock) + nics.len() + disks.iter().flatten().count() + task_fds;
     if frame.fds.len() != want {
         return Err(UpgradeError::Protocol(format!(
             "sandbox {id}: {} descriptors, {want} expected",
