@@ -402,6 +402,26 @@ pub const RUST_TEST_CASES: &[RustTestCase] = &[
             ("RUST_BACKTRACE", "1"),
         ],
     },
+    RustTestCase {
+        name: "cri-upgrade",
+        description: "stock containerd 2.1 through CRI: `sandboxer upgrade` with a pod running containers in a Linux guest (no log line lost, no gap beyond the pause, ExecSync after, an exit code reported by the new process)",
+        ci: true,
+        binary: CRI_TEST,
+        test: "a_pod_lives_through_an_upgrade",
+        env: &[
+            ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
+            ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
+            ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
+            ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
+            ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
+            ("SANDBOXER_BIN", SANDBOXER),
+            ("SANDBOXER_REQUIRE_KVM", "1"),
+            ("SANDBOXER_REQUIRE_ROOT", "1"),
+            ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
+            ("TMPDIR", "/tmp"),
+            ("RUST_BACKTRACE", "1"),
+        ],
+    },
 ];
 
 /// The Rust test case called `name`.
