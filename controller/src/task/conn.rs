@@ -123,13 +123,10 @@ impl Frames {
                     }
                     self.have = 0;
                     let h = Header::parse(&self.head);
+                    // Grown as the body comes, never sized by what a header claims.
                     self.kept =
                         (keep && h.kind == MESSAGE_TYPE_REQUEST && h.len <= MESSAGE_LENGTH_MAX)
-                            .then(|| {
-                                let mut v = Vec::with_capacity(HEADER + h.len);
-                                v.extend_from_slice(&self.head);
-                                v
-                            });
+                            .then(|| self.head.to_vec());
                     (h, h.len)
                 }
             };
