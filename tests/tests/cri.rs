@@ -1594,21 +1594,23 @@ async fn containers_in_a_pod(env: &mut Env, handler: &str) -> anyhow::Result<()>
     Ok(())
 }
 
+/// What a test with containers needs: containerd and a Linux guest, or `None` after a loud
+/// skip (a failure under CI).
+fn linux_test(test: &str) -> Option<(Containerd, VmKind)> {
+    let tools = prerequisites(test)?;
+    let (kernel, initramfs) = linux_guest(test)?;
+    Some((tools, VmKind::Linux(kernel, initramfs)))
+}
+
 /// Containers through CRI in a Linux guest, for both IO types.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containers_run_in_a_linux_guest() {
-    let test = "containers_run_in_a_linux_guest";
-    let Some(tools) = prerequisites(test) else {
-        return;
-    };
-    let Some((kernel, initramfs)) = linux_guest(test) else {
+    let Some((tools, vm)) = linux_test("containers_run_in_a_linux_guest") else {
         return;
     };
     require_kvm!();
     let _serial = SERIAL.lock().await;
-    let mut env = Env::new(tools, VmKind::Linux(kernel, initramfs), true)
-        .await
-        .unwrap();
+    let mut env = Env::new(tools, vm, true).await.unwrap();
     env.import_image().unwrap();
     for handler in HANDLERS {
         if let Err(e) = containers_in_a_pod(&mut env, handler).await {
@@ -1793,18 +1795,12 @@ async fn a_pod_through_an_upgrade(env: &mut Env) -> anyhow::Result<()> {
 /// A CRI pod with containers through a live upgrade of the sandboxer (a Linux guest).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_lives_through_an_upgrade() {
-    let test = "a_pod_lives_through_an_upgrade";
-    let Some(tools) = prerequisites(test) else {
-        return;
-    };
-    let Some((kernel, initramfs)) = linux_guest(test) else {
+    let Some((tools, vm)) = linux_test("a_pod_lives_through_an_upgrade") else {
         return;
     };
     require_kvm!();
     let _serial = SERIAL.lock().await;
-    let mut env = Env::new(tools, VmKind::Linux(kernel, initramfs), false)
-        .await
-        .unwrap();
+    let mut env = Env::new(tools, vm, false).await.unwrap();
     // The pod boots: no template. With templates on, the new process builds the default
     // template at its start, and that Linux guest booting beside the running pod froze the
     // emulated host's L1 (QEMU TCG's SVM, tests/emulated-host/README.md) in each of the 8 L1s

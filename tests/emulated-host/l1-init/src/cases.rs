@@ -367,6 +367,21 @@ impl RustTestCase {
 }
 
 /// Every Rust test run inside L1.
+/// The environment of the CRI tests (`tests/tests/cri.rs`) in L1.
+const CRI_ENV: &[(&str, &str)] = &[
+    ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
+    ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
+    ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
+    ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
+    ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
+    ("SANDBOXER_BIN", SANDBOXER),
+    ("SANDBOXER_REQUIRE_KVM", "1"),
+    ("SANDBOXER_REQUIRE_ROOT", "1"),
+    ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
+    ("TMPDIR", "/tmp"),
+    ("RUST_BACKTRACE", "1"),
+];
+
 pub const RUST_TEST_CASES: &[RustTestCase] = &[
     RustTestCase {
         name: "agent-memcg",
@@ -388,19 +403,7 @@ pub const RUST_TEST_CASES: &[RustTestCase] = &[
         ci: true,
         binary: CRI_TEST,
         test: "containers_run_in_a_linux_guest",
-        env: &[
-            ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
-            ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
-            ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
-            ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
-            ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
-            ("SANDBOXER_BIN", SANDBOXER),
-            ("SANDBOXER_REQUIRE_KVM", "1"),
-            ("SANDBOXER_REQUIRE_ROOT", "1"),
-            ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
-            ("TMPDIR", "/tmp"),
-            ("RUST_BACKTRACE", "1"),
-        ],
+        env: CRI_ENV,
     },
     RustTestCase {
         name: "cri-upgrade",
@@ -408,19 +411,7 @@ pub const RUST_TEST_CASES: &[RustTestCase] = &[
         ci: true,
         binary: CRI_TEST,
         test: "a_pod_lives_through_an_upgrade",
-        env: &[
-            ("SANDBOXER_LINUX_GUEST_KERNEL", GUEST_VMLINUX),
-            ("SANDBOXER_LINUX_GUEST_INITRAMFS", GUEST_INITRAMFS),
-            ("SANDBOXER_CONTAINERD_CACHE", CONTAINERD_CACHE),
-            ("SANDBOXER_CONTAINERD_SCRIPTS", CONTAINERD_SCRIPTS),
-            ("SANDBOXER_CRI_IMAGE_TAR", CRI_IMAGE_TAR),
-            ("SANDBOXER_BIN", SANDBOXER),
-            ("SANDBOXER_REQUIRE_KVM", "1"),
-            ("SANDBOXER_REQUIRE_ROOT", "1"),
-            ("SANDBOXER_REQUIRE_CONTAINERD", "1"),
-            ("TMPDIR", "/tmp"),
-            ("RUST_BACKTRACE", "1"),
-        ],
+        env: CRI_ENV,
     },
 ];
 
