@@ -617,6 +617,32 @@ mod tests {
         _server: ttrpc::asynchronous::Server,
     }
 
+    /// A new connection's `Streaming.Stream` to the agent, opened with a resume of `id`.
+    async fn resume_stream(
+        f: &Fixture,
+        id: &str,
+        received: u64,
+    ) -> ttrpc::asynchronous::ClientStream<Any, Any> {
+        let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", f.agent.display()))
+            .await
+            .unwrap();
+        let s = StreamingClient::new(client)
+            .stream(ttrpc::context::with_timeout(0))
+            .await
+            .unwrap();
+        s.send(&resume_msg(id, received)).await.unwrap();
+        s
+    }
+
+    /// A resume of `id` is answered NOT_FOUND (no copy waits for it).
+    async fn assert_not_resumable(f: &Fixture, id: &str, received: u64) {
+        let mut s = resume_stream(f, id, received).await;
+        match s.recv().await {
+            Err(ttrpc::Error::RpcStatus(st)) => assert_eq!(st.code(), ttrpc::Code::NOT_FOUND),
+            other => panic!("{other:?}"),
+        }
+    }
+
     async fn fixture(wait: Duration) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let registry = Arc::new(
@@ -722,14 +748,7 @@ mod tests {
         w.write_all(b"hello").await.unwrap();
         assert_eq!(take_data(&mut rx, 5).await, b"hello");
         f.relay.cut();
-        let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", f.agent.display()))
-            .await
-            .unwrap();
-        let mut s = StreamingClient::new(client)
-            .stream(ttrpc::context::with_timeout(0))
-            .await
-            .unwrap();
-        s.send(&resume_msg("c2-stdout", 6)).await.unwrap();
+        let mut s = resume_stream(&f, "c2-stdout", 6).await;
         match s.recv().await {
             Err(ttrpc::Error::RpcStatus(st)) => {
                 assert_eq!(st.code(), ttrpc::Code::INVALID_ARGUMENT, "{}", st.message());
@@ -751,18 +770,7 @@ mod tests {
         copy.abort();
         let _ = copy.await;
         // A stream nobody copies is not found.
-        let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", f.agent.display()))
-            .await
-            .unwrap();
-        let mut s = StreamingClient::new(client)
-            .stream(ttrpc::context::with_timeout(0))
-            .await
-            .unwrap();
-        s.send(&resume_msg("c9-stdout", 0)).await.unwrap();
-        match s.recv().await {
-            Err(ttrpc::Error::RpcStatus(st)) => assert_eq!(st.code(), ttrpc::Code::NOT_FOUND),
-            other => panic!("{other:?}"),
-        }
+        assert_not_resumable(&f, "c9-stdout", 0).await;
     }
 
     #[tokio::test]
@@ -789,18 +797,7 @@ mod tests {
         let e = w.write_all(&[0u8; 70_000]).await.unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe);
         // And the stream cannot be resumed any more.
-        let client = ttrpc::asynchronous::Client::connect(&format!("unix://{}", f.agent.display()))
-            .await
-            .unwrap();
-        let mut s = StreamingClient::new(client)
-            .stream(ttrpc::context::with_timeout(0))
-            .await
-            .unwrap();
-        s.send(&resume_msg("c3-stdout", 1)).await.unwrap();
-        match s.recv().await {
-            Err(ttrpc::Error::RpcStatus(st)) => assert_eq!(st.code(), ttrpc::Code::NOT_FOUND),
-            other => panic!("{other:?}"),
-        }
+        assert_not_resumable(&f, "c3-stdout", 1).await;
     }
 
     /// An input copy into a pipe, its stream opened through the relay.
