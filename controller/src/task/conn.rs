@@ -43,6 +43,7 @@ use ttrpc::proto::{
     MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
 };
 
+use super::stdio::STREAMING;
 use super::{TASK_V2, TASK_V3};
 use crate::accept::Pause;
 
@@ -154,24 +155,28 @@ struct Unanswered {
     /// `Service/Method`.
     call: String,
     replayable: bool,
+    /// A stdio stream (`io_type = "streaming"`): it lasts as long as its process.
+    stream: bool,
 }
 
 impl Unanswered {
     fn new(frame: Vec<u8>) -> Self {
         let body = frame.get(HEADER..).unwrap_or_default();
-        let (call, replayable) = match ttrpc::proto::Request::parse_from_bytes(body) {
+        let (call, replayable, stream) = match ttrpc::proto::Request::parse_from_bytes(body) {
             Ok(r) => {
                 let task = r.service == TASK_V3 || r.service == TASK_V2;
                 let replayable = task && REPLAYABLE.contains(&r.method.as_str());
-                (format!("{}/{}", r.service, r.method), replayable)
+                let stream = r.service == STREAMING && r.method == "Stream";
+                (format!("{}/{}", r.service, r.method), replayable, stream)
             }
             // ttrpc answers it with an error at once.
-            Err(_) => ("an undecodable request".to_owned(), false),
+            Err(_) => ("an undecodable request".to_owned(), false, false),
         };
         Unanswered {
             frame,
             call,
             replayable,
+            stream,
         }
     }
 }
@@ -213,23 +218,32 @@ impl State {
         });
     }
 
-    /// What keeps the connection from being cut now, if anything.
-    fn not_still(&self) -> Option<String> {
+    /// What keeps the connection from being cut now, if anything, and whether waiting could
+    /// help.
+    fn not_still(&self) -> Option<Busy> {
         if self.ended {
             return None;
         }
+        if let Some(u) = self.unanswered.values().find(|u| u.stream) {
+            return Some(Busy::Never(format!(
+                "a stdio stream ({}, io_type \"streaming\") is open: it lasts as long as its \
+                 process and cannot be handed over yet",
+                u.call
+            )));
+        }
         if !self.reads.at_boundary() {
-            return Some("a request still arriving".to_owned());
+            return Some(Busy::Now("a request still arriving".to_owned()));
         }
         self.unanswered
             .values()
             .find(|u| !u.replayable)
-            .map(|u| format!("a {} call in flight", u.call))
+            .map(|u| Busy::Now(format!("a {} call in flight", u.call)))
     }
 
     /// Whether a reply is being written.
-    fn writing(&self) -> Option<String> {
-        (!self.ended && !self.writes.at_boundary()).then(|| "a reply being written".to_owned())
+    fn writing(&self) -> Option<Busy> {
+        (!self.ended && !self.writes.at_boundary())
+            .then(|| Busy::Now("a reply being written".to_owned()))
     }
 
     fn wake(&mut self) {
@@ -378,6 +392,9 @@ pub enum QuiesceError {
         /// What kept it busy.
         what: String,
     },
+    /// A connection carries what cannot be handed over.
+    #[error("a Task connection cannot be handed over: {0}")]
+    Unmovable(String),
     /// A socket could not be duplicated.
     #[error("cannot duplicate a Task connection")]
     Dup(#[source] io::Error),
@@ -388,18 +405,28 @@ async fn settle(
     conns: &[Arc<Shared>],
     deadline: Instant,
     within: Duration,
-    busy: fn(&State) -> Option<String>,
+    busy: fn(&State) -> Option<Busy>,
 ) -> Result<(), QuiesceError> {
     loop {
         let what = conns.iter().find_map(|c| busy(&c.state.lock().recover()));
         match what {
             None => return Ok(()),
-            Some(what) if Instant::now() >= deadline => {
+            Some(Busy::Never(what)) => return Err(QuiesceError::Unmovable(what)),
+            Some(Busy::Now(what)) if Instant::now() >= deadline => {
                 return Err(QuiesceError::Busy { within, what });
             }
-            Some(_) => tokio::time::sleep(POLL).await,
+            Some(Busy::Now(_)) => tokio::time::sleep(POLL).await,
         }
     }
+}
+
+/// What keeps a connection from being cut.
+#[derive(Debug)]
+enum Busy {
+    /// Something that ends by itself (a call in flight, a frame half read or written).
+    Now(String),
+    /// Something that does not end while the sandbox runs.
+    Never(String),
 }
 
 /// The connections of one Task socket, which [`Connections::quiesce`] can cut all at once.
@@ -552,18 +579,27 @@ mod tests {
             assert!(st.unanswered.get(&1).unwrap().replayable);
             assert!(!st.unanswered.get(&3).unwrap().replayable);
             assert!(!st.unanswered.get(&5).unwrap().replayable);
-            let what = st.not_still().unwrap();
-            assert!(what.contains("Task/Start"), "{what}");
-            let out = [
-                frame(3, MESSAGE_TYPE_RESPONSE, 0, b"ok"),
-                frame(5, MESSAGE_TYPE_DATA, FLAG_REMOTE_CLOSED, b""),
-            ]
-            .concat();
-            for piece in out.chunks(chunk) {
+            // An open stdio stream is never still; a Start is, once answered.
+            assert!(
+                matches!(st.not_still(), Some(Busy::Never(w)) if w.contains("stdio stream")),
+                "{:?}",
+                st.not_still()
+            );
+            // The stream ends: the Start in flight is what is left to wait for.
+            for piece in frame(5, MESSAGE_TYPE_DATA, FLAG_REMOTE_CLOSED, b"").chunks(chunk) {
+                st.wrote(piece);
+            }
+            assert!(
+                matches!(st.not_still(), Some(Busy::Now(w)) if w.contains("Task/Start")),
+                "{:?}",
+                st.not_still()
+            );
+            for piece in frame(3, MESSAGE_TYPE_RESPONSE, 0, b"ok").chunks(chunk) {
                 st.wrote(piece);
             }
             assert!(st.writes.at_boundary());
             assert_eq!(st.unanswered.keys().copied().collect::<Vec<_>>(), [1]);
+            assert!(st.unanswered.get(&1).is_some_and(|u| !u.stream));
             assert!(st.not_still().is_none());
         }
         // Half a header is not a boundary.
