@@ -222,6 +222,8 @@ pub async fn upgrade(
             "pauses_us": r.pauses_us,
             "failed": r.failed,
             "total_us": r.total_us,
+            "phases_us": r.phases.iter().map(|p| (p.name.clone(), p.at_us)).collect::<Vec<_>>(),
+            "freezes_us": r.freezes_us,
         });
         writeln!(out, "{v}")?;
         return Ok(());

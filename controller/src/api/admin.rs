@@ -109,6 +109,12 @@ impl<B: VmBackend> Admin for AdminApi<B> {
                 .map(|(id, why)| format!("{id}: {why}"))
                 .collect(),
             total_us: report.total_us,
+            phases: report
+                .phases_us
+                .into_iter()
+                .map(|(name, at_us)| proto::admin::v1::UpgradePhase { name, at_us })
+                .collect(),
+            freezes_us: report.freezes_us,
         }))
     }
 

@@ -38,6 +38,10 @@ pub struct UpgradeReport {
     pub failed: Vec<(String, String)>,
     /// From the start of the upgrade to the new process's report that it runs them.
     pub total_us: u64,
+    /// When each step of the handover ended, in microseconds from its start, in order.
+    pub phases_us: Vec<(String, u64)>,
+    /// Each handed-over VM's freeze (vCPUs paused, state saved), in microseconds.
+    pub freezes_us: Vec<u64>,
 }
 
 /// A request for a live upgrade (the admin API's Upgrade, or SIGUSR2), which the daemon's main
@@ -123,6 +127,7 @@ impl Hold {
                     id,
                     vm,
                     frozen_at,
+                    took: frozen_at.elapsed(),
                     handover,
                 });
             });
@@ -146,6 +151,8 @@ pub struct Frozen {
     pub vm: Arc<dyn VmHandle>,
     /// When its freeze began (its pause).
     pub frozen_at: std::time::Instant,
+    /// How long freezing and saving it took.
+    pub took: Duration,
     /// Its saved VM.
     pub handover: Result<Handover, crate::backend::BackendError>,
 }

@@ -220,6 +220,20 @@ fn block_files(
         .collect()
 }
 
+/// When each step of a handover ended, from its start (the report's `phases_us`).
+struct Phases(Vec<(String, u64)>, Instant);
+
+impl Phases {
+    fn new(start: Instant) -> Self {
+        Phases(Vec::new(), start)
+    }
+
+    fn mark(&mut self, name: &str) {
+        let at = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.0.push((name.to_owned(), at));
+    }
+}
+
 /// `CLOCK_MONOTONIC` in ns: one clock for both processes.
 fn monotonic_ns() -> u64 {
     nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -404,10 +418,12 @@ async fn hand_over<B: VmBackend>(
     };
     compatible(protocol, vm_format).map_err(|e| (e, None))?;
     info!(%version, pid, "upgrade: the new process is compatible");
+    let mut phases = Phases::new(start);
     let hold = service
         .hold_all(DRAIN_TIMEOUT)
         .await
         .map_err(|e| (UpgradeError::Sandbox(Box::new(e)), None))?;
+    phases.mark("held");
     // While the VMs still run, the new process builds theirs ahead on the same memory.
     let layouts = hold.layouts();
     let count = layouts.len();
@@ -445,14 +461,17 @@ async fn hand_over<B: VmBackend>(
     // The Task endpoints stop between frames (their connections go over as they are), then
     // each VM goes out as soon as it is frozen; the new process writes its state into the VM
     // it built ahead while the others are still freezing.
+    phases.mark("prepared");
     let mut cuts = hold
         .cut_tasks(TASK_CALLS_TIMEOUT)
         .await
         .map_err(|e| (UpgradeError::Sandbox(Box::new(e)), None))?;
+    phases.mark("cut");
     let (freeze, mut frozen) = hold.freeze();
     let mut freeze = Some(freeze);
     let fail = |e: UpgradeError, freeze: &mut Option<Freeze>| (e, freeze.take());
     let mut frozen_at = std::collections::HashMap::new();
+    let mut freezes_us = Vec::with_capacity(count);
     let mut failure = None;
     for _ in 0..count {
         let Some(one) = frozen.recv().await else {
@@ -475,6 +494,7 @@ async fn hand_over<B: VmBackend>(
         }
         let at = monotonic_ns_at(one.frozen_at);
         frozen_at.insert(one.id.clone(), at);
+        freezes_us.push(u64::try_from(one.took.as_micros()).unwrap_or(u64::MAX));
         let task = cuts.remove(&one.id);
         if let Err(e) = send_sandbox(chan, one.id, handover, task, at).await {
             failure = Some(e);
@@ -483,6 +503,7 @@ async fn hand_over<B: VmBackend>(
     if let Some(e) = failure {
         return Err(fail(e, &mut freeze));
     }
+    phases.mark("sent");
     let mut restored = std::collections::HashSet::new();
     while restored.len() < count {
         match recv(chan, "rebuild a VM").await {
@@ -499,6 +520,7 @@ async fn hand_over<B: VmBackend>(
             Err(e) => return Err(fail(e, &mut freeze)),
         }
     }
+    phases.mark("restored");
     let paths: Vec<PathBuf> = plan.listeners.iter().map(|(p, _)| p.clone()).collect();
     let fds: Vec<BorrowedFd<'_>> = plan.listeners.iter().map(|(_, l)| l.as_fd()).collect();
     chan.send(&Msg::Listeners { paths }, &[], &fds)
@@ -512,6 +534,7 @@ async fn hand_over<B: VmBackend>(
         }
         Err(e) => return Err(fail(e, &mut freeze)),
     }
+    phases.mark("ready");
     // The point of no return: from here the new process may run the VMs.
     let freeze = freeze.ok_or_else(|| (UpgradeError::Protocol("no freeze".into()), None))?;
     if let Err(e) = chan.send(&Msg::Commit, &[], &[]).await {
@@ -519,9 +542,11 @@ async fn hand_over<B: VmBackend>(
         // they must not run here too. It exits without Commit (dropping nothing).
         warn!(error = %error_chain(&e), "upgrade: Commit not delivered; giving the VMs up");
     }
+    phases.mark("committed");
     let mut report = Report {
         new_pid,
         sandboxes: count,
+        freezes_us,
         ..Report::default()
     };
     match recv(chan, "report Done").await {
@@ -539,7 +564,9 @@ async fn hand_over<B: VmBackend>(
         Ok(f) => warn!(message = ?f.message, "upgrade: unexpected answer to Commit"),
         Err(e) => warn!(error = %error_chain(&e), "upgrade: no Done from the new process"),
     }
+    phases.mark("done");
     report.total_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
+    report.phases_us = phases.0;
     Ok((report, freeze))
 }
 

@@ -25,7 +25,12 @@
 //! - gap: per guest, the longest time between two counter lines across the upgrade, at this
 //!   benchmark's listener: what a host-side peer of a guest's vsock stream sees. The pause,
 //!   plus the time until the connection the old process carried ends (its host end closes
-//!   when the old process exits) and the guest has dialled again, plus the host's scheduling.
+//!   when the old process exits) and the guest has dialled again, plus the host's scheduling;
+//! - freeze: the daemon's `freezes_us`, one per VM: its vCPUs paused and its state saved in the
+//!   old process (all VMs freeze at once, each on its own threads);
+//! - steps: the daemon's `phases`, when each step of the handover ended, from the request
+//!   (held, prepared, cut, sent: every VM frozen and sent, restored: the new process wrote
+//!   every VM's state, ready, committed, done: every VM runs in the new process).
 //!
 //! The daemons after the first are not this process's children: the last one is stopped by
 //! its pid (SIGTERM), and whichever one runs is killed if the run fails.
@@ -204,6 +209,10 @@ struct Round {
     /// Upgrade answered -> the old process gone.
     old_exit: Duration,
     gaps: Vec<Duration>,
+    /// The daemon's steps: when each ended, from the request.
+    phases: Vec<(String, Duration)>,
+    /// Each VM's freeze (vCPUs paused, state saved), in the old process.
+    freezes: Vec<Duration>,
 }
 
 /// A sandbox's Status: the API state, and the daemon's own state and exit reason when it is
@@ -379,6 +388,16 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             wall,
             old_exit,
             gaps,
+            phases: r
+                .phases
+                .iter()
+                .map(|ph| (ph.name.clone(), Duration::from_micros(ph.at_us)))
+                .collect(),
+            freezes: r
+                .freezes_us
+                .iter()
+                .map(|us| Duration::from_micros(*us))
+                .collect(),
         };
         let (p, g) = (Summary::of(&x.pauses), Summary::of(&x.gaps));
         eprintln!(
@@ -396,6 +415,18 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             ms(x.wall),
             ms(x.old_exit),
             g.p99_ms
+        );
+        let f = Summary::of(&x.freezes);
+        let steps: Vec<String> = x
+            .phases
+            .iter()
+            .map(|(name, at)| format!("{name} {:.1}", ms(*at)))
+            .collect();
+        eprintln!(
+            "upgrade: round {round}/{rounds}: freeze per VM p50 {:.3} ms p99 {:.3} ms; steps              ended at (ms from the request): {}",
+            f.p50_ms,
+            f.p99_ms,
+            steps.join(", ")
         );
         done.push(x);
     }
@@ -492,6 +523,9 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             "old_exit_ms": ms(x.old_exit),
             "gap_p50_ms": g.p50_ms,
             "gap_p99_ms": g.p99_ms,
+            "freeze_p50_ms": Summary::of(&x.freezes).p50_ms,
+            "freeze_p99_ms": Summary::of(&x.freezes).p99_ms,
+            "steps_ms": x.phases.iter().map(|(n, at)| (n.clone(), ms(*at))).collect::<Vec<_>>(),
         }));
     }
     let (p, g) = (Summary::of(&all_pauses), Summary::of(&all_gaps));
