@@ -423,7 +423,8 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             .map(|(name, at)| format!("{name} {:.1}", ms(*at)))
             .collect();
         eprintln!(
-            "upgrade: round {round}/{rounds}: freeze per VM p50 {:.3} ms p99 {:.3} ms; steps              ended at (ms from the request): {}",
+            "upgrade: round {round}/{rounds}: freeze per VM p50 {:.3} ms p99 {:.3} ms; steps \
+             ended at (ms from the request): {}",
             f.p50_ms,
             f.p99_ms,
             steps.join(", ")
