@@ -28,6 +28,7 @@ mod host;
 mod kvm;
 mod memory;
 mod pool;
+mod sched;
 mod seccomp;
 pub mod snapshot;
 mod timings;
@@ -42,6 +43,7 @@ pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendCon
 pub use devices::virtio::block::{BlockFile, DiskInfo};
 pub use host::Host;
 pub use kvm::KvmError;
+pub use sched::realtime;
 pub use seccomp::{
     BASELINE_ENV, Confined, SeccompError, SeccompPolicy, confine_process, process_baseline,
 };

@@ -746,16 +746,22 @@ pub async fn take<B: VmBackend>(
         return Err(UpgradeError::Protocol(format!("{:?}", commit.message)));
     }
     // Ours now. Every guest runs again first (the pause ends here), then the rest.
+    // At real-time priority: each VM it resumes wakes threads that would otherwise preempt
+    // the loop, and the last VMs' pauses would grow by the first ones' catch-up work.
     let mut resumed = Vec::with_capacity(adopted.len());
     let mut failed = Vec::new();
-    let mut running = Vec::with_capacity(adopted.len());
-    for (id, vm, task) in adopted {
-        match vm.run() {
-            Ok(()) => resumed.push((id.clone(), monotonic_ns())),
-            Err(e) => failed.push((id.clone(), error_chain(&e))),
-        }
-        running.push((id, vm, task));
-    }
+    let running: Vec<_> = vmm::realtime(|| {
+        adopted
+            .into_iter()
+            .map(|(id, vm, task)| {
+                match vm.run() {
+                    Ok(()) => resumed.push((id.clone(), monotonic_ns())),
+                    Err(e) => failed.push((id.clone(), error_chain(&e))),
+                }
+                (id, vm, task)
+            })
+            .collect()
+    });
     let pid = std::process::id();
     if let Err(e) = crate::notify::notify(&format!("MAINPID={pid}\nREADY=1")) {
         warn!(error = %e, "cannot tell systemd the new main pid");
