@@ -315,16 +315,7 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
     );
     // containerd's way of holding a sandbox's Task API: one ttrpc connection for the pod's
     // life. It must go on across the upgrades (containerd takes one that ends for a dead shim).
-    let task_sock = s
-        .state()
-        .join(controller::store::SANDBOXES_DIR)
-        .join(&ids[0])
-        .join("task.sock");
-    let task = TaskClient::new(
-        Client::connect(&format!("unix://{}", task_sock.display()))
-            .await
-            .unwrap(),
-    );
+    let task = task_client(&s, &ids[0]).await;
     task_state(&task).await.expect("State before any upgrade");
 
     for round in 0..2 {
@@ -447,6 +438,20 @@ fn seccomp_filters(pid: u32) -> u32 {
         .map_or(0, |v| v.trim().parse().unwrap())
 }
 
+/// A ttrpc Task client on sandbox `id`'s `task.sock`.
+async fn task_client(s: &Setup, id: &str) -> TaskClient {
+    let sock = s
+        .state()
+        .join(controller::store::SANDBOXES_DIR)
+        .join(id)
+        .join("task.sock");
+    TaskClient::new(
+        Client::connect(&format!("unix://{}", sock.display()))
+            .await
+            .unwrap(),
+    )
+}
+
 /// Task.State on `task` (the test guest's agent answers any call with an empty OK).
 async fn task_state(task: &TaskClient) -> ttrpc::Result<()> {
     let mut r = StateRequest::new();
@@ -483,6 +488,9 @@ async fn a_failed_upgrade_leaves_every_sandbox_in_the_old_process() {
             &s.state().join(controller::store::SANDBOXES_DIR).join(id),
         ));
     }
+    // A Task connection held across both attempts, as containerd holds one.
+    let task = task_client(&s, &ids[0]).await;
+    task_state(&task).await.expect("State before the attempts");
     let fds = daemon.settled_fds();
     let half_way = s.wrapper(
         "half-way",
@@ -506,6 +514,14 @@ async fn a_failed_upgrade_leaves_every_sandbox_in_the_old_process() {
             assert_eq!(state(&mut c, id).await, "SANDBOX_READY", "{id}");
         }
         assert!(!s.state().join(controller::upgrade::SOCKET).exists());
+        // The Task endpoint was cut (the half-way attempt) or not, and serves on: the kept
+        // connection, and a new one (its socket accepts again).
+        task_state(&task)
+            .await
+            .unwrap_or_else(|e| panic!("{}: the kept Task connection: {e:?}", binary.display()));
+        task_state(&task_client(&s, &ids[1]).await)
+            .await
+            .unwrap_or_else(|e| panic!("{}: a new Task connection: {e:?}", binary.display()));
     }
     // Nothing of the attempts stays open in the old process.
     assert!(
