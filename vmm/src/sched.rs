@@ -16,6 +16,12 @@ pub fn realtime<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// A `sched_param` of all zeroes (musl's has more fields than glibc's).
+fn zeroed_param() -> libc::sched_param {
+    // SAFETY: sched_param is plain integers; all zeroes is a valid value of it.
+    unsafe { std::mem::zeroed() }
+}
+
 /// The thread's scheduling policy and priority before [`realtime`], put back on drop.
 struct Realtime {
     policy: libc::c_int,
@@ -29,12 +35,13 @@ impl Realtime {
         if policy < 0 {
             return None;
         }
-        let mut param = libc::sched_param { sched_priority: 0 };
+        let mut param = zeroed_param();
         // SAFETY: `param` is a valid, writable sched_param for the calling thread's priority.
         if unsafe { libc::sched_getparam(0, &mut param) } != 0 {
             return None;
         }
-        let fifo = libc::sched_param { sched_priority: 1 };
+        let mut fifo = zeroed_param();
+        fifo.sched_priority = 1;
         // SAFETY: `fifo` is a valid sched_param; the call changes only the calling thread.
         if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &fifo) } != 0 {
             log::debug!(
