@@ -29,7 +29,7 @@ use crate::config::{ConfigError, ConsoleConfig, ValidatedConfig, VmConfig};
 use crate::device_manager::{DeviceConfig, DeviceError, DeviceManager, VmmEventManager};
 use crate::event_loop::{SnapshotSources, VmResources, VmmControl, VmmJob, vmm_thread};
 use crate::host::Host;
-use crate::kvm::state::{StateError, xsave_words};
+use crate::kvm::state::{Reading, Registers, StateError, xsave_words};
 use crate::kvm::{IrqLine, KvmContext, KvmError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pool::{PoolKey, ShellError, VmShell};
@@ -409,10 +409,15 @@ impl Vm {
         timings.devices = lap.next() + virtio_time;
 
         let mut vcpu_fds = Vec::with_capacity(usize::from(vcpu_count));
+        let registers = Registers {
+            sync: kvm.sync_regs(),
+        };
+        // The TSC frequency the vCPUs run at: KVM's default, or the saved one.
+        let mut tsc_khz = None;
         // A clone shell comes with its vCPUs made and their CPUID set.
         ready_vcpus.reverse();
         for id in 0..vcpu_count {
-            let (fd, made) = match ready_vcpus.pop() {
+            let (mut fd, made) = match ready_vcpus.pop() {
                 Some(fd) => (fd, true),
                 None => (
                     vm_fd
@@ -441,8 +446,15 @@ impl Vm {
                         .vcpus
                         .get(usize::from(id))
                         .ok_or(CloneError::VcpuCount)?;
-                    state.restore(&fd).map_err(CloneError::State)?;
+                    let default = kvm.default_tsc_khz(&fd);
+                    state
+                        .restore(&mut fd, default, registers)
+                        .map_err(CloneError::State)?;
+                    tsc_khz = tsc_khz.or(state.tsc_khz()).or(default);
                 }
+            }
+            if tsc_khz.is_none() {
+                tsc_khz = kvm.default_tsc_khz(&fd);
             }
             vcpu_fds.push(fd);
         }
@@ -464,8 +476,12 @@ impl Vm {
             mem_bytes,
             private_memory: ram.private,
             mapping: ram.mem.clone(),
-            msr_list: kvm.msr_list().into(),
-            xsave_words: xsave_words(&vm_fd),
+            vcpu_reading: Arc::new(Reading {
+                msr_list: kvm.msr_list().into(),
+                xsave_words: xsave_words(&vm_fd),
+                tsc_khz,
+                registers,
+            }),
         };
         let blk_slots = devices.blocks.len();
         let vsock = devices.vsock.take();

@@ -27,7 +27,7 @@ use crate::VmExit;
 use crate::api::{ApiRequest, PanicSite, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::{Devices, VmmEventManager};
 use crate::host::LiveGuard;
-use crate::kvm::state::{VcpuState, VmState, settle};
+use crate::kvm::state::{Reading, VcpuState, VmState};
 use crate::memory::GuestRam;
 use crate::seccomp::SeccompError;
 use crate::snapshot::{SavedMemory, SnapshotError, VmSnapshot};
@@ -161,9 +161,8 @@ pub(crate) struct SnapshotSources {
     pub(crate) private_memory: bool,
     /// The guest memory's mapping (a clone's private pages are read from it at a handover).
     pub(crate) mapping: vm_memory::GuestMemoryMmap,
-    /// The host's MSR list and this VM's XSAVE area size.
-    pub(crate) msr_list: Arc<[u32]>,
-    pub(crate) xsave_words: usize,
+    /// What reading a vCPU's state needs (the host's MSR list, the XSAVE area size, ...).
+    pub(crate) vcpu_reading: Arc<Reading>,
 }
 
 /// The VMM thread's own subscriber: API requests and vCPU exits (guest resets included).
@@ -308,17 +307,17 @@ impl VmmControl {
     /// Pauses the vCPUs and reads the VM's state (its memory is named, not copied; a clone's
     /// is marked own here and completed by the caller).
     fn save(&mut self) -> Result<VmSnapshot, VmmActionError> {
+        // Taken before the vCPUs are stopped, not after: a pause measured from here is never
+        // shorter than the guest's.
+        let paused_at = Some(std::time::Instant::now());
         if !self.vcpus.pause() {
             return Err(VmmActionError::PauseTimedOut);
         }
         let saved = &self.saved;
-        let (msr_list, xsave_words) = (Arc::clone(&saved.msr_list), saved.xsave_words);
+        let reading = Arc::clone(&saved.vcpu_reading);
         let vcpus = self
             .vcpus
-            .on_each(move |_, fd| {
-                settle(fd)?;
-                VcpuState::save(fd, &msr_list, xsave_words)
-            })
+            .on_each(move |_, fd| VcpuState::save(fd, &reading))
             .ok_or(SnapshotError::VcpuTimeout)?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()
@@ -337,6 +336,7 @@ impl VmmControl {
             disks: self.devices.disks(),
             vsock_stale: self.devices.vsock_connection_ports(),
             files: Default::default(),
+            paused_at,
         })
     }
 

@@ -181,9 +181,9 @@ mod defs {
     use std::os::raw::c_uint;
 
     use kvm_bindings::{
-        kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_ioeventfd, kvm_irq_level, kvm_irqchip,
-        kvm_lapic_state, kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs,
-        kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+        kvm_clock_data, kvm_debugregs, kvm_ioeventfd, kvm_irq_level, kvm_irqchip, kvm_lapic_state,
+        kvm_mp_state, kvm_msrs, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+        kvm_xsave,
     };
     use vmm_sys_util::{ioctl_io_nr, ioctl_ior_nr, ioctl_iow_nr, ioctl_iowr_nr};
 
@@ -193,12 +193,10 @@ mod defs {
     ioctl_ior_nr!(KVM_GET_REGS, KVMIO, 0x81, kvm_regs);
     ioctl_ior_nr!(KVM_GET_SREGS, KVMIO, 0x83, kvm_sregs);
     ioctl_iowr_nr!(KVM_GET_MSRS, KVMIO, 0x88, kvm_msrs);
-    ioctl_ior_nr!(KVM_GET_FPU, KVMIO, 0x8c, kvm_fpu);
     ioctl_ior_nr!(KVM_GET_LAPIC, KVMIO, 0x8e, kvm_lapic_state);
     ioctl_ior_nr!(KVM_GET_MP_STATE, KVMIO, 0x98, kvm_mp_state);
     ioctl_ior_nr!(KVM_GET_VCPU_EVENTS, KVMIO, 0x9f, kvm_vcpu_events);
     ioctl_ior_nr!(KVM_GET_DEBUGREGS, KVMIO, 0xa1, kvm_debugregs);
-    ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
     ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_xsave);
     ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_xcrs);
     ioctl_ior_nr!(KVM_GET_XSAVE2, KVMIO, 0xcf, kvm_xsave);
@@ -229,11 +227,12 @@ const VCPU_IOCTLS: &[Request] = &[
     defs::KVM_IRQ_LINE,
     // virtio-net's activation and reset (the driver's status write) set the TAP's offloads.
     defs::TUNSETOFFLOAD,
-    // A snapshot reads every vCPU's state on the vCPU's own thread (`VcpuState::save`). The
-    // registers also give the guest's rip when KVM fails to emulate an instruction.
+    // A snapshot reads every vCPU's state on the vCPU's own thread (`VcpuState::save`); the
+    // registers, system registers and events by ioctl only where KVM does not sync them
+    // through `kvm_run`. The registers also give the guest's rip when KVM fails to emulate
+    // an instruction.
     defs::KVM_GET_REGS,
     defs::KVM_GET_SREGS,
-    defs::KVM_GET_FPU,
     defs::KVM_GET_XSAVE,
     // Instead of KVM_GET_XSAVE where the XSAVE area exceeds 4 KiB (`KVM_CAP_XSAVE2`, e.g. AMX).
     defs::KVM_GET_XSAVE2,
@@ -243,7 +242,6 @@ const VCPU_IOCTLS: &[Request] = &[
     defs::KVM_GET_MSRS,
     defs::KVM_GET_MP_STATE,
     defs::KVM_GET_VCPU_EVENTS,
-    defs::KVM_GET_TSC_KHZ,
 ];
 
 /// The `ioctl` requests the event loop issues.

@@ -92,6 +92,9 @@ pub struct VmSnapshot {
     /// For a handover: the host files its devices use (not encoded: they travel as
     /// descriptors next to it).
     pub(crate) files: HandoverFiles,
+    /// When the VMM began stopping the VM's vCPUs for this save (the guest's pause began
+    /// then or a few microseconds later); `None` for a snapshot decoded from bytes.
+    pub(crate) paused_at: Option<std::time::Instant>,
 }
 
 /// Ids of snapshots: unique in the process.
@@ -288,7 +291,14 @@ impl VmSnapshot {
             disks: record.disks,
             vsock_stale: record.vsock_stale,
             files: HandoverFiles::default(),
+            paused_at: None,
         })
+    }
+
+    /// When the VMM began stopping the VM's vCPUs for this save, in the process that saved
+    /// it (`None` once decoded in another).
+    pub fn paused_at(&self) -> Option<std::time::Instant> {
+        self.paused_at
     }
 
     /// What the memory is.

@@ -16,8 +16,11 @@ use std::io;
 use std::sync::{Arc, Mutex};
 
 use devices::sync::Recover;
-use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_bindings::{
+    CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS,
+    KVM_SYNC_X86_SREGS, kvm_pit_config,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 /// Where KVM places the three-page TSS region Intel VMX needs (just below the 4 GiB boundary,
@@ -81,6 +84,11 @@ pub(crate) struct KvmContext {
     max_vcpus: usize,
     /// The MSRs KVM can save and restore for a vCPU (`KVM_GET_MSR_INDEX_LIST`).
     msr_list: Vec<u32>,
+    /// Whether KVM passes a vCPU's registers, system registers and events through `kvm_run`
+    /// (`KVM_CAP_SYNC_REGS`): a save or restore then spends three ioctls fewer per vCPU.
+    sync_regs: bool,
+    /// The TSC frequency of a new VM's vCPUs (kHz), read once from the first vCPU asked.
+    default_tsc_khz: std::sync::OnceLock<Option<u32>>,
 }
 
 /// The KVM handle of a [`crate::Host`], opened on first use.
@@ -141,11 +149,16 @@ impl KvmContext {
             .map_err(KvmError::MsrList)?
             .as_slice()
             .to_vec();
+        let all = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS | KVM_SYNC_X86_EVENTS;
+        let sync_regs = u32::try_from(kvm.check_extension_int(Cap::SyncRegs))
+            .is_ok_and(|fields| fields & all == all);
         Ok(KvmContext {
             kvm,
             supported_cpuid,
             max_vcpus,
             msr_list,
+            sync_regs,
+            default_tsc_khz: std::sync::OnceLock::new(),
         })
     }
 
@@ -157,6 +170,19 @@ impl KvmContext {
     /// The MSRs a vCPU's saved state covers.
     pub(crate) fn msr_list(&self) -> &[u32] {
         &self.msr_list
+    }
+
+    /// Whether vCPU state goes through `kvm_run` (see [`state::Registers`]).
+    pub(crate) fn sync_regs(&self) -> bool {
+        self.sync_regs
+    }
+
+    /// The TSC frequency KVM gives a new VM's vCPUs, learnt from `vcpu` (any vCPU of a VM
+    /// that did not set its own) on the first call; `None` if KVM does not tell.
+    pub(crate) fn default_tsc_khz(&self, vcpu: &VcpuFd) -> Option<u32> {
+        *self
+            .default_tsc_khz
+            .get_or_init(|| vcpu.get_tsc_khz().ok().filter(|&khz| khz > 0))
     }
 
     /// Most vCPUs KVM allows in one VM.

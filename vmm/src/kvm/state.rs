@@ -5,17 +5,18 @@
 //! (DESIGN.md section 8).
 //!
 //! Restoring follows the order the state depends on (Firecracker's and Cloud Hypervisor's
-//! order): TSC frequency first, the MP state, general and system registers, FPU/XSAVE/XCRs,
-//! debug registers, the LAPIC, then MSRs (after the system registers: EFER and friends) and
-//! the pending events last (they refer to the LAPIC). On the VM: the PIT and the clock, then the
-//! three irqchips.
+//! order): TSC frequency first, the MP state, general and system registers, XSAVE (the FPU
+//! state with it)/XCRs, debug registers, the LAPIC, then MSRs (after the system registers: EFER
+//! and friends) and the pending events last (they refer to the LAPIC). On the VM: the PIT and
+//! the clock, then the three irqchips. Where KVM syncs registers through `kvm_run`
+//! ([`Registers`]), the general registers and events are loaded by the first `KVM_RUN`.
 
 use kvm_bindings::{
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_MSR_ENTRIES, Msrs,
     Xsave, kvm_clock_data, kvm_debugregs, kvm_fpu, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
     kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
-use kvm_ioctls::{Cap, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, SyncReg, VcpuFd, VmFd};
 
 /// Why reading or writing KVM state failed: the ioctl that failed and its error.
 #[derive(Debug, thiserror::Error)]
@@ -125,31 +126,75 @@ pub(crate) fn settle(fd: &mut VcpuFd) -> Result<(), StateError> {
     }
 }
 
+/// How a vCPU's registers, system registers and pending events are read and written: through
+/// `kvm_run` (`KVM_CAP_SYNC_REGS`: KVM stores them there on the way out of `KVM_RUN`, and loads
+/// what is marked dirty on the way in) or with one ioctl each. Every vCPU ioctl costs a
+/// `vcpu_load`, which on some hosts (a pagetable-based KVM inside a VM, `kvm_pvm`) reads host
+/// MSRs at ~8 us a call: the save and restore of a live handover are mostly ioctls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Registers {
+    /// `KVM_CAP_SYNC_REGS` covers the registers, system registers and events.
+    pub(crate) sync: bool,
+}
+
+/// The register sets `kvm_run` carries.
+const SYNCED: [SyncReg; 3] = [
+    SyncReg::Register,
+    SyncReg::SystemRegister,
+    SyncReg::VcpuEvents,
+];
+
+/// What reading a vCPU's state needs besides the vCPU.
+#[derive(Clone, Debug)]
+pub(crate) struct Reading {
+    /// The host's MSR list (`KVM_GET_MSR_INDEX_LIST`).
+    pub(crate) msr_list: std::sync::Arc<[u32]>,
+    /// The XSAVE area size ([`xsave_words`]).
+    pub(crate) xsave_words: usize,
+    /// The TSC frequency the VM's vCPUs run at (kHz), known from its start: KVM's default for
+    /// a booted VM, the saved one for a restored VM.
+    pub(crate) tsc_khz: Option<u32>,
+    /// How registers are read.
+    pub(crate) registers: Registers,
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is not running (its thread is parked outside
-    /// `KVM_RUN`). `msr_list` is the host's MSR index list, `xsave_words` the XSAVE area size.
-    pub(crate) fn save(
-        fd: &VcpuFd,
-        msr_list: &[u32],
-        xsave_words: usize,
-    ) -> Result<Self, StateError> {
-        // Events first: reading them does not change them, but the order keeps what the vCPU
-        // was about to do next to the registers it would do it with.
-        let events = fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?;
+    /// `KVM_RUN`), after finishing an exit it left half done ([`settle`]); that `KVM_RUN` also
+    /// hands over the registers, system registers and events where KVM syncs them.
+    pub(crate) fn save(fd: &mut VcpuFd, reading: &Reading) -> Result<Self, StateError> {
+        let (regs, sregs, events) = if reading.registers.sync {
+            for reg in SYNCED {
+                fd.set_sync_valid_reg(reg);
+            }
+            let settled = settle(fd);
+            let synced = fd.sync_regs();
+            for reg in SYNCED {
+                fd.clear_sync_valid_reg(reg);
+            }
+            settled?;
+            (synced.regs, synced.sregs, synced.events)
+        } else {
+            settle(fd)?;
+            // Events first: reading them does not change them, but the order keeps what the
+            // vCPU was about to do next to the registers it would do it with.
+            let events = fd.get_vcpu_events().map_err(err("KVM_GET_VCPU_EVENTS"))?;
+            let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
+            let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
+            (regs, sregs, events)
+        };
         let mp_state = fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?;
-        let regs = fd.get_regs().map_err(err("KVM_GET_REGS"))?;
-        let sregs = fd.get_sregs().map_err(err("KVM_GET_SREGS"))?;
-        let fpu = fd.get_fpu().map_err(err("KVM_GET_FPU"))?;
-        let xsave = read_xsave(fd, xsave_words)?;
+        let xsave = read_xsave(fd, reading.xsave_words)?;
         let xcrs = fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?;
         let debug_regs = fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?;
         let lapic = fd.get_lapic().map_err(err("KVM_GET_LAPIC"))?;
-        let msrs = read_msrs(fd, msr_list)?;
-        let tsc_khz = fd.get_tsc_khz().ok().filter(|&khz| khz > 0);
+        let msrs = read_msrs(fd, &reading.msr_list)?;
         Ok(VcpuState {
             regs,
             sregs,
-            fpu,
+            // The x87/SSE state is in the XSAVE area, which a restore writes; the copy kept
+            // here is read from it (what KVM_GET_FPU would have said).
+            fpu: fpu_of(&xsave),
             xsave,
             xcrs,
             lapic,
@@ -157,22 +202,43 @@ impl VcpuState {
             mp_state,
             events,
             debug_regs,
-            tsc_khz,
+            tsc_khz: reading.tsc_khz,
         })
     }
 
-    /// Writes the state into a new vCPU (whose CPUID is already set).
-    pub(crate) fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    /// The TSC frequency the vCPU ran at, if it was known.
+    pub(crate) fn tsc_khz(&self) -> Option<u32> {
+        self.tsc_khz
+    }
+
+    /// Writes the state into a new vCPU (whose CPUID is already set) of a VM whose vCPUs run
+    /// at `default_tsc_khz` unless told otherwise. With synced registers, the general
+    /// registers and the events are loaded by the vCPU's first `KVM_RUN` (the events last, as
+    /// they must be); the system registers still go first, by ioctl: they carry the APIC base
+    /// (its mode), which the LAPIC's state is read against.
+    pub(crate) fn restore(
+        &self,
+        fd: &mut VcpuFd,
+        default_tsc_khz: Option<u32>,
+        registers: Registers,
+    ) -> Result<(), StateError> {
         if let Some(khz) = self.tsc_khz
-            && fd.get_tsc_khz().ok() != Some(khz)
+            && default_tsc_khz != Some(khz)
         {
             fd.set_tsc_khz(khz).map_err(err("KVM_SET_TSC_KHZ"))?;
         }
         fd.set_mp_state(self.mp_state)
             .map_err(err("KVM_SET_MP_STATE"))?;
-        fd.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
+        if registers.sync {
+            let synced = fd.sync_regs_mut();
+            synced.regs = self.regs;
+            synced.events = self.events;
+            fd.set_sync_dirty_reg(SyncReg::Register);
+            fd.set_sync_dirty_reg(SyncReg::VcpuEvents);
+        } else {
+            fd.set_regs(&self.regs).map_err(err("KVM_SET_REGS"))?;
+        }
         fd.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
-        fd.set_fpu(&self.fpu).map_err(err("KVM_SET_FPU"))?;
         write_xsave(fd, &self.xsave)?;
         fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&self.debug_regs)
@@ -189,10 +255,49 @@ impl VcpuState {
                 log::warn!("KVM_SET_MSRS refused MSR {index:#x}; it keeps KVM's value");
             }
         }
-        fd.set_vcpu_events(&self.events)
-            .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        if !registers.sync {
+            fd.set_vcpu_events(&self.events)
+                .map_err(err("KVM_SET_VCPU_EVENTS"))?;
+        }
         Ok(())
     }
+}
+
+/// The x87/SSE state of an XSAVE area (its legacy region, laid out as `FXSAVE` writes it), as
+/// `kvm_fpu` holds it.
+fn fpu_of(xsave: &[u32]) -> kvm_fpu {
+    /// `N` bytes at `off` (zeros past the end).
+    fn take<const N: usize>(bytes: &[u8], off: usize) -> [u8; N] {
+        bytes
+            .get(off..)
+            .and_then(|b| b.get(..N))
+            .and_then(|b| b.try_into().ok())
+            .unwrap_or([0; N])
+    }
+    // The first 416 bytes of the 512-byte legacy region: control words, 8 x87 and 16 XMM
+    // registers.
+    let bytes: Vec<u8> = xsave
+        .iter()
+        .take(104)
+        .flat_map(|w| w.to_le_bytes())
+        .collect();
+    let mut fpu = kvm_fpu {
+        fcw: u16::from_le_bytes(take(&bytes, 0)),
+        fsw: u16::from_le_bytes(take(&bytes, 2)),
+        ftwx: u8::from_le_bytes(take(&bytes, 4)),
+        last_opcode: u16::from_le_bytes(take(&bytes, 6)),
+        last_ip: u64::from_le_bytes(take(&bytes, 8)),
+        last_dp: u64::from_le_bytes(take(&bytes, 16)),
+        mxcsr: u32::from_le_bytes(take(&bytes, 24)),
+        ..Default::default()
+    };
+    for (i, reg) in fpu.fpr.iter_mut().enumerate() {
+        *reg = take(&bytes, 32 + 16 * i);
+    }
+    for (i, reg) in fpu.xmm.iter_mut().enumerate() {
+        *reg = take(&bytes, 160 + 16 * i);
+    }
+    fpu
 }
 
 fn read_xsave(fd: &VcpuFd, words: usize) -> Result<Vec<u32>, StateError> {
@@ -284,5 +389,75 @@ impl VmState {
             vm.set_irqchip(chip).map_err(err("KVM_SET_IRQCHIP"))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kvm_bindings::kvm_regs;
+
+    use super::*;
+    use crate::kvm::KvmCell;
+    use crate::pool::VmShell;
+
+    /// A VM with one vCPU (its CPUID set), and what a save of it reads with.
+    fn vcpu(kvm: &crate::kvm::KvmContext) -> (VmShell, VcpuFd, Reading) {
+        let (shell, _) = VmShell::build(kvm, 32 << 20).unwrap();
+        let fd = shell.vm_fd.create_vcpu(0).unwrap();
+        crate::arch::set_cpuid(&fd, kvm.supported_cpuid(), 0, 1).unwrap();
+        let reading = Reading {
+            msr_list: kvm.msr_list().into(),
+            xsave_words: xsave_words(&shell.vm_fd),
+            tsc_khz: kvm.default_tsc_khz(&fd),
+            registers: Registers { sync: false },
+        };
+        (shell, fd, reading)
+    }
+
+    /// Registers that are not a new vCPU's.
+    fn marked() -> kvm_regs {
+        kvm_regs {
+            rax: 0x1234_5678,
+            rbx: 0xdead_beef,
+            rsp: 0x8000,
+            rip: 0x1000,
+            rflags: 0x2 | 0x40,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn registers_synced_through_kvm_run_are_the_ioctls_registers() {
+        test_guests::require_kvm!();
+        let kvm = KvmCell::default().get().unwrap();
+        if !kvm.sync_regs() {
+            eprintln!("SKIP: this KVM does not sync registers through kvm_run");
+            return;
+        }
+        let (_shell, mut fd, by_ioctl) = vcpu(&kvm);
+        fd.set_regs(&marked()).unwrap();
+        let synced = Reading {
+            registers: Registers { sync: true },
+            ..by_ioctl.clone()
+        };
+        let a = VcpuState::save(&mut fd, &synced).unwrap();
+        let b = VcpuState::save(&mut fd, &by_ioctl).unwrap();
+        assert_eq!(a.regs, marked());
+        assert_eq!((a.regs, a.sregs, a.events), (b.regs, b.sregs, b.events));
+        // The copy of the x87/SSE state read from the XSAVE area is KVM_GET_FPU's, but for
+        // MXCSR: a vCPU that never ran has 0 in KVM's own FXSAVE buffer, while its XSAVE area
+        // says what the CPU holds, the reset value (0x1f80). A restore writes the XSAVE area.
+        let fpu = fd.get_fpu().unwrap();
+        assert_eq!(a.fpu.mxcsr, 0x1f80);
+        assert_eq!(kvm_fpu { mxcsr: 0, ..a.fpu }, kvm_fpu { mxcsr: 0, ..fpu });
+
+        // Written back through kvm_run into another VM's vCPU: its first KVM_RUN loads them.
+        let (_other, mut fd2, _) = vcpu(&kvm);
+        a.restore(&mut fd2, synced.tsc_khz, Registers { sync: true })
+            .unwrap();
+        settle(&mut fd2).unwrap();
+        assert_eq!(fd2.get_regs().unwrap(), marked());
+        assert_eq!(fd2.get_sregs().unwrap(), a.sregs);
+        assert_eq!(fd2.get_vcpu_events().unwrap(), a.events);
     }
 }

@@ -11,7 +11,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::*;
 use crate::arch::layout::{SERIAL_IRQ, VIRTIO_MMIO_START};
 use crate::kvm::KvmCell;
-use crate::kvm::state::{StateError, VcpuState, VmState, settle, xsave_words};
+use crate::kvm::state::{Reading, Registers, StateError, VcpuState, VmState, settle, xsave_words};
 use crate::memory::GuestRam;
 use crate::pool::VmShell;
 
@@ -427,12 +427,11 @@ fn state_errno<T>(r: Result<T, StateError>) -> Result<(), i32> {
 }
 
 /// A VM as the building thread hands it to its threads (memory, irqchip, PIT, one vCPU with
-/// its CPUID), and the MSR list and XSAVE size a snapshot of it reads with.
+/// its CPUID), and what a snapshot of it reads with (MSR list, XSAVE size, ...).
 struct TestVm {
     vcpu: VcpuFd,
     vm: Arc<VmFd>,
-    msr_list: Arc<[u32]>,
-    xsave_words: usize,
+    reading: Reading,
     /// The guest memory, to drop once the VM fd is gone.
     ram: GuestRam,
 }
@@ -445,9 +444,15 @@ impl TestVm {
         crate::arch::set_cpuid(&vcpu, kvm.supported_cpuid(), 0, 1).unwrap();
         TestVm {
             vcpu,
-            xsave_words: xsave_words(&vm_fd),
+            reading: Reading {
+                msr_list: kvm.msr_list().into(),
+                xsave_words: xsave_words(&vm_fd),
+                tsc_khz: None,
+                registers: Registers {
+                    sync: kvm.sync_regs(),
+                },
+            },
             vm: Arc::new(vm_fd),
-            msr_list: kvm.msr_list().into(),
             ram,
         }
     }
@@ -458,16 +463,15 @@ impl TestVm {
         self,
         role: ThreadRole,
         policy: SeccompPolicy,
-        f: impl FnOnce(VcpuFd, Arc<VmFd>, Arc<[u32]>, usize) -> T + Send + 'static,
+        f: impl FnOnce(VcpuFd, Arc<VmFd>, Reading) -> T + Send + 'static,
     ) -> T {
         let TestVm {
             vcpu,
             vm,
-            msr_list,
-            xsave_words,
+            reading,
             ram,
         } = self;
-        let result = confined(role, policy, move || f(vcpu, vm, msr_list, xsave_words));
+        let result = confined(role, policy, move || f(vcpu, vm, reading));
         drop(ram);
         result
     }
@@ -476,63 +480,65 @@ impl TestVm {
 /// How each of a few KVM calls went: `Ok` or its errno.
 type Outcomes<const N: usize> = [Result<(), i32>; N];
 
-/// What a vCPU thread does with KVM (enter the guest, save its state, pulse an interrupt
-/// line), the other XSAVE read (whichever the host does not use), and what it never does
-/// (read the irqchips, create a vCPU, write registers).
-fn vcpu_kvm_ioctls(policy: SeccompPolicy) -> (Outcomes<3>, Result<(), i32>, Outcomes<3>) {
-    TestVm::new().confined(
-        ThreadRole::Vcpu,
-        policy,
-        |mut vcpu, vm, msr_list, xsave_words| {
-            let fixed_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
-            let other_words = if xsave_words > fixed_words {
-                fixed_words
-            } else {
-                fixed_words + 1
-            };
-            let needed = [
-                state_errno(settle(&mut vcpu)),
-                state_errno(VcpuState::save(&vcpu, &msr_list, xsave_words)),
-                kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
-                    .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
-            ];
-            let other_xsave = state_errno(VcpuState::save(&vcpu, &msr_list, other_words));
-            let never = [
-                state_errno(VmState::save(&vm)),
-                kvm_errno(vm.create_vcpu(1)),
-                kvm_errno(vcpu.set_regs(&kvm_bindings::kvm_regs::default())),
-            ];
-            (needed, other_xsave, never)
-        },
-    )
+/// What a vCPU thread does with KVM (enter the guest, save its state, with registers synced
+/// through `kvm_run` or read by ioctl, pulse an interrupt line), the other XSAVE read
+/// (whichever the host does not use), and what it never does (read the irqchips, create a
+/// vCPU, write registers).
+fn vcpu_kvm_ioctls(policy: SeccompPolicy) -> (Outcomes<4>, Result<(), i32>, Outcomes<3>) {
+    TestVm::new().confined(ThreadRole::Vcpu, policy, |mut vcpu, vm, reading| {
+        let fixed_words = std::mem::size_of::<kvm_bindings::kvm_xsave>() / 4;
+        let other_words = if reading.xsave_words > fixed_words {
+            fixed_words
+        } else {
+            fixed_words + 1
+        };
+        let by_ioctl = Reading {
+            registers: Registers { sync: false },
+            ..reading.clone()
+        };
+        let needed = [
+            state_errno(settle(&mut vcpu)),
+            state_errno(VcpuState::save(&mut vcpu, &reading)),
+            state_errno(VcpuState::save(&mut vcpu, &by_ioctl)),
+            kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
+                .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
+        ];
+        let other = Reading {
+            xsave_words: other_words,
+            ..reading
+        };
+        let other_xsave = state_errno(VcpuState::save(&mut vcpu, &other));
+        let never = [
+            state_errno(VmState::save(&vm)),
+            kvm_errno(vm.create_vcpu(1)),
+            kvm_errno(vcpu.set_regs(&kvm_bindings::kvm_regs::default())),
+        ];
+        (needed, other_xsave, never)
+    })
 }
 
 /// What the VMM thread does with KVM (save the VM's state, pulse an interrupt line,
 /// register an ioeventfd) and what it never does (enter the guest, read a vCPU's state).
 fn vmm_kvm_ioctls(policy: SeccompPolicy) -> (Outcomes<3>, Outcomes<3>) {
-    TestVm::new().confined(
-        ThreadRole::Vmm,
-        policy,
-        |mut vcpu, vm, msr_list, xsave_words| {
-            let evt = EventFd::new(0).unwrap();
-            let needed = [
-                state_errno(VmState::save(&vm)),
-                kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
-                    .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
-                kvm_errno(vm.register_ioevent(
-                    &evt,
-                    &IoEventAddress::Mmio(VIRTIO_MMIO_START),
-                    NoDatamatch,
-                )),
-            ];
-            let never = [
-                state_errno(settle(&mut vcpu)),
-                state_errno(VcpuState::save(&vcpu, &msr_list, xsave_words)),
-                kvm_errno(vcpu.get_regs()),
-            ];
-            (needed, never)
-        },
-    )
+    TestVm::new().confined(ThreadRole::Vmm, policy, |mut vcpu, vm, reading| {
+        let evt = EventFd::new(0).unwrap();
+        let needed = [
+            state_errno(VmState::save(&vm)),
+            kvm_errno(vm.set_irq_line(SERIAL_IRQ, true))
+                .and(kvm_errno(vm.set_irq_line(SERIAL_IRQ, false))),
+            kvm_errno(vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(VIRTIO_MMIO_START),
+                NoDatamatch,
+            )),
+        ];
+        let never = [
+            state_errno(settle(&mut vcpu)),
+            state_errno(VcpuState::save(&mut vcpu, &reading)),
+            kvm_errno(vcpu.get_regs()),
+        ];
+        (needed, never)
+    })
 }
 
 #[test]
@@ -540,11 +546,11 @@ fn vcpu_threads_issue_their_kvm_ioctls_only() {
     test_guests::require_kvm!();
     let eperm = Err(libc::EPERM);
     let (needed, other_xsave, never) = vcpu_kvm_ioctls(SeccompPolicy::Enforce);
-    assert_eq!(needed, [Ok(()); 3]);
+    assert_eq!(needed, [Ok(()); 4]);
     assert_ne!(other_xsave, eperm);
     assert_eq!(never, [eperm; 3]);
     let (needed, other_xsave, never) = vcpu_kvm_ioctls(SeccompPolicy::Log);
-    assert_eq!(needed, [Ok(()); 3]);
+    assert_eq!(needed, [Ok(()); 4]);
     assert_ne!(other_xsave, eperm);
     assert_eq!(never, [Ok(()); 3]);
 }
