@@ -32,7 +32,8 @@ pub struct UpgradeReport {
     pub new_pid: u32,
     /// Sandboxes handed over.
     pub sandboxes: usize,
-    /// Each handed-over VM's pause (frozen here, running there), in microseconds.
+    /// Each handed-over VM's pause (its vCPUs stopping here to running there), in
+    /// microseconds.
     pub pauses_us: Vec<u64>,
     /// Sandboxes whose VM the new process could not run, with why.
     pub failed: Vec<(String, String)>,
@@ -40,7 +41,8 @@ pub struct UpgradeReport {
     pub total_us: u64,
     /// When each step of the handover ended, in microseconds from its start, in order.
     pub phases_us: Vec<(String, u64)>,
-    /// Each handed-over VM's freeze (vCPUs paused, state saved), in microseconds.
+    /// Each handed-over VM's freeze (its vCPUs stopping to its state saved and back), in
+    /// microseconds.
     pub freezes_us: Vec<u64>,
 }
 
@@ -105,8 +107,8 @@ impl Hold {
         Ok(cuts)
     }
 
-    /// Starts freezing every running sandbox's VM and saving it for the handover, all at once
-    /// (each VM's own threads do the work, so the pauses overlap): each comes on the returned
+    /// Starts freezing every running sandbox's VM and saving it for the handover, a few at a
+    /// time (two per CPU; each VM's own threads do the work): each comes on the returned
     /// channel as it is frozen, to be passed on at once. Whatever the outcome, every one comes,
     /// and each that froze must go into the [`Freeze`] ([`Freeze::add`]) so that a thaw
     /// resumes it.
@@ -118,11 +120,21 @@ impl Hold {
             tasks,
         } = self;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let turns = Arc::new(tokio::sync::Semaphore::new(freezes_at_once()));
         for (id, vm) in running {
             let tx = tx.clone();
+            let turns = Arc::clone(&turns);
             tokio::spawn(async move {
-                let frozen_at = std::time::Instant::now();
+                let _turn = turns.acquire_owned().await;
+                let asked = std::time::Instant::now();
                 let handover = vm.handover().await;
+                // The pause begins when the VMM stops the vCPUs, which may be a while after
+                // the ask on a busy host: the guest runs until then.
+                let frozen_at = handover
+                    .as_ref()
+                    .ok()
+                    .and_then(|h| h.snapshot.paused_at())
+                    .unwrap_or(asked);
                 let _ = tx.send(Frozen {
                     id,
                     vm,
@@ -142,6 +154,15 @@ impl Hold {
     }
 }
 
+/// How many VMs freeze at once in a handover: two per CPU keeps every CPU busy while a VM's
+/// threads wait on one another, and no more. A VM runs until its turn, so its pause (frozen
+/// here until it runs in the new process) covers the freezes after its own only; all at once,
+/// each VM's pause covered all of them, and a hundred VMs' threads woken together on two
+/// CPUs froze no faster than in turns.
+fn freezes_at_once() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().saturating_mul(2))
+}
+
 /// One running sandbox's VM, frozen for the handover (or why it could not be).
 #[derive(Debug)]
 pub struct Frozen {
@@ -149,9 +170,9 @@ pub struct Frozen {
     pub id: String,
     /// Its VM.
     pub vm: Arc<dyn VmHandle>,
-    /// When its freeze began (its pause).
+    /// When its VMM began stopping its vCPUs (its pause began).
     pub frozen_at: std::time::Instant,
-    /// How long freezing and saving it took.
+    /// From then to its state saved and back here.
     pub took: Duration,
     /// Its saved VM.
     pub handover: Result<Handover, crate::backend::BackendError>,

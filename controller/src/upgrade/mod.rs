@@ -12,7 +12,7 @@
 //!                               <───────  Offer {n}: operations held off, the VMs still run
 //!                               <───────  Prepare {id, layout} + memfd      (n times)
 //!  builds each VM ahead          ───────>  Prepared {id}                     (n times)
-//!                                          freezes every VM at once, and as each is frozen:
+//!                                          freezes the VMs a few at a time; as each is frozen:
 //!                               <───────  Sandbox {id, ...} + VM state, memfd(s), vsock, taps,
 //!                                          the Task socket, its connections and state
 //!  writes its state, frozen      ───────>  Restored {id}                     (n times)
@@ -23,8 +23,9 @@
 //!  then its agents, Task sockets, APIs
 //! ```
 //!
-//! A VM's pause lasts from its freeze to the new process running it: the building that
-//! needs no frozen guest (a KVM VM on the same memory, its vCPUs and threads) is done before.
+//! A VM's pause lasts from its freeze to the new process running it, after every VM is rebuilt:
+//! the building that needs no frozen guest (a KVM VM on the same memory, its vCPUs and
+//! threads) is done before.
 //!
 //! Until `Commit` the old process can take everything back: any failure (a refusal, the new
 //! process exiting, a VM that cannot be rebuilt) thaws every VM where it was and the old

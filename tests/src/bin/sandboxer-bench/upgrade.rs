@@ -15,8 +15,9 @@
 //! any loss fails the run.
 //!
 //! Figures, per round and over all rounds:
-//! - pause: the daemon's `pauses_us`, one per VM: from the old process freezing the VM to the
-//!   new process letting its vCPUs run (the time the guest does not run);
+//! - pause: the daemon's `pauses_us`, one per VM: from the old process's VMM beginning to stop
+//!   its vCPUs to the new process letting them run (the time the guest does not run, give or
+//!   take the few microseconds a vCPU takes to stop and to start);
 //! - total: the daemon's `total_us`, from the request to the new process running every VM;
 //! - wall: Upgrade sent -> answered, at this benchmark (the old process answers once the new
 //!   one has taken over);
@@ -26,8 +27,8 @@
 //!   benchmark's listener: what a host-side peer of a guest's vsock stream sees. The pause,
 //!   plus the time until the connection the old process carried ends (its host end closes
 //!   when the old process exits) and the guest has dialled again, plus the host's scheduling;
-//! - freeze: the daemon's `freezes_us`, one per VM: its vCPUs paused and its state saved in the
-//!   old process (all VMs freeze at once, each on its own threads);
+//! - freeze: the daemon's `freezes_us`, one per VM: from its vCPUs beginning to stop to its
+//!   state saved and back with the upgrade's task, in the old process;
 //! - steps: the daemon's `phases`, when each step of the handover ended, from the request
 //!   (held, prepared, cut, sent: every VM frozen and sent, restored: the new process wrote
 //!   every VM's state, ready, committed, done: every VM runs in the new process).
