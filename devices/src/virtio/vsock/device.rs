@@ -32,7 +32,7 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
 use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
-use super::packet::{PacketError, RxBuffer, read_tx_packet};
+use super::packet::{self, PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
@@ -54,7 +54,8 @@ pub struct Vsock<B: VsockBackend> {
     pub(super) base: VirtioBase,
     active: Option<ActiveState>,
     needs_reset: bool,
-    /// Bounce buffer for one packet's data (the backend works on host memory).
+    /// Bounce buffer for one packet's data (the backend works on host memory), grown to the
+    /// largest packet seen ([`packet::grow`], at most [`MAX_PKT_DATA_SIZE`]).
     scratch: Vec<u8>,
     /// Every chain is gathered into this one (its storage is reused).
     chain: ChainBuffers,
@@ -93,7 +94,7 @@ impl<B: VsockBackend> Vsock<B> {
                 .map_err(VsockError::CreateEventFd)?,
             active: None,
             needs_reset: false,
-            scratch: vec![0u8; MAX_PKT_DATA_SIZE],
+            scratch: Vec::new(),
             chain: ChainBuffers::default(),
             metrics: Arc::new(VsockMetrics::default()),
             log: LogLimiter::default(),
@@ -223,7 +224,8 @@ impl<B: VsockBackend> Vsock<B> {
                 .and_then(|()| RxBuffer::new(&view, &self.chain));
             let used_len = match buffer {
                 Ok(buffer) => {
-                    let capacity = buffer.data_capacity().min(self.scratch.len());
+                    let capacity = buffer.data_capacity().min(MAX_PKT_DATA_SIZE);
+                    packet::grow(&mut self.scratch, capacity);
                     let data = self.scratch.get_mut(..capacity).unwrap_or_default();
                     let Some((hdr, len)) = self.backend.recv_pkt(data) else {
                         // Nothing after all: give the buffer back for later.
@@ -581,6 +583,32 @@ mod tests {
                 .load(std::sync::atomic::Ordering::Relaxed),
             2
         );
+    }
+
+    #[test]
+    fn the_packet_buffer_grows_with_the_packets_and_no_further() {
+        let mem = test_mem();
+        let mut drv = Driver::new(&mem);
+        let mut dev = device();
+        assert!(dev.scratch.is_empty(), "no buffer before a packet");
+        let _irq = drv.activate(&mut dev);
+        let mut h = hdr(3, 1000, 52, OP_RW);
+        h.len = 100;
+        drv.send(&h, &[7u8; 100]);
+        dev.handle_txq_event();
+        assert_eq!(dev.scratch.len(), 128);
+        h.len = 5000;
+        drv.send(&h, &[8u8; 5000]);
+        dev.handle_txq_event();
+        assert_eq!(dev.scratch.len(), 8192);
+        h.len = 10;
+        drv.send(&h, &[9u8; 10]);
+        dev.handle_txq_event();
+        assert_eq!(dev.scratch.len(), 8192, "it never shrinks");
+        let sent = &dev.backend().sent;
+        assert_eq!(sent.len(), 3);
+        assert_eq!(sent[1].1, vec![8u8; 5000]);
+        assert_eq!(sent[2].1, vec![9u8; 10]);
     }
 
     #[test]

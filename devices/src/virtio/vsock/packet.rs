@@ -134,20 +134,29 @@ pub enum PacketError {
     Memory(#[source] ChainError),
 }
 
+/// Grows a packet buffer to hold `len` bytes (`len` at most [`MAX_PKT_DATA_SIZE`]): to the next
+/// power of two, so a device whose packets stay small never holds more than they need (an
+/// idle VM's device holds a page or so, not the 64 KiB a packet may reach).
+pub fn grow(buffer: &mut Vec<u8>, len: usize) {
+    if buffer.len() < len {
+        buffer.resize(len.next_power_of_two().min(MAX_PKT_DATA_SIZE), 0);
+    }
+}
+
 /// Bytes of a chain length, saturating (a chain holds at most 4 GiB).
 fn bytes(len: u32) -> usize {
     usize::try_from(len).unwrap_or(usize::MAX)
 }
 
 /// Reads a TX packet from a gathered chain: the header, then `len` bytes of data into the front
-/// of `data`.
+/// of `data`, which grows to hold them if it must (to the next power of two, at most
+/// [`MAX_PKT_DATA_SIZE`]: a packet may not be longer) and never shrinks.
 ///
-/// Returns the header and the data length. `data` must hold [`MAX_PKT_DATA_SIZE`] bytes;
-/// a shorter scratch buffer only lowers the accepted maximum.
+/// Returns the header and the data length.
 pub fn read_tx_packet(
     view: &GuestView<'_>,
     chain: &ChainBuffers,
-    data: &mut [u8],
+    data: &mut Vec<u8>,
 ) -> Result<(VsockHeader, usize), PacketError> {
     chain
         .check_readable_in_memory()
@@ -174,6 +183,7 @@ pub fn read_tx_packet(
             available: after_header,
         });
     }
+    grow(data, len_usize);
     let buf = data
         .get_mut(..len_usize)
         .ok_or(PacketError::DataTooLong(len))?;
