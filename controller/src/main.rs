@@ -283,6 +283,8 @@ async fn shutdown_signal() {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    // Before any thread exists: every VM's MMU notifier sees each heap growth step.
+    vmm::grow_heap_in_large_steps();
     let config = Config::load(args)?;
     init_logging(&config.log_level)?;
     raise_nofile();

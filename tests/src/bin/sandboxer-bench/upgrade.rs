@@ -459,8 +459,8 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "upgrade: {rounds} live upgrades in a row of `{} serve` in its own process, each to a \
          new process of the same binary (admin API Upgrade), with {alive} sandboxes running: \
          test guest \"virtio\" in agent mode counting in its memory every {} ms and \
-         streaming the count over vsock, {} MiB, seccomp {}. pause: per VM, the old process \
-         freezes it -> the new process lets its vCPUs run (the daemon's pauses_us); total: the \
+         streaming the count over vsock, {} MiB, seccomp {}. pause: per VM, the old VMM begins \
+         stopping its vCPUs -> the new process lets them run (the daemon's pauses_us); total: the \
          daemon's total_us, request -> every VM running in the new process; wall: Upgrade sent \
          -> answered, at the benchmark; gap: per guest, the longest time between two counter \
          lines across the upgrade, at the benchmark's listener. Before the first upgrade each \
