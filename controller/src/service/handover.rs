@@ -121,11 +121,25 @@ impl Hold {
         } = self;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let turns = Arc::new(tokio::sync::Semaphore::new(freezes_at_once()));
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
         for (id, vm) in running {
             let tx = tx.clone();
             let turns = Arc::clone(&turns);
+            let given_up = Arc::clone(&given_up);
             tokio::spawn(async move {
                 let _turn = turns.acquire_owned().await;
+                if given_up.load(std::sync::atomic::Ordering::Acquire) {
+                    let _ = tx.send(Frozen {
+                        id,
+                        vm,
+                        frozen_at: std::time::Instant::now(),
+                        took: Duration::ZERO,
+                        handover: Err(crate::backend::BackendError::Handover(
+                            "not frozen: the upgrade was given up first".into(),
+                        )),
+                    });
+                    return;
+                }
                 let asked = std::time::Instant::now();
                 let handover = vm.handover().await;
                 // The pause begins when the VMM stops the vCPUs, which may be a while after
@@ -149,6 +163,7 @@ impl Hold {
             _locks: locks,
             frozen: Vec::new(),
             tasks,
+            given_up,
         };
         (freeze, rx)
     }
@@ -188,9 +203,19 @@ pub struct Freeze {
     frozen: Vec<(String, Arc<dyn VmHandle>)>,
     /// The Task endpoints, cut or not: a thaw lets them go on.
     tasks: Vec<(String, TaskCutter)>,
+    /// Set once the handover failed: VMs still waiting for their turn are not frozen.
+    given_up: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Freeze {
+    /// The handover failed: the VMs still waiting for their turn to freeze are left running
+    /// (each still comes on the channel, as not frozen); those frozen already wait for
+    /// [`Freeze::thaw`].
+    pub fn give_up(&self) {
+        self.given_up
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
     /// Counts `vm` of sandbox `id` as frozen (a thaw resumes it).
     pub fn add(&mut self, id: String, vm: Arc<dyn VmHandle>) {
         self.frozen.push((id, vm));

@@ -484,6 +484,9 @@ async fn hand_over<B: VmBackend>(
             Err(e) => {
                 let e = crate::error::SandboxError::Backend(one.id, e);
                 failure.get_or_insert(UpgradeError::Sandbox(Box::new(e)));
+                if let Some(f) = &freeze {
+                    f.give_up();
+                }
                 continue;
             }
         };
@@ -499,6 +502,9 @@ async fn hand_over<B: VmBackend>(
         let task = cuts.remove(&one.id);
         if let Err(e) = send_sandbox(chan, one.id, handover, task, at).await {
             failure = Some(e);
+            if let Some(f) = &freeze {
+                f.give_up();
+            }
         }
     }
     if let Some(e) = failure {
