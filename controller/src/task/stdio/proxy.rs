@@ -333,8 +333,8 @@ impl Proxies {
     }
 }
 
-/// Forwards the engine's streams to the agent, message for message, and resumes the streams
-/// a handover passed on.
+/// Forwards the engine's streams to the agent (grants translated, see the module doc) and
+/// resumes the streams a handover passed on.
 #[derive(Debug)]
 pub(crate) struct StreamProxy {
     target: Arc<dyn TaskTarget>,
