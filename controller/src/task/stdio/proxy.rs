@@ -299,7 +299,7 @@ impl Proxies {
         let live = self.find(key).ok_or_else(|| {
             TaskError::Handover(format!("stdio stream {name:?} has no proxy here"))
         })?;
-        let _ = live.gate.send(false);
+        live.gate.send_replace(false);
         self.frozen.lock().recover().push(Arc::clone(&live));
         loop {
             let taken = live.taken.notified();
@@ -328,7 +328,7 @@ impl Proxies {
     /// Lets every stream a cut froze go on.
     pub fn thaw(&self) {
         for l in std::mem::take(&mut *self.frozen.lock().recover()) {
-            let _ = l.gate.send(true);
+            l.gate.send_replace(true);
         }
     }
 }
@@ -722,6 +722,46 @@ mod tests {
         // A probe grants nothing.
         c.st.agent_granted = 45_000 + 65_536;
         assert!(c.agent_granted(0).is_none());
+    }
+
+    /// A cut waits until the handler was given every message the connection read, holds
+    /// back what goes to the agent meanwhile and until a thaw, and names the state with a
+    /// fresh token each time; an unknown stream fails it.
+    #[tokio::test]
+    async fn a_freeze_waits_for_what_was_read_and_a_thaw_opens_the_gate() {
+        let proxies = Proxies::default();
+        let live = Live::new(ProxyState {
+            id: "c1-stdout".into(),
+            delivered: 500,
+            ..ProxyState::default()
+        });
+        proxies.register("c1-stdout", &live);
+        live.counters.lock().unwrap().from_engine = 1;
+        let key = StreamKey::Init("c1-stdout".into());
+        let soon = || Instant::now() + Duration::from_millis(50);
+        let e = proxies.freeze(&key, 2, 0, soon()).await.unwrap_err();
+        assert!(e.to_string().contains("did not take"), "{e}");
+        assert!(!*live.gate.borrow(), "held back while cut");
+        proxies.thaw();
+        assert!(*live.gate.borrow());
+        let taker = {
+            let live = Arc::clone(&live);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                live.counters.lock().unwrap().from_engine = 2;
+                live.taken.notify_waiters();
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let a = proxies.freeze(&key, 2, 0, deadline).await.unwrap();
+        taker.await.unwrap();
+        assert_eq!((a.id.as_str(), a.delivered), ("c1-stdout", 500));
+        assert_eq!(a.token.len(), 32);
+        let b = proxies.freeze(&key, 2, 0, deadline).await.unwrap();
+        assert_ne!(a.token, b.token);
+        let unknown = StreamKey::Token("nope".into());
+        let e = proxies.freeze(&unknown, 0, 0, deadline).await.unwrap_err();
+        assert!(e.to_string().contains("no proxy"), "{e}");
     }
 
     /// The message being written counts as delivered only if the tracker saw it written.
