@@ -540,6 +540,8 @@ async fn open_stdio_streams_live_through_a_handover() {
     let mut ids = cut.state.stream_ids();
     ids.sort_unstable();
     assert_eq!(ids, ["c1-stdin", "c1-stdout"]);
+    // What was written before the cut may still be on its way to the client.
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let frozen = s.got();
     assert!(frozen > 0 && frozen < log.len(), "{frozen}");
     // The old process's agent connection dies, with what was on its way.
@@ -579,6 +581,7 @@ async fn a_thawed_cut_leaves_stdio_streams_going() {
     let cut = cutter.cut(Duration::from_secs(5)).await.expect("cut");
     assert_eq!(cut.state.stream_ids().len(), 2);
     drop(cut);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let frozen = s.got();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.got(), frozen, "output moved while cut");
