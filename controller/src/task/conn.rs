@@ -14,7 +14,8 @@
 //! 1. the listener stops accepting (new clients wait in the backlog for the new process);
 //! 2. reading stops at the next frame boundary;
 //! 3. calls in flight that change something (Create, Start, Kill, Exec, Delete, ...) are
-//!    waited for; calls that only read or wait ([`REPLAYABLE`]) may stay unanswered;
+//!    waited for, and so are stdio streams still opening (their `StreamInit` not answered);
+//!    calls that only read or wait ([`REPLAYABLE`]) may stay unanswered;
 //! 4. writing stops at the next frame boundary: from then on nothing is written on the
 //!    connection here, and it is never shut down (only closed: the other process holds a
 //!    duplicate of the socket).

@@ -22,7 +22,7 @@
 //!
 //! A cut ([`Proxies::freeze`]) happens after the task connection stopped at frame boundaries
 //! (`task::conn`): what the proxy sends to the engine is then either written (the tracker
-//! counted the frame) or will never be in this process; the proxy holds back everything for
+//! counted the frame) or not written before a thaw; the proxy holds back everything for
 //! the agent (a gate, opened again by [`Proxies::thaw`]), waits until it was given every
 //! message the tracker read from the engine, and takes down its state under a random token.
 //! The new process replays the stream's request with that token in its metadata
