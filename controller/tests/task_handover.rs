@@ -8,35 +8,95 @@
     reason = "test code: a failed step fails the test"
 )]
 #![expect(clippy::tests_outside_test_module, reason = "integration test file")]
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_possible_wrap,
+    clippy::cast_sign_loss,
+    reason = "test code: offsets of test buffers of a few MiB"
+)]
 
 #[path = "task_endpoint/fake.rs"]
 #[allow(dead_code, reason = "shared by two test crates, each uses part of it")]
 mod fake;
+#[path = "task_endpoint/fake_stream.rs"]
+mod fake_stream;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use containerd_shim_protos::api::{CreateTaskRequest, Mount, StartRequest, WaitRequest};
 use containerd_shim_protos::shim_async::{Client, TaskClient};
 use controller::task::{HostPaths, ImageCache, TaskOptions, TaskServer};
+use fake_stream::FakeStreams;
+use proto::agent::streaming_ttrpc::{StreamingClient, create_streaming};
+use proto::protobuf::Message as _;
+use proto::protobuf::well_known_types::any::Any;
 use serde_json::json;
+use tokio::sync::oneshot;
+use ttrpc::asynchronous::{CSReceiver, CSSender};
 
-/// One side of the handover: a fake agent and the target that reaches it.
+/// One side of the handover: a fake agent and the target that reaches it (through a relay
+/// whose connections die as the guest's connections to an old daemon do).
 struct Side {
     agent: Arc<fake::FakeAgent>,
     target: Arc<fake::FakeSlots>,
+    relay: Relay,
     _server: ttrpc::asynchronous::Server,
 }
 
+/// Forwards connections from one unix socket to another until cut.
+struct Relay {
+    conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    _accept: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    fn new(path: &Path, to: &Path) -> Self {
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        let conns: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>> = Arc::default();
+        let (to, kept) = (to.to_owned(), Arc::clone(&conns));
+        let accept = tokio::spawn(async move {
+            while let Ok((mut a, _)) = listener.accept().await {
+                let mut b = tokio::net::UnixStream::connect(&to).await.unwrap();
+                kept.lock().unwrap().push(tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                }));
+            }
+        });
+        Self {
+            conns,
+            _accept: accept,
+        }
+    }
+
+    /// Ends every connection.
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
+}
+
 async fn side(dir: &Path, name: &str) -> Side {
+    side_with(dir, name, HashMap::new()).await
+}
+
+/// A side whose agent serves `more` too.
+async fn side_with(
+    dir: &Path,
+    name: &str,
+    more: HashMap<String, ttrpc::asynchronous::Service>,
+) -> Side {
     let agent = Arc::new(fake::FakeAgent::default());
     let sock = dir.join(format!("agent-{name}.sock"));
-    let server = fake::serve_agent(agent.clone(), &sock).await;
+    let server = fake::serve_agent_with(agent.clone(), more, &sock).await;
+    let relayed = dir.join(format!("relay-{name}.sock"));
+    let relay = Relay::new(&relayed, &sock);
     let target = Arc::new(fake::FakeSlots {
-        client: Client::connect(&format!("unix://{}", sock.display()))
+        client: Client::connect(&format!("unix://{}", relayed.display()))
             .await
             .unwrap(),
         next: AtomicU32::new(0),
@@ -45,6 +105,7 @@ async fn side(dir: &Path, name: &str) -> Side {
     Side {
         agent,
         target,
+        relay,
         _server: server,
     }
 }
@@ -261,5 +322,272 @@ async fn a_call_in_flight_holds_the_cut_and_a_thaw_undoes_it() {
     c.create(ctx(), &create_req(d, "c4"))
         .await
         .expect("create after a thaw");
+    server.shutdown().await;
+}
+
+fn pattern(len: usize, seed: usize) -> Vec<u8> {
+    (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
+}
+
+/// Opens stdio stream `id` on the task socket as containerd does: `StreamInit`, then its
+/// answer.
+async fn open_stream(client: &Client, id: &str) -> (CSSender<Any>, CSReceiver<Any>) {
+    let s = StreamingClient::new(client.clone())
+        .stream(ttrpc::context::with_timeout(0))
+        .await
+        .unwrap();
+    let (tx, mut rx) = s.split();
+    tx.send(&fake_stream::init(id)).await.unwrap();
+    let ack = rx.recv().await.unwrap();
+    assert_eq!(ack.type_url, fake_stream::EMPTY);
+    (tx, rx)
+}
+
+/// What containerd's side of the streams saw.
+#[derive(Default)]
+struct Engine {
+    /// Output received, in order.
+    out: Mutex<Vec<u8>>,
+    /// Messages that should never have come (a second answer to an init, say).
+    unexpected: Mutex<Vec<String>>,
+}
+
+/// containerd's output reader (its `ReceiveStream`): grants a window whenever less than one is
+/// left, until the stream ends.
+fn receive(
+    e: Arc<Engine>,
+    tx: CSSender<Any>,
+    mut rx: CSReceiver<Any>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut window = 0i64;
+        loop {
+            if window < 65536 {
+                let _ = tx.send(&fake_stream::grant(65536)).await;
+                window += 65536;
+            }
+            match rx.recv().await {
+                Ok(m) if m.type_url.is_empty() && m.value.is_empty() => return,
+                Ok(m) if m.type_url == fake_stream::DATA => {
+                    let d = proto::agent::stream_data::Data::parse_from_bytes(&m.value).unwrap();
+                    window -= d.data.len() as i64;
+                    e.out.lock().unwrap().extend_from_slice(&d.data);
+                }
+                Ok(m) => e.unexpected.lock().unwrap().push(m.type_url),
+                Err(_) => return,
+            }
+        }
+    })
+}
+
+/// containerd's stdin writer (its `SendStream`): sends `input` within the grants, a little
+/// at a time; waits for `go` before the bytes from `split` on; then closes its side.
+fn send_stdin(
+    e: Arc<Engine>,
+    tx: CSSender<Any>,
+    mut rx: CSReceiver<Any>,
+    input: Arc<Vec<u8>>,
+    split: usize,
+    go: oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<()> {
+    let (grants_tx, mut grants) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(m) = rx.recv().await {
+            if m.type_url.is_empty() && m.value.is_empty() {
+                return;
+            }
+            if m.type_url != fake_stream::UPDATE {
+                e.unexpected.lock().unwrap().push(m.type_url);
+                continue;
+            }
+            let w = proto::agent::stream_data::WindowUpdate::parse_from_bytes(&m.value).unwrap();
+            let _ = grants_tx.send(i64::from(w.update));
+        }
+    });
+    tokio::spawn(async move {
+        let mut go = Some(go);
+        let (mut at, mut window) = (0usize, 0i64);
+        while at < input.len() {
+            if at >= split
+                && let Some(go) = go.take()
+            {
+                go.await.unwrap();
+            }
+            while window <= 0 {
+                window += grants.recv().await.expect("a grant");
+            }
+            let end = input.len().min(at + 5000).min(at + window as usize);
+            let end = if at < split { end.min(split) } else { end };
+            tx.send(&fake_stream::data(&input[at..end])).await.unwrap();
+            window -= (end - at) as i64;
+            at = end;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        tx.close_send().await.unwrap();
+    })
+}
+
+/// The streams of one test: a stdout stream of `log` and a stdin stream of `input`, through
+/// the endpoint on `sock`.
+struct Streams {
+    engine: Arc<Engine>,
+    out: tokio::task::JoinHandle<()>,
+    stdin: tokio::task::JoinHandle<()>,
+    go: oneshot::Sender<()>,
+    process: Arc<Mutex<Vec<u8>>>,
+    closed: oneshot::Receiver<()>,
+}
+
+async fn streams(
+    agent: &Arc<FakeStreams>,
+    sock: &Path,
+    log: &Arc<Vec<u8>>,
+    input: &Arc<Vec<u8>>,
+) -> Streams {
+    agent.output("c1-stdout", Arc::clone(log));
+    let process = Arc::new(Mutex::new(Vec::new()));
+    let (closed_tx, closed) = oneshot::channel();
+    agent.input("c1-stdin", Arc::clone(&process), closed_tx);
+    let client = Client::connect(&format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let engine = Arc::new(Engine::default());
+    let (otx, orx) = open_stream(&client, "c1-stdout").await;
+    let (itx, irx) = open_stream(&client, "c1-stdin").await;
+    let out = receive(Arc::clone(&engine), otx, orx);
+    let (go, go_rx) = oneshot::channel();
+    let stdin = send_stdin(
+        Arc::clone(&engine),
+        itx,
+        irx,
+        Arc::clone(input),
+        input.len() / 2,
+        go_rx,
+    );
+    Streams {
+        engine,
+        out,
+        stdin,
+        go,
+        process,
+        closed,
+    }
+}
+
+impl Streams {
+    /// Output received so far.
+    fn got(&self) -> usize {
+        self.engine.out.lock().unwrap().len()
+    }
+
+    /// Lets stdin go on and checks that everything arrived once, in order.
+    async fn finish(self, log: &[u8], input: &[u8]) {
+        self.go.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.out)
+            .await
+            .expect("the output stream ends")
+            .unwrap();
+        let got = self.engine.out.lock().unwrap().clone();
+        assert_eq!(got.len(), log.len());
+        assert!(got == log, "the output differs");
+        tokio::time::timeout(Duration::from_secs(30), self.stdin)
+            .await
+            .expect("stdin is all sent")
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(30), self.closed)
+            .await
+            .expect("the agent sees the end of stdin")
+            .unwrap();
+        let process = self.process.lock().unwrap().clone();
+        assert_eq!(process.len(), input.len());
+        assert!(process == input, "stdin differs");
+        assert_eq!(
+            *self.engine.unexpected.lock().unwrap(),
+            Vec::<String>::new()
+        );
+    }
+}
+
+/// containerd's stdio streams (`io_type = "streaming"`), stdout and stdin on one connection,
+/// live through a handover: every output byte reaches the client once and in order, stdin
+/// written before, during and after it reaches the process once and in order, the new
+/// process resumes the agent streams and the client never sees a second answer to its
+/// `StreamInit`. While cut, nothing moves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_stdio_streams_live_through_a_handover() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let agent = Arc::new(FakeStreams::default());
+    let (old, new) = (
+        side_with(d, "old", create_streaming(agent.clone())).await,
+        side_with(d, "new", create_streaming(agent.clone())).await,
+    );
+    let images = d.join("images");
+    let sock = d.join("task.sock");
+    let cache = Arc::new(ImageCache::new(&images).unwrap());
+    let old_server = TaskServer::start(&sock, old.target.clone(), opts(d, cache))
+        .await
+        .unwrap();
+    let (log, input) = (Arc::new(pattern(3 << 20, 1)), Arc::new(pattern(400_000, 5)));
+    let s = streams(&agent, &sock, &log, &input).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+
+    let cut = old_server
+        .cutter()
+        .cut(Duration::from_secs(5))
+        .await
+        .expect("cut");
+    let mut ids = cut.state.stream_ids();
+    ids.sort_unstable();
+    assert_eq!(ids, ["c1-stdin", "c1-stdout"]);
+    // What was written before the cut may still be on its way to the client.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let frozen = s.got();
+    assert!(frozen > 0 && frozen < log.len(), "{frozen}");
+    // The old process's agent connection dies, with what was on its way.
+    old.relay.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.got(), frozen, "output moved while cut");
+
+    let cache = Arc::new(ImageCache::keeping(&images, &cut.state.image_paths()).unwrap());
+    let new_server = TaskServer::adopt(&sock, new.target.clone(), opts(d, cache), cut)
+        .await
+        .expect("adopt");
+    s.finish(&log, &input).await;
+    assert_eq!(agent.inits.load(Ordering::Relaxed), 2);
+    assert_eq!(agent.resumes.load(Ordering::Relaxed), 2);
+    assert_eq!(agent.gaps.load(Ordering::Relaxed), 0);
+    drop(old_server);
+    new_server.shutdown().await;
+}
+
+/// A cut that is thawed (the upgrade failed) leaves the streams going on here, with nothing
+/// lost or repeated and no resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thawed_cut_leaves_stdio_streams_going() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let agent = Arc::new(FakeStreams::default());
+    let old = side_with(d, "old", create_streaming(agent.clone())).await;
+    let sock = d.join("task.sock");
+    let cache = Arc::new(ImageCache::new(&d.join("images")).unwrap());
+    let server = TaskServer::start(&sock, old.target.clone(), opts(d, cache))
+        .await
+        .unwrap();
+    let (log, input) = (Arc::new(pattern(3 << 20, 2)), Arc::new(pattern(300_000, 9)));
+    let s = streams(&agent, &sock, &log, &input).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let cutter = server.cutter();
+    let cut = cutter.cut(Duration::from_secs(5)).await.expect("cut");
+    assert_eq!(cut.state.stream_ids().len(), 2);
+    drop(cut);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let frozen = s.got();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.got(), frozen, "output moved while cut");
+    cutter.thaw();
+    s.finish(&log, &input).await;
+    assert_eq!(agent.inits.load(Ordering::Relaxed), 2);
+    assert_eq!(agent.resumes.load(Ordering::Relaxed), 0);
     server.shutdown().await;
 }

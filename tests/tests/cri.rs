@@ -1672,13 +1672,12 @@ mod chrono_free {
 /// connections and its Wait on each container go on in the new process, the ticker's output
 /// reaches its CRI log with no line lost and no gap beyond the pause, ExecSync works after,
 /// and a container that ends after the upgrade has its exit code reported.
-async fn a_pod_through_an_upgrade(env: &mut Env) -> anyhow::Result<()> {
-    let handler = "sandboxer-fifo";
+async fn a_pod_through_an_upgrade(env: &mut Env, handler: &str) -> anyhow::Result<()> {
     let mut rt = env.runtime().await?;
-    let pod_cfg = env.pod_config("upgrade");
+    let pod_cfg = env.pod_config(&format!("upgrade-{handler}"));
     std::fs::create_dir_all(&pod_cfg.log_directory)?;
     let pod = run_pod(&mut rt, &pod_cfg, handler).await?;
-    let step = |what: &str| eprintln!("cri upgrade: {what}");
+    let step = |what: &str| eprintln!("cri upgrade ({handler}): {what}");
     step(&format!("pod {pod} ready"));
     let ticker = create_container(
         &mut rt,
@@ -1714,7 +1713,6 @@ async fn a_pod_through_an_upgrade(env: &mut Env) -> anyhow::Result<()> {
         bail!("upgrade report {report}");
     }
     let pause_ms = report["pauses_us"][0].as_u64().unwrap_or(0) / 1000;
-
     // ExecSync through the same pod (the new process's Task endpoint and agent connection).
     let exec = rt
         .exec_sync(cri::ExecSyncRequest {
@@ -1728,6 +1726,29 @@ async fn a_pod_through_an_upgrade(env: &mut Env) -> anyhow::Result<()> {
         bail!("ExecSync after the upgrade gave {exec:?}");
     }
     step("ExecSync after the upgrade: stdout and exit code 4");
+    if handler == "sandboxer" {
+        // containerd's stdio streams of both containers were open: the new process resumes
+        // them as it takes the Task connections (controller/src/task/stdio/proxy.rs logs
+        // each).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let resumed = loop {
+            let n = env
+                .daemon_log()
+                .lines()
+                .filter(|l| l.contains("stdio stream") && l.contains("resumed at"))
+                .count();
+            if n >= 2 || Instant::now() > deadline {
+                break n;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if resumed < 2 {
+            bail!("{resumed} streaming stdio streams resumed by the new process");
+        }
+        step(&format!(
+            "{resumed} stdio streams resumed by the new process"
+        ));
+    }
     let last = before as u64 + 30;
     wait_log(&log, &format!("tick {last}")).await?;
 
@@ -1792,7 +1813,8 @@ async fn a_pod_through_an_upgrade(env: &mut Env) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A CRI pod with containers through a live upgrade of the sandboxer (a Linux guest).
+/// A CRI pod with containers through a live upgrade of the sandboxer (a Linux guest), for
+/// each IO type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_lives_through_an_upgrade() {
     let Some((tools, vm)) = linux_test("a_pod_lives_through_an_upgrade") else {
@@ -1808,12 +1830,16 @@ async fn a_pod_lives_through_an_upgrade() {
     env.config.template.enabled = false;
     env.start_daemon_process().await.unwrap();
     env.import_image().unwrap();
-    if let Err(e) = a_pod_through_an_upgrade(&mut env).await {
-        panic!(
-            "{e:#}\n--- sandboxer:\n{}\n--- containerd:\n{}",
-            env.daemon_log(),
-            env.containerd_log()
-        );
+    // Streaming stdio (the engine's streams through the task socket) first, then FIFO stdio
+    // (the daemon's copies): one pod each, one upgrade each.
+    for handler in ["sandboxer", "sandboxer-fifo"] {
+        if let Err(e) = a_pod_through_an_upgrade(&mut env, handler).await {
+            panic!(
+                "{handler}: {e:#}\n--- sandboxer:\n{}\n--- containerd:\n{}",
+                env.daemon_log(),
+                env.containerd_log()
+            );
+        }
     }
     env.finish().await.unwrap();
 }

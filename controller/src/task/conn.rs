@@ -14,7 +14,8 @@
 //! 1. the listener stops accepting (new clients wait in the backlog for the new process);
 //! 2. reading stops at the next frame boundary;
 //! 3. calls in flight that change something (Create, Start, Kill, Exec, Delete, ...) are
-//!    waited for; calls that only read or wait ([`REPLAYABLE`]) may stay unanswered;
+//!    waited for, and so are stdio streams still opening (their `StreamInit` not answered);
+//!    calls that only read or wait ([`REPLAYABLE`]) may stay unanswered;
 //! 4. writing stops at the next frame boundary: from then on nothing is written on the
 //!    connection here, and it is never shut down (only closed: the other process holds a
 //!    duplicate of the socket).
@@ -22,8 +23,13 @@
 //! The new process gets a duplicate of each socket and the requests left unanswered, which it
 //! gives its own ttrpc server before anything the socket brings ([`Connections::track`]):
 //! containerd has those calls answered by the new process, on the same connection, under the
-//! same stream ids. A stdio stream (`io_type = "streaming"`) in flight cannot be cut this way:
-//! it fails the quiesce. [`Connections::thaw`] undoes a quiesce (the upgrade failed).
+//! same stream ids. A stdio stream (`io_type = "streaming"`, `Streaming.Stream`) lasts as long
+//! as its process: it is cut too ([`CutStream`]). The tracker names it by the `StreamInit` id
+//! of the client's first message (or the handover token of its replayed request,
+//! [`RESUME_TOKEN_KEY`]) and counts the messages it read from the client and wrote to it, which
+//! is what the stream's proxy needs to stop at an exact point (`stdio::proxy`); the new
+//! process gets its request again, with a token naming the state it goes on from.
+//! [`Connections::thaw`] undoes a quiesce (the upgrade failed).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -34,16 +40,18 @@ use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use devices::sync::Recover;
+use proto::agent::streaming::StreamInit;
 use proto::protobuf::Message as _;
+use proto::protobuf::well_known_types::any::Any;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
 use tokio::sync::OwnedSemaphorePermit;
 use ttrpc::proto::{
-    FLAG_REMOTE_CLOSED, MESSAGE_HEADER_LENGTH as HEADER, MESSAGE_LENGTH_MAX, MESSAGE_TYPE_DATA,
-    MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
+    FLAG_NO_DATA, FLAG_REMOTE_CLOSED, MESSAGE_HEADER_LENGTH as HEADER, MESSAGE_LENGTH_MAX,
+    MESSAGE_TYPE_DATA, MESSAGE_TYPE_REQUEST, MESSAGE_TYPE_RESPONSE,
 };
 
-use super::stdio::STREAMING;
+use super::stdio::{RESUME_TOKEN_KEY, STREAM_INIT_TYPE, STREAMING, StreamKey, type_name};
 use super::{TASK_V2, TASK_V3};
 use crate::accept::Pause;
 
@@ -75,6 +83,22 @@ impl Header {
     }
 }
 
+impl Header {
+    fn encode(&self) -> Option<[u8; HEADER]> {
+        let [l0, l1, l2, l3] = u32::try_from(self.len).ok()?.to_be_bytes();
+        let [s0, s1, s2, s3] = self.stream.to_be_bytes();
+        Some([l0, l1, l2, l3, s0, s1, s2, s3, self.kind, self.flags])
+    }
+}
+
+/// What sees the frames of one direction as [`Frames::feed`] follows them.
+trait Follow {
+    /// Whether the frame that starts with `h` is to be kept whole.
+    fn keep(&self, h: &Header) -> bool;
+    /// A frame is complete, with its bytes if they were kept.
+    fn done(&mut self, h: Header, frame: Option<Vec<u8>>);
+}
+
 /// Follows one direction's frames.
 #[derive(Debug, Default)]
 struct Frames {
@@ -101,13 +125,8 @@ impl Frames {
         }
     }
 
-    /// Follows `bytes`; `done` gets each frame completed, with its bytes if they were kept.
-    fn feed(
-        &mut self,
-        mut bytes: &[u8],
-        keep: bool,
-        done: &mut impl FnMut(Header, Option<Vec<u8>>),
-    ) {
+    /// Follows `bytes`; `follow` says which frames to keep and gets each one completed.
+    fn feed(&mut self, mut bytes: &[u8], follow: &mut impl Follow) {
         while !bytes.is_empty() {
             let (header, left) = match self.current {
                 Some(c) => c,
@@ -125,9 +144,8 @@ impl Frames {
                     self.have = 0;
                     let h = Header::parse(&self.head);
                     // Grown as the body comes, never sized by what a header claims.
-                    self.kept =
-                        (keep && h.kind == MESSAGE_TYPE_REQUEST && h.len <= MESSAGE_LENGTH_MAX)
-                            .then(|| self.head.to_vec());
+                    self.kept = (h.len <= MESSAGE_LENGTH_MAX && follow.keep(&h))
+                        .then(|| self.head.to_vec());
                     (h, h.len)
                 }
             };
@@ -139,10 +157,35 @@ impl Frames {
             bytes = rest;
             if left == n {
                 self.current = None;
-                done(header, self.kept.take());
+                follow.done(header, self.kept.take());
             } else {
                 self.current = Some((header, left - n));
             }
+        }
+    }
+}
+
+/// A stdio stream call (`Streaming.Stream`) as the tracker follows it.
+#[derive(Debug)]
+struct StreamCall {
+    /// Known once the client's `StreamInit` was read (or from the replayed request).
+    key: Option<StreamKey>,
+    /// Messages the server's handler is given from the client: the `DATA` frames read, and
+    /// the request's own payload when it does not carry `FLAG_NO_DATA` (ttrpc-rust's server
+    /// hands it over as a first message).
+    read: u64,
+    /// `DATA` frames written to the client.
+    written: u64,
+}
+
+impl StreamCall {
+    /// Whether it can be cut: named, and the engine has the answer to its `StreamInit` (a
+    /// stream resumed from a handover had it before).
+    fn ready(&self) -> bool {
+        match self.key {
+            Some(StreamKey::Init(_)) => self.written > 0,
+            Some(StreamKey::Token(_)) => true,
+            None => false,
         }
     }
 }
@@ -156,27 +199,106 @@ struct Unanswered {
     call: String,
     replayable: bool,
     /// A stdio stream (`io_type = "streaming"`): it lasts as long as its process.
-    stream: bool,
+    stream: Option<StreamCall>,
 }
 
 impl Unanswered {
-    fn new(frame: Vec<u8>) -> Self {
+    fn new(h: Header, frame: Vec<u8>) -> Self {
         let body = frame.get(HEADER..).unwrap_or_default();
         let (call, replayable, stream) = match ttrpc::proto::Request::parse_from_bytes(body) {
             Ok(r) => {
                 let task = r.service == TASK_V3 || r.service == TASK_V2;
                 let replayable = task && REPLAYABLE.contains(&r.method.as_str());
-                let stream = r.service == STREAMING && r.method == "Stream";
+                let stream = (r.service == STREAMING && r.method == "Stream").then(|| StreamCall {
+                    key: r
+                        .metadata
+                        .iter()
+                        .find(|kv| kv.key == RESUME_TOKEN_KEY)
+                        .map(|kv| StreamKey::Token(kv.value.clone())),
+                    read: u64::from(h.flags & FLAG_NO_DATA == 0),
+                    written: 0,
+                });
                 (format!("{}/{}", r.service, r.method), replayable, stream)
             }
             // ttrpc answers it with an error at once.
-            Err(_) => ("an undecodable request".to_owned(), false, false),
+            Err(_) => ("an undecodable request".to_owned(), false, None),
         };
         Unanswered {
             frame,
             call,
             replayable,
             stream,
+        }
+    }
+}
+
+/// The stream id of a client's `StreamInit` message (a `DATA` frame's body).
+fn init_id(body: &[u8]) -> Option<String> {
+    let any = Any::parse_from_bytes(body).ok()?;
+    if type_name(&any.type_url) != STREAM_INIT_TYPE {
+        return None;
+    }
+    StreamInit::parse_from_bytes(&any.value).ok().map(|i| i.id)
+}
+
+/// The read side: requests are kept whole, and the first messages of a stdio stream until
+/// its `StreamInit` names it.
+struct Reads<'a>(&'a mut BTreeMap<u32, Unanswered>);
+
+impl Follow for Reads<'_> {
+    fn keep(&self, h: &Header) -> bool {
+        match h.kind {
+            MESSAGE_TYPE_REQUEST => true,
+            MESSAGE_TYPE_DATA => self
+                .0
+                .get(&h.stream)
+                .and_then(|u| u.stream.as_ref())
+                .is_some_and(|s| s.key.is_none()),
+            _ => false,
+        }
+    }
+
+    fn done(&mut self, h: Header, frame: Option<Vec<u8>>) {
+        if h.kind == MESSAGE_TYPE_REQUEST {
+            if let Some(frame) = frame {
+                self.0.insert(h.stream, Unanswered::new(h, frame));
+            }
+            return;
+        }
+        if h.kind != MESSAGE_TYPE_DATA {
+            return;
+        }
+        let Some(s) = self.0.get_mut(&h.stream).and_then(|u| u.stream.as_mut()) else {
+            return;
+        };
+        s.read = s.read.saturating_add(1);
+        if s.key.is_none() {
+            s.key = frame
+                .as_deref()
+                .and_then(|f| f.get(HEADER..))
+                .and_then(init_id)
+                .map(StreamKey::Init);
+        }
+    }
+}
+
+/// The write side: answers and stream ends clear their request; a stdio stream's messages are
+/// counted.
+struct Writes<'a>(&'a mut BTreeMap<u32, Unanswered>);
+
+impl Follow for Writes<'_> {
+    fn keep(&self, _: &Header) -> bool {
+        false
+    }
+
+    fn done(&mut self, h: Header, _: Option<Vec<u8>>) {
+        let closes = h.kind == MESSAGE_TYPE_DATA && h.flags & FLAG_REMOTE_CLOSED != 0;
+        if h.kind == MESSAGE_TYPE_RESPONSE || closes {
+            self.0.remove(&h.stream);
+        } else if h.kind == MESSAGE_TYPE_DATA
+            && let Some(s) = self.0.get_mut(&h.stream).and_then(|u| u.stream.as_mut())
+        {
+            s.written = s.written.saturating_add(1);
         }
     }
 }
@@ -200,22 +322,11 @@ struct State {
 
 impl State {
     fn read(&mut self, bytes: &[u8]) {
-        let unanswered = &mut self.unanswered;
-        self.reads.feed(bytes, true, &mut |h, frame| {
-            if let Some(frame) = frame {
-                unanswered.insert(h.stream, Unanswered::new(frame));
-            }
-        });
+        self.reads.feed(bytes, &mut Reads(&mut self.unanswered));
     }
 
     fn wrote(&mut self, bytes: &[u8]) {
-        let unanswered = &mut self.unanswered;
-        self.writes.feed(bytes, false, &mut |h, _| {
-            let closes = h.kind == MESSAGE_TYPE_DATA && h.flags & FLAG_REMOTE_CLOSED != 0;
-            if h.kind == MESSAGE_TYPE_RESPONSE || closes {
-                unanswered.remove(&h.stream);
-            }
-        });
+        self.writes.feed(bytes, &mut Writes(&mut self.unanswered));
     }
 
     /// What keeps the connection from being cut now, if anything, and whether waiting could
@@ -224,19 +335,21 @@ impl State {
         if self.ended {
             return None;
         }
-        if let Some(u) = self.unanswered.values().find(|u| u.stream) {
-            return Some(Busy::Never(format!(
-                "a stdio stream ({}, io_type \"streaming\") is open: it lasts as long as its \
-                 process and cannot be handed over yet",
-                u.call
-            )));
-        }
         if !self.reads.at_boundary() {
             return Some(Busy::Now("a request still arriving".to_owned()));
         }
+        if self
+            .unanswered
+            .values()
+            .any(|u| u.stream.as_ref().is_some_and(|s| !s.ready()))
+        {
+            return Some(Busy::Now(
+                "a stdio stream still opening (io_type \"streaming\")".to_owned(),
+            ));
+        }
         self.unanswered
             .values()
-            .find(|u| !u.replayable)
+            .find(|u| !u.replayable && u.stream.is_none())
             .map(|u| Busy::Now(format!("a {} call in flight", u.call)))
     }
 
@@ -371,14 +484,56 @@ impl AsyncWrite for Tracked {
     }
 }
 
-/// One connection, cut for a handover: a duplicate of its socket and the requests it left
-/// unanswered (whole frames, in stream id order).
+/// One connection, cut for a handover: a duplicate of its socket, the requests it left
+/// unanswered (whole frames, in stream id order) and its open stdio streams.
 #[derive(Debug)]
 pub struct CutConnection {
     /// The socket.
     pub socket: OwnedFd,
-    /// Frames for the new process's server, before what the socket brings.
+    /// Frames for the new process's server, before what the socket brings (stdio streams'
+    /// requests not among them: see `streams`).
     pub unanswered: Vec<u8>,
+    /// The stdio streams open on it.
+    pub streams: Vec<CutStream>,
+}
+
+/// A stdio stream of a cut connection: where it stood on the wire.
+#[derive(Debug)]
+pub struct CutStream {
+    /// What names it.
+    pub key: StreamKey,
+    /// Messages the server's handler was given from the client: the `DATA` frames read, and
+    /// the request's own payload when it lacks `FLAG_NO_DATA` (ttrpc-rust's server hands it
+    /// over as a first message). The handler must have taken them all before its state is
+    /// exact.
+    pub read: u64,
+    /// `DATA` frames written to the client.
+    pub written: u64,
+    /// Its request frame, as it came.
+    pub request: Vec<u8>,
+}
+
+/// `frame` (a request frame) with `token` as its [`RESUME_TOKEN_KEY`] metadata (replacing one
+/// it had), for the new process's server; `None` if it is no request frame.
+pub fn with_resume_token(frame: &[u8], token: &str) -> Option<Vec<u8>> {
+    let head = Header::parse(frame.first_chunk::<HEADER>()?);
+    if head.kind != MESSAGE_TYPE_REQUEST {
+        return None;
+    }
+    let mut r = ttrpc::proto::Request::parse_from_bytes(frame.get(HEADER..)?).ok()?;
+    r.metadata.retain(|kv| kv.key != RESUME_TOKEN_KEY);
+    let mut kv = ttrpc::proto::KeyValue::new();
+    kv.key = RESUME_TOKEN_KEY.to_owned();
+    kv.value = token.to_owned();
+    r.metadata.push(kv);
+    let body = r.write_to_bytes().ok()?;
+    let head = Header {
+        len: body.len(),
+        ..head
+    };
+    let mut out = head.encode()?.to_vec();
+    out.extend_from_slice(&body);
+    Some(out)
 }
 
 /// Why a socket's connections could not be cut (they run on as before).
@@ -392,9 +547,6 @@ pub enum QuiesceError {
         /// What kept it busy.
         what: String,
     },
-    /// A connection carries what cannot be handed over.
-    #[error("a Task connection cannot be handed over: {0}")]
-    Unmovable(String),
     /// A socket could not be duplicated.
     #[error("cannot duplicate a Task connection")]
     Dup(#[source] io::Error),
@@ -411,7 +563,6 @@ async fn settle(
         let what = conns.iter().find_map(|c| busy(&c.state.lock().recover()));
         match what {
             None => return Ok(()),
-            Some(Busy::Never(what)) => return Err(QuiesceError::Unmovable(what)),
             Some(Busy::Now(what)) if Instant::now() >= deadline => {
                 return Err(QuiesceError::Busy { within, what });
             }
@@ -420,13 +571,12 @@ async fn settle(
     }
 }
 
-/// What keeps a connection from being cut.
+/// What keeps a connection from being cut: something that ends by itself (a call in
+/// flight, a frame half read or written, a stdio stream opening).
 #[derive(Debug)]
 enum Busy {
-    /// Something that ends by itself (a call in flight, a frame half read or written).
+    /// What it is.
     Now(String),
-    /// Something that does not end while the sandbox runs.
-    Never(String),
 }
 
 /// The connections of one Task socket, which [`Connections::quiesce`] can cut all at once.
@@ -509,9 +659,27 @@ impl Connections {
                 let unanswered = st
                     .unanswered
                     .values()
+                    .filter(|u| u.stream.is_none())
                     .flat_map(|u| u.frame.iter().copied())
                     .collect();
-                cut.push(CutConnection { socket, unanswered });
+                let streams = st
+                    .unanswered
+                    .values()
+                    .filter_map(|u| {
+                        let s = u.stream.as_ref()?;
+                        Some(CutStream {
+                            key: s.key.clone()?,
+                            read: s.read,
+                            written: s.written,
+                            request: u.frame.clone(),
+                        })
+                    })
+                    .collect();
+                cut.push(CutConnection {
+                    socket,
+                    unanswered,
+                    streams,
+                });
             }
             Ok(cut)
         }
@@ -559,15 +727,32 @@ mod tests {
         )
     }
 
-    /// Whatever the chunks, requests are kept whole, answers and stream ends clear them, and
-    /// only calls that read or wait count as replayable.
+    fn any(type_url: &str, msg: &impl proto::protobuf::Message) -> Vec<u8> {
+        let mut a = Any::new();
+        a.type_url = type_url.into();
+        a.value = msg.write_to_bytes().unwrap();
+        a.write_to_bytes().unwrap()
+    }
+
+    fn init(id: &str) -> Vec<u8> {
+        let mut i = StreamInit::new();
+        i.id = id.into();
+        any(STREAM_INIT_TYPE, &i)
+    }
+
+    /// Whatever the chunks, requests are kept whole, answers and stream ends clear them, only
+    /// calls that read or wait count as replayable, and a stdio stream is named by its
+    /// `StreamInit` and its messages counted both ways.
     #[test]
     fn frames_are_followed_across_any_split() {
         let wait = request(1, TASK_V3, "Wait");
         let start = request(3, TASK_V2, "Start");
-        let stream = request(5, "containerd.services.streaming.v1.Streaming", "Stream");
-        let data = frame(5, MESSAGE_TYPE_DATA, 0, b"abc");
-        let input: Vec<u8> = [wait.as_slice(), &start, &stream, &data].concat();
+        // As containerd's Go client opens it: no FLAG_NO_DATA, so the (empty) payload is a
+        // first message for the handler.
+        let stream = request(5, STREAMING, "Stream");
+        let data = frame(5, MESSAGE_TYPE_DATA, 0, &init("c1-stdout"));
+        let update = frame(5, MESSAGE_TYPE_DATA, 0, b"a window update");
+        let input: Vec<u8> = [wait.as_slice(), &start, &stream, &data, &update].concat();
         for chunk in [1, 3, 10, 11, 64, input.len()] {
             let mut st = State::default();
             for piece in input.chunks(chunk) {
@@ -578,17 +763,27 @@ mod tests {
             assert_eq!(st.unanswered.get(&1).unwrap().frame, wait);
             assert!(st.unanswered.get(&1).unwrap().replayable);
             assert!(!st.unanswered.get(&3).unwrap().replayable);
-            assert!(!st.unanswered.get(&5).unwrap().replayable);
-            // An open stdio stream is never still; a Start is, once answered.
+            let s = st.unanswered.get(&5).unwrap().stream.as_ref().unwrap();
+            assert_eq!(s.key, Some(StreamKey::Init("c1-stdout".into())));
+            assert_eq!((s.read, s.written), (3, 0));
+            // A stream whose StreamInit is not answered yet is still opening.
             assert!(
-                matches!(st.not_still(), Some(Busy::Never(w)) if w.contains("stdio stream")),
+                matches!(st.not_still(), Some(Busy::Now(w)) if w.contains("stdio stream")),
                 "{:?}",
                 st.not_still()
             );
-            // The stream ends: the Start in flight is what is left to wait for.
-            for piece in frame(5, MESSAGE_TYPE_DATA, FLAG_REMOTE_CLOSED, b"").chunks(chunk) {
+            for piece in [
+                frame(5, MESSAGE_TYPE_DATA, 0, b"ack"),
+                frame(5, MESSAGE_TYPE_DATA, 0, b"d"),
+            ]
+            .concat()
+            .chunks(chunk)
+            {
                 st.wrote(piece);
             }
+            let s = st.unanswered.get(&5).unwrap().stream.as_ref().unwrap();
+            assert_eq!(s.written, 2);
+            // Answered, it can be cut: the Start in flight is what is left to wait for.
             assert!(
                 matches!(st.not_still(), Some(Busy::Now(w)) if w.contains("Task/Start")),
                 "{:?}",
@@ -597,9 +792,14 @@ mod tests {
             for piece in frame(3, MESSAGE_TYPE_RESPONSE, 0, b"ok").chunks(chunk) {
                 st.wrote(piece);
             }
+            assert!(st.not_still().is_none());
+            // The stream ends.
+            for piece in frame(5, MESSAGE_TYPE_DATA, FLAG_REMOTE_CLOSED, b"").chunks(chunk) {
+                st.wrote(piece);
+            }
             assert!(st.writes.at_boundary());
             assert_eq!(st.unanswered.keys().copied().collect::<Vec<_>>(), [1]);
-            assert!(st.unanswered.get(&1).is_some_and(|u| !u.stream));
+            assert!(st.unanswered.get(&1).is_some_and(|u| u.stream.is_none()));
             assert!(st.not_still().is_none());
         }
         // Half a header is not a boundary.
@@ -607,5 +807,34 @@ mod tests {
         st.read(&wait[..4]);
         assert_eq!(st.reads.room(), HEADER - 4);
         assert!(st.not_still().is_some());
+    }
+
+    /// A replayed stream request carries its token; the tracker of the new process names the
+    /// stream by it, and the request is the same call.
+    #[test]
+    fn a_resume_token_names_a_replayed_stream() {
+        let mut r = ttrpc::proto::Request::new();
+        r.service = STREAMING.into();
+        r.method = "Stream".into();
+        let req = frame(
+            7,
+            MESSAGE_TYPE_REQUEST,
+            FLAG_NO_DATA,
+            &r.write_to_bytes().unwrap(),
+        );
+        let once = with_resume_token(&req, "t1").unwrap();
+        let twice = with_resume_token(&once, "t2").unwrap();
+        let mut st = State::default();
+        st.read(&twice);
+        let u = st.unanswered.get(&7).unwrap();
+        assert_eq!(u.call, format!("{STREAMING}/Stream"));
+        let s = u.stream.as_ref().unwrap();
+        assert_eq!(s.key, Some(StreamKey::Token("t2".into())));
+        // FLAG_NO_DATA: no first message from the request.
+        assert_eq!(s.read, 0);
+        assert!(st.not_still().is_none());
+        let body = ttrpc::proto::Request::parse_from_bytes(&twice[HEADER..]).unwrap();
+        assert_eq!(body.metadata.len(), 1);
+        assert!(with_resume_token(&frame(7, MESSAGE_TYPE_DATA, 0, b""), "t").is_none());
     }
 }

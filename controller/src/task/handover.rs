@@ -4,23 +4,23 @@
 //! what it knows of each container), the new process serves on from there
 //! ([`TaskServer::adopt`](super::TaskServer::adopt): the same listening socket, the same
 //! connections, the calls left unanswered asked again, the same containers with their slots
-//! and images). A cut that fails, or an upgrade that fails after it, is undone with
-//! [`TaskCutter::thaw`].
+//! and images, the stdio copies and streams going on from where they stopped). A cut that
+//! fails, or an upgrade that fails after it, is undone with [`TaskCutter::thaw`].
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use containerd_shim_protos::api::Mount;
 use devices::sync::Recover;
 use serde::{Deserialize, Serialize};
 
-use super::conn::Connections;
+use super::conn::{Connections, with_resume_token};
 use super::error::TaskError;
 use super::rootfs::ImageCache;
 use super::service::{Container, Endpoint, Entry, Prepared, Resources};
-use super::stdio::{self, BridgeState, Bridges};
+use super::stdio::{self, BridgeState, Bridges, ProxyState};
 
 /// A mount of a prepared container.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -170,6 +170,10 @@ pub struct TaskState {
     connections: Vec<Vec<u8>>,
     /// Each FIFO stdio copy, where it stood, in descriptor order.
     bridges: Vec<BridgeState>,
+    /// Each proxied stdio stream (`io_type = "streaming"`), where it stood; its request is
+    /// among its connection's frames, with the state's token.
+    #[serde(default)]
+    streams: Vec<ProxyState>,
 }
 
 impl TaskState {
@@ -191,6 +195,11 @@ impl TaskState {
     /// Ids of the containers it holds.
     pub fn container_ids(&self) -> Vec<&str> {
         self.containers.iter().map(|(id, _)| id.as_str()).collect()
+    }
+
+    /// Ids of the stdio streams it hands over (`io_type = "streaming"`).
+    pub fn stream_ids(&self) -> Vec<&str> {
+        self.streams.iter().map(|s| s.id.as_str()).collect()
     }
 }
 
@@ -251,6 +260,7 @@ impl TaskCut {
             bridges,
         } = self;
         AdoptedParts {
+            streams: state.streams,
             bridges: state.bridges.into_iter().zip(bridges).collect(),
             containers: state
                 .containers
@@ -270,6 +280,8 @@ pub(super) struct AdoptedParts {
     pub(super) connections: Vec<(OwnedFd, Vec<u8>)>,
     /// Stdio copies to resume ([`stdio::resume`]).
     pub(super) bridges: Vec<(BridgeState, OwnedFd)>,
+    /// Stdio streams whose replayed requests come with the connections.
+    pub(super) streams: Vec<ProxyState>,
 }
 
 /// Stdio copies a cut stopped, with a second descriptor of each FIFO.
@@ -291,6 +303,7 @@ impl TaskCutter {
     /// change something) and takes down what it knows. The endpoint stays as it is: after a
     /// failed upgrade [`TaskCutter::thaw`] lets it go on.
     pub async fn cut(&self, within: Duration) -> Result<TaskCut, TaskError> {
+        let deadline = Instant::now() + within;
         let listener = self
             .listener
             .try_clone()
@@ -319,7 +332,39 @@ impl TaskCutter {
                 return Err(TaskError::Handover(why));
             }
         };
-        let (connections, unanswered) = cut.into_iter().map(|c| (c.socket, c.unanswered)).unzip();
+        // Each stdio stream stops where the engine's side of it is exact, and its request
+        // goes with its connection's, with the token of its state.
+        let mut connections = Vec::with_capacity(cut.len());
+        let mut unanswered = Vec::with_capacity(cut.len());
+        let mut streams = Vec::new();
+        for c in cut {
+            let mut frames = c.unanswered;
+            for s in c.streams {
+                let frozen = self
+                    .endpoint
+                    .proxies
+                    .freeze(&s.key, s.read, s.written, deadline)
+                    .await
+                    .and_then(|st| {
+                        let frame = with_resume_token(&s.request, &st.token).ok_or_else(|| {
+                            TaskError::Handover("a stdio stream's request is malformed".into())
+                        })?;
+                        Ok((st, frame))
+                    });
+                match frozen {
+                    Ok((st, frame)) => {
+                        frames.extend_from_slice(&frame);
+                        streams.push(st);
+                    }
+                    Err(e) => {
+                        self.thaw();
+                        return Err(e);
+                    }
+                }
+            }
+            connections.push(c.socket);
+            unanswered.push(frames);
+        }
         // The stdio copies stop where their counters are exact; this process keeps a second
         // descriptor of each FIFO in case the upgrade fails.
         let copies: Vec<Bridges> = std::mem::take(&mut *self.endpoint.bridges.lock().recover());
@@ -347,6 +392,7 @@ impl TaskCutter {
                 containers,
                 connections: unanswered,
                 bridges,
+                streams,
             },
             listener,
             connections,
@@ -354,10 +400,11 @@ impl TaskCutter {
         })
     }
 
-    /// Undoes a cut: the connections go on, the socket accepts again and the stdio copies
-    /// resume (in the background: they reopen their agent streams).
+    /// Undoes a cut: the connections go on, the socket accepts again, the stdio streams go on
+    /// and the stdio copies resume (in the background: they reopen their agent streams).
     pub fn thaw(&self) {
         self.conns.thaw();
+        self.endpoint.proxies.thaw();
         let held = std::mem::take(&mut *self.held.lock().recover());
         if held.is_empty() {
             return;

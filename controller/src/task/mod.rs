@@ -93,12 +93,15 @@ impl TaskOptions {
 
 /// Registers `endpoint` under both Task service names, and the stream proxy.
 fn services(endpoint: Arc<Endpoint>, target: Arc<dyn TaskTarget>) -> HashMap<String, Service> {
+    let proxies = Arc::clone(&endpoint.proxies);
     let mut all = create_task(endpoint.clone());
     let mut v2 = create_task(endpoint);
     if let Some(service) = v2.remove(TASK_V3) {
         all.insert(TASK_V2.to_owned(), service);
     }
-    all.extend(create_streaming(Arc::new(stdio::StreamProxy::new(target))));
+    all.extend(create_streaming(Arc::new(stdio::StreamProxy::new(
+        target, proxies,
+    ))));
     all
 }
 
@@ -198,6 +201,7 @@ impl TaskServer {
             .lock()
             .recover()
             .extend(parts.containers);
+        endpoint.proxies.expect(parts.streams);
         let endpoint = Arc::new(endpoint);
         handover::resume_bridges(&endpoint, parts.bridges).await;
         Self::serve(

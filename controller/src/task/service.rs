@@ -115,6 +115,8 @@ pub(crate) struct Endpoint {
     socket: PathBuf,
     /// Copies of FIFO stdio; stopped when the endpoint goes.
     pub(super) bridges: Mutex<Vec<Bridges>>,
+    /// The engine's stdio streams proxied to the agent (`io_type = "streaming"`).
+    pub(super) proxies: Arc<stdio::Proxies>,
 }
 
 /// Container ids become file names here and in the agent: the protocol's one rule
@@ -182,6 +184,7 @@ impl Endpoint {
         Self {
             socket: socket.to_owned(),
             bridges: Mutex::new(Vec::new()),
+            proxies: Arc::default(),
             target,
             images: opts.images.clone(),
             work_dir: opts.work_dir.clone(),

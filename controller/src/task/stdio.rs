@@ -6,8 +6,8 @@
 //!
 //! - `io_type = "streaming"` (containerd): stdio paths are URLs naming this task socket
 //!   (`ttrpc+unix://…/task.sock?streaming_id=<id>`); containerd opens `Streaming.Stream` here.
-//!   `StreamProxy` opens a stream to the agent for each one and copies messages both ways
-//!   unchanged, so the URLs go to the agent as they are.
+//!   `proxy` opens a stream to the agent for each one and passes messages both ways, so
+//!   the URLs go to the agent as they are; a live upgrade hands these streams over too.
 //! - `io_type = "fifo"` (containerd, iSulad): stdio paths are host FIFOs the engine created.
 //!   [`bridge`] opens them here, opens one agent stream per FIFO (a fresh id) and copies bytes
 //!   between them; the agent is given `…?streaming_id=<id>` URLs instead of the paths.
@@ -21,33 +21,34 @@
 //! bound) into a buffer of at most one window that the FIFO drains at its reader's pace.
 
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use async_trait::async_trait;
-use proto::agent::stream_data::{Data, WindowUpdate};
+use proto::agent::stream_data::Data;
 use proto::agent::streaming::StreamInit;
-use proto::agent::streaming_ttrpc::{Streaming, StreamingClient};
+use proto::agent::streaming_ttrpc::StreamingClient;
 use proto::protobuf::Message;
 use proto::protobuf::well_known_types::any::Any;
 use tokio::net::unix::pipe;
-use ttrpc::asynchronous::{CSReceiver, CSSender, ServerStream, TtrpcContext};
+use ttrpc::asynchronous::{CSReceiver, CSSender};
 
 pub use self::bridge::{BridgeState, Bridges, Direction, resume};
 use self::bridge::{InState, OutState, Sink, Source};
+pub(crate) use self::proxy::StreamProxy;
+pub use self::proxy::{Proxies, ProxyState, RESUME_TOKEN_KEY, StreamKey};
 use super::error::TaskError;
 use crate::backend::TaskTarget;
 
 mod bridge;
+mod proxy;
 
 /// Service name of the stream service.
 pub const STREAMING: &str = "containerd.services.streaming.v1.Streaming";
-const STREAM_INIT_TYPE: &str = "containerd.services.streaming.v1.StreamInit";
+pub(super) const STREAM_INIT_TYPE: &str = "containerd.services.streaming.v1.StreamInit";
 const DATA_TYPE: &str = "containerd.types.transfer.Data";
 const WINDOW_UPDATE_TYPE: &str = "containerd.types.transfer.WindowUpdate";
 
 /// The bare message name of a type URL.
-fn type_name(url: &str) -> &str {
+pub(super) fn type_name(url: &str) -> &str {
     url.rsplit_once('/').map_or(url, |(_, name)| name)
 }
 
@@ -104,93 +105,6 @@ pub fn is_stream_url(stdio: &str) -> bool {
     stdio
         .split_once('?')
         .is_some_and(|(addr, q)| addr.contains("://") && q.contains("streaming_id="))
-}
-
-/// Forwards the engine's streams to the agent, message for message.
-#[derive(Debug)]
-pub(crate) struct StreamProxy {
-    target: Arc<dyn TaskTarget>,
-}
-
-impl StreamProxy {
-    pub(crate) fn new(target: Arc<dyn TaskTarget>) -> Self {
-        Self { target }
-    }
-}
-
-fn unreachable_agent(e: ttrpc::Error) -> ttrpc::Error {
-    TaskError::from_agent("Stream", e).into()
-}
-
-#[async_trait]
-impl Streaming for StreamProxy {
-    async fn stream(
-        &self,
-        _ctx: &TtrpcContext,
-        stream: ServerStream<Any, Any>,
-    ) -> ttrpc::Result<()> {
-        let agent = self.target.agent().map_err(TaskError::NoAgent)?;
-        let up = StreamingClient::new(agent)
-            .stream(ttrpc::context::Context::default())
-            .await
-            .map_err(unreachable_agent)?;
-        let (down_tx, mut down_rx) = stream.split();
-        let (up_tx, mut up_rx) = up.split();
-        // What containerd granted the agent (its WindowUpdates pass here first), so that the
-        // agent cannot make this proxy queue more for containerd than containerd asked for.
-        let credit = Arc::new(Credit::default());
-        let granted = Arc::clone(&credit);
-        let to_agent = async move {
-            loop {
-                match down_rx.recv().await {
-                    Ok(Some(msg)) if is_blank(&msg) => {}
-                    Ok(Some(msg)) => {
-                        if type_name(&msg.type_url) == WINDOW_UPDATE_TYPE
-                            && let Ok(w) = WindowUpdate::parse_from_bytes(&msg.value)
-                        {
-                            granted.grant(w.update);
-                        }
-                        if up_tx.send(&msg).await.is_err() {
-                            break;
-                        }
-                    }
-                    // The engine closed its side: so does the agent's.
-                    Ok(None) | Err(_) => {
-                        let _ = up_tx.close_send().await;
-                        break;
-                    }
-                }
-            }
-            // Keep the task alive: the other direction decides when the stream ends.
-            std::future::pending::<()>().await;
-        };
-        let from_agent = async move {
-            loop {
-                match up_rx.recv().await {
-                    Ok(msg) if is_blank(&msg) => {}
-                    Ok(msg) => {
-                        if let Some(data) = data_of(&msg)
-                            && !credit.take(data.len())
-                        {
-                            overrun("streamed");
-                            return Err(ttrpc::Error::Others(
-                                "the agent sent output beyond the window granted".into(),
-                            ));
-                        }
-                        if down_tx.send(&msg).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Err(ttrpc::Error::RpcStatus(s)) => return Err(ttrpc::Error::RpcStatus(s)),
-                    Err(_) => return Ok(()),
-                }
-            }
-        };
-        tokio::select! {
-            () = to_agent => Ok(()),
-            r = from_agent => r,
-        }
-    }
 }
 
 /// Which stdio stream.

@@ -141,8 +141,18 @@ impl Control for FakeAgent {
 
 /// Serves `agent` on `sock`.
 pub async fn serve_agent(agent: Arc<FakeAgent>, sock: &Path) -> Server {
+    serve_agent_with(agent, HashMap::new(), sock).await
+}
+
+/// Serves `agent` on `sock`, and `more` services beside it.
+pub async fn serve_agent_with(
+    agent: Arc<FakeAgent>,
+    more: HashMap<String, ttrpc::asynchronous::Service>,
+    sock: &Path,
+) -> Server {
     let mut services = create_task(agent.clone());
     services.extend(create_control(agent));
+    services.extend(more);
     let mut server = Server::new()
         .bind(&format!("unix://{}", sock.display()))
         .unwrap()

@@ -26,11 +26,9 @@ use std::os::fd::OwnedFd;
 
 use async_trait::async_trait;
 use proto::agent::stream_data::{Data, WindowUpdate};
-use proto::agent::stream_resume::{StreamResume, StreamResumed};
-use proto::agent::streaming_ttrpc::StreamingClient;
 use proto::protobuf::Message;
 use proto::protobuf::well_known_types::any::Any;
-use proto::stream::{MAX_DATA, STREAM_RESUME_TYPE, STREAM_RESUMED_TYPE, WINDOW, WINDOW_BYTES};
+use proto::stream::{MAX_DATA, WINDOW, WINDOW_BYTES};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
@@ -38,6 +36,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use ttrpc::asynchronous::{CSReceiver, CSSender};
 
+use super::proxy::reopen;
 use super::{Credit, DATA_TYPE, WINDOW_UPDATE_TYPE, data_of, overrun, pack, type_name};
 use crate::backend::TaskTarget;
 use crate::task::error::TaskError;
@@ -497,39 +496,6 @@ impl Bridges {
         }
         states
     }
-}
-
-/// Opens the stream `id` again with a `StreamResume{id, received}`; returns it and the
-/// agent's `StreamResumed.received`.
-async fn reopen(
-    client: ttrpc::asynchronous::Client,
-    id: &str,
-    received: u64,
-) -> Result<(CSSender<Any>, CSReceiver<Any>, u64), TaskError> {
-    let s = StreamingClient::new(client)
-        .stream(ttrpc::context::Context::default())
-        .await
-        .map_err(|e| TaskError::from_agent("Stream", e))?;
-    let (tx, mut rx) = s.split();
-    let mut resume = StreamResume::new();
-    resume.id = id.to_owned();
-    resume.received = received;
-    tx.send(&pack(STREAM_RESUME_TYPE, &resume)?)
-        .await
-        .map_err(|e| TaskError::from_agent("Stream", e))?;
-    let answer = rx
-        .recv()
-        .await
-        .map_err(|e| TaskError::from_agent("Stream", e))?;
-    if type_name(&answer.type_url) != STREAM_RESUMED_TYPE {
-        return Err(TaskError::invalid(
-            format!("stream {id}"),
-            format!("the agent answered a resume with a {:?}", answer.type_url),
-        ));
-    }
-    let resumed = StreamResumed::parse_from_bytes(&answer.value)
-        .map_err(|e| TaskError::invalid(format!("stream {id}"), e.to_string()))?;
-    Ok((tx, rx, resumed.received))
 }
 
 fn is_fifo(fd: &OwnedFd) -> std::io::Result<bool> {

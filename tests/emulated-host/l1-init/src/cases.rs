@@ -407,7 +407,7 @@ pub const RUST_TEST_CASES: &[RustTestCase] = &[
     },
     RustTestCase {
         name: "cri-upgrade",
-        description: "stock containerd 2.1 through CRI: `sandboxer upgrade` with a pod running containers in a Linux guest (no log line lost, no gap beyond the pause, ExecSync after, an exit code reported by the new process)",
+        description: "stock containerd 2.1 through CRI: `sandboxer upgrade` with a pod running containers in a Linux guest, for each IO type (no log line lost, no gap beyond the pause, ExecSync after, an exit code reported by the new process)",
         ci: true,
         binary: CRI_TEST,
         test: "a_pod_lives_through_an_upgrade",
