@@ -61,8 +61,9 @@ use crate::task::{TaskCut, TaskState};
 
 use wire::{Channel, WireError};
 
-/// Version of this handover protocol; both processes must speak the same one.
-pub const PROTOCOL_VERSION: u32 = 2;
+/// Version of this handover protocol; both processes must speak the same one. 3: a Task
+/// endpoint's state carries its open streaming stdio streams (a binary of 2 would drop them).
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The handover socket in the state directory.
 pub const SOCKET: &str = "upgrade.sock";
 /// How long the old process waits for the new one to connect, and each side for the other's
