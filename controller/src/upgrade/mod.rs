@@ -151,7 +151,8 @@ enum Msg {
     /// old -> new: one frozen sandbox. Blob: the encoded VM. Descriptors: `vm_files` of the
     /// VM ([`vmm::VmSnapshot::encode`]), then the vsock listener if `vsock`, then one per NIC,
     /// then one per block slot that holds a disk (`disks`: every slot, in slot order), then
-    /// those of its Task endpoint's cut if `task` ([`TaskCut::into_parts`]).
+    /// those of its Task endpoint's cut if `task` ([`TaskCut::into_parts`]); those beyond a
+    /// frame's [`wire::MAX_FDS`] follow in `Fds` frames (a pod of many containers).
     Sandbox {
         id: String,
         agent_port: u32,
@@ -163,6 +164,9 @@ enum Msg {
         frozen_at_ns: u64,
         task: Option<TaskState>,
     },
+    /// old -> new: more descriptors of the `Sandbox` frame just before (a frame carries at
+    /// most [`wire::MAX_FDS`]), in order, at least one a frame.
+    Fds,
     /// new -> old: a sandbox's VM is rebuilt (frozen).
     Restored { id: String },
     /// old -> new: the API sockets, one descriptor each, in `paths` order.
@@ -199,6 +203,62 @@ impl Disk {
             sectors: file.sectors,
         }
     }
+}
+
+/// How many descriptors a `Sandbox` message comes with (none for any other message).
+fn wanted_fds(message: &Msg) -> usize {
+    match message {
+        Msg::Sandbox {
+            vm_files,
+            vsock,
+            nics,
+            disks,
+            task,
+            ..
+        } => {
+            vm_files
+                + usize::from(*vsock)
+                + nics.len()
+                + disks.iter().flatten().count()
+                + task.as_ref().map_or(0, TaskState::fd_count)
+        }
+        _ => 0,
+    }
+}
+
+/// Sends `message` with `blob` and `fds`, the descriptors beyond a frame's
+/// [`wire::MAX_FDS`] in `Fds` frames right after it.
+async fn send_with_fds(
+    chan: &mut Channel,
+    message: &Msg,
+    blob: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), WireError> {
+    let (first, rest) = fds.split_at(fds.len().min(wire::MAX_FDS));
+    chan.send(message, blob, first).await?;
+    for more in rest.chunks(wire::MAX_FDS) {
+        chan.send(&Msg::Fds, &[], more).await?;
+    }
+    Ok(())
+}
+
+/// Reads the `Fds` frames that follow `frame` until it holds the descriptors its message
+/// comes with ([`wanted_fds`]).
+async fn collect_fds(chan: &mut Channel, frame: &mut wire::Frame<Msg>) -> Result<(), UpgradeError> {
+    let want = wanted_fds(&frame.message);
+    while frame.fds.len() < want {
+        let more = recv(chan, "send more descriptors").await?;
+        if !matches!(more.message, Msg::Fds) || more.fds.is_empty() {
+            return Err(UpgradeError::Protocol(format!(
+                "{:?} with {} descriptors while {} more were due",
+                more.message,
+                more.fds.len(),
+                want - frame.fds.len()
+            )));
+        }
+        frame.fds.extend(more.fds);
+    }
+    Ok(())
 }
 
 /// The block slots' files of a `Sandbox` frame, in slot order: the next descriptor of `fds`
@@ -622,7 +682,7 @@ async fn send_sandbox(
         frozen_at_ns,
         task,
     };
-    chan.send(&msg, &bytes, &fds).await?;
+    send_with_fds(chan, &msg, &bytes, &fds).await?;
     Ok(())
 }
 
@@ -702,7 +762,8 @@ pub async fn take<B: VmBackend>(
             warn!("upgrade: test hook {FAIL_AFTER_ENV}={n}: exiting half way");
             exit_without_teardown(3);
         }
-        let frame = recv(&mut chan, "send a sandbox").await?;
+        let mut frame = recv(&mut chan, "send a sandbox").await?;
+        collect_fds(&mut chan, &mut frame).await?;
         let ready = match &frame.message {
             Msg::Sandbox { id, .. } => shells.remove(id),
             _ => None,
@@ -837,6 +898,7 @@ async fn rebuild<B: VmBackend>(
     frame: wire::Frame<Msg>,
     ready: Option<Adoption>,
 ) -> Result<(String, Box<dyn AdoptedVm>, Option<TaskCut>), UpgradeError> {
+    let want = wanted_fds(&frame.message);
     let Msg::Sandbox {
         id,
         agent_port,
@@ -850,9 +912,6 @@ async fn rebuild<B: VmBackend>(
     else {
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
     };
-    let task_fds = task.as_ref().map_or(0, TaskState::fd_count);
-    let want =
-        vm_files + usize::from(vsock) + nics.len() + disks.iter().flatten().count() + task_fds;
     if frame.fds.len() != want {
         return Err(UpgradeError::Protocol(format!(
             "sandbox {id}: {} descriptors, {want} expected",
@@ -974,5 +1033,53 @@ mod tests {
         let mut one = std::iter::once(OwnedFd::from(file("only")));
         let disks = serde_json::from_str(&wire).unwrap();
         assert!(block_files(&mut one, disks).is_none());
+    }
+
+    /// A `Sandbox` message of `n` VM files.
+    fn sandbox(n: usize) -> Msg {
+        Msg::Sandbox {
+            id: "many".into(),
+            agent_port: 1024,
+            vm_files: n,
+            vsock: false,
+            nics: Vec::new(),
+            disks: Vec::new(),
+            frozen_at_ns: 0,
+            task: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sandbox_with_more_descriptors_than_a_frame_takes_gets_them_all_in_order() {
+        let n = 2 * wire::MAX_FDS + 3;
+        let files: Vec<File> = (0..n).map(|i| file(&format!("fd {i}"))).collect();
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(AsFd::as_fd).collect();
+        let (mut old, mut new) = wire::pair().unwrap();
+        send_with_fds(&mut old, &sandbox(n), b"state", &fds)
+            .await
+            .unwrap();
+        old.send(&Msg::Commit, &[], &[]).await.unwrap();
+        let mut frame = recv(&mut new, "send a sandbox").await.unwrap();
+        assert_eq!(frame.fds.len(), wire::MAX_FDS);
+        collect_fds(&mut new, &mut frame).await.unwrap();
+        assert_eq!(frame.blob, b"state");
+        let got: Vec<String> = frame
+            .fds
+            .into_iter()
+            .map(|fd| text(&File::from(fd)))
+            .collect();
+        let sent: Vec<String> = (0..n).map(|i| format!("fd {i}")).collect();
+        assert_eq!(got, sent);
+        // The frame after them is the next message.
+        let next = recv(&mut new, "commit").await.unwrap();
+        assert!(matches!(next.message, Msg::Commit));
+
+        // A message where descriptors were due: refused.
+        let (mut old, mut new) = wire::pair().unwrap();
+        old.send(&sandbox(2), &[], &fds[..1]).await.unwrap();
+        old.send(&Msg::Commit, &[], &[]).await.unwrap();
+        let mut frame = recv(&mut new, "send a sandbox").await.unwrap();
+        let err = collect_fds(&mut new, &mut frame).await.unwrap_err();
+        assert!(err.to_string().contains("1 more were due"), "{err}");
     }
 }
