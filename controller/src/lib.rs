@@ -17,6 +17,7 @@
 pub mod accept;
 pub mod api;
 pub mod backend;
+mod bytes;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -167,6 +167,7 @@ impl ContainerState {
 pub struct TaskState {
     containers: Vec<(String, ContainerState)>,
     /// Per cut connection, in descriptor order: the frames it left unanswered.
+    #[serde(with = "crate::bytes::list")]
     connections: Vec<Vec<u8>>,
     /// Each FIFO stdio copy, where it stood, in descriptor order.
     bridges: Vec<BridgeState>,

@@ -40,8 +40,9 @@ use tokio::net::UnixStream;
 pub const MAGIC: u32 = 0x5342_5848;
 /// Most descriptors one frame may carry.
 pub const MAX_FDS: usize = 64;
-/// Most bytes of JSON one frame may carry.
-pub const MAX_MESSAGE: usize = 1 << 20;
+/// Most bytes of JSON one frame may carry: a sandbox's Task endpoint state comes with the stdio
+/// bytes its streams had in flight (a window each, base64).
+pub const MAX_MESSAGE: usize = 16 << 20;
 /// Most bytes of blob one frame may carry.
 pub const MAX_BLOB: usize = 256 << 20;
 
@@ -633,7 +634,7 @@ mod tests {
         assert_eq!(header[8..], [0x0c, 0x0b, 0x0a, 9, 8, 7, 6, 5]);
         assert_eq!(
             decode_header(header).unwrap_err().to_string(),
-            "Handover frame's message of 16909060 bytes is over the limit of 1048576"
+            "Handover frame's message of 16909060 bytes is over the limit of 16777216"
         );
     }
 }

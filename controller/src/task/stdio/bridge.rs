@@ -65,9 +65,11 @@ pub struct BridgeState {
     /// Output: bytes written to the FIFO or file.
     pub written: u64,
     /// Output: bytes taken from the agent and not yet written, oldest first.
+    #[serde(with = "crate::bytes")]
     pub pending: Vec<u8>,
     /// Stdin: bytes read that the agent has not confirmed writing to the process, ending at
     /// `offset`.
+    #[serde(with = "crate::bytes")]
     pub unconfirmed: Vec<u8>,
     /// Stdin: the FIFO or file reached its end (the agent gets end of input once all is sent).
     pub eof: bool,

@@ -97,6 +97,7 @@ pub struct ProxyState {
     pub engine_sent: u64,
     /// The last of them, which the agent has not confirmed writing: they end at
     /// `engine_sent`.
+    #[serde(with = "crate::bytes")]
     pub unconfirmed: Vec<u8>,
     /// The engine closed its side.
     pub closed: bool,
