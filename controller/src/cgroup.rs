@@ -460,7 +460,8 @@ impl CpuCgroups {
         Ok(parent.join(id))
     }
 
-    /// Creates `group`, applies `limit` and moves the threads `tids` into it.
+    /// Creates `group`, applies `limit` and moves the threads `tids` into it (those that have
+    /// ended are skipped).
     pub fn attach(&self, group: &Path, limit: &CpuLimit, tids: &[u32]) -> Result<(), CgroupError> {
         for root in self.roots() {
             mkdir(&root.join(group))?;
@@ -478,7 +479,13 @@ impl CpuCgroups {
         for root in self.roots() {
             let file = root.join(group).join(threads);
             for tid in tids {
-                write(&file, &tid.to_string())?;
+                match write(&file, &tid.to_string()) {
+                    // The thread ended meanwhile (a guest that ended at once takes its VM's
+                    // threads with it): nothing is left to move.
+                    Err(CgroupError::Write { source, .. })
+                        if source.raw_os_error() == Some(nix::libc::ESRCH) => {}
+                    other => other?,
+                }
             }
         }
         Ok(())

@@ -1013,6 +1013,38 @@ fn test_cgroups() -> Option<CpuCgroups> {
     }
 }
 
+/// A VM thread that ended before its move into the sandbox's cgroup (the guest ended at once
+/// and took its VM's threads with it) is no error: Start then fails for the guest's end, not
+/// for the cgroup.
+#[test]
+fn moving_a_thread_that_ended_into_a_cgroup_is_no_error() {
+    let Some(cgroups) = test_cgroups() else {
+        return;
+    };
+    let ended = std::thread::spawn(|| nix::unistd::gettid().as_raw())
+        .join()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let live = std::thread::spawn(move || {
+        tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+        let _ = rx.recv();
+    });
+    let running = tid_rx.recv().unwrap();
+    let group = cgroups.group_of("ended-thread-move", "").unwrap();
+    let tids = [
+        u32::try_from(ended).unwrap(),
+        u32::try_from(running).unwrap(),
+    ];
+    let moved = cgroups.attach(&group, &CpuLimit::default(), &tids);
+    let inside = cgroups.threads(&group);
+    drop(tx);
+    live.join().unwrap();
+    cgroups.remove(&group, REMOVE_WAIT).unwrap();
+    moved.unwrap();
+    assert_eq!(inside.unwrap(), [tids[1]]);
+}
+
 /// The host thread ids of `id`'s VM, as `sandboxer ps --json` lists them.
 async fn vm_threads(d: &KvmDaemon, id: &str) -> Vec<u32> {
     let socket = d.dir.path().join("api.sock");
