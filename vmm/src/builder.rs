@@ -148,15 +148,18 @@ impl PreparedShell {
         .map_err(|e| VmError::Shell(ShellError::Memory(e)))?;
         let (mut shell, _) = VmShell::build_on(&kvm, ram, vcpus)?;
         let filters = host.filters();
-        shell.threads = Some(
-            VmThreads::spawn(
-                vcpus,
-                seccomp,
-                filters.get(ThreadRole::Vcpu, seccomp)?,
-                filters.get(ThreadRole::Vmm, seccomp)?,
-            )
-            .map_err(VmError::Spawn)?,
-        );
+        let mut threads = VmThreads::spawn(
+            vcpus,
+            seccomp,
+            filters.get(ThreadRole::Vcpu, seccomp)?,
+            filters.get(ThreadRole::Vmm, seccomp)?,
+        )
+        .map_err(VmError::Spawn)?;
+        // Built ahead of a freeze: the filter compiles are done before it, not beside it.
+        if !threads.wait_installed(Duration::from_secs(5)) {
+            log::warn!("A prepared shell's threads took over 5 s to install their filters");
+        }
+        shell.threads = Some(threads);
         Ok(PreparedShell {
             shell,
             mem_bytes,

@@ -30,6 +30,9 @@ use crate::memory::{GuestRam, MemoryError};
 use crate::seccomp::SeccompPolicy;
 use crate::vcpu::VmThreads;
 
+/// How long the pool waits for a clone shell's threads to install their seccomp filters.
+const THREADS_INSTALL_WAIT: Duration = Duration::from_secs(5);
+
 /// Errors building a shell.
 #[derive(Debug, thiserror::Error)]
 pub enum ShellError {
@@ -283,7 +286,16 @@ impl ShellPool {
                             VmShell::build_clone(&kvm, &src.memory, key.mem_bytes, src.vcpus)?;
                         let (policy, vcpu, vmm) = &src.threads;
                         match VmThreads::spawn(src.vcpus, *policy, vcpu.clone(), vmm.clone()) {
-                            Ok(threads) => shell.threads = Some(threads),
+                            // Ready once confined: a Start that takes it starts no filter
+                            // install (the pool thread waits, off every Start's path).
+                            Ok(mut threads) => {
+                                if !threads.wait_installed(THREADS_INSTALL_WAIT) {
+                                    log::warn!(
+                                        "A pooled clone shell's threads took over {THREADS_INSTALL_WAIT:?} to install their filters"
+                                    );
+                                }
+                                shell.threads = Some(threads);
+                            }
                             // The Start that takes the shell starts its own.
                             Err(e) => {
                                 log::warn!("Cannot start a pooled clone shell's threads: {e}")

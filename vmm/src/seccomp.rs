@@ -614,6 +614,8 @@ pub(crate) struct PendingThread<J: Send + 'static> {
     thread: Option<JoinHandle<()>>,
     /// The thread's host thread id, once it runs (0 before).
     tid: Arc<AtomicU32>,
+    /// Says when the thread is past its filter's install (`None` once heard).
+    installed: Option<std::sync::mpsc::Receiver<()>>,
 }
 
 impl<J: Send + 'static> PendingThread<J> {
@@ -625,6 +627,7 @@ impl<J: Send + 'static> PendingThread<J> {
         run: impl FnOnce(J, Result<(), SeccompError>) + Send + 'static,
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<J>();
+        let (installed_tx, installed) = std::sync::mpsc::sync_channel::<()>(1);
         let tid = Arc::new(AtomicU32::new(0));
         let own_tid = Arc::clone(&tid);
         let thread = std::thread::Builder::new()
@@ -634,6 +637,7 @@ impl<J: Send + 'static> PendingThread<J> {
                 let id = rustix::thread::gettid().as_raw_nonzero().get();
                 own_tid.store(id.unsigned_abs(), Ordering::Relaxed);
                 let confined = install(filter.as_deref());
+                let _ = installed_tx.send(());
                 if let Ok(job) = rx.recv() {
                     run(job, confined);
                 }
@@ -642,7 +646,25 @@ impl<J: Send + 'static> PendingThread<J> {
             job: Some(tx),
             thread: Some(thread),
             tid,
+            installed: Some(installed),
         })
+    }
+
+    /// Waits up to `within` until the thread is past its filter's install (it installs it
+    /// before it takes a job, so it never does a job unconfined: this only says the install
+    /// is done, e.g. before a shell counts as ready). False if it took longer.
+    pub(crate) fn wait_installed(&mut self, within: std::time::Duration) -> bool {
+        match self.installed.take() {
+            None => true,
+            Some(rx) => match rx.recv_timeout(within) {
+                // Heard, or the thread ended (it installs first, so it got past it).
+                Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => true,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.installed = Some(rx);
+                    false
+                }
+            },
+        }
     }
 
     /// Where the thread's host thread id appears once it runs (0 until then).

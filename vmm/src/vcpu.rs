@@ -280,6 +280,15 @@ impl std::fmt::Debug for VmThreads {
 }
 
 impl VmThreads {
+    /// Waits up to `within` until every thread is past its filter's install
+    /// ([`PendingThread::wait_installed`]). False if one took longer.
+    pub(crate) fn wait_installed(&mut self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let vcpus = self.vcpus.0.iter_mut().all(|t| t.wait_installed(left()));
+        vcpus && self.vmm.wait_installed(left())
+    }
+
     /// Starts `vcpus` vCPU threads confined by `vcpu_filter` and a VMM thread confined by
     /// `vmm_filter` (the filters of `policy`).
     pub(crate) fn spawn(
