@@ -60,7 +60,7 @@ pub(crate) enum Role {
     Other,
 }
 
-const ROLES: [(Role, &str); 5] = [
+pub(crate) const ROLES: [(Role, &str); 5] = [
     (Role::Host, "host (daemon runtime, vmm)"),
     (Role::Vcpu, "vCPU (guest, emulated here, + exits)"),
     (Role::Pool, "shell pool refill"),
@@ -84,7 +84,7 @@ fn role(t: &procstat::ThreadCpu) -> Role {
 }
 
 /// Per-role CPU time between two snapshots (threads that started in between count from 0).
-fn cpu_by_role(
+pub(crate) fn cpu_by_role(
     before: &[procstat::ThreadCpu],
     after: &[procstat::ThreadCpu],
 ) -> HashMap<Role, Duration> {
@@ -505,10 +505,7 @@ pub(crate) struct Started {
 impl Started {
     /// Whether the sandbox's VM was cloned from a template (it waited for no ready line).
     pub(crate) fn cloned(&self) -> bool {
-        PHASES
-            .iter()
-            .zip(&self.phases)
-            .any(|((name, _), d)| *name == "agent_ready" && d.is_zero())
+        cloned(&self.phases)
     }
 
     /// How long the VM took to build, boot or clone (`vm` phase).
@@ -517,17 +514,39 @@ impl Started {
     }
 }
 
+/// Whether a Start with these phases cloned a template (it waited for no ready line).
+pub(crate) fn cloned(phases: &[Duration]) -> bool {
+    PHASES
+        .iter()
+        .zip(phases)
+        .any(|((name, _), d)| *name == "agent_ready" && d.is_zero())
+}
+
 pub(crate) async fn create_start(client: &mut Client, id: &str) -> anyhow::Result<Started> {
     create_start_with(client, id, Default::default()).await
 }
 
-/// Create (with `annotations`) and Start.
+/// Create (with `annotations`) and Start, with the daemon's phases and the CPU time per role
+/// over the same window.
 pub(crate) async fn create_start_with(
     client: &mut Client,
     id: &str,
     annotations: HashMap<String, String>,
 ) -> anyhow::Result<Started> {
     let before = procstat::threads_cpu();
+    let took = create_and_start(client, id, annotations).await?;
+    let cpu = cpu_by_role(&before, &procstat::threads_cpu());
+    let phases = start_phases(client, id).await?;
+    Ok(Started { took, phases, cpu })
+}
+
+/// Create (with `annotations`) and Start, and nothing else: the wall time from Create sent to
+/// Start returned.
+pub(crate) async fn create_and_start(
+    client: &mut Client,
+    id: &str,
+    annotations: HashMap<String, String>,
+) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
     client
         .create(ControllerCreateRequest {
@@ -545,18 +564,22 @@ pub(crate) async fn create_start_with(
         })
         .await
         .with_context(|| format!("Start {id}"))?;
-    let took = t0.elapsed();
-    let cpu = cpu_by_role(&before, &procstat::threads_cpu());
+    Ok(t0.elapsed())
+}
+
+/// The phases of a started sandbox's Start, as its Status reports them ([`PHASES`] order).
+pub(crate) async fn start_phases(client: &mut Client, id: &str) -> anyhow::Result<Vec<Duration>> {
     let info = client
         .status(ControllerStatusRequest {
             sandbox_id: id.into(),
             verbose: false,
             sandboxer: "sandboxer".into(),
         })
-        .await?
+        .await
+        .with_context(|| format!("Status {id}"))?
         .into_inner()
         .info;
-    let phases = PHASES
+    PHASES
         .iter()
         .map(|(name, _)| {
             let key = format!("start_{name}_us");
@@ -565,8 +588,7 @@ pub(crate) async fn create_start_with(
                 .map(Duration::from_micros)
                 .with_context(|| format!("Status has no {key}"))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    Ok(Started { took, phases, cpu })
+        .collect()
 }
 
 pub(crate) async fn remove(client: &mut Client, id: &str) -> anyhow::Result<()> {
