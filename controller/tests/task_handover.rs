@@ -591,3 +591,55 @@ async fn a_thawed_cut_leaves_stdio_streams_going() {
     assert_eq!(agent.resumes.load(Ordering::Relaxed), 0);
     server.shutdown().await;
 }
+
+/// An engine that sends stdin beyond the window it was granted has the stream ended with an
+/// error: the proxy keeps the stdin bytes the agent has not confirmed, and only the window
+/// bounds them (containerd's sender waits for its grants).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stdin_beyond_the_window_granted_ends_the_stream() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let agent = Arc::new(FakeStreams::default());
+    let only = side_with(d, "only", create_streaming(agent.clone())).await;
+    let sock = d.join("task.sock");
+    let cache = Arc::new(ImageCache::new(&d.join("images")).unwrap());
+    let server = TaskServer::start(&sock, only.target.clone(), opts(d, cache))
+        .await
+        .unwrap();
+    let process = Arc::new(Mutex::new(Vec::new()));
+    let (closed_tx, _closed) = oneshot::channel();
+    agent.input("c1-stdin", Arc::clone(&process), closed_tx);
+    let client = Client::connect(&format!("unix://{}", sock.display()))
+        .await
+        .unwrap();
+    let (tx, mut rx) = open_stream(&client, "c1-stdin").await;
+    // Twenty windows at once, every grant ignored.
+    let (chunk, messages) = (pattern(32 * 1024, 3), 40);
+    let flood = tokio::spawn(async move {
+        for _ in 0..messages {
+            if tx.send(&fake_stream::data(&chunk)).await.is_err() {
+                break;
+            }
+        }
+        tx
+    });
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match rx.recv().await {
+                Ok(m) if m.type_url == fake_stream::UPDATE => {}
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert!(end.is_err(), "the stream went on: {end:?}");
+    drop(flood.await.unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let written = process.lock().unwrap().len();
+    assert!(
+        written < messages * 32 * 1024,
+        "{written} bytes reached the process"
+    );
+    server.shutdown().await;
+}

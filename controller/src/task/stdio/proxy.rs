@@ -18,7 +18,9 @@
 //!   bytes it wrote, see `proto::stream`); a new process sends again from where the agent's
 //!   `StreamResumed` says it is. The agent's grants reach the engine as the difference
 //!   between what the agent allows and what the engine was granted, so that the fresh window
-//!   of a resumed agent connection neither repeats nor loses a grant for the engine.
+//!   of a resumed agent connection neither repeats nor loses a grant for the engine. An
+//!   engine that sends beyond what it was granted has the stream ended with an error, so the
+//!   bytes kept stay within a window.
 //!
 //! A cut ([`Proxies::freeze`]) happens after the task connection stopped at frame boundaries
 //! (`task::conn`): what the proxy sends to the engine is then either written (the tracker
@@ -156,6 +158,13 @@ impl Counters {
         let mut w = WindowUpdate::new();
         w.update = more;
         pack(WINDOW_UPDATE_TYPE, &w).ok().map(Up::Msg)
+    }
+
+    /// The stream offset up to which the engine may have sent stdin: every grant passed on,
+    /// the one being written included (the engine may read it before the write returns).
+    fn engine_allowed(&self) -> u64 {
+        let writing = self.in_flight.map_or(0, |d| d.grant);
+        self.st.agent_granted.saturating_add(writing)
     }
 
     /// A grant from the agent: drops the stdin bytes it confirms and returns what the engine
@@ -374,13 +383,15 @@ async fn to_agent(
     std::future::pending::<()>().await;
 }
 
-/// Takes the engine's messages: counts them and pushes what the agent is to get.
+/// Takes the engine's messages: counts them and pushes what the agent is to get. Stdin beyond
+/// what the engine was granted ends the stream: the proxy keeps every stdin byte the agent has
+/// not confirmed, and only the window bounds them (containerd's sender waits for grants).
 async fn from_engine(
     live: &Arc<Live>,
     proxies: &Proxies,
     mut down_rx: ttrpc::asynchronous::SSReceiver<Any>,
     up: mpsc::UnboundedSender<Up>,
-) {
+) -> ttrpc::Result<()> {
     loop {
         let msg = down_rx.recv().await;
         let mut c = live.counters.lock().recover();
@@ -398,7 +409,18 @@ async fn from_engine(
                 }
                 DATA_TYPE => {
                     if let Some(d) = data_of(&m) {
-                        c.st.engine_sent = c.st.engine_sent.saturating_add(len64(d.len()));
+                        let sent = c.st.engine_sent.saturating_add(len64(d.len()));
+                        if sent > c.engine_allowed() {
+                            drop(c);
+                            live.taken.notify_waiters();
+                            tracing::warn!(
+                                "the engine sent stdin beyond the window granted: stream ended"
+                            );
+                            return Err(ttrpc::Error::Others(
+                                "stdin beyond the window granted".into(),
+                            ));
+                        }
+                        c.st.engine_sent = sent;
                         c.st.unconfirmed.extend_from_slice(&d);
                     }
                     Some(Up::Msg(m))
@@ -425,7 +447,8 @@ async fn from_engine(
         drop(c);
         live.taken.notify_waiters();
     }
-    std::future::pending::<()>().await;
+    // The other direction decides when the stream ends.
+    std::future::pending().await
 }
 
 /// Passes the agent's messages on to the engine, within the grants, counting what was
@@ -521,7 +544,7 @@ impl StreamProxy {
         }
         tokio::select! {
             () = to_agent(up_tx, queue, live.gate.subscribe()) => Ok(()),
-            () = from_engine(&live, &self.proxies, down_rx, up.clone()) => Ok(()),
+            r = from_engine(&live, &self.proxies, down_rx, up.clone()) => r,
             r = from_agent(&live, up_rx, down_tx, up) => r,
         }
     }
