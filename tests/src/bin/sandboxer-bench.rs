@@ -474,6 +474,9 @@ pub(crate) static NOFILE: std::sync::OnceLock<controller::nofile::NofileLimits> 
     std::sync::OnceLock::new();
 
 fn main() -> ExitCode {
+    // The daemon runs in this process in most scenarios: its heap behaves as `sandboxer
+    // serve`'s does (set before any other thread exists).
+    vmm::grow_heap_in_large_steps();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let scenario = args
         .first()
