@@ -215,8 +215,11 @@ impl AdoptedVm for KvmAdopted {
         // A busy host may keep the guest from answering within one connect's bound: the guest
         // runs and its agent listens, so keep dialling, for longer than a boot gets.
         let bound = spec.agent_ready_timeout.max(RECONNECT_BOUND);
-        let deadline = tokio::time::Instant::now() + bound;
+        let dialling = tokio::time::Instant::now();
+        let deadline = dialling + bound;
+        let mut dials = 0u32;
         let agent = loop {
+            dials = dials.saturating_add(1);
             match agent::connect(&vm, agent_port).await {
                 Ok(client) => break Ok(client),
                 Err(_) if tokio::time::Instant::now() < deadline && vm.ended().is_none() => {
@@ -225,16 +228,26 @@ impl AdoptedVm for KvmAdopted {
                 Err(e) => break Err(e),
             }
         };
-        // The clock is set again only to correct the pause; a guest too slow to answer it is
-        // no reason to lose the pod.
-        if let Ok(client) = &agent
-            && let Err(e) = agent::sync_clock(client).await
-        {
-            tracing::warn!(
-                sandbox_id = %spec.sandbox_id,
-                error = %crate::error_chain(&e),
-                "cannot set a taken-over guest's clock"
-            );
+        tracing::info!(
+            sandbox_id = %spec.sandbox_id,
+            dials,
+            connect_ms = dialling.elapsed().as_millis(),
+            "taken-over guest's agent answered"
+        );
+        // The clock is set again only to correct the pause, beside the rest: the Task endpoint
+        // (and the container output it resumes) does not wait for it, and a guest too slow to
+        // answer it is no reason to lose the pod.
+        if let Ok(client) = &agent {
+            let (client, id) = (client.clone(), spec.sandbox_id.clone());
+            tokio::spawn(async move {
+                if let Err(e) = agent::sync_clock(&client).await {
+                    tracing::warn!(
+                        sandbox_id = %id,
+                        error = %crate::error_chain(&e),
+                        "cannot set a taken-over guest's clock"
+                    );
+                }
+            });
         }
         let phases = StartPhases::default();
         handle(vm, spec, end, agent, agent_port, phases, &attached).await

@@ -414,10 +414,12 @@ impl<B: VmBackend> SandboxService<B> {
         task: Option<TaskCut>,
     ) {
         let dir = self.store.sandbox_dir(id);
+        let began = std::time::Instant::now();
         let vm: Arc<dyn VmHandle> = match adopted.resume().await {
             Ok(vm) => Arc::from(vm),
             Err(e) => return self.lost(&entry, &e.to_string()).await,
         };
+        let resumed = began.elapsed();
         let task = match self.start_task_server(&dir, &vm, task).await {
             Ok(task) => task,
             Err(e) => {
@@ -425,6 +427,12 @@ impl<B: VmBackend> SandboxService<B> {
                 return self.lost(&entry, &error_chain(&e)).await;
             }
         };
+        info!(
+            sandbox_id = %id,
+            agent_ms = resumed.as_millis(),
+            task_ms = began.elapsed().saturating_sub(resumed).as_millis(),
+            "Task endpoint serving in the new process"
+        );
         let record = entry.with(|d| {
             d.vm = Some(Arc::clone(&vm));
             d.task = Some(task);

@@ -584,7 +584,7 @@ pub async fn resume(
     for (state, fd) in states {
         let id = state.id.clone();
         match resume_one(&mut bridges, client.clone(), state, fd).await {
-            Ok(()) => tracing::debug!("stdio bridge {id} resumed"),
+            Ok(()) => tracing::info!("stdio bridge {id} resumed"),
             Err(TaskError::Agent(s)) if s.code() == ttrpc::Code::NOT_FOUND => {
                 tracing::info!("stdio bridge {id}: its stream has ended");
             }

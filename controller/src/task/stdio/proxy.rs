@@ -483,6 +483,13 @@ async fn from_agent(
                             "the agent sent output beyond the window granted".into(),
                         ));
                     }
+                    if live.token.is_some() && c.agent_sent == c.in_base && n > 0 {
+                        tracing::info!(
+                            "stdio stream {}: output flows again from {}",
+                            c.st.id,
+                            c.agent_sent
+                        );
+                    }
                     c.agent_sent = sent;
                     (Some(msg), Down { data: n, grant: 0 })
                 }
