@@ -1749,6 +1749,21 @@ async fn a_pod_through_an_upgrade(env: &mut Env, handler: &str) -> anyhow::Resul
             "{resumed} stdio streams resumed by the new process"
         ));
     }
+    // When each step of the take-over ended, from the new process's log.
+    for line in env.daemon_log().lines().filter(|l| {
+        [
+            "agent answered",
+            "Task endpoint serving",
+            "resumed at",
+            "flows again",
+            "bridge",
+            "took over",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+    }) {
+        step(&format!("daemon: {line}"));
+    }
     let last = before as u64 + 30;
     wait_log(&log, &format!("tick {last}")).await?;
 
@@ -1782,11 +1797,18 @@ async fn a_pod_through_an_upgrade(env: &mut Env, handler: &str) -> anyhow::Resul
             bail!("tick {} where {} was due: lines lost or repeated", n, i + 1);
         }
     }
-    let gap = all
+    let (gap, at) = all
         .windows(2)
-        .map(|w| chrono_free::millis(&w[0].1, &w[1].1))
+        .map(|w| (chrono_free::millis(&w[0].1, &w[1].1), w[0].0))
         .max()
-        .unwrap_or(0);
+        .unwrap_or((0, 0));
+    let text = std::fs::read_to_string(&log)?;
+    for n in [at, at + 1] {
+        let tick = format!(" tick {n}");
+        if let Some(line) = text.lines().find(|l| l.ends_with(&tick)) {
+            step(&format!("around the longest gap: {line}"));
+        }
+    }
     step(&format!(
         "{} ticks, none lost; longest gap between two {gap} ms (pause {pause_ms} ms)",
         all.len()

@@ -104,6 +104,7 @@ pub(crate) fn template_start(o: &Options) -> anyhow::Result<()> {
     vmm_host().wait_pool_full(Duration::from_secs(10));
     let total = o.iterations;
     let (socket, clients) = (daemon.socket.clone(), o.concurrency);
+    eprintln!("template-start: {total} Starts from {clients} clients at once");
     let cpu_before = procstat::threads_cpu();
     let wall = rt.block_on(async move {
         let mut connected = Vec::with_capacity(clients);
