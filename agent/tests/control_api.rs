@@ -290,6 +290,14 @@ fn full_setup() -> SetupRequest {
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
+    // The host's clock (host mode never sets it; a Linux guest's agent does).
+    req.unix_nanos = i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+    )
+    .unwrap();
     req
 }
 
@@ -372,6 +380,16 @@ async fn setup_rejects_bad_input_naming_the_field() {
     let hostname_before = agent.ns(&["hostname"]);
 
     let cases: Vec<(SetupRequest, Code, &str)> = vec![
+        (
+            {
+                let mut r = SetupRequest::new();
+                r.hostname = "changed".into();
+                r.unix_nanos = -1;
+                r
+            },
+            Code::INVALID_ARGUMENT,
+            "unix_nanos: ",
+        ),
         (
             {
                 let mut r = SetupRequest::new();

@@ -68,14 +68,7 @@ fn summary_json(s: &SandboxSummary) -> serde_json::Value {
 const TOTAL: &str = "total";
 
 /// The order Start runs its phases in, for the PHASES column.
-const PHASE_ORDER: [&str; 6] = [
-    "vm",
-    "agent_ready",
-    "agent_connect",
-    "sync_clock",
-    "setup",
-    "task_server",
-];
+const PHASE_ORDER: [&str; 5] = ["vm", "agent_ready", "agent_connect", "setup", "task_server"];
 
 /// `ps`'s table: ID, STATE, AGE, VCPUS, MEM, THREADS (host thread ids: vCPUs then VMM),
 /// START (total ms, and whether it was a template clone or a boot), PHASES (ms each).

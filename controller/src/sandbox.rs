@@ -279,7 +279,7 @@ pub struct SandboxRecord {
     /// Containers added through the seed API.
     pub containers: BTreeMap<String, ContainerRecord>,
     /// How long each phase of the last Start took, in microseconds (`vm`, `agent_ready`,
-    /// `agent_connect`, `sync_clock`, `setup`, `task_server`, `total`); shown by Status.
+    /// `agent_connect`, `setup`, `task_server`, `total`); shown by Status.
     #[serde(default)]
     pub start_us: BTreeMap<String, u64>,
     /// The sandbox's CPU cgroup, relative to the hierarchy's root (`crate::cgroup`); `None`

@@ -3,7 +3,8 @@
 //! (proto/proto/agent/sandboxer/agent/v1/control.proto; its comments are the contract).
 //!
 //! It is served on the same ttrpc server as the Task services. Setup applies the pod's
-//! hostname, DNS, interfaces, routes and sysctls ([`system`], [`net`]); Health, SyncClock and
+//! hostname, DNS, interfaces, routes and sysctls ([`system`], [`net`]) and sets the clock as
+//! SyncClock does; Health, SyncClock and
 //! Stats answer about the guest; PrepareBundle/RemoveBundle manage the bundles the agent owns
 //! ([`bundle`]); WaitEvent hands out the [`Events`] queue; Shutdown answers at once and asks the
 //! agent's main loop (through the channel given to [`ControlService::new`]) to end the pod:
@@ -57,7 +58,7 @@ pub struct ControlConfig {
     pub resolv_conf: PathBuf,
     /// Root of the sysctl tree.
     pub sysctl_root: PathBuf,
-    /// Whether SyncClock may set the realtime clock.
+    /// Whether Setup and SyncClock may set the realtime clock.
     pub set_clock: bool,
     /// The kernel RNG device that takes Setup's entropy (`/dev/random`).
     pub random_device: PathBuf,
@@ -180,12 +181,19 @@ impl ControlService {
             sysctls.push((key.as_str(), path, value.as_str()));
         }
         sysctls.sort_unstable_by_key(|(key, _, _)| *key);
+        let clock = match req.unix_nanos {
+            0 => None,
+            nanos => system::clock_target(nanos, SystemTime::now())?,
+        };
 
         let _serial = self.setup_lock.lock().await;
         // First: nothing of the pod may draw from an RNG a clone shares with others.
         if !req.entropy.is_empty() {
             entropy::add_and_reseed(&self.config.random_device, &req.entropy)
                 .map_err(|e| ControlError::internal("add the host's entropy and reseed", &e))?;
+        }
+        if let Some(t) = clock {
+            self.set_clock(t)?;
         }
         if !req.hostname.is_empty() {
             system::set_hostname(&req.hostname)?;
@@ -210,9 +218,14 @@ impl ControlService {
     }
 
     fn do_sync_clock(&self, req: &SyncClockRequest) -> Result<(), ControlError> {
-        let Some(t) = system::clock_target(req.unix_nanos, SystemTime::now())? else {
-            return Ok(());
-        };
+        match system::clock_target(req.unix_nanos, SystemTime::now())? {
+            Some(t) => self.set_clock(t),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the guest's clock to `t` (not in host mode).
+    fn set_clock(&self, t: nix::sys::time::TimeSpec) -> Result<(), ControlError> {
         if self.config.set_clock {
             system::set_clock(t)
         } else {

@@ -4,7 +4,8 @@
 //! The agent dials host port [`READY_PORT`] and writes `READY <port>\n` (listened for before the
 //! vCPUs can reach their driver: in-process, plus the hybrid `<uds>_1025` listener for a guest
 //! faster than that); the host then connects to `<port>`, builds one shared ttrpc client and
-//! calls `Control.SyncClock` and `Control.Setup`. No ready line within `agent_ready_timeout`:
+//! calls `Control.Setup`, which carries the host's clock too. No ready line within
+//! `agent_ready_timeout`:
 //! [`BackendError::AgentNotReady`] (gRPC `DEADLINE_EXCEEDED`). Every agent call carries a ttrpc
 //! timeout, so a dead VM never hangs an RPC.
 
@@ -247,8 +248,8 @@ fn unix_nanos() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
-/// Waits for the agent's ready line, connects to its port, syncs its clock and sends Setup;
-/// fills in the phases it ran in `phases`.
+/// Waits for the agent's ready line, connects to its port and sends Setup (which sets the
+/// guest's clock too); fills in the phases it ran in `phases`.
 pub(super) async fn connect_agent(
     vm: &Arc<vmm::Vm>,
     spec: &VmSpec,
@@ -310,8 +311,9 @@ pub(super) async fn wait_ready(
     }
 }
 
-/// Connects to the agent's ttrpc `port` over the VM's vsock, syncs its clock and sends
-/// `setup`; fills in the phases it ran.
+/// Connects to the agent's ttrpc `port` over the VM's vsock and sends `setup` with the host's
+/// clock (one round trip sets the guest's clock and configures the pod); fills in the phases
+/// it ran.
 pub(super) async fn connect_and_setup(
     vm: &Arc<vmm::Vm>,
     port: u32,
@@ -321,12 +323,11 @@ pub(super) async fn connect_and_setup(
     let t = Instant::now();
     let client = connect(vm, port).await?;
     phases.agent_connect = t.elapsed();
+    let mut req = setup_request(setup)?;
     let t = Instant::now();
-    sync_clock(&client).await?;
-    phases.sync_clock = t.elapsed();
-    let t = Instant::now();
+    req.unix_nanos = unix_nanos();
     control(&client)
-        .setup(ctx(AGENT_CALL_TIMEOUT), &setup_request(setup)?)
+        .setup(ctx(AGENT_CALL_TIMEOUT), &req)
         .await
         .map_err(|e| BackendError::Agent("Control.Setup", e))?;
     phases.setup = t.elapsed();
@@ -354,7 +355,8 @@ pub(super) async fn connect(
     Ok(ttrpc::asynchronous::Client::new(stream.into()))
 }
 
-/// Sets the guest's clock to the host's (`Control.SyncClock`).
+/// Sets the guest's clock to the host's (`Control.SyncClock`): after a live upgrade's pause,
+/// where no Setup follows.
 pub(super) async fn sync_clock(client: &ttrpc::asynchronous::Client) -> Result<(), BackendError> {
     let clock = proto::agent::control::SyncClockRequest {
         unix_nanos: unix_nanos(),

@@ -403,20 +403,17 @@ pub struct StartPhases {
     pub agent_ready: Duration,
     /// Connecting to the agent's ttrpc port over vsock.
     pub agent_connect: Duration,
-    /// `Control.SyncClock` round trip.
-    pub sync_clock: Duration,
-    /// `Control.Setup` round trip.
+    /// `Control.Setup` round trip (it sets the guest's clock too).
     pub setup: Duration,
 }
 
 impl StartPhases {
     /// Each phase with its name, in order.
-    pub fn named(&self) -> [(&'static str, Duration); 5] {
+    pub fn named(&self) -> [(&'static str, Duration); 4] {
         [
             ("vm", self.vm),
             ("agent_ready", self.agent_ready),
             ("agent_connect", self.agent_connect),
-            ("sync_clock", self.sync_clock),
             ("setup", self.setup),
         ]
     }

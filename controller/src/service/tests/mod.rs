@@ -89,7 +89,7 @@ async fn lifecycle() {
             .parse()
             .unwrap()
     };
-    let parts: u64 = ["vm", "agent_ready", "agent_connect", "sync_clock", "setup"]
+    let parts: u64 = ["vm", "agent_ready", "agent_connect", "setup"]
         .iter()
         .map(|p| us(p))
         .sum::<u64>()

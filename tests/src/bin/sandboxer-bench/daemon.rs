@@ -3,7 +3,7 @@
 //! through the containerd 2.x Sandbox API over gRPC (state dir on a tmpfs, like /run/sandboxer
 //! on a standard host). The sandboxes boot the `virtio` test guest in agent mode (this host's
 //! KVM cannot run Linux): Start returns after the guest's ready signal over vsock and the
-//! agent's SyncClock and Setup, and Stop's Control.Shutdown ends the VM, as the real agent
+//! agent's Setup (with the clock), and Stop's Control.Shutdown ends the VM, as the real agent
 //! does.
 //!
 //! The daemon runs on its own tokio runtime (threads named `bench-daemon`), the gRPC client on
@@ -40,7 +40,6 @@ pub(crate) const PHASES: &[(&str, bool)] = &[
     ("vm", false),
     ("agent_ready", true),
     ("agent_connect", true),
-    ("sync_clock", true),
     ("setup", true),
     ("task_server", false),
 ];
@@ -709,7 +708,7 @@ pub(crate) fn sandbox_start(o: &Options) -> anyhow::Result<()> {
     let phase_summaries: Vec<Summary> = phases.iter().map(|p| Summary::of(p)).collect();
     println!(
         "sandbox-start: {} Create+Start calls over gRPC (containerd 2.x API), test guest \
-         \"virtio\" in agent mode (Start includes READY, SyncClock, Setup), {} MiB, pool depth \
+         \"virtio\" in agent mode (Start includes READY, Setup), {} MiB, pool depth \
          {pool_depth} (refilled before every Start; {pooled} of {} Starts took a pre-built \
          shell), seccomp {}",
         o.iterations,

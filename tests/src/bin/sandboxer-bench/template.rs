@@ -151,7 +151,7 @@ pub(crate) fn template_start(o: &Options) -> anyhow::Result<()> {
     println!(
         "template-start: {} clone and {} cold Create+Start calls over gRPC (containerd 2.x API), \
          one at a time, test guest \"virtio\" in agent mode (a clone: the host connects to the \
-         agent at once, SyncClock, Setup; a boot: READY first), {} MiB, template shell pool \
+         agent at once, Setup with the clock; a boot: READY first), {} MiB, template shell pool \
          {}, seccomp {}",
         o.iterations,
         o.iterations,

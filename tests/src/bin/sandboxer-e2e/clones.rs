@@ -41,7 +41,15 @@ const PODS: [(&str, NetPlan); 2] = [
 const REPORT: &str = "echo host=$(hostname); \
     echo mac=$(cat /sys/class/net/eth0/address); \
     echo ip=$(ip -o -4 addr show dev eth0 | awk '{print $4}'); \
+    echo now=$(date +%s); \
     echo random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n')";
+
+/// The host's clock, seconds since the Unix epoch.
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// The sandbox's start phases (`start_<phase>_us` of Status info).
 async fn phases(api: &mut Controller, id: &str) -> Result<BTreeMap<String, u64>> {
@@ -93,12 +101,14 @@ pub(crate) async fn case_clones(
         // Each pod's bundle and FIFO apart: the container has the same id in both.
         let dir = work.join("clones").join(id);
         std::fs::create_dir_all(&dir)?;
+        let before = unix_secs();
         let out = pod
             .run_script(&dir, "report", rootfs_mount(image), REPORT)
             .await?;
         let status = wait_exit(&pod.task, "report", "").await?;
         ensure!(status == 0, "{id}: report exited {status}");
         let text = out.wait_for("random=").await?;
+        let after = unix_secs();
         pod.delete("report").await?;
         for line in text.lines() {
             println!("E2E-OUTPUT clones {id}: {line}");
@@ -121,6 +131,12 @@ pub(crate) async fn case_clones(
             "{id}: address {:?}, want {}/24",
             field("ip"),
             plan.pod_ip
+        );
+        // The clone's clock is the template's until Setup sets it to the host's.
+        let now: u64 = field("now").parse().unwrap_or(0);
+        ensure!(
+            (before.saturating_sub(2)..=after + 2).contains(&now),
+            "{id}: the guest's clock says {now}, the host's {before}..{after}"
         );
         ensure!(
             field("random").len() == 32,
