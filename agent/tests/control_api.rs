@@ -291,14 +291,19 @@ fn full_setup() -> SetupRequest {
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     // The host's clock (host mode never sets it; a Linux guest's agent does).
-    req.unix_nanos = i64::try_from(
+    req.unix_nanos = unix_nanos_now();
+    req
+}
+
+/// The realtime clock, nanoseconds since the Unix epoch.
+fn unix_nanos_now() -> i64 {
+    i64::try_from(
         SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
             .as_nanos(),
     )
-    .unwrap();
-    req
+    .unwrap()
 }
 
 fn check_full_setup(agent: &Agent) {
@@ -541,13 +546,7 @@ async fn health_clock_bundles_and_events() {
     // SyncClock: the host's own time is accepted (host mode never sets the clock);
     // nonsense is refused.
     let mut req = SyncClockRequest::new();
-    req.unix_nanos = i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos(),
-    )
-    .unwrap();
+    req.unix_nanos = unix_nanos_now();
     c.sync_clock(ctx(), &req).await.expect("sync clock");
     for bad in [-1, 0, i64::MAX] {
         req.unix_nanos = bad;

@@ -325,6 +325,18 @@ async fn a_call_in_flight_holds_the_cut_and_a_thaw_undoes_it() {
     server.shutdown().await;
 }
 
+/// A Task endpoint on `<d>/task.sock` with a side of its own whose agent serves `agent`'s
+/// streams.
+async fn one_endpoint(d: &Path, agent: &Arc<FakeStreams>) -> (Side, PathBuf, TaskServer) {
+    let side = side_with(d, "one", create_streaming(agent.clone())).await;
+    let sock = d.join("task.sock");
+    let cache = Arc::new(ImageCache::new(&d.join("images")).unwrap());
+    let server = TaskServer::start(&sock, side.target.clone(), opts(d, cache))
+        .await
+        .unwrap();
+    (side, sock, server)
+}
+
 fn pattern(len: usize, seed: usize) -> Vec<u8> {
     (0..len).map(|i| ((i * 7 + seed) % 251) as u8).collect()
 }
@@ -568,12 +580,7 @@ async fn a_thawed_cut_leaves_stdio_streams_going() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let agent = Arc::new(FakeStreams::default());
-    let old = side_with(d, "old", create_streaming(agent.clone())).await;
-    let sock = d.join("task.sock");
-    let cache = Arc::new(ImageCache::new(&d.join("images")).unwrap());
-    let server = TaskServer::start(&sock, old.target.clone(), opts(d, cache))
-        .await
-        .unwrap();
+    let (_old, sock, server) = one_endpoint(d, &agent).await;
     let (log, input) = (Arc::new(pattern(3 << 20, 2)), Arc::new(pattern(300_000, 9)));
     let s = streams(&agent, &sock, &log, &input).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -600,12 +607,7 @@ async fn stdin_beyond_the_window_granted_ends_the_stream() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     let agent = Arc::new(FakeStreams::default());
-    let only = side_with(d, "only", create_streaming(agent.clone())).await;
-    let sock = d.join("task.sock");
-    let cache = Arc::new(ImageCache::new(&d.join("images")).unwrap());
-    let server = TaskServer::start(&sock, only.target.clone(), opts(d, cache))
-        .await
-        .unwrap();
+    let (_only, sock, server) = one_endpoint(d, &agent).await;
     let process = Arc::new(Mutex::new(Vec::new()));
     let (closed_tx, _closed) = oneshot::channel();
     agent.input("c1-stdin", Arc::clone(&process), closed_tx);
