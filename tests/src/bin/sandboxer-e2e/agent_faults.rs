@@ -132,6 +132,8 @@ pub(crate) async fn case_agent_faults(
     .await?;
     let text = out.wait_for("init-survived").await?;
     println!("E2E-OUTPUT agent-faults {}", text.replace('\n', " "));
+    // Its output may arrive before its exit is known: Delete needs it stopped.
+    wait_exit(&signalled.task, "killer", "").await?;
     signalled.delete("killer").await?;
     let out = signalled
         .run_script(
@@ -142,6 +144,7 @@ pub(crate) async fn case_agent_faults(
         )
         .await?;
     out.wait_for("still-serving").await?;
+    wait_exit(&signalled.task, "after-signals", "").await?;
     signalled.delete("after-signals").await?;
     steps.done("init-ignores-fatal-signals");
 
