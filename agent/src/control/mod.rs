@@ -4,8 +4,8 @@
 //!
 //! It is served on the same ttrpc server as the Task services. Setup applies the pod's
 //! hostname, DNS, interfaces, routes and sysctls ([`system`], [`net`]) and sets the clock as
-//! SyncClock does; Health, SyncClock and
-//! Stats answer about the guest; PrepareBundle/RemoveBundle manage the bundles the agent owns
+//! SyncClock does; Health, SyncClock and Stats answer about the guest;
+//! PrepareBundle/RemoveBundle manage the bundles the agent owns
 //! ([`bundle`]); WaitEvent hands out the [`Events`] queue; Shutdown answers at once and asks the
 //! agent's main loop (through the channel given to [`ControlService::new`]) to end the pod:
 //! in the VM the main loop runs [`crate::shutdown::shutdown`] with the requested grace time,

@@ -228,12 +228,14 @@ impl AdoptedVm for KvmAdopted {
                 Err(e) => break Err(e),
             }
         };
-        tracing::info!(
-            sandbox_id = %spec.sandbox_id,
-            dials,
-            connect_ms = dialling.elapsed().as_millis(),
-            "taken-over guest's agent answered"
-        );
+        if agent.is_ok() {
+            tracing::info!(
+                sandbox_id = %spec.sandbox_id,
+                dials,
+                connect_ms = dialling.elapsed().as_millis(),
+                "taken-over guest's agent answered"
+            );
+        }
         // The clock is set again only to correct the pause, beside the rest: the Task endpoint
         // (and the container output it resumes) does not wait for it, and a guest too slow to
         // answer it is no reason to lose the pod.
