@@ -310,14 +310,12 @@ impl VmmControl {
         // Taken before the vCPUs are stopped, not after: a pause measured from here is never
         // shorter than the guest's.
         let paused_at = Some(std::time::Instant::now());
-        if !self.vcpus.pause() {
-            return Err(VmmActionError::PauseTimedOut);
-        }
         let saved = &self.saved;
         let reading = Arc::clone(&saved.vcpu_reading);
+        // Each vCPU thread saves itself on its way into the park.
         let vcpus = self
             .vcpus
-            .on_each(move |_, fd| VcpuState::save(fd, &reading))
+            .pause_with(move |_, fd| VcpuState::save(fd, &reading))
             .ok_or(SnapshotError::VcpuTimeout)?
             .into_iter()
             .collect::<Result<Vec<_>, _>>()

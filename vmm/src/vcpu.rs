@@ -40,7 +40,7 @@ pub(crate) struct VcpuControl {
     state: AtomicU8,
     counts: Mutex<Counts>,
     cv: Condvar,
-    /// Work for parked vCPU threads, by vCPU id (see [`VcpuSet::on_each`]).
+    /// Work for vCPU threads to run in their park, by vCPU id (see [`VcpuSet::pause_with`]).
     work: Mutex<Vec<Option<VcpuWork>>>,
     /// The first terminal exit a vCPU saw; the VMM thread ends the VM with it.
     pending_exit: Mutex<Option<VmExit>>,
@@ -96,7 +96,7 @@ impl VcpuControl {
                         .get_mut(id)
                         .and_then(Option::take);
                     if let Some(work) = work {
-                        // Still counted as parked: the guest does not run while it works.
+                        // Out of the guest while it works; counted as parked once it waits.
                         drop(counts);
                         work(fd);
                         counts = self.counts.lock().recover();
@@ -344,10 +344,12 @@ impl VcpuSet {
             .wait_for(VCPU_WAIT, |c| c.parked + c.exited >= n)
     }
 
-    /// Runs `f` on every vCPU's own thread with its fd, while the VM is paused (after a
-    /// successful [`VcpuSet::pause`]), and returns the results in vCPU order. `None` if some
-    /// thread did not answer within the wait bound (it has exited, or is stuck).
-    pub(crate) fn on_each<T: Send + 'static>(
+    /// [`VcpuSet::pause`], with each vCPU thread running `f` with its fd on its way into the
+    /// park (outside the guest, before it counts as parked), and the results in vCPU order:
+    /// one wake-up per thread, where a pause and then work for the parked threads took two.
+    /// `None` if some thread did not answer or park within the wait bound (it has exited, or
+    /// is stuck).
+    pub(crate) fn pause_with<T: Send + 'static>(
         &self,
         f: impl Fn(usize, &mut VcpuFd) -> T + Send + Sync + 'static,
     ) -> Option<Vec<T>> {
@@ -355,6 +357,7 @@ impl VcpuSet {
         let f = Arc::new(f);
         let (tx, rx) = std::sync::mpsc::channel();
         {
+            // Taken only in a park: a running thread finds it once it sees the pause.
             let mut work = self.control.work.lock().recover();
             work.clear();
             for id in 0..n {
@@ -365,11 +368,8 @@ impl VcpuSet {
             }
         }
         drop(tx);
-        // Wake the parked threads so they see their work.
-        {
-            let _counts = self.control.counts.lock().recover();
-            self.control.cv.notify_all();
-        }
+        self.control.set_state(PAUSED);
+        self.kick_all();
         let deadline = Instant::now() + VCPU_WAIT;
         let mut results: Vec<Option<T>> = (0..n).map(|_| None).collect();
         for _ in 0..n {
@@ -385,7 +385,12 @@ impl VcpuSet {
         }
         // Work a thread did not take must not run later.
         self.control.work.lock().recover().clear();
-        results.into_iter().collect()
+        let left = deadline.saturating_duration_since(Instant::now());
+        let parked = self.control.wait_for(left, |c| c.parked + c.exited >= n);
+        results
+            .into_iter()
+            .collect::<Option<Vec<T>>>()
+            .filter(|_| parked)
     }
 
     /// Test hook: the next exit of a vCPU panics; the vCPUs are kicked out of the guest.
