@@ -239,6 +239,18 @@ impl Vm {
             ram,
             threads,
         } = match &mut source {
+            Source::Boot(cfg) if cfg.memory.is_some() => {
+                let memory = cfg.memory.take().ok_or(VmError::Setup(
+                    "guest memory",
+                    io::Error::other("taken twice"),
+                ))?;
+                let ram = GuestRam::shared(&memory, mem_bytes)
+                    .map_err(|e| VmError::Shell(ShellError::Memory(e)))?;
+                let (shell, t) = VmShell::build_on(kvm, ram, vcpu_count)?;
+                timings.memory = t.memory;
+                timings.vm_create = lap.next().saturating_sub(t.memory);
+                shell
+            }
             Source::Boot(_) => match host.pool().take(PoolKey {
                 mem_bytes,
                 template: None,

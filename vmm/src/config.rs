@@ -51,6 +51,11 @@ pub struct VmConfig {
     pub devices: Vec<DeviceConfig>,
     /// How the VM's vCPU and VMM threads are confined (`crate::seccomp`).
     pub seccomp: SeccompPolicy,
+    /// The guest memory, made by the caller: a memfd of `mem_mib` MiB
+    /// ([`crate::guest_memfd`]), e.g. one whose pages another process allocated so
+    /// that they are charged to a memory cgroup of the sandbox's. `None`: the VMM makes it (or
+    /// takes a pooled shell's).
+    pub memory: Option<std::sync::Arc<File>>,
 }
 
 impl VmConfig {
@@ -65,6 +70,7 @@ impl VmConfig {
             console: ConsoleConfig::default(),
             devices: Vec::new(),
             seccomp: SeccompPolicy::default(),
+            memory: None,
         }
     }
 }
@@ -83,6 +89,9 @@ pub enum ConfigError {
         /// Supported maximum.
         max: usize,
     },
+    /// The guest memory given ([`VmConfig::memory`]) does not fit `mem_mib`.
+    #[error("Guest memory: {0}")]
+    Memory(String),
     /// `mem_mib` is below [`MIN_MEM_MIB`].
     #[error("mem_mib is {0}, but at least {MIN_MEM_MIB} MiB are needed")]
     MemoryTooSmall(u32),
@@ -179,6 +188,7 @@ pub struct ValidatedConfig {
     pub(crate) console: ConsoleConfig,
     pub(crate) devices: Vec<DeviceConfig>,
     pub(crate) seccomp: SeccompPolicy,
+    pub(crate) memory: Option<std::sync::Arc<File>>,
 }
 
 impl ValidatedConfig {
@@ -227,6 +237,17 @@ impl VmConfig {
         }
         let mem_bytes = u64::from(self.mem_mib) << 20;
         let low_ram_end = mem_bytes.min(MMIO_GAP_START);
+        if let Some(memory) = &self.memory {
+            let len = memory
+                .metadata()
+                .map_err(|e| ConfigError::Memory(e.to_string()))?
+                .len();
+            if len != mem_bytes {
+                return Err(ConfigError::Memory(format!(
+                    "the memory given is {len} bytes long, not mem_mib's {mem_bytes}"
+                )));
+            }
+        }
 
         if self.cmdline.contains('\0') {
             return Err(ConfigError::BadCmdline("contains a NUL byte"));
@@ -284,6 +305,7 @@ impl VmConfig {
             console: self.console,
             devices: self.devices,
             seccomp: self.seccomp,
+            memory: self.memory,
         })
     }
 }

@@ -45,6 +45,7 @@ pub use devices::virtio::block::{BlockFile, DiskInfo};
 pub use heap::grow_heap_in_large_steps;
 pub use host::Host;
 pub use kvm::KvmError;
+pub use memory::{MemoryError, guest_memfd};
 pub use sched::realtime;
 pub use seccomp::{
     BASELINE_ENV, Confined, SeccompError, SeccompPolicy, confine_process, process_baseline,

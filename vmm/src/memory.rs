@@ -76,10 +76,7 @@ pub struct GuestRam {
 impl GuestRam {
     /// Creates `mem_bytes` of guest memory backed by a fresh memfd.
     pub fn new(mem_bytes: u64) -> Result<Self, MemoryError> {
-        let file = Arc::new(create_memfd(c"sandboxer-guest-ram")?);
-        file.set_len(mem_bytes)
-            .map_err(|e| MemoryError::SetSize(mem_bytes, e))?;
-        Self::shared(&file, mem_bytes)
+        Self::shared(&Arc::new(guest_memfd(mem_bytes)?), mem_bytes)
     }
 
     /// Maps an existing guest memory memfd (`mem_bytes` long) shared: the guest sees and
@@ -280,6 +277,15 @@ fn guest_address(mem: &GuestMemoryMmap, offset: u64) -> Option<GuestAddress> {
         base += region.len();
     }
     None
+}
+
+/// A fresh guest memory memfd, `mem_bytes` long, no page allocated yet: what the VMM maps for
+/// a VM's memory, and what a caller makes for [`crate::VmConfig::memory`].
+pub fn guest_memfd(mem_bytes: u64) -> Result<File, MemoryError> {
+    let file = create_memfd(c"sandboxer-guest-ram")?;
+    file.set_len(mem_bytes)
+        .map_err(|e| MemoryError::SetSize(mem_bytes, e))?;
+    Ok(file)
 }
 
 fn create_memfd(name: &CStr) -> Result<File, MemoryError> {
