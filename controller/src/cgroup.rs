@@ -23,9 +23,10 @@
 //!   cgroup must have no populated non-threaded children and no domain controller (memory, io)
 //!   enabled for its children: under systemd, give the unit `Delegate=cpu`.
 //!
-//! Memory cannot be charged per sandbox: the kernel charges guest pages to the memory cgroup
-//! of the process that owns the mm (the daemon), and the memory controller is not threaded.
-//! The node-wide `[limits]` budget stands in for it (docs/security.md).
+//! Memory cannot be charged per sandbox by placing threads: the kernel charges guest pages to
+//! the memory cgroup of the process that owns the mm (the daemon), and the memory controller is
+//! not threaded. `[cgroup] charge_memory` charges it another way ([`crate::memcg`]); without
+//! it, the node-wide `[limits]` budget stands in (docs/security.md).
 //!
 //! Everything here is plain file I/O below a root directory, so the layout logic is tested on a
 //! fake tree of ordinary files.

@@ -281,8 +281,14 @@ pub struct CgroupConfig {
     /// and runs without; `true`: the daemon does not start without one; `false`: off.
     pub enabled: Option<bool>,
     /// cgroup v1: the sandboxes' cgroups are `<cpu mount>/<parent>/<id>` (a relative path).
-    /// Not used on cgroup v2 (the layout is fixed there, see [`crate::cgroup`]).
+    /// Not used on cgroup v2 (the layout is fixed there, see [`crate::cgroup`]). Also where
+    /// the sandboxes' memory cgroups go (`charge_memory`), on either version.
     pub parent: PathBuf,
+    /// Charge each sandbox's guest memory to a memory cgroup of its own
+    /// (`<memory root>/<parent or the pod's cgroup_parent>/<id>`, [`crate::memcg`]): Start
+    /// allocates the guest's memory whole, in that cgroup, and such sandboxes never start from
+    /// a template. Off: guest memory is charged to the daemon's cgroup, as the guests touch it.
+    pub charge_memory: bool,
 }
 
 impl Default for CgroupConfig {
@@ -290,6 +296,7 @@ impl Default for CgroupConfig {
         CgroupConfig {
             enabled: None,
             parent: DEFAULT_CGROUP_PARENT.into(),
+            charge_memory: false,
         }
     }
 }

@@ -126,6 +126,10 @@ impl From<SandboxError> for tonic::Status {
                 tonic::Status::deadline_exceeded(msg)
             }
             SandboxError::Backend(_, BackendError::NoFreeSlot(_))
+            | SandboxError::Backend(
+                _,
+                BackendError::Memory(crate::memcg::ChargeError::DoesNotFit { .. }),
+            )
             | SandboxError::FdLimit(..)
             | SandboxError::OverBudget { .. } => tonic::Status::resource_exhausted(msg),
             SandboxError::Network(

@@ -24,6 +24,7 @@ pub mod config;
 pub mod embedded;
 pub mod error;
 pub mod install;
+pub mod memcg;
 pub mod metrics;
 pub mod network;
 pub mod nofile;

@@ -348,6 +348,14 @@ fn start_shell_pool(host: &vmm::Host, config: &Config) {
 }
 
 fn main() -> ExitCode {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if raw
+        .get(1)
+        .is_some_and(|c| c == controller::memcg::HELPER_COMMAND)
+    {
+        let code = controller::memcg::helper_main(raw.get(2..).unwrap_or_default());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
     let mut args = std::env::args();
     if args.next().is_some_and(|argv0| shim::is_shim_name(&argv0)) {
         let rest: Vec<String> = args.collect();

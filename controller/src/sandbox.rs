@@ -286,6 +286,10 @@ pub struct SandboxRecord {
     /// without cgroups. Kept so that a cgroup a crash left behind is removed after a restart.
     #[serde(default)]
     pub cgroup: Option<std::path::PathBuf>,
+    /// The sandbox's memory cgroup (`[cgroup] charge_memory`, `crate::memcg`), relative to the
+    /// memory hierarchy's root; `None` when its memory is the daemon's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_cgroup: Option<std::path::PathBuf>,
 }
 
 impl SandboxRecord {
@@ -316,6 +320,7 @@ impl SandboxRecord {
             containers: BTreeMap::new(),
             start_us: BTreeMap::new(),
             cgroup: None,
+            memory_cgroup: None,
         }
     }
 

@@ -480,6 +480,7 @@ fn spec(dir: &Path, blk_slots: u32) -> VmSpec {
         nics: controller::backend::NetDevices::default(),
         template: false,
         cgroup: None,
+        memory: None,
     }
 }
 

@@ -24,6 +24,7 @@ use super::{
     AttachedDisk, BackendError, ShutdownRequest, StartPhases, TaskTarget, VmBackend, VmEnd,
     VmExitKind, VmHandle, VmMetrics, VmSpec, wait_end,
 };
+use crate::memcg::ChargeError;
 use crate::sandbox::StoredAny;
 
 impl From<vmm::VmEnd> for VmEnd {
@@ -175,7 +176,20 @@ impl VmBackend for KvmBackend {
 impl KvmBackend {
     /// Boots a VM for `spec` and waits for its agent.
     async fn boot(&self, spec: VmSpec) -> Result<Box<dyn VmHandle>, BackendError> {
-        let config = vm_config(&spec)?;
+        let mut config = vm_config(&spec)?;
+        if let Some(charged) = spec.memory.clone() {
+            // The guest memory first, every page allocated in the sandbox's memory cgroup.
+            let bytes = u64::from(spec.mem_mib) << 20;
+            let memory = tokio::task::spawn_blocking(move || {
+                let file = vmm::guest_memfd(bytes).map_err(ChargeError::Memfd)?;
+                charged.cgroups.charge(&charged.group, &file, bytes)?;
+                Ok(file)
+            })
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(BackendError::Memory)?;
+            config.memory = Some(Arc::new(memory));
+        }
         let fallback = spec.vsock_uds.as_deref().and_then(ReadyFallback::bind);
         let mut phases = StartPhases::default();
         let host = self.host.clone();
@@ -592,6 +606,7 @@ mod tests {
             nics: NetDevices::default(),
             template: false,
             cgroup: None,
+            memory: None,
         };
         match KvmBackend::default().start(spec).await {
             Err(BackendError::Config(_)) => {}
@@ -621,6 +636,7 @@ mod tests {
             nics: NetDevices::default(),
             template: false,
             cgroup: None,
+            memory: None,
         };
         match KvmBackend::default().start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {

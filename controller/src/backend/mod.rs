@@ -54,6 +54,9 @@ pub enum BackendError {
     /// Reading the VM's statistics failed.
     #[error("Failed to read VM statistics")]
     Metrics(#[source] std::io::Error),
+    /// The guest memory could not be charged to the sandbox's memory cgroup.
+    #[error("Failed to charge the guest memory to the sandbox's memory cgroup")]
+    Memory(#[source] crate::memcg::ChargeError),
     /// Moving the VM's threads into their CPU cgroup failed.
     #[error("Failed to place the VM's threads in their CPU cgroup")]
     Cgroup(#[source] CgroupError),
@@ -183,6 +186,18 @@ pub struct VmSpec {
     pub template: bool,
     /// The CPU cgroup the VM's threads move into right after it starts, if any.
     pub cgroup: Option<CgroupPlacement>,
+    /// The memory cgroup its guest memory is charged to, if any (the VM then boots on memory
+    /// allocated there: [`crate::memcg`]).
+    pub memory: Option<MemoryPlacement>,
+}
+
+/// Where a VM's guest memory is charged ([`crate::memcg`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryPlacement {
+    /// The daemon's sandbox memory cgroups.
+    pub cgroups: crate::memcg::MemoryCgroups,
+    /// The sandbox's memory cgroup, relative to the hierarchy's root.
+    pub group: PathBuf,
 }
 
 /// Where a VM's threads go and the limit they get ([`crate::cgroup`]).

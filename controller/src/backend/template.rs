@@ -102,6 +102,7 @@ impl Shape {
             nics: super::NetDevices::new(Vec::new()),
             template: true,
             cgroup: None,
+            memory: None,
         }
     }
 
@@ -508,6 +509,7 @@ fn template_spec(spec: &VmSpec) -> VmSpec {
         template: false,
         // A template is no sandbox: its VM stays in the daemon's cgroup.
         cgroup: None,
+        memory: None,
         ..spec.clone()
     }
 }

@@ -80,6 +80,9 @@ pub enum ServerError {
     /// `[cgroup] enabled = true` and no usable cpu controller.
     #[error("Per-sandbox CPU cgroups are required ([cgroup] enabled = true) and unusable")]
     Cgroup(#[source] crate::cgroup::CgroupError),
+    /// `[cgroup] charge_memory = true` and no memory cgroup hierarchy to charge to.
+    #[error("[cgroup] charge_memory needs a cgroup hierarchy with the memory controller")]
+    MemoryCgroup(#[source] crate::cgroup::CgroupError),
 }
 
 /// A task that ends with its owner.
@@ -399,6 +402,14 @@ pub async fn run_with<B: VmBackend>(
     let config = &config;
     let mut service_config = ServiceConfig::from(config);
     service_config.cgroups = sandbox_cgroups(config, takeover.is_none())?;
+    service_config.memory_cgroups = if config.cgroup.charge_memory {
+        let found = crate::memcg::MemoryCgroups::probe(&config.cgroup.parent)
+            .map_err(ServerError::MemoryCgroup)?;
+        info!(dir = %found.dir(std::path::Path::new("")).display(), "guest memory charged per sandbox");
+        Some(found)
+    } else {
+        None
+    };
     let service = SandboxService::new(backend, service_config);
     let taken = match takeover {
         Some(socket) => match crate::upgrade::take(&service, socket).await {

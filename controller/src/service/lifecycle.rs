@@ -15,8 +15,8 @@ use super::{
     CreateRequest, EXIT_FAILED, EXIT_FORCED, SandboxService, Started, TASK_API_VERSION, validate_id,
 };
 use crate::backend::{
-    CgroupPlacement, NetDevices, ShutdownRequest, TaskTarget, VmBackend, VmEnd, VmExitKind,
-    VmHandle, VmSpec,
+    CgroupPlacement, MemoryPlacement, NetDevices, ShutdownRequest, TaskTarget, VmBackend, VmEnd,
+    VmExitKind, VmHandle, VmSpec,
 };
 use crate::cgroup::{CpuLimit, REMOVE_WAIT};
 use crate::error::{SandboxError, error_chain};
@@ -193,6 +193,18 @@ impl<B: VmBackend> SandboxService<B> {
             }
             None => None,
         };
+        let memory_cgroup = match &self.config.memory_cgroups {
+            Some(memcgs) => {
+                let parent = pod.as_ref().map_or("", |p| p.config.cgroup_parent.as_str());
+                Some(memcgs.group_of(&req.id, parent).map_err(|e| {
+                    SandboxError::InvalidArgument {
+                        field: "options.linux.cgroup_parent",
+                        reason: error_chain(&e),
+                    }
+                })?)
+            }
+            None => None,
+        };
 
         let mut record = SandboxRecord::new(req.id.clone(), SystemTime::now());
         record.sandboxer = req.sandboxer;
@@ -202,6 +214,7 @@ impl<B: VmBackend> SandboxService<B> {
         record.options = req.options;
         record.vm = vm;
         record.cgroup = cgroup;
+        record.memory_cgroup = memory_cgroup;
         if let Some(pod) = pod {
             record.labels.extend(pod.labels);
             // The engine's own annotations win over the pod config's.
@@ -480,7 +493,18 @@ impl<B: VmBackend> SandboxService<B> {
             },
             agent_ready_timeout: Duration::from_millis(vm.agent_ready_timeout_ms),
             nics,
-            template: self.config.templates && pod::template_allowed(&record.annotations),
+            // A clone's pages are the daemon's own: a sandbox whose memory is charged to it
+            // boots.
+            template: self.config.templates
+                && pod::template_allowed(&record.annotations)
+                && record.memory_cgroup.is_none(),
+            memory: match (&self.config.memory_cgroups, &record.memory_cgroup) {
+                (Some(memcgs), Some(group)) => Some(MemoryPlacement {
+                    cgroups: memcgs.clone(),
+                    group: group.clone(),
+                }),
+                _ => None,
+            },
             cgroup: match (&self.config.cgroups, &record.cgroup) {
                 (Some(cgroups), Some(group)) => Some(CgroupPlacement {
                     cgroups: cgroups.clone(),
@@ -530,7 +554,15 @@ impl<B: VmBackend> SandboxService<B> {
     /// [`REMOVE_WAIT`]). A failure is logged, never returned: the sandbox has ended either way,
     /// and the next Create of its id or the next daemon start removes what is left.
     async fn remove_cgroup(&self, entry: &Entry) {
-        let (id, group) = entry.with(|d| (d.record.id.clone(), d.record.cgroup.clone()));
+        let (id, group, memory) = entry.with(|d| {
+            let r = &d.record;
+            (r.id.clone(), r.cgroup.clone(), r.memory_cgroup.clone())
+        });
+        if let (Some(memcgs), Some(memory)) = (&self.config.memory_cgroups, memory)
+            && let Err(e) = memcgs.remove(&memory)
+        {
+            warn!(sandbox_id = %id, error = %error_chain(&e), "cannot remove the sandbox's memory cgroup");
+        }
         let (Some(cgroups), Some(group)) = (self.config.cgroups.clone(), group) else {
             return;
         };

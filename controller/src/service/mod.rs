@@ -84,6 +84,9 @@ pub struct ServiceConfig {
     /// The sandboxes' CPU cgroups; `None` runs every VM in the daemon's cgroup. Not read from
     /// [`Config`]: finding and preparing them touches the host ([`CpuCgroups::from_config`]).
     pub cgroups: Option<CpuCgroups>,
+    /// The sandboxes' memory cgroups (`[cgroup] charge_memory`); `None`: guest memory is the
+    /// daemon's. Found at start like `cgroups`.
+    pub memory_cgroups: Option<crate::memcg::MemoryCgroups>,
 }
 
 impl ServiceConfig {
@@ -101,6 +104,7 @@ impl ServiceConfig {
             task_host_paths: c.task.host_paths,
             limits: c.limits,
             cgroups: None,
+            memory_cgroups: None,
         }
     }
 }
@@ -122,6 +126,7 @@ impl From<&Config> for ServiceConfig {
             task_host_paths: c.task.host_paths.clone(),
             limits: c.limits.clone(),
             cgroups: None,
+            memory_cgroups: None,
         }
     }
 }
@@ -349,6 +354,15 @@ impl<B: VmBackend> SandboxService<B> {
     /// Removes the CPU cgroup of a sandbox whose VM is gone, without waiting: a cgroup still
     /// in use is logged and left.
     fn remove_cgroup_now(&self, record: &SandboxRecord) {
+        if let (Some(memcgs), Some(group)) = (&self.config.memory_cgroups, &record.memory_cgroup)
+            && let Err(e) = memcgs.remove(group)
+        {
+            tracing::warn!(
+                sandbox_id = %record.id,
+                error = %crate::error_chain(&e),
+                "cannot remove the sandbox's memory cgroup"
+            );
+        }
         if let (Some(cgroups), Some(group)) = (&self.config.cgroups, &record.cgroup)
             && let Err(e) = cgroups.remove(group, Duration::ZERO)
         {

@@ -14,6 +14,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_sandboxer");
 /// the test guest with `guest_args` on its command line (32 MiB, 2 block slots, no shell
 /// pool), and waits until it listens. Blocks the calling thread up to 30 s.
 pub fn spawn(dir: &Path, socket: &Path, guest_args: &[&str], log_level: &str) -> Child {
+    spawn_with(dir, socket, guest_args, log_level, &[])
+}
+
+/// [`spawn`] with `extra` arguments for `sandboxer serve` after the others.
+pub fn spawn_with(
+    dir: &Path,
+    socket: &Path,
+    guest_args: &[&str],
+    log_level: &str,
+    extra: &[&std::ffi::OsStr],
+) -> Child {
     let _ = std::fs::remove_file(socket);
     let initramfs = dir.join("initramfs.img");
     std::fs::write(&initramfs, b"not an initramfs: the test guest ignores it").unwrap();
@@ -32,6 +43,7 @@ pub fn spawn(dir: &Path, socket: &Path, guest_args: &[&str], log_level: &str) ->
         .args(["--mem-mib", "32", "--blk-slots", "2", "--pool-depth", "0"])
         .args(["--log-level", log_level])
         .arg("--containerd-address=")
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
