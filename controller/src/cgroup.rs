@@ -12,7 +12,9 @@
 //!   `cpu.cfs_period_us`, `cpu.shares`). `<parent>` is `[cgroup] parent`, or the pod's CRI
 //!   `cgroup_parent` when it names one (a systemd slice name is expanded to its path). When
 //!   `cpuacct` is a hierarchy of its own, the threads also go to `<cpuacct mount>/<parent>/<id>`,
-//!   for the usage figure.
+//!   for the usage figure; where `blkio` is mounted, to `<blkio mount>/<parent>/<id>`, so the
+//!   block I/O they issue (the disks' reads and direct writes; buffered writes are written back
+//!   by the kernel's flusher threads, outside any sandbox) is the sandbox's.
 //! - **v2** (unified, `cpu` in the daemon's `cgroup.controllers`): the threads of one process
 //!   can only be split inside a *threaded* subtree of that process's own cgroup. The daemon's
 //!   cgroup (from `/proc/self/cgroup`) stays where it is and becomes the threaded root (`domain
@@ -21,7 +23,8 @@
 //!   of both, and each sandbox gets a `threaded` child `<own>/sandboxer-sandboxes/<id>` with
 //!   `cpu.max` and `cpu.weight`; the threads are written to its `cgroup.threads`. The daemon's
 //!   cgroup must have no populated non-threaded children and no domain controller (memory, io)
-//!   enabled for its children: under systemd, give the unit `Delegate=cpu`.
+//!   enabled for its children: under systemd, give the unit `Delegate=cpu`. Block I/O stays the
+//!   daemon's on v2: `io`, like `memory`, is not a threaded controller.
 //!
 //! Memory cannot be charged per sandbox by placing threads: the kernel charges guest pages to
 //! the memory cgroup of the process that owns the mm (the daemon), and the memory controller is
@@ -178,8 +181,13 @@ pub fn shares_to_weight(shares: u64) -> u64 {
 /// The cgroup version in use and its roots.
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Kind {
-    /// v1: the cpu hierarchy's mount, and the cpuacct hierarchy's if it is mounted apart.
-    V1 { cpu: PathBuf, acct: Option<PathBuf> },
+    /// v1: the cpu hierarchy's mount, the cpuacct hierarchy's if it is mounted apart, and the
+    /// blkio one's if there is one (apart from cpu).
+    V1 {
+        cpu: PathBuf,
+        acct: Option<PathBuf>,
+        blkio: Option<PathBuf>,
+    },
     /// v2: the daemon's own cgroup (the threaded root).
     V2 { root: PathBuf },
 }
@@ -202,6 +210,8 @@ pub enum Found {
         cpu: PathBuf,
         /// Mount point of a separate cpuacct hierarchy.
         acct: Option<PathBuf>,
+        /// Mount point of the blkio hierarchy, if apart from cpu's.
+        blkio: Option<PathBuf>,
     },
     /// The unified hierarchy: the daemon's own cgroup directory.
     V2 {
@@ -240,7 +250,10 @@ pub fn detect(proc_cgroup: &str, mountinfo: &str) -> Option<Found> {
         let acct = v1("cpuacct")
             .filter(|(_, with_cpu)| !with_cpu)
             .map(|(p, _)| p);
-        return Some(Found::V1 { cpu, acct });
+        let blkio = v1("blkio")
+            .filter(|(_, with_cpu)| !with_cpu)
+            .map(|(p, _)| p);
+        return Some(Found::V1 { cpu, acct, blkio });
     }
     let own = proc_cgroup
         .lines()
@@ -364,7 +377,7 @@ impl CpuCgroups {
         let proc_cgroup = read(Path::new("/proc/self/cgroup"))?;
         let mountinfo = read(Path::new("/proc/self/mountinfo"))?;
         match detect(&proc_cgroup, &mountinfo) {
-            Some(Found::V1 { cpu, acct }) => Self::v1(cpu, acct, parent),
+            Some(Found::V1 { cpu, acct, blkio }) => Self::v1(cpu, acct, parent)?.with_blkio(blkio),
             Some(Found::V2 { own }) => Self::v2(own),
             None => Err(CgroupError::Unusable(
                 "no cgroup hierarchy with the cpu controller is mounted".into(),
@@ -382,7 +395,11 @@ impl CpuCgroups {
             ));
         }
         let cgroups = CpuCgroups {
-            kind: Kind::V1 { cpu, acct },
+            kind: Kind::V1 {
+                cpu,
+                acct,
+                blkio: None,
+            },
             base: parent.to_owned(),
         };
         for root in cgroups.roots() {
@@ -394,6 +411,17 @@ impl CpuCgroups {
         mkdir(&probe)?;
         remove_dir(&probe, Instant::now())?;
         Ok(cgroups)
+    }
+
+    /// cgroup v1: the sandboxes' cgroups also go to `<blkio>/<parent>/<id>` (the blkio
+    /// hierarchy's mount), so the block I/O their threads issue is the sandbox's. Creates the
+    /// parent there. No change for `None` or on v2.
+    pub fn with_blkio(mut self, blkio: Option<PathBuf>) -> Result<Self, CgroupError> {
+        if let (Kind::V1 { blkio: slot, .. }, Some(dir)) = (&mut self.kind, blkio) {
+            mkdir(&dir.join(&self.base))?;
+            *slot = Some(dir);
+        }
+        Ok(self)
     }
 
     /// cgroup v2: makes `own` (the daemon's cgroup) the threaded root of
@@ -425,8 +453,9 @@ impl CpuCgroups {
     /// The hierarchy roots a sandbox's cgroup exists under (the cpu one first).
     fn roots(&self) -> Vec<&Path> {
         match &self.kind {
-            Kind::V1 { cpu, acct } => std::iter::once(cpu.as_path())
+            Kind::V1 { cpu, acct, blkio } => std::iter::once(cpu.as_path())
                 .chain(acct.as_deref())
+                .chain(blkio.as_deref())
                 .collect(),
             Kind::V2 { root } => vec![root.as_path()],
         }
@@ -555,7 +584,7 @@ impl CpuCgroups {
                     .ok()?;
                 Some(Duration::from_micros(us))
             }
-            Kind::V1 { cpu, acct } => {
+            Kind::V1 { cpu, acct, .. } => {
                 let dir = acct.as_deref().unwrap_or(cpu).join(group);
                 let ns = fs::read_to_string(dir.join("cpuacct.usage")).ok()?;
                 Some(Duration::from_nanos(ns.trim().parse().ok()?))
@@ -671,6 +700,7 @@ mod tests {
         let hybrid_mounts = "\
 30 25 0:26 / /sys/fs/cgroup/cpu rw,relatime shared:9 - cgroup cgroup rw,cpu
 31 25 0:27 / /sys/fs/cgroup/cpuacct rw,relatime shared:10 - cgroup cgroup rw,cpuacct
+33 25 0:29 / /sys/fs/cgroup/blkio rw,relatime shared:12 - cgroup cgroup rw,blkio
 32 25 0:28 / /sys/fs/cgroup/unified rw,relatime shared:11 - cgroup2 cgroup2 rw
 ";
         assert_eq!(
@@ -678,6 +708,7 @@ mod tests {
             Some(Found::V1 {
                 cpu: "/sys/fs/cgroup/cpu".into(),
                 acct: Some("/sys/fs/cgroup/cpuacct".into()),
+                blkio: Some("/sys/fs/cgroup/blkio".into()),
             })
         );
         let comounted =
@@ -687,6 +718,7 @@ mod tests {
             Some(Found::V1 {
                 cpu: "/sys/fs/cgroup/cpu,cpuacct".into(),
                 acct: None,
+                blkio: None,
             })
         );
         let unified =
@@ -809,7 +841,11 @@ mod tests {
     fn v1_writes_quota_period_and_shares() {
         let tmp = tempfile::tempdir().unwrap();
         let (cpu, acct) = (tmp.path().join("cpu"), tmp.path().join("cpuacct"));
-        let cg = CpuCgroups::v1(cpu.clone(), Some(acct.clone()), Path::new("sandboxer")).unwrap();
+        let blkio = tmp.path().join("blkio");
+        let cg = CpuCgroups::v1(cpu.clone(), Some(acct.clone()), Path::new("sandboxer"))
+            .unwrap()
+            .with_blkio(Some(blkio.clone()))
+            .unwrap();
         assert!(!cg.is_v2());
         CpuCgroups::v1(cpu.clone(), None, Path::new("../x")).unwrap_err();
         let group = cg.group_of("pod", "").unwrap();
@@ -827,10 +863,15 @@ mod tests {
         );
         assert_eq!(fs::read_to_string(dir.join("cpu.shares")).unwrap(), "1024");
         assert_eq!(cg.threads(&group).unwrap(), [7]);
-        assert_eq!(
-            fs::read_to_string(acct.join(&group).join("tasks")).unwrap(),
-            "7"
-        );
+        for other in [&acct, &blkio] {
+            assert_eq!(
+                fs::read_to_string(other.join(&group).join("tasks")).unwrap(),
+                "7",
+                "{}",
+                other.display()
+            );
+        }
+        assert!(!blkio.join(&group).join("cpu.shares").exists());
         assert_eq!(cg.cpu_max(&group).unwrap(), "50000 200000");
         cg.set_limit(&group, &CpuLimit::default()).unwrap();
         assert_eq!(cg.cpu_max(&group).unwrap(), "max 100000");

@@ -1146,6 +1146,17 @@ async fn a_sandboxs_vm_threads_run_in_its_cpu_cgroup_with_the_pods_limit() {
                 cgroup.lines().any(|l| l.ends_with(&want)),
                 "{id}: thread {tid} is not in {want}:\n{cgroup}"
             );
+            // cgroup v1 with a blkio hierarchy: the block I/O the thread issues is the
+            // sandbox's too (v2 lists only the unified line).
+            if let Some(blkio) = cgroup
+                .lines()
+                .find(|l| l.split(':').nth(1) == Some("blkio"))
+            {
+                assert!(
+                    blkio.ends_with(&want),
+                    "{id}: thread {tid}'s blkio cgroup is not {want}:\n{cgroup}"
+                );
+            }
         }
         // KVM's per-VM `kvm-nx-lpage-recovery` worker starts at the VM's first KVM_RUN in
         // the cgroup of the vCPU thread that made it: in the sandbox's when the vCPU ran
