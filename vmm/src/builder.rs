@@ -130,7 +130,8 @@ fn file_id(file: &File) -> (u64, u64) {
 impl PreparedShell {
     /// Builds the shell of a VM of `vcpus` vCPUs on `memory` (`mem_bytes` long): the VM's own
     /// memfd (`private` false), or for a clone its template's (`private` true). Its threads run
-    /// under `seccomp`.
+    /// under `seccomp`; with `jail` (the directory of the VM's hybrid vsock socket) and a
+    /// policy other than off, its VMM thread is jailed there now, not as the VM starts.
     pub fn build(
         host: &Host,
         memory: &Arc<File>,
@@ -138,6 +139,7 @@ impl PreparedShell {
         mem_bytes: u64,
         vcpus: u8,
         seccomp: SeccompPolicy,
+        jail: Option<&std::path::Path>,
     ) -> Result<PreparedShell, VmError> {
         let kvm = host.kvm()?;
         let ram = if private {
@@ -148,14 +150,24 @@ impl PreparedShell {
         .map_err(|e| VmError::Shell(ShellError::Memory(e)))?;
         let (mut shell, _) = VmShell::build_on(&kvm, ram, vcpus)?;
         let filters = host.filters();
-        let mut threads = VmThreads::spawn(
-            vcpus,
-            seccomp,
+        let role_filters = (
             filters.get(ThreadRole::Vcpu, seccomp)?,
             filters.get(ThreadRole::Vmm, seccomp)?,
-        )
+        );
+        let mut threads = match jail {
+            // As `DeviceManager::jailing` does: a VM under a filter is jailed.
+            Some(root) if seccomp != SeccompPolicy::Off => VmThreads::spawn_jailed(
+                vcpus,
+                seccomp,
+                role_filters,
+                root.to_path_buf(),
+                filters.lock(seccomp)?,
+            ),
+            _ => VmThreads::spawn(vcpus, seccomp, role_filters.0, role_filters.1),
+        }
         .map_err(VmError::Spawn)?;
-        // Built ahead of a freeze: the filter compiles are done before it, not beside it.
+        // Built ahead of a freeze: the filter compiles (and the VMM thread's jail) are done
+        // before it, not beside it.
         if !threads.wait_installed(Duration::from_secs(5)) {
             log::warn!("A prepared shell's threads took over 5 s to install their filters");
         }
@@ -318,6 +330,7 @@ impl Vm {
         let VmThreads {
             vcpus: pending_vcpus,
             vmm: pending_vmm,
+            jailed,
             ..
         } = threads;
         let vm_fd = Arc::new(vm_fd);
@@ -364,7 +377,23 @@ impl Vm {
         }
         let device_cmdline = take(&mut device_manager.cmdline);
         let mut devices = device_manager.devices;
-        let jail_root = devices.jail.take();
+        // The VMM thread's jail: made by the thread as it starts, or ahead (a prepared
+        // shell's), then in the very directory the vsock device serves under.
+        let jail = match (devices.jail.take(), jailed) {
+            (Some(root), Some(ahead)) if root == ahead => None,
+            (Some(root), None) => Some((root, filters.lock(seccomp)?)),
+            (None, None) => None,
+            (root, Some(ahead)) => {
+                return Err(VmError::Setup(
+                    "jail",
+                    io::Error::other(format!(
+                        "the VMM thread was jailed in {} ahead; the VM's vsock serves under {:?}",
+                        ahead.display(),
+                        root
+                    )),
+                ));
+            }
+        };
         let virtio_time = lap.next();
 
         let boot_entry = match &mut source {
@@ -521,10 +550,6 @@ impl Vm {
         event_manager.add_subscriber(controller.clone());
         let live = host.live_guard();
         let torn_down = live.torn_down();
-        let jail = match jail_root {
-            Some(root) => Some((root, filters.lock(seccomp)?)),
-            None => None,
-        };
         let resources = VmResources {
             jail,
             ctx,

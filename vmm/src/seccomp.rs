@@ -626,6 +626,18 @@ impl<J: Send + 'static> PendingThread<J> {
         filter: Option<Arc<BpfProgram>>,
         run: impl FnOnce(J, Result<(), SeccompError>) + Send + 'static,
     ) -> std::io::Result<Self> {
+        Self::spawn_then(name, filter, || Ok(()), run)
+    }
+
+    /// [`PendingThread::spawn`], the thread running `then` right after its filter's install
+    /// (only if it went in), before it waits for its job; `run` is told whether both went
+    /// well. A VMM thread is jailed ahead so ([`jail`]).
+    pub(crate) fn spawn_then(
+        name: String,
+        filter: Option<Arc<BpfProgram>>,
+        then: impl FnOnce() -> Result<(), SeccompError> + Send + 'static,
+        run: impl FnOnce(J, Result<(), SeccompError>) + Send + 'static,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<J>();
         let (installed_tx, installed) = std::sync::mpsc::sync_channel::<()>(1);
         let tid = Arc::new(AtomicU32::new(0));
@@ -636,7 +648,7 @@ impl<J: Send + 'static> PendingThread<J> {
             .spawn(move || {
                 let id = rustix::thread::gettid().as_raw_nonzero().get();
                 own_tid.store(id.unsigned_abs(), Ordering::Relaxed);
-                let confined = install(filter.as_deref());
+                let confined = install(filter.as_deref()).and_then(|()| then());
                 let _ = installed_tx.send(());
                 if let Ok(job) = rx.recv() {
                     run(job, confined);

@@ -268,6 +268,8 @@ pub(crate) struct VmThreads {
     pub(crate) policy: SeccompPolicy,
     pub(crate) vcpus: PendingVcpus,
     pub(crate) vmm: PendingThread<VmmRun>,
+    /// The directory the VMM thread was jailed in ahead ([`VmThreads::spawn_jailed`]).
+    pub(crate) jailed: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for VmThreads {
@@ -303,6 +305,31 @@ impl VmThreads {
             vmm: PendingThread::spawn("vmm".into(), vmm_filter, |run: VmmRun, confined| {
                 run(confined);
             })?,
+            jailed: None,
+        })
+    }
+
+    /// [`VmThreads::spawn`], the VMM thread also jailed in `root` under `lock` right after
+    /// its filter ([`crate::seccomp::jail`]): what its VM's vsock device will need, done
+    /// before the VM is (a live handover's shell, built while the old process still runs it).
+    pub(crate) fn spawn_jailed(
+        vcpus: u8,
+        policy: SeccompPolicy,
+        (vcpu_filter, vmm_filter): (Option<Arc<BpfProgram>>, Option<Arc<BpfProgram>>),
+        root: std::path::PathBuf,
+        lock: Option<Arc<BpfProgram>>,
+    ) -> std::io::Result<Self> {
+        let dir = root.clone();
+        Ok(VmThreads {
+            policy,
+            vcpus: PendingVcpus::spawn(vcpus, vcpu_filter)?,
+            vmm: PendingThread::spawn_then(
+                "vmm".into(),
+                vmm_filter,
+                move || crate::seccomp::jail(&dir, lock.as_deref()),
+                |run: VmmRun, confined| run(confined),
+            )?,
+            jailed: Some(root),
         })
     }
 

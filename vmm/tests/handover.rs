@@ -85,6 +85,11 @@ fn restore_on(
 
 /// The shell a new process builds ahead for `vm`, while `vm` still runs.
 fn prepared(host: &vmm::Host, vm: &Vm) -> vmm::PreparedShell {
+    prepared_in(host, vm, None)
+}
+
+/// [`prepared`], its VMM thread jailed in `jail` ahead.
+fn prepared_in(host: &vmm::Host, vm: &Vm, jail: Option<&std::path::Path>) -> vmm::PreparedShell {
     let (memory, private, mem_bytes, vcpus) = vm.memory_layout();
     vmm::PreparedShell::build(
         host,
@@ -93,8 +98,37 @@ fn prepared(host: &vmm::Host, vm: &Vm) -> vmm::PreparedShell {
         mem_bytes,
         vcpus,
         vmm::SeccompPolicy::Enforce,
+        jail,
     )
     .unwrap()
+}
+
+/// A shell whose VMM thread was jailed ahead in another directory than the one its VM's vsock
+/// serves under (here: none) is refused, and the VM handed over goes on where it was.
+#[test]
+fn a_shell_jailed_elsewhere_is_refused() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let vm = boot(&host);
+    let dir = tempfile::tempdir().unwrap();
+    let shell = prepared_in(&host, &vm, Some(dir.path()));
+    let saved = vm.handover().unwrap();
+    let refused = Vm::restore(
+        &host,
+        &pass_on(&saved),
+        CloneConfig {
+            devices: agent_devices(),
+            paused: true,
+            shell: Some(shell),
+            ..CloneConfig::default()
+        },
+    )
+    .map(drop)
+    .unwrap_err()
+    .to_string();
+    assert!(refused.contains("jail"), "{refused}");
+    vm.resume().unwrap();
+    call(&vm, "Health");
 }
 
 /// The last counter value the VM sends within `lines` lines on a new connection.

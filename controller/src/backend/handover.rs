@@ -106,9 +106,17 @@ impl KvmBackend {
     pub(super) async fn prepare_shell(
         &self,
         layout: MemoryLayout,
-        seccomp: vmm::SeccompPolicy,
+        spec: &VmSpec,
     ) -> Result<vmm::PreparedShell, BackendError> {
         let host = self.host().clone();
+        let seccomp = spec.seccomp;
+        // The VMM thread's jail: the hybrid vsock socket's directory, as the VM's devices
+        // will have it (`adopt_vm`).
+        let jail = spec
+            .vsock_uds
+            .as_deref()
+            .and_then(std::path::Path::parent)
+            .map(std::path::Path::to_path_buf);
         tokio::task::spawn_blocking(move || {
             vmm::PreparedShell::build(
                 &host,
@@ -117,6 +125,7 @@ impl KvmBackend {
                 layout.mem_bytes,
                 layout.vcpus,
                 seccomp,
+                jail.as_deref(),
             )
         })
         .await

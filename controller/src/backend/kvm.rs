@@ -167,9 +167,9 @@ impl VmBackend for KvmBackend {
     async fn prepare_adoption(
         &self,
         layout: super::MemoryLayout,
-        seccomp: vmm::SeccompPolicy,
+        spec: &VmSpec,
     ) -> Result<vmm::PreparedShell, BackendError> {
-        self.prepare_shell(layout, seccomp).await
+        self.prepare_shell(layout, spec).await
     }
 }
 

@@ -337,12 +337,13 @@ pub trait VmBackend: Send + Sync + 'static {
         None
     }
 
-    /// Builds ahead the VM a running VM of another process will be rebuilt on (its memory
-    /// mapped, KVM's part made), so that its handover's pause does not include it.
+    /// Builds ahead the VM a running VM of another process will be rebuilt on for `spec` (its
+    /// memory mapped, KVM's part made, its threads confined), so that its handover's pause
+    /// does not include it.
     async fn prepare_adoption(
         &self,
         _layout: MemoryLayout,
-        _seccomp: vmm::SeccompPolicy,
+        _spec: &VmSpec,
     ) -> Result<vmm::PreparedShell, BackendError> {
         Err(BackendError::Unsupported("live handover"))
     }

@@ -343,7 +343,7 @@ impl<B: VmBackend> SandboxService<B> {
         let spec = self.vm_spec(&record, &self.store.sandbox_dir(id), None);
         let shell = self
             .backend
-            .prepare_adoption(layout, spec.seccomp)
+            .prepare_adoption(layout, &spec)
             .await
             .map_err(|e| SandboxError::Backend(id.to_string(), e))?;
         Ok(Adoption { spec, shell })

@@ -182,6 +182,7 @@ const SCENARIOS: &[Scenario] = &[
             "--counter-ms",
             "--mem-mib",
             "--seccomp",
+            "--templates",
             "--sandboxer",
         ],
         run: upgrade::upgrade,
@@ -237,7 +238,7 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
         "--templates",
         "true|false",
         "false",
-        "density: start the sandboxes as clones of a VM template",
+        "density, soak, upgrade: start the sandboxes as clones of a VM template",
     ),
     (
         "--template-pool",

@@ -257,15 +257,34 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         test_guests::agent::counter_ms(o.counter_ms),
     ];
     let counter_words: Vec<&str> = counter_words.iter().map(String::as_str).collect();
-    let mut daemon = DaemonProcess::spawn_with(o, &bin, false, &counter_words)?;
+    let mut daemon = DaemonProcess::spawn_with(o, &bin, o.templates, &counter_words)?;
     let sandboxes_dir = daemon.state_dir().join(controller::store::SANDBOXES_DIR);
     let rt = client_runtime()?;
     let ids: Vec<String> = (0..alive).map(|i| format!("upgrade-{i}")).collect();
     // Declared after the daemon: on an early return they end first, while their sockets exist.
     let mut counters: Vec<Counter> = Vec::with_capacity(alive);
     let mut client = rt.block_on(controller::client::v2_client(&daemon.socket))?;
+    if o.templates {
+        // The daemon builds its template in the background and Start never waits for it:
+        // probe until a Start is a clone.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let probe = rt.block_on(create_start(&mut client, "upgrade-probe"))?;
+            rt.block_on(remove(&mut client, "upgrade-probe"))?;
+            if probe.cloned() {
+                break;
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "the daemon's VM template did not come up within 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let mut clones = 0usize;
     for id in &ids {
-        rt.block_on(create_start(&mut client, id))?;
+        let started = rt.block_on(create_start(&mut client, id))?;
+        clones += usize::from(started.cloned());
         counters.push(Counter::listen(&sandboxes_dir.join(id))?);
     }
     drop(client);
@@ -459,7 +478,8 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "upgrade: {rounds} live upgrades in a row of `{} serve` in its own process, each to a \
          new process of the same binary (admin API Upgrade), with {alive} sandboxes running: \
          test guest \"virtio\" in agent mode counting in its memory every {} ms and \
-         streaming the count over vsock, {} MiB, seccomp {}. pause: per VM, the old VMM begins \
+         streaming the count over vsock, {} MiB, seccomp {}, {clones} of them clones of a VM \
+         template (their written pages go over as a delta), the rest booted. pause: per VM, the old VMM begins \
          stopping its vCPUs -> the new process lets them run (the daemon's pauses_us); total: the \
          daemon's total_us, request -> every VM running in the new process; wall: Upgrade sent \
          -> answered, at the benchmark; gap: per guest, the longest time between two counter \
@@ -559,6 +579,8 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "counter_ms": o.counter_ms,
         "mem_mib": o.mem_mib,
         "seccomp": o.seccomp.name(),
+        "templates": o.templates,
+        "clones": clones,
         "lost": lost,
         "pause_p50_ms": p.p50_ms,
         "pause_p99_ms": p.p99_ms,
