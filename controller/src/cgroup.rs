@@ -320,7 +320,22 @@ fn read(path: &Path) -> Result<String, CgroupError> {
     fs::read_to_string(path).map_err(|e| CgroupError::Read(path.to_owned(), e))
 }
 
-fn mkdir(path: &Path) -> Result<(), CgroupError> {
+/// The path of the pod's CRI `cgroup_parent` ([`pod_parent_path`]) below the hierarchy
+/// `root`, which must hold it.
+pub(crate) fn existing_pod_parent(root: &Path, pod_parent: &str) -> Result<PathBuf, CgroupError> {
+    let parent = pod_parent_path(pod_parent)?;
+    let dir = root.join(&parent);
+    if !dir.is_dir() {
+        return Err(CgroupError::Parent(
+            pod_parent.to_owned(),
+            format!("{} does not exist", dir.display()),
+        ));
+    }
+    Ok(parent)
+}
+
+/// Creates the cgroup `path` and any parent it lacks.
+pub(crate) fn mkdir(path: &Path) -> Result<(), CgroupError> {
     match fs::create_dir_all(path) {
         Ok(()) => Ok(()),
         Err(e) => Err(CgroupError::Create(path.to_owned(), e)),
@@ -437,8 +452,8 @@ impl CpuCgroups {
         let base = own.join(V2_SANDBOXES_DIR);
         mkdir(&base)?;
         make_threaded(&base)?;
-        enable_cpu(&own)?;
-        enable_cpu(&base)?;
+        enable(&own, "cpu")?;
+        enable(&base, "cpu")?;
         Ok(CpuCgroups {
             kind: Kind::V2 { root: own },
             base: PathBuf::from(V2_SANDBOXES_DIR),
@@ -479,15 +494,7 @@ impl CpuCgroups {
         if pod_parent.is_empty() || self.is_v2() {
             return Ok(self.base.join(id));
         }
-        let parent = pod_parent_path(pod_parent)?;
-        let dir = self.roots()[0].join(&parent);
-        if !dir.is_dir() {
-            return Err(CgroupError::Parent(
-                pod_parent.to_owned(),
-                format!("{} does not exist", dir.display()),
-            ));
-        }
-        Ok(parent.join(id))
+        Ok(existing_pod_parent(self.roots()[0], pod_parent)?.join(id))
     }
 
     /// Creates `group`, applies `limit` and moves the threads `tids` into it (those that have
@@ -636,12 +643,12 @@ fn make_threaded(dir: &Path) -> Result<(), CgroupError> {
     }
 }
 
-/// Enables the cpu controller for the children of the v2 cgroup `dir` (a no-op if it is).
-fn enable_cpu(dir: &Path) -> Result<(), CgroupError> {
+/// Enables `controller` for the children of the v2 cgroup `dir` (a no-op if it is).
+pub(crate) fn enable(dir: &Path, controller: &str) -> Result<(), CgroupError> {
     let file = dir.join("cgroup.subtree_control");
     match fs::read_to_string(&file) {
-        Ok(c) if lists(&c, "cpu") => Ok(()),
-        _ => write(&file, "+cpu"),
+        Ok(c) if lists(&c, controller) => Ok(()),
+        _ => write(&file, &format!("+{controller}")),
     }
 }
 

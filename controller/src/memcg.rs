@@ -27,7 +27,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cgroup::{CgroupError, pod_parent_path};
+use crate::cgroup::{CgroupError, enable, existing_pod_parent, mkdir, pod_parent_path};
 
 /// The hidden command of the `sandboxer` binary that charges a memfd ([`helper_main`]).
 pub const HELPER_COMMAND: &str = "charge-memory";
@@ -93,15 +93,7 @@ impl MemoryCgroups {
         if pod_parent.is_empty() {
             return Ok(self.parent.join(id));
         }
-        let parent = pod_parent_path(pod_parent)?;
-        let dir = self.root.join(&parent);
-        if !dir.is_dir() {
-            return Err(CgroupError::Parent(
-                pod_parent.to_owned(),
-                format!("{} does not exist", dir.display()),
-            ));
-        }
-        Ok(parent.join(id))
+        Ok(existing_pod_parent(&self.root, pod_parent)?.join(id))
     }
 
     /// The directory of `group`.
@@ -123,20 +115,21 @@ impl MemoryCgroups {
             .map_err(|_| CgroupError::Read(file, io::Error::other(format!("{text:?}"))))
     }
 
-    /// Makes `group` (and, v2, lets memory be distributed down to it).
+    /// Makes `group` and any parent it lacks (and, v2, lets memory be distributed down to
+    /// it).
     fn make(&self, group: &Path) -> Result<PathBuf, CgroupError> {
         let dir = self.dir(group);
         if self.v2 {
             // Every ancestor below the root must hand the memory controller down.
             let mut at = self.root.clone();
             for part in group.parent().into_iter().flat_map(Path::components) {
-                enable_memory(&at)?;
+                enable(&at, "memory")?;
                 at.push(part);
-                create(&at)?;
+                mkdir(&at)?;
             }
-            enable_memory(&at)?;
+            enable(&at, "memory")?;
         }
-        create(&dir)?;
+        mkdir(&dir)?;
         Ok(dir)
     }
 
@@ -279,29 +272,6 @@ fn find_memory_root(
     unified
 }
 
-fn create(dir: &Path) -> Result<(), CgroupError> {
-    match std::fs::create_dir(dir) {
-        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
-            Err(CgroupError::Create(dir.to_owned(), e))
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Adds `+memory` to the v2 cgroup `dir`'s `cgroup.subtree_control` unless it is there.
-fn enable_memory(dir: &Path) -> Result<(), CgroupError> {
-    let file = dir.join("cgroup.subtree_control");
-    let now = std::fs::read_to_string(&file).unwrap_or_default();
-    if now.split_whitespace().any(|c| c == "memory") {
-        return Ok(());
-    }
-    std::fs::write(&file, "+memory").map_err(|source| CgroupError::Write {
-        path: file,
-        value: "+memory".into(),
-        source,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,6 +318,15 @@ mod tests {
         let missing = cgroups.group_of("pod1", "/kubepods/podB").unwrap_err();
         assert!(missing.to_string().contains("kubepods/podB"), "{missing}");
         cgroups.group_of("pod1", "../escape").unwrap_err();
+    }
+
+    #[test]
+    fn a_v1_group_is_made_with_the_parents_it_lacks() {
+        let root = tempfile::tempdir().unwrap();
+        let cgroups = MemoryCgroups::at(root.path().into(), false, Path::new("sandboxer")).unwrap();
+        let dir = cgroups.make(Path::new("sandboxer/pod1")).unwrap();
+        assert!(dir.is_dir());
+        assert!(!root.path().join("cgroup.subtree_control").exists());
     }
 
     #[test]

@@ -181,28 +181,19 @@ impl<B: VmBackend> SandboxService<B> {
         let cpu = pod::cpu_limit(pod.as_ref().map(|p| &p.config))?;
         self.admit_cpus(vm.vcpus, &cpu)?;
         // The pod's cgroup parent is checked now: Start must not fail on it.
+        let parent = pod.as_ref().map_or("", |p| p.config.cgroup_parent.as_str());
+        let in_parent = |group: Result<std::path::PathBuf, crate::cgroup::CgroupError>| {
+            group.map_err(|e| SandboxError::InvalidArgument {
+                field: "options.linux.cgroup_parent",
+                reason: error_chain(&e),
+            })
+        };
         let cgroup = match &self.config.cgroups {
-            Some(cgroups) => {
-                let parent = pod.as_ref().map_or("", |p| p.config.cgroup_parent.as_str());
-                Some(cgroups.group_of(&req.id, parent).map_err(|e| {
-                    SandboxError::InvalidArgument {
-                        field: "options.linux.cgroup_parent",
-                        reason: error_chain(&e),
-                    }
-                })?)
-            }
+            Some(cgroups) => Some(in_parent(cgroups.group_of(&req.id, parent))?),
             None => None,
         };
         let memory_cgroup = match &self.config.memory_cgroups {
-            Some(memcgs) => {
-                let parent = pod.as_ref().map_or("", |p| p.config.cgroup_parent.as_str());
-                Some(memcgs.group_of(&req.id, parent).map_err(|e| {
-                    SandboxError::InvalidArgument {
-                        field: "options.linux.cgroup_parent",
-                        reason: error_chain(&e),
-                    }
-                })?)
-            }
+            Some(memcgs) => Some(in_parent(memcgs.group_of(&req.id, parent))?),
             None => None,
         };
 
