@@ -57,6 +57,10 @@ pub enum VmmAction {
     /// changes), until [`VmmAction::Resume`] (the handover failed: the VM goes on) or
     /// [`VmmAction::Stop`] (it succeeded).
     Handover,
+    /// Lends a clone's memory mapping (copy-on-write on its template's memfd), to copy the
+    /// pages it wrote while it runs ([`crate::Vm::precopy`]). Allowed while running or paused;
+    /// refused for a VM with its own memory.
+    Mapping,
     /// Closes the host end of every vsock connection of a VM handed over ([`Self::Handover`])
     /// to a process that took it: their host peers see them end now. Allowed in every state.
     ReleaseHostEnds,
@@ -98,6 +102,7 @@ impl fmt::Debug for VmmAction {
             }
             VmmAction::Snapshot => f.write_str("Snapshot"),
             VmmAction::Handover => f.write_str("Handover"),
+            VmmAction::Mapping => f.write_str("Mapping"),
             VmmAction::ReleaseHostEnds => f.write_str("ReleaseHostEnds"),
             VmmAction::InjectPanic(site) => f.debug_tuple("InjectPanic").field(site).finish(),
             VmmAction::InjectHang(d) => f.debug_tuple("InjectHang").field(d).finish(),
@@ -115,6 +120,8 @@ pub enum VmmData {
     /// The VM's saved state for a handover ([`VmmAction::Handover`]); for a clone, also its
     /// memory mapping, from which [`crate::Vm::handover`] copies the pages it wrote.
     Handover(Box<VmSnapshot>, Option<vm_memory::GuestMemoryMmap>),
+    /// A clone's memory mapping ([`VmmAction::Mapping`]).
+    Mapping(vm_memory::GuestMemoryMmap),
 }
 
 /// Why an action failed.
@@ -151,6 +158,7 @@ impl VmmAction {
             VmmAction::DetachDisk { .. } => "DetachDisk",
             VmmAction::Snapshot => "Snapshot",
             VmmAction::Handover => "Handover",
+            VmmAction::Mapping => "Mapping",
             VmmAction::ReleaseHostEnds => "ReleaseHostEnds",
             VmmAction::InjectPanic(_) => "InjectPanic",
             VmmAction::InjectHang(_) => "InjectHang",

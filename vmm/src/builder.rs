@@ -119,6 +119,9 @@ pub struct PreparedShell {
     private: bool,
     /// Identifies the memfd the shell maps (device and inode).
     memory_id: (u64, u64),
+    /// For a clone's: the id of the pages copied ahead written into it
+    /// ([`PreparedShell::with_base`]).
+    base: Option<u64>,
 }
 
 /// The device and inode of a memfd.
@@ -177,13 +180,33 @@ impl PreparedShell {
             mem_bytes,
             private,
             memory_id: file_id(memory),
+            base: None,
         })
+    }
+
+    /// Writes a clone's pages copied ahead while it ran ([`Vm::precopy`]'s memfd, `id` its
+    /// id) into the shell's memory: the handover then carries only the pages that differ
+    /// from them, and only a shell that has them fits it.
+    pub fn with_base(mut self, pages: &File, id: u64) -> Result<PreparedShell, VmError> {
+        if !self.private {
+            return Err(CloneError::ShellMismatch.into());
+        }
+        self.shell
+            .ram
+            .apply_delta(pages)
+            .map_err(CloneError::Delta)?;
+        self.base = Some(id);
+        Ok(self)
     }
 
     /// Whether it fits `snapshot`: the same memory, size and kind.
     fn fits(&self, snapshot: &VmSnapshot) -> bool {
-        let private = matches!(snapshot.kind, SavedMemory::Clone { .. });
-        self.mem_bytes == snapshot.mem_bytes
+        let (private, base) = match &snapshot.kind {
+            SavedMemory::Clone { base, .. } => (true, *base),
+            _ => (false, None),
+        };
+        self.base == base
+            && self.mem_bytes == snapshot.mem_bytes
             && self.private == private
             && self.memory_id == file_id(&snapshot.memory)
             && self.shell.vcpus.len() == snapshot.vcpus.len()
@@ -282,7 +305,7 @@ impl Vm {
             Source::Clone(snap, cfg) => {
                 let pooled = match (cfg.shell.take(), &snap.kind) {
                     (Some(prepared), _) if prepared.fits(snap) => {
-                        if let SavedMemory::Clone { delta } = &snap.kind {
+                        if let SavedMemory::Clone { delta, .. } = &snap.kind {
                             prepared
                                 .shell
                                 .ram
@@ -590,6 +613,7 @@ impl Vm {
             thread_ids,
             torn_down,
             vcpu_control,
+            precopied: Mutex::default(),
         })
     }
 
@@ -610,13 +634,25 @@ impl Vm {
     /// (another VM took over with [`Vm::restore`]). Works for every running VM, clones
     /// included (their written pages are copied into the snapshot's delta).
     pub fn handover(&self) -> Result<VmSnapshot, VmmActionError> {
+        // A copy taken ahead serves this handover only (the new process got it beside the
+        // shell it built): taken here, whatever the outcome.
+        let base = self.precopied.lock().recover().take();
         let (mut snapshot, mapping) = match self.request(VmmAction::Handover)? {
             VmmData::Handover(s, m) => (*s, m),
             _ => return Err(VmmActionError::NotRunning),
         };
         if let Some(mapping) = mapping {
-            match crate::memory::capture_delta(&mapping) {
-                Ok(delta) => snapshot.kind = SavedMemory::Clone { delta },
+            let captured = match &base {
+                Some(base) => crate::memory::capture_since(&mapping, base),
+                None => crate::memory::capture_delta(&mapping),
+            };
+            match captured {
+                Ok(delta) => {
+                    snapshot.kind = SavedMemory::Clone {
+                        delta,
+                        base: base.map(|b| b.id),
+                    }
+                }
                 Err(e) => {
                     let _ = self.resume();
                     return Err(SnapshotError::Delta(e).into());
@@ -624,6 +660,27 @@ impl Vm {
             }
         }
         Ok(snapshot)
+    }
+
+    /// Copies, while it runs, the pages a clone has written so far, ahead of a live handover:
+    /// the handover ([`Vm::handover`], the next one only) then copies, frozen, just the
+    /// pages that differ from these, and the new process writes these into the VM it builds
+    /// ahead ([`PreparedShell::with_base`]) before the freeze. Returns the copy (a sparse
+    /// memfd, each page at its offset) and its id; `None` for a VM with its own memory (a
+    /// handover moves none of its pages). A failure leaves no copy behind.
+    pub fn precopy(&self) -> Result<Option<(Arc<File>, u64)>, VmmActionError> {
+        *self.precopied.lock().recover() = None;
+        if !self.private_memory {
+            return Ok(None);
+        }
+        let mapping = match self.request(VmmAction::Mapping)? {
+            VmmData::Mapping(m) => m,
+            _ => return Err(VmmActionError::NotRunning),
+        };
+        let copy = crate::memory::Precopy::take(&mapping).map_err(SnapshotError::Delta)?;
+        let taken = (Arc::clone(&copy.file), copy.id);
+        *self.precopied.lock().recover() = Some(copy);
+        Ok(Some(taken))
     }
 
     /// Pauses the VM and saves its state for clones (see [`VmSnapshot`]). The VM stays paused;
@@ -662,6 +719,10 @@ pub enum CloneError {
     /// A clone's written pages could not be brought back.
     #[error("Failed to restore a clone's memory")]
     Delta(#[source] crate::memory::DeltaError),
+    /// The handed-over clone's pages build on a copy taken ahead, which only the shell built
+    /// for it holds, and no such shell was given.
+    #[error("The clone's pages build on a copy taken ahead that no prepared shell holds")]
+    BaseMissing,
 }
 
 /// The memory of a VM built from `snapshot`: a template's clone maps it copy-on-write; a VM
@@ -673,7 +734,8 @@ fn restored_memory(snapshot: &VmSnapshot) -> Result<GuestRam, VmError> {
     Ok(match &snapshot.kind {
         SavedMemory::Template => GuestRam::copy_on_write(memory, mem_bytes).map_err(shell)?,
         SavedMemory::Own => GuestRam::shared(memory, mem_bytes).map_err(shell)?,
-        SavedMemory::Clone { delta } => {
+        SavedMemory::Clone { base: Some(_), .. } => return Err(CloneError::BaseMissing.into()),
+        SavedMemory::Clone { delta, base: None } => {
             let ram = GuestRam::copy_on_write(memory, mem_bytes).map_err(shell)?;
             ram.apply_delta(delta).map_err(CloneError::Delta)?;
             ram

@@ -260,6 +260,10 @@ impl VmmControl {
                     .then(|| self.saved.mapping.clone());
                 Ok(VmmData::Handover(Box::new(snapshot), mapping))
             }
+            VmmAction::Mapping if self.saved.private_memory => {
+                Ok(VmmData::Mapping(self.saved.mapping.clone()))
+            }
+            VmmAction::Mapping => Err(SnapshotError::OwnMemory.into()),
             VmmAction::ReleaseHostEnds => {
                 self.devices.release_vsock_host_ends();
                 Ok(VmmData::Empty)

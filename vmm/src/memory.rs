@@ -19,10 +19,12 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, GuestRegionMmap,
-};
+
+mod delta;
+
+pub use delta::DeltaError;
+pub(crate) use delta::{Precopy, capture_delta, capture_since};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 use crate::arch::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
@@ -137,42 +139,14 @@ impl GuestRam {
     /// correctness).
     #[cfg(test)]
     pub(crate) fn capture_delta(&self) -> Result<File, DeltaError> {
-        capture_delta(&self.mem)
+        delta::capture_delta(&self.mem)
     }
 
     /// Writes the pages of `delta` ([`GuestRam::capture_delta`]'s memfd) into this memory,
     /// each at its offset: a clone rebuilt on its template's memfd gets back what it wrote.
     /// Only the delta's data ranges are read (`SEEK_DATA`/`SEEK_HOLE`).
     pub fn apply_delta(&self, delta: &File) -> Result<u64, DeltaError> {
-        use std::os::unix::fs::FileExt;
-        let mem_bytes: u64 = self.mem.iter().map(|r| r.len()).sum();
-        let mut buf = vec![0u8; 64 * PAGE];
-        let mut copied = 0u64;
-        let mut at = 0u64;
-        while at < mem_bytes {
-            let Some(start) = seek(delta, at, libc::SEEK_DATA)? else {
-                break;
-            };
-            let end = seek(delta, start, libc::SEEK_HOLE)?
-                .unwrap_or(mem_bytes)
-                .min(mem_bytes);
-            let mut pos = start;
-            while pos < end {
-                let n = usize::try_from(end - pos)
-                    .unwrap_or(usize::MAX)
-                    .min(buf.len());
-                let chunk = buf.get_mut(..n).ok_or(DeltaError::Size)?;
-                delta.read_exact_at(chunk, pos).map_err(DeltaError::Io)?;
-                let addr = guest_address(&self.mem, pos).ok_or(DeltaError::Size)?;
-                self.mem
-                    .write_slice(chunk, addr)
-                    .map_err(|_| DeltaError::Size)?;
-                pos += n as u64;
-                copied += n as u64;
-            }
-            at = end;
-        }
-        Ok(copied)
+        delta::apply(&self.mem, delta)
     }
 
     /// Bytes of guest memory that hold data (pages the guest or the VMM touched).
@@ -181,102 +155,6 @@ impl GuestRam {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
     }
-}
-
-/// [`GuestRam::capture_delta`] of a mapping (the VMM thread lends its clone's mapping).
-pub(crate) fn capture_delta(mem: &GuestMemoryMmap) -> Result<File, DeltaError> {
-    use std::os::unix::fs::FileExt;
-    let delta = create_memfd(c"sandboxer-guest-delta").map_err(DeltaError::Memfd)?;
-    let mem_bytes: u64 = mem.iter().map(|r| r.len()).sum();
-    delta.set_len(mem_bytes).map_err(DeltaError::Io)?;
-    let pagemap = File::open("/proc/self/pagemap").map_err(DeltaError::Pagemap)?;
-    let mut file_offset = 0u64;
-    let mut entries = vec![0u8; PAGEMAP_BATCH * 8];
-    let mut page = vec![0u8; PAGE];
-    for region in mem.iter() {
-        let pages = usize::try_from(region.len()).map_err(|_| DeltaError::Size)? / PAGE;
-        let host = region.as_ptr() as u64;
-        let mut first = 0usize;
-        while first < pages {
-            let count = PAGEMAP_BATCH.min(pages - first);
-            let buf = entries.get_mut(..count * 8).ok_or(DeltaError::Size)?;
-            let at = (host / PAGE as u64 + first as u64) * 8;
-            pagemap
-                .read_exact_at(buf, at)
-                .map_err(DeltaError::Pagemap)?;
-            for (i, entry) in buf.chunks_exact(8).enumerate() {
-                let bits = u64::from_le_bytes(entry.try_into().unwrap_or_default());
-                let present = bits & (1 << 63) != 0;
-                let swapped = bits & (1 << 62) != 0;
-                let file_page = bits & (1 << 61) != 0;
-                if !((present && !file_page) || swapped) {
-                    continue;
-                }
-                let in_region = ((first + i) * PAGE) as u64;
-                region
-                    .read_slice(&mut page, vm_memory::MemoryRegionAddress(in_region))
-                    .map_err(|_| DeltaError::Size)?;
-                delta
-                    .write_all_at(&page, file_offset + in_region)
-                    .map_err(DeltaError::Io)?;
-            }
-            first += count;
-        }
-        file_offset += region.len();
-    }
-    Ok(delta)
-}
-
-/// Bytes in a page of guest memory.
-const PAGE: usize = 4096;
-/// Pagemap entries read at once.
-const PAGEMAP_BATCH: usize = 512;
-
-/// Why a clone's written pages could not be saved or brought back.
-#[derive(Debug, thiserror::Error)]
-pub enum DeltaError {
-    /// The delta memfd could not be created.
-    #[error("Failed to create the memfd for a clone's pages")]
-    Memfd(#[source] MemoryError),
-    /// `/proc/self/pagemap` could not be read.
-    #[error("Failed to read /proc/self/pagemap")]
-    Pagemap(#[source] std::io::Error),
-    /// Reading or writing the delta failed.
-    #[error("Failed to copy a clone's pages")]
-    Io(#[source] std::io::Error),
-    /// An offset does not fit the guest memory.
-    #[error("A page offset lies outside the guest memory")]
-    Size,
-}
-
-/// `lseek(fd, from, whence)` for `SEEK_DATA`/`SEEK_HOLE`: `None` past the last data.
-fn seek(file: &File, from: u64, whence: i32) -> Result<Option<u64>, DeltaError> {
-    let from = i64::try_from(from).map_err(|_| DeltaError::Size)?;
-    match nix::unistd::lseek(file.as_raw_fd(), from, whence_of(whence)) {
-        Ok(at) => Ok(u64::try_from(at).ok()),
-        Err(nix::errno::Errno::ENXIO) => Ok(None),
-        Err(e) => Err(DeltaError::Io(e.into())),
-    }
-}
-
-fn whence_of(whence: i32) -> nix::unistd::Whence {
-    if whence == libc::SEEK_HOLE {
-        nix::unistd::Whence::SeekHole
-    } else {
-        nix::unistd::Whence::SeekData
-    }
-}
-
-/// The guest address of byte `offset` of the memfd (RAM ranges are laid out in order).
-fn guest_address(mem: &GuestMemoryMmap, offset: u64) -> Option<GuestAddress> {
-    let mut base = 0u64;
-    for region in mem.iter() {
-        if offset < base + region.len() {
-            return region.start_addr().checked_add(offset - base);
-        }
-        base += region.len();
-    }
-    None
 }
 
 /// A fresh guest memory memfd, `mem_bytes` long, no page allocated yet: what the VMM maps for

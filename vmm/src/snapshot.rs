@@ -32,6 +32,9 @@ pub enum SnapshotError {
     /// own memory can be a template.
     #[error("A VM cloned from a template cannot be snapshotted")]
     CloneMemory,
+    /// The VM has its own memory (not a clone's): no pages to copy ahead of a handover.
+    #[error("The VM has its own memory: nothing to copy ahead")]
+    OwnMemory,
     /// The VM still has open vsock connections (their host ends would not exist for a clone):
     /// the VM keeps running; try again once they are closed.
     #[error("The VM has {0} open vsock connections")]
@@ -64,6 +67,10 @@ pub enum SavedMemory {
     Clone {
         /// The clone's written pages.
         delta: File,
+        /// With pages copied ahead ([`crate::Vm::precopy`]): that copy's id. `delta` then
+        /// holds only the pages that differ from it, and the VM must be rebuilt on a shell
+        /// the copy was written into ([`crate::PreparedShell::with_base`]).
+        base: Option<u64>,
     },
 }
 
@@ -154,8 +161,9 @@ impl VmSnapshot {
 
 /// The version of [`VmSnapshot::encode`]'s format. A process refuses a saved VM of another
 /// version ([`DecodeError::Version`]): a live handover between binaries that disagree fails
-/// before any VM moves. Version 2 added the block slots' disks.
-pub const FORMAT_VERSION: u32 = 2;
+/// before any VM moves. Version 2 added the block slots' disks, version 3 a clone's
+/// pre-copied base.
+pub const FORMAT_VERSION: u32 = 3;
 /// Leads every encoded VM (`SBXVM` and a format byte).
 const MAGIC: [u8; 6] = *b"SBXVM\x01";
 
@@ -215,6 +223,8 @@ struct Record {
     devices: Vec<MmioState>,
     disks: Vec<Option<DiskInfo>>,
     vsock_stale: Vec<(u32, u32)>,
+    /// A clone's: the id of the pages copied ahead its delta builds on.
+    base: Option<u64>,
 }
 
 impl VmSnapshot {
@@ -225,7 +235,11 @@ impl VmSnapshot {
         let (kind, mut files) = match &self.kind {
             SavedMemory::Template => (0, vec![]),
             SavedMemory::Own => (1, vec![]),
-            SavedMemory::Clone { delta } => (2, vec![delta]),
+            SavedMemory::Clone { delta, .. } => (2, vec![delta]),
+        };
+        let base = match &self.kind {
+            SavedMemory::Clone { base, .. } => *base,
+            _ => None,
         };
         files.insert(0, &*self.memory);
         let record = Record {
@@ -237,6 +251,7 @@ impl VmSnapshot {
             devices: self.devices.clone(),
             disks: self.disks.clone(),
             vsock_stale: self.vsock_stale.clone(),
+            base,
         };
         let mut out = MAGIC.to_vec();
         out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -273,7 +288,10 @@ impl VmSnapshot {
         let kind = match (record.kind, files.next()) {
             (0, _) => SavedMemory::Template,
             (1, _) => SavedMemory::Own,
-            (_, Some(delta)) => SavedMemory::Clone { delta },
+            (_, Some(delta)) => SavedMemory::Clone {
+                delta,
+                base: record.base,
+            },
             (_, None) => return Err(DecodeError::Magic),
         };
         if record.vcpus.is_empty() || record.vcpus.len() > usize::from(u8::MAX) {

@@ -116,6 +116,8 @@ pub struct Vm {
     pub(crate) torn_down: Arc<crate::host::TornDown>,
     /// The vCPUs' run control, for a Stop the VMM thread does not answer ([`Vm::stop`]).
     pub(crate) vcpu_control: Arc<crate::vcpu::VcpuControl>,
+    /// A clone's pages copied ahead of its next handover ([`Vm::precopy`]).
+    pub(crate) precopied: Mutex<Option<crate::memory::Precopy>>,
 }
 
 impl Vm {

@@ -199,7 +199,7 @@ fn a_clone_handed_over_keeps_what_it_wrote_and_the_template_is_untouched() {
     let other = boot(&host);
     let wrong = prepared(&host, &other);
     let saved = clone.handover().unwrap();
-    let SavedMemory::Clone { delta } = saved.kind() else {
+    let SavedMemory::Clone { delta, base: None } = saved.kind() else {
         panic!("a clone's handover carries its pages: {:?}", saved.kind());
     };
     // Only what the clone wrote travels, not its template's memory.
@@ -233,6 +233,91 @@ fn a_clone_handed_over_keeps_what_it_wrote_and_the_template_is_untouched() {
     assert!(after[0] > before[9], "{before:?} then {after:?}");
     call(&new, "Health");
     assert!(read_all(snapshot.memory()) == template_memory);
+    drop(new);
+    assert!(host.wait_all_torn_down(TIMEOUT));
+}
+
+/// Blocks a memfd holds, in bytes.
+fn held_bytes(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().unwrap().blocks() * 512
+}
+
+#[test]
+fn a_clone_copied_ahead_hands_over_only_what_changed_since() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let counter = agent::counter_port(COUNTER_PORT);
+    // Each clone writes 1 MiB at its first agent connection and leaves it alone.
+    let dirty = agent::dirty_kib(1024);
+    let snapshot = template(&host, &[&counter, &dirty, agent::QUIET]);
+    // A VM with its own memory has nothing to copy ahead.
+    let own = boot(&host);
+    assert!(own.precopy().unwrap().is_none());
+    drop(own);
+
+    // A copy taken ahead serves the next handover only: one given up leaves none behind.
+    let clone = clone_of(&host, &snapshot);
+    call(&clone, "Health");
+    count_on(&clone, 5);
+    assert!(clone.precopy().unwrap().is_some());
+    let saved = clone.handover().unwrap();
+    assert!(matches!(
+        saved.kind(),
+        SavedMemory::Clone { base: Some(_), .. }
+    ));
+    clone.resume().unwrap();
+    let saved = clone.handover().unwrap();
+    assert!(matches!(
+        saved.kind(),
+        SavedMemory::Clone { base: None, .. }
+    ));
+    clone.resume().unwrap();
+
+    // Copied while the guest runs; the guest writes on (its counter), then freezes.
+    let (pages, id) = clone.precopy().unwrap().unwrap();
+    let plain = prepared(&host, &clone);
+    let shell = prepared(&host, &clone).with_base(&pages, id).unwrap();
+    let before = count_on(&clone, 10);
+    let saved = clone.handover().unwrap();
+    let SavedMemory::Clone { delta, base } = saved.kind() else {
+        panic!("a clone's handover carries its pages: {:?}", saved.kind());
+    };
+    assert_eq!(*base, Some(id));
+    // Only the pages that changed since travel frozen: some (the counter), not the 1 MiB.
+    let (ahead, frozen) = (held_bytes(&pages), held_bytes(delta));
+    assert!(ahead > 1 << 20, "{ahead} bytes ahead");
+    assert!(frozen > 0 && frozen < 256 << 10, "{frozen} bytes frozen");
+    let received = pass_on(&saved);
+    clone.stop();
+    drop(saved);
+
+    // The delta needs the copy beneath it: neither a VM of its own nor a shell without it.
+    for shell in [None, Some(plain)] {
+        let err = Vm::restore(
+            &host,
+            &received,
+            CloneConfig {
+                devices: agent_devices(),
+                shell,
+                ..CloneConfig::default()
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                VmError::Clone(
+                    vmm::builder::CloneError::BaseMissing | vmm::builder::CloneError::ShellMismatch
+                )
+            ),
+            "{err:?}"
+        );
+    }
+    let new = restore_on(&host, &received, false, Some(shell));
+    let after = count_on(&new, 10);
+    assert!(after[0] > before[9], "{before:?} then {after:?}");
+    call(&new, "Health");
     drop(new);
     assert!(host.wait_all_torn_down(TIMEOUT));
 }

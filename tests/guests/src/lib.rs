@@ -271,6 +271,17 @@ pub mod agent {
         format!("{COUNTER_MS}={ms}")
     }
 
+    /// Key of the written buffer's size; see [`dirty_kib`].
+    pub const DIRTY_KIB: &str = "agent.dirty_kib";
+
+    /// `agent.dirty_kib=<kib>` (at most 65536): at every ttrpc connection the agent accepts
+    /// (the host's first call to a clone, a new process's after a live handover) the guest
+    /// writes the connection's number into each page of a `kib` KiB buffer, then leaves it
+    /// alone: memory a clone wrote and keeps, as a real guest's page cache and heap.
+    pub fn dirty_kib(kib: u64) -> String {
+        format!("{DIRTY_KIB}={kib}")
+    }
+
     /// A command line for the agent mode: `base` plus [`TEST_AGENT`] and `extra` words.
     pub fn cmdline(base: &str, extra: &[&str]) -> String {
         let mut s = format!("{base} {TEST_AGENT}");

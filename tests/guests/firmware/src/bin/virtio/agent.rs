@@ -11,6 +11,10 @@
 //!    a wait has a bound ([`firmware::irq`]), and the serving loop's bound is [`IDLE`].
 //! 3. With `agent.counter_port=<port>`, it also keeps a counter and a connection to the host
 //!    port that carries it (`counter.rs`), ticking every `agent.counter_ms` (10 ms by default) while it serves.
+//! 4. With `agent.dirty_kib=<n>`, at every ttrpc connection it accepts (the host's first
+//!    call to a clone, a new process's after a live handover) it writes the connection's number
+//!    into each page of an `n` KiB buffer taken at start, and leaves them alone until the
+//!    next: pages a clone wrote and keeps, as a real guest's page cache and heap are.
 //!
 //! A transport-reset event (§5.10.6.7) drops every connection the agent holds; new host
 //! connections are accepted as before.
@@ -27,7 +31,7 @@
 
 use core::time::Duration;
 
-use firmware::dma::Arena;
+use firmware::dma::{Arena, DmaBuf};
 use firmware::virtio::vsock::{
     EVENT_TRANSPORT_RESET, HOST_CID, MAX_DATA, OP_REQUEST, OP_RESPONSE, OP_RST, OP_SHUTDOWN,
     SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM, Vsock,
@@ -71,6 +75,8 @@ const BOTH: u32 = SHUTDOWN_RCV | SHUTDOWN_SEND;
 
 /// The counter's tick unless `agent.counter_ms` says otherwise.
 const DEFAULT_COUNTER_MS: u64 = 10;
+/// Largest `agent.dirty_kib`.
+const MAX_DIRTY_KIB: u64 = 64 << 10;
 
 /// Options from the command line.
 struct Options {
@@ -81,6 +87,8 @@ struct Options {
     counter_port: Option<u32>,
     /// The counter's tick in ms (`agent.counter_ms`, 1 to 60000).
     counter_ms: u64,
+    /// KiB written at each accepted connection (`agent.dirty_kib`, at most [`MAX_DIRTY_KIB`]).
+    dirty_kib: u64,
 }
 
 impl Options {
@@ -93,6 +101,7 @@ impl Options {
             exit_on_shutdown: false,
             counter_port: None,
             counter_ms: DEFAULT_COUNTER_MS,
+            dirty_kib: 0,
         };
         for word in virtio::words(cmdline) {
             if let Some(v) = word.strip_prefix(b"sandboxer.ready_port=") {
@@ -110,6 +119,10 @@ impl Options {
                 opts.counter_ms = virtio::parse_number(v, false)
                     .filter(|ms| (1..=60_000).contains(ms))
                     .unwrap_or(DEFAULT_COUNTER_MS);
+            } else if let Some(v) = word.strip_prefix(b"agent.dirty_kib=") {
+                opts.dirty_kib = virtio::parse_number(v, false)
+                    .filter(|kib| *kib <= MAX_DIRTY_KIB)
+                    .unwrap_or(0);
             }
         }
         opts
@@ -282,11 +295,24 @@ pub fn run(cmdline: &[u8], devices: &Devices, arena: &mut Arena) -> ! {
         Ok(vs) => vs,
         Err(e) => fail("init", e),
     };
+    let dirty = match usize::try_from(opts.dirty_kib.div_ceil(4)) {
+        Ok(0) | Err(_) => None,
+        Ok(pages) => Some(arena.pages(pages).unwrap_or_else(|| fail("dirty", "no RAM left"))),
+    };
     let mut scratch = [0u8; MAX_DATA];
     if let Err(e) = announce(&mut vs, &mut scratch, opts.ready_port) {
         fail("ready", e);
     }
-    serve(&mut vs, &mut scratch, &opts)
+    serve(&mut vs, &mut scratch, &opts, dirty)
+}
+
+/// Writes `n` into the first bytes of every page of `buf` (`agent.dirty_kib`).
+fn dirty_pages(buf: &mut DmaBuf, n: u64) {
+    for page in buf.bytes_mut().chunks_exact_mut(firmware::dma::PAGE_LEN) {
+        if let Some(head) = page.get_mut(..8) {
+            head.copy_from_slice(&n.to_le_bytes());
+        }
+    }
 }
 
 /// Dials the ready port and sends the ready line, retrying a refused dial.
@@ -334,7 +360,7 @@ fn announce(vs: &mut Vsock, scratch: &mut [u8], port: u32) -> Result<(), Failure
 }
 
 /// Serves ttrpc connections on [`AGENT_PORT`] forever (and ticks the counter, if any).
-fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
+fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options, mut dirty: Option<DmaBuf>) -> ! {
     let mut cid = vs.guest_cid();
     let mut conns: [Option<RpcConn>; MAX_CONNS] = [const { None }; MAX_CONNS];
     let mut counter = opts
@@ -344,6 +370,7 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
     let period = Duration::from_millis(opts.counter_ms);
     let mut tick = irq::Deadline::after(period);
     let mut events = vs.events().0;
+    let mut accepted = 0u64;
     loop {
         let received = match counter {
             Some(_) => vs.recv_within(&mut tick, scratch),
@@ -401,6 +428,10 @@ fn serve(vs: &mut Vsock, scratch: &mut [u8], opts: &Options) -> ! {
                     c.peer_fwd_cnt = h.fwd_cnt;
                     let sent = c.send(vs, OP_RESPONSE, 0);
                     *free = Some(RpcConn::new(c));
+                    accepted += 1;
+                    if let Some(buf) = dirty.as_mut() {
+                        dirty_pages(buf, accepted);
+                    }
                     sent
                 }
                 _ => reject(vs, &h),

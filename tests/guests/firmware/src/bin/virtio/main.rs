@@ -41,8 +41,8 @@ firmware::guest_main!(main);
 
 /// Largest command line (layout::CMDLINE_MAX_SIZE).
 const CMDLINE_MAX: usize = 4096;
-/// DMA memory taken after the image.
-const ARENA_MAX: u64 = 2 << 20;
+/// Memory taken after the image: 2 MiB for DMA and the agent's `agent.dirty_kib` buffer.
+const ARENA_MAX: u64 = (2 << 20) + (64 << 20);
 
 /// Why a step failed.
 #[derive(Debug, Clone, Copy)]
