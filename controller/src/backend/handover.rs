@@ -50,6 +50,10 @@ pub struct MemoryLayout {
     pub mem_bytes: u64,
     /// vCPUs.
     pub vcpus: u8,
+    /// A clone's pages copied while it ran ([`VmHandle::precopy`]) and the copy's id: the
+    /// new process writes them into the VM it builds ahead, and the handover then carries
+    /// only what differs from them.
+    pub base: Option<(Arc<std::fs::File>, u64)>,
 }
 
 /// A VM rebuilt from a [`Handover`], frozen until the old process has let it go.
@@ -71,7 +75,19 @@ impl KvmHandle {
             private,
             mem_bytes,
             vcpus,
+            base: None,
         }
+    }
+
+    /// [`VmHandle::precopy`] of a KVM VM.
+    pub(super) async fn copy_ahead(
+        &self,
+    ) -> Result<Option<(Arc<std::fs::File>, u64)>, BackendError> {
+        let vm = Arc::clone(&self.vm);
+        tokio::task::spawn_blocking(move || vm.precopy())
+            .await
+            .map_err(BackendError::Join)?
+            .map_err(|e| BackendError::Handover(crate::error_chain(&e)))
     }
 
     /// [`VmHandle::handover`] of a KVM VM.
@@ -118,7 +134,7 @@ impl KvmBackend {
             .and_then(std::path::Path::parent)
             .map(std::path::Path::to_path_buf);
         tokio::task::spawn_blocking(move || {
-            vmm::PreparedShell::build(
+            let shell = vmm::PreparedShell::build(
                 &host,
                 &layout.memory,
                 layout.private,
@@ -126,7 +142,12 @@ impl KvmBackend {
                 layout.vcpus,
                 seccomp,
                 jail.as_deref(),
-            )
+            )?;
+            // A clone's pages copied ahead go in now, while the old VM still runs.
+            match &layout.base {
+                Some((pages, id)) => shell.with_base(pages, *id),
+                None => Ok(shell),
+            }
         })
         .await
         .map_err(BackendError::Join)?

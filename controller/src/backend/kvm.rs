@@ -548,6 +548,10 @@ impl VmHandle for KvmHandle {
         Some(self.layout())
     }
 
+    async fn precopy(&self) -> Result<Option<(Arc<std::fs::File>, u64)>, BackendError> {
+        self.copy_ahead().await
+    }
+
     async fn handover(&self) -> Result<super::Handover, BackendError> {
         self.hand_over().await
     }

@@ -395,6 +395,13 @@ pub trait VmHandle: TaskTarget {
     fn memory_layout(&self) -> Option<MemoryLayout> {
         None
     }
+    /// Copies, while the VM runs, what of its memory a live handover would otherwise copy
+    /// frozen (a template clone's written pages), so that its handover copies only what
+    /// changes after this: the copy and its id, for [`MemoryLayout::base`]. `None`: nothing
+    /// to copy (a VM with its own memory, or a backend without live handover).
+    async fn precopy(&self) -> Result<Option<(Arc<std::fs::File>, u64)>, BackendError> {
+        Ok(None)
+    }
     /// Freezes the VM (vCPUs and devices) and saves it for a live handover to another process
     /// ([`VmBackend::adopt`]). It stays frozen until [`VmHandle::resume_after_handover`] (the
     /// handover failed) or the end of this process (it succeeded).

@@ -83,6 +83,20 @@ impl Hold {
             .collect()
     }
 
+    /// Copies sandbox `id`'s clone pages ahead of its handover, while its VM runs
+    /// ([`VmHandle::precopy`]): `None` when there is nothing to copy, or the copy failed (the
+    /// handover then copies them all, frozen).
+    pub async fn precopy(&self, id: &str) -> Option<(Arc<std::fs::File>, u64)> {
+        let (_, vm) = self.running.iter().find(|(running, _)| running == id)?;
+        match vm.precopy().await {
+            Ok(copy) => copy,
+            Err(e) => {
+                warn!(sandbox = %id, error = %error_chain(&e), "upgrade: no copy ahead of the freeze");
+                None
+            }
+        }
+    }
+
     /// Cuts every running sandbox's Task endpoint (its connections stopped between frames,
     /// waiting up to `within` for calls that change something; [`TaskCutter::cut`]), the VMs
     /// still running. On an error every endpoint goes on as before.

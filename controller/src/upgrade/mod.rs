@@ -63,7 +63,8 @@ use wire::{Channel, WireError};
 
 /// Version of this handover protocol; both processes must speak the same one. 3: a Task
 /// endpoint's state carries its open streaming stdio streams (a binary of 2 would drop them).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Prepare` may carry a clone's pages copied ahead.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// The handover socket in the state directory.
 pub const SOCKET: &str = "upgrade.sock";
 /// How long the old process waits for the new one to connect, and each side for the other's
@@ -136,13 +137,15 @@ enum Msg {
     },
     /// old -> new: `sandboxes` follow.
     Offer { sandboxes: usize },
-    /// old -> new, once per sandbox, its VM still running: build its VM ahead. Descriptor:
-    /// the guest memory's memfd (for a clone: its template's).
+    /// old -> new, once per sandbox, its VM still running: build its VM ahead. Descriptors:
+    /// the guest memory's memfd (for a clone: its template's), then with `base` (the id of a
+    /// clone's pages copied ahead, [`MemoryLayout::base`]) that copy.
     Prepare {
         id: String,
         private: bool,
         mem_bytes: u64,
         vcpus: u8,
+        base: Option<u64>,
     },
     /// new -> old: a sandbox's VM is built ahead.
     Prepared { id: String },
@@ -497,13 +500,19 @@ async fn hand_over<B: VmBackend>(
             let why = format!("sandbox {id}: its VM cannot be handed over");
             return Err((UpgradeError::Incompatible(why), None));
         };
+        // A clone's written pages are copied now, while it runs: frozen, only what changes
+        // after this is copied again.
+        let base = hold.precopy(&id).await;
         let msg = Msg::Prepare {
             id,
             private: layout.private,
             mem_bytes: layout.mem_bytes,
             vcpus: layout.vcpus,
+            base: base.as_ref().map(|(_, id)| *id),
         };
-        chan.send(&msg, &[], &[layout.memory.as_fd()])
+        let mut fds = vec![layout.memory.as_fd()];
+        fds.extend(base.as_ref().map(|(pages, _)| pages.as_fd()));
+        chan.send(&msg, &[], &fds)
             .await
             .map_err(|e| (e.into(), None))?;
     }
@@ -869,14 +878,17 @@ async fn prepare<B: VmBackend>(
         private,
         mem_bytes,
         vcpus,
+        base,
     } = frame.message
     else {
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
     };
     let mut fds = frame.fds.into_iter();
-    let (Some(memory), None) = (fds.next(), fds.next()) else {
+    let (memory, pages, rest) = (fds.next(), fds.next(), fds.next());
+    let (Some(memory), true, None) = (memory, pages.is_some() == base.is_some(), rest) else {
+        let want = if base.is_some() { "two" } else { "one" };
         return Err(UpgradeError::Protocol(format!(
-            "sandbox {id}: Prepare needs one descriptor"
+            "sandbox {id}: Prepare needs {want} descriptor(s)"
         )));
     };
     let layout = MemoryLayout {
@@ -884,6 +896,9 @@ async fn prepare<B: VmBackend>(
         private,
         mem_bytes,
         vcpus,
+        base: base
+            .zip(pages)
+            .map(|(id, pages)| (Arc::new(File::from(pages)), id)),
     };
     let ready = service
         .prepare_adoption(&id, layout)

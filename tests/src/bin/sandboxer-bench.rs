@@ -180,6 +180,7 @@ const SCENARIOS: &[Scenario] = &[
             "--alive",
             "--rounds",
             "--counter-ms",
+            "--dirty-kib",
             "--mem-mib",
             "--seccomp",
             "--templates",
@@ -275,6 +276,13 @@ const OPTIONS: &[(&str, &str, &str, &str)] = &[
          the host a few VM exits and a vsock packet, and the gap figure is only as fine as it",
     ),
     (
+        "--dirty-kib",
+        "N",
+        "0",
+        "upgrade: every guest writes N KiB at each agent connection (agent.dirty_kib, at most \
+         65536) and leaves them: memory a clone wrote and keeps, as a real guest's page cache",
+    ),
+    (
         "--plot",
         "FILE.svg",
         "none",
@@ -341,6 +349,8 @@ pub(crate) struct Options {
     pub(crate) rounds: usize,
     /// upgrade: the guests' counter tick, ms.
     pub(crate) counter_ms: u64,
+    /// upgrade: KiB each guest writes at each agent connection.
+    pub(crate) dirty_kib: u64,
 }
 
 impl Options {
@@ -364,6 +374,7 @@ impl Options {
             daemon_process: false,
             rounds: 3,
             counter_ms: 1000,
+            dirty_kib: 0,
         };
         let mut it = args.iter();
         while let Some(flag) = it.next() {
@@ -417,6 +428,7 @@ impl Options {
                 "--cycles" => o.cycles = number()?.max(1),
                 "--rounds" => o.rounds = number()?.max(1),
                 "--counter-ms" => o.counter_ms = u64::try_from(number()?.clamp(1, 60_000))?,
+                "--dirty-kib" => o.dirty_kib = u64::try_from(number()?.min(65_536))?,
                 "--daemon" => {
                     o.daemon_process = match value.as_str() {
                         "in-process" => false,

@@ -4,7 +4,9 @@
 //! runs `--alive` sandboxes of the agent-mode test guest with `agent.counter_port`: each guest
 //! counts in its own memory, one per `--counter-ms` tick (`agent.counter_ms`), and streams the
 //! count to a unix socket this benchmark listens on (the hybrid vsock path `<sandbox
-//! dir>/vsock.sock_<port>`). The tick is coarse by default: each one costs the host a few VM
+//! dir>/vsock.sock_<port>`); with `--dirty-kib N` each guest also writes N KiB at every agent
+//! connection and leaves them alone (`agent.dirty_kib`): memory a clone keeps written, which a
+//! handover must carry. The tick is coarse by default: each one costs the host a few VM
 //! exits and a vsock packet, and a hundred guests at the guest's own default (10 ms) keep both
 //! cores of the development machine busy, which is not the idle pod an upgrade meets. Then
 //! `--rounds` upgrades in a row, each to a new process of the same binary through the admin
@@ -252,10 +254,13 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
     let bin = std::path::absolute(sandboxer_binary(o)?)?;
     let tick = Duration::from_millis(o.counter_ms);
     let count_timeout = COUNT_TIMEOUT + tick * 3;
-    let counter_words = [
+    let mut counter_words = vec![
         test_guests::agent::counter_port(COUNTER_PORT),
         test_guests::agent::counter_ms(o.counter_ms),
     ];
+    if o.dirty_kib > 0 {
+        counter_words.push(test_guests::agent::dirty_kib(o.dirty_kib));
+    }
     let counter_words: Vec<&str> = counter_words.iter().map(String::as_str).collect();
     let mut daemon = DaemonProcess::spawn_with(o, &bin, o.templates, &counter_words)?;
     let sandboxes_dir = daemon.state_dir().join(controller::store::SANDBOXES_DIR);
@@ -577,6 +582,7 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "alive": alive,
         "rounds": rounds,
         "counter_ms": o.counter_ms,
+        "dirty_kib": o.dirty_kib,
         "mem_mib": o.mem_mib,
         "seccomp": o.seccomp.name(),
         "templates": o.templates,
