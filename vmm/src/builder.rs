@@ -636,7 +636,7 @@ impl Vm {
     pub fn handover(&self) -> Result<VmSnapshot, VmmActionError> {
         // A copy taken ahead serves this handover only (the new process got it beside the
         // shell it built): taken here, whatever the outcome.
-        let base = self.precopied.lock().recover().take();
+        let base = self.precopied.lock().recover().ready.take();
         let (mut snapshot, mapping) = match self.request(VmmAction::Handover)? {
             VmmData::Handover(s, m) => (*s, m),
             _ => return Err(VmmActionError::NotRunning),
@@ -646,13 +646,10 @@ impl Vm {
                 Some(base) => crate::memory::capture_since(&mapping, base),
                 None => crate::memory::capture_delta(&mapping),
             };
+            let id = base.as_ref().map(|b| b.id);
+            self.precopied.lock().recover().spent = base;
             match captured {
-                Ok(delta) => {
-                    snapshot.kind = SavedMemory::Clone {
-                        delta,
-                        base: base.map(|b| b.id),
-                    }
-                }
+                Ok(delta) => snapshot.kind = SavedMemory::Clone { delta, base: id },
                 Err(e) => {
                     let _ = self.resume();
                     return Err(SnapshotError::Delta(e).into());
@@ -669,7 +666,7 @@ impl Vm {
     /// memfd, each page at its offset) and its id; `None` for a VM with its own memory (a
     /// handover moves none of its pages). A failure leaves no copy behind.
     pub fn precopy(&self) -> Result<Option<(Arc<File>, u64)>, VmmActionError> {
-        *self.precopied.lock().recover() = None;
+        *self.precopied.lock().recover() = crate::vm::Precopied::default();
         if !self.private_memory {
             return Ok(None);
         }
@@ -679,7 +676,7 @@ impl Vm {
         };
         let copy = crate::memory::Precopy::take(&mapping).map_err(SnapshotError::Delta)?;
         let taken = (Arc::clone(&copy.file), copy.id);
-        *self.precopied.lock().recover() = Some(copy);
+        self.precopied.lock().recover().ready = Some(copy);
         Ok(Some(taken))
     }
 

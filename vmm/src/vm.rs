@@ -116,8 +116,19 @@ pub struct Vm {
     pub(crate) torn_down: Arc<crate::host::TornDown>,
     /// The vCPUs' run control, for a Stop the VMM thread does not answer ([`Vm::stop`]).
     pub(crate) vcpu_control: Arc<crate::vcpu::VcpuControl>,
-    /// A clone's pages copied ahead of its next handover ([`Vm::precopy`]).
-    pub(crate) precopied: Mutex<Option<crate::memory::Precopy>>,
+    /// A clone's pages copied ahead ([`Vm::precopy`]).
+    pub(crate) precopied: Mutex<Precopied>,
+}
+
+/// A clone's pages copied ahead of a live handover.
+#[derive(Debug, Default)]
+pub(crate) struct Precopied {
+    /// The copy the next handover builds on.
+    pub(crate) ready: Option<crate::memory::Precopy>,
+    /// The copy the last handover built on, kept until the next copy or the VM's end:
+    /// unmapping it and freeing its pages inside the freeze would lengthen the pause (a TLB
+    /// shootdown across the process, a truncated memfd).
+    pub(crate) spent: Option<crate::memory::Precopy>,
 }
 
 impl Vm {

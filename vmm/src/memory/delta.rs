@@ -132,16 +132,27 @@ impl Precopy {
         })
     }
 
-    /// Whether page `index` (whose bytes are `now`) is the same in the copy.
-    fn unchanged(&self, index: usize, now: &[u8], before: &mut [u8]) -> Result<bool, DeltaError> {
-        if !self.holds(index) {
+    /// Whether page `index`, whose bytes are at `now` (a page of guest memory), is the same
+    /// in the copy. Compared in place: nothing is copied.
+    fn unchanged(
+        &self,
+        index: usize,
+        now: &vm_memory::VolatileSlice<'_, ()>,
+    ) -> Result<bool, DeltaError> {
+        if !self.holds(index) || now.len() != PAGE {
             return Ok(false);
         }
-        self.view
+        let before = self
+            .view
             .get_slice(index * PAGE, PAGE)
-            .map_err(|_| DeltaError::Size)?
-            .copy_to(before);
-        Ok(before == now)
+            .map_err(|_| DeltaError::Size)?;
+        let (a, b) = (now.ptr_guard(), before.ptr_guard());
+        // SAFETY: both pointers come from bounds-checked slices of PAGE bytes of live
+        // mappings (the guest memory and this copy), readable for the whole call; memcmp
+        // only reads them. A byte changing meanwhile could only make them differ, and the
+        // caller compares frozen guest memory.
+        let diff = unsafe { libc::memcmp(a.as_ptr().cast(), b.as_ptr().cast(), PAGE) };
+        Ok(diff == 0)
     }
 }
 
@@ -170,25 +181,25 @@ fn capture(mem: &GuestMemoryMmap, base: Option<&Precopy>) -> Result<(File, Vec<u
         file: &delta,
         copied: vec![0u64; total_pages.div_ceil(64)],
         start: 0,
-        buf: Vec::with_capacity(RUN_PAGES * PAGE),
+        buf: Vec::new(),
     };
     let pagemap = File::open("/proc/self/pagemap").map_err(DeltaError::Pagemap)?;
     let mut page = vec![0u8; PAGE];
-    let mut before = vec![0u8; PAGE];
     let mut first_page = 0usize;
     for region in mem.iter() {
         for range in own_pages(&pagemap, region)? {
             for in_region in range {
                 let at = MemoryRegionAddress((in_region * PAGE) as u64);
+                let index = first_page + in_region;
+                if let Some(base) = base {
+                    let now = region.get_slice(at, PAGE).map_err(|_| DeltaError::Size)?;
+                    if base.unchanged(index, &now)? {
+                        continue;
+                    }
+                }
                 region
                     .read_slice(&mut page, at)
                     .map_err(|_| DeltaError::Size)?;
-                let index = first_page + in_region;
-                if let Some(base) = base
-                    && base.unchanged(index, &page, &mut before)?
-                {
-                    continue;
-                }
                 out.push(index, &page)?;
             }
         }
@@ -373,7 +384,9 @@ fn read_entries(
 /// are read (`SEEK_DATA`/`SEEK_HOLE`). Returns the bytes written.
 pub(crate) fn apply(mem: &GuestMemoryMmap, delta: &File) -> Result<u64, DeltaError> {
     let mem_bytes: u64 = mem.iter().map(|r| r.len()).sum();
-    let mut buf = vec![0u8; RUN_PAGES * PAGE];
+    // Sized by the runs found (a handover's delta is often a few pages, or none: a large
+    // buffer would be mapped and unmapped for nothing while the VM is frozen).
+    let mut buf = Vec::new();
     let mut copied = 0u64;
     let mut at = 0u64;
     while at < mem_bytes {
@@ -387,7 +400,10 @@ pub(crate) fn apply(mem: &GuestMemoryMmap, delta: &File) -> Result<u64, DeltaErr
         while pos < end {
             let n = usize::try_from(end - pos)
                 .unwrap_or(usize::MAX)
-                .min(buf.len());
+                .min(RUN_PAGES * PAGE);
+            if buf.len() < n {
+                buf.resize(n, 0);
+            }
             let chunk = buf.get_mut(..n).ok_or(DeltaError::Size)?;
             delta.read_exact_at(chunk, pos).map_err(DeltaError::Io)?;
             let addr = guest_address(mem, pos).ok_or(DeltaError::Size)?;
