@@ -479,6 +479,27 @@ mod tests {
     }
 
     #[test]
+    fn more_ranges_than_one_scan_returns_are_all_found() {
+        let template = GuestRam::new(8 << 20).unwrap();
+        let clone = GuestRam::copy_on_write(&template.file, 8 << 20).unwrap();
+        // Every other page: as many separate ranges as pages written, over two batches.
+        let written: Vec<usize> = (0..SCAN_BATCH * 2 + 10).map(|n| n * 2).collect();
+        for &page in &written {
+            let addr = GuestAddress((page * PAGE) as u64);
+            clone.mem.write_obj(page as u64 + 1, addr).unwrap();
+        }
+        let pagemap = File::open("/proc/self/pagemap").unwrap();
+        let region = clone.mem.iter().next().unwrap();
+        let pages = usize::try_from(region.len()).unwrap() / PAGE;
+        let host = region.as_ptr() as u64;
+        let want: Vec<_> = written.iter().map(|&p| p..p + 1).collect();
+        assert_eq!(read_entries(&pagemap, host, pages).unwrap(), want);
+        if let Some(scanned) = scan(&pagemap, host, pages) {
+            assert_eq!(scanned.unwrap(), want);
+        }
+    }
+
+    #[test]
     fn a_copy_ahead_and_what_changed_since_rebuild_the_clone() {
         let template = GuestRam::new(8 << 20).unwrap();
         template.mem.write_obj(1u64, GuestAddress(0x2000)).unwrap();
