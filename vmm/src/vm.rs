@@ -125,9 +125,9 @@ pub struct Vm {
 pub(crate) struct Precopied {
     /// The copy the next handover builds on.
     pub(crate) ready: Option<crate::memory::Precopy>,
-    /// The copy the last handover built on, kept until the next copy or the VM's end:
-    /// unmapping it and freeing its pages inside the freeze would lengthen the pause (a TLB
-    /// shootdown across the process, a truncated memfd).
+    /// The copy the last handover built on, kept until the VM runs here again, the next copy
+    /// or the VM's end: unmapping it and freeing its pages inside the freeze would lengthen
+    /// the pause (a TLB shootdown across the process, a truncated memfd).
     pub(crate) spent: Option<crate::memory::Precopy>,
 }
 
@@ -186,7 +186,14 @@ impl Vm {
 
     /// Resumes a paused VM.
     pub fn resume(&self) -> Result<(), VmmActionError> {
+        self.forget_precopy();
         self.request(VmmAction::Resume).map(drop)
+    }
+
+    /// Drops the pages copied ahead of a handover and the copy a handover used: the VM runs
+    /// here again (a handover given up), a later one copies anew.
+    fn forget_precopy(&self) {
+        *self.precopied.lock().recover() = Precopied::default();
     }
 
     /// Resumes a paused or frozen VM without waiting for its VMM thread: the vCPUs run again
@@ -197,6 +204,7 @@ impl Vm {
         if self.ended().is_some() {
             return Err(VmmActionError::NotRunning);
         }
+        self.forget_precopy();
         self.vcpu_control.resume();
         let (tx, _) = channel();
         self.api_tx
