@@ -297,7 +297,11 @@ pub fn run(cmdline: &[u8], devices: &Devices, arena: &mut Arena) -> ! {
     };
     let dirty = match usize::try_from(opts.dirty_kib.div_ceil(4)) {
         Ok(0) | Err(_) => None,
-        Ok(pages) => Some(arena.pages(pages).unwrap_or_else(|| fail("dirty", "no RAM left"))),
+        Ok(pages) => Some(
+            arena
+                .pages(pages)
+                .unwrap_or_else(|| fail("dirty", "no RAM left")),
+        ),
     };
     let mut scratch = [0u8; MAX_DATA];
     if let Err(e) = announce(&mut vs, &mut scratch, opts.ready_port) {

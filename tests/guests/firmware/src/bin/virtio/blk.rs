@@ -53,6 +53,8 @@ const WRITE_LEN: usize = 4096;
 const SECTOR0_TEXT: usize = 16;
 /// Bound on the wait for a slot swap.
 const SWAP_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
+/// How long a failed read of the watched disk waits for the detach's configuration change.
+const DETACH_GRACE: core::time::Duration = core::time::Duration::from_secs(1);
 /// Pause between two reads of the watched disk's mailbox (sector 0).
 const POLL: core::time::Duration = core::time::Duration::from_millis(10);
 /// Polls of the watched disk before the watch gives up on a detach (about 2 minutes).
@@ -250,6 +252,13 @@ fn watch(blk: &mut Blk, label: Label, report: &mut Report) {
             }
         }
         if let Err(why) = status(blk.read(0, SECTOR_SIZE)) {
+            // A detach may land between the check above and this read: the read fails
+            // (IOERR) and the configuration change is on its way.
+            if irq::wait_until(DETACH_GRACE, || blk.config_changed()) && blk.capacity() == 0 {
+                blk.clear_config_changed();
+                println!("virtio: {label}: config change capacity 0");
+                return;
+            }
             return report.fail(label, "watch", why);
         }
         let text = blk.data.bytes().get(..SECTOR0_TEXT).unwrap_or_default();
