@@ -17,6 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use arbitrary::{Result, Unstructured};
+use devices::GuestMemoryMmap;
 use devices::virtio::VirtioDevice;
 use devices::virtio::vsock::defs::{
     LOCAL_PORT_START, OP_CREDIT_REQUEST, OP_REQUEST, OP_RW, OP_SHUTDOWN, PKT_HEADER_SIZE,
@@ -27,7 +28,6 @@ use devices::virtio::vsock::{
     MuxerLimits, PendingConnect, Vsock, VsockHeader, VsockListener, VsockMuxer,
 };
 use libfuzzer_sys::{Corpus, fuzz_target};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 const CID: u64 = 3;

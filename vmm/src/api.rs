@@ -8,6 +8,7 @@
 //! says which VM states allow it.
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -57,9 +58,11 @@ pub enum VmmAction {
     /// changes), until [`VmmAction::Resume`] (the handover failed: the VM goes on) or
     /// [`VmmAction::Stop`] (it succeeded).
     Handover,
-    /// Lends a clone's memory mapping (copy-on-write on its template's memfd), to copy the
-    /// pages it wrote while it runs ([`crate::Vm::precopy`]). Allowed while running or paused;
-    /// refused for a VM with its own memory.
+    /// Lends a clone's memory mapping (copy-on-write on its template's memfd) and the VM's
+    /// fd, to log the writes to it (the guest's in KVM's dirty log, the host's in the regions'
+    /// bitmaps) and copy the pages it wrote while it runs ([`crate::Vm::precopy`]). The
+    /// logging ioctls are the caller's (the VM's own threads are not allowed them). Allowed
+    /// while running or paused; refused for a VM with its own memory.
     Mapping,
     /// Closes the host end of every vsock connection of a VM handed over ([`Self::Handover`])
     /// to a process that took it: their host peers see them end now. Allowed in every state.
@@ -118,10 +121,15 @@ pub enum VmmData {
     /// The VM's saved state ([`VmmAction::Snapshot`]).
     Snapshot(Box<VmSnapshot>),
     /// The VM's saved state for a handover ([`VmmAction::Handover`]); for a clone, also its
-    /// memory mapping, from which [`crate::Vm::handover`] copies the pages it wrote.
-    Handover(Box<VmSnapshot>, Option<vm_memory::GuestMemoryMmap>),
-    /// A clone's memory mapping ([`VmmAction::Mapping`]).
-    Mapping(vm_memory::GuestMemoryMmap),
+    /// memory mapping, from which [`crate::Vm::handover`] copies the pages it wrote, and the
+    /// VM's fd, to read the writes logged since [`crate::Vm::precopy`].
+    Handover(
+        Box<VmSnapshot>,
+        Option<(devices::GuestMemoryMmap, Arc<kvm_ioctls::VmFd>)>,
+    ),
+    /// A clone's memory mapping and the VM's fd ([`VmmAction::Mapping`]). The fd is held only
+    /// while the mapping is (dropped first): KVM must not outlive the mapping it was given.
+    Mapping(devices::GuestMemoryMmap, Arc<kvm_ioctls::VmFd>),
 }
 
 /// Why an action failed.

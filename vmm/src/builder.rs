@@ -637,13 +637,25 @@ impl Vm {
         // A copy taken ahead serves this handover only (the new process got it beside the
         // shell it built): taken here, whatever the outcome.
         let base = self.precopied.lock().recover().ready.take();
-        let (mut snapshot, mapping) = match self.request(VmmAction::Handover)? {
+        let (mut snapshot, memory) = match self.request(VmmAction::Handover)? {
             VmmData::Handover(s, m) => (*s, m),
             _ => return Err(VmmActionError::NotRunning),
         };
-        if let Some(mapping) = mapping {
+        // The VM fd (`vm`) is dropped before the mapping.
+        if let Some((mapping, vm)) = memory {
+            // Frozen: the logs hold every write since the copy ahead.
+            let written = match &base {
+                Some(base) if base.logged => match crate::kvm::dirty::written(&vm, &mapping) {
+                    Ok(written) => Some(written),
+                    Err(e) => {
+                        log::warn!("Cannot read the writes logged since the copy ahead: {e}");
+                        None
+                    }
+                },
+                _ => None,
+            };
             let captured = match &base {
-                Some(base) => crate::memory::capture_since(&mapping, base),
+                Some(base) => crate::memory::capture_since(&mapping, base, written.as_deref()),
                 None => crate::memory::capture_delta(&mapping),
             };
             let id = base.as_ref().map(|b| b.id);
@@ -662,20 +674,38 @@ impl Vm {
     /// Copies, while it runs, the pages a clone has written so far, ahead of a live handover:
     /// the handover ([`Vm::handover`], the next one only) then copies, frozen, just the
     /// pages that differ from these, and the new process writes these into the VM it builds
-    /// ahead ([`PreparedShell::with_base`]) before the freeze. Returns the copy (a sparse
-    /// memfd, each page at its offset) and its id; `None` for a VM with its own memory (a
-    /// handover moves none of its pages). A failure leaves no copy behind.
-    pub fn precopy(&self) -> Result<Option<(Arc<File>, u64)>, VmmActionError> {
+    /// ahead ([`PreparedShell::with_base`]) before the freeze. Returns the copy; `None` for
+    /// a VM with its own memory (a handover moves none of its pages). A failure leaves no
+    /// copy behind.
+    pub fn precopy(&self) -> Result<Option<CopyAhead>, VmmActionError> {
         *self.precopied.lock().recover() = crate::vm::Precopied::default();
         if !self.private_memory {
             return Ok(None);
         }
-        let mapping = match self.request(VmmAction::Mapping)? {
-            VmmData::Mapping(m) => m,
+        // The VM fd (`vm`) is dropped before the mapping.
+        let (mapping, vm) = match self.request(VmmAction::Mapping)? {
+            VmmData::Mapping(m, vm) => (m, vm),
             _ => return Err(VmmActionError::NotRunning),
         };
-        let copy = crate::memory::Precopy::take(&mapping).map_err(SnapshotError::Delta)?;
-        let taken = (Arc::clone(&copy.file), copy.id);
+        // The writes are logged from before the copy, so that the handover copies again only
+        // the pages written since (a page written during the copy included); without a log,
+        // it compares each page with its copy. Logging goes on until the VM ends here or the
+        // next copy starts it anew.
+        let logged = match crate::kvm::dirty::track(&vm, &mapping, true) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!("Cannot log guest memory writes (the handover compares pages): {e}");
+                let _ = crate::kvm::dirty::track(&vm, &mapping, false);
+                false
+            }
+        };
+        let mut copy = crate::memory::Precopy::take(&mapping).map_err(SnapshotError::Delta)?;
+        copy.logged = logged;
+        let taken = CopyAhead {
+            pages: Arc::clone(&copy.file),
+            id: copy.id,
+            logged,
+        };
         self.precopied.lock().recover().ready = Some(copy);
         Ok(Some(taken))
     }
@@ -688,6 +718,18 @@ impl Vm {
             _ => Err(VmmActionError::NotRunning),
         }
     }
+}
+
+/// A clone's pages copied ahead of a live handover ([`Vm::precopy`]).
+#[derive(Debug, Clone)]
+pub struct CopyAhead {
+    /// The pages, each at its offset (a sparse memfd), for [`PreparedShell::with_base`].
+    pub pages: Arc<File>,
+    /// The copy's id, for [`PreparedShell::with_base`].
+    pub id: u64,
+    /// Whether the writes since are logged (KVM's dirty log and the host's bitmaps): the
+    /// handover then copies the pages written since; else it compares each with its copy.
+    pub logged: bool,
 }
 
 /// Why a clone could not be made of a snapshot.

@@ -160,7 +160,7 @@ pub(crate) struct SnapshotSources {
     pub(crate) mem_bytes: u64,
     pub(crate) private_memory: bool,
     /// The guest memory's mapping (a clone's private pages are read from it at a handover).
-    pub(crate) mapping: vm_memory::GuestMemoryMmap,
+    pub(crate) mapping: devices::GuestMemoryMmap,
     /// What reading a vCPU's state needs (the host's MSR list, the XSAVE area size, ...).
     pub(crate) vcpu_reading: Arc<Reading>,
 }
@@ -254,14 +254,18 @@ impl VmmControl {
                 let mut snapshot = self.save()?;
                 snapshot.files = files;
                 self.frozen = true;
-                let mapping = self
-                    .saved
-                    .private_memory
-                    .then(|| self.saved.mapping.clone());
-                Ok(VmmData::Handover(Box::new(snapshot), mapping))
+                let memory = self.saved.private_memory.then(|| {
+                    let saved = &self.saved;
+                    (saved.mapping.clone(), Arc::clone(&saved.vm_fd))
+                });
+                Ok(VmmData::Handover(Box::new(snapshot), memory))
             }
             VmmAction::Mapping if self.saved.private_memory => {
-                Ok(VmmData::Mapping(self.saved.mapping.clone()))
+                let saved = &self.saved;
+                Ok(VmmData::Mapping(
+                    saved.mapping.clone(),
+                    Arc::clone(&saved.vm_fd),
+                ))
             }
             VmmAction::Mapping => Err(SnapshotError::OwnMemory.into()),
             VmmAction::ReleaseHostEnds => {

@@ -38,7 +38,7 @@ pub mod vm;
 
 pub use api::{PanicSite, VmmAction, VmmActionError, VmmData};
 pub use boot::BootError;
-pub use builder::{CloneConfig, CloneError, PreparedShell, VmError};
+pub use builder::{CloneConfig, CloneError, CopyAhead, PreparedShell, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendConfig};
 pub use devices::virtio::block::{BlockFile, DiskInfo};

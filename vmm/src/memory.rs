@@ -18,13 +18,15 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::Arc;
 
+use devices::{GuestMemoryMmap, GuestRegionMmap};
+
 use vm_memory::mmap::MmapRegionBuilder;
 
 mod delta;
 
 pub use delta::DeltaError;
 pub(crate) use delta::{Precopy, capture_delta, capture_since};
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{FileOffset, GuestAddress};
 
 use crate::arch::layout::{HIGH_RAM_START, MMIO_GAP_START};
 
@@ -112,7 +114,10 @@ impl GuestRam {
         let mut regions = Vec::new();
         for (addr, size) in ram_ranges(mem_bytes) {
             let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
-            let region = MmapRegionBuilder::new(len)
+            // Its own dirty bitmap, one bit a page: what the host writes into the clone.
+            let bitmap =
+                <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(len);
+            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap)
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
                 .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
                 .with_file_offset(FileOffset::from_arc(Arc::clone(file), offset))

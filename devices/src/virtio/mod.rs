@@ -27,8 +27,9 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
+
+use crate::GuestMemoryMmap;
 
 /// Interrupt status bit: the device used a buffer in a queue (virtio 1.2 §4.2.2.1).
 pub const VIRTIO_MMIO_INT_VRING: u32 = 0x01;

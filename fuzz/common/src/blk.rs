@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
 use devices::test_utils::{MemDisk, RecordingInterrupt, TestQueue};
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::defs::{
@@ -12,7 +13,7 @@ use devices::virtio::block::defs::{
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use devices::virtio::block::{DiskBackend, VirtioBlock};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::{Reader, Writer};
 use crate::layout::{self, Desc, QUEUE_ADDR};

@@ -1,9 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Guest memory layout and descriptor-chain building shared by the targets.
 
+use devices::GuestMemoryMmap;
 use devices::test_utils::TestQueue;
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_INDIRECT;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::{Reader, Writer};
 

@@ -9,6 +9,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use devices::GuestMemoryMmap;
 use devices::test_utils::{
     DummyDevice, LoopbackHandle, LoopbackNet, MemDisk, RecordingInterrupt, TestQueue,
 };
@@ -17,7 +18,7 @@ use devices::virtio::block::defs::VIRTIO_BLK_T_IN;
 use devices::virtio::net::{NetConfig, VirtioNet};
 use devices::virtio::transport::MmioTransport;
 use devices::virtio::{VIRTIO_F_VERSION_1, VirtioDevice};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::blk::{HDR_ADDR, STATUS_ADDR};
 use crate::input::{Reader, Writer};

@@ -5,10 +5,11 @@
 
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
 use devices::test_utils::{LoopbackHandle, LoopbackNet, RecordingInterrupt, TestQueue};
 use devices::virtio::VirtioDevice;
 use devices::virtio::net::{NetConfig, VirtioNet};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::input::{Reader, Writer};
 use crate::layout::{self, Desc, QUEUE_ADDR};

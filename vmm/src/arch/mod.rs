@@ -14,10 +14,10 @@ pub mod mptable;
 pub mod msr;
 pub mod regs;
 
+pub use devices::GuestMemoryMmap;
 use kvm_bindings::CpuId;
 use kvm_ioctls::VcpuFd;
 pub use mptable::MAX_VCPUS;
-pub use vm_memory::GuestMemoryMmap;
 use vm_memory::{GuestAddress, GuestMemoryError};
 
 /// How the boot vCPU enters the guest kernel.

@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use devices::GuestMemoryMmap;
 use devices::sync::Recover;
 use devices::virtio::VirtioDevice;
 use devices::virtio::block::{
@@ -25,7 +26,6 @@ use devices::virtio::transport::MmioState;
 use devices::virtio::vsock::{Vsock, VsockHandle, VsockMuxer};
 use event_manager::SubscriberId;
 use kvm_ioctls::VmFd;
-use vm_memory::GuestMemoryMmap;
 
 use crate::arch::layout::{IRQ_BASE, IRQ_MAX};
 use crate::bus::{Bus, BusError};

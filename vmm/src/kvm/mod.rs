@@ -9,19 +9,21 @@
     reason = "memory slots and the kick signal have no safe kvm-ioctls wrapper; see SAFETY"
 )]
 
+pub(crate) mod dirty;
 pub(crate) mod signal;
 pub(crate) mod state;
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use devices::GuestMemoryMmap;
 use devices::sync::Recover;
 use kvm_bindings::{
     CpuId, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, KVM_SYNC_X86_EVENTS, KVM_SYNC_X86_REGS,
     KVM_SYNC_X86_SREGS, kvm_pit_config,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Where KVM places the three-page TSS region Intel VMX needs (just below the 4 GiB boundary,
 /// inside the MMIO gap, clear of the IOAPIC and LAPIC).
@@ -62,6 +64,15 @@ pub enum KvmError {
     /// Creating the in-kernel PIT failed.
     #[error("Failed to create the in-kernel PIT")]
     CreatePit(#[source] kvm_ioctls::Error),
+    /// A memory slot's dirty log could not be read.
+    #[error("Failed to read the dirty log of guest memory slot {slot}")]
+    DirtyLog {
+        /// The slot number.
+        slot: u32,
+        /// The ioctl error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// A guest memory region could not be registered.
     #[error("Failed to register guest memory slot {slot}")]
     SetMemoryRegion {
@@ -256,12 +267,18 @@ impl devices::virtio::Line for IrqLine {
 
 /// Registers every region of `mem` as a KVM memory slot, slot `i` for region `i`.
 pub(crate) fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), KvmError> {
+    set_slots(vm, mem, 0)
+}
+
+/// Registers every region of `mem` as slot `i` for region `i` with `flags` (again: the same
+/// slots with other flags, as [`dirty::track`] does).
+fn set_slots(vm: &VmFd, mem: &GuestMemoryMmap, flags: u32) -> Result<(), KvmError> {
     for (index, region) in mem.iter().enumerate() {
         let slot = u32::try_from(index).map_err(|_| KvmError::TooManyRegions(index))?;
         let host_addr = region.as_ptr() as u64;
         let region_desc = kvm_bindings::kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host_addr,

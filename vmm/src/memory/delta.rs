@@ -27,10 +27,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
+use devices::GuestMemoryMmap;
+
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{
-    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap,
-    GuestMemoryRegion, MemoryRegionAddress, VolatileMemory,
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
+    MemoryRegionAddress, VolatileMemory,
 };
 
 use super::{MemoryError, create_memfd};
@@ -83,13 +85,15 @@ pub(crate) struct Precopy {
     /// `file` mapped read-only, its pages faulted in: the frozen comparison reads them
     /// without a system call or a fault.
     view: MmapRegion,
+    /// Whether the writes since the copy began are logged ([`crate::kvm::dirty`]).
+    pub(crate) logged: bool,
 }
 
 impl Precopy {
     /// Copies the pages a running clone has written so far (the guest may write any of them
     /// meanwhile: see the module's documentation).
     pub(crate) fn take(mem: &GuestMemoryMmap) -> Result<Precopy, DeltaError> {
-        let (file, pages) = capture(mem, None)?;
+        let (file, pages) = capture(mem, None, None)?;
         let file = Arc::new(file);
         let len = usize::try_from(file.metadata().map_err(DeltaError::Io)?.len())
             .map_err(|_| DeltaError::Size)?;
@@ -104,6 +108,7 @@ impl Precopy {
             file,
             pages,
             view,
+            logged: false,
         };
         // Fault in the pages it holds now (reading a hole of a shared memfd mapping would
         // allocate a page: only held pages are touched).
@@ -118,9 +123,7 @@ impl Precopy {
     }
 
     fn holds(&self, page: usize) -> bool {
-        self.pages
-            .get(page / 64)
-            .is_some_and(|word| word & (1 << (page % 64)) != 0)
+        is_set(&self.pages, page)
     }
 
     /// The indices of the pages it holds.
@@ -134,11 +137,7 @@ impl Precopy {
 
     /// Whether page `index`, whose bytes are at `now` (a page of guest memory), is the same
     /// in the copy. Compared in place: nothing is copied.
-    fn unchanged(
-        &self,
-        index: usize,
-        now: &vm_memory::VolatileSlice<'_, ()>,
-    ) -> Result<bool, DeltaError> {
+    fn unchanged(&self, index: usize, now: &devices::GuestSlice<'_>) -> Result<bool, DeltaError> {
         if !self.holds(index) || now.len() != PAGE {
             return Ok(false);
         }
@@ -160,19 +159,29 @@ impl Precopy {
 /// at its own offset, so another process can rebuild the clone on the template's memfd
 /// ([`apply`]).
 pub(crate) fn capture_delta(mem: &GuestMemoryMmap) -> Result<File, DeltaError> {
-    capture(mem, None).map(|(delta, _)| delta)
+    capture(mem, None, None).map(|(delta, _)| delta)
 }
 
 /// The pages of a frozen clone that differ from `base` (written since it was taken, or
 /// written first since), in a fresh sparse memfd: `base` then this delta, written in that
-/// order on the template's memory, give the clone's memory.
-pub(crate) fn capture_since(mem: &GuestMemoryMmap, base: &Precopy) -> Result<File, DeltaError> {
-    capture(mem, Some(base)).map(|(delta, _)| delta)
+/// order on the template's memory, give the clone's memory. With `written` (the pages written
+/// since before `base` was taken, one bit a page: [`crate::kvm::dirty::written`]) a page
+/// `base` holds is copied again only if written; without, each is compared with its copy.
+pub(crate) fn capture_since(
+    mem: &GuestMemoryMmap,
+    base: &Precopy,
+    written: Option<&[u64]>,
+) -> Result<File, DeltaError> {
+    capture(mem, Some(base), written).map(|(delta, _)| delta)
 }
 
-/// Copies a clone's own pages (those not equal to their copy in `base`, when given) into a
-/// fresh sparse memfd; returns it and which pages it holds.
-fn capture(mem: &GuestMemoryMmap, base: Option<&Precopy>) -> Result<(File, Vec<u64>), DeltaError> {
+/// Copies a clone's own pages (but those that `base` holds and are unchanged, when given)
+/// into a fresh sparse memfd; returns it and which pages it holds.
+fn capture(
+    mem: &GuestMemoryMmap,
+    base: Option<&Precopy>,
+    written: Option<&[u64]>,
+) -> Result<(File, Vec<u64>), DeltaError> {
     let delta = create_memfd(c"sandboxer-guest-delta").map_err(DeltaError::Memfd)?;
     let mem_bytes: u64 = mem.iter().map(|r| r.len()).sum();
     delta.set_len(mem_bytes).map_err(DeltaError::Io)?;
@@ -191,9 +200,20 @@ fn capture(mem: &GuestMemoryMmap, base: Option<&Precopy>) -> Result<(File, Vec<u
             for in_region in range {
                 let at = MemoryRegionAddress((in_region * PAGE) as u64);
                 let index = first_page + in_region;
-                if let Some(base) = base {
+                if let Some(base) = base.filter(|b| b.holds(index)) {
                     let now = region.get_slice(at, PAGE).map_err(|_| DeltaError::Size)?;
-                    if base.unchanged(index, &now)? {
+                    let unchanged = match written {
+                        Some(written) => {
+                            let clean = !is_set(written, index);
+                            // Debug builds (every test) check the logs missed no write.
+                            let checked =
+                                !cfg!(debug_assertions) || !clean || base.unchanged(index, &now)?;
+                            debug_assert!(checked, "page {index} changed and no log has it");
+                            clean
+                        }
+                        None => base.unchanged(index, &now)?,
+                    };
+                    if unchanged {
                         continue;
                     }
                 }
@@ -208,6 +228,12 @@ fn capture(mem: &GuestMemoryMmap, base: Option<&Precopy>) -> Result<(File, Vec<u
     out.flush()?;
     let copied = out.copied;
     Ok((delta, copied))
+}
+
+/// Whether bit `index` of `bits` is set.
+fn is_set(bits: &[u64], index: usize) -> bool {
+    bits.get(index / 64)
+        .is_some_and(|word| word & (1 << (index % 64)) != 0)
 }
 
 /// Pages written to the delta memfd, contiguous ones in one write.
@@ -250,7 +276,7 @@ impl Runs<'_> {
 /// The clone's own pages in `region`, as ranges of page indices within it.
 fn own_pages(
     pagemap: &File,
-    region: &vm_memory::GuestRegionMmap,
+    region: &devices::GuestRegionMmap,
 ) -> Result<Vec<std::ops::Range<usize>>, DeltaError> {
     let pages = usize::try_from(region.len()).map_err(|_| DeltaError::Size)? / PAGE;
     let host = region.as_ptr() as u64;
@@ -513,7 +539,7 @@ mod tests {
         clone.mem.write_obj(21u64, GuestAddress(0x3000)).unwrap();
         clone.mem.write_obj(12u64, GuestAddress(0x4000)).unwrap();
         clone.mem.write_obj(22u64, GuestAddress(0x8000)).unwrap();
-        let delta = capture_since(&clone.mem, &base).unwrap();
+        let delta = capture_since(&clone.mem, &base, None).unwrap();
         assert_eq!(
             held_bytes(&delta),
             2 * 4096,

@@ -12,12 +12,12 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use vm_memory::VolatileSlice;
 use vmm_sys_util::fallocate::{FallocateMode, fallocate};
 use vmm_sys_util::write_zeroes::WriteZeroesAt;
 
 use super::BlockError;
 use super::positioned;
+use crate::GuestSlice;
 
 /// Optional operations a backend implements.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -65,13 +65,13 @@ pub trait DiskBackend: Send + Debug {
 
     /// Fills the guest memory `dst` from `offset`, without a bounce buffer. `Ok(false)` means
     /// the backend cannot, and the caller copies through [`DiskBackend::read_at`].
-    fn read_into_guest(&mut self, _offset: u64, _dst: VolatileSlice<'_>) -> io::Result<bool> {
+    fn read_into_guest(&mut self, _offset: u64, _dst: GuestSlice<'_>) -> io::Result<bool> {
         Ok(false)
     }
 
     /// Writes all of the guest memory `src` at `offset`, without a bounce buffer. `Ok(false)`
     /// means the backend cannot, and the caller copies through [`DiskBackend::write_at`].
-    fn write_from_guest(&mut self, _offset: u64, _src: VolatileSlice<'_>) -> io::Result<bool> {
+    fn write_from_guest(&mut self, _offset: u64, _src: GuestSlice<'_>) -> io::Result<bool> {
         Ok(false)
     }
 
@@ -151,12 +151,12 @@ impl DiskBackend for FileDisk {
 
     // Zero-copy: the kernel copies between the page cache and guest memory directly, with one
     // positioned syscall per buffer.
-    fn read_into_guest(&mut self, offset: u64, dst: VolatileSlice<'_>) -> io::Result<bool> {
+    fn read_into_guest(&mut self, offset: u64, dst: GuestSlice<'_>) -> io::Result<bool> {
         positioned::read_exact_at(&self.file, offset, dst)?;
         Ok(true)
     }
 
-    fn write_from_guest(&mut self, offset: u64, src: VolatileSlice<'_>) -> io::Result<bool> {
+    fn write_from_guest(&mut self, offset: u64, src: GuestSlice<'_>) -> io::Result<bool> {
         if self.read_only {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use virtio_queue::Queue;
-use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryError};
 
 use super::BlockError;
 use super::backend::{BlockFile, DiskBackend, FileDisk};
@@ -26,6 +26,7 @@ use crate::virtio::{
     ActivateError, Interrupt, InterruptKind, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VirtioDevice, guest_warn,
 };
+use crate::{GuestMemoryMmap, GuestSlice};
 
 /// virtio device id of a block device (§5.2.1).
 pub const VIRTIO_ID_BLOCK: u32 = 2;
@@ -599,7 +600,7 @@ fn copy_data<const IN: bool>(
     view: &GuestView<'_>,
     mut disk_offset: u64,
 ) -> Result<(), ExecError> {
-    let mut copy_slice = |slice: VolatileSlice<'_>| -> Result<(), ExecError> {
+    let mut copy_slice = |slice: GuestSlice<'_>| -> Result<(), ExecError> {
         let len = slice.len();
         let in_place = if IN {
             disk.backend.read_into_guest(disk_offset, slice)

@@ -15,13 +15,16 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-use vm_memory::VolatileSlice;
 use vm_memory::bitmap::Bitmap;
+
+use crate::GuestSlice;
 
 /// Fills `buf` from `file` at `offset` with positioned reads (retried on `EINTR` and short
 /// reads); reading past the end of the file is an `UnexpectedEof` error.
-pub(crate) fn read_exact_at(file: &File, offset: u64, buf: VolatileSlice<'_>) -> io::Result<()> {
+pub(crate) fn read_exact_at(file: &File, offset: u64, buf: GuestSlice<'_>) -> io::Result<()> {
     let len = buf.len();
+    // Marked first: a read that fails half way has written some of it.
+    buf.bitmap().mark_dirty(0, len);
     let mut done = 0usize;
     let guard = buf.ptr_guard_mut();
     while done < len {
@@ -45,13 +48,12 @@ pub(crate) fn read_exact_at(file: &File, offset: u64, buf: VolatileSlice<'_>) ->
             }
         }
     }
-    buf.bitmap().mark_dirty(0, len);
     Ok(())
 }
 
 /// Writes all of `buf` to `file` at `offset` with positioned writes (retried on `EINTR` and
 /// short writes).
-pub(crate) fn write_all_at(file: &File, offset: u64, buf: VolatileSlice<'_>) -> io::Result<()> {
+pub(crate) fn write_all_at(file: &File, offset: u64, buf: GuestSlice<'_>) -> io::Result<()> {
     let len = buf.len();
     let mut done = 0usize;
     let guard = buf.ptr_guard();
@@ -82,7 +84,8 @@ pub(crate) fn write_all_at(file: &File, offset: u64, buf: VolatileSlice<'_>) -> 
 
 #[cfg(test)]
 mod tests {
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+    use crate::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
     use super::*;
 
@@ -98,7 +101,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
 
         read_exact_at(&file, 100, mem.get_slice(GuestAddress(0x10), 8).unwrap()).unwrap();
         let mut got = [0u8; 8];

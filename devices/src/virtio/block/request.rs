@@ -299,9 +299,10 @@ fn read_segments(
     reason = "test code on known values"
 )]
 mod tests {
+    use crate::GuestMemoryMmap;
     use proptest::prelude::*;
     use virtio_bindings::bindings::virtio_ring::VRING_DESC_F_NEXT;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};

@@ -7,7 +7,6 @@ use std::io;
 use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 
 use super::NetError;
 use super::backend::NetBackend;
@@ -18,6 +17,7 @@ use super::defs::{
     VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
 };
 use super::packet::{RxChains, RxOutcome, TxError, deliver_rx_frame, read_tx_frame};
+use crate::GuestMemoryMmap;
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
 use crate::virtio::{

@@ -201,9 +201,10 @@ pub fn deliver_rx_frame(
     reason = "test code on known values"
 )]
 mod tests {
+    use crate::GuestMemoryMmap;
     use proptest::prelude::*;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};

@@ -19,9 +19,10 @@ use std::mem::size_of;
 
 use virtio_bindings::bindings::virtio_ring::VRING_DESC_ALIGN_SIZE;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryError};
 
 use super::view::GuestView;
+use crate::GuestMemoryMmap;
 
 /// One guest buffer: a descriptor's address and length.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

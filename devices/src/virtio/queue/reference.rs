@@ -9,10 +9,10 @@
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT};
-use vm_memory::GuestMemoryMmap;
 
 use super::chain::{ChainBuffers, ChainError, Gather};
 use super::view::GuestView;
+use crate::GuestMemoryMmap;
 
 /// The next available chain as `virtio-queue`'s iterator yields it; an error means the driver
 /// corrupted the available ring (or the queue is not ready).

@@ -383,8 +383,9 @@ impl Drop for RingPass<'_, '_> {
     reason = "test code on known values"
 )]
 mod tests {
+    use crate::GuestMemoryMmap;
     use virtio_queue::QueueOwnedT;
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
     use super::*;
     use crate::test_utils::{TestQueue, single_region_mem};

@@ -13,8 +13,10 @@ use std::sync::atomic::Ordering;
 
 use vm_memory::{
     AtomicAccess, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError,
-    GuestMemoryMmap, GuestMemoryRegion, VolatileMemory, VolatileSlice,
+    GuestMemoryRegion, VolatileMemory,
 };
+
+use crate::{GuestMemoryMmap, GuestSlice};
 
 /// Guest memory with the mapping of its first region at hand.
 ///
@@ -30,7 +32,7 @@ pub struct GuestView<'a> {
     /// Length of `fast` (0 without one).
     fast_len: u64,
     /// The first region's mapping.
-    fast: Option<VolatileSlice<'a>>,
+    fast: Option<GuestSlice<'a>>,
 }
 
 impl<'a> GuestView<'a> {
@@ -64,7 +66,7 @@ impl<'a> GuestView<'a> {
 
     /// `[addr, addr + len)` in the first region, if it lies there.
     #[inline]
-    fn fast_slice(&self, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'a>> {
+    fn fast_slice(&self, addr: GuestAddress, len: usize) -> Option<GuestSlice<'a>> {
         let offset = self.fast_offset(addr, len)?;
         self.fast?.subslice(offset, len).ok()
     }
@@ -75,7 +77,7 @@ impl<'a> GuestView<'a> {
         &self,
         addr: GuestAddress,
         len: usize,
-    ) -> Result<VolatileSlice<'a>, GuestMemoryError> {
+    ) -> Result<GuestSlice<'a>, GuestMemoryError> {
         match self.fast_slice(addr, len) {
             Some(s) => Ok(s),
             None => self.mem.get_slice(addr, len),
@@ -88,7 +90,7 @@ impl<'a> GuestView<'a> {
     pub fn for_each_slice<E, F>(&self, addr: GuestAddress, len: usize, mut f: F) -> Result<(), E>
     where
         E: From<GuestMemoryError>,
-        F: FnMut(VolatileSlice<'a>) -> Result<(), E>,
+        F: FnMut(GuestSlice<'a>) -> Result<(), E>,
     {
         if let Some(s) = self.fast_slice(addr, len) {
             return f(s);

@@ -27,13 +27,13 @@ use log::warn;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::VsockBackend;
 use super::defs::{CONFIG_SPACE_SIZE, MAX_PKT_DATA_SIZE, NUM_QUEUES, QUEUE_SIZE};
 use super::packet::{self, PacketError, RxBuffer, read_tx_packet};
 use super::{LogLimiter, VsockError, VsockMetrics, validate_guest_cid};
+use crate::GuestMemoryMmap;
 use crate::virtio::base::{VirtioBase, delegate_virtio_base, read_config_bytes};
 use crate::virtio::queue::{ChainBuffers, GuestView, RingPass, drain_queue};
 use crate::virtio::{ActivateError, Interrupt, InterruptKind, VirtioDevice};

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::backend::{MuxerLimits, VsockMuxer};
@@ -25,6 +24,7 @@ use super::device::Vsock;
 use super::handle::VsockHandle;
 use super::packet::VsockHeader;
 use super::test_utils::{Driver, RecordingInterrupt, TempDir, hdr, test_mem};
+use crate::GuestMemoryMmap;
 use crate::virtio::VirtioDevice;
 
 const CID: u64 = 3;

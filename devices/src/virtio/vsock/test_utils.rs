@@ -24,13 +24,14 @@ use virtio_queue::desc::RawDescriptor;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::backend::VsockBackend;
 use super::defs::{PKT_HEADER_SIZE, QUEUE_SIZE, TYPE_STREAM, VSOCK_HOST_CID};
 use super::packet::VsockHeader;
+use crate::GuestMemoryMmap;
 use crate::virtio::queue::{ChainBuffers, GuestView, RingPass};
 use crate::virtio::{Interrupt, InterruptKind, VirtioDevice};
 

@@ -13,9 +13,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::QueueT;
-use vm_memory::GuestMemoryMmap;
 
 use super::{DRIVER_OK, FEATURES_OK, GenerationCounter, MmioTransport, QueueRegs};
+use crate::GuestMemoryMmap;
 use crate::sync::Recover;
 use crate::virtio::{Interrupt, VIRTIO_RING_F_EVENT_IDX, VirtioDevice};
 

@@ -1,0 +1,61 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Which pages of a VM's memory were written since a point in time: the guest's writes from
+//! KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` on its memory slots; KVM's own writes into guest
+//! memory, such as the clock page, are logged there too), the host's (the devices', through
+//! vm-memory) from the dirty bitmap of each region ([`devices::GuestMemoryMmap`]). A live
+//! handover uses it to copy only the pages of a clone written since its pages were copied
+//! ahead ([`crate::Vm::precopy`]). The ioctls run on the thread that asks (the daemon's), not
+//! on the VM's own threads, whose filters allow neither setting memory slots nor reading
+//! their log.
+
+use devices::GuestMemoryMmap;
+use kvm_ioctls::VmFd;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::{KvmError, set_slots};
+
+/// `KVM_MEM_LOG_DIRTY_PAGES`.
+const LOG_DIRTY_PAGES: u32 = 1;
+/// Bytes in a page (of the dirty log and of the bitmaps).
+const PAGE: u64 = 4096;
+
+/// Starts (`on`) or ends logging the writes to `mem`. Started, both logs are empty: what
+/// [`written`] reports is what was written from here on.
+pub(crate) fn track(vm: &VmFd, mem: &GuestMemoryMmap, on: bool) -> Result<(), KvmError> {
+    set_slots(vm, mem, if on { LOG_DIRTY_PAGES } else { 0 })?;
+    if on {
+        written(vm, mem)?;
+    }
+    Ok(())
+}
+
+/// The pages written since [`track`] started or the last call, one bit a page of `mem` in
+/// order (its regions one after the other, as its memfd lays them out), and empties both
+/// logs.
+pub(crate) fn written(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, KvmError> {
+    let pages: u64 = mem.iter().map(|r| r.len() / PAGE).sum();
+    let mut out = vec![0u64; usize::try_from(pages.div_ceil(64)).unwrap_or(0)];
+    let mut first = 0u64;
+    for (index, region) in mem.iter().enumerate() {
+        let slot = u32::try_from(index).map_err(|_| KvmError::TooManyRegions(index))?;
+        let len = usize::try_from(region.len()).map_err(|_| KvmError::TooManyRegions(index))?;
+        let guest = vm
+            .get_dirty_log(slot, len)
+            .map_err(|source| KvmError::DirtyLog { slot, source })?;
+        // The region mapping's own bitmap (not the slice view `GuestMemoryRegion` gives).
+        let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        let region_pages = region.len() / PAGE;
+        for page in 0..region_pages {
+            let (word, bit) = (usize::try_from(page / 64).unwrap_or(usize::MAX), page % 64);
+            let set = |words: &[u64]| words.get(word).is_some_and(|w| w & (1 << bit) != 0);
+            if set(&guest) || set(&host) {
+                let at = first + page;
+                if let Some(w) = out.get_mut(usize::try_from(at / 64).unwrap_or(usize::MAX)) {
+                    *w |= 1 << (at % 64);
+                }
+            }
+        }
+        first += region_pages;
+    }
+    Ok(out)
+}
