@@ -39,12 +39,9 @@ pub enum MemoryError {
     /// Sizing the memfd failed.
     #[error("Failed to size the guest memory memfd to {0} bytes")]
     SetSize(u64, #[source] std::io::Error),
-    /// Mapping the memfd failed.
+    /// Mapping the memfd (shared, or a template's copy-on-write) failed.
     #[error("Failed to map guest memory")]
-    Map(#[source] vm_memory::mmap::FromRangesError),
-    /// Mapping a template's memfd privately failed.
-    #[error("Failed to map a template's memory copy-on-write")]
-    MapPrivate(#[source] vm_memory::mmap::MmapRegionError),
+    Map(#[source] vm_memory::mmap::MmapRegionError),
     /// The mapped regions do not form a guest memory.
     #[error("Invalid guest memory regions")]
     Regions(#[source] vm_memory::GuestRegionCollectionError),
@@ -86,22 +83,12 @@ impl GuestRam {
     /// Maps an existing guest memory memfd (`mem_bytes` long) shared: the guest sees and
     /// changes the very pages another VM had (a live handover; DESIGN.md section 8).
     pub fn shared(file: &Arc<File>, mem_bytes: u64) -> Result<Self, MemoryError> {
-        let file = Arc::clone(file);
-        let mut offset = 0u64;
-        let mut ranges = Vec::new();
-        for (addr, size) in ram_ranges(mem_bytes) {
-            let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
-            ranges.push((
-                addr,
-                len,
-                Some(FileOffset::from_arc(Arc::clone(&file), offset)),
-            ));
-            offset += size;
-        }
-        let mem = GuestMemoryMmap::from_ranges_with_files(ranges).map_err(MemoryError::Map)?;
+        // Nothing reads what the host wrote into a VM's own memory (a handover moves none of
+        // it): a dirty bitmap of one bit a region.
+        let mem = map(file, mem_bytes, libc::MAP_SHARED, |len| len)?;
         Ok(GuestRam {
             mem,
-            file,
+            file: Arc::clone(file),
             private: false,
         })
     }
@@ -110,24 +97,9 @@ impl GuestRam {
     /// template's pages and each page it writes becomes its own (`MAP_PRIVATE`); the template's
     /// memfd never changes.
     pub fn copy_on_write(file: &Arc<File>, mem_bytes: u64) -> Result<Self, MemoryError> {
-        let mut offset = 0u64;
-        let mut regions = Vec::new();
-        for (addr, size) in ram_ranges(mem_bytes) {
-            let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
-            // Its own dirty bitmap, one bit a page: what the host writes into the clone.
-            let bitmap =
-                <vm_memory::bitmap::AtomicBitmap as vm_memory::bitmap::NewBitmap>::with_len(len);
-            let region = MmapRegionBuilder::new_with_bitmap(len, bitmap)
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
-                .with_file_offset(FileOffset::from_arc(Arc::clone(file), offset))
-                .build()
-                .map_err(MemoryError::MapPrivate)?;
-            let region = GuestRegionMmap::new(region, addr).ok_or(MemoryError::Size(mem_bytes))?;
-            regions.push(region);
-            offset += size;
-        }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)?;
+        // What the host writes into a clone is read at a handover (`kvm::dirty`): a bit per
+        // `HOST_WRITE_CHUNK` (a bit a page would cost each idle clone a page of RSS).
+        let mem = map(file, mem_bytes, libc::MAP_PRIVATE, |_| HOST_WRITE_CHUNK)?;
         Ok(GuestRam {
             mem,
             file: Arc::clone(file),
@@ -160,6 +132,39 @@ impl GuestRam {
         use std::os::unix::fs::MetadataExt;
         Ok(self.file.metadata()?.blocks() * 512)
     }
+}
+
+/// Bytes of a clone's memory one bit of its host-write bitmap stands for: the devices write a
+/// few buffers and rings between a copy ahead and a handover, and each bit set makes the
+/// handover copy the clone's own pages of its chunk.
+pub(crate) const HOST_WRITE_CHUNK: usize = 32 << 10;
+
+/// Maps `file` (`mem_bytes` long) as guest memory with `flags` (`MAP_SHARED` or
+/// `MAP_PRIVATE`), each region with a dirty bitmap of one bit per `chunk(region length)`
+/// bytes.
+fn map(
+    file: &Arc<File>,
+    mem_bytes: u64,
+    flags: i32,
+    chunk: impl Fn(usize) -> usize,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, size) in ram_ranges(mem_bytes) {
+        let len = usize::try_from(size).map_err(|_| MemoryError::Size(mem_bytes))?;
+        let chunk = std::num::NonZeroUsize::new(chunk(len)).ok_or(MemoryError::Size(mem_bytes))?;
+        let bitmap = vm_memory::bitmap::AtomicBitmap::new(len, chunk);
+        let region = MmapRegionBuilder::new_with_bitmap(len, bitmap)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | flags)
+            .with_file_offset(FileOffset::from_arc(Arc::clone(file), offset))
+            .build()
+            .map_err(MemoryError::Map)?;
+        let region = GuestRegionMmap::new(region, addr).ok_or(MemoryError::Size(mem_bytes))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(MemoryError::Regions)
 }
 
 /// A fresh guest memory memfd, `mem_bytes` long, no page allocated yet: what the VMM maps for

@@ -2,7 +2,8 @@
 //! Which pages of a VM's memory were written since a point in time: the guest's writes from
 //! KVM's dirty log (`KVM_MEM_LOG_DIRTY_PAGES` on its memory slots; KVM's own writes into guest
 //! memory, such as the clock page, are logged there too), the host's (the devices', through
-//! vm-memory) from the dirty bitmap of each region ([`devices::GuestMemoryMmap`]). A live
+//! vm-memory) from the dirty bitmap of each region ([`devices::GuestMemoryMmap`]), whose bit
+//! may stand for several pages (all reported written). A live
 //! handover uses it to copy only the pages of a clone written since its pages were copied
 //! ahead ([`crate::Vm::precopy`]). The ioctls run on the thread that asks (the daemon's), not
 //! on the VM's own threads, whose filters allow neither setting memory slots nor reading
@@ -43,19 +44,73 @@ pub(crate) fn written(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, KvmE
             .get_dirty_log(slot, len)
             .map_err(|source| KvmError::DirtyLog { slot, source })?;
         // The region mapping's own bitmap (not the slice view `GuestMemoryRegion` gives).
-        let host = std::ops::Deref::deref(region).bitmap().get_and_reset();
+        let host = std::ops::Deref::deref(region).bitmap();
         let region_pages = region.len() / PAGE;
         for page in 0..region_pages {
-            let (word, bit) = (usize::try_from(page / 64).unwrap_or(usize::MAX), page % 64);
-            let set = |words: &[u64]| words.get(word).is_some_and(|w| w & (1 << bit) != 0);
-            if set(&guest) || set(&host) {
+            let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
+            let by_guest = guest.get(word).is_some_and(|w| w & (1 << (page % 64)) != 0);
+            // A host bit may stand for several pages (`memory::HOST_WRITE_CHUNK` for a clone):
+            // asked by address, the bitmap knows which.
+            let written =
+                by_guest || host.is_addr_set(usize::try_from(page * PAGE).unwrap_or(usize::MAX));
+            if written {
                 let at = first + page;
                 if let Some(w) = out.get_mut(usize::try_from(at / 64).unwrap_or(usize::MAX)) {
                     *w |= 1 << (at % 64);
                 }
             }
         }
+        // Then emptied: at a handover the VM is frozen (no write between the reads and this);
+        // as logging starts, a write lost here is read by the copy that follows.
+        host.reset();
         first += region_pages;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use kvm_ioctls::Kvm;
+    use vm_memory::{Bytes, GuestAddress};
+
+    use super::*;
+    use crate::memory::{GuestRam, HOST_WRITE_CHUNK, guest_memfd};
+
+    fn pages_of(bits: &[u64]) -> Vec<usize> {
+        (0..bits.len() * 64)
+            .filter(|&i| bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0))
+            .collect()
+    }
+
+    #[test]
+    fn host_writes_mark_their_chunk_and_logging_starts_empty() {
+        test_guests::require_kvm!();
+        let kvm = Kvm::new().unwrap();
+        let template = Arc::new(guest_memfd(8 << 20).unwrap());
+        let clone = GuestRam::copy_on_write(&template, 8 << 20).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        crate::kvm::register_memory(&vm, &clone.mem).unwrap();
+        // Written before logging starts: not reported.
+        clone.mem.write_obj(1u64, GuestAddress(0)).unwrap();
+        track(&vm, &clone.mem, true).unwrap();
+        assert_eq!(
+            pages_of(&written(&vm, &clone.mem).unwrap()),
+            Vec::<usize>::new()
+        );
+        // A host write marks the pages of its chunk, and only those.
+        clone.mem.write_obj(2u64, GuestAddress(9 * 4096)).unwrap();
+        let chunk = HOST_WRITE_CHUNK / 4096;
+        let want: Vec<usize> = (chunk..2 * chunk).collect();
+        assert!(want.contains(&9));
+        assert_eq!(pages_of(&written(&vm, &clone.mem).unwrap()), want);
+        // Read and emptied.
+        assert_eq!(
+            pages_of(&written(&vm, &clone.mem).unwrap()),
+            Vec::<usize>::new()
+        );
+        track(&vm, &clone.mem, false).unwrap();
+        drop(vm);
+    }
 }
