@@ -699,8 +699,7 @@ impl Vm {
                 false
             }
         };
-        let mut copy = crate::memory::Precopy::take(&mapping).map_err(SnapshotError::Delta)?;
-        copy.logged = logged;
+        let copy = crate::memory::Precopy::take(&mapping, logged).map_err(SnapshotError::Delta)?;
         let taken = CopyAhead {
             pages: Arc::clone(&copy.file),
             id: copy.id,

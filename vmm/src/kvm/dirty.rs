@@ -14,6 +14,7 @@ use kvm_ioctls::VmFd;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::{KvmError, set_slots};
+use crate::memory::HOST_WRITE_CHUNK;
 
 /// `KVM_MEM_LOG_DIRTY_PAGES`.
 const LOG_DIRTY_PAGES: u32 = 1;
@@ -46,26 +47,46 @@ pub(crate) fn written(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<u64>, KvmE
         // The region mapping's own bitmap (not the slice view `GuestMemoryRegion` gives).
         let host = std::ops::Deref::deref(region).bitmap();
         let region_pages = region.len() / PAGE;
-        for page in 0..region_pages {
-            let word = usize::try_from(page / 64).unwrap_or(usize::MAX);
-            let by_guest = guest.get(word).is_some_and(|w| w & (1 << (page % 64)) != 0);
-            // A host bit may stand for several pages (`memory::HOST_WRITE_CHUNK` for a clone):
-            // asked by address, the bitmap knows which.
-            let written =
-                by_guest || host.is_addr_set(usize::try_from(page * PAGE).unwrap_or(usize::MAX));
-            if written {
-                let at = first + page;
-                if let Some(w) = out.get_mut(usize::try_from(at / 64).unwrap_or(usize::MAX)) {
-                    *w |= 1 << (at % 64);
-                }
+        let mut mark = |page: u64| {
+            let at = first + page;
+            if let Some(w) = out.get_mut(usize::try_from(at / 64).unwrap_or(usize::MAX)) {
+                *w |= 1 << (at % 64);
             }
-        }
-        // Then emptied: at a handover the VM is frozen (no write between the reads and this);
-        // as logging starts, a write lost here is read by the copy that follows.
-        host.reset();
+        };
+        // Set bits only: the cost follows the pages written, not the memory's size.
+        for_each_set(&guest, &mut mark);
+        // A host bit stands for `HOST_WRITE_CHUNK` bytes of a clone, or a whole region.
+        let chunk_pages = match host.len() {
+            0 | 1 => region_pages,
+            _ => u64::try_from(HOST_WRITE_CHUNK).unwrap_or(u64::MAX) / PAGE,
+        };
+        debug_assert!(
+            host.len() <= 1 || host.len() == len.div_ceil(HOST_WRITE_CHUNK),
+            "a host-write bitmap of {} bits for {len} bytes",
+            host.len()
+        );
+        // Frozen at a handover, no write comes between this read and its reset; as logging
+        // starts, a write lost here is read by the copy that follows.
+        for_each_set(&host.get_and_reset(), |bit| {
+            let start = bit.saturating_mul(chunk_pages);
+            for page in start..start.saturating_add(chunk_pages).min(region_pages) {
+                mark(page);
+            }
+        });
         first += region_pages;
     }
     Ok(out)
+}
+
+/// Calls `f` with the index of every set bit of `words`.
+fn for_each_set(words: &[u64], mut f: impl FnMut(u64)) {
+    for (w, &word) in (0u64..).zip(words) {
+        let mut rest = word;
+        while rest != 0 {
+            f(w * 64 + u64::from(rest.trailing_zeros()));
+            rest &= rest - 1;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -76,7 +97,7 @@ mod tests {
     use vm_memory::{Bytes, GuestAddress};
 
     use super::*;
-    use crate::memory::{GuestRam, HOST_WRITE_CHUNK, guest_memfd};
+    use crate::memory::{GuestRam, guest_memfd};
 
     fn pages_of(bits: &[u64]) -> Vec<usize> {
         (0..bits.len() * 64)

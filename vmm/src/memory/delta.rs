@@ -7,8 +7,9 @@
 //! its own copy-on-write mapping of the template ([`apply`]).
 //!
 //! The copy can mostly be made while the clone still runs ([`Precopy`]): frozen, the handover
-//! then compares each of the clone's pages with its copy and carries only those that differ
-//! or are new ([`capture_since`]). A page the guest wrote during the copy differs from it (or
+//! then carries only the pages written since the copy began ([`capture_since`]), named by the
+//! dirty logs ([`crate::kvm::dirty`]), or without them, the pages that differ from their copy
+//! or are new. A page the guest wrote during the copy is in the logs, or differs from it (or
 //! was written back to the very same bytes), so a torn copy is harmless. Guest memory is never
 //! discarded (no balloon, no `MADV_DONTNEED`): a page once the clone's stays its own, so the
 //! copy ahead plus the frozen delta is the clone's memory.
@@ -28,7 +29,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use devices::GuestMemoryMmap;
-
 use vm_memory::mmap::{MmapRegion, MmapRegionBuilder};
 use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
@@ -82,44 +82,52 @@ pub(crate) struct Precopy {
     pub(crate) file: Arc<File>,
     /// Which pages `file` holds: one bit per page of guest memory.
     pages: Vec<u64>,
-    /// `file` mapped read-only, its pages faulted in: the frozen comparison reads them
-    /// without a system call or a fault.
-    view: MmapRegion,
+    /// `file` mapped read-only, its pages faulted in, where a frozen comparison may run (no
+    /// log; debug builds check the log with it): it reads them without a system call or a
+    /// fault.
+    view: Option<MmapRegion>,
     /// Whether the writes since the copy began are logged ([`crate::kvm::dirty`]).
     pub(crate) logged: bool,
 }
 
 impl Precopy {
     /// Copies the pages a running clone has written so far (the guest may write any of them
-    /// meanwhile: see the module's documentation).
-    pub(crate) fn take(mem: &GuestMemoryMmap) -> Result<Precopy, DeltaError> {
+    /// meanwhile: see the module's documentation). `logged`: the writes from before this
+    /// copy on are logged ([`crate::kvm::dirty::track`]).
+    pub(crate) fn take(mem: &GuestMemoryMmap, logged: bool) -> Result<Precopy, DeltaError> {
         let (file, pages) = capture(mem, None, None)?;
         let file = Arc::new(file);
-        let len = usize::try_from(file.metadata().map_err(DeltaError::Io)?.len())
+        let mut copy = Precopy {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            file,
+            pages,
+            view: None,
+            logged,
+        };
+        if !logged || cfg!(debug_assertions) {
+            copy.view = Some(copy.map_view()?);
+        }
+        Ok(copy)
+    }
+
+    /// [`Precopy::view`]: `file` mapped, the pages it holds faulted in (reading a hole of a
+    /// shared memfd mapping would allocate a page: only held pages are touched).
+    fn map_view(&self) -> Result<MmapRegion, DeltaError> {
+        let len = usize::try_from(self.file.metadata().map_err(DeltaError::Io)?.len())
             .map_err(|_| DeltaError::Size)?;
         let view = MmapRegionBuilder::new(len)
             .with_mmap_prot(libc::PROT_READ)
             .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-            .with_file_offset(FileOffset::from_arc(Arc::clone(&file), 0))
+            .with_file_offset(FileOffset::from_arc(Arc::clone(&self.file), 0))
             .build()
             .map_err(DeltaError::Map)?;
-        let copy = Precopy {
-            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            file,
-            pages,
-            view,
-            logged: false,
-        };
-        // Fault in the pages it holds now (reading a hole of a shared memfd mapping would
-        // allocate a page: only held pages are touched).
         let mut byte = [0u8; 1];
-        for index in copy.held() {
-            copy.view
-                .get_slice(index * PAGE, 1)
+        for index in self.held() {
+            view.get_slice(index * PAGE, 1)
                 .map_err(|_| DeltaError::Size)?
                 .copy_to(&mut byte[..]);
         }
-        Ok(copy)
+        Ok(view)
     }
 
     fn holds(&self, page: usize) -> bool {
@@ -138,11 +146,16 @@ impl Precopy {
     /// Whether page `index`, whose bytes are at `now` (a page of guest memory), is the same
     /// in the copy. Compared in place: nothing is copied.
     fn unchanged(&self, index: usize, now: &devices::GuestSlice<'_>) -> Result<bool, DeltaError> {
-        if !self.holds(index) || now.len() != PAGE {
-            return Ok(false);
-        }
-        let before = self
+        // Without a view (logged, a release build) a page whose log could not be read is
+        // taken as changed: copied again.
+        let Some(view) = self
             .view
+            .as_ref()
+            .filter(|_| self.holds(index) && now.len() == PAGE)
+        else {
+            return Ok(false);
+        };
+        let before = view
             .get_slice(index * PAGE, PAGE)
             .map_err(|_| DeltaError::Size)?;
         let (a, b) = (now.ptr_guard(), before.ptr_guard());
@@ -533,7 +546,7 @@ mod tests {
         for (addr, value) in [(0x2000, 10u64), (0x3000, 11), (0x4000, 12)] {
             clone.mem.write_obj(value, GuestAddress(addr)).unwrap();
         }
-        let base = Precopy::take(&clone.mem).unwrap();
+        let base = Precopy::take(&clone.mem, false).unwrap();
         assert_eq!(held_bytes(&base.file), 3 * 4096);
         // Since: one page changed, one written back unchanged, one new.
         clone.mem.write_obj(21u64, GuestAddress(0x3000)).unwrap();
