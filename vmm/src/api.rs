@@ -153,7 +153,46 @@ pub enum VmmActionError {
 }
 
 /// A request and where its answer goes.
-pub(crate) type ApiRequest = (VmmAction, Sender<Result<VmmData, VmmActionError>>);
+pub(crate) type ApiRequest = (VmmAction, Reply);
+
+/// A request's answer.
+pub(crate) type Answer = Result<VmmData, VmmActionError>;
+
+/// Where a request's answer goes: to a caller waiting on a channel, or into a function the
+/// VMM thread calls with it (which only passes it on: it runs confined, on the VM's thread).
+/// A request never taken (the VM ended first) is answered [`VmmActionError::NotRunning`].
+pub(crate) enum Reply {
+    /// A waiting caller's channel.
+    Channel(Sender<Answer>),
+    /// Called with the answer.
+    Call(Option<Box<dyn FnOnce(Answer) + Send>>),
+}
+
+impl Reply {
+    /// Answers the request.
+    pub(crate) fn send(mut self, answer: Answer) {
+        match &mut self {
+            Reply::Channel(tx) => {
+                let _ = tx.send(answer);
+            }
+            Reply::Call(call) => {
+                if let Some(call) = call.take() {
+                    call(answer);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Reply {
+    fn drop(&mut self) {
+        if let Reply::Call(call) = self
+            && let Some(call) = call.take()
+        {
+            call(Err(VmmActionError::NotRunning));
+        }
+    }
+}
 
 impl VmmAction {
     /// The action's name, for errors and logs.

@@ -634,10 +634,35 @@ impl Vm {
     /// (another VM took over with [`Vm::restore`]). Works for every running VM, clones
     /// included (their written pages are copied into the snapshot's delta).
     pub fn handover(&self) -> Result<VmSnapshot, VmmActionError> {
-        // A copy taken ahead serves this handover only (the new process got it beside the
-        // shell it built): taken here, whatever the outcome.
-        let base = self.precopied.lock().recover().ready.take();
-        let (mut snapshot, memory) = match self.request(VmmAction::Handover)? {
+        let base = self.take_precopy();
+        let answer = self.request(VmmAction::Handover);
+        self.finish_handover(crate::vm::Frozen { answer, base })
+    }
+
+    /// [`Vm::handover`] without waiting: `done` is called once with the frozen VM, on the
+    /// VMM thread (confined: `done` may only pass it on) or, if the VM has ended, on this
+    /// one. [`Vm::finish_handover`] then completes the saved state, on a thread that may
+    /// block if [`crate::vm::Frozen::copies_pages`]. Many VMs freeze this way with no
+    /// thread waiting on each.
+    pub fn handover_then(&self, done: impl FnOnce(crate::vm::Frozen) + Send + 'static) {
+        let base = self.take_precopy();
+        self.request_then(VmmAction::Handover, move |answer| {
+            done(crate::vm::Frozen { answer, base });
+        });
+    }
+
+    /// A copy taken ahead serves the next handover only (the new process got it beside the
+    /// shell it built): taken for it, whatever the outcome.
+    fn take_precopy(&self) -> Option<crate::memory::Precopy> {
+        self.precopied.lock().recover().ready.take()
+    }
+
+    /// Completes the saved state of a VM frozen by [`Vm::handover_then`]: for a clone,
+    /// copies the pages it wrote since the copy ahead (or all it wrote). If that fails, the
+    /// VM runs again.
+    pub fn finish_handover(&self, frozen: crate::vm::Frozen) -> Result<VmSnapshot, VmmActionError> {
+        let crate::vm::Frozen { answer, base } = frozen;
+        let (mut snapshot, memory) = match answer? {
             VmmData::Handover(s, m) => (*s, m),
             _ => return Err(VmmActionError::NotRunning),
         };

@@ -354,7 +354,7 @@ impl VmmControl {
         {
             Ok((action, reply)) => {
                 let result = self.handle(action);
-                let _ = reply.send(result);
+                reply.send(result);
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
@@ -373,7 +373,7 @@ impl VmmControl {
         }
         while let Ok((action, reply)) = self.api_rx.try_recv() {
             let result = self.handle(action);
-            let _ = reply.send(result);
+            reply.send(result);
         }
     }
 }
@@ -387,7 +387,7 @@ impl MutEventSubscriber for VmmControl {
         if self.done.load(Ordering::SeqCst) {
             // Answer requests that raced with the end instead of leaving callers waiting.
             while let Ok((_, reply)) = self.api_rx.try_recv() {
-                let _ = reply.send(Err(VmmActionError::NotRunning));
+                reply.send(Err(VmmActionError::NotRunning));
             }
         }
     }

@@ -52,7 +52,7 @@ pub use seccomp::{
 };
 pub use snapshot::{SnapshotError, VmSnapshot};
 pub use timings::StartupTimings;
-pub use vm::{Vm, VmEnd};
+pub use vm::{Frozen, Vm, VmEnd};
 
 /// How a guest reset itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

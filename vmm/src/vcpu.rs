@@ -382,7 +382,10 @@ impl VcpuSet {
     ) -> Option<Vec<T>> {
         let n = self.threads.len();
         let f = Arc::new(f);
-        let (tx, rx) = std::sync::mpsc::channel();
+        // Bounded: its slots are allocated once, as they are (an unbounded channel zeroes a
+        // block of 31 slots of `T`, a vCPU's whole state each: 60 KiB of fresh pages faulted
+        // in on every save). Each thread sends once, so no send ever waits.
+        let (tx, rx) = std::sync::mpsc::sync_channel(n.max(1));
         {
             // Taken only in a park: a running thread finds it once it sees the pause.
             let mut work = self.control.work.lock().recover();

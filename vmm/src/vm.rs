@@ -16,7 +16,7 @@ use devices::virtio::vsock::VsockHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::VmExit;
-use crate::api::{ApiRequest, REQUEST_TIMEOUT, VmmAction, VmmActionError, VmmData};
+use crate::api::{Answer, ApiRequest, REQUEST_TIMEOUT, Reply, VmmAction, VmmActionError, VmmData};
 use crate::device_manager::DeviceError;
 use crate::timings::StartupTimings;
 
@@ -131,6 +131,31 @@ pub(crate) struct Precopied {
     pub(crate) spent: Option<crate::memory::Precopy>,
 }
 
+/// A VM frozen for a live handover by [`Vm::handover_then`], its saved state not complete
+/// yet: [`Vm::finish_handover`] completes it (for a clone, it copies the pages written since
+/// the copy ahead).
+pub struct Frozen {
+    pub(crate) answer: Answer,
+    pub(crate) base: Option<crate::memory::Precopy>,
+}
+
+impl Frozen {
+    /// Whether [`Vm::finish_handover`] copies pages (a clone's): work that may take a while
+    /// and block, for a thread that can wait. Otherwise finishing is only bookkeeping.
+    pub fn copies_pages(&self) -> bool {
+        matches!(&self.answer, Ok(VmmData::Handover(_, Some(_))))
+    }
+}
+
+impl std::fmt::Debug for Frozen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frozen")
+            .field("ok", &self.answer.is_ok())
+            .field("copies_pages", &self.copies_pages())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Vm {
     /// The host thread ids of the running VM: its vCPU threads in id order, then its VMM
     /// thread (what a pid is to a process-per-VM VMM: for `top -H`, `perf`, `/proc/*/task`).
@@ -151,13 +176,28 @@ impl Vm {
         let name = action.name();
         let (tx, rx) = channel();
         self.api_tx
-            .send((action, tx))
+            .send((action, Reply::Channel(tx)))
             .map_err(|_| VmmActionError::NotRunning)?;
         self.wake.write(1).map_err(|_| VmmActionError::NotRunning)?;
         match rx.recv_timeout(REQUEST_TIMEOUT) {
             Ok(answer) => answer,
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Err(VmmActionError::TimedOut(name)),
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(VmmActionError::NotRunning),
+        }
+    }
+
+    /// Sends `action` to the VMM thread without waiting: `done` is called once with the
+    /// answer, on the VMM thread (it must only pass it on), or on this one if the VM has ended.
+    pub(crate) fn request_then(
+        &self,
+        action: VmmAction,
+        done: impl FnOnce(Answer) + Send + 'static,
+    ) {
+        let reply = Reply::Call(Some(Box::new(done)));
+        // A request that cannot be sent is answered as its reply drops.
+        if self.api_tx.send((action, reply)).is_ok() {
+            // A failed wake-up leaves the request to the thread's next one (or to its end).
+            let _ = self.wake.write(1);
         }
     }
 
@@ -208,7 +248,7 @@ impl Vm {
         self.vcpu_control.resume();
         let (tx, _) = channel();
         self.api_tx
-            .send((VmmAction::Resume, tx))
+            .send((VmmAction::Resume, Reply::Channel(tx)))
             .map_err(|_| VmmActionError::NotRunning)?;
         self.wake.write(1).map_err(|_| VmmActionError::NotRunning)
     }

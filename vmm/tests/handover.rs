@@ -21,6 +21,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
@@ -346,6 +347,58 @@ fn a_handover_given_up_resumes_the_vm_and_nothing_moved_meanwhile() {
     assert!(lines[29] > lines[0]);
     call(&vm, "Health");
     assert!(vm.ended().is_none());
+}
+
+/// `handover_then` calls back once with the frozen VM, on the VMM thread (confined: the
+/// callback here starts the next VM's freeze from it, as the daemon chains an upgrade's
+/// freezes); `finish_handover` completes the state, which restores as `handover`'s does. An
+/// ended VM calls back at once with `NotRunning`.
+/// Freezes `vms[n]` without waiting; its callback sends it on `tx` and freezes the next.
+fn freeze_from(
+    vms: Arc<Vec<Arc<Vm>>>,
+    n: usize,
+    tx: std::sync::mpsc::Sender<(usize, vmm::Frozen)>,
+) {
+    let vm = Arc::clone(&vms[n]);
+    vm.handover_then(move |frozen| {
+        tx.send((n, frozen)).unwrap();
+        if n + 1 < vms.len() {
+            freeze_from(vms, n + 1, tx);
+        }
+    });
+}
+
+#[test]
+fn handovers_begun_without_waiting_chain_from_each_vmm_thread() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let vms: Vec<Arc<Vm>> = (0..3).map(|_| Arc::new(boot(&host))).collect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // VM 0's callback passes it on and starts VM 1's freeze, and so on.
+    freeze_from(Arc::new(vms.clone()), 0, tx);
+    for want in 0..vms.len() {
+        let (n, frozen) = rx.recv_timeout(TIMEOUT).unwrap();
+        assert_eq!(n, want);
+        assert!(!frozen.copies_pages(), "{frozen:?}");
+        let vm = &vms[n];
+        let saved = vm.finish_handover(frozen).unwrap();
+        assert!(matches!(saved.kind(), SavedMemory::Own));
+        let new = restore_on(&host, &pass_on(&saved), false, None);
+        vm.stop();
+        drop(saved);
+        assert!(count_on(&new, 2)[1] > 0);
+        call(&new, "Health");
+    }
+    // Each callback ran once: every sender is gone with it.
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_millis(100)),
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected)
+    ));
+    let (tx, rx) = std::sync::mpsc::channel();
+    vms[0].handover_then(move |frozen| tx.send(frozen).unwrap());
+    let frozen = rx.recv_timeout(TIMEOUT).unwrap();
+    let err = vms[0].finish_handover(frozen).unwrap_err();
+    assert!(matches!(err, vmm::VmmActionError::NotRunning), "{err}");
 }
 
 #[test]
