@@ -108,6 +108,32 @@ impl KvmHandle {
         })
     }
 
+    /// [`VmHandle::begin_handover`] of a KVM VM: `done` runs on its VMM thread, with the
+    /// saved VM (a VM with its own memory) or the copy of a clone's pages still to make.
+    pub(super) fn begin_hand_over(&self, done: super::HandoverDone) {
+        let agent_port = self.agent_port;
+        // Weak: the closure must never be what drops the VM, on the VM's own thread.
+        let vm = Arc::downgrade(&self.vm);
+        self.vm.handover_then(move |frozen| {
+            let finish = move |vm: std::sync::Weak<vmm::Vm>, frozen| {
+                let vm = vm.upgrade().ok_or(BackendError::NotRunning)?;
+                let snapshot = vm
+                    .finish_handover(frozen)
+                    .map_err(|e| BackendError::Handover(crate::error_chain(&e)))?;
+                Ok(Handover {
+                    snapshot,
+                    agent_port,
+                    shell: None,
+                })
+            };
+            if frozen.copies_pages() {
+                done(super::Begun::Finish(Box::new(move || finish(vm, frozen))));
+            } else {
+                done(super::Begun::Done(Box::new(finish(vm, frozen))));
+            }
+        });
+    }
+
     /// [`VmHandle::resume_after_handover`] of a KVM VM.
     pub(super) async fn resume_here(&self) -> Result<(), BackendError> {
         let vm = Arc::clone(&self.vm);
@@ -185,10 +211,17 @@ impl KvmBackend {
         config.disks = files.blocks;
         let host = self.host().clone();
         let snapshot = handover.snapshot;
-        let vm = tokio::task::spawn_blocking(move || vmm::Vm::restore(&host, &snapshot, config))
-            .await
-            .map_err(BackendError::Join)?
-            .map_err(|e| BackendError::Start(Box::new(e)))?;
+        // On the caller's thread where the runtime lets it block (the new process takes VMs
+        // over from its main thread, one after another): a hop to the blocking pool and back
+        // costs each VM more than writing its state here.
+        let restore = move || vmm::Vm::restore(&host, &snapshot, config);
+        let restored = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::CurrentThread => tokio::task::spawn_blocking(restore)
+                .await
+                .map_err(BackendError::Join)?,
+            _ => tokio::task::block_in_place(restore),
+        };
+        let vm = restored.map_err(|e| BackendError::Start(Box::new(e)))?;
         let (vm, end) = watched(vm);
         Ok(Box::new(KvmAdopted {
             vm,

@@ -556,6 +556,14 @@ impl VmHandle for KvmHandle {
         self.hand_over().await
     }
 
+    fn begin_handover(
+        self: Arc<Self>,
+        done: super::HandoverDone,
+    ) -> Result<(), super::HandoverDone> {
+        self.begin_hand_over(done);
+        Ok(())
+    }
+
     async fn resume_after_handover(&self) -> Result<(), BackendError> {
         self.resume_here().await
     }

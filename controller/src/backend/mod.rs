@@ -359,6 +359,27 @@ pub trait VmBackend: Send + Sync + 'static {
     }
 }
 
+/// A handover begun by [`VmHandle::begin_handover`], as its VM froze.
+pub enum Begun {
+    /// Its saved VM, or why it could not be saved (boxed: a VM's state is kilobytes).
+    Done(Box<Result<Handover, BackendError>>),
+    /// Work that completes it and may block (a clone's written pages to copy), to run where
+    /// that is fine.
+    Finish(Box<dyn FnOnce() -> Result<Handover, BackendError> + Send>),
+}
+
+impl std::fmt::Debug for Begun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Begun::Done(r) => f.debug_tuple("Done").field(&r.is_ok()).finish(),
+            Begun::Finish(_) => f.write_str("Finish"),
+        }
+    }
+}
+
+/// What a begun handover calls with its outcome.
+pub type HandoverDone = Box<dyn FnOnce(Begun) + Send>;
+
 /// A running (or ended) VM.
 #[async_trait]
 pub trait VmHandle: TaskTarget {
@@ -407,6 +428,12 @@ pub trait VmHandle: TaskTarget {
     /// handover failed) or the end of this process (it succeeded).
     async fn handover(&self) -> Result<Handover, BackendError> {
         Err(BackendError::Unsupported("live handover"))
+    }
+    /// [`VmHandle::handover`] with no task or thread waiting on it: `done` is called once
+    /// with the outcome, on whichever thread finished the freeze (a VM's confined thread:
+    /// `done` may only pass it on). `Err(done)`: this backend cannot, use `handover`.
+    fn begin_handover(self: Arc<Self>, done: HandoverDone) -> Result<(), HandoverDone> {
+        Err(done)
     }
     /// After a successful handover: closes this process's ends of the frozen VM's host
     /// connections, so their peers see them end now rather than when this process exits.

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use super::registry::{Entry, Locked};
 use super::{EXIT_FAILED, SandboxService};
-use crate::backend::{AdoptedVm, Handover, MemoryLayout, VmBackend, VmHandle};
+use crate::backend::{AdoptedVm, Begun, Handover, HandoverDone, MemoryLayout, VmBackend, VmHandle};
 use crate::error::{SandboxError, error_chain};
 use crate::sandbox::{ExitInfo, SandboxState};
 use crate::task::{TaskCut, TaskCutter, TaskServer};
@@ -122,11 +122,15 @@ impl Hold {
     }
 
     /// Starts freezing every running sandbox's VM and saving it for the handover, a few at a
-    /// time (two per CPU; each VM's own threads do the work): each comes on the returned
-    /// channel as it is frozen, to be passed on at once. Whatever the outcome, every one comes,
+    /// time (two per CPU): each comes on the returned channel as it is frozen, to be passed
+    /// on at once ([`Freezing::finish`] completes it). Whatever the outcome, every one comes,
     /// and each that froze must go into the [`Freeze`] ([`Freeze::add`]) so that a thaw
     /// resumes it.
-    pub fn freeze(self) -> (Freeze, tokio::sync::mpsc::UnboundedReceiver<Frozen>) {
+    ///
+    /// No task or thread waits on a freeze: each VM's VMM thread, as it finishes one, starts
+    /// the next VM's and passes its own on (on this host a thread woken on another CPU costs
+    /// ~25 us, several per VM when a task and a blocking thread waited on each).
+    pub fn freeze(self) -> (Freeze, tokio::sync::mpsc::UnboundedReceiver<Freezing>) {
         let Hold {
             gate,
             locks,
@@ -134,43 +138,28 @@ impl Hold {
             tasks,
         } = self;
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        let turns = Arc::new(tokio::sync::Semaphore::new(freezes_at_once()));
-        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        for (id, vm) in running {
-            let tx = tx.clone();
-            let turns = Arc::clone(&turns);
-            let given_up = Arc::clone(&given_up);
-            tokio::spawn(async move {
-                let _turn = turns.acquire_owned().await;
-                if given_up.load(std::sync::atomic::Ordering::Acquire) {
-                    let _ = tx.send(Frozen {
-                        id,
-                        vm,
-                        frozen_at: std::time::Instant::now(),
-                        took: Duration::ZERO,
-                        handover: Err(crate::backend::BackendError::Handover(
-                            "not frozen: the upgrade was given up first".into(),
-                        )),
-                    });
-                    return;
-                }
-                let asked = std::time::Instant::now();
-                let handover = vm.handover().await;
-                // The pause begins when the VMM stops the vCPUs, which may be a while after
-                // the ask on a busy host: the guest runs until then.
-                let frozen_at = handover
-                    .as_ref()
-                    .ok()
-                    .and_then(|h| h.snapshot.paused_at())
-                    .unwrap_or(asked);
-                let _ = tx.send(Frozen {
-                    id,
-                    vm,
-                    frozen_at,
-                    took: frozen_at.elapsed(),
-                    handover,
+        // A clone's pages are copied on the blocking pool, its turn held until then (so that
+        // no more copy at once than VMs freeze); then it comes on `rx` like the others.
+        let (finish_tx, mut finish_rx) =
+            tokio::sync::mpsc::unbounded_channel::<(Freezing, Arc<Turns>)>();
+        tokio::spawn(async move {
+            while let Some((one, turns)) = finish_rx.recv().await {
+                tokio::spawn(async move {
+                    let _ = turns.tx.send(one.finished().await);
+                    Turns::next(&turns);
                 });
-            });
+            }
+        });
+        let given_up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let turns = Arc::new(Turns {
+            waiting: std::sync::Mutex::new(running.into()),
+            tx,
+            finish_tx,
+            given_up: Arc::clone(&given_up),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        for _ in 0..freezes_at_once() {
+            Turns::next(&turns);
         }
         let freeze = Freeze {
             _gate: gate,
@@ -180,6 +169,124 @@ impl Hold {
             given_up,
         };
         (freeze, rx)
+    }
+}
+
+/// The VMs of a [`Hold::freeze`] still waiting for their turn, and where each frozen one goes.
+struct Turns {
+    waiting: std::sync::Mutex<std::collections::VecDeque<(String, Arc<dyn VmHandle>)>>,
+    tx: tokio::sync::mpsc::UnboundedSender<Freezing>,
+    /// Where those with pages to copy go first, with the turn they hold.
+    finish_tx: tokio::sync::mpsc::UnboundedSender<(Freezing, Arc<Turns>)>,
+    given_up: Arc<std::sync::atomic::AtomicBool>,
+    /// For backends that freeze in a task.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Turns {
+    /// Starts the next waiting VM's freeze, whose end starts the one after it; once the
+    /// handover was given up, every VM still waiting comes on the channel as not frozen.
+    /// Runs on a VM's VMM thread: it only takes locks, sends and wakes.
+    fn next(this: &Arc<Self>) {
+        use devices::sync::Recover;
+        loop {
+            let Some((id, vm)) = this.waiting.lock().recover().pop_front() else {
+                return;
+            };
+            let asked = std::time::Instant::now();
+            if this.given_up.load(std::sync::atomic::Ordering::Acquire) {
+                let why = "not frozen: the upgrade was given up first";
+                let begun = Begun::Done(Box::new(Err(crate::backend::BackendError::Handover(
+                    why.into(),
+                ))));
+                let _ = this.tx.send(Freezing {
+                    id,
+                    vm,
+                    asked,
+                    begun,
+                });
+                continue;
+            }
+            let turns = Arc::clone(this);
+            let (sid, svm) = (id.clone(), Arc::clone(&vm));
+            let done: HandoverDone = Box::new(move |begun| {
+                let one = Freezing {
+                    id: sid,
+                    vm: svm,
+                    asked,
+                    begun,
+                };
+                let one = if matches!(one.begun, Begun::Finish(_)) {
+                    match turns.finish_tx.send((one, Arc::clone(&turns))) {
+                        Ok(()) => return,
+                        // No copier (the runtime is ending): `Freezing::finish` copies.
+                        Err(back) => back.0.0,
+                    }
+                } else {
+                    one
+                };
+                let _ = turns.tx.send(one);
+                Turns::next(&turns);
+            });
+            if let Err(done) = Arc::clone(&vm).begin_handover(done) {
+                this.runtime.spawn(async move {
+                    done(Begun::Done(Box::new(vm.handover().await)));
+                });
+            }
+            return;
+        }
+    }
+}
+
+/// A VM's freeze as [`Hold::freeze`] passes it on.
+#[derive(Debug)]
+pub struct Freezing {
+    id: String,
+    vm: Arc<dyn VmHandle>,
+    asked: std::time::Instant,
+    begun: Begun,
+}
+
+impl Freezing {
+    /// This freeze with its saved VM complete (a clone's pages copied on the blocking pool).
+    async fn finished(self) -> Freezing {
+        let begun = Begun::Done(Box::new(completed(self.begun).await));
+        Freezing { begun, ..self }
+    }
+
+    /// The frozen VM, its saved state complete.
+    pub async fn finish(self) -> Frozen {
+        let Freezing {
+            id,
+            vm,
+            asked,
+            begun,
+        } = self;
+        let handover = completed(begun).await;
+        // The pause begins when the VMM stops the vCPUs, which may be a while after the ask
+        // on a busy host: the guest runs until then.
+        let frozen_at = handover
+            .as_ref()
+            .ok()
+            .and_then(|h| h.snapshot.paused_at())
+            .unwrap_or(asked);
+        Frozen {
+            id,
+            vm,
+            frozen_at,
+            took: frozen_at.elapsed(),
+            handover,
+        }
+    }
+}
+
+/// A begun handover's saved VM, its work done on the blocking pool if it has any.
+async fn completed(begun: Begun) -> Result<Handover, crate::backend::BackendError> {
+    match begun {
+        Begun::Done(handover) => *handover,
+        Begun::Finish(work) => tokio::task::spawn_blocking(work)
+            .await
+            .unwrap_or_else(|e| Err(crate::backend::BackendError::Join(e))),
     }
 }
 

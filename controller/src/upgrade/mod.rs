@@ -549,6 +549,7 @@ async fn hand_over<B: VmBackend>(
             failure.get_or_insert(UpgradeError::Protocol("a freeze task vanished".into()));
             break;
         };
+        let one = one.finish().await;
         let handover = match one.handover {
             Ok(h) => h,
             Err(e) => {
@@ -764,8 +765,10 @@ pub async fn take<B: VmBackend>(
             }
         }
     }
-    // Then, frozen in the old process, each one's state: written into its shell.
-    let mut rebuilding = tokio::task::JoinSet::new();
+    // Then, frozen in the old process, each one's state: written into its shell as it comes,
+    // here (no task or thread hop per VM: on this host each costs more than the writing).
+    let mut adopted: Vec<(String, Box<dyn AdoptedVm>, Option<TaskCut>)> =
+        Vec::with_capacity(sandboxes);
     for n in 0..sandboxes {
         if fail_after == Some(n) {
             warn!("upgrade: test hook {FAIL_AFTER_ENV}={n}: exiting half way");
@@ -777,19 +780,7 @@ pub async fn take<B: VmBackend>(
             Msg::Sandbox { id, .. } => shells.remove(id),
             _ => None,
         };
-        let service = Arc::clone(service);
-        rebuilding.spawn(async move { rebuild(&service, frame, ready).await });
-    }
-    let mut adopted: Vec<(String, Box<dyn AdoptedVm>, Option<TaskCut>)> =
-        Vec::with_capacity(sandboxes);
-    while let Some(done) = rebuilding.join_next().await {
-        let rebuilt = done.unwrap_or_else(|e| {
-            Err(UpgradeError::Io(
-                "a rebuild task failed".into(),
-                std::io::Error::other(e.to_string()),
-            ))
-        });
-        match rebuilt {
+        match rebuild(service, frame, ready).await {
             Ok((id, vm, task)) => {
                 chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
                     .await?;
