@@ -40,6 +40,7 @@
 //! handed over yet: the Sandbox API's gRPC connections (they end with the old process; the
 //! engine connects again to the same path).
 
+mod lane;
 pub mod wire;
 
 use std::ffi::OsString;
@@ -766,9 +767,10 @@ pub async fn take<B: VmBackend>(
         }
     }
     // Then, frozen in the old process, each one's state: written into its shell as it comes,
-    // here (no task or thread hop per VM: on this host each costs more than the writing).
-    let mut adopted: Vec<(String, Box<dyn AdoptedVm>, Option<TaskCut>)> =
-        Vec::with_capacity(sandboxes);
+    // here (no task or thread hop per VM: on this host each costs more than the writing), or
+    // by a second thread beside this one when it is free (`lane`).
+    let mut adopted: Vec<Rebuilt> = Vec::with_capacity(sandboxes);
+    let mut lane = lane::Lane::start(service);
     for n in 0..sandboxes {
         if fail_after == Some(n) {
             warn!("upgrade: test hook {FAIL_AFTER_ENV}={n}: exiting half way");
@@ -780,19 +782,27 @@ pub async fn take<B: VmBackend>(
             Msg::Sandbox { id, .. } => shells.remove(id),
             _ => None,
         };
-        match rebuild(service, frame, ready).await {
-            Ok((id, vm, task)) => {
-                chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
-                    .await?;
-                adopted.push((id, vm, task));
-            }
-            Err(e) => {
-                let reason = error_chain(&e);
-                let _ = chan.send(&Msg::Refused { reason }, &[], &[]).await;
-                return Err(e);
-            }
+        // To the lane if it has nothing to do, else here: whichever is free takes the next.
+        while let Some(rebuilt) = lane.try_done() {
+            restored(&mut chan, rebuilt, &mut adopted).await?;
+        }
+        let here = if lane.idle() {
+            lane.give(Box::new((frame, ready))).err().map(|job| *job)
+        } else {
+            Some((frame, ready))
+        };
+        if let Some((frame, ready)) = here {
+            let rebuilt = rebuild(service, frame, ready).await;
+            restored(&mut chan, rebuilt, &mut adopted).await?;
+        }
+        while let Some(rebuilt) = lane.try_done() {
+            restored(&mut chan, rebuilt, &mut adopted).await?;
         }
     }
+    while let Some(rebuilt) = lane.done().await {
+        restored(&mut chan, rebuilt, &mut adopted).await?;
+    }
+    drop(lane);
     let frame = recv(&mut chan, "pass the API sockets").await?;
     let Msg::Listeners { paths } = frame.message else {
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
@@ -859,6 +869,31 @@ pub async fn take<B: VmBackend>(
     })
 }
 
+/// A sandbox rebuilt here from its frame: its id, its VM (frozen), its Task endpoint.
+type Rebuilt = (String, Box<dyn AdoptedVm>, Option<TaskCut>);
+
+/// Tells the old process a VM was rebuilt (and keeps it), or why one could not be (and
+/// fails: the caller exits, the old process thaws them all).
+async fn restored(
+    chan: &mut Channel,
+    rebuilt: Result<Rebuilt, UpgradeError>,
+    adopted: &mut Vec<Rebuilt>,
+) -> Result<(), UpgradeError> {
+    match rebuilt {
+        Ok((id, vm, task)) => {
+            chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
+                .await?;
+            adopted.push((id, vm, task));
+            Ok(())
+        }
+        Err(e) => {
+            let reason = error_chain(&e);
+            let _ = chan.send(&Msg::Refused { reason }, &[], &[]).await;
+            Err(e)
+        }
+    }
+}
+
 /// Builds ahead the VM of one sandbox from its `Prepare` frame.
 async fn prepare<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
@@ -903,7 +938,7 @@ async fn rebuild<B: VmBackend>(
     service: &Arc<SandboxService<B>>,
     frame: wire::Frame<Msg>,
     ready: Option<Adoption>,
-) -> Result<(String, Box<dyn AdoptedVm>, Option<TaskCut>), UpgradeError> {
+) -> Result<Rebuilt, UpgradeError> {
     let want = wanted_fds(&frame.message);
     let Msg::Sandbox {
         id,
