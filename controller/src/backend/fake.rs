@@ -229,6 +229,17 @@ impl VmHandle for SharedFake {
         std::process::id()
     }
 
+    /// A fake VM cannot be handed over, and says so at once, on the caller's thread (as a
+    /// KVM VM that has ended does).
+    fn begin_handover(
+        self: Arc<Self>,
+        done: super::HandoverDone,
+    ) -> Result<(), super::HandoverDone> {
+        let refused = Err(BackendError::Unsupported("live handover"));
+        done(super::Begun::Done(Box::new(refused)));
+        Ok(())
+    }
+
     fn ended(&self) -> Option<VmEnd> {
         self.0.ended()
     }
