@@ -3,8 +3,8 @@
 //!
 //! Everything is built on the caller's thread (timing each phase); the VM's threads are
 //! spawned first so their seccomp filters install while the VM is built. Then the VM is handed
-//! to one VMM thread (`event_loop`) and one thread per vCPU, and the caller keeps the
-//! [`Vm`] handle.
+//! to one VMM thread (`event_loop`) and one thread per vCPU (`Launch`; for a VM restored
+//! paused, as it first runs), and the caller keeps the [`Vm`] handle.
 
 use std::fs::File;
 use std::io;
@@ -34,12 +34,12 @@ use crate::kvm::{IrqLine, KvmContext, KvmError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pool::{PoolKey, ShellError, VmShell};
 use crate::seccomp::SeccompPolicy;
-use crate::seccomp::{SeccompError, ThreadRole};
+use crate::seccomp::{PendingThread, SeccompError, ThreadRole, VmmRun};
 use crate::snapshot::SnapshotError;
 use crate::snapshot::{SavedMemory, VmSnapshot};
 use crate::timings::StartupTimings;
-use crate::vcpu::{ResetLine, VcpuContext, VcpuControl, VmThreads};
-use crate::vm::{EndState, Vm};
+use crate::vcpu::{PendingVcpus, ResetLine, VcpuContext, VcpuControl, VmThreads};
+use crate::vm::{EndState, Unstarted, Vm};
 use crate::{VmExit, arch, boot};
 
 /// Why a VM could not be started.
@@ -94,8 +94,9 @@ pub struct CloneConfig {
     /// empty as they were, its own vsock socket, its own network backends).
     pub devices: Vec<DeviceConfig>,
     /// Start frozen: neither the vCPUs nor the devices touch the guest's memory until
-    /// [`Vm::resume`]. A VM restored for a live handover starts so: the old VM on the same
-    /// memory must be gone (or given up) before it runs.
+    /// [`Vm::resume`] or [`Vm::resume_now`]. A VM restored for a live handover starts so: the
+    /// old VM on the same memory must be gone (or given up) before it runs. Its threads get
+    /// their vCPUs and event loop then, or when it is first asked anything.
     pub paused: bool,
     /// The VM built ahead for this restore ([`PreparedShell`]), if any.
     pub shell: Option<PreparedShell>,
@@ -533,7 +534,6 @@ impl Vm {
             pio: Arc::new(pio),
             mmio: Arc::new(mmio),
         };
-        let end = Arc::new(EndState::default());
         let ram_file = Arc::clone(&ram.file);
         let private_memory = ram.private;
         let saved = SnapshotSources {
@@ -552,48 +552,39 @@ impl Vm {
         };
         let blk_slots = devices.blocks.len();
         let vsock = devices.vsock.take();
-
-        // From here on the vCPUs run: everything fallible is done.
-        let vcpus = pending_vcpus.start(vcpu_fds, &ctx);
         let vcpu_control = Arc::clone(&control);
-        let done = Arc::new(AtomicBool::new(false));
-        let controller = Arc::new(Mutex::new(VmmControl {
+        let end = Arc::new(EndState::default());
+        let live = host.live_guard();
+        let torn_down = live.torn_down();
+        let launch = Launch {
+            vcpus: pending_vcpus,
+            vcpu_fds,
+            vmm: pending_vmm,
+            event_manager,
+            control,
             api_rx,
             wake: Arc::clone(&wake),
-            control,
-            vcpus,
             devices,
             saved,
             end: Arc::clone(&end),
             boot: Arc::clone(&boot_signal),
-            done: Arc::clone(&done),
-            reinit: Vec::new(),
-            frozen: paused,
-        }));
-        event_manager.add_subscriber(controller.clone());
-        let live = host.live_guard();
-        let torn_down = live.torn_down();
-        let resources = VmResources {
-            jail,
-            ctx,
-            _vm_fd: vm_fd,
-            _ram: ram,
-            _live: live,
+            resources: VmResources {
+                jail,
+                ctx,
+                _vm_fd: vm_fd,
+                _ram: ram,
+                _live: live,
+            },
         };
-        // Detached: the VM's end is reported through `EndState`, not by joining.
-        let job: VmmJob = (event_manager, Arc::clone(&controller), done, resources);
-        if pending_vmm
-            .start(Box::new(move |confined| vmm_thread(job, confined)))
-            .is_err()
-        {
-            controller
-                .lock()
-                .recover()
-                .finish(VmExit::Crashed("VMM thread ended early".into()));
-            return Err(VmError::Spawn(io::Error::other(
-                "the VMM thread ended early",
-            )));
-        }
+        // A VM restored for a handover starts its threads when it first runs or is asked
+        // anything: waking them now, only for them to wait frozen, would cost two wake-ups
+        // inside every VM's pause.
+        let held: Option<Box<dyn Unstarted>> = if paused {
+            Some(Box::new(launch))
+        } else {
+            Box::new(launch).start(false).map_err(VmError::Spawn)?;
+            None
+        };
         timings.vcpu_start = lap.next();
         timings.total = start.elapsed();
 
@@ -614,6 +605,7 @@ impl Vm {
             torn_down,
             vcpu_control,
             precopied: Mutex::default(),
+            held: Mutex::new(held),
         })
     }
 
@@ -741,6 +733,79 @@ impl Vm {
             VmmData::Snapshot(s) => Ok(*s),
             _ => Err(VmmActionError::NotRunning),
         }
+    }
+}
+
+/// A built VM whose threads have not started: everything they run with, ready.
+struct Launch {
+    vcpus: PendingVcpus,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    vmm: PendingThread<VmmRun>,
+    event_manager: VmmEventManager,
+    control: Arc<VcpuControl>,
+    api_rx: std::sync::mpsc::Receiver<crate::api::ApiRequest>,
+    wake: Arc<EventFd>,
+    devices: crate::device_manager::Devices,
+    saved: SnapshotSources,
+    end: Arc<EndState>,
+    boot: Arc<devices::legacy::BootSignal>,
+    resources: VmResources,
+}
+
+impl std::fmt::Debug for Launch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launch")
+            .field("vcpus", &self.vcpu_fds.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Unstarted for Launch {
+    /// Hands the vCPU threads their vCPUs and the VMM thread its loop.
+    fn start(self: Box<Self>, frozen: bool) -> io::Result<()> {
+        let Launch {
+            vcpus,
+            vcpu_fds,
+            vmm,
+            mut event_manager,
+            control,
+            api_rx,
+            wake,
+            devices,
+            saved,
+            end,
+            boot,
+            resources,
+        } = *self;
+        let vcpus = vcpus.start(vcpu_fds, &resources.ctx);
+        let done = Arc::new(AtomicBool::new(false));
+        let controller = Arc::new(Mutex::new(VmmControl {
+            api_rx,
+            wake,
+            control,
+            vcpus,
+            devices,
+            saved,
+            end,
+            boot,
+            done: Arc::clone(&done),
+            reinit: Vec::new(),
+            frozen,
+        }));
+        event_manager.add_subscriber(controller.clone());
+        // Detached: the VM's end is reported through `EndState`, not by joining.
+        let job: VmmJob = (event_manager, Arc::clone(&controller), done, resources);
+        if vmm
+            .start(Box::new(move |confined| vmm_thread(job, confined)))
+            .is_err()
+        {
+            controller
+                .lock()
+                .recover()
+                .finish(VmExit::Crashed("VMM thread ended early".into()));
+            return Err(io::Error::other("the VMM thread ended early"));
+        }
+        Ok(())
     }
 }
 

@@ -118,6 +118,16 @@ pub struct Vm {
     pub(crate) vcpu_control: Arc<crate::vcpu::VcpuControl>,
     /// A clone's pages copied ahead ([`Vm::precopy`]).
     pub(crate) precopied: Mutex<Precopied>,
+    /// A VM restored for a handover, its threads not started yet: they start when it first
+    /// runs ([`Vm::resume_now`], [`Vm::resume`]) or is asked anything else.
+    pub(crate) held: Mutex<Option<Box<dyn Unstarted>>>,
+}
+
+/// The threads of a VM built but not started yet (the builder's `Launch`).
+pub(crate) trait Unstarted: Send + std::fmt::Debug {
+    /// Hands them the VM: it runs, unless `frozen` (its vCPUs wait paused and its devices
+    /// touch nothing until Resume). Fails only if the VMM thread is gone, with the VM ended.
+    fn start(self: Box<Self>, frozen: bool) -> io::Result<()>;
 }
 
 /// A clone's pages copied ahead of a live handover.
@@ -171,8 +181,20 @@ impl Vm {
             .collect()
     }
 
+    /// Starts the threads of a VM restored for a handover that has not run yet, `frozen`
+    /// (as it was restored) or not; a VMM thread that is gone ends the VM.
+    fn start_held(&self, frozen: bool) {
+        let held = self.held.lock().recover().take();
+        if let Some(held) = held
+            && let Err(e) = held.start(frozen)
+        {
+            log::error!("A restored VM's threads could not start: {e}");
+        }
+    }
+
     /// Sends `action` to the VMM thread and waits for its answer (at most [`REQUEST_TIMEOUT`]).
     pub fn request(&self, action: VmmAction) -> Result<VmmData, VmmActionError> {
+        self.start_held(true);
         let name = action.name();
         let (tx, rx) = channel();
         self.api_tx
@@ -193,6 +215,7 @@ impl Vm {
         action: VmmAction,
         done: impl FnOnce(Answer) + Send + 'static,
     ) {
+        self.start_held(true);
         let reply = Reply::Call(Some(Box::new(done)));
         // A request that cannot be sent is answered as its reply drops.
         if self.api_tx.send((action, reply)).is_ok() {
@@ -245,6 +268,12 @@ impl Vm {
             return Err(VmmActionError::NotRunning);
         }
         self.forget_precopy();
+        // Threads not started yet start running: two wake-ups, as below.
+        let held = self.held.lock().recover().take();
+        if let Some(held) = held {
+            self.vcpu_control.resume();
+            return held.start(false).map_err(|_| VmmActionError::NotRunning);
+        }
         self.vcpu_control.resume();
         let (tx, _) = channel();
         self.api_tx

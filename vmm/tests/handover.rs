@@ -132,6 +132,27 @@ fn a_shell_jailed_elsewhere_is_refused() {
     call(&vm, "Health");
 }
 
+/// A VM restored for a handover and never run (the handover failed after it was rebuilt)
+/// stops, ends and is torn down, its threads never having run the guest; the old VM goes on.
+#[test]
+fn a_restored_vm_that_never_ran_stops_and_leaves_the_old_one_running() {
+    require_kvm!();
+    let host = vmm::Host::new();
+    let vm = boot(&host);
+    let shell = prepared(&host, &vm);
+    let saved = vm.handover().unwrap();
+    let new = restore_on(&host, &pass_on(&saved), true, Some(shell));
+    assert!(new.ended().is_none());
+    assert_eq!(new.stop().exit, VmExit::Stopped);
+    // One never asked anything is dropped as it is.
+    let again = restore_on(&host, &pass_on(&saved), true, None);
+    drop(again);
+    vm.resume().unwrap();
+    call(&vm, "Health");
+    drop((new, vm));
+    assert!(host.wait_all_torn_down(TIMEOUT));
+}
+
 /// The last counter value the VM sends within `lines` lines on a new connection.
 fn count_on(vm: &Vm, lines: usize) -> Vec<u64> {
     let listener = vm.vsock().unwrap().listen(COUNTER_PORT).unwrap();
@@ -161,7 +182,13 @@ fn a_running_vm_handed_over_counts_on_where_it_was() {
         assert!(read_all(received.memory()) == frozen, "round {round}");
         assert_eq!(vm.stop().exit, VmExit::Stopped);
         drop((saved, open));
-        new.resume().unwrap();
+        // Its threads start as it first runs: at once (as an upgrade resumes), or through the
+        // VMM thread's Resume.
+        if round % 2 == 0 {
+            new.resume_now().unwrap();
+        } else {
+            new.resume().unwrap();
+        }
 
         let after = count_on(&new, 5);
         assert!(after[0] > last, "round {round}: {last} then {after:?}");
