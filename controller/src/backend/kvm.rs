@@ -579,9 +579,7 @@ mod tests {
     use std::time::SystemTime;
 
     use super::*;
-    use crate::backend::NetDevices;
     use crate::error::error_chain;
-    use crate::pod::GuestSetup;
 
     #[test]
     fn vm_exit_mapping() {
@@ -601,25 +599,7 @@ mod tests {
 
     #[tokio::test]
     async fn kvm_backend_reports_a_missing_kernel_as_config_error() {
-        let spec = VmSpec {
-            sandbox_id: "x".into(),
-            vcpus: 1,
-            mem_mib: 64,
-            kernel: "/nonexistent/vmlinux".into(),
-            initramfs: None,
-            cmdline: String::new(),
-            blk_slots: 0,
-            seccomp: vmm::SeccompPolicy::default(),
-            console_log: None,
-            console_log_max_bytes: None,
-            vsock_uds: None,
-            setup: GuestSetup::default(),
-            agent_ready_timeout: Duration::from_secs(1),
-            nics: NetDevices::default(),
-            template: false,
-            cgroup: None,
-            memory: None,
-        };
+        let spec = VmSpec::for_test("x", "/nonexistent/vmlinux".into());
         match KvmBackend::default().start(spec).await {
             Err(BackendError::Config(_)) => {}
             other => panic!("{other:?}"),
@@ -631,25 +611,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let kernel = tmp.path().join("vmlinux");
         std::fs::write(&kernel, b"k").unwrap();
-        let mut spec = VmSpec {
-            sandbox_id: "x".into(),
-            vcpus: 1,
-            mem_mib: 64,
-            kernel,
-            initramfs: None,
-            cmdline: String::new(),
-            blk_slots: 0,
-            seccomp: vmm::SeccompPolicy::default(),
-            console_log: None,
-            console_log_max_bytes: None,
-            vsock_uds: None,
-            setup: GuestSetup::default(),
-            agent_ready_timeout: Duration::from_secs(1),
-            nics: NetDevices::default(),
-            template: false,
-            cgroup: None,
-            memory: None,
-        };
+        let mut spec = VmSpec::for_test("x", kernel);
         match KvmBackend::default().start(spec.clone()).await {
             Err(e @ BackendError::Config(_)) => {
                 assert!(error_chain(&e).contains("no agent initramfs"), "{e}");

@@ -191,6 +191,32 @@ pub struct VmSpec {
     pub memory: Option<MemoryPlacement>,
 }
 
+#[cfg(test)]
+impl VmSpec {
+    /// A one-vCPU, 64 MiB VM of `kernel` for sandbox `id`, with nothing else: for tests.
+    pub(crate) fn for_test(id: &str, kernel: PathBuf) -> Self {
+        VmSpec {
+            sandbox_id: id.into(),
+            vcpus: 1,
+            mem_mib: 64,
+            kernel,
+            initramfs: None,
+            cmdline: String::new(),
+            blk_slots: 0,
+            seccomp: vmm::SeccompPolicy::default(),
+            console_log: None,
+            console_log_max_bytes: None,
+            vsock_uds: None,
+            setup: crate::pod::GuestSetup::default(),
+            agent_ready_timeout: Duration::from_secs(1),
+            nics: NetDevices::default(),
+            template: false,
+            cgroup: None,
+            memory: None,
+        }
+    }
+}
+
 /// Where a VM's guest memory is charged ([`crate::memcg`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemoryPlacement {

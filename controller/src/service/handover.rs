@@ -628,25 +628,7 @@ mod tests {
         std::fs::write(&kernel, b"k").unwrap();
         let mut waiting = std::collections::VecDeque::new();
         for n in 0..VMS {
-            let spec = VmSpec {
-                sandbox_id: format!("s{n}"),
-                vcpus: 1,
-                mem_mib: 64,
-                kernel: kernel.clone(),
-                initramfs: None,
-                cmdline: String::new(),
-                blk_slots: 0,
-                seccomp: vmm::SeccompPolicy::default(),
-                console_log: None,
-                console_log_max_bytes: None,
-                vsock_uds: None,
-                setup: crate::pod::GuestSetup::default(),
-                agent_ready_timeout: Duration::from_secs(1),
-                nics: crate::backend::NetDevices::default(),
-                template: false,
-                cgroup: None,
-                memory: None,
-            };
+            let spec = VmSpec::for_test(&format!("s{n}"), kernel.clone());
             let vm: Arc<dyn VmHandle> = Arc::from(backend.start(spec).await.unwrap());
             waiting.push_back((format!("s{n}"), vm));
         }

@@ -19,7 +19,7 @@ pub(super) type Job = Box<(wire::Frame<super::Msg>, Option<Adoption>)>;
 
 /// The lane: a blocking-pool thread taking jobs in order.
 pub(super) struct Lane {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    jobs: std::sync::mpsc::Sender<Job>,
     results: tokio::sync::mpsc::UnboundedReceiver<Result<Rebuilt, UpgradeError>>,
     /// Jobs given and not yet answered.
     pending: usize,
@@ -42,7 +42,7 @@ impl Lane {
             }
         }));
         Lane {
-            jobs: Some(jobs),
+            jobs,
             results,
             pending: 0,
         }
@@ -50,10 +50,7 @@ impl Lane {
 
     /// Gives the lane a VM to rebuild; `Err` gives it back (the lane has ended).
     pub(super) fn give(&mut self, job: Job) -> Result<(), Job> {
-        let Some(jobs) = &self.jobs else {
-            return Err(job);
-        };
-        jobs.send(job).map_err(|e| e.0)?;
+        self.jobs.send(job).map_err(|e| e.0)?;
         self.pending += 1;
         Ok(())
     }
