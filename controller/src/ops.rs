@@ -217,6 +217,8 @@ pub async fn upgrade(
             "total_us": r.total_us,
             "phases_us": r.phases.iter().map(|p| (p.name.clone(), p.at_us)).collect::<Vec<_>>(),
             "freezes_us": r.freezes_us,
+            "old_window_cpu_us": r.old_window_cpu_us,
+            "new_window_cpu_us": r.new_window_cpu_us,
         });
         writeln!(out, "{v}")?;
         return Ok(());

@@ -337,6 +337,11 @@ async fn twenty_sandboxes_keep_running_across_two_upgrades() {
             .collect();
         pauses.sort_unstable();
         assert_eq!(pauses.len(), handed, "{report}");
+        // Both processes report the CPU they took over the window (a handover of 20 running
+        // VMs cannot take none).
+        for key in ["old_window_cpu_us", "new_window_cpu_us"] {
+            assert!(report[key].as_u64().unwrap_or(0) > 0, "{key}: {report}");
+        }
         eprintln!(
             "upgrade {round}: {N} sandboxes, pause p50 {} us p99 {} us, total {} us",
             percentile(&pauses, 50),

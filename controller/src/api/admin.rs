@@ -115,6 +115,8 @@ impl<B: VmBackend> Admin for AdminApi<B> {
                 .map(|(name, at_us)| proto::admin::v1::UpgradePhase { name, at_us })
                 .collect(),
             freezes_us: report.freezes_us,
+            old_window_cpu_us: report.old_window_cpu_us,
+            new_window_cpu_us: report.new_window_cpu_us,
         }))
     }
 

@@ -44,6 +44,11 @@ pub struct UpgradeReport {
     /// Each handed-over VM's freeze (its vCPUs stopping to its state saved and back), in
     /// microseconds.
     pub freezes_us: Vec<u64>,
+    /// The CPU time this process took from cutting the Task endpoints to its Commit, every
+    /// thread (guests not frozen yet included), in microseconds.
+    pub old_window_cpu_us: u64,
+    /// The new process's, from waiting for the first frozen VM to every VM running.
+    pub new_window_cpu_us: u64,
 }
 
 /// A request for a live upgrade (the admin API's Upgrade, or SIGUSR2), which the daemon's main

@@ -179,10 +179,14 @@ enum Msg {
     Ready,
     /// old -> new: the old process lets go; run them.
     Commit,
-    /// new -> old: when each VM ran again (`CLOCK_MONOTONIC` ns) and what could not run.
+    /// new -> old: when each VM ran again (`CLOCK_MONOTONIC` ns), what could not run, and the
+    /// CPU time the new process took from waiting for the first frozen VM to then (us; absent
+    /// from an older binary).
     Done {
         resumed: Vec<(String, u64)>,
         failed: Vec<(String, String)>,
+        #[serde(default)]
+        cpu_us: u64,
     },
 }
 
@@ -298,6 +302,19 @@ impl Phases {
         let at = u64::try_from(self.1.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.0.push((name.to_owned(), at));
     }
+}
+
+/// The CPU time this process has taken so far (user and system, every thread), in us.
+fn process_cpu_us() -> u64 {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let us = |t: nix::sys::time::TimeVal| {
+        u64::try_from(t.tv_sec())
+            .unwrap_or(0)
+            .saturating_mul(1_000_000)
+            .saturating_add(u64::try_from(t.tv_usec()).unwrap_or(0))
+    };
+    getrusage(UsageWho::RUSAGE_SELF)
+        .map_or(0, |r| us(r.user_time()).saturating_add(us(r.system_time())))
 }
 
 /// `CLOCK_MONOTONIC` in ns: one clock for both processes.
@@ -539,6 +556,7 @@ async fn hand_over<B: VmBackend>(
         .await
         .map_err(|e| (UpgradeError::Sandbox(Box::new(e)), None))?;
     phases.mark("cut");
+    let cpu_at_cut = process_cpu_us();
     let (freeze, mut frozen) = hold.freeze();
     let mut freeze = Some(freeze);
     let fail = |e: UpgradeError, freeze: &mut Option<Freeze>| (e, freeze.take());
@@ -626,13 +644,20 @@ async fn hand_over<B: VmBackend>(
         new_pid,
         sandboxes: count,
         freezes_us,
+        old_window_cpu_us: process_cpu_us().saturating_sub(cpu_at_cut),
         ..Report::default()
     };
     match recv(chan, "report Done").await {
         Ok(wire::Frame {
-            message: Msg::Done { resumed, failed },
+            message:
+                Msg::Done {
+                    resumed,
+                    failed,
+                    cpu_us,
+                },
             ..
         }) => {
+            report.new_window_cpu_us = cpu_us;
             for (id, at) in resumed {
                 if let Some(frozen) = frozen_at.get(&id) {
                     report.pauses_us.push(at.saturating_sub(*frozen) / 1000);
@@ -770,6 +795,7 @@ pub async fn take<B: VmBackend>(
     // here (no task or thread hop per VM: on this host each costs more than the writing), or
     // by a second thread beside this one when it is free (`lane`).
     let mut adopted: Vec<Rebuilt> = Vec::with_capacity(sandboxes);
+    let cpu_at_start = process_cpu_us();
     let mut lane = lane::Lane::start(service);
     for n in 0..sandboxes {
         if fail_after == Some(n) {
@@ -841,12 +867,18 @@ pub async fn take<B: VmBackend>(
             })
             .collect()
     });
+    let cpu_us = process_cpu_us().saturating_sub(cpu_at_start);
     let pid = std::process::id();
     if let Err(e) = crate::notify::notify(&format!("MAINPID={pid}\nREADY=1")) {
         warn!(error = %e, "cannot tell systemd the new main pid");
     }
     let count = running.len();
-    if let Err(e) = chan.send(&Msg::Done { resumed, failed }, &[], &[]).await {
+    let done = Msg::Done {
+        resumed,
+        failed,
+        cpu_us,
+    };
+    if let Err(e) = chan.send(&done, &[], &[]).await {
         warn!(error = %error_chain(&e), "upgrade: cannot report Done (the old process exits anyway)");
     }
     // The handed-over containers' images stay; any other in the cache is an earlier one's.

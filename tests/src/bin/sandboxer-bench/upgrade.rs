@@ -33,7 +33,13 @@
 //!   state saved and back with the upgrade's task, in the old process;
 //! - steps: the daemon's `phases`, when each step of the handover ended, from the request
 //!   (held, prepared, cut, sent: every VM frozen and sent, restored: the new process wrote
-//!   every VM's state, ready, committed, done: every VM runs in the new process).
+//!   every VM's state, ready, committed, done: every VM runs in the new process);
+//! - window CPU: the CPU time (user + system, every thread, the guests' vCPU threads
+//!   included) the old process took from cutting the Task endpoints to its Commit
+//!   (`old_window_cpu_us`) plus the new process's from waiting for the first frozen VM to
+//!   every VM running (`new_window_cpu_us`), per VM handed over. With every VM's pause
+//!   spanning most of that window on a host with fewer cores than VMs, the pause follows it;
+//!   it varies far less from run to run than the pause does.
 //!
 //! The daemons after the first are not this process's children: the last one is stopped by
 //! its pid (SIGTERM), and whichever one runs is killed if the run fails.
@@ -216,6 +222,16 @@ struct Round {
     phases: Vec<(String, Duration)>,
     /// Each VM's freeze (vCPUs paused, state saved), in the old process.
     freezes: Vec<Duration>,
+    /// CPU time over the handover window: the old process's, the new one's.
+    window_cpu: (Duration, Duration),
+}
+
+impl Round {
+    /// Both processes' CPU time over the window per VM handed over, in ms.
+    fn cpu_ms_per_vm(&self) -> f64 {
+        let (old, new) = self.window_cpu;
+        ms(old + new) / f64::from(self.handed_over.max(1))
+    }
 }
 
 /// A sandbox's Status: the API state, and the daemon's own state and exit reason when it is
@@ -423,6 +439,10 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
                 .iter()
                 .map(|us| Duration::from_micros(*us))
                 .collect(),
+            window_cpu: (
+                Duration::from_micros(r.old_window_cpu_us),
+                Duration::from_micros(r.new_window_cpu_us),
+            ),
         };
         let (p, g) = (Summary::of(&x.pauses), Summary::of(&x.gaps));
         eprintln!(
@@ -449,10 +469,14 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             .collect();
         eprintln!(
             "upgrade: round {round}/{rounds}: freeze per VM p50 {:.3} ms p99 {:.3} ms; steps \
-             ended at (ms from the request): {}",
+             ended at (ms from the request): {}; window CPU old {:.1} ms + new {:.1} ms = {:.3} \
+             ms per VM",
             f.p50_ms,
             f.p99_ms,
-            steps.join(", ")
+            steps.join(", "),
+            ms(x.window_cpu.0),
+            ms(x.window_cpu.1),
+            x.cpu_ms_per_vm()
         );
         done.push(x);
     }
@@ -498,7 +522,7 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         1000.0 / o.counter_ms as f64
     );
     println!(
-        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "round",
         "alive",
         "lost",
@@ -509,17 +533,23 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "wall ms",
         "old exit",
         "gap p50",
-        "gap p99"
+        "gap p99",
+        "CPU ms/VM"
     );
-    let row =
-        |label: &str, alive: usize, lost: usize, p: &Summary, t: [Duration; 3], g: &Summary| {
-            let [total, wall, exit] = t.map(ms);
-            println!(
-                "{label:>6} {alive:>6} {lost:>6} {:>10.3} {:>10.3} {:>10.3} {total:>10.3} \
-             {wall:>10.3} {exit:>10.3} {:>10.3} {:>10.3}",
-                p.p50_ms, p.p99_ms, p.max_ms, g.p50_ms, g.p99_ms
-            );
-        };
+    let row = |label: &str,
+               alive: usize,
+               lost: usize,
+               p: &Summary,
+               t: [Duration; 3],
+               g: &Summary,
+               cpu: f64| {
+        let [total, wall, exit] = t.map(ms);
+        println!(
+            "{label:>6} {alive:>6} {lost:>6} {:>10.3} {:>10.3} {:>10.3} {total:>10.3} \
+             {wall:>10.3} {exit:>10.3} {:>10.3} {:>10.3} {cpu:>10.3}",
+            p.p50_ms, p.p99_ms, p.max_ms, g.p50_ms, g.p99_ms
+        );
+    };
     let mut all_pauses = Vec::new();
     let mut all_gaps = Vec::new();
     let mut per_round = Vec::new();
@@ -532,6 +562,7 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             &p,
             [x.total, x.wall, x.old_exit],
             &g,
+            x.cpu_ms_per_vm(),
         );
         all_pauses.extend_from_slice(&x.pauses);
         all_gaps.extend_from_slice(&x.gaps);
@@ -553,16 +584,31 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
             "freeze_p50_ms": Summary::of(&x.freezes).p50_ms,
             "freeze_p99_ms": Summary::of(&x.freezes).p99_ms,
             "steps_ms": x.phases.iter().map(|(n, at)| (n.clone(), ms(*at))).collect::<Vec<_>>(),
+            "window_cpu_old_ms": ms(x.window_cpu.0),
+            "window_cpu_new_ms": ms(x.window_cpu.1),
+            "window_cpu_ms_per_vm": x.cpu_ms_per_vm(),
         }));
     }
     let (p, g) = (Summary::of(&all_pauses), Summary::of(&all_gaps));
     let total = done.iter().map(|x| x.total).max().unwrap_or_default();
     let wall = done.iter().map(|x| x.wall).max().unwrap_or_default();
     let old_exit = done.iter().map(|x| x.old_exit).max().unwrap_or_default();
-    row("all", alive, lost, &p, [total, wall, old_exit], &g);
+    let mut cpus: Vec<f64> = done.iter().map(Round::cpu_ms_per_vm).collect();
+    cpus.sort_by(f64::total_cmp);
+    let cpu_median = cpus.get(cpus.len() / 2).copied().unwrap_or(0.0);
+    row(
+        "all",
+        alive,
+        lost,
+        &p,
+        [total, wall, old_exit],
+        &g,
+        cpu_median,
+    );
     println!(
         "all: pause and gap over every VM of every round; total, wall and old exit: the longest \
-         round; old exit: Upgrade answered -> the old process gone; \
+         round; CPU ms/VM: both daemon processes' CPU time over the handover window per VM \
+         handed over (all: the rounds' median); old exit: Upgrade answered -> the old process gone; \
          the last daemon (pid {last_pid}) stopped with SIGTERM after every sandbox's \
          Stop+Shutdown"
     );
@@ -591,6 +637,7 @@ pub(crate) fn upgrade(o: &Options) -> anyhow::Result<()> {
         "pause_p50_ms": p.p50_ms,
         "pause_p99_ms": p.p99_ms,
         "pause_max_ms": p.max_ms,
+        "window_cpu_ms_per_vm": cpu_median,
         "total_ms": ms(total),
         "wall_ms": ms(wall),
         "old_exit_ms": ms(old_exit),
