@@ -38,8 +38,9 @@
 //!   included) the old process took from cutting the Task endpoints to its Commit
 //!   (`old_window_cpu_us`) plus the new process's from waiting for the first frozen VM to
 //!   every VM running (`new_window_cpu_us`), per VM handed over. With every VM's pause
-//!   spanning most of that window on a host with fewer cores than VMs, the pause follows it;
-//!   it varies far less from run to run than the pause does.
+//!   spanning most of that window on a host with fewer cores than VMs, the pause follows it
+//!   (BENCHMARKS.md: round p99 and CPU per VM correlate at 0.9 at 100 VMs here): the figure
+//!   to compare when a change moves the CPU a handover takes.
 //!
 //! The daemons after the first are not this process's children: the last one is stopped by
 //! its pid (SIGTERM), and whichever one runs is killed if the run fails.
