@@ -18,6 +18,10 @@
 //! the server's frame size. Anything that is not well-formed HTTP/2 (no preface, a block the
 //! decoder refuses, a CONTINUATION out of place, an oversized frame) is passed on as it came from
 //! that point on, so the server reports the error it would have reported anyway.
+//! A connection whose first header block needs no change (grpc-go, containerd, tonic: they
+//! send `localhost`) is passed on as it came from its first byte, that block included, with
+//! nothing decoded any more: a client keeps one `:authority` for a connection's life, and the
+//! server then decodes the client's own encoding, table and all.
 //! The server-to-client direction is untouched.
 #![warn(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
@@ -64,6 +68,8 @@ enum State {
     Block(PendingBlock),
     /// Not HTTP/2 as expected: everything from here passes as it is.
     Raw,
+    /// The first header block needed no change: everything from here passes as it is.
+    Through,
 }
 
 /// A header block being collected.
@@ -85,6 +91,8 @@ pub struct AuthorityFix<S> {
     inner: S,
     state: State,
     decoder: loona_hpack::Decoder<'static>,
+    /// No header block has been read yet.
+    first_block: bool,
     /// Client bytes read but not yet handled.
     input: Vec<u8>,
     /// Bytes ready for the server, from `pending` on.
@@ -115,6 +123,7 @@ impl<S> AuthorityFix<S> {
             inner,
             state: State::Preface,
             decoder,
+            first_block: true,
             input: Vec::new(),
             output: Vec::new(),
             pending: 0,
@@ -139,9 +148,10 @@ impl<S> AuthorityFix<S> {
                 State::Frame => self.frame(),
                 State::Payload(left) => self.payload(left),
                 State::Block(block) => self.continuation(block),
-                State::Raw => {
+                passing @ (State::Raw | State::Through) => {
                     let all = std::mem::take(&mut self.input);
                     self.output.extend_from_slice(&all);
+                    self.state = passing;
                     false
                 }
             };
@@ -243,8 +253,13 @@ impl<S> AuthorityFix<S> {
             self.state = State::Block(block);
             return;
         }
+        let first = std::mem::replace(&mut self.first_block, false);
         match rewrite_block(&mut self.decoder, &block.fragments) {
-            Some(fields) => {
+            Some((_, false)) if first => {
+                self.output.extend_from_slice(&block.raw);
+                self.state = State::Through;
+            }
+            Some((fields, _)) => {
                 write_block(&mut self.output, &block, &fields);
                 self.state = State::Frame;
             }
@@ -318,21 +333,24 @@ fn headers_payload<'a>(head: &FrameHead, frame: &'a [u8]) -> Option<(&'a [u8], O
     Some((payload.get(..end)?, priority))
 }
 
+/// A block's fields, and whether one was changed.
+type Rewritten = (Vec<(Vec<u8>, Vec<u8>)>, bool);
+
 /// Decodes a block with the client's table and returns its fields, with an `:authority` that
-/// is not a valid URI authority replaced by `localhost`. `None` if the block does not decode.
-fn rewrite_block(
-    decoder: &mut loona_hpack::Decoder<'static>,
-    block: &[u8],
-) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+/// is not a valid URI authority replaced by `localhost`, and whether that happened. `None` if
+/// the block does not decode.
+fn rewrite_block(decoder: &mut loona_hpack::Decoder<'static>, block: &[u8]) -> Option<Rewritten> {
     let mut fields = decoder.decode(block).ok()?;
+    let mut changed = false;
     for (name, value) in &mut fields {
         if name.as_slice() == b":authority"
             && http::uri::Authority::try_from(value.as_slice()).is_err()
         {
             *value = LOCALHOST.to_vec();
+            changed = true;
         }
     }
-    Some(fields)
+    Some((fields, changed))
 }
 
 /// Appends an HPACK integer with an `n`-bit prefix (RFC 7541 §5.1) whose first byte has
@@ -673,6 +691,31 @@ mod tests {
         let seen = server_view(&out);
         assert_eq!(authority(&seen[0].3), Some("localhost"));
         assert!(out.ends_with(&frame(0x0, 0, 1, &data)));
+        // The first block needed nothing: all of it went as it came.
+        assert_eq!(out, client);
+    }
+
+    #[tokio::test]
+    async fn after_a_first_block_that_needs_nothing_the_connection_passes_as_it_came() {
+        let mut client = PREFACE.to_vec();
+        // Block 1 indexes a good authority and a header; block 2 refers to both by index.
+        let mut b1 = indexed_literal(":authority", "localhost");
+        b1.extend(indexed_literal("x-id", "42"));
+        b1.extend([0x83, 0x86]);
+        client.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &b1));
+        client.extend(frame(0x0, FLAG_END_STREAM, 1, b"hello"));
+        client.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            3,
+            &[0xbf, 0x80 | 62, 0x83],
+        ));
+        let out = through(&client).await;
+        assert_eq!(out, client, "nothing re-encoded");
+        // The server decodes the client's own encoding, its table in step.
+        let seen = server_view(&out);
+        assert_eq!(authority(&seen[2].3), Some("localhost"), "{seen:?}");
+        assert!(seen[2].3.contains(&("x-id".into(), "42".into())));
     }
 
     #[tokio::test]
