@@ -350,7 +350,7 @@ impl Vm {
             )
             .map_err(VmError::Spawn)?,
         };
-        let thread_ids = threads.tids();
+        let thread_ids = threads.seen();
         let VmThreads {
             vcpus: pending_vcpus,
             vmm: pending_vmm,
@@ -515,8 +515,9 @@ impl Vm {
                         .get(usize::from(id))
                         .ok_or(CloneError::VcpuCount)?;
                     let default = kvm.default_tsc_khz(&fd);
+                    let fresh = kvm.fresh_vcpu(&fd, id == 0);
                     state
-                        .restore(&mut fd, default, registers)
+                        .restore(&mut fd, default, registers, fresh)
                         .map_err(CloneError::State)?;
                     tsc_khz = tsc_khz.or(state.tsc_khz()).or(default);
                 }

@@ -100,6 +100,9 @@ pub(crate) struct KvmContext {
     sync_regs: bool,
     /// The TSC frequency of a new VM's vCPUs (kHz), read once from the first vCPU asked.
     default_tsc_khz: std::sync::OnceLock<Option<u32>>,
+    /// What KVM gives a new boot vCPU and a new other vCPU, read once from the first of each
+    /// a restore writes ([`state::Fresh`]).
+    fresh_vcpus: [std::sync::OnceLock<Option<state::Fresh>>; 2],
 }
 
 /// The KVM handle of a [`crate::Host`], opened on first use.
@@ -170,6 +173,7 @@ impl KvmContext {
             msr_list,
             sync_regs,
             default_tsc_khz: std::sync::OnceLock::new(),
+            fresh_vcpus: Default::default(),
         })
     }
 
@@ -194,6 +198,16 @@ impl KvmContext {
         *self
             .default_tsc_khz
             .get_or_init(|| vcpu.get_tsc_khz().ok().filter(|&khz| khz > 0))
+    }
+
+    /// What KVM gives a new vCPU of `vcpu`'s role (`boot`: the boot vCPU, id 0), learnt from
+    /// `vcpu` on the first call for the role: it must not have run or been written (its CPUID
+    /// aside). `None` if KVM does not tell.
+    pub(crate) fn fresh_vcpu(&self, vcpu: &VcpuFd, boot: bool) -> Option<&state::Fresh> {
+        self.fresh_vcpus
+            .get(usize::from(!boot))?
+            .get_or_init(|| state::Fresh::read(vcpu).ok())
+            .as_ref()
     }
 
     /// Most vCPUs KVM allows in one VM.

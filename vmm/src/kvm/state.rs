@@ -158,6 +158,27 @@ pub(crate) struct Reading {
     pub(crate) registers: Registers,
 }
 
+/// The parts of a vCPU's state that KVM gives every new vCPU of one role (the boot vCPU or
+/// another) and that a guest often leaves as they are: a restore skips the write of each part
+/// the saved state has as KVM made it (one `vcpu_load` fewer apiece, see [`Registers`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Fresh {
+    mp_state: kvm_mp_state,
+    xcrs: kvm_xcrs,
+    debug_regs: kvm_debugregs,
+}
+
+impl Fresh {
+    /// Reads them from `fd`, a vCPU that has neither run nor been written (its CPUID aside).
+    pub(crate) fn read(fd: &VcpuFd) -> Result<Self, StateError> {
+        Ok(Fresh {
+            mp_state: fd.get_mp_state().map_err(err("KVM_GET_MP_STATE"))?,
+            xcrs: fd.get_xcrs().map_err(err("KVM_GET_XCRS"))?,
+            debug_regs: fd.get_debug_regs().map_err(err("KVM_GET_DEBUGREGS"))?,
+        })
+    }
+}
+
 impl VcpuState {
     /// Reads the state of a vCPU that is not running (its thread is parked outside
     /// `KVM_RUN`), after finishing an exit it left half done ([`settle`]); that `KVM_RUN` also
@@ -212,23 +233,27 @@ impl VcpuState {
     }
 
     /// Writes the state into a new vCPU (whose CPUID is already set) of a VM whose vCPUs run
-    /// at `default_tsc_khz` unless told otherwise. With synced registers, the general
-    /// registers and the events are loaded by the vCPU's first `KVM_RUN` (the events last, as
-    /// they must be); the system registers still go first, by ioctl: they carry the APIC base
-    /// (its mode), which the LAPIC's state is read against.
+    /// at `default_tsc_khz` unless told otherwise; `fresh`, what KVM gives such a vCPU, spares
+    /// the writes that would change nothing. With synced registers, the general registers and
+    /// the events are loaded by the vCPU's first `KVM_RUN` (the events last, as they must be);
+    /// the system registers still go first, by ioctl: they carry the APIC base (its mode),
+    /// which the LAPIC's state is read against.
     pub(crate) fn restore(
         &self,
         fd: &mut VcpuFd,
         default_tsc_khz: Option<u32>,
         registers: Registers,
+        fresh: Option<&Fresh>,
     ) -> Result<(), StateError> {
         if let Some(khz) = self.tsc_khz
             && default_tsc_khz != Some(khz)
         {
             fd.set_tsc_khz(khz).map_err(err("KVM_SET_TSC_KHZ"))?;
         }
-        fd.set_mp_state(self.mp_state)
-            .map_err(err("KVM_SET_MP_STATE"))?;
+        if fresh.is_none_or(|f| f.mp_state != self.mp_state) {
+            fd.set_mp_state(self.mp_state)
+                .map_err(err("KVM_SET_MP_STATE"))?;
+        }
         if registers.sync {
             let synced = fd.sync_regs_mut();
             synced.regs = self.regs;
@@ -240,9 +265,13 @@ impl VcpuState {
         }
         fd.set_sregs(&self.sregs).map_err(err("KVM_SET_SREGS"))?;
         write_xsave(fd, &self.xsave)?;
-        fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
-        fd.set_debug_regs(&self.debug_regs)
-            .map_err(err("KVM_SET_DEBUGREGS"))?;
+        if fresh.is_none_or(|f| f.xcrs != self.xcrs) {
+            fd.set_xcrs(&self.xcrs).map_err(err("KVM_SET_XCRS"))?;
+        }
+        if fresh.is_none_or(|f| f.debug_regs != self.debug_regs) {
+            fd.set_debug_regs(&self.debug_regs)
+                .map_err(err("KVM_SET_DEBUGREGS"))?;
+        }
         fd.set_lapic(&self.lapic).map_err(err("KVM_SET_LAPIC"))?;
         for batch in self.msrs.chunks(KVM_MAX_MSR_ENTRIES) {
             let msrs = Msrs::from_entries(batch).map_err(|_| StateError {
@@ -453,11 +482,47 @@ mod tests {
 
         // Written back through kvm_run into another VM's vCPU: its first KVM_RUN loads them.
         let (_other, mut fd2, _) = vcpu(&kvm);
-        a.restore(&mut fd2, synced.tsc_khz, Registers { sync: true })
+        a.restore(&mut fd2, synced.tsc_khz, Registers { sync: true }, None)
             .unwrap();
         settle(&mut fd2).unwrap();
         assert_eq!(fd2.get_regs().unwrap(), marked());
         assert_eq!(fd2.get_sregs().unwrap(), a.sregs);
         assert_eq!(fd2.get_vcpu_events().unwrap(), a.events);
+    }
+
+    #[test]
+    fn a_restore_skips_only_the_parts_a_new_vcpu_already_has() {
+        test_guests::require_kvm!();
+        let kvm = KvmCell::default().get().unwrap();
+        let (_shell, mut fd, reading) = vcpu(&kvm);
+        let fresh = Fresh::read(&fd).unwrap();
+        // Not a new vCPU's: a breakpoint armed, the vCPU halted (past the reset vector's code
+        // segment: KVM makes a boot vCPU that is set to it runnable).
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.selector = 0x10;
+        sregs.cs.base = 0;
+        fd.set_sregs(&sregs).unwrap();
+        let mut debug_regs = fresh.debug_regs;
+        debug_regs.db[0] = 0x1000;
+        debug_regs.dr7 |= 1;
+        fd.set_debug_regs(&debug_regs).unwrap();
+        let halted = kvm_mp_state {
+            mp_state: kvm_bindings::KVM_MP_STATE_HALTED,
+        };
+        fd.set_mp_state(halted).unwrap();
+        let saved = VcpuState::save(&mut fd, &reading).unwrap();
+        assert_eq!(
+            saved.xcrs, fresh.xcrs,
+            "the XCRs were left as KVM made them"
+        );
+
+        let (_other, mut fd2, _) = vcpu(&kvm);
+        saved
+            .restore(&mut fd2, reading.tsc_khz, reading.registers, Some(&fresh))
+            .unwrap();
+        assert_eq!(fd2.get_debug_regs().unwrap(), saved.debug_regs);
+        assert_eq!(fd2.get_debug_regs().unwrap().db[0], 0x1000);
+        assert_eq!(fd2.get_mp_state().unwrap(), halted);
+        assert_eq!(fd2.get_xcrs().unwrap(), saved.xcrs);
     }
 }
