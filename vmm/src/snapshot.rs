@@ -162,8 +162,8 @@ impl VmSnapshot {
 /// The version of [`VmSnapshot::encode`]'s format. A process refuses a saved VM of another
 /// version ([`DecodeError::Version`]): a live handover between binaries that disagree fails
 /// before any VM moves. Version 2 added the block slots' disks, version 3 a clone's
-/// pre-copied base.
-pub const FORMAT_VERSION: u32 = 3;
+/// pre-copied base, version 4 writes a vCPU's XSAVE area as bytes.
+pub const FORMAT_VERSION: u32 = 4;
 /// Leads every encoded VM (`SBXVM` and a format byte).
 const MAGIC: [u8; 6] = *b"SBXVM\x01";
 
@@ -227,6 +227,26 @@ struct Record {
     base: Option<u64>,
 }
 
+/// [`Record`] as [`VmSnapshot::encode`] writes it, borrowing the snapshot's parts (the same
+/// fields in the same order: the same bytes).
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    kind: u8,
+    mem_bytes: u64,
+    vcpus: &'a [VcpuState],
+    vm: &'a VmState,
+    #[serde(serialize_with = "serial_ref")]
+    serial: &'a SerialState,
+    devices: &'a [MmioState],
+    disks: &'a [Option<DiskInfo>],
+    vsock_stale: &'a [(u32, u32)],
+    base: Option<u64>,
+}
+
+fn serial_ref<S: serde::Serializer>(serial: &&SerialState, out: S) -> Result<S::Ok, S::Error> {
+    SerialDef::serialize(serial, out)
+}
+
 impl VmSnapshot {
     /// The state as bytes (magic, [`FORMAT_VERSION`], body) and the files that go with it, in
     /// order: the memory memfd, then a clone's delta. Another process rebuilds the snapshot
@@ -242,15 +262,15 @@ impl VmSnapshot {
             _ => None,
         };
         files.insert(0, &*self.memory);
-        let record = Record {
+        let record = RecordRef {
             kind,
             mem_bytes: self.mem_bytes,
-            vcpus: self.vcpus.clone(),
-            vm: self.vm.clone(),
-            serial: self.serial.clone(),
-            devices: self.devices.clone(),
-            disks: self.disks.clone(),
-            vsock_stale: self.vsock_stale.clone(),
+            vcpus: &self.vcpus,
+            vm: &self.vm,
+            serial: &self.serial,
+            devices: &self.devices,
+            disks: &self.disks,
+            vsock_stale: &self.vsock_stale,
             base,
         };
         let mut out = MAGIC.to_vec();

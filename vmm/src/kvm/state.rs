@@ -41,7 +41,8 @@ pub(crate) struct VcpuState {
     #[serde(with = "FpuDef")]
     fpu: kvm_fpu,
     /// The whole XSAVE area (`kvm_xsave` and, with `KVM_CAP_XSAVE2`, what follows it), in
-    /// 32-bit words.
+    /// 32-bit words; saved as its bytes ([`xsave_bytes`]).
+    #[serde(with = "xsave_bytes")]
     xsave: Vec<u32>,
     xcrs: kvm_xcrs,
     lapic: kvm_lapic_state,
@@ -50,6 +51,43 @@ pub(crate) struct VcpuState {
     events: kvm_vcpu_events,
     debug_regs: kvm_debugregs,
     tsc_khz: Option<u32>,
+}
+
+/// A vCPU's XSAVE area as a saved state holds it: its bytes (the words little-endian, as the
+/// CPU lays them out), which postcard writes as they are; a sequence of words went one
+/// variable-length integer at a time, a tenth of a handover's encoding and decoding.
+mod xsave_bytes {
+    use serde::{Deserializer, Serializer, de};
+
+    pub(super) fn serialize<S: Serializer>(words: &[u32], out: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        out.serialize_bytes(&bytes)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(input: D) -> Result<Vec<u32>, D::Error> {
+        input.deserialize_bytes(Words)
+    }
+
+    struct Words;
+
+    impl de::Visitor<'_> for Words {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("an XSAVE area: bytes, a whole number of 32-bit words")
+        }
+
+        fn visit_bytes<E: de::Error>(self, bytes: &[u8]) -> Result<Vec<u32>, E> {
+            let words = bytes.chunks_exact(4);
+            if !words.remainder().is_empty() {
+                return Err(E::invalid_length(bytes.len(), &self));
+            }
+            // Each chunk is 4 bytes long.
+            Ok(words
+                .map(|w| w.try_into().map_or(0, u32::from_le_bytes))
+                .collect())
+        }
+    }
 }
 
 /// `kvm_fpu` field by field, for serde (kvm-bindings gives it no serde implementation).
@@ -488,6 +526,32 @@ mod tests {
         assert_eq!(fd2.get_regs().unwrap(), marked());
         assert_eq!(fd2.get_sregs().unwrap(), a.sregs);
         assert_eq!(fd2.get_vcpu_events().unwrap(), a.events);
+    }
+
+    #[test]
+    fn the_xsave_area_is_saved_as_its_bytes_and_read_back_as_words() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Area(#[serde(with = "xsave_bytes")] Vec<u32>);
+        let area = Area(vec![0x1f80, 0, u32::MAX, 0x0102_0304]);
+        let bytes = postcard::to_stdvec(&area).unwrap();
+        // A length, then the words' bytes as they are.
+        assert_eq!(bytes.len(), 1 + 16);
+        assert_eq!(bytes.get(13..17), Some(&[4, 3, 2, 1][..]));
+        assert_eq!(postcard::from_bytes::<Area>(&bytes).unwrap(), area);
+        // Not a whole number of words: refused, not cut short.
+        let ragged = postcard::to_stdvec(&serde_bytes_of(&[1, 2, 3, 4, 5])).unwrap();
+        postcard::from_bytes::<Area>(&ragged).unwrap_err();
+    }
+
+    /// Bytes serialized as postcard writes a byte string.
+    fn serde_bytes_of(bytes: &[u8]) -> impl serde::Serialize + '_ {
+        struct Bytes<'a>(&'a [u8]);
+        impl serde::Serialize for Bytes<'_> {
+            fn serialize<S: serde::Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+                out.serialize_bytes(self.0)
+            }
+        }
+        Bytes(bytes)
     }
 
     #[test]
