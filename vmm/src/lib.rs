@@ -32,6 +32,7 @@ mod pool;
 mod sched;
 mod seccomp;
 pub mod snapshot;
+mod stack;
 mod timings;
 mod vcpu;
 pub mod vm;

@@ -24,7 +24,6 @@
 
 use std::collections::BTreeMap;
 use std::os::raw::c_ulong;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
@@ -33,6 +32,8 @@ use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
 };
+
+use crate::stack::ThreadSeen;
 
 /// How the VMM confines its vCPU and VMM threads.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -612,8 +613,8 @@ pub(crate) type VmmRun = Box<dyn FnOnce(Result<(), SeccompError>) + Send>;
 pub(crate) struct PendingThread<J: Send + 'static> {
     job: Option<Sender<J>>,
     thread: Option<JoinHandle<()>>,
-    /// The thread's host thread id, once it runs (0 before).
-    tid: Arc<AtomicU32>,
+    /// The thread's host thread id and stack, once it runs.
+    seen: Arc<ThreadSeen>,
     /// Says when the thread is past its filter's install (`None` once heard).
     installed: Option<std::sync::mpsc::Receiver<()>>,
 }
@@ -640,14 +641,13 @@ impl<J: Send + 'static> PendingThread<J> {
     ) -> std::io::Result<Self> {
         let (tx, rx) = channel::<J>();
         let (installed_tx, installed) = std::sync::mpsc::sync_channel::<()>(1);
-        let tid = Arc::new(AtomicU32::new(0));
-        let own_tid = Arc::clone(&tid);
+        let seen = Arc::new(ThreadSeen::default());
+        let own = Arc::clone(&seen);
         let thread = std::thread::Builder::new()
             .name(name)
             .stack_size(256 * 1024)
             .spawn(move || {
-                let id = rustix::thread::gettid().as_raw_nonzero().get();
-                own_tid.store(id.unsigned_abs(), Ordering::Relaxed);
+                own.record();
                 let confined = install(filter.as_deref()).and_then(|()| then());
                 let _ = installed_tx.send(());
                 if let Ok(job) = rx.recv() {
@@ -657,7 +657,7 @@ impl<J: Send + 'static> PendingThread<J> {
         Ok(PendingThread {
             job: Some(tx),
             thread: Some(thread),
-            tid,
+            seen,
             installed: Some(installed),
         })
     }
@@ -679,9 +679,9 @@ impl<J: Send + 'static> PendingThread<J> {
         }
     }
 
-    /// Where the thread's host thread id appears once it runs (0 until then).
-    pub(crate) fn tid(&self) -> Arc<AtomicU32> {
-        Arc::clone(&self.tid)
+    /// Where the thread's host thread id and stack appear once it runs.
+    pub(crate) fn seen(&self) -> Arc<ThreadSeen> {
+        Arc::clone(&self.seen)
     }
 
     /// Hands the thread its job; gives the job back if the thread is gone.

@@ -8,7 +8,7 @@
 //! seeing a kick: the only blocking points are `KVM_RUN` and short device locks.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::bus::Bus;
 use crate::kvm::signal::{ThreadVcpu, kick_thread};
 use crate::seccomp::{PendingThread, SeccompPolicy, VmmRun};
+use crate::stack::ThreadSeen;
 use crate::{ResetKind, VmExit};
 
 const RUNNING: u8 = 0;
@@ -195,8 +196,8 @@ pub(crate) struct VcpuContext {
 pub(crate) struct VcpuSet {
     control: Arc<VcpuControl>,
     threads: Vec<JoinHandle<()>>,
-    /// Each thread's host thread id (0 until it runs), for kicks.
-    tids: Vec<Arc<AtomicU32>>,
+    /// Each thread's host thread id (0 until it runs), for kicks, and its stack.
+    seen: Vec<Arc<ThreadSeen>>,
 }
 
 /// How long stop and pause wait for vCPU threads before giving up on them.
@@ -229,21 +230,21 @@ impl PendingVcpus {
         Ok(PendingVcpus(threads))
     }
 
-    /// Where each thread's host thread id appears once it runs, in vCPU id order.
-    pub(crate) fn tids(&self) -> Vec<Arc<std::sync::atomic::AtomicU32>> {
-        self.0.iter().map(PendingThread::tid).collect()
+    /// Where each thread's host thread id and stack appear once it runs, in vCPU id order.
+    pub(crate) fn seen(&self) -> Vec<Arc<ThreadSeen>> {
+        self.0.iter().map(PendingThread::seen).collect()
     }
 
     /// Hands every thread its vCPU (`fds` in id order): the guest runs from here on.
     pub(crate) fn start(self, fds: Vec<VcpuFd>, ctx: &VcpuContext) -> VcpuSet {
         let mut threads = Vec::with_capacity(fds.len());
-        let mut tids = Vec::with_capacity(fds.len());
+        let mut seen = Vec::with_capacity(fds.len());
         for (pending, fd) in self.0.into_iter().zip(fds) {
-            let tid = pending.tid();
+            let thread = pending.seen();
             match pending.start((fd, ctx.clone())) {
                 Ok(handle) => {
                     threads.push(handle);
-                    tids.push(tid);
+                    seen.push(thread);
                 }
                 Err(_) => {
                     // The thread is gone (it cannot be: it only waits); count it as ended.
@@ -256,7 +257,7 @@ impl PendingVcpus {
         VcpuSet {
             control: Arc::clone(&ctx.control),
             threads,
-            tids,
+            seen,
         }
     }
 }
@@ -338,12 +339,12 @@ impl VmThreads {
         self.policy == policy && self.vcpus.0.len() == usize::from(vcpus)
     }
 
-    /// Where each thread's host thread id appears once it runs: the vCPUs' in id order, then
-    /// the VMM thread's.
-    pub(crate) fn tids(&self) -> Vec<Arc<std::sync::atomic::AtomicU32>> {
-        let mut tids = self.vcpus.tids();
-        tids.push(self.vmm.tid());
-        tids
+    /// Where each thread's host thread id and stack appear once it runs: the vCPUs' in id
+    /// order, then the VMM thread's.
+    pub(crate) fn seen(&self) -> Vec<Arc<ThreadSeen>> {
+        let mut seen = self.vcpus.seen();
+        seen.push(self.vmm.seen());
+        seen
     }
 }
 
@@ -354,8 +355,8 @@ impl VcpuSet {
     /// out `VCPU_WAIT` and left the vCPU thread running. A thread that has not run yet (tid 0)
     /// is kicked on the next round; one that already left its loop is fine to miss.
     fn kick_all(&self) {
-        for tid in &self.tids {
-            let tid = tid.load(Ordering::Relaxed);
+        for thread in &self.seen {
+            let tid = thread.tid();
             if tid != 0 {
                 kick_thread(tid);
             }

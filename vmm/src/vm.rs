@@ -109,9 +109,9 @@ pub struct Vm {
     pub(crate) timings: StartupTimings,
     pub(crate) blk_slots: usize,
     pub(crate) vsock: Option<VsockHandle>,
-    /// The host thread ids of the VM's threads (vCPUs in id order, then the VMM thread), each
-    /// set when its thread starts.
-    pub(crate) thread_ids: Vec<Arc<std::sync::atomic::AtomicU32>>,
+    /// The host thread ids and stacks of the VM's threads (vCPUs in id order, then the VMM
+    /// thread), each set when its thread starts.
+    pub(crate) thread_ids: Vec<Arc<crate::stack::ThreadSeen>>,
     /// Set once the VM is torn down, after its end.
     pub(crate) torn_down: Arc<crate::host::TornDown>,
     /// The vCPUs' run control, for a Stop the VMM thread does not answer ([`Vm::stop`]).
@@ -167,6 +167,18 @@ impl std::fmt::Debug for Frozen {
 }
 
 impl Vm {
+    /// Gets the running VM ready for a [`Vm::handover`] soon: faults in, from this thread and
+    /// while the guest runs, the stack its threads' save will reach (deeper than they ever
+    /// went: a vCPU's whole state in locals, the kick signal's frame), which the freeze would
+    /// otherwise fault in a page at a time.
+    pub fn ready_for_handover(&self) {
+        for thread in &self.thread_ids {
+            if let Err(e) = thread.populate_stack(crate::stack::HANDOVER_DEPTH) {
+                log::debug!("Cannot fault a VM thread's stack in ahead: {e}");
+            }
+        }
+    }
+
     /// The host thread ids of the running VM: its vCPU threads in id order, then its VMM
     /// thread (what a pid is to a process-per-VM VMM: for `top -H`, `perf`, `/proc/*/task`).
     /// Empty once the VM has ended (the ids may belong to other threads by then).
@@ -176,7 +188,7 @@ impl Vm {
         }
         self.thread_ids
             .iter()
-            .map(|t| t.load(std::sync::atomic::Ordering::Relaxed))
+            .map(|t| t.tid())
             .filter(|&t| t != 0)
             .collect()
     }
@@ -301,8 +313,8 @@ impl Vm {
         log::error!("The VMM thread did not end the VM: stopping its vCPUs from outside");
         self.vcpu_control.set_stopping();
         let vcpus = self.thread_ids.len().saturating_sub(1); // the VMM thread is last
-        for tid in self.thread_ids.iter().take(vcpus) {
-            let tid = tid.load(std::sync::atomic::Ordering::Relaxed);
+        for thread in self.thread_ids.iter().take(vcpus) {
+            let tid = thread.tid();
             if tid != 0 {
                 crate::kvm::signal::kick_thread(tid);
             }

@@ -84,10 +84,13 @@ impl KvmHandle {
         &self,
     ) -> Result<Option<(Arc<std::fs::File>, u64)>, BackendError> {
         let vm = Arc::clone(&self.vm);
-        let copy = tokio::task::spawn_blocking(move || vm.precopy())
-            .await
-            .map_err(BackendError::Join)?
-            .map_err(|e| BackendError::Handover(crate::error_chain(&e)))?;
+        let copy = tokio::task::spawn_blocking(move || {
+            vm.ready_for_handover();
+            vm.precopy()
+        })
+        .await
+        .map_err(BackendError::Join)?
+        .map_err(|e| BackendError::Handover(crate::error_chain(&e)))?;
         Ok(copy.map(|c| (c.pages, c.id)))
     }
 

@@ -442,10 +442,11 @@ pub trait VmHandle: TaskTarget {
     fn memory_layout(&self) -> Option<MemoryLayout> {
         None
     }
-    /// Copies, while the VM runs, what of its memory a live handover would otherwise copy
-    /// frozen (a template clone's written pages), so that its handover copies only what
-    /// changes after this: the copy and its id, for [`MemoryLayout::base`]. `None`: nothing
-    /// to copy (a VM with its own memory, or a backend without live handover).
+    /// Does, while the VM runs, what of a live handover need not wait for its freeze: copies
+    /// what of its memory the handover would otherwise copy frozen (a template clone's written
+    /// pages), so that its handover copies only what changes after this, and faults in the
+    /// memory its save will touch. Returns the copy and its id, for [`MemoryLayout::base`];
+    /// `None`: nothing to copy (a VM with its own memory, or a backend without live handover).
     async fn precopy(&self) -> Result<Option<(Arc<std::fs::File>, u64)>, BackendError> {
         Ok(None)
     }
