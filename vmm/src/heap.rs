@@ -30,3 +30,23 @@ pub fn grow_heap_in_large_steps() {
         }
     }
 }
+
+/// Faults in up to a step ([`grow_heap_in_large_steps`]) of the calling thread's heap ahead of a
+/// burst of allocations whose page faults would land where time counts (a live handover's
+/// rebuilding of frozen VMs, a few pages each): touches `bytes` of it, in chunks the heap
+/// serves, and frees them. The heap keeps up to a step free at its top, resident, so the burst
+/// reuses those pages. A no-op where the C library has no such setting (musl).
+pub fn warm_heap(bytes: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        /// Below glibc's mmap threshold (128 KiB): served by the heap, not a mapping of its own.
+        const CHUNK: usize = 64 * 1024;
+        let step = usize::try_from(HEAP_STEP).unwrap_or(0);
+        let chunks: Vec<Vec<u8>> = (0..bytes.min(step).div_ceil(CHUNK))
+            .map(|_| vec![1_u8; CHUNK])
+            .collect();
+        drop(std::hint::black_box(chunks));
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = bytes;
+}

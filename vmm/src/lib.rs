@@ -43,7 +43,7 @@ pub use builder::{CloneConfig, CloneError, CopyAhead, PreparedShell, VmError};
 pub use config::{ConfigError, ConsoleConfig, VmConfig};
 pub use device_manager::{DeviceConfig, DeviceError, HandoverFiles, NetBackendConfig};
 pub use devices::virtio::block::{BlockFile, DiskInfo};
-pub use heap::grow_heap_in_large_steps;
+pub use heap::{grow_heap_in_large_steps, warm_heap};
 pub use host::Host;
 pub use kvm::KvmError;
 pub use memory::{MemoryError, guest_memfd};

@@ -26,13 +26,15 @@ pub(super) struct Lane {
 }
 
 impl Lane {
-    /// Starts the lane's thread; it ends when the lane is dropped.
-    pub(super) fn start<B: VmBackend>(service: &Arc<SandboxService<B>>) -> Self {
+    /// Starts the lane's thread, which first faults in `warm` bytes of its heap
+    /// ([`vmm::warm_heap`]); it ends when the lane is dropped.
+    pub(super) fn start<B: VmBackend>(service: &Arc<SandboxService<B>>, warm: usize) -> Self {
         let (jobs, rx) = std::sync::mpsc::channel::<Job>();
         let (tx, results) = tokio::sync::mpsc::unbounded_channel();
         let service = Arc::clone(service);
         let runtime = tokio::runtime::Handle::current();
         drop(tokio::task::spawn_blocking(move || {
+            vmm::warm_heap(warm);
             while let Ok(job) = rx.recv() {
                 let (frame, ready) = *job;
                 let rebuilt = runtime.block_on(rebuild(&service, frame, ready));

@@ -76,6 +76,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the old process waits for the Task calls in flight that change something
 /// (Create, Start, Exec, Kill, Delete, ...) before it cuts the Task endpoints.
 pub const TASK_CALLS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Heap a rebuilding thread of the new process faults in ahead, per VM handed over
+/// ([`vmm::warm_heap`]): a VM's rebuilding allocates a few fresh pages on it.
+const WARM_HEAP_PER_VM: usize = 32 * 1024;
 /// The flag that makes `sandboxer serve` take over from a running daemon.
 pub const TAKEOVER_FLAG: &str = "--takeover";
 /// Test hook: the new process exits right after rebuilding this many VMs (an upgrade that
@@ -762,6 +765,11 @@ pub async fn take<B: VmBackend>(
     let fail_after: Option<usize> = std::env::var(FAIL_AFTER_ENV)
         .ok()
         .and_then(|v| v.parse().ok());
+    // The heap of the two threads that will write the frozen VMs' state (this one and the
+    // lane's) is faulted in now, well before the first freeze.
+    let warm = sandboxes.saturating_mul(WARM_HEAP_PER_VM);
+    let mut lane = lane::Lane::start(service, warm);
+    vmm::warm_heap(warm);
     // Every VM built ahead, side by side (most of it is waiting inside KVM), while the old
     // process still runs them.
     let mut preparing = tokio::task::JoinSet::new();
@@ -796,7 +804,6 @@ pub async fn take<B: VmBackend>(
     // by a second thread beside this one when it is free (`lane`).
     let mut adopted: Vec<Rebuilt> = Vec::with_capacity(sandboxes);
     let cpu_at_start = process_cpu_us();
-    let mut lane = lane::Lane::start(service);
     for n in 0..sandboxes {
         if fail_after == Some(n) {
             warn!("upgrade: test hook {FAIL_AFTER_ENV}={n}: exiting half way");
