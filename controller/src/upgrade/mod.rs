@@ -15,7 +15,8 @@
 //!                                          freezes the VMs a few at a time; as each is frozen:
 //!                               <───────  Sandbox {id, ...} + VM state, memfd(s), vsock, taps,
 //!                                          the Task socket, its connections and state
-//!  writes its state, frozen      ───────>  Restored {id}                     (n times)
+//!  writes its state, frozen
+//!  (every VM's)                  ───────>  Restored {ids}                    (once)
 //!                               <───────  Listeners + the API sockets
 //!  Ready                         ───────>
 //!                               <───────  Commit: from here the old process never runs a VM
@@ -64,8 +65,9 @@ use wire::{Channel, WireError};
 
 /// Version of this handover protocol; both processes must speak the same one. 3: a Task
 /// endpoint's state carries its open streaming stdio streams (a binary of 2 would drop them).
-/// 4: `Prepare` may carry a clone's pages copied ahead.
-pub const PROTOCOL_VERSION: u32 = 4;
+/// 4: `Prepare` may carry a clone's pages copied ahead. 5: one `Restored` names every VM
+/// rebuilt (a frame a VM cost both processes CPU inside every VM's pause).
+pub const PROTOCOL_VERSION: u32 = 5;
 /// The handover socket in the state directory.
 pub const SOCKET: &str = "upgrade.sock";
 /// How long the old process waits for the new one to connect, and each side for the other's
@@ -174,8 +176,8 @@ enum Msg {
     /// old -> new: more descriptors of the `Sandbox` frame just before (a frame carries at
     /// most [`wire::MAX_FDS`]), in order, at least one a frame.
     Fds,
-    /// new -> old: a sandbox's VM is rebuilt (frozen).
-    Restored { id: String },
+    /// new -> old: every sandbox's VM is rebuilt (frozen), once all are.
+    Restored { ids: Vec<String> },
     /// old -> new: the API sockets, one descriptor each, in `paths` order.
     Listeners { paths: Vec<PathBuf> },
     /// new -> old: everything is rebuilt.
@@ -604,21 +606,20 @@ async fn hand_over<B: VmBackend>(
         return Err(fail(e, &mut freeze));
     }
     phases.mark("sent");
-    let mut restored = std::collections::HashSet::new();
-    while restored.len() < count {
-        match recv(chan, "rebuild a VM").await {
-            Ok(wire::Frame {
-                message: Msg::Restored { id },
-                ..
-            }) if frozen_at.contains_key(&id) => {
-                restored.insert(id);
-            }
-            Ok(f) => {
-                let e = UpgradeError::Protocol(format!("{:?} instead of Restored", f.message));
-                return Err(fail(e, &mut freeze));
-            }
-            Err(e) => return Err(fail(e, &mut freeze)),
+    match recv(chan, "rebuild the VMs").await {
+        Ok(wire::Frame {
+            message: Msg::Restored { ids },
+            ..
+        }) if ids.iter().collect::<std::collections::HashSet<_>>()
+            == frozen_at.keys().collect() => {}
+        Ok(f) => {
+            let e = UpgradeError::Protocol(format!(
+                "{:?} instead of Restored with the {count} sandboxes sent",
+                f.message
+            ));
+            return Err(fail(e, &mut freeze));
         }
+        Err(e) => return Err(fail(e, &mut freeze)),
     }
     phases.mark("restored");
     let paths: Vec<PathBuf> = plan.listeners.iter().map(|(p, _)| p.clone()).collect();
@@ -836,6 +837,8 @@ pub async fn take<B: VmBackend>(
         restored(&mut chan, rebuilt, &mut adopted).await?;
     }
     drop(lane);
+    let ids = adopted.iter().map(|(id, ..)| id.clone()).collect();
+    chan.send(&Msg::Restored { ids }, &[], &[]).await?;
     let frame = recv(&mut chan, "pass the API sockets").await?;
     let Msg::Listeners { paths } = frame.message else {
         return Err(UpgradeError::Protocol(format!("{:?}", frame.message)));
@@ -911,18 +914,17 @@ pub async fn take<B: VmBackend>(
 /// A sandbox rebuilt here from its frame: its id, its VM (frozen), its Task endpoint.
 type Rebuilt = (String, Box<dyn AdoptedVm>, Option<TaskCut>);
 
-/// Tells the old process a VM was rebuilt (and keeps it), or why one could not be (and
-/// fails: the caller exits, the old process thaws them all).
+/// Keeps a rebuilt VM (the old process hears of them all at once, `Restored`), or tells the
+/// old process why one could not be rebuilt (and fails: the caller exits, the old process
+/// thaws them all).
 async fn restored(
     chan: &mut Channel,
     rebuilt: Result<Rebuilt, UpgradeError>,
     adopted: &mut Vec<Rebuilt>,
 ) -> Result<(), UpgradeError> {
     match rebuilt {
-        Ok((id, vm, task)) => {
-            chan.send(&Msg::Restored { id: id.clone() }, &[], &[])
-                .await?;
-            adopted.push((id, vm, task));
+        Ok(rebuilt) => {
+            adopted.push(rebuilt);
             Ok(())
         }
         Err(e) => {
