@@ -110,6 +110,13 @@ impl Host {
         self.0.pool.ready(template.pool_key())
     }
 
+    /// The host thread ids of the threads the pool started ahead for its ready shells (each
+    /// becomes a VM's vCPU or VMM thread once a clone takes its shell): for telling the pool's
+    /// CPU time from the VMs' by thread.
+    pub fn pool_thread_ids(&self) -> Vec<u32> {
+        self.0.pool.thread_ids()
+    }
+
     /// Waits until the pool holds every shell its targets ask for, up to `timeout`.
     pub fn wait_pool_full(&self, timeout: Duration) -> bool {
         self.0.pool.wait_full(timeout)

@@ -238,6 +238,22 @@ impl ShellPool {
         shell
     }
 
+    /// The host thread ids of the threads started ahead for the shells ready now (those that
+    /// have run): pool work, not any VM's, until a VM takes the shell. A shell still being
+    /// built is not in the list.
+    pub(crate) fn thread_ids(&self) -> Vec<u32> {
+        let state = self.state.lock().recover();
+        state
+            .ready
+            .values()
+            .flatten()
+            .filter_map(|shell| shell.threads.as_ref())
+            .flat_map(VmThreads::seen)
+            .map(|thread| thread.tid())
+            .filter(|&tid| tid != 0)
+            .collect()
+    }
+
     /// Shells of kind `key` ready now.
     pub(crate) fn ready(&self, key: PoolKey) -> usize {
         let state = self.state.lock().recover();

@@ -134,7 +134,23 @@ fn pooled_clone_shells_skip_the_vm_setup() {
     assert_eq!(host.clone_pool_ready(&snapshot), 2);
     for round in 0..4 {
         assert!(host.wait_pool_full(TIMEOUT));
+        let pooled = host.pool_thread_ids();
+        // Two shells' threads (their vCPUs' and VMM's), all running.
+        let per_shell = snapshot.vcpus() + 1;
+        assert_eq!(pooled.len(), 2 * per_shell, "round {round}: {pooled:?}");
         let vm = clone_of(&host, &snapshot);
+        // The clone's threads are a pooled shell's, and the pool no longer counts them.
+        let still = host.pool_thread_ids();
+        for tid in vm.thread_ids() {
+            assert!(
+                pooled.contains(&tid),
+                "round {round}: thread {tid} was not pooled"
+            );
+            assert!(
+                !still.contains(&tid),
+                "round {round}: thread {tid} still pooled"
+            );
+        }
         let t = vm.timings().clone();
         assert!(t.pooled, "round {round}: {t:?}");
         // Its threads came with the shell, already confined: every one runs under a filter.

@@ -67,33 +67,40 @@ pub(crate) const ROLES: [(Role, &str); 5] = [
     (Role::Other, "other (KVM workers, ...)"),
 ];
 
-fn role(t: &procstat::ThreadCpu) -> Role {
+/// A thread's role, by its name; the pool's threads started ahead for its ready shells
+/// (named as the VM threads they become) by their ids, `pooled`.
+fn role(t: &procstat::ThreadCpu, pooled: &[u32]) -> Role {
     let name = t.name.as_str();
     if t.tid == std::process::id() {
         Role::Client
+    } else if name == "vm-shell-pool" || pooled.contains(&t.tid) {
+        Role::Pool
     } else if name.starts_with("bench-daemon") || name == "vmm" {
         Role::Host
     } else if name.starts_with("vcpu") {
         Role::Vcpu
-    } else if name == "vm-shell-pool" {
-        Role::Pool
     } else {
         Role::Other
     }
 }
 
 /// Per-role CPU time between two snapshots (threads that started in between count from 0).
+/// The threads the shell pool started ahead for its ready shells at the second snapshot count
+/// as the pool's: a Start that takes a shell has the pool build another meanwhile, whose
+/// threads install their seccomp filters under the VM threads' names. (One still being built
+/// then counts as the host's: the host share is never under-counted.)
 pub(crate) fn cpu_by_role(
     before: &[procstat::ThreadCpu],
     after: &[procstat::ThreadCpu],
 ) -> HashMap<Role, Duration> {
+    let pooled = crate::vmm_host().pool_thread_ids();
     let was: HashMap<u32, u64> = before.iter().map(|t| (t.tid, t.cpu_ns)).collect();
     let mut out = HashMap::new();
     for t in after {
         let d = t
             .cpu_ns
             .saturating_sub(was.get(&t.tid).copied().unwrap_or(0));
-        *out.entry(role(t)).or_insert(Duration::ZERO) += Duration::from_nanos(d);
+        *out.entry(role(t, &pooled)).or_insert(Duration::ZERO) += Duration::from_nanos(d);
     }
     out
 }
